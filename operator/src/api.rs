@@ -1,0 +1,225 @@
+//! The `EgressGatewayPolicy` custom resource (`sluice.dev/v1alpha1`).
+//!
+//! The spec is a superset of Cilium's `CiliumEgressGatewayPolicy` (`cilium.io/v2`): a Cilium
+//! policy becomes a Sluice policy by changing `apiVersion` and `kind`. Our additions are
+//! `maxGatewayNodes` (active-active gateways) and `failurePolicy`.
+//!
+//! Everything the API server can check at admission is in the schema (including CEL rules);
+//! [`crate::policy::parse`] checks the same things again, because the offline planner and older API
+//! servers do not run CEL, and reports failures as `Accepted=False`.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of every Sluice resource.
+pub const GROUP: &str = "sluice.dev";
+/// The only served version.
+pub const VERSION: &str = "v1alpha1";
+
+/// Condition type: the spec is valid and the policy takes part in planning.
+pub const CONDITION_ACCEPTED: &str = "Accepted";
+/// Condition type: at least one usable gateway node serves the policy.
+pub const CONDITION_GATEWAY_SELECTED: &str = "GatewaySelected";
+/// Condition type: every node that must hold entries of the policy has acknowledged them.
+pub const CONDITION_PROGRAMMED: &str = "Programmed";
+
+/// Steers the traffic of selected pods to selected destinations through gateway nodes, where it
+/// leaves with a stable egress IP.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "sluice.dev",
+    version = "v1alpha1",
+    kind = "EgressGatewayPolicy",
+    plural = "egressgatewaypolicies",
+    shortname = "egp",
+    category = "sluice",
+    status = "EgressGatewayPolicyStatus",
+    printcolumn = r#"{"name":"Gateways","type":"string","jsonPath":".status.gateways[*].node"}"#,
+    printcolumn = r#"{"name":"Egress IPs","type":"string","jsonPath":".status.gateways[*].egressIP"}"#,
+    printcolumn = r#"{"name":"Endpoints","type":"integer","jsonPath":".status.matchedEndpoints"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status","priority":1}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Programmed\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.egressGateway) || (has(self.egressGateways) && size(self.egressGateways) > 0)",
+        "message": "one of egressGateway or egressGateways must be set",
+        "reason": "FieldValueRequired"
+    }
+]))]
+#[serde(rename_all = "camelCase")]
+pub struct EgressGatewayPolicySpec {
+    /// Which pods the policy applies to. A pod is selected when any rule matches it.
+    #[schemars(length(min = 1))]
+    pub selectors: Vec<EgressRule>,
+
+    /// Destinations (IPv4 or IPv6 CIDRs) whose traffic is steered through the gateway.
+    /// Traffic to destinations inside the cluster is never steered, even when it falls inside one
+    /// of these.
+    #[serde(rename = "destinationCIDRs")]
+    #[schemars(length(min = 1, max = 1024), inner(length(max = 43)))]
+    #[schemars(extend("items" = {
+        "type": "string",
+        "maxLength": 43,
+        "x-kubernetes-validations": [
+            {"rule": "isCIDR(self)", "message": "must be a CIDR such as 203.0.113.0/24 or 2001:db8::/64"}
+        ]
+    }))]
+    pub destination_cidrs: Vec<String>,
+
+    /// Destinations inside `destinationCIDRs` that take the normal path. The longest prefix wins.
+    #[serde(rename = "excludedCIDRs", default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024))]
+    #[schemars(extend("items" = {
+        "type": "string",
+        "maxLength": 43,
+        "x-kubernetes-validations": [
+            {"rule": "isCIDR(self)", "message": "must be a CIDR such as 203.0.113.7/32 or 2001:db8::7/128"}
+        ]
+    }))]
+    pub excluded_cidrs: Vec<String>,
+
+    /// The gateway (Cilium's single-gateway form). Ignored when `egressGateways` is not empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_gateway: Option<EgressGateway>,
+
+    /// Several gateways. Each selected pod is assigned to one of the active gateway nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub egress_gateways: Vec<EgressGateway>,
+
+    /// What matched traffic does while the policy has no usable gateway node. `Drop` (the
+    /// default) never lets it leave with a node IP; `Fallback` lets it take the node's normal path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_policy: Option<FailurePolicy>,
+}
+
+/// One pod selection rule. Its selectors are ANDed; rules are ORed.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.podSelector) || has(self.namespaceSelector)",
+        "message": "a selector needs a podSelector or a namespaceSelector",
+        "reason": "FieldValueRequired"
+    }
+]))]
+#[serde(rename_all = "camelCase")]
+pub struct EgressRule {
+    /// Namespaces whose pods are selected. An empty selector selects every namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// Pods selected by their labels. The label `io.kubernetes.pod.namespace` selects by
+    /// namespace name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
+    /// Only pods running on nodes with these labels. Applies to this rule only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<LabelSelector>,
+}
+
+/// Which nodes act as gateways, and which address traffic leaves with.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!(has(self.interface) && has(self.egressIP))",
+        "message": "set at most one of interface and egressIP",
+        "reason": "FieldValueForbidden"
+    }
+]))]
+#[serde(rename_all = "camelCase")]
+pub struct EgressGateway {
+    /// Nodes that may serve as gateways. Among the ready ones, Sluice picks `maxGatewayNodes`.
+    pub node_selector: LabelSelector,
+
+    /// Leave by this interface, with its first address of the packet's family.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 15), regex(pattern = r"^[^/\s:]+$"))]
+    pub interface: Option<String>,
+
+    /// Leave with this source address; it must be assigned to an interface of the gateway node.
+    /// With neither `interface` nor `egressIP`, the default-route interface is used.
+    #[serde(rename = "egressIP", default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 45))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "isIP(self)", "message": "must be an IPv4 or IPv6 address"}
+    ]))]
+    pub egress_ip: Option<String>,
+
+    /// How many matching nodes serve at once (active-active). Default 1. When one fails, only the
+    /// pods it served move to another node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub max_gateway_nodes: Option<u32>,
+}
+
+/// What to do with matched traffic while the policy has no usable gateway.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum FailurePolicy {
+    /// Drop it: traffic never leaves with an unexpected source address.
+    #[default]
+    Drop,
+    /// Let it take the node's normal path (and source address).
+    Fallback,
+}
+
+/// What Sluice made of the policy.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressGatewayPolicyStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// `Accepted`, `GatewaySelected` and `Programmed`.
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// The gateway nodes serving the policy now.
+    #[serde(default)]
+    pub gateways: Vec<GatewayStatus>,
+
+    /// How many pods the policy selects.
+    #[serde(default)]
+    pub matched_endpoints: u64,
+
+    /// Other policies that win (source, destination) pairs this one also claims.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conflicts: Vec<ConflictStatus>,
+}
+
+/// A gateway node serving a policy.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayStatus {
+    /// Node name.
+    pub node: String,
+    /// The node's IP, which the other nodes tunnel to.
+    pub ip: String,
+    /// The source address traffic leaves with, when known.
+    #[serde(rename = "egressIP", default, skip_serializing_if = "Option::is_none")]
+    pub egress_ip: Option<String>,
+    /// The interface traffic leaves by, when the policy names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+}
+
+/// Entries lost to another policy.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConflictStatus {
+    /// The policy that wins them (it was created earlier, or has the smaller name).
+    pub policy: String,
+    /// How many (source, destination) pairs.
+    pub entries: u64,
+}
+
+/// The CRD manifest, as committed in `crds/` and the Helm chart.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    let body = serde_yaml::to_string(&EgressGatewayPolicy::crd()).expect("a CRD always serializes");
+    format!("# Generated by `cargo xtask codegen` from operator/src/api.rs. Do not edit.\n---\n{body}")
+}

@@ -1,0 +1,10 @@
+//! The Sluice control plane.
+pub mod api;
+pub mod cli;
+pub mod manifests;
+pub mod model;
+pub mod objects;
+pub mod planner;
+pub mod policy;
+pub mod report;
+pub mod selector;

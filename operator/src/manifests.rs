@@ -1,0 +1,150 @@
+//! Reading a directory of Kubernetes manifests into the planner's inputs (`plan --manifests`,
+//! and later the `dir:` source). The parsing is pure; only [`read_dir`] touches the disk.
+
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use serde::Deserialize;
+
+use crate::{
+    api::{EgressGatewayPolicy, EgressGatewayPolicySpec},
+    model::{NamespaceInfo, NodeInfo, PodInfo, PolicyInput},
+    objects,
+};
+
+/// Everything a set of manifests describes.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Manifests {
+    pub nodes: Vec<NodeInfo>,
+    pub namespaces: Vec<NamespaceInfo>,
+    pub pods: Vec<PodInfo>,
+    pub policies: Vec<PolicyInput>,
+    /// Documents of kinds the planner does not use, as "file: document N: kind".
+    pub ignored: Vec<String>,
+}
+
+/// A file or document that cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: document {document}: {message}")]
+    Document {
+        path: PathBuf,
+        document: usize,
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TypeMeta {
+    #[serde(default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+}
+
+/// A `CiliumEgressGatewayPolicy`: our spec is a superset of its spec.
+#[derive(Deserialize)]
+struct CiliumPolicy {
+    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    spec: EgressGatewayPolicySpec,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ManifestError + '_ {
+    move |source| ManifestError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Reads every `*.yaml` / `*.yml` file of a directory, in name order.
+pub fn read_dir(dir: &Path) -> Result<Manifests, ManifestError> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    let mut manifests = Manifests::default();
+    for path in files {
+        let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+        manifests.add_file(&path, &text)?;
+    }
+    Ok(manifests)
+}
+
+impl Manifests {
+    /// Adds every document of one multi-document YAML text.
+    pub fn add_file(&mut self, path: &Path, text: &str) -> Result<(), ManifestError> {
+        for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let fail = |message: String| ManifestError::Document {
+                path: path.to_owned(),
+                document: i + 1,
+                message,
+            };
+            let value =
+                serde_yaml::Value::deserialize(document).map_err(|e| fail(format!("not valid YAML: {e}")))?;
+            if value.is_null() {
+                continue;
+            }
+            self.add_object(value, &format!("{}: document {}", path.display(), i + 1))
+                .map_err(fail)?;
+        }
+        Ok(())
+    }
+
+    fn add_object(&mut self, value: serde_yaml::Value, place: &str) -> Result<(), String> {
+        let meta: TypeMeta =
+            serde_yaml::from_value(value.clone()).map_err(|e| format!("not a Kubernetes object: {e}"))?;
+        let group = meta.api_version.split_once('/').map_or("", |(g, _)| g);
+        let parse_err = |e: serde_yaml::Error| format!("invalid {}: {e}", meta.kind);
+        match (group, meta.kind.as_str()) {
+            ("", "List") => {
+                #[derive(Deserialize)]
+                struct List {
+                    #[serde(default)]
+                    items: Vec<serde_yaml::Value>,
+                }
+                let list: List = serde_yaml::from_value(value).map_err(parse_err)?;
+                for (j, item) in list.items.into_iter().enumerate() {
+                    self.add_object(item, place)
+                        .map_err(|e| format!("items[{j}]: {e}"))?;
+                }
+            }
+            ("", "Node") => {
+                let node: Node = serde_yaml::from_value(value).map_err(parse_err)?;
+                self.nodes
+                    .push(objects::node_info(&node).map_err(|e| format!("invalid Node: {e}"))?);
+            }
+            ("", "Namespace") => {
+                let ns: Namespace = serde_yaml::from_value(value).map_err(parse_err)?;
+                self.namespaces.push(objects::namespace_info(&ns));
+            }
+            ("", "Pod") => {
+                let pod: Pod = serde_yaml::from_value(value).map_err(parse_err)?;
+                self.pods.push(objects::pod_info(&pod));
+            }
+            ("sluice.dev", "EgressGatewayPolicy") => {
+                let policy: EgressGatewayPolicy = serde_yaml::from_value(value).map_err(parse_err)?;
+                self.policies.push(objects::policy_input(&policy));
+            }
+            ("cilium.io", "CiliumEgressGatewayPolicy") => {
+                let c: CiliumPolicy = serde_yaml::from_value(value).map_err(parse_err)?;
+                self.policies.push(objects::policy_input(&EgressGatewayPolicy {
+                    metadata: c.metadata,
+                    spec: c.spec,
+                    status: None,
+                }));
+            }
+            (_, kind) => self.ignored.push(format!("{place}: {kind}")),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,1122 @@
+//! The planner: for every selected pod and destination, which gateway node its traffic leaves
+//! from and with which egress IP, and therefore which entries each node's datapath must hold.
+//!
+//! It is incremental: every change (one pod, node, namespace or policy) touches only the
+//! (source, destination) keys it can affect and returns the per-node [`PlanDelta`]. A full plan is
+//! the same planner fed everything; the property tests check that both agree after any sequence
+//! of changes.
+//!
+//! Decisions, each documented in `docs/architecture.md`:
+//! - A node holds the entries of the pods running on it, and the entries it is the gateway for.
+//! - Gateway nodes are picked per gateway entry by rendezvous hashing of (policy, entry, node)
+//!   over the ready, eligible, matching nodes: deterministic, spread across policies, and
+//!   unmoved by nodes that come and go elsewhere. Gateways listed as retained keep serving while
+//!   usable.
+//! - With several active gateways, each pod goes to the gateway with the highest hash of
+//!   (pod UID, gateway): losing a gateway moves only the pods it served.
+//! - When two policies claim the same (source, destination), the older policy wins (earlier
+//!   `creationTimestamp`, then smaller name); the loser reports the conflict. Within one policy an
+//!   excluded CIDR beats an identical destination CIDR.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use ipnet::IpNet;
+use sluice_proto::GatewayTarget;
+use smallvec::SmallVec;
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::{
+    api::FailurePolicy,
+    model::{NamespaceInfo, NodeInfo, PodInfo, PolicyInput},
+    policy::{self, EgressSource, PolicyConfig, PolicyError},
+    selector::{LabelSource, Labels, PodLabels},
+};
+
+/// The label Kubernetes puts on every namespace with its own name.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// The key of a datapath entry: source IP (exact) and destination prefix (longest match).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EntryKey {
+    pub source: IpAddr,
+    pub destination: IpNet,
+}
+
+/// One entry of one node's datapath.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EgressEntry {
+    pub key: EntryKey,
+    pub gateway: GatewayTarget,
+    /// Set on the gateway node's own entries, when the address is known.
+    pub egress_ip: Option<IpAddr>,
+    /// Set on the gateway node's own entries, when the interface is known.
+    pub interface: Option<Arc<str>>,
+    pub policy: Arc<str>,
+}
+
+/// What changed for one node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeDelta {
+    pub upserts: BTreeMap<EntryKey, EgressEntry>,
+    pub removals: BTreeSet<EntryKey>,
+}
+
+impl NodeDelta {
+    pub fn is_empty(&self) -> bool {
+        self.upserts.is_empty() && self.removals.is_empty()
+    }
+
+    fn upsert(&mut self, entry: EgressEntry) {
+        self.removals.remove(&entry.key);
+        self.upserts.insert(entry.key, entry);
+    }
+
+    fn remove(&mut self, key: EntryKey) {
+        self.upserts.remove(&key);
+        self.removals.insert(key);
+    }
+
+    /// Applies this delta to a node's entry table.
+    pub fn apply_to(&self, table: &mut BTreeMap<EntryKey, EgressEntry>) {
+        for key in &self.removals {
+            table.remove(key);
+        }
+        for (key, entry) in &self.upserts {
+            table.insert(*key, entry.clone());
+        }
+    }
+}
+
+/// What one change did to the plan.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlanDelta {
+    /// Per node, the entries to write and to delete. Nodes without changes are absent.
+    pub nodes: BTreeMap<Arc<str>, NodeDelta>,
+    /// Policies whose status may have changed.
+    pub policies: BTreeSet<Arc<str>>,
+}
+
+impl PlanDelta {
+    pub fn is_empty(&self) -> bool {
+        self.nodes.values().all(NodeDelta::is_empty) && self.policies.is_empty()
+    }
+
+    /// Folds a later delta into this one, so that applying the result equals applying both.
+    pub fn merge(&mut self, later: PlanDelta) {
+        for (node, delta) in later.nodes {
+            let mine = self.nodes.entry(node).or_default();
+            for key in delta.removals {
+                mine.remove(key);
+            }
+            for (_, entry) in delta.upserts {
+                mine.upsert(entry);
+            }
+        }
+        self.policies.extend(later.policies);
+        self.nodes.retain(|_, d| !d.is_empty());
+    }
+
+    fn node(&mut self, name: &Arc<str>) -> &mut NodeDelta {
+        self.nodes.entry(name.clone()).or_default()
+    }
+}
+
+/// A gateway node serving a policy now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActiveGateway {
+    /// Index of the gateway entry in the policy that selected this node.
+    pub entry: usize,
+    pub node: Arc<str>,
+    /// The node's tunnel address.
+    pub ip: IpAddr,
+    pub egress_v4: Option<IpAddr>,
+    pub egress_v6: Option<IpAddr>,
+    pub interface: Option<Arc<str>>,
+}
+
+impl ActiveGateway {
+    fn egress_for(&self, source: IpAddr) -> Option<IpAddr> {
+        if source.is_ipv4() {
+            self.egress_v4
+        } else {
+            self.egress_v6
+        }
+    }
+}
+
+/// A change to the planner's inputs.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    UpsertNode(NodeInfo),
+    RemoveNode(String),
+    UpsertNamespace(NamespaceInfo),
+    RemoveNamespace(String),
+    UpsertPod(PodInfo),
+    /// By UID.
+    RemovePod(String),
+    UpsertPolicy(PolicyInput),
+    RemovePolicy(String),
+}
+
+/// One policy's claim on a key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Claim {
+    policy: Arc<str>,
+    pod: Arc<str>,
+    excluded: bool,
+}
+
+/// The winning claim of a key, resolved to where its entries go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Resolved {
+    policy: Arc<str>,
+    source_node: Arc<str>,
+    target: GatewayTarget,
+    gateway_node: Option<Arc<str>>,
+    egress_ip: Option<IpAddr>,
+    interface: Option<Arc<str>>,
+}
+
+impl Resolved {
+    /// The entries this resolution puts on nodes: one on the source node, and one on the
+    /// gateway node when that is another node.
+    fn placements(&self, key: EntryKey) -> SmallVec<[(Arc<str>, EgressEntry); 2]> {
+        let entry = |with_egress: bool| EgressEntry {
+            key,
+            gateway: self.target,
+            egress_ip: if with_egress { self.egress_ip } else { None },
+            interface: if with_egress { self.interface.clone() } else { None },
+            policy: self.policy.clone(),
+        };
+        let mut out = SmallVec::new();
+        match &self.gateway_node {
+            Some(gw) if *gw == self.source_node => out.push((gw.clone(), entry(true))),
+            Some(gw) => {
+                out.push((self.source_node.clone(), entry(false)));
+                out.push((gw.clone(), entry(true)));
+            }
+            None => out.push((self.source_node.clone(), entry(false))),
+        }
+        out
+    }
+}
+
+struct PodState {
+    info: PodInfo,
+    uid: Arc<str>,
+    /// Accepted policies that select the pod.
+    matched: SmallVec<[Arc<str>; 2]>,
+}
+
+struct PolicyState {
+    input: PolicyInput,
+    /// Conflicts go to the earliest created, then the smallest name.
+    rank: (i64, Arc<str>),
+    config: Result<PolicyConfig, PolicyError>,
+    active: Vec<ActiveGateway>,
+    matched: HashSet<Arc<str>>,
+}
+
+/// Policies indexed by a label their rules require, so a pod is only tested against policies
+/// that can select it.
+type LabelIndex = HashMap<String, HashMap<String, Vec<Arc<str>>>>;
+
+#[derive(Default)]
+struct RuleIndex {
+    by_pod_label: LabelIndex,
+    by_namespace_label: LabelIndex,
+    unanchored: BTreeSet<Arc<str>>,
+}
+
+impl RuleIndex {
+    fn insert(&mut self, name: &Arc<str>, config: &PolicyConfig) {
+        for rule in &config.rules {
+            if let Some((k, v)) = rule.pods.as_ref().and_then(|s| s.anchor()) {
+                Self::push(&mut self.by_pod_label, k, v, name);
+            } else if let Some((k, v)) = rule.namespaces.as_ref().and_then(|s| s.anchor()) {
+                Self::push(&mut self.by_namespace_label, k, v, name);
+            } else {
+                self.unanchored.insert(name.clone());
+            }
+        }
+    }
+
+    fn push(map: &mut LabelIndex, k: &str, v: &str, name: &Arc<str>) {
+        let names = map
+            .entry(k.to_owned())
+            .or_default()
+            .entry(v.to_owned())
+            .or_default();
+        if !names.contains(name) {
+            names.push(name.clone());
+        }
+    }
+
+    fn remove(&mut self, name: &str) {
+        for map in [&mut self.by_pod_label, &mut self.by_namespace_label] {
+            for values in map.values_mut() {
+                for names in values.values_mut() {
+                    names.retain(|n| &**n != name);
+                }
+                values.retain(|_, names| !names.is_empty());
+            }
+            map.retain(|_, values| !values.is_empty());
+        }
+        self.unanchored.remove(name);
+    }
+
+    fn candidates(&self, pod: &PodInfo, namespace: &NamespaceLabels<'_>) -> SmallVec<[Arc<str>; 4]> {
+        let mut out: SmallVec<[Arc<str>; 4]> = self.unanchored.iter().cloned().collect();
+        fn lookup<'m>(map: &'m LabelIndex, k: &str, v: &str) -> impl Iterator<Item = Arc<str>> + 'm {
+            map.get(k)
+                .and_then(|values| values.get(v))
+                .into_iter()
+                .flatten()
+                .cloned()
+        }
+        for (k, v) in &pod.labels {
+            out.extend(lookup(&self.by_pod_label, k, v));
+        }
+        out.extend(lookup(
+            &self.by_pod_label,
+            crate::selector::POD_NAMESPACE_LABEL,
+            &pod.namespace,
+        ));
+        if let Some(labels) = namespace.labels {
+            for (k, v) in labels {
+                out.extend(lookup(&self.by_namespace_label, k, v));
+            }
+        }
+        out.extend(lookup(
+            &self.by_namespace_label,
+            NAMESPACE_NAME_LABEL,
+            namespace.name,
+        ));
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
+/// A namespace's labels, which always include its name label (as the API server adds it).
+struct NamespaceLabels<'a> {
+    name: &'a str,
+    labels: Option<&'a Labels>,
+}
+
+impl LabelSource for NamespaceLabels<'_> {
+    fn label(&self, key: &str) -> Option<&str> {
+        if key == NAMESPACE_NAME_LABEL {
+            return Some(self.name);
+        }
+        self.labels.and_then(|l| l.label(key))
+    }
+}
+
+/// The incremental planner. See the module documentation.
+#[derive(Default)]
+pub struct Planner {
+    nodes: BTreeMap<Arc<str>, NodeInfo>,
+    namespaces: HashMap<String, Labels>,
+    pods: HashMap<Arc<str>, PodState>,
+    pods_by_node: HashMap<String, HashSet<Arc<str>>>,
+    pods_by_namespace: HashMap<String, HashSet<Arc<str>>>,
+    policies: BTreeMap<Arc<str>, PolicyState>,
+    index: RuleIndex,
+    claims: HashMap<EntryKey, SmallVec<[Claim; 1]>>,
+    resolved: HashMap<EntryKey, Resolved>,
+    /// (loser, winner) -> number of keys the loser claims and the winner holds.
+    conflicts: HashMap<(Arc<str>, Arc<str>), u64>,
+    /// The (loser, winner) pairs of every contested key, as last resolved.
+    key_losses: HashMap<EntryKey, Losses>,
+}
+
+type Losses = SmallVec<[(Arc<str>, Arc<str>); 1]>;
+
+type DirtyKeys = HashSet<EntryKey>;
+
+impl Planner {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Builds a planner from a whole snapshot of the inputs, in the order that is cheapest.
+    pub fn from_snapshot(
+        namespaces: impl IntoIterator<Item = NamespaceInfo>,
+        nodes: impl IntoIterator<Item = NodeInfo>,
+        policies: impl IntoIterator<Item = PolicyInput>,
+        pods: impl IntoIterator<Item = PodInfo>,
+    ) -> Self {
+        let mut planner = Planner::new();
+        for ns in namespaces {
+            planner.upsert_namespace(ns);
+        }
+        for node in nodes {
+            planner.upsert_node(node);
+        }
+        // Policies before pods: each pod then finds its policies through the rule index.
+        for policy in policies {
+            planner.upsert_policy(policy);
+        }
+        for pod in pods {
+            planner.upsert_pod(pod);
+        }
+        planner
+    }
+
+    pub fn apply(&mut self, change: Change) -> PlanDelta {
+        match change {
+            Change::UpsertNode(n) => self.upsert_node(n),
+            Change::RemoveNode(n) => self.remove_node(&n),
+            Change::UpsertNamespace(ns) => self.upsert_namespace(ns),
+            Change::RemoveNamespace(ns) => self.remove_namespace(&ns),
+            Change::UpsertPod(p) => self.upsert_pod(p),
+            Change::RemovePod(uid) => self.remove_pod(&uid),
+            Change::UpsertPolicy(p) => self.upsert_policy(p),
+            Change::RemovePolicy(p) => self.remove_policy(&p),
+        }
+    }
+
+    // === Inputs ===
+
+    pub fn upsert_node(&mut self, node: NodeInfo) -> PlanDelta {
+        let old = self.nodes.get(node.name.as_str()).cloned();
+        if old.as_ref() == Some(&node) {
+            return PlanDelta::default();
+        }
+        let name: Arc<str> = node.name.as_str().into();
+        let labels_changed = old.as_ref().is_none_or(|o| o.labels != node.labels);
+        self.nodes.insert(name, node.clone());
+        self.node_changed(&node.name, old.as_ref(), Some(&node), labels_changed)
+    }
+
+    pub fn remove_node(&mut self, name: &str) -> PlanDelta {
+        let Some(old) = self.nodes.remove(name) else {
+            return PlanDelta::default();
+        };
+        self.node_changed(name, Some(&old), None, true)
+    }
+
+    fn node_changed(
+        &mut self,
+        name: &str,
+        old: Option<&NodeInfo>,
+        new: Option<&NodeInfo>,
+        labels_changed: bool,
+    ) -> PlanDelta {
+        let mut delta = PlanDelta::default();
+        let mut dirty = DirtyKeys::new();
+        // Gateways first, so that pods re-evaluated below resolve against the new selection.
+        let affected: Vec<Arc<str>> = self
+            .policies
+            .iter()
+            .filter(|(_, p)| {
+                p.config.as_ref().is_ok_and(|c| {
+                    c.gateways.iter().any(|g| {
+                        old.is_some_and(|n| g.nodes.matches(&n.labels))
+                            || new.is_some_and(|n| g.nodes.matches(&n.labels))
+                    })
+                })
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for policy in affected {
+            self.reselect_gateways(&policy, &mut dirty, &mut delta);
+        }
+        if labels_changed || old.is_none() || new.is_none() {
+            let pods: Vec<Arc<str>> = self
+                .pods_by_node
+                .get(name)
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
+            for uid in pods {
+                self.rematch_pod(&uid, &mut dirty, &mut delta);
+            }
+        }
+        self.resolve(dirty, &mut delta);
+        delta
+    }
+
+    pub fn upsert_namespace(&mut self, ns: NamespaceInfo) -> PlanDelta {
+        if self.namespaces.get(&ns.name) == Some(&ns.labels) {
+            return PlanDelta::default();
+        }
+        let name = ns.name.clone();
+        self.namespaces.insert(ns.name, ns.labels);
+        self.namespace_changed(&name)
+    }
+
+    pub fn remove_namespace(&mut self, name: &str) -> PlanDelta {
+        if self.namespaces.remove(name).is_none() {
+            return PlanDelta::default();
+        }
+        self.namespace_changed(name)
+    }
+
+    fn namespace_changed(&mut self, name: &str) -> PlanDelta {
+        let mut delta = PlanDelta::default();
+        let mut dirty = DirtyKeys::new();
+        let pods: Vec<Arc<str>> = self
+            .pods_by_namespace
+            .get(name)
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        for uid in pods {
+            self.rematch_pod(&uid, &mut dirty, &mut delta);
+        }
+        self.resolve(dirty, &mut delta);
+        delta
+    }
+
+    pub fn upsert_pod(&mut self, pod: PodInfo) -> PlanDelta {
+        let mut delta = PlanDelta::default();
+        let mut dirty = DirtyKeys::new();
+        if let Some(old) = self.pods.get(pod.uid.as_str()) {
+            if old.info == pod {
+                return delta;
+            }
+        }
+        let uid = self
+            .take_pod(&pod.uid, &mut dirty, &mut delta)
+            .unwrap_or_else(|| pod.uid.as_str().into());
+        self.insert_pod(uid, pod, &mut dirty, &mut delta);
+        self.resolve(dirty, &mut delta);
+        delta
+    }
+
+    pub fn remove_pod(&mut self, uid: &str) -> PlanDelta {
+        let mut delta = PlanDelta::default();
+        let mut dirty = DirtyKeys::new();
+        self.take_pod(uid, &mut dirty, &mut delta);
+        self.resolve(dirty, &mut delta);
+        delta
+    }
+
+    pub fn upsert_policy(&mut self, input: PolicyInput) -> PlanDelta {
+        let mut delta = PlanDelta::default();
+        let mut dirty = DirtyKeys::new();
+        if let Some(old) = self.policies.get(input.name.as_str()) {
+            if old.input == input {
+                return delta;
+            }
+        }
+        let name: Arc<str> = input.name.as_str().into();
+        self.take_policy(&name, &mut dirty, &mut delta);
+
+        let config = policy::parse(&input.spec);
+        let rank = (input.created.unwrap_or(i64::MAX), name.clone());
+        let active = match &config {
+            Ok(c) => self.select_gateways(&name, c, &input.retained_gateways),
+            Err(_) => Vec::new(),
+        };
+        let mut matched = HashSet::new();
+        if let Ok(c) = &config {
+            self.index.insert(&name, c);
+            for (uid, pod) in &mut self.pods {
+                if Self::pod_matches(&self.nodes, &self.namespaces, c, &pod.info) {
+                    matched.insert(uid.clone());
+                    pod.matched.push(name.clone());
+                    for (key, excluded) in keys_of(c, &pod.info) {
+                        self.claims.entry(key).or_default().push(Claim {
+                            policy: name.clone(),
+                            pod: uid.clone(),
+                            excluded,
+                        });
+                        dirty.insert(key);
+                    }
+                }
+            }
+        }
+        self.policies.insert(
+            name.clone(),
+            PolicyState {
+                input,
+                rank,
+                config,
+                active,
+                matched,
+            },
+        );
+        delta.policies.insert(name);
+        self.resolve(dirty, &mut delta);
+        delta
+    }
+
+    pub fn remove_policy(&mut self, name: &str) -> PlanDelta {
+        let mut delta = PlanDelta::default();
+        let mut dirty = DirtyKeys::new();
+        if self.take_policy(name, &mut dirty, &mut delta) {
+            delta.policies.insert(name.into());
+        }
+        self.resolve(dirty, &mut delta);
+        delta
+    }
+
+    // === Bookkeeping ===
+
+    /// Removes a pod and its claims; returns its interned UID for reuse.
+    fn take_pod(&mut self, uid: &str, dirty: &mut DirtyKeys, delta: &mut PlanDelta) -> Option<Arc<str>> {
+        let state = self.pods.remove(uid)?;
+        self.unclaim_pod(&state, dirty, delta);
+        if let Some(node) = &state.info.node_name {
+            remove_from_index(&mut self.pods_by_node, node, uid);
+        }
+        remove_from_index(&mut self.pods_by_namespace, &state.info.namespace, uid);
+        Some(state.uid)
+    }
+
+    fn insert_pod(&mut self, uid: Arc<str>, info: PodInfo, dirty: &mut DirtyKeys, delta: &mut PlanDelta) {
+        if let Some(node) = &info.node_name {
+            self.pods_by_node
+                .entry(node.clone())
+                .or_default()
+                .insert(uid.clone());
+        }
+        self.pods_by_namespace
+            .entry(info.namespace.clone())
+            .or_default()
+            .insert(uid.clone());
+        let mut state = PodState {
+            info,
+            uid: uid.clone(),
+            matched: SmallVec::new(),
+        };
+        self.claim_pod(&mut state, dirty, delta);
+        self.pods.insert(uid, state);
+    }
+
+    /// Re-evaluates which policies select a pod after its node or namespace changed.
+    fn rematch_pod(&mut self, uid: &str, dirty: &mut DirtyKeys, delta: &mut PlanDelta) {
+        let Some(mut state) = self.pods.remove(uid) else {
+            return;
+        };
+        self.unclaim_pod(&state, dirty, delta);
+        state.matched.clear();
+        self.claim_pod(&mut state, dirty, delta);
+        self.pods.insert(state.uid.clone(), state);
+    }
+
+    fn unclaim_pod(&mut self, state: &PodState, dirty: &mut DirtyKeys, delta: &mut PlanDelta) {
+        for policy in &state.matched {
+            let Some(p) = self.policies.get_mut(policy) else {
+                continue;
+            };
+            p.matched.remove(&state.uid);
+            delta.policies.insert(policy.clone());
+            let Ok(config) = &p.config else { continue };
+            for (key, excluded) in keys_of(config, &state.info) {
+                unclaim(&mut self.claims, key, policy, &state.uid, excluded);
+                dirty.insert(key);
+            }
+        }
+    }
+
+    fn claim_pod(&mut self, state: &mut PodState, dirty: &mut DirtyKeys, delta: &mut PlanDelta) {
+        if !state.info.is_source() {
+            return;
+        }
+        let namespace = NamespaceLabels {
+            name: &state.info.namespace,
+            labels: self.namespaces.get(&state.info.namespace),
+        };
+        for name in self.index.candidates(&state.info, &namespace) {
+            let Some(p) = self.policies.get_mut(&name) else {
+                continue;
+            };
+            let Ok(config) = &p.config else { continue };
+            if !Self::pod_matches(&self.nodes, &self.namespaces, config, &state.info) {
+                continue;
+            }
+            p.matched.insert(state.uid.clone());
+            delta.policies.insert(name.clone());
+            for (key, excluded) in keys_of(config, &state.info) {
+                self.claims.entry(key).or_default().push(Claim {
+                    policy: name.clone(),
+                    pod: state.uid.clone(),
+                    excluded,
+                });
+                dirty.insert(key);
+            }
+            state.matched.push(name);
+        }
+    }
+
+    /// Removes a policy and its claims. Returns whether it existed.
+    fn take_policy(&mut self, name: &str, dirty: &mut DirtyKeys, delta: &mut PlanDelta) -> bool {
+        let Some(old) = self.policies.remove(name) else {
+            return false;
+        };
+        self.index.remove(name);
+        let Ok(config) = &old.config else { return true };
+        for uid in &old.matched {
+            let Some(pod) = self.pods.get_mut(uid) else {
+                continue;
+            };
+            pod.matched.retain(|p| &**p != name);
+            for (key, excluded) in keys_of(config, &pod.info) {
+                unclaim(&mut self.claims, key, name, uid, excluded);
+                dirty.insert(key);
+            }
+        }
+        // Policies that lost keys to this one no longer do.
+        delta.policies.extend(
+            self.conflicts
+                .keys()
+                .filter(|(_, w)| &**w == name)
+                .map(|(l, _)| l.clone()),
+        );
+        true
+    }
+
+    fn pod_matches(
+        nodes: &BTreeMap<Arc<str>, NodeInfo>,
+        namespaces: &HashMap<String, Labels>,
+        config: &PolicyConfig,
+        pod: &PodInfo,
+    ) -> bool {
+        if !pod.is_source() {
+            return false;
+        }
+        let Some(node) = pod.node_name.as_deref().and_then(|n| nodes.get(n)) else {
+            return false;
+        };
+        let pod_labels = PodLabels {
+            labels: &pod.labels,
+            namespace: &pod.namespace,
+        };
+        let ns_labels = NamespaceLabels {
+            name: &pod.namespace,
+            labels: namespaces.get(&pod.namespace),
+        };
+        config.rules.iter().any(|rule| {
+            rule.pods.as_ref().is_none_or(|s| s.matches(&pod_labels))
+                && rule.namespaces.as_ref().is_none_or(|s| s.matches(&ns_labels))
+                && rule.nodes.as_ref().is_none_or(|s| s.matches(&node.labels))
+        })
+    }
+
+    // === Gateways ===
+
+    fn reselect_gateways(&mut self, name: &Arc<str>, dirty: &mut DirtyKeys, delta: &mut PlanDelta) {
+        let Some(p) = self.policies.get(name) else { return };
+        let Ok(config) = &p.config else { return };
+        let active = self.select_gateways(name, config, &p.input.retained_gateways);
+        if active == p.active {
+            return;
+        }
+        let p = self.policies.get_mut(name).expect("looked up above");
+        p.active = active;
+        delta.policies.insert(name.clone());
+        let Ok(config) = &p.config else { return };
+        for uid in &p.matched {
+            if let Some(pod) = self.pods.get(uid) {
+                dirty.extend(keys_of(config, &pod.info).map(|(k, _)| k));
+            }
+        }
+    }
+
+    fn select_gateways(
+        &self,
+        policy: &str,
+        config: &PolicyConfig,
+        retained: &[(usize, String)],
+    ) -> Vec<ActiveGateway> {
+        let mut active = Vec::new();
+        for (i, gateway) in config.gateways.iter().enumerate() {
+            let mut candidates: Vec<(u64, ActiveGateway)> = self
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.ready && n.eligible && gateway.nodes.matches(&n.labels))
+                .filter_map(|(name, n)| {
+                    let ip = n.tunnel_ip()?;
+                    let (egress_v4, egress_v6, interface) = resolve_egress(n, &gateway.egress)?;
+                    let score = rendezvous(&[policy.as_bytes(), &i.to_le_bytes(), name.as_bytes()]);
+                    Some((
+                        score,
+                        ActiveGateway {
+                            entry: i,
+                            node: name.clone(),
+                            ip,
+                            egress_v4,
+                            egress_v6,
+                            interface,
+                        },
+                    ))
+                })
+                .collect();
+            candidates.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.node.cmp(&b.1.node)));
+            let want = (gateway.max_nodes as usize).min(candidates.len());
+            let is_retained =
+                |g: &ActiveGateway| retained.iter().any(|(e, n)| *e == i && n.as_str() == &*g.node);
+            let (kept, others): (Vec<_>, Vec<_>) = candidates.into_iter().partition(|(_, g)| is_retained(g));
+            active.extend(kept.into_iter().chain(others).take(want).map(|(_, g)| g));
+        }
+        active.sort_by(|a, b| (a.entry, &a.node).cmp(&(b.entry, &b.node)));
+        active
+    }
+
+    // === Resolution ===
+
+    fn resolve(&mut self, dirty: DirtyKeys, delta: &mut PlanDelta) {
+        for key in dirty {
+            self.resolve_key(key, delta);
+        }
+        delta.nodes.retain(|_, d| !d.is_empty());
+    }
+
+    fn resolve_key(&mut self, key: EntryKey, delta: &mut PlanDelta) {
+        let claims = self.claims.get(&key);
+        let winner = claims.and_then(|claims| {
+            claims.iter().min_by(|a, b| {
+                let rank = |c: &Claim| self.policies.get(&c.policy).map(|p| &p.rank);
+                rank(a)
+                    .cmp(&rank(b))
+                    .then(b.excluded.cmp(&a.excluded))
+                    .then_with(|| a.pod.cmp(&b.pod))
+            })
+        });
+        let new = winner.and_then(|w| self.resolve_claim(key, w));
+        let new_losses: Losses = match (claims, winner) {
+            (Some(claims), Some(w)) => {
+                let mut l: Losses = claims
+                    .iter()
+                    .filter(|c| c.policy != w.policy)
+                    .map(|c| (c.policy.clone(), w.policy.clone()))
+                    .collect();
+                l.sort_unstable();
+                l.dedup();
+                l
+            }
+            _ => Losses::new(),
+        };
+        let old = self.resolved.get(&key);
+        if old != new.as_ref() {
+            let before = old.map(|r| r.placements(key)).unwrap_or_default();
+            let after = new.as_ref().map(|r| r.placements(key)).unwrap_or_default();
+            for (node, entry) in &before {
+                if !after.iter().any(|(n, _)| n == node) {
+                    delta.node(node).remove(entry.key);
+                }
+            }
+            for (node, entry) in after {
+                if !before.iter().any(|(n, e)| *n == node && *e == entry) {
+                    delta.node(&node).upsert(entry);
+                }
+            }
+        }
+        self.update_conflicts(key, new_losses, delta);
+        match new {
+            Some(r) => {
+                self.resolved.insert(key, r);
+            }
+            None => {
+                self.resolved.remove(&key);
+            }
+        }
+        if self.claims.get(&key).is_some_and(|c| c.is_empty()) {
+            self.claims.remove(&key);
+        }
+    }
+
+    fn update_conflicts(&mut self, key: EntryKey, new: Losses, delta: &mut PlanDelta) {
+        let old = self.key_losses.remove(&key).unwrap_or_default();
+        if old == new {
+            if !new.is_empty() {
+                self.key_losses.insert(key, new);
+            }
+            return;
+        }
+        for pair in &old {
+            if let Some(n) = self.conflicts.get_mut(pair) {
+                *n -= 1;
+                if *n == 0 {
+                    self.conflicts.remove(pair);
+                }
+            }
+            delta.policies.insert(pair.0.clone());
+        }
+        for pair in &new {
+            *self.conflicts.entry(pair.clone()).or_default() += 1;
+            delta.policies.insert(pair.0.clone());
+        }
+        if !new.is_empty() {
+            self.key_losses.insert(key, new);
+        }
+    }
+
+    fn resolve_claim(&self, key: EntryKey, claim: &Claim) -> Option<Resolved> {
+        let pod = self.pods.get(&claim.pod)?;
+        let source_node: Arc<str> = self
+            .nodes
+            .get_key_value(pod.info.node_name.as_deref()?)?
+            .0
+            .clone();
+        if claim.excluded {
+            return Some(Resolved {
+                policy: claim.policy.clone(),
+                source_node,
+                target: GatewayTarget::Excluded,
+                gateway_node: None,
+                egress_ip: None,
+                interface: None,
+            });
+        }
+        let policy = self.policies.get(&claim.policy)?;
+        let config = policy.config.as_ref().ok()?;
+        Some(match assign(&policy.active, &claim.pod) {
+            Some(g) => Resolved {
+                policy: claim.policy.clone(),
+                source_node,
+                target: GatewayTarget::Node(g.ip),
+                gateway_node: Some(g.node.clone()),
+                egress_ip: g.egress_for(key.source),
+                interface: g.interface.clone(),
+            },
+            None => Resolved {
+                policy: claim.policy.clone(),
+                source_node,
+                target: match config.failure {
+                    FailurePolicy::Drop => GatewayTarget::None,
+                    FailurePolicy::Fallback => GatewayTarget::Fallback,
+                },
+                gateway_node: None,
+                egress_ip: None,
+                interface: None,
+            },
+        })
+    }
+}
+
+fn remove_from_index(index: &mut HashMap<String, HashSet<Arc<str>>>, key: &str, uid: &str) {
+    if let Some(set) = index.get_mut(key) {
+        set.remove(uid);
+        if set.is_empty() {
+            index.remove(key);
+        }
+    }
+}
+
+fn unclaim(
+    claims: &mut HashMap<EntryKey, SmallVec<[Claim; 1]>>,
+    key: EntryKey,
+    policy: &str,
+    pod: &str,
+    excluded: bool,
+) {
+    if let Some(list) = claims.get_mut(&key) {
+        if let Some(i) = list
+            .iter()
+            .position(|c| &*c.policy == policy && &*c.pod == pod && c.excluded == excluded)
+        {
+            list.swap_remove(i);
+        }
+    }
+}
+
+/// The (source, destination) keys a policy produces for a pod, with whether each is excluded.
+fn keys_of<'a>(config: &'a PolicyConfig, pod: &'a PodInfo) -> impl Iterator<Item = (EntryKey, bool)> + 'a {
+    pod.ips.iter().flat_map(move |&source| {
+        let same_family = move |net: &&IpNet| net.addr().is_ipv4() == source.is_ipv4();
+        let dst = config.destinations.iter().filter(same_family).map(move |&d| {
+            (
+                EntryKey {
+                    source,
+                    destination: d,
+                },
+                false,
+            )
+        });
+        let exc = config.excluded.iter().filter(same_family).map(move |&d| {
+            (
+                EntryKey {
+                    source,
+                    destination: d,
+                },
+                true,
+            )
+        });
+        dst.chain(exc)
+    })
+}
+
+/// A stable 64-bit hash of the parts (stable across releases and architectures: it picks
+/// gateways, and a different pick after an upgrade would move traffic).
+fn rendezvous(parts: &[&[u8]]) -> u64 {
+    let mut h = Xxh3::new();
+    for part in parts {
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    h.digest()
+}
+
+/// The gateway a pod's traffic leaves by: the active gateway with the highest hash of
+/// (pod, gateway), so that losing one gateway moves only the pods it served.
+fn assign<'a>(active: &'a [ActiveGateway], pod_uid: &str) -> Option<&'a ActiveGateway> {
+    active.iter().max_by_key(|g| {
+        (
+            rendezvous(&[pod_uid.as_bytes(), &g.entry.to_le_bytes(), g.node.as_bytes()]),
+            std::cmp::Reverse(&g.node),
+        )
+    })
+}
+
+/// The egress addresses and interface a node offers for a gateway entry, or `None` when the node
+/// is known not to have what the entry names.
+fn resolve_egress(
+    node: &NodeInfo,
+    source: &EgressSource,
+) -> Option<(Option<IpAddr>, Option<IpAddr>, Option<Arc<str>>)> {
+    let first = |addrs: &[IpAddr], v4: bool| addrs.iter().copied().find(|a| a.is_ipv4() == v4);
+    let Some(interfaces) = &node.interfaces else {
+        return Some(match source {
+            EgressSource::Interface(name) => (None, None, Some(name.as_str().into())),
+            EgressSource::Ip(ip) if ip.is_ipv4() => (Some(*ip), None, None),
+            EgressSource::Ip(ip) => (None, Some(*ip), None),
+            EgressSource::DefaultRoute => (None, None, None),
+        });
+    };
+    let iface = match source {
+        EgressSource::Interface(name) => interfaces.iter().find(|i| &i.name == name)?,
+        EgressSource::Ip(ip) => interfaces.iter().find(|i| i.addresses.contains(ip))?,
+        EgressSource::DefaultRoute => interfaces.iter().find(|i| i.default_route)?,
+    };
+    let (mut v4, mut v6) = (first(&iface.addresses, true), first(&iface.addresses, false));
+    if let EgressSource::Ip(ip) = source {
+        if ip.is_ipv4() {
+            v4 = Some(*ip)
+        } else {
+            v6 = Some(*ip)
+        }
+    }
+    if v4.is_none() && v6.is_none() {
+        return None;
+    }
+    Some((v4, v6, Some(iface.name.as_str().into())))
+}
+
+/// How one policy fared, in the planner's terms.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyOutcome {
+    pub name: String,
+    pub generation: Option<i64>,
+    /// `Err` when the policy is not accepted.
+    pub accepted: Result<(), PolicyError>,
+    pub gateways: Vec<ActiveGateway>,
+    pub matched_endpoints: usize,
+    /// (winning policy, keys lost to it), by policy name.
+    pub conflicts: Vec<(String, u64)>,
+}
+
+impl PolicyOutcome {
+    /// The reason and message of whatever keeps the policy from working, if anything does.
+    pub fn problem(&self) -> Option<(&'static str, String)> {
+        match &self.accepted {
+            Err(e) => Some((e.reason, e.message.clone())),
+            Ok(()) if self.gateways.is_empty() => Some((
+                "NoGatewayAvailable",
+                "no ready node matches the gateway nodeSelector (or has the named interface or egress IP)"
+                    .to_owned(),
+            )),
+            Ok(()) => None,
+        }
+    }
+}
+
+/// One policy a node is an active gateway for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayDuty {
+    pub policy: Arc<str>,
+    pub egress_ips: Vec<IpAddr>,
+    pub interface: Option<Arc<str>>,
+}
+
+impl Planner {
+    /// Known node names, in order.
+    pub fn node_names(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.nodes.keys()
+    }
+
+    /// Policy names, in order.
+    pub fn policy_names(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.policies.keys()
+    }
+
+    /// Every known node's entries (nodes with none included).
+    pub fn node_plans(&self) -> BTreeMap<Arc<str>, BTreeMap<EntryKey, EgressEntry>> {
+        let mut plans: BTreeMap<Arc<str>, BTreeMap<EntryKey, EgressEntry>> =
+            self.nodes.keys().map(|n| (n.clone(), BTreeMap::new())).collect();
+        for (key, resolved) in &self.resolved {
+            for (node, entry) in resolved.placements(*key) {
+                plans.entry(node).or_default().insert(*key, entry);
+            }
+        }
+        plans
+    }
+
+    /// One node's entries.
+    pub fn node_plan(&self, node: &str) -> BTreeMap<EntryKey, EgressEntry> {
+        self.resolved
+            .iter()
+            .flat_map(|(key, r)| r.placements(*key))
+            .filter(|(n, _)| &**n == node)
+            .map(|(_, e)| (e.key, e))
+            .collect()
+    }
+
+    /// The policies a node serves as a gateway.
+    pub fn gateway_duties(&self, node: &str) -> Vec<GatewayDuty> {
+        let mut duties = Vec::new();
+        for (name, p) in &self.policies {
+            for g in p.active.iter().filter(|g| &*g.node == node) {
+                duties.push(GatewayDuty {
+                    policy: name.clone(),
+                    egress_ips: g.egress_v4.into_iter().chain(g.egress_v6).collect(),
+                    interface: g.interface.clone(),
+                });
+            }
+        }
+        duties
+    }
+
+    /// How many entries all nodes hold together.
+    pub fn entry_count(&self) -> usize {
+        self.resolved
+            .values()
+            .map(|r| {
+                if r.gateway_node.as_ref().is_some_and(|g| *g != r.source_node) {
+                    2
+                } else {
+                    1
+                }
+            })
+            .sum()
+    }
+
+    pub fn policy_outcome(&self, name: &str) -> Option<PolicyOutcome> {
+        let p = self.policies.get(name)?;
+        let mut conflicts: Vec<(String, u64)> = self
+            .conflicts
+            .iter()
+            .filter(|((loser, _), _)| &**loser == name)
+            .map(|((_, winner), n)| (winner.to_string(), *n))
+            .collect();
+        conflicts.sort();
+        Some(PolicyOutcome {
+            name: name.to_owned(),
+            generation: p.input.generation,
+            accepted: p.config.as_ref().map(|_| ()).map_err(Clone::clone),
+            gateways: p.active.clone(),
+            matched_endpoints: p.matched.len(),
+            conflicts,
+        })
+    }
+}

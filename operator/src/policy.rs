@@ -1,0 +1,202 @@
+//! Turning an `EgressGatewayPolicy` spec into a checked configuration, or into the reason a user
+//! can act on.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::{
+    api::{EgressGateway, EgressGatewayPolicySpec, FailurePolicy},
+    selector::{Selector, SelectorError},
+};
+
+/// How many nodes one gateway entry may keep active at once.
+pub const MAX_GATEWAY_NODES: u32 = 64;
+
+/// A checked pod selection rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub pods: Option<Selector>,
+    pub namespaces: Option<Selector>,
+    pub nodes: Option<Selector>,
+}
+
+/// Where a gateway's traffic takes its source address from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum EgressSource {
+    /// The first address of the packet's family on this interface.
+    Interface(String),
+    /// This address, which must be on one of the gateway's interfaces.
+    Ip(IpAddr),
+    /// The default-route interface.
+    DefaultRoute,
+}
+
+/// A checked gateway entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayConfig {
+    pub nodes: Selector,
+    pub egress: EgressSource,
+    pub max_nodes: u32,
+}
+
+/// A checked policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyConfig {
+    pub rules: Vec<Rule>,
+    pub destinations: Vec<IpNet>,
+    pub excluded: Vec<IpNet>,
+    pub gateways: Vec<GatewayConfig>,
+    pub failure: FailurePolicy,
+}
+
+/// Why a policy is not accepted. `reason` is a CamelCase word for the `Accepted` condition.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct PolicyError {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl PolicyError {
+    fn new(reason: &'static str, message: impl Into<String>) -> Self {
+        PolicyError {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// Checks a spec the way the API server's schema and CEL rules would, and more.
+pub fn parse(spec: &EgressGatewayPolicySpec) -> Result<PolicyConfig, PolicyError> {
+    if spec.selectors.is_empty() {
+        return Err(PolicyError::new(
+            "NoSelectors",
+            "spec.selectors must list at least one pod selector",
+        ));
+    }
+    let mut rules = Vec::with_capacity(spec.selectors.len());
+    for (i, rule) in spec.selectors.iter().enumerate() {
+        if rule.pod_selector.is_none() && rule.namespace_selector.is_none() {
+            return Err(PolicyError::new(
+                "InvalidSelector",
+                format!("spec.selectors[{i}] needs a podSelector or a namespaceSelector"),
+            ));
+        }
+        let compile = |field: &str, s: &Option<_>| {
+            s.as_ref()
+                .map(Selector::compile)
+                .transpose()
+                .map_err(|e: SelectorError| {
+                    PolicyError::new("InvalidSelector", format!("spec.selectors[{i}].{field}: {e}"))
+                })
+        };
+        rules.push(Rule {
+            pods: compile("podSelector", &rule.pod_selector)?,
+            namespaces: compile("namespaceSelector", &rule.namespace_selector)?,
+            nodes: compile("nodeSelector", &rule.node_selector)?,
+        });
+    }
+
+    if spec.destination_cidrs.is_empty() {
+        return Err(PolicyError::new(
+            "NoDestinations",
+            "spec.destinationCIDRs must list at least one CIDR (0.0.0.0/0 for all IPv4 destinations)",
+        ));
+    }
+    let destinations = parse_cidrs("destinationCIDRs", &spec.destination_cidrs)?;
+    let excluded = parse_cidrs("excludedCIDRs", &spec.excluded_cidrs)?;
+
+    // As in Cilium, a non-empty egressGateways list replaces the single egressGateway.
+    let entries: Vec<(String, &EgressGateway)> = if spec.egress_gateways.is_empty() {
+        spec.egress_gateway
+            .iter()
+            .map(|g| ("spec.egressGateway".to_owned(), g))
+            .collect()
+    } else {
+        spec.egress_gateways
+            .iter()
+            .enumerate()
+            .map(|(i, g)| (format!("spec.egressGateways[{i}]"), g))
+            .collect()
+    };
+    if entries.is_empty() {
+        return Err(PolicyError::new(
+            "NoGateway",
+            "set spec.egressGateway or spec.egressGateways",
+        ));
+    }
+    let gateways = entries
+        .into_iter()
+        .map(|(field, g)| parse_gateway(&field, g))
+        .collect::<Result<_, _>>()?;
+
+    Ok(PolicyConfig {
+        rules,
+        destinations,
+        excluded,
+        gateways,
+        failure: spec.failure_policy.unwrap_or_default(),
+    })
+}
+
+fn parse_cidrs(field: &str, cidrs: &[String]) -> Result<Vec<IpNet>, PolicyError> {
+    let mut out: Vec<IpNet> = Vec::with_capacity(cidrs.len());
+    for (i, text) in cidrs.iter().enumerate() {
+        let net: IpNet = text.trim().parse().map_err(|_| {
+            PolicyError::new(
+                "InvalidCIDR",
+                format!("spec.{field}[{i}]: {text:?} is not a CIDR such as 203.0.113.0/24 or 2001:db8::/64"),
+            )
+        })?;
+        // Like net.ParseCIDR in Cilium, host bits are ignored: 10.1.2.3/16 means 10.1.0.0/16.
+        let net = net.trunc();
+        if !out.contains(&net) {
+            out.push(net);
+        }
+    }
+    Ok(out)
+}
+
+fn parse_gateway(field: &str, g: &EgressGateway) -> Result<GatewayConfig, PolicyError> {
+    let nodes = Selector::compile(&g.node_selector)
+        .map_err(|e| PolicyError::new("InvalidSelector", format!("{field}.nodeSelector: {e}")))?;
+    let interface = g.interface.as_deref().filter(|s| !s.is_empty());
+    let egress_ip = g.egress_ip.as_deref().filter(|s| !s.is_empty());
+    let egress = match (interface, egress_ip) {
+        (Some(_), Some(_)) => {
+            return Err(PolicyError::new(
+                "InterfaceAndEgressIP",
+                format!("{field}: set at most one of interface and egressIP"),
+            ));
+        }
+        (Some(name), None) => {
+            if name.len() > 15 || name.contains(['/', ' ', ':']) {
+                return Err(PolicyError::new(
+                    "InvalidInterface",
+                    format!("{field}.interface: {name:?} is not a valid interface name"),
+                ));
+            }
+            EgressSource::Interface(name.to_owned())
+        }
+        (None, Some(ip)) => EgressSource::Ip(ip.trim().parse().map_err(|_| {
+            PolicyError::new(
+                "InvalidEgressIP",
+                format!("{field}.egressIP: {ip:?} is not an IP address"),
+            )
+        })?),
+        (None, None) => EgressSource::DefaultRoute,
+    };
+    let max_nodes = g.max_gateway_nodes.unwrap_or(1);
+    if !(1..=MAX_GATEWAY_NODES).contains(&max_nodes) {
+        return Err(PolicyError::new(
+            "InvalidMaxGatewayNodes",
+            format!("{field}.maxGatewayNodes must be between 1 and {MAX_GATEWAY_NODES}, not {max_nodes}"),
+        ));
+    }
+    Ok(GatewayConfig {
+        nodes,
+        egress,
+        max_nodes,
+    })
+}
