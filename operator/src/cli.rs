@@ -22,9 +22,9 @@ pub enum Command {
     /// Plan offline from manifest files: print every node's entries and every policy's status.
     Plan {
         /// Directory of *.yaml / *.yml files (Nodes, Namespaces, Pods, EgressGatewayPolicies and
-        /// CiliumEgressGatewayPolicies; other kinds are ignored).
-        #[arg(long)]
-        manifests: PathBuf,
+        /// CiliumEgressGatewayPolicies; other kinds are ignored). Repeat to read several.
+        #[arg(long, required = true)]
+        manifests: Vec<PathBuf>,
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -46,8 +46,11 @@ pub fn run(cli: Cli) -> anyhow::Result<String> {
     }
 }
 
-fn plan(dir: &std::path::Path, output: Output) -> anyhow::Result<String> {
-    let m = manifests::read_dir(dir)?;
+fn plan(dirs: &[PathBuf], output: Output) -> anyhow::Result<String> {
+    let mut m = manifests::Manifests::default();
+    for dir in dirs {
+        m.read_dir(dir)?;
+    }
     for ignored in &m.ignored {
         eprintln!("note: ignoring {ignored}");
     }

@@ -65,22 +65,28 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ManifestError + '_ {
 
 /// Reads every `*.yaml` / `*.yml` file of a directory, in name order.
 pub fn read_dir(dir: &Path) -> Result<Manifests, ManifestError> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(io(dir))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
-        .collect();
-    files.sort();
     let mut manifests = Manifests::default();
-    for path in files {
-        let text = std::fs::read_to_string(&path).map_err(io(&path))?;
-        manifests.add_file(&path, &text)?;
-    }
+    manifests.read_dir(dir)?;
     Ok(manifests)
 }
 
 impl Manifests {
+    /// Adds every `*.yaml` / `*.yml` file of a directory, in name order.
+    pub fn read_dir(&mut self, dir: &Path) -> Result<(), ManifestError> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io(dir))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+            .collect();
+        files.sort();
+        for path in files {
+            let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+            self.add_file(&path, &text)?;
+        }
+        Ok(())
+    }
+
     /// Adds every document of one multi-document YAML text.
     pub fn add_file(&mut self, path: &Path, text: &str) -> Result<(), ManifestError> {
         for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
@@ -146,5 +152,73 @@ impl Manifests {
             (_, kind) => self.ignored.push(format!("{place}: {kind}")),
         }
         Ok(())
+    }
+}
+
+impl Manifests {
+    /// The planner changes that turn the state these manifests describe into `next`'s: what the
+    /// directory source feeds the planner when files change.
+    pub fn changes_to(&self, next: &Manifests) -> Vec<crate::planner::Change> {
+        use std::collections::BTreeMap;
+
+        use crate::planner::Change;
+
+        fn diff<T: Clone + PartialEq>(
+            old: &[T],
+            new: &[T],
+            id: impl Fn(&T) -> &str,
+            upsert: impl Fn(T) -> Change,
+            remove: impl Fn(String) -> Change,
+            out: &mut Vec<Change>,
+        ) {
+            // Later documents win over earlier ones with the same identity, as with kubectl apply.
+            let old: BTreeMap<&str, &T> = old.iter().map(|o| (id(o), o)).collect();
+            let new: BTreeMap<&str, &T> = new.iter().map(|o| (id(o), o)).collect();
+            out.extend(
+                old.keys()
+                    .filter(|k| !new.contains_key(*k))
+                    .map(|k| remove((*k).to_owned())),
+            );
+            out.extend(
+                new.iter()
+                    .filter(|(k, v)| old.get(*k) != Some(*v))
+                    .map(|(_, v)| upsert((*v).clone())),
+            );
+        }
+
+        let mut out = Vec::new();
+        diff(
+            &self.namespaces,
+            &next.namespaces,
+            |n| &n.name,
+            Change::UpsertNamespace,
+            Change::RemoveNamespace,
+            &mut out,
+        );
+        diff(
+            &self.nodes,
+            &next.nodes,
+            |n| &n.name,
+            Change::UpsertNode,
+            Change::RemoveNode,
+            &mut out,
+        );
+        diff(
+            &self.policies,
+            &next.policies,
+            |p| &p.name,
+            Change::UpsertPolicy,
+            Change::RemovePolicy,
+            &mut out,
+        );
+        diff(
+            &self.pods,
+            &next.pods,
+            |p| &p.uid,
+            Change::UpsertPod,
+            Change::RemovePod,
+            &mut out,
+        );
+        out
     }
 }

@@ -106,8 +106,18 @@ pub struct PolicyInput {
     /// `metadata.creationTimestamp` in seconds since the epoch: older policies win conflicts.
     pub created: Option<i64>,
     pub spec: EgressGatewayPolicySpec,
-    /// Gateways that served the policy before (entry index in the gateway list, node name).
-    /// While they stay usable they keep serving, so that a recovered or newly added node does
-    /// not take traffic away from a working gateway and break its connections.
-    pub retained_gateways: Vec<(usize, String)>,
+    /// Gateways that served the policy before. While they stay usable they keep their slot, so
+    /// that a recovered or newly added node does not take traffic away from a working gateway
+    /// and break its connections. The live system feeds the planner's own choice back here.
+    pub retained_gateways: Vec<GatewaySlot>,
+}
+
+/// A gateway node in one of the slots of a gateway entry.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GatewaySlot {
+    /// Index of the entry in the policy's gateway list.
+    pub entry: usize,
+    /// Slot of that entry (below its `maxGatewayNodes`).
+    pub slot: usize,
+    pub node: String,
 }

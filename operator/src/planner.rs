@@ -31,7 +31,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::{
     api::FailurePolicy,
-    model::{NamespaceInfo, NodeInfo, PodInfo, PolicyInput},
+    model::{GatewaySlot, NamespaceInfo, NodeInfo, PodInfo, PolicyInput},
     policy::{self, EgressSource, PolicyConfig, PolicyError},
     selector::{LabelSource, Labels, PodLabels},
 };
@@ -130,6 +130,8 @@ impl PlanDelta {
 pub struct ActiveGateway {
     /// Index of the gateway entry in the policy that selected this node.
     pub entry: usize,
+    /// The slot of the entry this node fills (below the entry's `maxGatewayNodes`).
+    pub slot: usize,
     pub node: Arc<str>,
     /// The node's tunnel address.
     pub ip: IpAddr,
@@ -503,8 +505,18 @@ impl Planner {
     pub fn upsert_policy(&mut self, input: PolicyInput) -> PlanDelta {
         let mut delta = PlanDelta::default();
         let mut dirty = DirtyKeys::new();
-        if let Some(old) = self.policies.get(input.name.as_str()) {
+        if let Some(old) = self.policies.get_mut(input.name.as_str()) {
             if old.input == input {
+                return delta;
+            }
+            if old.input.retained_gateways != input.retained_gateways
+                && (PolicyInput { retained_gateways: input.retained_gateways.clone(), ..old.input.clone() }) == input
+            {
+                // Feedback of the current gateways: re-select, nothing else changed.
+                old.input.retained_gateways = input.retained_gateways;
+                let name = self.policies.get_key_value(input.name.as_str()).expect("looked up above").0.clone();
+                self.reselect_gateways(&name, &mut dirty, &mut delta);
+                self.resolve(dirty, &mut delta);
                 return delta;
             }
         }
@@ -723,43 +735,57 @@ impl Planner {
         }
     }
 
+    /// Picks the active gateways of every gateway entry. Each entry has `maxGatewayNodes` slots;
+    /// pods hash to slots, not to nodes, so a node that replaces another in its slot takes over
+    /// exactly the pods the other served. Retained gateways keep their slot while usable; other
+    /// slots are filled, in slot order, by the usable node with the highest hash of
+    /// (policy, entry, slot, node).
     fn select_gateways(
         &self,
         policy: &str,
         config: &PolicyConfig,
-        retained: &[(usize, String)],
+        retained: &[GatewaySlot],
     ) -> Vec<ActiveGateway> {
         let mut active = Vec::new();
         for (i, gateway) in config.gateways.iter().enumerate() {
-            let mut candidates: Vec<(u64, ActiveGateway)> = self
+            let mut candidates: Vec<ActiveGateway> = self
                 .nodes
                 .iter()
                 .filter(|(_, n)| n.ready && n.eligible && gateway.nodes.matches(&n.labels))
                 .filter_map(|(name, n)| {
                     let ip = n.tunnel_ip()?;
                     let (egress_v4, egress_v6, interface) = resolve_egress(n, &gateway.egress)?;
-                    let score = rendezvous(&[policy.as_bytes(), &i.to_le_bytes(), name.as_bytes()]);
-                    Some((
-                        score,
-                        ActiveGateway {
-                            entry: i,
-                            node: name.clone(),
-                            ip,
-                            egress_v4,
-                            egress_v6,
-                            interface,
-                        },
-                    ))
+                    Some(ActiveGateway { entry: i, slot: 0, node: name.clone(), ip, egress_v4, egress_v6, interface })
                 })
                 .collect();
-            candidates.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.node.cmp(&b.1.node)));
-            let want = (gateway.max_nodes as usize).min(candidates.len());
-            let is_retained =
-                |g: &ActiveGateway| retained.iter().any(|(e, n)| *e == i && n.as_str() == &*g.node);
-            let (kept, others): (Vec<_>, Vec<_>) = candidates.into_iter().partition(|(_, g)| is_retained(g));
-            active.extend(kept.into_iter().chain(others).take(want).map(|(_, g)| g));
+            let slots = gateway.max_nodes as usize;
+            let mut filled: Vec<Option<ActiveGateway>> = vec![None; slots];
+            for r in retained.iter().filter(|r| r.entry == i && r.slot < slots) {
+                if filled[r.slot].is_some() {
+                    continue;
+                }
+                if let Some(pos) = candidates.iter().position(|c| *c.node == *r.node) {
+                    filled[r.slot] = Some(candidates.swap_remove(pos));
+                }
+            }
+            for (slot, place) in filled.iter_mut().enumerate() {
+                if place.is_some() {
+                    continue;
+                }
+                let best = candidates
+                    .iter()
+                    .enumerate()
+                    .max_by_key(|(_, c)| {
+                        let score = rendezvous(&[policy.as_bytes(), &i.to_le_bytes(), &slot.to_le_bytes(), c.node.as_bytes()]);
+                        (score, std::cmp::Reverse(c.node.clone()))
+                    })
+                    .map(|(pos, _)| pos);
+                if let Some(pos) = best {
+                    *place = Some(candidates.swap_remove(pos));
+                }
+            }
+            active.extend(filled.into_iter().enumerate().filter_map(|(slot, g)| g.map(|g| ActiveGateway { slot, ..g })));
         }
-        active.sort_by(|a, b| (a.entry, &a.node).cmp(&(b.entry, &b.node)));
         active
     }
 
@@ -958,14 +984,13 @@ fn rendezvous(parts: &[&[u8]]) -> u64 {
     h.digest()
 }
 
-/// The gateway a pod's traffic leaves by: the active gateway with the highest hash of
-/// (pod, gateway), so that losing one gateway moves only the pods it served.
+/// The gateway a pod's traffic leaves by: the occupied (entry, slot) with the highest hash of
+/// (pod, entry, slot). An emptied slot moves only its own pods; a node that fills a slot takes
+/// exactly that slot's pods.
 fn assign<'a>(active: &'a [ActiveGateway], pod_uid: &str) -> Option<&'a ActiveGateway> {
     active.iter().max_by_key(|g| {
-        (
-            rendezvous(&[pod_uid.as_bytes(), &g.entry.to_le_bytes(), g.node.as_bytes()]),
-            std::cmp::Reverse(&g.node),
-        )
+        let score = rendezvous(&[pod_uid.as_bytes(), &g.entry.to_le_bytes(), &g.slot.to_le_bytes()]);
+        (score, std::cmp::Reverse((g.entry, g.slot)))
     })
 }
 
@@ -1014,6 +1039,9 @@ pub struct PolicyOutcome {
     pub matched_endpoints: usize,
     /// (winning policy, keys lost to it), by policy name.
     pub conflicts: Vec<(String, u64)>,
+    /// Why the candidate nodes of each gateway entry are not usable (meaningful when there are
+    /// no gateways).
+    pub gateway_diagnosis: String,
 }
 
 impl PolicyOutcome {
@@ -1021,11 +1049,9 @@ impl PolicyOutcome {
     pub fn problem(&self) -> Option<(&'static str, String)> {
         match &self.accepted {
             Err(e) => Some((e.reason, e.message.clone())),
-            Ok(()) if self.gateways.is_empty() => Some((
-                "NoGatewayAvailable",
-                "no ready node matches the gateway nodeSelector (or has the named interface or egress IP)"
-                    .to_owned(),
-            )),
+            Ok(()) if self.gateways.is_empty() => {
+                Some(("NoGatewayAvailable", format!("no usable gateway node: {}", self.gateway_diagnosis)))
+            }
             Ok(()) => None,
         }
     }
@@ -1043,6 +1069,20 @@ impl Planner {
     /// Known node names, in order.
     pub fn node_names(&self) -> impl Iterator<Item = &Arc<str>> {
         self.nodes.keys()
+    }
+
+    /// A policy's active gateways as slots, to feed back as `retained_gateways` so that they
+    /// keep serving while usable.
+    pub fn gateway_slots(&self, policy: &str) -> Vec<GatewaySlot> {
+        self.policies
+            .get(policy)
+            .map(|p| {
+                p.active
+                    .iter()
+                    .map(|g| GatewaySlot { entry: g.entry, slot: g.slot, node: g.node.to_string() })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Policy names, in order.
@@ -1117,6 +1157,48 @@ impl Planner {
             gateways: p.active.clone(),
             matched_endpoints: p.matched.len(),
             conflicts,
+            gateway_diagnosis: match (&p.config, p.active.is_empty()) {
+                (Ok(config), true) => self.diagnose_gateways(config),
+                _ => String::new(),
+            },
         })
+    }
+
+    /// Says, per gateway entry, how many nodes match its selector and why they cannot serve.
+    fn diagnose_gateways(&self, config: &PolicyConfig) -> String {
+        let parts: Vec<String> = config
+            .gateways
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let matching: Vec<&NodeInfo> = self.nodes.values().filter(|n| g.nodes.matches(&n.labels)).collect();
+                let not_ready = matching.iter().filter(|n| !n.ready).count();
+                let ineligible = matching.iter().filter(|n| n.ready && !n.eligible).count();
+                let no_ip = matching.iter().filter(|n| n.ready && n.eligible && n.tunnel_ip().is_none()).count();
+                let lacking = matching
+                    .iter()
+                    .filter(|n| n.ready && n.eligible && n.tunnel_ip().is_some())
+                    .filter(|n| resolve_egress(n, &g.egress).is_none())
+                    .count();
+                let what = match &g.egress {
+                    EgressSource::Interface(name) => format!("interface {name:?}"),
+                    EgressSource::Ip(ip) => format!("egress IP {ip}"),
+                    EgressSource::DefaultRoute => "a default route".to_owned(),
+                };
+                let mut why = vec![format!("{} node(s) match the nodeSelector of gateway {i}", matching.len())];
+                for (n, text) in [
+                    (not_ready, "not Ready".to_owned()),
+                    (ineligible, "without a healthy shim".to_owned()),
+                    (no_ip, "without an InternalIP".to_owned()),
+                    (lacking, format!("without {what}")),
+                ] {
+                    if n > 0 {
+                        why.push(format!("{n} {text}"));
+                    }
+                }
+                why.join(", ")
+            })
+            .collect();
+        parts.join("; ")
     }
 }

@@ -1,0 +1,417 @@
+//! Property tests of the planner: incremental planning equals planning from scratch after any
+//! sequence of changes, deltas add up to the plan, and gateway choice has the promised stability.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use proptest::prelude::*;
+use sluice_operator::{
+    api::{EgressGateway, EgressGatewayPolicySpec, EgressRule, FailurePolicy},
+    model::{GatewaySlot, InterfaceInfo, NamespaceInfo, NodeInfo, PodInfo, PodPhase, PolicyInput},
+    planner::{Change, EgressEntry, EntryKey, Planner},
+    report,
+};
+use sluice_proto::GatewayTarget;
+
+const NODES: usize = 5;
+const NAMESPACES: usize = 3;
+const PODS: usize = 12;
+const POLICIES: usize = 4;
+
+fn labels(pairs: Vec<(u8, u8)>) -> BTreeMap<String, String> {
+    pairs.into_iter().map(|(k, v)| (format!("k{k}"), format!("v{v}"))).collect()
+}
+
+fn label_pairs() -> impl Strategy<Value = Vec<(u8, u8)>> {
+    prop::collection::vec((0u8..3, 0u8..2), 0..3)
+}
+
+fn selector() -> impl Strategy<Value = LabelSelector> {
+    (label_pairs(), prop::option::of((0u8..3, 0u8..4, prop::collection::vec(0u8..2, 1..3)))).prop_map(
+        |(pairs, expr)| LabelSelector {
+            match_labels: if pairs.is_empty() { None } else { Some(labels(pairs)) },
+            match_expressions: expr.map(|(k, op, vals)| {
+                let op = ["In", "NotIn", "Exists", "DoesNotExist"][op as usize];
+                let values = matches!(op, "In" | "NotIn").then(|| vals.iter().map(|v| format!("v{v}")).collect());
+                vec![LabelSelectorRequirement { key: format!("k{k}"), operator: op.into(), values }]
+            }),
+        },
+    )
+}
+
+fn node(i: usize) -> impl Strategy<Value = NodeInfo> {
+    (label_pairs(), any::<bool>(), any::<bool>(), prop::option::of(0u8..3), 0u8..4).prop_map(
+        move |(pairs, ready, eligible, ifaces, ip_variant)| NodeInfo {
+            name: format!("node-{i}"),
+            labels: labels(pairs),
+            // Mostly stable addresses, sometimes none or a changed one.
+            addresses: match ip_variant {
+                0 => vec![],
+                1 => vec![format!("192.168.9.{i}").parse().unwrap()],
+                _ => vec![format!("192.168.1.{i}").parse().unwrap()],
+            },
+            ready: ready || ip_variant == 3,
+            eligible: eligible || ip_variant == 2,
+            interfaces: ifaces.map(|n| {
+                (0..n)
+                    .map(|j| InterfaceInfo {
+                        name: format!("eth{j}"),
+                        addresses: vec![
+                            format!("198.51.{i}.{j}").parse().unwrap(),
+                            format!("2001:db8:{i}::{j}").parse().unwrap(),
+                        ],
+                        default_route: j == 0,
+                    })
+                    .collect()
+            }),
+        },
+    )
+}
+
+fn pod(i: usize) -> impl Strategy<Value = PodInfo> {
+    (label_pairs(), 0..NAMESPACES, 0..NODES + 1, prop::collection::vec(0u8..6, 0..3), 0u8..8, any::<bool>())
+        .prop_map(move |(pairs, ns, node, ips, phase, uid_variant)| PodInfo {
+            // Two UIDs per slot: a pod replaced under the same name.
+            uid: format!("uid-{i}-{}", u8::from(uid_variant)),
+            namespace: format!("ns-{ns}"),
+            name: format!("pod-{i}"),
+            labels: labels(pairs),
+            // NODES means a node that does not exist.
+            node_name: Some(format!("node-{node}")),
+            // A small pool, so that pods share IPs now and then (churn reuses addresses).
+            ips: ips
+                .into_iter()
+                .map(|ip| if ip < 4 { format!("10.0.0.{ip}") } else { format!("fd00::{ip}") })
+                .map(|s| s.parse::<IpAddr>().unwrap())
+                .collect(),
+            host_network: phase == 7,
+            phase: match phase {
+                5 => PodPhase::Succeeded,
+                6 => PodPhase::Failed,
+                0 => PodPhase::Pending,
+                _ => PodPhase::Running,
+            },
+        })
+}
+
+fn cidr() -> impl Strategy<Value = String> {
+    prop::sample::select(vec![
+        "0.0.0.0/0", "203.0.113.0/24", "203.0.113.0/28", "203.0.113.7/32", "198.51.100.0/24", "::/0",
+        "2001:db8::/64", "2001:db8::7/128", "not-a-cidr",
+    ])
+    .prop_map(String::from)
+}
+
+fn gateway() -> impl Strategy<Value = EgressGateway> {
+    (selector(), 0u8..5, prop::option::of(0u32..4)).prop_map(|(node_selector, egress, max)| EgressGateway {
+        node_selector,
+        interface: match egress {
+            1 => Some("eth0".into()),
+            2 => Some("eth1".into()),
+            _ => None,
+        },
+        egress_ip: match egress {
+            3 => Some("198.51.1.1".into()),
+            4 => Some("2001:db8:2::0".into()),
+            _ => None,
+        },
+        max_gateway_nodes: max,
+    })
+}
+
+fn policy(i: usize) -> impl Strategy<Value = PolicyInput> {
+    (
+        prop::collection::vec((prop::option::of(selector()), prop::option::of(selector()), prop::option::of(selector())), 1..3),
+        prop::collection::vec(cidr(), 0..3),
+        prop::collection::vec(cidr(), 0..2),
+        prop::option::of(gateway()),
+        prop::collection::vec(gateway(), 0..3),
+        any::<bool>(),
+        prop::option::of(0i64..3),
+        prop::collection::vec((0usize..3, 0usize..3, 0..NODES), 0..3),
+    )
+        .prop_map(move |(rules, dst, exc, gw, gws, fallback, created, retained)| PolicyInput {
+            name: format!("policy-{i}"),
+            generation: Some(1),
+            created,
+            spec: EgressGatewayPolicySpec {
+                selectors: rules
+                    .into_iter()
+                    .map(|(pods, namespaces, nodes)| EgressRule {
+                        pod_selector: pods,
+                        namespace_selector: namespaces,
+                        node_selector: nodes,
+                    })
+                    .collect(),
+                destination_cidrs: dst,
+                excluded_cidrs: exc,
+                egress_gateway: gw,
+                egress_gateways: gws,
+                failure_policy: fallback.then_some(FailurePolicy::Fallback),
+            },
+            retained_gateways: retained
+                .into_iter()
+                .map(|(entry, slot, n)| GatewaySlot { entry, slot, node: format!("node-{n}") })
+                .collect(),
+        })
+}
+
+fn change() -> impl Strategy<Value = Change> {
+    prop_oneof![
+        3 => (0..NODES).prop_flat_map(node).prop_map(Change::UpsertNode),
+        1 => (0..NODES).prop_map(|i| Change::RemoveNode(format!("node-{i}"))),
+        2 => (0..NAMESPACES, label_pairs()).prop_map(|(i, l)| Change::UpsertNamespace(NamespaceInfo { name: format!("ns-{i}"), labels: labels(l) })),
+        1 => (0..NAMESPACES).prop_map(|i| Change::RemoveNamespace(format!("ns-{i}"))),
+        5 => (0..PODS).prop_flat_map(pod).prop_map(Change::UpsertPod),
+        2 => (0..PODS, any::<bool>()).prop_map(|(i, v)| Change::RemovePod(format!("uid-{i}-{}", u8::from(v)))),
+        3 => (0..POLICIES).prop_flat_map(policy).prop_map(Change::UpsertPolicy),
+        1 => (0..POLICIES).prop_map(|i| Change::RemovePolicy(format!("policy-{i}"))),
+    ]
+}
+
+/// The inputs as they stand after a sequence of changes.
+#[derive(Default)]
+struct World {
+    nodes: BTreeMap<String, NodeInfo>,
+    namespaces: BTreeMap<String, NamespaceInfo>,
+    pods: BTreeMap<String, PodInfo>,
+    policies: BTreeMap<String, PolicyInput>,
+}
+
+impl World {
+    fn apply(&mut self, change: &Change) {
+        match change.clone() {
+            Change::UpsertNode(n) => drop(self.nodes.insert(n.name.clone(), n)),
+            Change::RemoveNode(n) => drop(self.nodes.remove(&n)),
+            Change::UpsertNamespace(n) => drop(self.namespaces.insert(n.name.clone(), n)),
+            Change::RemoveNamespace(n) => drop(self.namespaces.remove(&n)),
+            Change::UpsertPod(p) => drop(self.pods.insert(p.uid.clone(), p)),
+            Change::RemovePod(p) => drop(self.pods.remove(&p)),
+            Change::UpsertPolicy(p) => drop(self.policies.insert(p.name.clone(), p)),
+            Change::RemovePolicy(p) => drop(self.policies.remove(&p)),
+        }
+    }
+
+    fn plan_from_scratch(&self) -> Planner {
+        Planner::from_snapshot(
+            self.namespaces.values().cloned(),
+            self.nodes.values().cloned(),
+            self.policies.values().cloned(),
+            self.pods.values().cloned(),
+        )
+    }
+}
+
+type Tables = BTreeMap<String, BTreeMap<EntryKey, EgressEntry>>;
+
+fn run(changes: &[Change]) -> (World, Planner, Tables) {
+    let mut world = World::default();
+    let mut planner = Planner::new();
+    let mut tables = Tables::new();
+    for change in changes {
+        world.apply(change);
+        for (node, delta) in planner.apply(change.clone()).nodes {
+            delta.apply_to(tables.entry(node.to_string()).or_default());
+        }
+    }
+    (world, planner, tables)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 384, ..ProptestConfig::default() })]
+
+    #[test]
+    fn incremental_equals_full_recompute(changes in prop::collection::vec(change(), 1..60)) {
+        let (world, incremental, tables) = run(&changes);
+        let full = world.plan_from_scratch();
+        prop_assert_eq!(report::document(&incremental), report::document(&full));
+
+        // Every node that applied every delta in order holds exactly its plan.
+        for (node, plan) in incremental.node_plans() {
+            let held = tables.get(&*node).cloned().unwrap_or_default();
+            prop_assert_eq!(&held, &plan, "node {}", node);
+        }
+        for (node, held) in &tables {
+            if !world.nodes.contains_key(node) {
+                prop_assert!(held.is_empty(), "removed node {} still holds {:?}", node, held);
+            }
+        }
+    }
+
+    #[test]
+    fn every_entry_is_where_it_belongs(changes in prop::collection::vec(change(), 1..60)) {
+        let (world, planner, _) = run(&changes);
+        let pods_by_ip: HashMap<IpAddr, Vec<&PodInfo>> = world.pods.values().fold(HashMap::new(), |mut m, p| {
+            for ip in &p.ips { m.entry(*ip).or_default().push(p); }
+            m
+        });
+        for (node, plan) in planner.node_plans() {
+            for (key, entry) in plan {
+                let on_node = pods_by_ip.get(&key.source).into_iter().flatten()
+                    .any(|p| p.is_source() && p.node_name.as_deref() == Some(&*node));
+                let node_ip = world.nodes[&*node].addresses.iter().copied().find(IpAddr::is_ipv4);
+                let is_gateway = matches!(entry.gateway, GatewayTarget::Node(ip) if Some(ip) == node_ip);
+                // A node holds entries of its own pods, and entries it is the gateway for.
+                prop_assert!(on_node || is_gateway, "{node} holds {entry:?}");
+                // Egress details only on the gateway's own entries.
+                if entry.egress_ip.is_some() || entry.interface.is_some() {
+                    prop_assert!(is_gateway, "{node} has egress details for {entry:?}");
+                }
+                prop_assert_eq!(key.source.is_ipv4(), key.destination.addr().is_ipv4());
+            }
+        }
+        for name in planner.policy_names() {
+            let outcome = planner.policy_outcome(name).unwrap();
+            for g in &outcome.gateways {
+                let n = &world.nodes[&*g.node];
+                prop_assert!(n.ready && n.eligible, "{} serves {} while unusable", g.node, name);
+            }
+        }
+    }
+
+    #[test]
+    fn input_order_does_not_matter(changes in prop::collection::vec(change(), 1..40)) {
+        let (world, planner, _) = run(&changes);
+        let reversed = Planner::from_snapshot(
+            world.namespaces.values().rev().cloned(),
+            world.nodes.values().rev().cloned(),
+            world.policies.values().rev().cloned(),
+            world.pods.values().rev().cloned(),
+        );
+        prop_assert_eq!(report::document(&planner), report::document(&reversed));
+    }
+}
+
+/// A cluster with one policy served by `max` of `candidates` gateway nodes, and many pods.
+fn gateway_cluster(candidates: usize, max: u32, pods: usize) -> (Vec<NodeInfo>, PolicyInput, Vec<PodInfo>) {
+    let mut nodes: Vec<NodeInfo> = (0..candidates)
+        .map(|i| NodeInfo {
+            name: format!("gw-{i}"),
+            labels: labels(vec![(0, 1)]),
+            addresses: vec![format!("192.168.1.{}", i + 1).parse().unwrap()],
+            ready: true,
+            eligible: true,
+            interfaces: None,
+        })
+        .collect();
+    nodes.push(NodeInfo {
+        name: "worker".into(),
+        addresses: vec!["192.168.2.1".parse().unwrap()],
+        ready: true,
+        eligible: true,
+        ..Default::default()
+    });
+    let policy = PolicyInput {
+        name: "p".into(),
+        spec: EgressGatewayPolicySpec {
+            selectors: vec![EgressRule {
+                pod_selector: Some(LabelSelector { match_labels: Some(labels(vec![(1, 1)])), match_expressions: None }),
+                ..Default::default()
+            }],
+            destination_cidrs: vec!["0.0.0.0/0".into()],
+            egress_gateway: Some(EgressGateway {
+                node_selector: LabelSelector { match_labels: Some(labels(vec![(0, 1)])), match_expressions: None },
+                max_gateway_nodes: Some(max),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let pods = (0..pods)
+        .map(|i| PodInfo {
+            uid: format!("pod-uid-{i}"),
+            namespace: "default".into(),
+            name: format!("pod-{i}"),
+            labels: labels(vec![(1, 1)]),
+            node_name: Some("worker".into()),
+            ips: vec![IpAddr::from([10, 1, (i / 250) as u8, (i % 250) as u8])],
+            host_network: false,
+            phase: PodPhase::Running,
+        })
+        .collect();
+    (nodes, policy, pods)
+}
+
+fn gateway_of_each_pod(planner: &Planner) -> BTreeMap<EntryKey, GatewayTarget> {
+    planner.node_plan("worker").into_iter().map(|(k, e)| (k, e.gateway)).collect()
+}
+
+proptest! {
+    #[test]
+    fn losing_a_gateway_moves_only_the_pods_it_served(candidates in 2usize..7, max in 1u32..5, lost in 0usize..7) {
+        let (nodes, mut policy, pods) = gateway_cluster(candidates, max, 60);
+        let mut planner = Planner::from_snapshot([], nodes.clone(), [policy.clone()], pods);
+        // The live system feeds the choice back, so that it survives later changes.
+        policy.retained_gateways = planner.gateway_slots("p");
+        prop_assert!(planner.upsert_policy(policy).nodes.is_empty());
+        let before = gateway_of_each_pod(&planner);
+        let active: Vec<String> = planner.policy_outcome("p").unwrap().gateways.iter().map(|g| g.node.to_string()).collect();
+        prop_assert_eq!(active.len(), (max as usize).min(candidates));
+        let lost = &active[lost % active.len()];
+        let lost_ip = GatewayTarget::Node(nodes.iter().find(|n| &n.name == lost).unwrap().addresses[0]);
+        let mut down = nodes.iter().find(|n| &n.name == lost).unwrap().clone();
+        down.ready = false;
+        planner.upsert_node(down);
+        let after = gateway_of_each_pod(&planner);
+        for (key, gw) in &before {
+            if *gw != lost_ip {
+                prop_assert_eq!(after[key], *gw, "{:?} moved although its gateway is fine", key);
+            } else {
+                prop_assert_ne!(after[key], lost_ip);
+            }
+        }
+    }
+
+    #[test]
+    fn nodes_that_are_not_candidates_never_move_gateways(candidates in 1usize..6, max in 1u32..4, extra in 1usize..5) {
+        let (nodes, policy, pods) = gateway_cluster(candidates, max, 30);
+        let mut planner = Planner::from_snapshot([], nodes, [policy], pods);
+        let before = gateway_of_each_pod(&planner);
+        for i in 0..extra {
+            let delta = planner.upsert_node(NodeInfo {
+                name: format!("unrelated-{i}"),
+                addresses: vec![format!("192.168.3.{i}").parse().unwrap()],
+                ready: true,
+                eligible: true,
+                ..Default::default()
+            });
+            prop_assert!(delta.nodes.is_empty());
+        }
+        prop_assert_eq!(gateway_of_each_pod(&planner), before);
+    }
+}
+
+#[test]
+fn policies_spread_over_the_candidates() {
+    let (nodes, policy, pods) = gateway_cluster(4, 1, 1);
+    let mut planner = Planner::from_snapshot([], nodes, [], pods);
+    let mut used = std::collections::BTreeSet::new();
+    for i in 0..40 {
+        let mut p = policy.clone();
+        p.name = format!("policy-{i}");
+        planner.upsert_policy(p);
+        used.insert(planner.policy_outcome(&format!("policy-{i}")).unwrap().gateways[0].node.to_string());
+    }
+    assert_eq!(used.len(), 4, "40 policies should use all 4 candidate gateways, used {used:?}");
+}
+
+#[test]
+fn retained_gateways_keep_serving_after_a_better_node_appears() {
+    let (nodes, mut policy, pods) = gateway_cluster(1, 1, 3);
+    let mut planner = Planner::from_snapshot([], nodes.clone(), [policy.clone()], pods);
+    let first = planner.policy_outcome("p").unwrap().gateways[0].node.to_string();
+    policy.retained_gateways = planner.gateway_slots("p");
+    planner.upsert_policy(policy);
+    // Whatever their hash, newcomers do not take over from a working gateway.
+    for i in 1..6 {
+        let mut n = nodes[0].clone();
+        n.name = format!("gw-new-{i}");
+        n.addresses = vec![format!("192.168.5.{i}").parse().unwrap()];
+        planner.upsert_node(n);
+        assert_eq!(planner.policy_outcome("p").unwrap().gateways[0].node.to_string(), first);
+    }
+}
