@@ -8,3 +8,4 @@ pub mod planner;
 pub mod policy;
 pub mod report;
 pub mod selector;
+pub mod synthetic;

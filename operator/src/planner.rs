@@ -510,11 +510,19 @@ impl Planner {
                 return delta;
             }
             if old.input.retained_gateways != input.retained_gateways
-                && (PolicyInput { retained_gateways: input.retained_gateways.clone(), ..old.input.clone() }) == input
+                && (PolicyInput {
+                    retained_gateways: input.retained_gateways.clone(),
+                    ..old.input.clone()
+                }) == input
             {
                 // Feedback of the current gateways: re-select, nothing else changed.
                 old.input.retained_gateways = input.retained_gateways;
-                let name = self.policies.get_key_value(input.name.as_str()).expect("looked up above").0.clone();
+                let name = self
+                    .policies
+                    .get_key_value(input.name.as_str())
+                    .expect("looked up above")
+                    .0
+                    .clone();
                 self.reselect_gateways(&name, &mut dirty, &mut delta);
                 self.resolve(dirty, &mut delta);
                 return delta;
@@ -755,7 +763,15 @@ impl Planner {
                 .filter_map(|(name, n)| {
                     let ip = n.tunnel_ip()?;
                     let (egress_v4, egress_v6, interface) = resolve_egress(n, &gateway.egress)?;
-                    Some(ActiveGateway { entry: i, slot: 0, node: name.clone(), ip, egress_v4, egress_v6, interface })
+                    Some(ActiveGateway {
+                        entry: i,
+                        slot: 0,
+                        node: name.clone(),
+                        ip,
+                        egress_v4,
+                        egress_v6,
+                        interface,
+                    })
                 })
                 .collect();
             let slots = gateway.max_nodes as usize;
@@ -776,7 +792,12 @@ impl Planner {
                     .iter()
                     .enumerate()
                     .max_by_key(|(_, c)| {
-                        let score = rendezvous(&[policy.as_bytes(), &i.to_le_bytes(), &slot.to_le_bytes(), c.node.as_bytes()]);
+                        let score = rendezvous(&[
+                            policy.as_bytes(),
+                            &i.to_le_bytes(),
+                            &slot.to_le_bytes(),
+                            c.node.as_bytes(),
+                        ]);
                         (score, std::cmp::Reverse(c.node.clone()))
                     })
                     .map(|(pos, _)| pos);
@@ -784,7 +805,12 @@ impl Planner {
                     *place = Some(candidates.swap_remove(pos));
                 }
             }
-            active.extend(filled.into_iter().enumerate().filter_map(|(slot, g)| g.map(|g| ActiveGateway { slot, ..g })));
+            active.extend(
+                filled
+                    .into_iter()
+                    .enumerate()
+                    .filter_map(|(slot, g)| g.map(|g| ActiveGateway { slot, ..g })),
+            );
         }
         active
     }
@@ -1049,9 +1075,10 @@ impl PolicyOutcome {
     pub fn problem(&self) -> Option<(&'static str, String)> {
         match &self.accepted {
             Err(e) => Some((e.reason, e.message.clone())),
-            Ok(()) if self.gateways.is_empty() => {
-                Some(("NoGatewayAvailable", format!("no usable gateway node: {}", self.gateway_diagnosis)))
-            }
+            Ok(()) if self.gateways.is_empty() => Some((
+                "NoGatewayAvailable",
+                format!("no usable gateway node: {}", self.gateway_diagnosis),
+            )),
             Ok(()) => None,
         }
     }
@@ -1079,7 +1106,11 @@ impl Planner {
             .map(|p| {
                 p.active
                     .iter()
-                    .map(|g| GatewaySlot { entry: g.entry, slot: g.slot, node: g.node.to_string() })
+                    .map(|g| GatewaySlot {
+                        entry: g.entry,
+                        slot: g.slot,
+                        node: g.node.to_string(),
+                    })
                     .collect()
             })
             .unwrap_or_default()
@@ -1171,10 +1202,17 @@ impl Planner {
             .iter()
             .enumerate()
             .map(|(i, g)| {
-                let matching: Vec<&NodeInfo> = self.nodes.values().filter(|n| g.nodes.matches(&n.labels)).collect();
+                let matching: Vec<&NodeInfo> = self
+                    .nodes
+                    .values()
+                    .filter(|n| g.nodes.matches(&n.labels))
+                    .collect();
                 let not_ready = matching.iter().filter(|n| !n.ready).count();
                 let ineligible = matching.iter().filter(|n| n.ready && !n.eligible).count();
-                let no_ip = matching.iter().filter(|n| n.ready && n.eligible && n.tunnel_ip().is_none()).count();
+                let no_ip = matching
+                    .iter()
+                    .filter(|n| n.ready && n.eligible && n.tunnel_ip().is_none())
+                    .count();
                 let lacking = matching
                     .iter()
                     .filter(|n| n.ready && n.eligible && n.tunnel_ip().is_some())
@@ -1185,7 +1223,10 @@ impl Planner {
                     EgressSource::Ip(ip) => format!("egress IP {ip}"),
                     EgressSource::DefaultRoute => "a default route".to_owned(),
                 };
-                let mut why = vec![format!("{} node(s) match the nodeSelector of gateway {i}", matching.len())];
+                let mut why = vec![format!(
+                    "{} node(s) match the nodeSelector of gateway {i}",
+                    matching.len()
+                )];
                 for (n, text) in [
                     (not_ready, "not Ready".to_owned()),
                     (ineligible, "without a healthy shim".to_owned()),

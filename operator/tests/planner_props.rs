@@ -22,7 +22,10 @@ const PODS: usize = 12;
 const POLICIES: usize = 4;
 
 fn labels(pairs: Vec<(u8, u8)>) -> BTreeMap<String, String> {
-    pairs.into_iter().map(|(k, v)| (format!("k{k}"), format!("v{v}"))).collect()
+    pairs
+        .into_iter()
+        .map(|(k, v)| (format!("k{k}"), format!("v{v}")))
+        .collect()
 }
 
 fn label_pairs() -> impl Strategy<Value = Vec<(u8, u8)>> {
@@ -30,21 +33,38 @@ fn label_pairs() -> impl Strategy<Value = Vec<(u8, u8)>> {
 }
 
 fn selector() -> impl Strategy<Value = LabelSelector> {
-    (label_pairs(), prop::option::of((0u8..3, 0u8..4, prop::collection::vec(0u8..2, 1..3)))).prop_map(
-        |(pairs, expr)| LabelSelector {
-            match_labels: if pairs.is_empty() { None } else { Some(labels(pairs)) },
+    (
+        label_pairs(),
+        prop::option::of((0u8..3, 0u8..4, prop::collection::vec(0u8..2, 1..3))),
+    )
+        .prop_map(|(pairs, expr)| LabelSelector {
+            match_labels: if pairs.is_empty() {
+                None
+            } else {
+                Some(labels(pairs))
+            },
             match_expressions: expr.map(|(k, op, vals)| {
                 let op = ["In", "NotIn", "Exists", "DoesNotExist"][op as usize];
-                let values = matches!(op, "In" | "NotIn").then(|| vals.iter().map(|v| format!("v{v}")).collect());
-                vec![LabelSelectorRequirement { key: format!("k{k}"), operator: op.into(), values }]
+                let values =
+                    matches!(op, "In" | "NotIn").then(|| vals.iter().map(|v| format!("v{v}")).collect());
+                vec![LabelSelectorRequirement {
+                    key: format!("k{k}"),
+                    operator: op.into(),
+                    values,
+                }]
             }),
-        },
-    )
+        })
 }
 
 fn node(i: usize) -> impl Strategy<Value = NodeInfo> {
-    (label_pairs(), any::<bool>(), any::<bool>(), prop::option::of(0u8..3), 0u8..4).prop_map(
-        move |(pairs, ready, eligible, ifaces, ip_variant)| NodeInfo {
+    (
+        label_pairs(),
+        any::<bool>(),
+        any::<bool>(),
+        prop::option::of(0u8..3),
+        0u8..4,
+    )
+        .prop_map(move |(pairs, ready, eligible, ifaces, ip_variant)| NodeInfo {
             name: format!("node-{i}"),
             labels: labels(pairs),
             // Mostly stable addresses, sometimes none or a changed one.
@@ -67,12 +87,18 @@ fn node(i: usize) -> impl Strategy<Value = NodeInfo> {
                     })
                     .collect()
             }),
-        },
-    )
+        })
 }
 
 fn pod(i: usize) -> impl Strategy<Value = PodInfo> {
-    (label_pairs(), 0..NAMESPACES, 0..NODES + 1, prop::collection::vec(0u8..6, 0..3), 0u8..8, any::<bool>())
+    (
+        label_pairs(),
+        0..NAMESPACES,
+        0..NODES + 1,
+        prop::collection::vec(0u8..6, 0..3),
+        0u8..8,
+        any::<bool>(),
+    )
         .prop_map(move |(pairs, ns, node, ips, phase, uid_variant)| PodInfo {
             // Two UIDs per slot: a pod replaced under the same name.
             uid: format!("uid-{i}-{}", u8::from(uid_variant)),
@@ -84,7 +110,13 @@ fn pod(i: usize) -> impl Strategy<Value = PodInfo> {
             // A small pool, so that pods share IPs now and then (churn reuses addresses).
             ips: ips
                 .into_iter()
-                .map(|ip| if ip < 4 { format!("10.0.0.{ip}") } else { format!("fd00::{ip}") })
+                .map(|ip| {
+                    if ip < 4 {
+                        format!("10.0.0.{ip}")
+                    } else {
+                        format!("fd00::{ip}")
+                    }
+                })
                 .map(|s| s.parse::<IpAddr>().unwrap())
                 .collect(),
             host_network: phase == 7,
@@ -99,8 +131,15 @@ fn pod(i: usize) -> impl Strategy<Value = PodInfo> {
 
 fn cidr() -> impl Strategy<Value = String> {
     prop::sample::select(vec![
-        "0.0.0.0/0", "203.0.113.0/24", "203.0.113.0/28", "203.0.113.7/32", "198.51.100.0/24", "::/0",
-        "2001:db8::/64", "2001:db8::7/128", "not-a-cidr",
+        "0.0.0.0/0",
+        "203.0.113.0/24",
+        "203.0.113.0/28",
+        "203.0.113.7/32",
+        "198.51.100.0/24",
+        "::/0",
+        "2001:db8::/64",
+        "2001:db8::7/128",
+        "not-a-cidr",
     ])
     .prop_map(String::from)
 }
@@ -124,7 +163,14 @@ fn gateway() -> impl Strategy<Value = EgressGateway> {
 
 fn policy(i: usize) -> impl Strategy<Value = PolicyInput> {
     (
-        prop::collection::vec((prop::option::of(selector()), prop::option::of(selector()), prop::option::of(selector())), 1..3),
+        prop::collection::vec(
+            (
+                prop::option::of(selector()),
+                prop::option::of(selector()),
+                prop::option::of(selector()),
+            ),
+            1..3,
+        ),
         prop::collection::vec(cidr(), 0..3),
         prop::collection::vec(cidr(), 0..2),
         prop::option::of(gateway()),
@@ -133,30 +179,36 @@ fn policy(i: usize) -> impl Strategy<Value = PolicyInput> {
         prop::option::of(0i64..3),
         prop::collection::vec((0usize..3, 0usize..3, 0..NODES), 0..3),
     )
-        .prop_map(move |(rules, dst, exc, gw, gws, fallback, created, retained)| PolicyInput {
-            name: format!("policy-{i}"),
-            generation: Some(1),
-            created,
-            spec: EgressGatewayPolicySpec {
-                selectors: rules
+        .prop_map(
+            move |(rules, dst, exc, gw, gws, fallback, created, retained)| PolicyInput {
+                name: format!("policy-{i}"),
+                generation: Some(1),
+                created,
+                spec: EgressGatewayPolicySpec {
+                    selectors: rules
+                        .into_iter()
+                        .map(|(pods, namespaces, nodes)| EgressRule {
+                            pod_selector: pods,
+                            namespace_selector: namespaces,
+                            node_selector: nodes,
+                        })
+                        .collect(),
+                    destination_cidrs: dst,
+                    excluded_cidrs: exc,
+                    egress_gateway: gw,
+                    egress_gateways: gws,
+                    failure_policy: fallback.then_some(FailurePolicy::Fallback),
+                },
+                retained_gateways: retained
                     .into_iter()
-                    .map(|(pods, namespaces, nodes)| EgressRule {
-                        pod_selector: pods,
-                        namespace_selector: namespaces,
-                        node_selector: nodes,
+                    .map(|(entry, slot, n)| GatewaySlot {
+                        entry,
+                        slot,
+                        node: format!("node-{n}"),
                     })
                     .collect(),
-                destination_cidrs: dst,
-                excluded_cidrs: exc,
-                egress_gateway: gw,
-                egress_gateways: gws,
-                failure_policy: fallback.then_some(FailurePolicy::Fallback),
             },
-            retained_gateways: retained
-                .into_iter()
-                .map(|(entry, slot, n)| GatewaySlot { entry, slot, node: format!("node-{n}") })
-                .collect(),
-        })
+        )
 }
 
 fn change() -> impl Strategy<Value = Change> {
@@ -308,12 +360,18 @@ fn gateway_cluster(candidates: usize, max: u32, pods: usize) -> (Vec<NodeInfo>, 
         name: "p".into(),
         spec: EgressGatewayPolicySpec {
             selectors: vec![EgressRule {
-                pod_selector: Some(LabelSelector { match_labels: Some(labels(vec![(1, 1)])), match_expressions: None }),
+                pod_selector: Some(LabelSelector {
+                    match_labels: Some(labels(vec![(1, 1)])),
+                    match_expressions: None,
+                }),
                 ..Default::default()
             }],
             destination_cidrs: vec!["0.0.0.0/0".into()],
             egress_gateway: Some(EgressGateway {
-                node_selector: LabelSelector { match_labels: Some(labels(vec![(0, 1)])), match_expressions: None },
+                node_selector: LabelSelector {
+                    match_labels: Some(labels(vec![(0, 1)])),
+                    match_expressions: None,
+                },
                 max_gateway_nodes: Some(max),
                 ..Default::default()
             }),
@@ -337,7 +395,11 @@ fn gateway_cluster(candidates: usize, max: u32, pods: usize) -> (Vec<NodeInfo>, 
 }
 
 fn gateway_of_each_pod(planner: &Planner) -> BTreeMap<EntryKey, GatewayTarget> {
-    planner.node_plan("worker").into_iter().map(|(k, e)| (k, e.gateway)).collect()
+    planner
+        .node_plan("worker")
+        .into_iter()
+        .map(|(k, e)| (k, e.gateway))
+        .collect()
 }
 
 proptest! {
@@ -394,9 +456,17 @@ fn policies_spread_over_the_candidates() {
         let mut p = policy.clone();
         p.name = format!("policy-{i}");
         planner.upsert_policy(p);
-        used.insert(planner.policy_outcome(&format!("policy-{i}")).unwrap().gateways[0].node.to_string());
+        used.insert(
+            planner.policy_outcome(&format!("policy-{i}")).unwrap().gateways[0]
+                .node
+                .to_string(),
+        );
     }
-    assert_eq!(used.len(), 4, "40 policies should use all 4 candidate gateways, used {used:?}");
+    assert_eq!(
+        used.len(),
+        4,
+        "40 policies should use all 4 candidate gateways, used {used:?}"
+    );
 }
 
 #[test]
@@ -412,6 +482,9 @@ fn retained_gateways_keep_serving_after_a_better_node_appears() {
         n.name = format!("gw-new-{i}");
         n.addresses = vec![format!("192.168.5.{i}").parse().unwrap()];
         planner.upsert_node(n);
-        assert_eq!(planner.policy_outcome("p").unwrap().gateways[0].node.to_string(), first);
+        assert_eq!(
+            planner.policy_outcome("p").unwrap().gateways[0].node.to_string(),
+            first
+        );
     }
 }

@@ -49,8 +49,18 @@ fn compact(doc: &PlanDocument) -> String {
     }
     for p in &doc.policies {
         let state = if p.accepted { "accepted" } else { "rejected" };
-        let gws: Vec<String> = p.gateways.iter().map(|g| format!("{}({})", g.node, g.ip)).collect();
-        let _ = write!(out, "policy {} {state} gateways [{}] endpoints {}", p.name, gws.join(" "), p.matched_endpoints);
+        let gws: Vec<String> = p
+            .gateways
+            .iter()
+            .map(|g| format!("{}({})", g.node, g.ip))
+            .collect();
+        let _ = write!(
+            out,
+            "policy {} {state} gateways [{}] endpoints {}",
+            p.name,
+            gws.join(" "),
+            p.matched_endpoints
+        );
         if let Some(r) = &p.reason {
             let _ = write!(out, " reason {r}");
         }
@@ -87,7 +97,12 @@ fn load(scenario: &Path, step: &Path) -> Manifests {
 }
 
 fn full(m: &Manifests) -> Planner {
-    Planner::from_snapshot(m.namespaces.clone(), m.nodes.clone(), m.policies.clone(), m.pods.clone())
+    Planner::from_snapshot(
+        m.namespaces.clone(),
+        m.nodes.clone(),
+        m.policies.clone(),
+        m.pods.clone(),
+    )
 }
 
 fn run_scenario(scenario: &Path) -> Vec<String> {
@@ -98,7 +113,11 @@ fn run_scenario(scenario: &Path) -> Vec<String> {
     // What every node holds if it applies every delta in order, starting from nothing.
     let mut tables: BTreeMap<String, BTreeMap<EntryKey, EgressEntry>> = BTreeMap::new();
     for step in subdirs(scenario).into_iter().filter(|d| !d.ends_with("base")) {
-        let label = format!("{}/{}", scenario.file_name().unwrap().to_string_lossy(), step.file_name().unwrap().to_string_lossy());
+        let label = format!(
+            "{}/{}",
+            scenario.file_name().unwrap().to_string_lossy(),
+            step.file_name().unwrap().to_string_lossy()
+        );
         let manifests = load(scenario, &step);
         let from_scratch = compact(&report::document(&full(&manifests)));
 
@@ -114,7 +133,9 @@ fn run_scenario(scenario: &Path) -> Vec<String> {
         for (node, plan) in incremental.node_plans() {
             let held = tables.get(&*node).cloned().unwrap_or_default();
             if held != plan {
-                failures.push(format!("{label}: node {node}: deltas add up to {held:?}, plan is {plan:?}"));
+                failures.push(format!(
+                    "{label}: node {node}: deltas add up to {held:?}, plan is {plan:?}"
+                ));
             }
         }
 
