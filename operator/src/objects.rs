@@ -46,10 +46,8 @@ pub fn node_info(node: &Node) -> Result<NodeInfo, BadInterfacesAnnotation> {
     let mut addresses = Vec::new();
     for kind in ["InternalIP", "ExternalIP"] {
         for a in status.and_then(|s| s.addresses.as_ref()).into_iter().flatten() {
-            if a.type_ == kind {
-                if let Ok(ip) = a.address.parse() {
-                    addresses.push(ip);
-                }
+            if let (true, Ok(ip)) = (a.type_ == kind, a.address.parse()) {
+                addresses.push(ip);
             }
         }
     }

@@ -172,30 +172,60 @@ struct Claim {
     excluded: bool,
 }
 
+/// The claims on one key, and how they resolve.
+#[derive(Default)]
+struct KeyState {
+    claims: SmallVec<[Claim; 1]>,
+    resolved: Option<Resolved>,
+}
+
 /// The winning claim of a key, resolved to where its entries go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Resolved {
     policy: Arc<str>,
     source_node: Arc<str>,
-    target: GatewayTarget,
-    gateway_node: Option<Arc<str>>,
-    egress_ip: Option<IpAddr>,
-    interface: Option<Arc<str>>,
+    target: Target,
+}
+
+/// Where a resolved key's traffic goes; the gateway is shared with the policy's active list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Target {
+    Gateway(Arc<ActiveGateway>),
+    None,
+    Fallback,
+    Excluded,
 }
 
 impl Resolved {
+    fn gateway_node(&self) -> Option<&Arc<str>> {
+        match &self.target {
+            Target::Gateway(g) => Some(&g.node),
+            _ => None,
+        }
+    }
+
     /// The entries this resolution puts on nodes: one on the source node, and one on the
     /// gateway node when that is another node.
     fn placements(&self, key: EntryKey) -> SmallVec<[(Arc<str>, EgressEntry); 2]> {
+        let (gateway, egress_ip, interface) = match &self.target {
+            Target::Gateway(g) => (
+                GatewayTarget::Node(g.ip),
+                g.egress_for(key.source),
+                g.interface.clone(),
+            ),
+            Target::None => (GatewayTarget::None, None, None),
+            Target::Fallback => (GatewayTarget::Fallback, None, None),
+            Target::Excluded => (GatewayTarget::Excluded, None, None),
+        };
         let entry = |with_egress: bool| EgressEntry {
             key,
-            gateway: self.target,
-            egress_ip: if with_egress { self.egress_ip } else { None },
-            interface: if with_egress { self.interface.clone() } else { None },
+            gateway,
+            egress_ip: if with_egress { egress_ip } else { None },
+            interface: if with_egress { interface.clone() } else { None },
             policy: self.policy.clone(),
         };
         let mut out = SmallVec::new();
-        match &self.gateway_node {
+        match self.gateway_node() {
             Some(gw) if *gw == self.source_node => out.push((gw.clone(), entry(true))),
             Some(gw) => {
                 out.push((self.source_node.clone(), entry(false)));
@@ -207,11 +237,83 @@ impl Resolved {
     }
 }
 
+/// A pod as the planner keeps it: only what planning reads, with interned strings, because
+/// large clusters have many pods and the planner keeps them all.
 struct PodState {
-    info: PodInfo,
     uid: Arc<str>,
+    namespace: Arc<str>,
+    /// Sorted by key.
+    labels: Box<[(Arc<str>, Arc<str>)]>,
+    node: Option<Arc<str>>,
+    ips: SmallVec<[IpAddr; 2]>,
+    /// [`PodInfo::is_source`].
+    source: bool,
     /// Accepted policies that select the pod.
     matched: SmallVec<[Arc<str>; 2]>,
+}
+
+impl PodState {
+    fn new(uid: Arc<str>, info: &PodInfo, strings: &mut Interner) -> Self {
+        PodState {
+            uid,
+            namespace: strings.get(&info.namespace),
+            labels: info
+                .labels
+                .iter()
+                .map(|(k, v)| (strings.get(k), strings.get(v)))
+                .collect(),
+            node: info.node_name.as_deref().map(|n| strings.get(n)),
+            ips: info.ips.iter().copied().collect(),
+            source: info.is_source(),
+            matched: SmallVec::new(),
+        }
+    }
+
+    /// Whether `info` plans exactly like this pod.
+    fn plans_like(&self, info: &PodInfo) -> bool {
+        *self.namespace == *info.namespace
+            && self.node.as_deref() == info.node_name.as_deref()
+            && self.ips.as_slice() == info.ips.as_slice()
+            && self.source == info.is_source()
+            && self.labels.len() == info.labels.len()
+            && self
+                .labels
+                .iter()
+                .zip(&info.labels)
+                .all(|((k, v), (k2, v2))| **k == **k2 && **v == **v2)
+    }
+}
+
+impl LabelSource for [(Arc<str>, Arc<str>)] {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.binary_search_by(|(k, _)| (**k).cmp(key))
+            .ok()
+            .map(|i| &*self[i].1)
+    }
+}
+
+/// Shares equal strings (label keys and values, namespaces, node names) between pods.
+#[derive(Default)]
+struct Interner {
+    strings: HashSet<Arc<str>>,
+    /// Size after the last sweep: the next sweep waits until the set has doubled.
+    swept_at: usize,
+}
+
+impl Interner {
+    fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(shared) = self.strings.get(s) {
+            return shared.clone();
+        }
+        if self.strings.len() >= 2 * self.swept_at.max(1024) {
+            // Strings only the interner still holds belong to pods that are gone.
+            self.strings.retain(|s| Arc::strong_count(s) > 1);
+            self.swept_at = self.strings.len();
+        }
+        let shared: Arc<str> = s.into();
+        self.strings.insert(shared.clone());
+        shared
+    }
 }
 
 struct PolicyState {
@@ -219,7 +321,7 @@ struct PolicyState {
     /// Conflicts go to the earliest created, then the smallest name.
     rank: (i64, Arc<str>),
     config: Result<PolicyConfig, PolicyError>,
-    active: Vec<ActiveGateway>,
+    active: Vec<Arc<ActiveGateway>>,
     matched: HashSet<Arc<str>>,
 }
 
@@ -271,7 +373,7 @@ impl RuleIndex {
         self.unanchored.remove(name);
     }
 
-    fn candidates(&self, pod: &PodInfo, namespace: &NamespaceLabels<'_>) -> SmallVec<[Arc<str>; 4]> {
+    fn candidates(&self, pod: &PodState, namespace: &NamespaceLabels<'_>) -> SmallVec<[Arc<str>; 4]> {
         let mut out: SmallVec<[Arc<str>; 4]> = self.unanchored.iter().cloned().collect();
         fn lookup<'m>(map: &'m LabelIndex, k: &str, v: &str) -> impl Iterator<Item = Arc<str>> + 'm {
             map.get(k)
@@ -324,13 +426,15 @@ impl LabelSource for NamespaceLabels<'_> {
 pub struct Planner {
     nodes: BTreeMap<Arc<str>, NodeInfo>,
     namespaces: HashMap<String, Labels>,
-    pods: HashMap<Arc<str>, PodState>,
-    pods_by_node: HashMap<String, HashSet<Arc<str>>>,
-    pods_by_namespace: HashMap<String, HashSet<Arc<str>>>,
+    pods: HashMap<Arc<str>, Box<PodState>>,
+    pods_by_node: HashMap<Arc<str>, HashSet<Arc<str>>>,
+    pods_by_namespace: HashMap<Arc<str>, HashSet<Arc<str>>>,
+    strings: Interner,
     policies: BTreeMap<Arc<str>, PolicyState>,
     index: RuleIndex,
-    claims: HashMap<EntryKey, SmallVec<[Claim; 1]>>,
-    resolved: HashMap<EntryKey, Resolved>,
+    /// Every (source, destination) some policy claims: the claims and how they resolve.
+    // NB: boxed values keep the tables' empty buckets small (a table is up to half empty).
+    keys: HashMap<EntryKey, Box<KeyState>>,
     /// (loser, winner) -> number of keys the loser claims and the winner holds.
     conflicts: HashMap<(Arc<str>, Arc<str>), u64>,
     /// The (loser, winner) pairs of every contested key, as last resolved.
@@ -481,10 +585,12 @@ impl Planner {
     pub fn upsert_pod(&mut self, pod: PodInfo) -> PlanDelta {
         let mut delta = PlanDelta::default();
         let mut dirty = DirtyKeys::new();
-        if let Some(old) = self.pods.get(pod.uid.as_str()) {
-            if old.info == pod {
-                return delta;
-            }
+        if self
+            .pods
+            .get(pod.uid.as_str())
+            .is_some_and(|old| old.plans_like(&pod))
+        {
+            return delta;
         }
         let uid = self
             .take_pod(&pod.uid, &mut dirty, &mut delta)
@@ -541,11 +647,11 @@ impl Planner {
         if let Ok(c) = &config {
             self.index.insert(&name, c);
             for (uid, pod) in &mut self.pods {
-                if Self::pod_matches(&self.nodes, &self.namespaces, c, &pod.info) {
+                if Self::pod_matches(&self.nodes, &self.namespaces, c, pod) {
                     matched.insert(uid.clone());
                     pod.matched.push(name.clone());
-                    for (key, excluded) in keys_of(c, &pod.info) {
-                        self.claims.entry(key).or_default().push(Claim {
+                    for (key, excluded) in keys_of(c, &pod.ips) {
+                        self.keys.entry(key).or_default().claims.push(Claim {
                             policy: name.clone(),
                             pod: uid.clone(),
                             excluded,
@@ -586,29 +692,25 @@ impl Planner {
     fn take_pod(&mut self, uid: &str, dirty: &mut DirtyKeys, delta: &mut PlanDelta) -> Option<Arc<str>> {
         let state = self.pods.remove(uid)?;
         self.unclaim_pod(&state, dirty, delta);
-        if let Some(node) = &state.info.node_name {
+        if let Some(node) = &state.node {
             remove_from_index(&mut self.pods_by_node, node, uid);
         }
-        remove_from_index(&mut self.pods_by_namespace, &state.info.namespace, uid);
+        remove_from_index(&mut self.pods_by_namespace, &state.namespace, uid);
         Some(state.uid)
     }
 
     fn insert_pod(&mut self, uid: Arc<str>, info: PodInfo, dirty: &mut DirtyKeys, delta: &mut PlanDelta) {
-        if let Some(node) = &info.node_name {
+        let mut state = Box::new(PodState::new(uid.clone(), &info, &mut self.strings));
+        if let Some(node) = &state.node {
             self.pods_by_node
                 .entry(node.clone())
                 .or_default()
                 .insert(uid.clone());
         }
         self.pods_by_namespace
-            .entry(info.namespace.clone())
+            .entry(state.namespace.clone())
             .or_default()
             .insert(uid.clone());
-        let mut state = PodState {
-            info,
-            uid: uid.clone(),
-            matched: SmallVec::new(),
-        };
         self.claim_pod(&mut state, dirty, delta);
         self.pods.insert(uid, state);
     }
@@ -632,33 +734,33 @@ impl Planner {
             p.matched.remove(&state.uid);
             delta.policies.insert(policy.clone());
             let Ok(config) = &p.config else { continue };
-            for (key, excluded) in keys_of(config, &state.info) {
-                unclaim(&mut self.claims, key, policy, &state.uid, excluded);
+            for (key, excluded) in keys_of(config, &state.ips) {
+                unclaim(&mut self.keys, key, policy, &state.uid, excluded);
                 dirty.insert(key);
             }
         }
     }
 
     fn claim_pod(&mut self, state: &mut PodState, dirty: &mut DirtyKeys, delta: &mut PlanDelta) {
-        if !state.info.is_source() {
+        if !state.source {
             return;
         }
         let namespace = NamespaceLabels {
-            name: &state.info.namespace,
-            labels: self.namespaces.get(&state.info.namespace),
+            name: &state.namespace,
+            labels: self.namespaces.get(&*state.namespace),
         };
-        for name in self.index.candidates(&state.info, &namespace) {
+        for name in self.index.candidates(state, &namespace) {
             let Some(p) = self.policies.get_mut(&name) else {
                 continue;
             };
             let Ok(config) = &p.config else { continue };
-            if !Self::pod_matches(&self.nodes, &self.namespaces, config, &state.info) {
+            if !Self::pod_matches(&self.nodes, &self.namespaces, config, state) {
                 continue;
             }
             p.matched.insert(state.uid.clone());
             delta.policies.insert(name.clone());
-            for (key, excluded) in keys_of(config, &state.info) {
-                self.claims.entry(key).or_default().push(Claim {
+            for (key, excluded) in keys_of(config, &state.ips) {
+                self.keys.entry(key).or_default().claims.push(Claim {
                     policy: name.clone(),
                     pod: state.uid.clone(),
                     excluded,
@@ -681,8 +783,8 @@ impl Planner {
                 continue;
             };
             pod.matched.retain(|p| &**p != name);
-            for (key, excluded) in keys_of(config, &pod.info) {
-                unclaim(&mut self.claims, key, name, uid, excluded);
+            for (key, excluded) in keys_of(config, &pod.ips) {
+                unclaim(&mut self.keys, key, name, uid, excluded);
                 dirty.insert(key);
             }
         }
@@ -700,21 +802,21 @@ impl Planner {
         nodes: &BTreeMap<Arc<str>, NodeInfo>,
         namespaces: &HashMap<String, Labels>,
         config: &PolicyConfig,
-        pod: &PodInfo,
+        pod: &PodState,
     ) -> bool {
-        if !pod.is_source() {
+        if !pod.source {
             return false;
         }
-        let Some(node) = pod.node_name.as_deref().and_then(|n| nodes.get(n)) else {
+        let Some(node) = pod.node.as_deref().and_then(|n| nodes.get(n)) else {
             return false;
         };
         let pod_labels = PodLabels {
-            labels: &pod.labels,
+            labels: &*pod.labels,
             namespace: &pod.namespace,
         };
         let ns_labels = NamespaceLabels {
             name: &pod.namespace,
-            labels: namespaces.get(&pod.namespace),
+            labels: namespaces.get(&*pod.namespace),
         };
         config.rules.iter().any(|rule| {
             rule.pods.as_ref().is_none_or(|s| s.matches(&pod_labels))
@@ -738,7 +840,7 @@ impl Planner {
         let Ok(config) = &p.config else { return };
         for uid in &p.matched {
             if let Some(pod) = self.pods.get(uid) {
-                dirty.extend(keys_of(config, &pod.info).map(|(k, _)| k));
+                dirty.extend(keys_of(config, &pod.ips).map(|(k, _)| k));
             }
         }
     }
@@ -753,7 +855,7 @@ impl Planner {
         policy: &str,
         config: &PolicyConfig,
         retained: &[GatewaySlot],
-    ) -> Vec<ActiveGateway> {
+    ) -> Vec<Arc<ActiveGateway>> {
         let mut active = Vec::new();
         for (i, gateway) in config.gateways.iter().enumerate() {
             let mut candidates: Vec<ActiveGateway> = self
@@ -809,7 +911,7 @@ impl Planner {
                 filled
                     .into_iter()
                     .enumerate()
-                    .filter_map(|(slot, g)| g.map(|g| ActiveGateway { slot, ..g })),
+                    .filter_map(|(slot, g)| g.map(|g| Arc::new(ActiveGateway { slot, ..g }))),
             );
         }
         active
@@ -825,7 +927,8 @@ impl Planner {
     }
 
     fn resolve_key(&mut self, key: EntryKey, delta: &mut PlanDelta) {
-        let claims = self.claims.get(&key);
+        let state = self.keys.get(&key);
+        let claims = state.map(|s| &s.claims);
         let winner = claims.and_then(|claims| {
             claims.iter().min_by(|a, b| {
                 let rank = |c: &Claim| self.policies.get(&c.policy).map(|p| &p.rank);
@@ -835,7 +938,7 @@ impl Planner {
                     .then_with(|| a.pod.cmp(&b.pod))
             })
         });
-        let new = winner.and_then(|w| self.resolve_claim(key, w));
+        let new = winner.and_then(|w| self.resolve_claim(w));
         let new_losses: Losses = match (claims, winner) {
             (Some(claims), Some(w)) => {
                 let mut l: Losses = claims
@@ -849,7 +952,7 @@ impl Planner {
             }
             _ => Losses::new(),
         };
-        let old = self.resolved.get(&key);
+        let old = state.and_then(|s| s.resolved.as_ref());
         if old != new.as_ref() {
             let before = old.map(|r| r.placements(key)).unwrap_or_default();
             let after = new.as_ref().map(|r| r.placements(key)).unwrap_or_default();
@@ -865,16 +968,12 @@ impl Planner {
             }
         }
         self.update_conflicts(key, new_losses, delta);
-        match new {
-            Some(r) => {
-                self.resolved.insert(key, r);
+        match (new, self.keys.get_mut(&key)) {
+            (None, Some(state)) if state.claims.is_empty() => {
+                self.keys.remove(&key);
             }
-            None => {
-                self.resolved.remove(&key);
-            }
-        }
-        if self.claims.get(&key).is_some_and(|c| c.is_empty()) {
-            self.claims.remove(&key);
+            (new, Some(state)) => state.resolved = new,
+            (new, None) => debug_assert!(new.is_none(), "a resolution without claims"),
         }
     }
 
@@ -904,50 +1003,30 @@ impl Planner {
         }
     }
 
-    fn resolve_claim(&self, key: EntryKey, claim: &Claim) -> Option<Resolved> {
+    fn resolve_claim(&self, claim: &Claim) -> Option<Resolved> {
         let pod = self.pods.get(&claim.pod)?;
-        let source_node: Arc<str> = self
-            .nodes
-            .get_key_value(pod.info.node_name.as_deref()?)?
-            .0
-            .clone();
-        if claim.excluded {
-            return Some(Resolved {
-                policy: claim.policy.clone(),
-                source_node,
-                target: GatewayTarget::Excluded,
-                gateway_node: None,
-                egress_ip: None,
-                interface: None,
-            });
-        }
-        let policy = self.policies.get(&claim.policy)?;
-        let config = policy.config.as_ref().ok()?;
-        Some(match assign(&policy.active, &claim.pod) {
-            Some(g) => Resolved {
-                policy: claim.policy.clone(),
-                source_node,
-                target: GatewayTarget::Node(g.ip),
-                gateway_node: Some(g.node.clone()),
-                egress_ip: g.egress_for(key.source),
-                interface: g.interface.clone(),
-            },
-            None => Resolved {
-                policy: claim.policy.clone(),
-                source_node,
-                target: match config.failure {
-                    FailurePolicy::Drop => GatewayTarget::None,
-                    FailurePolicy::Fallback => GatewayTarget::Fallback,
+        let source_node = self.nodes.get_key_value(pod.node.as_deref()?)?.0.clone();
+        let target = if claim.excluded {
+            Target::Excluded
+        } else {
+            let policy = self.policies.get(&claim.policy)?;
+            match assign(&policy.active, &claim.pod) {
+                Some(g) => Target::Gateway(g.clone()),
+                None => match policy.config.as_ref().ok()?.failure {
+                    FailurePolicy::Drop => Target::None,
+                    FailurePolicy::Fallback => Target::Fallback,
                 },
-                gateway_node: None,
-                egress_ip: None,
-                interface: None,
-            },
+            }
+        };
+        Some(Resolved {
+            policy: claim.policy.clone(),
+            source_node,
+            target,
         })
     }
 }
 
-fn remove_from_index(index: &mut HashMap<String, HashSet<Arc<str>>>, key: &str, uid: &str) {
+fn remove_from_index(index: &mut HashMap<Arc<str>, HashSet<Arc<str>>>, key: &str, uid: &str) {
     if let Some(set) = index.get_mut(key) {
         set.remove(uid);
         if set.is_empty() {
@@ -957,25 +1036,26 @@ fn remove_from_index(index: &mut HashMap<String, HashSet<Arc<str>>>, key: &str, 
 }
 
 fn unclaim(
-    claims: &mut HashMap<EntryKey, SmallVec<[Claim; 1]>>,
+    keys: &mut HashMap<EntryKey, Box<KeyState>>,
     key: EntryKey,
     policy: &str,
     pod: &str,
     excluded: bool,
 ) {
-    if let Some(list) = claims.get_mut(&key) {
-        if let Some(i) = list
+    if let Some(state) = keys.get_mut(&key) {
+        let claims = &mut state.claims;
+        if let Some(i) = claims
             .iter()
             .position(|c| &*c.policy == policy && &*c.pod == pod && c.excluded == excluded)
         {
-            list.swap_remove(i);
+            claims.swap_remove(i);
         }
     }
 }
 
 /// The (source, destination) keys a policy produces for a pod, with whether each is excluded.
-fn keys_of<'a>(config: &'a PolicyConfig, pod: &'a PodInfo) -> impl Iterator<Item = (EntryKey, bool)> + 'a {
-    pod.ips.iter().flat_map(move |&source| {
+fn keys_of<'a>(config: &'a PolicyConfig, ips: &'a [IpAddr]) -> impl Iterator<Item = (EntryKey, bool)> + 'a {
+    ips.iter().flat_map(move |&source| {
         let same_family = move |net: &&IpNet| net.addr().is_ipv4() == source.is_ipv4();
         let dst = config.destinations.iter().filter(same_family).map(move |&d| {
             (
@@ -1013,19 +1093,19 @@ fn rendezvous(parts: &[&[u8]]) -> u64 {
 /// The gateway a pod's traffic leaves by: the occupied (entry, slot) with the highest hash of
 /// (pod, entry, slot). An emptied slot moves only its own pods; a node that fills a slot takes
 /// exactly that slot's pods.
-fn assign<'a>(active: &'a [ActiveGateway], pod_uid: &str) -> Option<&'a ActiveGateway> {
+fn assign<'a>(active: &'a [Arc<ActiveGateway>], pod_uid: &str) -> Option<&'a Arc<ActiveGateway>> {
     active.iter().max_by_key(|g| {
         let score = rendezvous(&[pod_uid.as_bytes(), &g.entry.to_le_bytes(), &g.slot.to_le_bytes()]);
         (score, std::cmp::Reverse((g.entry, g.slot)))
     })
 }
 
+/// IPv4 egress address, IPv6 egress address, interface.
+type Egress = (Option<IpAddr>, Option<IpAddr>, Option<Arc<str>>);
+
 /// The egress addresses and interface a node offers for a gateway entry, or `None` when the node
 /// is known not to have what the entry names.
-fn resolve_egress(
-    node: &NodeInfo,
-    source: &EgressSource,
-) -> Option<(Option<IpAddr>, Option<IpAddr>, Option<Arc<str>>)> {
+fn resolve_egress(node: &NodeInfo, source: &EgressSource) -> Option<Egress> {
     let first = |addrs: &[IpAddr], v4: bool| addrs.iter().copied().find(|a| a.is_ipv4() == v4);
     let Some(interfaces) = &node.interfaces else {
         return Some(match source {
@@ -1093,6 +1173,12 @@ pub struct GatewayDuty {
 }
 
 impl Planner {
+    fn resolved(&self) -> impl Iterator<Item = (&EntryKey, &Resolved)> {
+        self.keys
+            .iter()
+            .filter_map(|(k, s)| Some((k, s.resolved.as_ref()?)))
+    }
+
     /// Known node names, in order.
     pub fn node_names(&self) -> impl Iterator<Item = &Arc<str>> {
         self.nodes.keys()
@@ -1125,7 +1211,7 @@ impl Planner {
     pub fn node_plans(&self) -> BTreeMap<Arc<str>, BTreeMap<EntryKey, EgressEntry>> {
         let mut plans: BTreeMap<Arc<str>, BTreeMap<EntryKey, EgressEntry>> =
             self.nodes.keys().map(|n| (n.clone(), BTreeMap::new())).collect();
-        for (key, resolved) in &self.resolved {
+        for (key, resolved) in self.resolved() {
             for (node, entry) in resolved.placements(*key) {
                 plans.entry(node).or_default().insert(*key, entry);
             }
@@ -1135,8 +1221,7 @@ impl Planner {
 
     /// One node's entries.
     pub fn node_plan(&self, node: &str) -> BTreeMap<EntryKey, EgressEntry> {
-        self.resolved
-            .iter()
+        self.resolved()
             .flat_map(|(key, r)| r.placements(*key))
             .filter(|(n, _)| &**n == node)
             .map(|(_, e)| (e.key, e))
@@ -1160,10 +1245,9 @@ impl Planner {
 
     /// How many entries all nodes hold together.
     pub fn entry_count(&self) -> usize {
-        self.resolved
-            .values()
-            .map(|r| {
-                if r.gateway_node.as_ref().is_some_and(|g| *g != r.source_node) {
+        self.resolved()
+            .map(|(_, r)| {
+                if r.gateway_node().is_some_and(|g| *g != r.source_node) {
                     2
                 } else {
                     1
@@ -1185,7 +1269,7 @@ impl Planner {
             name: name.to_owned(),
             generation: p.input.generation,
             accepted: p.config.as_ref().map(|_| ()).map_err(Clone::clone),
-            gateways: p.active.clone(),
+            gateways: p.active.iter().map(|g| (**g).clone()).collect(),
             matched_endpoints: p.matched.len(),
             conflicts,
             gateway_diagnosis: match (&p.config, p.active.is_empty()) {

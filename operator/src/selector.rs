@@ -23,12 +23,12 @@ impl LabelSource for Labels {
 }
 
 /// A pod's labels plus the synthetic namespace label.
-pub struct PodLabels<'a> {
-    pub labels: &'a Labels,
+pub struct PodLabels<'a, L: LabelSource + ?Sized = Labels> {
+    pub labels: &'a L,
     pub namespace: &'a str,
 }
 
-impl LabelSource for PodLabels<'_> {
+impl<L: LabelSource + ?Sized> LabelSource for PodLabels<'_, L> {
     fn label(&self, key: &str) -> Option<&str> {
         if key == POD_NAMESPACE_LABEL {
             return Some(self.namespace);

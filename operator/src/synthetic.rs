@@ -42,7 +42,7 @@ pub fn node(i: usize) -> NodeInfo {
         ("kubernetes.io/hostname", format!("node-{i}")),
         ("topology.kubernetes.io/zone", format!("zone-{}", i % 3)),
     ]);
-    if i % GATEWAY_EVERY == 0 {
+    if i.is_multiple_of(GATEWAY_EVERY) {
         l.insert(
             "egress-pool".into(),
             format!("pool-{}", (i / GATEWAY_EVERY) % POOLS),

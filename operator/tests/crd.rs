@@ -95,7 +95,8 @@ fn cel_rules_accept_a_valid_policy() {
 
 #[test]
 fn cel_rules_reject_what_admission_must_reject() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, &str)> = vec![
+    type Mutation = Box<dyn Fn(&mut Value)>;
+    let cases: Vec<(&str, Mutation, &str)> = vec![
         (
             "bad destination",
             Box::new(|s| s["destinationCIDRs"] = json!(["203.0.113.0/33"])),

@@ -1,0 +1,381 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Sluice eBPF datapath (TC programs). See docs/datapath.md for the packet path.
+ *
+ *   sluice_from_pod     TC ingress, host side of pod interfaces (veth*, cali*, lxc*, ...)
+ *   sluice_from_tunnel  TC ingress, Sluice's collect_md VXLAN device (sluice-vx0)
+ *   sluice_to_tunnel    TC egress,  Sluice's collect_md VXLAN device (sluice-vx0)
+ *
+ * Built by node-shim/build.rs: clang -O2 -g -target bpf -D__TARGET_ARCH_x86.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/if_packet.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <linux/socket.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "sluice.h"
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+
+/*
+ * Verdict for "not ours / carry on": TC_ACT_UNSPEC is TCX_NEXT, so programs attached after ours
+ * on the same hook (a CNI's) still run; with none left the packet passes. TC_ACT_OK would be
+ * TCX_PASS and cut that chain short.
+ */
+#define SLUICE_PASS TC_ACT_UNSPEC
+
+/* Maps are pinned by name under the shim's bpffs directory, so a restarted shim adopts them. */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct sluice_policy_key_v4);
+	__type(value, struct sluice_policy_value_v4);
+	__uint(max_entries, 65536); /* overridden at load time (--policy-map-max) */
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sluice_policy_v4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct sluice_cidr_key_v4);
+	__type(value, __u32);
+	__uint(max_entries, 1024);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sluice_cluster_v4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct sluice_config);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sluice_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct sluice_counter);
+	__uint(max_entries, SLUICE_CTR_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sluice_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__type(key, __u32);
+	__type(value, struct sluice_counter);
+	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sluice_policy_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, __be32);
+	__type(value, struct sluice_reply_v4);
+	__uint(max_entries, 65536);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sluice_reply_v4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct sluice_policy_name);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sluice_policy_names SEC(".maps");
+
+static __always_inline void count(__u32 idx, __u32 len)
+{
+	struct sluice_counter *c = bpf_map_lookup_elem(&sluice_counters, &idx);
+
+	if (c) {
+		c->packets++;
+		c->bytes += len;
+	}
+}
+
+static __always_inline void count_policy(__u32 policy_id, __u32 len)
+{
+	struct sluice_counter *c = bpf_map_lookup_elem(&sluice_policy_stats, &policy_id);
+
+	if (!c) {
+		struct sluice_counter zero = {};
+
+		bpf_map_update_elem(&sluice_policy_stats, &policy_id, &zero, BPF_NOEXIST);
+		c = bpf_map_lookup_elem(&sluice_policy_stats, &policy_id);
+		if (!c)
+			return;
+	}
+	c->packets++;
+	c->bytes += len;
+}
+
+/* Makes the Ethernet + IPv4 headers readable; returns the IPv4 header or NULL. */
+static __always_inline struct iphdr *ipv4_header(struct __sk_buff *skb)
+{
+	const __u32 need = sizeof(struct ethhdr) + sizeof(struct iphdr);
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+
+	if (data + need > data_end) {
+		if (skb->len < need || bpf_skb_pull_data(skb, need) < 0)
+			return NULL;
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		if (data + need > data_end)
+			return NULL;
+	}
+	struct ethhdr *eth = data;
+
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return NULL;
+	return (struct iphdr *)(eth + 1);
+}
+
+static __always_inline int in_cluster(__be32 daddr)
+{
+	struct sluice_cidr_key_v4 key = { .prefixlen = 32, .addr = daddr };
+
+	return bpf_map_lookup_elem(&sluice_cluster_v4, &key) != NULL;
+}
+
+static __always_inline struct sluice_policy_value_v4 *policy_lookup(__be32 saddr, __be32 daddr)
+{
+	struct sluice_policy_key_v4 key = { .prefixlen = 64, .saddr = saddr, .daddr = daddr };
+
+	return bpf_map_lookup_elem(&sluice_policy_v4, &key);
+}
+
+static __always_inline struct sluice_config *config(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&sluice_config, &zero);
+}
+
+static __always_inline int set_tunnel_dst(struct __sk_buff *skb, struct sluice_config *cfg,
+					  __be32 remote)
+{
+	struct bpf_tunnel_key tk = {};
+
+	tk.remote_ipv4 = bpf_ntohl(remote);
+	tk.tunnel_id = cfg->vni;
+	tk.tunnel_ttl = cfg->tunnel_ttl ? cfg->tunnel_ttl : 64;
+	/*
+	 * The outer packet is routed with the inner packet's mark: clear it, or a reply marked for
+	 * the reply rule would be routed back into the tunnel device itself.
+	 */
+	skb->mark = 0;
+	return bpf_skb_set_tunnel_key(skb, &tk, sizeof(tk), BPF_F_ZERO_CSUM_TX);
+}
+
+SEC("classifier")
+int sluice_from_pod(struct __sk_buff *skb)
+{
+	struct iphdr *ip = ipv4_header(skb);
+
+	if (!ip)
+		return SLUICE_PASS;
+	__be32 saddr = ip->saddr;
+	__be32 daddr = ip->daddr;
+
+	if (in_cluster(daddr)) {
+		count(SLUICE_CTR_IN_CLUSTER, skb->len);
+		return SLUICE_PASS;
+	}
+	struct sluice_policy_value_v4 *v = policy_lookup(saddr, daddr);
+
+	if (!v)
+		return SLUICE_PASS;
+
+	switch (v->kind) {
+	case SLUICE_KIND_EXCLUDED:
+		count(SLUICE_CTR_EXCLUDED, skb->len);
+		return SLUICE_PASS;
+	case SLUICE_KIND_FALLBACK:
+		count(SLUICE_CTR_FALLBACK, skb->len);
+		count_policy(v->policy_id, skb->len);
+		return SLUICE_PASS;
+	case SLUICE_KIND_NONE:
+		count(SLUICE_CTR_DROP_NO_GATEWAY, skb->len);
+		count_policy(v->policy_id, skb->len);
+		return TC_ACT_SHOT;
+	case SLUICE_KIND_GATEWAY:
+		break;
+	default:
+		count(SLUICE_CTR_ERROR, skb->len);
+		return TC_ACT_SHOT;
+	}
+	count_policy(v->policy_id, skb->len);
+
+	if (v->flags & SLUICE_F_LOCAL_GATEWAY) {
+		if (!v->egress_ip) {
+			count(SLUICE_CTR_DROP_NO_EGRESS_IP, skb->len);
+			return TC_ACT_SHOT;
+		}
+		/* Egress here: the kernel routes it; nftables SNATs it by this mark. */
+		skb->mark = SLUICE_MARK_MAGIC | (v->policy_id & SLUICE_MARK_POLICY_MASK);
+		count(SLUICE_CTR_LOCAL_EGRESS, skb->len);
+		return SLUICE_PASS;
+	}
+
+	struct sluice_config *cfg = config();
+
+	/* Fail closed: a steered flow must never leave by the normal path. */
+	if (!cfg || !cfg->tunnel_ifindex || !v->gateway_ip) {
+		count(SLUICE_CTR_ERROR, skb->len);
+		return TC_ACT_SHOT;
+	}
+	if (set_tunnel_dst(skb, cfg, v->gateway_ip) < 0) {
+		count(SLUICE_CTR_ERROR, skb->len);
+		return TC_ACT_SHOT;
+	}
+	count(SLUICE_CTR_STEERED, skb->len);
+	return bpf_redirect(cfg->tunnel_ifindex, 0);
+}
+
+/* Delivers a reply straight to the pod's interface, skipping this node's netfilter (which never
+ * saw the request: it was redirected into the tunnel). Falls back to the stack. */
+static __always_inline int deliver_to_pod(struct __sk_buff *skb)
+{
+	struct iphdr *ip = ipv4_header(skb);
+
+	if (!ip)
+		return SLUICE_PASS;
+	if (ip->ttl <= 1)
+		return SLUICE_PASS; /* let the stack send the ICMP */
+
+	struct bpf_fib_lookup fib = {};
+
+	fib.family = AF_INET;
+	fib.tos = ip->tos;
+	fib.l4_protocol = ip->protocol;
+	fib.tot_len = bpf_ntohs(ip->tot_len);
+	fib.ipv4_src = ip->saddr;
+	fib.ipv4_dst = ip->daddr;
+	fib.ifindex = skb->ingress_ifindex;
+
+	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return SLUICE_PASS;
+
+	/* Decrement the TTL with an incremental checksum update (RFC 1624). */
+	__u32 check = ip->check;
+
+	check += bpf_htons(0x0100);
+	ip->check = (__u16)(check + (check >= 0xFFFF));
+	ip->ttl--;
+
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return bpf_redirect_neigh(fib.ifindex, NULL, 0, 0);
+
+	struct ethhdr *eth = (void *)(long)skb->data;
+
+	if ((void *)(eth + 1) > (void *)(long)skb->data_end)
+		return TC_ACT_SHOT;
+	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+	return bpf_redirect(fib.ifindex, 0);
+}
+
+SEC("classifier")
+int sluice_from_tunnel(struct __sk_buff *skb)
+{
+	struct bpf_tunnel_key tk = {};
+
+	if (bpf_skb_get_tunnel_key(skb, &tk, sizeof(tk), 0) < 0) {
+		count(SLUICE_CTR_ERROR, skb->len);
+		return TC_ACT_SHOT;
+	}
+	struct iphdr *ip = ipv4_header(skb);
+
+	if (!ip) {
+		count(SLUICE_CTR_DROP_UNKNOWN_TUNNEL, skb->len);
+		return TC_ACT_SHOT;
+	}
+	__be32 saddr = ip->saddr;
+	__be32 daddr = ip->daddr;
+	__be32 remote = bpf_htonl(tk.remote_ipv4);
+
+	/* The inner frame still carries the pod-side MAC addresses: accept it as ours. */
+	bpf_skb_change_type(skb, PACKET_HOST);
+
+	/* A request from a pod on another node, to leave through this gateway? */
+	struct sluice_policy_value_v4 *v = policy_lookup(saddr, daddr);
+
+	if (v && v->kind == SLUICE_KIND_GATEWAY && (v->flags & SLUICE_F_LOCAL_GATEWAY)) {
+		if (!v->egress_ip) {
+			count(SLUICE_CTR_DROP_NO_EGRESS_IP, skb->len);
+			return TC_ACT_SHOT;
+		}
+		/* Remember where the pod lives, for the replies (sluice_to_tunnel). */
+		struct sluice_reply_v4 *r = bpf_map_lookup_elem(&sluice_reply_v4, &saddr);
+
+		if (!r || r->node_ip != remote) {
+			struct sluice_reply_v4 nr = { .node_ip = remote };
+
+			bpf_map_update_elem(&sluice_reply_v4, &saddr, &nr, BPF_ANY);
+		}
+		skb->mark = SLUICE_MARK_MAGIC | SLUICE_MARK_TUNNEL |
+			    (v->policy_id & SLUICE_MARK_POLICY_MASK);
+		count(SLUICE_CTR_EGRESSED, skb->len);
+		count_policy(v->policy_id, skb->len);
+		return SLUICE_PASS;
+	}
+
+	/* A reply to a local pod, from the gateway its entry names? */
+	v = policy_lookup(daddr, saddr);
+	if (v && v->kind == SLUICE_KIND_GATEWAY && !(v->flags & SLUICE_F_LOCAL_GATEWAY) &&
+	    v->gateway_ip == remote) {
+		count(SLUICE_CTR_REPLY_DELIVERED, skb->len);
+		return deliver_to_pod(skb);
+	}
+
+	count(SLUICE_CTR_DROP_UNKNOWN_TUNNEL, skb->len);
+	return TC_ACT_SHOT;
+}
+
+SEC("classifier")
+int sluice_to_tunnel(struct __sk_buff *skb)
+{
+	struct bpf_tunnel_key tk = {};
+
+	/*
+	 * Already given a destination by sluice_from_pod: pass. (Transmit metadata reads back
+	 * with the destination in local_ipv4: the helper assumes receive metadata.)
+	 */
+	if (bpf_skb_get_tunnel_key(skb, &tk, sizeof(tk), 0) == 0)
+		return SLUICE_PASS;
+
+	/* Otherwise a reply routed here by the reply rule: send it to the pod's node. */
+	struct iphdr *ip = ipv4_header(skb);
+
+	if (!ip)
+		return TC_ACT_SHOT;
+	__be32 daddr = ip->daddr;
+	struct sluice_reply_v4 *r = bpf_map_lookup_elem(&sluice_reply_v4, &daddr);
+	struct sluice_config *cfg = config();
+
+	if (!r || !cfg) {
+		count(SLUICE_CTR_DROP_NO_REPLY_ROUTE, skb->len);
+		return TC_ACT_SHOT;
+	}
+	if (set_tunnel_dst(skb, cfg, r->node_ip) < 0) {
+		count(SLUICE_CTR_ERROR, skb->len);
+		return TC_ACT_SHOT;
+	}
+	count(SLUICE_CTR_REPLY_ENCAP, skb->len);
+	return SLUICE_PASS;
+}
+
+char _license[] SEC("license") = "GPL";

@@ -1,0 +1,125 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Sluice datapath: definitions shared by the eBPF programs and (by hand) the Rust mirror types in
+ * node-shim/src/maps.rs. Every struct here is a map key or value: all fields are fixed-width,
+ * naturally aligned, with explicit padding, so C and Rust agree byte for byte. A unit test in the
+ * shim (maps::tests) parses the compiled object and checks every key/value size.
+ */
+#ifndef SLUICE_H
+#define SLUICE_H
+
+#include <linux/types.h>
+
+/* --- Policy entry kinds (sluice_policy_value_v4.kind) ------------------------------------ */
+/* Steer to gateway_ip (this node when SLUICE_F_LOCAL_GATEWAY is set). */
+#define SLUICE_KIND_GATEWAY 1
+/* The policy has no usable gateway and failurePolicy Drop: drop. */
+#define SLUICE_KIND_NONE 2
+/* The policy has no usable gateway and failurePolicy Fallback: normal path. */
+#define SLUICE_KIND_FALLBACK 3
+/* Excluded CIDR: normal path. */
+#define SLUICE_KIND_EXCLUDED 4
+
+/* --- Policy entry flags (sluice_policy_value_v4.flags) ---------------------------------- */
+/* The gateway is this node: egress here (mark for SNAT) instead of tunnelling. */
+#define SLUICE_F_LOCAL_GATEWAY (1u << 0)
+
+/* --- Packet marks ------------------------------------------------------------------------ */
+/*
+ * skb->mark layout: bits 31..20 magic 0x5c1, bit 19 "arrived through the Sluice tunnel" (its
+ * replies go back into the tunnel), bit 18 "reply to restore" (set by nftables from the ct
+ * mark, steers the reply into the tunnel by policy routing), bits 15..0 the policy id.
+ */
+#define SLUICE_MARK_MAGIC 0x5c100000u
+#define SLUICE_MARK_MAGIC_MASK 0xfff00000u
+#define SLUICE_MARK_TUNNEL 0x00080000u
+#define SLUICE_MARK_REPLY 0x00040000u
+#define SLUICE_MARK_POLICY_MASK 0x0000ffffu
+
+/* --- Counters (index into sluice_counters) ----------------------------------------------- */
+enum sluice_counter_index {
+	/* Source node: encapsulated to a remote gateway. */
+	SLUICE_CTR_STEERED = 0,
+	/* Source node: the gateway is this node, marked for SNAT. */
+	SLUICE_CTR_LOCAL_EGRESS = 1,
+	/* Gateway: decapsulated and marked for SNAT. */
+	SLUICE_CTR_EGRESSED = 2,
+	/* Excluded CIDR: normal path. */
+	SLUICE_CTR_EXCLUDED = 3,
+	/* No gateway, failurePolicy Fallback: normal path. */
+	SLUICE_CTR_FALLBACK = 4,
+	/* No gateway, failurePolicy Drop: dropped. */
+	SLUICE_CTR_DROP_NO_GATEWAY = 5,
+	/* Gateway entry without an egress IP: dropped. */
+	SLUICE_CTR_DROP_NO_EGRESS_IP = 6,
+	/* Gateway: reply encapsulated back to the pod's node. */
+	SLUICE_CTR_REPLY_ENCAP = 7,
+	/* Source node: reply from the tunnel delivered to the pod. */
+	SLUICE_CTR_REPLY_DELIVERED = 8,
+	/* Destination in a cluster CIDR: never steered. */
+	SLUICE_CTR_IN_CLUSTER = 9,
+	/* Tunnel traffic that no entry accounts for: dropped. */
+	SLUICE_CTR_DROP_UNKNOWN_TUNNEL = 10,
+	/* Gateway: a reply whose pod's node is unknown: dropped. */
+	SLUICE_CTR_DROP_NO_REPLY_ROUTE = 11,
+	/* Helper failures and missing configuration. */
+	SLUICE_CTR_ERROR = 12,
+	SLUICE_CTR_MAX = 16,
+};
+
+/* --- Map layouts ------------------------------------------------------------------------- */
+
+/*
+ * Key of sluice_policy_v4 (LPM trie): prefixlen = 32 + destination prefix bits, so the source
+ * is always matched exactly and the destination by longest prefix. Lookups use 64.
+ * IPv6 gets its own map (sluice_policy_v6, key {u32 prefixlen; u8 saddr[16]; u8 daddr[16]}).
+ */
+struct sluice_policy_key_v4 {
+	__u32 prefixlen;
+	__be32 saddr;
+	__be32 daddr;
+};
+
+/* Value of sluice_policy_v4. Addresses in network byte order; 0 = unset. */
+struct sluice_policy_value_v4 {
+	__u32 kind;           /* SLUICE_KIND_* */
+	__u32 flags;          /* SLUICE_F_* */
+	__be32 gateway_ip;    /* underlay IP of the gateway node (kind GATEWAY) */
+	__be32 egress_ip;     /* address to SNAT to (gateway node's own entries) */
+	__u32 egress_ifindex; /* interface to leave by (informational; routing decides) */
+	__u32 policy_id;      /* 1..=65535, allocated by the shim */
+};
+
+/* Key of sluice_cluster_v4 (LPM trie): in-cluster destinations, never steered. */
+struct sluice_cidr_key_v4 {
+	__u32 prefixlen;
+	__be32 addr;
+};
+
+/* The single entry of sluice_config (array). */
+struct sluice_config {
+	__u32 tunnel_ifindex; /* Sluice's collect_md VXLAN device; 0 = not ready */
+	__u32 vni;            /* VXLAN network identifier */
+	__u32 tunnel_ttl;     /* outer TTL; 0 = 64 */
+	__u32 _pad;
+};
+
+/* Value of sluice_counters (per-CPU array) and sluice_policy_stats (per-CPU hash). */
+struct sluice_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* Value of sluice_reply_v4 (LRU hash keyed by pod IP): where the pod lives. */
+struct sluice_reply_v4 {
+	__be32 node_ip; /* underlay IP of the pod's node (outer source of its tunnelled packets) */
+	__u32 _pad;
+};
+
+/* Value of sluice_policy_names (hash keyed by policy id): for `sluice-shim bpf list`. */
+#define SLUICE_POLICY_NAME_LEN 256
+struct sluice_policy_name {
+	char name[SLUICE_POLICY_NAME_LEN];
+};
+
+#endif /* SLUICE_H */

@@ -1,0 +1,158 @@
+//! `sluice-shim bpf list` and `sluice-shim bpf counters`: the live maps, as tables.
+
+use std::{collections::BTreeMap, fmt::Write, path::Path};
+
+use crate::{
+    datapath::Maps,
+    error::Result,
+    maps::{self, Counter, PolicyKeyV4, PolicyValueV4},
+};
+
+/// The live policy entries, like `cilium bpf egress list`.
+pub fn list(dir: &Path) -> Result<String> {
+    let maps = Maps::open_pinned(dir)?;
+    Ok(render_list(&maps.policy_entries()?, &maps.policy_names()?))
+}
+
+/// The live counters, by outcome and by policy.
+pub fn counters(dir: &Path) -> Result<String> {
+    let maps = Maps::open_pinned(dir)?;
+    Ok(render_counters(
+        &maps.outcome_counters()?,
+        &maps.policy_counters()?,
+        &maps.policy_names()?,
+    ))
+}
+
+fn gateway(v: &PolicyValueV4) -> String {
+    match v.kind {
+        maps::KIND_GATEWAY if v.flags & maps::F_LOCAL_GATEWAY != 0 => {
+            format!("{} (this node)", maps::from_be(v.gateway_ip))
+        }
+        maps::KIND_GATEWAY => maps::from_be(v.gateway_ip).to_string(),
+        maps::KIND_NONE => "none".into(),
+        maps::KIND_FALLBACK => "fallback".into(),
+        maps::KIND_EXCLUDED => "excluded".into(),
+        other => format!("kind {other}?"),
+    }
+}
+
+fn policy_name(names: &BTreeMap<u32, String>, id: u32) -> String {
+    names.get(&id).cloned().unwrap_or_else(|| format!("#{id}"))
+}
+
+/// Renders entries as a table.
+pub fn render_list(entries: &[(PolicyKeyV4, PolicyValueV4)], names: &BTreeMap<u32, String>) -> String {
+    let mut rows = vec![[
+        "Source IP".to_owned(),
+        "Destination CIDR".into(),
+        "Gateway".into(),
+        "Egress IP".into(),
+        "Policy".into(),
+    ]];
+    for (k, v) in entries {
+        let egress = if v.egress_ip == 0 {
+            "-".to_owned()
+        } else {
+            maps::from_be(v.egress_ip).to_string()
+        };
+        rows.push([
+            k.source().to_string(),
+            k.destination().to_string(),
+            gateway(v),
+            egress,
+            policy_name(names, v.policy_id),
+        ]);
+    }
+    table(&rows)
+}
+
+/// Renders counters as two tables.
+pub fn render_counters(
+    outcomes: &[(u32, &'static str, Counter)],
+    policies: &[(u32, Counter)],
+    names: &BTreeMap<u32, String>,
+) -> String {
+    let mut rows = vec![["Outcome".to_owned(), "Packets".into(), "Bytes".into()]];
+    for (_, name, c) in outcomes {
+        rows.push([(*name).to_owned(), c.packets.to_string(), c.bytes.to_string()]);
+    }
+    let mut out = table(&rows);
+    out.push('\n');
+    let mut rows = vec![["Policy".to_owned(), "ID".into(), "Packets".into(), "Bytes".into()]];
+    for (id, c) in policies {
+        rows.push([
+            policy_name(names, *id),
+            id.to_string(),
+            c.packets.to_string(),
+            c.bytes.to_string(),
+        ]);
+    }
+    out.push_str(&table(&rows));
+    out
+}
+
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, (w, cell)) in widths.iter().zip(row).enumerate() {
+            if i + 1 == N {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}   ");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_looks_like_cilium_bpf_egress_list() {
+        let key = PolicyKeyV4::new("10.244.1.10".parse().unwrap(), "203.0.113.0/24".parse().unwrap());
+        let value = PolicyValueV4 {
+            kind: maps::KIND_GATEWAY,
+            gateway_ip: maps::be("192.0.2.11".parse().unwrap()),
+            policy_id: 1,
+            ..Default::default()
+        };
+        let excluded = PolicyValueV4 {
+            kind: maps::KIND_EXCLUDED,
+            policy_id: 1,
+            ..Default::default()
+        };
+        let key2 = PolicyKeyV4::new(
+            "10.244.1.10".parse().unwrap(),
+            "203.0.113.128/25".parse().unwrap(),
+        );
+        let out = render_list(
+            &[(key, value), (key2, excluded)],
+            &BTreeMap::from([(1, "egress-a".to_owned())]),
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(
+            lines[0],
+            "Source IP     Destination CIDR   Gateway      Egress IP   Policy"
+        );
+        assert_eq!(
+            lines[1],
+            "10.244.1.10   203.0.113.0/24     192.0.2.11   -           egress-a"
+        );
+        assert_eq!(
+            lines[2],
+            "10.244.1.10   203.0.113.128/25   excluded     -           egress-a"
+        );
+    }
+}

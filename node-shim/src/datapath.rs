@@ -1,0 +1,486 @@
+//! Loading the eBPF object, pinning its maps and links in bpffs, and attaching its programs.
+//!
+//! Pin layout under the bpffs directory (default `/sys/fs/bpf/sluice`):
+//! - `<map name>`: every map (libbpf "pin by name"); a restarted shim adopts them as they are;
+//! - `progs/<program>`: the programs of the running shim (for inspection);
+//! - `links/<program>-<ifindex>`: one TCX link per attached interface. A restarted shim updates
+//!   each pinned link to its freshly loaded program in one `bpf_link_update`, so there is never a
+//!   moment without a program, and while the shim is down the old program keeps running.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, IterableMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+    },
+};
+
+use crate::{
+    error::{Error, Result, is_permission_error},
+    maps::{self, Config, Counter, PolicyAddrsV4, PolicyName, PolicyValueV4, ReplyV4},
+};
+
+/// The compiled datapath (`ebpf/sluice.bpf.c`, built by `build.rs`).
+pub const OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice.bpf.o"));
+
+/// TC ingress on the host side of pod interfaces.
+pub const PROG_FROM_POD: &str = "sluice_from_pod";
+/// TC ingress on the tunnel device.
+pub const PROG_FROM_TUNNEL: &str = "sluice_from_tunnel";
+/// TC egress on the tunnel device.
+pub const PROG_TO_TUNNEL: &str = "sluice_to_tunnel";
+
+/// Default bpffs directory.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/sluice";
+
+/// Oldest kernel supported: TCX links (6.6).
+const MIN_KERNEL: (u32, u32) = (6, 6);
+const MIN_KERNEL_TEXT: &str = "6.6";
+
+/// `BPF_FS_MAGIC` from `linux/magic.h`.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The typed maps of the datapath, whether freshly loaded or opened from their pins.
+pub struct Maps {
+    pub policy: LpmTrie<MapData, PolicyAddrsV4, PolicyValueV4>,
+    pub cluster: LpmTrie<MapData, u32, u32>,
+    pub config: Array<MapData, Config>,
+    pub counters: PerCpuArray<MapData, Counter>,
+    pub policy_stats: PerCpuHashMap<MapData, u32, Counter>,
+    pub reply: HashMap<MapData, u32, ReplyV4>,
+    pub names: HashMap<MapData, u32, PolicyName>,
+}
+
+fn map_err<'a>(name: &'static str, action: &'a str) -> impl FnOnce(aya::maps::MapError) -> Error + 'a {
+    move |source| {
+        if is_permission_error(&source) {
+            Error::NoBpfPermission {
+                action: format!("{action} map {name}"),
+                source: Box::new(source),
+            }
+        } else {
+            Error::Map {
+                name,
+                action: action.to_owned(),
+                source,
+            }
+        }
+    }
+}
+
+impl Maps {
+    /// Opens the maps pinned under `dir` (for `sluice-shim bpf ...`).
+    pub fn open_pinned(dir: &Path) -> Result<Self> {
+        check_bpffs(dir)?;
+        fn open(dir: &Path, name: &'static str) -> Result<Map> {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path).map_err(|e| match e {
+                aya::maps::MapError::SyscallError(ref s)
+                    if s.io_error.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    Error::Map {
+                        name,
+                        action: format!(
+                            "opening {} (is `sluice-shim run` running on this node?)",
+                            path.display()
+                        ),
+                        source: e,
+                    }
+                }
+                e => map_err(name, "opening pinned")(e),
+            })?;
+            Map::from_map_data(data).map_err(map_err(name, "opening pinned"))
+        }
+        Self::from_maps(|name| open(dir, name))
+    }
+
+    fn from_maps(mut take: impl FnMut(&'static str) -> Result<Map>) -> Result<Self> {
+        macro_rules! typed {
+            ($name:expr) => {
+                take($name)?
+                    .try_into()
+                    .map_err(map_err($name, "checking the layout of"))?
+            };
+        }
+        Ok(Maps {
+            policy: typed!(maps::POLICY_V4),
+            cluster: typed!(maps::CLUSTER_V4),
+            config: typed!(maps::CONFIG),
+            counters: typed!(maps::COUNTERS),
+            policy_stats: typed!(maps::POLICY_STATS),
+            reply: typed!(maps::REPLY_V4),
+            names: typed!(maps::POLICY_NAMES),
+        })
+    }
+
+    /// Sums the per-CPU outcome counters, by counter index.
+    pub fn outcome_counters(&self) -> Result<Vec<(u32, &'static str, Counter)>> {
+        let mut out = Vec::with_capacity(maps::COUNTER_NAMES.len());
+        for (index, name) in maps::COUNTER_NAMES {
+            let values = self
+                .counters
+                .get(&index, 0)
+                .map_err(map_err(maps::COUNTERS, "reading"))?;
+            out.push((index, name, sum(values.iter())));
+        }
+        Ok(out)
+    }
+
+    /// Sums the per-CPU policy counters, by policy id.
+    pub fn policy_counters(&self) -> Result<Vec<(u32, Counter)>> {
+        let mut out = Vec::new();
+        for item in self.policy_stats.iter() {
+            let (id, values) = item.map_err(map_err(maps::POLICY_STATS, "reading"))?;
+            out.push((id, sum(values.iter())));
+        }
+        out.sort_by_key(|(id, _)| *id);
+        Ok(out)
+    }
+
+    /// The policy names, by id.
+    pub fn policy_names(&self) -> Result<std::collections::BTreeMap<u32, String>> {
+        let mut out = std::collections::BTreeMap::new();
+        for item in self.names.iter() {
+            let (id, name) = item.map_err(map_err(maps::POLICY_NAMES, "reading"))?;
+            out.insert(id, name.as_str());
+        }
+        Ok(out)
+    }
+
+    /// Every policy entry.
+    pub fn policy_entries(&self) -> Result<Vec<(maps::PolicyKeyV4, PolicyValueV4)>> {
+        let mut out = Vec::new();
+        for item in self.policy.iter() {
+            let (key, value) = item.map_err(map_err(maps::POLICY_V4, "reading"))?;
+            out.push((maps::PolicyKeyV4::from_lpm(&key), value));
+        }
+        out.sort_by_key(|(k, _)| (u32::from_be(k.saddr), u32::from_be(k.daddr), k.prefixlen));
+        Ok(out)
+    }
+}
+
+fn sum<'a>(values: impl Iterator<Item = &'a Counter>) -> Counter {
+    values.fold(Counter::default(), |acc, c| Counter {
+        packets: acc.packets + c.packets,
+        bytes: acc.bytes + c.bytes,
+    })
+}
+
+/// The loaded datapath: programs ready to attach, maps pinned.
+pub struct Datapath {
+    ebpf: Ebpf,
+    links_dir: PathBuf,
+    /// The typed maps.
+    pub maps: Maps,
+}
+
+impl Datapath {
+    /// Loads the object, adopting the maps already pinned under `dir` (creating them otherwise).
+    pub fn load(dir: &Path, policy_map_max: u32) -> Result<Self> {
+        check_kernel()?;
+        check_bpffs(dir)?;
+        let links_dir = dir.join("links");
+        fs::create_dir_all(&links_dir).map_err(|e| {
+            if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) {
+                Error::NoBpfPermission {
+                    action: format!("creating {}", links_dir.display()),
+                    source: Box::new(e),
+                }
+            } else {
+                Error::io(format!("creating {}", links_dir.display()), e)
+            }
+        })?;
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(dir)
+            .map_max_entries(maps::POLICY_V4, policy_map_max)
+            .load(OBJECT)
+            .map_err(|e| {
+                if is_permission_error(&e) {
+                    Error::NoBpfPermission {
+                        action: "loading the datapath".into(),
+                        source: Box::new(e),
+                    }
+                } else {
+                    Error::Load(e)
+                }
+            })?;
+        let progs_dir = dir.join("progs");
+        fs::create_dir_all(&progs_dir)
+            .map_err(|e| Error::io(format!("creating {}", progs_dir.display()), e))?;
+        for name in [PROG_FROM_POD, PROG_FROM_TUNNEL, PROG_TO_TUNNEL] {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| prog_err(name, "loading (verifier)", source))?;
+            // Pinned for inspection (`bpftool prog show pinned ...`); the links keep the programs
+            // they run alive on their own, so replacing this pin never disturbs traffic.
+            let pin = progs_dir.join(name);
+            match fs::remove_file(&pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(format!("removing {}", pin.display()), e)),
+            }
+            prog.pin(&pin).map_err(|e| Error::Pin {
+                path: pin.clone(),
+                source: Box::new(e),
+            })?;
+        }
+        let maps = Maps::from_maps(|name| {
+            ebpf.take_map(name).ok_or_else(|| Error::Map {
+                name,
+                action: "taking from the object".into(),
+                source: aya::maps::MapError::InvalidName { name: name.into() },
+            })
+        })?;
+        if maps.policy.map().info().map(|i| i.max_entries()).ok() != Some(policy_map_max) {
+            tracing::warn!(
+                wanted = policy_map_max,
+                "the pinned policy map has another capacity; it is kept to keep live connections \
+                 (remove {} to resize)",
+                dir.join(maps::POLICY_V4).display()
+            );
+        }
+        Ok(Datapath {
+            ebpf,
+            links_dir,
+            maps,
+        })
+    }
+
+    /// Attaches program `name` to interface (`ifname`, `ifindex`), or, when a link is already
+    /// pinned for it, atomically swaps that link's program for this one.
+    pub fn attach(&mut self, name: &'static str, ifname: &str, ifindex: u32) -> Result<()> {
+        let attach_type = if name == PROG_TO_TUNNEL {
+            TcAttachType::Egress
+        } else {
+            TcAttachType::Ingress
+        };
+        let pin = self.links_dir.join(format!("{name}-{ifindex}"));
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+        let id = match PinnedLink::from_pin(&pin) {
+            Ok(pinned) => {
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| Error::Pin {
+                    path: pin.clone(),
+                    source: Box::new(e),
+                })?;
+                prog.attach_to_link(link)
+                    .map_err(|source| prog_err(name, &format!("updating the link on {ifname}"), source))?
+            }
+            Err(LinkError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
+                let id = prog
+                    .attach_with_options(
+                        ifname,
+                        attach_type,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .map_err(|source| prog_err(name, &format!("attaching to {ifname}"), source))?;
+                let link = prog
+                    .take_link(id)
+                    .map_err(|source| prog_err(name, "taking the link", source))?;
+                let fd = FdLink::try_from(link).map_err(|e| Error::Pin {
+                    path: pin.clone(),
+                    source: Box::new(e),
+                })?;
+                fd.pin(&pin).map_err(|e| Error::Pin {
+                    path: pin.clone(),
+                    source: Box::new(e),
+                })?;
+                return Ok(());
+            }
+            Err(e) => {
+                return Err(Error::Pin {
+                    path: pin,
+                    source: Box::new(e),
+                });
+            }
+        };
+        // The pin keeps the link; let go of our handle without detaching.
+        let link = prog
+            .take_link(id)
+            .map_err(|source| prog_err(name, "taking the link", source))?;
+        drop(FdLink::try_from(link).map_err(|e| Error::Pin {
+            path: pin,
+            source: Box::new(e),
+        })?);
+        Ok(())
+    }
+
+    /// The interfaces that have a pinned link of program `name`.
+    pub fn pinned_ifindexes(&self, name: &str) -> BTreeSet<u32> {
+        pinned_ifindexes(&self.links_dir, name)
+    }
+
+    /// Drops the pinned link of `name` on `ifindex` (the interface is gone or no longer matches).
+    pub fn unpin(&self, name: &str, ifindex: u32) -> Result<()> {
+        let pin = self.links_dir.join(format!("{name}-{ifindex}"));
+        match fs::remove_file(&pin) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("removing {}", pin.display()), e)),
+        }
+    }
+}
+
+/// The policy map as a [`crate::sync::Store`].
+pub struct PolicyStore<'a>(pub &'a mut LpmTrie<MapData, PolicyAddrsV4, PolicyValueV4>);
+
+impl crate::sync::Store<maps::PolicyKeyV4, PolicyValueV4> for PolicyStore<'_> {
+    type Error = Error;
+    fn upsert(&mut self, key: &maps::PolicyKeyV4, value: &PolicyValueV4) -> Result<()> {
+        self.0.insert(&key.lpm(), value, 0).map_err(|source| Error::Map {
+            name: maps::POLICY_V4,
+            action: format!("writing {} -> {}", key.source(), key.destination()),
+            source,
+        })
+    }
+    fn remove(&mut self, key: &maps::PolicyKeyV4) -> Result<()> {
+        ignore_missing(self.0.remove(&key.lpm()), maps::POLICY_V4)
+    }
+}
+
+/// A deletion of a key that is already gone is fine.
+pub fn ignore_missing(r: Result<(), aya::maps::MapError>, name: &'static str) -> Result<()> {
+    match r {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
+        Err(source) => Err(Error::Map {
+            name,
+            action: "deleting".into(),
+            source,
+        }),
+    }
+}
+
+fn pinned_ifindexes(links_dir: &Path, name: &str) -> BTreeSet<u32> {
+    let prefix = format!("{name}-");
+    fs::read_dir(links_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix(&prefix)?.parse().ok())
+        .collect()
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| prog_err(name, "finding", aya::programs::ProgramError::NotLoaded))?
+        .try_into()
+        .map_err(|source| prog_err(name, "checking the type of", source))
+}
+
+fn prog_err(name: &'static str, action: &str, source: aya::programs::ProgramError) -> Error {
+    if is_permission_error(&source) {
+        Error::NoBpfPermission {
+            action: format!("{action} program {name}"),
+            source: Box::new(source),
+        }
+    } else {
+        Error::Program {
+            name,
+            action: action.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Fails with [`Error::KernelTooOld`] below [`MIN_KERNEL`].
+pub fn check_kernel() -> Result<()> {
+    let release = nix::sys::utsname::uname()
+        .map_err(|e| Error::io("uname", e.into()))?
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    check_kernel_release(&release)
+}
+
+fn check_kernel_release(release: &str) -> Result<()> {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty());
+    let major: u32 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    if (major, minor) < MIN_KERNEL {
+        return Err(Error::KernelTooOld {
+            found: release.to_owned(),
+            required: MIN_KERNEL_TEXT,
+        });
+    }
+    Ok(())
+}
+
+/// Fails with [`Error::BpffsNotMounted`] unless `dir` (or, if it does not exist yet, its nearest
+/// existing ancestor) is on a bpffs.
+pub fn check_bpffs(dir: &Path) -> Result<()> {
+    let mut probe = dir;
+    while !probe.exists() {
+        probe = match probe.parent() {
+            Some(p) => p,
+            None => break,
+        };
+    }
+    let fs = nix::sys::statfs::statfs(probe)
+        .map_err(|e| Error::io(format!("statfs {}", probe.display()), e.into()))?;
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "the field's type differs between libc targets"
+    )]
+    if fs.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+        return Err(Error::BpffsNotMounted { path: dir.to_owned() });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_kernels_are_refused_with_the_version() {
+        check_kernel_release("6.6.0").unwrap();
+        check_kernel_release("6.18.44-fc-v769").unwrap();
+        let err = check_kernel_release("5.15.0-91-generic").unwrap_err();
+        assert!(
+            err.to_string().contains("5.15.0-91-generic") && err.to_string().contains("6.6"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bpffs_is_required() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = check_bpffs(&dir.path().join("sluice")).unwrap_err();
+        assert!(matches!(err, Error::BpffsNotMounted { .. }), "{err}");
+        assert!(err.to_string().contains("mount -t bpf"));
+    }
+
+    #[test]
+    fn pinned_links_are_found_by_program_and_ifindex() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in [
+            "sluice_from_pod-3",
+            "sluice_from_pod-12",
+            "sluice_from_tunnel-4",
+            "junk",
+        ] {
+            fs::write(dir.path().join(f), b"").unwrap();
+        }
+        assert_eq!(
+            pinned_ifindexes(dir.path(), PROG_FROM_POD),
+            BTreeSet::from([3, 12])
+        );
+        assert_eq!(
+            pinned_ifindexes(dir.path(), PROG_FROM_TUNNEL),
+            BTreeSet::from([4])
+        );
+    }
+}

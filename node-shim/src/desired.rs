@@ -1,0 +1,313 @@
+//! From the node's plan entries to the exact map contents and SNAT rules the node must hold.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+};
+
+use ipnet::IpNet;
+use sluice_proto::{EntryDoc, GatewayTarget};
+
+use crate::{
+    error::Error,
+    maps::{self, PolicyKeyV4, PolicyName, PolicyValueV4},
+};
+
+/// One network interface of this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub index: u32,
+    pub ipv4: Vec<Ipv4Addr>,
+}
+
+/// What the desired state depends on besides the plan.
+#[derive(Clone, Debug)]
+pub struct Host {
+    /// This node's underlay IP: entries whose gateway is this IP egress here.
+    pub node_ip: Ipv4Addr,
+    pub interfaces: Vec<Interface>,
+    /// The interface of the IPv4 default route, if any.
+    pub default_route_interface: Option<String>,
+}
+
+/// The desired contents of the maps and the SNAT rules.
+#[derive(Debug, Default)]
+pub struct Desired {
+    pub policy: BTreeMap<PolicyKeyV4, PolicyValueV4>,
+    pub names: BTreeMap<u32, PolicyName>,
+    /// Egress IP -> the ids of the policies that SNAT to it here.
+    pub snat: BTreeMap<Ipv4Addr, BTreeSet<u32>>,
+    /// Interfaces replies to egress IPs arrive on (their rp_filter is relaxed).
+    pub egress_interfaces: BTreeSet<String>,
+    /// Entries that could not be honoured; they are programmed to drop (fail closed).
+    pub problems: Vec<Error>,
+    /// IPv6 entries, not supported yet by the datapath.
+    pub skipped_ipv6: usize,
+}
+
+/// Stable numbering of policies (the id is in packet marks, counters and conntrack).
+#[derive(Clone, Debug, Default)]
+pub struct PolicyIds {
+    by_name: BTreeMap<String, u32>,
+}
+
+impl PolicyIds {
+    /// Takes over the numbering found in the pinned names map.
+    pub fn adopt(names: BTreeMap<u32, String>) -> Self {
+        PolicyIds {
+            by_name: names.into_iter().map(|(id, name)| (name, id)).collect(),
+        }
+    }
+
+    /// The id of `name`, allocating the lowest free one.
+    fn id(&mut self, name: &str) -> Result<u32, Error> {
+        if let Some(id) = self.by_name.get(name) {
+            return Ok(*id);
+        }
+        let used: BTreeSet<u32> = self.by_name.values().copied().collect();
+        let id = (1..=maps::MAX_POLICY_ID)
+            .find(|id| !used.contains(id))
+            .ok_or(Error::TooManyPolicies {
+                max: maps::MAX_POLICY_ID,
+            })?;
+        self.by_name.insert(name.to_owned(), id);
+        Ok(id)
+    }
+
+    /// Forgets the policies not in `keep`.
+    fn retain(&mut self, keep: &BTreeSet<&str>) {
+        self.by_name.retain(|name, _| keep.contains(name.as_str()));
+    }
+}
+
+/// Computes the desired state of this node from its plan entries.
+pub fn desired(entries: &[EntryDoc], host: &Host, ids: &mut PolicyIds) -> Result<Desired, Error> {
+    let mut out = Desired::default();
+    let names: BTreeSet<&str> = entries.iter().map(|e| e.policy.as_str()).collect();
+    ids.retain(&names);
+
+    for entry in entries {
+        let (IpAddr::V4(source), IpNet::V4(destination)) = (entry.source, entry.destination) else {
+            out.skipped_ipv6 += 1;
+            continue;
+        };
+        let policy_id = ids.id(&entry.policy)?;
+        out.names.insert(policy_id, PolicyName::new(&entry.policy));
+        let mut value = PolicyValueV4 {
+            policy_id,
+            ..Default::default()
+        };
+        match entry.gateway {
+            GatewayTarget::None => value.kind = maps::KIND_NONE,
+            GatewayTarget::Fallback => value.kind = maps::KIND_FALLBACK,
+            GatewayTarget::Excluded => value.kind = maps::KIND_EXCLUDED,
+            GatewayTarget::Node(IpAddr::V6(_)) => {
+                out.skipped_ipv6 += 1;
+                continue;
+            }
+            GatewayTarget::Node(IpAddr::V4(gateway)) => {
+                value.kind = maps::KIND_GATEWAY;
+                value.gateway_ip = maps::be(gateway);
+                if gateway == host.node_ip {
+                    value.flags |= maps::F_LOCAL_GATEWAY;
+                    match egress(entry, host) {
+                        Ok((ip, interface)) => {
+                            value.egress_ip = maps::be(ip);
+                            value.egress_ifindex = interface.index;
+                            out.snat.entry(ip).or_default().insert(policy_id);
+                            out.egress_interfaces.insert(interface.name.clone());
+                        }
+                        // egress_ip stays 0: the datapath drops (counted), never leaks.
+                        Err(e) => {
+                            if !out.problems.iter().any(|p| p.to_string() == e.to_string()) {
+                                out.problems.push(e);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out.policy.insert(PolicyKeyV4::new(source, destination), value);
+    }
+    Ok(out)
+}
+
+/// The egress IP and interface of an entry whose gateway is this node.
+fn egress<'h>(entry: &EntryDoc, host: &'h Host) -> Result<(Ipv4Addr, &'h Interface), Error> {
+    let policy = || entry.policy.clone();
+    let named = match &entry.interface {
+        Some(name) => Some(host.interfaces.iter().find(|i| &i.name == name).ok_or_else(|| {
+            Error::EgressInterfaceMissing {
+                interface: name.clone(),
+                policy: policy(),
+            }
+        })?),
+        None => None,
+    };
+    match entry.egress_ip {
+        Some(IpAddr::V4(ip)) => {
+            let holder =
+                host.interfaces
+                    .iter()
+                    .find(|i| i.ipv4.contains(&ip))
+                    .ok_or(Error::EgressIpNotLocal {
+                        ip: IpAddr::V4(ip),
+                        policy: policy(),
+                    })?;
+            Ok((ip, named.unwrap_or(holder)))
+        }
+        Some(ip @ IpAddr::V6(_)) => Err(Error::EgressIpNotLocal { ip, policy: policy() }),
+        None => {
+            let interface = named
+                .or_else(|| {
+                    let name = host.default_route_interface.as_ref()?;
+                    host.interfaces.iter().find(|i| &i.name == name)
+                })
+                .ok_or_else(|| Error::NoDefaultEgressIp { policy: policy() })?;
+            let ip = *interface
+                .ipv4
+                .first()
+                .ok_or_else(|| Error::NoDefaultEgressIp { policy: policy() })?;
+            Ok((ip, interface))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(
+        source: &str,
+        destination: &str,
+        gateway: &str,
+        egress_ip: Option<&str>,
+        policy: &str,
+    ) -> EntryDoc {
+        EntryDoc {
+            source: source.parse().unwrap(),
+            destination: destination.parse().unwrap(),
+            gateway: gateway.parse().unwrap(),
+            egress_ip: egress_ip.map(|s| s.parse().unwrap()),
+            interface: None,
+            policy: policy.into(),
+        }
+    }
+
+    fn host() -> Host {
+        Host {
+            node_ip: "192.0.2.11".parse().unwrap(),
+            interfaces: vec![Interface {
+                name: "eth0".into(),
+                index: 2,
+                ipv4: vec!["192.0.2.11".parse().unwrap(), "192.0.2.101".parse().unwrap()],
+            }],
+            default_route_interface: Some("eth0".into()),
+        }
+    }
+
+    #[test]
+    fn entries_map_to_kinds_flags_and_snat_rules() {
+        let entries = [
+            entry(
+                "10.244.1.10",
+                "203.0.113.0/24",
+                "192.0.2.11",
+                Some("192.0.2.101"),
+                "a",
+            ),
+            entry(
+                "10.244.2.10",
+                "203.0.113.0/24",
+                "192.0.2.11",
+                Some("192.0.2.101"),
+                "a",
+            ),
+            entry("10.244.1.10", "203.0.113.128/25", "excluded", None, "a"),
+            entry("10.244.1.10", "198.51.100.0/24", "192.0.2.12", None, "b"),
+            entry("10.244.1.11", "198.51.100.0/24", "none", None, "c"),
+            entry("10.244.1.12", "198.51.100.0/24", "fallback", None, "d"),
+            entry("fd00::1", "2001:db8::/32", "none", None, "e"),
+        ];
+        let mut ids = PolicyIds::default();
+        let d = desired(&entries, &host(), &mut ids).unwrap();
+        assert!(d.problems.is_empty(), "{:?}", d.problems);
+        assert_eq!(d.skipped_ipv6, 1);
+        assert_eq!(d.policy.len(), 6);
+        let local =
+            d.policy[&PolicyKeyV4::new("10.244.2.10".parse().unwrap(), "203.0.113.0/24".parse().unwrap())];
+        assert_eq!(local.kind, maps::KIND_GATEWAY);
+        assert_eq!(local.flags, maps::F_LOCAL_GATEWAY);
+        assert_eq!(maps::from_be(local.egress_ip).to_string(), "192.0.2.101");
+        assert_eq!(local.egress_ifindex, 2);
+        let remote =
+            d.policy[&PolicyKeyV4::new("10.244.1.10".parse().unwrap(), "198.51.100.0/24".parse().unwrap())];
+        assert_eq!(
+            (remote.kind, remote.flags, remote.egress_ip),
+            (maps::KIND_GATEWAY, 0, 0)
+        );
+        assert_eq!(d.snat.len(), 1);
+        assert_eq!(
+            d.snat[&"192.0.2.101".parse::<Ipv4Addr>().unwrap()],
+            BTreeSet::from([local.policy_id])
+        );
+        assert_eq!(d.names[&local.policy_id].as_str(), "a");
+        assert_eq!(d.egress_interfaces, BTreeSet::from(["eth0".to_owned()]));
+    }
+
+    #[test]
+    fn missing_egress_ip_or_interface_fails_closed_with_a_clear_error() {
+        let mut e = entry(
+            "10.244.1.10",
+            "203.0.113.0/24",
+            "192.0.2.11",
+            Some("192.0.2.200"),
+            "a",
+        );
+        let d = desired(std::slice::from_ref(&e), &host(), &mut PolicyIds::default()).unwrap();
+        assert!(matches!(d.problems[..], [Error::EgressIpNotLocal { .. }]));
+        assert!(d.problems[0].to_string().contains("ip addr add 192.0.2.200/32"));
+        assert_eq!(
+            d.policy.values().next().unwrap().egress_ip,
+            0,
+            "drops instead of leaking"
+        );
+
+        e.egress_ip = Some("192.0.2.101".parse().unwrap());
+        e.interface = Some("eth9".into());
+        let d = desired(&[e], &host(), &mut PolicyIds::default()).unwrap();
+        assert!(
+            matches!(d.problems[..], [Error::EgressInterfaceMissing { .. }]),
+            "{:?}",
+            d.problems
+        );
+    }
+
+    #[test]
+    fn no_egress_ip_means_the_default_route_interface_address() {
+        let e = entry("10.244.1.10", "203.0.113.0/24", "192.0.2.11", None, "a");
+        let d = desired(&[e], &host(), &mut PolicyIds::default()).unwrap();
+        assert_eq!(
+            maps::from_be(d.policy.values().next().unwrap().egress_ip).to_string(),
+            "192.0.2.11"
+        );
+    }
+
+    #[test]
+    fn policy_ids_are_stable_and_reused_after_a_policy_goes() {
+        let mut ids = PolicyIds::adopt(BTreeMap::from([(7, "old".to_owned())]));
+        let a = [
+            entry("10.0.0.1", "1.0.0.0/8", "none", None, "old"),
+            entry("10.0.0.1", "2.0.0.0/8", "none", None, "new"),
+        ];
+        let d = desired(&a, &host(), &mut ids).unwrap();
+        let by_name: BTreeMap<String, u32> = d.names.iter().map(|(id, n)| (n.as_str(), *id)).collect();
+        assert_eq!(
+            by_name,
+            BTreeMap::from([("new".to_owned(), 1), ("old".to_owned(), 7)])
+        );
+        let d = desired(&a[1..], &host(), &mut ids).unwrap();
+        assert_eq!(d.names.keys().copied().collect::<Vec<_>>(), [1]);
+    }
+}

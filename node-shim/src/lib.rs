@@ -1,0 +1,22 @@
+//! The Sluice node shim: loads the eBPF datapath and keeps its maps equal to the node's plan.
+//!
+//! - [`datapath`]: the object, its pinned maps and TCX links;
+//! - [`desired`]: plan entries -> map contents and SNAT rules;
+//! - [`sync`]: one transition from current to desired (upserts first, deletes after);
+//! - [`run`]: the agent loop; [`bpf`]: the `bpf list` / `bpf counters` views;
+//! - [`nat`], [`netdev`]: the kernel side (nftables, tunnel device, sysctls);
+//! - [`metrics`]: Prometheus metrics; [`uninstall`]: taking Sluice off a node.
+
+pub mod bpf;
+pub mod datapath;
+pub mod desired;
+pub mod error;
+pub mod maps;
+pub mod metrics;
+pub mod nat;
+pub mod netdev;
+pub mod run;
+pub mod sync;
+pub mod uninstall;
+
+pub use error::{Error, Result};

@@ -1,0 +1,143 @@
+//! The Sluice node shim: loads the eBPF datapath and keeps its maps equal to the node's plan.
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ipnet::Ipv4Net;
+use sluice_shim::{datapath, maps, netdev, run};
+
+/// Sluice node agent.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// bpffs directory holding Sluice's pinned maps and links.
+    #[arg(long, env = "SLUICE_BPFFS_DIR", default_value = datapath::DEFAULT_BPFFS_DIR, global = true)]
+    bpffs_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load and attach the datapath, then keep it equal to this node's entries in a plan file.
+    Run(RunArgs),
+    /// Inspect the live datapath.
+    #[command(subcommand)]
+    Bpf(BpfCommand),
+    /// Remove everything Sluice put on this node: links (the datapath stops at once), pinned maps,
+    /// the nftables table, the reply rule and route, the tunnel device.
+    Uninstall {
+        /// Sluice's tunnel device.
+        #[arg(long, env = "SLUICE_TUNNEL_DEVICE", default_value = "sluice-vx0")]
+        tunnel_device: String,
+        /// Routing table (and rule preference) of the reply route.
+        #[arg(long, env = "SLUICE_REPLY_TABLE", default_value_t = 8473)]
+        reply_table: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum BpfCommand {
+    /// The live policy entries (like `cilium bpf egress list`).
+    List,
+    /// The datapath counters, by outcome and by policy.
+    Counters,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// This node's name, as in the plan.
+    #[arg(long, env = "SLUICE_NODE")]
+    node: String,
+    /// This node's underlay IPv4 address: entries whose gateway is this address egress here.
+    #[arg(long, env = "SLUICE_NODE_IP")]
+    node_ip: Ipv4Addr,
+    /// The plan (`sluice-operator plan --output json`); re-read when it changes.
+    #[arg(long, env = "SLUICE_ENTRIES")]
+    entries: PathBuf,
+    /// In-cluster CIDRs (pod CIDRs, service CIDR, node subnets), never steered. Repeat or comma-separate.
+    #[arg(long = "cluster-cidr", env = "SLUICE_CLUSTER_CIDRS", value_delimiter = ',')]
+    cluster_cidrs: Vec<Ipv4Net>,
+    /// Name patterns (`*`, `?`) of pod-facing interfaces. Repeat or comma-separate.
+    #[arg(long = "pod-interface", env = "SLUICE_POD_INTERFACES", value_delimiter = ',',
+          default_values_t = netdev::DEFAULT_POD_INTERFACES.iter().map(|s| s.to_string()))]
+    pod_interfaces: Vec<String>,
+    /// Capacity of the policy map (set when the map is first created).
+    #[arg(long, env = "SLUICE_POLICY_MAP_MAX", default_value_t = maps::DEFAULT_POLICY_MAP_MAX)]
+    policy_map_max: u32,
+    /// Sluice's own VXLAN (collect_md) device.
+    #[arg(long, env = "SLUICE_TUNNEL_DEVICE", default_value = "sluice-vx0")]
+    tunnel_device: String,
+    /// UDP port of the tunnel (not 4789/8472, which CNIs use).
+    #[arg(long, env = "SLUICE_TUNNEL_PORT", default_value_t = 8473)]
+    tunnel_port: u16,
+    /// VXLAN network identifier used by the tunnel.
+    #[arg(long, env = "SLUICE_TUNNEL_VNI", default_value_t = 8473)]
+    tunnel_vni: u32,
+    /// Routing table (and rule preference) steering replies back into the tunnel.
+    #[arg(long, env = "SLUICE_REPLY_TABLE", default_value_t = 8473)]
+    reply_table: u32,
+    /// Address of the Prometheus metrics endpoint; `off` to disable.
+    #[arg(long, env = "SLUICE_METRICS_ADDR", default_value = "0.0.0.0:9473")]
+    metrics_addr: String,
+    /// How often to rescan interfaces and the plan file, in milliseconds.
+    #[arg(long, env = "SLUICE_INTERVAL_MS", default_value_t = 1000)]
+    interval_ms: u64,
+    /// Where to write a JSON status after each applied plan (for tests and probes).
+    #[arg(long, env = "SLUICE_STATUS_FILE")]
+    status_file: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let Args { bpffs_dir, command } = Args::parse();
+    match command {
+        Command::Bpf(BpfCommand::List) => print!("{}", sluice_shim::bpf::list(&bpffs_dir)?),
+        Command::Bpf(BpfCommand::Counters) => print!("{}", sluice_shim::bpf::counters(&bpffs_dir)?),
+        Command::Uninstall {
+            tunnel_device,
+            reply_table,
+        } => sluice_shim::uninstall::uninstall(&bpffs_dir, &tunnel_device, reply_table)?,
+        Command::Run(a) => {
+            let metrics_addr = match a.metrics_addr.as_str() {
+                "off" | "" => None,
+                addr => Some(addr.parse().with_context(|| format!("--metrics-addr {addr:?}"))?),
+            };
+            run::run(run::Options {
+                node: a.node,
+                node_ip: a.node_ip,
+                entries: a.entries,
+                cluster_cidrs: a.cluster_cidrs,
+                pod_interfaces: a.pod_interfaces,
+                bpffs_dir,
+                policy_map_max: a.policy_map_max,
+                tunnel: netdev::Tunnel {
+                    device: a.tunnel_device,
+                    port: a.tunnel_port,
+                    vni: a.tunnel_vni,
+                    local: Some(a.node_ip),
+                },
+                reply_table: a.reply_table,
+                metrics_addr,
+                interval: Duration::from_millis(a.interval_ms),
+                status_file: a.status_file,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        super::Args::command().debug_assert();
+    }
+}

@@ -1,0 +1,316 @@
+//! Rust mirrors of the map keys and values in `ebpf/sluice.h`, and the names of the maps.
+//!
+//! Every type is `#[repr(C)]` with fixed-width fields and explicit padding, exactly like its C
+//! twin; `tests::layouts_match_the_object` parses the compiled object and checks every map's key
+//! and value size against these types.
+#![allow(
+    unsafe_code,
+    reason = "aya::Pod is an unsafe marker trait; every type here is plain data without padding"
+)]
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+/// The LPM trie of (source, destination prefix) entries.
+pub const POLICY_V4: &str = "sluice_policy_v4";
+/// The LPM trie of in-cluster CIDRs, never steered.
+pub const CLUSTER_V4: &str = "sluice_cluster_v4";
+/// The one-entry configuration array.
+pub const CONFIG: &str = "sluice_config";
+/// Per-CPU counters by outcome.
+pub const COUNTERS: &str = "sluice_counters";
+/// Per-CPU counters by policy id.
+pub const POLICY_STATS: &str = "sluice_policy_stats";
+/// Gateway: pod IP -> the node it lives on (learned from tunnelled requests).
+pub const REPLY_V4: &str = "sluice_reply_v4";
+/// Policy id -> policy name, for `sluice-shim bpf list`.
+pub const POLICY_NAMES: &str = "sluice_policy_names";
+
+/// Every map of the object, in the order `bpf` subcommands open them.
+pub const ALL_MAPS: [&str; 7] = [
+    POLICY_V4,
+    CLUSTER_V4,
+    CONFIG,
+    COUNTERS,
+    POLICY_STATS,
+    REPLY_V4,
+    POLICY_NAMES,
+];
+
+/// Default capacity of the policy map.
+pub const DEFAULT_POLICY_MAP_MAX: u32 = 65_536;
+
+/// `kind`: steer to `gateway_ip`.
+pub const KIND_GATEWAY: u32 = 1;
+/// `kind`: no usable gateway, `failurePolicy: Drop`.
+pub const KIND_NONE: u32 = 2;
+/// `kind`: no usable gateway, `failurePolicy: Fallback`.
+pub const KIND_FALLBACK: u32 = 3;
+/// `kind`: excluded CIDR.
+pub const KIND_EXCLUDED: u32 = 4;
+
+/// `flags`: the gateway is this node.
+pub const F_LOCAL_GATEWAY: u32 = 1;
+
+/// `skb->mark` magic (bits 31..20).
+pub const MARK_MAGIC: u32 = 0x5c10_0000;
+/// Mask of the magic bits.
+pub const MARK_MAGIC_MASK: u32 = 0xfff0_0000;
+/// Mark bit: arrived through the Sluice tunnel.
+pub const MARK_TUNNEL: u32 = 0x0008_0000;
+/// Mark bit: a reply to steer back into the tunnel.
+pub const MARK_REPLY: u32 = 0x0004_0000;
+/// Mask of the policy id in the mark.
+pub const MARK_POLICY_MASK: u32 = 0x0000_ffff;
+
+/// Largest policy id (it must fit the mark).
+pub const MAX_POLICY_ID: u32 = MARK_POLICY_MASK;
+
+/// Counter indexes of `sluice_counters`, with their metric/CLI names (`enum sluice_counter_index`).
+pub const COUNTER_NAMES: [(u32, &str); 13] = [
+    (0, "steered"),
+    (1, "local_egress"),
+    (2, "egressed"),
+    (3, "excluded"),
+    (4, "fallback"),
+    (5, "dropped_no_gateway"),
+    (6, "dropped_no_egress_ip"),
+    (7, "reply_encapsulated"),
+    (8, "reply_delivered"),
+    (9, "in_cluster"),
+    (10, "dropped_unknown_tunnel"),
+    (11, "dropped_no_reply_route"),
+    (12, "errors"),
+];
+
+/// Index of the drop counter for `failurePolicy: Drop`.
+pub const CTR_DROP_NO_GATEWAY: u32 = 5;
+
+/// Full key of `sluice_policy_v4` (`struct sluice_policy_key_v4`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(C)]
+pub struct PolicyKeyV4 {
+    pub prefixlen: u32,
+    /// Network byte order.
+    pub saddr: u32,
+    /// Network byte order.
+    pub daddr: u32,
+}
+
+/// The data part of [`PolicyKeyV4`], as aya's `lpm_trie::Key<K>` wants it (prefix length apart).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(C)]
+pub struct PolicyAddrsV4 {
+    /// Network byte order.
+    pub saddr: u32,
+    /// Network byte order.
+    pub daddr: u32,
+}
+
+/// Value of `sluice_policy_v4` (`struct sluice_policy_value_v4`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct PolicyValueV4 {
+    pub kind: u32,
+    pub flags: u32,
+    /// Network byte order; 0 = unset.
+    pub gateway_ip: u32,
+    /// Network byte order; 0 = unset.
+    pub egress_ip: u32,
+    pub egress_ifindex: u32,
+    pub policy_id: u32,
+}
+
+/// Key of `sluice_cluster_v4` (`struct sluice_cidr_key_v4`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct CidrKeyV4 {
+    pub prefixlen: u32,
+    /// Network byte order.
+    pub addr: u32,
+}
+
+/// Value of `sluice_config` (`struct sluice_config`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Config {
+    pub tunnel_ifindex: u32,
+    pub vni: u32,
+    pub tunnel_ttl: u32,
+    pub _pad: u32,
+}
+
+/// Value of `sluice_counters` and `sluice_policy_stats` (`struct sluice_counter`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Value of `sluice_reply_v4` (`struct sluice_reply_v4`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct ReplyV4 {
+    /// Network byte order.
+    pub node_ip: u32,
+    pub _pad: u32,
+}
+
+/// Length of [`PolicyName::name`] (`SLUICE_POLICY_NAME_LEN`).
+pub const POLICY_NAME_LEN: usize = 256;
+
+/// Value of `sluice_policy_names` (`struct sluice_policy_name`): NUL-padded UTF-8.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct PolicyName {
+    pub name: [u8; POLICY_NAME_LEN],
+}
+
+unsafe impl aya::Pod for PolicyAddrsV4 {}
+unsafe impl aya::Pod for PolicyKeyV4 {}
+unsafe impl aya::Pod for PolicyValueV4 {}
+unsafe impl aya::Pod for CidrKeyV4 {}
+unsafe impl aya::Pod for Config {}
+unsafe impl aya::Pod for Counter {}
+unsafe impl aya::Pod for ReplyV4 {}
+unsafe impl aya::Pod for PolicyName {}
+
+/// An IPv4 address in the network byte order the maps hold, as a native `u32`.
+pub fn be(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// The inverse of [`be`].
+pub fn from_be(raw: u32) -> Ipv4Addr {
+    Ipv4Addr::from(raw.to_ne_bytes())
+}
+
+impl PolicyKeyV4 {
+    /// The key of (exact `source`, `destination` prefix).
+    pub fn new(source: Ipv4Addr, destination: Ipv4Net) -> Self {
+        let destination = destination.trunc();
+        PolicyKeyV4 {
+            prefixlen: 32 + u32::from(destination.prefix_len()),
+            saddr: be(source),
+            daddr: be(destination.network()),
+        }
+    }
+
+    /// The source address.
+    pub fn source(&self) -> Ipv4Addr {
+        from_be(self.saddr)
+    }
+
+    /// The destination prefix.
+    pub fn destination(&self) -> Ipv4Net {
+        let len = self.prefixlen.saturating_sub(32).min(32) as u8;
+        Ipv4Net::new(from_be(self.daddr), len).expect("prefix length clamped to 32")
+    }
+
+    /// The aya LPM key for this entry.
+    pub fn lpm(&self) -> aya::maps::lpm_trie::Key<PolicyAddrsV4> {
+        aya::maps::lpm_trie::Key::new(
+            self.prefixlen,
+            PolicyAddrsV4 {
+                saddr: self.saddr,
+                daddr: self.daddr,
+            },
+        )
+    }
+
+    /// Back from the aya LPM key.
+    pub fn from_lpm(key: &aya::maps::lpm_trie::Key<PolicyAddrsV4>) -> Self {
+        let data = key.data();
+        PolicyKeyV4 {
+            prefixlen: key.prefix_len(),
+            saddr: data.saddr,
+            daddr: data.daddr,
+        }
+    }
+}
+
+impl PolicyName {
+    /// `name`, truncated to fit (on a character boundary).
+    pub fn new(name: &str) -> Self {
+        let mut out = [0u8; POLICY_NAME_LEN];
+        let mut end = name.len().min(POLICY_NAME_LEN);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        out[..end].copy_from_slice(&name.as_bytes()[..end]);
+        PolicyName { name: out }
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> String {
+        let end = self.name.iter().position(|&b| b == 0).unwrap_or(POLICY_NAME_LEN);
+        String::from_utf8_lossy(&self.name[..end]).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::size_of;
+
+    use aya::maps::lpm_trie::Key;
+
+    use super::*;
+
+    #[test]
+    fn layouts_match_the_object() {
+        let object = aya_obj::Object::parse(crate::datapath::OBJECT).expect("the compiled object parses");
+        let expected: [(&str, usize, usize); 7] = [
+            (POLICY_V4, size_of::<PolicyKeyV4>(), size_of::<PolicyValueV4>()),
+            (CLUSTER_V4, size_of::<CidrKeyV4>(), size_of::<u32>()),
+            (CONFIG, size_of::<u32>(), size_of::<Config>()),
+            (COUNTERS, size_of::<u32>(), size_of::<Counter>()),
+            (POLICY_STATS, size_of::<u32>(), size_of::<Counter>()),
+            (REPLY_V4, size_of::<u32>(), size_of::<ReplyV4>()),
+            (POLICY_NAMES, size_of::<u32>(), size_of::<PolicyName>()),
+        ];
+        assert_eq!(
+            object.maps.len(),
+            expected.len(),
+            "every map of the object is checked"
+        );
+        for (name, key, value) in expected {
+            let map = object
+                .maps
+                .get(name)
+                .unwrap_or_else(|| panic!("map {name} is in the object"));
+            assert_eq!(map.key_size() as usize, key, "key size of {name}");
+            assert_eq!(map.value_size() as usize, value, "value size of {name}");
+        }
+        // aya's LPM key wrapper must produce the same bytes as the C key.
+        assert_eq!(size_of::<Key<PolicyAddrsV4>>(), size_of::<PolicyKeyV4>());
+        assert_eq!(size_of::<Key<u32>>(), size_of::<CidrKeyV4>());
+    }
+
+    #[test]
+    fn policy_map_is_sized_and_unpreallocated() {
+        let object = aya_obj::Object::parse(crate::datapath::OBJECT).unwrap();
+        let map = &object.maps[POLICY_V4];
+        assert_eq!(map.max_entries(), DEFAULT_POLICY_MAP_MAX);
+        assert_eq!(map.map_flags() & 1, 1, "BPF_F_NO_PREALLOC");
+    }
+
+    #[test]
+    fn policy_key_round_trips() {
+        let key = PolicyKeyV4::new("10.0.0.1".parse().unwrap(), "203.0.113.7/24".parse().unwrap());
+        assert_eq!(key.prefixlen, 56);
+        assert_eq!(key.source().to_string(), "10.0.0.1");
+        assert_eq!(key.destination().to_string(), "203.0.113.0/24");
+        assert_eq!(PolicyKeyV4::from_lpm(&key.lpm()), key);
+        assert_eq!(be("1.2.3.4".parse().unwrap()).to_ne_bytes(), [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn policy_names_truncate_on_char_boundaries() {
+        assert_eq!(PolicyName::new("egress-a").as_str(), "egress-a");
+        let long = "é".repeat(200);
+        let name = PolicyName::new(&long).as_str();
+        assert!(long.starts_with(&name) && name.len() <= POLICY_NAME_LEN);
+    }
+}

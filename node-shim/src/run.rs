@@ -1,0 +1,460 @@
+//! `sluice-shim run`: load and attach the datapath, then keep its maps equal to the node's plan.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use aya::maps::{MapData, lpm_trie::Key};
+use ipnet::Ipv4Net;
+
+use crate::{
+    datapath::{self, Datapath, PolicyStore, ignore_missing},
+    desired::{self, Host, PolicyIds},
+    error::{Error, Result},
+    maps::{self, CidrKeyV4, Config, PolicyKeyV4, PolicyName, PolicyValueV4},
+    metrics::Metrics,
+    nat, netdev,
+    sync::{self, Store, Transition},
+};
+
+/// Everything `run` needs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub node: String,
+    pub node_ip: Ipv4Addr,
+    pub entries: PathBuf,
+    pub cluster_cidrs: Vec<Ipv4Net>,
+    pub pod_interfaces: Vec<String>,
+    pub bpffs_dir: PathBuf,
+    pub policy_map_max: u32,
+    pub tunnel: netdev::Tunnel,
+    pub reply_table: u32,
+    pub metrics_addr: Option<SocketAddr>,
+    pub interval: Duration,
+    pub status_file: Option<PathBuf>,
+}
+
+/// Runs until an unrecoverable error. Transient failures (a bad plan file, a missing egress IP)
+/// are logged and retried every tick; the datapath keeps its last good state meanwhile.
+pub fn run(opts: Options) -> Result<()> {
+    let mut agent = Agent::start(opts)?;
+    let events = netdev::LinkEvents::open()?;
+    loop {
+        agent.tick();
+        if events.wait(agent.opts.interval) {
+            // Let a burst of changes (a pod being wired up) settle into one rescan.
+            std::thread::sleep(Duration::from_millis(10));
+            events.wait(Duration::ZERO);
+        }
+    }
+}
+
+/// The stat of the plan file that tells it changed.
+type FileStamp = (SystemTime, u64);
+
+/// The running shim.
+pub struct Agent {
+    opts: Options,
+    dp: Datapath,
+    metrics: Metrics,
+    /// Mirrors of what the maps hold (read once at start, then kept by every write).
+    policy: BTreeMap<PolicyKeyV4, PolicyValueV4>,
+    names: BTreeMap<u32, PolicyName>,
+    ids: PolicyIds,
+    /// ifindex -> name of the pod interfaces attached this run.
+    attached: BTreeMap<u32, String>,
+    tunnel_ifindex: u32,
+    /// The nftables ruleset last applied.
+    nft: Option<String>,
+    snat: BTreeMap<Ipv4Addr, BTreeSet<u32>>,
+    /// The plan file and host as of the last successful apply.
+    applied: Option<(FileStamp, Vec<desired::Interface>)>,
+    plan_reads: u64,
+    map_writes: u64,
+    apply_errors: u64,
+    /// After a failed apply, when to try again (doubling the wait up to 30 s).
+    retry: Option<(std::time::Instant, Duration)>,
+}
+
+impl Agent {
+    /// Loads the datapath (adopting pinned maps), creates the tunnel and adopts the map contents.
+    pub fn start(opts: Options) -> Result<Self> {
+        let mut dp = Datapath::load(&opts.bpffs_dir, opts.policy_map_max)?;
+        let policy: BTreeMap<_, _> = dp.maps.policy_entries()?.into_iter().collect();
+        let mut names = BTreeMap::new();
+        for item in dp.maps.names.iter() {
+            let (id, name) = item.map_err(|source| Error::Map {
+                name: maps::POLICY_NAMES,
+                action: "reading".into(),
+                source,
+            })?;
+            names.insert(id, name);
+        }
+        let ids = PolicyIds::adopt(names.iter().map(|(id, n)| (*id, n.as_str())).collect());
+        tracing::info!(
+            entries = policy.len(),
+            policies = names.len(),
+            "adopted pinned maps"
+        );
+
+        let mut cluster: Vec<Ipv4Net> = opts.cluster_cidrs.clone();
+        cluster.push(Ipv4Net::from(opts.node_ip));
+        sync_cluster(&mut dp.maps.cluster, &cluster)?;
+
+        let metrics = Metrics::default();
+        if let Some(addr) = opts.metrics_addr {
+            let bound = crate::metrics::serve(addr, metrics.clone())
+                .map_err(|e| Error::io(format!("serving metrics on {addr}"), e))?;
+            tracing::info!(%bound, "serving metrics");
+        }
+        let mut agent = Agent {
+            opts,
+            dp,
+            metrics,
+            policy,
+            names,
+            ids,
+            attached: BTreeMap::new(),
+            tunnel_ifindex: 0,
+            nft: None,
+            snat: BTreeMap::new(),
+            applied: None,
+            plan_reads: 0,
+            map_writes: 0,
+            apply_errors: 0,
+            retry: None,
+        };
+        agent.ensure_tunnel()?;
+        Ok(agent)
+    }
+
+    /// One round: follow interfaces, apply the plan if it (or the host) changed, refresh metrics.
+    pub fn tick(&mut self) {
+        if let Err(e) = self.ensure_tunnel() {
+            tracing::error!(error = %DisplayChain(&e), "tunnel device");
+        }
+        if let Err(e) = self.follow_interfaces() {
+            tracing::error!(error = %DisplayChain(&e), "attaching to pod interfaces");
+        }
+        let now = std::time::Instant::now();
+        if self.retry.is_none_or(|(at, _)| now >= at) {
+            match self.apply_plan() {
+                Ok(()) => self.retry = None,
+                Err(e) => {
+                    self.apply_errors += 1;
+                    let wait = self
+                        .retry
+                        .map_or(self.opts.interval, |(_, w)| (w * 2).min(Duration::from_secs(30)));
+                    self.retry = Some((now + wait, wait));
+                    tracing::error!(error = %DisplayChain(&e), retry_in = ?wait, "applying the plan");
+                }
+            }
+        }
+        self.refresh_metrics();
+    }
+
+    fn ensure_tunnel(&mut self) -> Result<()> {
+        let current = netdev::ifindex(&self.opts.tunnel.device);
+        if current.is_some() && current == Some(self.tunnel_ifindex) {
+            return Ok(());
+        }
+        let ifindex = netdev::ensure_tunnel(&self.opts.tunnel)?;
+        let device = self.opts.tunnel.device.clone();
+        self.dp.attach(datapath::PROG_FROM_TUNNEL, &device, ifindex)?;
+        self.dp.attach(datapath::PROG_TO_TUNNEL, &device, ifindex)?;
+        let config = Config {
+            tunnel_ifindex: ifindex,
+            vni: self.opts.tunnel.vni,
+            tunnel_ttl: 64,
+            _pad: 0,
+        };
+        if self.dp.maps.config.get(&0, 0).ok() != Some(config) {
+            self.dp
+                .maps
+                .config
+                .set(0, config, 0)
+                .map_err(|source| Error::Map {
+                    name: maps::CONFIG,
+                    action: "writing".into(),
+                    source,
+                })?;
+        }
+        // The reply route goes with the device it points to: (re)install it with the device.
+        nat::ensure_reply_route(self.opts.reply_table, &device)?;
+        self.tunnel_ifindex = ifindex;
+        // Pins of an earlier tunnel device (recreated since) are stale.
+        for prog in [datapath::PROG_FROM_TUNNEL, datapath::PROG_TO_TUNNEL] {
+            for stale in self
+                .dp
+                .pinned_ifindexes(prog)
+                .into_iter()
+                .filter(|i| *i != ifindex)
+            {
+                self.dp.unpin(prog, stale)?;
+            }
+        }
+        tracing::info!(%device, ifindex, port = self.opts.tunnel.port, "tunnel ready");
+        Ok(())
+    }
+
+    fn follow_interfaces(&mut self) -> Result<()> {
+        let live: BTreeMap<u32, String> = netdev::interfaces()?
+            .into_iter()
+            .filter(|i| netdev::is_pod_interface(&self.opts.pod_interfaces, &i.name))
+            .map(|i| (i.index, i.name))
+            .collect();
+        let mut first_error = None;
+        for (ifindex, name) in &live {
+            if self.attached.get(ifindex) == Some(name) {
+                continue;
+            }
+            match self.dp.attach(datapath::PROG_FROM_POD, name, *ifindex) {
+                Ok(()) => {
+                    tracing::info!(interface = %name, ifindex, "attached");
+                    self.attached.insert(*ifindex, name.clone());
+                }
+                // The interface may have gone between the scan and the attach.
+                Err(e) if netdev::ifindex(name) != Some(*ifindex) => {
+                    tracing::debug!(interface = %name, error = %e, "interface went away")
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        self.attached.retain(|i, _| live.contains_key(i));
+        for ifindex in self.dp.pinned_ifindexes(datapath::PROG_FROM_POD) {
+            if !live.contains_key(&ifindex) {
+                self.dp.unpin(datapath::PROG_FROM_POD, ifindex)?;
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn apply_plan(&mut self) -> Result<()> {
+        let path = self.opts.entries.clone();
+        let meta = fs::metadata(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        let stamp: FileStamp = (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len());
+        // Pod interfaces come and go all the time and never hold egress IPs: leave them out of
+        // what decides whether the plan must be re-evaluated.
+        let interfaces: Vec<desired::Interface> = netdev::interfaces()?
+            .into_iter()
+            .filter(|i| {
+                i.name != self.opts.tunnel.device
+                    && !netdev::is_pod_interface(&self.opts.pod_interfaces, &i.name)
+            })
+            .collect();
+        if let Some((s, i)) = &self.applied
+            && *s == stamp
+            && *i == interfaces
+        {
+            return Ok(());
+        }
+        self.applied = None;
+
+        let bytes = fs::read(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        self.plan_reads += 1;
+        let plan: sluice_proto::PlanDocument = serde_json::from_slice(&bytes).map_err(|e| Error::Plan {
+            path: path.clone(),
+            source: Box::new(e),
+        })?;
+        let section = plan.node(&self.opts.node).ok_or_else(|| Error::NodeNotInPlan {
+            path: path.clone(),
+            node: self.opts.node.clone(),
+        })?;
+        let host = Host {
+            node_ip: self.opts.node_ip,
+            interfaces: interfaces.clone(),
+            default_route_interface: netdev::default_route_interface(),
+        };
+        let want = desired::desired(&section.entries, &host, &mut self.ids)?;
+        for problem in &want.problems {
+            tracing::error!(error = %problem, "entry programmed to drop");
+        }
+        if want.skipped_ipv6 > 0 {
+            tracing::warn!(
+                entries = want.skipped_ipv6,
+                "IPv6 entries are not supported yet; skipped"
+            );
+        }
+        if want.policy.len() > self.opts.policy_map_max as usize {
+            tracing::error!(
+                entries = want.policy.len(),
+                max = self.opts.policy_map_max,
+                "the plan does not fit the policy map (raise --policy-map-max)"
+            );
+        }
+
+        // 1. SNAT rules for both the old and the new egress IPs, so no entry is ever ahead of
+        //    its rule; 2. the maps, upserts first; 3. the rules as wanted.
+        let mut union = self.snat.clone();
+        for (ip, ids) in &want.snat {
+            union.entry(*ip).or_default().extend(ids);
+        }
+        self.apply_nft(&union)?;
+        for iface in &want.egress_interfaces {
+            netdev::loosen_rp_filter(iface)?;
+        }
+        let t = sync::reconcile(
+            &mut PolicyStore(&mut self.dp.maps.policy),
+            &mut self.policy,
+            &want.policy,
+        )?;
+        self.map_writes += t.writes();
+        let gone: Vec<u32> = self
+            .names
+            .keys()
+            .filter(|id| !want.names.contains_key(id))
+            .copied()
+            .collect();
+        sync::reconcile(
+            &mut HashStore(&mut self.dp.maps.names),
+            &mut self.names,
+            &want.names,
+        )?;
+        for id in gone {
+            let _ = self.dp.maps.policy_stats.remove(&id);
+        }
+        self.apply_nft(&want.snat)?;
+        self.snat = want.snat;
+
+        tracing::info!(
+            entries = self.policy.len(),
+            upserted = t.upserted,
+            deleted = t.deleted,
+            "plan applied"
+        );
+        self.write_status(&bytes, t, &want.problems)?;
+        // Entries with problems are re-evaluated when the plan or an interface changes (an
+        // egress IP being added, say), not on every tick.
+        self.applied = Some((stamp, interfaces));
+        Ok(())
+    }
+
+    fn apply_nft(&mut self, snat: &BTreeMap<Ipv4Addr, BTreeSet<u32>>) -> Result<()> {
+        let ruleset = nat::ruleset(snat);
+        if self.nft.as_deref() != Some(ruleset.as_str()) {
+            nat::apply(&ruleset)?;
+            self.nft = Some(ruleset);
+        }
+        Ok(())
+    }
+
+    fn write_status(&self, plan: &[u8], t: Transition, problems: &[Error]) -> Result<()> {
+        let Some(path) = &self.opts.status_file else {
+            return Ok(());
+        };
+        let status = serde_json::json!({
+            "plan": format!("{:016x}", xxhash_rust::xxh3::xxh3_64(plan)),
+            "entries": self.policy.len(),
+            "upserted": t.upserted,
+            "deleted": t.deleted,
+            "mapWrites": self.map_writes,
+            "planReads": self.plan_reads,
+            "problems": problems.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        });
+        write_atomically(path, status.to_string().as_bytes())
+    }
+
+    fn refresh_metrics(&self) {
+        let outcomes = self.dp.maps.outcome_counters().unwrap_or_default();
+        let policies = self.dp.maps.policy_counters().unwrap_or_default();
+        let names: BTreeMap<u32, String> = self.names.iter().map(|(id, n)| (*id, n.as_str())).collect();
+        self.metrics.update(|s| {
+            s.outcomes = outcomes.into_iter().map(|(_, name, c)| (name, c)).collect();
+            s.policies = policies
+                .into_iter()
+                .map(|(id, c)| (names.get(&id).cloned().unwrap_or_else(|| format!("#{id}")), c))
+                .collect();
+            s.policy_entries = self.policy.len() as u64;
+            s.policy_map_max = u64::from(self.opts.policy_map_max);
+            s.attached_interfaces = self.attached.len() as u64;
+            s.map_writes = self.map_writes;
+            s.apply_errors = self.apply_errors;
+        });
+    }
+}
+
+/// Writes `path` by renaming a sibling temporary file over it.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, bytes).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    fs::rename(&tmp, path).map_err(|e| Error::io(format!("renaming to {}", path.display()), e))
+}
+
+fn sync_cluster(map: &mut aya::maps::LpmTrie<MapData, u32, u32>, cidrs: &[Ipv4Net]) -> Result<()> {
+    let mut current = BTreeMap::new();
+    for item in map.iter() {
+        let (key, value) = item.map_err(|source| Error::Map {
+            name: maps::CLUSTER_V4,
+            action: "reading".into(),
+            source,
+        })?;
+        current.insert((key.prefix_len(), key.data()), value);
+    }
+    let desired: BTreeMap<(u32, u32), u32> = cidrs
+        .iter()
+        .map(|c| {
+            let c = c.trunc();
+            let key = CidrKeyV4 {
+                prefixlen: u32::from(c.prefix_len()),
+                addr: maps::be(c.network()),
+            };
+            ((key.prefixlen, key.addr), 1)
+        })
+        .collect();
+    struct ClusterStore<'a>(&'a mut aya::maps::LpmTrie<MapData, u32, u32>);
+    impl Store<(u32, u32), u32> for ClusterStore<'_> {
+        type Error = Error;
+        fn upsert(&mut self, k: &(u32, u32), v: &u32) -> Result<()> {
+            self.0
+                .insert(&Key::new(k.0, k.1), v, 0)
+                .map_err(|source| Error::Map {
+                    name: maps::CLUSTER_V4,
+                    action: "writing".into(),
+                    source,
+                })
+        }
+        fn remove(&mut self, k: &(u32, u32)) -> Result<()> {
+            ignore_missing(self.0.remove(&Key::new(k.0, k.1)), maps::CLUSTER_V4)
+        }
+    }
+    sync::reconcile(&mut ClusterStore(map), &mut current, &desired)?;
+    Ok(())
+}
+
+/// The policy names map as a [`Store`].
+struct HashStore<'a>(&'a mut aya::maps::HashMap<MapData, u32, PolicyName>);
+
+impl Store<u32, PolicyName> for HashStore<'_> {
+    type Error = Error;
+    fn upsert(&mut self, key: &u32, value: &PolicyName) -> Result<()> {
+        self.0.insert(key, value, 0).map_err(|source| Error::Map {
+            name: maps::POLICY_NAMES,
+            action: "writing".into(),
+            source,
+        })
+    }
+    fn remove(&mut self, key: &u32) -> Result<()> {
+        ignore_missing(self.0.remove(key), maps::POLICY_NAMES)
+    }
+}
+
+/// Displays an error with its chain of causes.
+pub struct DisplayChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for DisplayChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            write!(f, ": {e}")?;
+            cur = e.source();
+        }
+        Ok(())
+    }
+}

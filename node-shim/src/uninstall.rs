@@ -1,0 +1,48 @@
+//! `sluice-shim uninstall`: take Sluice off a node.
+
+use std::{fs, io, path::Path};
+
+use crate::{
+    error::{Error, Result},
+    netdev,
+};
+
+/// Removes, in this order: the pinned links (TCX links detach when their last reference goes, so
+/// the datapath stops here and traffic takes the normal path), the pinned programs and maps, the
+/// nftables table, the reply rule and route, and the tunnel device. Missing pieces are fine.
+pub fn uninstall(bpffs_dir: &Path, tunnel_device: &str, reply_table: u32) -> Result<()> {
+    remove_tree(&bpffs_dir.join("links"))?;
+    remove_tree(bpffs_dir)?;
+    let _ = netdev::run("nft", &["delete", "table", "ip", "sluice"], None);
+    let table = reply_table.to_string();
+    // Bounded: one rule is installed; a few more tries cover duplicates added by hand.
+    for _ in 0..8 {
+        if netdev::ip(&["-4", "rule", "del", "pref", &table]).is_err() {
+            break;
+        }
+    }
+    let _ = netdev::ip(&["-4", "route", "flush", "table", &table]);
+    if netdev::ifindex(tunnel_device).is_some() {
+        netdev::ip(&["link", "del", tunnel_device])?;
+    }
+    Ok(())
+}
+
+fn remove_tree(dir: &Path) -> Result<()> {
+    match fs::read_dir(dir) {
+        Ok(entries) => {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    remove_tree(&path)?;
+                } else {
+                    fs::remove_file(&path)
+                        .map_err(|e| Error::io(format!("removing {}", path.display()), e))?;
+                }
+            }
+            fs::remove_dir(dir).map_err(|e| Error::io(format!("removing {}", dir.display()), e))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("listing {}", dir.display()), e)),
+    }
+}

@@ -1,0 +1,402 @@
+//! End-to-end tests of the datapath with real packets, in network namespaces (needs root).
+//!
+//! Each test builds a fresh little cluster (see `harness`), runs one `sluice-shim` per node as a
+//! child process inside the node's namespace, writes the plan file and checks what an external
+//! host sees. Tests run one at a time (a global lock): they share the machine's kernel.
+
+mod harness;
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use harness::{Cluster, EGRESS_N1, EGRESS_N3, EXT_A, EXT_B, EXT_EXCLUDED, Gw, Rule};
+use sluice_shim::{
+    datapath::{Datapath, PolicyStore},
+    maps::{self, PolicyKeyV4, PolicyValueV4},
+    sync,
+};
+
+/// Returns the cluster, or `None` (after printing a SKIP line) when not root.
+fn cluster(name: &str) -> Option<Cluster> {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIP datapath_e2e::{name}: needs root (network namespaces, eBPF); CI runs it as root");
+        return None;
+    }
+    Some(Cluster::new())
+}
+
+fn policy_a(source: &'static str) -> Rule {
+    Rule {
+        policy: "egress-a",
+        source,
+        destination: "203.0.113.0/24",
+        gateway: Gw::Node("n1", EGRESS_N1),
+    }
+}
+
+#[test]
+fn pod_on_another_node_leaves_through_the_gateway_with_its_egress_ip() {
+    let Some(mut c) = cluster("pod_on_another_node") else {
+        return;
+    };
+    c.apply(&[policy_a("p2")]);
+    let mut conn = c.connect("p2", EXT_A).expect("connects through the gateway");
+    assert_eq!(conn.greeting, EGRESS_N1);
+    // A full exchange, with segments in both directions larger than one packet.
+    for _ in 0..3 {
+        assert_eq!(conn.exchange(100_000, 300_000).unwrap(), EGRESS_N1);
+    }
+    assert!(c.counter("n2", "steered") > 0);
+    assert!(c.counter("n1", "egressed") > 0);
+    assert!(c.counter("n1", "reply_encapsulated") > 0);
+    assert!(c.counter("n2", "reply_delivered") > 0);
+    // Another pod on the same node, outside the policy, keeps the normal path.
+    assert_eq!(c.fetch("p3", EXT_A).unwrap(), c.node_ip("n2"));
+
+    // A resync with nothing changed writes nothing.
+    let before = c.status("n1");
+    c.apply(&[policy_a("p2")]);
+    let after = c.status("n1");
+    assert!(
+        after["planReads"].as_u64() > before["planReads"].as_u64(),
+        "the plan was re-read"
+    );
+    assert_eq!(after["mapWrites"], before["mapWrites"], "and nothing was written");
+    assert!(c.bpf_list("n1").contains("192.0.2.101"), "{}", c.bpf_list("n1"));
+}
+
+#[test]
+fn pod_on_the_gateway_node_leaves_with_the_egress_ip() {
+    let Some(mut c) = cluster("pod_on_the_gateway_node") else {
+        return;
+    };
+    c.apply(&[policy_a("p1")]);
+    let mut conn = c.connect("p1", EXT_A).expect("connects");
+    assert_eq!(conn.greeting, EGRESS_N1);
+    assert_eq!(conn.exchange(50_000, 200_000).unwrap(), EGRESS_N1);
+    assert!(c.counter("n1", "local_egress") > 0);
+}
+
+#[test]
+fn other_destinations_and_excluded_cidrs_take_the_normal_path() {
+    let Some(mut c) = cluster("other_destinations") else {
+        return;
+    };
+    let excluded = Rule {
+        policy: "egress-a",
+        source: "p2",
+        destination: "203.0.113.128/25",
+        gateway: Gw::Excluded,
+    };
+    c.apply(&[policy_a("p2"), excluded]);
+    assert_eq!(c.fetch("p2", EXT_A).unwrap(), EGRESS_N1);
+    assert_eq!(
+        c.fetch("p2", EXT_B).unwrap(),
+        c.node_ip("n2"),
+        "not in the policy"
+    );
+    assert_eq!(c.fetch("p2", EXT_EXCLUDED).unwrap(), c.node_ip("n2"), "excluded");
+    assert!(c.counter("n2", "excluded") > 0);
+}
+
+#[test]
+fn no_gateway_drops_and_counts_and_fallback_takes_the_normal_path() {
+    let Some(mut c) = cluster("no_gateway") else {
+        return;
+    };
+    c.apply(&[Rule {
+        policy: "egress-a",
+        source: "p2",
+        destination: "203.0.113.0/24",
+        gateway: Gw::None,
+    }]);
+    assert!(
+        c.fetch("p2", EXT_A).is_err(),
+        "no usable gateway: the connection must fail"
+    );
+    assert!(c.counter("n2", "dropped_no_gateway") > 0);
+
+    c.apply(&[Rule {
+        policy: "egress-a",
+        source: "p2",
+        destination: "203.0.113.0/24",
+        gateway: Gw::Fallback,
+    }]);
+    assert_eq!(c.fetch("p2", EXT_A).unwrap(), c.node_ip("n2"));
+    assert!(c.counter("n2", "fallback") > 0);
+}
+
+#[test]
+fn two_policies_with_different_gateways_and_egress_ips() {
+    let Some(mut c) = cluster("two_policies") else {
+        return;
+    };
+    let b = |source| Rule {
+        policy: "egress-b",
+        source,
+        destination: "198.51.100.0/24",
+        gateway: Gw::Node("n3", EGRESS_N3),
+    };
+    c.apply(&[policy_a("p2"), policy_a("p1"), b("p2"), b("p1")]);
+    assert_eq!(c.fetch("p2", EXT_A).unwrap(), EGRESS_N1);
+    assert_eq!(c.fetch("p2", EXT_B).unwrap(), EGRESS_N3);
+    assert_eq!(c.fetch("p1", EXT_A).unwrap(), EGRESS_N1);
+    assert_eq!(c.fetch("p1", EXT_B).unwrap(), EGRESS_N3);
+    let counters = c.bpf_counters("n3");
+    assert!(counters.contains("egress-b"), "{counters}");
+}
+
+#[test]
+fn removing_the_entries_restores_the_normal_path() {
+    let Some(mut c) = cluster("removing_entries") else {
+        return;
+    };
+    c.apply(&[policy_a("p2"), policy_a("p1")]);
+    assert_eq!(c.fetch("p2", EXT_A).unwrap(), EGRESS_N1);
+    c.apply(&[]);
+    assert_eq!(c.fetch("p2", EXT_A).unwrap(), c.node_ip("n2"));
+    assert_eq!(c.fetch("p1", EXT_A).unwrap(), c.node_ip("n1"));
+    assert_eq!(c.bpf_list("n1").lines().count(), 1, "only the header is left");
+}
+
+#[test]
+fn an_open_connection_survives_a_shim_sigkill_and_restart() {
+    let Some(mut c) = cluster("shim_restart") else {
+        return;
+    };
+    c.apply(&[policy_a("p2"), policy_a("p1")]);
+    let mut remote = c.connect("p2", EXT_A).unwrap();
+    let mut local = c.connect("p1", EXT_A).unwrap();
+    assert_eq!(
+        (remote.greeting.as_str(), local.greeting.as_str()),
+        (EGRESS_N1, EGRESS_N1)
+    );
+
+    for node in ["n1", "n2", "n3"] {
+        c.kill_shim(node);
+    }
+    // The datapath keeps working while the shims are down...
+    assert_eq!(remote.exchange(10_000, 10_000).unwrap(), EGRESS_N1);
+    assert_eq!(local.exchange(10_000, 10_000).unwrap(), EGRESS_N1);
+    for node in ["n1", "n2", "n3"] {
+        c.start_shim(node);
+    }
+    c.wait_applied();
+    // ...and after they adopted it, nothing was rewritten and the connections go on.
+    assert_eq!(c.status("n1")["mapWrites"], 0, "{}", c.status("n1"));
+    assert_eq!(remote.exchange(100_000, 100_000).unwrap(), EGRESS_N1);
+    assert_eq!(local.exchange(100_000, 100_000).unwrap(), EGRESS_N1);
+    assert_eq!(c.fetch("p2", EXT_A).unwrap(), EGRESS_N1);
+}
+
+#[test]
+fn unrelated_changes_never_disturb_a_stream_of_new_connections() {
+    let Some(mut c) = cluster("unrelated_changes") else {
+        return;
+    };
+    let base = vec![policy_a("p2")];
+    c.apply(&base);
+    let stream = c.stream("p2", EXT_A);
+
+    let b = Rule {
+        policy: "egress-b",
+        source: "p1",
+        destination: "198.51.100.0/24",
+        gateway: Gw::Node("n3", EGRESS_N3),
+    };
+    let excluded = Rule {
+        policy: "egress-a",
+        source: "p2",
+        destination: "203.0.113.128/25",
+        gateway: Gw::Excluded,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for round in 0..5 {
+        assert!(Instant::now() < deadline, "bounded");
+        c.apply(&[base[0].clone(), b.clone()]);
+        c.apply(&base);
+        c.apply(&[base[0].clone(), excluded.clone()]);
+        c.apply(&base);
+        eprintln!("round {round} of changes applied");
+    }
+    let results = stream.stop();
+    eprintln!("{} new connections during the changes", results.len());
+    assert!(
+        results.len() >= 20,
+        "the stream ran ({} connections)",
+        results.len()
+    );
+    let bad: Vec<_> = results.iter().filter(|r| r.as_deref() != Ok(EGRESS_N1)).collect();
+    assert!(
+        bad.is_empty(),
+        "{} of {} connections failed or took another path: {:?}",
+        bad.len(),
+        results.len(),
+        bad
+    );
+}
+
+#[test]
+fn users_get_clear_errors() {
+    let Some(mut c) = cluster("users_get_clear_errors") else {
+        return;
+    };
+    let shim = env!("CARGO_BIN_EXE_sluice-shim");
+
+    // bpffs not mounted where the maps should be pinned.
+    let not_bpffs = c.scratch().join("not-bpffs");
+    let out = Command::new(shim)
+        .arg("--bpffs-dir")
+        .arg(&not_bpffs)
+        .args(["bpf", "list"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("mount -t bpf bpf /sys/fs/bpf"),
+        "{stderr}"
+    );
+
+    // No permission to use bpf(2).
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            shim,
+        ])
+        .arg("--bpffs-dir")
+        .arg(c.bpffs().join("n1"))
+        .args(["bpf", "list"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("permission denied using bpf(2)"),
+        "{stderr}"
+    );
+
+    // An egress IP the gateway does not have: a clear error, and the traffic is dropped, not leaked.
+    c.apply(&[Rule {
+        policy: "egress-a",
+        source: "p2",
+        destination: "203.0.113.0/24",
+        gateway: Gw::Node("n1", "192.0.2.199"),
+    }]);
+    let problems = c.status("n1")["problems"].to_string();
+    assert!(
+        problems
+            .contains("egress IP 192.0.2.199 of policy \\\"egress-a\\\" is not assigned to any interface"),
+        "{problems}"
+    );
+    assert!(c.fetch("p2", EXT_A).is_err());
+    assert!(c.counter("n1", "dropped_no_egress_ip") > 0);
+
+    // An egress interface the gateway does not have.
+    c.apply(&[Rule {
+        policy: "egress-a",
+        source: "p2",
+        destination: "203.0.113.0/24",
+        gateway: Gw::NodeVia("n1", EGRESS_N1, "eth9"),
+    }]);
+    let problems = c.status("n1")["problems"].to_string();
+    assert!(problems.contains("egress interface \\\"eth9\\\""), "{problems}");
+
+    // Named correctly, it works.
+    c.apply(&[Rule {
+        policy: "egress-a",
+        source: "p2",
+        destination: "203.0.113.0/24",
+        gateway: Gw::NodeVia("n1", EGRESS_N1, "eth0"),
+    }]);
+    assert_eq!(c.fetch("p2", EXT_A).unwrap(), EGRESS_N1);
+}
+
+#[test]
+fn the_policy_map_holds_a_million_entries() {
+    let Some(c) = cluster("a_million_entries") else {
+        return;
+    };
+    const N: u32 = 1_000_000;
+    let mut dp = Datapath::load(&c.bpffs().join("million"), N).expect("loads with a 1M-entry policy map");
+    let value = |i: u32| PolicyValueV4 {
+        kind: maps::KIND_GATEWAY,
+        gateway_ip: maps::be(Ipv4Addr::new(192, 0, 2, 11)),
+        policy_id: 1 + i % 100,
+        ..Default::default()
+    };
+    let key = |i: u32| PolicyKeyV4::new(Ipv4Addr::from(0x0a00_0000 + i), "203.0.113.0/24".parse().unwrap());
+    let desired: BTreeMap<PolicyKeyV4, PolicyValueV4> = (0..N).map(|i| (key(i), value(i))).collect();
+    let mut current = BTreeMap::new();
+    let started = Instant::now();
+    let t = sync::reconcile(&mut PolicyStore(&mut dp.maps.policy), &mut current, &desired).unwrap();
+    eprintln!("{N} entries written in {:?}", started.elapsed());
+    assert_eq!(t.upserted, u64::from(N));
+    for i in [0, 4_242, N - 1] {
+        assert_eq!(dp.maps.policy.get(&key(i).lpm(), 0).unwrap(), value(i));
+    }
+    let t = sync::reconcile(&mut PolicyStore(&mut dp.maps.policy), &mut current, &desired).unwrap();
+    assert_eq!(t.writes(), 0, "a resync with no change writes nothing");
+}
+
+#[test]
+fn pods_created_and_deleted_later_are_followed() {
+    let Some(mut c) = cluster("pods_created_later") else {
+        return;
+    };
+    let before = c.pinned_pod_links("n2");
+    c.add_pod("p4", "n2", "10.244.2.12");
+    c.apply(&[policy_a("p4")]);
+    assert_eq!(c.fetch("p4", EXT_A).unwrap(), EGRESS_N1);
+
+    c.delete_pod("p4");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.pinned_pod_links("n2") != before {
+        assert!(
+            Instant::now() < deadline,
+            "the link of the deleted pod's interface is unpinned"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_deleted_tunnel_device_is_recreated_and_steering_resumes() {
+    let Some(mut c) = cluster("tunnel_recreated") else {
+        return;
+    };
+    c.apply(&[policy_a("p2")]);
+    assert_eq!(c.fetch("p2", EXT_A).unwrap(), EGRESS_N1);
+    for node in ["n1", "n2"] {
+        c.ip_on(node, &["link", "del", "sluice-vx0"]);
+    }
+    // Until the shims notice, steered traffic is dropped (fail closed), never sent the normal way.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.fetch("p2", EXT_A) {
+            Ok(seen) => {
+                assert_eq!(seen, EGRESS_N1);
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "steering did not resume: {e}"),
+        }
+    }
+}
+
+#[test]
+fn uninstall_restores_the_normal_path_and_removes_everything() {
+    let Some(mut c) = cluster("uninstall") else { return };
+    c.apply(&[policy_a("p2")]);
+    assert_eq!(c.fetch("p2", EXT_A).unwrap(), EGRESS_N1);
+    for node in ["n1", "n2", "n3"] {
+        c.kill_shim(node);
+        c.uninstall(node);
+    }
+    assert_eq!(c.fetch("p2", EXT_A).unwrap(), c.node_ip("n2"));
+    assert!(!c.bpffs().join("n2").exists());
+}
