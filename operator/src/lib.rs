@@ -1,6 +1,7 @@
 //! The Sluice control plane.
 pub mod api;
 pub mod cli;
+pub mod live;
 pub mod manifests;
 pub mod model;
 pub mod objects;

@@ -1,5 +1,10 @@
 //! Developer tasks: `cargo xtask <command>`.
-use std::path::{Path, PathBuf};
+mod deps;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command as Process,
+};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -18,6 +23,9 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// The whole test suite, as CI runs it: formatting, generated files, clippy, every test
+    /// (the datapath tests need root). Installs missing Debian packages when run as root.
+    Test,
 }
 
 fn main() {
@@ -30,6 +38,37 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Codegen { check } => codegen(check),
+        Command::Test => test(),
+    }
+}
+
+/// Runs a command from the workspace root, failing with its name if it fails.
+fn run_step(name: &str, program: &str, args: &[&str]) -> Result<()> {
+    eprintln!("==> {name}: {program} {}", args.join(" "));
+    let status = Process::new(program)
+        .args(args)
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("starting {program}"))?;
+    if !status.success() {
+        bail!("{name} failed ({status})");
+    }
+    Ok(())
+}
+
+fn test() -> Result<()> {
+    deps::ensure(deps::DATAPATH)?;
+    if !deps::is_root() {
+        eprintln!("note: not root: the datapath end-to-end tests will be skipped (they say SKIP)");
+    }
+    run_step("format", "cargo", &["fmt", "--all", "--", "--check"])?;
+    eprintln!("==> generated files");
+    codegen(true)?;
+    run_step("lint", "cargo", &["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"])?;
+    if deps::have("cargo-nextest") {
+        run_step("tests", "cargo", &["nextest", "run", "--workspace", "--locked", "--no-fail-fast"])
+    } else {
+        run_step("tests", "cargo", &["test", "--workspace", "--locked", "--no-fail-fast"])
     }
 }
 
