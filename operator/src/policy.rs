@@ -200,3 +200,90 @@ fn parse_gateway(field: &str, g: &EgressGateway) -> Result<GatewayConfig, Policy
         max_nodes,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+    use super::*;
+    use crate::api::EgressRule;
+
+    fn spec() -> EgressGatewayPolicySpec {
+        EgressGatewayPolicySpec {
+            selectors: vec![EgressRule { pod_selector: Some(LabelSelector::default()), ..Default::default() }],
+            destination_cidrs: vec!["203.0.113.0/24".into()],
+            egress_gateway: Some(EgressGateway::default()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn host_bits_are_ignored_and_duplicates_dropped() {
+        let mut s = spec();
+        s.destination_cidrs = vec!["10.1.2.3/16".into(), "10.1.0.0/16".into(), " 2001:db8::1/64 ".into()];
+        let c = parse(&s).unwrap();
+        let want: Vec<IpNet> = vec!["10.1.0.0/16".parse().unwrap(), "2001:db8::/64".parse().unwrap()];
+        assert_eq!(c.destinations, want);
+    }
+
+    #[test]
+    fn egress_gateways_replace_the_single_gateway() {
+        let mut s = spec();
+        s.egress_gateway = Some(EgressGateway { interface: Some("eth9".into()), ..Default::default() });
+        s.egress_gateways = vec![
+            EgressGateway { egress_ip: Some("192.0.2.1".into()), max_gateway_nodes: Some(3), ..Default::default() },
+            EgressGateway::default(),
+        ];
+        let c = parse(&s).unwrap();
+        assert_eq!(c.gateways.len(), 2);
+        assert_eq!(c.gateways[0].egress, EgressSource::Ip("192.0.2.1".parse().unwrap()));
+        assert_eq!(c.gateways[0].max_nodes, 3);
+        assert_eq!(c.gateways[1].egress, EgressSource::DefaultRoute);
+        assert_eq!(c.gateways[1].max_nodes, 1);
+    }
+
+    #[test]
+    fn empty_strings_mean_unset_as_in_cilium() {
+        let mut s = spec();
+        s.egress_gateway = Some(EgressGateway {
+            interface: Some(String::new()),
+            egress_ip: Some("192.0.2.1".into()),
+            ..Default::default()
+        });
+        assert_eq!(parse(&s).unwrap().gateways[0].egress, EgressSource::Ip("192.0.2.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn each_rejection_names_the_field() {
+        let cases: Vec<(fn(&mut EgressGatewayPolicySpec), &str, &str)> = vec![
+            (|s| s.selectors.clear(), "NoSelectors", "spec.selectors"),
+            (|s| s.selectors[0].pod_selector = None, "InvalidSelector", "spec.selectors[0]"),
+            (|s| s.destination_cidrs.clear(), "NoDestinations", "spec.destinationCIDRs"),
+            (|s| s.destination_cidrs.push("1.2.3.4".into()), "InvalidCIDR", "spec.destinationCIDRs[1]"),
+            (|s| s.excluded_cidrs = vec!["::1/129".into()], "InvalidCIDR", "spec.excludedCIDRs[0]"),
+            (|s| s.egress_gateway = None, "NoGateway", "spec.egressGateway"),
+            (
+                |s| s.egress_gateway.as_mut().unwrap().egress_ip = Some("fe80::1%eth0".into()),
+                "InvalidEgressIP",
+                "spec.egressGateway.egressIP",
+            ),
+            (
+                |s| s.egress_gateway.as_mut().unwrap().interface = Some("a/b".into()),
+                "InvalidInterface",
+                "spec.egressGateway.interface",
+            ),
+            (
+                |s| s.egress_gateway.as_mut().unwrap().max_gateway_nodes = Some(0),
+                "InvalidMaxGatewayNodes",
+                "spec.egressGateway.maxGatewayNodes",
+            ),
+        ];
+        for (mutate, reason, field) in cases {
+            let mut s = spec();
+            mutate(&mut s);
+            let e = parse(&s).unwrap_err();
+            assert_eq!(e.reason, reason, "{e}");
+            assert!(e.message.contains(field), "{reason}: {:?} should name {field}", e.message);
+        }
+    }
+}
