@@ -255,7 +255,8 @@ mod tests {
 
     #[test]
     fn each_rejection_names_the_field() {
-        let cases: Vec<(fn(&mut EgressGatewayPolicySpec), &str, &str)> = vec![
+        type Mutation = fn(&mut EgressGatewayPolicySpec);
+        let cases: Vec<(Mutation, &str, &str)> = vec![
             (|s| s.selectors.clear(), "NoSelectors", "spec.selectors"),
             (|s| s.selectors[0].pod_selector = None, "InvalidSelector", "spec.selectors[0]"),
             (|s| s.destination_cidrs.clear(), "NoDestinations", "spec.destinationCIDRs"),
