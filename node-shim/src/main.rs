@@ -20,7 +20,7 @@ struct Args {
 #[derive(Subcommand)]
 enum Command {
     /// Load and attach the datapath, then keep it equal to this node's entries in a plan file.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Inspect the live datapath.
     #[command(subcommand)]
     Bpf(BpfCommand),
@@ -53,8 +53,26 @@ struct RunArgs {
     #[arg(long, env = "SLUICE_NODE_IP")]
     node_ip: Ipv4Addr,
     /// The plan (`sluice-operator plan --output json`); re-read when it changes.
-    #[arg(long, env = "SLUICE_ENTRIES")]
-    entries: PathBuf,
+    #[arg(
+        long,
+        env = "SLUICE_ENTRIES",
+        required_unless_present = "operator",
+        conflicts_with = "operator"
+    )]
+    entries: Option<PathBuf>,
+    /// Take the plan from the operator instead: `https://host:port` (or `http://` for local
+    /// demos). Reconnects with backoff; the datapath keeps its state while disconnected.
+    #[arg(long, env = "SLUICE_OPERATOR")]
+    operator: Option<String>,
+    /// PEM CA bundle that signed the operator's certificate.
+    #[arg(long, env = "SLUICE_CA_FILE", requires = "operator")]
+    ca_file: Option<PathBuf>,
+    /// The name in the operator's certificate, when it is not the URL's host.
+    #[arg(long, env = "SLUICE_SERVER_NAME", requires = "operator")]
+    server_name: Option<String>,
+    /// The projected ServiceAccount token to authenticate with (re-read at every connection).
+    #[arg(long, env = "SLUICE_TOKEN_FILE", requires = "operator")]
+    token_file: Option<PathBuf>,
     /// In-cluster CIDRs (pod CIDRs, service CIDR, node subnets), never steered. Repeat or comma-separate.
     #[arg(long = "cluster-cidr", env = "SLUICE_CLUSTER_CIDRS", value_delimiter = ',')]
     cluster_cidrs: Vec<Ipv4Net>,
@@ -104,14 +122,39 @@ fn main() -> anyhow::Result<()> {
             reply_table,
         } => sluice_shim::uninstall::uninstall(&bpffs_dir, &tunnel_device, reply_table)?,
         Command::Run(a) => {
+            let a = *a;
             let metrics_addr = match a.metrics_addr.as_str() {
                 "off" | "" => None,
                 addr => Some(addr.parse().with_context(|| format!("--metrics-addr {addr:?}"))?),
             };
-            run::run(run::Options {
+            let mut link = None;
+            let plan = match (a.entries, a.operator) {
+                (Some(path), _) => run::PlanSource::File(path),
+                (None, Some(url)) => {
+                    let mut config = sluice_proto::client::Config::new(url);
+                    config.ca_pem = a
+                        .ca_file
+                        .as_ref()
+                        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+                        .transpose()?;
+                    config.server_name = a.server_name;
+                    config.token_file = a.token_file;
+                    let l = sluice_shim::client::start(
+                        config,
+                        a.node.clone(),
+                        a.pod_interfaces.clone(),
+                        a.tunnel_device.clone(),
+                    )?;
+                    let plans = l.plans.clone();
+                    link = Some(l);
+                    run::PlanSource::Operator(plans)
+                }
+                (None, None) => anyhow::bail!("--entries or --operator is required"),
+            };
+            let opts = run::Options {
                 node: a.node,
                 node_ip: a.node_ip,
-                entries: a.entries,
+                plan,
                 cluster_cidrs: a.cluster_cidrs,
                 pod_interfaces: a.pod_interfaces,
                 bpffs_dir,
@@ -126,7 +169,11 @@ fn main() -> anyhow::Result<()> {
                 metrics_addr,
                 interval: Duration::from_millis(a.interval_ms),
                 status_file: a.status_file,
-            })?;
+            };
+            match link {
+                None => run::run(opts)?,
+                Some(link) => run::run_woken(opts, link)?,
+            }
         }
     }
     Ok(())

@@ -212,14 +212,14 @@ fn tunnel_matches(t: &Tunnel) -> Result<bool> {
 /// unchanged), as Cilium does.
 pub fn relax_rp_filter(tunnel_device: &str) -> Result<()> {
     let read = |key: &str| -> u32 {
-        fs::read_to_string(Path::new("/proc/sys").join(key))
+        fs::read_to_string(proc_sys().join(key))
             .ok()
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
     };
     let all = read("net/ipv4/conf/all/rp_filter");
     if all != 0 {
-        for entry in fs::read_dir("/proc/sys/net/ipv4/conf")
+        for entry in fs::read_dir(proc_sys().join("net/ipv4/conf"))
             .map_err(|e| Error::io("listing ipv4 conf", e))?
             .flatten()
         {
@@ -242,16 +242,24 @@ pub fn relax_rp_filter(tunnel_device: &str) -> Result<()> {
 /// loose stay as they are.
 pub fn loosen_rp_filter(interface: &str) -> Result<()> {
     let key = format!("net/ipv4/conf/{interface}/rp_filter");
-    let current = fs::read_to_string(Path::new("/proc/sys").join(&key)).unwrap_or_default();
+    let current = fs::read_to_string(proc_sys().join(&key)).unwrap_or_default();
     if current.trim() == "1" {
         sysctl(&key, "2")?;
     }
     Ok(())
 }
 
-/// Writes `/proc/sys/<key>`.
+/// Where the network sysctls are read and written: `/proc/sys`, or `$SLUICE_PROC_SYS_DIR` when set.
+/// A container that is not privileged sees `/proc/sys` read-only and cannot have a writable mount
+/// on top of it, so the Helm chart mounts the host's `/proc/sys/net` at `/host/proc/sys/net` and
+/// sets `SLUICE_PROC_SYS_DIR=/host/proc/sys` (with host networking it is the same network namespace).
+pub fn proc_sys() -> std::path::PathBuf {
+    std::env::var_os("SLUICE_PROC_SYS_DIR").map_or_else(|| "/proc/sys".into(), Into::into)
+}
+
+/// Writes `<proc_sys()>/<key>`.
 pub fn sysctl(key: &str, value: &str) -> Result<()> {
-    let path = Path::new("/proc/sys").join(key);
+    let path = proc_sys().join(key);
     fs::write(&path, value).map_err(|e| Error::io(format!("writing {} = {value}", path.display()), e))
 }
 

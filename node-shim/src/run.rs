@@ -8,8 +8,12 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use std::sync::Arc;
+
 use aya::maps::{MapData, lpm_trie::Key};
 use ipnet::Ipv4Net;
+use sluice_proto::client::{Applied, NodeState};
+use tokio::sync::watch;
 
 use crate::{
     datapath::{self, Datapath, PolicyStore, ignore_missing},
@@ -26,7 +30,7 @@ use crate::{
 pub struct Options {
     pub node: String,
     pub node_ip: Ipv4Addr,
-    pub entries: PathBuf,
+    pub plan: PlanSource,
     pub cluster_cidrs: Vec<Ipv4Net>,
     pub pod_interfaces: Vec<String>,
     pub bpffs_dir: PathBuf,
@@ -36,6 +40,58 @@ pub struct Options {
     pub metrics_addr: Option<SocketAddr>,
     pub interval: Duration,
     pub status_file: Option<PathBuf>,
+}
+
+/// Where the node's plan comes from.
+#[derive(Clone, Debug)]
+pub enum PlanSource {
+    /// A plan document (`sluice-operator plan --output json`), re-read when it changes.
+    File(PathBuf),
+    /// The operator, over the node channel (see [`crate::client`]).
+    Operator(OperatorPlans),
+}
+
+/// The datapath side of the node channel: the latest state the operator wants, and the
+/// generation applied (which the session acknowledges).
+#[derive(Clone, Debug)]
+pub struct OperatorPlans {
+    pub plans: watch::Receiver<Option<Arc<NodeState>>>,
+    pub applied: Arc<watch::Sender<Applied>>,
+}
+
+/// Like [`run`], but also woken by `wake` (a new plan from the operator) between ticks.
+/// `link` (and with it the session to the operator) lives as long as this loop.
+pub fn run_woken(opts: Options, link: crate::client::Link) -> Result<()> {
+    let mut agent = Agent::start(opts)?;
+    let wake_tx = link.wake_tx.clone();
+    let wake = &link.wake;
+    let events = netdev::LinkEvents::open()?;
+    std::thread::Builder::new()
+        .name("link-events".into())
+        .spawn(move || {
+            loop {
+                if events.wait(Duration::from_secs(3600)) {
+                    std::thread::sleep(Duration::from_millis(10));
+                    events.wait(Duration::ZERO);
+                    if wake_tx.send(()).is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+        .map_err(|e| Error::io("starting the link events thread".to_owned(), e))?;
+    loop {
+        agent.tick();
+        match wake.recv_timeout(agent.opts.interval) {
+            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => while wake.try_recv().is_ok() {},
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(Error::io(
+                    "the node channel".to_owned(),
+                    std::io::Error::other("stopped"),
+                ));
+            }
+        }
+    }
 }
 
 /// Runs until an unrecoverable error. Transient failures (a bad plan file, a missing egress IP)
@@ -53,8 +109,12 @@ pub fn run(opts: Options) -> Result<()> {
     }
 }
 
-/// The stat of the plan file that tells it changed.
-type FileStamp = (SystemTime, u64);
+/// What tells that the plan changed: the plan file's stat, or the operator's generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FileStamp {
+    File(SystemTime, u64),
+    Generation(u64),
+}
 
 /// The running shim.
 pub struct Agent {
@@ -236,9 +296,23 @@ impl Agent {
     }
 
     fn apply_plan(&mut self) -> Result<()> {
-        let path = self.opts.entries.clone();
-        let meta = fs::metadata(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-        let stamp: FileStamp = (meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len());
+        let (stamp, state) = match &self.opts.plan {
+            PlanSource::File(path) => {
+                let meta =
+                    fs::metadata(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+                (
+                    FileStamp::File(meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len()),
+                    None,
+                )
+            }
+            PlanSource::Operator(link) => {
+                // Nothing from the operator yet: the pinned maps stay as they are.
+                let Some(state) = link.plans.borrow().clone() else {
+                    return Ok(());
+                };
+                (FileStamp::Generation(state.generation), Some(state))
+            }
+        };
         // Pod interfaces come and go all the time and never hold egress IPs: leave them out of
         // what decides whether the plan must be re-evaluated.
         let interfaces: Vec<desired::Interface> = netdev::interfaces()?
@@ -256,22 +330,34 @@ impl Agent {
         }
         self.applied = None;
 
-        let bytes = fs::read(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
         self.plan_reads += 1;
-        let plan: sluice_proto::PlanDocument = serde_json::from_slice(&bytes).map_err(|e| Error::Plan {
-            path: path.clone(),
-            source: Box::new(e),
-        })?;
-        let section = plan.node(&self.opts.node).ok_or_else(|| Error::NodeNotInPlan {
-            path: path.clone(),
-            node: self.opts.node.clone(),
-        })?;
+        let (bytes, entries) = match (&self.opts.plan, &state) {
+            (PlanSource::File(path), _) => {
+                let bytes =
+                    fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+                let plan: sluice_proto::PlanDocument =
+                    serde_json::from_slice(&bytes).map_err(|e| Error::Plan {
+                        path: path.clone(),
+                        source: Box::new(e),
+                    })?;
+                let section = plan.node(&self.opts.node).ok_or_else(|| Error::NodeNotInPlan {
+                    path: path.clone(),
+                    node: self.opts.node.clone(),
+                })?;
+                (bytes, section.entries.clone())
+            }
+            (_, Some(state)) => (
+                format!("generation {}", state.generation).into_bytes(),
+                state.entry_list(),
+            ),
+            (PlanSource::Operator(_), None) => unreachable!("checked above"),
+        };
         let host = Host {
             node_ip: self.opts.node_ip,
             interfaces: interfaces.clone(),
             default_route_interface: netdev::default_route_interface(),
         };
-        let want = desired::desired(&section.entries, &host, &mut self.ids)?;
+        let want = desired::desired(&entries, &host, &mut self.ids)?;
         for problem in &want.problems {
             tracing::error!(error = %problem, "entry programmed to drop");
         }
@@ -329,6 +415,20 @@ impl Agent {
             "plan applied"
         );
         self.write_status(&bytes, t, &want.problems)?;
+        if let (PlanSource::Operator(link), Some(state)) = (&self.opts.plan, &state) {
+            link.applied.send_replace(Applied {
+                generation: state.generation,
+                errors: want
+                    .problems
+                    .iter()
+                    .map(|p| sluice_proto::v1::EntryError {
+                        source: String::new(),
+                        destination: String::new(),
+                        message: p.to_string(),
+                    })
+                    .collect(),
+            });
+        }
         // Entries with problems are re-evaluated when the plan or an interface changes (an
         // egress IP being added, say), not on every tick.
         self.applied = Some((stamp, interfaces));

@@ -1,10 +1,8 @@
 //! End-to-end tests of the datapath with real packets, in network namespaces (needs root).
 //!
-//! Each test builds a fresh little cluster (see `harness`), runs one `sluice-shim` per node as a
+//! Each test builds a fresh little cluster (the `sluice-testbed` crate), runs one `sluice-shim` per node as a
 //! child process inside the node's namespace, writes the plan file and checks what an external
 //! host sees. Tests run one at a time (a global lock): they share the machine's kernel.
-
-mod harness;
 
 use std::{
     collections::BTreeMap,
@@ -13,12 +11,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{Cluster, EGRESS_N1, EGRESS_N3, EXT_A, EXT_B, EXT_EXCLUDED, Gw, Rule};
 use sluice_shim::{
     datapath::{Datapath, PolicyStore},
     maps::{self, PolicyKeyV4, PolicyValueV4},
     sync,
 };
+use sluice_testbed::{EGRESS_N1, EGRESS_N3, EXT_A, EXT_B, EXT_EXCLUDED, FileCluster as Cluster, Gw, Rule};
 
 /// Returns the cluster, or `None` (after printing a SKIP line) when not root.
 fn cluster(name: &str) -> Option<Cluster> {
@@ -26,7 +24,7 @@ fn cluster(name: &str) -> Option<Cluster> {
         println!("SKIP datapath_e2e::{name}: needs root (network namespaces, eBPF); CI runs it as root");
         return None;
     }
-    Some(Cluster::new())
+    Some(Cluster::start(env!("CARGO_BIN_EXE_sluice-shim"), &[]).expect("builds the cluster"))
 }
 
 fn policy_a(source: &'static str) -> Rule {

@@ -205,6 +205,13 @@ pub struct GatewayStatus {
     /// The interface traffic leaves by, when the policy names one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<String>,
+    /// Index of the entry of `egressGateways` (0 for `egressGateway`) that selected the node.
+    #[serde(default)]
+    pub entry: u32,
+    /// Which of that entry's `maxGatewayNodes` slots the node fills. A new leader keeps every
+    /// gateway in its slot while it stays usable, so that no connection moves.
+    #[serde(default)]
+    pub slot: u32,
 }
 
 /// Entries lost to another policy.

@@ -1,12 +1,20 @@
 //! The Sluice control plane.
 pub mod api;
+pub mod auth;
 pub mod cli;
+pub mod controller;
+pub mod convert;
+pub mod dirsource;
+pub mod engine;
+pub mod grpc;
 pub mod live;
 pub mod manifests;
+pub mod metrics;
 pub mod model;
 pub mod objects;
 pub mod planner;
 pub mod policy;
 pub mod report;
+pub mod runner;
 pub mod selector;
 pub mod synthetic;

@@ -5,6 +5,26 @@
 //! merges in shim liveness, pushes per-node deltas to the shims, and emits [`StatusUpdate`]s and
 //! [`Notice`]s that the Kubernetes layer writes as status and Events (the directory source only
 //! logs them).
+//!
+//! # Leadership (`--source kubernetes`)
+//!
+//! Two replicas run; [`LeaderElection`](crate::controller::leader::LeaderElection) holds a
+//! `coordination.k8s.io/v1` Lease and exposes "am I leading" as a
+//! `tokio::sync::watch::Receiver<bool>` ([`leading()`](crate::controller::leader::LeaderElection::leading)):
+//! - the engine waits for `true` (`leading.wait_for(|l| *l).await`) before it serves shims, and
+//!   stops serving when it turns `false` (a leader that could not renew for the renew deadline,
+//!   or whose Lease was taken over); exiting is the simplest way;
+//! - the controller ([`crate::controller::run`], given the same receiver in its `Config`) writes
+//!   status and Events only while `true`, and rewrites every policy's latest status on becoming
+//!   leader; its watchers run either way, so a standby's [`SourceEvent`]s are ready;
+//! - `/readyz` ([`crate::metrics::serve`]) answers 503 while `false`, so the shims' Service
+//!   routes to the leader;
+//! - on graceful shutdown, [`step_down`](crate::controller::leader::LeaderElection::step_down)
+//!   releases the Lease so that the standby takes over at its next retry (2 s) instead of after
+//!   the lease duration (15 s).
+//!
+//! Policies arrive with `retained_gateways` filled from their `status.gateways` (the previous
+//! leader's choice, with entry and slot), so a new leader keeps the same gateways.
 
 use std::time::Duration;
 
@@ -34,9 +54,22 @@ pub struct StatusUpdate {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Notice {
     /// The set of gateway nodes of a policy changed for a reason other than a failure.
-    GatewaysChanged { policy: String, from: Vec<String>, to: Vec<String> },
+    GatewaysChanged {
+        policy: String,
+        from: Vec<String>,
+        to: Vec<String>,
+    },
     /// A gateway node stopped being usable and was replaced (or left without replacement).
-    Failover { policy: String, lost: String, replacement: Option<String>, took: Duration },
+    Failover {
+        policy: String,
+        lost: String,
+        replacement: Option<String>,
+        took: Duration,
+    },
     /// The policy is not accepted.
-    Rejected { policy: String, reason: String, message: String },
+    Rejected {
+        policy: String,
+        reason: String,
+        message: String,
+    },
 }

@@ -210,7 +210,10 @@ mod tests {
 
     fn spec() -> EgressGatewayPolicySpec {
         EgressGatewayPolicySpec {
-            selectors: vec![EgressRule { pod_selector: Some(LabelSelector::default()), ..Default::default() }],
+            selectors: vec![EgressRule {
+                pod_selector: Some(LabelSelector::default()),
+                ..Default::default()
+            }],
             destination_cidrs: vec!["203.0.113.0/24".into()],
             egress_gateway: Some(EgressGateway::default()),
             ..Default::default()
@@ -220,7 +223,11 @@ mod tests {
     #[test]
     fn host_bits_are_ignored_and_duplicates_dropped() {
         let mut s = spec();
-        s.destination_cidrs = vec!["10.1.2.3/16".into(), "10.1.0.0/16".into(), " 2001:db8::1/64 ".into()];
+        s.destination_cidrs = vec![
+            "10.1.2.3/16".into(),
+            "10.1.0.0/16".into(),
+            " 2001:db8::1/64 ".into(),
+        ];
         let c = parse(&s).unwrap();
         let want: Vec<IpNet> = vec!["10.1.0.0/16".parse().unwrap(), "2001:db8::/64".parse().unwrap()];
         assert_eq!(c.destinations, want);
@@ -229,14 +236,24 @@ mod tests {
     #[test]
     fn egress_gateways_replace_the_single_gateway() {
         let mut s = spec();
-        s.egress_gateway = Some(EgressGateway { interface: Some("eth9".into()), ..Default::default() });
+        s.egress_gateway = Some(EgressGateway {
+            interface: Some("eth9".into()),
+            ..Default::default()
+        });
         s.egress_gateways = vec![
-            EgressGateway { egress_ip: Some("192.0.2.1".into()), max_gateway_nodes: Some(3), ..Default::default() },
+            EgressGateway {
+                egress_ip: Some("192.0.2.1".into()),
+                max_gateway_nodes: Some(3),
+                ..Default::default()
+            },
             EgressGateway::default(),
         ];
         let c = parse(&s).unwrap();
         assert_eq!(c.gateways.len(), 2);
-        assert_eq!(c.gateways[0].egress, EgressSource::Ip("192.0.2.1".parse().unwrap()));
+        assert_eq!(
+            c.gateways[0].egress,
+            EgressSource::Ip("192.0.2.1".parse().unwrap())
+        );
         assert_eq!(c.gateways[0].max_nodes, 3);
         assert_eq!(c.gateways[1].egress, EgressSource::DefaultRoute);
         assert_eq!(c.gateways[1].max_nodes, 1);
@@ -250,7 +267,10 @@ mod tests {
             egress_ip: Some("192.0.2.1".into()),
             ..Default::default()
         });
-        assert_eq!(parse(&s).unwrap().gateways[0].egress, EgressSource::Ip("192.0.2.1".parse().unwrap()));
+        assert_eq!(
+            parse(&s).unwrap().gateways[0].egress,
+            EgressSource::Ip("192.0.2.1".parse().unwrap())
+        );
     }
 
     #[test]
@@ -258,10 +278,26 @@ mod tests {
         type Mutation = fn(&mut EgressGatewayPolicySpec);
         let cases: Vec<(Mutation, &str, &str)> = vec![
             (|s| s.selectors.clear(), "NoSelectors", "spec.selectors"),
-            (|s| s.selectors[0].pod_selector = None, "InvalidSelector", "spec.selectors[0]"),
-            (|s| s.destination_cidrs.clear(), "NoDestinations", "spec.destinationCIDRs"),
-            (|s| s.destination_cidrs.push("1.2.3.4".into()), "InvalidCIDR", "spec.destinationCIDRs[1]"),
-            (|s| s.excluded_cidrs = vec!["::1/129".into()], "InvalidCIDR", "spec.excludedCIDRs[0]"),
+            (
+                |s| s.selectors[0].pod_selector = None,
+                "InvalidSelector",
+                "spec.selectors[0]",
+            ),
+            (
+                |s| s.destination_cidrs.clear(),
+                "NoDestinations",
+                "spec.destinationCIDRs",
+            ),
+            (
+                |s| s.destination_cidrs.push("1.2.3.4".into()),
+                "InvalidCIDR",
+                "spec.destinationCIDRs[1]",
+            ),
+            (
+                |s| s.excluded_cidrs = vec!["::1/129".into()],
+                "InvalidCIDR",
+                "spec.excludedCIDRs[0]",
+            ),
             (|s| s.egress_gateway = None, "NoGateway", "spec.egressGateway"),
             (
                 |s| s.egress_gateway.as_mut().unwrap().egress_ip = Some("fe80::1%eth0".into()),
@@ -284,7 +320,11 @@ mod tests {
             mutate(&mut s);
             let e = parse(&s).unwrap_err();
             assert_eq!(e.reason, reason, "{e}");
-            assert!(e.message.contains(field), "{reason}: {:?} should name {field}", e.message);
+            assert!(
+                e.message.contains(field),
+                "{reason}: {:?} should name {field}",
+                e.message
+            );
         }
     }
 }

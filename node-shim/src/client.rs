@@ -1,0 +1,88 @@
+//! `sluice-shim run --operator URL`: the node channel to the operator, on a small Tokio runtime
+//! beside the agent's thread.
+//!
+//! The session ([`sluice_proto::client`]) keeps the node's latest state in a `watch` channel and
+//! wakes the agent; the agent applies the state through the same path as a plan file (so an
+//! unchanged state writes nothing) and publishes the generation it holds, which the session
+//! acknowledges. While the operator is unreachable, the datapath keeps its pinned state.
+
+use std::sync::{Arc, mpsc};
+
+use sluice_proto::{
+    client::{self, Applied, Config, HelloFn},
+    v1,
+};
+use tokio::sync::watch;
+
+use crate::{
+    error::{Error, Result},
+    netdev,
+    run::OperatorPlans,
+};
+
+/// A running node channel.
+pub struct Link {
+    pub plans: OperatorPlans,
+    pub wake: mpsc::Receiver<()>,
+    pub wake_tx: mpsc::Sender<()>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+/// This node's interfaces as the operator wants them: not pod interfaces, not the tunnel.
+fn hello(node: &str, pod_interfaces: &[String], tunnel_device: &str) -> v1::Hello {
+    let interfaces = netdev::interfaces()
+        .map_err(|e| tracing::warn!(error = %e, "listing interfaces for the operator"))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|i| i.name != tunnel_device && !netdev::is_pod_interface(pod_interfaces, &i.name))
+        .map(|i| v1::Interface {
+            name: i.name,
+            addresses: i.ipv4.iter().map(ToString::to_string).collect(),
+        })
+        .collect();
+    v1::Hello {
+        node: node.to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        interfaces,
+        default_route_interface: netdev::default_route_interface(),
+    }
+}
+
+/// Starts the session to the operator in the background.
+pub fn start(
+    config: Config,
+    node: String,
+    pod_interfaces: Vec<String>,
+    tunnel_device: String,
+) -> Result<Link> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("node-channel")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("starting the node channel runtime".to_owned(), e))?;
+    let (plans_tx, plans) = watch::channel(None);
+    let (applied_tx, applied_rx) = watch::channel(Applied::default());
+    let (wake_tx, wake) = mpsc::channel();
+    let hello: HelloFn = Arc::new(move || hello(&node, &pod_interfaces, &tunnel_device));
+    runtime.spawn(client::run(config, hello, plans_tx, applied_rx));
+    let mut changes = plans.clone();
+    let waker = wake_tx.clone();
+    runtime.spawn(async move {
+        while changes.changed().await.is_ok() {
+            changes.borrow_and_update();
+            if waker.send(()).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(Link {
+        plans: OperatorPlans {
+            plans,
+            applied: Arc::new(applied_tx),
+        },
+        wake,
+        wake_tx,
+        _runtime: runtime,
+    })
+}

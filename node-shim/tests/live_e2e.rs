@@ -1,0 +1,227 @@
+//! The live system end to end in network namespaces (needs root): the operator (`dir:` source,
+//! in-process, on the underlay router's address) and one `sluice-shim run --operator` per node,
+//! talking gRPC. Editing the policy file moves the traffic; killing the gateway's shim moves it
+//! to the other gateway, and the test prints how long that took (`docs/benchmarks.md`).
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use sluice_operator::runner::{RunOptions, Source};
+use sluice_testbed::{
+    CLUSTER_CIDRS, EGRESS_N1, EGRESS_N3, EXT_A, NODES, Testbed, enter_netns, node_ip, wait_for,
+};
+
+const CLUSTER: &str = include_str!("../../examples/demo/cluster.yaml");
+const BOTH: &str = include_str!("../../examples/demo/policy.yaml");
+const GRPC: &str = "192.0.2.1:9443";
+
+/// The operator, running on its own thread inside the underlay namespace until dropped.
+struct Operator {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Operator {
+    fn start(ns: String, opts: RunOptions) -> Operator {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            enter_netns(&ns);
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            rt.block_on(async {
+                tokio::select! {
+                    r = sluice_operator::runner::run(opts) => r.expect("operator runs"),
+                    _ = stopped => {}
+                }
+            });
+        });
+        Operator {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.stop.take().map(|s| s.send(()));
+        let _ = self.thread.take().map(|t| t.join());
+    }
+}
+
+fn only_gateway(node: &str, egress: &str) -> String {
+    format!(
+        "apiVersion: sluice.dev/v1alpha1\nkind: EgressGatewayPolicy\nmetadata:\n  name: checkout-to-psp\n\
+         spec:\n  selectors:\n    - podSelector:\n        matchLabels: {{app: checkout}}\n      \
+         namespaceSelector:\n        matchLabels: {{team: payments}}\n  destinationCIDRs: [203.0.113.0/24]\n  \
+         excludedCIDRs: [203.0.113.200/32]\n  egressGateways:\n    - nodeSelector:\n        \
+         matchLabels: {{kubernetes.io/hostname: {node}}}\n      egressIP: {egress}\n  failurePolicy: Drop\n"
+    )
+}
+
+/// Replaces a file atomically, as an editor or `kubectl`-like tool would.
+fn write(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, text).unwrap();
+    fs::rename(&tmp, path).unwrap();
+}
+
+fn start_shim(tb: &mut Testbed, node: &str, tokens: &Path) {
+    let mut cmd = tb.command(node, env!("CARGO_BIN_EXE_sluice-shim"));
+    cmd.arg("--bpffs-dir")
+        .arg(tb.bpffs().join(node))
+        .args([
+            "run",
+            "--node",
+            node,
+            "--node-ip",
+            node_ip(node),
+            "--cluster-cidr",
+            CLUSTER_CIDRS,
+        ])
+        .args(["--operator", &format!("http://{GRPC}")])
+        .arg("--token-file")
+        .arg(tokens.join(node))
+        .args(["--metrics-addr", "off", "--interval-ms", "1000"]);
+    tb.spawn(&format!("shim-{node}"), cmd).unwrap();
+}
+
+/// Waits until `pod`'s new connections to the external host leave with `egress`; how long it took.
+fn wait_egress(tb: &Testbed, pod: &str, egress: &str, timeout: Duration) -> Duration {
+    let started = Instant::now();
+    let mut last = Err(String::new());
+    let ok = wait_for(timeout, || {
+        last = tb.fetch(pod, EXT_A);
+        last.as_deref().is_ok_and(|s| s.contains(egress))
+    });
+    let logs: String = NODES.iter().map(|(n, _)| tb.log(&format!("shim-{n}"))).collect();
+    assert!(ok, "{pod} never left with {egress}: last {last:?}\n{logs}");
+    started.elapsed()
+}
+
+/// Opens a new connection from namespace `ns` every 20 ms, each on its own thread (a connection
+/// caught by the switch of gateways hangs until its timeout, and must not delay the next ones);
+/// returns when the first one greeted with `egress` completed, counted from `since`.
+fn first_connection_via(ns: &str, egress: &str, since: Instant, timeout: Duration) -> Option<Duration> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let (ns, tx) = (ns.to_owned(), tx.clone());
+        std::thread::spawn(move || {
+            enter_netns(&ns);
+            let addr = format!("{EXT_A}:8080").parse().unwrap();
+            let greeting =
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|s| {
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    let mut line = String::new();
+                    std::io::BufReader::new(s).read_line(&mut line)?;
+                    Ok(line)
+                });
+            let _ = tx.send((Instant::now(), greeting));
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        while let Ok((at, greeting)) = rx.try_recv() {
+            if greeting.is_ok_and(|g| g.contains(egress)) {
+                return Some(at - since);
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn operator_and_shims_move_traffic_on_edits_and_on_failover() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIP live_e2e: needs root (network namespaces, eBPF); CI runs it as root");
+        return;
+    }
+    let grace = std::env::var("SLUICE_E2E_GRACE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(1), Duration::from_millis);
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let mut tb = Testbed::new().expect("builds the testbed");
+    let dir: PathBuf = tb.scratch().join("manifests");
+    let tokens: PathBuf = tb.scratch().join("tokens");
+    fs::create_dir_all(&dir).unwrap();
+    fs::create_dir_all(&tokens).unwrap();
+    let mut table = String::new();
+    for (node, _) in NODES {
+        fs::write(tokens.join(node), format!("token-of-{node}\n")).unwrap();
+        table.push_str(&format!("token-of-{node} {node}\n"));
+    }
+    fs::write(tokens.join("table"), table).unwrap();
+    fs::write(dir.join("cluster.yaml"), CLUSTER).unwrap();
+    let policy = dir.join("policy.yaml");
+    write(&policy, &only_gateway("n1", EGRESS_N1));
+
+    let _operator = Operator::start(
+        tb.ns("ul"),
+        RunOptions {
+            source: Source::Dir(dir.clone()),
+            grpc_listen: GRPC.parse().unwrap(),
+            metrics_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            heartbeat_grace: grace,
+            tokens_file: Some(tokens.join("table")),
+            insecure_allow_any_node: false,
+            token_audience: "sluice-operator".into(),
+            shim_service_accounts: vec![],
+            poll: Duration::from_millis(100),
+            lease_namespace: String::new(),
+            lease_name: String::new(),
+        },
+    );
+    for (node, _) in NODES {
+        start_shim(&mut tb, node, &tokens);
+    }
+
+    // checkout-2 (p2, on n2) leaves through n1.
+    let t = wait_egress(&tb, "p2", EGRESS_N1, Duration::from_secs(20));
+    println!("initial plan programmed and used after {t:?}");
+
+    // Editing the policy moves the traffic to n3.
+    write(&policy, &only_gateway("n3", EGRESS_N3));
+    let t = wait_egress(&tb, "p2", EGRESS_N3, Duration::from_secs(10));
+    println!("policy edit: traffic moved after {t:?}");
+
+    // A malformed file changes nothing.
+    write(&dir.join("broken.yaml"), "kind: [unclosed\n");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(tb.fetch("p2", EXT_A).unwrap().contains(EGRESS_N3));
+    fs::remove_file(dir.join("broken.yaml")).unwrap();
+
+    // Both gateways: n3 keeps serving (retained); killing its shim moves p2 to n1.
+    write(&policy, BOTH);
+    std::thread::sleep(Duration::from_millis(800));
+    let via = tb.fetch("p2", EXT_A).unwrap();
+    let (dead, survivor) = if via.contains(EGRESS_N3) {
+        ("n3", EGRESS_N1)
+    } else {
+        ("n1", EGRESS_N3)
+    };
+    let killed = Instant::now();
+    tb.kill(&format!("shim-{dead}"));
+    let took = first_connection_via(&tb.ns("p2"), survivor, killed, Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("p2 never left through {survivor}"));
+    println!(
+        "FAILOVER grace={grace:?} took={took:?} (shim of {dead} killed; first new connection through the other gateway)"
+    );
+    let logs: String = NODES
+        .iter()
+        .map(|(n, _)| format!("--- shim-{n}\n{}", tb.log(&format!("shim-{n}"))))
+        .collect();
+    assert!(
+        took < grace * 2,
+        "failover took {took:?} with a grace period of {grace:?}\n{logs}"
+    );
+}

@@ -1,0 +1,295 @@
+//! Trimmed Pod and Node types for the watchers.
+//!
+//! They deserialize straight from the API server's JSON into a `Pod`/`Node` that holds only what
+//! [`crate::objects`] reads: containers, volumes, images, managed fields and foreign annotations
+//! are skipped by the deserializer and never allocated. The watchers keep no store (the planner
+//! holds the only copy of the cluster), so an object lives only while it is converted.
+
+use std::{collections::BTreeMap, fmt};
+
+use k8s_openapi::{
+    api::core::v1::{Node, NodeAddress, NodeCondition, NodeStatus, Pod, PodIP, PodSpec, PodStatus},
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
+};
+use serde::{
+    Deserialize, Deserializer,
+    de::{IgnoredAny, MapAccess, Visitor},
+};
+
+/// Annotations with this prefix are kept; all others are dropped while deserializing.
+pub const KEPT_ANNOTATION_PREFIX: &str = "sluice.dev/";
+
+/// What the watchers keep of `metadata`.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct MetaWire {
+    name: Option<String>,
+    namespace: Option<String>,
+    uid: Option<String>,
+    resource_version: Option<String>,
+    generation: Option<i64>,
+    creation_timestamp: Option<Time>,
+    deletion_timestamp: Option<Time>,
+    labels: Option<BTreeMap<String, String>>,
+    #[serde(default, deserialize_with = "sluice_annotations")]
+    annotations: Option<BTreeMap<String, String>>,
+}
+
+impl From<MetaWire> for ObjectMeta {
+    fn from(m: MetaWire) -> Self {
+        ObjectMeta {
+            name: m.name,
+            namespace: m.namespace,
+            uid: m.uid,
+            resource_version: m.resource_version,
+            generation: m.generation,
+            creation_timestamp: m.creation_timestamp,
+            deletion_timestamp: m.deletion_timestamp,
+            labels: m.labels,
+            annotations: m.annotations.filter(|a| !a.is_empty()),
+            ..ObjectMeta::default()
+        }
+    }
+}
+
+/// Reads an annotation map, keeping only Sluice's keys; other values are skipped unread.
+fn sluice_annotations<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    struct Kept;
+    impl<'de> Visitor<'de> for Kept {
+        type Value = Option<BTreeMap<String, String>>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a map of annotations")
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+            d.deserialize_map(Kept)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut kept = BTreeMap::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if key.starts_with(KEPT_ANNOTATION_PREFIX) {
+                    kept.insert(key, map.next_value::<String>()?);
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(Some(kept))
+        }
+    }
+    d.deserialize_option(Kept)
+}
+
+macro_rules! slim_resource {
+    ($slim:ident, $full:ty) => {
+        impl k8s_openapi::Resource for $slim {
+            const API_VERSION: &'static str = <$full as k8s_openapi::Resource>::API_VERSION;
+            const GROUP: &'static str = <$full as k8s_openapi::Resource>::GROUP;
+            const KIND: &'static str = <$full as k8s_openapi::Resource>::KIND;
+            const VERSION: &'static str = <$full as k8s_openapi::Resource>::VERSION;
+            const URL_PATH_SEGMENT: &'static str = <$full as k8s_openapi::Resource>::URL_PATH_SEGMENT;
+            type Scope = <$full as k8s_openapi::Resource>::Scope;
+        }
+
+        impl k8s_openapi::Metadata for $slim {
+            type Ty = ObjectMeta;
+            fn metadata(&self) -> &ObjectMeta {
+                &self.0.metadata
+            }
+            fn metadata_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.0.metadata
+            }
+        }
+    };
+}
+
+/// A pod with labels, namespace, uid, `spec.nodeName`, `spec.hostNetwork`, `status.phase` and
+/// its IPs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SlimPod(pub Pod);
+slim_resource!(SlimPod, Pod);
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodWire {
+    #[serde(default)]
+    metadata: MetaWire,
+    spec: Option<PodSpecWire>,
+    status: Option<PodStatusWire>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodSpecWire {
+    node_name: Option<String>,
+    host_network: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodStatusWire {
+    phase: Option<String>,
+    #[serde(rename = "podIP")]
+    pod_ip: Option<String>,
+    #[serde(rename = "podIPs")]
+    pod_ips: Option<Vec<PodIpWire>>,
+}
+
+#[derive(Deserialize)]
+struct PodIpWire {
+    ip: String,
+}
+
+impl<'de> Deserialize<'de> for SlimPod {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = PodWire::deserialize(d)?;
+        Ok(SlimPod(Pod {
+            metadata: w.metadata.into(),
+            spec: w.spec.map(|s| PodSpec {
+                node_name: s.node_name,
+                host_network: s.host_network,
+                ..PodSpec::default()
+            }),
+            status: w.status.map(|s| PodStatus {
+                phase: s.phase,
+                pod_ip: s.pod_ip,
+                pod_ips: s
+                    .pod_ips
+                    .map(|ips| ips.into_iter().map(|p| PodIP { ip: p.ip }).collect()),
+                ..PodStatus::default()
+            }),
+        }))
+    }
+}
+
+/// A node with labels, Sluice's annotations, addresses and the `Ready` condition.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SlimNode(pub Node);
+slim_resource!(SlimNode, Node);
+
+#[derive(Deserialize)]
+struct NodeWire {
+    #[serde(default)]
+    metadata: MetaWire,
+    status: Option<NodeStatusWire>,
+}
+
+#[derive(Deserialize)]
+struct NodeStatusWire {
+    addresses: Option<Vec<AddressWire>>,
+    conditions: Option<Vec<ConditionWire>>,
+}
+
+#[derive(Deserialize)]
+struct AddressWire {
+    #[serde(rename = "type")]
+    type_: String,
+    address: String,
+}
+
+#[derive(Deserialize)]
+struct ConditionWire {
+    #[serde(rename = "type")]
+    type_: String,
+    status: String,
+}
+
+impl<'de> Deserialize<'de> for SlimNode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = NodeWire::deserialize(d)?;
+        Ok(SlimNode(Node {
+            metadata: w.metadata.into(),
+            spec: None,
+            status: w.status.map(|s| NodeStatus {
+                addresses: s.addresses.map(|list| {
+                    list.into_iter()
+                        .map(|a| NodeAddress {
+                            type_: a.type_,
+                            address: a.address,
+                        })
+                        .collect()
+                }),
+                conditions: s.conditions.map(|list| {
+                    list.into_iter()
+                        .filter(|c| c.type_ == "Ready")
+                        .map(|c| NodeCondition {
+                            type_: c.type_,
+                            status: c.status,
+                            ..NodeCondition::default()
+                        })
+                        .collect()
+                }),
+                ..NodeStatus::default()
+            }),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::objects;
+
+    #[test]
+    fn pods_keep_what_planning_reads_and_nothing_else() {
+        let wire = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": "web-1", "namespace": "shop", "uid": "u-1", "resourceVersion": "42",
+                "labels": {"app": "web"},
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{\"huge\": 1}", "sluice.dev/x": "y"},
+                "managedFields": [{"manager": "kubelet", "operation": "Update"}],
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web", "uid": "r"}]
+            },
+            "spec": {"nodeName": "n1", "hostNetwork": false, "containers": [{"name": "c", "image": "nginx"}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.5", "podIPs": [{"ip": "10.0.0.5"}, {"ip": "fd00::5"}],
+                       "containerStatuses": [{"name": "c", "ready": true}]}
+        });
+        let full: Pod = serde_json::from_value(wire.clone()).unwrap();
+        let SlimPod(slim) = serde_json::from_value(wire).unwrap();
+        assert_eq!(objects::pod_info(&slim), objects::pod_info(&full));
+        assert!(slim.metadata.managed_fields.is_none());
+        assert!(slim.metadata.owner_references.is_none());
+        assert_eq!(
+            slim.metadata.annotations,
+            Some(BTreeMap::from([("sluice.dev/x".to_owned(), "y".to_owned())]))
+        );
+        assert!(slim.spec.unwrap().containers.is_empty());
+        assert!(slim.status.unwrap().container_statuses.is_none());
+    }
+
+    #[test]
+    fn nodes_keep_labels_addresses_ready_and_sluice_annotations() {
+        let wire = json!({
+            "metadata": {
+                "name": "n1", "labels": {"egress": "true"}, "resourceVersion": "7",
+                "annotations": {"sluice.dev/interfaces": "[{\"name\":\"eth1\",\"addresses\":[\"192.0.2.10\"]}]",
+                                "node.alpha.kubernetes.io/ttl": "0"}
+            },
+            "spec": {"podCIDR": "10.0.1.0/24"},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": "172.18.0.2"}, {"type": "Hostname", "address": "n1"}],
+                "conditions": [{"type": "MemoryPressure", "status": "False"}, {"type": "Ready", "status": "False",
+                                "lastHeartbeatTime": "2026-01-01T00:00:00Z"}],
+                "images": [{"names": ["nginx"], "sizeBytes": 1}]
+            }
+        });
+        let full: Node = serde_json::from_value(wire.clone()).unwrap();
+        let SlimNode(slim) = serde_json::from_value(wire).unwrap();
+        assert_eq!(
+            objects::node_info(&slim).unwrap(),
+            objects::node_info(&full).unwrap()
+        );
+        assert!(!objects::node_info(&slim).unwrap().ready);
+        let status = slim.status.unwrap();
+        assert!(status.images.is_none());
+        assert_eq!(status.conditions.unwrap().len(), 1);
+        assert_eq!(slim.metadata.annotations.unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,360 @@
+//! From what the engine reports ([`StatusUpdate`]) to the policy's `status`: a pure function, so
+//! that every condition, reason and message is tested without an API server.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::{
+    api::{
+        CONDITION_ACCEPTED, CONDITION_GATEWAY_SELECTED, CONDITION_PROGRAMMED, ConflictStatus,
+        EgressGatewayPolicyStatus, GatewayStatus,
+    },
+    live::StatusUpdate,
+};
+
+/// The status a policy should have.
+///
+/// `previous` is the status the object has now (or the one last written): a condition whose
+/// status did not change keeps its `lastTransitionTime`; others take `now`.
+pub fn desired(
+    update: &StatusUpdate,
+    previous: Option<&EgressGatewayPolicyStatus>,
+    now: Time,
+) -> EgressGatewayPolicyStatus {
+    let outcome = &update.outcome;
+    let generation = outcome.generation;
+    let condition = |type_: &str, ok: bool, reason: &str, message: String| {
+        let status = if ok { "True" } else { "False" };
+        let last_transition_time = previous
+            .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
+            .filter(|c| c.status == status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or_else(|| now.clone());
+        Condition {
+            type_: type_.to_owned(),
+            status: status.to_owned(),
+            reason: reason.to_owned(),
+            message,
+            observed_generation: generation,
+            last_transition_time,
+        }
+    };
+
+    let mut conditions = Vec::with_capacity(3);
+    match &outcome.accepted {
+        Err(e) => {
+            conditions.push(condition(CONDITION_ACCEPTED, false, e.reason, e.message.clone()));
+            let why = "the policy is not accepted".to_owned();
+            conditions.push(condition(
+                CONDITION_GATEWAY_SELECTED,
+                false,
+                "NotAccepted",
+                why.clone(),
+            ));
+            conditions.push(condition(CONDITION_PROGRAMMED, false, "NotAccepted", why));
+        }
+        Ok(()) => {
+            conditions.push(condition(
+                CONDITION_ACCEPTED,
+                true,
+                "Accepted",
+                "the policy is valid".to_owned(),
+            ));
+            conditions.push(match outcome.problem() {
+                Some((reason, message)) => condition(CONDITION_GATEWAY_SELECTED, false, reason, message),
+                None => {
+                    let mut nodes: Vec<&str> = outcome.gateways.iter().map(|g| &*g.node).collect();
+                    nodes.sort_unstable();
+                    nodes.dedup();
+                    condition(
+                        CONDITION_GATEWAY_SELECTED,
+                        true,
+                        "GatewaysSelected",
+                        format!("{} gateway node(s): {}", nodes.len(), nodes.join(", ")),
+                    )
+                }
+            });
+            let done = update.programmed >= update.to_program;
+            let message = format!("{}/{} nodes", update.programmed, update.to_program);
+            conditions.push(if done {
+                condition(CONDITION_PROGRAMMED, true, "Programmed", message)
+            } else {
+                condition(CONDITION_PROGRAMMED, false, "Pending", message)
+            });
+        }
+    }
+
+    let mut gateways: Vec<GatewayStatus> = outcome
+        .gateways
+        .iter()
+        .map(|g| GatewayStatus {
+            node: g.node.to_string(),
+            ip: g.ip.to_string(),
+            egress_ip: g.egress_v4.or(g.egress_v6).map(|ip| ip.to_string()),
+            interface: g.interface.as_deref().map(str::to_owned),
+            entry: u32::try_from(g.entry).unwrap_or(u32::MAX),
+            slot: u32::try_from(g.slot).unwrap_or(u32::MAX),
+        })
+        .collect();
+    gateways.sort_by_key(|g| (g.entry, g.slot));
+
+    EgressGatewayPolicyStatus {
+        observed_generation: generation,
+        conditions,
+        gateways,
+        matched_endpoints: outcome.matched_endpoints as u64,
+        conflicts: outcome
+            .conflicts
+            .iter()
+            .map(|(policy, entries)| ConflictStatus {
+                policy: policy.clone(),
+                entries: *entries,
+            })
+            .collect(),
+    }
+}
+
+/// Whether writing `desired` over `current` would change anything but timestamps. Conditions
+/// are compared by type, so their order and conditions of other writers do not matter.
+pub fn same_ignoring_time(current: &EgressGatewayPolicyStatus, desired: &EgressGatewayPolicyStatus) -> bool {
+    let conditions_match = desired.conditions.iter().all(|want| {
+        current.conditions.iter().any(|have| {
+            have.type_ == want.type_
+                && have.status == want.status
+                && have.reason == want.reason
+                && have.message == want.message
+                && have.observed_generation == want.observed_generation
+        })
+    });
+    conditions_match
+        && current.observed_generation == desired.observed_generation
+        && current.gateways == desired.gateways
+        && current.matched_endpoints == desired.matched_endpoints
+        && current.conflicts == desired.conflicts
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use k8s_openapi::jiff::Timestamp;
+    use pretty_assertions::assert_eq;
+
+    use super::*;
+    use crate::{
+        planner::{ActiveGateway, PolicyOutcome},
+        policy::PolicyError,
+    };
+
+    fn at(secs: i64) -> Time {
+        Time(Timestamp::from_second(secs).unwrap())
+    }
+
+    fn gateway(entry: usize, slot: usize, node: &str, ip: &str) -> ActiveGateway {
+        ActiveGateway {
+            entry,
+            slot,
+            node: node.into(),
+            ip: ip.parse().unwrap(),
+            egress_v4: Some("192.0.2.10".parse::<IpAddr>().unwrap()),
+            egress_v6: None,
+            interface: Some("eth1".into()),
+        }
+    }
+
+    fn update(gateways: Vec<ActiveGateway>, programmed: usize, to_program: usize) -> StatusUpdate {
+        StatusUpdate {
+            outcome: PolicyOutcome {
+                name: "p".into(),
+                generation: Some(3),
+                accepted: Ok(()),
+                gateways,
+                matched_endpoints: 12,
+                conflicts: vec![("older".into(), 4)],
+                gateway_diagnosis: "2 node(s) match the nodeSelector of gateway 0, 2 not Ready".into(),
+            },
+            programmed,
+            to_program,
+        }
+    }
+
+    fn summary(s: &EgressGatewayPolicyStatus) -> Vec<(String, String, String, String)> {
+        s.conditions
+            .iter()
+            .map(|c| {
+                (
+                    c.type_.clone(),
+                    c.status.clone(),
+                    c.reason.clone(),
+                    c.message.clone(),
+                )
+            })
+            .collect()
+    }
+
+    fn row(t: &str, s: &str, r: &str, m: &str) -> (String, String, String, String) {
+        (t.into(), s.into(), r.into(), m.into())
+    }
+
+    #[test]
+    fn a_working_policy_is_accepted_selected_and_programmed() {
+        let u = update(
+            vec![
+                gateway(1, 0, "gw-b", "172.18.0.3"),
+                gateway(0, 0, "gw-a", "172.18.0.2"),
+            ],
+            12,
+            12,
+        );
+        let s = desired(&u, None, at(100));
+        assert_eq!(
+            summary(&s),
+            vec![
+                row("Accepted", "True", "Accepted", "the policy is valid"),
+                row(
+                    "GatewaySelected",
+                    "True",
+                    "GatewaysSelected",
+                    "2 gateway node(s): gw-a, gw-b"
+                ),
+                row("Programmed", "True", "Programmed", "12/12 nodes"),
+            ]
+        );
+        assert!(s.conditions.iter().all(|c| c.observed_generation == Some(3)));
+        assert!(s.conditions.iter().all(|c| c.last_transition_time == at(100)));
+        assert_eq!(s.observed_generation, Some(3));
+        assert_eq!(s.matched_endpoints, 12);
+        assert_eq!(
+            s.gateways,
+            vec![
+                GatewayStatus {
+                    node: "gw-a".into(),
+                    ip: "172.18.0.2".into(),
+                    egress_ip: Some("192.0.2.10".into()),
+                    interface: Some("eth1".into()),
+                    entry: 0,
+                    slot: 0
+                },
+                GatewayStatus {
+                    node: "gw-b".into(),
+                    ip: "172.18.0.3".into(),
+                    egress_ip: Some("192.0.2.10".into()),
+                    interface: Some("eth1".into()),
+                    entry: 1,
+                    slot: 0
+                },
+            ]
+        );
+        assert_eq!(
+            s.conflicts,
+            vec![ConflictStatus {
+                policy: "older".into(),
+                entries: 4
+            }]
+        );
+    }
+
+    #[test]
+    fn nodes_still_programming_make_programmed_false() {
+        let s = desired(
+            &update(vec![gateway(0, 0, "gw", "172.18.0.2")], 9, 12),
+            None,
+            at(1),
+        );
+        assert_eq!(
+            summary(&s)[2],
+            row("Programmed", "False", "Pending", "9/12 nodes")
+        );
+    }
+
+    #[test]
+    fn no_gateway_says_why() {
+        let s = desired(&update(vec![], 3, 3), None, at(1));
+        assert_eq!(
+            summary(&s)[1],
+            row(
+                "GatewaySelected",
+                "False",
+                "NoGatewayAvailable",
+                "no usable gateway node: 2 node(s) match the nodeSelector of gateway 0, 2 not Ready"
+            )
+        );
+        assert!(s.gateways.is_empty());
+    }
+
+    #[test]
+    fn a_rejected_policy_carries_the_parse_error() {
+        let mut u = update(vec![], 0, 0);
+        u.outcome.accepted = Err(PolicyError {
+            reason: "InvalidCIDR",
+            message: "spec.destinationCIDRs[0]: \"10.0.0.0/33\" is not a CIDR".into(),
+        });
+        let s = desired(&u, None, at(1));
+        assert_eq!(
+            summary(&s),
+            vec![
+                row(
+                    "Accepted",
+                    "False",
+                    "InvalidCIDR",
+                    "spec.destinationCIDRs[0]: \"10.0.0.0/33\" is not a CIDR"
+                ),
+                row(
+                    "GatewaySelected",
+                    "False",
+                    "NotAccepted",
+                    "the policy is not accepted"
+                ),
+                row("Programmed", "False", "NotAccepted", "the policy is not accepted"),
+            ]
+        );
+    }
+
+    #[test]
+    fn transition_times_move_only_when_a_condition_flips() {
+        let first = desired(
+            &update(vec![gateway(0, 0, "gw", "172.18.0.2")], 1, 2),
+            None,
+            at(100),
+        );
+        let second = desired(
+            &update(vec![gateway(0, 0, "gw", "172.18.0.2")], 2, 2),
+            Some(&first),
+            at(200),
+        );
+        let times: Vec<Time> = second
+            .conditions
+            .iter()
+            .map(|c| c.last_transition_time.clone())
+            .collect();
+        assert_eq!(times, vec![at(100), at(100), at(200)]);
+        // Same status, new message: still no transition.
+        let third = desired(
+            &update(vec![gateway(0, 0, "gw", "172.18.0.2")], 3, 3),
+            Some(&second),
+            at(300),
+        );
+        assert_eq!(third.conditions[2].last_transition_time, at(200));
+    }
+
+    #[test]
+    fn rewriting_the_same_status_is_a_no_op() {
+        let u = update(vec![gateway(0, 0, "gw", "172.18.0.2")], 2, 2);
+        let first = desired(&u, None, at(100));
+        let again = desired(&u, Some(&first), at(500));
+        assert_eq!(again, first);
+        assert!(same_ignoring_time(&first, &again));
+        // Timestamps alone never make a write.
+        let mut shifted = first.clone();
+        shifted.conditions.reverse();
+        for c in &mut shifted.conditions {
+            c.last_transition_time = at(1);
+        }
+        assert!(same_ignoring_time(&shifted, &again));
+        let changed = desired(
+            &update(vec![gateway(0, 0, "gw", "172.18.0.2")], 1, 2),
+            Some(&first),
+            at(600),
+        );
+        assert!(!same_ignoring_time(&first, &changed));
+    }
+}

