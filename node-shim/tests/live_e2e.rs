@@ -179,6 +179,8 @@ fn operator_and_shims_move_traffic_on_edits_and_on_failover() {
             poll: Duration::from_millis(100),
             lease_namespace: String::new(),
             lease_name: String::new(),
+            leader_service: None,
+            pod_ip: None,
         },
     );
     for (node, _) in NODES {

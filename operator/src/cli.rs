@@ -91,6 +91,14 @@ pub struct RunArgs {
     /// Name of the leader election Lease.
     #[arg(long, env = "SLUICE_LEASE_NAME", default_value = "sluice-operator")]
     pub lease_name: String,
+    /// The selector-less Service the shims dial: the leader writes its EndpointSlice with its own
+    /// pod IP, so both replicas can stay Ready while the shims reach only the leader. Without
+    /// it, the standby reports not ready instead.
+    #[arg(long, env = "SLUICE_LEADER_SERVICE")]
+    pub leader_service: Option<String>,
+    /// This pod's IP (from the downward API), published with `--leader-service`.
+    #[arg(long, env = "POD_IP", requires = "leader_service")]
+    pub pod_ip: Option<std::net::IpAddr>,
 }
 
 /// `250ms`, `1s`, `1.5s`, `2m`.
@@ -146,6 +154,8 @@ fn run_live(a: RunArgs) -> anyhow::Result<String> {
         poll: a.poll,
         lease_namespace: a.lease_namespace,
         lease_name: a.lease_name,
+        leader_service: a.leader_service,
+        pod_ip: a.pod_ip,
     };
     tokio::runtime::Runtime::new()?.block_on(crate::runner::run(opts))?;
     Ok(String::new())

@@ -17,8 +17,9 @@
 //! - the controller ([`crate::controller::run`], given the same receiver in its `Config`) writes
 //!   status and Events only while `true`, and rewrites every policy's latest status on becoming
 //!   leader; its watchers run either way, so a standby's [`SourceEvent`]s are ready;
-//! - `/readyz` ([`crate::metrics::serve`]) answers 503 while `false`, so the shims' Service
-//!   routes to the leader;
+//! - the leader publishes its pod IP as the only endpoint of the shims' selector-less Service
+//!   ([`crate::controller::endpoint`]); without that, `/readyz` ([`crate::metrics::serve`])
+//!   answers 503 while `false` so that a selector-based Service routes to the leader;
 //! - on graceful shutdown, [`step_down`](crate::controller::leader::LeaderElection::step_down)
 //!   releases the Lease so that the standby takes over at its next retry (2 s) instead of after
 //!   the lease duration (15 s).

@@ -6,8 +6,9 @@
 //! answers:
 //! - `GET /metrics`: OpenMetrics text;
 //! - `GET /healthz`: 200 while the process runs;
-//! - `GET /readyz`: 200 while `ready` holds `true`, else 503. Pass the leader election's
-//!   receiver: the standby then reports not ready, and the shims' Service routes to the leader.
+//! - `GET /readyz`: 200 while `ready` holds `true`, else 503. With a selector-based
+//!   Service for the shims, pass the leader election's receiver: the standby then reports not
+//!   ready and the Service routes to the leader (the chart uses `--leader-service` instead).
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 

@@ -2,8 +2,9 @@
 //!
 //! With `--source kubernetes`, only the leader runs the engine and serves shims: the process
 //! waits for the Lease, and exits when it loses it (its pod restarts as a standby), so that two
-//! engines never program the same nodes. The standby's `/readyz` is 503, which keeps the shims'
-//! Service pointed at the leader.
+//! engines never program the same nodes. The leader writes its own pod IP as the only endpoint of
+//! the shims' selector-less Service (`--leader-service`); without that, the standby's `/readyz`
+//! is 503, which keeps a selector-based Service pointed at the leader.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -53,6 +54,8 @@ pub struct RunOptions {
     pub poll: Duration,
     pub lease_namespace: String,
     pub lease_name: String,
+    pub leader_service: Option<String>,
+    pub pod_ip: Option<std::net::IpAddr>,
 }
 
 fn tls(opts: &RunOptions) -> anyhow::Result<Option<Tls>> {
@@ -136,10 +139,38 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 Some(controller_metrics.clone()),
             );
             let mut leading = election.leading();
-            serve_metrics(&opts, registry, leading.clone()).await?;
+            let endpoint = match (&opts.leader_service, opts.pod_ip) {
+                (Some(service), Some(pod_ip)) => Some(crate::controller::endpoint::LeaderEndpoint {
+                    namespace: opts.lease_namespace.clone(),
+                    service: service.clone(),
+                    pod_ip,
+                    port: opts.grpc_listen.port(),
+                    pod_name: std::env::var("POD_NAME").ok(),
+                }),
+                (Some(_), None) => anyhow::bail!("--leader-service needs this pod's IP (--pod-ip or POD_IP)"),
+                _ => None,
+            };
+            // With a leader endpoint the standby is as ready as the leader (the Service reaches
+            // only the leader anyway); without one, readiness is what steers the shims.
+            let ready = if endpoint.is_some() {
+                watch::channel(true).1
+            } else {
+                leading.clone()
+            };
+            serve_metrics(&opts, registry, ready).await?;
             tracing::info!(%identity, "waiting for the lease");
             leading.wait_for(|l| *l).await.context("leader election ended")?;
             tracing::info!("leading: starting the engine and the node channel");
+            if let Some(endpoint) = &endpoint {
+                crate::controller::endpoint::publish(
+                    client.clone(),
+                    endpoint,
+                    crate::controller::FIELD_MANAGER,
+                )
+                .await
+                .context("publishing this leader as the node channel's endpoint")?;
+                tracing::info!(service = %endpoint.service, ip = %endpoint.pod_ip, "shims now reach this replica");
+            }
             let (sources_tx, sources_rx) = mpsc::channel(4096);
             let (updates_tx, updates_rx) = mpsc::channel(1024);
             let (notices_tx, notices_rx) = mpsc::channel(1024);

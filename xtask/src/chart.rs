@@ -160,14 +160,8 @@ fn scenarios() -> Vec<Scenario> {
     let default = Expect {
         operator_image: "sluice-operator:0.1.0",
         shim_image: "sluice-shim:0.1.0",
-        kinds: &["Secret"],
-        absent: &[
-            "PodDisruptionBudget",
-            "ServiceMonitor",
-            "PodMonitor",
-            "Certificate",
-            "Issuer",
-        ],
+        kinds: &["Secret", "PodDisruptionBudget"],
+        absent: &["ServiceMonitor", "PodMonitor", "Certificate", "Issuer"],
         shim_capabilities: &["NET_ADMIN", "BPF", "PERFMON"],
         replicas: 2,
         audience: "sluice.dev",
@@ -189,7 +183,7 @@ fn scenarios() -> Vec<Scenario> {
                 "--set=operator.replicas=3",
                 "--set=operator.grpcPort=10443",
                 "--set=operator.tokenAudience=egress.example.com",
-                "--set=operator.podDisruptionBudget.enabled=true",
+                "--set=operator.podDisruptionBudget.enabled=false",
                 "--set=tls.certManager.enabled=true",
                 "--set=serviceMonitor.enabled=true",
                 "--set=serviceMonitor.labels.release=prometheus",
@@ -201,8 +195,8 @@ fn scenarios() -> Vec<Scenario> {
             expect: Expect {
                 operator_image: "registry.example.com/sluice/sluice-operator:1.2.3",
                 shim_image: "registry.example.com/sluice/sluice-shim@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
-                kinds: &["PodDisruptionBudget", "ServiceMonitor", "Certificate", "Issuer"],
-                absent: &["Secret", "PodMonitor"],
+                kinds: &["ServiceMonitor", "Certificate", "Issuer"],
+                absent: &["Secret", "PodMonitor", "PodDisruptionBudget"],
                 shim_capabilities: &["NET_ADMIN", "BPF", "PERFMON", "SYS_RESOURCE"],
                 replicas: 3,
                 audience: "egress.example.com",
@@ -219,8 +213,13 @@ fn scenarios() -> Vec<Scenario> {
                 "--set=serviceMonitor.enabled=true",
             ],
             expect: Expect {
-                kinds: &["Certificate", "ServiceMonitor", "PodMonitor"],
-                absent: &["Secret", "Issuer", "PodDisruptionBudget"],
+                kinds: &[
+                    "Certificate",
+                    "ServiceMonitor",
+                    "PodMonitor",
+                    "PodDisruptionBudget",
+                ],
+                absent: &["Secret", "Issuer"],
                 ..default
             },
         },
@@ -517,14 +516,25 @@ fn check_operator(docs: &[Value], e: &Expect) -> Result<()> {
     ] {
         ensure!(args.contains(&want), "operator args {args:?} lack {want}");
     }
-    for var in ["POD_NAME", "POD_NAMESPACE"] {
+    for var in ["POD_NAME", "POD_NAMESPACE", "POD_IP"] {
         ensure!(env(c, var).is_some(), "operator env lacks {var}");
     }
+    // The shims' Service has no selector: the leader publishes itself as its only endpoint.
     let svc = find(docs, "Service", "-operator")?;
-    let selector = at(svc, "spec.selector");
+    ensure!(
+        at(svc, "spec.selector").is_null(),
+        "the shims' Service must not select pods (the leader publishes its endpoint)"
+    );
+    ensure!(
+        env(c, "SLUICE_LEADER_SERVICE").map(|e| s(e, "value")) == Some(s(svc, "metadata.name")),
+        "the operator does not publish itself as the endpoint of {}",
+        s(svc, "metadata.name")
+    );
+    let metrics = find(docs, "Service", "-operator-metrics")?;
+    let selector = at(metrics, "spec.selector");
     ensure!(
         selector == at(d, "spec.selector.matchLabels") && !selector.is_null(),
-        "the Service does not select the operator pods"
+        "the metrics Service does not select the operator pods"
     );
     let ports = at(svc, "spec.ports").as_sequence().context("Service ports")?;
     ensure!(
@@ -699,7 +709,10 @@ fn check_rbac(docs: &[Value]) -> Result<()> {
         ("events.k8s.io", "events", &["create", "patch"]),
         ("authentication.k8s.io", "tokenreviews", &["create"]),
     ]);
-    let leases = triples(&[("coordination.k8s.io", "leases", &["get", "create", "update"])]);
+    let leases = triples(&[
+        ("coordination.k8s.io", "leases", &["get", "create", "update"]),
+        ("discovery.k8s.io", "endpointslices", &["create", "patch"]),
+    ]);
     let roles: Vec<&Value> = docs.iter().filter(|d| s(d, "kind") == "ClusterRole").collect();
     ensure!(roles.len() == 1, "one ClusterRole expected, got {}", roles.len());
     let have = grants(at(roles[0], "rules"));
@@ -795,8 +808,8 @@ mod tests {
         Expect {
             operator_image: "sluice-operator:0.1.0",
             shim_image: "sluice-shim:0.1.0",
-            kinds: &["Secret"],
-            absent: &["PodDisruptionBudget"],
+            kinds: &["Secret", "PodDisruptionBudget"],
+            absent: &[],
             shim_capabilities: &["NET_ADMIN", "BPF", "PERFMON"],
             replicas: 2,
             audience: "sluice.dev",

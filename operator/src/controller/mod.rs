@@ -13,6 +13,7 @@
 //! The watchers run on every replica, so that a standby that becomes leader has its plan ready;
 //! status writes and Events only happen while this replica leads.
 
+pub mod endpoint;
 pub mod leader;
 pub mod slim;
 pub mod status;
