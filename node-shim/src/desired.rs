@@ -44,7 +44,20 @@ pub struct Desired {
     pub problems: Vec<Error>,
     /// IPv6 entries, not supported yet by the datapath.
     pub skipped_ipv6: usize,
+    /// Every entry that is not programmed as planned, with why: reported to the operator.
+    pub entry_errors: Vec<EntryProblem>,
 }
+
+/// One plan entry the datapath does not hold as planned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EntryProblem {
+    pub source: IpAddr,
+    pub destination: IpNet,
+    pub message: String,
+}
+
+/// Why IPv6 entries are not programmed.
+pub const IPV6_UNSUPPORTED: &str = "IPv6 entries are not programmed: the datapath is IPv4-only";
 
 /// Stable numbering of policies (the id is in packet marks, counters and conntrack).
 #[derive(Clone, Debug, Default)]
@@ -88,8 +101,14 @@ pub fn desired(entries: &[EntryDoc], host: &Host, ids: &mut PolicyIds) -> Result
     ids.retain(&names);
 
     for entry in entries {
+        let problem = |message: String| EntryProblem {
+            source: entry.source,
+            destination: entry.destination,
+            message,
+        };
         let (IpAddr::V4(source), IpNet::V4(destination)) = (entry.source, entry.destination) else {
             out.skipped_ipv6 += 1;
+            out.entry_errors.push(problem(IPV6_UNSUPPORTED.to_owned()));
             continue;
         };
         let policy_id = ids.id(&entry.policy)?;
@@ -104,6 +123,7 @@ pub fn desired(entries: &[EntryDoc], host: &Host, ids: &mut PolicyIds) -> Result
             GatewayTarget::Excluded => value.kind = maps::KIND_EXCLUDED,
             GatewayTarget::Node(IpAddr::V6(_)) => {
                 out.skipped_ipv6 += 1;
+                out.entry_errors.push(problem(IPV6_UNSUPPORTED.to_owned()));
                 continue;
             }
             GatewayTarget::Node(IpAddr::V4(gateway)) => {
@@ -120,6 +140,7 @@ pub fn desired(entries: &[EntryDoc], host: &Host, ids: &mut PolicyIds) -> Result
                         }
                         // egress_ip stays 0: the datapath drops (counted), never leaks.
                         Err(e) => {
+                            out.entry_errors.push(problem(e.to_string()));
                             if !out.problems.iter().any(|p| p.to_string() == e.to_string()) {
                                 out.problems.push(e);
                             }
@@ -268,6 +289,11 @@ mod tests {
         let d = desired(std::slice::from_ref(&e), &host(), &mut PolicyIds::default()).unwrap();
         assert!(matches!(d.problems[..], [Error::EgressIpNotLocal { .. }]));
         assert!(d.problems[0].to_string().contains("ip addr add 192.0.2.200/32"));
+        // The operator hears which entry it is.
+        assert_eq!(d.entry_errors.len(), 1);
+        assert_eq!(d.entry_errors[0].source.to_string(), "10.244.1.10");
+        assert_eq!(d.entry_errors[0].destination.to_string(), "203.0.113.0/24");
+        assert_eq!(d.entry_errors[0].message, d.problems[0].to_string());
         assert_eq!(
             d.policy.values().next().unwrap().egress_ip,
             0,

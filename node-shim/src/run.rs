@@ -419,12 +419,12 @@ impl Agent {
             link.applied.send_replace(Applied {
                 generation: state.generation,
                 errors: want
-                    .problems
+                    .entry_errors
                     .iter()
                     .map(|p| sluice_proto::v1::EntryError {
-                        source: String::new(),
-                        destination: String::new(),
-                        message: p.to_string(),
+                        source: p.source.to_string(),
+                        destination: p.destination.to_string(),
+                        message: p.message.clone(),
                     })
                     .collect(),
             });
