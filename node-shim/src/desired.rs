@@ -40,6 +40,8 @@ pub struct Desired {
     pub snat: BTreeMap<Ipv4Addr, BTreeSet<u32>>,
     /// Interfaces replies to egress IPs arrive on (their rp_filter is relaxed).
     pub egress_interfaces: BTreeSet<String>,
+    /// Policy id -> (name, ifindex) of the interface its SNATed traffic must leave by.
+    pub egress_routes: BTreeMap<u32, (String, u32)>,
     /// Entries that could not be honoured; they are programmed to drop (fail closed).
     pub problems: Vec<Error>,
     /// IPv6 entries, not supported yet by the datapath.
@@ -137,6 +139,10 @@ pub fn desired(entries: &[EntryDoc], host: &Host, ids: &mut PolicyIds) -> Result
                             value.egress_ifindex = interface.index;
                             out.snat.entry(ip).or_default().insert(policy_id);
                             out.egress_interfaces.insert(interface.name.clone());
+                            // One interface per policy here (a mark cannot tell two apart).
+                            out.egress_routes
+                                .entry(policy_id)
+                                .or_insert_with(|| (interface.name.clone(), interface.index));
                         }
                         // egress_ip stays 0: the datapath drops (counted), never leaks.
                         Err(e) => {
@@ -275,6 +281,10 @@ mod tests {
         );
         assert_eq!(d.names[&local.policy_id].as_str(), "a");
         assert_eq!(d.egress_interfaces, BTreeSet::from(["eth0".to_owned()]));
+        assert_eq!(
+            d.egress_routes,
+            BTreeMap::from([(local.policy_id, ("eth0".to_owned(), 2))])
+        );
     }
 
     #[test]

@@ -4,13 +4,15 @@
 //! - [`desired`]: plan entries -> map contents and SNAT rules;
 //! - [`sync`]: one transition from current to desired (upserts first, deletes after);
 //! - [`run`]: the agent loop; [`client`]: the node channel to the operator (`run --operator`); [`bpf`]: the `bpf list` / `bpf counters` views;
-//! - [`nat`], [`netdev`]: the kernel side (nftables, tunnel device, sysctls);
+//! - [`nat`], [`egress_route`], [`netdev`]: the kernel side (nftables, egress policy routing, tunnel
+//!   device, sysctls);
 //! - [`metrics`]: Prometheus metrics; [`uninstall`]: taking Sluice off a node.
 
 pub mod bpf;
 pub mod client;
 pub mod datapath;
 pub mod desired;
+pub mod egress_route;
 pub mod error;
 pub mod maps;
 pub mod metrics;

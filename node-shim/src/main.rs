@@ -25,7 +25,7 @@ enum Command {
     #[command(subcommand)]
     Bpf(BpfCommand),
     /// Remove everything Sluice put on this node: links (the datapath stops at once), pinned maps,
-    /// the nftables table, the reply rule and route, the tunnel device.
+    /// the nftables table, the egress and reply rules and routes, the tunnel device.
     Uninstall {
         /// Sluice's tunnel device.
         #[arg(long, env = "SLUICE_TUNNEL_DEVICE", default_value = "sluice-vx0")]
@@ -92,7 +92,8 @@ struct RunArgs {
     /// VXLAN network identifier used by the tunnel.
     #[arg(long, env = "SLUICE_TUNNEL_VNI", default_value_t = 8473)]
     tunnel_vni: u32,
-    /// Routing table (and rule preference) steering replies back into the tunnel.
+    /// Routing table (and rule preference) steering replies back into the tunnel; the egress
+    /// rules take preference +1 and each egress interface the table +1+ifindex.
     #[arg(long, env = "SLUICE_REPLY_TABLE", default_value_t = 8473)]
     reply_table: u32,
     /// Address of the Prometheus metrics endpoint; `off` to disable.

@@ -71,14 +71,14 @@ pub fn default_route_interface() -> Option<String> {
     })
 }
 
-/// Netlink notifications of link and IPv4 address changes; their content is not parsed, any
-/// message just means "rescan now".
+/// Netlink notifications of link, IPv4 address and IPv4 route changes; their content is not
+/// parsed, any message just means "rescan now".
 pub struct LinkEvents {
     fd: std::os::fd::OwnedFd,
 }
 
 impl LinkEvents {
-    /// Subscribes to `RTMGRP_LINK` and `RTMGRP_IPV4_IFADDR`.
+    /// Subscribes to `RTMGRP_LINK`, `RTMGRP_IPV4_IFADDR` and `RTMGRP_IPV4_ROUTE`.
     pub fn open() -> Result<Self> {
         use nix::sys::socket::{AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, socket};
         use std::os::fd::AsRawFd;
@@ -89,7 +89,7 @@ impl LinkEvents {
             SockProtocol::NetlinkRoute,
         )
         .map_err(|e| Error::io("opening a netlink socket", e.into()))?;
-        let groups = (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR) as u32;
+        let groups = (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV4_ROUTE) as u32;
         bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups))
             .map_err(|e| Error::io("subscribing to netlink link events", e.into()))?;
         Ok(LinkEvents { fd })

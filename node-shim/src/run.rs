@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use crate::{
     datapath::{self, Datapath, PolicyStore, ignore_missing},
     desired::{self, Host, PolicyIds},
+    egress_route,
     error::{Error, Result},
     maps::{self, CidrKeyV4, Config, PolicyKeyV4, PolicyName, PolicyValueV4},
     metrics::Metrics,
@@ -131,6 +132,9 @@ pub struct Agent {
     /// The nftables ruleset last applied.
     nft: Option<String>,
     snat: BTreeMap<Ipv4Addr, BTreeSet<u32>>,
+    /// Egress routing tables (table -> interface) and rules (policy id, table) in place.
+    egress_tables: BTreeMap<u32, String>,
+    egress_rules: BTreeSet<(u32, u32)>,
     /// The plan file and host as of the last successful apply.
     applied: Option<(FileStamp, Vec<desired::Interface>)>,
     plan_reads: u64,
@@ -182,6 +186,8 @@ impl Agent {
             tunnel_ifindex: 0,
             nft: None,
             snat: BTreeMap::new(),
+            egress_tables: BTreeMap::new(),
+            egress_rules: BTreeSet::new(),
             applied: None,
             plan_reads: 0,
             map_writes: 0,
@@ -213,6 +219,14 @@ impl Agent {
                     tracing::error!(error = %DisplayChain(&e), retry_in = ?wait, "applying the plan");
                 }
             }
+        }
+        // The egress tables follow the main table's routes (a changed gateway, say), and rules
+        // deleted by someone else come back (only added here: pruning is the apply's job).
+        if !self.egress_rules.is_empty()
+            && let Err(e) = egress_route::sync_tables(&self.egress_tables)
+                .and_then(|_| egress_route::sync_rules(self.opts.reply_table, &self.egress_rules, false))
+        {
+            tracing::error!(error = %DisplayChain(&e), "syncing the egress routing tables and rules");
         }
         self.refresh_metrics();
     }
@@ -375,13 +389,30 @@ impl Agent {
             );
         }
 
-        // 1. SNAT rules for both the old and the new egress IPs, so no entry is ever ahead of
-        //    its rule; 2. the maps, upserts first; 3. the rules as wanted.
+        // 1. SNAT rules, egress routing tables and rules for both the old and the new state, so
+        //    no entry is ever ahead of its rules; 2. the maps, upserts first; 3. the rules as
+        //    wanted.
         let mut union = self.snat.clone();
         for (ip, ids) in &want.snat {
             union.entry(*ip).or_default().extend(ids);
         }
         self.apply_nft(&union)?;
+        let reply_table = self.opts.reply_table;
+        let want_tables: BTreeMap<u32, String> = want
+            .egress_routes
+            .values()
+            .map(|(name, index)| (egress_route::table(reply_table, *index), name.clone()))
+            .collect();
+        let want_rules: BTreeSet<(u32, u32)> = want
+            .egress_routes
+            .iter()
+            .map(|(id, (_, index))| (*id, egress_route::table(reply_table, *index)))
+            .collect();
+        let mut tables = self.egress_tables.clone();
+        tables.extend(want_tables.clone());
+        egress_route::sync_tables(&tables)?;
+        let rules: BTreeSet<(u32, u32)> = self.egress_rules.union(&want_rules).copied().collect();
+        egress_route::sync_rules(reply_table, &rules, false)?;
         for iface in &want.egress_interfaces {
             netdev::loosen_rp_filter(iface)?;
         }
@@ -407,6 +438,14 @@ impl Agent {
         }
         self.apply_nft(&want.snat)?;
         self.snat = want.snat;
+        let gone = egress_route::sync_rules(reply_table, &want_rules, true)?;
+        for table in gone.iter().chain(self.egress_tables.keys()) {
+            if !want_tables.contains_key(table) {
+                egress_route::flush_table(*table);
+            }
+        }
+        self.egress_tables = want_tables;
+        self.egress_rules = want_rules;
 
         tracing::info!(
             entries = self.policy.len(),

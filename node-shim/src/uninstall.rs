@@ -9,11 +9,13 @@ use crate::{
 
 /// Removes, in this order: the pinned links (TCX links detach when their last reference goes, so
 /// the datapath stops here and traffic takes the normal path), the pinned programs and maps, the
-/// nftables table, the reply rule and route, and the tunnel device. Missing pieces are fine.
+/// nftables table, the egress rules and their tables, the reply rule and route, and the tunnel
+/// device. Missing pieces are fine.
 pub fn uninstall(bpffs_dir: &Path, tunnel_device: &str, reply_table: u32) -> Result<()> {
     remove_tree(&bpffs_dir.join("links"))?;
     remove_tree(bpffs_dir)?;
     let _ = netdev::run("nft", &["delete", "table", "ip", "sluice"], None);
+    crate::egress_route::remove_all(reply_table)?;
     let table = reply_table.to_string();
     // Bounded: one rule is installed; a few more tries cover duplicates added by hand.
     for _ in 0..8 {

@@ -16,7 +16,10 @@ use sluice_shim::{
     maps::{self, PolicyKeyV4, PolicyValueV4},
     sync,
 };
-use sluice_testbed::{EGRESS_N1, EGRESS_N3, EXT_A, EXT_B, EXT_EXCLUDED, FileCluster as Cluster, Gw, Rule};
+use sluice_testbed::{
+    EGRESS_N1, EGRESS_N3, EXT_A, EXT_B, EXT_EXCLUDED, FileCluster as Cluster, Gw, Rule, UPLINK2_DEVICE,
+    UPLINK2_N1,
+};
 
 /// Returns the cluster, or `None` (after printing a SKIP line) when not root.
 fn cluster(name: &str) -> Option<Cluster> {
@@ -397,4 +400,117 @@ fn uninstall_restores_the_normal_path_and_removes_everything() {
     }
     assert_eq!(c.fetch("p2", EXT_A).unwrap(), c.node_ip("n2"));
     assert!(!c.bpffs().join("n2").exists());
+}
+
+/// Packets of the named counter `name` of the external host's `ip probe` table.
+fn probe(c: &Cluster, name: &str) -> u64 {
+    let out = c
+        .run("ext", "nft", &["list", "counter", "ip", "probe", name])
+        .unwrap();
+    out.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no packet count in {out}"))
+}
+
+#[test]
+fn snated_traffic_leaves_by_the_policys_egress_interface() {
+    let Some(mut c) = cluster("egress_interface") else {
+        return;
+    };
+    c.add_second_uplink().expect("second uplink on n1");
+    // The external host counts connections to its server by the interface they arrive on.
+    c.nft(
+        "ext",
+        "table ip probe {\n counter uplink2 {}\n counter uplink1 {}\n chain input {\n  \
+         type filter hook input priority 0; policy accept;\n  \
+         tcp dport 8080 tcp flags syn iifname \"up-n1\" counter name uplink2\n  \
+         tcp dport 8080 tcp flags syn iifname \"eth0\" counter name uplink1\n }\n}\n",
+    )
+    .unwrap();
+    let via = |source| Rule {
+        policy: "egress-uplink2",
+        source,
+        destination: "203.0.113.0/24",
+        gateway: Gw::NodeVia("n1", UPLINK2_N1, UPLINK2_DEVICE),
+    };
+    c.apply(&[via("p2"), via("p1")]);
+    let rules = c.ip("n1", &["-4", "rule", "show", "pref", "8474"]).unwrap();
+    assert_eq!(
+        rules.lines().count(),
+        1,
+        "one rule per policy, not per pod: {rules}"
+    );
+
+    // From another node (tunnelled) and from the gateway node itself.
+    for pod in ["p2", "p1"] {
+        let (before2, before1) = (probe(&c, "uplink2"), probe(&c, "uplink1"));
+        let mut conn = c.connect(pod, EXT_A).expect("connects through the second uplink");
+        assert_eq!(conn.greeting, UPLINK2_N1, "{pod}");
+        assert_eq!(conn.exchange(100_000, 300_000).unwrap(), UPLINK2_N1, "{pod}");
+        assert_eq!(
+            probe(&c, "uplink2"),
+            before2 + 1,
+            "{pod}: arrived on the second uplink"
+        );
+        assert_eq!(probe(&c, "uplink1"), before1, "{pod}: nothing on the first");
+    }
+    // Other traffic keeps the main table's path.
+    let before1 = probe(&c, "uplink1");
+    assert_eq!(c.fetch("p3", EXT_A).unwrap(), c.node_ip("n2"));
+    assert_eq!(probe(&c, "uplink1"), before1 + 1);
+
+    // A resync with nothing changed writes nothing.
+    let before = c.status("n1");
+    c.apply(&[via("p2"), via("p1")]);
+    assert_eq!(c.status("n1")["mapWrites"], before["mapWrites"]);
+    assert_eq!(
+        c.ip("n1", &["-4", "rule", "show", "pref", "8474"]).unwrap(),
+        rules
+    );
+    // A rule deleted by hand comes back within a few ticks.
+    c.ip_on("n1", &["-4", "rule", "del", "pref", "8474"]);
+    assert!(
+        sluice_testbed::wait_for(Duration::from_secs(5), || {
+            c.ip("n1", &["-4", "rule", "show", "pref", "8474"]).unwrap() == rules
+        }),
+        "the egress rule was not restored"
+    );
+    assert_eq!(c.fetch("p2", EXT_A).unwrap(), UPLINK2_N1);
+    // The interface's table follows the main table's routes through it.
+    let table = rules.split_whitespace().last().unwrap().to_owned();
+    let extra = ["198.18.99.0/24", "via", "198.18.0.1", "dev", UPLINK2_DEVICE];
+    let in_table = |c: &Cluster| {
+        c.ip("n1", &["-4", "route", "show", "table", &table])
+            .unwrap()
+            .contains("198.18.99.0/24")
+    };
+    c.ip_on("n1", &[&["-4", "route", "add"][..], &extra[..]].concat());
+    assert!(sluice_testbed::wait_for(Duration::from_secs(5), || in_table(&c)));
+    c.ip_on("n1", &[&["-4", "route", "del"][..], &extra[..]].concat());
+    assert!(sluice_testbed::wait_for(Duration::from_secs(5), || !in_table(&c)));
+
+    // Removing the policy restores the normal path, and its rule and table go.
+    c.apply(&[]);
+    let before1 = probe(&c, "uplink1");
+    assert_eq!(c.fetch("p2", EXT_A).unwrap(), c.node_ip("n2"));
+    assert_eq!(c.fetch("p1", EXT_A).unwrap(), c.node_ip("n1"));
+    assert_eq!(probe(&c, "uplink1"), before1 + 2);
+    assert_eq!(c.ip("n1", &["-4", "rule", "show", "pref", "8474"]).unwrap(), "");
+    assert_eq!(c.ip("n1", &["-4", "route", "show", "table", &table]).unwrap(), "");
+
+    // Back again, then uninstalled: rule and table removed.
+    c.apply(&[via("p1")]);
+    assert_eq!(c.fetch("p1", EXT_A).unwrap(), UPLINK2_N1);
+    assert!(
+        !c.ip("n1", &["-4", "route", "show", "table", &table])
+            .unwrap()
+            .is_empty()
+    );
+    c.kill_shim("n1");
+    c.uninstall("n1");
+    assert_eq!(c.ip("n1", &["-4", "rule", "show", "pref", "8474"]).unwrap(), "");
+    assert_eq!(c.ip("n1", &["-4", "route", "show", "table", &table]).unwrap(), "");
+    assert_eq!(c.fetch("p1", EXT_A).unwrap(), c.node_ip("n1"));
 }

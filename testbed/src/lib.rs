@@ -24,6 +24,7 @@
 //! | pod `p1` on n1 | `p1` | 10.244.1.10/32 (veth `veth-p1` on the node) |
 //! | pod `p2` on n2 | `p2` | 10.244.2.10/32 (`veth-p2`) |
 //! | pod `p3` on n2 | `p3` | 10.244.2.11/32 (`veth-p3`) |
+//! | n1's second uplink (on demand, [`Testbed::add_second_uplink`]) | `n1` / `ext` | n1 `eth1` 198.18.0.11/24 (default route metric 100), external host `up-n1` 198.18.0.1/24 |
 //!
 //! Pods have MTU 1450 (room for a VXLAN header on the 1500-byte underlay). The testbed plays the
 //! CNI (see `Testbed::cni`): a /32 route per local pod with proxy ARP on its veth (Calico style,
@@ -80,6 +81,12 @@ pub const SERVER_PORT: u16 = 8080;
 pub const CLUSTER_CIDRS: &str = "10.244.0.0/16,192.0.2.0/24";
 /// The underlay router's address on the node subnet.
 pub const UNDERLAY_IP: &str = "192.0.2.1";
+/// n1's second uplink ([`Testbed::add_second_uplink`]): its device on n1...
+pub const UPLINK2_DEVICE: &str = "eth1";
+/// ...its address (198.18.0.0/24, a benchmarking range), usable as an egress IP...
+pub const UPLINK2_N1: &str = "198.18.0.11";
+/// ...and the external host's end of it (device `up-n1`).
+pub const UPLINK2_EXT: &str = "198.18.0.1";
 
 /// (node, node IP).
 pub const NODES: [(&str, &str); 3] = [("n1", "192.0.2.11"), ("n2", "192.0.2.12"), ("n3", "192.0.2.13")];
@@ -459,6 +466,54 @@ impl Testbed {
         self.ip(node, &["link", "set", &veth, "up"])?;
         self.ip(node, &["route", "add", &format!("{ip}/32"), "dev", &veth])?;
         self.sysctl(node, &format!("net.ipv4.conf.{veth}.proxy_arp=1"))
+    }
+
+    /// Gives n1 a second uplink straight to the external host: `eth1` 198.18.0.11/24 on n1,
+    /// `up-n1` 198.18.0.1/24 on the external host, and a second default route on n1 through it
+    /// with a higher metric (the main table keeps sending everything through `eth0`). It goes
+    /// with the namespaces.
+    pub fn add_second_uplink(&self) -> Result<()> {
+        let ext = self.ns("ext");
+        self.ip(
+            "n1",
+            &[
+                "link",
+                "add",
+                UPLINK2_DEVICE,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "up-n1",
+                "netns",
+                &ext,
+            ],
+        )?;
+        self.ip(
+            "n1",
+            &["addr", "add", &format!("{UPLINK2_N1}/24"), "dev", UPLINK2_DEVICE],
+        )?;
+        self.ip("n1", &["link", "set", UPLINK2_DEVICE, "up"])?;
+        self.ip(
+            "ext",
+            &["addr", "add", &format!("{UPLINK2_EXT}/24"), "dev", "up-n1"],
+        )?;
+        self.ip("ext", &["link", "set", "up-n1", "up"])?;
+        self.ip(
+            "n1",
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                UPLINK2_EXT,
+                "dev",
+                UPLINK2_DEVICE,
+                "metric",
+                "100",
+            ],
+        )
+        .map(drop)
     }
 
     /// Adds a pod (its namespace is removed with the testbed); panics on failure (for tests).
