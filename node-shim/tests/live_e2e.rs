@@ -10,9 +10,7 @@ use std::{
 };
 
 use sluice_operator::runner::{RunOptions, Source};
-use sluice_testbed::{
-    CLUSTER_CIDRS, EGRESS_N1, EGRESS_N3, EXT_A, NODES, Testbed, enter_netns, node_ip, wait_for,
-};
+use sluice_testbed::{EGRESS_N1, EGRESS_N3, EXT_A, NODES, Testbed, enter_netns, wait_for};
 
 const CLUSTER: &str = include_str!("../../examples/demo/cluster.yaml");
 const BOTH: &str = include_str!("../../examples/demo/policy.yaml");
@@ -69,22 +67,11 @@ fn write(path: &Path, text: &str) {
 }
 
 fn start_shim(tb: &mut Testbed, node: &str, tokens: &Path) {
-    let mut cmd = tb.command(node, env!("CARGO_BIN_EXE_sluice-shim"));
-    cmd.arg("--bpffs-dir")
-        .arg(tb.bpffs().join(node))
-        .args([
-            "run",
-            "--node",
-            node,
-            "--node-ip",
-            node_ip(node),
-            "--cluster-cidr",
-            CLUSTER_CIDRS,
-        ])
-        .args(["--operator", &format!("http://{GRPC}")])
+    let mut cmd = tb.shim_command(node, env!("CARGO_BIN_EXE_sluice-shim"));
+    cmd.args(["--operator", &format!("http://{GRPC}")])
         .arg("--token-file")
         .arg(tokens.join(node))
-        .args(["--metrics-addr", "off", "--interval-ms", "1000"]);
+        .args(["--interval-ms", "1000"]);
     tb.spawn(&format!("shim-{node}"), cmd).unwrap();
 }
 

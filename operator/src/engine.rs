@@ -626,7 +626,7 @@ impl Engine {
         table.duties = Arc::new(duties);
         let view = NodeView {
             generation: table.generation,
-            base: if base == 0 { 0 } else { base },
+            base,
             delta: Arc::new(if base == 0 { NodeDelta::default() } else { delta }),
             entries: table.entries.clone(),
             duties: table.duties.clone(),

@@ -296,6 +296,18 @@ impl Testbed {
         cmd
     }
 
+    /// `sluice-shim run` for `node`, with what every node's shim here needs: its own bpffs
+    /// directory, node name and IP, the cluster CIDRs, no metrics port. Add where its plan comes
+    /// from (`--entries` or `--operator`) and anything else.
+    pub fn shim_command(&self, node: &str, shim: impl AsRef<OsStr>) -> Command {
+        let mut cmd = self.command(node, shim);
+        cmd.arg("--bpffs-dir")
+            .arg(self.bpffs().join(node))
+            .args(["run", "--node", node, "--node-ip", node_ip(node)])
+            .args(["--cluster-cidr", CLUSTER_CIDRS, "--metrics-addr", "off"]);
+        cmd
+    }
+
     /// Starts `cmd` in the background under `name`, its stdout and stderr appended to
     /// [`Testbed::log_path`]; it is SIGKILLed when the testbed is dropped. Returns its pid.
     pub fn spawn(&mut self, name: &str, mut cmd: Command) -> Result<u32> {

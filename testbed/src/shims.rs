@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{CLUSTER_CIDRS, NODES, Testbed, node_ip, wait_for};
+use crate::{NODES, Testbed, node_ip, wait_for};
 
 /// Where matching traffic goes, in test terms.
 #[derive(Clone, Debug)]
@@ -224,23 +224,12 @@ impl FileCluster {
     /// Starts `node`'s shim.
     pub fn try_start_shim(&mut self, node: &str) -> Result<()> {
         let _ = fs::remove_file(self.status_path(node));
-        let mut cmd = self.testbed.command(node, &self.shim);
-        cmd.arg("--bpffs-dir")
-            .arg(self.bpffs().join(node))
-            .args([
-                "run",
-                "--node",
-                node,
-                "--node-ip",
-                node_ip(node),
-                "--cluster-cidr",
-                CLUSTER_CIDRS,
-            ])
-            .arg("--entries")
+        let mut cmd = self.testbed.shim_command(node, &self.shim);
+        cmd.arg("--entries")
             .arg(self.plan_path())
             .arg("--status-file")
             .arg(self.status_path(node))
-            .args(["--metrics-addr", "off", "--interval-ms", "100"])
+            .args(["--interval-ms", "100"])
             .args(&self.extra_args);
         self.testbed
             .spawn(&shim_name(node), cmd)

@@ -101,15 +101,11 @@ impl Live {
             .args(["--poll", "100ms", "--tokens-file"])
             .arg(tokens.join("table"));
         tb.spawn("operator", cmd)?;
-        for (node, ip) in sluice_testbed::NODES {
-            let mut cmd = tb.command(node, shim);
-            cmd.arg("--bpffs-dir")
-                .arg(tb.bpffs().join(node))
-                .args(["run", "--node", node, "--node-ip", ip])
-                .args(["--cluster-cidr", sluice_testbed::CLUSTER_CIDRS])
-                .args(["--operator", &format!("http://{GRPC}"), "--token-file"])
+        for (node, _) in sluice_testbed::NODES {
+            let mut cmd = tb.shim_command(node, shim);
+            cmd.args(["--operator", &format!("http://{GRPC}"), "--token-file"])
                 .arg(tokens.join(node))
-                .args(["--metrics-addr", "off", "--interval-ms", "100"]);
+                .args(["--interval-ms", "100"]);
             tb.spawn(&format!("shim-{node}"), cmd)?;
         }
         // Every shim has loaded its datapath once its pinned links show up.
