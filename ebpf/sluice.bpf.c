@@ -15,6 +15,7 @@
 #include <linux/ip.h>
 #include <linux/pkt_cls.h>
 #include <linux/socket.h>
+#include <linux/udp.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
@@ -92,6 +93,32 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sluice_policy_names SEC(".maps");
+
+/*
+ * The nodes this node exchanges tunnel traffic with (SLUICE_PEER_*), from its plan. The first
+ * check on every tunnel packet: the VXLAN port is open to anyone who can reach the node.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __be32);
+	__type(value, __u32);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sluice_tunnel_peers_v4 SEC(".maps");
+
+/*
+ * Pod interface (ifindex) -> the bridge it is a port of, for CNIs that route pod addresses
+ * through a bridge (the source check then also compares the frame's MAC with the neighbour's).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sluice_bridge_ports SEC(".maps");
 
 static __always_inline void count(__u32 idx, __u32 len)
 {
@@ -178,6 +205,61 @@ static __always_inline int set_tunnel_dst(struct __sk_buff *skb, struct sluice_c
 	return bpf_skb_set_tunnel_key(skb, &tk, sizeof(tk), BPF_F_ZERO_CSUM_TX);
 }
 
+/*
+ * Whether a pod's packet is UDP to the tunnel port. Only first fragments carry the port; later
+ * fragments alone never reassemble into anything.
+ */
+static __always_inline int to_tunnel_port(struct __sk_buff *skb, struct iphdr *ip, __u32 port)
+{
+	if (ip->protocol != IPPROTO_UDP || !port || (ip->frag_off & bpf_htons(0x1fff)))
+		return 0;
+	__u32 off = sizeof(struct ethhdr) + ip->ihl * 4;
+	__be16 dport;
+
+	if (ip->ihl < 5 || bpf_skb_load_bytes(skb, off + __builtin_offsetof(struct udphdr, dest), &dport,
+					      sizeof(dport)) < 0)
+		return 1; /* a UDP packet we cannot read: treat as hostile */
+	return dport == bpf_htons((__u16)port);
+}
+
+/*
+ * Reverse-path check: does the route back to the packet's source leave by the interface the
+ * packet came in on? On routed CNIs (a route per pod to its veth) that ties the address to the
+ * pod. On bridged CNIs the route leads to the bridge: then the frame must come from a port of
+ * that bridge, with the MAC the node's neighbour table holds for the address.
+ */
+static __always_inline int source_belongs_to_interface(struct __sk_buff *skb, struct iphdr *ip)
+{
+	struct bpf_fib_lookup fib = {};
+
+	fib.family = AF_INET;
+	fib.ipv4_dst = ip->saddr;
+	fib.ifindex = skb->ifindex;
+	/* tot_len 0: no MTU check, only the route matters. */
+	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return 0;
+	if (fib.ifindex == skb->ifindex)
+		return 1;
+	__u32 ifindex = skb->ifindex;
+	__u32 *bridge = bpf_map_lookup_elem(&sluice_bridge_ports, &ifindex);
+
+	if (!bridge || *bridge != fib.ifindex || rc != BPF_FIB_LKUP_RET_SUCCESS)
+		return 0;
+	struct ethhdr *eth = (void *)(long)skb->data;
+
+	if ((void *)(eth + 1) > (void *)(long)skb->data_end)
+		return 0;
+	/* fib.dmac: the neighbour entry's MAC for the source address. (No memcmp in BPF.) */
+	__u8 diff = 0;
+
+#pragma unroll
+	for (int i = 0; i < ETH_ALEN; i++)
+		diff |= eth->h_source[i] ^ fib.dmac[i];
+	return diff == 0;
+}
+
 SEC("classifier")
 int sluice_from_pod(struct __sk_buff *skb)
 {
@@ -187,6 +269,16 @@ int sluice_from_pod(struct __sk_buff *skb)
 		return SLUICE_PASS;
 	__be32 saddr = ip->saddr;
 	__be32 daddr = ip->daddr;
+	struct sluice_config *cfg = config();
+
+	/*
+	 * Pods never speak the tunnel: many CNIs masquerade a pod's packets to its node's address,
+	 * which would let a pod pass as a tunnel peer.
+	 */
+	if (cfg && to_tunnel_port(skb, ip, cfg->tunnel_port)) {
+		count(SLUICE_CTR_DROP_POD_TO_TUNNEL, skb->len);
+		return TC_ACT_SHOT;
+	}
 
 	if (in_cluster(daddr)) {
 		count(SLUICE_CTR_IN_CLUSTER, skb->len);
@@ -215,6 +307,12 @@ int sluice_from_pod(struct __sk_buff *skb)
 		count(SLUICE_CTR_ERROR, skb->len);
 		return TC_ACT_SHOT;
 	}
+	/* The egress IP is lent to the pod the entry names, not to whoever uses its address. */
+	if (!(cfg && (cfg->flags & SLUICE_CFG_NO_SOURCE_CHECK)) &&
+	    !source_belongs_to_interface(skb, ip)) {
+		count(SLUICE_CTR_DROP_SPOOFED_SOURCE, skb->len);
+		return TC_ACT_SHOT;
+	}
 	count_policy(v->policy_id, skb->len);
 
 	if (v->flags & SLUICE_F_LOCAL_GATEWAY) {
@@ -227,8 +325,6 @@ int sluice_from_pod(struct __sk_buff *skb)
 		count(SLUICE_CTR_LOCAL_EGRESS, skb->len);
 		return SLUICE_PASS;
 	}
-
-	struct sluice_config *cfg = config();
 
 	/* Fail closed: a steered flow must never leave by the normal path. */
 	if (!cfg || !cfg->tunnel_ifindex || !v->gateway_ip) {
@@ -297,6 +393,16 @@ int sluice_from_tunnel(struct __sk_buff *skb)
 		count(SLUICE_CTR_ERROR, skb->len);
 		return TC_ACT_SHOT;
 	}
+	/* Before anything else: our VNI, from a node our plan exchanges tunnel traffic with. */
+	struct sluice_config *cfg = config();
+	__be32 remote = bpf_htonl(tk.remote_ipv4);
+	__u32 *peer = bpf_map_lookup_elem(&sluice_tunnel_peers_v4, &remote);
+
+	if (!cfg || tk.tunnel_id != cfg->vni || !peer) {
+		count(SLUICE_CTR_DROP_FOREIGN_TUNNEL, skb->len);
+		return TC_ACT_SHOT;
+	}
+	__u32 peer_flags = *peer;
 	struct iphdr *ip = ipv4_header(skb);
 
 	if (!ip) {
@@ -305,7 +411,6 @@ int sluice_from_tunnel(struct __sk_buff *skb)
 	}
 	__be32 saddr = ip->saddr;
 	__be32 daddr = ip->daddr;
-	__be32 remote = bpf_htonl(tk.remote_ipv4);
 
 	/* The inner frame still carries the pod-side MAC addresses: accept it as ours. */
 	bpf_skb_change_type(skb, PACKET_HOST);
@@ -314,6 +419,14 @@ int sluice_from_tunnel(struct __sk_buff *skb)
 	struct sluice_policy_value_v4 *v = policy_lookup(saddr, daddr);
 
 	if (v && v->kind == SLUICE_KIND_GATEWAY && (v->flags & SLUICE_F_LOCAL_GATEWAY)) {
+		/*
+		 * Only the pod's own node may send its traffic: anyone else spoofing the inner source
+		 * would borrow the egress IP and take over the replies.
+		 */
+		if (!(peer_flags & SLUICE_PEER_SOURCE) || !v->peer_ip || v->peer_ip != remote) {
+			count(SLUICE_CTR_DROP_FOREIGN_TUNNEL, skb->len);
+			return TC_ACT_SHOT;
+		}
 		if (!v->egress_ip) {
 			count(SLUICE_CTR_DROP_NO_EGRESS_IP, skb->len);
 			return TC_ACT_SHOT;
@@ -336,7 +449,7 @@ int sluice_from_tunnel(struct __sk_buff *skb)
 	/* A reply to a local pod, from the gateway its entry names? */
 	v = policy_lookup(daddr, saddr);
 	if (v && v->kind == SLUICE_KIND_GATEWAY && !(v->flags & SLUICE_F_LOCAL_GATEWAY) &&
-	    v->gateway_ip == remote) {
+	    (peer_flags & SLUICE_PEER_GATEWAY) && v->gateway_ip == remote) {
 		count(SLUICE_CTR_REPLY_DELIVERED, skb->len);
 		return deliver_to_pod(skb);
 	}

@@ -64,6 +64,15 @@ enum sluice_counter_index {
 	SLUICE_CTR_DROP_NO_REPLY_ROUTE = 11,
 	/* Helper failures and missing configuration. */
 	SLUICE_CTR_ERROR = 12,
+	/*
+	 * Tunnel packet with a foreign VNI, from an outer source that is no peer of this node, or
+	 * for a (source, destination) whose entry names another sending node: dropped.
+	 */
+	SLUICE_CTR_DROP_FOREIGN_TUNNEL = 13,
+	/* A pod's packet whose source address does not belong to the interface it came from. */
+	SLUICE_CTR_DROP_SPOOFED_SOURCE = 14,
+	/* A pod's UDP packet to the tunnel port (of any host): pods never speak the tunnel. */
+	SLUICE_CTR_DROP_POD_TO_TUNNEL = 15,
 	SLUICE_CTR_MAX = 16,
 };
 
@@ -88,6 +97,12 @@ struct sluice_policy_value_v4 {
 	__be32 egress_ip;     /* address to SNAT to (gateway node's own entries) */
 	__u32 egress_ifindex; /* interface to leave by (informational; routing decides) */
 	__u32 policy_id;      /* 1..=65535, allocated by the shim */
+	/*
+	 * LOCAL_GATEWAY entries of pods on other nodes: underlay IP of the pod's node, the only
+	 * outer source tunnelled packets of this (source, destination) are accepted from. 0 = none.
+	 */
+	__be32 peer_ip;
+	__u32 _pad;
 };
 
 /* Key of sluice_cluster_v4 (LPM trie): in-cluster destinations, never steered. */
@@ -101,8 +116,23 @@ struct sluice_config {
 	__u32 tunnel_ifindex; /* Sluice's collect_md VXLAN device; 0 = not ready */
 	__u32 vni;            /* VXLAN network identifier */
 	__u32 tunnel_ttl;     /* outer TTL; 0 = 64 */
+	__u32 tunnel_port;    /* UDP port of the tunnel (host order); pods may not send to it */
+	__u32 flags;          /* SLUICE_CFG_* */
 	__u32 _pad;
 };
+
+/* --- Configuration flags (sluice_config.flags) ------------------------------------------ */
+/*
+ * Do not check that a pod's source address belongs to the interface it arrived on (for CNIs
+ * that route pod addresses through one shared device and enforce source addresses themselves).
+ */
+#define SLUICE_CFG_NO_SOURCE_CHECK (1u << 0)
+
+/* --- Tunnel peer flags (values of sluice_tunnel_peers_v4) ------------------------------- */
+/* The node sends requests of its pods to this gateway. */
+#define SLUICE_PEER_SOURCE (1u << 0)
+/* The node is a gateway of this node's pods: it sends their replies. */
+#define SLUICE_PEER_GATEWAY (1u << 1)
 
 /* Value of sluice_counters (per-CPU array) and sluice_policy_stats (per-CPU hash). */
 struct sluice_counter {

@@ -48,6 +48,8 @@ pub fn render_list(entries: &[(PolicyKeyV4, PolicyValueV4)], names: &BTreeMap<u3
         "Destination CIDR".into(),
         "Gateway".into(),
         "Egress IP".into(),
+        // The only node whose tunnelled packets this gateway takes for the entry.
+        "Tunnel from".into(),
         "Policy".into(),
     ]];
     for (k, v) in entries {
@@ -56,11 +58,17 @@ pub fn render_list(entries: &[(PolicyKeyV4, PolicyValueV4)], names: &BTreeMap<u3
         } else {
             maps::from_be(v.egress_ip).to_string()
         };
+        let from = if v.peer_ip == 0 {
+            "-".to_owned()
+        } else {
+            maps::from_be(v.peer_ip).to_string()
+        };
         rows.push([
             k.source().to_string(),
             k.destination().to_string(),
             gateway(v),
             egress,
+            from,
             policy_name(names, v.policy_id),
         ]);
     }
@@ -126,6 +134,7 @@ mod tests {
             kind: maps::KIND_GATEWAY,
             gateway_ip: maps::be("192.0.2.11".parse().unwrap()),
             policy_id: 1,
+            peer_ip: maps::be("192.0.2.12".parse().unwrap()),
             ..Default::default()
         };
         let excluded = PolicyValueV4 {
@@ -144,15 +153,15 @@ mod tests {
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(
             lines[0],
-            "Source IP     Destination CIDR   Gateway      Egress IP   Policy"
+            "Source IP     Destination CIDR   Gateway      Egress IP   Tunnel from   Policy"
         );
         assert_eq!(
             lines[1],
-            "10.244.1.10   203.0.113.0/24     192.0.2.11   -           egress-a"
+            "10.244.1.10   203.0.113.0/24     192.0.2.11   -           192.0.2.12    egress-a"
         );
         assert_eq!(
             lines[2],
-            "10.244.1.10   203.0.113.128/25   excluded     -           egress-a"
+            "10.244.1.10   203.0.113.128/25   excluded     -           -             egress-a"
         );
     }
 }

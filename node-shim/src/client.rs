@@ -28,8 +28,9 @@ pub struct Link {
     _runtime: tokio::runtime::Runtime,
 }
 
-/// This node's interfaces as the operator wants them: not pod interfaces, not the tunnel.
-fn hello(node: &str, pod_interfaces: &[String], tunnel_device: &str) -> v1::Hello {
+/// This node's interfaces as the operator wants them (not pod interfaces, not the tunnel), and
+/// the gateway duties its datapath holds.
+fn hello(node: &str, pod_interfaces: &[String], tunnel_device: &str, applied: &Applied) -> v1::Hello {
     let interfaces = netdev::interfaces()
         .map_err(|e| tracing::warn!(error = %e, "listing interfaces for the operator"))
         .unwrap_or_default()
@@ -45,6 +46,7 @@ fn hello(node: &str, pod_interfaces: &[String], tunnel_device: &str) -> v1::Hell
         version: env!("CARGO_PKG_VERSION").to_owned(),
         interfaces,
         default_route_interface: netdev::default_route_interface(),
+        serves: applied.serves.iter().map(v1::GatewayDuty::from).collect(),
     }
 }
 
@@ -64,7 +66,8 @@ pub fn start(
     let (plans_tx, plans) = watch::channel(None);
     let (applied_tx, applied_rx) = watch::channel(Applied::default());
     let (wake_tx, wake) = mpsc::channel();
-    let hello: HelloFn = Arc::new(move || hello(&node, &pod_interfaces, &tunnel_device));
+    let held = applied_rx.clone();
+    let hello: HelloFn = Arc::new(move || hello(&node, &pod_interfaces, &tunnel_device, &held.borrow()));
     runtime.spawn(client::run(config, hello, plans_tx, applied_rx));
     let mut changes = plans.clone();
     let waker = wake_tx.clone();

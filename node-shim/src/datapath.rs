@@ -57,6 +57,10 @@ pub struct Maps {
     pub policy_stats: PerCpuHashMap<MapData, u32, Counter>,
     pub reply: HashMap<MapData, u32, ReplyV4>,
     pub names: HashMap<MapData, u32, PolicyName>,
+    /// Underlay IP (network byte order) -> `maps::PEER_*`.
+    pub peers: HashMap<MapData, u32, u32>,
+    /// Pod interface ifindex -> its bridge's ifindex.
+    pub bridge_ports: HashMap<MapData, u32, u32>,
 }
 
 fn map_err<'a>(name: &'static str, action: &'a str) -> impl FnOnce(aya::maps::MapError) -> Error + 'a {
@@ -118,6 +122,8 @@ impl Maps {
             policy_stats: typed!(maps::POLICY_STATS),
             reply: typed!(maps::REPLY_V4),
             names: typed!(maps::POLICY_NAMES),
+            peers: typed!(maps::TUNNEL_PEERS_V4),
+            bridge_ports: typed!(maps::BRIDGE_PORTS),
         })
     }
 
@@ -199,6 +205,7 @@ impl Datapath {
             }
         })?;
 
+        replace_stale_layouts(dir);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(dir)
             .map_max_entries(maps::POLICY_V4, policy_map_max)
@@ -325,6 +332,32 @@ impl Datapath {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(Error::io(format!("removing {}", pin.display()), e)),
+        }
+    }
+}
+
+/// Unpins every pinned map whose key or value size is not this build's (an upgrade changed its
+/// layout), so that the loader creates it anew instead of refusing to start. Its contents are
+/// rewritten from the plan on the first apply; the old map lives on only as long as the programs
+/// of the previous shim still use it.
+fn replace_stale_layouts(dir: &Path) {
+    for (name, key, value) in maps::layouts() {
+        let pin = dir.join(name);
+        let Ok(info) = MapData::from_pin(&pin).and_then(|m| m.info()) else {
+            continue;
+        };
+        let held = (info.key_size() as usize, info.value_size() as usize);
+        if held == (key, value) {
+            continue;
+        }
+        tracing::warn!(
+            map = name,
+            pinned = ?held,
+            wanted = ?(key, value),
+            "a pinned map has an older layout (key, value sizes): replacing it with a new one"
+        );
+        if let Err(e) = fs::remove_file(&pin) {
+            tracing::error!(map = name, error = %e, "could not unpin the map of the older layout");
         }
     }
 }

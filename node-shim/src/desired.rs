@@ -42,6 +42,9 @@ pub struct Desired {
     pub egress_interfaces: BTreeSet<String>,
     /// Policy id -> (name, ifindex) of the interface its SNATed traffic must leave by.
     pub egress_routes: BTreeMap<u32, (String, u32)>,
+    /// Underlay IP (network byte order) of every node this node exchanges tunnel traffic with
+    /// -> `maps::PEER_*`: the nodes whose pods it serves, and the gateways of its own pods.
+    pub peers: BTreeMap<u32, u32>,
     /// Entries that could not be honoured; they are programmed to drop (fail closed).
     pub problems: Vec<Error>,
     /// IPv6 entries, not supported yet by the datapath.
@@ -96,6 +99,25 @@ impl PolicyIds {
     }
 }
 
+/// This node's entries in a plan document (`run --entries FILE`, read as `bytes`). A document
+/// that does not decode is refused with the path of the field at fault (`nodes[2].entries[7].
+/// gateway: ...`), which a line and column in a one-line document of megabytes would not give.
+pub fn plan_entries(path: &std::path::Path, bytes: &[u8], node: &str) -> Result<Vec<EntryDoc>, Error> {
+    let bad = |source: Box<dyn std::error::Error + Send + Sync>| Error::Plan {
+        path: path.to_owned(),
+        source,
+    };
+    let mut document = serde_json::Deserializer::from_slice(bytes);
+    let plan: sluice_proto::PlanDocument =
+        serde_path_to_error::deserialize(&mut document).map_err(|e| bad(Box::new(e)))?;
+    document.end().map_err(|e| bad(Box::new(e)))?;
+    let section = plan.node(node).ok_or_else(|| Error::NodeNotInPlan {
+        path: path.to_owned(),
+        node: node.to_owned(),
+    })?;
+    Ok(section.entries.clone())
+}
+
 /// Computes the desired state of this node from its plan entries.
 pub fn desired(entries: &[EntryDoc], host: &Host, ids: &mut PolicyIds) -> Result<Desired, Error> {
     let mut out = Desired::default();
@@ -131,8 +153,19 @@ pub fn desired(entries: &[EntryDoc], host: &Host, ids: &mut PolicyIds) -> Result
             GatewayTarget::Node(IpAddr::V4(gateway)) => {
                 value.kind = maps::KIND_GATEWAY;
                 value.gateway_ip = maps::be(gateway);
+                if gateway != host.node_ip {
+                    *out.peers.entry(value.gateway_ip).or_default() |= maps::PEER_GATEWAY;
+                }
                 if gateway == host.node_ip {
                     value.flags |= maps::F_LOCAL_GATEWAY;
+                    // Without an IPv4 source node (a local pod, or an IPv6 underlay, not
+                    // supported yet) the tunnel accepts this entry from nobody.
+                    if let Some(IpAddr::V4(peer)) = entry.source_node_ip
+                        && peer != host.node_ip
+                    {
+                        value.peer_ip = maps::be(peer);
+                        *out.peers.entry(value.peer_ip).or_default() |= maps::PEER_SOURCE;
+                    }
                     match egress(entry, host) {
                         Ok((ip, interface)) => {
                             value.egress_ip = maps::be(ip);
@@ -218,6 +251,7 @@ mod tests {
             gateway: gateway.parse().unwrap(),
             egress_ip: egress_ip.map(|s| s.parse().unwrap()),
             interface: None,
+            source_node_ip: None,
             policy: policy.into(),
         }
     }
@@ -345,5 +379,51 @@ mod tests {
         );
         let d = desired(&a[1..], &host(), &mut ids).unwrap();
         assert_eq!(d.names.keys().copied().collect::<Vec<_>>(), [1]);
+    }
+
+    #[test]
+    fn tunnel_peers_are_the_pods_nodes_and_the_gateways_used() {
+        let mut served = entry(
+            "10.244.2.10",
+            "203.0.113.0/24",
+            "192.0.2.11",
+            Some("192.0.2.101"),
+            "a",
+        );
+        served.source_node_ip = Some("192.0.2.12".parse().unwrap());
+        let entries = [
+            served,
+            // A local pod using this node as its gateway: no outer source is accepted for it.
+            entry(
+                "10.244.1.11",
+                "203.0.113.0/24",
+                "192.0.2.11",
+                Some("192.0.2.101"),
+                "a",
+            ),
+            // A local pod using another gateway.
+            entry("10.244.1.10", "198.51.100.0/24", "192.0.2.13", None, "b"),
+            entry("10.244.1.12", "198.51.100.0/24", "none", None, "c"),
+        ];
+        let d = desired(&entries, &host(), &mut PolicyIds::default()).unwrap();
+        let peers: BTreeMap<String, u32> = d
+            .peers
+            .iter()
+            .map(|(ip, f)| (maps::from_be(*ip).to_string(), *f))
+            .collect();
+        assert_eq!(
+            peers,
+            BTreeMap::from([
+                ("192.0.2.12".to_owned(), maps::PEER_SOURCE),
+                ("192.0.2.13".to_owned(), maps::PEER_GATEWAY),
+            ])
+        );
+        let value = |s: &str, d2: &str| d.policy[&PolicyKeyV4::new(s.parse().unwrap(), d2.parse().unwrap())];
+        assert_eq!(
+            maps::from_be(value("10.244.2.10", "203.0.113.0/24").peer_ip).to_string(),
+            "192.0.2.12"
+        );
+        assert_eq!(value("10.244.1.11", "203.0.113.0/24").peer_ip, 0);
+        assert_eq!(value("10.244.1.10", "198.51.100.0/24").peer_ip, 0);
     }
 }

@@ -10,9 +10,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
-    error::Result,
+    error::{Error, Result},
     maps::{MARK_MAGIC, MARK_MAGIC_MASK, MARK_POLICY_MASK, MARK_REPLY},
     netdev,
+    netlink::{self, FwmarkRule, MAIN_TABLE, Netlink, Route},
 };
 
 /// The routing table of the egress interface with index `ifindex`.
@@ -25,177 +26,150 @@ pub fn rule_pref(reply_table: u32) -> u32 {
     reply_table.saturating_add(1)
 }
 
-/// `fwmark` argument of the rule of policy `id`.
-pub fn fwmark(id: u32) -> String {
-    format!(
-        "{:#x}/{:#x}",
-        MARK_MAGIC | id,
-        MARK_MAGIC_MASK | MARK_REPLY | MARK_POLICY_MASK
-    )
+/// The rule of policy `id`, looking up `table`.
+pub fn rule(reply_table: u32, id: u32, table: u32) -> FwmarkRule {
+    FwmarkRule {
+        pref: rule_pref(reply_table),
+        mark: MARK_MAGIC | id,
+        mask: MARK_MAGIC_MASK | MARK_REPLY | MARK_POLICY_MASK,
+        table,
+    }
 }
 
-/// One route, as `ip route` arguments (without the table).
-type Route = Vec<String>;
-
-/// The `ip route` arguments of one route of `ip -j route show`, if it is a plain unicast route
-/// with a device (multipath and special routes are not copied).
-fn route_args(v: &serde_json::Value) -> Option<(String, Route)> {
-    if v.get("type")
-        .and_then(|t| t.as_str())
-        .is_some_and(|t| t != "unicast")
-    {
-        return None;
-    }
-    let table = v["table"].as_str().unwrap_or("main").to_owned();
-    let mut args = vec![v["dst"].as_str()?.to_owned()];
-    if let Some(gw) = v["gateway"].as_str() {
-        args.extend(["via".to_owned(), gw.to_owned()]);
-    }
-    args.extend(["dev".to_owned(), v["dev"].as_str()?.to_owned()]);
-    for (key, arg) in [("protocol", "proto"), ("scope", "scope"), ("prefsrc", "src")] {
-        if let Some(s) = v[key].as_str() {
-            args.extend([arg.to_owned(), s.to_owned()]);
-        }
-    }
-    if let Some(m) = v["metric"].as_u64() {
-        args.extend(["metric".to_owned(), m.to_string()]);
-    }
-    if v["flags"]
-        .as_array()
-        .is_some_and(|f| f.iter().any(|f| f == "onlink"))
-    {
-        args.push("onlink".to_owned());
-    }
-    Some((table, args))
+fn route_socket() -> Result<Netlink> {
+    Netlink::route().map_err(|e| Error::io("opening a route netlink socket", e))
 }
 
-/// Every IPv4 route of every table, by table name.
-fn routes_by_table(json: &str) -> BTreeMap<String, BTreeSet<Route>> {
-    let v: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
-    let mut out: BTreeMap<String, BTreeSet<Route>> = BTreeMap::new();
-    for r in v.as_array().into_iter().flatten() {
-        if let Some((table, args)) = route_args(r) {
-            out.entry(table).or_default().insert(args);
-        }
-    }
-    out
-}
-
-/// What a table must hold for `dev`: the main table's routes through it, connected ones first
-/// (a gateway must be reachable when its route is added).
-fn wanted(all: &BTreeMap<String, BTreeSet<Route>>, dev: &str) -> Vec<Route> {
-    let mut want: Vec<Route> = all
-        .get("main")
-        .into_iter()
-        .flatten()
-        .filter(|r| r.windows(2).any(|w| w[0] == "dev" && w[1] == dev))
-        .cloned()
-        .collect();
-    want.sort_by_key(|r| r.iter().any(|a| a == "via"));
+/// What a table must hold for the interface `ifindex`: the main table's routes through it,
+/// connected ones first (a gateway must be reachable when its route is added).
+fn wanted(main: &[Route], ifindex: Option<u32>) -> Vec<Route> {
+    let mut want: Vec<Route> = main.iter().filter(|r| Some(r.oif) == ifindex).cloned().collect();
+    want.sort_by_key(|r| r.gateway.is_some());
     want
+}
+
+/// What [`sync_tables`] did.
+#[derive(Debug, Default)]
+pub struct TablesSynced {
+    /// The routes that were missing and were added, by table.
+    pub added: BTreeMap<u32, BTreeSet<Route>>,
+    pub deleted: u64,
+    /// What each table holds now.
+    pub holding: BTreeMap<u32, BTreeSet<Route>>,
+}
+
+impl TablesSynced {
+    /// Routes added and deleted (0 when everything was in place: nothing is written then).
+    pub fn changes(&self) -> u64 {
+        self.added.values().map(|r| r.len() as u64).sum::<u64>() + self.deleted
+    }
 }
 
 /// Makes each table of `tables` (table -> interface) hold the main table's routes through its
 /// interface: missing routes added first, stale ones deleted after (a route the kernel refuses is
-/// logged and skipped). Returns the number of changes (0 when everything was in place: nothing is
-/// written then).
-pub fn sync_tables(tables: &BTreeMap<u32, String>) -> Result<u64> {
+/// logged and skipped).
+pub fn sync_tables(tables: &BTreeMap<u32, String>) -> Result<TablesSynced> {
+    let mut out = TablesSynced::default();
     if tables.is_empty() {
-        return Ok(0);
+        return Ok(out);
     }
-    let all = routes_by_table(&netdev::ip(&["-j", "-4", "route", "show", "table", "all"])?);
-    let mut changes = 0;
+    let mut nl = route_socket()?;
+    let main =
+        netlink::routes(&mut nl, MAIN_TABLE).map_err(|e| Error::io("listing the main routing table", e))?;
     for (table, dev) in tables {
-        let t = table.to_string();
-        let have = all.get(&t).cloned().unwrap_or_default();
-        let want = wanted(&all, dev);
+        let have: BTreeSet<Route> = netlink::routes(&mut nl, *table)
+            .map_err(|e| Error::io(format!("listing routing table {table}"), e))?
+            .into_iter()
+            .collect();
+        let want = wanted(&main, netdev::ifindex(dev));
         for r in want.iter().filter(|r| !have.contains(*r)) {
-            let mut args: Vec<&str> = vec!["-4", "route", "replace"];
-            args.extend(r.iter().map(String::as_str));
-            args.extend(["table", &t]);
             // One route the kernel refuses must not hold up the plan: the rest still steer.
-            match netdev::ip(&args) {
-                Ok(_) => changes += 1,
-                Err(e) => tracing::warn!(table, error = %e, "copying a route into an egress table"),
+            match netlink::replace_route(&mut nl, *table, r) {
+                Ok(()) => {
+                    out.added.entry(*table).or_default().insert(r.clone());
+                }
+                Err(e) => {
+                    tracing::warn!(table, route = ?r, error = %e, "copying a route into an egress table")
+                }
             }
         }
         for r in have.iter().filter(|r| !want.contains(r)) {
-            let mut args: Vec<&str> = vec!["-4", "route", "del"];
-            args.extend(r.iter().map(String::as_str));
-            args.extend(["table", &t]);
+            // A wanted route to the same destination with the same metric replaced it already;
+            // deleting by destination and metric would take that one.
+            if want
+                .iter()
+                .any(|w| w.destination == r.destination && w.metric == r.metric)
+            {
+                continue;
+            }
             // Already gone (with its address, say) is fine.
-            let _ = netdev::ip(&args);
-            changes += 1;
+            let _ = netlink::delete_route(&mut nl, *table, r);
+            out.deleted += 1;
         }
+        out.holding.insert(*table, want.into_iter().collect());
     }
-    Ok(changes)
+    Ok(out)
 }
 
 /// Empties table `table`.
 pub fn flush_table(table: u32) {
-    let _ = netdev::ip(&["-4", "route", "flush", "table", &table.to_string()]);
+    if let Err(e) = route_socket().and_then(|mut nl| {
+        netlink::flush_table(&mut nl, table)
+            .map_err(|e| Error::io(format!("emptying routing table {table}"), e))
+    }) {
+        tracing::warn!(table, error = %e, "emptying an egress table");
+    }
 }
 
-/// The egress rules in place: (fwmark argument, table).
-pub fn current_rules(reply_table: u32) -> Result<BTreeSet<(String, u32)>> {
-    let out = netdev::ip(&[
-        "-j",
-        "-4",
-        "rule",
-        "show",
-        "pref",
-        &rule_pref(reply_table).to_string(),
-    ])?;
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-    Ok(v.as_array()
+/// The egress rules in place.
+fn current_rules(nl: &mut Netlink, reply_table: u32) -> Result<BTreeSet<FwmarkRule>> {
+    let pref = rule_pref(reply_table);
+    Ok(netlink::fwmark_rules(nl)
+        .map_err(|e| Error::io("listing ip rules", e))?
         .into_iter()
-        .flatten()
-        .filter_map(|r| {
-            let mark = u32::from_str_radix(r["fwmark"].as_str()?.trim_start_matches("0x"), 16).ok()?;
-            let mask = u32::from_str_radix(r["fwmask"].as_str()?.trim_start_matches("0x"), 16).ok()?;
-            let table = r["table"].as_str()?.parse().ok()?;
-            Some((format!("{mark:#x}/{mask:#x}"), table))
-        })
+        .filter(|r| r.pref == pref)
         .collect())
 }
 
-/// Adds the rules of `want` (policy id -> table) that are missing; with `prune`, then deletes
+fn add_missing(nl: &mut Netlink, reply_table: u32, want: &BTreeSet<FwmarkRule>) -> Result<u64> {
+    let have = current_rules(nl, reply_table)?;
+    let mut added = 0;
+    for rule in want.difference(&have) {
+        netlink::add_rule(nl, *rule).map_err(|e| Error::io(format!("adding the egress rule {rule:?}"), e))?;
+        added += 1;
+    }
+    Ok(added)
+}
+
+fn rules(reply_table: u32, want: &BTreeSet<(u32, u32)>) -> BTreeSet<FwmarkRule> {
+    want.iter()
+        .map(|(id, table)| rule(reply_table, *id, *table))
+        .collect()
+}
+
+/// Adds the rules of `want` (policy id, table) that are missing; with `prune`, then deletes
 /// every other egress rule. Returns the tables of the deleted rules.
 pub fn sync_rules(reply_table: u32, want: &BTreeSet<(u32, u32)>, prune: bool) -> Result<BTreeSet<u32>> {
-    let pref = rule_pref(reply_table).to_string();
-    let have = current_rules(reply_table)?;
-    let want: BTreeSet<(String, u32)> = want.iter().map(|(id, t)| (fwmark(*id), *t)).collect();
-    for (mark, table) in want.difference(&have) {
-        netdev::ip(&[
-            "-4",
-            "rule",
-            "add",
-            "pref",
-            &pref,
-            "fwmark",
-            mark,
-            "lookup",
-            &table.to_string(),
-        ])?;
-    }
+    let mut nl = route_socket()?;
+    let want = rules(reply_table, want);
+    add_missing(&mut nl, reply_table, &want)?;
     let mut gone = BTreeSet::new();
     if prune {
-        for (mark, table) in have.difference(&want) {
-            netdev::ip(&[
-                "-4",
-                "rule",
-                "del",
-                "pref",
-                &pref,
-                "fwmark",
-                mark,
-                "lookup",
-                &table.to_string(),
-            ])?;
-            gone.insert(*table);
+        for rule in current_rules(&mut nl, reply_table)?.difference(&want) {
+            netlink::delete_rule(&mut nl, *rule)
+                .map_err(|e| Error::io(format!("deleting the egress rule {rule:?}"), e))?;
+            gone.insert(rule.table);
         }
     }
     Ok(gone)
+}
+
+/// Adds back the rules of `want` (policy id, table) that someone else deleted; returns how many.
+pub fn restore_rules(reply_table: u32, want: &BTreeSet<(u32, u32)>) -> Result<u64> {
+    if want.is_empty() {
+        return Ok(0);
+    }
+    add_missing(&mut route_socket()?, reply_table, &rules(reply_table, want))
 }
 
 /// Removes every egress rule and empties their tables (uninstall).
@@ -213,8 +187,12 @@ mod tests {
 
     #[test]
     fn marks_match_both_tunnelled_and_local_requests_but_not_replies() {
-        assert_eq!(fwmark(3), "0x5c100003/0xfff4ffff");
-        let (value, mask) = (0x5c10_0003u32, 0xfff4_ffffu32);
+        let r = rule(8473, 3, 8477);
+        assert_eq!(
+            (r.pref, r.mark, r.mask, r.table),
+            (8474, 0x5c10_0003, 0xfff4_ffff, 8477)
+        );
+        let (value, mask) = (r.mark, r.mask);
         for mark in [0x5c10_0003, 0x5c18_0003] {
             assert_eq!(mark & mask, value, "{mark:#x}");
         }
@@ -227,28 +205,30 @@ mod tests {
 
     #[test]
     fn routes_through_an_interface_are_copied_connected_first() {
-        let json = r#"[{"dst":"default","gateway":"192.0.2.1","dev":"eth0","flags":[]},
-            {"dst":"default","gateway":"198.18.0.1","dev":"eth1","metric":100,"flags":["onlink"]},
-            {"dst":"198.18.0.0/24","dev":"eth1","protocol":"kernel","scope":"link","prefsrc":"198.18.0.11","flags":[]},
-            {"type":"unreachable","dst":"198.18.9.0/24","flags":[]},
-            {"dst":"10.0.0.0/8","dev":"eth1","table":"8480","flags":[]},
-            {"type":"local","dst":"198.18.0.11","dev":"eth1","table":"local","flags":[]}]"#;
-        let all = routes_by_table(json);
-        let want = wanted(&all, "eth1");
+        let route = |destination: &str, gateway: Option<&str>, oif, metric| Route {
+            destination: destination.parse().unwrap(),
+            gateway: gateway.map(|g| g.parse().unwrap()),
+            oif,
+            protocol: 4,
+            scope: 0,
+            prefsrc: None,
+            metric,
+            onlink: false,
+        };
+        let main = vec![
+            route("0.0.0.0/0", Some("192.0.2.1"), 2, None),
+            route("0.0.0.0/0", Some("198.18.0.1"), 3, Some(100)),
+            route("198.18.0.0/24", None, 3, None),
+            route("10.0.0.0/8", None, 4, None),
+        ];
         assert_eq!(
-            want,
-            vec![
-                "198.18.0.0/24 dev eth1 proto kernel scope link src 198.18.0.11"
-                    .split(' ')
-                    .map(String::from)
-                    .collect::<Vec<_>>(),
-                "default via 198.18.0.1 dev eth1 metric 100 onlink"
-                    .split(' ')
-                    .map(String::from)
-                    .collect::<Vec<_>>(),
-            ]
+            wanted(&main, Some(3)),
+            vec![main[2].clone(), main[1].clone()],
+            "the routes through the interface, connected first"
         );
-        assert_eq!(all["8480"].len(), 1);
-        assert!(!all.contains_key("local"));
+        assert!(
+            wanted(&main, None).is_empty(),
+            "an interface that is gone has none"
+        );
     }
 }

@@ -4,8 +4,8 @@
 //! - [`desired`]: plan entries -> map contents and SNAT rules;
 //! - [`sync`]: one transition from current to desired (upserts first, deletes after);
 //! - [`run`]: the agent loop; [`client`]: the node channel to the operator (`run --operator`); [`bpf`]: the `bpf list` / `bpf counters` views;
-//! - [`nat`], [`egress_route`], [`netdev`]: the kernel side (nftables, egress policy routing, tunnel
-//!   device, sysctls);
+//! - [`nat`], [`egress_route`], [`netdev`], [`netlink`]: the kernel side (nftables, egress policy
+//!   routing, tunnel device, sysctls; rules and routes are read and written over netlink);
 //! - [`metrics`]: Prometheus metrics; [`uninstall`]: taking Sluice off a node.
 
 pub mod bpf;
@@ -18,6 +18,7 @@ pub mod maps;
 pub mod metrics;
 pub mod nat;
 pub mod netdev;
+pub mod netlink;
 pub mod run;
 pub mod sync;
 pub mod uninstall;

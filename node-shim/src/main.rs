@@ -64,7 +64,7 @@ struct RunArgs {
     /// demos). Reconnects with backoff; the datapath keeps its state while disconnected.
     #[arg(long, env = "SLUICE_OPERATOR")]
     operator: Option<String>,
-    /// PEM CA bundle that signed the operator's certificate.
+    /// PEM CA bundle that signed the operator's certificate; re-read at every connection.
     #[arg(long, env = "SLUICE_CA_FILE", requires = "operator")]
     ca_file: Option<PathBuf>,
     /// The name in the operator's certificate, when it is not the URL's host.
@@ -92,11 +92,18 @@ struct RunArgs {
     /// VXLAN network identifier used by the tunnel.
     #[arg(long, env = "SLUICE_TUNNEL_VNI", default_value_t = 8473)]
     tunnel_vni: u32,
+    /// Whether a pod's packet is steered only when its source address routes back to the
+    /// interface it came from (`route`), or without that check (`off`: only for CNIs that route
+    /// every pod through one shared device and enforce pod source addresses themselves).
+    #[arg(long, env = "SLUICE_SOURCE_CHECK", value_enum, default_value_t = run::SourceCheck::Route)]
+    source_check: run::SourceCheck,
     /// Routing table (and rule preference) steering replies back into the tunnel; the egress
     /// rules take preference +1 and each egress interface the table +1+ifindex.
     #[arg(long, env = "SLUICE_REPLY_TABLE", default_value_t = 8473)]
     reply_table: u32,
-    /// Address of the Prometheus metrics endpoint; `off` to disable.
+    /// Address of the HTTP endpoint serving `/metrics` (Prometheus) and `/healthz` (whether the
+    /// agent loop ticked recently); `off` to disable. On the host network any pod can reach it:
+    /// prefer the node's IP to `0.0.0.0`.
     #[arg(long, env = "SLUICE_METRICS_ADDR", default_value = "0.0.0.0:9473")]
     metrics_addr: String,
     /// How often to rescan interfaces and the plan file, in milliseconds.
@@ -133,11 +140,12 @@ fn main() -> anyhow::Result<()> {
                 (Some(path), _) => run::PlanSource::File(path),
                 (None, Some(url)) => {
                     let mut config = sluice_proto::client::Config::new(url);
-                    config.ca_pem = a
-                        .ca_file
-                        .as_ref()
-                        .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
-                        .transpose()?;
+                    // Read now to fail fast on a wrong path; the session re-reads it at every
+                    // connection, so a rotated CA is trusted from the next one on.
+                    if let Some(p) = &a.ca_file {
+                        std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+                    }
+                    config.ca_file = a.ca_file;
                     config.server_name = a.server_name;
                     config.token_file = a.token_file;
                     let l = sluice_shim::client::start(
@@ -167,6 +175,7 @@ fn main() -> anyhow::Result<()> {
                     local: Some(a.node_ip),
                 },
                 reply_table: a.reply_table,
+                source_check: a.source_check,
                 metrics_addr,
                 interval: Duration::from_millis(a.interval_ms),
                 status_file: a.status_file,

@@ -26,9 +26,13 @@ pub const POLICY_STATS: &str = "sluice_policy_stats";
 pub const REPLY_V4: &str = "sluice_reply_v4";
 /// Policy id -> policy name, for `sluice-shim bpf list`.
 pub const POLICY_NAMES: &str = "sluice_policy_names";
+/// Underlay IP -> `PEER_*` flags: the nodes this node exchanges tunnel traffic with.
+pub const TUNNEL_PEERS_V4: &str = "sluice_tunnel_peers_v4";
+/// Pod interface ifindex -> ifindex of the bridge it is a port of.
+pub const BRIDGE_PORTS: &str = "sluice_bridge_ports";
 
 /// Every map of the object, in the order `bpf` subcommands open them.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 9] = [
     POLICY_V4,
     CLUSTER_V4,
     CONFIG,
@@ -36,6 +40,8 @@ pub const ALL_MAPS: [&str; 7] = [
     POLICY_STATS,
     REPLY_V4,
     POLICY_NAMES,
+    TUNNEL_PEERS_V4,
+    BRIDGE_PORTS,
 ];
 
 /// Default capacity of the policy map.
@@ -53,6 +59,14 @@ pub const KIND_EXCLUDED: u32 = 4;
 /// `flags`: the gateway is this node.
 pub const F_LOCAL_GATEWAY: u32 = 1;
 
+/// `Config::flags`: skip the check that a pod's source address belongs to its interface.
+pub const CFG_NO_SOURCE_CHECK: u32 = 1;
+
+/// Tunnel peer flag: the node sends requests of its pods to this gateway.
+pub const PEER_SOURCE: u32 = 1;
+/// Tunnel peer flag: the node is a gateway of this node's pods (sends their replies).
+pub const PEER_GATEWAY: u32 = 2;
+
 /// `skb->mark` magic (bits 31..20).
 pub const MARK_MAGIC: u32 = 0x5c10_0000;
 /// Mask of the magic bits.
@@ -68,7 +82,7 @@ pub const MARK_POLICY_MASK: u32 = 0x0000_ffff;
 pub const MAX_POLICY_ID: u32 = MARK_POLICY_MASK;
 
 /// Counter indexes of `sluice_counters`, with their metric/CLI names (`enum sluice_counter_index`).
-pub const COUNTER_NAMES: [(u32, &str); 13] = [
+pub const COUNTER_NAMES: [(u32, &str); 16] = [
     (0, "steered"),
     (1, "local_egress"),
     (2, "egressed"),
@@ -82,6 +96,9 @@ pub const COUNTER_NAMES: [(u32, &str); 13] = [
     (10, "dropped_unknown_tunnel"),
     (11, "dropped_no_reply_route"),
     (12, "errors"),
+    (13, "dropped_foreign_tunnel"),
+    (14, "dropped_spoofed_source"),
+    (15, "dropped_pod_to_tunnel_port"),
 ];
 
 /// Index of the drop counter for `failurePolicy: Drop`.
@@ -120,6 +137,10 @@ pub struct PolicyValueV4 {
     pub egress_ip: u32,
     pub egress_ifindex: u32,
     pub policy_id: u32,
+    /// Network byte order; the only outer source accepted for this entry through the tunnel
+    /// (local-gateway entries of other nodes' pods); 0 = none.
+    pub peer_ip: u32,
+    pub _pad: u32,
 }
 
 /// Key of `sluice_cluster_v4` (`struct sluice_cidr_key_v4`).
@@ -138,6 +159,10 @@ pub struct Config {
     pub tunnel_ifindex: u32,
     pub vni: u32,
     pub tunnel_ttl: u32,
+    /// Host order.
+    pub tunnel_port: u32,
+    /// `CFG_*`.
+    pub flags: u32,
     pub _pad: u32,
 }
 
@@ -176,6 +201,23 @@ unsafe impl aya::Pod for Config {}
 unsafe impl aya::Pod for Counter {}
 unsafe impl aya::Pod for ReplyV4 {}
 unsafe impl aya::Pod for PolicyName {}
+
+/// Every map with the key and value sizes this build's types have: what a pinned map must match
+/// to be adopted.
+pub fn layouts() -> [(&'static str, usize, usize); 9] {
+    use std::mem::size_of;
+    [
+        (POLICY_V4, size_of::<PolicyKeyV4>(), size_of::<PolicyValueV4>()),
+        (CLUSTER_V4, size_of::<CidrKeyV4>(), size_of::<u32>()),
+        (CONFIG, size_of::<u32>(), size_of::<Config>()),
+        (COUNTERS, size_of::<u32>(), size_of::<Counter>()),
+        (POLICY_STATS, size_of::<u32>(), size_of::<Counter>()),
+        (REPLY_V4, size_of::<u32>(), size_of::<ReplyV4>()),
+        (POLICY_NAMES, size_of::<u32>(), size_of::<PolicyName>()),
+        (TUNNEL_PEERS_V4, size_of::<u32>(), size_of::<u32>()),
+        (BRIDGE_PORTS, size_of::<u32>(), size_of::<u32>()),
+    ]
+}
 
 /// An IPv4 address in the network byte order the maps hold, as a native `u32`.
 pub fn be(ip: Ipv4Addr) -> u32 {
@@ -261,15 +303,7 @@ mod tests {
     #[test]
     fn layouts_match_the_object() {
         let object = aya_obj::Object::parse(crate::datapath::OBJECT).expect("the compiled object parses");
-        let expected: [(&str, usize, usize); 7] = [
-            (POLICY_V4, size_of::<PolicyKeyV4>(), size_of::<PolicyValueV4>()),
-            (CLUSTER_V4, size_of::<CidrKeyV4>(), size_of::<u32>()),
-            (CONFIG, size_of::<u32>(), size_of::<Config>()),
-            (COUNTERS, size_of::<u32>(), size_of::<Counter>()),
-            (POLICY_STATS, size_of::<u32>(), size_of::<Counter>()),
-            (REPLY_V4, size_of::<u32>(), size_of::<ReplyV4>()),
-            (POLICY_NAMES, size_of::<u32>(), size_of::<PolicyName>()),
-        ];
+        let expected = layouts();
         assert_eq!(
             object.maps.len(),
             expected.len(),

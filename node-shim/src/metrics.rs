@@ -1,11 +1,23 @@
 //! Prometheus metrics over HTTP: datapath counters (read from the maps on each tick) and the
 //! shim's own health.
+//!
+//! The server answers `GET /metrics` (OpenMetrics text) and `GET /healthz` (whether the agent
+//! loop completed a tick recently). It listens on the host network, where any pod can reach it,
+//! so no client may hold it: every connection has a deadline for its request head and an overall
+//! one, and only [`Limits::max_connections`] are served at once (the rest wait in the listen
+//! backlog, costing the shim no file descriptor).
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    net::{SocketAddr, TcpListener},
+    convert::Infallible,
+    net::SocketAddr,
+    pin::pin,
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
+
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
 
 use prometheus_client::{
     collector::Collector,
@@ -28,6 +40,10 @@ pub struct Snapshot {
     pub attached_interfaces: u64,
     pub map_writes: u64,
     pub apply_errors: u64,
+    /// (kind of kernel object, times it was missing or changed and the shim put it back).
+    pub restored: Vec<(&'static str, u64)>,
+    /// When the agent loop last completed a tick (see [`Metrics::tick_completed`]).
+    pub last_tick: Option<Instant>,
 }
 
 /// Shared between the run loop and the HTTP server.
@@ -39,6 +55,11 @@ impl Metrics {
     pub fn update(&self, f: impl FnOnce(&mut Snapshot)) {
         let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut s);
+    }
+
+    /// Records that the agent loop completed a tick: `/healthz` reports the loop as alive.
+    pub fn tick_completed(&self) {
+        self.update(|s| s.last_tick = Some(Instant::now()));
     }
 
     /// The registry exposing this snapshot.
@@ -121,41 +142,245 @@ impl Collector for Metrics {
             let family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(value).encode(family)?;
         }
+        let mut family = encoder.encode_descriptor(
+            "sluice_state_restored",
+            "Kernel objects of Sluice (nftables table, rules, routes) that someone else removed or changed, put back",
+            None,
+            MetricType::Counter,
+        )?;
+        for (object, count) in &s.restored {
+            let labels = [("object", object.to_string())];
+            ConstCounter::new(*count).encode(family.encode_family(&labels)?)?;
+        }
         Ok(())
     }
 }
 
-/// Serves `GET /metrics` (any path, in fact) on `addr` from a background thread.
-pub fn serve(addr: SocketAddr, metrics: Metrics) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
-    let bound = listener.local_addr()?;
-    let registry = metrics.registry();
-    std::thread::Builder::new().name("metrics".into()).spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let mut reader = BufReader::new(&stream);
-            let mut line = String::new();
-            // Read the request head; the body (there is none for GET) is ignored.
-            while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
-                line.clear();
-            }
-            let mut body = String::new();
-            if prometheus_client::encoding::text::encode(&mut body, &registry).is_err() {
+/// What one client may hold of the server, and when `/healthz` turns unhealthy.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Time a connection has to send a complete request head, counted from when the server
+    /// starts waiting for one (so it also bounds the idle time between keep-alive requests).
+    pub header_read: Duration,
+    /// Time after which a connection is closed, whatever it is doing; a response under way gets
+    /// [`CLOSE_GRACE`] to finish.
+    pub connection: Duration,
+    /// Connections served at once; later ones wait in the listen backlog until one closes.
+    pub max_connections: usize,
+    /// `/healthz` fails once the last completed tick (or the start, before the first) is older.
+    pub stale_after: Duration,
+}
+
+/// How long a connection past its [`Limits::connection`] deadline may take to finish the
+/// response it is writing.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+impl Limits {
+    /// The limits for an agent that ticks every `interval`: stale after three missed ticks, but
+    /// never sooner than 15 s, so that one slow apply (a large plan, a busy node) is not taken for
+    /// a stuck loop.
+    pub fn for_interval(interval: Duration) -> Self {
+        Limits {
+            header_read: Duration::from_secs(5),
+            connection: Duration::from_secs(30),
+            // Prometheus and the kubelet's probe need a handful; the cap keeps a flood of idle
+            // connections from taking the descriptors the datapath needs.
+            max_connections: 32,
+            stale_after: (interval.saturating_mul(3)).max(Duration::from_secs(15)),
+        }
+    }
+}
+
+/// A running metrics server. Dropping the handle leaves the server running for the life of the
+/// process (as the agent wants); [`Server::stop`] ends it.
+#[derive(Debug)]
+pub struct Server {
+    addr: SocketAddr,
+    stop: Arc<tokio::sync::Notify>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Server {
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, drops every open connection and waits for the server's thread.
+    pub fn stop(self) {
+        self.stop.notify_one();
+        let _ = self.thread.join();
+    }
+}
+
+/// Serves `/metrics` and `/healthz` on `addr` from a thread of its own, with its own
+/// single-threaded Tokio runtime: the agent loop is synchronous, and the node channel's runtime
+/// exists only with `--operator`, so sharing it would tie the health endpoint to the channel.
+pub fn serve(addr: SocketAddr, metrics: Metrics, limits: Limits) -> std::io::Result<Server> {
+    // Bound here, so that a taken port or a foreign address fails the start.
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let endpoints = Arc::new(Endpoints {
+        registry: metrics.registry(),
+        metrics,
+        started: Instant::now(),
+        stale_after: limits.stale_after,
+    });
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let stopped = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "metrics: cannot serve");
+                        return;
+                    }
+                };
+                tokio::select! {
+                    () = stopped.notified() => {}
+                    () = accept(listener, endpoints, limits) => {}
+                }
+            });
+        })?;
+    Ok(Server { addr, stop, thread })
+}
+
+async fn accept(listener: tokio::net::TcpListener, endpoints: Arc<Endpoints>, limits: Limits) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, most likely: give the open connections time to close.
+                tracing::warn!(error = %e, "metrics: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
-            let mut stream = &stream;
-            let _ = write!(
-                stream,
-                "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
+        };
+        let endpoints = endpoints.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let service = service_fn(move |req| {
+                let response = endpoints.respond(&req);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let mut conn = pin!(
+                http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(limits.header_read)
+                    .serve_connection(TokioIo::new(stream), service)
             );
+            match tokio::time::timeout(limits.connection, conn.as_mut()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "metrics: connection ended"),
+                Err(_) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
+                }
+            }
+        });
+    }
+}
+
+/// What the server answers from.
+struct Endpoints {
+    registry: Registry,
+    metrics: Metrics,
+    started: Instant,
+    stale_after: Duration,
+}
+
+impl Endpoints {
+    fn respond<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
+        const PLAIN: &str = "text/plain; charset=utf-8";
+        let text = |status: StatusCode, body: String, content_type: &'static str| {
+            Response::builder()
+                .status(status)
+                .header("content-type", content_type)
+                .body(Full::new(Bytes::from(body)))
+                .expect("a static response is valid")
+        };
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into(), PLAIN);
         }
-    })?;
-    Ok(bound)
+        match req.uri().path() {
+            "/metrics" => {
+                let mut body = String::new();
+                match prometheus_client::encoding::text::encode(&mut body, &self.registry) {
+                    Ok(()) => text(
+                        StatusCode::OK,
+                        body,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"), PLAIN),
+                }
+            }
+            "/healthz" | "/livez" => {
+                let last_tick = self.metrics.0.lock().unwrap_or_else(|e| e.into_inner()).last_tick;
+                let (healthy, message) = liveness(last_tick, self.started, Instant::now(), self.stale_after);
+                let status = if healthy {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                text(status, message, PLAIN)
+            }
+            _ => text(StatusCode::NOT_FOUND, "not found\n".into(), PLAIN),
+        }
+    }
+}
+
+/// Whether the agent loop is alive at `now`, and a line saying why.
+fn liveness(
+    last_tick: Option<Instant>,
+    started: Instant,
+    now: Instant,
+    stale_after: Duration,
+) -> (bool, String) {
+    let limit = stale_after.as_secs_f64();
+    match last_tick {
+        Some(at) => {
+            let age = now.saturating_duration_since(at).as_secs_f64();
+            if age <= limit {
+                (true, format!("ok: last tick {age:.1}s ago\n"))
+            } else {
+                (
+                    false,
+                    format!("stale: last tick {age:.1}s ago (limit {limit:.0}s)\n"),
+                )
+            }
+        }
+        None => {
+            let age = now.saturating_duration_since(started).as_secs_f64();
+            if age <= limit {
+                (true, format!("ok: starting, no tick yet ({age:.1}s)\n"))
+            } else {
+                (
+                    false,
+                    format!("stale: no tick completed {age:.1}s after start (limit {limit:.0}s)\n"),
+                )
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        io::{Read, Write},
+        net::TcpStream,
+    };
+
     use super::*;
 
     #[test]
@@ -191,22 +416,228 @@ mod tests {
         assert!(out.contains("sluice_policy_map_entries 5"), "{out}");
     }
 
+    /// The bound the issue sets for an answer while other clients misbehave.
+    const ANSWER_WITHIN: Duration = Duration::from_secs(1);
+
+    fn limits() -> Limits {
+        Limits::for_interval(Duration::from_secs(1))
+    }
+
+    /// Sends `GET path` and reads the whole response, giving up (and failing) after `within`.
+    fn get_within(addr: SocketAddr, path: &str, within: Duration) -> (u16, String) {
+        let started = Instant::now();
+        let mut stream = TcpStream::connect_timeout(&addr, within).unwrap();
+        stream.set_read_timeout(Some(within)).unwrap();
+        stream.set_write_timeout(Some(within)).unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .unwrap_or_else(|e| panic!("GET {path}: no complete answer within {within:?}: {e}"));
+        assert!(
+            started.elapsed() < within,
+            "GET {path} took {:?}",
+            started.elapsed()
+        );
+        let code = response
+            .get(9..12)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (code, body)
+    }
+
+    fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        get_within(addr, path, ANSWER_WITHIN)
+    }
+
+    /// Holds a connection that sent half a request line and then nothing.
+    fn half_request(addr: SocketAddr) -> TcpStream {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream.write_all(b"GET /metr").unwrap();
+        stream
+    }
+
+    /// Reads until the server closes the connection; fails if it is still open after `within`.
+    fn closed_by_server(mut stream: TcpStream, within: Duration) {
+        stream.set_read_timeout(Some(within)).unwrap();
+        let mut rest = Vec::new();
+        match stream.read_to_end(&mut rest) {
+            Ok(_) => {}
+            // A reset is a close too.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("the server kept an idle connection open for {within:?}: {e}"),
+        }
+    }
+
     #[test]
-    fn metrics_are_served_over_http() {
-        use std::io::Read;
+    fn metrics_and_health_are_served_over_http() {
         let m = Metrics::default();
         m.update(|s| s.map_writes = 7);
-        let addr = serve("127.0.0.1:0".parse().unwrap(), m).unwrap();
-        let mut stream = std::net::TcpStream::connect(addr).unwrap();
-        stream
-            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
-            .unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
-        assert!(response.contains("sluice_map_writes_total 7"), "{response}");
+        let server = serve("127.0.0.1:0".parse().unwrap(), m.clone(), limits()).unwrap();
+        let addr = server.local_addr();
+        let (code, body) = get(addr, "/metrics");
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("sluice_map_writes_total 7"), "{body}");
+        assert!(body.ends_with("# EOF\n"), "{body}");
+        let (code, body) = get(addr, "/healthz");
+        assert_eq!((code, body.starts_with("ok: starting")), (200, true), "{body}");
+        m.tick_completed();
+        let (code, body) = get(addr, "/healthz");
+        assert_eq!((code, body.starts_with("ok: last tick")), (200, true), "{body}");
+        assert_eq!(get(addr, "/").0, 404);
+        server.stop();
+    }
+
+    #[test]
+    fn idle_connections_do_not_stall_the_server() {
+        let m = Metrics::default();
+        m.update(|s| s.map_writes = 3);
+        m.tick_completed();
+        let server = serve("127.0.0.1:0".parse().unwrap(), m, limits()).unwrap();
+        let addr = server.local_addr();
+        // Accepted first, so a server that reads one connection at a time is stuck on it.
+        let _half = half_request(addr);
+        let _idle: Vec<TcpStream> = (0..8).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let _more_halves: Vec<TcpStream> = (0..4).map(|_| half_request(addr)).collect();
+        for _ in 0..3 {
+            let (code, body) = get(addr, "/metrics");
+            assert_eq!(code, 200, "{body}");
+            assert!(body.contains("sluice_map_writes_total 3"), "{body}");
+            let (code, body) = get(addr, "/healthz");
+            assert_eq!(code, 200, "{body}");
+        }
+        server.stop();
+    }
+
+    #[test]
+    fn healthz_turns_unavailable_when_ticks_stop() {
+        let m = Metrics::default();
+        let server = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            m.clone(),
+            Limits {
+                stale_after: Duration::from_secs(60),
+                ..limits()
+            },
+        )
+        .unwrap();
+        let addr = server.local_addr();
+        m.tick_completed();
+        assert_eq!(get(addr, "/healthz").0, 200);
+        let long_ago = Instant::now()
+            .checked_sub(Duration::from_secs(120))
+            .expect("the monotonic clock has run for two minutes");
+        m.update(|s| s.last_tick = Some(long_ago));
+        let (code, body) = get(addr, "/healthz");
+        assert_eq!(code, 503, "{body}");
+        assert!(body.starts_with("stale: last tick 120."), "{body}");
+        // The endpoint that the metrics come from is unaffected.
+        assert_eq!(get(addr, "/metrics").0, 200);
+        m.tick_completed();
+        assert_eq!(get(addr, "/healthz").0, 200);
+        server.stop();
+
+        // No tick at all since the start.
+        let server = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            Metrics::default(),
+            Limits {
+                stale_after: Duration::ZERO,
+                ..limits()
+            },
+        )
+        .unwrap();
+        let (code, body) = get(server.local_addr(), "/healthz");
+        assert_eq!(code, 503, "{body}");
+        assert!(body.starts_with("stale: no tick completed"), "{body}");
+        server.stop();
+    }
+
+    #[test]
+    fn liveness_follows_the_last_tick() {
+        let start = Instant::now();
+        let at = |secs| start + Duration::from_secs(secs);
+        let stale_after = Duration::from_secs(15);
+        assert!(liveness(None, start, at(15), stale_after).0);
+        assert!(!liveness(None, start, at(16), stale_after).0);
+        assert!(liveness(Some(at(100)), start, at(115), stale_after).0);
+        let (alive, message) = liveness(Some(at(100)), start, at(142), stale_after);
+        assert!(!alive);
+        assert_eq!(message, "stale: last tick 42.0s ago (limit 15s)\n");
+        assert_eq!(
+            Limits::for_interval(Duration::from_secs(1)).stale_after,
+            Duration::from_secs(15)
+        );
+        assert_eq!(
+            Limits::for_interval(Duration::from_secs(10)).stale_after,
+            Duration::from_secs(30)
+        );
+    }
+
+    #[test]
+    fn idle_connections_are_closed_by_the_server() {
+        // A request head that never completes: closed after the header read timeout.
+        let server = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            Metrics::default(),
+            Limits {
+                header_read: Duration::from_millis(200),
+                ..limits()
+            },
+        )
+        .unwrap();
+        closed_by_server(half_request(server.local_addr()), Duration::from_secs(5));
+        server.stop();
+
+        // Whatever a connection does, it ends at the connection deadline.
+        let server = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            Metrics::default(),
+            Limits {
+                header_read: Duration::from_secs(600),
+                connection: Duration::from_millis(200),
+                ..limits()
+            },
+        )
+        .unwrap();
+        closed_by_server(
+            TcpStream::connect(server.local_addr()).unwrap(),
+            Duration::from_secs(5),
+        );
+        server.stop();
+    }
+
+    #[test]
+    fn connections_beyond_the_cap_wait_for_a_free_slot() {
+        let header_read = Duration::from_millis(300);
+        let server = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            Metrics::default(),
+            Limits {
+                header_read,
+                max_connections: 2,
+                ..limits()
+            },
+        )
+        .unwrap();
+        let addr = server.local_addr();
+        let opened = Instant::now();
+        let _idle: Vec<TcpStream> = (0..2).map(|_| half_request(addr)).collect();
+        // Served only once an idle connection has been closed for its unfinished head.
+        let (code, _) = get_within(addr, "/healthz", Duration::from_secs(5));
+        assert_eq!(code, 200);
+        assert!(
+            opened.elapsed() >= header_read,
+            "a third connection was served beside two: the cap is not enforced"
+        );
+        server.stop();
     }
 }

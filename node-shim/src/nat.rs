@@ -7,10 +7,20 @@ use std::{
     net::Ipv4Addr,
 };
 
+use netlink_packet_core::NLM_F_DUMP;
+use netlink_packet_netfilter::{
+    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
+    nftables::{
+        GenAttribute, GenMessage, NfTablesMessage, RuleAttribute, RuleMessage, TableAttribute, TableFlags,
+        TableMessage,
+    },
+};
+
 use crate::{
-    error::Result,
+    error::{Error, Result},
     maps::{MARK_MAGIC, MARK_MAGIC_MASK, MARK_POLICY_MASK, MARK_REPLY, MARK_TUNNEL},
     netdev,
+    netlink::{self, FwmarkRule, Netlink, Route},
 };
 
 /// Priority of the SNAT chain: before the usual masquerade chains (srcnat = 100), whose SNAT
@@ -23,7 +33,9 @@ pub fn ruleset(snat: &BTreeMap<Ipv4Addr, BTreeSet<u32>>) -> String {
     let magic_policy = MARK_MAGIC_MASK | MARK_POLICY_MASK;
     let tunnel_mask = MARK_MAGIC_MASK | MARK_TUNNEL;
     let mut s = String::new();
-    s.push_str("table ip sluice {}\nflush table ip sluice\ntable ip sluice {\n");
+    // Deleted and created again in the same transaction: whatever else is in the table (a chain
+    // someone added, the dormant flag) goes, and nothing runs without the table meanwhile.
+    s.push_str("table ip sluice {}\ndelete table ip sluice\ntable ip sluice {\n");
     s.push_str(&format!(
         "  chain prerouting {{\n    type filter hook prerouting priority mangle; policy accept;\n    \
          ct direction reply ct mark & {tunnel_mask:#x} == {:#x} meta mark set ct mark | {MARK_REPLY:#x}\n  }}\n",
@@ -49,32 +61,279 @@ pub fn apply(ruleset: &str) -> Result<()> {
     netdev::run("nft", &["-f", "-"], Some(ruleset)).map(drop)
 }
 
-/// Makes replies marked by the `restore` chain use routing table `table`, whose only route sends
-/// everything into the tunnel device (the datapath then addresses it to the pod's node).
-pub fn ensure_reply_route(table: u32, tunnel_device: &str) -> Result<()> {
-    let table = table.to_string();
-    let fwmark = format!(
-        "{:#x}/{:#x}",
-        MARK_MAGIC | MARK_TUNNEL | MARK_REPLY,
-        MARK_MAGIC_MASK | MARK_TUNNEL | MARK_REPLY
-    );
-    let rules = netdev::ip(&["-4", "rule", "show", "pref", &table])?;
-    if !rules.contains(&format!("lookup {table}")) {
-        netdev::ip(&[
-            "-4", "rule", "add", "pref", &table, "fwmark", &fwmark, "lookup", &table,
-        ])?;
+/// The name of Sluice's table (family `ip`).
+const TABLE: &str = "sluice";
+
+/// What the kernel holds of the `ip sluice` table: its handle, whether it is dormant, and the
+/// handles of its rules by chain. Every object nftables creates gets a new handle, so a table or
+/// rule deleted and added back by someone else shows as a different value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableHeld {
+    pub handle: u64,
+    pub dormant: bool,
+    pub rules: BTreeMap<String, Vec<u64>>,
+}
+
+impl TableHeld {
+    /// Whether the table holds every rule of `ruleset` (as many rules per chain) and is active.
+    fn has_the_shape_of(&self, ruleset: &str) -> bool {
+        let held: BTreeMap<&str, usize> = self
+            .rules
+            .iter()
+            .map(|(chain, rules)| (chain.as_str(), rules.len()))
+            .collect();
+        !self.dormant && held == rules_per_chain(ruleset)
     }
-    netdev::ip(&[
-        "-4",
-        "route",
-        "replace",
-        "default",
-        "dev",
-        tunnel_device,
-        "table",
-        &table,
-    ])
-    .map(drop)
+}
+
+/// How many rules each chain of a ruleset made by [`ruleset`] has.
+fn rules_per_chain(ruleset: &str) -> BTreeMap<&str, usize> {
+    let mut out = BTreeMap::new();
+    let mut chain = None;
+    for line in ruleset.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("chain ").and_then(|l| l.strip_suffix(" {")) {
+            chain = Some(name);
+            out.insert(name, 0);
+        } else if line == "}" {
+            chain = None;
+        } else if let Some(c) = chain
+            && !line.is_empty()
+            && !line.starts_with("type ")
+        {
+            *out.entry(c).or_default() += 1;
+        }
+    }
+    out
+}
+
+fn netfilter_request(
+    nl: &mut Netlink,
+    family: NetfilterProtoFamily,
+    message: NfTablesMessage,
+    flags: u16,
+) -> std::io::Result<Vec<NfTablesMessage>> {
+    let request = NetfilterMessage::new(NetfilterHeader::new(family, 0, 0), message);
+    Ok(nl
+        .request(request, flags)?
+        .into_iter()
+        .filter_map(|m| match m.inner {
+            NetfilterMessageInner::NfTables(m) => Some(m),
+            _ => None,
+        })
+        .collect())
+}
+
+/// The nftables ruleset generation: it changes whenever anyone changes the ruleset.
+pub fn generation(nl: &mut Netlink) -> Result<u32> {
+    let answers = netfilter_request(
+        nl,
+        NetfilterProtoFamily::Unspec,
+        NfTablesMessage::GetGen(GenMessage { attributes: vec![] }),
+        0,
+    )
+    .map_err(|e| Error::io("reading the nftables generation", e))?;
+    answers
+        .iter()
+        .find_map(|m| match m {
+            NfTablesMessage::NewGen(g) => g.attributes.iter().find_map(|a| match a {
+                GenAttribute::Id(id) => Some(*id),
+                _ => None,
+            }),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            Error::io(
+                "reading the nftables generation",
+                std::io::Error::other("no generation id in the answer"),
+            )
+        })
+}
+
+/// What the kernel holds of the `ip sluice` table, if it exists.
+pub fn table_held(nl: &mut Netlink) -> Result<Option<TableHeld>> {
+    let context = || "reading the nftables table ip sluice".to_owned();
+    let table = match netfilter_request(
+        nl,
+        NetfilterProtoFamily::IPv4,
+        NfTablesMessage::GetTable(TableMessage {
+            attributes: vec![TableAttribute::Name(TABLE.to_owned())],
+        }),
+        0,
+    ) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        r => r.map_err(|e| Error::io(context(), e))?,
+    };
+    let (mut handle, mut dormant) = (None, false);
+    for a in table
+        .iter()
+        .filter_map(|m| match m {
+            NfTablesMessage::NewTable(t) => Some(&t.attributes),
+            _ => None,
+        })
+        .flatten()
+    {
+        match a {
+            TableAttribute::Handle(h) => handle = Some(*h),
+            TableAttribute::Flags(f) => dormant = f.contains(TableFlags::Dormant),
+            _ => {}
+        }
+    }
+    let Some(handle) = handle else {
+        return Ok(None);
+    };
+    let dump = match netfilter_request(
+        nl,
+        NetfilterProtoFamily::IPv4,
+        NfTablesMessage::GetRule(RuleMessage {
+            attributes: vec![RuleAttribute::Table(TABLE.to_owned())],
+        }),
+        NLM_F_DUMP,
+    ) {
+        // Deleted between the two requests.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+        r => r.map_err(|e| Error::io(context(), e))?,
+    };
+    let mut rules: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for m in &dump {
+        let NfTablesMessage::NewRule(r) = m else { continue };
+        let (mut table, mut chain, mut handle) = (None, None, None);
+        for a in &r.attributes {
+            match a {
+                RuleAttribute::Table(t) => table = Some(t.as_str()),
+                RuleAttribute::Chain(c) => chain = Some(c.clone()),
+                RuleAttribute::Handle(h) => handle = Some(*h),
+                _ => {}
+            }
+        }
+        if let (Some(TABLE), Some(chain), Some(handle)) = (table, chain, handle) {
+            rules.entry(chain).or_default().push(handle);
+        }
+    }
+    // Chains without rules are not in the rule dump: they count as holding none.
+    Ok(Some(TableHeld {
+        handle,
+        dormant,
+        rules,
+    }))
+}
+
+/// Sluice's nftables table as last applied, and what the kernel held right after, to notice
+/// cheaply when someone else changed it (an `nft flush ruleset`, say).
+#[derive(Debug, Default)]
+pub struct Guard {
+    ruleset: Option<String>,
+    /// The ruleset generation when `held` was read: while it stays the same, nothing changed.
+    generation: Option<u32>,
+    held: Option<TableHeld>,
+}
+
+impl Guard {
+    /// Applies `ruleset` unless it is the one in place.
+    pub fn apply(&mut self, ruleset: String) -> Result<()> {
+        if self.ruleset.as_deref() == Some(ruleset.as_str()) {
+            return Ok(());
+        }
+        apply(&ruleset)?;
+        self.ruleset = Some(ruleset);
+        self.record();
+        Ok(())
+    }
+
+    /// Checks that the kernel still holds the table as applied (one netlink request when the
+    /// ruleset generation is unchanged, which is the rule) and applies it again when not.
+    /// Returns whether it had to.
+    pub fn restore(&mut self) -> Result<bool> {
+        let Some(ruleset) = &self.ruleset else {
+            return Ok(false);
+        };
+        let mut nl = Netlink::netfilter().map_err(|e| Error::io("opening a netfilter netlink socket", e))?;
+        let generation = generation(&mut nl)?;
+        if self.generation == Some(generation) {
+            return Ok(false);
+        }
+        let intact = table_held(&mut nl)?.is_some_and(|held| {
+            held.has_the_shape_of(ruleset) && self.held.as_ref().is_none_or(|h| *h == held)
+        });
+        if intact {
+            // Someone changed something else.
+            self.generation = Some(generation);
+            return Ok(false);
+        }
+        apply(ruleset)?;
+        self.record();
+        Ok(true)
+    }
+
+    /// Remembers what the kernel holds now. The generation is read first: a change made after
+    /// it shows as a new generation on the next check. Failing to read is not fatal: the next
+    /// check then looks at the table (its shape only, when `held` could not be read).
+    fn record(&mut self) {
+        let read = Netlink::netfilter()
+            .map_err(|e| Error::io("opening a netfilter netlink socket", e))
+            .and_then(|mut nl| Ok((generation(&mut nl)?, table_held(&mut nl)?)));
+        match read {
+            Ok((generation, held)) => {
+                self.generation = Some(generation);
+                self.held = held;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading back the nftables table");
+                self.generation = None;
+                self.held = None;
+            }
+        }
+    }
+}
+
+/// The rule sending replies marked by the `prerouting` chain to table `table`.
+pub fn reply_rule(table: u32) -> FwmarkRule {
+    FwmarkRule {
+        pref: table,
+        mark: MARK_MAGIC | MARK_TUNNEL | MARK_REPLY,
+        mask: MARK_MAGIC_MASK | MARK_TUNNEL | MARK_REPLY,
+        table,
+    }
+}
+
+/// What [`ensure_reply_route`] had to put back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplyRepair {
+    pub rule: bool,
+    pub route: bool,
+}
+
+/// Makes replies marked by the `prerouting` chain use routing table `table`, whose only route sends
+/// everything into the tunnel device `tunnel_ifindex` (the datapath then addresses it to the pod's
+/// node). Reads first (netlink dumps) and writes only what is missing.
+pub fn ensure_reply_route(table: u32, tunnel_ifindex: u32) -> Result<ReplyRepair> {
+    let mut nl = Netlink::route().map_err(|e| Error::io("opening a route netlink socket", e))?;
+    let rule = reply_rule(table);
+    let route = Route::default_via_device(tunnel_ifindex);
+    let mut repair = ReplyRepair::default();
+    let rules = netlink::fwmark_rules(&mut nl).map_err(|e| Error::io("listing ip rules", e))?;
+    if !rules.contains(&rule) {
+        netlink::add_rule(&mut nl, rule)
+            .map_err(|e| Error::io(format!("adding the reply rule {rule:?}"), e))?;
+        repair.rule = true;
+    }
+    let routes = netlink::routes(&mut nl, table)
+        .map_err(|e| Error::io(format!("listing routing table {table}"), e))?;
+    if routes != [route.clone()] {
+        netlink::replace_route(&mut nl, table, &route)
+            .map_err(|e| Error::io(format!("adding the reply route to table {table}"), e))?;
+        repair.route = true;
+    }
+    Ok(repair)
+}
+
+/// Removes the reply rule (and any other rule of its preference) and empties its table.
+pub fn remove_reply_route(table: u32) -> Result<()> {
+    let mut nl = Netlink::route().map_err(|e| Error::io("opening a route netlink socket", e))?;
+    let rules = netlink::fwmark_rules(&mut nl).map_err(|e| Error::io("listing ip rules", e))?;
+    for rule in rules.into_iter().filter(|r| r.pref == table) {
+        netlink::delete_rule(&mut nl, rule).map_err(|e| Error::io("deleting the reply rule", e))?;
+    }
+    netlink::flush_table(&mut nl, table).map_err(|e| Error::io(format!("emptying routing table {table}"), e))
 }
 
 #[cfg(test)]
@@ -98,5 +357,40 @@ mod tests {
         );
         assert!(r.contains("meta mark set ct mark | 0x40000"), "{r}");
         assert_eq!(r.matches("snat ip to").count(), 2);
+    }
+
+    #[test]
+    fn a_table_missing_a_rule_or_dormant_is_not_the_one_applied() {
+        let snat = BTreeMap::from([("192.0.2.101".parse().unwrap(), BTreeSet::from([1]))]);
+        let r = ruleset(&snat);
+        assert_eq!(
+            rules_per_chain(&r),
+            BTreeMap::from([("prerouting", 1), ("postrouting", 3)]),
+            "{r}"
+        );
+        let held = TableHeld {
+            handle: 7,
+            dormant: false,
+            rules: BTreeMap::from([
+                ("prerouting".to_owned(), vec![2]),
+                ("postrouting".to_owned(), vec![4, 5, 6]),
+            ]),
+        };
+        assert!(held.has_the_shape_of(&r));
+        let mut flushed = held.clone();
+        flushed.rules.clear();
+        assert!(!flushed.has_the_shape_of(&r), "chains without rules");
+        let mut short = held.clone();
+        short.rules.get_mut("postrouting").unwrap().pop();
+        assert!(!short.has_the_shape_of(&r), "a deleted SNAT rule");
+        let dormant = TableHeld {
+            dormant: true,
+            ..held.clone()
+        };
+        assert!(!dormant.has_the_shape_of(&r));
+        assert!(
+            !held.has_the_shape_of(&ruleset(&BTreeMap::new())),
+            "another plan's table"
+        );
     }
 }

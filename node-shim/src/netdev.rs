@@ -62,6 +62,12 @@ pub fn ifindex(name: &str) -> Option<u32> {
         .ok()
 }
 
+/// The ifindex of the device `name` is enslaved to (a bridge, for bridged pod interfaces).
+pub fn master_ifindex(name: &str) -> Option<u32> {
+    let master = fs::read_link(Path::new("/sys/class/net").join(name).join("master")).ok()?;
+    ifindex(master.file_name()?.to_str()?)
+}
+
 /// The interface of the IPv4 default route (main table), if any.
 pub fn default_route_interface() -> Option<String> {
     let table = fs::read_to_string("/proc/net/route").ok()?;

@@ -23,8 +23,24 @@ use crate::{
     maps::{self, CidrKeyV4, Config, PolicyKeyV4, PolicyName, PolicyValueV4},
     metrics::Metrics,
     nat, netdev,
+    netlink::Route,
     sync::{self, Store, Transition},
 };
+
+/// Kinds of kernel objects the agent puts back when someone else removes them (the `object` label
+/// of `sluice_state_restored_total`).
+const RESTORED_NFT_TABLE: &str = "nft_table";
+const RESTORED_REPLY_RULE: &str = "reply_rule";
+const RESTORED_REPLY_ROUTE: &str = "reply_route";
+const RESTORED_EGRESS_RULE: &str = "egress_rule";
+const RESTORED_EGRESS_ROUTE: &str = "egress_route";
+const RESTORABLE: [&str; 5] = [
+    RESTORED_NFT_TABLE,
+    RESTORED_REPLY_RULE,
+    RESTORED_REPLY_ROUTE,
+    RESTORED_EGRESS_RULE,
+    RESTORED_EGRESS_ROUTE,
+];
 
 /// Everything `run` needs.
 #[derive(Clone, Debug)]
@@ -38,9 +54,20 @@ pub struct Options {
     pub policy_map_max: u32,
     pub tunnel: netdev::Tunnel,
     pub reply_table: u32,
+    pub source_check: SourceCheck,
     pub metrics_addr: Option<SocketAddr>,
     pub interval: Duration,
     pub status_file: Option<PathBuf>,
+}
+
+/// How a pod's packet proves that its source address is its own before it is steered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SourceCheck {
+    /// The route back to the source leaves by the interface the packet came in on (or, on a
+    /// bridge, the frame's MAC is the source's neighbour entry).
+    Route,
+    /// No check: the CNI enforces pod source addresses itself.
+    Off,
 }
 
 /// Where the node's plan comes from.
@@ -114,7 +141,9 @@ pub fn run(opts: Options) -> Result<()> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum FileStamp {
     File(SystemTime, u64),
-    Generation(u64),
+    /// (session, generation): a new session's plan is applied even when its number is one the
+    /// datapath holds (it may come from another operator process).
+    Generation(u64, u64),
 }
 
 /// The running shim.
@@ -125,16 +154,23 @@ pub struct Agent {
     /// Mirrors of what the maps hold (read once at start, then kept by every write).
     policy: BTreeMap<PolicyKeyV4, PolicyValueV4>,
     names: BTreeMap<u32, PolicyName>,
+    /// Mirrors of the tunnel peers and bridge ports maps.
+    peers: BTreeMap<u32, u32>,
+    bridge_ports: BTreeMap<u32, u32>,
     ids: PolicyIds,
     /// ifindex -> name of the pod interfaces attached this run.
     attached: BTreeMap<u32, String>,
     tunnel_ifindex: u32,
-    /// The nftables ruleset last applied.
-    nft: Option<String>,
+    /// Sluice's nftables table, as last applied.
+    nft: nat::Guard,
     snat: BTreeMap<Ipv4Addr, BTreeSet<u32>>,
     /// Egress routing tables (table -> interface) and rules (policy id, table) in place.
     egress_tables: BTreeMap<u32, String>,
     egress_rules: BTreeSet<(u32, u32)>,
+    /// What the egress tables held after the last tick's sync.
+    egress_routes: BTreeMap<u32, BTreeSet<Route>>,
+    /// Kernel objects someone else removed and the shim put back, by kind.
+    restored: BTreeMap<&'static str, u64>,
     /// The plan file and host as of the last successful apply.
     applied: Option<(FileStamp, Vec<desired::Interface>)>,
     plan_reads: u64,
@@ -159,6 +195,8 @@ impl Agent {
             names.insert(id, name);
         }
         let ids = PolicyIds::adopt(names.iter().map(|(id, n)| (*id, n.as_str())).collect());
+        let peers = read_hash(&dp.maps.peers, maps::TUNNEL_PEERS_V4)?;
+        let bridge_ports = read_hash(&dp.maps.bridge_ports, maps::BRIDGE_PORTS)?;
         tracing::info!(
             entries = policy.len(),
             policies = names.len(),
@@ -171,9 +209,11 @@ impl Agent {
 
         let metrics = Metrics::default();
         if let Some(addr) = opts.metrics_addr {
-            let bound = crate::metrics::serve(addr, metrics.clone())
+            let limits = crate::metrics::Limits::for_interval(opts.interval);
+            let server = crate::metrics::serve(addr, metrics.clone(), limits)
                 .map_err(|e| Error::io(format!("serving metrics on {addr}"), e))?;
-            tracing::info!(%bound, "serving metrics");
+            tracing::info!(bound = %server.local_addr(), "serving metrics");
+            // Dropping the handle leaves the server running for the life of the process.
         }
         let mut agent = Agent {
             opts,
@@ -181,13 +221,17 @@ impl Agent {
             metrics,
             policy,
             names,
+            peers,
+            bridge_ports,
             ids,
             attached: BTreeMap::new(),
             tunnel_ifindex: 0,
-            nft: None,
+            nft: nat::Guard::default(),
             snat: BTreeMap::new(),
             egress_tables: BTreeMap::new(),
             egress_rules: BTreeSet::new(),
+            egress_routes: BTreeMap::new(),
+            restored: RESTORABLE.iter().map(|kind| (*kind, 0)).collect(),
             applied: None,
             plan_reads: 0,
             map_writes: 0,
@@ -220,15 +264,9 @@ impl Agent {
                 }
             }
         }
-        // The egress tables follow the main table's routes (a changed gateway, say), and rules
-        // deleted by someone else come back (only added here: pruning is the apply's job).
-        if !self.egress_rules.is_empty()
-            && let Err(e) = egress_route::sync_tables(&self.egress_tables)
-                .and_then(|_| egress_route::sync_rules(self.opts.reply_table, &self.egress_rules, false))
-        {
-            tracing::error!(error = %DisplayChain(&e), "syncing the egress routing tables and rules");
-        }
+        self.restore_kernel_state();
         self.refresh_metrics();
+        self.metrics.tick_completed();
     }
 
     fn ensure_tunnel(&mut self) -> Result<()> {
@@ -244,6 +282,11 @@ impl Agent {
             tunnel_ifindex: ifindex,
             vni: self.opts.tunnel.vni,
             tunnel_ttl: 64,
+            tunnel_port: u32::from(self.opts.tunnel.port),
+            flags: match self.opts.source_check {
+                SourceCheck::Route => 0,
+                SourceCheck::Off => maps::CFG_NO_SOURCE_CHECK,
+            },
             _pad: 0,
         };
         if self.dp.maps.config.get(&0, 0).ok() != Some(config) {
@@ -258,7 +301,7 @@ impl Agent {
                 })?;
         }
         // The reply route goes with the device it points to: (re)install it with the device.
-        nat::ensure_reply_route(self.opts.reply_table, &device)?;
+        nat::ensure_reply_route(self.opts.reply_table, ifindex)?;
         self.tunnel_ifindex = ifindex;
         // Pins of an earlier tunnel device (recreated since) are stale.
         for prog in [datapath::PROG_FROM_TUNNEL, datapath::PROG_TO_TUNNEL] {
@@ -301,6 +344,16 @@ impl Agent {
             }
         }
         self.attached.retain(|i, _| live.contains_key(i));
+        // The source check of bridged pod interfaces needs to know their bridge.
+        let bridge_ports: BTreeMap<u32, u32> = live
+            .iter()
+            .filter_map(|(ifindex, name)| Some((*ifindex, netdev::master_ifindex(name)?)))
+            .collect();
+        sync::reconcile(
+            &mut HashStore(&mut self.dp.maps.bridge_ports, maps::BRIDGE_PORTS),
+            &mut self.bridge_ports,
+            &bridge_ports,
+        )?;
         for ifindex in self.dp.pinned_ifindexes(datapath::PROG_FROM_POD) {
             if !live.contains_key(&ifindex) {
                 self.dp.unpin(datapath::PROG_FROM_POD, ifindex)?;
@@ -324,7 +377,10 @@ impl Agent {
                 let Some(state) = link.plans.borrow().clone() else {
                     return Ok(());
                 };
-                (FileStamp::Generation(state.generation), Some(state))
+                (
+                    FileStamp::Generation(state.session, state.generation),
+                    Some(state),
+                )
             }
         };
         // Pod interfaces come and go all the time and never hold egress IPs: leave them out of
@@ -349,16 +405,8 @@ impl Agent {
             (PlanSource::File(path), _) => {
                 let bytes =
                     fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-                let plan: sluice_proto::PlanDocument =
-                    serde_json::from_slice(&bytes).map_err(|e| Error::Plan {
-                        path: path.clone(),
-                        source: Box::new(e),
-                    })?;
-                let section = plan.node(&self.opts.node).ok_or_else(|| Error::NodeNotInPlan {
-                    path: path.clone(),
-                    node: self.opts.node.clone(),
-                })?;
-                (bytes, section.entries.clone())
+                let entries = desired::plan_entries(path, &bytes, &self.opts.node)?;
+                (bytes, entries)
             }
             (_, Some(state)) => (
                 format!("generation {}", state.generation).into_bytes(),
@@ -416,10 +464,25 @@ impl Agent {
         for iface in &want.egress_interfaces {
             netdev::loosen_rp_filter(iface)?;
         }
+        // Peers before the entries that need them, and pruned after the entries that did.
+        let mut peers = self.peers.clone();
+        for (ip, flags) in &want.peers {
+            *peers.entry(*ip).or_default() |= flags;
+        }
+        sync::reconcile(
+            &mut HashStore(&mut self.dp.maps.peers, maps::TUNNEL_PEERS_V4),
+            &mut self.peers,
+            &peers,
+        )?;
         let t = sync::reconcile(
             &mut PolicyStore(&mut self.dp.maps.policy),
             &mut self.policy,
             &want.policy,
+        )?;
+        sync::reconcile(
+            &mut HashStore(&mut self.dp.maps.peers, maps::TUNNEL_PEERS_V4),
+            &mut self.peers,
+            &want.peers,
         )?;
         self.map_writes += t.writes();
         let gone: Vec<u32> = self
@@ -429,7 +492,7 @@ impl Agent {
             .copied()
             .collect();
         sync::reconcile(
-            &mut HashStore(&mut self.dp.maps.names),
+            &mut HashStore(&mut self.dp.maps.names, maps::POLICY_NAMES),
             &mut self.names,
             &want.names,
         )?;
@@ -456,7 +519,9 @@ impl Agent {
         self.write_status(&bytes, t, &want.problems)?;
         if let (PlanSource::Operator(link), Some(state)) = (&self.opts.plan, &state) {
             link.applied.send_replace(Applied {
+                session: state.session,
                 generation: state.generation,
+                serves: state.serves.clone(),
                 errors: want
                     .entry_errors
                     .iter()
@@ -475,12 +540,60 @@ impl Agent {
     }
 
     fn apply_nft(&mut self, snat: &BTreeMap<Ipv4Addr, BTreeSet<u32>>) -> Result<()> {
-        let ruleset = nat::ruleset(snat);
-        if self.nft.as_deref() != Some(ruleset.as_str()) {
-            nat::apply(&ruleset)?;
-            self.nft = Some(ruleset);
+        self.nft.apply(nat::ruleset(snat))
+    }
+
+    /// Puts back what someone else removed or changed of Sluice's kernel state: the nftables
+    /// table, the reply rule and route, the egress rules and the routes of their tables (which
+    /// also follow the main table: a changed gateway, say). Only reads when all is in place:
+    /// netlink requests, no subprocess. Pruning is the apply's job, not this.
+    fn restore_kernel_state(&mut self) {
+        let mut restored: Vec<(&'static str, u64)> = Vec::new();
+        match self.nft.restore() {
+            Ok(true) => restored.push((RESTORED_NFT_TABLE, 1)),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %DisplayChain(&e), "checking the nftables table"),
         }
-        Ok(())
+        if self.tunnel_ifindex != 0 {
+            match nat::ensure_reply_route(self.opts.reply_table, self.tunnel_ifindex) {
+                Ok(repair) => {
+                    restored.push((RESTORED_REPLY_RULE, u64::from(repair.rule)));
+                    restored.push((RESTORED_REPLY_ROUTE, u64::from(repair.route)));
+                }
+                Err(e) => tracing::error!(error = %DisplayChain(&e), "checking the reply rule and route"),
+            }
+        }
+        match egress_route::sync_tables(&self.egress_tables) {
+            Ok(synced) => {
+                // Routes it had put there itself and that are still wanted: someone removed them.
+                let back = synced
+                    .added
+                    .iter()
+                    .map(|(table, added)| {
+                        let before = self.egress_routes.get(table);
+                        added
+                            .iter()
+                            .filter(|r| before.is_some_and(|b| b.contains(*r)))
+                            .count() as u64
+                    })
+                    .sum();
+                restored.push((RESTORED_EGRESS_ROUTE, back));
+                self.egress_routes = synced.holding;
+            }
+            Err(e) => tracing::error!(error = %DisplayChain(&e), "syncing the egress routing tables"),
+        }
+        match egress_route::restore_rules(self.opts.reply_table, &self.egress_rules) {
+            Ok(added) => restored.push((RESTORED_EGRESS_RULE, added)),
+            Err(e) => tracing::error!(error = %DisplayChain(&e), "checking the egress rules"),
+        }
+        for (kind, count) in restored.into_iter().filter(|(_, n)| *n > 0) {
+            tracing::warn!(
+                object = kind,
+                count,
+                "put back Sluice kernel state someone else removed"
+            );
+            *self.restored.entry(kind).or_default() += count;
+        }
     }
 
     fn write_status(&self, plan: &[u8], t: Transition, problems: &[Error]) -> Result<()> {
@@ -514,6 +627,7 @@ impl Agent {
             s.attached_interfaces = self.attached.len() as u64;
             s.map_writes = self.map_writes;
             s.apply_errors = self.apply_errors;
+            s.restored = self.restored.iter().map(|(k, n)| (*k, *n)).collect();
         });
     }
 }
@@ -566,21 +680,37 @@ fn sync_cluster(map: &mut aya::maps::LpmTrie<MapData, u32, u32>, cidrs: &[Ipv4Ne
     Ok(())
 }
 
-/// The policy names map as a [`Store`].
-struct HashStore<'a>(&'a mut aya::maps::HashMap<MapData, u32, PolicyName>);
+/// A hash map keyed by `u32` (policy names, tunnel peers, bridge ports) as a [`Store`].
+struct HashStore<'a, V: aya::Pod>(&'a mut aya::maps::HashMap<MapData, u32, V>, &'static str);
 
-impl Store<u32, PolicyName> for HashStore<'_> {
+impl<V: aya::Pod> Store<u32, V> for HashStore<'_, V> {
     type Error = Error;
-    fn upsert(&mut self, key: &u32, value: &PolicyName) -> Result<()> {
+    fn upsert(&mut self, key: &u32, value: &V) -> Result<()> {
         self.0.insert(key, value, 0).map_err(|source| Error::Map {
-            name: maps::POLICY_NAMES,
+            name: self.1,
             action: "writing".into(),
             source,
         })
     }
     fn remove(&mut self, key: &u32) -> Result<()> {
-        ignore_missing(self.0.remove(key), maps::POLICY_NAMES)
+        ignore_missing(self.0.remove(key), self.1)
     }
+}
+
+/// The contents of a `u32`-keyed hash map, to adopt at start.
+fn read_hash<V: aya::Pod + Clone>(
+    map: &aya::maps::HashMap<MapData, u32, V>,
+    name: &'static str,
+) -> Result<BTreeMap<u32, V>> {
+    map.iter()
+        .map(|item| {
+            item.map_err(|source| Error::Map {
+                name,
+                action: "reading".into(),
+                source,
+            })
+        })
+        .collect()
 }
 
 /// Displays an error with its chain of causes.

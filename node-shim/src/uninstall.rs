@@ -16,14 +16,7 @@ pub fn uninstall(bpffs_dir: &Path, tunnel_device: &str, reply_table: u32) -> Res
     remove_tree(bpffs_dir)?;
     let _ = netdev::run("nft", &["delete", "table", "ip", "sluice"], None);
     crate::egress_route::remove_all(reply_table)?;
-    let table = reply_table.to_string();
-    // Bounded: one rule is installed; a few more tries cover duplicates added by hand.
-    for _ in 0..8 {
-        if netdev::ip(&["-4", "rule", "del", "pref", &table]).is_err() {
-            break;
-        }
-    }
-    let _ = netdev::ip(&["-4", "route", "flush", "table", &table]);
+    crate::nat::remove_reply_route(reply_table)?;
     if netdev::ifindex(tunnel_device).is_some() {
         netdev::ip(&["link", "del", tunnel_device])?;
     }

@@ -168,6 +168,9 @@ fn operator_and_shims_move_traffic_on_edits_and_on_failover() {
             lease_name: String::new(),
             leader_service: None,
             pod_ip: None,
+            limits: Default::default(),
+            lease_timings: Default::default(),
+            lease_file: None,
         },
     );
     for (node, _) in NODES {

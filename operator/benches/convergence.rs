@@ -130,7 +130,9 @@ async fn bench(size: Size, changes: usize) {
                     }
                 }
                 applied_tx.send_replace(Applied {
+                    session: state.session,
                     generation: state.generation,
+                    serves: state.serves.clone(),
                     errors: vec![],
                 });
             }

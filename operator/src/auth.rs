@@ -7,11 +7,12 @@
 use std::{
     collections::HashMap,
     path::Path,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use tonic::Status;
+use tokio::sync::watch;
+use tonic::{Code, Status};
 
 /// The node a credential is bound to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,32 +94,168 @@ pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 /// The extra that names the pod the token is bound to.
 pub const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 
+/// What the TokenReview verifier may cost the API server.
+///
+/// Every verdict is cached by the token's SHA-256 (the cache never holds a token), concurrent
+/// connections with the same unknown token share one review, and reviews of tokens not in the
+/// cache draw from one token bucket: a client sending garbage tokens causes at most `burst`
+/// reviews, then `rate` per second, however many streams it opens.
+#[derive(Clone, Debug)]
+pub struct ReviewLimits {
+    /// How long a token that passed is trusted without asking again.
+    pub ttl: Duration,
+    /// How long a token that was refused stays refused without asking again.
+    pub negative_ttl: Duration,
+    /// Verdicts kept at most (the ones expiring first make room).
+    pub cache_size: usize,
+    /// Reviews of tokens not in the cache, per second, on average.
+    pub rate: f64,
+    /// Reviews of tokens not in the cache that may happen at once after a quiet period.
+    pub burst: u32,
+}
+
+impl Default for ReviewLimits {
+    fn default() -> Self {
+        ReviewLimits {
+            ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(10),
+            cache_size: 10_000,
+            rate: 50.0,
+            burst: 100,
+        }
+    }
+}
+
 /// Verifies tokens with the TokenReview API and binds them to the node of the shim's pod.
 ///
 /// A token passes when the API server authenticates it for `audience`, it belongs to one of
 /// `service_accounts` (`namespace/name`), and it is bound to a pod: the node comes from the
-/// token's `node-name` extra, else from looking up that pod. Results are cached briefly, so that
-/// a reconnect storm does not become a TokenReview storm.
+/// token's `node-name` extra, else from looking up that pod. How often the API server is asked
+/// is bounded by [`ReviewLimits`].
 pub struct TokenReviewVerifier {
+    reviewer: Arc<Reviewer>,
+}
+
+struct Reviewer {
     client: kube::Client,
     audience: String,
     service_accounts: Vec<String>,
-    cache: Mutex<HashMap<String, (NodeIdentity, Instant)>>,
-    ttl: Duration,
+    limits: ReviewLimits,
+    verdicts: Mutex<Verdicts>,
+}
+
+type Verdict = Result<NodeIdentity, Status>;
+type TokenDigest = [u8; 32];
+
+enum Slot {
+    /// A review is running; its verdict arrives here.
+    Reviewing(watch::Receiver<Option<Verdict>>),
+    Known {
+        verdict: Verdict,
+        until: Instant,
+    },
+}
+
+struct Verdicts {
+    slots: HashMap<TokenDigest, Slot>,
+    bucket: TokenBucket,
+}
+
+impl Verdicts {
+    /// Makes room for one more slot; false when every slot is a running review.
+    fn make_room(&mut self, capacity: usize, now: Instant) -> bool {
+        if self.slots.len() < capacity {
+            return true;
+        }
+        self.slots
+            .retain(|_, s| !matches!(s, Slot::Known { until, .. } if *until <= now));
+        if self.slots.len() < capacity {
+            return true;
+        }
+        let first_to_expire = self
+            .slots
+            .iter()
+            .filter_map(|(k, s)| match s {
+                Slot::Known { until, .. } => Some((*until, *k)),
+                Slot::Reviewing(_) => None,
+            })
+            .min();
+        match first_to_expire {
+            Some((_, key)) => {
+                self.slots.remove(&key);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+struct TokenBucket {
+    tokens: f64,
+    last: Instant,
+    rate: f64,
+    burst: f64,
+}
+
+impl TokenBucket {
+    fn new(rate: f64, burst: u32, now: Instant) -> Self {
+        TokenBucket {
+            tokens: f64::from(burst),
+            last: now,
+            rate: rate.max(0.0),
+            burst: f64::from(burst),
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let refill = now.saturating_duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+fn digest(token: &str) -> TokenDigest {
+    let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+    let mut out = [0; 32];
+    out.copy_from_slice(d.as_ref());
+    out
 }
 
 impl TokenReviewVerifier {
     pub fn new(client: kube::Client, audience: String, service_accounts: Vec<String>) -> Self {
-        TokenReviewVerifier {
-            client,
-            audience,
-            service_accounts,
-            cache: Mutex::default(),
-            ttl: Duration::from_secs(60),
-        }
+        Self::with_limits(client, audience, service_accounts, ReviewLimits::default())
     }
 
-    async fn review(&self, token: &str) -> Result<NodeIdentity, Status> {
+    pub fn with_limits(
+        client: kube::Client,
+        audience: String,
+        service_accounts: Vec<String>,
+        limits: ReviewLimits,
+    ) -> Self {
+        let bucket = TokenBucket::new(limits.rate, limits.burst, Instant::now());
+        TokenReviewVerifier {
+            reviewer: Arc::new(Reviewer {
+                client,
+                audience,
+                service_accounts,
+                limits,
+                verdicts: Mutex::new(Verdicts {
+                    slots: HashMap::new(),
+                    bucket,
+                }),
+            }),
+        }
+    }
+}
+
+impl Reviewer {
+    async fn review(&self, token: &str) -> Verdict {
         use k8s_openapi::api::{
             authentication::v1::{TokenReview, TokenReviewSpec},
             core::v1::Pod,
@@ -168,14 +305,43 @@ impl TokenReviewVerifier {
             first(POD_NAME_EXTRA).ok_or_else(|| Status::permission_denied("token is not bound to a pod"))?;
         let namespace = account.split('/').next().unwrap_or_default().to_owned();
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &namespace);
-        let pod = pods
-            .get(&pod)
-            .await
-            .map_err(|e| Status::permission_denied(format!("pod {namespace}/{pod}: {e}")))?;
+        let pod = pods.get(&pod).await.map_err(|e| match &e {
+            kube::Error::Api(s) if s.code == 404 => {
+                Status::permission_denied(format!("pod {namespace}/{pod}: {e}"))
+            }
+            // Not a verdict on the token: it must not be cached as one.
+            _ => Status::unavailable(format!("looking up pod {namespace}/{pod}: {e}")),
+        })?;
         pod.spec
             .and_then(|s| s.node_name)
             .map(NodeIdentity::Node)
             .ok_or_else(|| Status::permission_denied("the token's pod is not scheduled"))
+    }
+
+    /// Records a finished review: answers about the token are kept, failures to get one are not.
+    fn settle(&self, key: TokenDigest, verdict: &Verdict) {
+        let ttl = match verdict {
+            Ok(_) => Some(self.limits.ttl),
+            Err(s) if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied) => {
+                Some(self.limits.negative_ttl)
+            }
+            Err(_) => None,
+        };
+        let mut verdicts = self.verdicts.lock().expect("verdict cache lock");
+        match ttl {
+            Some(ttl) => {
+                verdicts.slots.insert(
+                    key,
+                    Slot::Known {
+                        verdict: verdict.clone(),
+                        until: Instant::now() + ttl,
+                    },
+                );
+            }
+            None => {
+                verdicts.slots.remove(&key);
+            }
+        }
     }
 }
 
@@ -183,15 +349,42 @@ impl TokenReviewVerifier {
 impl TokenVerifier for TokenReviewVerifier {
     async fn verify(&self, token: Option<&str>) -> Result<NodeIdentity, Status> {
         let token = token.ok_or_else(|| Status::unauthenticated("a bearer token is required"))?;
-        if let Some((id, at)) = self.cache.lock().expect("cache lock").get(token)
-            && at.elapsed() < self.ttl
-        {
-            return Ok(id.clone());
-        }
-        let id = self.review(token).await?;
-        let mut cache = self.cache.lock().expect("cache lock");
-        cache.retain(|_, (_, at)| at.elapsed() < self.ttl);
-        cache.insert(token.to_owned(), (id.clone(), Instant::now()));
-        Ok(id)
+        let key = digest(token);
+        let mut pending = {
+            let reviewer = &self.reviewer;
+            let mut verdicts = reviewer.verdicts.lock().expect("verdict cache lock");
+            let now = Instant::now();
+            match verdicts.slots.get(&key) {
+                Some(Slot::Known { verdict, until }) if now < *until => return verdict.clone(),
+                Some(Slot::Reviewing(pending)) => pending.clone(),
+                _ => {
+                    if !verdicts.bucket.take(now) {
+                        return Err(Status::resource_exhausted(
+                            "too many unknown tokens to review: retry later",
+                        ));
+                    }
+                    if !verdicts.make_room(reviewer.limits.cache_size, now) {
+                        return Err(Status::resource_exhausted("too many token reviews running"));
+                    }
+                    let (tx, rx) = watch::channel(None);
+                    verdicts.slots.insert(key, Slot::Reviewing(rx.clone()));
+                    // Detached, so that a client hanging up does not waste the review, and every
+                    // connection waiting for this token gets its verdict.
+                    let reviewer = reviewer.clone();
+                    let token = token.to_owned();
+                    tokio::spawn(async move {
+                        let verdict = reviewer.review(&token).await;
+                        reviewer.settle(key, &verdict);
+                        tx.send_replace(Some(verdict));
+                    });
+                    rx
+                }
+            }
+        };
+        let verdict = pending
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| Status::unavailable("the token review did not finish"))?;
+        verdict.clone().expect("waited for a verdict")
     }
 }

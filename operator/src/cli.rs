@@ -55,7 +55,8 @@ pub struct RunArgs {
     /// Address of /metrics, /healthz and /readyz; `off` to disable.
     #[arg(long, env = "SLUICE_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     pub metrics_listen: String,
-    /// PEM certificate (chain) of the node channel, e.g. mounted from a Secret.
+    /// PEM certificate (chain) of the node channel, e.g. mounted from a Secret; it and the key
+    /// are re-read when they change (a renewed certificate), for new connections.
     #[arg(long, env = "SLUICE_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of the node channel.
@@ -91,6 +92,23 @@ pub struct RunArgs {
     /// Name of the leader election Lease.
     #[arg(long, env = "SLUICE_LEASE_NAME", default_value = "sluice-operator")]
     pub lease_name: String,
+    /// How long a standby waits, after the Lease stopped changing, before it takes it over: about
+    /// how long a crashed leader goes unreplaced (whole seconds: the Lease stores seconds).
+    #[arg(long, env = "SLUICE_LEASE_DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub lease_duration: std::time::Duration,
+    /// A leader that could not renew the Lease for this long stops leading (exits). Shorter than
+    /// --lease-duration, so that it stops before a standby may take over.
+    #[arg(long, env = "SLUICE_LEASE_RENEW_DEADLINE", default_value = "7s", value_parser = parse_duration)]
+    pub lease_renew_deadline: std::time::Duration,
+    /// How often the leader renews the Lease and a standby reads it: a Lease released by a
+    /// graceful stop is taken over within this. Shorter than --lease-renew-deadline.
+    #[arg(long, env = "SLUICE_LEASE_RETRY_PERIOD", default_value = "1s", value_parser = parse_duration)]
+    pub lease_retry_period: std::time::Duration,
+    /// `dir:` source: operators started with the same file elect a leader by locking it
+    /// (`flock`); only the holder runs the engine and serves the node channel, the others wait.
+    /// A stopped or killed leader's lock is released at once.
+    #[arg(long, env = "SLUICE_LEASE_FILE")]
+    pub lease_file: Option<PathBuf>,
     /// The selector-less Service the shims dial: the leader writes its EndpointSlice with its own
     /// pod IP, so both replicas can stay Ready while the shims reach only the leader. Without
     /// it, the standby reports not ready instead.
@@ -99,6 +117,38 @@ pub struct RunArgs {
     /// This pod's IP (from the downward API), published with `--leader-service`.
     #[arg(long, env = "POD_IP", requires = "leader_service")]
     pub pod_ip: Option<std::net::IpAddr>,
+    /// A node channel client that has not finished its TLS handshake by then is disconnected.
+    #[arg(long, env = "SLUICE_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub tls_handshake_timeout: std::time::Duration,
+    /// Streams one node channel connection may have open at once (a shim uses one).
+    #[arg(long, env = "SLUICE_GRPC_MAX_STREAMS", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub grpc_max_streams: u32,
+    /// How often the node channel pings an idle connection (HTTP/2 ping, TCP keepalive).
+    #[arg(long, env = "SLUICE_GRPC_KEEPALIVE_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub grpc_keepalive_interval: std::time::Duration,
+    /// A node channel peer that has not answered a ping by then is disconnected.
+    #[arg(long, env = "SLUICE_GRPC_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub grpc_keepalive_timeout: std::time::Duration,
+    /// How long a shim token that passed its TokenReview is trusted without another review.
+    #[arg(long, env = "SLUICE_TOKEN_CACHE_TTL", default_value = "60s", value_parser = parse_duration)]
+    pub token_cache_ttl: std::time::Duration,
+    /// How long a token the TokenReview refused stays refused without another review.
+    #[arg(long, env = "SLUICE_TOKEN_NEGATIVE_TTL", default_value = "10s", value_parser = parse_duration)]
+    pub token_negative_ttl: std::time::Duration,
+    /// TokenReview verdicts kept at most (at least one per node is needed).
+    #[arg(long, env = "SLUICE_TOKEN_CACHE_SIZE", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub token_cache_size: u32,
+    /// TokenReviews of tokens not in the cache, per second; beyond that (and the burst) clients
+    /// are refused with RESOURCE_EXHAUSTED and retry. Bounds what garbage tokens cost the API
+    /// server; also how fast a new leader admits every shim (nodes / rate seconds).
+    #[arg(long, env = "SLUICE_TOKEN_REVIEW_RATE", default_value_t = 50.0)]
+    pub token_review_rate: f64,
+    /// TokenReviews of tokens not in the cache allowed at once.
+    #[arg(long, env = "SLUICE_TOKEN_REVIEW_BURST", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub token_review_burst: u32,
 }
 
 /// `250ms`, `1s`, `1.5s`, `2m`.
@@ -156,8 +206,33 @@ fn run_live(a: RunArgs) -> anyhow::Result<String> {
         lease_name: a.lease_name,
         leader_service: a.leader_service,
         pod_ip: a.pod_ip,
+        limits: crate::runner::ChannelLimits {
+            server: crate::grpc::ServerLimits {
+                tls_handshake_timeout: a.tls_handshake_timeout,
+                max_concurrent_streams: a.grpc_max_streams,
+                keepalive_interval: a.grpc_keepalive_interval,
+                keepalive_timeout: a.grpc_keepalive_timeout,
+            },
+            reviews: crate::auth::ReviewLimits {
+                ttl: a.token_cache_ttl,
+                negative_ttl: a.token_negative_ttl,
+                cache_size: a.token_cache_size as usize,
+                rate: a.token_review_rate,
+                burst: a.token_review_burst,
+            },
+        },
+        lease_timings: crate::controller::leader::LeaseTimings {
+            lease_duration: a.lease_duration,
+            renew_deadline: a.lease_renew_deadline,
+            retry_period: a.lease_retry_period,
+        },
+        lease_file: a.lease_file,
     };
-    tokio::runtime::Runtime::new()?.block_on(crate::runner::run(opts))?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let result = runtime.block_on(crate::runner::run(opts));
+    // Whatever is still running (sessions' connections, a DNS lookup) must not delay the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result?;
     Ok(String::new())
 }
 
@@ -203,5 +278,19 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn lease_timing_defaults_are_the_elections() {
+        let Command::Run(args) = Cli::parse_from(["sluice-operator", "run"]).command else {
+            panic!("not run");
+        };
+        let timings = crate::controller::leader::LeaseTimings {
+            lease_duration: args.lease_duration,
+            renew_deadline: args.lease_renew_deadline,
+            retry_period: args.lease_retry_period,
+        };
+        assert_eq!(timings, crate::controller::leader::LeaseTimings::default());
+        timings.validate().unwrap();
     }
 }

@@ -192,7 +192,7 @@ fn convert_object(value: Value, place: &str, out: &mut Conversion) -> Result<(),
     };
     prune_spec(&mut spec, &mut notes);
     let spec: EgressGatewayPolicySpec =
-        serde_yaml::from_value(Value::Mapping(spec)).map_err(|e| format!("{place}: invalid spec: {e}"))?;
+        crate::manifests::decode(Value::Mapping(spec)).map_err(|e| format!("{place}: invalid spec: {e}"))?;
     semantic_notes(&spec, &mut notes);
     if let Err(e) = policy::parse(&spec) {
         notes.warn(format!(
@@ -349,7 +349,7 @@ fn convert_metadata(value: Option<Value>, notes: &mut Notes) -> Result<ObjectMet
         ));
     }
     let mut meta: ObjectMeta =
-        serde_yaml::from_value(Value::Mapping(meta)).map_err(|e| format!("invalid metadata: {e}"))?;
+        crate::manifests::decode(Value::Mapping(meta)).map_err(|e| format!("invalid metadata: {e}"))?;
     if let Some(annotations) = meta.annotations.as_mut() {
         annotations.remove(LAST_APPLIED);
     }

@@ -7,13 +7,20 @@
 //!
 //! - Nothing is published before [`SourceEvent::Synced`]: a partial view would make shims delete
 //!   the entries of objects not seen yet.
+//! - Nor before the engine has settled: after a restart or a leader change, the shims reconnect in
+//!   any order over a few seconds, while their datapaths keep forwarding as before. Until every
+//!   Ready node's shim is back, or [`EngineConfig::settle`] has passed, Ready nodes are presumed
+//!   alive, and the gateway duties the shims report holding (`Hello.serves`) are adopted as the
+//!   retained gateways: whatever order they come back in, nothing moves and nothing is dropped.
 //! - A node may be a gateway only when its source says so *and* its shim is alive: connected, or
 //!   heard from within the grace period. A shim that reconnects within the grace period causes no
 //!   change at all.
 //! - The planner's own choice of gateways is fed back as `retained_gateways`, so a node that
 //!   recovers (or a better-hashed newcomer) does not take traffic from a working gateway.
 //! - Per node, the engine keeps the table it published and a generation that only grows; every
-//!   publication replaces the node's view in a `watch` channel. A session sends the delta from
+//!   publication replaces the node's view in a `watch` channel. Generations never repeat across
+//!   operator processes either: the high bits are the engine's epoch (its start time), so a shim
+//!   that still holds a generation of an earlier operator never mistakes a new plan for it. A session sends the delta from
 //!   what it last sent to the latest view, so a slow shim gets its changes coalesced and never
 //!   holds anyone else up.
 
@@ -36,7 +43,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{
     live::{Notice, SourceEvent, StatusUpdate},
-    model::{InterfaceInfo, NodeInfo, PolicyInput},
+    model::{GatewaySlot, InterfaceInfo, NodeInfo, PolicyInput},
     planner::{Change, EgressEntry, EntryKey, GatewayDuty, NodeDelta, PlanDelta, Planner},
 };
 
@@ -47,6 +54,12 @@ pub struct EngineConfig {
     pub grace: Duration,
     /// How often shims (and sessions) send heartbeats: a quarter of the grace period by default.
     pub heartbeat_interval: Duration,
+    /// The high bits of every generation this engine publishes ([`Generations`]).
+    pub epoch: u64,
+    /// How long after start Ready nodes whose shim has not reconnected yet are presumed alive
+    /// (and nothing is published, unless every Ready node's shim is back sooner): the grace
+    /// period plus the shims' longest reconnect backoff by default.
+    pub settle: Duration,
 }
 
 impl EngineConfig {
@@ -54,7 +67,69 @@ impl EngineConfig {
         EngineConfig {
             grace,
             heartbeat_interval: (grace / 4).max(Duration::from_millis(10)),
+            epoch: Generations::epoch_now(),
+            settle: grace + SHIM_BACKOFF_MAX,
         }
+    }
+}
+
+/// The longest wait between a shim's reconnect attempts (`sluice_proto::client::Config`).
+const SHIM_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// A gateway duty a shim reports its datapath holding: `node` fills `slot` of gateway entry
+/// `entry` of `policy`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldDuty {
+    pub policy: String,
+    pub entry: usize,
+    pub slot: usize,
+}
+
+/// The start-up settling period (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Settling {
+    /// The engine has not seen the time yet.
+    NotStarted,
+    Until(Instant),
+    Done,
+}
+
+/// Plan generations unique across operator processes and leaders: an epoch in the high
+/// [`Generations::EPOCH_BITS`] bits (milliseconds since 2025-01-01 at the engine's start: two
+/// processes that start in different milliseconds never share one), a counter in the low bits.
+/// When the counter runs out the epoch moves on by one, so numbers still only grow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Generations {
+    epoch: u64,
+    counter: u64,
+}
+
+impl Generations {
+    pub const EPOCH_BITS: u32 = 40;
+    const COUNTER_BITS: u32 = 64 - Self::EPOCH_BITS;
+    /// 2025-01-01T00:00:00Z in milliseconds since the Unix epoch.
+    const BASE_UNIX_MS: u64 = 1_735_689_600_000;
+
+    /// The epoch of an engine starting now (lasts until 2059).
+    pub fn epoch_now() -> u64 {
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        unix_ms.saturating_sub(Self::BASE_UNIX_MS) & ((1 << Self::EPOCH_BITS) - 1)
+    }
+
+    pub fn new(epoch: u64) -> Self {
+        Generations { epoch, counter: 0 }
+    }
+
+    /// The next generation (never 0, which means "nothing published").
+    pub fn next(&mut self) -> u64 {
+        self.counter += 1;
+        if self.counter >= 1 << Self::COUNTER_BITS {
+            self.epoch += 1;
+            self.counter = 1;
+        }
+        (self.epoch << Self::COUNTER_BITS) | self.counter
     }
 }
 
@@ -83,6 +158,8 @@ pub enum ShimEvent {
         session: u64,
         version: String,
         interfaces: Vec<InterfaceInfo>,
+        /// The gateway duties the shim's datapath holds.
+        held: Vec<HeldDuty>,
     },
     Heartbeat {
         node: String,
@@ -230,7 +307,10 @@ pub struct Engine {
     policy_inputs: HashMap<String, PolicyInput>,
     shims: HashMap<String, Shim>,
     tables: BTreeMap<Arc<str>, Table>,
-    generation: u64,
+    generations: Generations,
+    settling: Settling,
+    /// While settling: per policy, the slots shims reported holding (node included).
+    held: HashMap<String, Vec<GatewaySlot>>,
     pending: PlanDelta,
     /// Nodes whose gateway duties may have changed.
     duty_nodes: BTreeSet<Arc<str>>,
@@ -246,6 +326,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(config: EngineConfig, hub: Arc<Hub>, metrics: EngineMetrics) -> Self {
+        let generations = Generations::new(config.epoch);
         Engine {
             planner: Planner::new(),
             config,
@@ -257,7 +338,9 @@ impl Engine {
             policy_inputs: HashMap::new(),
             shims: HashMap::new(),
             tables: BTreeMap::new(),
-            generation: 0,
+            generations,
+            settling: Settling::NotStarted,
+            held: HashMap::new(),
             pending: PlanDelta::default(),
             duty_nodes: BTreeSet::new(),
             gateways: BTreeMap::new(),
@@ -284,10 +367,80 @@ impl Engine {
         self.tables.get(node).map(|t| t.generation)
     }
 
+    /// Whether the start-up settling period is still on.
+    pub fn settling(&self) -> bool {
+        self.settling != Settling::Done
+    }
+
+    fn start_clock(&mut self, now: Instant) {
+        if self.settling == Settling::NotStarted {
+            self.settling = Settling::Until(now + self.config.settle);
+        }
+    }
+
+    /// Ends the settling period once it has run out, or every Ready node's shim is back.
+    fn maybe_settle(&mut self, now: Instant) {
+        let Settling::Until(until) = self.settling else {
+            return;
+        };
+        let all_back = self.synced
+            && self
+                .source_nodes
+                .values()
+                .filter(|n| n.ready)
+                .all(|n| self.shims.get(&n.name).is_some_and(|s| s.alive));
+        if !all_back && now < until {
+            return;
+        }
+        let missing: Vec<String> = self
+            .source_nodes
+            .values()
+            .filter(|n| n.ready && !self.shims.contains_key(&n.name))
+            .map(|n| n.name.clone())
+            .collect();
+        tracing::info!(
+            ?missing,
+            "settled: shims not back by now are no longer presumed alive"
+        );
+        self.settling = Settling::Done;
+        self.held.clear();
+        let settle_started = until.checked_sub(self.config.settle).unwrap_or(now);
+        for node in missing {
+            self.lost.insert(node.clone(), settle_started);
+            self.refresh_node(&node);
+        }
+    }
+
+    /// Adopts the slots a shim reports holding as retained gateways (while settling).
+    fn adopt_held(&mut self, node: &str, held: Vec<HeldDuty>) {
+        let mut policies = BTreeSet::new();
+        for d in held {
+            let slots = self.held.entry(d.policy.clone()).or_default();
+            slots.retain(|s| !(s.entry == d.entry && (s.slot == d.slot || s.node == node)));
+            slots.push(GatewaySlot {
+                entry: d.entry,
+                slot: d.slot,
+                node: node.to_owned(),
+            });
+            policies.insert(d.policy);
+        }
+        for policy in policies {
+            if let Some(input) = self.policy_inputs.get_mut(&policy) {
+                let mut input = input.clone();
+                retain_held(&mut input.retained_gateways, &self.held[&policy]);
+                self.policy_inputs.insert(policy, input.clone());
+                self.apply(Change::UpsertPolicy(input));
+            }
+        }
+    }
+
     fn effective(&self, source: &NodeInfo) -> NodeInfo {
         let shim = self.shims.get(&source.name);
         let mut node = source.clone();
-        node.eligible = source.eligible && shim.is_some_and(|s| s.alive);
+        // While settling, a Ready node whose shim is not back yet keeps serving: its datapath
+        // still forwards, and its shim is on its way.
+        let presumed = self.settling() && source.ready && shim.is_none();
+        node.eligible = source.eligible && (presumed || shim.is_some_and(|s| s.alive));
         if let Some(interfaces) = shim.and_then(|s| s.interfaces.clone()) {
             node.interfaces = Some(interfaces);
         }
@@ -330,6 +483,8 @@ impl Engine {
                     // what the source remembers (the last leader's choice, from its status).
                     if self.policy_inputs.contains_key(&input.name) {
                         input.retained_gateways = self.planner.gateway_slots(&input.name);
+                    } else if let Some(held) = self.held.get(&input.name) {
+                        retain_held(&mut input.retained_gateways, held);
                     }
                     self.policy_inputs.insert(input.name.clone(), input.clone());
                     self.apply(Change::UpsertPolicy(input));
@@ -351,8 +506,10 @@ impl Engine {
                 session,
                 version,
                 interfaces,
+                held,
             } => {
-                tracing::info!(%node, session, %version, "shim connected");
+                tracing::info!(%node, session, %version, held = held.len(), "shim connected");
+                self.start_clock(now);
                 // A shim that lists no interfaces could not read them: unknown, not none.
                 let interfaces = (!interfaces.is_empty()).then_some(interfaces);
                 let old = self.shims.insert(
@@ -366,6 +523,9 @@ impl Engine {
                         acked: 0,
                     },
                 );
+                if self.settling() && !held.is_empty() {
+                    self.adopt_held(&node, held);
+                }
                 if old.is_none_or(|o| !o.alive || o.interfaces != interfaces) {
                     self.refresh_node(&node);
                 }
@@ -432,6 +592,7 @@ impl Engine {
 
     /// Notices shims silent for longer than the grace period.
     pub fn tick(&mut self, now: Instant) {
+        self.start_clock(now);
         let dead: Vec<(String, Instant)> = self
             .shims
             .iter()
@@ -455,6 +616,8 @@ impl Engine {
 
     /// Feeds back gateways, publishes what changed, and collects status and notices.
     pub fn flush(&mut self, now: Instant) {
+        self.start_clock(now);
+        self.maybe_settle(now);
         // 1. Feed the planner's choice back, so that it is retained.
         for _ in 0..3 {
             let mut again = false;
@@ -569,7 +732,7 @@ impl Engine {
         for node in std::mem::take(&mut self.duty_nodes) {
             changed.entry(node).or_default();
         }
-        if !self.synced {
+        if !self.synced || self.settling() {
             self.duty_nodes.extend(changed.into_keys());
             return;
         }
@@ -620,8 +783,7 @@ impl Engine {
             return;
         }
         let base = table.generation;
-        self.generation += 1;
-        table.generation = self.generation;
+        table.generation = self.generations.next();
         table.published_at = Some(now);
         table.duties = Arc::new(duties);
         let view = NodeView {
@@ -645,6 +807,18 @@ impl Engine {
     pub fn take_notices(&mut self) -> Vec<Notice> {
         std::mem::take(&mut self.notices_out)
     }
+}
+
+/// Puts the slots shims hold ahead of (and instead of) what `retained` says for the same slots.
+fn retain_held(retained: &mut Vec<GatewaySlot>, held: &[GatewaySlot]) {
+    retained.retain(|r| {
+        !held
+            .iter()
+            .any(|h| h.entry == r.entry && (h.slot == r.slot || h.node == r.node))
+    });
+    let mut merged = held.to_vec();
+    merged.append(retained);
+    *retained = merged;
 }
 
 fn decrement(counts: &mut HashMap<Arc<str>, usize>, policy: &Arc<str>) {

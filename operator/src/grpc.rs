@@ -5,13 +5,19 @@
 //! the whole plan first, then deltas from what it last sent. It only ever waits on its own shim;
 //! while it waits, newer views replace older ones in the node's `watch` channel, so what it sends
 //! next covers all of them at once.
+//!
+//! One client costs a bounded amount ([`ServerLimits`]): a TLS handshake must finish in time, a
+//! connection carries a few streams, HTTP/2 pings find dead peers, and a node has one live
+//! session: a newer one ends the older one (a shim that restarted behind a half-open connection).
+//! What a token costs the API server is bounded by the verifier (see [`crate::auth`]).
+//! The serving certificate follows its files as they are renewed (see [`crate::tls`]).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::SocketAddr,
     pin::Pin,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -22,22 +28,29 @@ use sluice_proto::v1::{
     node_channel_server::{NodeChannel, NodeChannelServer},
     operator_message, shim_message,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
-use tonic::{Request, Response, Status, Streaming, transport::Server};
+use tonic::{
+    Request, Response, Status, Streaming,
+    transport::{Server, server::TcpIncoming},
+};
 
 use crate::{
     auth::TokenVerifier,
-    engine::{Hub, NodeView, ShimEvent},
+    engine::{HeldDuty, Hub, NodeView, ShimEvent},
     model::InterfaceInfo,
     planner::{EgressEntry, EntryKey, GatewayDuty},
+    tls::TlsIncoming,
 };
+
+pub use crate::tls::Tls;
 
 /// The `NodeChannel` service.
 pub struct NodeService {
     hub: Arc<Hub>,
     verifier: Arc<dyn TokenVerifier>,
     sessions: AtomicU64,
+    live: Arc<LiveSessions>,
     hello_timeout: Duration,
 }
 
@@ -47,6 +60,7 @@ impl NodeService {
             hub,
             verifier,
             sessions: AtomicU64::new(0),
+            live: Arc::default(),
             hello_timeout: Duration::from_secs(10),
         }
     }
@@ -56,34 +70,66 @@ impl NodeService {
     }
 }
 
-/// TLS material of the server (PEM).
+/// What one connection may hold of the server.
 #[derive(Clone, Debug)]
-pub struct Tls {
-    pub cert: Vec<u8>,
-    pub key: Vec<u8>,
+pub struct ServerLimits {
+    /// A client that has not finished its TLS handshake by then is disconnected.
+    pub tls_handshake_timeout: Duration,
+    /// Streams one connection may have open at once (a shim needs one).
+    pub max_concurrent_streams: u32,
+    /// How often an HTTP/2 ping (and TCP keepalive probe) checks an idle peer.
+    pub keepalive_interval: Duration,
+    /// A peer that has not answered a ping by then is disconnected.
+    pub keepalive_timeout: Duration,
 }
 
-/// Serves the node channel on `listener` until `shutdown` resolves.
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            tls_handshake_timeout: Duration::from_secs(10),
+            max_concurrent_streams: 4,
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Serves the node channel on `listener` with the default [`ServerLimits`] until `shutdown`
+/// resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     service: NodeService,
     tls: Option<Tls>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let mut builder = Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(10)));
-    if let Some(tls) = tls {
-        builder = builder.tls_config(
-            tonic::transport::ServerTlsConfig::new()
-                .identity(tonic::transport::Identity::from_pem(tls.cert, tls.key)),
-        )?;
+    serve_with(listener, service, tls, &ServerLimits::default(), shutdown).await
+}
+
+/// Serves the node channel on `listener` until `shutdown` resolves.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    service: NodeService,
+    tls: Option<Tls>,
+    limits: &ServerLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let router = Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .add_service(service.into_server());
+    // The builder's TCP options apply only to listeners it binds itself.
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(limits.keepalive_interval));
+    // TLS is ours, not the builder's: its identity is fixed, and certificates are renewed.
+    match tls {
+        Some(tls) => {
+            let incoming = TlsIncoming::new(incoming, tls, limits.tls_handshake_timeout)?;
+            router.serve_with_incoming_shutdown(incoming, shutdown).await?;
+        }
+        None => router.serve_with_incoming_shutdown(incoming, shutdown).await?,
     }
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    builder
-        .add_service(service.into_server())
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
     Ok(())
 }
 
@@ -130,9 +176,9 @@ impl NodeChannel for NodeService {
         else {
             return Err(Status::invalid_argument("the first message must be a hello"));
         };
-        if hello.node.is_empty() {
-            return Err(Status::invalid_argument("hello without a node name"));
-        }
+        check_hello(&hello).inspect_err(|e| {
+            tracing::warn!(?peer, error = %e.message(), "shim refused");
+        })?;
         if !identity.allows(&hello.node) {
             tracing::warn!(?peer, node = %hello.node, ?identity, "shim asked for another node's plan");
             return Err(Status::permission_denied(format!(
@@ -143,25 +189,111 @@ impl NodeChannel for NodeService {
         let session = self.sessions.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = mpsc::channel(4);
         let hub = self.hub.clone();
-        tokio::spawn(run_session(hub, session, hello, inbound, tx));
+        tokio::spawn(run_session(hub, self.live.clone(), session, hello, inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
+/// The live session of each node.
+#[derive(Default)]
+struct LiveSessions(Mutex<HashMap<String, (u64, oneshot::Sender<u64>)>>);
+
+impl LiveSessions {
+    /// Makes `session` the node's live one; the receiver fires when a newer one replaces it.
+    fn claim(&self, node: &str, session: u64) -> oneshot::Receiver<u64> {
+        let (tx, rx) = oneshot::channel();
+        let old = self
+            .0
+            .lock()
+            .expect("sessions lock")
+            .insert(node.to_owned(), (session, tx));
+        if let Some((old, stop)) = old {
+            tracing::warn!(%node, old, new = session, "a newer session of this node replaces the old one");
+            let _ = stop.send(session);
+        }
+        rx
+    }
+
+    fn release(&self, node: &str, session: u64) {
+        let mut live = self.0.lock().expect("sessions lock");
+        if live.get(node).is_some_and(|(s, _)| *s == session) {
+            live.remove(node);
+        }
+    }
+}
+
+/// The interfaces of a hello that [`check_hello`] accepted.
 fn interfaces(hello: &v1::Hello) -> Vec<InterfaceInfo> {
-    hello
-        .interfaces
-        .iter()
-        .map(|i| InterfaceInfo {
-            name: i.name.clone(),
-            addresses: i.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
-            default_route: hello.default_route_interface.as_deref() == Some(i.name.as_str()),
+    check_hello(hello).unwrap_or_default()
+}
+
+/// Checks a shim's `Hello` before any of it reaches the engine, and returns its interfaces. The
+/// node name becomes a key of the engine's tables, and the interfaces decide which nodes can serve
+/// a policy: what no kernel or cluster could have produced is refused, saying what.
+pub fn check_hello(hello: &v1::Hello) -> Result<Vec<InterfaceInfo>, Status> {
+    let bad = |what: String| Err(Status::invalid_argument(format!("hello: {what}")));
+    if hello.node.is_empty() {
+        return bad("the node name is empty".to_owned());
+    }
+    if !is_node_name(&hello.node) {
+        return bad(format!(
+            "node {} is not a Kubernetes node name (at most 253 lowercase letters, digits, '-' \
+             and '.', in labels that start and end with a letter or digit)",
+            shorten(&hello.node)
+        ));
+    }
+    let mut interfaces = Vec::with_capacity(hello.interfaces.len());
+    for (i, interface) in hello.interfaces.iter().enumerate() {
+        if !crate::policy::is_interface_name(&interface.name) {
+            return bad(format!(
+                "interfaces[{i}].name {} is not an interface name",
+                shorten(&interface.name)
+            ));
+        }
+        let mut addresses = Vec::with_capacity(interface.addresses.len());
+        for (j, address) in interface.addresses.iter().enumerate() {
+            let Ok(ip) = address.parse() else {
+                return bad(format!(
+                    "interfaces[{i}].addresses[{j}] {} is not an IP address",
+                    shorten(address)
+                ));
+            };
+            addresses.push(ip);
+        }
+        interfaces.push(InterfaceInfo {
+            name: interface.name.clone(),
+            addresses,
+            default_route: hello.default_route_interface.as_deref() == Some(interface.name.as_str()),
+        });
+    }
+    Ok(interfaces)
+}
+
+/// An RFC 1123 subdomain, as Kubernetes requires of node names.
+fn is_node_name(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
         })
-        .collect()
+}
+
+/// A value for an error message: quoted, and cut short when long (it may be a megabyte).
+fn shorten(value: &str) -> String {
+    const MAX: usize = 64;
+    match value.char_indices().nth(MAX) {
+        None => format!("{value:?}"),
+        Some((end, _)) => format!("{:?}... ({} bytes)", &value[..end], value.len()),
+    }
 }
 
 async fn run_session(
     hub: Arc<Hub>,
+    live: Arc<LiveSessions>,
     session: u64,
     hello: v1::Hello,
     mut inbound: Streaming<ShimMessage>,
@@ -169,13 +301,20 @@ async fn run_session(
 ) {
     let node = hello.node.clone();
     let mut views = hub.subscribe(&node);
-    views.mark_changed();
+    // Reported before the older session is ended, so that the engine sees the node's shim
+    // connected throughout: its gateways stay where they are.
     hub.report(ShimEvent::Connected {
         node: node.clone(),
         session,
         version: hello.version.clone(),
         interfaces: interfaces(&hello),
+        held: held_duties(&hello),
     });
+    let mut replaced = live.claim(&node, session);
+    // Whether the latest view may not have been sent yet. Views are read only once the shim can
+    // take a message, so that one that reads slowly gets the newest view, and the session keeps
+    // answering (heartbeats, replacement) meanwhile.
+    let mut unsent = true;
     let interval = hub.heartbeat_interval;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -183,15 +322,25 @@ async fn run_session(
     let mut sent: Option<Arc<NodeView>> = None;
     let reason = loop {
         tokio::select! {
-            changed = views.changed() => {
+            by = &mut replaced => {
+                let _ = tx.try_send(Err(Status::aborted("a newer session of this node replaced this one")));
+                break match by {
+                    Ok(by) => format!("replaced by session {by}"),
+                    Err(_) => "server stopped".to_owned(),
+                };
+            }
+            changed = views.changed(), if !unsent => {
                 if changed.is_err() {
                     break "engine stopped".to_owned();
                 }
+                unsent = true;
+            }
+            permit = tx.reserve(), if unsent => {
+                let Ok(permit) = permit else { break "stream closed".to_owned() };
+                unsent = false;
                 let Some(view) = views.borrow_and_update().clone() else { continue };
                 let Some(msg) = message_for(sent.as_deref(), &view, interval) else { continue };
-                if tx.send(Ok(msg)).await.is_err() {
-                    break "stream closed".to_owned();
-                }
+                permit.send(Ok(msg));
                 sent = Some(view);
             }
             msg = inbound.message() => {
@@ -221,6 +370,7 @@ async fn run_session(
             }
         }
     };
+    live.release(&node, session);
     tracing::info!(%node, session, %reason, "session ended");
     hub.report(ShimEvent::Disconnected { node, session });
 }
@@ -289,8 +439,24 @@ fn entry(e: &EgressEntry) -> v1::Entry {
         gateway: e.gateway.to_string(),
         egress_ip: e.egress_ip.map(|ip| ip.to_string()),
         interface: e.interface.as_deref().map(str::to_owned),
+        source_node_ip: e.source_node_ip.map(|ip| ip.to_string()),
         policy: e.policy.to_string(),
     }
+}
+
+/// The gateway duties a shim reports holding. They only ever make the new leader keep a node
+/// that is a candidate anyway in a slot the policy has; anything else in them is ignored.
+fn held_duties(hello: &v1::Hello) -> Vec<HeldDuty> {
+    hello
+        .serves
+        .iter()
+        .filter(|d| !d.policy.is_empty())
+        .map(|d| HeldDuty {
+            policy: d.policy.clone(),
+            entry: d.entry as usize,
+            slot: d.slot as usize,
+        })
+        .collect()
 }
 
 fn duty(d: &GatewayDuty) -> v1::GatewayDuty {
@@ -298,5 +464,7 @@ fn duty(d: &GatewayDuty) -> v1::GatewayDuty {
         policy: d.policy.to_string(),
         egress_ips: d.egress_ips.iter().map(ToString::to_string).collect(),
         interface: d.interface.as_deref().map(str::to_owned),
+        entry: d.entry as u32,
+        slot: d.slot as u32,
     }
 }

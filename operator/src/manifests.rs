@@ -56,6 +56,12 @@ struct CiliumPolicy {
     spec: EgressGatewayPolicySpec,
 }
 
+/// Decodes an object, naming the field of the first error: `spec.selectors[0]: invalid type: ...`
+/// tells the user where to look, where serde alone says only what it expected.
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(value: serde_yaml::Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(value).map_err(|e| e.to_string())
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ManifestError + '_ {
     move |source| ManifestError::Io {
         path: path.to_owned(),
@@ -107,10 +113,42 @@ impl Manifests {
     }
 
     fn add_object(&mut self, value: serde_yaml::Value, place: &str) -> Result<(), String> {
-        let meta: TypeMeta =
-            serde_yaml::from_value(value.clone()).map_err(|e| format!("not a Kubernetes object: {e}"))?;
+        use serde_yaml::Value;
+        let other = match &value {
+            Value::Mapping(_) => None,
+            Value::Null => Some("nothing"),
+            Value::Bool(_) => Some("a boolean"),
+            Value::Number(_) => Some("a number"),
+            Value::String(_) => Some("a string"),
+            Value::Sequence(_) => Some("a sequence"),
+            Value::Tagged(_) => Some("a tagged value"),
+        };
+        if let Some(other) = other {
+            return Err(format!(
+                "not a Kubernetes object: {other}, not a mapping with apiVersion and kind"
+            ));
+        }
+        // Else serde would say "expected field identifier".
+        if let Value::Mapping(m) = &value
+            && let Some(key) = m.keys().find(|k| !k.is_string())
+        {
+            let key = serde_yaml::to_string(key).unwrap_or_default();
+            return Err(format!(
+                "not a Kubernetes object: the key {} is not a string",
+                key.trim_end()
+            ));
+        }
+        let meta: TypeMeta = decode(value.clone()).map_err(|e| format!("not a Kubernetes object: {e}"))?;
         let group = meta.api_version.split_once('/').map_or("", |(g, _)| g);
-        let parse_err = |e: serde_yaml::Error| format!("invalid {}: {e}", meta.kind);
+        let parse_err = |e: String| format!("invalid {}: {e}", meta.kind);
+        // k8s-openapi checks the version only after reading the whole object, too late for the
+        // error to say which field it is about.
+        if group.is_empty()
+            && ["Node", "Namespace", "Pod"].contains(&meta.kind.as_str())
+            && meta.api_version != "v1"
+        {
+            return Err(parse_err(format!("apiVersion: {:?} is not v1", meta.api_version)));
+        }
         match (group, meta.kind.as_str()) {
             ("", "List") => {
                 #[derive(Deserialize)]
@@ -118,31 +156,32 @@ impl Manifests {
                     #[serde(default)]
                     items: Vec<serde_yaml::Value>,
                 }
-                let list: List = serde_yaml::from_value(value).map_err(parse_err)?;
-                for (j, item) in list.items.into_iter().enumerate() {
+                let list: List = decode(value).map_err(parse_err)?;
+                // An empty item is skipped like an empty document.
+                for (j, item) in list.items.into_iter().enumerate().filter(|(_, i)| !i.is_null()) {
                     self.add_object(item, place)
                         .map_err(|e| format!("items[{j}]: {e}"))?;
                 }
             }
             ("", "Node") => {
-                let node: Node = serde_yaml::from_value(value).map_err(parse_err)?;
+                let node: Node = decode(value).map_err(parse_err)?;
                 self.nodes
                     .push(objects::node_info(&node).map_err(|e| format!("invalid Node: {e}"))?);
             }
             ("", "Namespace") => {
-                let ns: Namespace = serde_yaml::from_value(value).map_err(parse_err)?;
+                let ns: Namespace = decode(value).map_err(parse_err)?;
                 self.namespaces.push(objects::namespace_info(&ns));
             }
             ("", "Pod") => {
-                let pod: Pod = serde_yaml::from_value(value).map_err(parse_err)?;
+                let pod: Pod = decode(value).map_err(parse_err)?;
                 self.pods.push(objects::pod_info(&pod));
             }
             ("sluice.dev", "EgressGatewayPolicy") => {
-                let policy: EgressGatewayPolicy = serde_yaml::from_value(value).map_err(parse_err)?;
+                let policy: EgressGatewayPolicy = decode(value).map_err(parse_err)?;
                 self.policies.push(objects::policy_input(&policy));
             }
             ("cilium.io", "CiliumEgressGatewayPolicy") => {
-                let c: CiliumPolicy = serde_yaml::from_value(value).map_err(parse_err)?;
+                let c: CiliumPolicy = decode(value).map_err(parse_err)?;
                 self.policies.push(objects::policy_input(&EgressGatewayPolicy {
                     metadata: c.metadata,
                     spec: c.spec,

@@ -55,6 +55,9 @@ pub struct EgressEntry {
     pub egress_ip: Option<IpAddr>,
     /// Set on the gateway node's own entries, when the interface is known.
     pub interface: Option<Arc<str>>,
+    /// Set on the gateway node's entries for pods of other nodes: the underlay address of the
+    /// pod's node, the only outer source the gateway accepts this (source, destination) from.
+    pub source_node_ip: Option<IpAddr>,
     pub policy: Arc<str>,
 }
 
@@ -184,6 +187,8 @@ struct KeyState {
 struct Resolved {
     policy: Arc<str>,
     source_node: Arc<str>,
+    /// The source node's tunnel address (what its tunnelled packets carry as outer source).
+    source_node_ip: Option<IpAddr>,
     target: Target,
 }
 
@@ -217,21 +222,23 @@ impl Resolved {
             Target::Fallback => (GatewayTarget::Fallback, None, None),
             Target::Excluded => (GatewayTarget::Excluded, None, None),
         };
-        let entry = |with_egress: bool| EgressEntry {
+        let entry = |with_egress: bool, source_node_ip: Option<IpAddr>| EgressEntry {
             key,
             gateway,
             egress_ip: if with_egress { egress_ip } else { None },
             interface: if with_egress { interface.clone() } else { None },
+            source_node_ip,
             policy: self.policy.clone(),
         };
         let mut out = SmallVec::new();
         match self.gateway_node() {
-            Some(gw) if *gw == self.source_node => out.push((gw.clone(), entry(true))),
+            // A local pod never arrives through the tunnel: no outer source is accepted for it.
+            Some(gw) if *gw == self.source_node => out.push((gw.clone(), entry(true, None))),
             Some(gw) => {
-                out.push((self.source_node.clone(), entry(false)));
-                out.push((gw.clone(), entry(true)));
+                out.push((self.source_node.clone(), entry(false, None)));
+                out.push((gw.clone(), entry(true, self.source_node_ip)));
             }
-            None => out.push((self.source_node.clone(), entry(false))),
+            None => out.push((self.source_node.clone(), entry(false, None))),
         }
         out
     }
@@ -533,7 +540,9 @@ impl Planner {
         for policy in affected {
             self.reselect_gateways(&policy, &mut dirty, &mut delta);
         }
-        if labels_changed || old.is_none() || new.is_none() {
+        // The pods' entries on their gateways name this node's tunnel address.
+        let address_changed = old.map(NodeInfo::tunnel_ip) != new.map(NodeInfo::tunnel_ip);
+        if labels_changed || address_changed || old.is_none() || new.is_none() {
             let pods: Vec<Arc<str>> = self
                 .pods_by_node
                 .get(name)
@@ -1005,7 +1014,8 @@ impl Planner {
 
     fn resolve_claim(&self, claim: &Claim) -> Option<Resolved> {
         let pod = self.pods.get(&claim.pod)?;
-        let source_node = self.nodes.get_key_value(pod.node.as_deref()?)?.0.clone();
+        let (source_node, node) = self.nodes.get_key_value(pod.node.as_deref()?)?;
+        let (source_node, source_node_ip) = (source_node.clone(), node.tunnel_ip());
         let target = if claim.excluded {
             Target::Excluded
         } else {
@@ -1021,6 +1031,7 @@ impl Planner {
         Some(Resolved {
             policy: claim.policy.clone(),
             source_node,
+            source_node_ip,
             target,
         })
     }
@@ -1170,6 +1181,9 @@ pub struct GatewayDuty {
     pub policy: Arc<str>,
     pub egress_ips: Vec<IpAddr>,
     pub interface: Option<Arc<str>>,
+    /// The gateway entry and slot this node fills.
+    pub entry: usize,
+    pub slot: usize,
 }
 
 impl Planner {
@@ -1237,6 +1251,8 @@ impl Planner {
                     policy: name.clone(),
                     egress_ips: g.egress_v4.into_iter().chain(g.egress_v6).collect(),
                     interface: g.interface.clone(),
+                    entry: g.entry,
+                    slot: g.slot,
                 });
             }
         }

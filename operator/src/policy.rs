@@ -158,6 +158,22 @@ fn parse_cidrs(field: &str, cidrs: &[String]) -> Result<Vec<IpNet>, PolicyError>
     Ok(out)
 }
 
+/// Whether Linux would accept `name` for a network interface (`dev_valid_name`): 1 to 15 bytes,
+/// not `.` or `..`, none of `/`, `:`, NUL or a byte the kernel's `isspace` takes for a space
+/// (which includes 0xA0, found inside many UTF-8 characters). Anything else names no interface on
+/// any node; the CRD's pattern only keeps out `/`, `:` and ASCII whitespace.
+pub fn is_interface_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name.bytes().any(|b| {
+            matches!(
+                b,
+                b'/' | b':' | 0 | b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r' | 0xa0
+            )
+        })
+}
+
 fn parse_gateway(field: &str, g: &EgressGateway) -> Result<GatewayConfig, PolicyError> {
     let nodes = Selector::compile(&g.node_selector)
         .map_err(|e| PolicyError::new("InvalidSelector", format!("{field}.nodeSelector: {e}")))?;
@@ -171,7 +187,7 @@ fn parse_gateway(field: &str, g: &EgressGateway) -> Result<GatewayConfig, Policy
             ));
         }
         (Some(name), None) => {
-            if name.len() > 15 || name.contains(['/', ' ', ':']) {
+            if !is_interface_name(name) {
                 return Err(PolicyError::new(
                     "InvalidInterface",
                     format!("{field}.interface: {name:?} is not a valid interface name"),
@@ -306,6 +322,21 @@ mod tests {
             ),
             (
                 |s| s.egress_gateway.as_mut().unwrap().interface = Some("a/b".into()),
+                "InvalidInterface",
+                "spec.egressGateway.interface",
+            ),
+            (
+                |s| s.egress_gateway.as_mut().unwrap().interface = Some("eth\t0".into()),
+                "InvalidInterface",
+                "spec.egressGateway.interface",
+            ),
+            (
+                |s| s.egress_gateway.as_mut().unwrap().interface = Some("..".into()),
+                "InvalidInterface",
+                "spec.egressGateway.interface",
+            ),
+            (
+                |s| s.egress_gateway.as_mut().unwrap().interface = Some("eth0\0".into()),
                 "InvalidInterface",
                 "spec.egressGateway.interface",
             ),

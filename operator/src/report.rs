@@ -21,6 +21,8 @@ pub fn document(planner: &Planner) -> PlanDocument {
                     policy: d.policy.to_string(),
                     egress_ips: d.egress_ips,
                     interface: d.interface.map(|i| i.to_string()),
+                    entry: d.entry as u32,
+                    slot: d.slot as u32,
                 })
                 .collect(),
             name: name.to_string(),
@@ -32,6 +34,7 @@ pub fn document(planner: &Planner) -> PlanDocument {
                     gateway: e.gateway,
                     egress_ip: e.egress_ip,
                     interface: e.interface.map(|i| i.to_string()),
+                    source_node_ip: e.source_node_ip,
                     policy: e.policy.to_string(),
                 })
                 .collect(),

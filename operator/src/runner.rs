@@ -4,7 +4,13 @@
 //! waits for the Lease, and exits when it loses it (its pod restarts as a standby), so that two
 //! engines never program the same nodes. The leader writes its own pod IP as the only endpoint of
 //! the shims' selector-less Service (`--leader-service`); without that, the standby's `/readyz`
-//! is 503, which keeps a selector-based Service pointed at the leader.
+//! is 503, which keeps a selector-based Service pointed at the leader. With `--source dir:` and
+//! `--lease-file`, the holder of the file's lock leads the same way (`lease_file`).
+//!
+//! SIGTERM and SIGINT stop gracefully, in this order: the node channel closes (no new sessions;
+//! the open ones end, and the shims reconnect to the next leader), the engine stops, the lease is
+//! released, and the process exits 0. Releasing only after the listener is closed means the next
+//! leader can bind the same address, and two engines never serve at once.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -12,9 +18,11 @@ use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    auth::{AllowAnyNode, StaticTokens, TokenReviewVerifier, TokenVerifier},
+    auth::{AllowAnyNode, ReviewLimits, StaticTokens, TokenReviewVerifier, TokenVerifier},
+    controller::leader::LeaseTimings,
     engine::{Engine, EngineConfig, EngineMetrics, Hub},
-    grpc::{self, NodeService, Tls},
+    grpc::{self, NodeService, ServerLimits, Tls},
+    lease_file::FileLease,
     live::{Notice, SourceEvent, StatusUpdate},
 };
 
@@ -38,6 +46,13 @@ impl std::str::FromStr for Source {
     }
 }
 
+/// What one client may cost the node channel and, through its tokens, the API server.
+#[derive(Clone, Debug, Default)]
+pub struct ChannelLimits {
+    pub server: ServerLimits,
+    pub reviews: ReviewLimits,
+}
+
 /// Everything `run` needs.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -56,14 +71,19 @@ pub struct RunOptions {
     pub lease_name: String,
     pub leader_service: Option<String>,
     pub pod_ip: Option<std::net::IpAddr>,
+    pub limits: ChannelLimits,
+    /// The Kubernetes Lease's timings (checked at start).
+    pub lease_timings: LeaseTimings,
+    /// `dir:` source: only the process holding this file's lock runs the engine and serves.
+    pub lease_file: Option<PathBuf>,
 }
 
 fn tls(opts: &RunOptions) -> anyhow::Result<Option<Tls>> {
     match (&opts.tls_cert, &opts.tls_key) {
-        (Some(cert), Some(key)) => Ok(Some(Tls {
-            cert: std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?,
-            key: std::fs::read(key).with_context(|| format!("reading {}", key.display()))?,
-        })),
+        // Re-read when the files change (a renewed certificate): see `crate::tls`.
+        (Some(cert), Some(key)) => Ok(Some(
+            Tls::from_files(cert, key).context("loading --tls-cert and --tls-key")?,
+        )),
         (None, None) => {
             tracing::warn!("no --tls-cert/--tls-key: the node channel is PLAINTEXT (local demos only)");
             Ok(None)
@@ -85,8 +105,49 @@ fn static_verifier(opts: &RunOptions) -> anyhow::Result<Option<Arc<dyn TokenVeri
     Ok(None)
 }
 
-/// Runs until the source ends or something fails.
+/// Runs until SIGTERM or SIGINT (a graceful stop, `Ok`), the source ends, or something fails.
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+    // First of all: until the handlers exist, SIGTERM kills the process the default way (and as
+    // PID 1 in a container, the signal is ignored and the kubelet waits out the grace period).
+    let stop = termination()?;
+    run_until(opts, None, stop).await
+}
+
+/// The Kubernetes API for `--source kubernetes`, as `run_until` callers other than `run` supply
+/// it (tests with a fake API server); `run` connects from the environment.
+pub struct ApiAccess {
+    pub client: kube::Client,
+    /// This replica's identity in the Lease.
+    pub identity: String,
+}
+
+/// Resolves at the first SIGTERM or SIGINT; the handlers are installed before this returns.
+fn termination() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+    Ok(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+        };
+        tracing::info!(
+            signal = name,
+            "stopping: closing the node channel, then releasing the lease"
+        );
+    })
+}
+
+/// [`run`] until `stop` resolves: then the node channel closes (no new sessions, the open ones
+/// end), the engine stops, the lease is released so that a standby takes over at once, and this
+/// returns `Ok`. Shims keep their datapath meanwhile.
+pub async fn run_until(
+    opts: RunOptions,
+    api: Option<ApiAccess>,
+    stop: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    opts.lease_timings.validate()?;
+    let mut stop = std::pin::pin!(stop);
     let mut registry = crate::metrics::registry();
     let engine_metrics = EngineMetrics::register(&mut registry);
     let tls = tls(&opts)?;
@@ -95,8 +156,23 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             let verifier = static_verifier(&opts)?.context(
                 "the dir source needs --tokens-file (TOKEN NODE lines) or --insecure-allow-any-node",
             )?;
-            let (_ready_tx, ready) = watch::channel(true);
+            // With a lease file, only the holder is ready (it alone serves shims).
+            let (ready_tx, ready) = watch::channel(opts.lease_file.is_none());
             serve_metrics(&opts, registry, ready).await?;
+            let lease = match &opts.lease_file {
+                None => None,
+                Some(path) => {
+                    tracing::info!(path = %path.display(), "waiting for the lease file");
+                    tokio::select! {
+                        lease = FileLease::acquire(path) => Some(lease?),
+                        () = &mut stop => return Ok(()),
+                    }
+                }
+            };
+            if let Some(lease) = &lease {
+                tracing::info!(path = %lease.path().display(), "leading: holding the lease file");
+                ready_tx.send_replace(true);
+            }
             let (sources_tx, sources_rx) = mpsc::channel(1024);
             let (updates_tx, updates_rx) = mpsc::channel(256);
             let (notices_tx, notices_rx) = mpsc::channel(256);
@@ -110,32 +186,54 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
                 sources_rx,
                 updates_tx,
                 notices_tx,
+                stop,
             );
-            tokio::try_join!(watching, live)?;
-            Ok(())
+            // `live` ends on a stop, with the node channel closed; the source only fails.
+            let result = tokio::select! {
+                r = live => r,
+                r = watching => r,
+            };
+            ready_tx.send_replace(false);
+            if let Some(lease) = lease {
+                lease.release();
+                tracing::info!("released the lease file");
+            }
+            result
         }
         Source::Kubernetes => {
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to Kubernetes (for a cluster-less run use --source dir:PATH)")?;
+            let ApiAccess { client, identity } = match api {
+                Some(api) => api,
+                None => ApiAccess {
+                    client: kube::Client::try_default()
+                        .await
+                        .context("connecting to Kubernetes (for a cluster-less run use --source dir:PATH)")?,
+                    identity: std::env::var("POD_NAME")
+                        .unwrap_or_else(|_| format!("sluice-operator-{}", std::process::id())),
+                },
+            };
+            if opts.lease_file.is_some() {
+                anyhow::bail!(
+                    "--lease-file is for the dir: source; with Kubernetes the Lease elects the leader"
+                );
+            }
             let controller_metrics = crate::metrics::ControllerMetrics::register(&mut registry);
             let verifier: Arc<dyn TokenVerifier> = match static_verifier(&opts)? {
                 Some(v) => v,
-                None => Arc::new(TokenReviewVerifier::new(
+                None => Arc::new(TokenReviewVerifier::with_limits(
                     client.clone(),
                     opts.token_audience.clone(),
                     opts.shim_service_accounts.clone(),
+                    opts.limits.reviews.clone(),
                 )),
             };
-            let identity = std::env::var("POD_NAME")
-                .unwrap_or_else(|_| format!("sluice-operator-{}", std::process::id()));
             let election = crate::controller::leader::LeaderElection::start(
                 client.clone(),
                 crate::controller::leader::LeaseConfig::new(
                     &opts.lease_namespace,
                     &opts.lease_name,
                     &identity,
-                ),
+                )
+                .with_timings(opts.lease_timings),
                 Some(controller_metrics.clone()),
             );
             let mut leading = election.leading();
@@ -159,41 +257,59 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
             };
             serve_metrics(&opts, registry, ready).await?;
             tracing::info!(%identity, "waiting for the lease");
-            leading.wait_for(|l| *l).await.context("leader election ended")?;
-            tracing::info!("leading: starting the engine and the node channel");
-            if let Some(endpoint) = &endpoint {
-                crate::controller::endpoint::publish(
-                    client.clone(),
-                    endpoint,
-                    crate::controller::FIELD_MANAGER,
-                )
-                .await
-                .context("publishing this leader as the node channel's endpoint")?;
-                tracing::info!(service = %endpoint.service, ip = %endpoint.pod_ip, "shims now reach this replica");
+            tokio::select! {
+                // The borrow `wait_for` returns must not live across the other arm's await.
+                r = async { leading.wait_for(|l| *l).await.map(drop) } => r.context("leader election ended")?,
+                () = &mut stop => {
+                    election.step_down().await;
+                    return Ok(());
+                }
             }
-            let (sources_tx, sources_rx) = mpsc::channel(4096);
-            let (updates_tx, updates_rx) = mpsc::channel(1024);
-            let (notices_tx, notices_rx) = mpsc::channel(1024);
-            let mut config = crate::controller::Config::new(leading.clone(), Some(identity));
-            config.metrics = controller_metrics;
-            let controller = crate::controller::run(client, config, sources_tx, updates_rx, notices_rx);
-            let live = run_live(
-                &opts,
-                tls,
-                verifier,
-                engine_metrics,
-                sources_rx,
-                updates_tx,
-                notices_tx,
-            );
-            let lost = async {
-                let _ = leading.wait_for(|l| !*l).await;
-                Err::<(), _>(anyhow::anyhow!(
-                    "lost the lease: exiting so that only the leader programs nodes"
-                ))
+            tracing::info!("leading: starting the engine and the node channel");
+            let leader = async {
+                if let Some(endpoint) = &endpoint {
+                    crate::controller::endpoint::publish(
+                        client.clone(),
+                        endpoint,
+                        crate::controller::FIELD_MANAGER,
+                    )
+                    .await
+                    .context("publishing this leader as the node channel's endpoint")?;
+                    tracing::info!(service = %endpoint.service, ip = %endpoint.pod_ip, "shims now reach this replica");
+                }
+                let (sources_tx, sources_rx) = mpsc::channel(4096);
+                let (updates_tx, updates_rx) = mpsc::channel(1024);
+                let (notices_tx, notices_rx) = mpsc::channel(1024);
+                let mut config = crate::controller::Config::new(leading.clone(), Some(identity));
+                config.metrics = controller_metrics;
+                let controller = crate::controller::run(client, config, sources_tx, updates_rx, notices_rx);
+                let live = run_live(
+                    &opts,
+                    tls,
+                    verifier,
+                    engine_metrics,
+                    sources_rx,
+                    updates_tx,
+                    notices_tx,
+                    &mut stop,
+                );
+                let mut lost = leading.clone();
+                let lost = async move {
+                    let _ = lost.wait_for(|l| !*l).await;
+                    Err::<(), _>(anyhow::anyhow!(
+                        "lost the lease: exiting so that only the leader programs nodes"
+                    ))
+                };
+                // `live` ends on a stop, with the node channel closed; the others only fail.
+                tokio::select! {
+                    r = live => r,
+                    r = async { tokio::try_join!(controller, lost).map(drop) } => r,
+                }
             };
-            tokio::try_join!(controller, live, lost)?;
-            Ok(())
+            let result = leader.await;
+            // Released whatever ended the leadership: a standby need not wait for it to expire.
+            election.step_down().await;
+            result
         }
     }
 }
@@ -213,7 +329,8 @@ async fn serve_metrics(
     Ok(())
 }
 
-/// The engine and the node channel server, until the source goes away.
+/// The engine and the node channel server, until the source goes away or `stop` resolves (then
+/// `Ok`, with the listener closed and the sessions ended when this returns).
 pub async fn run_live(
     opts: &RunOptions,
     tls: Option<Tls>,
@@ -222,25 +339,51 @@ pub async fn run_live(
     sources: mpsc::Receiver<SourceEvent>,
     updates: mpsc::Sender<StatusUpdate>,
     notices: mpsc::Sender<Notice>,
+    stop: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let config = EngineConfig::with_grace(opts.heartbeat_grace);
     let (hub, shim_events) = Hub::new(config.heartbeat_interval);
     let engine = Engine::new(config, hub.clone(), metrics);
-    let listener = grpc::bind(opts.grpc_listen).await?;
+    let listener = bind_when_free(opts.grpc_listen).await?;
     tracing::info!(addr = %opts.grpc_listen, tls = tls.is_some(), "serving the node channel");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(grpc::serve(
-        listener,
-        NodeService::new(hub, verifier),
-        tls,
-        async {
+    let limits = opts.limits.server.clone();
+    let server = tokio::spawn(async move {
+        grpc::serve_with(listener, NodeService::new(hub, verifier), tls, &limits, async {
             let _ = stop_rx.await;
-        },
-    ));
-    let result = crate::engine::run(engine, sources, shim_events, updates, notices).await;
+        })
+        .await
+    });
+    let result = tokio::select! {
+        r = crate::engine::run(engine, sources, shim_events, updates, notices) => r,
+        () = stop => Ok(()),
+    };
     let _ = stop_tx.send(());
+    // Not a graceful drain: the shims' sessions never end on their own. Dropping the server
+    // closes the listener and every session, and the shims reconnect to the next leader.
     server.abort();
+    let _ = server.await;
     result
+}
+
+/// Binds the node channel's address, waiting a little while it is still taken: a new leader may
+/// get there just before the old one's listener is closed (a killed leader's lock and socket are
+/// released one after the other). The listener has `SO_REUSEADDR` (tokio sets it), so the old
+/// leader's connections in `TIME_WAIT` do not count.
+async fn bind_when_free(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match grpc::bind(addr).await {
+            Err(e)
+                if tokio::time::Instant::now() < deadline
+                    && e.downcast_ref::<std::io::Error>()
+                        .is_some_and(|e| e.kind() == std::io::ErrorKind::AddrInUse) =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Without Kubernetes, status and notices are only logged.

@@ -1,5 +1,7 @@
 //! The node channel with a real server and real clients in one process: plans, deltas, acks,
-//! reconnects without flaps, credentials, node isolation, slow clients, failover.
+//! reconnects without flaps, credentials, node isolation, slow clients, failover, and what one
+//! client may cost the server (handshake timeout, streams per connection, keepalive, one session
+//! per node), and certificates renewed under a running server.
 
 use std::{
     collections::BTreeMap,
@@ -15,7 +17,7 @@ use std::{
 use sluice_operator::{
     auth::{StaticTokens, TokenVerifier},
     engine::{Engine, EngineConfig, EngineMetrics, Hub},
-    grpc::{self, NodeService, Tls},
+    grpc::{self, NodeService, ServerLimits, Tls},
     live::{Notice, SourceEvent, StatusUpdate},
     manifests::Manifests,
     planner::Change,
@@ -27,6 +29,7 @@ use sluice_proto::{
     v1::{self, node_channel_client::NodeChannelClient, shim_message},
 };
 use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
     sync::{mpsc, watch},
     task::JoinHandle,
 };
@@ -64,6 +67,15 @@ struct Operator {
 
 impl Operator {
     async fn start(verifier: impl TokenVerifier, tls: Option<Tls>, grace: Duration) -> Operator {
+        Self::start_with(verifier, tls, grace, ServerLimits::default()).await
+    }
+
+    async fn start_with(
+        verifier: impl TokenVerifier,
+        tls: Option<Tls>,
+        grace: Duration,
+        limits: ServerLimits,
+    ) -> Operator {
         let config = EngineConfig::with_grace(grace);
         let (hub, shim_events) = Hub::new(config.heartbeat_interval);
         let engine = Engine::new(config, hub.clone(), EngineMetrics::default());
@@ -71,7 +83,7 @@ impl Operator {
         let addr = listener.local_addr().unwrap();
         let service = NodeService::new(hub, Arc::new(verifier));
         let server = tokio::spawn(async move {
-            grpc::serve(listener, service, tls, std::future::pending())
+            grpc::serve_with(listener, service, tls, &limits, std::future::pending())
                 .await
                 .unwrap();
         });
@@ -112,6 +124,11 @@ impl Operator {
 
     async fn synced(&self) {
         self.sources.send(SourceEvent::Synced).await.unwrap();
+    }
+
+    async fn load_quickstart(&mut self) {
+        self.load(manifests("")).await;
+        self.synced().await;
     }
 
     fn url(&self) -> String {
@@ -177,6 +194,7 @@ impl Shim {
                 addresses: vec!["203.0.113.10".into()],
             }],
             default_route_interface: Some("eth0".into()),
+            ..Default::default()
         });
         let session = tokio::spawn(client::run(config, hello, plans_tx, applied_rx));
         let mut rx = plans.clone();
@@ -188,7 +206,9 @@ impl Shim {
                 };
                 m.apply(&state.entries);
                 applied_tx.send_replace(Applied {
+                    session: state.session,
                     generation: state.generation,
+                    serves: state.serves.clone(),
                     errors: vec![],
                 });
             }
@@ -469,10 +489,7 @@ async fn node_a_never_receives_node_b_plan() {
 async fn tls_with_the_operator_certificate() {
     let rcgen::CertifiedKey { cert, signing_key } =
         rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let tls = Tls {
-        cert: cert.pem().into_bytes(),
-        key: signing_key.serialize_pem().into_bytes(),
-    };
+    let tls = Tls::from_pem(cert.pem().as_bytes(), signing_key.serialize_pem().as_bytes()).unwrap();
     let mut op = Operator::start(tokens(), Some(tls), Duration::from_secs(1)).await;
     op.load(manifests("")).await;
     op.synced().await;
@@ -497,29 +514,103 @@ async fn tls_with_the_operator_certificate() {
         .await;
 }
 
+/// A session driven by hand: it says hello as `node` (with the quickstart's egress IP), sends
+/// a heartbeat every 50 ms, and reads only what the test reads.
+struct RawSession {
+    inbound: tonic::Streaming<v1::OperatorMessage>,
+    heartbeats: JoinHandle<()>,
+}
+
+impl RawSession {
+    async fn open(op: &Operator, node: &str) -> RawSession {
+        let mut client = NodeChannelClient::connect(op.url()).await.unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(v1::ShimMessage {
+            message: Some(shim_message::Message::Hello(v1::Hello {
+                node: node.into(),
+                version: "raw".into(),
+                interfaces: vec![v1::Interface {
+                    name: "eth0".into(),
+                    addresses: vec!["203.0.113.10".into()],
+                }],
+                default_route_interface: Some("eth0".into()),
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+        let heartbeats = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let hb = v1::ShimMessage {
+                    message: Some(shim_message::Message::Heartbeat(v1::Heartbeat {
+                        sent_unix_ms: 0,
+                    })),
+                };
+                if tx.send(hb).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer token-{node}").parse().unwrap());
+        let inbound = client.sync(req).await.unwrap().into_inner();
+        RawSession { inbound, heartbeats }
+    }
+
+    /// Reads everything in a task: the plans and deltas received, then how the stream ended
+    /// (`None`: cleanly).
+    fn drain(
+        mut self,
+    ) -> (
+        mpsc::UnboundedReceiver<v1::operator_message::Message>,
+        JoinHandle<Option<tonic::Code>>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            let end = loop {
+                match self.inbound.message().await {
+                    Ok(Some(v1::OperatorMessage { message: Some(m) })) => {
+                        let _ = tx.send(m);
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break None,
+                    Err(status) => break Some(status.code()),
+                }
+            };
+            self.heartbeats.abort();
+            end
+        });
+        (rx, reader)
+    }
+}
+
 #[tokio::test]
 async fn a_slow_client_stalls_no_one_and_gets_coalesced_deltas() {
-    let (op, a, _b, _c) = started().await;
-    a.wait("plan", |s| gateway_of(s, "10.244.1.10").is_some()).await;
+    let mut op = Operator::start(tokens(), None, Duration::from_millis(300)).await;
+    op.load_quickstart().await;
+    let b = Shim::start(config(&op, "node-b"), "node-b", Maps::default());
+    let c = Shim::start(config(&op, "node-c"), "node-c", Maps::default());
+    // node-a's session is alive (it sends heartbeats) but never reads.
+    let mut slow = RawSession::open(&op, "node-a").await;
+    let gateway_entries = || {
+        [&b, &c]
+            .iter()
+            .filter_map(|s| s.state())
+            .filter(|s| !s.serves.is_empty())
+            .map(|s| s.entries.len())
+            .max()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gateway_entries().is_none_or(|n| n == 0) {
+        assert!(Instant::now() < deadline, "no gateway got entries");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let before = gateway_entries().unwrap();
 
-    // A client for node-a that never reads: a second session of node-a (not a gateway candidate,
-    // so its silence changes no gateway).
-    let mut raw = NodeChannelClient::connect(op.url()).await.unwrap();
-    let (tx, rx) = mpsc::channel(4);
-    tx.send(v1::ShimMessage {
-        message: Some(shim_message::Message::Hello(v1::Hello {
-            node: "node-a".into(),
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    req.metadata_mut()
-        .insert("authorization", "Bearer token-node-a".parse().unwrap());
-    let mut slow = raw.sync(req).await.unwrap().into_inner();
-
-    // Many changes on node-a (more than the HTTP/2 window holds); the fast shim keeps up.
+    // Many changes on node-a (more than the HTTP/2 window holds), each also on its gateway,
+    // which keeps up.
     let base = manifests("");
     let pod = base.pods.iter().find(|p| p.name == "checkout-1").unwrap().clone();
     let started = Instant::now();
@@ -534,7 +625,15 @@ async fn a_slow_client_stalls_no_one_and_gets_coalesced_deltas() {
         ];
         op.change(Change::UpsertPod(p)).await;
     }
-    let s = a.wait("all 3000 pods", |s| s.entries.len() >= 3001).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gateway_entries().is_none_or(|n| n < before + 3000) {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway got all 3000 pods: {:?}",
+            gateway_entries()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let fast = started.elapsed();
     assert!(fast < Duration::from_secs(5), "{fast:?}");
 
@@ -543,7 +642,8 @@ async fn a_slow_client_stalls_no_one_and_gets_coalesced_deltas() {
     let mut messages = 0;
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
-        let Ok(Ok(Some(m))) = tokio::time::timeout(Duration::from_millis(500), slow.message()).await else {
+        let Ok(Ok(Some(m))) = tokio::time::timeout(Duration::from_millis(500), slow.inbound.message()).await
+        else {
             break;
         };
         match m.message {
@@ -556,6 +656,339 @@ async fn a_slow_client_stalls_no_one_and_gets_coalesced_deltas() {
     }
     assert!(state.is_some());
     assert!(messages < 3000, "coalesced: {messages} messages for 3000 changes");
-    eprintln!("slow client: {messages} messages for 3000 changes; fast shim done in {fast:?}");
-    drop((s, tx));
+    eprintln!("slow client: {messages} messages for 3000 changes; fast shims done in {fast:?}");
+}
+
+#[tokio::test]
+async fn a_second_session_of_a_node_replaces_the_first_and_moves_no_gateway() {
+    let mut op = Operator::start(tokens(), None, Duration::from_millis(300)).await;
+    op.load_quickstart().await;
+    // node-b is the only gateway candidate with a shim (node-c has none): if it looked dead for
+    // a moment, checkout-1 would lose its gateway.
+    let a = Shim::start(config(&op, "node-a"), "node-a", Maps::default());
+    let (mut first_messages, first_end) = RawSession::open(&op, "node-b").await.drain();
+    a.wait("checkout-1 steered through node-b", |s| {
+        gateway_of(s, "10.244.1.10") == Some(node_b())
+    })
+    .await;
+    let serves = |m: &v1::operator_message::Message| {
+        matches!(m, v1::operator_message::Message::Plan(p) if !p.serves.is_empty())
+            || matches!(m, v1::operator_message::Message::Delta(d) if !d.serves.is_empty())
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !serves(
+        &tokio::time::timeout_at(deadline.into(), first_messages.recv())
+            .await
+            .expect("the first session is told it serves")
+            .unwrap(),
+    ) {}
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    op.drain_notices();
+    let writes = a.maps.writes();
+
+    let (mut second_messages, second_end) = RawSession::open(&op, "node-b").await.drain();
+    let ended = tokio::time::timeout(Duration::from_secs(10), first_end)
+        .await
+        .expect("the first session is ended")
+        .unwrap();
+    assert_eq!(ended, Some(tonic::Code::Aborted), "it is told why");
+    let plan = tokio::time::timeout(Duration::from_secs(10), second_messages.recv())
+        .await
+        .expect("the second session gets a plan")
+        .unwrap();
+    assert!(serves(&plan), "the second session serves: {plan:?}");
+
+    // Three grace periods later, nothing moved: node-b never looked dead.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(gateway_of(&a.state().unwrap(), "10.244.1.10"), Some(node_b()));
+    assert_eq!(a.maps.writes(), writes, "no map writes on node-a");
+    let notices = op.drain_notices();
+    assert!(notices.is_empty(), "no gateway change: {notices:?}");
+    assert!(!second_end.is_finished(), "the second session lives on");
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_the_tls_handshake_is_disconnected() {
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let tls = Tls::from_pem(cert.pem().as_bytes(), signing_key.serialize_pem().as_bytes()).unwrap();
+    let limits = ServerLimits {
+        tls_handshake_timeout: Duration::from_millis(300),
+        ..ServerLimits::default()
+    };
+    let op = Operator::start_with(tokens(), Some(tls), Duration::from_secs(1), limits).await;
+
+    // One client sends nothing; another starts a TLS record (a ClientHello header) and stalls.
+    let mut silent = tokio::net::TcpStream::connect(op.addr).await.unwrap();
+    let mut partial = tokio::net::TcpStream::connect(op.addr).await.unwrap();
+    partial.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]).await.unwrap();
+    for (name, conn) in [("silent", &mut silent), ("partial", &mut partial)] {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: still open after 10 s"));
+        // Closed (EOF), or reset.
+        assert!(matches!(read, Ok(0) | Err(_)), "{name}: {read:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_connection_carries_at_most_the_stream_limit() {
+    let op = Operator::start(tokens(), None, Duration::from_secs(1)).await;
+    let channel = tonic::transport::Endpoint::from_shared(op.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let open_stream = |token: &'static str| {
+        let mut client = NodeChannelClient::new(channel.clone());
+        tokio::spawn(async move {
+            // The request stays open without a hello: the server holds the stream and waits.
+            let (tx, rx) = mpsc::channel::<v1::ShimMessage>(1);
+            let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            let result = client.sync(req).await.map(|_| ());
+            drop(tx);
+            result
+        })
+    };
+    let limit = ServerLimits::default().max_concurrent_streams;
+    assert_eq!(limit, 4);
+    let held: Vec<_> = (0..limit).map(|_| open_stream("token-node-a")).collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(held.iter().all(|h| !h.is_finished()), "the server holds them");
+
+    // One more on the same connection is not opened while the others are; a forged token would
+    // be refused at once if it were.
+    let extra = open_stream("forged");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!extra.is_finished(), "a fifth stream was opened");
+
+    // It is opened (and refused) once one of the others goes.
+    held[0].abort();
+    let refused = tokio::time::timeout(Duration::from_secs(5), extra)
+        .await
+        .expect("the fifth stream is opened once a slot is free")
+        .unwrap();
+    assert_eq!(refused.unwrap_err().code(), tonic::Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn a_peer_that_does_not_answer_pings_is_disconnected() {
+    let limits = ServerLimits {
+        keepalive_interval: Duration::from_millis(200),
+        keepalive_timeout: Duration::from_millis(200),
+        ..ServerLimits::default()
+    };
+    let op = Operator::start_with(tokens(), None, Duration::from_secs(1), limits).await;
+    // An HTTP/2 client that starts the connection properly, then goes deaf.
+    let mut conn = tokio::net::TcpStream::connect(op.addr).await.unwrap();
+    conn.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    conn.write_all(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]).await.unwrap(); // SETTINGS, empty
+    let mut pings = 0;
+    let mut settings_acked = false;
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let mut header = [0u8; 9];
+            if conn.read_exact(&mut header).await.is_err() {
+                return;
+            }
+            let len = usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+            let (kind, flags) = (header[3], header[4]);
+            let mut payload = vec![0u8; len];
+            if conn.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            match (kind, flags & 1) {
+                // The server's SETTINGS: acknowledged, as a live peer would.
+                (0x4, 0) if !settings_acked => {
+                    settings_acked = true;
+                    conn.write_all(&[0, 0, 0, 0x4, 0x1, 0, 0, 0, 0]).await.unwrap();
+                }
+                (0x6, 0) => pings += 1,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "still open after 10 s ({pings} pings)");
+    assert!(pings > 0, "closed after pinging");
+}
+
+/// A Secret volume as the kubelet writes it: each file is a symlink through `..data` to a
+/// versioned directory, and an update writes a new directory and swaps `..data` with one rename,
+/// then removes the old directory.
+struct MountedSecret {
+    dir: tempfile::TempDir,
+    version: u32,
+}
+
+impl MountedSecret {
+    fn new(files: &[(&str, &str)]) -> MountedSecret {
+        let mut secret = MountedSecret {
+            dir: tempfile::tempdir().unwrap(),
+            version: 0,
+        };
+        secret.update(files);
+        for (name, _) in files {
+            std::os::unix::fs::symlink(format!("..data/{name}"), secret.path(name)).unwrap();
+        }
+        secret
+    }
+
+    fn update(&mut self, files: &[(&str, &str)]) {
+        let old = format!("..v{}", self.version);
+        self.version += 1;
+        let new = format!("..v{}", self.version);
+        std::fs::create_dir(self.path(&new)).unwrap();
+        for (name, content) in files {
+            std::fs::write(self.path(&new).join(name), content).unwrap();
+        }
+        std::os::unix::fs::symlink(&new, self.path("..data_tmp")).unwrap();
+        std::fs::rename(self.path("..data_tmp"), self.path("..data")).unwrap();
+        let _ = std::fs::remove_dir_all(self.path(&old));
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// A server certificate for `localhost`, self-signed (it is its own CA), in PEM.
+struct Pem {
+    cert: String,
+    key: String,
+}
+
+fn localhost_cert() -> Pem {
+    let rcgen::CertifiedKey { cert, signing_key } =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    Pem {
+        cert: cert.pem(),
+        key: signing_key.serialize_pem(),
+    }
+}
+
+/// A shim's configuration for the TLS server of `op`, trusting only `ca`.
+fn tls_config(op: &Operator, node: &str, ca: &str) -> Config {
+    let mut c = config(op, node);
+    c.endpoint = format!("https://localhost:{}", op.addr.port());
+    c.ca_pem = Some(ca.as_bytes().to_vec());
+    c.connect_timeout = Duration::from_secs(5);
+    c
+}
+
+/// Whether a new connection trusting only `ca` completes its handshake: whether `ca` is what
+/// the server serves now.
+async fn served(op: &Operator, ca: &str) -> bool {
+    client::connect(&tls_config(op, "node-a", ca)).await.is_ok()
+}
+
+async fn start_with_secret(secret: &MountedSecret) -> Operator {
+    let tls = Tls::from_files(secret.path("tls.crt"), secret.path("tls.key")).unwrap();
+    let mut op = Operator::start(tokens(), Some(tls), Duration::from_millis(300)).await;
+    op.load_quickstart().await;
+    op
+}
+
+#[tokio::test]
+async fn a_renewed_certificate_is_served_to_new_clients_while_open_sessions_go_on() {
+    let (old, new) = (localhost_cert(), localhost_cert());
+    let mut secret = MountedSecret::new(&[
+        ("tls.crt", &old.cert),
+        ("tls.key", &old.key),
+        ("ca.crt", &old.cert),
+    ]);
+    let mut op = start_with_secret(&secret).await;
+    // Sessions opened before the renewal, trusting only the old certificate: if they had to
+    // reconnect after it, they could not.
+    let a = Shim::start(tls_config(&op, "node-a", &old.cert), "node-a", Maps::default());
+    let b = Shim::start(tls_config(&op, "node-b", &old.cert), "node-b", Maps::default());
+    a.wait("checkout-1 steered through node-b", |s| {
+        gateway_of(s, "10.244.1.10") == Some(node_b())
+    })
+    .await;
+    // A shim that reads its CA from the Secret, as in the chart.
+    let mut from_file = tls_config(&op, "node-c", "");
+    from_file.ca_pem = None;
+    from_file.ca_file = Some(secret.path("ca.crt"));
+    assert!(
+        client::connect(&from_file).await.is_ok(),
+        "the CA file trusts the old certificate"
+    );
+
+    secret.update(&[
+        ("tls.crt", &new.cert),
+        ("tls.key", &new.key),
+        ("ca.crt", &new.cert),
+    ]);
+    assert!(
+        served(&op, &new.cert).await,
+        "a new client gets the new certificate"
+    );
+    assert!(!served(&op, &old.cert).await, "and no longer the old one");
+    // The same configuration trusts the CA file's new content.
+    client::connect(&from_file)
+        .await
+        .expect("the shim reads the renewed CA at its next connection");
+
+    // The old sessions go on: a pod added now reaches node-a, and node-b keeps serving it.
+    op.load(manifests(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: checkout-3, namespace: shop, uid: u-3, labels: {app: checkout}}\n\
+         spec: {nodeName: node-a}\nstatus: {phase: Running, podIPs: [{ip: 10.244.1.12}]}\n",
+    ))
+    .await;
+    a.wait("checkout-3 steered through node-b after the renewal", |s| {
+        gateway_of(s, "10.244.1.12") == Some(node_b())
+    })
+    .await;
+    b.wait("node-b still serves", |s| !s.serves.is_empty()).await;
+    // Two heartbeat grace periods later, nothing failed over: node-b's session never broke.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(gateway_of(&a.state().unwrap(), "10.244.1.10"), Some(node_b()));
+    let failovers: Vec<Notice> = op
+        .drain_notices()
+        .into_iter()
+        .filter(|n| matches!(n, Notice::Failover { .. }))
+        .collect();
+    assert!(failovers.is_empty(), "{failovers:?}");
+}
+
+#[tokio::test]
+async fn a_bad_new_certificate_is_not_served_and_the_previous_one_stays() {
+    let (old, new) = (localhost_cert(), localhost_cert());
+    let mut secret = MountedSecret::new(&[("tls.crt", &old.cert), ("tls.key", &old.key)]);
+    let op = start_with_secret(&secret).await;
+    assert!(served(&op, &old.cert).await);
+
+    // A key that is not the certificate's (say, a half-finished renewal).
+    secret.update(&[("tls.crt", &new.cert), ("tls.key", &old.key)]);
+    assert!(
+        served(&op, &old.cert).await,
+        "a mismatched pair: the old certificate stays"
+    );
+    assert!(!served(&op, &new.cert).await);
+    // A certificate that does not parse, and a key that does not.
+    secret.update(&[("tls.crt", "not a certificate"), ("tls.key", &new.key)]);
+    assert!(
+        served(&op, &old.cert).await,
+        "an unparsable certificate: the old one stays"
+    );
+    secret.update(&[
+        ("tls.crt", &new.cert),
+        (
+            "tls.key",
+            "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        ),
+    ]);
+    assert!(
+        served(&op, &old.cert).await,
+        "an unparsable key: the old certificate stays"
+    );
+
+    // Once the pair is whole, it is served.
+    secret.update(&[("tls.crt", &new.cert), ("tls.key", &new.key)]);
+    assert!(served(&op, &new.cert).await, "the good pair is served");
+    assert!(!served(&op, &old.cert).await);
 }

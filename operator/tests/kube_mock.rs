@@ -912,8 +912,8 @@ async fn leader_election_on_a_lease() {
         renewed
     );
 
-    // The leader dies without releasing: the standby takes over within lease duration plus
-    // one retry period of its last sight of a renewal.
+    // The leader dies without releasing: the standby takes over one lease duration after its
+    // last sight of a renewal, which was at most one retry period before or after the death.
     drop(a);
     let died = tokio::time::Instant::now();
     wait_for(&mut b_leads, true).await;
@@ -987,4 +987,183 @@ async fn a_leader_that_cannot_renew_steps_down_before_the_lease_expires() {
     let hung = tokio::time::Instant::now();
     wait_for(&mut leads, false).await;
     assert!(hung.elapsed() <= Duration::from_secs(10), "{:?}", hung.elapsed());
+}
+
+fn lease_held_by(holder: &str, seconds: i64) -> Value {
+    json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "sluice-operator", "namespace": "sluice"},
+        "spec": {"holderIdentity": holder, "leaseDurationSeconds": seconds,
+                 "renewTime": "2026-01-01T00:00:00.000000Z", "leaseTransitions": 3}
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_standby_takes_over_as_soon_as_the_lease_expired_on_its_clock() {
+    // A holder that never renews again: the standby sees the Lease first at its start, and may
+    // take it over 15 s later, not at its first retry after that (16 s with a 2 s retry period).
+    let fake = Fake::new();
+    fake.seed(LEASES, lease_held_by("dead", 15));
+    let (client, _w) = fake.client();
+    let started = tokio::time::Instant::now();
+    let b = leader::LeaderElection::start(client, lease_config("b"), None);
+    let mut leads = b.leading();
+    wait_for(&mut leads, true).await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(15) && took < Duration::from_millis(15_050),
+        "took over after {took:?}"
+    );
+    assert_eq!(holder(&fake).as_deref(), Some("b"));
+    assert_eq!(
+        fake.object(LEASES, "sluice-operator").unwrap()["spec"]["leaseTransitions"],
+        json!(4)
+    );
+}
+
+/// Crash takeover with the default timings (10 s lease, 1 s retry): the leader dies at several
+/// points between two renewals, and the standby reads the Lease at several phases against them.
+#[tokio::test(start_paused = true)]
+async fn crash_takeover_with_the_default_timings() {
+    let timings = leader::LeaseTimings::default();
+    let (duration, retry) = (timings.lease_duration, timings.retry_period);
+    let mut took = Vec::new();
+    for standby_phase in [200, 500, 800] {
+        for death in [100, 500, 900] {
+            let fake = Fake::new();
+            let (client_a, _wa) = fake.client();
+            let (client_b, _wb) = fake.client();
+            let a_started = tokio::time::Instant::now();
+            // Renews at a_started + k s.
+            let a = leader::LeaderElection::start(
+                client_a,
+                leader::LeaseConfig::new("sluice", "sluice-operator", "a"),
+                None,
+            );
+            wait_for(&mut a.leading(), true).await;
+            tokio::time::sleep_until(a_started + Duration::from_millis(standby_phase)).await;
+            let b = leader::LeaderElection::start(
+                client_b,
+                leader::LeaseConfig::new("sluice", "sluice-operator", "b"),
+                None,
+            );
+            let mut b_leads = b.leading();
+            tokio::time::sleep_until(a_started + Duration::from_millis(5_000 + death)).await;
+            assert!(!*b_leads.borrow(), "the standby took a live leader's lease");
+            drop(a);
+            let died = tokio::time::Instant::now();
+            wait_for(&mut b_leads, true).await;
+            let t = died.elapsed();
+            // Never before the lease ran out after the leader's last renewal (at most one retry
+            // before it died), never later than one retry after that.
+            assert!(t + retry > duration, "{t:?}");
+            assert!(t <= duration + retry + Duration::from_secs(1), "{t:?}");
+            took.push(t);
+        }
+    }
+    let (min, max) = (took.iter().min().unwrap(), took.iter().max().unwrap());
+    println!("CRASH TAKEOVER with {timings:?}: {min:?} to {max:?} ({took:?})");
+}
+
+fn run_options() -> sluice_operator::runner::RunOptions {
+    sluice_operator::runner::RunOptions {
+        source: sluice_operator::runner::Source::Kubernetes,
+        grpc_listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        tls_cert: None,
+        tls_key: None,
+        heartbeat_grace: Duration::from_secs(1),
+        tokens_file: None,
+        insecure_allow_any_node: true,
+        token_audience: "sluice".into(),
+        shim_service_accounts: vec![],
+        poll: Duration::from_millis(200),
+        lease_namespace: "sluice".into(),
+        lease_name: "sluice-operator".into(),
+        leader_service: None,
+        pod_ip: None,
+        limits: Default::default(),
+        lease_timings: Default::default(),
+        lease_file: None,
+    }
+}
+
+/// `sluice-operator run` against the fake, stopped when the returned sender sends (or drops):
+/// what SIGTERM does to the real process.
+fn run_operator(
+    fake: &Fake,
+    identity: &str,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let (client, _writes) = fake.client();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let api = sluice_operator::runner::ApiAccess {
+        client,
+        identity: identity.into(),
+    };
+    let task = tokio::spawn(sluice_operator::runner::run_until(
+        run_options(),
+        Some(api),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    (stop, task)
+}
+
+async fn wait_for_holder(fake: &Fake, want: Option<&str>) {
+    tokio::time::timeout(Duration::from_secs(120), async {
+        while holder(fake).as_deref() != want {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the lease never went to {want:?}: {:?}", holder(fake)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stopped_operator_releases_the_lease_and_the_standby_takes_over_within_2_s() {
+    let fake = Fake::new();
+    let (stop_a, a) = run_operator(&fake, "a");
+    wait_for_holder(&fake, Some("a")).await;
+    let (stop_b, b) = run_operator(&fake, "b");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(holder(&fake).as_deref(), Some("a"), "the standby took over");
+    assert!(!a.is_finished() && !b.is_finished());
+
+    // SIGTERM to the leader: it stops, releases the Lease, and returns Ok.
+    let signalled = tokio::time::Instant::now();
+    stop_a.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), a)
+        .await
+        .expect("the stopped leader exits")
+        .unwrap()
+        .expect("a graceful stop is a success");
+    let exited = signalled.elapsed();
+    wait_for_holder(&fake, Some("b")).await;
+    let took = signalled.elapsed();
+    println!("GRACEFUL HANDOVER: leader exited after {exited:?}, standby leads after {took:?}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+
+    // A stopped standby just goes, and leaves the leader's Lease alone.
+    let (stop_c, c) = run_operator(&fake, "c");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop_c.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), c)
+        .await
+        .expect("a stopped standby exits")
+        .unwrap()
+        .unwrap();
+    assert_eq!(holder(&fake).as_deref(), Some("b"));
+
+    // The last one releases the Lease too: whoever comes next need not wait for it.
+    stop_b.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), b)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(holder(&fake), None);
 }

@@ -488,3 +488,35 @@ fn retained_gateways_keep_serving_after_a_better_node_appears() {
         );
     }
 }
+
+#[test]
+fn a_gateway_accepts_each_pod_from_its_own_node_only() {
+    let (mut nodes, policy, pods) = gateway_cluster(1, 1, 2);
+    let mut planner = Planner::from_snapshot([], nodes.clone(), [policy], pods);
+    let sources = |planner: &Planner| -> Vec<Option<IpAddr>> {
+        planner
+            .node_plan("gw-0")
+            .into_values()
+            .map(|e| e.source_node_ip)
+            .collect()
+    };
+    let worker_ip: IpAddr = "192.168.2.1".parse().unwrap();
+    assert_eq!(sources(&planner), vec![Some(worker_ip); 2]);
+    // The pod's node gets a new address: the gateway follows, and only the gateway's entries
+    // change (the worker's own entries name no source node).
+    let worker = nodes.iter_mut().find(|n| n.name == "worker").unwrap();
+    worker.addresses = vec!["192.168.2.9".parse().unwrap()];
+    let delta = planner.upsert_node(worker.clone());
+    assert_eq!(sources(&planner), vec![Some("192.168.2.9".parse().unwrap()); 2]);
+    assert_eq!(
+        delta.nodes.keys().map(|n| n.to_string()).collect::<Vec<_>>(),
+        ["gw-0"]
+    );
+    assert!(
+        planner
+            .node_plan("worker")
+            .values()
+            .all(|e| e.source_node_ip.is_none()),
+        "the pod's node holds no source node"
+    );
+}

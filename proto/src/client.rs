@@ -29,7 +29,11 @@ use crate::{
 pub struct Config {
     /// `https://host:port` (TLS) or `http://host:port` (plaintext, for local demos only).
     pub endpoint: String,
-    /// PEM CA bundle that signed the operator's certificate (required for `https`).
+    /// PEM CA bundle that signed the operator's certificate, re-read at every connection (a
+    /// mounted Secret changes in place when the CA rotates). One of `ca_file` and `ca_pem` is
+    /// required for `https`.
+    pub ca_file: Option<PathBuf>,
+    /// A fixed CA bundle (tests); `ca_file` wins when both are set.
     pub ca_pem: Option<Vec<u8>>,
     /// The name to expect in the operator's certificate, when not the endpoint's host.
     pub server_name: Option<String>,
@@ -46,6 +50,7 @@ impl Config {
     pub fn new(endpoint: impl Into<String>) -> Self {
         Config {
             endpoint: endpoint.into(),
+            ca_file: None,
             ca_pem: None,
             server_name: None,
             token_file: None,
@@ -69,6 +74,10 @@ impl Config {
 /// What the operator wants this node's datapath to hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeState {
+    /// The session this state came from ([`next_session`]): a generation means something only
+    /// within the session that sent it, since another operator process may send the same number
+    /// with other entries.
+    pub session: u64,
     pub generation: u64,
     pub entries: BTreeMap<EntryKey, EntryDoc>,
     pub serves: Vec<GatewayDuty>,
@@ -80,13 +89,15 @@ impl NodeState {
         self.entries.values().cloned().collect()
     }
 
-    fn from_plan(plan: &v1::NodePlan) -> Result<Self, BadField> {
+    /// The state a full plan describes; a field that does not parse is refused, named.
+    pub fn from_plan(session: u64, plan: &v1::NodePlan) -> Result<Self, BadField> {
         let mut entries = BTreeMap::new();
         for e in &plan.entries {
             let doc = EntryDoc::try_from(e)?;
             entries.insert((doc.source, doc.destination), doc);
         }
         Ok(NodeState {
+            session,
             generation: plan.generation,
             entries,
             serves: plan
@@ -97,7 +108,9 @@ impl NodeState {
         })
     }
 
-    fn apply(&mut self, delta: &v1::NodeDelta) -> Result<(), BadField> {
+    /// Applies a delta (the caller checks its base generation). On error the state may be half
+    /// updated: the session ends and the next one starts from a full plan.
+    pub fn apply(&mut self, delta: &v1::NodeDelta) -> Result<(), BadField> {
         for k in &delta.removals {
             self.entries.remove(&EntryKey::try_from(k)?);
         }
@@ -115,11 +128,22 @@ impl NodeState {
     }
 }
 
-/// The generation the datapath holds, and what it could not program.
+/// The generation the datapath holds (of which session), and what it could not program.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Applied {
+    pub session: u64,
     pub generation: u64,
+    /// The gateway duties of the applied state: what this node reports holding in its next
+    /// `Hello`, so that a new leader keeps them.
+    pub serves: Vec<GatewayDuty>,
     pub errors: Vec<v1::EntryError>,
+}
+
+/// A number for a new session, never used before in this process (sessions start at 1; 0 is
+/// "none", what [`Applied`] says before anything was applied).
+pub fn next_session() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Builds the `Hello` of each connection (interfaces may have changed in between).
@@ -187,17 +211,24 @@ fn unix_ms() -> u64 {
         .map_or(0, |t| t.as_millis() as u64)
 }
 
-/// Connects to the operator (TLS for `https` endpoints).
+/// Connects to the operator (TLS for `https` endpoints, trusting the CA file's current content).
 pub async fn connect(config: &Config) -> Result<NodeChannelClient<tonic::transport::Channel>, SessionError> {
     let mut endpoint = Endpoint::from_shared(config.endpoint.clone())?
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10));
     if config.endpoint.starts_with("https://") {
-        let ca = config
-            .ca_pem
-            .as_ref()
-            .ok_or_else(|| SessionError::Config("an https operator URL needs a CA (--ca-file)".into()))?;
+        let ca = match (&config.ca_file, &config.ca_pem) {
+            (Some(path), _) => tokio::fs::read(path)
+                .await
+                .map_err(|e| SessionError::Config(format!("reading CA {}: {e}", path.display())))?,
+            (None, Some(pem)) => pem.clone(),
+            (None, None) => {
+                return Err(SessionError::Config(
+                    "an https operator URL needs a CA (--ca-file)".into(),
+                ));
+            }
+        };
         let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
         if let Some(name) = &config.server_name {
             tls = tls.domain_name(name.clone());
@@ -242,9 +273,11 @@ async fn session_inner(
     }
     let mut inbound = client.sync(request).await?.into_inner();
 
+    // Only what the datapath applied from this session's own plans is acknowledged: the
+    // generation it held before may be another operator's, and equal to one of ours.
+    let session = next_session();
     let mut state: Option<NodeState> = None;
-    let mut first_generation = u64::MAX;
-    let mut acked = 0u64;
+    let mut acked: Option<u64> = None;
     let mut interval = Duration::from_millis(250);
     let mut ticker = tokio::time::interval(interval);
     let mut last_heard = Instant::now();
@@ -255,11 +288,8 @@ async fn session_inner(
                 last_heard = Instant::now();
                 match msg.message {
                     Some(operator_message::Message::Plan(plan)) => {
-                        let new = NodeState::from_plan(&plan)?;
+                        let new = NodeState::from_plan(session, &plan)?;
                         tracing::info!(%node, generation = plan.generation, entries = new.entries.len(), "plan received");
-                        if first_generation == u64::MAX {
-                            first_generation = plan.generation;
-                        }
                         if plan.heartbeat_interval_ms > 0 {
                             let wanted = Duration::from_millis(u64::from(plan.heartbeat_interval_ms));
                             if wanted != interval {
@@ -284,7 +314,7 @@ async fn session_inner(
                     Some(operator_message::Message::Heartbeat(_)) | None => {}
                 }
                 let a = applied.borrow().clone();
-                maybe_ack(&tx, &a, first_generation, &mut acked).await?;
+                maybe_ack(&tx, &a, session, &mut acked).await?;
             }
             _ = ticker.tick() => {
                 let silent = last_heard.elapsed();
@@ -300,7 +330,7 @@ async fn session_inner(
                     return Err(SessionError::Config("the datapath side is gone".into()));
                 }
                 let a = applied.borrow_and_update().clone();
-                maybe_ack(&tx, &a, first_generation, &mut acked).await?;
+                maybe_ack(&tx, &a, session, &mut acked).await?;
             }
         }
     }
@@ -318,17 +348,18 @@ fn publish(plans: &watch::Sender<Option<Arc<NodeState>>>, new: &NodeState) {
     });
 }
 
-/// Acknowledges what the datapath holds, if it is a generation of this session not yet acked.
+/// Acknowledges what the datapath holds, if it applied it from this session and it was not
+/// acknowledged yet.
 async fn maybe_ack(
     tx: &mpsc::Sender<v1::ShimMessage>,
     applied: &Applied,
-    first_generation: u64,
-    acked: &mut u64,
+    session: u64,
+    acked: &mut Option<u64>,
 ) -> Result<(), SessionError> {
-    if applied.generation < first_generation || applied.generation <= *acked {
+    if applied.session != session || *acked == Some(applied.generation) {
         return Ok(());
     }
-    *acked = applied.generation;
+    *acked = Some(applied.generation);
     let ack = shim_message::Message::Ack(v1::Ack {
         generation: applied.generation,
         errors: applied.errors.clone(),

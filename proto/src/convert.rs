@@ -29,6 +29,7 @@ impl From<&EntryDoc> for v1::Entry {
             gateway: e.gateway.to_string(),
             egress_ip: e.egress_ip.map(|ip| ip.to_string()),
             interface: e.interface.clone(),
+            source_node_ip: e.source_node_ip.map(|ip| ip.to_string()),
             policy: e.policy.clone(),
         }
     }
@@ -47,6 +48,11 @@ impl TryFrom<&v1::Entry> for EntryDoc {
                 .map(|v| parse("egress IP", v))
                 .transpose()?,
             interface: e.interface.clone(),
+            source_node_ip: e
+                .source_node_ip
+                .as_deref()
+                .map(|v| parse("source node IP", v))
+                .transpose()?,
             policy: e.policy.clone(),
         })
     }
@@ -68,6 +74,8 @@ impl From<&GatewayDuty> for v1::GatewayDuty {
             policy: d.policy.clone(),
             egress_ips: d.egress_ips.iter().map(ToString::to_string).collect(),
             interface: d.interface.clone(),
+            entry: d.entry,
+            slot: d.slot,
         }
     }
 }
@@ -83,6 +91,8 @@ impl TryFrom<&v1::GatewayDuty> for GatewayDuty {
                 .map(|ip| parse("egress IP", ip))
                 .collect::<Result<_, _>>()?,
             interface: d.interface.clone(),
+            entry: d.entry,
+            slot: d.slot,
         })
     }
 }
@@ -99,6 +109,7 @@ mod tests {
             gateway: GatewayTarget::Node("192.168.1.1".parse().unwrap()),
             egress_ip: Some("192.168.101.1".parse().unwrap()),
             interface: Some("eth1".into()),
+            source_node_ip: Some("192.168.1.2".parse().unwrap()),
             policy: "p".into(),
         };
         let wire = v1::Entry::from(&e);

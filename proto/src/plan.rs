@@ -46,6 +46,11 @@ pub struct GatewayDuty {
     /// The interface to leave by; `null` means the default-route interface (or the one holding
     /// the egress IP).
     pub interface: Option<String>,
+    /// The policy's gateway entry (index in its list) and the slot of it this node fills.
+    #[serde(default)]
+    pub entry: u32,
+    #[serde(default)]
+    pub slot: u32,
 }
 
 /// One datapath entry: traffic from `source` to `destination` goes to `gateway`.
@@ -63,6 +68,11 @@ pub struct EntryDoc {
     /// Set only on the gateway node's own entries: the interface to leave by, when the policy
     /// names one (or the shim must find the default-route interface: `null` with no egress IP).
     pub interface: Option<String>,
+    /// Set only on the gateway node's entries for pods of other nodes: the underlay address of
+    /// the pod's node. The gateway accepts tunnelled packets of this (source, destination) from
+    /// that address only; absent, it accepts them from nowhere.
+    #[serde(rename = "sourceNodeIP", default, skip_serializing_if = "Option::is_none")]
+    pub source_node_ip: Option<IpAddr>,
     /// The policy this entry comes from.
     pub policy: String,
 }
@@ -186,6 +196,7 @@ mod tests {
             gateway: GatewayTarget::Node("192.168.1.1".parse().unwrap()),
             egress_ip: Some("192.168.101.1".parse().unwrap()),
             interface: None,
+            source_node_ip: None,
             policy: "p".into(),
         };
         let v = serde_json::to_value(&e).unwrap();
@@ -193,6 +204,14 @@ mod tests {
             v,
             serde_json::json!({"source": "10.0.0.1", "destination": "1.1.1.0/24",
                 "gateway": "192.168.1.1", "egressIP": "192.168.101.1", "interface": null, "policy": "p"})
+        );
+        let e = EntryDoc {
+            source_node_ip: Some("192.168.1.2".parse().unwrap()),
+            ..e
+        };
+        assert_eq!(
+            serde_json::to_value(&e).unwrap()["sourceNodeIP"],
+            serde_json::json!("192.168.1.2")
         );
     }
 }

@@ -43,6 +43,7 @@
 //! [`Testbed::command`] + [`Testbed::spawn`]. [`FileCluster`] adds one `sluice-shim run --entries`
 //! per node, fed from a plan file the tests write.
 
+pub mod craft;
 mod shims;
 
 use std::{
@@ -298,13 +299,15 @@ impl Testbed {
 
     /// `sluice-shim run` for `node`, with what every node's shim here needs: its own bpffs
     /// directory, node name and IP, the cluster CIDRs, no metrics port. Add where its plan comes
-    /// from (`--entries` or `--operator`) and anything else.
+    /// from (`--entries` or `--operator`) and anything else (`--metrics-addr 127.0.0.1:9473`
+    /// serves metrics inside the node's namespace: "off" is only the environment's default).
     pub fn shim_command(&self, node: &str, shim: impl AsRef<OsStr>) -> Command {
         let mut cmd = self.command(node, shim);
         cmd.arg("--bpffs-dir")
             .arg(self.bpffs().join(node))
             .args(["run", "--node", node, "--node-ip", node_ip(node)])
-            .args(["--cluster-cidr", CLUSTER_CIDRS, "--metrics-addr", "off"]);
+            .args(["--cluster-cidr", CLUSTER_CIDRS])
+            .env("SLUICE_METRICS_ADDR", "off");
         cmd
     }
 
@@ -534,6 +537,51 @@ impl Testbed {
         self.ip(p, &["link", "set", "lo", "up"]).unwrap();
         self.wire_pod(p, node, ip).unwrap();
         self.pods.push((p, node, ip));
+    }
+
+    /// Adds pods behind a bridge `cni0` on `node`, wired as bridge CNIs (flannel, kubenet, the
+    /// bridge plugin) do: the bridge holds the pod subnet's first address (`<subnet>.1/24`), each
+    /// pod a `/24` address on a veth enslaved to it, and the node routes the subnet to the bridge,
+    /// not to the pods' veths. `pods`: (name, IP in `subnet`). Panics on failure (for tests).
+    pub fn add_bridged_pods(
+        &mut self,
+        node: &'static str,
+        subnet: &str,
+        pods: &[(&'static str, &'static str)],
+    ) {
+        let gateway = format!("{subnet}.1");
+        self.ip(node, &["link", "add", "cni0", "type", "bridge"]).unwrap();
+        self.ip(node, &["addr", "add", &format!("{gateway}/24"), "dev", "cni0"])
+            .unwrap();
+        self.ip(node, &["link", "set", "cni0", "up"]).unwrap();
+        for &(p, ip) in pods {
+            let veth = format!("veth-{p}");
+            sh(&["ip", "netns", "add", &self.ns(p)]).unwrap();
+            self.ip(p, &["link", "set", "lo", "up"]).unwrap();
+            self.ip(
+                node,
+                &[
+                    "link",
+                    "add",
+                    &veth,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    &self.ns(p),
+                ],
+            )
+            .unwrap();
+            self.ip(node, &["link", "set", &veth, "master", "cni0", "up"])
+                .unwrap();
+            self.ip(p, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])
+                .unwrap();
+            self.ip(p, &["link", "set", "eth0", "mtu", "1450", "up"]).unwrap();
+            self.ip(p, &["route", "add", "default", "via", &gateway]).unwrap();
+            self.pods.push((p, node, ip));
+        }
     }
 
     /// Deletes a pod added by [`Testbed::add_pod`] (its veth goes with its namespace).

@@ -96,6 +96,12 @@ impl FileCluster {
                 serde_json::json!({"source": src_ip, "destination": r.destination, "gateway": gateway,
                     "egressIP": egress.map(|e| e.0), "interface": egress.and_then(|e| e.1), "policy": r.policy})
             };
+            // The gateway's entry names the pod's node: the only outer source it accepts.
+            let gateway_entry = |gateway: &str, egress: (&str, Option<&str>)| {
+                let mut e = entry(gateway, Some(egress));
+                e["sourceNodeIP"] = node_ip(src_node).into();
+                e
+            };
             let mut push = |node: &str, e| per_node.get_mut(node).expect("known node").push(e);
             match &r.gateway {
                 Gw::Node(gw, egress) | Gw::NodeVia(gw, egress, _) => {
@@ -111,7 +117,7 @@ impl FileCluster {
                         entry(node_ip(gw), local.then_some((*egress, interface))),
                     );
                     if !local {
-                        push(gw, entry(node_ip(gw), Some((egress, interface))));
+                        push(gw, gateway_entry(node_ip(gw), (egress, interface)));
                     }
                 }
                 Gw::None => push(src_node, entry("none", None)),

@@ -142,6 +142,8 @@ struct Expect {
     audience: &'static str,
     grpc_port: i64,
     cluster_cidrs: Option<&'static str>,
+    /// The shim's `SLUICE_METRICS_ADDR` (`off`: no endpoint and no liveness probe).
+    shim_metrics_addr: &'static str,
 }
 
 const BASE_KINDS: &[&str] = &[
@@ -167,6 +169,7 @@ fn scenarios() -> Vec<Scenario> {
         audience: "sluice.dev",
         grpc_port: 9443,
         cluster_cidrs: None,
+        shim_metrics_addr: "$(SLUICE_NODE_IP):9473",
     };
     vec![
         Scenario {
@@ -202,6 +205,7 @@ fn scenarios() -> Vec<Scenario> {
                 audience: "egress.example.com",
                 grpc_port: 10443,
                 cluster_cidrs: Some("10.244.0.0/16,10.96.0.0/12"),
+                shim_metrics_addr: "off",
             },
         },
         Scenario {
@@ -211,6 +215,8 @@ fn scenarios() -> Vec<Scenario> {
                 "--set=tls.certManager.issuerRef.name=corp-ca",
                 "--set=tls.certManager.issuerRef.kind=ClusterIssuer",
                 "--set=serviceMonitor.enabled=true",
+                "--set=shim.metricsHost=0.0.0.0",
+                "--set=shim.metricsPort=9500",
             ],
             expect: Expect {
                 kinds: &[
@@ -220,6 +226,7 @@ fn scenarios() -> Vec<Scenario> {
                     "PodDisruptionBudget",
                 ],
                 absent: &["Secret", "Issuer"],
+                shim_metrics_addr: "0.0.0.0:9500",
                 ..default
             },
         },
@@ -655,6 +662,7 @@ fn check_shim(docs: &[Value], e: &Expect) -> Result<()> {
         env(c, "SLUICE_CLUSTER_CIDRS").map(|v| s(v, "value")) == e.cluster_cidrs,
         "SLUICE_CLUSTER_CIDRS"
     );
+    check_shim_metrics(c, e)?;
     let args = strings(at(c, "args"));
     let operator = format!(
         "--operator=https://{RELEASE}-operator.{NAMESPACE}.svc:{}",
@@ -670,6 +678,59 @@ fn check_shim(docs: &[Value], e: &Expect) -> Result<()> {
     ensure!(
         args.first().map(String::as_str) == Some("run"),
         "shim args: {args:?}"
+    );
+    Ok(())
+}
+
+/// The shim's metrics endpoint: where it listens, and that the liveness probe asks whether the
+/// agent loop is alive rather than whether the port answers.
+fn check_shim_metrics(c: &Value, e: &Expect) -> Result<()> {
+    let addr = env(c, "SLUICE_METRICS_ADDR").map(|v| s(v, "value"));
+    ensure!(
+        addr == Some(e.shim_metrics_addr),
+        "SLUICE_METRICS_ADDR {addr:?} != {:?}",
+        e.shim_metrics_addr
+    );
+    if e.shim_metrics_addr == "off" {
+        ensure!(
+            at(c, "livenessProbe").is_null(),
+            "shim liveness probe without a metrics endpoint"
+        );
+        return Ok(());
+    }
+    // Kubernetes expands $(VAR) only from variables listed before the one using it.
+    if let Some(var) = e
+        .shim_metrics_addr
+        .strip_prefix("$(")
+        .and_then(|rest| rest.split_once(')'))
+        .map(|(var, _)| var)
+    {
+        let names: Vec<&str> = at(c, "env")
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .map(|v| s(v, "name"))
+            .collect();
+        let position = |name: &str| names.iter().position(|n| *n == name);
+        ensure!(
+            position(var).is_some() && position(var) < position("SLUICE_METRICS_ADDR"),
+            "SLUICE_METRICS_ADDR uses $({var}), which is not defined before it"
+        );
+    }
+    ensure!(
+        s(c, "livenessProbe.httpGet.path") == "/healthz",
+        "shim liveness probe must ask /healthz (whether the agent loop ticks)"
+    );
+    let port = e.shim_metrics_addr.rsplit_once(':').map(|(_, p)| p);
+    let probed = at(c, "ports").as_sequence().and_then(|ports| {
+        ports
+            .iter()
+            .find(|p| s(p, "name") == s(c, "livenessProbe.httpGet.port"))
+            .and_then(|p| at(p, "containerPort").as_i64())
+    });
+    ensure!(
+        probed.map(|p| p.to_string()).as_deref() == port,
+        "shim liveness probe port {probed:?} is not the metrics port {port:?}"
     );
     Ok(())
 }
@@ -815,6 +876,7 @@ mod tests {
             audience: "sluice.dev",
             grpc_port: 9443,
             cluster_cidrs: None,
+            shim_metrics_addr: "$(SLUICE_NODE_IP):9473",
         }
     }
 
@@ -922,6 +984,30 @@ mod tests {
         fails_with(
             |d| *get_mut(d, "Deployment", "spec.template.spec.securityContext.runAsNonRoot") = false.into(),
             "non-root",
+        );
+    }
+
+    #[test]
+    fn a_shim_probe_on_the_port_only_or_a_late_variable_fails() {
+        fails_with(
+            |d| {
+                *get_mut(
+                    d,
+                    "DaemonSet",
+                    "spec.template.spec.containers.0.livenessProbe.httpGet.path",
+                ) = "/metrics".into()
+            },
+            "shim liveness probe",
+        );
+        fails_with(
+            |d| {
+                let env = get_mut(d, "DaemonSet", "spec.template.spec.containers.0.env")
+                    .as_sequence_mut()
+                    .unwrap();
+                let node_ip = env.remove(1);
+                env.push(node_ip);
+            },
+            "not defined before it",
         );
     }
 

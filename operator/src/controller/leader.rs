@@ -7,10 +7,14 @@
 //!   (measured on its own clock, so clock skew between nodes does not matter), then takes it
 //!   over, again guarded by `resourceVersion` so that only one standby wins.
 //!
-//! A leader that cannot renew for `renew_deadline` (shorter than `lease_duration`) stops
-//! leading before any standby may take over. [`LeaderElection::step_down`] releases the Lease
-//! (empty holder) so that a standby takes over at its next retry instead of after the lease
-//! duration: call it on graceful shutdown.
+//! A standby that has seen the Lease unchanged wakes up exactly when the lease duration is over
+//! rather than at its next retry, so a crashed leader is replaced `lease_duration` after the
+//! standby last saw it renew (between `lease_duration - retry_period` and `lease_duration +
+//! retry_period` after the crash, as the crash falls between renewals and the renewal between
+//! reads). A leader that cannot renew for `renew_deadline` (shorter than `lease_duration`, counted
+//! from the start of its last successful renewal) stops leading then, before any standby may take
+//! over. [`LeaderElection::step_down`] releases the Lease (empty holder) so that a standby takes
+//! over at its next retry instead of after the lease duration: call it on graceful shutdown.
 
 use std::time::Duration;
 
@@ -48,16 +52,103 @@ pub struct LeaseConfig {
 }
 
 impl LeaseConfig {
-    /// client-go's defaults, tightened: 15 s lease, 10 s renew deadline, 2 s retry period.
+    /// A Lease held with [`LeaseTimings::default`].
     pub fn new(namespace: impl Into<String>, name: impl Into<String>, identity: impl Into<String>) -> Self {
+        let timings = LeaseTimings::default();
         LeaseConfig {
             namespace: namespace.into(),
             name: name.into(),
             identity: identity.into(),
-            lease_duration: Duration::from_secs(15),
-            renew_deadline: Duration::from_secs(10),
-            retry_period: Duration::from_secs(2),
+            lease_duration: timings.lease_duration,
+            renew_deadline: timings.renew_deadline,
+            retry_period: timings.retry_period,
         }
+    }
+
+    pub fn with_timings(self, timings: LeaseTimings) -> Self {
+        LeaseConfig {
+            lease_duration: timings.lease_duration,
+            renew_deadline: timings.renew_deadline,
+            retry_period: timings.retry_period,
+            ..self
+        }
+    }
+}
+
+/// How long a Lease is held, renewed and waited for (`--lease-duration`,
+/// `--lease-renew-deadline`, `--lease-retry-period`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseTimings {
+    /// A crashed leader is replaced about this long after its last renewal. Whole seconds: the
+    /// Lease stores seconds, and a standby waits for what the Lease says.
+    pub lease_duration: Duration,
+    /// A leader that could not renew for this long stops leading.
+    pub renew_deadline: Duration,
+    /// How often the leader renews and a standby reads the Lease: a released Lease is taken
+    /// over within this.
+    pub retry_period: Duration,
+}
+
+impl Default for LeaseTimings {
+    /// 10 s lease, 7 s renew deadline, 1 s retry: a graceful handover within 1 s, a crash
+    /// takeover in about 10 s, and a leader that rides out 6 s of API server trouble.
+    fn default() -> Self {
+        LeaseTimings {
+            lease_duration: Duration::from_secs(10),
+            renew_deadline: Duration::from_secs(7),
+            retry_period: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Lease timings that would let two replicas lead at once, or spin.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseTimingsError {
+    #[error(
+        "--lease-duration must be a whole number of seconds, at least 1s (the Lease stores seconds), not {0:?}"
+    )]
+    Duration(Duration),
+    #[error(
+        "--lease-renew-deadline ({renew_deadline:?}) must be shorter than --lease-duration ({lease_duration:?}): \
+         a leader that cannot renew must stop before a standby may take over"
+    )]
+    RenewDeadline {
+        renew_deadline: Duration,
+        lease_duration: Duration,
+    },
+    #[error(
+        "--lease-retry-period ({retry_period:?}) must be above zero and shorter than --lease-renew-deadline \
+         ({renew_deadline:?}): the leader must get more than one try to renew before it gives up"
+    )]
+    RetryPeriod {
+        retry_period: Duration,
+        renew_deadline: Duration,
+    },
+}
+
+impl LeaseTimings {
+    pub fn validate(&self) -> Result<(), LeaseTimingsError> {
+        let LeaseTimings {
+            lease_duration,
+            renew_deadline,
+            retry_period,
+        } = *self;
+        if lease_duration < Duration::from_secs(1) || lease_duration.subsec_nanos() != 0 {
+            return Err(LeaseTimingsError::Duration(lease_duration));
+        }
+        if renew_deadline >= lease_duration {
+            return Err(LeaseTimingsError::RenewDeadline {
+                renew_deadline,
+                lease_duration,
+            });
+        }
+        if retry_period.is_zero() || retry_period >= renew_deadline {
+            return Err(LeaseTimingsError::RetryPeriod {
+                retry_period,
+                renew_deadline,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -78,6 +169,7 @@ impl LeaderElection {
             config,
             observed: None,
             last_renewal: None,
+            expires: None,
             leading: tx,
             metrics,
         };
@@ -116,8 +208,13 @@ struct Elector {
     config: LeaseConfig,
     /// The Lease's last seen resourceVersion, and when this replica first saw it.
     observed: Option<(String, Instant)>,
-    /// When this replica last renewed (or acquired) successfully.
+    /// When this replica started its last successful renewal (or acquisition): the renew
+    /// deadline counts from the request, not the answer, so that a slow answer cannot stretch it
+    /// past the moment a standby starts counting.
     last_renewal: Option<Instant>,
+    /// When the Lease another replica holds will have been unchanged for its duration: a
+    /// standby tries again then rather than at its next retry.
+    expires: Option<Instant>,
     leading: watch::Sender<bool>,
     metrics: Option<ControllerMetrics>,
 }
@@ -131,13 +228,15 @@ impl Elector {
                 let left = self.config.renew_deadline.saturating_sub(renewed.elapsed());
                 limit = limit.min(left.max(Duration::from_millis(100)));
             }
+            let started = Instant::now();
+            self.expires = None;
             let attempt = tokio::select! {
                 r = tokio::time::timeout(limit, self.try_acquire_or_renew()) => r,
                 _ = &mut stopped => break,
             };
             match attempt.unwrap_or_else(|_| Err(kube::Error::Service("lease request timed out".into()))) {
                 Ok(true) => {
-                    self.last_renewal = Some(Instant::now());
+                    self.last_renewal = Some(started);
                     self.set_leading(true);
                 }
                 Ok(false) => self.set_leading(false),
@@ -152,11 +251,24 @@ impl Elector {
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(self.config.retry_period) => {}
+                _ = tokio::time::sleep(self.next_attempt_in()) => {}
                 _ = &mut stopped => break,
             }
         }
         self.release().await;
+    }
+
+    /// The retry period, or less when something is due before it: the Lease expiring for a
+    /// standby, the renew deadline for a leader that could not renew. Waiting for the next retry
+    /// instead would add up to one retry period to every crash takeover.
+    fn next_attempt_in(&self) -> Duration {
+        let due = match (*self.leading.borrow(), self.last_renewal) {
+            (true, Some(renewed)) => Some(renewed + self.config.renew_deadline),
+            (false, _) => self.expires,
+            (true, None) => None,
+        };
+        let wait = self.config.retry_period;
+        due.map_or(wait, |at| wait.min(at.saturating_duration_since(Instant::now())))
     }
 
     fn set_leading(&mut self, now: bool) {
@@ -233,6 +345,7 @@ impl Elector {
                     });
                 let unchanged_since = self.observed.as_ref().map_or_else(Instant::now, |(_, t)| *t);
                 if unchanged_since.elapsed() < held_for {
+                    self.expires = Some(unchanged_since + held_for);
                     return Ok(false);
                 }
             }
@@ -254,14 +367,16 @@ impl Elector {
         }
     }
 
-    /// Gives the Lease up, if held, so that a standby need not wait for it to expire.
+    /// Gives the Lease up, if held, so that a standby need not wait for it to expire. Bounded:
+    /// a stopping replica does not wait on a hanging API server (the Lease then expires).
     async fn release(&mut self) {
         let held = *self.leading.borrow();
         self.set_leading(false);
         if !held {
             return;
         }
-        let result = async {
+        let limit = self.config.retry_period.max(Duration::from_secs(1)) * 2;
+        let release = async {
             let mut lease = self.api.get(&self.config.name).await?;
             let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
             if spec.holder_identity.as_deref() != Some(self.config.identity.as_str()) {
@@ -274,10 +389,11 @@ impl Elector {
                 .replace(&self.config.name, &PostParams::default(), &lease)
                 .await
                 .map(|_| ())
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "leader election: could not release the lease");
+        };
+        match tokio::time::timeout(limit, release).await {
+            Ok(Ok(())) => tracing::info!(lease = %self.config.name, "leader election: released the lease"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "leader election: could not release the lease"),
+            Err(_) => tracing::warn!(?limit, "leader election: releasing the lease timed out"),
         }
     }
 }
