@@ -6,7 +6,7 @@
 use std::{
     collections::BTreeSet,
     net::Ipv4Addr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -25,16 +25,18 @@ use tonic::{Request, Response, Status, Streaming};
 const GRPC: &str = "192.0.2.1:9443";
 
 /// (source, destination) pairs the node's policy map holds.
-fn held(bpffs: &PathBuf) -> BTreeSet<(Ipv4Addr, String)> {
-    Maps::open_pinned(bpffs)
-        .and_then(|m| m.policy_entries())
-        .map(|entries| {
-            entries
-                .into_iter()
-                .map(|(k, _)| (k.source(), k.destination().to_string()))
-                .collect()
-        })
-        .unwrap_or_default()
+fn held(bpffs: &Path) -> BTreeSet<(Ipv4Addr, String)> {
+    // Not there yet (the shim is starting) reads as empty.
+    let Ok(maps) = Maps::open_pinned(bpffs) else {
+        return BTreeSet::new();
+    };
+    let Ok(entries) = maps.policy_entries() else {
+        return BTreeSet::new();
+    };
+    entries
+        .into_iter()
+        .map(|(k, _)| (k.source(), k.destination().to_string()))
+        .collect()
 }
 
 /// An acknowledgement as the stand-in operator saw it: its generation, and whether the node's

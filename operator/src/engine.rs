@@ -20,12 +20,16 @@
 //! - Per node, the engine keeps the table it published and a generation that only grows; every
 //!   publication replaces the node's view in a `watch` channel. Generations never repeat across
 //!   operator processes either: the high bits are the engine's epoch (its start time), so a shim
-//!   that still holds a generation of an earlier operator never mistakes a new plan for it. A session sends the delta from
-//!   what it last sent to the latest view, so a slow shim gets its changes coalesced and never
-//!   holds anyone else up.
+//!   that still holds a generation of an earlier operator never mistakes a new plan for it. A
+//!   session sends the delta from what it last sent to the latest view, so a slow shim gets its
+//!   changes coalesced and never holds anyone else up.
+//! - Add before switch: when a pod moves to another gateway, its node is told only once the new
+//!   gateway has acknowledged the pod's entry (bounded by the grace period), and the previous
+//!   gateway lets go of it at the same moment, so new flows never reach a gateway that drops them.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -39,10 +43,11 @@ use prometheus_client::{
     },
     registry::Registry,
 };
+use sluice_proto::GatewayTarget;
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    live::{Notice, SourceEvent, StatusUpdate},
+    live::{Behind, NodeBehind, Notice, SourceEvent, StatusUpdate},
     model::{GatewaySlot, InterfaceInfo, NodeInfo, PolicyInput},
     planner::{Change, EgressEntry, EntryKey, GatewayDuty, NodeDelta, PlanDelta, Planner},
 };
@@ -85,6 +90,19 @@ pub struct HeldDuty {
     pub slot: usize,
 }
 
+/// A change of one node's entry held back until `gateway` acknowledges `generation` (0 until
+/// the generation carrying the gateway's entry is published), or until `deadline`.
+#[derive(Clone, Debug)]
+struct Deferred {
+    node: Arc<str>,
+    key: EntryKey,
+    /// The upsert, or `None` for a removal.
+    entry: Option<EgressEntry>,
+    gateway: Arc<str>,
+    generation: u64,
+    deadline: Instant,
+}
+
 /// The start-up settling period (see the module documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Settling {
@@ -123,7 +141,7 @@ impl Generations {
     }
 
     /// The next generation (never 0, which means "nothing published").
-    pub fn next(&mut self) -> u64 {
+    pub fn advance(&mut self) -> u64 {
         self.counter += 1;
         if self.counter >= 1 << Self::COUNTER_BITS {
             self.epoch += 1;
@@ -169,7 +187,8 @@ pub enum ShimEvent {
         node: String,
         session: u64,
         generation: u64,
-        errors: usize,
+        /// The entries the shim could not program as planned, with why.
+        errors: Vec<(EntryKey, String)>,
     },
     Disconnected {
         node: String,
@@ -282,6 +301,8 @@ struct Shim {
     alive: bool,
     interfaces: Option<Vec<InterfaceInfo>>,
     acked: u64,
+    /// The entries of the acknowledged generation that the shim could not program.
+    errors: BTreeMap<EntryKey, String>,
 }
 
 #[derive(Default)]
@@ -292,6 +313,11 @@ struct Table {
     duties: Arc<Vec<GatewayDuty>>,
     /// Entries per policy.
     policies: HashMap<Arc<str>, usize>,
+    /// Per policy, the generation that carries its current entries here: the one a shim must
+    /// have acknowledged for the policy to be programmed on this node.
+    policy_generation: HashMap<Arc<str>, u64>,
+    /// Policies whose entries changed since the last publication.
+    touched: BTreeSet<Arc<str>>,
 }
 
 /// The engine. See the module documentation.
@@ -311,6 +337,8 @@ pub struct Engine {
     settling: Settling,
     /// While settling: per policy, the slots shims reported holding (node included).
     held: HashMap<String, Vec<GatewaySlot>>,
+    /// Changes held back until a gateway has acknowledged an entry ([`Engine::defer_switches`]).
+    deferred: Vec<Deferred>,
     pending: PlanDelta,
     /// Nodes whose gateway duties may have changed.
     duty_nodes: BTreeSet<Arc<str>>,
@@ -341,6 +369,7 @@ impl Engine {
             generations,
             settling: Settling::NotStarted,
             held: HashMap::new(),
+            deferred: Vec::new(),
             pending: PlanDelta::default(),
             duty_nodes: BTreeSet::new(),
             gateways: BTreeMap::new(),
@@ -521,6 +550,7 @@ impl Engine {
                         alive: true,
                         interfaces: interfaces.clone(),
                         acked: 0,
+                        errors: BTreeMap::new(),
                     },
                 );
                 if self.settling() && !held.is_empty() {
@@ -561,9 +591,16 @@ impl Engine {
                     return;
                 };
                 s.last_seen = now;
-                s.acked = s.acked.max(generation);
-                if errors > 0 {
-                    tracing::warn!(%node, generation, errors, "shim could not program some entries");
+                let published = self.tables.get(node.as_str()).map_or(0, |t| t.generation);
+                if generation > published {
+                    // Nothing this engine sent: a confused (or lying) shim proves nothing.
+                    tracing::warn!(%node, generation, published, "ack of a generation never published");
+                } else if generation >= s.acked {
+                    s.acked = generation;
+                    if !errors.is_empty() {
+                        tracing::warn!(%node, generation, errors = errors.len(), "shim could not program some entries");
+                    }
+                    s.errors = errors.into_iter().collect();
                 }
                 if let Some(t) = self.tables.get(node.as_str()) {
                     if t.generation == generation
@@ -704,24 +741,33 @@ impl Engine {
         }
         self.lost.clear();
 
-        // 3. Fold entry changes into the tables; publish once synced.
+        // 3. Fold entry changes into the tables (a pod's switch to a new gateway only once that
+        //    gateway holds the pod's entry); publish once synced.
+        let mut pending_nodes = pending.nodes;
+        if self.published && !self.settling() {
+            self.defer_switches(&mut pending_nodes, now);
+        }
+        self.release_switches(&mut pending_nodes, now);
         let mut changed: BTreeMap<Arc<str>, NodeDelta> = BTreeMap::new();
-        for (node, delta) in pending.nodes {
+        for (node, delta) in pending_nodes {
             let table = self.tables.entry(node.clone()).or_default();
             let entries = Arc::make_mut(&mut table.entries);
             for key in &delta.removals {
                 if let Some(old) = entries.remove(key) {
                     decrement(&mut table.policies, &old.policy);
                     self.dirty_status.insert(old.policy.to_string());
+                    table.touched.insert(old.policy);
                 }
             }
             for (key, entry) in &delta.upserts {
                 if let Some(old) = entries.insert(*key, entry.clone()) {
                     decrement(&mut table.policies, &old.policy);
                     self.dirty_status.insert(old.policy.to_string());
+                    table.touched.insert(old.policy);
                 }
                 *table.policies.entry(entry.policy.clone()).or_default() += 1;
                 self.dirty_status.insert(entry.policy.to_string());
+                table.touched.insert(entry.policy.clone());
             }
             self.metrics
                 .entries
@@ -747,6 +793,12 @@ impl Engine {
                 self.publish(&node, delta, now);
             }
         }
+        // Switches held back wait for the generation that carries their gateway's entry.
+        for d in &mut self.deferred {
+            if d.generation == 0 {
+                d.generation = self.tables.get(&d.gateway).map_or(0, |t| t.generation);
+            }
+        }
 
         // 4. Status of the policies whose entries, gateways or acknowledgements changed.
         for p in std::mem::take(&mut self.dirty_status) {
@@ -755,18 +807,48 @@ impl Engine {
             };
             let mut to_program = 0;
             let mut programmed = 0;
+            let mut behind = Vec::new();
             for (node, t) in &self.tables {
-                if t.policies.contains_key(p.as_str()) {
-                    to_program += 1;
-                    if self.shims.get(&**node).is_some_and(|s| s.acked >= t.generation) {
-                        programmed += 1;
+                if !t.policies.contains_key(p.as_str()) {
+                    continue;
+                }
+                to_program += 1;
+                let shim = self.shims.get(&**node);
+                let needed = t
+                    .policy_generation
+                    .get(p.as_str())
+                    .copied()
+                    .unwrap_or(t.generation);
+                let failed: Vec<(&EntryKey, &String)> = shim
+                    .into_iter()
+                    .flat_map(|s| &s.errors)
+                    .filter(|(k, _)| t.entries.get(*k).is_some_and(|e| *e.policy == *p))
+                    .collect();
+                let why = if let Some((key, message)) = failed.first() {
+                    Behind::Failed {
+                        source: key.source.to_string(),
+                        destination: key.destination.to_string(),
+                        message: (*message).clone(),
+                        entries: failed.len(),
                     }
+                } else if shim.is_some_and(|s| s.acked >= needed) {
+                    programmed += 1;
+                    continue;
+                } else {
+                    Behind::Pending
+                };
+                if behind.len() < StatusUpdate::MAX_BEHIND {
+                    behind.push(NodeBehind {
+                        node: node.to_string(),
+                        why,
+                    });
                 }
             }
             let update = StatusUpdate {
                 outcome,
                 programmed,
                 to_program,
+                behind,
             };
             if self.last_status.get(&p) != Some(&update) {
                 self.last_status.insert(p, update.clone());
@@ -783,7 +865,18 @@ impl Engine {
             return;
         }
         let base = table.generation;
-        table.generation = self.generations.next();
+        table.generation = self.generations.advance();
+        let touched = if base == 0 {
+            table.policies.keys().cloned().collect()
+        } else {
+            std::mem::take(&mut table.touched)
+        };
+        table.touched.clear();
+        for p in touched {
+            table.policy_generation.insert(p, table.generation);
+        }
+        let policies = &table.policies;
+        table.policy_generation.retain(|p, _| policies.contains_key(p));
         table.published_at = Some(now);
         table.duties = Arc::new(duties);
         let view = NodeView {
@@ -796,6 +889,105 @@ impl Engine {
         self.dirty_status
             .extend(table.policies.keys().map(ToString::to_string));
         self.hub.publish(node, view);
+    }
+
+    /// Takes out of `pending` every change of a pod's entry on its own node that steers it to a
+    /// gateway which receives the pod's entry in this same flush, and the removal of that entry
+    /// from the pod's previous gateway: they are published once the new gateway has
+    /// acknowledged its entry (or after [`EngineConfig::grace`]), so that no new flow reaches a
+    /// gateway that does not know it yet.
+    fn defer_switches(&mut self, pending: &mut BTreeMap<Arc<str>, NodeDelta>, now: Instant) {
+        // A newer change of the same entry replaces one still held back.
+        self.deferred.retain(|d| {
+            pending
+                .get(&d.node)
+                .is_none_or(|p| !p.upserts.contains_key(&d.key) && !p.removals.contains(&d.key))
+        });
+        let by_ip: HashMap<IpAddr, Arc<str>> = self
+            .tables
+            .keys()
+            .filter_map(|name| {
+                let ip = self.source_nodes.get(&**name)?.tunnel_ip()?;
+                Some((ip, name.clone()))
+            })
+            .collect();
+        let gateway_of = |e: &EgressEntry| match e.gateway {
+            GatewayTarget::Node(ip) => by_ip.get(&ip).cloned(),
+            _ => None,
+        };
+        let mut held = Vec::new();
+        for (node, delta) in pending.iter() {
+            for (key, entry) in &delta.upserts {
+                let Some(gateway) = gateway_of(entry).filter(|g| g != node) else {
+                    continue;
+                };
+                let old = self.tables.get(node).and_then(|t| t.entries.get(key));
+                let switches = old.is_none_or(|o| o.gateway != entry.gateway);
+                let gateway_learns = pending.get(&gateway).is_some_and(|g| g.upserts.contains_key(key));
+                let gateway_up = self.shims.get(&*gateway).is_some_and(|s| s.alive && s.connected);
+                if switches && gateway_learns && gateway_up {
+                    let previous = old.and_then(gateway_of).filter(|p| *p != gateway && p != node);
+                    held.push((node.clone(), *key, entry.clone(), gateway, previous));
+                }
+            }
+        }
+        for (node, key, entry, gateway, previous) in held {
+            let deadline = now + self.config.grace;
+            if let Some(d) = pending.get_mut(&node) {
+                d.upserts.remove(&key);
+            }
+            if let Some(previous) = previous
+                && pending
+                    .get_mut(&previous)
+                    .is_some_and(|p| p.removals.remove(&key))
+            {
+                self.deferred.push(Deferred {
+                    node: previous,
+                    key,
+                    entry: None,
+                    gateway: gateway.clone(),
+                    generation: 0,
+                    deadline,
+                });
+            }
+            self.deferred.push(Deferred {
+                node,
+                key,
+                entry: Some(entry),
+                gateway,
+                generation: 0,
+                deadline,
+            });
+        }
+    }
+
+    /// Puts back into `pending` the switches whose gateway has acknowledged its entry, has gone,
+    /// or has kept them waiting too long.
+    fn release_switches(&mut self, pending: &mut BTreeMap<Arc<str>, NodeDelta>, now: Instant) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let shims = &self.shims;
+        let (ready, waiting): (Vec<Deferred>, Vec<Deferred>) =
+            std::mem::take(&mut self.deferred).into_iter().partition(|d| {
+                let shim = shims.get(&*d.gateway);
+                let acked = d.generation != 0 && shim.is_some_and(|s| s.acked >= d.generation);
+                let gone = shim.is_none_or(|s| !s.alive || !s.connected);
+                acked || gone || now >= d.deadline
+            });
+        self.deferred = waiting;
+        for d in ready {
+            let delta = pending.entry(d.node).or_default();
+            match d.entry {
+                Some(entry) => delta.upserts.entry(d.key).or_insert(entry),
+                None => {
+                    if !delta.upserts.contains_key(&d.key) {
+                        delta.removals.insert(d.key);
+                    }
+                    continue;
+                }
+            };
+        }
     }
 
     /// Status updates collected since the last call.

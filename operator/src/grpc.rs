@@ -347,7 +347,7 @@ async fn run_session(
                 last_heard = Instant::now();
                 match msg {
                     Ok(Some(ShimMessage { message: Some(shim_message::Message::Ack(ack)) })) => {
-                        hub.report(ShimEvent::Ack { node: node.clone(), session, generation: ack.generation, errors: ack.errors.len() });
+                        hub.report(ShimEvent::Ack { node: node.clone(), session, generation: ack.generation, errors: entry_errors(&ack) });
                     }
                     Ok(Some(ShimMessage { message: Some(shim_message::Message::Heartbeat(_)) })) => {
                         hub.report(ShimEvent::Heartbeat { node: node.clone(), session });
@@ -442,6 +442,42 @@ fn entry(e: &EgressEntry) -> v1::Entry {
         source_node_ip: e.source_node_ip.map(|ip| ip.to_string()),
         policy: e.policy.to_string(),
     }
+}
+
+/// The entries a shim reports it could not program. One whose key does not parse names no entry
+/// of ours: it is logged and left out.
+fn entry_errors(ack: &v1::Ack) -> Vec<(EntryKey, String)> {
+    // They end up in policy status: bounded, whatever a shim sends.
+    const MAX_ERRORS: usize = 1000;
+    const MAX_MESSAGE: usize = 256;
+    ack.errors
+        .iter()
+        .take(MAX_ERRORS)
+        .filter_map(|e| {
+            let key = v1::EntryKey {
+                source: e.source.clone(),
+                destination: e.destination.clone(),
+            };
+            match sluice_proto::convert::EntryKey::try_from(&key) {
+                Ok((source, destination)) => {
+                    let mut message = e.message.clone();
+                    if message.len() > MAX_MESSAGE {
+                        let mut end = MAX_MESSAGE;
+                        while !message.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        message.truncate(end);
+                        message.push('…');
+                    }
+                    Some((EntryKey { source, destination }, message))
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "an entry error that names no entry");
+                    None
+                }
+            }
+        })
+        .collect()
 }
 
 /// The gateway duties a shim reports holding. They only ever make the new leader keep a node

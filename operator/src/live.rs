@@ -46,9 +46,57 @@ pub enum SourceEvent {
 pub struct StatusUpdate {
     pub outcome: PolicyOutcome,
     /// Nodes that must hold entries of this policy and have acknowledged the generation that
-    /// holds them, out of all such nodes.
+    /// carries the policy's current entries, with every entry of it programmed, out of all such
+    /// nodes.
     pub programmed: usize,
     pub to_program: usize,
+    /// The other nodes, by name, with why (at most [`StatusUpdate::MAX_BEHIND`]).
+    pub behind: Vec<NodeBehind>,
+}
+
+impl StatusUpdate {
+    /// How many nodes behind a status names.
+    pub const MAX_BEHIND: usize = 5;
+}
+
+/// A node that does not hold a policy's entries as planned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeBehind {
+    pub node: String,
+    pub why: Behind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Behind {
+    /// Its shim has not acknowledged the plan that carries the policy's entries (yet).
+    Pending,
+    /// Its shim could not program an entry (`entries` in all, this one's message first).
+    Failed {
+        source: String,
+        destination: String,
+        message: String,
+        entries: usize,
+    },
+}
+
+impl std::fmt::Display for NodeBehind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.why {
+            Behind::Pending => write!(f, "{}: not acknowledged yet", self.node),
+            Behind::Failed {
+                source,
+                destination,
+                message,
+                entries,
+            } => {
+                write!(f, "{}: {source} -> {destination}: {message}", self.node)?;
+                if *entries > 1 {
+                    write!(f, " (and {} more entries)", entries - 1)?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Something worth a Kubernetes Event (and a log line).

@@ -147,6 +147,9 @@ pub async fn run_until(
     stop: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     opts.lease_timings.validate()?;
+    if opts.lease_file.is_some() && opts.source == Source::Kubernetes {
+        anyhow::bail!("--lease-file is for the dir: source; with Kubernetes the Lease elects the leader");
+    }
     let mut stop = std::pin::pin!(stop);
     let mut registry = crate::metrics::registry();
     let engine_metrics = EngineMetrics::register(&mut registry);
@@ -178,16 +181,12 @@ pub async fn run_until(
             let (notices_tx, notices_rx) = mpsc::channel(256);
             tokio::spawn(log_outputs(updates_rx, notices_rx));
             let watching = crate::dirsource::run(dir, opts.poll, sources_tx);
-            let live = run_live(
-                &opts,
-                tls,
-                verifier,
-                engine_metrics,
-                sources_rx,
-                updates_tx,
-                notices_tx,
-                stop,
-            );
+            let channels = EngineChannels {
+                sources: sources_rx,
+                updates: updates_tx,
+                notices: notices_tx,
+            };
+            let live = run_live(&opts, tls, verifier, engine_metrics, channels, stop);
             // `live` ends on a stop, with the node channel closed; the source only fails.
             let result = tokio::select! {
                 r = live => r,
@@ -211,11 +210,6 @@ pub async fn run_until(
                         .unwrap_or_else(|_| format!("sluice-operator-{}", std::process::id())),
                 },
             };
-            if opts.lease_file.is_some() {
-                anyhow::bail!(
-                    "--lease-file is for the dir: source; with Kubernetes the Lease elects the leader"
-                );
-            }
             let controller_metrics = crate::metrics::ControllerMetrics::register(&mut registry);
             let verifier: Arc<dyn TokenVerifier> = match static_verifier(&opts)? {
                 Some(v) => v,
@@ -283,16 +277,12 @@ pub async fn run_until(
                 let mut config = crate::controller::Config::new(leading.clone(), Some(identity));
                 config.metrics = controller_metrics;
                 let controller = crate::controller::run(client, config, sources_tx, updates_rx, notices_rx);
-                let live = run_live(
-                    &opts,
-                    tls,
-                    verifier,
-                    engine_metrics,
-                    sources_rx,
-                    updates_tx,
-                    notices_tx,
-                    &mut stop,
-                );
+                let channels = EngineChannels {
+                    sources: sources_rx,
+                    updates: updates_tx,
+                    notices: notices_tx,
+                };
+                let live = run_live(&opts, tls, verifier, engine_metrics, channels, &mut stop);
                 let mut lost = leading.clone();
                 let lost = async move {
                     let _ = lost.wait_for(|l| !*l).await;
@@ -329,18 +319,28 @@ async fn serve_metrics(
     Ok(())
 }
 
+/// The engine's ends of the channels to and from the source of truth.
+pub struct EngineChannels {
+    pub sources: mpsc::Receiver<SourceEvent>,
+    pub updates: mpsc::Sender<StatusUpdate>,
+    pub notices: mpsc::Sender<Notice>,
+}
+
 /// The engine and the node channel server, until the source goes away or `stop` resolves (then
-/// `Ok`, with the listener closed and the sessions ended when this returns).
+/// `Ok`, with the listener closed when this returns).
 pub async fn run_live(
     opts: &RunOptions,
     tls: Option<Tls>,
     verifier: Arc<dyn TokenVerifier>,
     metrics: EngineMetrics,
-    sources: mpsc::Receiver<SourceEvent>,
-    updates: mpsc::Sender<StatusUpdate>,
-    notices: mpsc::Sender<Notice>,
+    channels: EngineChannels,
     stop: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
+    let EngineChannels {
+        sources,
+        updates,
+        notices,
+    } = channels;
     let config = EngineConfig::with_grace(opts.heartbeat_grace);
     let (hub, shim_events) = Hub::new(config.heartbeat_interval);
     let engine = Engine::new(config, hub.clone(), metrics);
@@ -359,8 +359,10 @@ pub async fn run_live(
         () = stop => Ok(()),
     };
     let _ = stop_tx.send(());
-    // Not a graceful drain: the shims' sessions never end on their own. Dropping the server
-    // closes the listener and every session, and the shims reconnect to the next leader.
+    // Not a graceful drain: the shims' sessions never end on their own, and the next leader must
+    // not wait for them. Dropping the server closes the listener, so that the next leader can
+    // bind the address; the sessions' connections close with the runtime as the process exits,
+    // and the shims reconnect to the next leader.
     server.abort();
     let _ = server.await;
     result

@@ -46,7 +46,7 @@ pub enum TlsError {
     Certificate(String),
     #[error("the key file holds no PEM private key: {0}")]
     Key(String),
-    #[error("the key does not go with the certificate: {0}")]
+    #[error("the key does not load, or is not the certificate's: {0}")]
     Pair(#[source] rustls::Error),
     #[error("TLS configuration: {0}")]
     Config(#[source] rustls::Error),
@@ -178,7 +178,11 @@ impl Tls {
         let pem = (read(&cert)?, read(&key)?);
         let provider = provider();
         let current = certified_key(&pem.0, &pem.1, &provider)?;
-        tracing::info!(cert = %cert.display(), fingerprint = %fingerprint(&current), "serving the node channel's certificate");
+        tracing::info!(
+            cert = %cert.display(),
+            fingerprint = %fingerprint(&current),
+            "serving the node channel's certificate"
+        );
         Ok(Tls {
             inner: Arc::new(Inner {
                 provider,
@@ -195,11 +199,6 @@ impl Tls {
         })
     }
 
-    /// The certificate chain served to new connections.
-    pub fn certificates(&self) -> Vec<CertificateDer<'static>> {
-        self.current().cert.clone()
-    }
-
     fn current(&self) -> Arc<CertifiedKey> {
         self.inner.current.read().expect("certificate lock").clone()
     }
@@ -207,7 +206,7 @@ impl Tls {
     /// Loads the files if they changed since they were last looked at (two `stat`s when they
     /// did not). Nothing to do for a fixed pair.
     pub async fn refresh(&self) {
-        let Some(files) = None::<&Files> else {
+        let Some(files) = &self.inner.files else {
             return;
         };
         let mut seen = files.seen.lock().await;
@@ -218,8 +217,12 @@ impl Tls {
             (Ok(cert), Ok(key)) => (stamp(&cert), stamp(&key)),
             (Err(e), _) | (_, Err(e)) => {
                 if seen.stamps.take().is_some() {
-                    tracing::warn!(cert = %files.cert.display(), key = %files.key.display(), error = %e,
-                        "the node channel's certificate files are gone: still serving the previous certificate");
+                    tracing::warn!(
+                        cert = %files.cert.display(),
+                        key = %files.key.display(),
+                        error = %e,
+                        "the node channel's certificate files are gone: still serving the previous one"
+                    );
                 }
                 return;
             }
@@ -233,7 +236,10 @@ impl Tls {
             (Err(e), _) | (_, Err(e)) => {
                 // Looked at again at the next handshake: the file may have been mid-swap.
                 seen.stamps = None;
-                tracing::warn!(error = %e, "the node channel's certificate did not load: still serving the previous one");
+                tracing::warn!(
+                    error = %e,
+                    "the node channel's certificate did not load: still serving the previous one"
+                );
                 return;
             }
         };
@@ -245,12 +251,19 @@ impl Tls {
                 let fingerprint = fingerprint(&new);
                 *self.inner.current.write().expect("certificate lock") = new;
                 seen.pem = pem;
-                tracing::info!(cert = %files.cert.display(), %fingerprint,
-                    "the node channel's certificate changed: new connections get the new one, open sessions go on");
+                tracing::info!(
+                    cert = %files.cert.display(),
+                    %fingerprint,
+                    "the node channel's certificate changed: new connections get it, open sessions go on"
+                );
             }
             Err(e) => {
-                tracing::warn!(cert = %files.cert.display(), key = %files.key.display(), error = %e,
-                    "the node channel's new certificate did not load: still serving the previous one");
+                tracing::warn!(
+                    cert = %files.cert.display(),
+                    key = %files.key.display(),
+                    error = %e,
+                    "the node channel's new certificate did not load: still serving the previous one"
+                );
             }
         }
     }

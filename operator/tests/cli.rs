@@ -165,3 +165,36 @@ fn a_missing_directory_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/sluice"));
 }
+
+#[test]
+fn lease_timings_that_could_elect_two_leaders_are_refused() {
+    for (args, want) in [
+        (
+            &["--lease-renew-deadline", "12s"][..],
+            "--lease-renew-deadline (12s) must be shorter than --lease-duration (10s)",
+        ),
+        (
+            &["--lease-retry-period", "7s"][..],
+            "--lease-retry-period (7s) must be above zero and shorter than --lease-renew-deadline (7s)",
+        ),
+        (
+            &["--lease-duration", "9.5s"][..],
+            "--lease-duration must be a whole number of seconds",
+        ),
+    ] {
+        let out = operator()
+            .args([
+                "run",
+                "--source",
+                "dir:/nonexistent/sluice",
+                "--insecure-allow-any-node",
+            ])
+            .args(["--metrics-listen", "off", "--grpc-listen", "127.0.0.1:0"])
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+    }
+}

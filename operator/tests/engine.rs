@@ -13,8 +13,9 @@ use sluice_operator::{
     api::{EgressGateway, EgressGatewayPolicySpec, EgressRule, FailurePolicy},
     engine::{Engine, EngineConfig, EngineMetrics, Generations, HeldDuty, Hub, NodeView, ShimEvent},
     live::SourceEvent,
+    live::{Behind, StatusUpdate},
     model::{GatewaySlot, NodeInfo, PodInfo, PodPhase, PolicyInput},
-    planner::{Change, Planner},
+    planner::{Change, EntryKey, Planner},
 };
 use sluice_proto::GatewayTarget;
 use tokio::sync::watch;
@@ -109,6 +110,7 @@ fn preferred_and_other() -> (&'static str, &'static str) {
 /// source state and `Synced`, with a recorder of every view it publishes for `w`.
 struct Started {
     engine: Engine,
+    hub: Arc<Hub>,
     views: watch::Receiver<Option<Arc<NodeView>>>,
     seen: Vec<Arc<NodeView>>,
     t0: Instant,
@@ -119,7 +121,11 @@ impl Started {
     fn new(policy: PolicyInput) -> Self {
         let (hub, _events) = Hub::new(GRACE / 4);
         let views = hub.subscribe("w");
-        let mut engine = Engine::new(EngineConfig::with_grace(GRACE), hub, EngineMetrics::default());
+        let mut engine = Engine::new(
+            EngineConfig::with_grace(GRACE),
+            hub.clone(),
+            EngineMetrics::default(),
+        );
         let t0 = Instant::now();
         for n in nodes() {
             engine.source(SourceEvent::Change(Box::new(Change::UpsertNode(n))));
@@ -129,6 +135,7 @@ impl Started {
         engine.source(SourceEvent::Synced);
         let mut s = Started {
             engine,
+            hub,
             views,
             seen: vec![],
             t0,
@@ -161,6 +168,53 @@ impl Started {
             self.t0 + at,
         );
         self.flush(at);
+    }
+
+    /// Heartbeats from the shims of `nodes` (sessions as numbered by their `connect`), at `at`.
+    fn heartbeats(&mut self, nodes: &[(&str, u64)], at: Duration) {
+        for (node, session) in nodes {
+            self.engine.shim(
+                ShimEvent::Heartbeat {
+                    node: (*node).into(),
+                    session: *session,
+                },
+                self.t0 + at,
+            );
+        }
+    }
+
+    /// `node`'s shim acknowledges the latest generation published for it.
+    fn ack(&mut self, node: &str, session: u64, at: Duration) {
+        self.ack_with_errors(node, session, vec![], at);
+    }
+
+    fn ack_with_errors(&mut self, node: &str, session: u64, errors: Vec<(EntryKey, String)>, at: Duration) {
+        let generation = self.engine.generation(node).unwrap();
+        self.engine.shim(
+            ShimEvent::Ack {
+                node: node.into(),
+                session,
+                generation,
+                errors,
+            },
+            self.t0 + at,
+        );
+        self.flush(at);
+    }
+
+    /// The latest status of each policy written since the last call.
+    fn statuses(&mut self) -> BTreeMap<String, StatusUpdate> {
+        self.engine
+            .take_status()
+            .into_iter()
+            .map(|u| (u.outcome.name.clone(), u))
+            .collect()
+    }
+
+    /// Whether `node`'s latest view holds the pod's entry.
+    fn holds_pod(&self, node: &str) -> bool {
+        let view = self.hub.subscribe(node).borrow().clone();
+        view.is_some_and(|v| v.entries.keys().any(|k| k.source.to_string() == "10.1.0.10"))
     }
 
     /// The gateways `w`'s pod was ever steered to, in order, with "none" for drop entries.
@@ -276,8 +330,8 @@ fn a_gateway_that_does_not_come_back_is_replaced_when_settling_ends() {
 fn generations_grow_and_never_repeat_across_engines() {
     let mut a = Generations::new(1000);
     let mut b = Generations::new(1001);
-    let from_a: Vec<u64> = (0..5).map(|_| a.next()).collect();
-    let from_b: Vec<u64> = (0..5).map(|_| b.next()).collect();
+    let from_a: Vec<u64> = (0..5).map(|_| a.advance()).collect();
+    let from_b: Vec<u64> = (0..5).map(|_| b.advance()).collect();
     assert!(from_a.windows(2).all(|w| w[0] < w[1]));
     assert!(from_a.iter().all(|g| !from_b.contains(g)));
     assert!(
@@ -289,4 +343,123 @@ fn generations_grow_and_never_repeat_across_engines() {
     let e1 = Generations::epoch_now();
     std::thread::sleep(Duration::from_millis(2));
     assert!(Generations::epoch_now() > e1);
+}
+
+/// Three shims back and settled, the pod steered to `preferred`; then `preferred` falls silent
+/// and the others keep heartbeating until the failover. Returns the time reached.
+fn failover(s: &mut Started, preferred: &str, other: &str) -> Duration {
+    s.connect("w", vec![], Duration::from_millis(100));
+    s.connect(preferred, vec![], Duration::from_millis(200));
+    s.connect(other, vec![], Duration::from_millis(300));
+    assert_eq!(s.targets(), vec![GatewayTarget::Node(ip_of(preferred))]);
+    s.ack("w", 1, Duration::from_millis(300));
+    s.ack(other, 3, Duration::from_millis(300));
+    let mut at = Duration::from_millis(300);
+    while !s.holds_pod(other) {
+        at += Duration::from_millis(50);
+        assert!(at < Duration::from_secs(5), "no failover");
+        s.heartbeats(&[("w", 1), (other, 3)], at);
+        s.flush(at);
+    }
+    at
+}
+
+#[test]
+fn a_pod_switches_to_a_new_gateway_only_once_that_gateway_holds_its_entry() {
+    let (preferred, other) = preferred_and_other();
+    let mut s = Started::new(policy(vec![]));
+    let at = failover(&mut s, preferred, other);
+    // The new gateway has been told; the pod's node not yet.
+    assert_eq!(s.targets(), vec![GatewayTarget::Node(ip_of(preferred))]);
+    s.heartbeats(&[("w", 1), (other, 3)], at);
+    s.flush(at);
+    assert_eq!(s.targets(), vec![GatewayTarget::Node(ip_of(preferred))]);
+    // Once it acknowledges, the pod's node switches.
+    s.ack(other, 3, at + Duration::from_millis(5));
+    assert_eq!(
+        s.targets(),
+        vec![
+            GatewayTarget::Node(ip_of(preferred)),
+            GatewayTarget::Node(ip_of(other))
+        ]
+    );
+}
+
+#[test]
+fn a_switch_waits_for_the_new_gateway_no_longer_than_the_grace_period() {
+    let (preferred, other) = preferred_and_other();
+    let mut s = Started::new(policy(vec![]));
+    let mut at = failover(&mut s, preferred, other);
+    let switch_by = at + GRACE;
+    while s.targets().len() < 2 {
+        at += Duration::from_millis(50);
+        assert!(
+            at <= switch_by + Duration::from_millis(50),
+            "still waiting at {at:?}"
+        );
+        s.heartbeats(&[("w", 1), (other, 3)], at);
+        s.flush(at);
+    }
+    assert!(at >= switch_by, "switched at {at:?} without an acknowledgement");
+    assert_eq!(s.targets()[1], GatewayTarget::Node(ip_of(other)));
+}
+
+#[test]
+fn programmed_follows_each_policys_own_generation_and_names_what_failed() {
+    let (preferred, other) = preferred_and_other();
+    let mut s = Started::new(policy(vec![]));
+    let mut second = policy(vec![]);
+    second.name = "second".into();
+    second.spec.destination_cidrs = vec!["198.51.100.0/24".into()];
+    s.engine.source(SourceEvent::Change(Box::new(Change::UpsertPolicy(
+        second.clone(),
+    ))));
+    s.connect("w", vec![], Duration::from_millis(100));
+    s.connect(preferred, vec![], Duration::from_millis(200));
+    s.connect(other, vec![], Duration::from_millis(300));
+    let at = Duration::from_millis(400);
+    for (node, session) in [("w", 1), (preferred, 2), (other, 3)] {
+        s.ack(node, session, at);
+    }
+    let st = s.statuses();
+    for p in ["egress", "second"] {
+        assert_eq!(
+            (st[p].programmed, st[p].to_program),
+            (2, 2),
+            "{p}: {:?}",
+            st[p].behind
+        );
+    }
+
+    // `second` changes: the pod's node and the gateway get a new generation.
+    second.spec.destination_cidrs = vec!["198.51.100.0/25".into()];
+    s.engine
+        .source(SourceEvent::Change(Box::new(Change::UpsertPolicy(second))));
+    s.flush(at);
+    let st = s.statuses();
+    assert!(
+        st.get("egress").is_none_or(|u| u.programmed == u.to_program),
+        "a policy whose entries did not change stays programmed: {:?}",
+        st.get("egress")
+    );
+    assert_eq!(st["second"].programmed, 0);
+    assert!(st["second"].behind.iter().all(|b| b.why == Behind::Pending));
+
+    // The pod's node acknowledges, but could not program one entry of `second`.
+    let key = EntryKey {
+        source: "10.1.0.10".parse().unwrap(),
+        destination: "198.51.100.0/25".parse().unwrap(),
+    };
+    s.ack_with_errors("w", 1, vec![(key, "the policy map is full".into())], at);
+    s.ack(preferred, 2, at);
+    let st = s.statuses();
+    let second = &st["second"];
+    assert_eq!((second.programmed, second.to_program), (1, 2));
+    assert_eq!(second.behind.len(), 1);
+    assert_eq!(second.behind[0].node, "w");
+    assert_eq!(
+        second.behind[0].to_string(),
+        "w: 10.1.0.10 -> 198.51.100.0/25: the policy map is full"
+    );
+    assert!(st.get("egress").is_none_or(|u| u.programmed == u.to_program));
 }

@@ -631,6 +631,7 @@ fn update(programmed: usize) -> StatusUpdate {
         },
         programmed,
         to_program: 1,
+        behind: vec![],
     }
 }
 

@@ -124,6 +124,7 @@ fn duty() -> impl Strategy<Value = v1::GatewayDuty> {
             policy,
             egress_ips,
             interface,
+            ..Default::default()
         })
 }
 

@@ -144,6 +144,8 @@ struct Expect {
     cluster_cidrs: Option<&'static str>,
     /// The shim's `SLUICE_METRICS_ADDR` (`off`: no endpoint and no liveness probe).
     shim_metrics_addr: &'static str,
+    /// The operator's lease duration, renew deadline and retry period.
+    lease_timings: [&'static str; 3],
 }
 
 const BASE_KINDS: &[&str] = &[
@@ -170,6 +172,7 @@ fn scenarios() -> Vec<Scenario> {
         grpc_port: 9443,
         cluster_cidrs: None,
         shim_metrics_addr: "$(SLUICE_NODE_IP):9473",
+        lease_timings: ["10s", "7s", "1s"],
     };
     vec![
         Scenario {
@@ -194,6 +197,9 @@ fn scenarios() -> Vec<Scenario> {
                 "--set=shim.capabilities={NET_ADMIN,BPF,PERFMON,SYS_RESOURCE}",
                 "--set=shim.metricsPort=0",
                 "--set=logLevel=debug",
+                "--set=operator.leaderElection.leaseDuration=20s",
+                "--set=operator.leaderElection.renewDeadline=15s",
+                "--set=operator.leaderElection.retryPeriod=2s",
             ],
             expect: Expect {
                 operator_image: "registry.example.com/sluice/sluice-operator:1.2.3",
@@ -206,6 +212,7 @@ fn scenarios() -> Vec<Scenario> {
                 grpc_port: 10443,
                 cluster_cidrs: Some("10.244.0.0/16,10.96.0.0/12"),
                 shim_metrics_addr: "off",
+                lease_timings: ["20s", "15s", "2s"],
             },
         },
         Scenario {
@@ -239,6 +246,7 @@ const BAD_VALUES: &[&[&str]] = &[
     &["--set=shim.unknownField=1"],
     &["--set=clusterCIDRs={not-a-cidr}"],
     &["--set=shim.tunnel.port=70000"],
+    &["--set=operator.leaderElection.leaseDuration=1.5s"],
 ];
 
 /// `cargo xtask chart`: the whole chart test.
@@ -520,6 +528,9 @@ fn check_operator(docs: &[Value], e: &Expect) -> Result<()> {
         format!("--grpc-listen=0.0.0.0:{}", e.grpc_port),
         "--metrics-listen=0.0.0.0:8080".to_owned(),
         format!("--shim-service-account={NAMESPACE}/{RELEASE}-shim"),
+        format!("--lease-duration={}", e.lease_timings[0]),
+        format!("--lease-renew-deadline={}", e.lease_timings[1]),
+        format!("--lease-retry-period={}", e.lease_timings[2]),
     ] {
         ensure!(args.contains(&want), "operator args {args:?} lack {want}");
     }
@@ -877,6 +888,7 @@ mod tests {
             grpc_port: 9443,
             cluster_cidrs: None,
             shim_metrics_addr: "$(SLUICE_NODE_IP):9473",
+            lease_timings: ["10s", "7s", "1s"],
         }
     }
 

@@ -8,7 +8,7 @@ use crate::{
         CONDITION_ACCEPTED, CONDITION_GATEWAY_SELECTED, CONDITION_PROGRAMMED, ConflictStatus,
         EgressGatewayPolicyStatus, GatewayStatus,
     },
-    live::StatusUpdate,
+    live::{Behind, StatusUpdate},
 };
 
 /// The status a policy should have.
@@ -74,9 +74,24 @@ pub fn desired(
                 }
             });
             let done = update.programmed >= update.to_program;
-            let message = format!("{}/{} nodes", update.programmed, update.to_program);
+            let mut message = format!("{}/{} nodes", update.programmed, update.to_program);
+            // Which nodes are behind, and why: what `kubectl describe` shows.
+            for b in &update.behind {
+                message.push_str("; ");
+                message.push_str(&b.to_string());
+            }
+            let unnamed = (update.to_program - update.programmed).saturating_sub(update.behind.len());
+            if unnamed > 0 {
+                message.push_str(&format!("; and {unnamed} more nodes"));
+            }
+            let failed = update
+                .behind
+                .iter()
+                .any(|b| matches!(b.why, Behind::Failed { .. }));
             conditions.push(if done {
                 condition(CONDITION_PROGRAMMED, true, "Programmed", message)
+            } else if failed {
+                condition(CONDITION_PROGRAMMED, false, "ProgrammingFailed", message)
             } else {
                 condition(CONDITION_PROGRAMMED, false, "Pending", message)
             });
@@ -141,6 +156,7 @@ mod tests {
 
     use super::*;
     use crate::{
+        live::NodeBehind,
         planner::{ActiveGateway, PolicyOutcome},
         policy::PolicyError,
     };
@@ -174,6 +190,7 @@ mod tests {
             },
             programmed,
             to_program,
+            behind: vec![],
         }
     }
 
@@ -254,6 +271,36 @@ mod tests {
     }
 
     #[test]
+    fn nodes_behind_are_named_with_why() {
+        let mut u = update(vec![gateway(0, 0, "gw", "172.18.0.2")], 9, 12);
+        u.behind = vec![
+            NodeBehind {
+                node: "n1".into(),
+                why: Behind::Pending,
+            },
+            NodeBehind {
+                node: "n2".into(),
+                why: Behind::Failed {
+                    source: "10.0.0.1".into(),
+                    destination: "203.0.113.0/24".into(),
+                    message: "egress IP 192.0.2.9 is not on this node".into(),
+                    entries: 3,
+                },
+            },
+        ];
+        assert_eq!(
+            summary(&desired(&u, None, at(1)))[2],
+            row(
+                "Programmed",
+                "False",
+                "ProgrammingFailed",
+                "9/12 nodes; n1: not acknowledged yet; n2: 10.0.0.1 -> 203.0.113.0/24: egress IP \
+                 192.0.2.9 is not on this node (and 2 more entries); and 1 more nodes"
+            )
+        );
+    }
+
+    #[test]
     fn nodes_still_programming_make_programmed_false() {
         let s = desired(
             &update(vec![gateway(0, 0, "gw", "172.18.0.2")], 9, 12),
@@ -262,7 +309,7 @@ mod tests {
         );
         assert_eq!(
             summary(&s)[2],
-            row("Programmed", "False", "Pending", "9/12 nodes")
+            row("Programmed", "False", "Pending", "9/12 nodes; and 3 more nodes")
         );
     }
 
