@@ -102,7 +102,12 @@ struct sluice_policy_value_v4 {
 	 * outer source tunnelled packets of this (source, destination) are accepted from. 0 = none.
 	 */
 	__be32 peer_ip;
-	__u32 _pad;
+	/*
+	 * GATEWAY entries: (gateway entry << 16 | slot) + 1 of the policy slot the gateway fills;
+	 * 0 = unknown. Not read by the datapath: kept here so that what the node holds tells a
+	 * new operator leader who fills which slot, even across a restart of the shim.
+	 */
+	__u32 gateway_slot;
 };
 
 /* Key of sluice_cluster_v4 (LPM trie): in-cluster destinations, never steered. */

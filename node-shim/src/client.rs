@@ -6,7 +6,11 @@
 //! unchanged state writes nothing) and publishes the generation it holds, which the session
 //! acknowledges. While the operator is unreachable, the datapath keeps its pinned state.
 
-use std::sync::{Arc, mpsc};
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    sync::{Arc, mpsc},
+};
 
 use sluice_proto::{
     client::{self, Applied, Config, HelloFn},
@@ -15,6 +19,7 @@ use sluice_proto::{
 use tokio::sync::watch;
 
 use crate::{
+    datapath::Maps,
     error::{Error, Result},
     netdev,
     run::OperatorPlans,
@@ -29,8 +34,8 @@ pub struct Link {
 }
 
 /// This node's interfaces as the operator wants them (not pod interfaces, not the tunnel), and
-/// the gateway duties its datapath holds.
-fn hello(node: &str, pod_interfaces: &[String], tunnel_device: &str, applied: &Applied) -> v1::Hello {
+/// which gateway fills which policy slot as its datapath holds it.
+fn hello(node: &str, pod_interfaces: &[String], tunnel_device: &str, bpffs_dir: &Path) -> v1::Hello {
     let interfaces = netdev::interfaces()
         .map_err(|e| tracing::warn!(error = %e, "listing interfaces for the operator"))
         .unwrap_or_default()
@@ -46,7 +51,47 @@ fn hello(node: &str, pod_interfaces: &[String], tunnel_device: &str, applied: &A
         version: env!("CARGO_PKG_VERSION").to_owned(),
         interfaces,
         default_route_interface: netdev::default_route_interface(),
-        serves: applied.serves.iter().map(v1::GatewayDuty::from).collect(),
+        held: held_slots(bpffs_dir),
+    }
+}
+
+/// The (policy, gateway entry, slot, gateway) the pinned maps hold, each once: read from the
+/// datapath itself, so it is the truth even right after this shim restarted. Nothing pinned
+/// yet (a first start) is nothing held.
+pub fn held_slots(bpffs_dir: &Path) -> Vec<v1::HeldSlot> {
+    let read = || -> Result<BTreeSet<(String, u32, u32, String)>> {
+        let maps = Maps::open_pinned(bpffs_dir)?;
+        let names = maps.policy_names()?;
+        Ok(maps
+            .policy_entries()?
+            .into_iter()
+            .filter(|(_, v)| v.kind == crate::maps::KIND_GATEWAY)
+            .filter_map(|(_, v)| {
+                let (entry, slot) = crate::maps::decode_slot(v.gateway_slot)?;
+                let policy = names.get(&v.policy_id)?.clone();
+                Some((
+                    policy,
+                    entry,
+                    slot,
+                    crate::maps::from_be(v.gateway_ip).to_string(),
+                ))
+            })
+            .collect())
+    };
+    match read() {
+        Ok(held) => held
+            .into_iter()
+            .map(|(policy, entry, slot, gateway)| v1::HeldSlot {
+                policy,
+                entry,
+                slot,
+                gateway,
+            })
+            .collect(),
+        Err(e) => {
+            tracing::debug!(error = %e, "no pinned maps to report from");
+            Vec::new()
+        }
     }
 }
 
@@ -56,6 +101,7 @@ pub fn start(
     node: String,
     pod_interfaces: Vec<String>,
     tunnel_device: String,
+    bpffs_dir: PathBuf,
 ) -> Result<Link> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -66,8 +112,7 @@ pub fn start(
     let (plans_tx, plans) = watch::channel(None);
     let (applied_tx, applied_rx) = watch::channel(Applied::default());
     let (wake_tx, wake) = mpsc::channel();
-    let held = applied_rx.clone();
-    let hello: HelloFn = Arc::new(move || hello(&node, &pod_interfaces, &tunnel_device, &held.borrow()));
+    let hello: HelloFn = Arc::new(move || hello(&node, &pod_interfaces, &tunnel_device, &bpffs_dir));
     runtime.spawn(client::run(config, hello, plans_tx, applied_rx));
     let mut changes = plans.clone();
     let waker = wake_tx.clone();

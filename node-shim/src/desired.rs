@@ -153,6 +153,9 @@ pub fn desired(entries: &[EntryDoc], host: &Host, ids: &mut PolicyIds) -> Result
             GatewayTarget::Node(IpAddr::V4(gateway)) => {
                 value.kind = maps::KIND_GATEWAY;
                 value.gateway_ip = maps::be(gateway);
+                value.gateway_slot = entry
+                    .gateway_slot
+                    .map_or(0, |s| maps::encode_slot(s.entry, s.slot));
                 if gateway != host.node_ip {
                     *out.peers.entry(value.gateway_ip).or_default() |= maps::PEER_GATEWAY;
                 }
@@ -252,6 +255,7 @@ mod tests {
             egress_ip: egress_ip.map(|s| s.parse().unwrap()),
             interface: None,
             source_node_ip: None,
+            gateway_slot: None,
             policy: policy.into(),
         }
     }

@@ -153,6 +153,7 @@ fn main() -> anyhow::Result<()> {
                         a.node.clone(),
                         a.pod_interfaces.clone(),
                         a.tunnel_device.clone(),
+                        bpffs_dir.clone(),
                     )?;
                     let plans = l.plans.clone();
                     link = Some(l);

@@ -140,7 +140,23 @@ pub struct PolicyValueV4 {
     /// Network byte order; the only outer source accepted for this entry through the tunnel
     /// (local-gateway entries of other nodes' pods); 0 = none.
     pub peer_ip: u32,
-    pub _pad: u32,
+    /// `GATEWAY` entries: [`encode_slot`] of the policy slot the gateway fills; 0 = unknown.
+    pub gateway_slot: u32,
+}
+
+/// `(entry << 16 | slot) + 1`, or 0 when either does not fit.
+pub fn encode_slot(entry: u32, slot: u32) -> u32 {
+    if entry < 0x8000 && slot <= 0xffff {
+        ((entry << 16) | slot) + 1
+    } else {
+        0
+    }
+}
+
+/// The inverse of [`encode_slot`]: `(entry, slot)`, or `None` for 0.
+pub fn decode_slot(raw: u32) -> Option<(u32, u32)> {
+    let v = raw.checked_sub(1)?;
+    Some((v >> 16, v & 0xffff))
 }
 
 /// Key of `sluice_cluster_v4` (`struct sluice_cidr_key_v4`).
@@ -338,6 +354,15 @@ mod tests {
         assert_eq!(key.destination().to_string(), "203.0.113.0/24");
         assert_eq!(PolicyKeyV4::from_lpm(&key.lpm()), key);
         assert_eq!(be("1.2.3.4".parse().unwrap()).to_ne_bytes(), [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn slots_round_trip_and_zero_means_unknown() {
+        for (entry, slot) in [(0, 0), (3, 7), (0x7fff, 0xffff)] {
+            assert_eq!(decode_slot(encode_slot(entry, slot)), Some((entry, slot)));
+        }
+        assert_eq!(encode_slot(0x8000, 0), 0);
+        assert_eq!(decode_slot(0), None);
     }
 
     #[test]

@@ -521,7 +521,6 @@ impl Agent {
             link.applied.send_replace(Applied {
                 session: state.session,
                 generation: state.generation,
-                serves: state.serves.clone(),
                 errors: want
                     .entry_errors
                     .iter()

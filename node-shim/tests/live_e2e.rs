@@ -28,12 +28,12 @@ impl Operator {
         let thread = std::thread::spawn(move || {
             enter_netns(&ns);
             let rt = tokio::runtime::Runtime::new().expect("runtime");
-            rt.block_on(async {
-                tokio::select! {
-                    r = sluice_operator::runner::run(opts) => r.expect("operator runs"),
-                    _ = stopped => {}
-                }
-            });
+            // Not `run`: its SIGINT handler would keep Ctrl-C from ending the test process.
+            let stop = async {
+                let _ = stopped.await;
+            };
+            rt.block_on(sluice_operator::runner::run_until(opts, None, stop))
+                .expect("operator runs");
         });
         Operator {
             stop: Some(stop),
@@ -119,6 +119,116 @@ fn first_connection_via(ns: &str, egress: &str, since: Instant, timeout: Duratio
     None
 }
 
+/// The operator's options: the `dir:` source on `dir`, static tokens from `tokens/table`.
+fn options(dir: &Path, tokens: &Path, grace: Duration) -> RunOptions {
+    RunOptions {
+        source: Source::Dir(dir.to_owned()),
+        grpc_listen: GRPC.parse().unwrap(),
+        metrics_listen: None,
+        tls_cert: None,
+        tls_key: None,
+        heartbeat_grace: grace,
+        tokens_file: Some(tokens.join("table")),
+        insecure_allow_any_node: false,
+        token_audience: "sluice-operator".into(),
+        shim_service_accounts: vec![],
+        poll: Duration::from_millis(100),
+        lease_namespace: String::new(),
+        lease_name: String::new(),
+        leader_service: None,
+        pod_ip: None,
+        limits: Default::default(),
+        lease_timings: Default::default(),
+        lease_file: None,
+    }
+}
+
+/// A testbed with the demo cluster in a manifest directory and a token per node; returns the
+/// directory and the tokens' directory.
+fn live_testbed() -> (Testbed, PathBuf, PathBuf) {
+    let tb = Testbed::new().expect("builds the testbed");
+    let dir: PathBuf = tb.scratch().join("manifests");
+    let tokens: PathBuf = tb.scratch().join("tokens");
+    fs::create_dir_all(&dir).unwrap();
+    fs::create_dir_all(&tokens).unwrap();
+    let mut table = String::new();
+    for (node, _) in NODES {
+        fs::write(tokens.join(node), format!("token-of-{node}\n")).unwrap();
+        table.push_str(&format!("token-of-{node} {node}\n"));
+    }
+    fs::write(tokens.join("table"), table).unwrap();
+    fs::write(dir.join("cluster.yaml"), CLUSTER).unwrap();
+    (tb, dir, tokens)
+}
+
+#[test]
+fn a_new_operator_keeps_the_gateway_the_datapaths_hold() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIP live_e2e: needs root (network namespaces, eBPF); CI runs it as root");
+        return;
+    }
+    let grace = Duration::from_secs(1);
+    let (mut tb, dir, tokens) = live_testbed();
+    // One slot, two candidates (n1, n3); no egress IP: p2 leaves with its gateway's node IP.
+    write(
+        &dir.join("policy.yaml"),
+        "apiVersion: sluice.dev/v1alpha1\nkind: EgressGatewayPolicy\nmetadata:\n  name: one-slot\n\
+         spec:\n  selectors:\n    - podSelector:\n        matchLabels: {app: checkout}\n  \
+         destinationCIDRs: [203.0.113.0/24]\n  egressGateways:\n    - nodeSelector:\n        \
+         matchLabels: {sluice.dev/egress: \"true\"}\n  failurePolicy: Drop\n",
+    );
+    let operator = Operator::start(tb.ns("ul"), options(&dir, &tokens, grace));
+    for (node, _) in NODES {
+        start_shim(&mut tb, node, &tokens);
+    }
+    let via = |tb: &Testbed| tb.fetch("p2", EXT_A).map(|s| s.trim().to_owned());
+    assert!(wait_for(Duration::from_secs(20), || {
+        via(&tb).is_ok_and(|v| v == tb.node_ip("n1") || v == tb.node_ip("n3"))
+    }));
+    // The hash's choice fails; the other gateway takes over, and keeps the slot when the first
+    // comes back.
+    let first = if via(&tb).unwrap() == tb.node_ip("n1") {
+        "n1"
+    } else {
+        "n3"
+    };
+    let second = if first == "n1" { "n3" } else { "n1" };
+    tb.kill(&format!("shim-{first}"));
+    wait_egress(&tb, "p2", &tb.node_ip(second), Duration::from_secs(10));
+    start_shim(&mut tb, first, &tokens);
+    std::thread::sleep(grace * 2);
+    assert_eq!(
+        via(&tb).unwrap(),
+        tb.node_ip(second),
+        "a recovered gateway takes nothing back"
+    );
+
+    // A new operator has no memory, and the `dir:` source no status to read back: only what the
+    // datapaths hold says that `second` fills the slot. Through the restart and past the
+    // settling period, every connection leaves through `second`.
+    drop(operator);
+    let _operator = Operator::start(tb.ns("ul"), options(&dir, &tokens, grace));
+    let until = Instant::now() + Duration::from_secs(9);
+    let (mut ok, mut failed, mut moved) = (0, 0, 0);
+    while Instant::now() < until {
+        match via(&tb) {
+            Ok(v) if v == tb.node_ip(second) => ok += 1,
+            Ok(_) => moved += 1,
+            Err(_) => failed += 1,
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let logs: String = NODES
+        .iter()
+        .map(|(n, _)| format!("--- shim-{n}\n{}", tb.log(&format!("shim-{n}"))))
+        .collect();
+    assert_eq!(
+        (failed, moved),
+        (0, 0),
+        "{ok} connections through {second}, {failed} failed, {moved} through another gateway\n{logs}"
+    );
+}
+
 #[test]
 fn operator_and_shims_move_traffic_on_edits_and_on_failover() {
     if !nix::unistd::geteuid().is_root() {
@@ -135,44 +245,11 @@ fn operator_and_shims_move_traffic_on_edits_and_on_failover() {
         )
         .with_test_writer()
         .try_init();
-    let mut tb = Testbed::new().expect("builds the testbed");
-    let dir: PathBuf = tb.scratch().join("manifests");
-    let tokens: PathBuf = tb.scratch().join("tokens");
-    fs::create_dir_all(&dir).unwrap();
-    fs::create_dir_all(&tokens).unwrap();
-    let mut table = String::new();
-    for (node, _) in NODES {
-        fs::write(tokens.join(node), format!("token-of-{node}\n")).unwrap();
-        table.push_str(&format!("token-of-{node} {node}\n"));
-    }
-    fs::write(tokens.join("table"), table).unwrap();
-    fs::write(dir.join("cluster.yaml"), CLUSTER).unwrap();
+    let (mut tb, dir, tokens) = live_testbed();
     let policy = dir.join("policy.yaml");
     write(&policy, &only_gateway("n1", EGRESS_N1));
 
-    let _operator = Operator::start(
-        tb.ns("ul"),
-        RunOptions {
-            source: Source::Dir(dir.clone()),
-            grpc_listen: GRPC.parse().unwrap(),
-            metrics_listen: None,
-            tls_cert: None,
-            tls_key: None,
-            heartbeat_grace: grace,
-            tokens_file: Some(tokens.join("table")),
-            insecure_allow_any_node: false,
-            token_audience: "sluice-operator".into(),
-            shim_service_accounts: vec![],
-            poll: Duration::from_millis(100),
-            lease_namespace: String::new(),
-            lease_name: String::new(),
-            leader_service: None,
-            pod_ip: None,
-            limits: Default::default(),
-            lease_timings: Default::default(),
-            lease_file: None,
-        },
-    );
+    let _operator = Operator::start(tb.ns("ul"), options(&dir, &tokens, grace));
     for (node, _) in NODES {
         start_shim(&mut tb, node, &tokens);
     }

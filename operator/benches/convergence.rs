@@ -132,7 +132,6 @@ async fn bench(size: Size, changes: usize) {
                 applied_tx.send_replace(Applied {
                     session: state.session,
                     generation: state.generation,
-                    serves: state.serves.clone(),
                     errors: vec![],
                 });
             }

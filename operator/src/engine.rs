@@ -81,13 +81,15 @@ impl EngineConfig {
 /// The longest wait between a shim's reconnect attempts (`sluice_proto::client::Config`).
 const SHIM_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// A gateway duty a shim reports its datapath holding: `node` fills `slot` of gateway entry
-/// `entry` of `policy`.
+/// What a shim reports its datapath holding: the node with underlay address `gateway` fills
+/// `slot` of gateway entry `entry` of `policy` (the shim's own pods are steered to it, or the
+/// shim's node is that gateway).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeldDuty {
     pub policy: String,
     pub entry: usize,
     pub slot: usize,
+    pub gateway: IpAddr,
 }
 
 /// A change of one node's entry held back until `gateway` acknowledges `generation` (0 until
@@ -335,8 +337,8 @@ pub struct Engine {
     tables: BTreeMap<Arc<str>, Table>,
     generations: Generations,
     settling: Settling,
-    /// While settling: per policy, the slots shims reported holding (node included).
-    held: HashMap<String, Vec<GatewaySlot>>,
+    /// While settling: per policy, the slots shims reported holding, by gateway address.
+    held: HashMap<String, Vec<HeldDuty>>,
     /// Changes held back until a gateway has acknowledged an entry ([`Engine::defer_switches`]).
     deferred: Vec<Deferred>,
     pending: PlanDelta,
@@ -441,26 +443,50 @@ impl Engine {
     }
 
     /// Adopts the slots a shim reports holding as retained gateways (while settling).
-    fn adopt_held(&mut self, node: &str, held: Vec<HeldDuty>) {
+    fn adopt_held(&mut self, held: Vec<HeldDuty>) {
         let mut policies = BTreeSet::new();
         for d in held {
             let slots = self.held.entry(d.policy.clone()).or_default();
-            slots.retain(|s| !(s.entry == d.entry && (s.slot == d.slot || s.node == node)));
-            slots.push(GatewaySlot {
-                entry: d.entry,
-                slot: d.slot,
-                node: node.to_owned(),
-            });
-            policies.insert(d.policy);
+            slots.retain(|s| !(s.entry == d.entry && (s.slot == d.slot || s.gateway == d.gateway)));
+            policies.insert(d.policy.clone());
+            slots.push(d);
         }
+        self.apply_held(policies);
+    }
+
+    /// Makes the held slots of `policies` their retained gateways.
+    fn apply_held(&mut self, policies: BTreeSet<String>) {
         for policy in policies {
-            if let Some(input) = self.policy_inputs.get_mut(&policy) {
+            if let Some(input) = self.policy_inputs.get(&policy) {
                 let mut input = input.clone();
-                retain_held(&mut input.retained_gateways, &self.held[&policy]);
+                let held = self.held_slots(&policy);
+                retain_held(&mut input.retained_gateways, &held);
                 self.policy_inputs.insert(policy, input.clone());
                 self.apply(Change::UpsertPolicy(input));
             }
         }
+    }
+
+    /// The slots reported held for `policy`, with the gateways' node names (addresses the source
+    /// does not know are left out).
+    fn held_slots(&self, policy: &str) -> Vec<GatewaySlot> {
+        let Some(held) = self.held.get(policy) else {
+            return Vec::new();
+        };
+        let by_ip: HashMap<IpAddr, &str> = self
+            .source_nodes
+            .values()
+            .filter_map(|n| Some((n.tunnel_ip()?, n.name.as_str())))
+            .collect();
+        held.iter()
+            .filter_map(|d| {
+                Some(GatewaySlot {
+                    entry: d.entry,
+                    slot: d.slot,
+                    node: (*by_ip.get(&d.gateway)?).to_owned(),
+                })
+            })
+            .collect()
     }
 
     fn effective(&self, source: &NodeInfo) -> NodeInfo {
@@ -494,6 +520,11 @@ impl Engine {
             SourceEvent::Synced => {
                 if !self.synced {
                     tracing::info!("source synced: publishing plans");
+                    // Nodes reported as gateways before the source knew them can be named now.
+                    if self.settling() {
+                        let policies = self.held.keys().cloned().collect();
+                        self.apply_held(policies);
+                    }
                 }
                 self.synced = true;
             }
@@ -512,8 +543,8 @@ impl Engine {
                     // what the source remembers (the last leader's choice, from its status).
                     if self.policy_inputs.contains_key(&input.name) {
                         input.retained_gateways = self.planner.gateway_slots(&input.name);
-                    } else if let Some(held) = self.held.get(&input.name) {
-                        retain_held(&mut input.retained_gateways, held);
+                    } else if self.held.contains_key(&input.name) {
+                        retain_held(&mut input.retained_gateways, &self.held_slots(&input.name));
                     }
                     self.policy_inputs.insert(input.name.clone(), input.clone());
                     self.apply(Change::UpsertPolicy(input));
@@ -554,7 +585,7 @@ impl Engine {
                     },
                 );
                 if self.settling() && !held.is_empty() {
-                    self.adopt_held(&node, held);
+                    self.adopt_held(held);
                 }
                 if old.is_none_or(|o| !o.alive || o.interfaces != interfaces) {
                     self.refresh_node(&node);

@@ -440,6 +440,8 @@ fn entry(e: &EgressEntry) -> v1::Entry {
         egress_ip: e.egress_ip.map(|ip| ip.to_string()),
         interface: e.interface.as_deref().map(str::to_owned),
         source_node_ip: e.source_node_ip.map(|ip| ip.to_string()),
+        gateway_entry: e.gateway_slot.map(|(entry, _)| entry as u32),
+        gateway_slot: e.gateway_slot.map(|(_, slot)| slot as u32),
         policy: e.policy.to_string(),
     }
 }
@@ -484,13 +486,16 @@ fn entry_errors(ack: &v1::Ack) -> Vec<(EntryKey, String)> {
 /// that is a candidate anyway in a slot the policy has; anything else in them is ignored.
 fn held_duties(hello: &v1::Hello) -> Vec<HeldDuty> {
     hello
-        .serves
+        .held
         .iter()
         .filter(|d| !d.policy.is_empty())
-        .map(|d| HeldDuty {
-            policy: d.policy.clone(),
-            entry: d.entry as usize,
-            slot: d.slot as usize,
+        .filter_map(|d| {
+            Some(HeldDuty {
+                policy: d.policy.clone(),
+                entry: d.entry as usize,
+                slot: d.slot as usize,
+                gateway: d.gateway.parse().ok()?,
+            })
         })
         .collect()
 }

@@ -58,6 +58,10 @@ pub struct EgressEntry {
     /// Set on the gateway node's entries for pods of other nodes: the underlay address of the
     /// pod's node, the only outer source the gateway accepts this (source, destination) from.
     pub source_node_ip: Option<IpAddr>,
+    /// For entries steering to a gateway: the policy's gateway entry and slot it fills. Both
+    /// nodes keep it in their datapath, so that after an operator restart what the datapath
+    /// holds tells the new leader who fills which slot.
+    pub gateway_slot: Option<(usize, usize)>,
     pub policy: Arc<str>,
 }
 
@@ -212,15 +216,16 @@ impl Resolved {
     /// The entries this resolution puts on nodes: one on the source node, and one on the
     /// gateway node when that is another node.
     fn placements(&self, key: EntryKey) -> SmallVec<[(Arc<str>, EgressEntry); 2]> {
-        let (gateway, egress_ip, interface) = match &self.target {
+        let (gateway, egress_ip, interface, gateway_slot) = match &self.target {
             Target::Gateway(g) => (
                 GatewayTarget::Node(g.ip),
                 g.egress_for(key.source),
                 g.interface.clone(),
+                Some((g.entry, g.slot)),
             ),
-            Target::None => (GatewayTarget::None, None, None),
-            Target::Fallback => (GatewayTarget::Fallback, None, None),
-            Target::Excluded => (GatewayTarget::Excluded, None, None),
+            Target::None => (GatewayTarget::None, None, None, None),
+            Target::Fallback => (GatewayTarget::Fallback, None, None, None),
+            Target::Excluded => (GatewayTarget::Excluded, None, None, None),
         };
         let entry = |with_egress: bool, source_node_ip: Option<IpAddr>| EgressEntry {
             key,
@@ -228,6 +233,7 @@ impl Resolved {
             egress_ip: if with_egress { egress_ip } else { None },
             interface: if with_egress { interface.clone() } else { None },
             source_node_ip,
+            gateway_slot,
             policy: self.policy.clone(),
         };
         let mut out = SmallVec::new();

@@ -35,6 +35,10 @@ pub fn document(planner: &Planner) -> PlanDocument {
                     egress_ip: e.egress_ip,
                     interface: e.interface.map(|i| i.to_string()),
                     source_node_ip: e.source_node_ip,
+                    gateway_slot: e.gateway_slot.map(|(entry, slot)| sluice_proto::GatewaySlotDoc {
+                        entry: entry as u32,
+                        slot: slot as u32,
+                    }),
                     policy: e.policy.to_string(),
                 })
                 .collect(),

@@ -264,26 +264,33 @@ fn a_new_leader_keeps_the_retained_gateway_whatever_order_the_shims_return_in() 
 }
 
 #[test]
-fn the_duties_shims_report_are_adopted_without_any_status() {
-    // The `dir:` source has no status to read back: the datapath is the truth.
+fn what_the_datapaths_hold_is_adopted_without_any_status() {
+    // The `dir:` source has no status to read back: the datapath is the truth. Either the pod's
+    // node (its pod is steered to `other`) or `other` itself (it serves the slot) says so.
     let (preferred, other) = preferred_and_other();
     let held = || {
         vec![HeldDuty {
             policy: "egress".into(),
             entry: 0,
             slot: 0,
+            gateway: ip_of(other),
         }]
     };
-    for order in [["w", preferred, other], [other, "w", preferred]] {
+    for (order, reporter) in [
+        (["w", preferred, other], "w"),
+        (["w", preferred, other], other),
+        ([other, "w", preferred], other),
+        ([preferred, other, "w"], "w"),
+    ] {
         let mut s = Started::new(policy(vec![]));
         for (i, node) in order.iter().enumerate() {
-            let duties = if *node == other { held() } else { vec![] };
-            s.connect(node, duties, Duration::from_millis(100 * (i as u64 + 1)));
+            let report = if *node == reporter { held() } else { vec![] };
+            s.connect(node, report, Duration::from_millis(100 * (i as u64 + 1)));
         }
         assert_eq!(
             s.targets(),
             vec![GatewayTarget::Node(ip_of(other))],
-            "{order:?}: the gateway that holds the duty keeps it"
+            "{order:?}, reported by {reporter}: the slot stays where the datapaths have it"
         );
     }
 }

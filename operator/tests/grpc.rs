@@ -208,7 +208,6 @@ impl Shim {
                 applied_tx.send_replace(Applied {
                     session: state.session,
                     generation: state.generation,
-                    serves: state.serves.clone(),
                     errors: vec![],
                 });
             }

@@ -133,9 +133,6 @@ impl NodeState {
 pub struct Applied {
     pub session: u64,
     pub generation: u64,
-    /// The gateway duties of the applied state: what this node reports holding in its next
-    /// `Hello`, so that a new leader keeps them.
-    pub serves: Vec<GatewayDuty>,
     pub errors: Vec<v1::EntryError>,
 }
 

@@ -30,6 +30,8 @@ impl From<&EntryDoc> for v1::Entry {
             egress_ip: e.egress_ip.map(|ip| ip.to_string()),
             interface: e.interface.clone(),
             source_node_ip: e.source_node_ip.map(|ip| ip.to_string()),
+            gateway_entry: e.gateway_slot.map(|s| s.entry),
+            gateway_slot: e.gateway_slot.map(|s| s.slot),
             policy: e.policy.clone(),
         }
     }
@@ -53,6 +55,16 @@ impl TryFrom<&v1::Entry> for EntryDoc {
                 .as_deref()
                 .map(|v| parse("source node IP", v))
                 .transpose()?,
+            gateway_slot: match (e.gateway_entry, e.gateway_slot) {
+                (Some(entry), Some(slot)) => Some(crate::GatewaySlotDoc { entry, slot }),
+                (None, None) => None,
+                (entry, slot) => {
+                    return Err(BadField {
+                        field: "gateway slot",
+                        value: format!("entry {entry:?}, slot {slot:?}: both or neither"),
+                    });
+                }
+            },
             policy: e.policy.clone(),
         })
     }
@@ -110,6 +122,7 @@ mod tests {
             egress_ip: Some("192.168.101.1".parse().unwrap()),
             interface: Some("eth1".into()),
             source_node_ip: Some("192.168.1.2".parse().unwrap()),
+            gateway_slot: Some(crate::GatewaySlotDoc { entry: 1, slot: 2 }),
             policy: "p".into(),
         };
         let wire = v1::Entry::from(&e);

@@ -12,8 +12,8 @@ pub mod convert;
 pub mod plan;
 
 pub use plan::{
-    EntryDoc, GatewayDuty, GatewayReport, GatewayTarget, NodePlanDoc, PlanDocument, PolicyConflict,
-    PolicyReport,
+    EntryDoc, GatewayDuty, GatewayReport, GatewaySlotDoc, GatewayTarget, NodePlanDoc, PlanDocument,
+    PolicyConflict, PolicyReport,
 };
 
 /// The generated `sluice.v1` messages and services.

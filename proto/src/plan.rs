@@ -73,8 +73,19 @@ pub struct EntryDoc {
     /// that address only; absent, it accepts them from nowhere.
     #[serde(rename = "sourceNodeIP", default, skip_serializing_if = "Option::is_none")]
     pub source_node_ip: Option<IpAddr>,
+    /// For entries steering to a gateway: the policy's gateway entry and the slot of it the
+    /// gateway fills (what a shim reports holding to a new leader).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_slot: Option<GatewaySlotDoc>,
     /// The policy this entry comes from.
     pub policy: String,
+}
+
+/// A gateway entry of a policy (index in its list) and one of its slots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct GatewaySlotDoc {
+    pub entry: u32,
+    pub slot: u32,
 }
 
 /// Where matching traffic goes. Serialized as the gateway node's IP, or one of the markers
@@ -197,6 +208,7 @@ mod tests {
             egress_ip: Some("192.168.101.1".parse().unwrap()),
             interface: None,
             source_node_ip: None,
+            gateway_slot: None,
             policy: "p".into(),
         };
         let v = serde_json::to_value(&e).unwrap();
