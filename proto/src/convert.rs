@@ -55,16 +55,11 @@ impl TryFrom<&v1::Entry> for EntryDoc {
                 .as_deref()
                 .map(|v| parse("source node IP", v))
                 .transpose()?,
-            gateway_slot: match (e.gateway_entry, e.gateway_slot) {
-                (Some(entry), Some(slot)) => Some(crate::GatewaySlotDoc { entry, slot }),
-                (None, None) => None,
-                (entry, slot) => {
-                    return Err(BadField {
-                        field: "gateway slot",
-                        value: format!("entry {entry:?}, slot {slot:?}: both or neither"),
-                    });
-                }
-            },
+            // Advisory (nothing forwards by it): half of it is as good as none.
+            gateway_slot: e
+                .gateway_entry
+                .zip(e.gateway_slot)
+                .map(|(entry, slot)| crate::GatewaySlotDoc { entry, slot }),
             policy: e.policy.clone(),
         })
     }

@@ -68,15 +68,18 @@ fn entry() -> impl Strategy<Value = v1::Entry> {
         prop::option::of(name_text()),
         prop::option::of(ip_text()),
         name_text(),
+        (prop::option::of(any::<u32>()), prop::option::of(any::<u32>())),
     )
         .prop_map(
-            |(source, destination, gateway, egress_ip, interface, source_node_ip, policy)| v1::Entry {
+            |(source, destination, gateway, egress_ip, interface, source_node_ip, policy, slot)| v1::Entry {
                 source,
                 destination,
                 gateway,
                 egress_ip,
                 interface,
                 source_node_ip,
+                gateway_entry: slot.0,
+                gateway_slot: slot.1,
                 policy,
             },
         )

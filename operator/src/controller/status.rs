@@ -81,7 +81,7 @@ pub fn desired(
                 message.push_str(&b.to_string());
             }
             let unnamed = (update.to_program - update.programmed).saturating_sub(update.behind.len());
-            if unnamed > 0 {
+            if unnamed > 0 && !update.behind.is_empty() {
                 message.push_str(&format!("; and {unnamed} more nodes"));
             }
             let failed = update
@@ -309,7 +309,7 @@ mod tests {
         );
         assert_eq!(
             summary(&s)[2],
-            row("Programmed", "False", "Pending", "9/12 nodes; and 3 more nodes")
+            row("Programmed", "False", "Pending", "9/12 nodes")
         );
     }
 
