@@ -120,8 +120,10 @@ impl Default for ReviewLimits {
             ttl: Duration::from_secs(60),
             negative_ttl: Duration::from_secs(10),
             cache_size: 10_000,
-            rate: 50.0,
-            burst: 100,
+            // A new leader must admit every shim within its settling period (a few seconds):
+            // the burst covers a large cluster at once, the rate bounds garbage afterwards.
+            rate: 100.0,
+            burst: 5_000,
         }
     }
 }

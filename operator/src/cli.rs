@@ -143,10 +143,11 @@ pub struct RunArgs {
     /// TokenReviews of tokens not in the cache, per second; beyond that (and the burst) clients
     /// are refused with RESOURCE_EXHAUSTED and retry. Bounds what garbage tokens cost the API
     /// server; also how fast a new leader admits every shim (nodes / rate seconds).
-    #[arg(long, env = "SLUICE_TOKEN_REVIEW_RATE", default_value_t = 50.0)]
+    #[arg(long, env = "SLUICE_TOKEN_REVIEW_RATE", default_value_t = 100.0)]
     pub token_review_rate: f64,
-    /// TokenReviews of tokens not in the cache allowed at once.
-    #[arg(long, env = "SLUICE_TOKEN_REVIEW_BURST", default_value_t = 100,
+    /// TokenReviews of tokens not in the cache allowed at once: at least the number of nodes, so
+    /// that a new leader admits every shim before its settling period ends.
+    #[arg(long, env = "SLUICE_TOKEN_REVIEW_BURST", default_value_t = 5_000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub token_review_burst: u32,
 }
