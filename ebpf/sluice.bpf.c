@@ -15,6 +15,7 @@
 #include <linux/ip.h>
 #include <linux/pkt_cls.h>
 #include <linux/socket.h>
+#include <linux/tcp.h>
 #include <linux/udp.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
@@ -24,6 +25,18 @@
 #ifndef AF_INET
 #define AF_INET 2
 #endif
+
+/* ICMP error types (linux/icmp.h pulls in libc headers a BPF build cannot use). */
+#define SLUICE_ICMP_DEST_UNREACH 3
+#define SLUICE_ICMP_TIME_EXCEEDED 11
+#define SLUICE_ICMP_PARAMETERPROB 12
+
+struct sluice_icmp_header {
+	__u8 type;
+	__u8 code;
+	__sum16 checksum;
+	__be32 rest; /* unused, or the next-hop MTU of "fragmentation needed" */
+};
 
 /*
  * Verdict for "not ours / carry on": TC_ACT_UNSPEC is TCX_NEXT, so programs attached after ours
@@ -223,6 +236,64 @@ static __always_inline int to_tunnel_port(struct __sk_buff *skb, struct iphdr *i
 }
 
 /*
+ * Lowers the MSS option of a TCP SYN (or SYN-ACK) to `max`, so that neither end sends segments
+ * that the tunnel would have to fragment: the pod's side may have the underlay's full MTU.
+ * Invalidates packet pointers. Options are walked for at most 16 steps (40 bytes of options).
+ */
+static __always_inline void clamp_mss(struct __sk_buff *skb, __u32 max)
+{
+	struct iphdr ip;
+	struct tcphdr th;
+	const __u32 l3 = sizeof(struct ethhdr);
+
+	if (!max || bpf_skb_load_bytes(skb, l3, &ip, sizeof(ip)) < 0)
+		return;
+	if (ip.protocol != IPPROTO_TCP || (ip.frag_off & bpf_htons(0x1fff)) || ip.ihl < 5)
+		return;
+	__u32 l4 = l3 + ip.ihl * 4;
+
+	if (bpf_skb_load_bytes(skb, l4, &th, sizeof(th)) < 0 || !th.syn)
+		return;
+	__u32 end = l4 + th.doff * 4;
+	__u32 off = l4 + sizeof(struct tcphdr);
+
+#pragma unroll
+	for (int i = 0; i < 16; i++) {
+		__u8 opt[2];
+
+		if (off + 4 > end || bpf_skb_load_bytes(skb, off, opt, 2) < 0)
+			return;
+		if (opt[0] == 0) /* end of options */
+			return;
+		if (opt[0] == 1) { /* no-op */
+			off += 1;
+			continue;
+		}
+		if (opt[0] == 2 && opt[1] == 4) {
+			__be16 mss;
+
+			if (bpf_skb_load_bytes(skb, off + 2, &mss, sizeof(mss)) < 0)
+				return;
+			if (bpf_ntohs(mss) <= max)
+				return;
+			__be16 clamped = bpf_htons((__u16)max);
+
+			if (bpf_l4_csum_replace(skb, l4 + __builtin_offsetof(struct tcphdr, check), mss,
+						clamped, sizeof(clamped)) < 0 ||
+			    bpf_skb_store_bytes(skb, off + 2, &clamped, sizeof(clamped), 0) < 0) {
+				count(SLUICE_CTR_ERROR, skb->len);
+				return;
+			}
+			count(SLUICE_CTR_MSS_CLAMPED, skb->len);
+			return;
+		}
+		if (opt[1] < 2)
+			return;
+		off += opt[1];
+	}
+}
+
+/*
  * Reverse-path check: does the route back to the packet's source leave by the interface the
  * packet came in on? On routed CNIs (a route per pod to its veth) that ties the address to the
  * pod. On bridged CNIs the route leads to the bridge: then the frame must come from a port of
@@ -331,6 +402,7 @@ int sluice_from_pod(struct __sk_buff *skb)
 		count(SLUICE_CTR_ERROR, skb->len);
 		return TC_ACT_SHOT;
 	}
+	clamp_mss(skb, cfg->tcp_mss_max);
 	if (set_tunnel_dst(skb, cfg, v->gateway_ip) < 0) {
 		count(SLUICE_CTR_ERROR, skb->len);
 		return TC_ACT_SHOT;
@@ -451,7 +523,36 @@ int sluice_from_tunnel(struct __sk_buff *skb)
 	if (v && v->kind == SLUICE_KIND_GATEWAY && !(v->flags & SLUICE_F_LOCAL_GATEWAY) &&
 	    (peer_flags & SLUICE_PEER_GATEWAY) && v->gateway_ip == remote) {
 		count(SLUICE_CTR_REPLY_DELIVERED, skb->len);
+		/* The pod's side may have the underlay's full MTU: its segments must fit the tunnel. */
+		clamp_mss(skb, cfg->tcp_mss_max);
 		return deliver_to_pod(skb);
+	}
+
+	/*
+	 * An ICMP error about a steered flow (from a router on the gateway's way out: "fragmentation
+	 * needed", unreachable, time exceeded), de-NATed by the gateway's conntrack: its source is
+	 * that router, not the destination, so it is matched by the packet it quotes (pod ->
+	 * destination), which must be steered to the gateway it came from. Path MTU discovery needs it.
+	 */
+	if (ip->protocol == IPPROTO_ICMP && (peer_flags & SLUICE_PEER_GATEWAY) && ip->ihl == 5) {
+		struct {
+			struct sluice_icmp_header icmp;
+			struct iphdr inner;
+		} err;
+
+		if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + sizeof(struct iphdr), &err,
+				       sizeof(err)) == 0 &&
+		    (err.icmp.type == SLUICE_ICMP_DEST_UNREACH ||
+		     err.icmp.type == SLUICE_ICMP_TIME_EXCEEDED ||
+		     err.icmp.type == SLUICE_ICMP_PARAMETERPROB) &&
+		    err.inner.saddr == daddr) {
+			v = policy_lookup(err.inner.saddr, err.inner.daddr);
+			if (v && v->kind == SLUICE_KIND_GATEWAY &&
+			    !(v->flags & SLUICE_F_LOCAL_GATEWAY) && v->gateway_ip == remote) {
+				count(SLUICE_CTR_ICMP_ERROR_DELIVERED, skb->len);
+				return deliver_to_pod(skb);
+			}
+		}
 	}
 
 	count(SLUICE_CTR_DROP_UNKNOWN_TUNNEL, skb->len);

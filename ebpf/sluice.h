@@ -73,7 +73,11 @@ enum sluice_counter_index {
 	SLUICE_CTR_DROP_SPOOFED_SOURCE = 14,
 	/* A pod's UDP packet to the tunnel port (of any host): pods never speak the tunnel. */
 	SLUICE_CTR_DROP_POD_TO_TUNNEL = 15,
-	SLUICE_CTR_MAX = 16,
+	/* A steered TCP SYN (pod's node, either direction) whose MSS was lowered to fit the tunnel. */
+	SLUICE_CTR_MSS_CLAMPED = 16,
+	/* Source node: an ICMP error about a steered flow delivered to the pod. */
+	SLUICE_CTR_ICMP_ERROR_DELIVERED = 17,
+	SLUICE_CTR_MAX = 32,
 };
 
 /* --- Map layouts ------------------------------------------------------------------------- */
@@ -123,7 +127,7 @@ struct sluice_config {
 	__u32 tunnel_ttl;     /* outer TTL; 0 = 64 */
 	__u32 tunnel_port;    /* UDP port of the tunnel (host order); pods may not send to it */
 	__u32 flags;          /* SLUICE_CFG_* */
-	__u32 _pad;
+	__u32 tcp_mss_max;    /* largest TCP MSS that fits the tunnel unfragmented; 0 = no clamp */
 };
 
 /* --- Configuration flags (sluice_config.flags) ------------------------------------------ */

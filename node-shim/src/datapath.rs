@@ -347,7 +347,9 @@ fn replace_stale_layouts(dir: &Path) {
             continue;
         };
         let held = (info.key_size() as usize, info.value_size() as usize);
-        if held == (key, value) {
+        // Outcome counters index by position: a smaller array would drop the new ones.
+        let too_small = name == maps::COUNTERS && info.max_entries() < maps::COUNTERS_MAX;
+        if held == (key, value) && !too_small {
             continue;
         }
         tracing::warn!(

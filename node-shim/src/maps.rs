@@ -82,7 +82,7 @@ pub const MARK_POLICY_MASK: u32 = 0x0000_ffff;
 pub const MAX_POLICY_ID: u32 = MARK_POLICY_MASK;
 
 /// Counter indexes of `sluice_counters`, with their metric/CLI names (`enum sluice_counter_index`).
-pub const COUNTER_NAMES: [(u32, &str); 16] = [
+pub const COUNTER_NAMES: [(u32, &str); 18] = [
     (0, "steered"),
     (1, "local_egress"),
     (2, "egressed"),
@@ -99,6 +99,8 @@ pub const COUNTER_NAMES: [(u32, &str); 16] = [
     (13, "dropped_foreign_tunnel"),
     (14, "dropped_spoofed_source"),
     (15, "dropped_pod_to_tunnel_port"),
+    (16, "mss_clamped"),
+    (17, "icmp_error_delivered"),
 ];
 
 /// Index of the drop counter for `failurePolicy: Drop`.
@@ -179,8 +181,21 @@ pub struct Config {
     pub tunnel_port: u32,
     /// `CFG_*`.
     pub flags: u32,
-    pub _pad: u32,
+    /// Largest TCP MSS that fits the tunnel unfragmented ([`tunnel_mss`]); 0 = no clamp.
+    pub tcp_mss_max: u32,
 }
+
+/// Outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14) headers.
+pub const TUNNEL_OVERHEAD: u32 = 50;
+
+/// The largest MSS of a TCP segment over IPv4 that crosses the tunnel unfragmented on an
+/// underlay of `mtu` bytes (minus the inner IPv4 and TCP headers, 40 bytes).
+pub fn tunnel_mss(mtu: u32) -> u32 {
+    mtu.saturating_sub(TUNNEL_OVERHEAD + 40)
+}
+
+/// Capacity of `sluice_counters` (`SLUICE_CTR_MAX`).
+pub const COUNTERS_MAX: u32 = 32;
 
 /// Value of `sluice_counters` and `sluice_policy_stats` (`struct sluice_counter`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -336,6 +351,23 @@ mod tests {
         // aya's LPM key wrapper must produce the same bytes as the C key.
         assert_eq!(size_of::<Key<PolicyAddrsV4>>(), size_of::<PolicyKeyV4>());
         assert_eq!(size_of::<Key<u32>>(), size_of::<CidrKeyV4>());
+    }
+
+    #[test]
+    fn counters_have_room_for_every_outcome() {
+        let object = aya_obj::Object::parse(crate::datapath::OBJECT).unwrap();
+        assert_eq!(object.maps[COUNTERS].max_entries(), COUNTERS_MAX);
+        assert!(COUNTER_NAMES.iter().all(|(i, _)| *i < COUNTERS_MAX));
+        // The header's enum and the names agree (each index once, in order).
+        let header = include_str!("../../ebpf/sluice.h");
+        let indexes: Vec<u32> = header
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("SLUICE_CTR_"))
+            .filter(|l| !l.starts_with("MAX"))
+            .filter_map(|l| l.split('=').nth(1)?.trim().trim_end_matches(',').parse().ok())
+            .collect();
+        let named: Vec<u32> = COUNTER_NAMES.iter().map(|(i, _)| *i).collect();
+        assert_eq!(indexes, named);
     }
 
     #[test]

@@ -62,6 +62,19 @@ pub fn ifindex(name: &str) -> Option<u32> {
         .ok()
 }
 
+/// The MTU of the interface holding `address` (the underlay interface, for the node IP).
+pub fn mtu_of_address(address: Ipv4Addr) -> Option<u32> {
+    let interface = interfaces()
+        .ok()?
+        .into_iter()
+        .find(|i| i.ipv4.contains(&address))?;
+    fs::read_to_string(Path::new("/sys/class/net").join(&interface.name).join("mtu"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// The ifindex of the device `name` is enslaved to (a bridge, for bridged pod interfaces).
 pub fn master_ifindex(name: &str) -> Option<u32> {
     let master = fs::read_link(Path::new("/sys/class/net").join(name).join("master")).ok()?;

@@ -203,9 +203,9 @@ impl Agent {
             "adopted pinned maps"
         );
 
-        let mut cluster: Vec<Ipv4Net> = opts.cluster_cidrs.clone();
-        cluster.push(Ipv4Net::from(opts.node_ip));
-        sync_cluster(&mut dp.maps.cluster, &cluster)?;
+        // Only added to: what the map holds beyond the flags came from the operator's last plan,
+        // and stays in-cluster until the next plan says otherwise.
+        sync_cluster(&mut dp.maps.cluster, &own_cluster_cidrs(&opts, &[]), false)?;
 
         let metrics = Metrics::default();
         if let Some(addr) = opts.metrics_addr {
@@ -272,34 +272,14 @@ impl Agent {
     fn ensure_tunnel(&mut self) -> Result<()> {
         let current = netdev::ifindex(&self.opts.tunnel.device);
         if current.is_some() && current == Some(self.tunnel_ifindex) {
-            return Ok(());
+            // The underlay's MTU may change under a running tunnel.
+            return self.sync_config(self.tunnel_ifindex);
         }
         let ifindex = netdev::ensure_tunnel(&self.opts.tunnel)?;
         let device = self.opts.tunnel.device.clone();
         self.dp.attach(datapath::PROG_FROM_TUNNEL, &device, ifindex)?;
         self.dp.attach(datapath::PROG_TO_TUNNEL, &device, ifindex)?;
-        let config = Config {
-            tunnel_ifindex: ifindex,
-            vni: self.opts.tunnel.vni,
-            tunnel_ttl: 64,
-            tunnel_port: u32::from(self.opts.tunnel.port),
-            flags: match self.opts.source_check {
-                SourceCheck::Route => 0,
-                SourceCheck::Off => maps::CFG_NO_SOURCE_CHECK,
-            },
-            _pad: 0,
-        };
-        if self.dp.maps.config.get(&0, 0).ok() != Some(config) {
-            self.dp
-                .maps
-                .config
-                .set(0, config, 0)
-                .map_err(|source| Error::Map {
-                    name: maps::CONFIG,
-                    action: "writing".into(),
-                    source,
-                })?;
-        }
+        self.sync_config(ifindex)?;
         // The reply route goes with the device it points to: (re)install it with the device.
         nat::ensure_reply_route(self.opts.reply_table, ifindex)?;
         self.tunnel_ifindex = ifindex;
@@ -315,6 +295,35 @@ impl Agent {
             }
         }
         tracing::info!(%device, ifindex, port = self.opts.tunnel.port, "tunnel ready");
+        Ok(())
+    }
+
+    /// Writes the datapath's configuration when it differs from what the map holds.
+    fn sync_config(&mut self, tunnel_ifindex: u32) -> Result<()> {
+        let underlay_mtu = netdev::mtu_of_address(self.opts.node_ip);
+        let config = Config {
+            tunnel_ifindex,
+            vni: self.opts.tunnel.vni,
+            tunnel_ttl: 64,
+            tunnel_port: u32::from(self.opts.tunnel.port),
+            flags: match self.opts.source_check {
+                SourceCheck::Route => 0,
+                SourceCheck::Off => maps::CFG_NO_SOURCE_CHECK,
+            },
+            tcp_mss_max: underlay_mtu.map_or(0, maps::tunnel_mss),
+        };
+        if self.dp.maps.config.get(&0, 0).ok() != Some(config) {
+            tracing::info!(?underlay_mtu, mss = config.tcp_mss_max, "datapath configuration");
+            self.dp
+                .maps
+                .config
+                .set(0, config, 0)
+                .map_err(|source| Error::Map {
+                    name: maps::CONFIG,
+                    action: "writing".into(),
+                    source,
+                })?;
+        }
         Ok(())
     }
 
@@ -401,16 +410,18 @@ impl Agent {
         self.applied = None;
 
         self.plan_reads += 1;
-        let (bytes, entries) = match (&self.opts.plan, &state) {
+        let (bytes, entries, planned_cluster) = match (&self.opts.plan, &state) {
             (PlanSource::File(path), _) => {
                 let bytes =
                     fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
                 let entries = desired::plan_entries(path, &bytes, &self.opts.node)?;
-                (bytes, entries)
+                let cluster = plan_file_cluster_cidrs(&bytes, &self.opts.node);
+                (bytes, entries, cluster)
             }
             (_, Some(state)) => (
                 format!("generation {}", state.generation).into_bytes(),
                 state.entry_list(),
+                state.cluster_cidrs.clone(),
             ),
             (PlanSource::Operator(_), None) => unreachable!("checked above"),
         };
@@ -437,6 +448,13 @@ impl Agent {
             );
         }
 
+        // 0. The in-cluster set first: an entry of the new plan never catches in-cluster traffic
+        //    the plan itself says is in-cluster.
+        sync_cluster(
+            &mut self.dp.maps.cluster,
+            &own_cluster_cidrs(&self.opts, &planned_cluster),
+            true,
+        )?;
         // 1. SNAT rules, egress routing tables and rules for both the old and the new state, so
         //    no entry is ever ahead of its rules; 2. the maps, upserts first; 3. the rules as
         //    wanted.
@@ -638,7 +656,36 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::rename(&tmp, path).map_err(|e| Error::io(format!("renaming to {}", path.display()), e))
 }
 
-fn sync_cluster(map: &mut aya::maps::LpmTrie<MapData, u32, u32>, cidrs: &[Ipv4Net]) -> Result<()> {
+/// What `sluice_cluster_v4` must hold: `--cluster-cidr`, the node IP, and the in-cluster set of
+/// the plan (IPv4 only: the datapath has no IPv6 cluster map yet).
+fn own_cluster_cidrs(opts: &Options, planned: &[ipnet::IpNet]) -> Vec<Ipv4Net> {
+    let mut cidrs = opts.cluster_cidrs.clone();
+    cidrs.push(Ipv4Net::from(opts.node_ip));
+    for cidr in planned {
+        match cidr {
+            ipnet::IpNet::V4(v4) => cidrs.push(*v4),
+            ipnet::IpNet::V6(v6) => tracing::debug!(cidr = %v6, "IPv6 in-cluster CIDR ignored"),
+        }
+    }
+    cidrs
+}
+
+/// The in-cluster set of a plan document (the same in every node's section; this node's is
+/// read). The document was checked by [`desired::plan_entries`]: a document that does not parse
+/// never gets here.
+fn plan_file_cluster_cidrs(bytes: &[u8], node: &str) -> Vec<ipnet::IpNet> {
+    serde_json::from_slice::<sluice_proto::PlanDocument>(bytes)
+        .ok()
+        .and_then(|doc| doc.node(node).map(|n| n.cluster_cidrs.clone()))
+        .unwrap_or_default()
+}
+
+/// Makes the cluster map hold `cidrs`; with `prune`, only them.
+fn sync_cluster(
+    map: &mut aya::maps::LpmTrie<MapData, u32, u32>,
+    cidrs: &[Ipv4Net],
+    prune: bool,
+) -> Result<()> {
     let mut current = BTreeMap::new();
     for item in map.iter() {
         let (key, value) = item.map_err(|source| Error::Map {
@@ -648,7 +695,7 @@ fn sync_cluster(map: &mut aya::maps::LpmTrie<MapData, u32, u32>, cidrs: &[Ipv4Ne
         })?;
         current.insert((key.prefix_len(), key.data()), value);
     }
-    let desired: BTreeMap<(u32, u32), u32> = cidrs
+    let mut desired: BTreeMap<(u32, u32), u32> = cidrs
         .iter()
         .map(|c| {
             let c = c.trunc();
@@ -659,6 +706,9 @@ fn sync_cluster(map: &mut aya::maps::LpmTrie<MapData, u32, u32>, cidrs: &[Ipv4Ne
             ((key.prefixlen, key.addr), 1)
         })
         .collect();
+    if !prune {
+        desired.extend(current.iter().map(|(k, v)| (*k, *v)));
+    }
     struct ClusterStore<'a>(&'a mut aya::maps::LpmTrie<MapData, u32, u32>);
     impl Store<(u32, u32), u32> for ClusterStore<'_> {
         type Error = Error;

@@ -514,3 +514,74 @@ fn snated_traffic_leaves_by_the_policys_egress_interface() {
     assert_eq!(c.ip("n1", &["-4", "route", "show", "table", &table]).unwrap(), "");
     assert_eq!(c.fetch("p1", EXT_A).unwrap(), c.node_ip("n1"));
 }
+
+/// Sends `count` UDP datagrams of `size` bytes from pod `pod` to the external host's `port`;
+/// returns the (source, size) of those that arrived.
+fn udp_through(c: &Cluster, pod: &str, size: usize, count: usize, port: u16) -> Vec<(String, usize)> {
+    let listener = sluice_testbed::craft::Listener::bind(&c.ns("ext"), port).unwrap();
+    let to = std::net::SocketAddrV4::new(EXT_A.parse().unwrap(), port);
+    for i in 0..count {
+        sluice_testbed::craft::send_udp(&c.ns(pod), to, &vec![i as u8; size], 1).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    listener
+        .collect(Duration::from_secs(2))
+        .into_iter()
+        .map(|(from, bytes)| (from.ip().to_string(), bytes.len()))
+        .collect()
+}
+
+#[test]
+fn pods_with_the_underlays_mtu_are_clamped_not_fragmented() {
+    let Some(mut c) = cluster("pods_with_the_underlays_mtu") else {
+        return;
+    };
+    c.set_pod_mtu("p2", 1500).unwrap();
+    c.apply(&[policy_a("p2")]);
+    let (source_frags, gateway_frags) = (c.fragments_created("n2"), c.fragments_created("n1"));
+    let mut conn = c.connect("p2", EXT_A).expect("connects through the gateway");
+    assert_eq!(conn.greeting, EGRESS_N1);
+    // Bulk both ways: full-size segments from the pod and from the external host.
+    assert_eq!(conn.exchange(4_000_000, 4_000_000).unwrap(), EGRESS_N1);
+    assert_eq!(
+        c.fragments_created("n2") - source_frags,
+        0,
+        "the pod's node fragments nothing"
+    );
+    assert_eq!(
+        c.fragments_created("n1") - gateway_frags,
+        0,
+        "the gateway fragments no reply"
+    );
+    // The SYN on its way out and the SYN-ACK on its way to the pod.
+    assert!(c.counter("n2", "mss_clamped") >= 2);
+
+    // Datagrams that fill the pod's MTU arrive whole (the tunnel fragments them outside).
+    let got = udp_through(&c, "p2", 1472, 5, 9998);
+    assert_eq!(
+        got,
+        vec![(EGRESS_N1.to_owned(), 1472); 5],
+        "every datagram arrives, with the egress IP"
+    );
+}
+
+#[test]
+fn path_mtu_discovery_works_through_a_smaller_hop_behind_the_gateway() {
+    let Some(mut c) = cluster("path_mtu_discovery") else {
+        return;
+    };
+    c.set_pod_mtu("p2", 1500).unwrap();
+    c.set_router_mtu(1400).unwrap();
+    c.apply(&[policy_a("p2")]);
+    let mut conn = c.connect("p2", EXT_A).expect("connects through the gateway");
+    // The pod's full-size segments meet the 1400-byte hop: the router's "fragmentation needed"
+    // goes to the egress IP, the gateway's conntrack turns it back to the pod, the tunnel carries
+    // it home, and the pod sends smaller segments.
+    assert_eq!(conn.exchange(2_000_000, 1000).unwrap(), EGRESS_N1);
+    assert!(c.counter("n2", "icmp_error_delivered") > 0);
+    let route = c.ip("p2", &["route", "get", EXT_A]).unwrap();
+    assert!(
+        route.contains("mtu 1400"),
+        "the pod learned the path MTU: {route}"
+    );
+}

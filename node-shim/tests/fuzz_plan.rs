@@ -429,6 +429,7 @@ fn wire_plan() -> impl Strategy<Value = v1::OperatorMessage> {
                 entries,
                 serves: vec![],
                 heartbeat_interval_ms: 1000,
+                cluster_cidrs: vec![],
             })),
         }
     })

@@ -167,6 +167,7 @@ fn a_new_operator_reusing_a_generation_is_applied_and_acknowledged_only_after() 
             entries: vec![entry(destination, gateway, policy)],
             serves: vec![],
             heartbeat_interval_ms: 250,
+            cluster_cidrs: vec![],
         },
         wants: BTreeSet::from([(p2, destination.to_owned())]),
         bpffs: bpffs.clone(),

@@ -10,7 +10,7 @@ use std::{
 };
 
 use sluice_operator::runner::{RunOptions, Source};
-use sluice_testbed::{EGRESS_N1, EGRESS_N3, EXT_A, NODES, Testbed, enter_netns, wait_for};
+use sluice_testbed::{EGRESS_N1, EGRESS_N3, EXT_A, NODES, Testbed, enter_netns, in_netns, wait_for};
 
 const CLUSTER: &str = include_str!("../../examples/demo/cluster.yaml");
 const BOTH: &str = include_str!("../../examples/demo/policy.yaml");
@@ -140,6 +140,7 @@ fn options(dir: &Path, tokens: &Path, grace: Duration) -> RunOptions {
         limits: Default::default(),
         lease_timings: Default::default(),
         lease_file: None,
+        service_cidrs: vec![],
     }
 }
 
@@ -293,4 +294,104 @@ fn operator_and_shims_move_traffic_on_edits_and_on_failover() {
         took < grace * 2,
         "failover took {took:?} with a grace period of {grace:?}\n{logs}"
     );
+}
+
+/// A TCP server in namespace `ns` on `port` that greets each connection with the source address
+/// it saw, for as long as the test runs.
+fn greet_peers(tb: &Testbed, ns: &str, port: u16) {
+    use std::io::Write;
+    let listener = in_netns(&tb.ns(ns), || std::net::TcpListener::bind(("0.0.0.0", port)))
+        .unwrap_or_else(|e| panic!("binding :{port} in {ns}: {e}"));
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            if let Ok(peer) = stream.peer_addr() {
+                let _ = writeln!(stream, "{}", peer.ip());
+            }
+        }
+    });
+}
+
+/// Connects from `pod` to `dst:port`: the source address the server saw.
+fn seen_by(tb: &Testbed, pod: &str, dst: &str, port: u16) -> Result<String, String> {
+    use std::io::BufRead;
+    in_netns(&tb.ns(pod), || {
+        let addr = format!("{dst}:{port}").parse().unwrap();
+        let stream =
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        std::io::BufReader::new(stream)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        Ok(line.trim().to_owned())
+    })
+}
+
+#[test]
+fn a_policy_for_everything_leaves_the_cluster_alone_without_cluster_cidrs() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIP live_e2e: needs root (network namespaces, eBPF); CI runs it as root");
+        return;
+    }
+    let (mut tb, dir, tokens) = live_testbed();
+    fs::write(dir.join("cluster.yaml"), CLUSTER.replace("podCIDRs", "xPodCIDRs")).unwrap();
+    // Everything p2 (checkout on n2) sends goes through n3, as a user who forgot the cluster
+    // CIDRs would write it.
+    write(
+        &dir.join("policy.yaml"),
+        &format!(
+            "apiVersion: sluice.dev/v1alpha1\nkind: EgressGatewayPolicy\nmetadata:\n  name: everything\n\
+             spec:\n  selectors:\n    - podSelector:\n        matchLabels: {{app: checkout}}\n      \
+             nodeSelector:\n        matchLabels: {{kubernetes.io/hostname: n2}}\n  \
+             destinationCIDRs: [0.0.0.0/0]\n  egressGateways:\n    - nodeSelector:\n        \
+             matchLabels: {{kubernetes.io/hostname: n3}}\n      egressIP: {EGRESS_N3}\n  \
+             failurePolicy: Drop\n"
+        ),
+    );
+    let _operator = Operator::start(tb.ns("ul"), options(&dir, &tokens, Duration::from_secs(1)));
+    for (node, _) in NODES {
+        // No `--cluster-cidr`: the shims know their node IP and what the operator found.
+        let mut cmd = tb.shim_command_without_cluster_cidrs(node, env!("CARGO_BIN_EXE_sluice-shim"));
+        cmd.args(["--operator", &format!("http://{GRPC}")])
+            .arg("--token-file")
+            .arg(tokens.join(node))
+            .args(["--interval-ms", "1000"]);
+        tb.spawn(&format!("shim-{node}"), cmd).unwrap();
+    }
+    // Outside destinations are steered: the external host sees the egress IP.
+    wait_egress(&tb, "p2", EGRESS_N3, Duration::from_secs(20));
+
+    const PORT: u16 = 9181;
+    for ns in ["p1", "p3", "n1"] {
+        greet_peers(&tb, ns, PORT);
+    }
+    let logs = || -> String {
+        NODES
+            .iter()
+            .map(|(n, _)| format!("--- shim-{n}\n{}", tb.log(&format!("shim-{n}"))))
+            .collect()
+    };
+    let p2 = tb.pod("p2").1;
+    // Pod to pod, on another node and on its own: the peer sees the pod itself, not the egress
+    // IP (a steered connection would arrive from n3's egress IP, or not at all).
+    for (pod, ip) in [("p1", tb.pod("p1").1), ("p3", tb.pod("p3").1)] {
+        assert_eq!(
+            seen_by(&tb, "p2", ip, PORT).as_deref(),
+            Ok(p2),
+            "p2 -> {pod} ({ip}) was steered or dropped\n{}",
+            logs()
+        );
+    }
+    // Pod to another node: the CNI's masquerade shows n2's address; steered, it would be n3's
+    // egress IP.
+    assert_eq!(
+        seen_by(&tb, "p2", &tb.node_ip("n1"), PORT),
+        Ok(tb.node_ip("n2")),
+        "p2 -> n1 was steered or dropped\n{}",
+        logs()
+    );
+    // And outside destinations still leave with the egress IP.
+    assert!(tb.fetch("p2", EXT_A).unwrap().contains(EGRESS_N3));
 }

@@ -27,6 +27,10 @@ pub enum Command {
         manifests: Vec<PathBuf>,
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// A Service CIDR of the cluster (beside those of ServiceCIDR manifests), for the
+        /// in-cluster set (`clusterCIDRs`). Repeat or separate with commas.
+        #[arg(long = "service-cidr", value_delimiter = ',')]
+        service_cidrs: Vec<ipnet::IpNet>,
     },
     /// Print the EgressGatewayPolicy CRD.
     Crd,
@@ -109,6 +113,11 @@ pub struct RunArgs {
     /// A stopped or killed leader's lock is released at once.
     #[arg(long, env = "SLUICE_LEASE_FILE")]
     pub lease_file: Option<PathBuf>,
+    /// A Service CIDR of the cluster, for the in-cluster set every shim receives (no policy
+    /// steers traffic to it). Needed only where the API has no `ServiceCIDR` objects (before
+    /// Kubernetes 1.33) or the `dir:` source has none. Repeat or separate with commas.
+    #[arg(long = "service-cidr", env = "SLUICE_SERVICE_CIDRS", value_delimiter = ',')]
+    pub service_cidrs: Vec<ipnet::IpNet>,
     /// The selector-less Service the shims dial: the leader writes its EndpointSlice with its own
     /// pod IP, so both replicas can stay Ready while the shims reach only the leader. Without
     /// it, the standby reports not ready instead.
@@ -176,7 +185,11 @@ pub enum Output {
 /// Runs a command and returns what it prints on stdout.
 pub fn run(cli: Cli) -> anyhow::Result<String> {
     match cli.command {
-        Command::Plan { manifests, output } => plan(&manifests, output),
+        Command::Plan {
+            manifests,
+            output,
+            service_cidrs,
+        } => plan(&manifests, output, &service_cidrs),
         Command::Crd => Ok(crate::api::crd_yaml()),
         Command::Convert { file } => convert(&file),
         Command::Run(args) => run_live(*args),
@@ -228,6 +241,7 @@ fn run_live(a: RunArgs) -> anyhow::Result<String> {
             retry_period: a.lease_retry_period,
         },
         lease_file: a.lease_file,
+        service_cidrs: a.service_cidrs,
     };
     let runtime = tokio::runtime::Runtime::new()?;
     let result = runtime.block_on(crate::runner::run(opts));
@@ -254,7 +268,7 @@ fn convert(file: &std::path::Path) -> anyhow::Result<String> {
     Ok(conversion.yaml)
 }
 
-fn plan(dirs: &[PathBuf], output: Output) -> anyhow::Result<String> {
+fn plan(dirs: &[PathBuf], output: Output, service_cidrs: &[ipnet::IpNet]) -> anyhow::Result<String> {
     let mut m = manifests::Manifests::default();
     for dir in dirs {
         m.read_dir(dir)?;
@@ -262,8 +276,13 @@ fn plan(dirs: &[PathBuf], output: Output) -> anyhow::Result<String> {
     for ignored in &m.ignored {
         eprintln!("note: ignoring {ignored}");
     }
+    let cluster_cidrs =
+        crate::in_cluster::in_cluster_cidrs(&m.nodes, service_cidrs.iter().chain(&m.service_cidrs));
     let planner = Planner::from_snapshot(m.namespaces, m.nodes, m.policies, m.pods);
-    let doc = report::document(&planner);
+    let mut doc = report::document(&planner);
+    for node in &mut doc.nodes {
+        node.cluster_cidrs.clone_from(&cluster_cidrs);
+    }
     Ok(match output {
         Output::Json => serde_json::to_string_pretty(&doc)? + "\n",
         Output::Table => report::table(&doc),

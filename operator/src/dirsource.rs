@@ -65,6 +65,14 @@ pub async fn run(dir: PathBuf, poll: Duration, sources: mpsc::Sender<SourceEvent
                                 return Ok(());
                             }
                         }
+                        if next.service_cidrs != good.service_cidrs
+                            && sources
+                                .send(SourceEvent::ServiceCidrs(next.service_cidrs.clone()))
+                                .await
+                                .is_err()
+                        {
+                            return Ok(());
+                        }
                         good = next;
                         if !synced {
                             synced = true;

@@ -34,6 +34,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ipnet::IpNet;
 use prometheus_client::{
     metrics::{
         counter::Counter,
@@ -65,6 +66,9 @@ pub struct EngineConfig {
     /// (and nothing is published, unless every Ready node's shim is back sooner): the grace
     /// period plus the shims' longest reconnect backoff by default.
     pub settle: Duration,
+    /// Service CIDRs given by flag (`--service-cidr`), for clusters whose API has no
+    /// `ServiceCIDR` objects: part of the in-cluster set.
+    pub service_cidrs: Vec<IpNet>,
 }
 
 impl EngineConfig {
@@ -74,6 +78,7 @@ impl EngineConfig {
             heartbeat_interval: (grace / 4).max(Duration::from_millis(10)),
             epoch: Generations::epoch_now(),
             settle: grace + SHIM_BACKOFF_MAX,
+            service_cidrs: Vec::new(),
         }
     }
 }
@@ -168,6 +173,8 @@ pub struct NodeView {
     pub delta: Arc<NodeDelta>,
     pub entries: Arc<BTreeMap<EntryKey, EgressEntry>>,
     pub duties: Arc<Vec<GatewayDuty>>,
+    /// The in-cluster set ([`crate::in_cluster`]): the same for every node.
+    pub cluster_cidrs: Arc<Vec<IpNet>>,
 }
 
 /// What sessions tell the engine.
@@ -313,6 +320,7 @@ struct Table {
     published_at: Option<Instant>,
     entries: Arc<BTreeMap<EntryKey, EgressEntry>>,
     duties: Arc<Vec<GatewayDuty>>,
+    cluster_cidrs: Arc<Vec<IpNet>>,
     /// Entries per policy.
     policies: HashMap<Arc<str>, usize>,
     /// Per policy, the generation that carries its current entries here: the one a shim must
@@ -332,6 +340,11 @@ pub struct Engine {
     /// Published everything at least once (after `Synced`).
     published: bool,
     source_nodes: BTreeMap<String, NodeInfo>,
+    /// The Service CIDRs the source reported (`ServiceCIDR` objects).
+    source_service_cidrs: Vec<IpNet>,
+    /// The in-cluster set as last computed, and whether its inputs changed since.
+    cluster_cidrs: Arc<Vec<IpNet>>,
+    cluster_stale: bool,
     policy_inputs: HashMap<String, PolicyInput>,
     shims: HashMap<String, Shim>,
     tables: BTreeMap<Arc<str>, Table>,
@@ -365,6 +378,9 @@ impl Engine {
             synced: false,
             published: false,
             source_nodes: BTreeMap::new(),
+            source_service_cidrs: Vec::new(),
+            cluster_cidrs: Arc::default(),
+            cluster_stale: true,
             policy_inputs: HashMap::new(),
             shims: HashMap::new(),
             tables: BTreeMap::new(),
@@ -396,6 +412,11 @@ impl Engine {
     /// The generation last published for a node.
     pub fn generation(&self, node: &str) -> Option<u64> {
         self.tables.get(node).map(|t| t.generation)
+    }
+
+    /// The in-cluster set every node receives, as of the last flush.
+    pub fn cluster_cidrs(&self) -> &[IpNet] {
+        &self.cluster_cidrs
     }
 
     /// Whether the start-up settling period is still on.
@@ -531,11 +552,14 @@ impl Engine {
             SourceEvent::Change(change) => match *change {
                 Change::UpsertNode(node) => {
                     let effective = self.effective(&node);
-                    self.source_nodes.insert(node.name.clone(), node);
+                    let old = self.source_nodes.insert(node.name.clone(), node);
+                    let new = &self.source_nodes[&effective.name];
+                    self.cluster_stale |=
+                        old.is_none_or(|o| o.addresses != new.addresses || o.pod_cidrs != new.pod_cidrs);
                     self.apply(Change::UpsertNode(effective));
                 }
                 Change::RemoveNode(name) => {
-                    self.source_nodes.remove(&name);
+                    self.cluster_stale |= self.source_nodes.remove(&name).is_some();
                     self.apply(Change::RemoveNode(name));
                 }
                 Change::UpsertPolicy(mut input) => {
@@ -555,6 +579,10 @@ impl Engine {
                 }
                 other => self.apply(other),
             },
+            SourceEvent::ServiceCidrs(cidrs) => {
+                self.cluster_stale |= cidrs != self.source_service_cidrs;
+                self.source_service_cidrs = cidrs;
+            }
         }
     }
 
@@ -809,6 +837,19 @@ impl Engine {
         for node in std::mem::take(&mut self.duty_nodes) {
             changed.entry(node).or_default();
         }
+        if std::mem::take(&mut self.cluster_stale) {
+            let cidrs = crate::in_cluster::in_cluster_cidrs(
+                self.source_nodes.values(),
+                self.config.service_cidrs.iter().chain(&self.source_service_cidrs),
+            );
+            if *self.cluster_cidrs != cidrs {
+                tracing::info!(cidrs = cidrs.len(), "in-cluster set changed: every node gets it");
+                self.cluster_cidrs = Arc::new(cidrs);
+                for node in self.tables.keys() {
+                    changed.entry(node.clone()).or_default();
+                }
+            }
+        }
         if !self.synced || self.settling() {
             self.duty_nodes.extend(changed.into_keys());
             return;
@@ -892,7 +933,11 @@ impl Engine {
     fn publish(&mut self, node: &Arc<str>, delta: NodeDelta, now: Instant) {
         let duties = self.planner.gateway_duties(node);
         let table = self.tables.entry(node.clone()).or_default();
-        if table.generation != 0 && delta.is_empty() && *table.duties == duties {
+        if table.generation != 0
+            && delta.is_empty()
+            && *table.duties == duties
+            && Arc::ptr_eq(&table.cluster_cidrs, &self.cluster_cidrs)
+        {
             return;
         }
         let base = table.generation;
@@ -910,12 +955,14 @@ impl Engine {
         table.policy_generation.retain(|p, _| policies.contains_key(p));
         table.published_at = Some(now);
         table.duties = Arc::new(duties);
+        table.cluster_cidrs = self.cluster_cidrs.clone();
         let view = NodeView {
             generation: table.generation,
             base,
             delta: Arc::new(if base == 0 { NodeDelta::default() } else { delta }),
             entries: table.entries.clone(),
             duties: table.duties.clone(),
+            cluster_cidrs: table.cluster_cidrs.clone(),
         };
         self.dirty_status
             .extend(table.policies.keys().map(ToString::to_string));

@@ -387,6 +387,7 @@ pub fn message_for(
             entries: view.entries.values().map(entry).collect(),
             serves: view.duties.iter().map(duty).collect(),
             heartbeat_interval_ms: u32::try_from(heartbeat.as_millis()).unwrap_or(u32::MAX),
+            cluster_cidrs: cluster_cidrs(view),
         }),
         Some(s) if s.generation == view.generation => return None,
         Some(s) if s.generation == view.base => operator_message::Message::Delta(v1::NodeDelta {
@@ -395,6 +396,7 @@ pub fn message_for(
             upserts: view.delta.upserts.values().map(entry).collect(),
             removals: view.delta.removals.iter().map(key).collect(),
             serves: view.duties.iter().map(duty).collect(),
+            cluster_cidrs: cluster_cidrs(view),
         }),
         Some(s) => {
             let (upserts, removals) = diff(&s.entries, &view.entries);
@@ -404,12 +406,17 @@ pub fn message_for(
                 upserts,
                 removals,
                 serves: view.duties.iter().map(duty).collect(),
+                cluster_cidrs: cluster_cidrs(view),
             })
         }
     };
     Some(v1::OperatorMessage {
         message: Some(message),
     })
+}
+
+fn cluster_cidrs(view: &NodeView) -> Vec<String> {
+    view.cluster_cidrs.iter().map(ToString::to_string).collect()
 }
 
 fn diff(

@@ -7,6 +7,7 @@ pub mod convert;
 pub mod dirsource;
 pub mod engine;
 pub mod grpc;
+pub mod in_cluster;
 pub mod lease_file;
 pub mod live;
 pub mod manifests;

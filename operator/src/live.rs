@@ -36,6 +36,9 @@ use crate::planner::{Change, PolicyOutcome};
 pub enum SourceEvent {
     /// One change to the planner's inputs.
     Change(Box<Change>),
+    /// The Service CIDRs the source found (`ServiceCIDR` objects), replacing what it said
+    /// before: part of the in-cluster set ([`crate::in_cluster`]).
+    ServiceCidrs(Vec<ipnet::IpNet>),
     /// The source has delivered its whole initial state: the engine may now push plans (before
     /// this, a partial view would make shims delete entries of objects not yet seen).
     Synced,

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use serde::Deserialize;
 
@@ -19,6 +20,8 @@ pub struct Manifests {
     pub namespaces: Vec<NamespaceInfo>,
     pub pods: Vec<PodInfo>,
     pub policies: Vec<PolicyInput>,
+    /// The CIDRs of `networking.k8s.io` `ServiceCIDR` objects, in the order read.
+    pub service_cidrs: Vec<IpNet>,
     /// Documents of kinds the planner does not use, as "file: document N: kind".
     pub ignored: Vec<String>,
 }
@@ -54,6 +57,19 @@ struct TypeMeta {
 struct CiliumPolicy {
     metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
     spec: EgressGatewayPolicySpec,
+}
+
+/// A `networking.k8s.io/v1` (or `v1beta1`) `ServiceCIDR`: only its CIDRs matter here.
+#[derive(Deserialize)]
+struct ServiceCidr {
+    #[serde(default)]
+    spec: ServiceCidrSpec,
+}
+
+#[derive(Deserialize, Default)]
+struct ServiceCidrSpec {
+    #[serde(default)]
+    cidrs: Vec<IpNet>,
 }
 
 /// Decodes an object, naming the field of the first error: `spec.selectors[0]: invalid type: ...`
@@ -187,6 +203,11 @@ impl Manifests {
                     spec: c.spec,
                     status: None,
                 }));
+            }
+            ("networking.k8s.io", "ServiceCIDR") => {
+                let service_cidr: ServiceCidr = decode(value).map_err(parse_err)?;
+                self.service_cidrs
+                    .extend(service_cidr.spec.cidrs.iter().map(IpNet::trunc));
             }
             (_, kind) => self.ignored.push(format!("{place}: {kind}")),
         }

@@ -3,6 +3,8 @@
 
 use std::net::IpAddr;
 
+use ipnet::IpNet;
+
 use crate::{api::EgressGatewayPolicySpec, selector::Labels};
 
 /// A node, as far as egress planning cares.
@@ -20,6 +22,8 @@ pub struct NodeInfo {
     /// The node's interfaces, when its shim has reported them. `None` means unknown: the
     /// planner then trusts that the named interface or egress IP exists.
     pub interfaces: Option<Vec<InterfaceInfo>>,
+    /// The pod CIDRs allocated to the node (`spec.podCIDRs`): destinations in the cluster.
+    pub pod_cidrs: Vec<IpNet>,
 }
 
 impl NodeInfo {

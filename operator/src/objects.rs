@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use serde::Deserialize;
 
@@ -63,6 +64,17 @@ pub fn node_info(node: &Node) -> Result<NodeInfo, BadInterfacesAnnotation> {
                 })
                 .collect()
         });
+    // `podCIDRs` holds `podCIDR` first when set; older objects (and hand-written manifests) may
+    // carry only `podCIDR`. The API server validates them: one that does not parse is skipped.
+    let spec = node.spec.as_ref();
+    let mut pod_cidrs: Vec<IpNet> = spec
+        .and_then(|s| s.pod_cidrs.as_ref())
+        .into_iter()
+        .flatten()
+        .chain(spec.and_then(|s| s.pod_cidr.as_ref()))
+        .filter_map(|c| c.parse::<IpNet>().ok().map(|c| c.trunc()))
+        .collect();
+    pod_cidrs.dedup();
     Ok(NodeInfo {
         name: meta.name.clone().unwrap_or_default(),
         labels: meta.labels.clone().unwrap_or_default(),
@@ -70,6 +82,7 @@ pub fn node_info(node: &Node) -> Result<NodeInfo, BadInterfacesAnnotation> {
         ready,
         eligible: annotation(ELIGIBLE_ANNOTATION).is_none_or(|v| v != "false"),
         interfaces,
+        pod_cidrs,
     })
 }
 

@@ -14,6 +14,8 @@ pub fn document(planner: &Planner) -> PlanDocument {
         .node_plans()
         .into_iter()
         .map(|(name, entries)| NodePlanDoc {
+            // The in-cluster set is the caller's to add: it is not the planner's.
+            cluster_cidrs: Vec::new(),
             serves: planner
                 .gateway_duties(&name)
                 .into_iter()

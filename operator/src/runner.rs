@@ -76,6 +76,8 @@ pub struct RunOptions {
     pub lease_timings: LeaseTimings,
     /// `dir:` source: only the process holding this file's lock runs the engine and serves.
     pub lease_file: Option<PathBuf>,
+    /// Service CIDRs for the in-cluster set, beside those of `ServiceCIDR` objects.
+    pub service_cidrs: Vec<ipnet::IpNet>,
 }
 
 fn tls(opts: &RunOptions) -> anyhow::Result<Option<Tls>> {
@@ -341,7 +343,10 @@ pub async fn run_live(
         updates,
         notices,
     } = channels;
-    let config = EngineConfig::with_grace(opts.heartbeat_grace);
+    let config = EngineConfig {
+        service_cidrs: opts.service_cidrs.clone(),
+        ..EngineConfig::with_grace(opts.heartbeat_grace)
+    };
     let (hub, shim_events) = Hub::new(config.heartbeat_interval);
     let engine = Engine::new(config, hub.clone(), metrics);
     let listener = bind_when_free(opts.grpc_listen).await?;

@@ -60,6 +60,7 @@ pub fn node(i: usize) -> NodeInfo {
         ready: true,
         eligible: true,
         interfaces: None,
+        pod_cidrs: Vec::new(),
     }
 }
 
@@ -130,6 +131,7 @@ pub fn cluster(size: Size) -> Manifests {
             .collect(),
         pods: (0..size.pods).map(|i| pod(i, size, 0)).collect(),
         policies: (0..size.policies).map(policy).collect(),
+        service_cidrs: Vec::new(),
         ignored: Vec::new(),
     }
 }

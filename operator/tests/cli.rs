@@ -198,3 +198,61 @@ fn lease_timings_that_could_elect_two_leaders_are_refused() {
         assert!(stderr.contains(want), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn plan_json_lists_the_in_cluster_set_on_every_node() {
+    let out = operator()
+        .args([
+            "plan",
+            "--output",
+            "json",
+            "--service-cidr",
+            "10.96.0.0/12",
+            "--manifests",
+        ])
+        .arg(examples().join("quickstart"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let expected = serde_json::json!([
+        "10.96.0.0/12",
+        "10.244.1.0/24",
+        "10.244.2.0/24",
+        "10.244.3.0/24",
+        "192.168.1.1/32",
+        "192.168.1.2/32",
+        "192.168.1.3/32"
+    ]);
+    for node in json["nodes"].as_array().unwrap() {
+        assert_eq!(node["clusterCIDRs"], expected, "{}", node["name"]);
+    }
+
+    // The demo's ServiceCIDR object counts like the flag.
+    let out = operator()
+        .args(["plan", "--output", "json", "--manifests"])
+        .arg(examples().join("demo"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: PlanDocument = serde_json::from_slice(&out.stdout).unwrap();
+    let n2: Vec<String> = doc
+        .node("n2")
+        .unwrap()
+        .cluster_cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        n2,
+        [
+            "10.96.0.0/16",
+            "10.244.1.0/24",
+            "10.244.2.0/24",
+            "10.244.3.0/24",
+            "192.0.2.11/32",
+            "192.0.2.12/32",
+            "192.0.2.13/32"
+        ]
+    );
+}

@@ -41,6 +41,7 @@ fn node(name: &str, ip: &str, gateway: bool) -> NodeInfo {
         ready: true,
         eligible: true,
         interfaces: None,
+        pod_cidrs: vec![],
     }
 }
 
@@ -469,4 +470,114 @@ fn programmed_follows_each_policys_own_generation_and_names_what_failed() {
         "w: 10.1.0.10 -> 198.51.100.0/25: the policy map is full"
     );
     assert!(st.get("egress").is_none_or(|u| u.programmed == u.to_program));
+}
+
+/// The in-cluster set of the view last published for `node`, as strings, and its generation.
+fn cluster_of(hub: &Hub, node: &str) -> (Vec<String>, u64) {
+    let view = hub.subscribe(node).borrow().clone().expect("a published view");
+    (
+        view.cluster_cidrs.iter().map(ToString::to_string).collect(),
+        view.generation,
+    )
+}
+
+#[test]
+fn a_node_added_with_a_pod_cidr_changes_every_nodes_cluster_set() {
+    let mut s = Started::new(policy(vec![]));
+    for (i, node) in ["w", "g1", "g2"].into_iter().enumerate() {
+        s.connect(node, vec![], Duration::from_millis(10 * (i as u64 + 1)));
+    }
+    let before: Vec<(Vec<String>, u64)> = ["w", "g1", "g2"].map(|n| cluster_of(&s.hub, n)).into();
+    for (cluster, _) in &before {
+        assert_eq!(cluster, &["192.168.0.1/32", "192.168.0.11/32", "192.168.0.12/32"]);
+    }
+    let entries_before = s.hub.subscribe("w").borrow().clone().unwrap().entries.clone();
+
+    let mut added = node("n4", "192.168.0.4", false);
+    added.pod_cidrs = vec!["10.1.4.0/24".parse().unwrap()];
+    s.engine
+        .source(SourceEvent::Change(Box::new(Change::UpsertNode(added.clone()))));
+    s.flush(Duration::from_millis(100));
+    for (node, (_, generation)) in ["w", "g1", "g2"].into_iter().zip(&before) {
+        let (cluster, now) = cluster_of(&s.hub, node);
+        assert_eq!(
+            cluster,
+            [
+                "10.1.4.0/24",
+                "192.168.0.1/32",
+                "192.168.0.4/32",
+                "192.168.0.11/32",
+                "192.168.0.12/32"
+            ],
+            "{node}"
+        );
+        assert!(now > *generation, "{node} got a new generation");
+    }
+    assert_eq!(s.engine.cluster_cidrs().len(), 5);
+    // The entries did not move: only the set changed.
+    assert_eq!(
+        s.hub.subscribe("w").borrow().clone().unwrap().entries,
+        entries_before
+    );
+
+    // A change of the node that leaves the set as it is publishes nothing.
+    let published = cluster_of(&s.hub, "w").1;
+    added.labels = labels(&[("zone", "b")]);
+    s.engine
+        .source(SourceEvent::Change(Box::new(Change::UpsertNode(added))));
+    s.flush(Duration::from_millis(200));
+    assert_eq!(cluster_of(&s.hub, "w").1, published);
+
+    // Service CIDRs from the source join it; removing the node takes its part away.
+    s.engine
+        .source(SourceEvent::ServiceCidrs(vec!["10.96.0.0/12".parse().unwrap()]));
+    s.engine
+        .source(SourceEvent::Change(Box::new(Change::RemoveNode("n4".into()))));
+    s.flush(Duration::from_millis(300));
+    for node in ["w", "g1", "g2"] {
+        assert_eq!(
+            cluster_of(&s.hub, node).0,
+            [
+                "10.96.0.0/12",
+                "192.168.0.1/32",
+                "192.168.0.11/32",
+                "192.168.0.12/32"
+            ],
+            "{node}"
+        );
+    }
+}
+
+#[test]
+fn service_cidrs_of_the_flag_and_of_the_source_are_both_in_the_cluster_set() {
+    let (hub, _events) = Hub::new(GRACE / 4);
+    let config = EngineConfig {
+        service_cidrs: vec!["10.96.0.0/16".parse().unwrap()],
+        ..EngineConfig::with_grace(GRACE)
+    };
+    let mut engine = Engine::new(config, hub.clone(), EngineMetrics::default());
+    let t0 = Instant::now();
+    let mut w = node("w", "192.168.0.1", false);
+    w.pod_cidrs = vec!["10.1.0.0/24".parse().unwrap()];
+    engine.source(SourceEvent::Change(Box::new(Change::UpsertNode(w))));
+    engine.source(SourceEvent::ServiceCidrs(vec![
+        "10.97.0.0/16".parse().unwrap(),
+        "10.96.0.0/16".parse().unwrap(),
+    ]));
+    engine.source(SourceEvent::Synced);
+    engine.shim(
+        ShimEvent::Connected {
+            node: "w".into(),
+            session: 1,
+            version: "test".into(),
+            interfaces: vec![],
+            held: vec![],
+        },
+        t0,
+    );
+    engine.flush(t0);
+    assert_eq!(
+        cluster_of(&hub, "w").0,
+        ["10.1.0.0/24", "10.96.0.0/16", "10.97.0.0/16", "192.168.0.1/32"]
+    );
 }

@@ -402,6 +402,7 @@ async fn initial(rx: &mut mpsc::Receiver<SourceEvent>) -> Vec<Change> {
         match next(rx).await {
             SourceEvent::Synced => break,
             SourceEvent::Change(c) => changes.push(*c),
+            SourceEvent::ServiceCidrs(_) => {}
         }
     }
     changes.sort_by_key(|c| format!("{c:?}"));
@@ -501,6 +502,7 @@ async fn watch_events_become_planner_changes() {
                 ready: true,
                 eligible: true,
                 interfaces: None,
+                pod_cidrs: vec![],
             }),
             Change::UpsertPod(pod_info("web-1", "uid-1", "10.0.1.5", &[("app", "web")])),
             Change::UpsertPod(pod_info("web-2", "uid-2", "10.0.1.6", &[("app", "web")])),
@@ -1086,6 +1088,7 @@ fn run_options() -> sluice_operator::runner::RunOptions {
         limits: Default::default(),
         lease_timings: Default::default(),
         lease_file: None,
+        service_cidrs: vec![],
     }
 }
 

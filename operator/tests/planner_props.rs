@@ -87,6 +87,7 @@ fn node(i: usize) -> impl Strategy<Value = NodeInfo> {
                     })
                     .collect()
             }),
+            pod_cidrs: vec![],
         })
 }
 
@@ -347,6 +348,7 @@ fn gateway_cluster(candidates: usize, max: u32, pods: usize) -> (Vec<NodeInfo>, 
             ready: true,
             eligible: true,
             interfaces: None,
+            pod_cidrs: vec![],
         })
         .collect();
     nodes.push(NodeInfo {

@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use ipnet::IpNet;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
@@ -81,6 +82,8 @@ pub struct NodeState {
     pub generation: u64,
     pub entries: BTreeMap<EntryKey, EntryDoc>,
     pub serves: Vec<GatewayDuty>,
+    /// The in-cluster destinations the operator found, which no entry steers to.
+    pub cluster_cidrs: Vec<IpNet>,
 }
 
 impl NodeState {
@@ -105,6 +108,7 @@ impl NodeState {
                 .iter()
                 .map(GatewayDuty::try_from)
                 .collect::<Result<_, _>>()?,
+            cluster_cidrs: cluster_cidrs(&plan.cluster_cidrs)?,
         })
     }
 
@@ -123,9 +127,21 @@ impl NodeState {
             .iter()
             .map(GatewayDuty::try_from)
             .collect::<Result<_, _>>()?;
+        self.cluster_cidrs = cluster_cidrs(&delta.cluster_cidrs)?;
         self.generation = delta.generation;
         Ok(())
     }
+}
+
+fn cluster_cidrs(wire: &[String]) -> Result<Vec<IpNet>, BadField> {
+    wire.iter()
+        .map(|c| {
+            c.parse().map_err(|_| BadField {
+                field: "cluster CIDR",
+                value: c.clone(),
+            })
+        })
+        .collect()
 }
 
 /// The generation the datapath holds (of which session), and what it could not program.

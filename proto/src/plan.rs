@@ -33,6 +33,11 @@ pub struct NodePlanDoc {
     /// shim can prepare egress addresses and interfaces before the first packet arrives.
     #[serde(default)]
     pub serves: Vec<GatewayDuty>,
+    /// The in-cluster destinations the operator found (pod CIDRs, node addresses, Service
+    /// CIDRs): no entry steers traffic to them. The same for every node; the shim adds its own
+    /// `--cluster-cidr` and node IP.
+    #[serde(rename = "clusterCIDRs", default)]
+    pub cluster_cidrs: Vec<IpNet>,
 }
 
 /// One policy this node is an active gateway for.

@@ -144,6 +144,7 @@ fn plan() -> impl Strategy<Value = v1::NodePlan> {
                 entries,
                 serves,
                 heartbeat_interval_ms,
+                cluster_cidrs: vec![],
             },
         )
 }
@@ -163,6 +164,7 @@ fn delta() -> impl Strategy<Value = v1::NodeDelta> {
                 upserts,
                 removals,
                 serves,
+                cluster_cidrs: vec![],
             },
         )
 }

@@ -302,12 +302,20 @@ impl Testbed {
     /// from (`--entries` or `--operator`) and anything else (`--metrics-addr 127.0.0.1:9473`
     /// serves metrics inside the node's namespace: "off" is only the environment's default).
     pub fn shim_command(&self, node: &str, shim: impl AsRef<OsStr>) -> Command {
+        let mut cmd = self.shim_command_without_cluster_cidrs(node, shim);
+        cmd.args(["--cluster-cidr", CLUSTER_CIDRS]);
+        cmd
+    }
+
+    /// [`Testbed::shim_command`] as a user who forgot `--cluster-cidr` runs it: the shim knows
+    /// only its node IP, and what the operator finds in-cluster.
+    pub fn shim_command_without_cluster_cidrs(&self, node: &str, shim: impl AsRef<OsStr>) -> Command {
         let mut cmd = self.command(node, shim);
         cmd.arg("--bpffs-dir")
             .arg(self.bpffs().join(node))
             .args(["run", "--node", node, "--node-ip", node_ip(node)])
-            .args(["--cluster-cidr", CLUSTER_CIDRS])
-            .env("SLUICE_METRICS_ADDR", "off");
+            .env("SLUICE_METRICS_ADDR", "off")
+            .env_remove("SLUICE_CLUSTER_CIDRS");
         cmd
     }
 
@@ -582,6 +590,38 @@ impl Testbed {
             self.ip(p, &["route", "add", "default", "via", &gateway]).unwrap();
             self.pods.push((p, node, ip));
         }
+    }
+
+    /// Gives pod `p` the underlay's MTU (1500) or any other, as native-routing CNIs do (AWS VPC
+    /// CNI, GKE VPC-native, Calico without encapsulation): the pod then sends packets the
+    /// tunnel's 50 bytes of headers would make too big.
+    pub fn set_pod_mtu(&self, p: &str, mtu: u32) -> Result<()> {
+        self.ip(p, &["link", "set", "eth0", "mtu", &mtu.to_string()])
+            .map(drop)
+    }
+
+    /// Lowers the MTU of the underlay router's link to the external host to `mtu` on the
+    /// router's side only: the external host still advertises its full MSS, so the gateways'
+    /// full-size packets need path MTU discovery (the router answers them with ICMP
+    /// "fragmentation needed"). Large packets from the external host would be lost on that link:
+    /// keep what it sends small.
+    pub fn set_router_mtu(&self, mtu: u32) -> Result<()> {
+        self.ip("ul", &["link", "set", "ext0", "mtu", &mtu.to_string()])
+            .map(drop)
+    }
+
+    /// `Ip: FragCreates` of namespace `ns`: IP fragments its stack has made so far.
+    pub fn fragments_created(&self, ns: &str) -> u64 {
+        let snmp = in_netns(&self.ns(ns), || fs::read_to_string("/proc/thread-self/net/snmp"))
+            .expect("reading /proc/net/snmp");
+        let mut ip = snmp.lines().filter(|l| l.starts_with("Ip:"));
+        let (names, values) = (ip.next().unwrap_or(""), ip.next().unwrap_or(""));
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(n, _)| *n == "FragCreates")
+            .and_then(|(_, v)| v.parse().ok())
+            .expect("FragCreates in /proc/net/snmp")
     }
 
     /// Deletes a pod added by [`Testbed::add_pod`] (its veth goes with its namespace).

@@ -449,7 +449,15 @@ fn fingerprint_node(n: &NodeInfo) -> u64 {
             .map(|i| (&i.name, &i.addresses, i.default_route))
             .collect::<Vec<_>>()
     });
-    fingerprint(&(&n.name, &n.labels, &n.addresses, n.ready, n.eligible, interfaces))
+    fingerprint(&(
+        &n.name,
+        &n.labels,
+        &n.addresses,
+        n.ready,
+        n.eligible,
+        interfaces,
+        &n.pod_cidrs,
+    ))
 }
 
 fn fingerprint_policy(p: &PolicyInput) -> u64 {

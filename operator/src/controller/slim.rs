@@ -8,7 +8,7 @@
 use std::{collections::BTreeMap, fmt};
 
 use k8s_openapi::{
-    api::core::v1::{Node, NodeAddress, NodeCondition, NodeStatus, Pod, PodIP, PodSpec, PodStatus},
+    api::core::v1::{Node, NodeAddress, NodeCondition, NodeSpec, NodeStatus, Pod, PodIP, PodSpec, PodStatus},
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
 };
 use serde::{
@@ -166,7 +166,7 @@ impl<'de> Deserialize<'de> for SlimPod {
     }
 }
 
-/// A node with labels, Sluice's annotations, addresses and the `Ready` condition.
+/// A node with labels, Sluice's annotations, pod CIDRs, addresses and the `Ready` condition.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SlimNode(pub Node);
 slim_resource!(SlimNode, Node);
@@ -175,7 +175,17 @@ slim_resource!(SlimNode, Node);
 struct NodeWire {
     #[serde(default)]
     metadata: MetaWire,
+    spec: Option<NodeSpecWire>,
     status: Option<NodeStatusWire>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeSpecWire {
+    #[serde(rename = "podCIDR")]
+    pod_cidr: Option<String>,
+    #[serde(rename = "podCIDRs")]
+    pod_cidrs: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -203,7 +213,11 @@ impl<'de> Deserialize<'de> for SlimNode {
         let w = NodeWire::deserialize(d)?;
         Ok(SlimNode(Node {
             metadata: w.metadata.into(),
-            spec: None,
+            spec: w.spec.map(|s| NodeSpec {
+                pod_cidr: s.pod_cidr,
+                pod_cidrs: s.pod_cidrs,
+                ..NodeSpec::default()
+            }),
             status: w.status.map(|s| NodeStatus {
                 addresses: s.addresses.map(|list| {
                     list.into_iter()
@@ -272,7 +286,8 @@ mod tests {
                 "annotations": {"sluice.dev/interfaces": "[{\"name\":\"eth1\",\"addresses\":[\"192.0.2.10\"]}]",
                                 "node.alpha.kubernetes.io/ttl": "0"}
             },
-            "spec": {"podCIDR": "10.0.1.0/24"},
+            "spec": {"podCIDR": "10.0.1.0/24", "podCIDRs": ["10.0.1.0/24"], "providerID": "kind://n1",
+                     "taints": [{"key": "k", "effect": "NoSchedule"}]},
             "status": {
                 "addresses": [{"type": "InternalIP", "address": "172.18.0.2"}, {"type": "Hostname", "address": "n1"}],
                 "conditions": [{"type": "MemoryPressure", "status": "False"}, {"type": "Ready", "status": "False",
@@ -287,6 +302,11 @@ mod tests {
             objects::node_info(&full).unwrap()
         );
         assert!(!objects::node_info(&slim).unwrap().ready);
+        assert_eq!(
+            objects::node_info(&slim).unwrap().pod_cidrs,
+            ["10.0.1.0/24".parse::<ipnet::IpNet>().unwrap()]
+        );
+        assert!(slim.spec.as_ref().unwrap().taints.is_none());
         let status = slim.status.unwrap();
         assert!(status.images.is_none());
         assert_eq!(status.conditions.unwrap().len(), 1);
