@@ -202,6 +202,19 @@ static __always_inline struct sluice_config *config(void)
 	return bpf_map_lookup_elem(&sluice_config, &zero);
 }
 
+/* Marks a packet for SNAT to egress `id` (and as tunnelled), leaving every bit not ours alone. */
+static __always_inline int mark_for_egress(struct __sk_buff *skb, struct sluice_config *cfg,
+					   __u32 id, int tunnelled)
+{
+	__u32 field = (id << cfg->mark_egress_shift) & cfg->mark_egress;
+
+	if (!field)
+		return -1; /* no room for the id: never leave unmarked, i.e. un-SNATed */
+	skb->mark = (skb->mark & ~(cfg->mark_egress | cfg->mark_tunnel | cfg->mark_reply)) | field |
+		    (tunnelled ? cfg->mark_tunnel : 0);
+	return 0;
+}
+
 static __always_inline int set_tunnel_dst(struct __sk_buff *skb, struct sluice_config *cfg,
 					  __be32 remote)
 {
@@ -392,7 +405,10 @@ int sluice_from_pod(struct __sk_buff *skb)
 			return TC_ACT_SHOT;
 		}
 		/* Egress here: the kernel routes it; nftables SNATs it by this mark. */
-		skb->mark = SLUICE_MARK_MAGIC | (v->policy_id & SLUICE_MARK_POLICY_MASK);
+		if (!cfg || mark_for_egress(skb, cfg, v->egress_id, 0) < 0) {
+			count(SLUICE_CTR_ERROR, skb->len);
+			return TC_ACT_SHOT;
+		}
 		count(SLUICE_CTR_LOCAL_EGRESS, skb->len);
 		return SLUICE_PASS;
 	}
@@ -511,8 +527,10 @@ int sluice_from_tunnel(struct __sk_buff *skb)
 
 			bpf_map_update_elem(&sluice_reply_v4, &saddr, &nr, BPF_ANY);
 		}
-		skb->mark = SLUICE_MARK_MAGIC | SLUICE_MARK_TUNNEL |
-			    (v->policy_id & SLUICE_MARK_POLICY_MASK);
+		if (mark_for_egress(skb, cfg, v->egress_id, 1) < 0) {
+			count(SLUICE_CTR_ERROR, skb->len);
+			return TC_ACT_SHOT;
+		}
 		count(SLUICE_CTR_EGRESSED, skb->len);
 		count_policy(v->policy_id, skb->len);
 		return SLUICE_PASS;

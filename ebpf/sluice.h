@@ -26,15 +26,12 @@
 
 /* --- Packet marks ------------------------------------------------------------------------ */
 /*
- * skb->mark layout: bits 31..20 magic 0x5c1, bit 19 "arrived through the Sluice tunnel" (its
- * replies go back into the tunnel), bit 18 "reply to restore" (set by nftables from the ct
- * mark, steers the reply into the tunnel by policy routing), bits 15..0 the policy id.
+ * skb->mark: Sluice owns only the bits of sluice_config.mark_egress (the egress id, non-zero on
+ * packets to SNAT here), .mark_tunnel ("arrived through the Sluice tunnel": its replies go back
+ * into it) and .mark_reply (set by nftables from the ct mark: steers the reply into the tunnel
+ * by policy routing). The shim chooses them (--mark-*), by default 0x000000ff, 0x1000 and
+ * 0x2000: bits no common CNI or kube-proxy uses. Every other bit of the mark is left as it was.
  */
-#define SLUICE_MARK_MAGIC 0x5c100000u
-#define SLUICE_MARK_MAGIC_MASK 0xfff00000u
-#define SLUICE_MARK_TUNNEL 0x00080000u
-#define SLUICE_MARK_REPLY 0x00040000u
-#define SLUICE_MARK_POLICY_MASK 0x0000ffffu
 
 /* --- Counters (index into sluice_counters) ----------------------------------------------- */
 enum sluice_counter_index {
@@ -99,7 +96,7 @@ struct sluice_policy_value_v4 {
 	__u32 flags;          /* SLUICE_F_* */
 	__be32 gateway_ip;    /* underlay IP of the gateway node (kind GATEWAY) */
 	__be32 egress_ip;     /* address to SNAT to (gateway node's own entries) */
-	__u32 egress_ifindex; /* interface to leave by (informational; routing decides) */
+	__u32 egress_id;      /* local gateway: the egress (address, interface) id the mark carries */
 	__u32 policy_id;      /* 1..=65535, allocated by the shim */
 	/*
 	 * LOCAL_GATEWAY entries of pods on other nodes: underlay IP of the pod's node, the only
@@ -128,6 +125,10 @@ struct sluice_config {
 	__u32 tunnel_port;    /* UDP port of the tunnel (host order); pods may not send to it */
 	__u32 flags;          /* SLUICE_CFG_* */
 	__u32 tcp_mss_max;    /* largest TCP MSS that fits the tunnel unfragmented; 0 = no clamp */
+	__u32 mark_egress;    /* mark bits of the egress id (contiguous) */
+	__u32 mark_egress_shift; /* position of its lowest bit */
+	__u32 mark_tunnel;    /* mark bit: arrived through the tunnel */
+	__u32 mark_reply;     /* mark bit: a reply to send back into the tunnel (set by nftables) */
 };
 
 /* --- Configuration flags (sluice_config.flags) ------------------------------------------ */

@@ -36,11 +36,11 @@ pub struct Host {
 pub struct Desired {
     pub policy: BTreeMap<PolicyKeyV4, PolicyValueV4>,
     pub names: BTreeMap<u32, PolicyName>,
-    /// Egress IP -> the ids of the policies that SNAT to it here.
+    /// Egress IP -> the egress ids that SNAT to it here.
     pub snat: BTreeMap<Ipv4Addr, BTreeSet<u32>>,
     /// Interfaces replies to egress IPs arrive on (their rp_filter is relaxed).
     pub egress_interfaces: BTreeSet<String>,
-    /// Policy id -> (name, ifindex) of the interface its SNATed traffic must leave by.
+    /// Egress id -> (name, ifindex) of the interface its SNATed traffic must leave by.
     pub egress_routes: BTreeMap<u32, (String, u32)>,
     /// Underlay IP (network byte order) of every node this node exchanges tunnel traffic with
     /// -> `maps::PEER_*`: the nodes whose pods it serves, and the gateways of its own pods.
@@ -64,10 +64,27 @@ pub struct EntryProblem {
 /// Why IPv6 entries are not programmed.
 pub const IPV6_UNSUPPORTED: &str = "IPv6 entries are not programmed: the datapath is IPv4-only";
 
-/// Stable numbering of policies (the id is in packet marks, counters and conntrack).
-#[derive(Clone, Debug, Default)]
+/// Stable numbering of policies (the id is in counters and policy names) and of the egresses,
+/// (address, interface) pairs, this node SNATs to (the egress id is in packet and conntrack
+/// marks: it picks the SNAT rule and the egress route).
+#[derive(Clone, Debug)]
 pub struct PolicyIds {
     by_name: BTreeMap<String, u32>,
+    egresses: BTreeMap<(Ipv4Addr, u32), u32>,
+    /// Ids a previous run gave egress addresses (interface unknown), preferred for them.
+    adopted_egresses: BTreeMap<Ipv4Addr, u32>,
+    max_egress: u32,
+}
+
+impl Default for PolicyIds {
+    fn default() -> Self {
+        PolicyIds {
+            by_name: BTreeMap::new(),
+            egresses: BTreeMap::new(),
+            adopted_egresses: BTreeMap::new(),
+            max_egress: maps::MarkLayout::default().max_egress_id(),
+        }
+    }
 }
 
 impl PolicyIds {
@@ -75,7 +92,40 @@ impl PolicyIds {
     pub fn adopt(names: BTreeMap<u32, String>) -> Self {
         PolicyIds {
             by_name: names.into_iter().map(|(id, name)| (name, id)).collect(),
+            ..Default::default()
         }
+    }
+
+    /// Takes over the egress ids the pinned entries carry (address -> id), and the largest id
+    /// the mark layout holds: marks in live conntrack entries keep meaning the same egress.
+    pub fn with_egresses(mut self, adopted: BTreeMap<Ipv4Addr, u32>, max_egress: u32) -> Self {
+        self.adopted_egresses = adopted
+            .into_iter()
+            .filter(|(_, id)| (1..=max_egress).contains(id))
+            .collect();
+        self.max_egress = max_egress;
+        self
+    }
+
+    /// The egress id of (`ip`, `ifindex`): kept while used, else the adopted one, else the
+    /// lowest free one.
+    fn egress_id(&mut self, ip: Ipv4Addr, ifindex: u32, policy: &str) -> Result<u32, Error> {
+        if let Some(id) = self.egresses.get(&(ip, ifindex)) {
+            return Ok(*id);
+        }
+        let used: BTreeSet<u32> = self.egresses.values().copied().collect();
+        let id = self
+            .adopted_egresses
+            .get(&ip)
+            .copied()
+            .filter(|id| !used.contains(id))
+            .or_else(|| (1..=self.max_egress).find(|id| !used.contains(id)))
+            .ok_or_else(|| Error::TooManyEgresses {
+                max: self.max_egress,
+                policy: policy.to_owned(),
+            })?;
+        self.egresses.insert((ip, ifindex), id);
+        Ok(id)
     }
 
     /// The id of `name`, allocating the lowest free one.
@@ -96,6 +146,11 @@ impl PolicyIds {
     /// Forgets the policies not in `keep`.
     fn retain(&mut self, keep: &BTreeSet<&str>) {
         self.by_name.retain(|name, _| keep.contains(name.as_str()));
+    }
+
+    /// Forgets the egresses not in `keep`.
+    fn retain_egresses(&mut self, keep: &BTreeSet<(Ipv4Addr, u32)>) {
+        self.egresses.retain(|k, _| keep.contains(k));
     }
 }
 
@@ -123,6 +178,15 @@ pub fn desired(entries: &[EntryDoc], host: &Host, ids: &mut PolicyIds) -> Result
     let mut out = Desired::default();
     let names: BTreeSet<&str> = entries.iter().map(|e| e.policy.as_str()).collect();
     ids.retain(&names);
+    // Egresses no entry uses any more give their ids back before new ones take any.
+    let used_egresses: BTreeSet<(Ipv4Addr, u32)> = entries
+        .iter()
+        .filter(|e| e.gateway == GatewayTarget::Node(IpAddr::V4(host.node_ip)))
+        .filter(|e| e.source.is_ipv4() && e.destination.addr().is_ipv4())
+        .filter_map(|e| egress(e, host).ok())
+        .map(|(ip, interface)| (ip, interface.index))
+        .collect();
+    ids.retain_egresses(&used_egresses);
 
     for entry in entries {
         let problem = |message: String| EntryProblem {
@@ -169,16 +233,18 @@ pub fn desired(entries: &[EntryDoc], host: &Host, ids: &mut PolicyIds) -> Result
                         value.peer_ip = maps::be(peer);
                         *out.peers.entry(value.peer_ip).or_default() |= maps::PEER_SOURCE;
                     }
-                    match egress(entry, host) {
-                        Ok((ip, interface)) => {
+                    let egress = egress(entry, host).and_then(|(ip, interface)| {
+                        let id = ids.egress_id(ip, interface.index, &entry.policy)?;
+                        Ok((ip, interface, id))
+                    });
+                    match egress {
+                        Ok((ip, interface, id)) => {
                             value.egress_ip = maps::be(ip);
-                            value.egress_ifindex = interface.index;
-                            out.snat.entry(ip).or_default().insert(policy_id);
+                            value.egress_id = id;
+                            out.snat.entry(ip).or_default().insert(id);
                             out.egress_interfaces.insert(interface.name.clone());
-                            // One interface per policy here (a mark cannot tell two apart).
                             out.egress_routes
-                                .entry(policy_id)
-                                .or_insert_with(|| (interface.name.clone(), interface.index));
+                                .insert(id, (interface.name.clone(), interface.index));
                         }
                         // egress_ip stays 0: the datapath drops (counted), never leaks.
                         Err(e) => {
@@ -305,7 +371,7 @@ mod tests {
         assert_eq!(local.kind, maps::KIND_GATEWAY);
         assert_eq!(local.flags, maps::F_LOCAL_GATEWAY);
         assert_eq!(maps::from_be(local.egress_ip).to_string(), "192.0.2.101");
-        assert_eq!(local.egress_ifindex, 2);
+        assert_eq!(local.egress_id, 1, "the first egress of this node");
         let remote =
             d.policy[&PolicyKeyV4::new("10.244.1.10".parse().unwrap(), "198.51.100.0/24".parse().unwrap())];
         assert_eq!(
@@ -315,14 +381,59 @@ mod tests {
         assert_eq!(d.snat.len(), 1);
         assert_eq!(
             d.snat[&"192.0.2.101".parse::<Ipv4Addr>().unwrap()],
-            BTreeSet::from([local.policy_id])
+            BTreeSet::from([local.egress_id])
         );
         assert_eq!(d.names[&local.policy_id].as_str(), "a");
         assert_eq!(d.egress_interfaces, BTreeSet::from(["eth0".to_owned()]));
         assert_eq!(
             d.egress_routes,
-            BTreeMap::from([(local.policy_id, ("eth0".to_owned(), 2))])
+            BTreeMap::from([(local.egress_id, ("eth0".to_owned(), 2))])
         );
+    }
+
+    #[test]
+    fn egress_ids_are_stable_reused_and_bounded_by_the_mark() {
+        let on = |ip: &str, policy: &str| {
+            entry(
+                &format!("10.244.1.{}", policy.len()),
+                "203.0.113.0/24",
+                "192.0.2.11",
+                Some(ip),
+                policy,
+            )
+        };
+        let mut h = host();
+        h.interfaces[0].ipv4.push("192.0.2.102".parse().unwrap());
+        let mut ids =
+            PolicyIds::default().with_egresses(BTreeMap::from([("192.0.2.102".parse().unwrap(), 7)]), 2);
+        let d = desired(&[on("192.0.2.101", "a"), on("192.0.2.102", "bb")], &h, &mut ids).unwrap();
+        let id = |d: &Desired, ip: &str| d.snat[&ip.parse::<Ipv4Addr>().unwrap()].clone();
+        assert_eq!(id(&d, "192.0.2.101"), BTreeSet::from([1]));
+        // 7 does not fit a mark of two ids: not adopted.
+        assert_eq!(id(&d, "192.0.2.102"), BTreeSet::from([2]));
+        // Two policies on one egress share its id; a third egress does not fit.
+        let mut h3 = h.clone();
+        h3.interfaces[0].ipv4.push("192.0.2.103".parse().unwrap());
+        let d = desired(
+            &[
+                on("192.0.2.101", "a"),
+                on("192.0.2.101", "ccc"),
+                on("192.0.2.102", "bb"),
+                on("192.0.2.103", "dddd"),
+            ],
+            &h3,
+            &mut ids,
+        )
+        .unwrap();
+        assert_eq!(id(&d, "192.0.2.101"), BTreeSet::from([1]));
+        assert!(
+            matches!(d.problems[..], [Error::TooManyEgresses { max: 2, .. }]),
+            "{:?}",
+            d.problems
+        );
+        // When an egress goes, its id is free again.
+        let d = desired(&[on("192.0.2.103", "dddd")], &h3, &mut ids).unwrap();
+        assert_eq!(id(&d, "192.0.2.103"), BTreeSet::from([1]));
     }
 
     #[test]

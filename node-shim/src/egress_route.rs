@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
     error::{Error, Result},
-    maps::{MARK_MAGIC, MARK_MAGIC_MASK, MARK_POLICY_MASK, MARK_REPLY},
+    maps::MarkLayout,
     netdev,
     netlink::{self, FwmarkRule, MAIN_TABLE, Netlink, Route},
 };
@@ -27,11 +27,11 @@ pub fn rule_pref(reply_table: u32) -> u32 {
 }
 
 /// The rule of policy `id`, looking up `table`.
-pub fn rule(reply_table: u32, id: u32, table: u32) -> FwmarkRule {
+pub fn rule(reply_table: u32, layout: &MarkLayout, id: u32, table: u32) -> FwmarkRule {
     FwmarkRule {
         pref: rule_pref(reply_table),
-        mark: MARK_MAGIC | id,
-        mask: MARK_MAGIC_MASK | MARK_REPLY | MARK_POLICY_MASK,
+        mark: layout.egress_mark(id),
+        mask: layout.egress | layout.reply,
         table,
     }
 }
@@ -141,17 +141,22 @@ fn add_missing(nl: &mut Netlink, reply_table: u32, want: &BTreeSet<FwmarkRule>) 
     Ok(added)
 }
 
-fn rules(reply_table: u32, want: &BTreeSet<(u32, u32)>) -> BTreeSet<FwmarkRule> {
+fn rules(reply_table: u32, layout: &MarkLayout, want: &BTreeSet<(u32, u32)>) -> BTreeSet<FwmarkRule> {
     want.iter()
-        .map(|(id, table)| rule(reply_table, *id, *table))
+        .map(|(id, table)| rule(reply_table, layout, *id, *table))
         .collect()
 }
 
-/// Adds the rules of `want` (policy id, table) that are missing; with `prune`, then deletes
+/// Adds the rules of `want` (egress id, table) that are missing; with `prune`, then deletes
 /// every other egress rule. Returns the tables of the deleted rules.
-pub fn sync_rules(reply_table: u32, want: &BTreeSet<(u32, u32)>, prune: bool) -> Result<BTreeSet<u32>> {
+pub fn sync_rules(
+    reply_table: u32,
+    layout: &MarkLayout,
+    want: &BTreeSet<(u32, u32)>,
+    prune: bool,
+) -> Result<BTreeSet<u32>> {
     let mut nl = route_socket()?;
-    let want = rules(reply_table, want);
+    let want = rules(reply_table, layout, want);
     add_missing(&mut nl, reply_table, &want)?;
     let mut gone = BTreeSet::new();
     if prune {
@@ -164,17 +169,21 @@ pub fn sync_rules(reply_table: u32, want: &BTreeSet<(u32, u32)>, prune: bool) ->
     Ok(gone)
 }
 
-/// Adds back the rules of `want` (policy id, table) that someone else deleted; returns how many.
-pub fn restore_rules(reply_table: u32, want: &BTreeSet<(u32, u32)>) -> Result<u64> {
+/// Adds back the rules of `want` (egress id, table) that someone else deleted; returns how many.
+pub fn restore_rules(reply_table: u32, layout: &MarkLayout, want: &BTreeSet<(u32, u32)>) -> Result<u64> {
     if want.is_empty() {
         return Ok(0);
     }
-    add_missing(&mut route_socket()?, reply_table, &rules(reply_table, want))
+    add_missing(
+        &mut route_socket()?,
+        reply_table,
+        &rules(reply_table, layout, want),
+    )
 }
 
 /// Removes every egress rule and empties their tables (uninstall).
 pub fn remove_all(reply_table: u32) -> Result<()> {
-    let gone = sync_rules(reply_table, &BTreeSet::new(), true)?;
+    let gone = sync_rules(reply_table, &MarkLayout::default(), &BTreeSet::new(), true)?;
     for table in gone {
         flush_table(table);
     }
@@ -187,16 +196,15 @@ mod tests {
 
     #[test]
     fn marks_match_both_tunnelled_and_local_requests_but_not_replies() {
-        let r = rule(8473, 3, 8477);
-        assert_eq!(
-            (r.pref, r.mark, r.mask, r.table),
-            (8474, 0x5c10_0003, 0xfff4_ffff, 8477)
-        );
+        let r = rule(8473, &MarkLayout::default(), 3, 8477);
+        assert_eq!((r.pref, r.mark, r.mask, r.table), (8474, 0x03, 0x20ff, 8477));
         let (value, mask) = (r.mark, r.mask);
-        for mark in [0x5c10_0003, 0x5c18_0003] {
+        // Local and tunnelled requests, whatever other bits others set.
+        for mark in [0x0003, 0x1003, 0xffff_5003] {
             assert_eq!(mark & mask, value, "{mark:#x}");
         }
-        for mark in [0x5c1c_0003, 0x5c14_0003, 0x5c10_0004, 0] {
+        // Replies, other egresses, unmarked packets.
+        for mark in [0x3003, 0x2003, 0x0004, 0] {
             assert_ne!(mark & mask, value, "{mark:#x}");
         }
         assert_eq!(rule_pref(8473), 8474);

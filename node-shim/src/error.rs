@@ -48,6 +48,12 @@ pub enum Error {
     #[error("more than {max} policies on this node: policy ids must fit the 16-bit packet mark")]
     TooManyPolicies { max: u32 },
 
+    #[error(
+        "more than {max} egress addresses or interfaces on this node: the mark's egress bits \
+         (--mark-egress) hold no more; entries of {policy:?} are programmed to drop"
+    )]
+    TooManyEgresses { max: u32, policy: String },
+
     #[error("the plan in {path} has no section for node {node:?}")]
     NodeNotInPlan { path: PathBuf, node: String },
 

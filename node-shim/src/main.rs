@@ -73,7 +73,8 @@ struct RunArgs {
     /// The projected ServiceAccount token to authenticate with (re-read at every connection).
     #[arg(long, env = "SLUICE_TOKEN_FILE", requires = "operator")]
     token_file: Option<PathBuf>,
-    /// In-cluster CIDRs (pod CIDRs, service CIDR, node subnets), never steered. Repeat or comma-separate.
+    /// In-cluster CIDRs never steered, added to what the operator finds (pod CIDRs, node
+    /// addresses, Service CIDRs) and this node's IP. Repeat or comma-separate.
     #[arg(long = "cluster-cidr", env = "SLUICE_CLUSTER_CIDRS", value_delimiter = ',')]
     cluster_cidrs: Vec<Ipv4Net>,
     /// Name patterns (`*`, `?`) of pod-facing interfaces. Repeat or comma-separate.
@@ -97,6 +98,17 @@ struct RunArgs {
     /// every pod through one shared device and enforce pod source addresses themselves).
     #[arg(long, env = "SLUICE_SOURCE_CHECK", value_enum, default_value_t = run::SourceCheck::Route)]
     source_check: run::SourceCheck,
+    /// Bits of the packet mark that hold Sluice's egress id (one contiguous run). The defaults
+    /// stay clear of Calico (0xffff0000), kube-proxy (0x4000, 0x8000) and Cilium (0x0f00, and
+    /// 0xffff0000); change them only if another agent on the nodes uses these bits.
+    #[arg(long, env = "SLUICE_MARK_EGRESS", default_value = "0xff", value_parser = parse_mark)]
+    mark_egress: u32,
+    /// The mark bit of packets that came through Sluice's tunnel.
+    #[arg(long, env = "SLUICE_MARK_TUNNEL", default_value = "0x1000", value_parser = parse_mark)]
+    mark_tunnel: u32,
+    /// The mark bit of replies to send back into the tunnel.
+    #[arg(long, env = "SLUICE_MARK_REPLY", default_value = "0x2000", value_parser = parse_mark)]
+    mark_reply: u32,
     /// Routing table (and rule preference) steering replies back into the tunnel; the egress
     /// rules take preference +1 and each egress interface the table +1+ifindex.
     #[arg(long, env = "SLUICE_REPLY_TABLE", default_value_t = 8473)]
@@ -112,6 +124,15 @@ struct RunArgs {
     /// Where to write a JSON status after each applied plan (for tests and probes).
     #[arg(long, env = "SLUICE_STATUS_FILE")]
     status_file: Option<PathBuf>,
+}
+
+/// A mark as `0x1000` or `4096`.
+fn parse_mark(s: &str) -> Result<u32, String> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("{s:?} is not a 32-bit mark: {e}"))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -177,6 +198,8 @@ fn main() -> anyhow::Result<()> {
                 },
                 reply_table: a.reply_table,
                 source_check: a.source_check,
+                marks: sluice_shim::maps::MarkLayout::new(a.mark_egress, a.mark_tunnel, a.mark_reply)
+                    .map_err(|e| anyhow::anyhow!("--mark-egress/--mark-tunnel/--mark-reply: {e}"))?,
                 metrics_addr,
                 interval: Duration::from_millis(a.interval_ms),
                 status_file: a.status_file,

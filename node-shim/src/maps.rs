@@ -67,19 +67,82 @@ pub const PEER_SOURCE: u32 = 1;
 /// Tunnel peer flag: the node is a gateway of this node's pods (sends their replies).
 pub const PEER_GATEWAY: u32 = 2;
 
-/// `skb->mark` magic (bits 31..20).
-pub const MARK_MAGIC: u32 = 0x5c10_0000;
-/// Mask of the magic bits.
-pub const MARK_MAGIC_MASK: u32 = 0xfff0_0000;
-/// Mark bit: arrived through the Sluice tunnel.
-pub const MARK_TUNNEL: u32 = 0x0008_0000;
-/// Mark bit: a reply to steer back into the tunnel.
-pub const MARK_REPLY: u32 = 0x0004_0000;
-/// Mask of the policy id in the mark.
-pub const MARK_POLICY_MASK: u32 = 0x0000_ffff;
+/// Largest policy id (16 bits: counters, names, status).
+pub const MAX_POLICY_ID: u32 = 0xffff;
 
-/// Largest policy id (it must fit the mark).
-pub const MAX_POLICY_ID: u32 = MARK_POLICY_MASK;
+/// The bits of `skb->mark` (and the conntrack mark) Sluice uses; every other bit is left to
+/// the CNI, kube-proxy and whoever else marks packets on the node.
+///
+/// The defaults avoid the bits in use by default elsewhere: Calico's mark mask (`0xffff0000`),
+/// kube-proxy's masquerade and drop bits (`0x4000`, `0x8000`), Cilium's magic nibble
+/// (`0x0f00`) and identity bits (`0xffff0000`), Flannel (none of its own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MarkLayout {
+    /// Contiguous bits holding the egress id (non-zero on packets to SNAT on this node).
+    pub egress: u32,
+    /// One bit: arrived through the Sluice tunnel (its replies go back into it).
+    pub tunnel: u32,
+    /// One bit: a reply to steer back into the tunnel (set by nftables from the ct mark).
+    pub reply: u32,
+}
+
+impl Default for MarkLayout {
+    fn default() -> Self {
+        MarkLayout {
+            egress: 0x0000_00ff,
+            tunnel: 0x0000_1000,
+            reply: 0x0000_2000,
+        }
+    }
+}
+
+impl MarkLayout {
+    /// A layout, if it can work: a contiguous, non-empty egress field, single bits for the
+    /// tunnel and the reply, nothing shared.
+    pub fn new(egress: u32, tunnel: u32, reply: u32) -> Result<Self, String> {
+        let shift = egress.trailing_zeros();
+        if egress == 0 || !(egress >> shift).wrapping_add(1).is_power_of_two() {
+            return Err(format!(
+                "the egress mark bits {egress:#x} must be one contiguous run of bits"
+            ));
+        }
+        for (name, bit) in [("tunnel", tunnel), ("reply", reply)] {
+            if bit.count_ones() != 1 {
+                return Err(format!("the {name} mark {bit:#x} must be exactly one bit"));
+            }
+        }
+        if egress & (tunnel | reply) != 0 || tunnel == reply {
+            return Err(format!(
+                "the mark bits overlap: egress {egress:#x}, tunnel {tunnel:#x}, reply {reply:#x}"
+            ));
+        }
+        Ok(MarkLayout {
+            egress,
+            tunnel,
+            reply,
+        })
+    }
+
+    /// Position of the egress field's lowest bit.
+    pub fn shift(&self) -> u32 {
+        self.egress.trailing_zeros()
+    }
+
+    /// The largest egress id the field holds.
+    pub fn max_egress_id(&self) -> u32 {
+        self.egress >> self.shift()
+    }
+
+    /// The mark bits of egress `id`.
+    pub fn egress_mark(&self, id: u32) -> u32 {
+        (id << self.shift()) & self.egress
+    }
+
+    /// Every bit Sluice owns.
+    pub fn ours(&self) -> u32 {
+        self.egress | self.tunnel | self.reply
+    }
+}
 
 /// Counter indexes of `sluice_counters`, with their metric/CLI names (`enum sluice_counter_index`).
 pub const COUNTER_NAMES: [(u32, &str); 18] = [
@@ -137,7 +200,8 @@ pub struct PolicyValueV4 {
     pub gateway_ip: u32,
     /// Network byte order; 0 = unset.
     pub egress_ip: u32,
-    pub egress_ifindex: u32,
+    /// Local gateway entries: the egress (address, interface) id the packet mark carries.
+    pub egress_id: u32,
     pub policy_id: u32,
     /// Network byte order; the only outer source accepted for this entry through the tunnel
     /// (local-gateway entries of other nodes' pods); 0 = none.
@@ -183,6 +247,11 @@ pub struct Config {
     pub flags: u32,
     /// Largest TCP MSS that fits the tunnel unfragmented ([`tunnel_mss`]); 0 = no clamp.
     pub tcp_mss_max: u32,
+    /// [`MarkLayout`].
+    pub mark_egress: u32,
+    pub mark_egress_shift: u32,
+    pub mark_tunnel: u32,
+    pub mark_reply: u32,
 }
 
 /// Outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14) headers.
@@ -386,6 +455,35 @@ mod tests {
         assert_eq!(key.destination().to_string(), "203.0.113.0/24");
         assert_eq!(PolicyKeyV4::from_lpm(&key.lpm()), key);
         assert_eq!(be("1.2.3.4".parse().unwrap()).to_ne_bytes(), [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn mark_layouts_are_checked() {
+        let d = MarkLayout::default();
+        assert_eq!(MarkLayout::new(d.egress, d.tunnel, d.reply), Ok(d));
+        assert_eq!(d.max_egress_id(), 255);
+        let shifted = MarkLayout::new(0x00ff_0000, 0x1, 0x2).unwrap();
+        assert_eq!((shifted.shift(), shifted.egress_mark(3)), (16, 0x0003_0000));
+        assert!(MarkLayout::new(0, 1, 2).unwrap_err().contains("contiguous"));
+        assert!(
+            MarkLayout::new(0x0f0f, 0x1000, 0x2000)
+                .unwrap_err()
+                .contains("contiguous")
+        );
+        assert!(
+            MarkLayout::new(0xff, 0x3000, 0x4000)
+                .unwrap_err()
+                .contains("one bit")
+        );
+        assert!(
+            MarkLayout::new(0xff, 0x80, 0x4000)
+                .unwrap_err()
+                .contains("overlap")
+        );
+        // None of the defaults' bits are Calico's, kube-proxy's or Cilium's defaults.
+        for theirs in [0xffff_0000u32, 0x4000, 0x8000, 0x0f00] {
+            assert_eq!(d.ours() & theirs, 0, "{theirs:#x}");
+        }
     }
 
     #[test]

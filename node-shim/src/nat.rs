@@ -18,7 +18,7 @@ use netlink_packet_netfilter::{
 
 use crate::{
     error::{Error, Result},
-    maps::{MARK_MAGIC, MARK_MAGIC_MASK, MARK_POLICY_MASK, MARK_REPLY, MARK_TUNNEL},
+    maps::MarkLayout,
     netdev,
     netlink::{self, FwmarkRule, Netlink, Route},
 };
@@ -29,26 +29,33 @@ pub const SNAT_PRIORITY: i32 = 50;
 
 /// The full `ip sluice` table for these egress IPs (egress IP -> policy ids), replacing any
 /// previous one in one nftables transaction.
-pub fn ruleset(snat: &BTreeMap<Ipv4Addr, BTreeSet<u32>>) -> String {
-    let magic_policy = MARK_MAGIC_MASK | MARK_POLICY_MASK;
-    let tunnel_mask = MARK_MAGIC_MASK | MARK_TUNNEL;
+pub fn ruleset(snat: &BTreeMap<Ipv4Addr, BTreeSet<u32>>, layout: &MarkLayout) -> String {
+    let (egress, tunnel, reply) = (layout.egress, layout.tunnel, layout.reply);
+    let ours = layout.ours();
     let mut s = String::new();
     // Deleted and created again in the same transaction: whatever else is in the table (a chain
     // someone added, the dormant flag) goes, and nothing runs without the table meanwhile.
     s.push_str("table ip sluice {}\ndelete table ip sluice\ntable ip sluice {\n");
+    // Replies of tunnelled flows get the tunnel and reply bits (the reply rule sends them into
+    // the tunnel); every other bit of their mark stays as it is.
     s.push_str(&format!(
         "  chain prerouting {{\n    type filter hook prerouting priority mangle; policy accept;\n    \
-         ct direction reply ct mark & {tunnel_mask:#x} == {:#x} meta mark set ct mark | {MARK_REPLY:#x}\n  }}\n",
-        MARK_MAGIC | MARK_TUNNEL
+         ct direction reply ct mark & {tunnel:#x} == {tunnel:#x} meta mark set meta mark | {:#x}\n  }}\n",
+        tunnel | reply
     ));
+    // Packets to SNAT carry an egress id; only our bits go into the connection's mark.
     s.push_str(&format!(
         "  chain postrouting {{\n    type nat hook postrouting priority {SNAT_PRIORITY}; policy accept;\n    \
-         meta mark & {MARK_MAGIC_MASK:#x} != {MARK_MAGIC:#x} return\n    ct mark set meta mark\n"
+         meta mark & {egress:#x} == 0 return\n    ct mark set meta mark & {:#x}\n",
+        ours & !reply
     ));
     for (ip, ids) in snat {
-        let marks: Vec<String> = ids.iter().map(|id| format!("{:#x}", MARK_MAGIC | id)).collect();
+        let marks: Vec<String> = ids
+            .iter()
+            .map(|id| format!("{:#x}", layout.egress_mark(*id)))
+            .collect();
         s.push_str(&format!(
-            "    meta mark & {magic_policy:#x} {{ {} }} snat ip to {ip}\n",
+            "    meta mark & {egress:#x} {{ {} }} snat ip to {ip}\n",
             marks.join(", ")
         ));
     }
@@ -286,11 +293,11 @@ impl Guard {
 }
 
 /// The rule sending replies marked by the `prerouting` chain to table `table`.
-pub fn reply_rule(table: u32) -> FwmarkRule {
+pub fn reply_rule(table: u32, layout: &MarkLayout) -> FwmarkRule {
     FwmarkRule {
         pref: table,
-        mark: MARK_MAGIC | MARK_TUNNEL | MARK_REPLY,
-        mask: MARK_MAGIC_MASK | MARK_TUNNEL | MARK_REPLY,
+        mark: layout.tunnel | layout.reply,
+        mask: layout.tunnel | layout.reply,
         table,
     }
 }
@@ -305,12 +312,17 @@ pub struct ReplyRepair {
 /// Makes replies marked by the `prerouting` chain use routing table `table`, whose only route sends
 /// everything into the tunnel device `tunnel_ifindex` (the datapath then addresses it to the pod's
 /// node). Reads first (netlink dumps) and writes only what is missing.
-pub fn ensure_reply_route(table: u32, tunnel_ifindex: u32) -> Result<ReplyRepair> {
+pub fn ensure_reply_route(table: u32, tunnel_ifindex: u32, layout: &MarkLayout) -> Result<ReplyRepair> {
     let mut nl = Netlink::route().map_err(|e| Error::io("opening a route netlink socket", e))?;
-    let rule = reply_rule(table);
+    let rule = reply_rule(table, layout);
     let route = Route::default_via_device(tunnel_ifindex);
     let mut repair = ReplyRepair::default();
     let rules = netlink::fwmark_rules(&mut nl).map_err(|e| Error::io("listing ip rules", e))?;
+    // A rule of our preference with other marks: an earlier run's, with other mark bits.
+    for stale in rules.iter().filter(|r| r.pref == table && **r != rule) {
+        netlink::delete_rule(&mut nl, *stale)
+            .map_err(|e| Error::io(format!("deleting the stale reply rule {stale:?}"), e))?;
+    }
     if !rules.contains(&rule) {
         netlink::add_rule(&mut nl, rule)
             .map_err(|e| Error::io(format!("adding the reply rule {rule:?}"), e))?;
@@ -346,23 +358,28 @@ mod tests {
             ("192.0.2.101".parse().unwrap(), BTreeSet::from([1, 3])),
             ("192.0.2.102".parse().unwrap(), BTreeSet::from([2])),
         ]);
-        let r = ruleset(&snat);
+        let r = ruleset(&snat, &MarkLayout::default());
         assert!(
-            r.contains("meta mark & 0xfff0ffff { 0x5c100001, 0x5c100003 } snat ip to 192.0.2.101"),
+            r.contains("meta mark & 0xff { 0x1, 0x3 } snat ip to 192.0.2.101"),
             "{r}"
         );
         assert!(
-            r.contains("meta mark & 0xfff0ffff { 0x5c100002 } snat ip to 192.0.2.102"),
+            r.contains("meta mark & 0xff { 0x2 } snat ip to 192.0.2.102"),
             "{r}"
         );
-        assert!(r.contains("meta mark set ct mark | 0x40000"), "{r}");
+        // Only Sluice's bits move between the packet and the connection.
+        assert!(r.contains("meta mark set meta mark | 0x3000"), "{r}");
+        assert!(r.contains("ct mark set meta mark & 0x10ff"), "{r}");
         assert_eq!(r.matches("snat ip to").count(), 2);
+        // Another layout: the ids where the layout puts them.
+        let shifted = MarkLayout::new(0x00ff_0000, 0x100, 0x200).unwrap();
+        assert!(ruleset(&snat, &shifted).contains("meta mark & 0xff0000 { 0x20000 } snat ip to 192.0.2.102"));
     }
 
     #[test]
     fn a_table_missing_a_rule_or_dormant_is_not_the_one_applied() {
         let snat = BTreeMap::from([("192.0.2.101".parse().unwrap(), BTreeSet::from([1]))]);
-        let r = ruleset(&snat);
+        let r = ruleset(&snat, &MarkLayout::default());
         assert_eq!(
             rules_per_chain(&r),
             BTreeMap::from([("prerouting", 1), ("postrouting", 3)]),
@@ -389,7 +406,7 @@ mod tests {
         };
         assert!(!dormant.has_the_shape_of(&r));
         assert!(
-            !held.has_the_shape_of(&ruleset(&BTreeMap::new())),
+            !held.has_the_shape_of(&ruleset(&BTreeMap::new(), &MarkLayout::default())),
             "another plan's table"
         );
     }

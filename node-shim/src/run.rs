@@ -55,6 +55,8 @@ pub struct Options {
     pub tunnel: netdev::Tunnel,
     pub reply_table: u32,
     pub source_check: SourceCheck,
+    /// The bits of the packet mark Sluice uses.
+    pub marks: maps::MarkLayout,
     pub metrics_addr: Option<SocketAddr>,
     pub interval: Duration,
     pub status_file: Option<PathBuf>,
@@ -194,7 +196,14 @@ impl Agent {
             })?;
             names.insert(id, name);
         }
-        let ids = PolicyIds::adopt(names.iter().map(|(id, n)| (*id, n.as_str())).collect());
+        // Egress ids live on in conntrack marks: keep those the pinned entries carry.
+        let egress_ids: BTreeMap<Ipv4Addr, u32> = policy
+            .values()
+            .filter(|v| v.flags & maps::F_LOCAL_GATEWAY != 0 && v.egress_id != 0 && v.egress_ip != 0)
+            .map(|v| (maps::from_be(v.egress_ip), v.egress_id))
+            .collect();
+        let ids = PolicyIds::adopt(names.iter().map(|(id, n)| (*id, n.as_str())).collect())
+            .with_egresses(egress_ids, opts.marks.max_egress_id());
         let peers = read_hash(&dp.maps.peers, maps::TUNNEL_PEERS_V4)?;
         let bridge_ports = read_hash(&dp.maps.bridge_ports, maps::BRIDGE_PORTS)?;
         tracing::info!(
@@ -281,7 +290,7 @@ impl Agent {
         self.dp.attach(datapath::PROG_TO_TUNNEL, &device, ifindex)?;
         self.sync_config(ifindex)?;
         // The reply route goes with the device it points to: (re)install it with the device.
-        nat::ensure_reply_route(self.opts.reply_table, ifindex)?;
+        nat::ensure_reply_route(self.opts.reply_table, ifindex, &self.opts.marks)?;
         self.tunnel_ifindex = ifindex;
         // Pins of an earlier tunnel device (recreated since) are stale.
         for prog in [datapath::PROG_FROM_TUNNEL, datapath::PROG_TO_TUNNEL] {
@@ -311,6 +320,10 @@ impl Agent {
                 SourceCheck::Off => maps::CFG_NO_SOURCE_CHECK,
             },
             tcp_mss_max: underlay_mtu.map_or(0, maps::tunnel_mss),
+            mark_egress: self.opts.marks.egress,
+            mark_egress_shift: self.opts.marks.shift(),
+            mark_tunnel: self.opts.marks.tunnel,
+            mark_reply: self.opts.marks.reply,
         };
         if self.dp.maps.config.get(&0, 0).ok() != Some(config) {
             tracing::info!(?underlay_mtu, mss = config.tcp_mss_max, "datapath configuration");
@@ -478,7 +491,7 @@ impl Agent {
         tables.extend(want_tables.clone());
         egress_route::sync_tables(&tables)?;
         let rules: BTreeSet<(u32, u32)> = self.egress_rules.union(&want_rules).copied().collect();
-        egress_route::sync_rules(reply_table, &rules, false)?;
+        egress_route::sync_rules(reply_table, &self.opts.marks, &rules, false)?;
         for iface in &want.egress_interfaces {
             netdev::loosen_rp_filter(iface)?;
         }
@@ -519,7 +532,7 @@ impl Agent {
         }
         self.apply_nft(&want.snat)?;
         self.snat = want.snat;
-        let gone = egress_route::sync_rules(reply_table, &want_rules, true)?;
+        let gone = egress_route::sync_rules(reply_table, &self.opts.marks, &want_rules, true)?;
         for table in gone.iter().chain(self.egress_tables.keys()) {
             if !want_tables.contains_key(table) {
                 egress_route::flush_table(*table);
@@ -557,7 +570,7 @@ impl Agent {
     }
 
     fn apply_nft(&mut self, snat: &BTreeMap<Ipv4Addr, BTreeSet<u32>>) -> Result<()> {
-        self.nft.apply(nat::ruleset(snat))
+        self.nft.apply(nat::ruleset(snat, &self.opts.marks))
     }
 
     /// Puts back what someone else removed or changed of Sluice's kernel state: the nftables
@@ -572,7 +585,7 @@ impl Agent {
             Err(e) => tracing::error!(error = %DisplayChain(&e), "checking the nftables table"),
         }
         if self.tunnel_ifindex != 0 {
-            match nat::ensure_reply_route(self.opts.reply_table, self.tunnel_ifindex) {
+            match nat::ensure_reply_route(self.opts.reply_table, self.tunnel_ifindex, &self.opts.marks) {
                 Ok(repair) => {
                     restored.push((RESTORED_REPLY_RULE, u64::from(repair.rule)));
                     restored.push((RESTORED_REPLY_ROUTE, u64::from(repair.route)));
@@ -599,7 +612,7 @@ impl Agent {
             }
             Err(e) => tracing::error!(error = %DisplayChain(&e), "syncing the egress routing tables"),
         }
-        match egress_route::restore_rules(self.opts.reply_table, &self.egress_rules) {
+        match egress_route::restore_rules(self.opts.reply_table, &self.opts.marks, &self.egress_rules) {
             Ok(added) => restored.push((RESTORED_EGRESS_RULE, added)),
             Err(e) => tracing::error!(error = %DisplayChain(&e), "checking the egress rules"),
         }

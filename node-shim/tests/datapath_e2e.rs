@@ -585,3 +585,43 @@ fn path_mtu_discovery_works_through_a_smaller_hop_behind_the_gateway() {
         "the pod learned the path MTU: {route}"
     );
 }
+
+/// Packets counted by the first rule of `chain` in node `node`'s `ip calico` table.
+fn calico_counter(c: &Cluster, node: &str, chain: &str) -> u64 {
+    let out = c
+        .run(node, "nft", &["list", "chain", "ip", "calico", chain])
+        .unwrap();
+    out.split("packets ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter in {out}"))
+}
+
+#[test]
+fn beside_calico_like_marks() {
+    let Some(mut c) = cluster("beside_calico_like_marks") else {
+        return;
+    };
+    // What Calico's iptables chains do with the mark: bits of its mask (0xffff0000) set on every
+    // packet early, expected to be there further down.
+    for node in ["n1", "n2"] {
+        c.nft(
+            node,
+            "table ip calico {\n chain raw {\n  type filter hook prerouting priority -300; policy accept;\n  \
+             meta mark set meta mark | 0xabcd0000\n }\n chain kept {\n  \
+             type filter hook postrouting priority 300; policy accept;\n  \
+             ip daddr 203.0.113.0/24 meta mark & 0xffff0000 == 0xabcd0000 counter\n }\n}\n",
+        )
+        .unwrap();
+    }
+    c.apply(&[policy_a("p2"), policy_a("p1")]);
+    // A pod on another node and one on the gateway: steered, SNATed, replies delivered.
+    let mut conn = c.connect("p2", EXT_A).expect("connects through the gateway");
+    assert_eq!(conn.exchange(100_000, 100_000).unwrap(), EGRESS_N1);
+    assert_eq!(c.fetch("p1", EXT_A).unwrap(), EGRESS_N1);
+    assert!(
+        calico_counter(&c, "n1", "kept") > 0,
+        "the other agent's bits are still on the packets Sluice marked"
+    );
+}

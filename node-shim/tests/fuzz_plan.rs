@@ -72,7 +72,8 @@ fn check_desired(entries: &[EntryDoc]) {
                 host_ips.contains(&value.egress_ip),
                 "SNAT to an address not on this node"
             );
-            assert!(d.snat[&maps::from_be(value.egress_ip)].contains(&value.policy_id));
+            assert_ne!(value.egress_id, 0, "SNATed without an egress id");
+            assert!(d.snat[&maps::from_be(value.egress_ip)].contains(&value.egress_id));
         }
     }
     for p in &d.entry_errors {

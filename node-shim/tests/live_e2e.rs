@@ -336,7 +336,6 @@ fn a_policy_for_everything_leaves_the_cluster_alone_without_cluster_cidrs() {
         return;
     }
     let (mut tb, dir, tokens) = live_testbed();
-    fs::write(dir.join("cluster.yaml"), CLUSTER.replace("podCIDRs", "xPodCIDRs")).unwrap();
     // Everything p2 (checkout on n2) sends goes through n3, as a user who forgot the cluster
     // CIDRs would write it.
     write(

@@ -142,6 +142,8 @@ struct Expect {
     audience: &'static str,
     grpc_port: i64,
     cluster_cidrs: Option<&'static str>,
+    /// The operator's `--service-cidr` arguments, in order.
+    service_cidrs: &'static [&'static str],
     /// The shim's `SLUICE_METRICS_ADDR` (`off`: no endpoint and no liveness probe).
     shim_metrics_addr: &'static str,
     /// The operator's lease duration, renew deadline and retry period.
@@ -171,6 +173,7 @@ fn scenarios() -> Vec<Scenario> {
         audience: "sluice.dev",
         grpc_port: 9443,
         cluster_cidrs: None,
+        service_cidrs: &[],
         shim_metrics_addr: "$(SLUICE_NODE_IP):9473",
         lease_timings: ["10s", "7s", "1s"],
     };
@@ -194,6 +197,7 @@ fn scenarios() -> Vec<Scenario> {
                 "--set=serviceMonitor.enabled=true",
                 "--set=serviceMonitor.labels.release=prometheus",
                 "--set=clusterCIDRs={10.244.0.0/16,10.96.0.0/12}",
+                "--set=serviceCIDRs={10.96.0.0/12,fd00:96::/112}",
                 "--set=shim.capabilities={NET_ADMIN,BPF,PERFMON,SYS_RESOURCE}",
                 "--set=shim.metricsPort=0",
                 "--set=logLevel=debug",
@@ -211,6 +215,7 @@ fn scenarios() -> Vec<Scenario> {
                 audience: "egress.example.com",
                 grpc_port: 10443,
                 cluster_cidrs: Some("10.244.0.0/16,10.96.0.0/12"),
+                service_cidrs: &["10.96.0.0/12", "fd00:96::/112"],
                 shim_metrics_addr: "off",
                 lease_timings: ["20s", "15s", "2s"],
             },
@@ -245,6 +250,7 @@ const BAD_VALUES: &[&[&str]] = &[
     &["--set=operator.replicas=0"],
     &["--set=shim.unknownField=1"],
     &["--set=clusterCIDRs={not-a-cidr}"],
+    &["--set=serviceCIDRs={10.96.0.0}"],
     &["--set=shim.tunnel.port=70000"],
     &["--set=operator.leaderElection.leaseDuration=1.5s"],
 ];
@@ -305,15 +311,20 @@ pub fn test(root: &Path) -> Result<()> {
         "kubectl -n sluice-system get pods",
         "kubectl get egp",
         "kubectl describe egp",
-        "clusterCIDRs is empty",
+        "serviceCIDRs is empty",
     ] {
         ensure!(notes.contains(want), "NOTES.txt does not say {want:?}:\n{notes}");
     }
-    let notes = render_notes(&helm, &chart, &out_dir, &["--set=clusterCIDRs={10.0.0.0/8}"])?;
-    ensure!(
-        !notes.contains("clusterCIDRs is empty"),
-        "NOTES.txt warns about set clusterCIDRs"
-    );
+    for set in [
+        "--set=clusterCIDRs={10.0.0.0/8}",
+        "--set=serviceCIDRs={10.96.0.0/12}",
+    ] {
+        let notes = render_notes(&helm, &chart, &out_dir, &[set])?;
+        ensure!(
+            !notes.contains("serviceCIDRs is empty"),
+            "NOTES.txt warns despite {set}"
+        );
+    }
 
     let crds = [root.join("crds"), chart.join("crds")]
         .map(|d| std::fs::read_to_string(d.join("egressgatewaypolicies.sluice.dev.yaml")));
@@ -537,6 +548,15 @@ fn check_operator(docs: &[Value], e: &Expect) -> Result<()> {
     for var in ["POD_NAME", "POD_NAMESPACE", "POD_IP"] {
         ensure!(env(c, var).is_some(), "operator env lacks {var}");
     }
+    let service_cidrs: Vec<&str> = args
+        .iter()
+        .filter_map(|a| a.strip_prefix("--service-cidr="))
+        .collect();
+    ensure!(
+        service_cidrs == e.service_cidrs,
+        "operator --service-cidr {service_cidrs:?} != {:?}",
+        e.service_cidrs
+    );
     // The shims' Service has no selector: the leader publishes itself as its only endpoint.
     let svc = find(docs, "Service", "-operator")?;
     ensure!(
@@ -887,6 +907,7 @@ mod tests {
             audience: "sluice.dev",
             grpc_port: 9443,
             cluster_cidrs: None,
+            service_cidrs: &[],
             shim_metrics_addr: "$(SLUICE_NODE_IP):9473",
             lease_timings: ["10s", "7s", "1s"],
         }

@@ -60,8 +60,8 @@ enum Command {
         plan_file: bool,
     },
     BenchDatapath {
-        /// Which variants to run (letters of a, t, b, c, d).
-        #[arg(long, default_value = "atbcd")]
+        /// Which variants to run (letters of a, t, b, f, c, d).
+        #[arg(long, default_value = "atbfcd")]
         variants: String,
         /// Do not write the table into docs/benchmarks.md.
         #[arg(long)]
