@@ -116,6 +116,10 @@ struct Measure {
     /// The segment size of the pod's iperf3 socket (`TCP_MAXSEG` once connected, as iperf3 reports
     /// it; the last run's): what the handshake, with the MSS clamp when steered, left it.
     mss: u64,
+    /// Variant f only: (datagrams sent, fragments created on the pod's node) for UDP datagrams
+    /// that fill the pod's MTU, which do not fit the tunnel and are fragmented outside it by
+    /// design (docs/datapath.md, "MTU"). Shows that the fragment count sees fragmentation.
+    udp: Option<(u64, u64)>,
 }
 
 impl Measure {
@@ -397,6 +401,9 @@ fn measure(t: &mut Testbed, v: Variant) -> Result<Measure> {
     }
     let mut m = Measure::default();
     throughput(t, &mut m)?;
+    if v == Variant::F {
+        m.udp = Some(udp_fragments(t)?);
+    }
     connection_rate(t, v, &mut m)?;
     Ok(m)
 }
@@ -448,6 +455,39 @@ fn throughput(t: &mut Testbed, m: &mut Measure) -> Result<()> {
     m.softirq_ms_per_gb = median(softirq);
     m.busy_pct = median(busy);
     Ok(())
+}
+
+/// One second of 1472-byte UDP datagrams (a full 1500-byte packet each) from the pod at 200 Mbit/s:
+/// (datagrams sent, fragments n2 created).
+fn udp_fragments(t: &mut Testbed) -> Result<(u64, u64)> {
+    let mut server = t.command("ext", "iperf3");
+    server.args(["-s", "-1", "-p", IPERF_PORT]);
+    t.spawn("iperf3-udp-server", server)?;
+    let listening = sluice_testbed::wait_for(Duration::from_secs(5), || {
+        t.run("ext", "ss", &["-Hltn", &format!("sport = :{IPERF_PORT}")])
+            .is_ok_and(|o| !o.trim().is_empty())
+    });
+    if !listening {
+        bail!("iperf3 server did not start: {}", t.log("iperf3-udp-server"));
+    }
+    let before = t.fragments_created("n2");
+    let out = t
+        .run(
+            "p2",
+            "timeout",
+            &[
+                "30", "iperf3", "-c", EXT_A, "-p", IPERF_PORT, "-u", "-l", "1472", "-b", "200M", "-t", "1",
+                "-J",
+            ],
+        )
+        .context("iperf3 UDP client")?;
+    let fragments = t.fragments_created("n2") - before;
+    t.kill("iperf3-udp-server");
+    let json: serde_json::Value = serde_json::from_str(&out).context("iperf3 -J output")?;
+    let sent = json["end"]["sum"]["packets"]
+        .as_u64()
+        .context("no datagram count in iperf3's output")?;
+    Ok((sent, fragments))
 }
 
 /// One client thread in the pod opens connections to a server on the external host for a few
@@ -546,6 +586,16 @@ fn table(results: &[(Variant, Measure)]) -> String {
             m.conn_failures
         );
     }
+    for (v, m) in results {
+        if let Some((sent, fragments)) = m.udp {
+            let _ = writeln!(
+                s,
+                "\n({}) 1472-byte UDP datagrams from the pod, 1 s: {fragments} fragments on the \
+                 pod's node for {sent} datagrams (outer fragmentation, by design).",
+                v.key()
+            );
+        }
+    }
     let _ = writeln!(s);
     let _ = writeln!(
         s,
@@ -643,11 +693,16 @@ mod tests {
             gbit_s: 5.7,
             fragments: 1_000_000,
             bytes: 2_000_000_000,
+            udp: Some((16_970, 33_940)),
             ..Measure::default()
         };
         let table = table(&[(Variant::B, b), (Variant::F, f)]);
         assert!(table.contains("| 0 (0 / 4.00) |"), "{table}");
         assert!(table.contains("| 500000 (1000000 / 2.00) |"), "{table}");
         assert!(table.contains("| f/b (target ≥ 0.9) | 0.95 |"), "{table}");
+        assert!(
+            table.contains("(f) 1472-byte UDP datagrams from the pod, 1 s: 33940 fragments"),
+            "{table}"
+        );
     }
 }
