@@ -133,6 +133,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sluice_bridge_ports SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, SLUICE_SEEN_SLOTS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sluice_seen SEC(".maps");
+
 static __always_inline void count(__u32 idx, __u32 len)
 {
 	struct sluice_counter *c = bpf_map_lookup_elem(&sluice_counters, &idx);
@@ -347,6 +355,13 @@ static __always_inline int source_belongs_to_interface(struct __sk_buff *skb, st
 SEC("classifier")
 int sluice_from_pod(struct __sk_buff *skb)
 {
+	/* That Sluice runs at all on this interface (see SLUICE_SEEN_SLOTS). */
+	__u32 slot = skb->ifindex % SLUICE_SEEN_SLOTS;
+	__u64 *seen = bpf_map_lookup_elem(&sluice_seen, &slot);
+
+	if (seen)
+		(*seen)++;
+
 	struct iphdr *ip = ipv4_header(skb);
 
 	if (!ip)

@@ -150,6 +150,14 @@ struct sluice_counter {
 	__u64 bytes;
 };
 
+/*
+ * sluice_seen (per-CPU array of __u64): packets sluice_from_pod saw, by pod interface ifindex
+ * modulo SLUICE_SEEN_SLOTS. The shim compares it with each interface's received packets: an
+ * interface that receives traffic Sluice never sees has a program ahead of Sluice's that
+ * takes every packet (a CNI's TCX program returning "pass" or redirecting).
+ */
+#define SLUICE_SEEN_SLOTS 4096
+
 /* Value of sluice_reply_v4 (LRU hash keyed by pod IP): where the pod lives. */
 struct sluice_reply_v4 {
 	__be32 node_ip; /* underlay IP of the pod's node (outer source of its tunnelled packets) */

@@ -61,6 +61,8 @@ pub struct Maps {
     pub peers: HashMap<MapData, u32, u32>,
     /// Pod interface ifindex -> its bridge's ifindex.
     pub bridge_ports: HashMap<MapData, u32, u32>,
+    /// Packets `sluice_from_pod` saw, by ifindex modulo `maps::SEEN_SLOTS`.
+    pub seen: PerCpuArray<MapData, u64>,
 }
 
 fn map_err<'a>(name: &'static str, action: &'a str) -> impl FnOnce(aya::maps::MapError) -> Error + 'a {
@@ -124,7 +126,18 @@ impl Maps {
             names: typed!(maps::POLICY_NAMES),
             peers: typed!(maps::TUNNEL_PEERS_V4),
             bridge_ports: typed!(maps::BRIDGE_PORTS),
+            seen: typed!(maps::SEEN),
         })
+    }
+
+    /// Packets `sluice_from_pod` saw on interface `ifindex` (shared with the interfaces whose
+    /// index is the same modulo `maps::SEEN_SLOTS`).
+    pub fn seen(&self, ifindex: u32) -> Result<u64> {
+        let per_cpu = self
+            .seen
+            .get(&(ifindex % maps::SEEN_SLOTS), 0)
+            .map_err(map_err(maps::SEEN, "reading"))?;
+        Ok(per_cpu.iter().sum())
     }
 
     /// Sums the per-CPU outcome counters, by counter index.

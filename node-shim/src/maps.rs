@@ -31,8 +31,13 @@ pub const TUNNEL_PEERS_V4: &str = "sluice_tunnel_peers_v4";
 /// Pod interface ifindex -> ifindex of the bridge it is a port of.
 pub const BRIDGE_PORTS: &str = "sluice_bridge_ports";
 
+/// Per-CPU packets seen by `sluice_from_pod`, by pod interface ifindex modulo [`SEEN_SLOTS`].
+pub const SEEN: &str = "sluice_seen";
+/// `SLUICE_SEEN_SLOTS`.
+pub const SEEN_SLOTS: u32 = 4096;
+
 /// Every map of the object, in the order `bpf` subcommands open them.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 10] = [
     POLICY_V4,
     CLUSTER_V4,
     CONFIG,
@@ -42,6 +47,7 @@ pub const ALL_MAPS: [&str; 9] = [
     POLICY_NAMES,
     TUNNEL_PEERS_V4,
     BRIDGE_PORTS,
+    SEEN,
 ];
 
 /// Default capacity of the policy map.
@@ -304,7 +310,7 @@ unsafe impl aya::Pod for PolicyName {}
 
 /// Every map with the key and value sizes this build's types have: what a pinned map must match
 /// to be adopted.
-pub fn layouts() -> [(&'static str, usize, usize); 9] {
+pub fn layouts() -> [(&'static str, usize, usize); 10] {
     use std::mem::size_of;
     [
         (POLICY_V4, size_of::<PolicyKeyV4>(), size_of::<PolicyValueV4>()),
@@ -316,6 +322,7 @@ pub fn layouts() -> [(&'static str, usize, usize); 9] {
         (POLICY_NAMES, size_of::<u32>(), size_of::<PolicyName>()),
         (TUNNEL_PEERS_V4, size_of::<u32>(), size_of::<u32>()),
         (BRIDGE_PORTS, size_of::<u32>(), size_of::<u32>()),
+        (SEEN, size_of::<u32>(), size_of::<u64>()),
     ]
 }
 

@@ -38,6 +38,8 @@ pub struct Snapshot {
     pub policy_entries: u64,
     pub policy_map_max: u64,
     pub attached_interfaces: u64,
+    /// Pod interfaces that receive traffic Sluice's program never sees.
+    pub bypassed_interfaces: u64,
     pub map_writes: u64,
     pub apply_errors: u64,
     /// (kind of kernel object, times it was missing or changed and the shim put it back).
@@ -122,6 +124,11 @@ impl Collector for Metrics {
                 "sluice_attached_interfaces",
                 "Interfaces the datapath is attached to",
                 s.attached_interfaces,
+            ),
+            (
+                "sluice_bypassed_interfaces",
+                "Pod interfaces that receive traffic Sluice's program never sees (a program ahead of it takes every packet)",
+                s.bypassed_interfaces,
             ),
         ] {
             let family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;

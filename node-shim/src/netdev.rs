@@ -75,6 +75,19 @@ pub fn mtu_of_address(address: Ipv4Addr) -> Option<u32> {
         .ok()
 }
 
+/// Packets interface `name` has received (for a pod's host-side veth: what the pod sent).
+pub fn rx_packets(name: &str) -> Option<u64> {
+    fs::read_to_string(
+        Path::new("/sys/class/net")
+            .join(name)
+            .join("statistics/rx_packets"),
+    )
+    .ok()?
+    .trim()
+    .parse()
+    .ok()
+}
+
 /// The ifindex of the device `name` is enslaved to (a bridge, for bridged pod interfaces).
 pub fn master_ifindex(name: &str) -> Option<u32> {
     let master = fs::read_link(Path::new("/sys/class/net").join(name).join("master")).ok()?;

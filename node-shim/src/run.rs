@@ -162,6 +162,9 @@ pub struct Agent {
     ids: PolicyIds,
     /// ifindex -> name of the pod interfaces attached this run.
     attached: BTreeMap<u32, String>,
+    /// Per attached pod interface: (received packets, packets Sluice saw, bypassed) at the last
+    /// tick.
+    seen: BTreeMap<u32, (u64, u64, bool)>,
     tunnel_ifindex: u32,
     /// Sluice's nftables table, as last applied.
     nft: nat::Guard,
@@ -234,6 +237,7 @@ impl Agent {
             bridge_ports,
             ids,
             attached: BTreeMap::new(),
+            seen: BTreeMap::new(),
             tunnel_ifindex: 0,
             nft: nat::Guard::default(),
             snat: BTreeMap::new(),
@@ -259,6 +263,7 @@ impl Agent {
         if let Err(e) = self.follow_interfaces() {
             tracing::error!(error = %DisplayChain(&e), "attaching to pod interfaces");
         }
+        self.check_bypass();
         let now = std::time::Instant::now();
         if self.retry.is_none_or(|(at, _)| now >= at) {
             match self.apply_plan() {
@@ -305,6 +310,41 @@ impl Agent {
         }
         tracing::info!(%device, ifindex, port = self.opts.tunnel.port, "tunnel ready");
         Ok(())
+    }
+
+    /// Notices pod interfaces whose traffic never reaches Sluice's program: something attached
+    /// ahead of it (a CNI's TCX program that passes or redirects every packet) takes it all, so
+    /// Sluice's policies do not apply there. Logged when it starts and stops, and counted in
+    /// `sluice_bypassed_interfaces`.
+    fn check_bypass(&mut self) {
+        // Enough traffic in one tick that seeing none of it is no accident.
+        const MIN_PACKETS: u64 = 8;
+        self.seen.retain(|i, _| self.attached.contains_key(i));
+        for (ifindex, name) in &self.attached {
+            let (Some(rx), Ok(seen)) = (netdev::rx_packets(name), self.dp.maps.seen(*ifindex)) else {
+                continue;
+            };
+            let (prev_rx, prev_seen, was) = self.seen.get(ifindex).copied().unwrap_or((rx, seen, false));
+            let received = rx.saturating_sub(prev_rx);
+            let bypassed = if seen != prev_seen {
+                false
+            } else if received >= MIN_PACKETS {
+                true
+            } else {
+                was
+            };
+            if bypassed && !was {
+                tracing::warn!(
+                    interface = %name,
+                    received,
+                    "pod interface bypassed: it receives traffic Sluice's program never sees; a program \
+                     attached ahead of Sluice's takes every packet, so egress policies do not apply to its pods"
+                );
+            } else if was && !bypassed {
+                tracing::info!(interface = %name, "pod interface no longer bypassed");
+            }
+            self.seen.insert(*ifindex, (rx, seen, bypassed));
+        }
     }
 
     /// Writes the datapath's configuration when it differs from what the map holds.
@@ -655,6 +695,7 @@ impl Agent {
             s.policy_entries = self.policy.len() as u64;
             s.policy_map_max = u64::from(self.opts.policy_map_max);
             s.attached_interfaces = self.attached.len() as u64;
+            s.bypassed_interfaces = self.seen.values().filter(|(_, _, b)| *b).count() as u64;
             s.map_writes = self.map_writes;
             s.apply_errors = self.apply_errors;
             s.restored = self.restored.iter().map(|(k, n)| (*k, *n)).collect();

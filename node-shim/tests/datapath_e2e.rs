@@ -625,3 +625,96 @@ fn beside_calico_like_marks() {
         "the other agent's bits are still on the packets Sluice marked"
     );
 }
+
+/// A CNI's program ahead of Sluice's on a pod interface (as Cilium attaches its own with TCX):
+/// this one passes every packet on, so Sluice's never runs there. Compiled here with the clang
+/// the datapath is built with; pinned under the testbed's bpffs, so it goes with the testbed.
+fn attach_ahead_of_sluice(c: &Cluster, node: &str, interface: &str) {
+    use aya::programs::{
+        LinkOrder, SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc::TcAttachOptions,
+    };
+    let dir = c.scratch().join("standin");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (source, object) = (dir.join("pass.bpf.c"), dir.join("pass.bpf.o"));
+    std::fs::write(
+        &source,
+        "#include <linux/bpf.h>\n#include <linux/pkt_cls.h>\n#include <bpf/bpf_helpers.h>\n\
+         SEC(\"classifier\") int cni_pass(struct __sk_buff *skb) { return TC_ACT_OK; }\n\
+         char _license[] SEC(\"license\") = \"GPL\";\n",
+    )
+    .unwrap();
+    let status = Command::new(std::env::var("SLUICE_CLANG").unwrap_or_else(|_| "clang".into()))
+        .args(["-O2", "-target", "bpf", "-I/usr/include/x86_64-linux-gnu", "-c"])
+        .arg(&source)
+        .arg("-o")
+        .arg(&object)
+        .status()
+        .expect("clang runs");
+    assert!(status.success(), "compiling the stand-in");
+    let bytes = std::fs::read(&object).unwrap();
+    let pin = c.bpffs().join(format!("standin-{node}-{interface}"));
+    sluice_testbed::in_netns(&c.ns(node), || {
+        let mut ebpf = aya::Ebpf::load(&bytes).expect("loads");
+        let prog: &mut SchedClassifier = ebpf.program_mut("cni_pass").unwrap().try_into().unwrap();
+        prog.load().expect("verifies");
+        let id = prog
+            .attach_with_options(
+                interface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::first()),
+            )
+            .expect("attaches first");
+        let link = FdLink::try_from(prog.take_link(id).unwrap()).unwrap();
+        let _: PinnedLink = link.pin(&pin).expect("pins");
+    });
+}
+
+/// `sluice_bypassed_interfaces` of `node`'s shim (serving metrics on 127.0.0.1:9473 in its node).
+fn bypassed(c: &Cluster, node: &str) -> u64 {
+    use std::io::{Read, Write};
+    let response = sluice_testbed::in_netns(&c.ns(node), || -> std::io::Result<String> {
+        let mut stream = std::net::TcpStream::connect("127.0.0.1:9473")?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: shim\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    })
+    .expect("scrapes the metrics");
+    response
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_bypassed_interfaces "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sluice_bypassed_interfaces in\n{response}"))
+}
+
+#[test]
+fn a_program_ahead_of_sluices_that_takes_every_packet_is_noticed() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIP datapath_e2e::bypass: needs root (network namespaces, eBPF); CI runs it as root");
+        return;
+    }
+    let mut c = Cluster::start(
+        env!("CARGO_BIN_EXE_sluice-shim"),
+        &["--metrics-addr", "127.0.0.1:9473"],
+    )
+    .expect("builds the cluster");
+    c.apply(&[policy_a("p2")]);
+    for _ in 0..5 {
+        assert_eq!(c.fetch("p2", EXT_A).unwrap(), EGRESS_N1);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(bypassed(&c, "n2"), 0, "Sluice sees p2's traffic");
+
+    attach_ahead_of_sluice(&c, "n2", "veth-p2");
+    // p2's traffic now never reaches Sluice's program: it leaves with the node's address.
+    let noticed = sluice_testbed::wait_for(Duration::from_secs(10), || {
+        let _ = c.fetch("p2", EXT_A);
+        bypassed(&c, "n2") == 1
+    });
+    assert!(noticed, "the bypass is noticed\n{}", c.log("shim-n2"));
+    assert_eq!(c.fetch("p2", EXT_A).unwrap(), c.node_ip("n2"));
+    assert!(c.log("shim-n2").contains("pod interface bypassed"));
+}

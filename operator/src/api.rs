@@ -41,6 +41,8 @@ pub const CONDITION_PROGRAMMED: &str = "Programmed";
     printcolumn = r#"{"name":"Endpoints","type":"integer","jsonPath":".status.matchedEndpoints"}"#,
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status","priority":1}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Programmed\")].status"}"#,
+    printcolumn = r#"{"name":"Failure Policy","type":"string","description":"What matched traffic does without a usable gateway; empty means Drop","jsonPath":".spec.failurePolicy","priority":1}"#,
+    printcolumn = r#"{"name":"Conflicts","type":"string","description":"Policies that win some of this policy's (source, destination) pairs","jsonPath":".status.conflicts[*].policy","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[schemars(extend("x-kubernetes-validations" = [

@@ -42,8 +42,26 @@ fn crd_has_the_promised_shape() {
         .collect();
     assert_eq!(
         columns,
-        ["Gateways", "Egress IPs", "Endpoints", "Accepted", "Ready", "Age"]
+        [
+            "Gateways",
+            "Egress IPs",
+            "Endpoints",
+            "Accepted",
+            "Ready",
+            "Failure Policy",
+            "Conflicts",
+            "Age"
+        ]
     );
+    // Shown by `kubectl get -o wide` only: the default view stays narrow.
+    let wide: Vec<&str> = version["additionalPrinterColumns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["priority"] == 1)
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(wide, ["Accepted", "Failure Policy", "Conflicts"]);
     let status = &version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"];
     for field in [
         "observedGeneration",
