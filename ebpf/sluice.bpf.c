@@ -133,6 +133,29 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sluice_bridge_ports SEC(".maps");
 
+/*
+ * The no-leak guard for new pods: destinations that failurePolicy Drop policies guard (LPM), and
+ * the pod IPs of this node the plan has decided on, selected or not (hash). A pod the plan does
+ * not know yet may not reach a guarded destination by the normal path.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct sluice_cidr_key_v4);
+	__type(value, __u32);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sluice_guarded_v4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __be32);
+	__type(value, __u32);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sluice_decided_pods_v4 SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
@@ -385,8 +408,16 @@ int sluice_from_pod(struct __sk_buff *skb)
 	}
 	struct sluice_policy_value_v4 *v = policy_lookup(saddr, daddr);
 
-	if (!v)
+	if (!v) {
+		struct sluice_cidr_key_v4 guard = { .prefixlen = 32, .addr = daddr };
+
+		if (bpf_map_lookup_elem(&sluice_guarded_v4, &guard) &&
+		    !bpf_map_lookup_elem(&sluice_decided_pods_v4, &saddr)) {
+			count(SLUICE_CTR_DROP_UNDECIDED_POD, skb->len);
+			return TC_ACT_SHOT;
+		}
 		return SLUICE_PASS;
+	}
 
 	switch (v->kind) {
 	case SLUICE_KIND_EXCLUDED:

@@ -74,6 +74,11 @@ enum sluice_counter_index {
 	SLUICE_CTR_MSS_CLAMPED = 16,
 	/* Source node: an ICMP error about a steered flow delivered to the pod. */
 	SLUICE_CTR_ICMP_ERROR_DELIVERED = 17,
+	/*
+	 * A packet from a pod the plan has not decided on yet, to a destination a Drop policy
+	 * guards: dropped until the plan covers the pod (it may be selected: never leak).
+	 */
+	SLUICE_CTR_DROP_UNDECIDED_POD = 18,
 	SLUICE_CTR_MAX = 32,
 };
 

@@ -63,6 +63,9 @@ pub struct Maps {
     pub bridge_ports: HashMap<MapData, u32, u32>,
     /// Packets `sluice_from_pod` saw, by ifindex modulo `maps::SEEN_SLOTS`.
     pub seen: PerCpuArray<MapData, u64>,
+    /// The no-leak guard: guarded destinations, and the pods the plan decided on.
+    pub guarded: LpmTrie<MapData, u32, u32>,
+    pub decided_pods: HashMap<MapData, u32, u32>,
 }
 
 fn map_err<'a>(name: &'static str, action: &'a str) -> impl FnOnce(aya::maps::MapError) -> Error + 'a {
@@ -127,6 +130,8 @@ impl Maps {
             peers: typed!(maps::TUNNEL_PEERS_V4),
             bridge_ports: typed!(maps::BRIDGE_PORTS),
             seen: typed!(maps::SEEN),
+            guarded: typed!(maps::GUARDED_V4),
+            decided_pods: typed!(maps::DECIDED_PODS_V4),
         })
     }
 

@@ -31,13 +31,18 @@ pub const TUNNEL_PEERS_V4: &str = "sluice_tunnel_peers_v4";
 /// Pod interface ifindex -> ifindex of the bridge it is a port of.
 pub const BRIDGE_PORTS: &str = "sluice_bridge_ports";
 
+/// LPM trie of the destinations `failurePolicy: Drop` policies guard (the no-leak guard).
+pub const GUARDED_V4: &str = "sluice_guarded_v4";
+/// This node's pod IPs the plan has decided on, selected or not.
+pub const DECIDED_PODS_V4: &str = "sluice_decided_pods_v4";
+
 /// Per-CPU packets seen by `sluice_from_pod`, by pod interface ifindex modulo [`SEEN_SLOTS`].
 pub const SEEN: &str = "sluice_seen";
 /// `SLUICE_SEEN_SLOTS`.
 pub const SEEN_SLOTS: u32 = 4096;
 
 /// Every map of the object, in the order `bpf` subcommands open them.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 12] = [
     POLICY_V4,
     CLUSTER_V4,
     CONFIG,
@@ -48,6 +53,8 @@ pub const ALL_MAPS: [&str; 10] = [
     TUNNEL_PEERS_V4,
     BRIDGE_PORTS,
     SEEN,
+    GUARDED_V4,
+    DECIDED_PODS_V4,
 ];
 
 /// Default capacity of the policy map.
@@ -151,7 +158,7 @@ impl MarkLayout {
 }
 
 /// Counter indexes of `sluice_counters`, with their metric/CLI names (`enum sluice_counter_index`).
-pub const COUNTER_NAMES: [(u32, &str); 18] = [
+pub const COUNTER_NAMES: [(u32, &str); 19] = [
     (0, "steered"),
     (1, "local_egress"),
     (2, "egressed"),
@@ -170,6 +177,7 @@ pub const COUNTER_NAMES: [(u32, &str); 18] = [
     (15, "dropped_pod_to_tunnel_port"),
     (16, "mss_clamped"),
     (17, "icmp_error_delivered"),
+    (18, "dropped_undecided_pod"),
 ];
 
 /// Index of the drop counter for `failurePolicy: Drop`.
@@ -310,7 +318,7 @@ unsafe impl aya::Pod for PolicyName {}
 
 /// Every map with the key and value sizes this build's types have: what a pinned map must match
 /// to be adopted.
-pub fn layouts() -> [(&'static str, usize, usize); 10] {
+pub fn layouts() -> [(&'static str, usize, usize); 12] {
     use std::mem::size_of;
     [
         (POLICY_V4, size_of::<PolicyKeyV4>(), size_of::<PolicyValueV4>()),
@@ -323,6 +331,8 @@ pub fn layouts() -> [(&'static str, usize, usize); 10] {
         (TUNNEL_PEERS_V4, size_of::<u32>(), size_of::<u32>()),
         (BRIDGE_PORTS, size_of::<u32>(), size_of::<u32>()),
         (SEEN, size_of::<u32>(), size_of::<u64>()),
+        (GUARDED_V4, size_of::<CidrKeyV4>(), size_of::<u32>()),
+        (DECIDED_PODS_V4, size_of::<u32>(), size_of::<u32>()),
     ]
 }
 

@@ -159,6 +159,8 @@ pub struct Agent {
     /// Mirrors of the tunnel peers and bridge ports maps.
     peers: BTreeMap<u32, u32>,
     bridge_ports: BTreeMap<u32, u32>,
+    /// Mirror of the decided pods map (the no-leak guard).
+    decided: BTreeMap<u32, u32>,
     ids: PolicyIds,
     /// ifindex -> name of the pod interfaces attached this run.
     attached: BTreeMap<u32, String>,
@@ -209,6 +211,7 @@ impl Agent {
             .with_egresses(egress_ids, opts.marks.max_egress_id());
         let peers = read_hash(&dp.maps.peers, maps::TUNNEL_PEERS_V4)?;
         let bridge_ports = read_hash(&dp.maps.bridge_ports, maps::BRIDGE_PORTS)?;
+        let decided = read_hash(&dp.maps.decided_pods, maps::DECIDED_PODS_V4)?;
         tracing::info!(
             entries = policy.len(),
             policies = names.len(),
@@ -217,7 +220,12 @@ impl Agent {
 
         // Only added to: what the map holds beyond the flags came from the operator's last plan,
         // and stays in-cluster until the next plan says otherwise.
-        sync_cluster(&mut dp.maps.cluster, &own_cluster_cidrs(&opts, &[]), false)?;
+        sync_lpm(
+            &mut dp.maps.cluster,
+            maps::CLUSTER_V4,
+            &own_cluster_cidrs(&opts, &[]),
+            false,
+        )?;
 
         let metrics = Metrics::default();
         if let Some(addr) = opts.metrics_addr {
@@ -235,6 +243,7 @@ impl Agent {
             names,
             peers,
             bridge_ports,
+            decided,
             ids,
             attached: BTreeMap::new(),
             seen: BTreeMap::new(),
@@ -463,18 +472,20 @@ impl Agent {
         self.applied = None;
 
         self.plan_reads += 1;
-        let (bytes, entries, planned_cluster) = match (&self.opts.plan, &state) {
+        let (bytes, entries, planned_cluster, guard) = match (&self.opts.plan, &state) {
             (PlanSource::File(path), _) => {
                 let bytes =
                     fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
                 let entries = desired::plan_entries(path, &bytes, &self.opts.node)?;
                 let cluster = plan_file_cluster_cidrs(&bytes, &self.opts.node);
-                (bytes, entries, cluster)
+                let guard = plan_file_guard(&bytes, &self.opts.node);
+                (bytes, entries, cluster, guard)
             }
             (_, Some(state)) => (
                 format!("generation {}", state.generation).into_bytes(),
                 state.entry_list(),
                 state.cluster_cidrs.clone(),
+                state.guard.clone(),
             ),
             (PlanSource::Operator(_), None) => unreachable!("checked above"),
         };
@@ -503,8 +514,9 @@ impl Agent {
 
         // 0. The in-cluster set first: an entry of the new plan never catches in-cluster traffic
         //    the plan itself says is in-cluster.
-        sync_cluster(
+        sync_lpm(
             &mut self.dp.maps.cluster,
+            maps::CLUSTER_V4,
             &own_cluster_cidrs(&self.opts, &planned_cluster),
             true,
         )?;
@@ -535,6 +547,10 @@ impl Agent {
         for iface in &want.egress_interfaces {
             netdev::loosen_rp_filter(iface)?;
         }
+        // The guard's destinations may only grow before the entries change: a pod the plan
+        // has not decided on yet never gets a moment with the normal path.
+        let (guarded, decided) = guard_contents(guard.as_ref());
+        sync_lpm(&mut self.dp.maps.guarded, maps::GUARDED_V4, &guarded, false)?;
         // Peers before the entries that need them, and pruned after the entries that did.
         let mut peers = self.peers.clone();
         for (ip, flags) in &want.peers {
@@ -555,6 +571,13 @@ impl Agent {
             &mut self.peers,
             &want.peers,
         )?;
+        // A pod counts as decided only once its entries (if it is selected) are in place.
+        sync::reconcile(
+            &mut HashStore(&mut self.dp.maps.decided_pods, maps::DECIDED_PODS_V4),
+            &mut self.decided,
+            &decided,
+        )?;
+        sync_lpm(&mut self.dp.maps.guarded, maps::GUARDED_V4, &guarded, true)?;
         self.map_writes += t.writes();
         let gone: Vec<u32> = self
             .names
@@ -727,6 +750,36 @@ fn own_cluster_cidrs(opts: &Options, planned: &[ipnet::IpNet]) -> Vec<Ipv4Net> {
 /// The in-cluster set of a plan document (the same in every node's section; this node's is
 /// read). The document was checked by [`desired::plan_entries`]: a document that does not parse
 /// never gets here.
+/// The no-leak guard of `node`'s section of a plan document (none when it has none).
+fn plan_file_guard(bytes: &[u8], node: &str) -> Option<sluice_proto::Guard> {
+    serde_json::from_slice::<sluice_proto::PlanDocument>(bytes)
+        .ok()
+        .and_then(|doc| doc.node(node).and_then(|n| n.guard.clone()))
+}
+
+/// The guard as map contents: guarded IPv4 destinations, and decided IPv4 pods (IPv6 is not
+/// steered by this datapath yet).
+fn guard_contents(guard: Option<&sluice_proto::Guard>) -> (Vec<Ipv4Net>, BTreeMap<u32, u32>) {
+    let Some(g) = guard else {
+        return (Vec::new(), BTreeMap::new());
+    };
+    let destinations = g
+        .destinations
+        .iter()
+        .filter_map(|d| match d {
+            ipnet::IpNet::V4(v4) => Some(*v4),
+            ipnet::IpNet::V6(_) => None,
+        })
+        .collect();
+    let pods = g
+        .decided_pods
+        .iter()
+        .filter_map(|ip| netdev::v4(*ip))
+        .map(|ip| (maps::be(ip), 1))
+        .collect();
+    (destinations, pods)
+}
+
 fn plan_file_cluster_cidrs(bytes: &[u8], node: &str) -> Vec<ipnet::IpNet> {
     serde_json::from_slice::<sluice_proto::PlanDocument>(bytes)
         .ok()
@@ -734,16 +787,18 @@ fn plan_file_cluster_cidrs(bytes: &[u8], node: &str) -> Vec<ipnet::IpNet> {
         .unwrap_or_default()
 }
 
-/// Makes the cluster map hold `cidrs`; with `prune`, only them.
-fn sync_cluster(
+/// Makes an LPM map of CIDRs (`name`: the in-cluster set, the guarded destinations) hold
+/// `cidrs`; with `prune`, only them.
+fn sync_lpm(
     map: &mut aya::maps::LpmTrie<MapData, u32, u32>,
+    name: &'static str,
     cidrs: &[Ipv4Net],
     prune: bool,
 ) -> Result<()> {
     let mut current = BTreeMap::new();
     for item in map.iter() {
         let (key, value) = item.map_err(|source| Error::Map {
-            name: maps::CLUSTER_V4,
+            name,
             action: "reading".into(),
             source,
         })?;
@@ -763,23 +818,23 @@ fn sync_cluster(
     if !prune {
         desired.extend(current.iter().map(|(k, v)| (*k, *v)));
     }
-    struct ClusterStore<'a>(&'a mut aya::maps::LpmTrie<MapData, u32, u32>);
-    impl Store<(u32, u32), u32> for ClusterStore<'_> {
+    struct LpmStore<'a>(&'a mut aya::maps::LpmTrie<MapData, u32, u32>, &'static str);
+    impl Store<(u32, u32), u32> for LpmStore<'_> {
         type Error = Error;
         fn upsert(&mut self, k: &(u32, u32), v: &u32) -> Result<()> {
             self.0
                 .insert(&Key::new(k.0, k.1), v, 0)
                 .map_err(|source| Error::Map {
-                    name: maps::CLUSTER_V4,
+                    name: self.1,
                     action: "writing".into(),
                     source,
                 })
         }
         fn remove(&mut self, k: &(u32, u32)) -> Result<()> {
-            ignore_missing(self.0.remove(&Key::new(k.0, k.1)), maps::CLUSTER_V4)
+            ignore_missing(self.0.remove(&Key::new(k.0, k.1)), self.1)
         }
     }
-    sync::reconcile(&mut ClusterStore(map), &mut current, &desired)?;
+    sync::reconcile(&mut LpmStore(map, name), &mut current, &desired)?;
     Ok(())
 }
 

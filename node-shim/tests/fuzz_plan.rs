@@ -431,6 +431,7 @@ fn wire_plan() -> impl Strategy<Value = v1::OperatorMessage> {
                 serves: vec![],
                 heartbeat_interval_ms: 1000,
                 cluster_cidrs: vec![],
+                guard: None,
             })),
         }
     })

@@ -168,6 +168,7 @@ fn a_new_operator_reusing_a_generation_is_applied_and_acknowledged_only_after() 
             serves: vec![],
             heartbeat_interval_ms: 250,
             cluster_cidrs: vec![],
+            guard: None,
         },
         wants: BTreeSet::from([(p2, destination.to_owned())]),
         bpffs: bpffs.clone(),

@@ -394,3 +394,118 @@ fn a_policy_for_everything_leaves_the_cluster_alone_without_cluster_cidrs() {
     // And outside destinations still leave with the egress IP.
     assert!(tb.fetch("p2", EXT_A).unwrap().contains(EGRESS_N3));
 }
+
+/// Opens a connection from namespace `ns` to the external host every 20 ms (each on its own
+/// thread) for `window`; returns when the first one greeted with `egress` completed (counted
+/// from the start), and every greeting that was not `egress` (a leak: another source address).
+fn connections_from_a_new_pod(ns: &str, egress: &str, window: Duration) -> (Option<Duration>, Vec<String>) {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let started = Instant::now();
+    let mut first = None;
+    let mut leaked = Vec::new();
+    while started.elapsed() < window {
+        let (ns, tx) = (ns.to_owned(), tx.clone());
+        std::thread::spawn(move || {
+            enter_netns(&ns);
+            let addr = format!("{EXT_A}:8080").parse().unwrap();
+            let greeting =
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|s| {
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    let mut line = String::new();
+                    std::io::BufReader::new(s).read_line(&mut line)?;
+                    Ok(line.trim().to_owned())
+                });
+            let _ = tx.send((Instant::now(), greeting));
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        while let Ok((at, greeting)) = rx.try_recv() {
+            match greeting {
+                Ok(g) if g == egress => {
+                    first.get_or_insert(at - started);
+                }
+                Ok(g) => leaked.push(g),
+                Err(_) => {}
+            }
+        }
+        // A second of traffic after the first steered connection, then stop.
+        if first.is_some_and(|f| started.elapsed() > f + Duration::from_secs(1)) {
+            break;
+        }
+    }
+    // Connections still under way finish within their 2 s timeouts.
+    drop(tx);
+    while let Ok((_, greeting)) = rx.recv_timeout(Duration::from_secs(3)) {
+        if let Ok(g) = greeting
+            && g != egress
+        {
+            leaked.push(g);
+        }
+    }
+    (first, leaked)
+}
+
+#[test]
+fn a_new_pod_never_leaves_with_a_node_ip() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIP live_e2e: needs root (network namespaces, eBPF); CI runs it as root");
+        return;
+    }
+    let repeats: usize = std::env::var("SLUICE_E2E_NEW_PODS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let grace = Duration::from_secs(1);
+    let (mut tb, dir, tokens) = live_testbed();
+    write(&dir.join("policy.yaml"), &only_gateway("n1", EGRESS_N1));
+    let _operator = Operator::start(tb.ns("ul"), options(&dir, &tokens, grace));
+    for (node, _) in NODES {
+        start_shim(&mut tb, node, &tokens);
+    }
+    wait_egress(&tb, "p2", EGRESS_N1, Duration::from_secs(20));
+
+    let mut delays = Vec::new();
+    for i in 0..repeats {
+        let name: &'static str = Box::leak(format!("q{i}").into_boxed_str());
+        let ip: &'static str = Box::leak(format!("10.244.2.{}", 20 + i % 200).into_boxed_str());
+        tb.add_pod(name, "n2", ip);
+        // The pod exists and sends at once; the operator learns of it from its manifest.
+        write(
+            &dir.join(format!("pod-{name}.yaml")),
+            &format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, uid: new-pod-{i}, \
+                 labels: {{app: checkout}}}}\nspec: {{nodeName: n2, containers: [{{name: app, image: checkout}}]}}\n\
+                 status: {{phase: Running, podIPs: [{{ip: {ip}}}]}}\n"
+            ),
+        );
+        let (first, leaked) = connections_from_a_new_pod(&tb.ns(name), EGRESS_N1, Duration::from_secs(15));
+        assert!(leaked.is_empty(), "{name} left with {leaked:?}");
+        let first = first.unwrap_or_else(|| panic!("{name} never left through the gateway"));
+        delays.push(first);
+        fs::remove_file(dir.join(format!("pod-{name}.yaml"))).unwrap();
+        tb.delete_pod(name);
+    }
+    delays.sort();
+    let at = |q: f64| delays[((delays.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "NEW PODS {} runs: first steered connection after p50 {:?}, p99 {:?}, max {:?}; 0 leaked",
+        delays.len(),
+        at(0.5),
+        at(0.99),
+        delays.last().unwrap()
+    );
+    // The guard did the work: packets of pods not decided on yet were dropped, not sent.
+    let counters = std::process::Command::new(env!("CARGO_BIN_EXE_sluice-shim"))
+        .arg("--bpffs-dir")
+        .arg(tb.bpffs().join("n2"))
+        .args(["bpf", "counters"])
+        .output()
+        .unwrap();
+    let counters = String::from_utf8_lossy(&counters.stdout);
+    let dropped: u64 = counters
+        .lines()
+        .find_map(|l| l.strip_prefix("dropped_undecided_pod"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no dropped_undecided_pod in\n{counters}"));
+    assert!(dropped > 0, "{counters}\n{}", tb.log("shim-n2"));
+}

@@ -175,6 +175,8 @@ pub struct NodeView {
     pub duties: Arc<Vec<GatewayDuty>>,
     /// The in-cluster set ([`crate::in_cluster`]): the same for every node.
     pub cluster_cidrs: Arc<Vec<IpNet>>,
+    /// The no-leak guard: what Drop policies guard, and this node's pods the plan decided on.
+    pub guard: Arc<sluice_proto::Guard>,
 }
 
 /// What sessions tell the engine.
@@ -321,6 +323,7 @@ struct Table {
     entries: Arc<BTreeMap<EntryKey, EgressEntry>>,
     duties: Arc<Vec<GatewayDuty>>,
     cluster_cidrs: Arc<Vec<IpNet>>,
+    guard: Arc<sluice_proto::Guard>,
     /// Entries per policy.
     policies: HashMap<Arc<str>, usize>,
     /// Per policy, the generation that carries its current entries here: the one a shim must
@@ -345,6 +348,8 @@ pub struct Engine {
     /// The in-cluster set as last computed, and whether its inputs changed since.
     cluster_cidrs: Arc<Vec<IpNet>>,
     cluster_stale: bool,
+    /// The destinations of the accepted Drop policies, as last published (the no-leak guard).
+    guarded: Vec<IpNet>,
     policy_inputs: HashMap<String, PolicyInput>,
     shims: HashMap<String, Shim>,
     tables: BTreeMap<Arc<str>, Table>,
@@ -380,6 +385,7 @@ impl Engine {
             source_nodes: BTreeMap::new(),
             source_service_cidrs: Vec::new(),
             cluster_cidrs: Arc::default(),
+            guarded: Vec::new(),
             cluster_stale: true,
             policy_inputs: HashMap::new(),
             shims: HashMap::new(),
@@ -576,6 +582,18 @@ impl Engine {
                 Change::RemovePolicy(name) => {
                     self.policy_inputs.remove(&name);
                     self.apply(Change::RemovePolicy(name));
+                }
+                Change::UpsertPod(pod) => {
+                    // The node's decided pods change (and the old node's, if it moved).
+                    self.duty_nodes.extend(self.planner.pod_node(&pod.uid));
+                    if let Some(node) = &pod.node_name {
+                        self.duty_nodes.insert(node.as_str().into());
+                    }
+                    self.apply(Change::UpsertPod(pod));
+                }
+                Change::RemovePod(uid) => {
+                    self.duty_nodes.extend(self.planner.pod_node(&uid));
+                    self.apply(Change::RemovePod(uid));
                 }
                 other => self.apply(other),
             },
@@ -800,6 +818,15 @@ impl Engine {
         }
         self.lost.clear();
 
+        // The guarded destinations are every node's: a change republishes all.
+        if !pending.policies.is_empty() {
+            let guarded = self.planner.guarded_destinations();
+            if guarded != self.guarded {
+                self.guarded = guarded;
+                self.duty_nodes.extend(self.tables.keys().cloned());
+            }
+        }
+
         // 3. Fold entry changes into the tables (a pod's switch to a new gateway only once that
         //    gateway holds the pod's entry); publish once synced.
         let mut pending_nodes = pending.nodes;
@@ -932,14 +959,33 @@ impl Engine {
     /// Publishes a node's table if its entries or duties changed (or it was never published).
     fn publish(&mut self, node: &Arc<str>, delta: NodeDelta, now: Instant) {
         let duties = self.planner.gateway_duties(node);
+        // A pod whose entries are held back (add before switch) is not decided here yet: its
+        // node would otherwise let it out by the normal path meanwhile.
+        let held_back: std::collections::HashSet<IpAddr> = self
+            .deferred
+            .iter()
+            .filter(|d| d.node == *node && d.entry.is_some())
+            .map(|d| d.key.source)
+            .collect();
+        let guard = sluice_proto::Guard {
+            destinations: self.guarded.clone(),
+            decided_pods: self
+                .planner
+                .decided_pod_ips(node)
+                .into_iter()
+                .filter(|ip| !held_back.contains(ip))
+                .collect(),
+        };
         let table = self.tables.entry(node.clone()).or_default();
         if table.generation != 0
             && delta.is_empty()
             && *table.duties == duties
             && Arc::ptr_eq(&table.cluster_cidrs, &self.cluster_cidrs)
+            && *table.guard == guard
         {
             return;
         }
+        table.guard = Arc::new(guard);
         let base = table.generation;
         table.generation = self.generations.advance();
         let touched = if base == 0 {
@@ -963,6 +1009,7 @@ impl Engine {
             entries: table.entries.clone(),
             duties: table.duties.clone(),
             cluster_cidrs: table.cluster_cidrs.clone(),
+            guard: table.guard.clone(),
         };
         self.dirty_status
             .extend(table.policies.keys().map(ToString::to_string));

@@ -388,6 +388,7 @@ pub fn message_for(
             serves: view.duties.iter().map(duty).collect(),
             heartbeat_interval_ms: u32::try_from(heartbeat.as_millis()).unwrap_or(u32::MAX),
             cluster_cidrs: cluster_cidrs(view),
+            guard: guard(view),
         }),
         Some(s) if s.generation == view.generation => return None,
         Some(s) if s.generation == view.base => operator_message::Message::Delta(v1::NodeDelta {
@@ -397,6 +398,7 @@ pub fn message_for(
             removals: view.delta.removals.iter().map(key).collect(),
             serves: view.duties.iter().map(duty).collect(),
             cluster_cidrs: cluster_cidrs(view),
+            guard: guard(view),
         }),
         Some(s) => {
             let (upserts, removals) = diff(&s.entries, &view.entries);
@@ -407,12 +409,17 @@ pub fn message_for(
                 removals,
                 serves: view.duties.iter().map(duty).collect(),
                 cluster_cidrs: cluster_cidrs(view),
+                guard: guard(view),
             })
         }
     };
     Some(v1::OperatorMessage {
         message: Some(message),
     })
+}
+
+fn guard(view: &NodeView) -> Option<v1::Guard> {
+    Some(v1::Guard::from(&*view.guard))
 }
 
 fn cluster_cidrs(view: &NodeView) -> Vec<String> {

@@ -1249,6 +1249,41 @@ impl Planner {
     }
 
     /// The policies a node serves as a gateway.
+    /// The destination CIDRs of the accepted `failurePolicy: Drop` policies, sorted: what the
+    /// no-leak guard keeps pods the plan has not decided on away from.
+    pub fn guarded_destinations(&self) -> Vec<IpNet> {
+        let mut out: Vec<IpNet> = self
+            .policies
+            .values()
+            .filter_map(|p| p.config.as_ref().ok())
+            .filter(|c| c.failure == FailurePolicy::Drop)
+            .flat_map(|c| c.destinations.iter().copied())
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// The IPs of the pods on `node` the plan has decided on (selected or not), sorted.
+    pub fn decided_pod_ips(&self, node: &str) -> Vec<IpAddr> {
+        let mut out: Vec<IpAddr> = self
+            .pods_by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|uid| self.pods.get(uid))
+            .flat_map(|p| p.ips.iter().copied())
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// The node of pod `uid`, if the planner has it on one.
+    pub fn pod_node(&self, uid: &str) -> Option<Arc<str>> {
+        self.pods.get(uid)?.node.clone()
+    }
+
     pub fn gateway_duties(&self, node: &str) -> Vec<GatewayDuty> {
         let mut duties = Vec::new();
         for (name, p) in &self.policies {

@@ -16,6 +16,10 @@ pub fn document(planner: &Planner) -> PlanDocument {
         .map(|(name, entries)| NodePlanDoc {
             // The in-cluster set is the caller's to add: it is not the planner's.
             cluster_cidrs: Vec::new(),
+            guard: Some(sluice_proto::Guard {
+                destinations: planner.guarded_destinations(),
+                decided_pods: planner.decided_pod_ips(&name),
+            }),
             serves: planner
                 .gateway_duties(&name)
                 .into_iter()

@@ -581,3 +581,69 @@ fn service_cidrs_of_the_flag_and_of_the_source_are_both_in_the_cluster_set() {
         ["10.1.0.0/24", "10.96.0.0/16", "10.97.0.0/16", "192.168.0.1/32"]
     );
 }
+
+#[test]
+fn every_node_learns_which_of_its_pods_are_decided_and_what_drop_policies_guard() {
+    let (preferred, other) = preferred_and_other();
+    let mut s = Started::new(policy(vec![]));
+    s.connect("w", vec![], Duration::from_millis(100));
+    s.connect(preferred, vec![], Duration::from_millis(200));
+    s.connect(other, vec![], Duration::from_millis(300));
+    let guard = |s: &Started, node: &str| s.hub.subscribe(node).borrow().clone().unwrap().guard.clone();
+    let g = guard(&s, "w");
+    assert_eq!(g.destinations, vec!["203.0.113.0/24".parse().unwrap()]);
+    assert_eq!(g.decided_pods, vec!["10.1.0.10".parse::<IpAddr>().unwrap()]);
+    assert!(guard(&s, preferred).decided_pods.is_empty());
+
+    // A pod no policy selects still becomes decided on its node: a new view, though no entry
+    // changed anywhere.
+    let before = s.engine.generation("w").unwrap();
+    let mut web = pod();
+    web.uid = "uid-web".into();
+    web.name = "web".into();
+    web.labels = labels(&[("app", "web")]);
+    web.ips = vec!["10.1.0.11".parse().unwrap()];
+    s.engine
+        .source(SourceEvent::Change(Box::new(Change::UpsertPod(web))));
+    s.flush(Duration::from_millis(400));
+    assert!(s.engine.generation("w").unwrap() > before);
+    assert_eq!(guard(&s, "w").decided_pods.len(), 2);
+
+    // Without a Drop policy, nothing is guarded.
+    let mut fallback = policy(vec![]);
+    fallback.spec.failure_policy = Some(FailurePolicy::Fallback);
+    s.engine
+        .source(SourceEvent::Change(Box::new(Change::UpsertPolicy(fallback))));
+    s.flush(Duration::from_millis(500));
+    assert!(guard(&s, "w").destinations.is_empty());
+    assert!(guard(&s, other).destinations.is_empty());
+}
+
+#[test]
+fn a_new_pod_is_decided_only_with_its_entries() {
+    let (preferred, other) = preferred_and_other();
+    let mut s = Started::new(policy(vec![]));
+    s.connect("w", vec![], Duration::from_millis(100));
+    s.connect(preferred, vec![], Duration::from_millis(200));
+    s.connect(other, vec![], Duration::from_millis(300));
+    for (node, session) in [("w", 1), (preferred, 2), (other, 3)] {
+        s.ack(node, session, Duration::from_millis(300));
+    }
+    let view = |s: &Started| s.hub.subscribe("w").borrow().clone().unwrap();
+    let mut new = pod();
+    new.uid = "uid-new".into();
+    new.name = "new".into();
+    new.ips = vec!["10.1.0.12".parse().unwrap()];
+    s.engine
+        .source(SourceEvent::Change(Box::new(Change::UpsertPod(new))));
+    s.flush(Duration::from_millis(400));
+    // The gateway learns of the pod first; until it acknowledges, the pod's node neither steers
+    // it nor counts it as decided (its traffic to guarded destinations is dropped, not leaked).
+    let new_ip: IpAddr = "10.1.0.12".parse().unwrap();
+    let steers = |v: &NodeView| v.entries.keys().any(|k| k.source == new_ip);
+    assert!(!steers(&view(&s)));
+    assert!(!view(&s).guard.decided_pods.contains(&new_ip));
+    s.ack(preferred, 2, Duration::from_millis(410));
+    assert!(steers(&view(&s)));
+    assert!(view(&s).guard.decided_pods.contains(&new_ip));
+}

@@ -84,6 +84,8 @@ pub struct NodeState {
     pub serves: Vec<GatewayDuty>,
     /// The in-cluster destinations the operator found, which no entry steers to.
     pub cluster_cidrs: Vec<IpNet>,
+    /// The no-leak guard for new pods.
+    pub guard: Option<crate::Guard>,
 }
 
 impl NodeState {
@@ -109,6 +111,7 @@ impl NodeState {
                 .map(GatewayDuty::try_from)
                 .collect::<Result<_, _>>()?,
             cluster_cidrs: cluster_cidrs(&plan.cluster_cidrs)?,
+            guard: plan.guard.as_ref().map(crate::Guard::try_from).transpose()?,
         })
     }
 
@@ -128,6 +131,7 @@ impl NodeState {
             .map(GatewayDuty::try_from)
             .collect::<Result<_, _>>()?;
         self.cluster_cidrs = cluster_cidrs(&delta.cluster_cidrs)?;
+        self.guard = delta.guard.as_ref().map(crate::Guard::try_from).transpose()?;
         self.generation = delta.generation;
         Ok(())
     }

@@ -75,6 +75,33 @@ impl TryFrom<&v1::EntryKey> for (IpAddr, IpNet) {
     }
 }
 
+impl From<&crate::Guard> for v1::Guard {
+    fn from(g: &crate::Guard) -> Self {
+        v1::Guard {
+            destinations: g.destinations.iter().map(ToString::to_string).collect(),
+            decided_pods: g.decided_pods.iter().map(ToString::to_string).collect(),
+        }
+    }
+}
+
+impl TryFrom<&v1::Guard> for crate::Guard {
+    type Error = BadField;
+    fn try_from(g: &v1::Guard) -> Result<Self, BadField> {
+        Ok(crate::Guard {
+            destinations: g
+                .destinations
+                .iter()
+                .map(|c| parse("guarded destination", c))
+                .collect::<Result<_, _>>()?,
+            decided_pods: g
+                .decided_pods
+                .iter()
+                .map(|ip| parse("decided pod", ip))
+                .collect::<Result<_, _>>()?,
+        })
+    }
+}
+
 impl From<&GatewayDuty> for v1::GatewayDuty {
     fn from(d: &GatewayDuty) -> Self {
         v1::GatewayDuty {

@@ -12,7 +12,7 @@ pub mod convert;
 pub mod plan;
 
 pub use plan::{
-    EntryDoc, GatewayDuty, GatewayReport, GatewaySlotDoc, GatewayTarget, NodePlanDoc, PlanDocument,
+    EntryDoc, GatewayDuty, GatewayReport, GatewaySlotDoc, GatewayTarget, Guard, NodePlanDoc, PlanDocument,
     PolicyConflict, PolicyReport,
 };
 

@@ -38,6 +38,20 @@ pub struct NodePlanDoc {
     /// `--cluster-cidr` and node IP.
     #[serde(rename = "clusterCIDRs", default)]
     pub cluster_cidrs: Vec<IpNet>,
+    /// The no-leak guard for new pods: absent, none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guard: Option<Guard>,
+}
+
+/// Until the plan decides on a pod, its traffic to what a `failurePolicy: Drop` policy guards is
+/// dropped rather than sent by the normal path: the pod may turn out to be selected.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Guard {
+    /// The destination CIDRs of the accepted Drop policies.
+    pub destinations: Vec<IpNet>,
+    /// This node's pod IPs the plan has decided on, selected or not.
+    pub decided_pods: Vec<IpAddr>,
 }
 
 /// One policy this node is an active gateway for.

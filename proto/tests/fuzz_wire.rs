@@ -145,6 +145,7 @@ fn plan() -> impl Strategy<Value = v1::NodePlan> {
                 serves,
                 heartbeat_interval_ms,
                 cluster_cidrs: vec![],
+                guard: None,
             },
         )
 }
@@ -165,6 +166,7 @@ fn delta() -> impl Strategy<Value = v1::NodeDelta> {
                 removals,
                 serves,
                 cluster_cidrs: vec![],
+                guard: None,
             },
         )
 }

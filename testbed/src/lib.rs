@@ -488,7 +488,10 @@ impl Testbed {
         )?;
         self.ip(node, &["link", "set", &veth, "up"])?;
         self.ip(node, &["route", "add", &format!("{ip}/32"), "dev", &veth])?;
-        self.sysctl(node, &format!("net.ipv4.conf.{veth}.proxy_arp=1"))
+        self.sysctl(node, &format!("net.ipv4.conf.{veth}.proxy_arp=1"))?;
+        // Answer at once, as Calico has its workload interfaces do (the default waits up to
+        // 0.8 s): a new pod sends its first packet within milliseconds of starting.
+        self.sysctl(node, &format!("net.ipv4.neigh.{veth}.proxy_delay=0"))
     }
 
     /// Gives n1 a second uplink straight to the external host: `eth1` 198.18.0.11/24 on n1,

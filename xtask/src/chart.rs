@@ -25,6 +25,8 @@ const VALIDATOR_PYPI: &str = "kubernetes-validate==1.37.0";
 const KUBE_VERSION: &str = "1.33.0";
 const NAMESPACE: &str = "sluice-system";
 const RELEASE: &str = "sluice";
+/// Where kube-runtime's Recorder writes the Events of cluster-scoped objects (the policies).
+const EVENTS_NAMESPACE: &str = "default";
 
 /// What installing the chart tools needs.
 pub const TOOLS: &[Tool] = &[
@@ -148,6 +150,11 @@ struct Expect {
     shim_metrics_addr: &'static str,
     /// The operator's lease duration, renew deadline and retry period.
     lease_timings: [&'static str; 3],
+    /// The priority classes of the operator and the shim pods.
+    priority_classes: [&'static str; 2],
+    /// Whether a ResourceQuota covers those classes (GKE admits system-*-critical pods outside
+    /// kube-system only with one).
+    priority_quota: bool,
 }
 
 const BASE_KINDS: &[&str] = &[
@@ -166,7 +173,7 @@ fn scenarios() -> Vec<Scenario> {
     let default = Expect {
         operator_image: "sluice-operator:0.1.0",
         shim_image: "sluice-shim:0.1.0",
-        kinds: &["Secret", "PodDisruptionBudget"],
+        kinds: &["Secret", "PodDisruptionBudget", "ResourceQuota"],
         absent: &["ServiceMonitor", "PodMonitor", "Certificate", "Issuer"],
         shim_capabilities: &["NET_ADMIN", "BPF", "PERFMON"],
         replicas: 2,
@@ -176,6 +183,8 @@ fn scenarios() -> Vec<Scenario> {
         service_cidrs: &[],
         shim_metrics_addr: "$(SLUICE_NODE_IP):9473",
         lease_timings: ["10s", "7s", "1s"],
+        priority_classes: ["system-cluster-critical", "system-node-critical"],
+        priority_quota: true,
     };
     vec![
         Scenario {
@@ -204,12 +213,14 @@ fn scenarios() -> Vec<Scenario> {
                 "--set=operator.leaderElection.leaseDuration=20s",
                 "--set=operator.leaderElection.renewDeadline=15s",
                 "--set=operator.leaderElection.retryPeriod=2s",
+                "--set=operator.priorityClassName=sluice-high",
+                "--set=priorityClassQuota.enabled=false",
             ],
             expect: Expect {
                 operator_image: "registry.example.com/sluice/sluice-operator:1.2.3",
                 shim_image: "registry.example.com/sluice/sluice-shim@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
                 kinds: &["ServiceMonitor", "Certificate", "Issuer"],
-                absent: &["Secret", "PodMonitor", "PodDisruptionBudget"],
+                absent: &["Secret", "PodMonitor", "PodDisruptionBudget", "ResourceQuota"],
                 shim_capabilities: &["NET_ADMIN", "BPF", "PERFMON", "SYS_RESOURCE"],
                 replicas: 3,
                 audience: "egress.example.com",
@@ -218,6 +229,8 @@ fn scenarios() -> Vec<Scenario> {
                 service_cidrs: &["10.96.0.0/12", "fd00:96::/112"],
                 shim_metrics_addr: "off",
                 lease_timings: ["20s", "15s", "2s"],
+                priority_classes: ["sluice-high", "system-node-critical"],
+                priority_quota: false,
             },
         },
         Scenario {
@@ -236,6 +249,7 @@ fn scenarios() -> Vec<Scenario> {
                     "ServiceMonitor",
                     "PodMonitor",
                     "PodDisruptionBudget",
+                    "ResourceQuota",
                 ],
                 absent: &["Secret", "Issuer"],
                 shim_metrics_addr: "0.0.0.0:9500",
@@ -265,13 +279,11 @@ pub fn test(root: &Path) -> Result<()> {
 
     eprintln!("==> chart: helm lint --strict");
     run(Command::new(&helm).args(["lint", "--strict"]).arg(&chart))?;
+    let metadata: Value = serde_yaml::from_str(&std::fs::read_to_string(chart.join("Chart.yaml"))?)?;
+    check_chart_metadata(&metadata).context("charts/sluice/Chart.yaml")?;
 
-    for s in scenarios() {
-        eprintln!(
-            "==> chart: helm template ({}) + schema validation + checks",
-            s.name
-        );
-        let yaml = run(Command::new(&helm)
+    let render = |args: &[&str]| {
+        run(Command::new(&helm)
             .args(["template", RELEASE])
             .arg(&chart)
             .args([
@@ -281,7 +293,18 @@ pub fn test(root: &Path) -> Result<()> {
                 "--kube-version",
                 KUBE_VERSION,
             ])
-            .args(s.args))?;
+            .args(args))
+    };
+    for s in scenarios() {
+        eprintln!(
+            "==> chart: helm template ({}) + schema validation + checks",
+            s.name
+        );
+        let yaml = render(s.args)?;
+        // A second rendering (a `helm upgrade` without changes, an Argo CD sync) must not
+        // restart any pod.
+        check_stable(&parse(&yaml)?, &parse(&render(s.args)?)?)
+            .with_context(|| format!("chart scenario {}: two renderings", s.name))?;
         let file = out_dir.join(format!("{}.yaml", s.name));
         std::fs::write(&file, &yaml)?;
         let version = KUBE_VERSION.rsplit_once('.').map_or(KUBE_VERSION, |(v, _)| v);
@@ -312,8 +335,35 @@ pub fn test(root: &Path) -> Result<()> {
         "kubectl get egp",
         "kubectl describe egp",
         "serviceCIDRs is empty",
+        "Service sluice-operator-metrics",
     ] {
         ensure!(notes.contains(want), "NOTES.txt does not say {want:?}:\n{notes}");
+    }
+    // Both operator replicas are Ready (the leader publishes its own endpoint).
+    for wrong in [" 0/1 ", "on purpose", "PodMonitor", "ServiceMonitor"] {
+        ensure!(!notes.contains(wrong), "NOTES.txt says {wrong:?}:\n{notes}");
+    }
+    // The monitors NOTES.txt names are the ones rendered.
+    for (args, monitors) in [
+        (
+            &["--set=serviceMonitor.enabled=true"][..],
+            &["ServiceMonitor", "PodMonitor"][..],
+        ),
+        (
+            &["--set=serviceMonitor.enabled=true", "--set=shim.metricsPort=0"][..],
+            &["ServiceMonitor"][..],
+        ),
+    ] {
+        let notes = render_notes(&helm, &chart, &out_dir, args)?;
+        let rendered = parse(&render(args)?)?;
+        for kind in ["ServiceMonitor", "PodMonitor"] {
+            let named = notes.contains(&format!("{kind} "));
+            let present = rendered.iter().any(|d| s(d, "kind") == kind);
+            ensure!(
+                named == present && present == monitors.contains(&kind),
+                "NOTES.txt with {args:?}: names {kind}: {named}, rendered: {present}:\n{notes}"
+            );
+        }
     }
     for set in [
         "--set=clusterCIDRs={10.0.0.0/8}",
@@ -459,11 +509,18 @@ fn check(docs: &[Value], e: &Expect) -> Result<()> {
             s(d, "metadata.name")
         );
         let cluster_scoped = ["CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"];
+        let name = s(d, "metadata.name");
+        // The Events' Role is where the Recorder writes them; everything else is in the
+        // release namespace.
+        let namespace = if ["Role", "RoleBinding"].contains(&kind) && name.ends_with("-events") {
+            EVENTS_NAMESPACE
+        } else {
+            NAMESPACE
+        };
         if !cluster_scoped.contains(&kind) {
             ensure!(
-                s(d, "metadata.namespace") == NAMESPACE,
-                "{kind} {} is not in the release namespace",
-                s(d, "metadata.name")
+                s(d, "metadata.namespace") == namespace,
+                "{kind} {name} is not in namespace {namespace}"
             );
         }
     }
@@ -471,6 +528,99 @@ fn check(docs: &[Value], e: &Expect) -> Result<()> {
     check_shim(docs, e)?;
     check_rbac(docs)?;
     check_tls(docs)?;
+    check_priority(docs, e)?;
+    Ok(())
+}
+
+/// Chart.yaml: maintainers named, and no placeholder addresses (a URL that leads nowhere is
+/// worse than none: Artifact Hub and `helm show chart` print it as the project's).
+fn check_chart_metadata(chart: &Value) -> Result<()> {
+    let maintainers = at(chart, "maintainers")
+        .as_sequence()
+        .map_or(0, |m| m.iter().filter(|m| !s(m, "name").is_empty()).count());
+    ensure!(maintainers > 0, "no maintainers named");
+    let mut urls = strings(at(chart, "sources"));
+    urls.extend(
+        ["home", "icon"]
+            .map(|k| s(chart, k).to_owned())
+            .into_iter()
+            .filter(|u| !u.is_empty()),
+    );
+    for url in urls {
+        ensure!(
+            url.starts_with("https://") && !url.contains("example."),
+            "placeholder or insecure URL {url:?}"
+        );
+    }
+    Ok(())
+}
+
+/// The pod templates of two renderings with the same values are the same: nothing in them (a
+/// checksum of a freshly generated certificate, say) changes from one render to the next, which
+/// would restart every pod on every `helm upgrade` and Argo CD sync.
+fn check_stable(first: &[Value], second: &[Value]) -> Result<()> {
+    for d in first {
+        let kind = s(d, "kind");
+        if !["Deployment", "DaemonSet"].contains(&kind) {
+            continue;
+        }
+        let name = s(d, "metadata.name");
+        let other = second
+            .iter()
+            .find(|o| s(o, "kind") == kind && s(o, "metadata.name") == name)
+            .with_context(|| format!("{kind} {name} missing from the second rendering"))?;
+        let (a, b) = (at(d, "spec.template"), at(other, "spec.template"));
+        ensure!(
+            a == b,
+            "the pod template of {kind} {name} differs between two renderings:\n{}\n---\n{}",
+            serde_yaml::to_string(a)?,
+            serde_yaml::to_string(b)?
+        );
+    }
+    Ok(())
+}
+
+/// The pods' priority classes, and the ResourceQuota that lets them in outside kube-system.
+fn check_priority(docs: &[Value], e: &Expect) -> Result<()> {
+    let classes = [
+        find(docs, "Deployment", "-operator")?,
+        find(docs, "DaemonSet", "-shim")?,
+    ]
+    .map(|w| s(w, "spec.template.spec.priorityClassName"));
+    ensure!(
+        classes == e.priority_classes,
+        "priority classes (operator, shim) {classes:?} != {:?}",
+        e.priority_classes
+    );
+    let quotas: Vec<&Value> = docs.iter().filter(|d| s(d, "kind") == "ResourceQuota").collect();
+    if !e.priority_quota {
+        ensure!(
+            quotas.is_empty(),
+            "a ResourceQuota is rendered although turned off"
+        );
+        return Ok(());
+    }
+    let [quota] = quotas[..] else {
+        bail!("one ResourceQuota expected, got {}", quotas.len());
+    };
+    let covered: BTreeSet<String> = at(quota, "spec.scopeSelector.matchExpressions")
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter(|m| s(m, "scopeName") == "PriorityClass" && s(m, "operator") == "In")
+        .flat_map(|m| strings(at(m, "values")))
+        .collect();
+    for class in classes.iter().filter(|c| c.starts_with("system-")) {
+        ensure!(
+            covered.contains(*class),
+            "the ResourceQuota does not cover priority class {class} (covers {covered:?})"
+        );
+    }
+    let pods = s(quota, "spec.hard.pods").parse::<u64>().unwrap_or_default();
+    ensure!(
+        pods >= 1000,
+        "the ResourceQuota allows {pods} pods, fewer than a large cluster's shims"
+    );
     Ok(())
 }
 
@@ -766,14 +916,125 @@ fn check_shim_metrics(c: &Value, e: &Expect) -> Result<()> {
     Ok(())
 }
 
-/// (apiGroup, resource, verb) triples of a set of rules.
-fn grants(rules: &Value) -> BTreeSet<(String, String, String)> {
+/// One permission: where it applies (`None`: cluster-wide), API group, resource, verbs, and
+/// the object names it is limited to (empty: any).
+struct Grant {
+    namespace: Option<&'static str>,
+    group: &'static str,
+    resource: &'static str,
+    verbs: &'static [&'static str],
+    names: &'static [&'static str],
+}
+
+const fn grant(
+    namespace: Option<&'static str>,
+    group: &'static str,
+    resource: &'static str,
+    verbs: &'static [&'static str],
+    names: &'static [&'static str],
+) -> Grant {
+    Grant {
+        namespace,
+        group,
+        resource,
+        verbs,
+        names,
+    }
+}
+
+/// Every permission of the operator, with the code that needs it. The chart must grant exactly
+/// these (for the release `sluice` in `sluice-system`): a rule no code needs fails the test, and
+/// so does a missing one. The shims have none.
+const OPERATOR_RBAC: &[Grant] = &[
+    // controller::streams: watchers (list + watch) of policies, nodes, namespaces and pods.
+    grant(
+        None,
+        "sluice.dev",
+        "egressgatewaypolicies",
+        &["list", "watch"],
+        &[],
+    ),
+    grant(None, "", "nodes", &["list", "watch"], &[]),
+    grant(None, "", "namespaces", &["list", "watch"], &[]),
+    grant(None, "", "pods", &["list", "watch"], &[]),
+    // controller::StatusWriter::try_write: server-side apply of the status subresource.
+    grant(
+        None,
+        "sluice.dev",
+        "egressgatewaypolicies/status",
+        &["patch"],
+        &[],
+    ),
+    // auth::TokenReviewVerifier::review: TokenReview of a shim's projected token.
+    grant(None, "authentication.k8s.io", "tokenreviews", &["create"], &[]),
+    // auth::TokenReviewVerifier::review: the node of the pod a shim's token is bound to; the
+    // shims run in the release namespace.
+    grant(Some(NAMESPACE), "", "pods", &["get"], &[]),
+    // controller::leader: get_opt, then create when missing (a create has no name to limit),
+    // replace to renew or take over.
+    grant(Some(NAMESPACE), "coordination.k8s.io", "leases", &["create"], &[]),
+    grant(
+        Some(NAMESPACE),
+        "coordination.k8s.io",
+        "leases",
+        &["get", "update"],
+        &["sluice-operator"],
+    ),
+    // controller::endpoint::publish: server-side apply of "<service>-leader" (creates it when
+    // missing, patches it otherwise).
+    grant(
+        Some(NAMESPACE),
+        "discovery.k8s.io",
+        "endpointslices",
+        &["create"],
+        &[],
+    ),
+    grant(
+        Some(NAMESPACE),
+        "discovery.k8s.io",
+        "endpointslices",
+        &["patch"],
+        &["sluice-operator-leader"],
+    ),
+    // controller::publish_notices: kube-runtime's Recorder creates Events and patches repeated
+    // ones, for cluster-scoped policies in "default".
+    grant(
+        Some(EVENTS_NAMESPACE),
+        "events.k8s.io",
+        "events",
+        &["create", "patch"],
+        &[],
+    ),
+];
+
+/// (namespace or "*", apiGroup, resource, verb, resource names) of one permission.
+type Permission = (String, String, String, String, Vec<String>);
+
+fn expected_permissions() -> BTreeSet<Permission> {
+    let mut out = BTreeSet::new();
+    for g in OPERATOR_RBAC {
+        for v in g.verbs {
+            out.insert((
+                g.namespace.unwrap_or("*").to_owned(),
+                g.group.to_owned(),
+                g.resource.to_owned(),
+                (*v).to_owned(),
+                g.names.iter().map(|n| (*n).to_owned()).collect(),
+            ));
+        }
+    }
+    out
+}
+
+/// The permissions of the rules of one (Cluster)Role.
+fn permissions(namespace: &str, rules: &Value) -> BTreeSet<Permission> {
     let mut out = BTreeSet::new();
     for r in rules.as_sequence().into_iter().flatten() {
+        let names = strings(at(r, "resourceNames"));
         for g in strings(at(r, "apiGroups")) {
             for res in strings(at(r, "resources")) {
                 for v in strings(at(r, "verbs")) {
-                    out.insert((g.clone(), res.clone(), v));
+                    out.insert((namespace.to_owned(), g.clone(), res.clone(), v, names.clone()));
                 }
             }
         }
@@ -781,69 +1042,45 @@ fn grants(rules: &Value) -> BTreeSet<(String, String, String)> {
     out
 }
 
-fn triples(list: &[(&str, &str, &[&str])]) -> BTreeSet<(String, String, String)> {
-    list.iter()
-        .flat_map(|(g, r, vs)| {
-            vs.iter()
-                .map(move |v| ((*g).to_owned(), (*r).to_owned(), (*v).to_owned()))
-        })
-        .collect()
-}
-
 fn check_rbac(docs: &[Value]) -> Result<()> {
-    let read = &["get", "list", "watch"][..];
-    let cluster = triples(&[
-        ("sluice.dev", "egressgatewaypolicies", read),
-        ("sluice.dev", "egressgatewaypolicies/status", &["patch"]),
-        ("", "nodes", read),
-        ("", "namespaces", read),
-        ("", "pods", read),
-        ("events.k8s.io", "events", &["create", "patch"]),
-        ("authentication.k8s.io", "tokenreviews", &["create"]),
-    ]);
-    let leases = triples(&[
-        ("coordination.k8s.io", "leases", &["get", "create", "update"]),
-        ("discovery.k8s.io", "endpointslices", &["create", "patch"]),
-    ]);
-    let roles: Vec<&Value> = docs.iter().filter(|d| s(d, "kind") == "ClusterRole").collect();
-    ensure!(roles.len() == 1, "one ClusterRole expected, got {}", roles.len());
-    let have = grants(at(roles[0], "rules"));
-    ensure!(
-        have == cluster,
-        "ClusterRole grants {:?}, expected exactly {:?}",
-        have,
-        cluster
-    );
-    let roles: Vec<&Value> = docs.iter().filter(|d| s(d, "kind") == "Role").collect();
-    ensure!(roles.len() == 1, "one Role expected, got {}", roles.len());
-    let have = grants(at(roles[0], "rules"));
-    ensure!(
-        have == leases,
-        "Role grants {have:?}, expected exactly {leases:?}"
-    );
     let operator_sa = s(
         find(docs, "Deployment", "-operator")?,
         "spec.template.spec.serviceAccountName",
     )
     .to_owned();
-    for (binding, role) in [("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")] {
-        let b = docs
-            .iter()
-            .find(|d| s(d, "kind") == binding)
-            .with_context(|| format!("no {binding}"))?;
-        let role_name = docs
-            .iter()
-            .find(|d| s(d, "kind") == role)
-            .map(|r| s(r, "metadata.name"));
-        ensure!(
-            Some(s(b, "roleRef.name")) == role_name,
-            "{binding} does not bind the {role}"
-        );
-        ensure!(
-            s(b, "subjects.0.name") == operator_sa && s(b, "subjects.0.namespace") == NAMESPACE,
-            "{binding} does not bind the operator's ServiceAccount"
-        );
+    let mut have = BTreeSet::new();
+    for (kind, binding) in [("ClusterRole", "ClusterRoleBinding"), ("Role", "RoleBinding")] {
+        for role in docs.iter().filter(|d| s(d, "kind") == kind) {
+            let name = s(role, "metadata.name");
+            let namespace = if kind == "Role" {
+                s(role, "metadata.namespace")
+            } else {
+                "*"
+            };
+            // Every role is the operator's: bound to its ServiceAccount, where it applies.
+            let bound = docs.iter().any(|b| {
+                s(b, "kind") == binding
+                    && (kind == "ClusterRole" || s(b, "metadata.namespace") == namespace)
+                    && s(b, "roleRef.kind") == kind
+                    && s(b, "roleRef.name") == name
+                    && s(b, "subjects.0.kind") == "ServiceAccount"
+                    && s(b, "subjects.0.name") == operator_sa
+                    && s(b, "subjects.0.namespace") == NAMESPACE
+            });
+            ensure!(
+                bound,
+                "{kind} {name} is not bound to the operator's ServiceAccount by a {binding}"
+            );
+            have.extend(permissions(namespace, at(role, "rules")));
+        }
     }
+    let want = expected_permissions();
+    ensure!(
+        have == want,
+        "RBAC differs from what the code needs: extra {:?}, missing {:?}",
+        have.difference(&want).collect::<Vec<_>>(),
+        want.difference(&have).collect::<Vec<_>>()
+    );
     // The shims get no Kubernetes permissions and no automounted API token.
     let shim = find(docs, "DaemonSet", "-shim")?;
     ensure!(
@@ -910,6 +1147,8 @@ mod tests {
             service_cidrs: &[],
             shim_metrics_addr: "$(SLUICE_NODE_IP):9473",
             lease_timings: ["10s", "7s", "1s"],
+            priority_classes: ["system-cluster-critical", "system-node-critical"],
+            priority_quota: true,
         }
     }
 
@@ -921,7 +1160,12 @@ mod tests {
     }
 
     fn get_mut<'a>(docs: &'a mut [Value], kind: &str, path: &str) -> &'a mut Value {
-        let d = docs.iter_mut().find(|d| s(d, "kind") == kind).unwrap();
+        // "Role/name" picks one of several objects of a kind.
+        let (kind, name) = kind.split_once('/').unwrap_or((kind, ""));
+        let d = docs
+            .iter_mut()
+            .find(|d| s(d, "kind") == kind && s(d, "metadata.name").ends_with(name))
+            .unwrap();
         path.split('.').fold(d, |v, k| match k.parse::<usize>() {
             Ok(i) => &mut v[i],
             Err(_) => &mut v[k],
@@ -973,14 +1217,108 @@ mod tests {
                     .unwrap()
                     .push("delete".into())
             },
-            "ClusterRole grants",
+            "RBAC differs",
         );
         fails_with(
             |d| {
                 *get_mut(d, "Role", "rules.0.verbs") =
                     serde_yaml::from_str("[get, create, update, delete]").unwrap()
             },
-            "Role grants",
+            "RBAC differs",
+        );
+    }
+
+    #[test]
+    fn rbac_without_resource_names_or_cluster_wide_events_fails() {
+        fails_with(
+            |d| {
+                get_mut(d, "Role/-leader-election", "rules.3")
+                    .as_mapping_mut()
+                    .unwrap()
+                    .remove("resourceNames");
+            },
+            "RBAC differs",
+        );
+        // Events moved back into the ClusterRole: granted in every namespace.
+        fails_with(
+            |d| {
+                let events = get_mut(d, "Role/-events", "rules.0").clone();
+                get_mut(d, "ClusterRole", "rules")
+                    .as_sequence_mut()
+                    .unwrap()
+                    .push(events);
+                get_mut(d, "Role/-events", "rules")
+                    .as_sequence_mut()
+                    .unwrap()
+                    .clear();
+            },
+            "RBAC differs",
+        );
+        // A verb the code never uses.
+        fails_with(
+            |d| {
+                get_mut(d, "ClusterRole", "rules.0.verbs")
+                    .as_sequence_mut()
+                    .unwrap()
+                    .push("get".into())
+            },
+            "RBAC differs",
+        );
+        // A role not bound to the operator.
+        fails_with(
+            |d| *get_mut(d, "RoleBinding/-events", "roleRef.name") = "other".into(),
+            "not bound to the operator",
+        );
+    }
+
+    #[test]
+    fn placeholder_urls_or_no_maintainers_fail() {
+        let ok: Value = serde_yaml::from_str("maintainers: [{name: Sluice maintainers}]").unwrap();
+        check_chart_metadata(&ok).unwrap();
+        for bad in [
+            "maintainers: []",
+            "maintainers: [{name: x}]\nsources: [https://example.invalid/sluice]",
+            "maintainers: [{name: x}]\nhome: https://example.invalid/sluice",
+        ] {
+            let chart: Value = serde_yaml::from_str(bad).unwrap();
+            assert!(check_chart_metadata(&chart).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_pod_template_that_changes_between_renderings_fails() {
+        let first = good();
+        check_stable(&first, &good()).unwrap();
+        let mut second = good();
+        *get_mut(&mut second, "DaemonSet", "spec.template.metadata.annotations") =
+            serde_yaml::from_str("{checksum/tls: abc}").unwrap();
+        let err = format!("{:#}", check_stable(&first, &second).unwrap_err());
+        assert!(err.contains("differs between two renderings"), "{err}");
+    }
+
+    #[test]
+    fn critical_pods_without_a_covering_quota_fail() {
+        fails_with(
+            |d| {
+                get_mut(d, "ResourceQuota", "spec.scopeSelector.matchExpressions.0.values")
+                    .as_sequence_mut()
+                    .unwrap()
+                    .retain(|v| v.as_str() != Some("system-node-critical"))
+            },
+            "does not cover priority class system-node-critical",
+        );
+        fails_with(
+            |d| d.retain(|d| s(d, "kind") != "ResourceQuota"),
+            "one ResourceQuota expected",
+        );
+        fails_with(
+            |d| {
+                get_mut(d, "Deployment", "spec.template.spec")
+                    .as_mapping_mut()
+                    .unwrap()
+                    .remove("priorityClassName");
+            },
+            "priority classes",
         );
     }
 
