@@ -88,27 +88,33 @@ fn wait_egress(tb: &Testbed, pod: &str, egress: &str, timeout: Duration) -> Dura
     started.elapsed()
 }
 
+/// Opens one connection from namespace `ns` to the external host on a thread of its own (one
+/// caught by a switch of gateways hangs until its timeout and must not delay the next) and
+/// sends when it completed and the greeting (the source address the host saw) to `tx`.
+fn connect_in_background(ns: &str, tx: std::sync::mpsc::Sender<(Instant, std::io::Result<String>)>) {
+    use std::io::BufRead;
+    let ns = ns.to_owned();
+    std::thread::spawn(move || {
+        enter_netns(&ns);
+        let addr = format!("{EXT_A}:8080").parse().unwrap();
+        let greeting = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|s| {
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let mut line = String::new();
+            std::io::BufReader::new(s).read_line(&mut line)?;
+            Ok(line.trim().to_owned())
+        });
+        let _ = tx.send((Instant::now(), greeting));
+    });
+}
+
 /// Opens a new connection from namespace `ns` every 20 ms, each on its own thread (a connection
 /// caught by the switch of gateways hangs until its timeout, and must not delay the next ones);
 /// returns when the first one greeted with `egress` completed, counted from `since`.
 fn first_connection_via(ns: &str, egress: &str, since: Instant, timeout: Duration) -> Option<Duration> {
-    use std::io::BufRead;
     let (tx, rx) = std::sync::mpsc::channel();
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        let (ns, tx) = (ns.to_owned(), tx.clone());
-        std::thread::spawn(move || {
-            enter_netns(&ns);
-            let addr = format!("{EXT_A}:8080").parse().unwrap();
-            let greeting =
-                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|s| {
-                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                    let mut line = String::new();
-                    std::io::BufReader::new(s).read_line(&mut line)?;
-                    Ok(line)
-                });
-            let _ = tx.send((Instant::now(), greeting));
-        });
+        connect_in_background(ns, tx.clone());
         std::thread::sleep(Duration::from_millis(20));
         while let Ok((at, greeting)) = rx.try_recv() {
             if greeting.is_ok_and(|g| g.contains(egress)) {
@@ -399,25 +405,12 @@ fn a_policy_for_everything_leaves_the_cluster_alone_without_cluster_cidrs() {
 /// thread) for `window`; returns when the first one greeted with `egress` completed (counted
 /// from the start), and every greeting that was not `egress` (a leak: another source address).
 fn connections_from_a_new_pod(ns: &str, egress: &str, window: Duration) -> (Option<Duration>, Vec<String>) {
-    use std::io::BufRead;
     let (tx, rx) = std::sync::mpsc::channel();
     let started = Instant::now();
     let mut first = None;
     let mut leaked = Vec::new();
     while started.elapsed() < window {
-        let (ns, tx) = (ns.to_owned(), tx.clone());
-        std::thread::spawn(move || {
-            enter_netns(&ns);
-            let addr = format!("{EXT_A}:8080").parse().unwrap();
-            let greeting =
-                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|s| {
-                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                    let mut line = String::new();
-                    std::io::BufReader::new(s).read_line(&mut line)?;
-                    Ok(line.trim().to_owned())
-                });
-            let _ = tx.send((Instant::now(), greeting));
-        });
+        connect_in_background(ns, tx.clone());
         std::thread::sleep(Duration::from_millis(20));
         while let Ok((at, greeting)) = rx.try_recv() {
             match greeting {
