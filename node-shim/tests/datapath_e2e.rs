@@ -718,3 +718,39 @@ fn a_program_ahead_of_sluices_that_takes_every_packet_is_noticed() {
     assert_eq!(c.fetch("p2", EXT_A).unwrap(), c.node_ip("n2"));
     assert!(c.log("shim-n2").contains("pod interface bypassed"));
 }
+
+#[test]
+fn beside_a_flannel_like_overlay() {
+    let Some(mut c) = cluster("beside_a_flannel_like_overlay") else {
+        return;
+    };
+    c.use_flannel_like_overlay().unwrap();
+    c.apply(&[policy_a("p2")]);
+    // Pod to pod goes over the CNI's overlay, untouched by Sluice (in-cluster).
+    let tx = |c: &Cluster| -> u64 {
+        c.run("n2", "cat", &["/sys/class/net/flannel.1/statistics/tx_packets"])
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let before = tx(&c);
+    let (_, p1_ip) = c.pod("p1");
+    let (_, p2_ip) = c.pod("p2");
+    let listener = sluice_testbed::craft::Listener::bind(&c.ns("p1"), 9997).unwrap();
+    let to = std::net::SocketAddrV4::new(p1_ip.parse().unwrap(), 9997);
+    sluice_testbed::craft::send_udp(&c.ns("p2"), to, b"hello", 3).unwrap();
+    let got = listener.collect(Duration::from_secs(2));
+    assert!(
+        got.iter().any(|(from, _)| from.ip().to_string() == p2_ip),
+        "p1 hears p2 under its own address: {got:?}"
+    );
+    assert!(tx(&c) > before, "over the overlay");
+    // Steering through Sluice's own tunnel beside it.
+    let mut conn = c.connect("p2", EXT_A).expect("connects through the gateway");
+    assert_eq!(conn.exchange(100_000, 100_000).unwrap(), EGRESS_N1);
+    assert!(
+        c.counter("n2", "in_cluster") > 0,
+        "the overlay's traffic was left alone"
+    );
+}

@@ -627,6 +627,95 @@ impl Testbed {
             .expect("FragCreates in /proc/net/snmp")
     }
 
+    /// Moves pod traffic between nodes onto an overlay of the CNI's own, as Flannel's VXLAN
+    /// backend does: a `flannel.1` VXLAN device (VNI 1, UDP 8472) on every node, each other
+    /// node's pod subnet routed through it to that node's overlay address, with static
+    /// neighbour and forwarding entries. Sluice's own tunnel (8473) runs beside it.
+    pub fn use_flannel_like_overlay(&self) -> Result<()> {
+        let mac = |node: &str| format!("02:f1:a0:00:00:0{}", &node[1..]);
+        for (node, ip) in NODES {
+            self.ip(
+                node,
+                &[
+                    "link",
+                    "add",
+                    "flannel.1",
+                    "address",
+                    &mac(node),
+                    "type",
+                    "vxlan",
+                    "id",
+                    "1",
+                    "dstport",
+                    "8472",
+                    "local",
+                    ip,
+                    "dev",
+                    "eth0",
+                    "nolearning",
+                ],
+            )?;
+            self.ip(node, &["link", "set", "flannel.1", "mtu", "1450", "up"])?;
+            self.ip(
+                node,
+                &[
+                    "addr",
+                    "add",
+                    &format!("10.244.{}.0/32", &node[1..]),
+                    "dev",
+                    "flannel.1",
+                ],
+            )?;
+            for (other, other_ip) in NODES {
+                if other == node {
+                    continue;
+                }
+                let subnet = format!("10.244.{}.0/24", &other[1..]);
+                let gateway = format!("10.244.{}.0", &other[1..]);
+                self.ip(
+                    node,
+                    &[
+                        "route",
+                        "replace",
+                        &subnet,
+                        "via",
+                        &gateway,
+                        "dev",
+                        "flannel.1",
+                        "onlink",
+                    ],
+                )?;
+                self.ip(
+                    node,
+                    &[
+                        "neigh",
+                        "replace",
+                        &gateway,
+                        "lladdr",
+                        &mac(other),
+                        "dev",
+                        "flannel.1",
+                    ],
+                )?;
+                sh(&[
+                    "ip",
+                    "netns",
+                    "exec",
+                    &self.ns(node),
+                    "bridge",
+                    "fdb",
+                    "append",
+                    &mac(other),
+                    "dev",
+                    "flannel.1",
+                    "dst",
+                    other_ip,
+                ])?;
+            }
+        }
+        Ok(())
+    }
+
     /// Deletes a pod added by [`Testbed::add_pod`] (its veth goes with its namespace).
     pub fn delete_pod(&mut self, p: &str) {
         sh(&["ip", "netns", "del", &self.ns(p)]).unwrap();
