@@ -62,12 +62,10 @@ pub fn ifindex(name: &str) -> Option<u32> {
         .ok()
 }
 
-/// The MTU of the interface holding `address` (the underlay interface, for the node IP).
-pub fn mtu_of_address(address: Ipv4Addr) -> Option<u32> {
-    let interface = interfaces()
-        .ok()?
-        .into_iter()
-        .find(|i| i.ipv4.contains(&address))?;
+/// The MTU of the interface of `interfaces` holding `address` (the underlay interface, for the
+/// node IP).
+pub fn mtu_of_address(interfaces: &[Interface], address: Ipv4Addr) -> Option<u32> {
+    let interface = interfaces.iter().find(|i| i.ipv4.contains(&address))?;
     fs::read_to_string(Path::new("/sys/class/net").join(&interface.name).join("mtu"))
         .ok()?
         .trim()

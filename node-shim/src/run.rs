@@ -260,22 +260,43 @@ impl Agent {
             apply_errors: 0,
             retry: None,
         };
-        agent.ensure_tunnel()?;
+        agent.ensure_tunnel(netdev::interfaces().ok().as_deref())?;
         Ok(agent)
     }
 
     /// One round: follow interfaces, apply the plan if it (or the host) changed, refresh metrics.
     pub fn tick(&mut self) {
-        if let Err(e) = self.ensure_tunnel() {
+        // One scan of the node's interfaces per tick, for every step below (a node has hundreds
+        // of pod interfaces).
+        let interfaces = netdev::interfaces();
+        if let Err(e) = self.ensure_tunnel(interfaces.as_deref().ok()) {
             tracing::error!(error = %DisplayChain(&e), "tunnel device");
         }
-        if let Err(e) = self.follow_interfaces() {
+        if let Err(e) = interfaces
+            .as_deref()
+            .map_err(|e| {
+                Error::io(
+                    "listing interfaces".to_owned(),
+                    std::io::Error::other(e.to_string()),
+                )
+            })
+            .and_then(|list| self.follow_interfaces(list))
+        {
             tracing::error!(error = %DisplayChain(&e), "attaching to pod interfaces");
         }
         self.check_bypass();
         let now = std::time::Instant::now();
         if self.retry.is_none_or(|(at, _)| now >= at) {
-            match self.apply_plan() {
+            let applied = interfaces
+                .as_deref()
+                .map_err(|e| {
+                    Error::io(
+                        "listing interfaces".to_owned(),
+                        std::io::Error::other(e.to_string()),
+                    )
+                })
+                .and_then(|list| self.apply_plan(list));
+            match applied {
                 Ok(()) => self.retry = None,
                 Err(e) => {
                     self.apply_errors += 1;
@@ -292,17 +313,18 @@ impl Agent {
         self.metrics.tick_completed();
     }
 
-    fn ensure_tunnel(&mut self) -> Result<()> {
+    /// `interfaces`: this tick's scan (for the underlay's MTU), if it succeeded.
+    fn ensure_tunnel(&mut self, interfaces: Option<&[desired::Interface]>) -> Result<()> {
         let current = netdev::ifindex(&self.opts.tunnel.device);
         if current.is_some() && current == Some(self.tunnel_ifindex) {
             // The underlay's MTU may change under a running tunnel.
-            return self.sync_config(self.tunnel_ifindex);
+            return self.sync_config(self.tunnel_ifindex, interfaces);
         }
         let ifindex = netdev::ensure_tunnel(&self.opts.tunnel)?;
         let device = self.opts.tunnel.device.clone();
         self.dp.attach(datapath::PROG_FROM_TUNNEL, &device, ifindex)?;
         self.dp.attach(datapath::PROG_TO_TUNNEL, &device, ifindex)?;
-        self.sync_config(ifindex)?;
+        self.sync_config(ifindex, interfaces)?;
         // The reply route goes with the device it points to: (re)install it with the device.
         nat::ensure_reply_route(self.opts.reply_table, ifindex, &self.opts.marks)?;
         self.tunnel_ifindex = ifindex;
@@ -357,8 +379,8 @@ impl Agent {
     }
 
     /// Writes the datapath's configuration when it differs from what the map holds.
-    fn sync_config(&mut self, tunnel_ifindex: u32) -> Result<()> {
-        let underlay_mtu = netdev::mtu_of_address(self.opts.node_ip);
+    fn sync_config(&mut self, tunnel_ifindex: u32, interfaces: Option<&[desired::Interface]>) -> Result<()> {
+        let underlay_mtu = interfaces.and_then(|list| netdev::mtu_of_address(list, self.opts.node_ip));
         let config = Config {
             tunnel_ifindex,
             vni: self.opts.tunnel.vni,
@@ -389,11 +411,11 @@ impl Agent {
         Ok(())
     }
 
-    fn follow_interfaces(&mut self) -> Result<()> {
-        let live: BTreeMap<u32, String> = netdev::interfaces()?
-            .into_iter()
+    fn follow_interfaces(&mut self, interfaces: &[desired::Interface]) -> Result<()> {
+        let live: BTreeMap<u32, String> = interfaces
+            .iter()
             .filter(|i| netdev::is_pod_interface(&self.opts.pod_interfaces, &i.name))
-            .map(|i| (i.index, i.name))
+            .map(|i| (i.index, i.name.clone()))
             .collect();
         let mut first_error = None;
         for (ifindex, name) in &live {
@@ -433,7 +455,7 @@ impl Agent {
         first_error.map_or(Ok(()), Err)
     }
 
-    fn apply_plan(&mut self) -> Result<()> {
+    fn apply_plan(&mut self, interfaces: &[desired::Interface]) -> Result<()> {
         let (stamp, state) = match &self.opts.plan {
             PlanSource::File(path) => {
                 let meta =
@@ -456,12 +478,13 @@ impl Agent {
         };
         // Pod interfaces come and go all the time and never hold egress IPs: leave them out of
         // what decides whether the plan must be re-evaluated.
-        let interfaces: Vec<desired::Interface> = netdev::interfaces()?
-            .into_iter()
+        let interfaces: Vec<desired::Interface> = interfaces
+            .iter()
             .filter(|i| {
                 i.name != self.opts.tunnel.device
                     && !netdev::is_pod_interface(&self.opts.pod_interfaces, &i.name)
             })
+            .cloned()
             .collect();
         if let Some((s, i)) = &self.applied
             && *s == stamp

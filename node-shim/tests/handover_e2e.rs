@@ -145,12 +145,8 @@ fn wait_readyz(
 }
 
 fn start_shim(tb: &mut Testbed, node: &str, tokens: &Path) {
-    let mut cmd = tb.shim_command(node, env!("CARGO_BIN_EXE_sluice-shim"));
-    cmd.args(["--operator", &format!("http://{GRPC}")])
-        .arg("--token-file")
-        .arg(tokens.join(node))
-        .args(["--interval-ms", "1000"]);
-    tb.spawn(&format!("shim-{node}"), cmd).unwrap();
+    tb.start_operator_shim(node, env!("CARGO_BIN_EXE_sluice-shim"), GRPC, tokens)
+        .unwrap();
 }
 
 /// One connection of the probe: when it started, and the source address the external host saw.

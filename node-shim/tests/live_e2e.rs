@@ -67,12 +67,8 @@ fn write(path: &Path, text: &str) {
 }
 
 fn start_shim(tb: &mut Testbed, node: &str, tokens: &Path) {
-    let mut cmd = tb.shim_command(node, env!("CARGO_BIN_EXE_sluice-shim"));
-    cmd.args(["--operator", &format!("http://{GRPC}")])
-        .arg("--token-file")
-        .arg(tokens.join(node))
-        .args(["--interval-ms", "1000"]);
-    tb.spawn(&format!("shim-{node}"), cmd).unwrap();
+    tb.start_operator_shim(node, env!("CARGO_BIN_EXE_sluice-shim"), GRPC, tokens)
+        .unwrap();
 }
 
 /// Waits until `pod`'s new connections to the external host leave with `egress`; how long it took.

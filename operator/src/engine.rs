@@ -350,6 +350,8 @@ pub struct Engine {
     cluster_stale: bool,
     /// The destinations of the accepted Drop policies, as last published (the no-leak guard).
     guarded: Vec<IpNet>,
+    /// A policy came or went or changed since: the guarded destinations need recomputing.
+    guard_stale: bool,
     policy_inputs: HashMap<String, PolicyInput>,
     shims: HashMap<String, Shim>,
     tables: BTreeMap<Arc<str>, Table>,
@@ -386,6 +388,7 @@ impl Engine {
             source_service_cidrs: Vec::new(),
             cluster_cidrs: Arc::default(),
             guarded: Vec::new(),
+            guard_stale: false,
             cluster_stale: true,
             policy_inputs: HashMap::new(),
             shims: HashMap::new(),
@@ -569,6 +572,7 @@ impl Engine {
                     self.apply(Change::RemoveNode(name));
                 }
                 Change::UpsertPolicy(mut input) => {
+                    self.guard_stale = true;
                     // A known policy keeps the gateways the planner chose; a new one starts from
                     // what the source remembers (the last leader's choice, from its status).
                     if self.policy_inputs.contains_key(&input.name) {
@@ -580,6 +584,7 @@ impl Engine {
                     self.apply(Change::UpsertPolicy(input));
                 }
                 Change::RemovePolicy(name) => {
+                    self.guard_stale = true;
                     self.policy_inputs.remove(&name);
                     self.apply(Change::RemovePolicy(name));
                 }
@@ -819,7 +824,8 @@ impl Engine {
         self.lost.clear();
 
         // The guarded destinations are every node's: a change republishes all.
-        if !pending.policies.is_empty() {
+        // Only policies decide it: pod churn (which also marks policies) leaves it alone.
+        if std::mem::take(&mut self.guard_stale) {
             let guarded = self.planner.guarded_destinations();
             if guarded != self.guarded {
                 self.guarded = guarded;
@@ -1028,8 +1034,10 @@ impl Engine {
                 .get(&d.node)
                 .is_none_or(|p| !p.upserts.contains_key(&d.key) && !p.removals.contains(&d.key))
         });
-        let by_ip: HashMap<IpAddr, Arc<str>> = self
-            .tables
+        // Both the new gateway (learning the entry) and the previous one (losing it) have a
+        // change in this flush: only the nodes in `pending` need naming, not the whole cluster
+        // (this runs on every flush, heartbeats included).
+        let by_ip: HashMap<IpAddr, Arc<str>> = pending
             .keys()
             .filter_map(|name| {
                 let ip = self.source_nodes.get(&**name)?.tunnel_ip()?;

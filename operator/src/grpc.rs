@@ -519,7 +519,5 @@ fn duty(d: &GatewayDuty) -> v1::GatewayDuty {
         policy: d.policy.to_string(),
         egress_ips: d.egress_ips.iter().map(ToString::to_string).collect(),
         interface: d.interface.as_deref().map(str::to_owned),
-        entry: d.entry as u32,
-        slot: d.slot as u32,
     }
 }

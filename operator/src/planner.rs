@@ -1187,9 +1187,6 @@ pub struct GatewayDuty {
     pub policy: Arc<str>,
     pub egress_ips: Vec<IpAddr>,
     pub interface: Option<Arc<str>>,
-    /// The gateway entry and slot this node fills.
-    pub entry: usize,
-    pub slot: usize,
 }
 
 impl Planner {
@@ -1292,8 +1289,6 @@ impl Planner {
                     policy: name.clone(),
                     egress_ips: g.egress_v4.into_iter().chain(g.egress_v6).collect(),
                     interface: g.interface.clone(),
-                    entry: g.entry,
-                    slot: g.slot,
                 });
             }
         }

@@ -27,8 +27,6 @@ pub fn document(planner: &Planner) -> PlanDocument {
                     policy: d.policy.to_string(),
                     egress_ips: d.egress_ips,
                     interface: d.interface.map(|i| i.to_string()),
-                    entry: d.entry as u32,
-                    slot: d.slot as u32,
                 })
                 .collect(),
             name: name.to_string(),

@@ -108,8 +108,6 @@ impl From<&GatewayDuty> for v1::GatewayDuty {
             policy: d.policy.clone(),
             egress_ips: d.egress_ips.iter().map(ToString::to_string).collect(),
             interface: d.interface.clone(),
-            entry: d.entry,
-            slot: d.slot,
         }
     }
 }
@@ -125,8 +123,6 @@ impl TryFrom<&v1::GatewayDuty> for GatewayDuty {
                 .map(|ip| parse("egress IP", ip))
                 .collect::<Result<_, _>>()?,
             interface: d.interface.clone(),
-            entry: d.entry,
-            slot: d.slot,
         })
     }
 }

@@ -65,11 +65,6 @@ pub struct GatewayDuty {
     /// The interface to leave by; `null` means the default-route interface (or the one holding
     /// the egress IP).
     pub interface: Option<String>,
-    /// The policy's gateway entry (index in its list) and the slot of it this node fills.
-    #[serde(default)]
-    pub entry: u32,
-    #[serde(default)]
-    pub slot: u32,
 }
 
 /// One datapath entry: traffic from `source` to `destination` goes to `gateway`.

@@ -127,7 +127,6 @@ fn duty() -> impl Strategy<Value = v1::GatewayDuty> {
             policy,
             egress_ips,
             interface,
-            ..Default::default()
         })
 }
 

@@ -307,6 +307,23 @@ impl Testbed {
         cmd
     }
 
+    /// Starts `shim`'s `run` for `node` (named `shim-<node>`) with its plan from the operator at
+    /// `grpc` (plaintext), authenticated by the token in `tokens/<node>`, ticking every second.
+    pub fn start_operator_shim(
+        &mut self,
+        node: &str,
+        shim: impl AsRef<OsStr>,
+        grpc: &str,
+        tokens: &Path,
+    ) -> Result<u32> {
+        let mut cmd = self.shim_command(node, shim);
+        cmd.args(["--operator", &format!("http://{grpc}")])
+            .arg("--token-file")
+            .arg(tokens.join(node))
+            .args(["--interval-ms", "1000"]);
+        self.spawn(&format!("shim-{node}"), cmd)
+    }
+
     /// [`Testbed::shim_command`] as a user who forgot `--cluster-cidr` runs it: the shim knows
     /// only its node IP, and what the operator finds in-cluster.
     pub fn shim_command_without_cluster_cidrs(&self, node: &str, shim: impl AsRef<OsStr>) -> Command {
