@@ -48,13 +48,31 @@ struct sluice_icmp_header {
 /* Maps are pinned by name under the shim's bpffs directory, so a restarted shim adopts them. */
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__type(key, struct sluice_policy_key_v4);
-	__type(value, struct sluice_policy_value_v4);
-	__uint(max_entries, 65536); /* overridden at load time (--policy-map-max) */
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __be32);
+	__type(value, struct sluice_source_v4);
+	__uint(max_entries, 65536); /* overridden at load time (--source-map-max) */
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} sluice_policy_v4 SEC(".maps");
+} sluice_sources_v4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct sluice_destination_key_v4);
+	__type(value, struct sluice_destination_v4);
+	__uint(max_entries, 1048576); /* overridden at load time (--policy-map-max) */
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sluice_destinations_v4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct sluice_slot_key_v4);
+	__type(value, __be32);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sluice_held_slots_v4 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -219,11 +237,63 @@ static __always_inline int in_cluster(__be32 daddr)
 	return bpf_map_lookup_elem(&sluice_cluster_v4, &key) != NULL;
 }
 
-static __always_inline struct sluice_policy_value_v4 *policy_lookup(__be32 saddr, __be32 daddr)
-{
-	struct sluice_policy_key_v4 key = { .prefixlen = 64, .saddr = saddr, .daddr = daddr };
+/* policy_lookup results besides 0 (found: *out filled). */
+#define SLUICE_LOOKUP_NONE (-1)     /* no entry: not ours */
+#define SLUICE_LOOKUP_DROP (-2)     /* an entry that must drop (no room for its target) */
 
-	return bpf_map_lookup_elem(&sluice_policy_v4, &key);
+/* What a lookup finds: the target, and the policy whose destination matched. */
+struct sluice_entry {
+	__u32 kind; /* SLUICE_KIND_*, EXCLUDED included */
+	__u32 flags;
+	__be32 gateway_ip;
+	__be32 egress_ip;
+	__u32 egress_id;
+	__be32 peer_ip;
+	__u32 policy_id;
+};
+
+/*
+ * The entry for (saddr, daddr): the source's group, the longest destination prefix of that
+ * group, and the source's target it names.
+ */
+static __always_inline int policy_lookup(__be32 saddr, __be32 daddr, struct sluice_entry *out)
+{
+	struct sluice_source_v4 *src = bpf_map_lookup_elem(&sluice_sources_v4, &saddr);
+
+	if (!src)
+		return SLUICE_LOOKUP_NONE;
+	struct sluice_destination_key_v4 key = { .prefixlen = 64, .group = src->group, .daddr = daddr };
+	struct sluice_destination_v4 *d = bpf_map_lookup_elem(&sluice_destinations_v4, &key);
+
+	if (!d)
+		return SLUICE_LOOKUP_NONE;
+	__builtin_memset(out, 0, sizeof(*out));
+	out->policy_id = d->policy_id;
+	switch (d->kind) {
+	case SLUICE_DEST_EXCLUDED:
+		out->kind = SLUICE_KIND_EXCLUDED;
+		return 0;
+	case SLUICE_DEST_TARGET:
+		break;
+	default:
+		return SLUICE_LOOKUP_DROP;
+	}
+	__u32 i = d->target;
+
+	if (i >= SLUICE_SOURCE_TARGETS)
+		return SLUICE_LOOKUP_DROP;
+	struct sluice_target_v4 *t = &src->targets[i];
+
+	/* A slot the shim left empty: this node holds nothing for that policy. */
+	if (!t->kind)
+		return SLUICE_LOOKUP_NONE;
+	out->kind = t->kind;
+	out->flags = t->flags;
+	out->gateway_ip = t->gateway_ip;
+	out->egress_ip = t->egress_ip;
+	out->egress_id = t->egress_id;
+	out->peer_ip = t->peer_ip;
+	return 0;
 }
 
 static __always_inline struct sluice_config *config(void)
@@ -406,9 +476,16 @@ int sluice_from_pod(struct __sk_buff *skb)
 		count(SLUICE_CTR_IN_CLUSTER, skb->len);
 		return SLUICE_PASS;
 	}
-	struct sluice_policy_value_v4 *v = policy_lookup(saddr, daddr);
+	struct sluice_entry entry;
+	struct sluice_entry *v = &entry;
+	int found = policy_lookup(saddr, daddr, v);
 
-	if (!v) {
+	if (found == SLUICE_LOOKUP_DROP) {
+		count(SLUICE_CTR_DROP_TOO_MANY_POLICIES, skb->len);
+		count_policy(v->policy_id, skb->len);
+		return TC_ACT_SHOT;
+	}
+	if (found < 0) {
 		struct sluice_cidr_key_v4 guard = { .prefixlen = 32, .addr = daddr };
 
 		if (bpf_map_lookup_elem(&sluice_guarded_v4, &guard) &&
@@ -550,9 +627,10 @@ int sluice_from_tunnel(struct __sk_buff *skb)
 	bpf_skb_change_type(skb, PACKET_HOST);
 
 	/* A request from a pod on another node, to leave through this gateway? */
-	struct sluice_policy_value_v4 *v = policy_lookup(saddr, daddr);
+	struct sluice_entry entry;
+	struct sluice_entry *v = &entry;
 
-	if (v && v->kind == SLUICE_KIND_GATEWAY && (v->flags & SLUICE_F_LOCAL_GATEWAY)) {
+	if (policy_lookup(saddr, daddr, v) == 0 && v->kind == SLUICE_KIND_GATEWAY && (v->flags & SLUICE_F_LOCAL_GATEWAY)) {
 		/*
 		 * Only the pod's own node may send its traffic: anyone else spoofing the inner source
 		 * would borrow the egress IP and take over the replies.
@@ -583,9 +661,9 @@ int sluice_from_tunnel(struct __sk_buff *skb)
 	}
 
 	/* A reply to a local pod, from the gateway its entry names? */
-	v = policy_lookup(daddr, saddr);
-	if (v && v->kind == SLUICE_KIND_GATEWAY && !(v->flags & SLUICE_F_LOCAL_GATEWAY) &&
-	    (peer_flags & SLUICE_PEER_GATEWAY) && v->gateway_ip == remote) {
+	if (policy_lookup(daddr, saddr, v) == 0 && v->kind == SLUICE_KIND_GATEWAY &&
+	    !(v->flags & SLUICE_F_LOCAL_GATEWAY) && (peer_flags & SLUICE_PEER_GATEWAY) &&
+	    v->gateway_ip == remote) {
 		count(SLUICE_CTR_REPLY_DELIVERED, skb->len);
 		/* The pod's side may have the underlay's full MTU: its segments must fit the tunnel. */
 		clamp_mss(skb, cfg->tcp_mss_max);
@@ -610,8 +688,7 @@ int sluice_from_tunnel(struct __sk_buff *skb)
 		     err.icmp.type == SLUICE_ICMP_TIME_EXCEEDED ||
 		     err.icmp.type == SLUICE_ICMP_PARAMETERPROB) &&
 		    err.inner.saddr == daddr) {
-			v = policy_lookup(err.inner.saddr, err.inner.daddr);
-			if (v && v->kind == SLUICE_KIND_GATEWAY &&
+			if (policy_lookup(err.inner.saddr, err.inner.daddr, v) == 0 && v->kind == SLUICE_KIND_GATEWAY &&
 			    !(v->flags & SLUICE_F_LOCAL_GATEWAY) && v->gateway_ip == remote) {
 				count(SLUICE_CTR_ICMP_ERROR_DELIVERED, skb->len);
 				return deliver_to_pod(skb);

@@ -10,17 +10,17 @@
 
 #include <linux/types.h>
 
-/* --- Policy entry kinds (sluice_policy_value_v4.kind) ------------------------------------ */
+/* --- Entry kinds (sluice_target_v4.kind) ------------------------------------------------- */
 /* Steer to gateway_ip (this node when SLUICE_F_LOCAL_GATEWAY is set). */
 #define SLUICE_KIND_GATEWAY 1
 /* The policy has no usable gateway and failurePolicy Drop: drop. */
 #define SLUICE_KIND_NONE 2
 /* The policy has no usable gateway and failurePolicy Fallback: normal path. */
 #define SLUICE_KIND_FALLBACK 3
-/* Excluded CIDR: normal path. */
+/* Excluded CIDR: normal path (what a SLUICE_DEST_EXCLUDED destination means; never a target). */
 #define SLUICE_KIND_EXCLUDED 4
 
-/* --- Policy entry flags (sluice_policy_value_v4.flags) ---------------------------------- */
+/* --- Entry flags (sluice_target_v4.flags) ----------------------------------------------- */
 /* The gateway is this node: egress here (mark for SNAT) instead of tunnelling. */
 #define SLUICE_F_LOCAL_GATEWAY (1u << 0)
 
@@ -79,40 +79,88 @@ enum sluice_counter_index {
 	 * guards: dropped until the plan covers the pod (it may be selected: never leak).
 	 */
 	SLUICE_CTR_DROP_UNDECIDED_POD = 18,
+	/* A pod selected by more policies than its source entry has targets for: dropped. */
+	SLUICE_CTR_DROP_TOO_MANY_POLICIES = 19,
 	SLUICE_CTR_MAX = 32,
 };
 
 /* --- Map layouts ------------------------------------------------------------------------- */
 
 /*
- * Key of sluice_policy_v4 (LPM trie): prefixlen = 32 + destination prefix bits, so the source
- * is always matched exactly and the destination by longest prefix. Lookups use 64.
- * IPv6 gets its own map (sluice_policy_v6, key {u32 prefixlen; u8 saddr[16]; u8 daddr[16]}).
+ * The entries a node holds, (source pod, destination prefix) -> what to do, are stored so that
+ * their size grows as pods + CIDRs, not pods x CIDRs:
+ *
+ *   sluice_sources_v4       pod IP -> its source group and its targets (hash)
+ *   sluice_destinations_v4  (source group, destination prefix) -> which target (LPM trie)
+ *
+ * A source group is the set of destination rules a pod's entries share (in practice: the
+ * policies selecting it). Pods selected by the same policies share one group, so a policy of
+ * 1,000 CIDRs selecting 1,000 pods costs 1,000 trie entries and 1,000 source entries. What
+ * differs per pod, the gateway it is assigned to, sits in the pod's own targets: the trie value
+ * names the target by its position. One lookup more per packet than a (source, destination)
+ * trie: the source hash.
  */
-struct sluice_policy_key_v4 {
-	__u32 prefixlen;
-	__be32 saddr;
-	__be32 daddr;
-};
 
-/* Value of sluice_policy_v4. Addresses in network byte order; 0 = unset. */
-struct sluice_policy_value_v4 {
-	__u32 kind;           /* SLUICE_KIND_* */
+/* Distinct targets per source entry (a pod's policies share one when they send it the same way:
+ * 60 policies through one gateway are one target). A pod with more has the destinations of the
+ * rest programmed to drop (SLUICE_DEST_DROP), reported as entry errors. */
+#define SLUICE_SOURCE_TARGETS 8
+
+/* Where a pod's traffic to the destinations of one or more of its policies goes. Addresses in
+ * network byte order; 0 = unset. */
+struct sluice_target_v4 {
+	__u32 kind;           /* SLUICE_KIND_* (GATEWAY, NONE or FALLBACK; 0 = unused slot) */
 	__u32 flags;          /* SLUICE_F_* */
 	__be32 gateway_ip;    /* underlay IP of the gateway node (kind GATEWAY) */
 	__be32 egress_ip;     /* address to SNAT to (gateway node's own entries) */
 	__u32 egress_id;      /* local gateway: the egress (address, interface) id the mark carries */
-	__u32 policy_id;      /* 1..=65535, allocated by the shim */
 	/*
 	 * LOCAL_GATEWAY entries of pods on other nodes: underlay IP of the pod's node, the only
 	 * outer source tunnelled packets of this (source, destination) are accepted from. 0 = none.
 	 */
 	__be32 peer_ip;
-	/*
-	 * GATEWAY entries: (gateway entry << 16 | slot) + 1 of the policy slot the gateway fills;
-	 * 0 = unknown. Not read by the datapath: kept here so that what the node holds tells a
-	 * new operator leader who fills which slot, even across a restart of the shim.
-	 */
+};
+
+/* Value of sluice_sources_v4 (hash keyed by the pod IP). */
+struct sluice_source_v4 {
+	__u32 group; /* key part of sluice_destinations_v4; never 0 */
+	__u32 _pad;
+	struct sluice_target_v4 targets[SLUICE_SOURCE_TARGETS];
+};
+
+/*
+ * Key of sluice_destinations_v4 (LPM trie): prefixlen = 32 + destination prefix bits, so the
+ * group is always matched exactly and the destination by longest prefix. Lookups use 64.
+ */
+struct sluice_destination_key_v4 {
+	__u32 prefixlen;
+	__u32 group;
+	__be32 daddr;
+};
+
+/* sluice_destination_v4.kind */
+/* Do what targets[target] of the source entry says. */
+#define SLUICE_DEST_TARGET 1
+/* Excluded CIDR of policy_id: normal path. */
+#define SLUICE_DEST_EXCLUDED 2
+/* No room for the target in the source entry: drop (fail closed). */
+#define SLUICE_DEST_DROP 3
+
+/* Value of sluice_destinations_v4. */
+struct sluice_destination_v4 {
+	__u32 kind;      /* SLUICE_DEST_* */
+	__u32 policy_id;
+	__u32 target;    /* index into sluice_source_v4.targets (kind TARGET) */
+};
+
+/*
+ * Key of sluice_held_slots_v4 (hash; value: be32 underlay IP of the gateway filling the slot).
+ * Which gateway fills which slot of which policy, for the entries this node holds: not read by
+ * the datapath, kept here so that what the node holds tells a new operator leader who fills
+ * which slot, even across a restart of the shim. gateway_slot = (gateway entry << 16 | slot) + 1.
+ */
+struct sluice_slot_key_v4 {
+	__u32 policy_id;
 	__u32 gateway_slot;
 };
 

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt::Write, path::Path};
 use crate::{
     datapath::Maps,
     error::Result,
-    maps::{self, Counter, PolicyKeyV4, PolicyValueV4},
+    maps::{self, Counter, EntryValueV4, PolicyKeyV4},
 };
 
 /// The live policy entries, like `cilium bpf egress list`.
@@ -24,7 +24,7 @@ pub fn counters(dir: &Path) -> Result<String> {
     ))
 }
 
-fn gateway(v: &PolicyValueV4) -> String {
+fn gateway(v: &EntryValueV4) -> String {
     match v.kind {
         maps::KIND_GATEWAY if v.flags & maps::F_LOCAL_GATEWAY != 0 => {
             format!("{} (this node)", maps::from_be(v.gateway_ip))
@@ -33,6 +33,8 @@ fn gateway(v: &PolicyValueV4) -> String {
         maps::KIND_NONE => "none".into(),
         maps::KIND_FALLBACK => "fallback".into(),
         maps::KIND_EXCLUDED => "excluded".into(),
+        // See `layout::Layout::expand`: no room for the target in the pod's source entry.
+        0 => "drop (pod of too many policies)".into(),
         other => format!("kind {other}?"),
     }
 }
@@ -42,7 +44,7 @@ fn policy_name(names: &BTreeMap<u32, String>, id: u32) -> String {
 }
 
 /// Renders entries as a table.
-pub fn render_list(entries: &[(PolicyKeyV4, PolicyValueV4)], names: &BTreeMap<u32, String>) -> String {
+pub fn render_list(entries: &[(PolicyKeyV4, EntryValueV4)], names: &BTreeMap<u32, String>) -> String {
     let mut rows = vec![[
         "Source IP".to_owned(),
         "Destination CIDR".into(),
@@ -130,14 +132,14 @@ mod tests {
     #[test]
     fn list_looks_like_cilium_bpf_egress_list() {
         let key = PolicyKeyV4::new("10.244.1.10".parse().unwrap(), "203.0.113.0/24".parse().unwrap());
-        let value = PolicyValueV4 {
+        let value = EntryValueV4 {
             kind: maps::KIND_GATEWAY,
             gateway_ip: maps::be("192.0.2.11".parse().unwrap()),
             policy_id: 1,
             peer_ip: maps::be("192.0.2.12".parse().unwrap()),
             ..Default::default()
         };
-        let excluded = PolicyValueV4 {
+        let excluded = EntryValueV4 {
             kind: maps::KIND_EXCLUDED,
             policy_id: 1,
             ..Default::default()

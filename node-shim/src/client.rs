@@ -63,18 +63,13 @@ pub fn held_slots(bpffs_dir: &Path) -> Vec<v1::HeldSlot> {
         let maps = Maps::open_pinned(bpffs_dir)?;
         let names = maps.policy_names()?;
         Ok(maps
-            .policy_entries()?
+            .layout()?
+            .slots
             .into_iter()
-            .filter(|(_, v)| v.kind == crate::maps::KIND_GATEWAY)
-            .filter_map(|(_, v)| {
-                let (entry, slot) = crate::maps::decode_slot(v.gateway_slot)?;
-                let policy = names.get(&v.policy_id)?.clone();
-                Some((
-                    policy,
-                    entry,
-                    slot,
-                    crate::maps::from_be(v.gateway_ip).to_string(),
-                ))
+            .filter_map(|(key, gateway)| {
+                let (entry, slot) = crate::maps::decode_slot(key.gateway_slot)?;
+                let policy = names.get(&key.policy_id)?.clone();
+                Some((policy, entry, slot, crate::maps::from_be(gateway).to_string()))
             })
             .collect())
     };

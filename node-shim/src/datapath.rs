@@ -25,7 +25,11 @@ use aya::{
 
 use crate::{
     error::{Error, Result, is_permission_error},
-    maps::{self, Config, Counter, PolicyAddrsV4, PolicyName, PolicyValueV4, ReplyV4},
+    layout::Layout,
+    maps::{
+        self, Config, Counter, DestinationAddrsV4, DestinationKeyV4, DestinationV4, EntryValueV4, PolicyName,
+        ReplyV4, SlotKeyV4, SourceV4,
+    },
 };
 
 /// The compiled datapath (`ebpf/sluice.bpf.c`, built by `build.rs`).
@@ -50,7 +54,12 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// The typed maps of the datapath, whether freshly loaded or opened from their pins.
 pub struct Maps {
-    pub policy: LpmTrie<MapData, PolicyAddrsV4, PolicyValueV4>,
+    /// Pod IP (network byte order) -> source group and targets.
+    pub sources: HashMap<MapData, u32, SourceV4>,
+    /// (source group, destination prefix) -> target index, excluded or drop.
+    pub destinations: LpmTrie<MapData, DestinationAddrsV4, DestinationV4>,
+    /// (policy id, gateway slot) -> the gateway filling it.
+    pub held_slots: HashMap<MapData, SlotKeyV4, u32>,
     pub cluster: LpmTrie<MapData, u32, u32>,
     pub config: Array<MapData, Config>,
     pub counters: PerCpuArray<MapData, Counter>,
@@ -120,7 +129,9 @@ impl Maps {
             };
         }
         Ok(Maps {
-            policy: typed!(maps::POLICY_V4),
+            sources: typed!(maps::SOURCES_V4),
+            destinations: typed!(maps::DESTINATIONS_V4),
+            held_slots: typed!(maps::HELD_SLOTS_V4),
             cluster: typed!(maps::CLUSTER_V4),
             config: typed!(maps::CONFIG),
             counters: typed!(maps::COUNTERS),
@@ -179,13 +190,28 @@ impl Maps {
         Ok(out)
     }
 
-    /// Every policy entry.
-    pub fn policy_entries(&self) -> Result<Vec<(maps::PolicyKeyV4, PolicyValueV4)>> {
-        let mut out = Vec::new();
-        for item in self.policy.iter() {
-            let (key, value) = item.map_err(map_err(maps::POLICY_V4, "reading"))?;
-            out.push((maps::PolicyKeyV4::from_lpm(&key), value));
+    /// What the sources and destinations maps hold.
+    pub fn layout(&self) -> Result<Layout> {
+        let mut out = Layout::default();
+        for item in self.sources.iter() {
+            let (ip, source) = item.map_err(map_err(maps::SOURCES_V4, "reading"))?;
+            out.sources.insert(ip, source);
         }
+        for item in self.destinations.iter() {
+            let (key, rule) = item.map_err(map_err(maps::DESTINATIONS_V4, "reading"))?;
+            out.destinations.insert(DestinationKeyV4::from_lpm(&key), rule);
+        }
+        for item in self.held_slots.iter() {
+            let (key, gateway) = item.map_err(map_err(maps::HELD_SLOTS_V4, "reading"))?;
+            out.slots.insert(key, gateway);
+        }
+        Ok(out)
+    }
+
+    /// Every entry, (source, destination) -> target, expanded from the sources and
+    /// destinations maps.
+    pub fn policy_entries(&self) -> Result<Vec<(maps::PolicyKeyV4, EntryValueV4)>> {
+        let mut out: Vec<_> = self.layout()?.expand().into_iter().collect();
         out.sort_by_key(|(k, _)| (u32::from_be(k.saddr), u32::from_be(k.daddr), k.prefixlen));
         Ok(out)
     }
@@ -208,7 +234,7 @@ pub struct Datapath {
 
 impl Datapath {
     /// Loads the object, adopting the maps already pinned under `dir` (creating them otherwise).
-    pub fn load(dir: &Path, policy_map_max: u32) -> Result<Self> {
+    pub fn load(dir: &Path, capacity: Capacity) -> Result<Self> {
         check_kernel()?;
         check_bpffs(dir)?;
         let links_dir = dir.join("links");
@@ -224,9 +250,11 @@ impl Datapath {
         })?;
 
         replace_stale_layouts(dir);
+        let legacy = take_legacy_entries(dir);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(dir)
-            .map_max_entries(maps::POLICY_V4, policy_map_max)
+            .map_max_entries(maps::DESTINATIONS_V4, capacity.destinations)
+            .map_max_entries(maps::SOURCES_V4, capacity.sources)
             .load(OBJECT)
             .map_err(|e| {
                 if is_permission_error(&e) {
@@ -265,13 +293,28 @@ impl Datapath {
                 source: aya::maps::MapError::InvalidName { name: name.into() },
             })
         })?;
-        if maps.policy.map().info().map(|i| i.max_entries()).ok() != Some(policy_map_max) {
-            tracing::warn!(
-                wanted = policy_map_max,
-                "the pinned policy map has another capacity; it is kept to keep live connections \
-                 (remove {} to resize)",
-                dir.join(maps::POLICY_V4).display()
-            );
+        let mut maps = maps;
+        if let Some(entries) = legacy {
+            migrate(&mut maps, &entries)?;
+        }
+        for (held, name, wanted) in [
+            (
+                maps.destinations.map().info(),
+                maps::DESTINATIONS_V4,
+                capacity.destinations,
+            ),
+            (maps.sources.map().info(), maps::SOURCES_V4, capacity.sources),
+        ] {
+            if held.as_ref().map(|i| i.max_entries()).ok() != Some(wanted) {
+                tracing::warn!(
+                    map = name,
+                    wanted,
+                    held = held.map(|i| i.max_entries()).ok(),
+                    "the pinned map has another capacity; it is kept to keep live connections \
+                     (remove {} to resize)",
+                    dir.join(name).display()
+                );
+            }
         }
         Ok(Datapath {
             ebpf,
@@ -382,20 +425,122 @@ fn replace_stale_layouts(dir: &Path) {
     }
 }
 
-/// The policy map as a [`crate::sync::Store`].
-pub struct PolicyStore<'a>(pub &'a mut LpmTrie<MapData, PolicyAddrsV4, PolicyValueV4>);
+/// How many entries the sources and destinations maps hold at most (fixed when they are
+/// created; a pinned map keeps its capacity).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    pub sources: u32,
+    pub destinations: u32,
+}
 
-impl crate::sync::Store<maps::PolicyKeyV4, PolicyValueV4> for PolicyStore<'_> {
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity {
+            sources: maps::DEFAULT_SOURCE_MAP_MAX,
+            destinations: maps::DEFAULT_POLICY_MAP_MAX,
+        }
+    }
+}
+
+/// The map of entries before they were split into sources and destinations (one LPM trie keyed
+/// by (source, destination prefix)).
+const LEGACY_POLICY_V4: &str = "sluice_policy_v4";
+
+/// The data part of the legacy map's key.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+struct LegacyAddrsV4 {
+    saddr: u32,
+    daddr: u32,
+}
+
+#[allow(
+    unsafe_code,
+    reason = "aya::Pod is an unsafe marker trait; plain data without padding"
+)]
+unsafe impl aya::Pod for LegacyAddrsV4 {}
+
+/// Reads and unpins the legacy entries map left by an older shim, so that the new maps start
+/// with what it held: the programs are swapped only after that, so an upgrade never has a
+/// moment without entries. The old map lives on while the old programs still use it.
+fn take_legacy_entries(dir: &Path) -> Option<std::collections::BTreeMap<maps::PolicyKeyV4, EntryValueV4>> {
+    let pin = dir.join(LEGACY_POLICY_V4);
+    let data = MapData::from_pin(&pin).ok()?;
+    let read = || -> std::result::Result<_, aya::maps::MapError> {
+        let trie: LpmTrie<MapData, LegacyAddrsV4, EntryValueV4> = Map::from_map_data(data)?.try_into()?;
+        let mut out = std::collections::BTreeMap::new();
+        for item in trie.iter() {
+            let (key, value) = item?;
+            let k = key.data();
+            out.insert(
+                maps::PolicyKeyV4 {
+                    prefixlen: key.prefix_len(),
+                    saddr: k.saddr,
+                    daddr: k.daddr,
+                },
+                value,
+            );
+        }
+        Ok(out)
+    };
+    let entries = read()
+        .map_err(|e| tracing::warn!(error = %e, "could not read the entries of the older shim"))
+        .ok();
+    if let Err(e) = fs::remove_file(&pin) {
+        tracing::error!(error = %e, "could not unpin the entries map of the older shim");
+    }
+    entries
+}
+
+/// Writes the legacy entries into the new maps, unless they already hold entries.
+fn migrate(
+    maps: &mut Maps,
+    entries: &std::collections::BTreeMap<maps::PolicyKeyV4, EntryValueV4>,
+) -> Result<()> {
+    let current = maps.layout()?;
+    if !current.sources.is_empty() {
+        return Ok(());
+    }
+    let (layout, _) = Layout::of(entries, &current);
+    let mut destinations = current.destinations.clone();
+    crate::sync::reconcile(
+        &mut DestinationStore(&mut maps.destinations),
+        &mut destinations,
+        &layout.destinations,
+    )?;
+    for (key, gateway) in &layout.slots {
+        maps.held_slots
+            .insert(key, gateway, 0)
+            .map_err(map_err(maps::HELD_SLOTS_V4, "writing"))?;
+    }
+    for (ip, source) in &layout.sources {
+        maps.sources
+            .insert(ip, source, 0)
+            .map_err(map_err(maps::SOURCES_V4, "writing"))?;
+    }
+    tracing::info!(
+        entries = entries.len(),
+        sources = layout.sources.len(),
+        destinations = layout.destinations.len(),
+        "moved the entries of the older shim into the sources and destinations maps"
+    );
+    Ok(())
+}
+
+/// The destinations map as a [`crate::sync::Store`].
+pub struct DestinationStore<'a>(pub &'a mut LpmTrie<MapData, DestinationAddrsV4, DestinationV4>);
+
+impl crate::sync::Store<DestinationKeyV4, DestinationV4> for DestinationStore<'_> {
     type Error = Error;
-    fn upsert(&mut self, key: &maps::PolicyKeyV4, value: &PolicyValueV4) -> Result<()> {
+    fn upsert(&mut self, key: &DestinationKeyV4, value: &DestinationV4) -> Result<()> {
         self.0.insert(&key.lpm(), value, 0).map_err(|source| Error::Map {
-            name: maps::POLICY_V4,
-            action: format!("writing {} -> {}", key.source(), key.destination()),
+            name: maps::DESTINATIONS_V4,
+            action: format!("writing group {} -> {}", key.group, key.destination()),
             source,
         })
     }
-    fn remove(&mut self, key: &maps::PolicyKeyV4) -> Result<()> {
-        ignore_missing(self.0.remove(&key.lpm()), maps::POLICY_V4)
+    fn remove(&mut self, key: &DestinationKeyV4) -> Result<()> {
+        ignore_missing(self.0.remove(&key.lpm()), maps::DESTINATIONS_V4)
     }
 }
 

@@ -10,7 +10,7 @@ use sluice_proto::{EntryDoc, GatewayTarget};
 
 use crate::{
     error::Error,
-    maps::{self, PolicyKeyV4, PolicyName, PolicyValueV4},
+    maps::{self, EntryValueV4, PolicyKeyV4, PolicyName},
 };
 
 /// One network interface of this node.
@@ -34,7 +34,7 @@ pub struct Host {
 /// The desired contents of the maps and the SNAT rules.
 #[derive(Debug, Default)]
 pub struct Desired {
-    pub policy: BTreeMap<PolicyKeyV4, PolicyValueV4>,
+    pub policy: BTreeMap<PolicyKeyV4, EntryValueV4>,
     pub names: BTreeMap<u32, PolicyName>,
     /// Egress IP -> the egress ids that SNAT to it here.
     pub snat: BTreeMap<Ipv4Addr, BTreeSet<u32>>,
@@ -201,7 +201,7 @@ pub fn desired(entries: &[EntryDoc], host: &Host, ids: &mut PolicyIds) -> Result
         };
         let policy_id = ids.id(&entry.policy)?;
         out.names.insert(policy_id, PolicyName::new(&entry.policy));
-        let mut value = PolicyValueV4 {
+        let mut value = EntryValueV4 {
             policy_id,
             ..Default::default()
         };

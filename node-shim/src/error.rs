@@ -5,6 +5,9 @@ use std::{io, net::IpAddr, path::PathBuf};
 /// Everything that can go wrong in the shim.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error(transparent)]
+    PlanRefused(#[from] crate::layout::MapFull),
+
     #[error(
         "permission denied using bpf(2) while {action}: run sluice-shim as root, or grant it \
          CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (CAP_SYS_ADMIN on kernels before 5.8)"

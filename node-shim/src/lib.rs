@@ -1,7 +1,8 @@
 //! The Sluice node shim: loads the eBPF datapath and keeps its maps equal to the node's plan.
 //!
 //! - [`datapath`]: the object, its pinned maps and TCX links;
-//! - [`desired`]: plan entries -> map contents and SNAT rules;
+//! - [`desired`]: plan entries -> map contents and SNAT rules; [`layout`]: entries -> the
+//!   sources and destinations maps (sizes that grow as pods + CIDRs);
 //! - [`sync`]: one transition from current to desired (upserts first, deletes after);
 //! - [`run`]: the agent loop; [`client`]: the node channel to the operator (`run --operator`); [`bpf`]: the `bpf list` / `bpf counters` views;
 //! - [`nat`], [`egress_route`], [`netdev`], [`netlink`]: the kernel side (nftables, egress policy
@@ -14,6 +15,7 @@ pub mod datapath;
 pub mod desired;
 pub mod egress_route;
 pub mod error;
+pub mod layout;
 pub mod maps;
 pub mod metrics;
 pub mod nat;

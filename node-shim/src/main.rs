@@ -81,9 +81,15 @@ struct RunArgs {
     #[arg(long = "pod-interface", env = "SLUICE_POD_INTERFACES", value_delimiter = ',',
           default_values_t = netdev::DEFAULT_POD_INTERFACES.iter().map(|s| s.to_string()))]
     pod_interfaces: Vec<String>,
-    /// Capacity of the policy map (set when the map is first created).
+    /// Capacity of the destinations map: the destination CIDRs of every source group (pods of
+    /// the same policies share one). Set when the map is first created; takes no memory until
+    /// used.
     #[arg(long, env = "SLUICE_POLICY_MAP_MAX", default_value_t = maps::DEFAULT_POLICY_MAP_MAX)]
     policy_map_max: u32,
+    /// Capacity of the sources map: pods this node steers or serves as a gateway. Set when the
+    /// map is first created.
+    #[arg(long, env = "SLUICE_SOURCE_MAP_MAX", default_value_t = maps::DEFAULT_SOURCE_MAP_MAX)]
+    source_map_max: u32,
     /// Sluice's own VXLAN (collect_md) device.
     #[arg(long, env = "SLUICE_TUNNEL_DEVICE", default_value = "sluice-vx0")]
     tunnel_device: String,
@@ -189,7 +195,10 @@ fn main() -> anyhow::Result<()> {
                 cluster_cidrs: a.cluster_cidrs,
                 pod_interfaces: a.pod_interfaces,
                 bpffs_dir,
-                policy_map_max: a.policy_map_max,
+                capacity: sluice_shim::datapath::Capacity {
+                    sources: a.source_map_max,
+                    destinations: a.policy_map_max,
+                },
                 tunnel: netdev::Tunnel {
                     device: a.tunnel_device,
                     port: a.tunnel_port,

@@ -12,8 +12,13 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
-/// The LPM trie of (source, destination prefix) entries.
-pub const POLICY_V4: &str = "sluice_policy_v4";
+/// Pod IP -> its source group and targets (hash).
+pub const SOURCES_V4: &str = "sluice_sources_v4";
+/// (source group, destination prefix) -> which target (LPM trie).
+pub const DESTINATIONS_V4: &str = "sluice_destinations_v4";
+/// (policy id, gateway slot) -> the gateway filling it, for the entries held (not read by the
+/// programs: what the shim reports to a new operator leader).
+pub const HELD_SLOTS_V4: &str = "sluice_held_slots_v4";
 /// The LPM trie of in-cluster CIDRs, never steered.
 pub const CLUSTER_V4: &str = "sluice_cluster_v4";
 /// The one-entry configuration array.
@@ -42,8 +47,10 @@ pub const SEEN: &str = "sluice_seen";
 pub const SEEN_SLOTS: u32 = 4096;
 
 /// Every map of the object, in the order `bpf` subcommands open them.
-pub const ALL_MAPS: [&str; 12] = [
-    POLICY_V4,
+pub const ALL_MAPS: [&str; 14] = [
+    SOURCES_V4,
+    DESTINATIONS_V4,
+    HELD_SLOTS_V4,
     CLUSTER_V4,
     CONFIG,
     COUNTERS,
@@ -57,8 +64,19 @@ pub const ALL_MAPS: [&str; 12] = [
     DECIDED_PODS_V4,
 ];
 
-/// Default capacity of the policy map.
-pub const DEFAULT_POLICY_MAP_MAX: u32 = 65_536;
+/// Default capacity of the destinations map (no memory is taken until used).
+pub const DEFAULT_POLICY_MAP_MAX: u32 = 1_048_576;
+/// Default capacity of the sources map.
+pub const DEFAULT_SOURCE_MAP_MAX: u32 = 65_536;
+/// `SLUICE_SOURCE_TARGETS`: targets per source entry.
+pub const SOURCE_TARGETS: usize = 8;
+
+/// `sluice_destination_v4.kind`: do what the source's target says.
+pub const DEST_TARGET: u32 = 1;
+/// `sluice_destination_v4.kind`: excluded CIDR, normal path.
+pub const DEST_EXCLUDED: u32 = 2;
+/// `sluice_destination_v4.kind`: no room for the target in the source entry: drop.
+pub const DEST_DROP: u32 = 3;
 
 /// `kind`: steer to `gateway_ip`.
 pub const KIND_GATEWAY: u32 = 1;
@@ -158,7 +176,7 @@ impl MarkLayout {
 }
 
 /// Counter indexes of `sluice_counters`, with their metric/CLI names (`enum sluice_counter_index`).
-pub const COUNTER_NAMES: [(u32, &str); 19] = [
+pub const COUNTER_NAMES: [(u32, &str); 20] = [
     (0, "steered"),
     (1, "local_egress"),
     (2, "egressed"),
@@ -178,15 +196,17 @@ pub const COUNTER_NAMES: [(u32, &str); 19] = [
     (16, "mss_clamped"),
     (17, "icmp_error_delivered"),
     (18, "dropped_undecided_pod"),
+    (19, "dropped_too_many_policies"),
 ];
 
 /// Index of the drop counter for `failurePolicy: Drop`.
 pub const CTR_DROP_NO_GATEWAY: u32 = 5;
 
-/// Full key of `sluice_policy_v4` (`struct sluice_policy_key_v4`).
+/// One entry as users think of it, (exact source, destination prefix): what the datapath's
+/// sources and destinations maps hold together, expanded (see [`crate::layout`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-#[repr(C)]
 pub struct PolicyKeyV4 {
+    /// 32 + destination prefix length (the order an LPM trie sorts by).
     pub prefixlen: u32,
     /// Network byte order.
     pub saddr: u32,
@@ -194,20 +214,14 @@ pub struct PolicyKeyV4 {
     pub daddr: u32,
 }
 
-/// The data part of [`PolicyKeyV4`], as aya's `lpm_trie::Key<K>` wants it (prefix length apart).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// The value of an entry, (source, destination) -> what to do, as the shim computes it from the
+/// plan and `bpf list` shows it; the maps hold it split ([`crate::layout`]). Kind
+/// [`KIND_EXCLUDED`] stands for an excluded destination, kind 0 for one that drops for want of
+/// room in its source entry. (Also the value layout of the single entries trie of older shims,
+/// read once when upgrading.)
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(C)]
-pub struct PolicyAddrsV4 {
-    /// Network byte order.
-    pub saddr: u32,
-    /// Network byte order.
-    pub daddr: u32,
-}
-
-/// Value of `sluice_policy_v4` (`struct sluice_policy_value_v4`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-#[repr(C)]
-pub struct PolicyValueV4 {
+pub struct EntryValueV4 {
     pub kind: u32,
     pub flags: u32,
     /// Network byte order; 0 = unset.
@@ -222,6 +236,102 @@ pub struct PolicyValueV4 {
     pub peer_ip: u32,
     /// `GATEWAY` entries: [`encode_slot`] of the policy slot the gateway fills; 0 = unknown.
     pub gateway_slot: u32,
+}
+
+/// `struct sluice_target_v4`: where a pod's traffic to the destinations of one or more of its
+/// policies goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(C)]
+pub struct TargetV4 {
+    pub kind: u32,
+    pub flags: u32,
+    /// Network byte order; 0 = unset.
+    pub gateway_ip: u32,
+    /// Network byte order; 0 = unset.
+    pub egress_ip: u32,
+    pub egress_id: u32,
+    /// Network byte order; 0 = none.
+    pub peer_ip: u32,
+}
+
+impl TargetV4 {
+    /// The target part of an entry's value.
+    pub fn of(entry: &EntryValueV4) -> Self {
+        TargetV4 {
+            kind: entry.kind,
+            flags: entry.flags,
+            gateway_ip: entry.gateway_ip,
+            egress_ip: entry.egress_ip,
+            egress_id: entry.egress_id,
+            peer_ip: entry.peer_ip,
+        }
+    }
+
+    /// The entry value of this target for `policy_id` (slot unknown).
+    pub fn entry(&self, policy_id: u32) -> EntryValueV4 {
+        EntryValueV4 {
+            kind: self.kind,
+            flags: self.flags,
+            gateway_ip: self.gateway_ip,
+            egress_ip: self.egress_ip,
+            egress_id: self.egress_id,
+            policy_id,
+            peer_ip: self.peer_ip,
+            gateway_slot: 0,
+        }
+    }
+}
+
+/// Key of `sluice_held_slots_v4` (`struct sluice_slot_key_v4`); the value is the gateway's
+/// underlay IP (network byte order).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(C)]
+pub struct SlotKeyV4 {
+    pub policy_id: u32,
+    /// [`encode_slot`].
+    pub gateway_slot: u32,
+}
+
+/// Value of `sluice_sources_v4` (`struct sluice_source_v4`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[repr(C)]
+pub struct SourceV4 {
+    /// The source group (never 0).
+    pub group: u32,
+    pub _pad: u32,
+    /// By position, as the group's destinations name them; kind 0 = unused.
+    pub targets: [TargetV4; SOURCE_TARGETS],
+}
+
+/// The data part of `struct sluice_destination_key_v4`, as aya's `lpm_trie::Key<K>` wants it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(C)]
+pub struct DestinationAddrsV4 {
+    pub group: u32,
+    /// Network byte order.
+    pub daddr: u32,
+}
+
+/// Full key of `sluice_destinations_v4` (`struct sluice_destination_key_v4`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(C)]
+pub struct DestinationKeyV4 {
+    /// 32 + destination prefix length: the group matches exactly.
+    pub prefixlen: u32,
+    pub group: u32,
+    /// Network byte order.
+    pub daddr: u32,
+}
+
+/// Value of `sluice_destinations_v4` (`struct sluice_destination_v4`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(C)]
+pub struct DestinationV4 {
+    /// `DEST_*`.
+    pub kind: u32,
+    pub policy_id: u32,
+    /// Index into [`SourceV4::targets`] (kind [`DEST_TARGET`]).
+    pub target: u32,
 }
 
 /// `(entry << 16 | slot) + 1`, or 0 when either does not fit.
@@ -307,9 +417,13 @@ pub struct PolicyName {
     pub name: [u8; POLICY_NAME_LEN],
 }
 
-unsafe impl aya::Pod for PolicyAddrsV4 {}
-unsafe impl aya::Pod for PolicyKeyV4 {}
-unsafe impl aya::Pod for PolicyValueV4 {}
+unsafe impl aya::Pod for EntryValueV4 {}
+unsafe impl aya::Pod for TargetV4 {}
+unsafe impl aya::Pod for SlotKeyV4 {}
+unsafe impl aya::Pod for SourceV4 {}
+unsafe impl aya::Pod for DestinationAddrsV4 {}
+unsafe impl aya::Pod for DestinationKeyV4 {}
+unsafe impl aya::Pod for DestinationV4 {}
 unsafe impl aya::Pod for CidrKeyV4 {}
 unsafe impl aya::Pod for Config {}
 unsafe impl aya::Pod for Counter {}
@@ -318,10 +432,16 @@ unsafe impl aya::Pod for PolicyName {}
 
 /// Every map with the key and value sizes this build's types have: what a pinned map must match
 /// to be adopted.
-pub fn layouts() -> [(&'static str, usize, usize); 12] {
+pub fn layouts() -> [(&'static str, usize, usize); 14] {
     use std::mem::size_of;
     [
-        (POLICY_V4, size_of::<PolicyKeyV4>(), size_of::<PolicyValueV4>()),
+        (SOURCES_V4, size_of::<u32>(), size_of::<SourceV4>()),
+        (
+            DESTINATIONS_V4,
+            size_of::<DestinationKeyV4>(),
+            size_of::<DestinationV4>(),
+        ),
+        (HELD_SLOTS_V4, size_of::<SlotKeyV4>(), size_of::<u32>()),
         (CLUSTER_V4, size_of::<CidrKeyV4>(), size_of::<u32>()),
         (CONFIG, size_of::<u32>(), size_of::<Config>()),
         (COUNTERS, size_of::<u32>(), size_of::<Counter>()),
@@ -367,24 +487,42 @@ impl PolicyKeyV4 {
         let len = self.prefixlen.saturating_sub(32).min(32) as u8;
         Ipv4Net::new(from_be(self.daddr), len).expect("prefix length clamped to 32")
     }
+}
 
-    /// The aya LPM key for this entry.
-    pub fn lpm(&self) -> aya::maps::lpm_trie::Key<PolicyAddrsV4> {
+impl DestinationKeyV4 {
+    /// The key of `destination` in `group`.
+    pub fn new(group: u32, destination: Ipv4Net) -> Self {
+        let destination = destination.trunc();
+        DestinationKeyV4 {
+            prefixlen: 32 + u32::from(destination.prefix_len()),
+            group,
+            daddr: be(destination.network()),
+        }
+    }
+
+    /// The destination prefix.
+    pub fn destination(&self) -> Ipv4Net {
+        let len = self.prefixlen.saturating_sub(32).min(32) as u8;
+        Ipv4Net::new(from_be(self.daddr), len).expect("prefix length clamped to 32")
+    }
+
+    /// The aya LPM key.
+    pub fn lpm(&self) -> aya::maps::lpm_trie::Key<DestinationAddrsV4> {
         aya::maps::lpm_trie::Key::new(
             self.prefixlen,
-            PolicyAddrsV4 {
-                saddr: self.saddr,
+            DestinationAddrsV4 {
+                group: self.group,
                 daddr: self.daddr,
             },
         )
     }
 
     /// Back from the aya LPM key.
-    pub fn from_lpm(key: &aya::maps::lpm_trie::Key<PolicyAddrsV4>) -> Self {
+    pub fn from_lpm(key: &aya::maps::lpm_trie::Key<DestinationAddrsV4>) -> Self {
         let data = key.data();
-        PolicyKeyV4 {
+        DestinationKeyV4 {
             prefixlen: key.prefix_len(),
-            saddr: data.saddr,
+            group: data.group,
             daddr: data.daddr,
         }
     }
@@ -435,7 +573,10 @@ mod tests {
             assert_eq!(map.value_size() as usize, value, "value size of {name}");
         }
         // aya's LPM key wrapper must produce the same bytes as the C key.
-        assert_eq!(size_of::<Key<PolicyAddrsV4>>(), size_of::<PolicyKeyV4>());
+        assert_eq!(
+            size_of::<Key<DestinationAddrsV4>>(),
+            size_of::<DestinationKeyV4>()
+        );
         assert_eq!(size_of::<Key<u32>>(), size_of::<CidrKeyV4>());
     }
 
@@ -457,20 +598,65 @@ mod tests {
     }
 
     #[test]
-    fn policy_map_is_sized_and_unpreallocated() {
+    fn entry_maps_are_sized_and_unpreallocated() {
         let object = aya_obj::Object::parse(crate::datapath::OBJECT).unwrap();
-        let map = &object.maps[POLICY_V4];
-        assert_eq!(map.max_entries(), DEFAULT_POLICY_MAP_MAX);
-        assert_eq!(map.map_flags() & 1, 1, "BPF_F_NO_PREALLOC");
+        for (name, max) in [
+            (DESTINATIONS_V4, DEFAULT_POLICY_MAP_MAX),
+            (SOURCES_V4, DEFAULT_SOURCE_MAP_MAX),
+        ] {
+            let map = &object.maps[name];
+            assert_eq!(map.max_entries(), max, "{name}");
+            assert_eq!(map.map_flags() & 1, 1, "{name}: BPF_F_NO_PREALLOC");
+        }
+    }
+
+    /// The values of the header's constants, not only the sizes of its structs.
+    #[test]
+    fn constants_match_the_header() {
+        let header = include_str!("../../ebpf/sluice.h");
+        let define = |name: &str| -> u32 {
+            let line = header
+                .lines()
+                .find_map(|l| l.strip_prefix("#define ")?.strip_prefix(name)?.strip_prefix(' '))
+                .unwrap_or_else(|| panic!("{name} is defined in sluice.h"));
+            let value = line.split("/*").next().unwrap().trim();
+            let value = value.trim_start_matches('(').trim_end_matches(')');
+            match value.split_once("<<") {
+                Some((a, b)) => {
+                    a.trim().trim_end_matches('u').parse::<u32>().unwrap() << b.trim().parse::<u32>().unwrap()
+                }
+                None => value.parse().unwrap_or_else(|_| panic!("{name} = {value}")),
+            }
+        };
+        for (name, ours) in [
+            ("SLUICE_KIND_GATEWAY", KIND_GATEWAY),
+            ("SLUICE_KIND_NONE", KIND_NONE),
+            ("SLUICE_KIND_FALLBACK", KIND_FALLBACK),
+            ("SLUICE_KIND_EXCLUDED", KIND_EXCLUDED),
+            ("SLUICE_F_LOCAL_GATEWAY", F_LOCAL_GATEWAY),
+            ("SLUICE_CFG_NO_SOURCE_CHECK", CFG_NO_SOURCE_CHECK),
+            ("SLUICE_PEER_SOURCE", PEER_SOURCE),
+            ("SLUICE_PEER_GATEWAY", PEER_GATEWAY),
+            ("SLUICE_DEST_TARGET", DEST_TARGET),
+            ("SLUICE_DEST_EXCLUDED", DEST_EXCLUDED),
+            ("SLUICE_DEST_DROP", DEST_DROP),
+            ("SLUICE_SOURCE_TARGETS", SOURCE_TARGETS as u32),
+            ("SLUICE_SEEN_SLOTS", SEEN_SLOTS),
+            ("SLUICE_POLICY_NAME_LEN", POLICY_NAME_LEN as u32),
+        ] {
+            assert_eq!(define(name), ours, "{name}");
+        }
     }
 
     #[test]
-    fn policy_key_round_trips() {
-        let key = PolicyKeyV4::new("10.0.0.1".parse().unwrap(), "203.0.113.7/24".parse().unwrap());
+    fn destination_key_round_trips() {
+        let key = DestinationKeyV4::new(7, "203.0.113.7/24".parse().unwrap());
         assert_eq!(key.prefixlen, 56);
-        assert_eq!(key.source().to_string(), "10.0.0.1");
         assert_eq!(key.destination().to_string(), "203.0.113.0/24");
-        assert_eq!(PolicyKeyV4::from_lpm(&key.lpm()), key);
+        assert_eq!(DestinationKeyV4::from_lpm(&key.lpm()), key);
+        let entry = PolicyKeyV4::new("10.0.0.1".parse().unwrap(), "203.0.113.7/24".parse().unwrap());
+        assert_eq!(entry.source().to_string(), "10.0.0.1");
+        assert_eq!(entry.destination().to_string(), "203.0.113.0/24");
         assert_eq!(be("1.2.3.4".parse().unwrap()).to_ne_bytes(), [1, 2, 3, 4]);
     }
 

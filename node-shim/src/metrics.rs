@@ -35,8 +35,15 @@ pub struct Snapshot {
     pub outcomes: Vec<(&'static str, Counter)>,
     /// (policy name, counter).
     pub policies: Vec<(String, Counter)>,
+    /// Entries as users think of them, (source, destination).
     pub policy_entries: u64,
+    /// What the sources and destinations maps hold, and their capacities.
+    pub source_entries: u64,
+    pub destination_entries: u64,
+    pub source_map_max: u64,
     pub policy_map_max: u64,
+    /// Plans refused whole because they did not fit the maps.
+    pub plans_refused: u64,
     pub attached_interfaces: u64,
     /// Pod interfaces that receive traffic Sluice's program never sees.
     pub bypassed_interfaces: u64,
@@ -112,12 +119,27 @@ impl Collector for Metrics {
         for (name, help, value) in [
             (
                 "sluice_policy_map_entries",
-                "Entries in the policy map",
+                "Entries (source pod, destination CIDR) the datapath holds",
                 s.policy_entries,
             ),
             (
+                "sluice_source_map_entries",
+                "Entries in the sources map (pods steered or served here)",
+                s.source_entries,
+            ),
+            (
+                "sluice_source_map_max_entries",
+                "Capacity of the sources map",
+                s.source_map_max,
+            ),
+            (
+                "sluice_destination_map_entries",
+                "Entries in the destinations map (destination CIDRs per source group)",
+                s.destination_entries,
+            ),
+            (
                 "sluice_policy_map_max_entries",
-                "Capacity of the policy map",
+                "Capacity of the destinations map",
                 s.policy_map_max,
             ),
             (
@@ -137,8 +159,13 @@ impl Collector for Metrics {
         for (name, help, value) in [
             (
                 "sluice_map_writes",
-                "Policy map writes (upserts and deletes)",
+                "Entry map writes (upserts and deletes)",
                 s.map_writes,
+            ),
+            (
+                "sluice_plans_refused",
+                "Plans refused whole because they do not fit the maps (the node keeps its previous entries)",
+                s.plans_refused,
             ),
             (
                 "sluice_apply_errors",

@@ -3,7 +3,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
@@ -11,16 +11,17 @@ use std::{
 use std::sync::Arc;
 
 use aya::maps::{MapData, lpm_trie::Key};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use sluice_proto::client::{Applied, NodeState};
 use tokio::sync::watch;
 
 use crate::{
-    datapath::{self, Datapath, PolicyStore, ignore_missing},
+    datapath::{self, Datapath, DestinationStore, ignore_missing},
     desired::{self, Host, PolicyIds},
     egress_route,
     error::{Error, Result},
-    maps::{self, CidrKeyV4, Config, PolicyKeyV4, PolicyName, PolicyValueV4},
+    layout::Layout,
+    maps::{self, CidrKeyV4, Config, PolicyName},
     metrics::Metrics,
     nat, netdev,
     netlink::Route,
@@ -51,7 +52,8 @@ pub struct Options {
     pub cluster_cidrs: Vec<Ipv4Net>,
     pub pod_interfaces: Vec<String>,
     pub bpffs_dir: PathBuf,
-    pub policy_map_max: u32,
+    /// Capacities of the sources and destinations maps.
+    pub capacity: datapath::Capacity,
     pub tunnel: netdev::Tunnel,
     pub reply_table: u32,
     pub source_check: SourceCheck,
@@ -154,7 +156,9 @@ pub struct Agent {
     dp: Datapath,
     metrics: Metrics,
     /// Mirrors of what the maps hold (read once at start, then kept by every write).
-    policy: BTreeMap<PolicyKeyV4, PolicyValueV4>,
+    layout: Layout,
+    /// Entries (source, destination) the datapath holds, as of the last apply.
+    entries: usize,
     names: BTreeMap<u32, PolicyName>,
     /// Mirrors of the tunnel peers and bridge ports maps.
     peers: BTreeMap<u32, u32>,
@@ -183,6 +187,8 @@ pub struct Agent {
     plan_reads: u64,
     map_writes: u64,
     apply_errors: u64,
+    /// Plans refused whole because they do not fit the maps.
+    plans_refused: u64,
     /// After a failed apply, when to try again (doubling the wait up to 30 s).
     retry: Option<(std::time::Instant, Duration)>,
 }
@@ -190,8 +196,9 @@ pub struct Agent {
 impl Agent {
     /// Loads the datapath (adopting pinned maps), creates the tunnel and adopts the map contents.
     pub fn start(opts: Options) -> Result<Self> {
-        let mut dp = Datapath::load(&opts.bpffs_dir, opts.policy_map_max)?;
-        let policy: BTreeMap<_, _> = dp.maps.policy_entries()?.into_iter().collect();
+        let mut dp = Datapath::load(&opts.bpffs_dir, opts.capacity)?;
+        let layout = dp.maps.layout()?;
+        let policy = layout.expand();
         let mut names = BTreeMap::new();
         for item in dp.maps.names.iter() {
             let (id, name) = item.map_err(|source| Error::Map {
@@ -214,9 +221,12 @@ impl Agent {
         let decided = read_hash(&dp.maps.decided_pods, maps::DECIDED_PODS_V4)?;
         tracing::info!(
             entries = policy.len(),
+            sources = layout.sources.len(),
+            groups = layout.group_count(),
             policies = names.len(),
             "adopted pinned maps"
         );
+        let entries = policy.len();
 
         // Only added to: what the map holds beyond the flags came from the operator's last plan,
         // and stays in-cluster until the next plan says otherwise.
@@ -239,7 +249,8 @@ impl Agent {
             opts,
             dp,
             metrics,
-            policy,
+            layout,
+            entries,
             names,
             peers,
             bridge_ports,
@@ -258,6 +269,7 @@ impl Agent {
             plan_reads: 0,
             map_writes: 0,
             apply_errors: 0,
+            plans_refused: 0,
             retry: None,
         };
         agent.ensure_tunnel(netdev::interfaces().ok().as_deref())?;
@@ -517,7 +529,7 @@ impl Agent {
             interfaces: interfaces.clone(),
             default_route_interface: netdev::default_route_interface(),
         };
-        let want = desired::desired(&entries, &host, &mut self.ids)?;
+        let mut want = desired::desired(&entries, &host, &mut self.ids)?;
         for problem in &want.problems {
             tracing::error!(error = %problem, "entry programmed to drop");
         }
@@ -527,12 +539,42 @@ impl Agent {
                 "IPv6 entries are not supported yet; skipped"
             );
         }
-        if want.policy.len() > self.opts.policy_map_max as usize {
+        let (next, overflow) = Layout::of(&want.policy, &self.layout);
+        if !overflow.is_empty() {
             tracing::error!(
-                entries = want.policy.len(),
-                max = self.opts.policy_map_max,
-                "the plan does not fit the policy map (raise --policy-map-max)"
+                entries = overflow.len(),
+                first = %overflow[0].message(),
+                "entries programmed to drop"
             );
+        }
+        want.entry_errors
+            .extend(overflow.iter().map(|o| desired::EntryProblem {
+                source: IpAddr::V4(o.source),
+                destination: IpNet::V4(o.destination),
+                message: o.message(),
+            }));
+        let capacity = self.opts.capacity;
+        if let Err(full) = self.layout.fits(&next, capacity.sources, capacity.destinations) {
+            // All or nothing: the node keeps the entries it has, and says so per policy.
+            tracing::error!(error = %full, "plan refused");
+            self.plans_refused += 1;
+            let mut named = BTreeSet::new();
+            let errors = want
+                .policy
+                .iter()
+                .filter(|(_, t)| named.insert(t.policy_id))
+                .map(|(k, _)| desired::EntryProblem {
+                    source: IpAddr::V4(k.source()),
+                    destination: IpNet::V4(k.destination()),
+                    message: full.to_string(),
+                })
+                .collect::<Vec<_>>();
+            self.write_status(&bytes, Transition::default(), &[Error::PlanRefused(full)])?;
+            if let (PlanSource::Operator(link), Some(state)) = (&self.opts.plan, &state) {
+                link.applied.send_replace(applied(state, &errors));
+            }
+            self.applied = Some((stamp, interfaces));
+            return Ok(());
         }
 
         // 0. The in-cluster set first: an entry of the new plan never catches in-cluster traffic
@@ -584,11 +626,42 @@ impl Agent {
             &mut self.peers,
             &peers,
         )?;
-        let t = sync::reconcile(
-            &mut PolicyStore(&mut self.dp.maps.policy),
-            &mut self.policy,
-            &want.policy,
+        // New groups' destinations before the sources that point to them, the groups no
+        // source uses any more after (group ids never change meaning: see `layout`).
+        let mut both = self.layout.destinations.clone();
+        both.extend(next.destinations.iter().map(|(k, v)| (*k, *v)));
+        let added = sync::reconcile(
+            &mut DestinationStore(&mut self.dp.maps.destinations),
+            &mut self.layout.destinations,
+            &both,
         )?;
+        let mut slots = self.layout.slots.clone();
+        slots.extend(next.slots.iter().map(|(k, v)| (*k, *v)));
+        sync::reconcile(
+            &mut HashStore(&mut self.dp.maps.held_slots, maps::HELD_SLOTS_V4),
+            &mut self.layout.slots,
+            &slots,
+        )?;
+        let sources = sync::reconcile(
+            &mut HashStore(&mut self.dp.maps.sources, maps::SOURCES_V4),
+            &mut self.layout.sources,
+            &next.sources,
+        )?;
+        let pruned = sync::reconcile(
+            &mut DestinationStore(&mut self.dp.maps.destinations),
+            &mut self.layout.destinations,
+            &next.destinations,
+        )?;
+        sync::reconcile(
+            &mut HashStore(&mut self.dp.maps.held_slots, maps::HELD_SLOTS_V4),
+            &mut self.layout.slots,
+            &next.slots,
+        )?;
+        let t = Transition {
+            upserted: added.upserted + sources.upserted + pruned.upserted,
+            deleted: added.deleted + sources.deleted + pruned.deleted,
+        };
+        self.entries = want.policy.len();
         sync::reconcile(
             &mut HashStore(&mut self.dp.maps.peers, maps::TUNNEL_PEERS_V4),
             &mut self.peers,
@@ -628,26 +701,16 @@ impl Agent {
         self.egress_rules = want_rules;
 
         tracing::info!(
-            entries = self.policy.len(),
+            entries = self.entries,
+            sources = self.layout.sources.len(),
+            destinations = self.layout.destinations.len(),
             upserted = t.upserted,
             deleted = t.deleted,
             "plan applied"
         );
         self.write_status(&bytes, t, &want.problems)?;
         if let (PlanSource::Operator(link), Some(state)) = (&self.opts.plan, &state) {
-            link.applied.send_replace(Applied {
-                session: state.session,
-                generation: state.generation,
-                errors: want
-                    .entry_errors
-                    .iter()
-                    .map(|p| sluice_proto::v1::EntryError {
-                        source: p.source.to_string(),
-                        destination: p.destination.to_string(),
-                        message: p.message.clone(),
-                    })
-                    .collect(),
-            });
+            link.applied.send_replace(applied(state, &want.entry_errors));
         }
         // Entries with problems are re-evaluated when the plan or an interface changes (an
         // egress IP being added, say), not on every tick.
@@ -718,7 +781,10 @@ impl Agent {
         };
         let status = serde_json::json!({
             "plan": format!("{:016x}", xxhash_rust::xxh3::xxh3_64(plan)),
-            "entries": self.policy.len(),
+            "entries": self.entries,
+            "sources": self.layout.sources.len(),
+            "destinations": self.layout.destinations.len(),
+            "plansRefused": self.plans_refused,
             "upserted": t.upserted,
             "deleted": t.deleted,
             "mapWrites": self.map_writes,
@@ -738,14 +804,35 @@ impl Agent {
                 .into_iter()
                 .map(|(id, c)| (names.get(&id).cloned().unwrap_or_else(|| format!("#{id}")), c))
                 .collect();
-            s.policy_entries = self.policy.len() as u64;
-            s.policy_map_max = u64::from(self.opts.policy_map_max);
+            s.policy_entries = self.entries as u64;
+            s.source_entries = self.layout.sources.len() as u64;
+            s.destination_entries = self.layout.destinations.len() as u64;
+            s.source_map_max = u64::from(self.opts.capacity.sources);
+            s.policy_map_max = u64::from(self.opts.capacity.destinations);
+            s.plans_refused = self.plans_refused;
             s.attached_interfaces = self.attached.len() as u64;
             s.bypassed_interfaces = self.seen.values().filter(|(_, _, b)| *b).count() as u64;
             s.map_writes = self.map_writes;
             s.apply_errors = self.apply_errors;
             s.restored = self.restored.iter().map(|(k, n)| (*k, *n)).collect();
         });
+    }
+}
+
+/// What the shim tells the operator it applied: the generation, and the entries not programmed
+/// as planned.
+fn applied(state: &NodeState, errors: &[desired::EntryProblem]) -> Applied {
+    Applied {
+        session: state.session,
+        generation: state.generation,
+        errors: errors
+            .iter()
+            .map(|p| sluice_proto::v1::EntryError {
+                source: p.source.to_string(),
+                destination: p.destination.to_string(),
+                message: p.message.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -862,18 +949,18 @@ fn sync_lpm(
 }
 
 /// A hash map keyed by `u32` (policy names, tunnel peers, bridge ports) as a [`Store`].
-struct HashStore<'a, V: aya::Pod>(&'a mut aya::maps::HashMap<MapData, u32, V>, &'static str);
+struct HashStore<'a, K: aya::Pod, V: aya::Pod>(&'a mut aya::maps::HashMap<MapData, K, V>, &'static str);
 
-impl<V: aya::Pod> Store<u32, V> for HashStore<'_, V> {
+impl<K: aya::Pod, V: aya::Pod> Store<K, V> for HashStore<'_, K, V> {
     type Error = Error;
-    fn upsert(&mut self, key: &u32, value: &V) -> Result<()> {
+    fn upsert(&mut self, key: &K, value: &V) -> Result<()> {
         self.0.insert(key, value, 0).map_err(|source| Error::Map {
             name: self.1,
             action: "writing".into(),
             source,
         })
     }
-    fn remove(&mut self, key: &u32) -> Result<()> {
+    fn remove(&mut self, key: &K) -> Result<()> {
         ignore_missing(self.0.remove(key), self.1)
     }
 }

@@ -11,14 +11,16 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ipnet::Ipv4Net;
 use sluice_shim::{
-    datapath::{Datapath, PolicyStore},
-    maps::{self, PolicyKeyV4, PolicyValueV4},
+    datapath::{Capacity, Datapath, DestinationStore},
+    layout::Layout,
+    maps::{self, EntryValueV4, PolicyKeyV4},
     sync,
 };
 use sluice_testbed::{
-    EGRESS_N1, EGRESS_N3, EXT_A, EXT_B, EXT_EXCLUDED, FileCluster as Cluster, Gw, Rule, UPLINK2_DEVICE,
-    UPLINK2_N1,
+    CniStandIn, EGRESS_N1, EGRESS_N3, EXT_A, EXT_B, EXT_EXCLUDED, FileCluster as Cluster, Gw, Rule,
+    TcxVerdict, UPLINK2_DEVICE, UPLINK2_N1,
 };
 
 /// Returns the cluster, or `None` (after printing a SKIP line) when not root.
@@ -319,30 +321,177 @@ fn users_get_clear_errors() {
 }
 
 #[test]
-fn the_policy_map_holds_a_million_entries() {
-    let Some(c) = cluster("a_million_entries") else {
+fn a_million_pod_cidr_pairs_take_pods_plus_cidrs_entries() {
+    let Some(c) = cluster("a_million_pairs") else {
         return;
     };
-    const N: u32 = 1_000_000;
-    let mut dp = Datapath::load(&c.bpffs().join("million"), N).expect("loads with a 1M-entry policy map");
-    let value = |i: u32| PolicyValueV4 {
+    // 1,000 pods x 1,000 CIDRs of one policy, the pods spread over two gateways.
+    let target = |pod: u32| EntryValueV4 {
         kind: maps::KIND_GATEWAY,
-        gateway_ip: maps::be(Ipv4Addr::new(192, 0, 2, 11)),
-        policy_id: 1 + i % 100,
+        gateway_ip: maps::be(Ipv4Addr::new(192, 0, 2, 11 + (pod % 2) as u8)),
+        policy_id: 1,
         ..Default::default()
     };
-    let key = |i: u32| PolicyKeyV4::new(Ipv4Addr::from(0x0a00_0000 + i), "203.0.113.0/24".parse().unwrap());
-    let desired: BTreeMap<PolicyKeyV4, PolicyValueV4> = (0..N).map(|i| (key(i), value(i))).collect();
-    let mut current = BTreeMap::new();
-    let started = Instant::now();
-    let t = sync::reconcile(&mut PolicyStore(&mut dp.maps.policy), &mut current, &desired).unwrap();
-    eprintln!("{N} entries written in {:?}", started.elapsed());
-    assert_eq!(t.upserted, u64::from(N));
-    for i in [0, 4_242, N - 1] {
-        assert_eq!(dp.maps.policy.get(&key(i).lpm(), 0).unwrap(), value(i));
+    let mut entries = BTreeMap::new();
+    for pod in 0..1_000u32 {
+        for cidr in 0..1_000u32 {
+            let destination = Ipv4Net::new(Ipv4Addr::from(0x0b00_0000 + (cidr << 8)), 24).unwrap();
+            entries.insert(
+                PolicyKeyV4::new(Ipv4Addr::from(0x0af4_0000 + pod), destination),
+                target(pod),
+            );
+        }
     }
-    let t = sync::reconcile(&mut PolicyStore(&mut dp.maps.policy), &mut current, &desired).unwrap();
+    let (layout, overflow) = Layout::of(&entries, &Layout::default());
+    assert!(overflow.is_empty());
+    assert_eq!((layout.sources.len(), layout.destinations.len()), (1_000, 1_000));
+
+    let mut dp = Datapath::load(&c.bpffs().join("million"), Capacity::default()).expect("loads the datapath");
+    let started = Instant::now();
+    let mut destinations = BTreeMap::new();
+    let t = sync::reconcile(
+        &mut DestinationStore(&mut dp.maps.destinations),
+        &mut destinations,
+        &layout.destinations,
+    )
+    .unwrap();
+    for (ip, source) in &layout.sources {
+        dp.maps.sources.insert(ip, source, 0).unwrap();
+    }
+    eprintln!(
+        "{} pairs written as {} map entries in {:?}",
+        entries.len(),
+        t.upserted + 1_000,
+        started.elapsed()
+    );
+    let held = dp.maps.layout().unwrap();
+    assert_eq!(held, layout);
+    assert_eq!(held.expand(), entries, "the maps hold every pair");
+    let t = sync::reconcile(
+        &mut DestinationStore(&mut dp.maps.destinations),
+        &mut destinations,
+        &layout.destinations,
+    )
+    .unwrap();
     assert_eq!(t.writes(), 0, "a resync with no change writes nothing");
+}
+
+#[test]
+fn a_plan_that_does_not_fit_the_maps_is_refused_whole_and_the_node_keeps_its_entries() {
+    if !nix::unistd::geteuid().is_root() {
+        println!(
+            "SKIP datapath_e2e::plan_too_big: needs root (network namespaces, eBPF); CI runs it as root"
+        );
+        return;
+    }
+    let mut c = Cluster::start(env!("CARGO_BIN_EXE_sluice-shim"), &["--policy-map-max", "3"])
+        .expect("builds the cluster");
+    c.apply(&[policy_a("p2")]);
+    assert_eq!(c.fetch("p2", EXT_A).unwrap(), EGRESS_N1);
+    assert_eq!(c.status("n2")["destinations"], 1);
+
+    // Five destinations for one pod: more than the destinations map of 3 holds.
+    let wide: Vec<Rule> = [
+        "203.0.113.0/24",
+        "198.18.0.0/24",
+        "198.18.1.0/24",
+        "198.18.2.0/24",
+        "198.18.3.0/24",
+    ]
+    .into_iter()
+    .map(|destination| Rule {
+        destination,
+        ..policy_a("p2")
+    })
+    .collect();
+    c.apply(&wide);
+    let status = c.status("n2");
+    let problems = status["problems"].to_string();
+    assert!(problems.contains("map full"), "{problems}");
+    assert!(problems.contains("sluice_destinations_v4"), "{problems}");
+    assert_eq!(status["plansRefused"], 1);
+    assert_eq!(
+        status["destinations"], 1,
+        "nothing of the refused plan was written"
+    );
+    // The previous entries still steer.
+    assert_eq!(c.fetch("p2", EXT_A).unwrap(), EGRESS_N1);
+
+    // A plan that fits is applied, counting the moment the old group and the new one are both
+    // held (1 + 2 entries).
+    c.apply(&wide[..2]);
+    assert_eq!(c.status("n2")["destinations"], 2);
+    assert_eq!(c.fetch("p2", EXT_A).unwrap(), EGRESS_N1);
+}
+
+/// The data part of the key of the entries map before sources and destinations (an older shim).
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct LegacyAddrsV4 {
+    saddr: u32,
+    daddr: u32,
+}
+
+#[allow(
+    unsafe_code,
+    reason = "aya::Pod is an unsafe marker trait; plain data without padding"
+)]
+unsafe impl aya::Pod for LegacyAddrsV4 {}
+
+#[test]
+fn entries_of_an_older_shim_are_moved_into_the_new_maps_before_any_program_changes() {
+    let Some(c) = cluster("legacy_entries") else {
+        return;
+    };
+    let dir = c.bpffs().join("legacy");
+    std::fs::create_dir_all(&dir).unwrap();
+    // What an older shim pinned: one LPM trie keyed by (source, destination prefix).
+    let obj = aya_obj::Map::new_from_params(
+        11, // BPF_MAP_TYPE_LPM_TRIE
+        12,
+        std::mem::size_of::<EntryValueV4>() as u32,
+        1024,
+        1, // BPF_F_NO_PREALLOC
+    );
+    let data = aya::maps::MapData::create(obj, "sluice_policy_v4", None).expect("creates the legacy map");
+    data.pin(dir.join("sluice_policy_v4")).unwrap();
+    let mut trie: aya::maps::LpmTrie<_, LegacyAddrsV4, EntryValueV4> =
+        aya::maps::Map::from_map_data(data).unwrap().try_into().unwrap();
+    let mut entries = BTreeMap::new();
+    for (source, destination, gateway) in [
+        ("10.244.2.10", "203.0.113.0/24", 11),
+        ("10.244.2.10", "198.51.100.0/24", 13),
+        ("10.244.2.11", "203.0.113.0/24", 11),
+    ] {
+        let key = PolicyKeyV4::new(source.parse().unwrap(), destination.parse().unwrap());
+        let value = EntryValueV4 {
+            kind: maps::KIND_GATEWAY,
+            gateway_ip: maps::be(Ipv4Addr::new(192, 0, 2, gateway)),
+            policy_id: u32::from(gateway),
+            ..Default::default()
+        };
+        let lpm = aya::maps::lpm_trie::Key::new(
+            key.prefixlen,
+            LegacyAddrsV4 {
+                saddr: key.saddr,
+                daddr: key.daddr,
+            },
+        );
+        trie.insert(&lpm, value, 0).unwrap();
+        entries.insert(key, value);
+    }
+    drop(trie);
+
+    let dp = Datapath::load(&dir, Capacity::default()).expect("loads over the older shim's maps");
+    assert_eq!(dp.maps.layout().unwrap().expand(), entries);
+    assert!(
+        !dir.join("sluice_policy_v4").exists(),
+        "the legacy map is unpinned once moved"
+    );
+    drop(dp);
+    // A second start finds nothing left to move and keeps what the new maps hold.
+    let dp = Datapath::load(&dir, Capacity::default()).unwrap();
+    assert_eq!(dp.maps.layout().unwrap().expand(), entries);
 }
 
 #[test]
@@ -515,22 +664,6 @@ fn snated_traffic_leaves_by_the_policys_egress_interface() {
     assert_eq!(c.fetch("p1", EXT_A).unwrap(), c.node_ip("n1"));
 }
 
-/// Sends `count` UDP datagrams of `size` bytes from pod `pod` to the external host's `port`;
-/// returns the (source, size) of those that arrived.
-fn udp_through(c: &Cluster, pod: &str, size: usize, count: usize, port: u16) -> Vec<(String, usize)> {
-    let listener = sluice_testbed::craft::Listener::bind(&c.ns("ext"), port).unwrap();
-    let to = std::net::SocketAddrV4::new(EXT_A.parse().unwrap(), port);
-    for i in 0..count {
-        sluice_testbed::craft::send_udp(&c.ns(pod), to, &vec![i as u8; size], 1).unwrap();
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    listener
-        .collect(Duration::from_secs(2))
-        .into_iter()
-        .map(|(from, bytes)| (from.ip().to_string(), bytes.len()))
-        .collect()
-}
-
 #[test]
 fn pods_with_the_underlays_mtu_are_clamped_not_fragmented() {
     let Some(mut c) = cluster("pods_with_the_underlays_mtu") else {
@@ -557,7 +690,7 @@ fn pods_with_the_underlays_mtu_are_clamped_not_fragmented() {
     assert!(c.counter("n2", "mss_clamped") >= 2);
 
     // Datagrams that fill the pod's MTU arrive whole (the tunnel fragments them outside).
-    let got = udp_through(&c, "p2", 1472, 5, 9998);
+    let got = c.udp_through("p2", EXT_A, 1472, 5, 9998);
     assert_eq!(
         got,
         vec![(EGRESS_N1.to_owned(), 1472); 5],
@@ -586,18 +719,6 @@ fn path_mtu_discovery_works_through_a_smaller_hop_behind_the_gateway() {
     );
 }
 
-/// Packets counted by the first rule of `chain` in node `node`'s `ip calico` table.
-fn calico_counter(c: &Cluster, node: &str, chain: &str) -> u64 {
-    let out = c
-        .run(node, "nft", &["list", "chain", "ip", "calico", chain])
-        .unwrap();
-    out.split("packets ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no counter in {out}"))
-}
-
 #[test]
 fn beside_calico_like_marks() {
     let Some(mut c) = cluster("beside_calico_like_marks") else {
@@ -605,70 +726,16 @@ fn beside_calico_like_marks() {
     };
     // What Calico's iptables chains do with the mark: bits of its mask (0xffff0000) set on every
     // packet early, expected to be there further down.
-    for node in ["n1", "n2"] {
-        c.nft(
-            node,
-            "table ip calico {\n chain raw {\n  type filter hook prerouting priority -300; policy accept;\n  \
-             meta mark set meta mark | 0xabcd0000\n }\n chain kept {\n  \
-             type filter hook postrouting priority 300; policy accept;\n  \
-             ip daddr 203.0.113.0/24 meta mark & 0xffff0000 == 0xabcd0000 counter\n }\n}\n",
-        )
-        .unwrap();
-    }
+    c.apply_stand_in(CniStandIn::CalicoLikeMarks).unwrap();
     c.apply(&[policy_a("p2"), policy_a("p1")]);
     // A pod on another node and one on the gateway: steered, SNATed, replies delivered.
     let mut conn = c.connect("p2", EXT_A).expect("connects through the gateway");
     assert_eq!(conn.exchange(100_000, 100_000).unwrap(), EGRESS_N1);
     assert_eq!(c.fetch("p1", EXT_A).unwrap(), EGRESS_N1);
     assert!(
-        calico_counter(&c, "n1", "kept") > 0,
+        c.calico_like_marks_kept("n1").unwrap() > 0,
         "the other agent's bits are still on the packets Sluice marked"
     );
-}
-
-/// A CNI's program ahead of Sluice's on a pod interface (as Cilium attaches its own with TCX):
-/// this one passes every packet on, so Sluice's never runs there. Compiled here with the clang
-/// the datapath is built with; pinned under the testbed's bpffs, so it goes with the testbed.
-fn attach_ahead_of_sluice(c: &Cluster, node: &str, interface: &str) {
-    use aya::programs::{
-        LinkOrder, SchedClassifier, TcAttachType,
-        links::{FdLink, PinnedLink},
-        tc::TcAttachOptions,
-    };
-    let dir = c.scratch().join("standin");
-    std::fs::create_dir_all(&dir).unwrap();
-    let (source, object) = (dir.join("pass.bpf.c"), dir.join("pass.bpf.o"));
-    std::fs::write(
-        &source,
-        "#include <linux/bpf.h>\n#include <linux/pkt_cls.h>\n#include <bpf/bpf_helpers.h>\n\
-         SEC(\"classifier\") int cni_pass(struct __sk_buff *skb) { return TC_ACT_OK; }\n\
-         char _license[] SEC(\"license\") = \"GPL\";\n",
-    )
-    .unwrap();
-    let status = Command::new(std::env::var("SLUICE_CLANG").unwrap_or_else(|_| "clang".into()))
-        .args(["-O2", "-target", "bpf", "-I/usr/include/x86_64-linux-gnu", "-c"])
-        .arg(&source)
-        .arg("-o")
-        .arg(&object)
-        .status()
-        .expect("clang runs");
-    assert!(status.success(), "compiling the stand-in");
-    let bytes = std::fs::read(&object).unwrap();
-    let pin = c.bpffs().join(format!("standin-{node}-{interface}"));
-    sluice_testbed::in_netns(&c.ns(node), || {
-        let mut ebpf = aya::Ebpf::load(&bytes).expect("loads");
-        let prog: &mut SchedClassifier = ebpf.program_mut("cni_pass").unwrap().try_into().unwrap();
-        prog.load().expect("verifies");
-        let id = prog
-            .attach_with_options(
-                interface,
-                TcAttachType::Ingress,
-                TcAttachOptions::TcxOrder(LinkOrder::first()),
-            )
-            .expect("attaches first");
-        let link = FdLink::try_from(prog.take_link(id).unwrap()).unwrap();
-        let _: PinnedLink = link.pin(&pin).expect("pins");
-    });
 }
 
 /// `sluice_bypassed_interfaces` of `node`'s shim (serving metrics on 127.0.0.1:9473 in its node).
@@ -708,7 +775,10 @@ fn a_program_ahead_of_sluices_that_takes_every_packet_is_noticed() {
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(bypassed(&c, "n2"), 0, "Sluice sees p2's traffic");
 
-    attach_ahead_of_sluice(&c, "n2", "veth-p2");
+    // A CNI's program ahead of Sluice's (as Cilium attaches its own with TCX) that passes every
+    // packet on: Sluice's never runs there.
+    c.attach_ahead_of_sluice("n2", "veth-p2", TcxVerdict::Pass)
+        .unwrap();
     // p2's traffic now never reaches Sluice's program: it leaves with the node's address.
     let noticed = sluice_testbed::wait_for(Duration::from_secs(10), || {
         let _ = c.fetch("p2", EXT_A);
@@ -724,7 +794,7 @@ fn beside_a_flannel_like_overlay() {
     let Some(mut c) = cluster("beside_a_flannel_like_overlay") else {
         return;
     };
-    c.use_flannel_like_overlay().unwrap();
+    c.apply_stand_in(CniStandIn::FlannelLikeOverlay).unwrap();
     c.apply(&[policy_a("p2")]);
     // Pod to pod goes over the CNI's overlay, untouched by Sluice (in-cluster).
     let tx = |c: &Cluster| -> u64 {

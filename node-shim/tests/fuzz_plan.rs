@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use sluice_proto::{EntryDoc, GatewayTarget, client::NodeState, v1};
 use sluice_shim::{
     desired::{self, Host, IPV6_UNSUPPORTED, Interface, PolicyIds},
+    layout::Layout,
     maps::{self, PolicyKeyV4},
     run::DisplayChain,
 };
@@ -101,6 +102,11 @@ fn check_desired(entries: &[EntryDoc]) {
             .filter(|p| p.message != IPV6_UNSUPPORTED)
             .count();
         assert_eq!(failed_local, reported);
+    }
+    // The maps hold exactly these entries (or report the ones a pod has no room for).
+    let (layout, overflow) = Layout::of(&d.policy, &Layout::default());
+    if overflow.is_empty() {
+        assert_eq!(layout.expand(), d.policy);
     }
 }
 
@@ -432,6 +438,7 @@ fn wire_plan() -> impl Strategy<Value = v1::OperatorMessage> {
                 heartbeat_interval_ms: 1000,
                 cluster_cidrs: vec![],
                 guard: None,
+                continued: false,
             })),
         }
     })

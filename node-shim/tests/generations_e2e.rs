@@ -169,6 +169,7 @@ fn a_new_operator_reusing_a_generation_is_applied_and_acknowledged_only_after() 
             heartbeat_interval_ms: 250,
             cluster_cidrs: vec![],
             guard: None,
+            continued: false,
         },
         wants: BTreeSet::from([(p2, destination.to_owned())]),
         bpffs: bpffs.clone(),

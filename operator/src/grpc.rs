@@ -4,11 +4,14 @@
 //! credentials are bound to that node), reports it to the engine, then sends the node's views:
 //! the whole plan first, then deltas from what it last sent. It only ever waits on its own shim;
 //! while it waits, newer views replace older ones in the node's `watch` channel, so what it sends
-//! next covers all of them at once.
+//! next covers all of them at once. A plan or delta larger than the chunk budget goes out in
+//! chunks ([`sluice_proto::chunk`]), back to back: no view is read before its last chunk is sent.
 //!
 //! One client costs a bounded amount ([`ServerLimits`]): a TLS handshake must finish in time, a
 //! connection carries a few streams, HTTP/2 pings find dead peers, and a node has one live
 //! session: a newer one ends the older one (a shim that restarted behind a half-open connection).
+//! A session buffers at most a few chunks, whatever the size of its node's plan, and decodes
+//! shim messages of at most [`sluice_proto::MAX_SHIM_MESSAGE`].
 //! What a token costs the API server is bounded by the verifier (see [`crate::auth`]).
 //! The serving certificate follows its files as they are renewed (see [`crate::tls`]).
 
@@ -23,10 +26,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice_proto::v1::{
-    self, ShimMessage,
-    node_channel_server::{NodeChannel, NodeChannelServer},
-    operator_message, shim_message,
+use sluice_proto::{
+    chunk::{self, Chunks, Part},
+    v1::{
+        self, ShimMessage,
+        node_channel_server::{NodeChannel, NodeChannelServer},
+        operator_message, shim_message,
+    },
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
@@ -52,6 +58,7 @@ pub struct NodeService {
     sessions: AtomicU64,
     live: Arc<LiveSessions>,
     hello_timeout: Duration,
+    chunk_budget: usize,
 }
 
 impl NodeService {
@@ -62,11 +69,20 @@ impl NodeService {
             sessions: AtomicU64::new(0),
             live: Arc::default(),
             hello_timeout: Duration::from_secs(10),
+            chunk_budget: chunk::CHUNK_BUDGET,
         }
+    }
+
+    /// Chunks of at most `bytes` (default [`chunk::CHUNK_BUDGET`]); tests make them small.
+    pub fn with_chunk_budget(mut self, bytes: usize) -> Self {
+        self.chunk_budget = bytes;
+        self
     }
 
     pub fn into_server(self) -> NodeChannelServer<Self> {
         NodeChannelServer::new(self)
+            .max_decoding_message_size(sluice_proto::MAX_SHIM_MESSAGE)
+            .max_encoding_message_size(sluice_proto::MAX_OPERATOR_MESSAGE)
     }
 }
 
@@ -189,7 +205,16 @@ impl NodeChannel for NodeService {
         let session = self.sessions.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = mpsc::channel(4);
         let hub = self.hub.clone();
-        tokio::spawn(run_session(hub, self.live.clone(), session, hello, inbound, tx));
+        let budget = self.chunk_budget;
+        tokio::spawn(run_session(
+            hub,
+            self.live.clone(),
+            session,
+            hello,
+            inbound,
+            tx,
+            budget,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -298,6 +323,7 @@ async fn run_session(
     hello: v1::Hello,
     mut inbound: Streaming<ShimMessage>,
     tx: mpsc::Sender<Result<v1::OperatorMessage, Status>>,
+    chunk_budget: usize,
 ) {
     let node = hello.node.clone();
     let mut views = hub.subscribe(&node);
@@ -320,6 +346,10 @@ async fn run_session(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
     let mut sent: Option<Arc<NodeView>> = None;
+    // The rest of the plan or delta being sent. Its chunks go out before any newer view: the
+    // shim takes none of it until the last, and a chunk of anything else in between would be a
+    // protocol error.
+    let mut sending: Option<Chunks> = None;
     let reason = loop {
         tokio::select! {
             by = &mut replaced => {
@@ -335,13 +365,23 @@ async fn run_session(
                 }
                 unsent = true;
             }
-            permit = tx.reserve(), if unsent => {
+            permit = tx.reserve(), if unsent || sending.is_some() => {
                 let Ok(permit) = permit else { break "stream closed".to_owned() };
-                unsent = false;
-                let Some(view) = views.borrow_and_update().clone() else { continue };
-                let Some(msg) = message_for(sent.as_deref(), &view, interval) else { continue };
-                permit.send(Ok(msg));
-                sent = Some(view);
+                if sending.is_none() {
+                    unsent = false;
+                    let Some(view) = views.borrow_and_update().clone() else { continue };
+                    let Some(whole) = message_for(sent.as_deref(), &view, interval) else { continue };
+                    sending = Some(Chunks::new(whole, chunk_budget));
+                    sent = Some(view);
+                }
+                let Some(chunk) = sending.as_mut().and_then(Iterator::next) else {
+                    sending = None;
+                    continue;
+                };
+                if !chunk.continued() {
+                    sending = None;
+                }
+                permit.send(Ok(chunk.into()));
             }
             msg = inbound.message() => {
                 last_heard = Instant::now();
@@ -375,23 +415,21 @@ async fn run_session(
     hub.report(ShimEvent::Disconnected { node, session });
 }
 
-/// What to send a shim that was last sent `sent` so that it holds `view`.
-pub fn message_for(
-    sent: Option<&NodeView>,
-    view: &NodeView,
-    heartbeat: Duration,
-) -> Option<v1::OperatorMessage> {
+/// What to send a shim that was last sent `sent` so that it holds `view` (whole: the session
+/// splits it into chunks).
+pub fn message_for(sent: Option<&NodeView>, view: &NodeView, heartbeat: Duration) -> Option<Part> {
     let message = match sent {
-        None => operator_message::Message::Plan(v1::NodePlan {
+        None => Part::Plan(v1::NodePlan {
             generation: view.generation,
             entries: view.entries.values().map(entry).collect(),
             serves: view.duties.iter().map(duty).collect(),
             heartbeat_interval_ms: u32::try_from(heartbeat.as_millis()).unwrap_or(u32::MAX),
             cluster_cidrs: cluster_cidrs(view),
             guard: guard(view),
+            continued: false,
         }),
         Some(s) if s.generation == view.generation => return None,
-        Some(s) if s.generation == view.base => operator_message::Message::Delta(v1::NodeDelta {
+        Some(s) if s.generation == view.base => Part::Delta(v1::NodeDelta {
             generation: view.generation,
             base_generation: view.base,
             upserts: view.delta.upserts.values().map(entry).collect(),
@@ -399,10 +437,11 @@ pub fn message_for(
             serves: view.duties.iter().map(duty).collect(),
             cluster_cidrs: cluster_cidrs(view),
             guard: guard(view),
+            continued: false,
         }),
         Some(s) => {
             let (upserts, removals) = diff(&s.entries, &view.entries);
-            operator_message::Message::Delta(v1::NodeDelta {
+            Part::Delta(v1::NodeDelta {
                 generation: view.generation,
                 base_generation: s.generation,
                 upserts,
@@ -410,12 +449,11 @@ pub fn message_for(
                 serves: view.duties.iter().map(duty).collect(),
                 cluster_cidrs: cluster_cidrs(view),
                 guard: guard(view),
+                continued: false,
             })
         }
     };
-    Some(v1::OperatorMessage {
-        message: Some(message),
-    })
+    Some(message)
 }
 
 fn guard(view: &NodeView) -> Option<v1::Guard> {
@@ -464,7 +502,7 @@ fn entry(e: &EgressEntry) -> v1::Entry {
 /// of ours: it is logged and left out.
 fn entry_errors(ack: &v1::Ack) -> Vec<(EntryKey, String)> {
     // They end up in policy status: bounded, whatever a shim sends.
-    const MAX_ERRORS: usize = 1000;
+    const MAX_ERRORS: usize = sluice_proto::MAX_ACK_ERRORS;
     const MAX_MESSAGE: usize = 256;
     ack.errors
         .iter()

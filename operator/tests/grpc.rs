@@ -1,7 +1,8 @@
 //! The node channel with a real server and real clients in one process: plans, deltas, acks,
 //! reconnects without flaps, credentials, node isolation, slow clients, failover, and what one
 //! client may cost the server (handshake timeout, streams per connection, keepalive, one session
-//! per node), and certificates renewed under a running server.
+//! per node), certificates renewed under a running server, and plans and deltas larger than any
+//! message, in chunks within their budget.
 
 use std::{
     collections::BTreeMap,
@@ -76,12 +77,22 @@ impl Operator {
         grace: Duration,
         limits: ServerLimits,
     ) -> Operator {
+        Self::start_chunked(verifier, tls, grace, limits, sluice_proto::chunk::CHUNK_BUDGET).await
+    }
+
+    async fn start_chunked(
+        verifier: impl TokenVerifier,
+        tls: Option<Tls>,
+        grace: Duration,
+        limits: ServerLimits,
+        chunk_budget: usize,
+    ) -> Operator {
         let config = EngineConfig::with_grace(grace);
         let (hub, shim_events) = Hub::new(config.heartbeat_interval);
         let engine = Engine::new(config, hub.clone(), EngineMetrics::default());
         let listener = grpc::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let service = NodeService::new(hub, Arc::new(verifier));
+        let service = NodeService::new(hub, Arc::new(verifier)).with_chunk_budget(chunk_budget);
         let server = tokio::spawn(async move {
             grpc::serve_with(listener, service, tls, &limits, std::future::pending())
                 .await
@@ -230,9 +241,28 @@ impl Shim {
         self.plans.borrow().clone()
     }
 
+    /// The state, or only its size when it is too large to read.
+    fn summary(&self) -> String {
+        match self.state() {
+            Some(s) if s.entries.len() > 100 => {
+                format!("generation {} with {} entries", s.generation, s.entries.len())
+            }
+            state => format!("{state:?}"),
+        }
+    }
+
     /// Waits until the shim's state satisfies `f`.
     async fn wait(&self, what: &str, f: impl Fn(&NodeState) -> bool) -> Arc<NodeState> {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        self.wait_for(what, Duration::from_secs(10), f).await
+    }
+
+    async fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        f: impl Fn(&NodeState) -> bool,
+    ) -> Arc<NodeState> {
+        let deadline = Instant::now() + timeout;
         loop {
             if let Some(s) = self.state()
                 && f(&s)
@@ -241,8 +271,8 @@ impl Shim {
             }
             assert!(
                 Instant::now() < deadline,
-                "timed out waiting for {what}: {:?}",
-                self.state()
+                "timed out waiting for {what}: {}",
+                self.summary()
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -990,4 +1020,287 @@ async fn a_bad_new_certificate_is_not_served_and_the_previous_one_stays() {
     secret.update(&[("tls.crt", &new.cert), ("tls.key", &new.key)]);
     assert!(served(&op, &new.cert).await, "the good pair is served");
     assert!(!served(&op, &old.cert).await);
+}
+
+/// `pods` pods of node-a selected by the policies below (`app: saas`), the first `tier_a` of
+/// them also labelled `tier: a`.
+fn saas_pods(pods: usize, tier_a: usize) -> String {
+    (0..pods)
+        .map(|i| {
+            let tier = if i < tier_a { "a" } else { "b" };
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: saas-{i}, namespace: shop, uid: saas-{i}, \
+                 labels: {{app: saas, tier: {tier}}}}}\nspec: {{nodeName: node-a}}\n\
+                 status: {{phase: Running, podIPs: [{{ip: 10.244.1.{}}}]}}\n---\n",
+                50 + i
+            )
+        })
+        .collect()
+}
+
+/// A policy steering the pods with `labels` to `cidrs` /24s of `octet.0.0.0/8` (a SaaS
+/// allowlist) through node-b or node-c.
+fn saas_policy(name: &str, labels: &str, cidrs: usize, octet: u8) -> String {
+    let destinations: Vec<String> = (0..cidrs)
+        .map(|i| format!("{octet}.{}.{}.0/24", i / 256, i % 256))
+        .collect();
+    format!(
+        "apiVersion: sluice.dev/v1alpha1\nkind: EgressGatewayPolicy\nmetadata: {{name: {name}}}\nspec:\n  \
+         selectors:\n    - podSelector: {{matchLabels: {labels}}}\n      namespaceSelector: {{matchLabels: {{team: payments}}}}\n  \
+         destinationCIDRs: [{}]\n  egressGateway:\n    nodeSelector: {{matchLabels: {{sluice.dev/egress: \"true\"}}}}\n    \
+         egressIP: 203.0.113.10\n---\n",
+        destinations.join(", ")
+    )
+}
+
+/// A name as long as a generated one may be (Kubernetes allows 253 characters): with it, the
+/// plans and deltas below are each larger than the largest message a shim decodes.
+fn long_name(prefix: &str) -> String {
+    format!("{prefix}{}", "-allowlist-of-partner-addresses".repeat(4))
+}
+
+/// Waits for a status of `policy` saying every node that must hold it acknowledged it.
+async fn programmed(op: &mut Operator, policy: &str, nodes: usize) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let u = tokio::time::timeout_at(deadline.into(), op.updates.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{policy} acknowledged by {nodes} nodes"))
+            .unwrap();
+        if u.outcome.name == policy && u.to_program == nodes && u.programmed == nodes {
+            return;
+        }
+    }
+}
+
+/// The (source, destination) pairs of `policy` in a state.
+fn pairs(state: &NodeState, policy: &str) -> std::collections::BTreeSet<EntryKey> {
+    state
+        .entries
+        .iter()
+        .filter(|(_, e)| e.policy == policy)
+        .map(|(k, _)| *k)
+        .collect()
+}
+
+fn expected_pairs(
+    pods: std::ops::Range<usize>,
+    cidrs: usize,
+    octet: u8,
+) -> std::collections::BTreeSet<EntryKey> {
+    pods.flat_map(|p| {
+        (0..cidrs).map(move |c| {
+            (
+                format!("10.244.1.{}", 50 + p).parse().unwrap(),
+                format!("{octet}.{}.{}.0/24", c / 256, c % 256).parse().unwrap(),
+            )
+        })
+    })
+    .collect()
+}
+
+/// What a state's entries weigh on the wire.
+fn wire_bytes(state: &NodeState) -> usize {
+    use prost::Message as _;
+    state
+        .entries
+        .values()
+        .map(|e| {
+            let len = v1::Entry::from(e).encoded_len();
+            1 + prost::length_delimiter_len(len) + len
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_of_150000_entries_and_a_delta_of_100000_arrive_whole_and_are_acknowledged() {
+    let first = long_name("saas");
+    let second = long_name("saas-tier-a");
+    // A grace period that no pause of an unoptimized build of this test reaches: a gateway
+    // that looked dead would move every entry.
+    let mut op = Operator::start(tokens(), None, Duration::from_secs(10)).await;
+    let pods = saas_pods(150, 100);
+    op.load(manifests(&format!(
+        "{pods}{}",
+        saas_policy(&first, "{app: saas}", 1000, 100)
+    )))
+    .await;
+    op.synced().await;
+    let a = Shim::start(config(&op, "node-a"), "node-a", Maps::default());
+    let b = Shim::start(config(&op, "node-b"), "node-b", Maps::default());
+    let c = Shim::start(config(&op, "node-c"), "node-c", Maps::default());
+
+    let minute = Duration::from_secs(60);
+    let plan = a
+        .wait_for("150,000 entries on node-a", minute, |s| {
+            // Cheap first: this is asked every few milliseconds.
+            s.entries.len() >= 150_000 && pairs(s, &first).len() == 150_000
+        })
+        .await;
+    assert_eq!(
+        pairs(&plan, &first),
+        expected_pairs(0..150, 1000, 100),
+        "the same entries"
+    );
+    assert!(
+        wire_bytes(&plan) > sluice_proto::MAX_OPERATOR_MESSAGE,
+        "more than one message can carry: {} bytes",
+        wire_bytes(&plan)
+    );
+    // Its gateway holds them too (for pods of another node).
+    let gateway = match gateway_of(&plan, "10.244.1.50") {
+        Some(g) if g == node_b() => &b,
+        Some(g) if g == node_c() => &c,
+        other => panic!("steered to a gateway: {other:?}"),
+    };
+    gateway
+        .wait_for("150,000 entries on the gateway", minute, |s| {
+            s.entries.len() >= 150_000 && pairs(s, &first).len() == 150_000
+        })
+        .await;
+    programmed(&mut op, &first, 2).await;
+
+    // A second policy for the first 100 pods: 100,000 upserts on node-a, in one session.
+    op.load(manifests(&format!(
+        "{pods}{}{}",
+        saas_policy(&first, "{app: saas}", 1000, 100),
+        saas_policy(&second, "{tier: a}", 1000, 101)
+    )))
+    .await;
+    let after = a
+        .wait_for("100,000 more entries on node-a", minute, |s| {
+            s.entries.len() >= 250_000 && pairs(s, &second).len() == 100_000
+        })
+        .await;
+    assert_eq!(after.session, plan.session, "a delta, not a new session's plan");
+    assert_eq!(
+        pairs(&after, &second),
+        expected_pairs(0..100, 1000, 101),
+        "the same entries"
+    );
+    assert_eq!(
+        pairs(&after, &first),
+        pairs(&plan, &first),
+        "the first policy's are kept"
+    );
+    let added: usize = wire_bytes(&after) - wire_bytes(&plan);
+    assert!(
+        added > sluice_proto::MAX_OPERATOR_MESSAGE,
+        "more than one message can carry: {added} bytes"
+    );
+    programmed(&mut op, &second, 2).await;
+}
+
+#[tokio::test]
+async fn plans_and_deltas_go_out_in_chunks_within_their_budget() {
+    use prost::Message as _;
+    use sluice_proto::chunk::{Assembler, Part};
+    const BUDGET: usize = 8192;
+    // No gateway may look dead while the machine is busy: the deltas hold only what is added.
+    let mut op = Operator::start_chunked(
+        tokens(),
+        None,
+        Duration::from_secs(10),
+        ServerLimits::default(),
+        BUDGET,
+    )
+    .await;
+    let pods = saas_pods(20, 10);
+    op.load(manifests(&format!(
+        "{pods}{}",
+        saas_policy("saas", "{app: saas}", 100, 100)
+    )))
+    .await;
+    op.synced().await;
+    // node-a read by hand; its gateway by the shim client, from the same small chunks.
+    let (mut raw, _end) = RawSession::open(&op, "node-a").await.drain();
+    let b = Shim::start(config(&op, "node-b"), "node-b", Maps::default());
+    let c = Shim::start(config(&op, "node-c"), "node-c", Maps::default());
+    let gateway = |entries: &[v1::Entry]| match entries.first().map(|e| e.gateway.as_str()) {
+        Some("192.168.1.2") => &b,
+        Some("192.168.1.3") => &c,
+        other => panic!("steered to a gateway: {other:?}"),
+    };
+
+    let items = |p: &Part| -> usize {
+        let guard = |g: &Option<v1::Guard>| {
+            g.as_ref()
+                .map_or(0, |g| g.destinations.len() + g.decided_pods.len())
+        };
+        match p {
+            Part::Plan(p) => p.entries.len() + p.serves.len() + p.cluster_cidrs.len() + guard(&p.guard),
+            Part::Delta(d) => {
+                d.upserts.len() + d.removals.len() + d.serves.len() + d.cluster_cidrs.len() + guard(&d.guard)
+            }
+        }
+    };
+    // Reads node-a's messages until a plan or delta with `entries` entries (upserts) of `policy`
+    // is whole; every chunk on the way must be within the budget.
+    let mut assembler = Assembler::default();
+    let mut next_whole = async |policy: &str, entries: usize| -> (Part, usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let m = tokio::time::timeout_at(deadline.into(), raw.recv())
+                .await
+                .expect("a plan or delta")
+                .unwrap();
+            let Some(chunk) = Part::from_message(m) else {
+                continue;
+            };
+            let size = v1::OperatorMessage::from(chunk.clone()).encoded_len();
+            assert!(
+                size <= BUDGET || items(&chunk) <= 1,
+                "a chunk of {size} bytes with {} items",
+                items(&chunk)
+            );
+            if let Some(whole) = assembler.push(chunk).unwrap() {
+                let n = match &whole.part {
+                    Part::Plan(p) => &p.entries,
+                    Part::Delta(d) => &d.upserts,
+                }
+                .iter()
+                .filter(|e| e.policy == policy)
+                .count();
+                if n == entries {
+                    return (whole.part, whole.chunks);
+                }
+            }
+        }
+    };
+    let (plan, chunks) = next_whole("saas", 2000).await;
+    let Part::Plan(mut plan) = plan else {
+        panic!("a plan first")
+    };
+    let bytes = v1::OperatorMessage::from(Part::Plan(plan.clone())).encoded_len();
+    assert!(chunks > bytes / BUDGET, "{chunks} chunks for {bytes} bytes");
+    plan.entries.retain(|e| e.policy == "saas");
+    assert_eq!(plan.entries.len(), 2000);
+    let first_gateway = gateway(&plan.entries);
+    let before = first_gateway
+        .wait("the gateway's 2000 entries", |s| pairs(s, "saas").len() == 2000)
+        .await;
+    assert_eq!(pairs(&before, "saas"), expected_pairs(0..20, 100, 100));
+
+    op.load(manifests(&format!(
+        "{pods}{}{}",
+        saas_policy("saas", "{app: saas}", 100, 100),
+        saas_policy("saas-a", "{tier: a}", 100, 101)
+    )))
+    .await;
+    let (delta, chunks) = next_whole("saas-a", 1000).await;
+    let Part::Delta(mut delta) = delta else {
+        panic!("then a delta")
+    };
+    assert!(chunks > 1, "{chunks}");
+    delta.upserts.retain(|e| e.policy == "saas-a");
+    let second_gateway = gateway(&delta.upserts);
+    let after = second_gateway
+        .wait("the gateway's 1000 more entries", |s| {
+            pairs(s, "saas-a").len() == 1000
+        })
+        .await;
+    if std::ptr::eq(first_gateway, second_gateway) {
+        assert_eq!(after.session, before.session, "a delta");
+    }
+    assert_eq!(pairs(&after, "saas-a"), expected_pairs(0..10, 100, 101));
 }

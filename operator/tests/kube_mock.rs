@@ -18,6 +18,7 @@ use pretty_assertions::assert_eq;
 use serde_json::{Value, json};
 use sluice_operator::{
     controller::{self, leader},
+    engine::{self, Engine, EngineConfig, EngineMetrics, Hub, NodeView, ShimEvent},
     live::{Notice, SourceEvent, StatusUpdate},
     metrics::{self, ControllerMetrics},
     model::{GatewaySlot, NamespaceInfo, NodeInfo, PodInfo, PodPhase},
@@ -32,6 +33,8 @@ const NAMESPACES: &str = "/api/v1/namespaces";
 const PODS: &str = "/api/v1/pods";
 const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/sluice/leases";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
+const SERVICE_CIDRS: &str = "/apis/networking.k8s.io/v1/servicecidrs";
+const SERVICE_CIDRS_BETA: &str = "/apis/networking.k8s.io/v1beta1/servicecidrs";
 
 /// A write (anything but GET) as the fake API server received it.
 #[derive(Clone, Debug)]
@@ -62,6 +65,9 @@ struct State {
     /// Every request is left unanswered (a partitioned API server).
     hanging: Vec<mock::SendResponse<Response<Body>>>,
     hang: bool,
+    /// Collections whose GETs fail with this code: 404 where the API server does not serve them
+    /// (an older Kubernetes), 403 where RBAC does not allow them.
+    refused: HashMap<String, u16>,
 }
 
 /// The fake API server.
@@ -85,7 +91,16 @@ fn status_error(code: u16, reason: &str, message: &str) -> Value {
 
 /// Splits `/a/b/c/name[/status]` into (collection, name, subresource) for known collections.
 fn split(path: &str) -> (String, Option<String>, Option<String>) {
-    for c in [POLICIES, NODES, NAMESPACES, PODS, LEASES, EVENTS] {
+    for c in [
+        POLICIES,
+        NODES,
+        NAMESPACES,
+        PODS,
+        LEASES,
+        EVENTS,
+        SERVICE_CIDRS,
+        SERVICE_CIDRS_BETA,
+    ] {
         if path == c {
             return (c.to_owned(), None, None);
         }
@@ -192,6 +207,10 @@ impl Fake {
         self.state.lock().unwrap().hang = hang;
     }
 
+    fn refuse(&self, collection: &str, code: u16) {
+        self.state.lock().unwrap().refused.insert(collection.into(), code);
+    }
+
     fn gets(&self) -> Vec<(String, String)> {
         self.state.lock().unwrap().gets.clone()
     }
@@ -226,6 +245,13 @@ impl Fake {
         }
         if parts.method == Method::GET {
             state.gets.push((uri, header("accept")));
+            if let Some(&code) = state.refused.get(&collection) {
+                let reason = if code == 404 { "NotFound" } else { "Forbidden" };
+                return send.send_response(reply(
+                    StatusCode::from_u16(code).unwrap(),
+                    &status_error(code, reason, "refused by the test"),
+                ));
+            }
             let metadata_only = header("accept").contains("as=PartialObjectMetadata");
             let version = state.version.to_string();
             let c = state.collections.entry(collection.clone()).or_default();
@@ -1170,4 +1196,276 @@ async fn a_stopped_operator_releases_the_lease_and_the_standby_takes_over_within
         .unwrap()
         .unwrap();
     assert_eq!(holder(&fake), None);
+}
+
+fn service_cidr(api_version: &str, name: &str, cidrs: &[&str]) -> Value {
+    json!({
+        "apiVersion": api_version, "kind": "ServiceCIDR",
+        "metadata": {"name": name, "finalizers": ["networking.k8s.io/service-cidr-finalizer"],
+                     "managedFields": [{"manager": "kube-apiserver"}]},
+        "spec": {"cidrs": cidrs},
+        "status": {"conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+    })
+}
+
+fn nets(cidrs: &[&str]) -> Vec<ipnet::IpNet> {
+    cidrs.iter().map(|c| c.parse().unwrap()).collect()
+}
+
+/// The Service CIDR sets sent up to `Synced`.
+async fn initial_service_cidrs(rx: &mut mpsc::Receiver<SourceEvent>) -> Vec<Vec<ipnet::IpNet>> {
+    let mut sent = Vec::new();
+    loop {
+        match next(rx).await {
+            SourceEvent::Synced => return sent,
+            SourceEvent::ServiceCidrs(cidrs) => sent.push(cidrs),
+            SourceEvent::Change(_) => {}
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn service_cidrs_are_watched_and_sent_whole_on_every_change() {
+    const V1: &str = "networking.k8s.io/v1";
+    let fake = Fake::new();
+    fake.seed(
+        SERVICE_CIDRS,
+        service_cidr(V1, "kubernetes", &["10.96.0.0/12", "fd00:10:96::/112"]),
+    );
+    fake.seed(NODES, node("n1", "172.18.0.2"));
+    let mut registry = metrics::registry();
+    let mut run = start_with(&fake, true, ControllerMetrics::register(&mut registry));
+    assert_eq!(
+        initial_service_cidrs(&mut run.sources).await,
+        [nets(&["10.96.0.0/12", "fd00:10:96::/112"])],
+        "the listed set, once, before Synced"
+    );
+
+    fake.event(
+        SERVICE_CIDRS,
+        "ADDED",
+        service_cidr(V1, "extra", &["10.100.0.0/16"]),
+    );
+    assert_eq!(
+        next(&mut run.sources).await,
+        SourceEvent::ServiceCidrs(nets(&["10.96.0.0/12", "10.100.0.0/16", "fd00:10:96::/112"]))
+    );
+
+    // A status change sends nothing; the next change of the CIDRs does (so the first was not
+    // merely late).
+    let mut not_ready = service_cidr(V1, "extra", &["10.100.0.0/16"]);
+    not_ready["status"]["conditions"][0]["status"] = json!("False");
+    fake.event(SERVICE_CIDRS, "MODIFIED", not_ready);
+    fake.event(
+        SERVICE_CIDRS,
+        "MODIFIED",
+        service_cidr(V1, "extra", &["10.100.0.0/16", "10.101.0.0/16"]),
+    );
+    assert_eq!(
+        next(&mut run.sources).await,
+        SourceEvent::ServiceCidrs(nets(&[
+            "10.96.0.0/12",
+            "10.100.0.0/16",
+            "10.101.0.0/16",
+            "fd00:10:96::/112"
+        ]))
+    );
+
+    fake.event(SERVICE_CIDRS, "DELETED", service_cidr(V1, "extra", &[]));
+    assert_eq!(
+        next(&mut run.sources).await,
+        SourceEvent::ServiceCidrs(nets(&["10.96.0.0/12", "fd00:10:96::/112"]))
+    );
+
+    // Replaced while the watch was down: the re-list sends the new set once.
+    fake.forget(SERVICE_CIDRS, "kubernetes");
+    fake.seed(SERVICE_CIDRS, service_cidr(V1, "other", &["10.200.0.0/16"]));
+    fake.expire_watch(SERVICE_CIDRS);
+    assert_eq!(
+        next(&mut run.sources).await,
+        SourceEvent::ServiceCidrs(nets(&["10.200.0.0/16"]))
+    );
+    fake.event(NODES, "ADDED", node("n2", "172.18.0.3"));
+    let Change::UpsertNode(n2) = next_change(&mut run.sources).await else {
+        panic!("expected a node")
+    };
+    assert_eq!(n2.name, "n2");
+
+    assert!(
+        fake.gets()
+            .iter()
+            .all(|(u, _)| !u.starts_with(SERVICE_CIDRS_BETA)),
+        "v1 is served: v1beta1 is never asked"
+    );
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    let line = "sluice_controller_changes_total{kind=\"ServiceCIDR\"} 5";
+    assert!(text.contains(line), "{line} in\n{text}");
+    drop(run.updates);
+    drop(run.notices);
+}
+
+#[tokio::test(start_paused = true)]
+async fn service_cidrs_are_watched_in_v1beta1_where_v1_is_not_served() {
+    const BETA: &str = "networking.k8s.io/v1beta1";
+    let fake = Fake::new();
+    fake.refuse(SERVICE_CIDRS, 404);
+    fake.seed(
+        SERVICE_CIDRS_BETA,
+        service_cidr(BETA, "kubernetes", &["10.96.0.0/12"]),
+    );
+    let mut run = start(&fake, true);
+    assert_eq!(
+        initial_service_cidrs(&mut run.sources).await,
+        [nets(&["10.96.0.0/12"])]
+    );
+    fake.event(
+        SERVICE_CIDRS_BETA,
+        "ADDED",
+        service_cidr(BETA, "extra", &["10.100.0.0/16"]),
+    );
+    assert_eq!(
+        next(&mut run.sources).await,
+        SourceEvent::ServiceCidrs(nets(&["10.96.0.0/12", "10.100.0.0/16"]))
+    );
+    drop(run.updates);
+    drop(run.notices);
+}
+
+/// The Kubernetes layer feeding an engine, as `sluice-operator run` wires them, with
+/// `--service-cidr` set to `flag`, and the shims of `nodes` connected: the hub holds the view
+/// each gets.
+fn start_planning(fake: &Fake, flag: &[&str], nodes: &[&str]) -> Arc<Hub> {
+    let (client, _writes) = fake.client();
+    let (sources_tx, sources) = mpsc::channel(16);
+    let (updates, updates_rx) = mpsc::channel(16);
+    let (notices, notices_rx) = mpsc::channel(16);
+    let (_, leading) = watch::channel(true);
+    tokio::spawn(controller::run(
+        client,
+        controller::Config::new(leading, None),
+        sources_tx,
+        updates_rx,
+        notices_rx,
+    ));
+    let config = EngineConfig {
+        service_cidrs: nets(flag),
+        ..EngineConfig::with_grace(Duration::from_secs(1))
+    };
+    let (hub, shim_events) = Hub::new(config.heartbeat_interval);
+    let planner = Engine::new(config, hub.clone(), EngineMetrics::default());
+    tokio::spawn(engine::run(planner, sources, shim_events, updates, notices));
+    for (session, node) in nodes.iter().enumerate() {
+        hub.report(ShimEvent::Connected {
+            node: (*node).into(),
+            session: session as u64 + 1,
+            version: "test".into(),
+            interfaces: vec![],
+            held: vec![],
+        });
+    }
+    hub
+}
+
+fn in_cluster_set(view: &Option<Arc<NodeView>>) -> Option<Vec<String>> {
+    let view = view.as_ref()?;
+    Some(view.cluster_cidrs.iter().map(ToString::to_string).collect())
+}
+
+async fn in_cluster_set_becomes(hub: &Hub, node: &str, want: &[&str]) {
+    let mut views = hub.subscribe(node);
+    let became = tokio::time::timeout(
+        Duration::from_secs(120),
+        views.wait_for(|v| in_cluster_set(v).is_some_and(|set| set == want)),
+    )
+    .await
+    .is_ok();
+    assert!(
+        became,
+        "{node}'s in-cluster set is {:?}, not {want:?}",
+        in_cluster_set(&views.borrow())
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_node_gets_the_watched_service_cidrs_in_its_in_cluster_set() {
+    const V1: &str = "networking.k8s.io/v1";
+    let fake = Fake::new();
+    fake.seed(SERVICE_CIDRS, service_cidr(V1, "kubernetes", &["10.96.0.0/12"]));
+    let mut n1 = node("n1", "172.18.0.2");
+    n1["spec"] = json!({"podCIDRs": ["10.244.1.0/24"]});
+    fake.seed(NODES, n1);
+    fake.seed(NODES, node("n2", "172.18.0.3"));
+    let hub = start_planning(&fake, &["10.97.0.0/16"], &["n1", "n2"]);
+    for node in ["n1", "n2"] {
+        in_cluster_set_becomes(
+            &hub,
+            node,
+            &[
+                "10.96.0.0/12",
+                "10.97.0.0/16",
+                "10.244.1.0/24",
+                "172.18.0.2/32",
+                "172.18.0.3/32",
+            ],
+        )
+        .await;
+    }
+
+    fake.event(
+        SERVICE_CIDRS,
+        "ADDED",
+        service_cidr(V1, "extra", &["10.100.0.0/16"]),
+    );
+    fake.event(SERVICE_CIDRS, "DELETED", service_cidr(V1, "kubernetes", &[]));
+    for node in ["n1", "n2"] {
+        in_cluster_set_becomes(
+            &hub,
+            node,
+            &[
+                "10.97.0.0/16",
+                "10.100.0.0/16",
+                "10.244.1.0/24",
+                "172.18.0.2/32",
+                "172.18.0.3/32",
+            ],
+        )
+        .await;
+    }
+}
+
+/// Where the API serves no ServiceCIDR (`refused` 404: before Kubernetes 1.33) or the operator
+/// may not list them (403: the ClusterRole of an older chart), the in-cluster set has the flag's
+/// Service CIDRs, the other watchers run, and the API is not asked again.
+#[tokio::test(start_paused = true)]
+async fn without_service_cidr_objects_the_flag_makes_the_service_part_of_the_set() {
+    for (refused, asked) in [
+        (404, vec![SERVICE_CIDRS, SERVICE_CIDRS_BETA]),
+        (403, vec![SERVICE_CIDRS]),
+    ] {
+        let fake = Fake::new();
+        fake.refuse(SERVICE_CIDRS, refused);
+        fake.refuse(SERVICE_CIDRS_BETA, refused);
+        fake.seed(NODES, node("n1", "172.18.0.2"));
+        let hub = start_planning(&fake, &["10.96.0.0/12"], &["n1"]);
+        in_cluster_set_becomes(&hub, "n1", &["10.96.0.0/12", "172.18.0.2/32"]).await;
+
+        fake.event(NODES, "ADDED", node("n2", "172.18.0.3"));
+        in_cluster_set_becomes(&hub, "n1", &["10.96.0.0/12", "172.18.0.2/32", "172.18.0.3/32"]).await;
+
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        let gets: Vec<String> = fake
+            .gets()
+            .into_iter()
+            .map(|(u, _)| u)
+            .filter(|u| u.contains("/servicecidrs"))
+            .collect();
+        assert_eq!(
+            gets.iter()
+                .map(|u| u.split('?').next().unwrap())
+                .collect::<Vec<_>>(),
+            asked,
+            "{refused}: {gets:?}"
+        );
+    }
 }

@@ -6,6 +6,10 @@
 //! simply skipped) and publishes the generation it holds as [`Applied`], which the session
 //! acknowledges. While disconnected, the last published state stays: the datapath keeps what it
 //! holds.
+//!
+//! A plan or delta may come in chunks ([`crate::chunk`]): the session folds it in only once its
+//! last chunk is in, so the datapath never sees part of one. A session that ends mid-way drops
+//! the chunks it had.
 
 use std::{
     collections::BTreeMap,
@@ -21,8 +25,9 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use crate::{
     EntryDoc, GatewayDuty,
+    chunk::{Assembled, Assembler, Interleaved, Part},
     convert::{BadField, EntryKey},
-    v1::{self, node_channel_client::NodeChannelClient, operator_message, shim_message},
+    v1::{self, node_channel_client::NodeChannelClient, shim_message},
 };
 
 /// How to reach and authenticate to the operator.
@@ -179,6 +184,8 @@ pub enum SessionError {
     Bad(#[from] BadField),
     #[error("delta on top of generation {base}, but this shim holds {held}")]
     OutOfOrder { base: u64, held: u64 },
+    #[error("bad chunk from the operator: {0}")]
+    Chunk(#[from] Interleaved),
     #[error("operator silent for {0:?}")]
     Silent(Duration),
     #[error("operator closed the stream")]
@@ -252,7 +259,9 @@ pub async fn connect(config: &Config) -> Result<NodeChannelClient<tonic::transpo
         }
         endpoint = endpoint.tls_config(tls)?;
     }
-    Ok(NodeChannelClient::new(endpoint.connect().await?))
+    Ok(NodeChannelClient::new(endpoint.connect().await?)
+        .max_decoding_message_size(crate::MAX_OPERATOR_MESSAGE)
+        .max_encoding_message_size(crate::MAX_SHIM_MESSAGE))
 }
 
 /// One session: hello, then plans and deltas in, acks and heartbeats out, until it breaks.
@@ -294,6 +303,8 @@ async fn session_inner(
     // generation it held before may be another operator's, and equal to one of ours.
     let session = next_session();
     let mut state: Option<NodeState> = None;
+    // Chunks of a plan or delta not complete yet: dropped with the session if it ends mid-way.
+    let mut assembler = Assembler::default();
     let mut acked: Option<u64> = None;
     let mut interval = Duration::from_millis(250);
     let mut ticker = tokio::time::interval(interval);
@@ -301,12 +312,19 @@ async fn session_inner(
     loop {
         tokio::select! {
             msg = inbound.message() => {
+                if !matches!(msg, Ok(Some(_))) && assembler.is_assembling() {
+                    tracing::warn!(%node, "the stream ended within a chunked plan or delta: what arrived of it is dropped");
+                }
                 let Some(msg) = msg? else { return Err(SessionError::Closed) };
                 last_heard = Instant::now();
-                match msg.message {
-                    Some(operator_message::Message::Plan(plan)) => {
+                let whole = match msg.message.and_then(Part::from_message) {
+                    Some(chunk) => assembler.push(chunk)?,
+                    None => None,
+                };
+                match whole {
+                    Some(Assembled { part: Part::Plan(plan), chunks }) => {
                         let new = NodeState::from_plan(session, &plan)?;
-                        tracing::info!(%node, generation = plan.generation, entries = new.entries.len(), "plan received");
+                        tracing::info!(%node, generation = plan.generation, entries = new.entries.len(), chunks, "plan received");
                         if plan.heartbeat_interval_ms > 0 {
                             let wanted = Duration::from_millis(u64::from(plan.heartbeat_interval_ms));
                             if wanted != interval {
@@ -317,7 +335,7 @@ async fn session_inner(
                         publish(plans, &new);
                         state = Some(new);
                     }
-                    Some(operator_message::Message::Delta(delta)) => {
+                    Some(Assembled { part: Part::Delta(delta), chunks }) => {
                         let Some(s) = state.as_mut() else {
                             return Err(SessionError::OutOfOrder { base: delta.base_generation, held: 0 });
                         };
@@ -325,10 +343,10 @@ async fn session_inner(
                             return Err(SessionError::OutOfOrder { base: delta.base_generation, held: s.generation });
                         }
                         s.apply(&delta)?;
-                        tracing::debug!(%node, generation = delta.generation, upserts = delta.upserts.len(), removals = delta.removals.len(), "delta received");
+                        tracing::debug!(%node, generation = delta.generation, upserts = delta.upserts.len(), removals = delta.removals.len(), chunks, "delta received");
                         publish(plans, s);
                     }
-                    Some(operator_message::Message::Heartbeat(_)) | None => {}
+                    None => {}
                 }
                 let a = applied.borrow().clone();
                 maybe_ack(&tx, &a, session, &mut acked).await?;
@@ -377,9 +395,22 @@ async fn maybe_ack(
         return Ok(());
     }
     *acked = Some(applied.generation);
+    if applied.errors.len() > crate::MAX_ACK_ERRORS {
+        tracing::debug!(
+            errors = applied.errors.len(),
+            sent = crate::MAX_ACK_ERRORS,
+            "more entry errors than an ack carries"
+        );
+    }
     let ack = shim_message::Message::Ack(v1::Ack {
         generation: applied.generation,
-        errors: applied.errors.clone(),
+        // The operator reads no more, and an ack must stay within its decode limit.
+        errors: applied
+            .errors
+            .iter()
+            .take(crate::MAX_ACK_ERRORS)
+            .cloned()
+            .collect(),
     });
     tx.send(shim_msg(ack)).await.map_err(|_| SessionError::Closed)
 }

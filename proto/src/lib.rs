@@ -5,8 +5,10 @@
 //! - [`v1`]: the `sluice.v1` gRPC API (`proto/sluice/v1/node.proto`), by which the operator keeps
 //!   every shim's datapath equal to its node's part of the plan;
 //! - [`client`]: the shim's side of that channel (connect, hello, plan and deltas, acks,
-//!   heartbeats, reconnects), independent of the datapath so that tests can drive it.
+//!   heartbeats, reconnects), independent of the datapath so that tests can drive it;
+//! - [`chunk`]: plans and deltas of any size in messages of bounded size.
 
+pub mod chunk;
 pub mod client;
 pub mod convert;
 pub mod plan;
@@ -24,3 +26,16 @@ pub mod v1 {
 
 /// The metadata key carrying the shim's credentials (`Bearer <token>`).
 pub const AUTHORIZATION: &str = "authorization";
+
+/// The largest operator message a shim decodes (and the operator encodes). Chunks end within
+/// [`chunk::CHUNK_BUDGET`] unless one item alone exceeds it; this leaves room for such an item
+/// so that no plan can wedge the channel.
+pub const MAX_OPERATOR_MESSAGE: usize = 16 << 20;
+
+/// The largest shim message the operator decodes (and a shim encodes). Hellos, acks and
+/// heartbeats are small: the operator keeps tonic's default rather than let any authenticated
+/// stream make it buffer more.
+pub const MAX_SHIM_MESSAGE: usize = 4 << 20;
+
+/// The most entry errors an ack carries; the operator reads no more than these.
+pub const MAX_ACK_ERRORS: usize = 1000;

@@ -145,6 +145,7 @@ fn plan() -> impl Strategy<Value = v1::NodePlan> {
                 heartbeat_interval_ms,
                 cluster_cidrs: vec![],
                 guard: None,
+                continued: false,
             },
         )
 }
@@ -166,6 +167,7 @@ fn delta() -> impl Strategy<Value = v1::NodeDelta> {
                 serves,
                 cluster_cidrs: vec![],
                 guard: None,
+                continued: false,
             },
         )
 }

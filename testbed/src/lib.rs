@@ -29,9 +29,10 @@
 //! Pods have MTU 1450 (room for a VXLAN header on the 1500-byte underlay). The testbed plays the
 //! CNI (see `Testbed::cni`): a /32 route per local pod with proxy ARP on its veth (Calico style,
 //! pods use 169.254.1.1 as gateway), a route to each other node's pod /24 via that node, and
-//! masquerade of pod traffic leaving the cluster to the node IP (the "normal path"). The external
-//! host runs a TCP server on port 8080 that greets each connection with the source address it saw
-//! ([`Testbed::fetch`], [`Conn`]).
+//! masquerade of pod traffic leaving the cluster to the node IP (the "normal path");
+//! [`Testbed::apply_stand_in`] makes it play another CNI's habit instead ([`CniStandIn`]). The
+//! external host runs a TCP server on port 8080 that greets each connection with the source address
+//! it saw ([`Testbed::fetch`], [`Conn`]).
 //!
 //! Everything lives in namespaces named `slc-<pid>-*` and in `/tmp/slc-<pid>` (with a bpffs mounted
 //! at `/tmp/slc-<pid>/bpffs`); nothing routes through the machine's own network. Leftovers of
@@ -43,6 +44,7 @@
 //! [`Testbed::command`] + [`Testbed::spawn`]. [`FileCluster`] adds one `sluice-shim run --entries`
 //! per node, fed from a plan file the tests write.
 
+mod cni;
 pub mod craft;
 mod shims;
 
@@ -64,6 +66,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+pub use cni::{BRIDGED_PODS, CniStandIn, TcxVerdict, UNDERLAY_MTU};
 pub use shims::{FileCluster, Gw, Rule};
 
 /// Egress IP assigned to n1.
@@ -422,6 +425,11 @@ impl Testbed {
         node_ip(node).to_owned()
     }
 
+    /// Every pod, (pod, node, IP): [`PODS`] and those added later.
+    pub fn pods(&self) -> &[(&'static str, &'static str, &'static str)] {
+        &self.pods
+    }
+
     /// (node, IP) of pod `name`.
     pub fn pod(&self, name: &str) -> (&'static str, &'static str) {
         self.pods
@@ -577,15 +585,26 @@ impl Testbed {
         subnet: &str,
         pods: &[(&'static str, &'static str)],
     ) {
+        self.try_add_bridged_pods(node, subnet, pods).unwrap();
+    }
+
+    /// [`Testbed::add_bridged_pods`], failing with an error.
+    pub fn try_add_bridged_pods(
+        &mut self,
+        node: &'static str,
+        subnet: &str,
+        pods: &[(&'static str, &'static str)],
+    ) -> Result<()> {
         let gateway = format!("{subnet}.1");
-        self.ip(node, &["link", "add", "cni0", "type", "bridge"]).unwrap();
-        self.ip(node, &["addr", "add", &format!("{gateway}/24"), "dev", "cni0"])
-            .unwrap();
-        self.ip(node, &["link", "set", "cni0", "up"]).unwrap();
+        self.ip(node, &["link", "add", "cni0", "type", "bridge"])?;
+        self.ip(node, &["addr", "add", &format!("{gateway}/24"), "dev", "cni0"])?;
+        self.ip(node, &["link", "set", "cni0", "up"])?;
         for &(p, ip) in pods {
             let veth = format!("veth-{p}");
-            sh(&["ip", "netns", "add", &self.ns(p)]).unwrap();
-            self.ip(p, &["link", "set", "lo", "up"]).unwrap();
+            sh(&["ip", "netns", "add", &self.ns(p)])?;
+            // Known from here on, so that `Drop` removes its namespace also when the rest fails.
+            self.pods.push((p, node, ip));
+            self.ip(p, &["link", "set", "lo", "up"])?;
             self.ip(
                 node,
                 &[
@@ -600,16 +619,13 @@ impl Testbed {
                     "netns",
                     &self.ns(p),
                 ],
-            )
-            .unwrap();
-            self.ip(node, &["link", "set", &veth, "master", "cni0", "up"])
-                .unwrap();
-            self.ip(p, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])
-                .unwrap();
-            self.ip(p, &["link", "set", "eth0", "mtu", "1450", "up"]).unwrap();
-            self.ip(p, &["route", "add", "default", "via", &gateway]).unwrap();
-            self.pods.push((p, node, ip));
+            )?;
+            self.ip(node, &["link", "set", &veth, "master", "cni0", "up"])?;
+            self.ip(p, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+            self.ip(p, &["link", "set", "eth0", "mtu", "1450", "up"])?;
+            self.ip(p, &["route", "add", "default", "via", &gateway])?;
         }
+        Ok(())
     }
 
     /// Gives pod `p` the underlay's MTU (1500) or any other, as native-routing CNIs do (AWS VPC
@@ -642,6 +658,30 @@ impl Testbed {
             .find(|(n, _)| *n == "FragCreates")
             .and_then(|(_, v)| v.parse().ok())
             .expect("FragCreates in /proc/net/snmp")
+    }
+
+    /// Sends `count` UDP datagrams of `size` bytes from pod `pod` to the external host's address
+    /// `dst` (port `port`), 20 ms apart; returns the (source, size) of those that arrived within
+    /// 2 s. Panics on failure (for tests).
+    pub fn udp_through(
+        &self,
+        pod: &str,
+        dst: &str,
+        size: usize,
+        count: usize,
+        port: u16,
+    ) -> Vec<(String, usize)> {
+        let listener = craft::Listener::bind(&self.ns("ext"), port).unwrap();
+        let to = std::net::SocketAddrV4::new(dst.parse().unwrap(), port);
+        for i in 0..count {
+            craft::send_udp(&self.ns(pod), to, &vec![i as u8; size], 1).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        listener
+            .collect(Duration::from_secs(2))
+            .into_iter()
+            .map(|(from, bytes)| (from.ip().to_string(), bytes.len()))
+            .collect()
     }
 
     /// Moves pod traffic between nodes onto an overlay of the CNI's own, as Flannel's VXLAN

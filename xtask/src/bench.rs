@@ -8,7 +8,8 @@
 //! - `b` Sluice, with the policy of the pod (eBPF steering + VXLAN + conntrack SNAT);
 //! - `f` the same with full-size pod packets: the pod's MTU is the underlay's (1500), as
 //!   native-routing CNIs set it, instead of the testbed's 1450 that leaves room for the tunnel;
-//! - `c` Sluice with 100,000 unrelated entries in both nodes' policy maps;
+//! - `c` Sluice with 1,000,000 (pod, CIDR) pairs: the pod and 999 others, each with the 1,000
+//!   destination CIDRs of one allowlist policy, on the pod's node and the gateway;
 //! - `d` the iptables way of CNI-agnostic egress gateways: ipset match + fwmark + policy routing
 //!   into a VXLAN on the pod's node, connmark + SNAT on the gateway, replies routed back into the
 //!   tunnel by the restored mark.
@@ -39,7 +40,9 @@ const THROUGHPUT_SECS: u32 = 2;
 const CONNECT_MILLIS: u64 = 1500;
 const IPERF_PORT: &str = "5201";
 const RATE_PORT: u16 = 9000;
-const UNRELATED_ENTRIES: u32 = 100_000;
+/// Variant c: pods x destination CIDRs of one policy (a SaaS allowlist), the bench pod among them.
+const ALLOWLIST_PODS: u32 = 1_000;
+const ALLOWLIST_CIDRS: u32 = 1_000;
 /// The testbed's underlay MTU, which variant f gives the pod.
 const UNDERLAY_MTU: u32 = 1500;
 
@@ -81,7 +84,7 @@ impl Variant {
             Variant::T => "plain VXLAN to the gateway, no per-packet policy, SNAT there",
             Variant::B => "Sluice (eBPF steering, its VXLAN, conntrack SNAT)",
             Variant::F => "Sluice as b, pod MTU = underlay MTU (1500 instead of 1450)",
-            Variant::C => "Sluice with 100,000 unrelated entries in the map",
+            Variant::C => "Sluice with 1,000,000 (pod, CIDR) pairs in the maps",
             Variant::D => "iptables: ipset + fwmark + policy routing into VXLAN, SNAT",
         }
     }
@@ -213,7 +216,7 @@ fn measure_variant(v: Variant, shim: &Path) -> Result<Measure> {
             measure(&mut t, v)
         }
         Variant::B | Variant::F | Variant::C => {
-            let mut c = FileCluster::start(shim, &["--policy-map-max", "262144"])?;
+            let mut c = FileCluster::start(shim, &[])?;
             let policy = Rule {
                 policy: "bench",
                 source: "p2",
@@ -222,13 +225,16 @@ fn measure_variant(v: Variant, shim: &Path) -> Result<Measure> {
             };
             let mut plan = c.plan(&[policy]);
             if v == Variant::C {
-                add_unrelated(&mut plan, UNRELATED_ENTRIES);
+                add_allowlist(&mut plan, ALLOWLIST_PODS, ALLOWLIST_CIDRS);
             }
             let bytes = serde_json::to_vec(&plan)?;
             c.try_apply_plan(&bytes, Duration::from_secs(180))?;
             if v == Variant::C {
-                let entries = c.status("n2")["entries"].as_u64().unwrap_or(0);
-                eprintln!("    n2's shim holds {entries} entries");
+                let s = c.status("n2");
+                eprintln!(
+                    "    n2's shim holds {} entries as {} sources and {} destinations",
+                    s["entries"], s["sources"], s["destinations"]
+                );
             }
             // The datapath runs without its shims (by design); stopping them keeps their
             // housekeeping out of the CPU measurement.
@@ -243,12 +249,18 @@ fn measure_variant(v: Variant, shim: &Path) -> Result<Measure> {
     }
 }
 
-/// `n` entries for sources that are no pods of the testbed, on the source node (n2) and the
-/// gateway (n1), half to the policy's destination, half to another.
-fn add_unrelated(plan: &mut serde_json::Value, n: u32) {
+/// On the source node (n2) and the gateway (n1): `pods` sources (the bench pod p2 and others
+/// that are no pods of the testbed) each with `cidrs` destination CIDRs of one policy, the bench
+/// destination among them, all to the gateway n1.
+fn add_allowlist(plan: &mut serde_json::Value, pods: u32, cidrs: u32) {
     let Some(nodes) = plan["nodes"].as_array_mut() else {
         return;
     };
+    let bench_pod = sluice_testbed::PODS
+        .iter()
+        .find(|(name, _, _)| *name == "p2")
+        .map(|(_, _, ip)| *ip)
+        .unwrap_or("10.244.2.10");
     for node in nodes {
         let name = node["name"].as_str().unwrap_or_default().to_owned();
         if name != "n1" && name != "n2" {
@@ -257,17 +269,29 @@ fn add_unrelated(plan: &mut serde_json::Value, n: u32) {
         let Some(entries) = node["entries"].as_array_mut() else {
             continue;
         };
-        for i in 0..n {
-            let source = std::net::Ipv4Addr::from(0x0a64_0000 + i).to_string(); // 10.100.0.0 + i
-            let destination = if i % 2 == 0 {
-                "203.0.113.0/24"
+        let egress = (name == "n1").then_some(EGRESS_N1);
+        for pod in 0..pods {
+            // 10.100.0.0 + pod; the first is the bench pod, whose own entry is in the plan already.
+            let source = if pod == 0 {
+                bench_pod.to_owned()
             } else {
-                "198.51.100.0/24"
+                std::net::Ipv4Addr::from(0x0a64_0000 + pod).to_string()
             };
-            let egress = (name == "n1").then_some(EGRESS_N1);
-            entries.push(serde_json::json!({"source": source, "destination": destination,
-                "gateway": node_ip("n1"), "egressIP": egress, "interface": null,
-                "policy": format!("unrelated-{}", i % 50)}));
+            let from = (name == "n1").then(|| node_ip("n2"));
+            for cidr in 1..cidrs {
+                // 11.0.0.0/24 + cidr: none of them the bench destination, which the plan has.
+                let destination = format!("{}/24", std::net::Ipv4Addr::from(0x0b00_0000 + (cidr << 8)));
+                entries.push(serde_json::json!({"source": source, "destination": destination,
+                    "gateway": node_ip("n1"), "egressIP": egress, "interface": null,
+                    "sourceNodeIP": from, "policy": "bench"}));
+            }
+            if pod != 0 {
+                entries.push(
+                    serde_json::json!({"source": source, "destination": "203.0.113.0/24",
+                    "gateway": node_ip("n1"), "egressIP": egress, "interface": null,
+                    "sourceNodeIP": from, "policy": "bench"}),
+                );
+            }
         }
     }
 }

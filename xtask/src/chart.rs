@@ -365,9 +365,12 @@ pub fn test(root: &Path) -> Result<()> {
             );
         }
     }
+    // Nor on a cluster whose ServiceCIDR objects the operator watches.
     for set in [
         "--set=clusterCIDRs={10.0.0.0/8}",
         "--set=serviceCIDRs={10.96.0.0/12}",
+        "--api-versions=networking.k8s.io/v1/ServiceCIDR",
+        "--api-versions=networking.k8s.io/v1beta1/ServiceCIDR",
     ] {
         let notes = render_notes(&helm, &chart, &out_dir, &[set])?;
         ensure!(
@@ -957,6 +960,8 @@ const OPERATOR_RBAC: &[Grant] = &[
     grant(None, "", "nodes", &["list", "watch"], &[]),
     grant(None, "", "namespaces", &["list", "watch"], &[]),
     grant(None, "", "pods", &["list", "watch"], &[]),
+    // controller::service_cidrs: the ServiceCIDR watcher (after a list of one to find the version).
+    grant(None, "networking.k8s.io", "servicecidrs", &["list", "watch"], &[]),
     // controller::StatusWriter::try_write: server-side apply of the status subresource.
     grant(
         None,

@@ -4,6 +4,7 @@ mod chart;
 mod demo;
 mod deps;
 mod e2e_cluster;
+mod idle;
 mod images;
 
 use std::{
@@ -67,6 +68,22 @@ enum Command {
         #[arg(long)]
         no_record: bool,
     },
+    /// What the operator costs at rest (no root needed): for each case, `sluice-operator run
+    /// --source dir:…` (release build) on generated manifests with one simulated shim per node;
+    /// once converged, its CPU and RSS over a window, and the plans, deltas and log lines it
+    /// produced meanwhile; see docs/benchmarks.md.
+    BenchIdle {
+        /// Which cases to run (letters of a, b, c).
+        #[arg(long, default_value = "abc")]
+        cases: String,
+        /// Seconds of the measurement window.
+        #[arg(long, default_value_t = 20)]
+        window: u64,
+        /// Also measure another operator binary, side by side, e.g. `before=/tmp/sluice-operator`.
+        /// Repeatable.
+        #[arg(long = "compare", value_name = "LABEL=PATH")]
+        compare: Vec<idle::Operator>,
+    },
     /// The suite for a real cluster (not part of `test`): installs the chart with `helm upgrade
     /// --install` into the cluster of KUBECONFIG, applies a policy, waits for it to be Accepted
     /// and Programmed and, with --echo-host, checks that a test pod's traffic leaves through the
@@ -118,6 +135,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Images { registry, tag, push } => images::build(&root(), registry.as_deref(), &tag, push),
         Command::Demo { plan_file } => demo(plan_file),
         Command::BenchDatapath { variants, no_record } => bench_datapath(&variants, no_record),
+        Command::BenchIdle {
+            cases,
+            window,
+            compare,
+        } => bench_idle(&cases, window, compare),
         Command::E2eCluster {
             namespace,
             release,
@@ -258,6 +280,50 @@ fn bench_datapath(variants: &str, no_record: bool) -> Result<()> {
         bench::record(&doc, &block)?;
         println!("recorded in {}", doc.display());
     }
+    Ok(())
+}
+
+fn bench_idle(cases: &str, window: u64, compare: Vec<idle::Operator>) -> Result<()> {
+    let cases = idle::choose(cases)?;
+    run_step(
+        "build",
+        "cargo",
+        &[
+            "build",
+            "--locked",
+            "--quiet",
+            "--release",
+            "-p",
+            "sluice-operator",
+        ],
+    )?;
+    let exe = std::env::current_exe().context("locating xtask")?;
+    let release = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("the target directory")?
+        .join("release");
+    let mut operators = compare;
+    operators.push(idle::Operator {
+        label: "this tree".into(),
+        path: release.join("sluice-operator"),
+    });
+    let scratch = std::env::temp_dir().join(format!("sluice-bench-idle-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let machine = bench::machine();
+    let started = std::time::Instant::now();
+    let table = idle::run(
+        &operators,
+        &cases,
+        std::time::Duration::from_secs(window),
+        &scratch,
+    )?;
+    println!("\n{table}");
+    println!(
+        "machine: {machine}; took {:.0?}; manifests and operator logs in {}",
+        started.elapsed(),
+        scratch.display()
+    );
     Ok(())
 }
 

@@ -1,14 +1,21 @@
-//! The Kubernetes source of truth: watches EgressGatewayPolicies, Nodes, Namespaces and Pods and
-//! feeds the engine ([`SourceEvent`]s), writes what the engine reports back as policy status
-//! ([`StatusUpdate`]) and Kubernetes Events ([`Notice`]).
+//! The Kubernetes source of truth: watches EgressGatewayPolicies, Nodes, Namespaces, Pods and
+//! ServiceCIDRs and feeds the engine ([`SourceEvent`]s), writes what the engine reports back as
+//! policy status ([`StatusUpdate`]) and Kubernetes Events ([`Notice`]).
 //!
-//! Memory: the watchers keep no store; the planner holds the only copy of the cluster. Pods and
-//! Nodes are deserialized into trimmed types ([`slim`]): containers, volumes, images, managed
-//! fields and foreign annotations are never allocated. Namespaces are watched metadata-only,
-//! finished pods are filtered out by the API server (field selector). Per object the watchers
-//! remember only its key and a 64-bit fingerprint of what the planner reads, so that updates
-//! that change nothing for the planner (status heartbeats, container restarts) never reach the
-//! engine, and objects that vanished while a watch was down are removed after the re-list.
+//! ServiceCIDRs are watched in the first version the API serves (`v1`, else `v1beta1`), found
+//! once at start; a cluster that serves neither (before Kubernetes 1.33, or 1.31 and 1.32 without
+//! the beta API) has only `--service-cidr`, and nothing is watched then (a watch of a resource
+//! that is not there would only retry forever). Each change sends the whole current set of Service
+//! CIDRs ([`SourceEvent::ServiceCidrs`]), part of the in-cluster set.
+//!
+//! Memory: the watchers keep no store; the planner holds the only copy of the cluster. Pods,
+//! Nodes and ServiceCIDRs are deserialized into trimmed types ([`slim`]): containers, volumes,
+//! images, managed fields and foreign annotations are never allocated. Namespaces are watched
+//! metadata-only, finished pods are filtered out by the API server (field selector). Per object
+//! the watchers remember only its key and a 64-bit fingerprint of what the planner reads, so that
+//! updates that change nothing for the planner (status heartbeats, container restarts) never
+//! reach the engine, and objects that vanished while a watch was down are removed after the
+//! re-list.
 //!
 //! The watchers run on every replica, so that a standby that becomes leader has its plan ready;
 //! status writes and Events only happen while this replica leads.
@@ -26,6 +33,7 @@ use std::{
 };
 
 use futures::{StreamExt, TryStreamExt, stream::BoxStream};
+use ipnet::IpNet;
 use k8s_openapi::{
     api::core::v1::{Namespace, ObjectReference},
     apimachinery::pkg::apis::meta::v1::Time,
@@ -33,7 +41,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource,
-    api::{PartialObjectMeta, Patch, PatchParams},
+    api::{ListParams, PartialObjectMeta, Patch, PatchParams},
     runtime::{
         WatchStreamExt,
         events::{Event as KubeEvent, EventType, Recorder, Reporter},
@@ -53,7 +61,7 @@ use crate::{
     objects,
     planner::Change,
 };
-use slim::{SlimNode, SlimPod};
+use slim::{ServiceCidrVersion, SlimNode, SlimPod, SlimServiceCidr};
 
 /// The field manager of status writes, and the reporting controller of Events.
 pub const FIELD_MANAGER: &str = "sluice-operator";
@@ -70,7 +78,7 @@ pub struct Config {
     /// on becoming leader the latest status of every policy is written again.
     pub leading: watch::Receiver<bool>,
     pub metrics: ControllerMetrics,
-    /// Watch options shared by the four watchers (page size, timeout).
+    /// Watch options shared by the watchers (page size, timeout).
     pub watcher: watcher::Config,
     /// Delay before retrying a status write that failed.
     pub retry_after: Duration,
@@ -103,8 +111,10 @@ impl Config {
 /// controller::run(client, config, sources_tx, updates_rx, notices_rx).await?;
 /// ```
 /// `sources` receives every object as a [`Change`] (policies with `retained_gateways` seeded from
-/// their `status.gateways`, i.e. the last leader's choice), then [`SourceEvent::Synced`] once all
-/// four initial lists are in; later re-lists remove what disappeared meanwhile.
+/// their `status.gateways`, i.e. the last leader's choice), and the Service CIDRs as one
+/// [`SourceEvent::ServiceCidrs`], then [`SourceEvent::Synced`] once all initial lists are in
+/// (a ServiceCIDR API that is not served counts as an empty list); later re-lists remove what
+/// disappeared meanwhile.
 pub async fn run(
     client: Client,
     config: Config,
@@ -146,24 +156,31 @@ enum Kind {
     Node,
     Namespace,
     Pod,
+    ServiceCidr,
 }
 
 impl Kind {
+    const COUNT: usize = 5;
+
     fn name(self) -> &'static str {
         match self {
             Kind::Policy => "EgressGatewayPolicy",
             Kind::Node => "Node",
             Kind::Namespace => "Namespace",
             Kind::Pod => "Pod",
+            Kind::ServiceCidr => "ServiceCIDR",
         }
     }
 
-    fn removal(self, key: String) -> Change {
+    /// The planner change of an object's removal; `None` for ServiceCIDRs, which are not
+    /// planner objects but a part of [`Watchers::service_cidrs`].
+    fn removal(self, key: String) -> Option<Change> {
         match self {
-            Kind::Policy => Change::RemovePolicy(key),
-            Kind::Node => Change::RemoveNode(key),
-            Kind::Namespace => Change::RemoveNamespace(key),
-            Kind::Pod => Change::RemovePod(key),
+            Kind::Policy => Some(Change::RemovePolicy(key)),
+            Kind::Node => Some(Change::RemoveNode(key)),
+            Kind::Namespace => Some(Change::RemoveNamespace(key)),
+            Kind::Pod => Some(Change::RemovePod(key)),
+            Kind::ServiceCidr => None,
         }
     }
 }
@@ -176,6 +193,14 @@ enum Object {
     Node(SlimNode),
     Namespace(PartialObjectMeta<Namespace>),
     Pod(SlimPod),
+    ServiceCidr(SlimServiceCidr),
+}
+
+/// What an object becomes: a planner change, or a ServiceCIDR's CIDRs (of the whole set the
+/// engine is sent).
+enum Update {
+    Change(Box<Change>),
+    ServiceCidr(Vec<IpNet>),
 }
 
 type Watched = (Kind, Result<Event<Object>, watcher::Error>);
@@ -190,7 +215,7 @@ fn map_event<K>(e: Event<K>, f: impl Fn(K) -> Object) -> Event<Object> {
     }
 }
 
-/// The four watch streams, merged.
+/// The watch streams, merged.
 fn streams(client: &Client, config: &watcher::Config) -> BoxStream<'static, Watched> {
     fn one<K>(
         api: Api<K>,
@@ -225,8 +250,65 @@ fn streams(client: &Client, config: &watcher::Config) -> BoxStream<'static, Watc
             Object::Namespace,
         ),
         one(Api::all(client.clone()), Kind::Pod, pods, Object::Pod),
+        service_cidrs(client.clone(), config.clone()),
     ])
     .boxed()
+}
+
+/// The ServiceCIDR watch stream in the version the API serves; where it serves none, an empty
+/// initial list and nothing more.
+fn service_cidrs(client: Client, config: watcher::Config) -> BoxStream<'static, Watched> {
+    futures::stream::once(async move {
+        match served_service_cidr_version(&client).await {
+            Some(version) => watcher::watcher(Api::<SlimServiceCidr>::all_with(client, &version), config)
+                .default_backoff()
+                .map_ok(|e| map_event(e, Object::ServiceCidr))
+                .map(|r| (Kind::ServiceCidr, r))
+                .boxed(),
+            None => futures::stream::iter([Event::Init, Event::InitDone])
+                .map(|e| (Kind::ServiceCidr, Ok(e)))
+                .boxed(),
+        }
+    })
+    .flatten()
+    .boxed()
+}
+
+/// The first version of ServiceCIDR the API serves, asked once (a list of at most one object):
+/// `None` where it serves none, or where the operator may not list them (a ClusterRole of an
+/// older chart). Other errors (the API server unreachable) are retried with the watchers'
+/// backoff.
+async fn served_service_cidr_version(client: &Client) -> Option<ServiceCidrVersion> {
+    let mut backoff = watcher::DefaultBackoff::default();
+    let probe = ListParams::default().limit(1);
+    for version in ServiceCidrVersion::PREFERRED {
+        let api = Api::<SlimServiceCidr>::all_with(client.clone(), &version);
+        loop {
+            match api.list(&probe).await {
+                Ok(_) => {
+                    tracing::info!(version = version.as_str(), "watching ServiceCIDRs");
+                    return Some(version);
+                }
+                Err(kube::Error::Api(s)) if s.code == 404 => break,
+                Err(kube::Error::Api(s)) if s.code == 403 => {
+                    tracing::warn!(
+                        error = %s.message,
+                        "may not list ServiceCIDRs (the ClusterRole lacks them): the Service CIDRs are only --service-cidr's"
+                    );
+                    return None;
+                }
+                Err(e) => {
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(30));
+                    tracing::warn!(error = %e, ?delay, "could not list ServiceCIDRs; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+    tracing::info!(
+        "the API serves no ServiceCIDRs (Kubernetes before 1.33): the Service CIDRs are only --service-cidr's"
+    );
+    None
 }
 
 /// Per kind: every object's key and fingerprint, and the keys seen during a re-list.
@@ -239,8 +321,12 @@ struct Tracker {
 
 struct Watchers {
     sources: mpsc::Sender<SourceEvent>,
-    trackers: [Tracker; 4],
+    trackers: [Tracker; Kind::COUNT],
     policies: PolicyCache,
+    /// Every ServiceCIDR's CIDRs, by name.
+    service_cidrs: HashMap<String, Vec<IpNet>>,
+    /// The set of Service CIDRs last sent to the engine.
+    sent_service_cidrs: Option<Vec<IpNet>>,
     metrics: ControllerMetrics,
 }
 
@@ -253,6 +339,8 @@ impl Watchers {
             sources,
             trackers: Default::default(),
             policies,
+            service_cidrs: HashMap::new(),
+            sent_service_cidrs: None,
             metrics,
         }
     }
@@ -288,12 +376,50 @@ impl Watchers {
             .inc();
     }
 
-    async fn send(&self, kind: Kind, change: Change) -> Result<(), Closed> {
+    async fn send(&self, kind: Kind, change: Box<Change>) -> Result<(), Closed> {
         self.metrics.changes.get_or_create(&[("kind", kind.name())]).inc();
         self.sources
-            .send(SourceEvent::Change(Box::new(change)))
+            .send(SourceEvent::Change(change))
             .await
             .map_err(|_| Closed)
+    }
+
+    /// Sends the engine the whole set of Service CIDRs when it changed, unless a re-list is under
+    /// way (its end sends it once).
+    async fn send_service_cidrs(&mut self) -> Result<(), Closed> {
+        if self.trackers[Kind::ServiceCidr as usize].relisting.is_some() {
+            return Ok(());
+        }
+        let mut cidrs: Vec<IpNet> = self.service_cidrs.values().flatten().copied().collect();
+        cidrs.sort_unstable();
+        cidrs.dedup();
+        if self.sent_service_cidrs.as_ref() == Some(&cidrs) {
+            return Ok(());
+        }
+        self.metrics
+            .changes
+            .get_or_create(&[("kind", Kind::ServiceCidr.name())])
+            .inc();
+        self.sent_service_cidrs = Some(cidrs.clone());
+        self.sources
+            .send(SourceEvent::ServiceCidrs(cidrs))
+            .await
+            .map_err(|_| Closed)
+    }
+
+    /// Forgets an object that is gone: a planner removal, or (for a ServiceCIDR) its part of the
+    /// set, sent by the caller.
+    async fn remove(&mut self, kind: Kind, key: String) -> Result<(), Closed> {
+        if kind == Kind::Policy {
+            self.policies.lock().expect("policy cache").remove(&key);
+        }
+        match kind.removal(key.clone()) {
+            Some(change) => self.send(kind, Box::new(change)).await,
+            None => {
+                self.service_cidrs.remove(&key);
+                Ok(())
+            }
+        }
     }
 
     async fn handle(&mut self, kind: Kind, event: Event<Object>) -> Result<(), Closed> {
@@ -304,23 +430,29 @@ impl Watchers {
             }
             Event::InitApply(object) | Event::Apply(object) => {
                 self.count(kind, "apply");
-                let (key, fingerprint, change) = self.convert(object);
+                let (key, fingerprint, update) = self.convert(object);
                 let tracker = &mut self.trackers[kind as usize];
                 if let Some(seen) = &mut tracker.relisting {
                     seen.insert(key.clone());
                 }
-                if tracker.known.insert(key, fingerprint) != Some(fingerprint) {
-                    self.send(kind, change).await?;
+                if tracker.known.insert(key.clone(), fingerprint) != Some(fingerprint) {
+                    match update {
+                        Update::Change(change) => self.send(kind, change).await?,
+                        Update::ServiceCidr(cidrs) => {
+                            self.service_cidrs.insert(key, cidrs);
+                            self.send_service_cidrs().await?;
+                        }
+                    }
                 }
             }
             Event::Delete(object) => {
                 self.count(kind, "delete");
                 let key = self.key(&object);
-                if kind == Kind::Policy {
-                    self.policies.lock().expect("policy cache").remove(&key);
-                }
                 if self.trackers[kind as usize].known.remove(&key).is_some() {
-                    self.send(kind, kind.removal(key)).await?;
+                    self.remove(kind, key).await?;
+                    if kind == Kind::ServiceCidr {
+                        self.send_service_cidrs().await?;
+                    }
                 }
             }
             Event::InitDone => {
@@ -334,10 +466,10 @@ impl Watchers {
                     .collect();
                 for key in gone {
                     self.trackers[kind as usize].known.remove(&key);
-                    if kind == Kind::Policy {
-                        self.policies.lock().expect("policy cache").remove(&key);
-                    }
-                    self.send(kind, kind.removal(key)).await?;
+                    self.remove(kind, key).await?;
+                }
+                if kind == Kind::ServiceCidr {
+                    self.send_service_cidrs().await?;
                 }
                 let tracker = &mut self.trackers[kind as usize];
                 if !tracker.synced {
@@ -362,11 +494,12 @@ impl Watchers {
             Object::Node(n) => n.0.metadata.name.clone().unwrap_or_default(),
             Object::Namespace(n) => n.metadata.name.clone().unwrap_or_default(),
             Object::Pod(p) => objects::pod_info(&p.0).uid,
+            Object::ServiceCidr(s) => s.metadata.name.clone().unwrap_or_default(),
         }
     }
 
-    /// The object's key, the fingerprint of what the planner reads of it, and its change.
-    fn convert(&self, object: Object) -> (String, u64, Change) {
+    /// The object's key, the fingerprint of what the planner reads of it, and what it becomes.
+    fn convert(&self, object: Object) -> (String, u64, Update) {
         match object {
             Object::Policy(p) => {
                 self.policies.lock().expect("policy cache").insert(
@@ -380,7 +513,7 @@ impl Watchers {
                 (
                     input.name.clone(),
                     fingerprint_policy(&input),
-                    Change::UpsertPolicy(input),
+                    Update::Change(Box::new(Change::UpsertPolicy(input))),
                 )
             }
             Object::Node(SlimNode(mut node)) => {
@@ -394,7 +527,7 @@ impl Watchers {
                 (
                     info.name.clone(),
                     fingerprint_node(&info),
-                    Change::UpsertNode(info),
+                    Update::Change(Box::new(Change::UpsertNode(info))),
                 )
             }
             Object::Namespace(ns) => {
@@ -403,11 +536,32 @@ impl Watchers {
                     labels: ns.metadata.labels.clone().unwrap_or_default(),
                 };
                 let fp = fingerprint(&(&info.name, &info.labels));
-                (info.name.clone(), fp, Change::UpsertNamespace(info))
+                (
+                    info.name.clone(),
+                    fp,
+                    Update::Change(Box::new(Change::UpsertNamespace(info))),
+                )
             }
             Object::Pod(SlimPod(pod)) => {
                 let info = objects::pod_info(&pod);
-                (info.uid.clone(), fingerprint_pod(&info), Change::UpsertPod(info))
+                (
+                    info.uid.clone(),
+                    fingerprint_pod(&info),
+                    Update::Change(Box::new(Change::UpsertPod(info))),
+                )
+            }
+            Object::ServiceCidr(s) => {
+                // The API server validates them: one that does not parse is skipped.
+                let cidrs: Vec<IpNet> = s
+                    .cidrs
+                    .iter()
+                    .filter_map(|c| c.parse::<IpNet>().ok().map(|c| c.trunc()))
+                    .collect();
+                (
+                    s.metadata.name.unwrap_or_default(),
+                    fingerprint(&cidrs),
+                    Update::ServiceCidr(cidrs),
+                )
             }
         }
     }

@@ -1,14 +1,17 @@
-//! Trimmed Pod and Node types for the watchers.
+//! Trimmed Pod, Node and ServiceCIDR types for the watchers.
 //!
 //! They deserialize straight from the API server's JSON into a `Pod`/`Node` that holds only what
 //! [`crate::objects`] reads: containers, volumes, images, managed fields and foreign annotations
 //! are skipped by the deserializer and never allocated. The watchers keep no store (the planner
 //! holds the only copy of the cluster), so an object lives only while it is converted.
 
-use std::{collections::BTreeMap, fmt};
+use std::{borrow::Cow, collections::BTreeMap, fmt};
 
 use k8s_openapi::{
-    api::core::v1::{Node, NodeAddress, NodeCondition, NodeSpec, NodeStatus, Pod, PodIP, PodSpec, PodStatus},
+    api::{
+        core::v1::{Node, NodeAddress, NodeCondition, NodeSpec, NodeStatus, Pod, PodIP, PodSpec, PodStatus},
+        networking::{v1, v1beta1},
+    },
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
 };
 use serde::{
@@ -243,6 +246,82 @@ impl<'de> Deserialize<'de> for SlimNode {
     }
 }
 
+/// A served version of `networking.k8s.io` `ServiceCIDR`: `v1` from Kubernetes 1.33, `v1beta1` in
+/// 1.31 and 1.32 where a cluster enables it. The two versions' specs are the same.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ServiceCidrVersion {
+    #[default]
+    V1,
+    V1beta1,
+}
+
+impl ServiceCidrVersion {
+    /// In the order to try them: the first one served is watched.
+    pub const PREFERRED: [ServiceCidrVersion; 2] = [ServiceCidrVersion::V1, ServiceCidrVersion::V1beta1];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceCidrVersion::V1 => <v1::ServiceCIDR as k8s_openapi::Resource>::VERSION,
+            ServiceCidrVersion::V1beta1 => <v1beta1::ServiceCIDR as k8s_openapi::Resource>::VERSION,
+        }
+    }
+}
+
+/// A `ServiceCIDR` with its name and `spec.cidrs` (unparsed, as [`crate::objects`] reads pod
+/// CIDRs); its status and the rest of its metadata are skipped. Of either served version: the
+/// version is the type's [`kube::Resource::DynamicType`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SlimServiceCidr {
+    pub metadata: ObjectMeta,
+    pub cidrs: Vec<String>,
+}
+
+impl kube::Resource for SlimServiceCidr {
+    type DynamicType = ServiceCidrVersion;
+    type Scope = k8s_openapi::ClusterResourceScope;
+
+    fn kind(_: &ServiceCidrVersion) -> Cow<'_, str> {
+        <v1::ServiceCIDR as k8s_openapi::Resource>::KIND.into()
+    }
+    fn group(_: &ServiceCidrVersion) -> Cow<'_, str> {
+        <v1::ServiceCIDR as k8s_openapi::Resource>::GROUP.into()
+    }
+    fn version(version: &ServiceCidrVersion) -> Cow<'_, str> {
+        version.as_str().into()
+    }
+    fn plural(_: &ServiceCidrVersion) -> Cow<'_, str> {
+        <v1::ServiceCIDR as k8s_openapi::Resource>::URL_PATH_SEGMENT.into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+#[derive(Deserialize)]
+struct ServiceCidrWire {
+    #[serde(default)]
+    metadata: MetaWire,
+    spec: Option<ServiceCidrSpecWire>,
+}
+
+#[derive(Deserialize)]
+struct ServiceCidrSpecWire {
+    cidrs: Option<Vec<String>>,
+}
+
+impl<'de> Deserialize<'de> for SlimServiceCidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let w = ServiceCidrWire::deserialize(d)?;
+        Ok(SlimServiceCidr {
+            metadata: w.metadata.into(),
+            cidrs: w.spec.and_then(|s| s.cidrs).unwrap_or_default(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -311,5 +390,39 @@ mod tests {
         assert!(status.images.is_none());
         assert_eq!(status.conditions.unwrap().len(), 1);
         assert_eq!(slim.metadata.annotations.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn service_cidrs_keep_their_name_and_cidrs_and_nothing_else() {
+        let wire = json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "ServiceCIDR",
+            "metadata": {"name": "kubernetes", "resourceVersion": "9", "finalizers": ["networking.k8s.io/service-cidr-finalizer"],
+                         "managedFields": [{"manager": "kube-apiserver"}]},
+            "spec": {"cidrs": ["10.96.0.0/12", "fd00:10:96::/112"]},
+            "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "", "message": "",
+                                       "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+        });
+        let full: v1::ServiceCIDR = serde_json::from_value(wire.clone()).unwrap();
+        let slim: SlimServiceCidr = serde_json::from_value(wire).unwrap();
+        assert_eq!(Some(slim.cidrs.clone()), full.spec.unwrap().cidrs);
+        assert_eq!(slim.metadata.name.as_deref(), Some("kubernetes"));
+        assert_eq!(slim.metadata.resource_version.as_deref(), Some("9"));
+        assert!(slim.metadata.finalizers.is_none() && slim.metadata.managed_fields.is_none());
+        let bare: SlimServiceCidr = serde_json::from_value(json!({"metadata": {"name": "x"}})).unwrap();
+        assert!(bare.cidrs.is_empty());
+    }
+
+    #[test]
+    fn service_cidrs_are_listed_where_each_version_serves_them() {
+        use kube::Resource;
+        assert_eq!(
+            SlimServiceCidr::url_path(&ServiceCidrVersion::V1, None),
+            "/apis/networking.k8s.io/v1/servicecidrs"
+        );
+        assert_eq!(
+            SlimServiceCidr::url_path(&ServiceCidrVersion::V1beta1, None),
+            "/apis/networking.k8s.io/v1beta1/servicecidrs"
+        );
+        assert_eq!(SlimServiceCidr::kind(&ServiceCidrVersion::V1beta1), "ServiceCIDR");
     }
 }

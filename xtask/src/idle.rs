@@ -1,0 +1,673 @@
+//! `cargo xtask bench-idle`: what the operator costs once it has converged (issue 11, "quiet at
+//! rest"). At rest nothing should be recomputed, re-sent or re-logged, so its CPU should be the
+//! heartbeats' and nothing that grows with entries.
+//!
+//! For each case the manifests are generated into a directory, `sluice-operator run --source
+//! dir:…` reads them, and one simulated shim per node keeps a session: a real gRPC client in this
+//! process that acknowledges every plan and delta at once, sends heartbeats, and has no message
+//! size limit (so that a plan of any size arrives, whatever the shims' limit is). Once every shim
+//! holds a plan and nothing but heartbeats has arrived for [`QUIET`], the operator's CPU time
+//! (utime + stime of `/proc/<pid>/stat`) and RSS are sampled over a window, and the plans and
+//! deltas it sent and the log lines it wrote meanwhile are counted: at rest both must be 0.
+//!
+//! Cases:
+//! - `a` the testbed's three nodes, 60 policies of 1,000 destination CIDRs each selecting its
+//!   two pods p1 and p2, gateway n3 (which holds 2 × 60,000 entries);
+//! - `b` 1 policy of 1,000 CIDRs selecting 1,000 pods on 50 nodes, one gateway (1,000,000 entries);
+//! - `c` the synthetic cluster of the planner benchmark: 500 nodes, 20,000 pods, 300 policies.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    io::Write as _,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use serde_json::{Value, json};
+use sluice_operator::{
+    api::{EgressGateway, EgressGatewayPolicy, EgressGatewayPolicySpec, EgressRule},
+    manifests::Manifests,
+    model::{NamespaceInfo, NodeInfo, PodInfo, PolicyInput},
+    synthetic::{self, Size},
+};
+use sluice_proto::v1::{self, node_channel_client::NodeChannelClient, operator_message, shim_message};
+
+/// Nothing but heartbeats for this long: converged.
+const QUIET: Duration = Duration::from_secs(3);
+/// Give up waiting for convergence after this long.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(600);
+/// `/proc/<pid>/stat` counts CPU time in USER_HZ, 100 per second on Linux.
+const USER_HZ: f64 = 100.0;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Case {
+    A,
+    B,
+    C,
+}
+
+impl Case {
+    const ALL: [Case; 3] = [Case::A, Case::B, Case::C];
+
+    fn key(self) -> &'static str {
+        match self {
+            Case::A => "a",
+            Case::B => "b",
+            Case::C => "c",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Case::A => "60 policies × 1,000 CIDRs, 2 pods, 3 nodes",
+            Case::B => "1 policy × 1,000 CIDRs, 1,000 pods, 50 nodes",
+            Case::C => "synthetic: 500 nodes, 20,000 pods, 300 policies",
+        }
+    }
+
+    fn manifests(self) -> Manifests {
+        match self {
+            Case::A => allowlists(60, 1000),
+            Case::B => one_allowlist_many_pods(1000, 50, 1000),
+            Case::C => synthetic::cluster(Size {
+                nodes: 500,
+                pods: 20_000,
+                policies: 300,
+            }),
+        }
+    }
+}
+
+/// The cases named by the letters of `cases`, in order.
+pub fn choose(cases: &str) -> Result<Vec<Case>> {
+    if let Some(unknown) = cases
+        .chars()
+        .find(|c| !Case::ALL.iter().any(|k| k.key().starts_with(*c)))
+    {
+        bail!("unknown case {unknown:?} (known: abc)");
+    }
+    Ok(Case::ALL
+        .into_iter()
+        .filter(|k| cases.contains(k.key()))
+        .collect())
+}
+
+/// The `k`th destination CIDR of an allowlist: distinct /24s in 11.0.0.0/8 and up (no policy
+/// shares one, so every (pod, CIDR) pair is an entry of its own).
+fn allowlist_cidr(k: usize) -> String {
+    format!("{}.{}.{}.0/24", 11 + k / 65_536, k / 256 % 256, k % 256)
+}
+
+fn allowlist_spec(
+    selector: (&str, &str),
+    cidrs: std::ops::Range<usize>,
+    gateway: (&str, &str),
+    egress_ip: &str,
+) -> EgressGatewayPolicySpec {
+    let label = |(k, v): (&str, &str)| k8s_selector(BTreeMap::from([(k.to_owned(), v.to_owned())]));
+    EgressGatewayPolicySpec {
+        selectors: vec![EgressRule {
+            pod_selector: Some(label(selector)),
+            namespace_selector: None,
+            node_selector: None,
+        }],
+        destination_cidrs: cidrs.map(allowlist_cidr).collect(),
+        egress_gateway: Some(EgressGateway {
+            node_selector: label(gateway),
+            egress_ip: Some(egress_ip.to_owned()),
+            max_gateway_nodes: Some(1),
+            interface: None,
+        }),
+        ..Default::default()
+    }
+}
+
+fn k8s_selector(labels: BTreeMap<String, String>) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(labels),
+        match_expressions: None,
+    }
+}
+
+/// Case a: the testbed's nodes and pods (`sluice_testbed::NODES`, `PODS`); p1 and p2 are
+/// selected by each of `policies` policies of `cidrs` CIDRs, all through n3.
+pub fn allowlists(policies: usize, cidrs: usize) -> Manifests {
+    let nodes = sluice_testbed::NODES
+        .iter()
+        .enumerate()
+        .map(|(i, (name, ip))| NodeInfo {
+            name: (*name).to_owned(),
+            labels: BTreeMap::from([("kubernetes.io/hostname".to_owned(), (*name).to_owned())]),
+            addresses: vec![ip.parse().expect("testbed node IP")],
+            ready: true,
+            eligible: true,
+            interfaces: None,
+            pod_cidrs: vec![format!("10.244.{}.0/24", i + 1).parse().expect("pod CIDR")],
+        })
+        .collect();
+    let pods = sluice_testbed::PODS
+        .iter()
+        .map(|(name, node, ip)| PodInfo {
+            uid: format!("uid-{name}"),
+            namespace: "shop".into(),
+            name: (*name).to_owned(),
+            labels: BTreeMap::from([(
+                "app".to_owned(),
+                if *name == "p3" { "other" } else { "saas" }.to_owned(),
+            )]),
+            node_name: Some((*node).to_owned()),
+            ips: vec![ip.parse().expect("testbed pod IP")],
+            host_network: false,
+            phase: sluice_operator::model::PodPhase::Running,
+        })
+        .collect();
+    Manifests {
+        nodes,
+        namespaces: vec![NamespaceInfo {
+            name: "shop".into(),
+            labels: BTreeMap::new(),
+        }],
+        pods,
+        policies: (0..policies)
+            .map(|i| PolicyInput {
+                name: format!("saas-{i:02}"),
+                spec: allowlist_spec(
+                    ("app", "saas"),
+                    i * cidrs..(i + 1) * cidrs,
+                    ("kubernetes.io/hostname", "n3"),
+                    sluice_testbed::EGRESS_N3,
+                ),
+                ..Default::default()
+            })
+            .collect(),
+        service_cidrs: Vec::new(),
+        ignored: Vec::new(),
+    }
+}
+
+/// Case b: `pods` synthetic pods on `nodes` synthetic nodes, all selected by one policy of
+/// `cidrs` CIDRs through node-0.
+pub fn one_allowlist_many_pods(pods: usize, nodes: usize, cidrs: usize) -> Manifests {
+    let mut m = synthetic::cluster(Size {
+        nodes,
+        pods,
+        policies: 1,
+    });
+    m.policies = vec![PolicyInput {
+        name: "saas".into(),
+        // Every synthetic pod has it.
+        spec: allowlist_spec(
+            ("version", "v1"),
+            0..cidrs,
+            ("kubernetes.io/hostname", "node-0"),
+            "192.0.2.1",
+        ),
+        ..Default::default()
+    }];
+    m
+}
+
+/// The manifests as one multi-document YAML file (JSON documents, which YAML reads as they are).
+pub fn to_yaml(m: &Manifests) -> String {
+    let mut docs: Vec<Value> = Vec::new();
+    docs.extend(m.namespaces.iter().map(|n| {
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n.name, "labels": n.labels}})
+    }));
+    docs.extend(m.nodes.iter().map(|n| {
+        let addresses: Vec<Value> = n
+            .addresses
+            .iter()
+            .map(|a| json!({"type": "InternalIP", "address": a.to_string()}))
+            .collect();
+        let pod_cidrs: Vec<String> = n.pod_cidrs.iter().map(ToString::to_string).collect();
+        json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": n.name, "labels": n.labels},
+            "spec": {"podCIDRs": pod_cidrs},
+            "status": {"addresses": addresses},
+        })
+    }));
+    docs.extend(m.pods.iter().map(|p| {
+        let ips: Vec<Value> = p.ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": p.name, "namespace": p.namespace, "uid": p.uid, "labels": p.labels},
+            "spec": {"nodeName": p.node_name, "containers": [{"name": "app", "image": "app"}]},
+            "status": {"phase": "Running", "podIPs": ips},
+        })
+    }));
+    docs.extend(m.policies.iter().map(|p| {
+        serde_json::to_value(EgressGatewayPolicy::new(&p.name, p.spec.clone())).expect("a policy serializes")
+    }));
+    let mut out = String::new();
+    for d in docs {
+        out.push_str("---\n");
+        out.push_str(&d.to_string());
+        out.push('\n');
+    }
+    out
+}
+
+/// What one simulated shim saw.
+#[derive(Default)]
+struct Tally {
+    plans: AtomicU64,
+    deltas: AtomicU64,
+    /// Entries of the largest full plan received.
+    plan_entries: AtomicU64,
+    sessions: AtomicU64,
+    /// When the last plan or delta arrived.
+    last_update: Mutex<Option<Instant>>,
+    /// Why the last session ended.
+    failure: Mutex<Option<String>>,
+}
+
+impl Tally {
+    fn updated(&self) {
+        *self.last_update.lock().expect("tally lock") = Some(Instant::now());
+    }
+
+    fn updates(&self) -> u64 {
+        self.plans.load(Ordering::Relaxed) + self.deltas.load(Ordering::Relaxed)
+    }
+}
+
+fn shim_msg(m: shim_message::Message) -> v1::ShimMessage {
+    v1::ShimMessage { message: Some(m) }
+}
+
+/// A shim without a datapath: acknowledges what it receives at once, forever.
+async fn simulated_shim(endpoint: String, node: String, tally: Arc<Tally>) {
+    loop {
+        let Err(e) = session(&endpoint, &node, &tally).await;
+        *tally.failure.lock().expect("tally lock") = Some(format!("{e:#}"));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn session(endpoint: &str, node: &str, tally: &Tally) -> Result<std::convert::Infallible> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
+        .connect()
+        .await?;
+    let mut client = NodeChannelClient::new(channel).max_decoding_message_size(usize::MAX);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tx.send(shim_msg(shim_message::Message::Hello(v1::Hello {
+        node: node.to_owned(),
+        version: "bench-idle".into(),
+        ..Default::default()
+    })))
+    .await?;
+    let mut inbound = client
+        .sync(tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+        .await?
+        .into_inner();
+    tally.sessions.fetch_add(1, Ordering::Relaxed);
+    let mut interval = Duration::from_millis(250);
+    let mut ticker = tokio::time::interval(interval);
+    // Entries of the chunks of the plan being received.
+    let mut entries = 0;
+    let ack = |generation| {
+        shim_msg(shim_message::Message::Ack(v1::Ack {
+            generation,
+            errors: Vec::new(),
+        }))
+    };
+    loop {
+        tokio::select! {
+            msg = inbound.message() => {
+                let msg = msg?.context("the operator closed the stream")?;
+                match msg.message {
+                    // A plan or delta counts (and is acknowledged) with its last chunk.
+                    Some(operator_message::Message::Plan(plan)) => {
+                        entries += plan.entries.len() as u64;
+                        let wanted = Duration::from_millis(plan.heartbeat_interval_ms.into());
+                        if !wanted.is_zero() && wanted != interval {
+                            interval = wanted;
+                            ticker = tokio::time::interval(interval);
+                        }
+                        if !plan.continued {
+                            tally.plans.fetch_add(1, Ordering::Relaxed);
+                            tally.plan_entries.fetch_max(std::mem::take(&mut entries), Ordering::Relaxed);
+                            tally.updated();
+                            tx.send(ack(plan.generation)).await?;
+                        }
+                    }
+                    Some(operator_message::Message::Delta(delta)) => {
+                        if !delta.continued {
+                            tally.deltas.fetch_add(1, Ordering::Relaxed);
+                            tally.updated();
+                            tx.send(ack(delta.generation)).await?;
+                        }
+                    }
+                    Some(operator_message::Message::Heartbeat(_)) | None => {}
+                }
+            }
+            _ = ticker.tick() => {
+                let hb = shim_message::Message::Heartbeat(v1::Heartbeat { sent_unix_ms: 0 });
+                tx.send(shim_msg(hb)).await?;
+            }
+        }
+    }
+}
+
+/// CPU time of a process so far, in USER_HZ ticks (utime + stime).
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after `comm`, which may hold spaces and parentheses: state is field 3, utime
+    // and stime fields 14 and 15 (proc(5)).
+    let after = stat.rsplit_once(')').context("unexpected /proc/<pid>/stat")?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let field = |n: usize| -> Result<u64> {
+        f.get(n - 3)
+            .context("short /proc/<pid>/stat")?
+            .parse()
+            .context("/proc/<pid>/stat field")
+    };
+    Ok(field(14)? + field(15)?)
+}
+
+/// A `kB` line of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), in MiB.
+fn status_mib(pid: u32, key: &str) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .with_context(|| format!("no {key} in /proc/{pid}/status"))?;
+    let kib: f64 = line
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .with_context(|| format!("{key}: {line}"))?;
+    Ok(kib / 1024.0)
+}
+
+fn lines_of(path: &Path) -> usize {
+    std::fs::read(path).map_or(0, |b| b.iter().filter(|c| **c == b'\n').count())
+}
+
+/// One operator on one case, at rest.
+#[derive(Clone, Debug, Default)]
+pub struct Measure {
+    pub converged_in: Duration,
+    pub largest_plan: u64,
+    pub rss_mib: f64,
+    pub peak_rss_mib: f64,
+    /// CPU over the window, in % of one core.
+    pub cpu_pct: f64,
+    /// Plans and deltas sent to shims during the window.
+    pub updates: u64,
+    pub log_lines: usize,
+}
+
+/// An operator binary to measure, and what to call it in the table.
+#[derive(Clone, Debug)]
+pub struct Operator {
+    pub label: String,
+    pub path: PathBuf,
+}
+
+impl std::str::FromStr for Operator {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some((label, path)) if !label.is_empty() && !path.is_empty() => Ok(Operator {
+                label: label.to_owned(),
+                path: path.into(),
+            }),
+            _ => Err(format!("expected LABEL=PATH, not {s:?}")),
+        }
+    }
+}
+
+/// Starts `operator` on `dir`, lets it converge with one simulated shim per node, and measures it
+/// over `window`.
+fn measure(operator: &Path, dir: &Path, nodes: &[String], window: Duration, log: &Path) -> Result<Measure> {
+    let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let log_file = std::fs::File::create(log)?;
+    let started = Instant::now();
+    let child = Command::new(operator)
+        .arg("run")
+        .arg(format!("--source=dir:{}", dir.display()))
+        .args(["--grpc-listen", &listen, "--metrics-listen", "off"])
+        .args(["--heartbeat-grace", "1s", "--insecure-allow-any-node"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .with_context(|| format!("starting {}", operator.display()))?;
+    let mut child = Stopped(child);
+    let pid = child.0.id();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let tallies: Vec<Arc<Tally>> = nodes.iter().map(|_| Arc::default()).collect();
+    for (node, tally) in nodes.iter().zip(&tallies) {
+        rt.spawn(simulated_shim(
+            format!("http://{listen}"),
+            node.clone(),
+            tally.clone(),
+        ));
+    }
+    let converged = loop {
+        std::thread::sleep(Duration::from_millis(200));
+        if let Some(status) = child.0.try_wait()? {
+            bail!("the operator exited ({status}):\n{}", tail(log));
+        }
+        let all_planned = tallies.iter().all(|t| t.plans.load(Ordering::Relaxed) > 0);
+        let last = tallies
+            .iter()
+            .filter_map(|t| *t.last_update.lock().expect("tally lock"))
+            .max();
+        if let Some(last) = last
+            && all_planned
+            && last.elapsed() >= QUIET
+        {
+            break last;
+        }
+        if started.elapsed() > CONVERGE_TIMEOUT {
+            let unplanned: Vec<String> = nodes
+                .iter()
+                .zip(&tallies)
+                .filter(|(_, t)| t.plans.load(Ordering::Relaxed) == 0)
+                .take(5)
+                .map(|(n, t)| format!("{n}: {:?}", t.failure.lock().expect("tally lock")))
+                .collect();
+            bail!(
+                "not converged in {CONVERGE_TIMEOUT:?}; shims without a plan: {unplanned:?}\n{}",
+                tail(log)
+            );
+        }
+    };
+    let updates = || tallies.iter().map(|t| t.updates()).sum::<u64>();
+    let (cpu0, updates0, lines0, at0) = (cpu_ticks(pid)?, updates(), lines_of(log), Instant::now());
+    std::thread::sleep(window);
+    let (cpu1, updates1, lines1) = (cpu_ticks(pid)?, updates(), lines_of(log));
+    let elapsed = at0.elapsed().as_secs_f64();
+    let m = Measure {
+        converged_in: converged.saturating_duration_since(started),
+        largest_plan: tallies
+            .iter()
+            .map(|t| t.plan_entries.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0),
+        rss_mib: status_mib(pid, "VmRSS")?,
+        peak_rss_mib: status_mib(pid, "VmHWM")?,
+        cpu_pct: 100.0 * (cpu1 - cpu0) as f64 / USER_HZ / elapsed,
+        updates: updates1 - updates0,
+        log_lines: lines1 - lines0,
+    };
+    rt.shutdown_background();
+    child.stop();
+    Ok(m)
+}
+
+/// The operator process, stopped (SIGTERM, then SIGKILL) when dropped.
+struct Stopped(Child);
+
+impl Stopped {
+    fn stop(&mut self) {
+        use nix::{sys::signal, unistd::Pid};
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = signal::kill(Pid::from_raw(self.0.id() as i32), signal::Signal::SIGTERM);
+            for _ in 0..50 {
+                if !matches!(self.0.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Measures every operator on every case (operators interleaved per case, so that each pair is
+/// measured close together) and returns the table.
+pub fn run(operators: &[Operator], cases: &[Case], window: Duration, scratch: &Path) -> Result<String> {
+    let mut rows = Vec::new();
+    for &case in cases {
+        let manifests = case.manifests();
+        let dir = scratch.join(format!("case-{}", case.key()));
+        std::fs::create_dir_all(&dir)?;
+        let mut file = std::fs::File::create(dir.join("manifests.yaml"))?;
+        file.write_all(to_yaml(&manifests).as_bytes())?;
+        drop(file);
+        let nodes: Vec<String> = manifests.nodes.iter().map(|n| n.name.clone()).collect();
+        for op in operators {
+            eprintln!("==> ({}) {} — {}", case.key(), case.describe(), op.label);
+            let log = scratch.join(format!("operator-{}-{}.log", case.key(), op.label));
+            let m = measure(&op.path, &dir, &nodes, window, &log)
+                .with_context(|| format!("case ({}) with {}", case.key(), op.label))?;
+            eprintln!(
+                "    converged in {:.1?}, {:.0} MiB, {:.2} % of a core, {} updates and {} log lines at rest",
+                m.converged_in, m.rss_mib, m.cpu_pct, m.updates, m.log_lines
+            );
+            rows.push((case, op.label.clone(), m));
+        }
+    }
+    Ok(table(&rows, window))
+}
+
+fn table(rows: &[(Case, String, Measure)], window: Duration) -> String {
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "| case | operator | largest plan (entries) | start → converged | RSS (peak) | idle CPU, % of a core | plans + deltas at rest | log lines at rest |"
+    );
+    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|");
+    for (case, label, m) in rows {
+        let _ = writeln!(
+            t,
+            "| ({}) {} | {label} | {} | {:.1} s | {:.0} MiB ({:.0} MiB) | {:.2} | {} | {} |",
+            case.key(),
+            case.describe(),
+            m.largest_plan,
+            m.converged_in.as_secs_f64(),
+            m.rss_mib,
+            m.peak_rss_mib,
+            m.cpu_pct,
+            m.updates,
+            m.log_lines,
+        );
+    }
+    let _ = writeln!(
+        t,
+        "\nAt rest: a {}-second window that starts once every shim holds a plan and nothing but \
+         heartbeats has arrived for {} s. Heartbeat grace 1 s (a heartbeat every 250 ms each way, \
+         per shim); `dir:` source polled every 200 ms.",
+        window.as_secs(),
+        QUIET.as_secs()
+    );
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_operator::planner::Planner;
+
+    use super::*;
+
+    fn read_back(m: &Manifests) -> Manifests {
+        let mut back = Manifests::default();
+        back.add_file(Path::new("generated.yaml"), &to_yaml(m)).unwrap();
+        back
+    }
+
+    fn planned(m: &Manifests) -> Planner {
+        let m = read_back(m);
+        Planner::from_snapshot(m.namespaces, m.nodes, m.policies, m.pods)
+    }
+
+    #[test]
+    fn generated_manifests_read_back_as_generated() {
+        for m in [
+            allowlists(2, 3),
+            one_allowlist_many_pods(40, 5, 3),
+            synthetic::cluster(Size {
+                nodes: 30,
+                pods: 200,
+                policies: 4,
+            }),
+        ] {
+            let back = read_back(&m);
+            assert_eq!(back.nodes, m.nodes);
+            assert_eq!(back.namespaces, m.namespaces);
+            assert_eq!(back.pods, m.pods);
+            let specs = |m: &Manifests| -> Vec<(String, EgressGatewayPolicySpec)> {
+                m.policies
+                    .iter()
+                    .map(|p| (p.name.clone(), p.spec.clone()))
+                    .collect()
+            };
+            assert_eq!(specs(&back), specs(&m));
+        }
+    }
+
+    #[test]
+    fn allowlists_give_every_selected_pod_every_cidr_of_every_policy() {
+        let planner = planned(&allowlists(3, 10));
+        let entries = |node: &str| planner.node_plan(node).len();
+        // p1 on n1 and p2 on n2, 3 × 10 CIDRs each; the gateway n3 holds both pods'.
+        assert_eq!((entries("n1"), entries("n2"), entries("n3")), (30, 30, 60));
+    }
+
+    #[test]
+    fn one_allowlist_selects_every_pod() {
+        let planner = planned(&one_allowlist_many_pods(40, 5, 3));
+        assert_eq!(planner.node_plan("node-0").len(), 40 * 3);
+    }
+
+    #[test]
+    fn cases_are_chosen_by_letter() {
+        assert_eq!(choose("ca").unwrap(), [Case::A, Case::C]);
+        assert!(choose("x").is_err());
+    }
+}
