@@ -498,3 +498,110 @@ fn a_new_pod_never_leaves_with_a_node_ip() {
         .unwrap_or_else(|| panic!("no dropped_undecided_pod in\n{counters}"));
     assert!(dropped > 0, "{counters}\n{}", tb.log("shim-n2"));
 }
+
+/// CPU time (user + system, in clock ticks) of process `pid` so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) are split on whitespace.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    field(11) + field(12)
+}
+
+#[test]
+fn sixty_allowlists_of_a_thousand_cidrs_are_programmed_and_then_nothing_moves() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIP live_e2e: needs root (network namespaces, eBPF); CI runs it as root");
+        return;
+    }
+    let (mut tb, dir, tokens) = live_testbed();
+    // 60 policies of 1,000 destination CIDRs each (SaaS allowlists), selecting both checkout
+    // pods, through n3: n3 serves 2 x 60,000 (pod, CIDR) pairs, n1 and n2 steer 60,000 each.
+    let mut manifests = String::new();
+    for p in 0..60u32 {
+        let mut cidrs: Vec<String> = (0..1_000u32)
+            .map(|c| {
+                let net = std::net::Ipv4Addr::from(0x0b00_0000 + ((p * 1_000 + c) << 8));
+                format!("{net}/24")
+            })
+            .collect();
+        if p == 0 {
+            cidrs[999] = "203.0.113.0/24".into();
+        }
+        manifests.push_str(&format!(
+            "---\napiVersion: sluice.dev/v1alpha1\nkind: EgressGatewayPolicy\nmetadata:\n  name: saas-{p:02}\n\
+             spec:\n  selectors:\n    - podSelector:\n        matchLabels: {{app: checkout}}\n  \
+             destinationCIDRs: [{}]\n  egressGateways:\n    - nodeSelector:\n        \
+             matchLabels: {{kubernetes.io/hostname: n3}}\n      egressIP: {EGRESS_N3}\n  failurePolicy: Drop\n",
+            cidrs.join(", ")
+        ));
+    }
+    write(&dir.join("policies.yaml"), &manifests);
+    let _operator = Operator::start(tb.ns("ul"), options(&dir, &tokens, Duration::from_secs(10)));
+    let mut pids = Vec::new();
+    for (node, _) in NODES {
+        let mut cmd = tb.shim_command(node, env!("CARGO_BIN_EXE_sluice-shim"));
+        cmd.args(["--operator", &format!("http://{GRPC}")])
+            .arg("--token-file")
+            .arg(tokens.join(node))
+            .args(["--interval-ms", "1000"])
+            .arg("--status-file")
+            .arg(tb.scratch().join(format!("{node}.status")));
+        pids.push(tb.spawn(&format!("shim-{node}"), cmd).unwrap());
+    }
+    let status = |tb: &Testbed, node: &str| -> serde_json::Value {
+        fs::read(tb.scratch().join(format!("{node}.status")))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    };
+    let started = Instant::now();
+    let programmed = wait_for(Duration::from_secs(300), || {
+        status(&tb, "n3")["entries"] == 120_000
+            && status(&tb, "n1")["entries"] == 60_000
+            && status(&tb, "n2")["entries"] == 60_000
+    });
+    let logs: String = NODES
+        .iter()
+        .map(|(n, _)| format!("--- shim-{n}\n{}", tb.log(&format!("shim-{n}"))))
+        .collect();
+    assert!(
+        programmed,
+        "not programmed: {} {} {}\n{logs}",
+        status(&tb, "n1"),
+        status(&tb, "n2"),
+        status(&tb, "n3")
+    );
+    eprintln!("programmed in {:?}", started.elapsed());
+    // Pods + CIDRs, not pods x CIDRs: one source group of 60,000 destinations for both pods.
+    assert_eq!(status(&tb, "n3")["sources"], 2);
+    assert_eq!(status(&tb, "n3")["destinations"], 60_000);
+    wait_egress(&tb, "p2", EGRESS_N3, Duration::from_secs(20));
+    wait_egress(&tb, "p1", EGRESS_N3, Duration::from_secs(20));
+
+    // At rest nothing is applied again, and nothing is written to the maps.
+    let counts = |tb: &Testbed| -> Vec<(serde_json::Value, serde_json::Value)> {
+        NODES
+            .iter()
+            .map(|(n, _)| {
+                let s = status(tb, n);
+                (s["planReads"].clone(), s["mapWrites"].clone())
+            })
+            .collect()
+    };
+    let before = counts(&tb);
+    let ticks_before: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect();
+    std::thread::sleep(Duration::from_secs(10));
+    assert_eq!(counts(&tb), before, "a shim applied its plan again at rest");
+    let idle: Vec<String> = pids
+        .iter()
+        .zip(&ticks_before)
+        .zip(NODES)
+        .map(|((p, t), (n, _))| format!("{n} {} ticks", cpu_ticks(*p) - t))
+        .collect();
+    eprintln!(
+        "shim CPU over 10 s at rest (100 ticks = one core-second): {}",
+        idle.join(", ")
+    );
+}

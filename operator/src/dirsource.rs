@@ -59,7 +59,12 @@ pub async fn run(dir: PathBuf, poll: Duration, sources: mpsc::Sender<SourceEvent
                             tracing::debug!(%ignored, "ignoring");
                         }
                         let changes = good.changes_to(&next);
-                        tracing::info!(changes = changes.len(), dir = %dir.display(), "manifests read");
+                        // A file rewritten as it was (a `touch`, an editor's save) is no change.
+                        if changes.is_empty() && next.service_cidrs == good.service_cidrs {
+                            tracing::debug!(dir = %dir.display(), "manifests read: nothing changed");
+                        } else {
+                            tracing::info!(changes = changes.len(), dir = %dir.display(), "manifests read");
+                        }
                         for change in changes {
                             if sources.send(SourceEvent::Change(Box::new(change))).await.is_err() {
                                 return Ok(());
@@ -88,5 +93,65 @@ pub async fn run(dir: PathBuf, poll: Duration, sources: mpsc::Sender<SourceEvent
         if sources.is_closed() {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::planner::Change;
+
+    const CLUSTER: &str = "\
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: default, uid: u-a, labels: {app: a}}
+spec: {nodeName: n1}
+status: {phase: Running, podIPs: [{ip: 10.244.1.10}]}
+";
+
+    /// What the source sent since the last call.
+    fn sent(rx: &mut mpsc::Receiver<SourceEvent>) -> Vec<SourceEvent> {
+        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unchanged_directory_sends_nothing_however_often_it_is_polled() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cluster.yaml");
+        std::fs::write(&file, CLUSTER).unwrap();
+        let (tx, mut rx) = mpsc::channel(1024);
+        let poll = Duration::from_millis(10);
+        let source = tokio::spawn(run(dir.path().to_owned(), poll, tx));
+        tokio::time::sleep(poll * 5).await;
+        let first = sent(&mut rx);
+        assert_eq!(first.len(), 3, "a node, a pod and Synced: {first:?}");
+        assert_eq!(first.last(), Some(&SourceEvent::Synced));
+
+        // A thousand polls of the same directory.
+        tokio::time::sleep(poll * 1000).await;
+        assert_eq!(sent(&mut rx), vec![]);
+
+        // The file written again as it was: read again (its time changed), but no change.
+        let stamped = stamp(dir.path()).unwrap();
+        while stamp(dir.path()).unwrap() == stamped {
+            std::thread::sleep(Duration::from_millis(5));
+            std::fs::write(&file, CLUSTER).unwrap();
+        }
+        tokio::time::sleep(poll * 100).await;
+        assert_eq!(sent(&mut rx), vec![]);
+
+        // One label changed: that pod and nothing else.
+        std::fs::write(&file, CLUSTER.replace("app: a}", "app: changed}")).unwrap();
+        tokio::time::sleep(poll * 100).await;
+        let changed = sent(&mut rx);
+        assert!(
+            matches!(&changed[..], [SourceEvent::Change(c)] if matches!(&**c, Change::UpsertPod(p) if p.labels["app"] == "changed")),
+            "{changed:?}"
+        );
+        source.abort();
     }
 }

@@ -190,6 +190,8 @@ pub enum ShimEvent {
         /// The gateway duties the shim's datapath holds.
         held: Vec<HeldDuty>,
     },
+    /// A heartbeat, taken in at once. The node channel's sessions stamp [`Hub::heard`] instead,
+    /// which the engine reads at its next tick.
     Heartbeat {
         node: String,
         session: u64,
@@ -211,6 +213,9 @@ pub enum ShimEvent {
 pub struct Hub {
     views: Mutex<HashMap<String, watch::Sender<Option<Arc<NodeView>>>>>,
     events: mpsc::UnboundedSender<ShimEvent>,
+    /// When each session last had a heartbeat from its shim, stamped by the session itself and
+    /// read at the engine's next tick ([`Hub::heard`]).
+    heard: Mutex<HashMap<u64, Instant>>,
     pub heartbeat_interval: Duration,
 }
 
@@ -222,6 +227,7 @@ impl Hub {
             Arc::new(Hub {
                 views: Mutex::default(),
                 events,
+                heard: Mutex::default(),
                 heartbeat_interval,
             }),
             rx,
@@ -248,6 +254,21 @@ impl Hub {
     /// Reports a session event (ignored once the engine is gone).
     pub fn report(&self, event: ShimEvent) {
         let _ = self.events.send(event);
+    }
+
+    /// Session `session` had a heartbeat from its shim at `at`. Unlike a
+    /// [`ShimEvent::Heartbeat`], this does not wake the engine (at rest, heartbeats are all that
+    /// happens, a few per second per node), and the time is the session's, not the engine's: a
+    /// shim is never taken for silent because its heartbeats waited behind a long flush.
+    pub fn heard(&self, session: u64, at: Instant) {
+        let mut heard = self.heard.lock().expect("hub lock");
+        let last = heard.entry(session).or_insert(at);
+        *last = (*last).max(at);
+    }
+
+    /// The heartbeats stamped since the last call: session -> when last.
+    fn take_heard(&self) -> HashMap<u64, Instant> {
+        std::mem::take(&mut *self.heard.lock().expect("hub lock"))
     }
 }
 
@@ -709,9 +730,30 @@ impl Engine {
         self.metrics.connected_shims.set(connected as i64);
     }
 
-    /// Notices shims silent for longer than the grace period.
+    /// Notices shims silent for longer than the grace period (taking in the heartbeats the
+    /// sessions stamped first, see [`Hub::heard`]).
     pub fn tick(&mut self, now: Instant) {
         self.start_clock(now);
+        let heard = self.hub.take_heard();
+        if !heard.is_empty() {
+            let mut back = Vec::new();
+            for (node, s) in &mut self.shims {
+                let Some(&at) = heard.get(&s.session) else {
+                    continue;
+                };
+                if at > s.last_seen {
+                    s.last_seen = at;
+                }
+                if !s.alive && now.saturating_duration_since(s.last_seen) <= self.config.grace {
+                    // Silent past the grace period, but back on the same session.
+                    s.alive = true;
+                    back.push(node.clone());
+                }
+            }
+            for node in back {
+                self.refresh_node(&node);
+            }
+        }
         let dead: Vec<(String, Instant)> = self
             .shims
             .iter()

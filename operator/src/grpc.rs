@@ -352,6 +352,9 @@ async fn run_session(
     let mut sending: Option<Chunks> = None;
     let reason = loop {
         tokio::select! {
+            // The ticker last: a shim is silent only when none of its messages is waiting (after
+            // a long send, its heartbeats are read before silence is judged).
+            biased;
             by = &mut replaced => {
                 let _ = tx.try_send(Err(Status::aborted("a newer session of this node replaced this one")));
                 break match by {
@@ -390,7 +393,7 @@ async fn run_session(
                         hub.report(ShimEvent::Ack { node: node.clone(), session, generation: ack.generation, errors: entry_errors(&ack) });
                     }
                     Ok(Some(ShimMessage { message: Some(shim_message::Message::Heartbeat(_)) })) => {
-                        hub.report(ShimEvent::Heartbeat { node: node.clone(), session });
+                        hub.heard(session, last_heard);
                     }
                     Ok(Some(_)) => {
                         let _ = tx.send(Err(Status::invalid_argument("unexpected message"))).await;

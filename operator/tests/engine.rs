@@ -647,3 +647,152 @@ fn a_new_pod_is_decided_only_with_its_entries() {
     assert!(steers(&view(&s)));
     assert!(view(&s).guard.decided_pods.contains(&new_ip));
 }
+
+/// Heartbeats as the node channel's sessions report them: stamped in the hub, with their time.
+fn stamp(s: &Started, sessions: &[u64], at: Duration) {
+    for session in sessions {
+        s.hub.heard(*session, s.t0 + at);
+    }
+}
+
+#[test]
+fn heartbeats_stamped_while_the_engine_was_busy_keep_their_shims_alive() {
+    let (preferred, other) = preferred_and_other();
+    let mut s = Started::new(policy(vec![]));
+    s.connect("w", vec![], Duration::from_millis(100));
+    s.connect(preferred, vec![], Duration::from_millis(200));
+    s.connect(other, vec![], Duration::from_millis(300));
+    let generation = s.engine.generation("w");
+    // The engine does not look for three seconds (a long flush), while every session keeps
+    // stamping its shim's heartbeats.
+    let mut at = Duration::from_millis(300);
+    while at < Duration::from_secs(3) {
+        at += Duration::from_millis(250);
+        stamp(&s, &[1, 2, 3], at);
+    }
+    s.flush(at + Duration::from_millis(50));
+    assert_eq!(s.engine.generation("w"), generation, "nothing changed");
+    assert_eq!(s.targets(), vec![GatewayTarget::Node(ip_of(preferred))]);
+
+    // Once `preferred`'s session stops stamping, it is replaced after the grace period.
+    let silent_from = at;
+    while !s.holds_pod(other) {
+        at += Duration::from_millis(50);
+        assert!(at < silent_from + 3 * GRACE, "no failover");
+        stamp(&s, &[1, 3], at);
+        s.flush(at);
+    }
+    assert!(
+        at > silent_from + GRACE,
+        "replaced at {at:?}, silent since {silent_from:?}"
+    );
+
+    // Back on the same session within the grace period: usable again.
+    let gateways = |s: &Started| {
+        s.engine
+            .planner()
+            .policy_outcome("egress")
+            .unwrap()
+            .gateways
+            .len()
+    };
+    while gateways(&s) > 0 {
+        at += Duration::from_millis(50);
+        assert!(at < silent_from + 10 * GRACE, "never lost");
+        stamp(&s, &[1], at);
+        s.flush(at);
+    }
+    stamp(&s, &[1, 2], at + Duration::from_millis(10));
+    s.flush(at + Duration::from_millis(20));
+    assert_eq!(
+        s.engine.planner().policy_outcome("egress").unwrap().gateways[0]
+            .node
+            .as_ref(),
+        preferred
+    );
+}
+
+/// Counts the events logged at INFO or above.
+#[derive(Clone, Default)]
+struct LogCounter(Arc<std::sync::atomic::AtomicUsize>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LogCounter {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if *event.metadata().level() <= tracing::Level::INFO {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+#[test]
+fn at_rest_nothing_is_published_written_or_logged() {
+    use tracing_subscriber::layer::SubscriberExt;
+
+    let (preferred, other) = preferred_and_other();
+    let mut second = policy(vec![]);
+    second.name = "second".into();
+    second.spec.destination_cidrs = vec!["198.51.100.0/24".into()];
+    let mut s = Started::new(policy(vec![]));
+    s.engine.source(SourceEvent::Change(Box::new(Change::UpsertPolicy(
+        second.clone(),
+    ))));
+    s.connect("w", vec![], Duration::from_millis(100));
+    s.connect(preferred, vec![], Duration::from_millis(200));
+    s.connect(other, vec![], Duration::from_millis(300));
+    for (node, session) in [("w", 1), (preferred, 2), (other, 3)] {
+        s.ack(node, session, Duration::from_millis(300));
+    }
+    s.flush(Duration::from_millis(350));
+    assert!(!s.statuses().is_empty());
+    s.engine.take_notices();
+    let mut views: Vec<_> = ["w", preferred, other].map(|n| s.hub.subscribe(n)).into();
+    for v in &mut views {
+        v.borrow_and_update();
+    }
+    let generations = ["w", preferred, other].map(|n| s.engine.generation(n));
+
+    // Ten seconds at rest: heartbeats, ticks and flushes, and now and then the whole source
+    // state again, unchanged (as a source that relists does).
+    let logged = LogCounter::default();
+    let subscriber = tracing_subscriber::registry().with(logged.clone());
+    let (mut statuses, mut notices) = (0, 0);
+    tracing::subscriber::with_default(subscriber, || {
+        let mut at = Duration::from_millis(350);
+        for tick in 0..200 {
+            at += Duration::from_millis(50);
+            if tick % 5 == 0 {
+                stamp(&s, &[1, 2, 3], at);
+            }
+            if tick % 40 == 0 {
+                for n in nodes() {
+                    s.engine
+                        .source(SourceEvent::Change(Box::new(Change::UpsertNode(n))));
+                }
+                for p in [policy(vec![]), second.clone()] {
+                    s.engine
+                        .source(SourceEvent::Change(Box::new(Change::UpsertPolicy(p))));
+                }
+                s.engine
+                    .source(SourceEvent::Change(Box::new(Change::UpsertPod(pod()))));
+            }
+            s.flush(at);
+            statuses += s.engine.take_status().len();
+            notices += s.engine.take_notices().len();
+        }
+    });
+    let published: usize = views.iter().filter(|v| v.has_changed().unwrap()).count();
+    assert_eq!(
+        (
+            published,
+            statuses,
+            notices,
+            logged.0.load(std::sync::atomic::Ordering::Relaxed)
+        ),
+        (0, 0, 0, 0),
+        "views published, statuses written, notices, log lines"
+    );
+    assert_eq!(
+        ["w", preferred, other].map(|n| s.engine.generation(n)),
+        generations
+    );
+}

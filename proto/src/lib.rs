@@ -11,7 +11,8 @@
 pub mod chunk;
 pub mod client;
 pub mod convert;
-pub mod plan;
+/// The plan document, defined with the planner in [`sluice_core`].
+pub use sluice_core::plan;
 
 pub use plan::{
     EntryDoc, GatewayDuty, GatewayReport, GatewaySlotDoc, GatewayTarget, Guard, NodePlanDoc, PlanDocument,

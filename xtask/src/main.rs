@@ -83,6 +83,10 @@ enum Command {
         /// Repeatable.
         #[arg(long = "compare", value_name = "LABEL=PATH")]
         compare: Vec<idle::Operator>,
+        /// Also run case a with the real shims in the network-namespace testbed (root), and
+        /// measure them too.
+        #[arg(long)]
+        shims: bool,
     },
     /// The suite for a real cluster (not part of `test`): installs the chart with `helm upgrade
     /// --install` into the cluster of KUBECONFIG, applies a policy, waits for it to be Accepted
@@ -139,7 +143,8 @@ fn run(cli: Cli) -> Result<()> {
             cases,
             window,
             compare,
-        } => bench_idle(&cases, window, compare),
+            shims,
+        } => bench_idle(&cases, window, compare, shims),
         Command::E2eCluster {
             namespace,
             release,
@@ -283,20 +288,26 @@ fn bench_datapath(variants: &str, no_record: bool) -> Result<()> {
     Ok(())
 }
 
-fn bench_idle(cases: &str, window: u64, compare: Vec<idle::Operator>) -> Result<()> {
+fn bench_idle(cases: &str, window: u64, compare: Vec<idle::Operator>, shims: bool) -> Result<()> {
     let cases = idle::choose(cases)?;
-    run_step(
+    if shims {
+        deps::ensure(deps::DATAPATH)?;
+        if !deps::is_root() {
+            bail!("--shims builds network namespaces and loads eBPF programs: run it as root");
+        }
+    }
+    let mut build = vec![
         "build",
-        "cargo",
-        &[
-            "build",
-            "--locked",
-            "--quiet",
-            "--release",
-            "-p",
-            "sluice-operator",
-        ],
-    )?;
+        "--locked",
+        "--quiet",
+        "--release",
+        "-p",
+        "sluice-operator",
+    ];
+    if shims {
+        build.extend(["-p", "sluice-shim"]);
+    }
+    run_step("build", "cargo", &build)?;
     let exe = std::env::current_exe().context("locating xtask")?;
     let release = exe
         .parent()
@@ -312,12 +323,16 @@ fn bench_idle(cases: &str, window: u64, compare: Vec<idle::Operator>) -> Result<
     std::fs::create_dir_all(&scratch)?;
     let machine = bench::machine();
     let started = std::time::Instant::now();
-    let table = idle::run(
-        &operators,
-        &cases,
-        std::time::Duration::from_secs(window),
-        &scratch,
-    )?;
+    let window = std::time::Duration::from_secs(window);
+    let mut table = idle::run(&operators, &cases, window, &scratch)?;
+    if shims {
+        table.push('\n');
+        table += &idle::run_with_shims(
+            &release.join("sluice-operator"),
+            &release.join("sluice-shim"),
+            window,
+        )?;
+    }
     println!("\n{table}");
     println!(
         "machine: {machine}; took {:.0?}; manifests and operator logs in {}",

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use sluice_proto::{
+use crate::plan::{
     EntryDoc, GatewayDuty as DutyDoc, GatewayReport, NodePlanDoc, PlanDocument, PolicyConflict, PolicyReport,
 };
 
@@ -16,7 +16,7 @@ pub fn document(planner: &Planner) -> PlanDocument {
         .map(|(name, entries)| NodePlanDoc {
             // The in-cluster set is the caller's to add: it is not the planner's.
             cluster_cidrs: Vec::new(),
-            guard: Some(sluice_proto::Guard {
+            guard: Some(crate::plan::Guard {
                 destinations: planner.guarded_destinations(),
                 decided_pods: planner.decided_pod_ips(&name),
             }),
@@ -39,7 +39,7 @@ pub fn document(planner: &Planner) -> PlanDocument {
                     egress_ip: e.egress_ip,
                     interface: e.interface.map(|i| i.to_string()),
                     source_node_ip: e.source_node_ip,
-                    gateway_slot: e.gateway_slot.map(|(entry, slot)| sluice_proto::GatewaySlotDoc {
+                    gateway_slot: e.gateway_slot.map(|(entry, slot)| crate::plan::GatewaySlotDoc {
                         entry: entry as u32,
                         slot: slot as u32,
                     }),

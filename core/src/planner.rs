@@ -24,8 +24,8 @@ use std::{
     sync::Arc,
 };
 
+use crate::plan::GatewayTarget;
 use ipnet::IpNet;
-use sluice_proto::GatewayTarget;
 use smallvec::SmallVec;
 use xxhash_rust::xxh3::Xxh3;
 

@@ -14,12 +14,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use sluice_operator::{
+use sluice_core::plan::PlanDocument;
+use sluice_core::{
     manifests::Manifests,
     planner::{EgressEntry, EntryKey, Planner},
     report,
 };
-use sluice_proto::PlanDocument;
 
 /// The plan in a form short enough to review by eye.
 fn compact(doc: &PlanDocument) -> String {

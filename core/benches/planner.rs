@@ -10,7 +10,7 @@ use std::{
 };
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use sluice_operator::{
+use sluice_core::{
     planner::Planner,
     synthetic::{self, Size},
 };

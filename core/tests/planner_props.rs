@@ -8,13 +8,13 @@ use std::{
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use proptest::prelude::*;
-use sluice_operator::{
+use sluice_core::plan::GatewayTarget;
+use sluice_core::{
     api::{EgressGateway, EgressGatewayPolicySpec, EgressRule, FailurePolicy},
     model::{GatewaySlot, InterfaceInfo, NamespaceInfo, NodeInfo, PodInfo, PodPhase, PolicyInput},
     planner::{Change, EgressEntry, EntryKey, Planner},
     report,
 };
-use sluice_proto::GatewayTarget;
 
 const NODES: usize = 5;
 const NAMESPACES: usize = 3;
