@@ -12,7 +12,43 @@ use std::{
 };
 
 use tokio::sync::watch;
-use tonic::{Code, Status};
+
+/// Why a credential opens no node channel. The node channel answers each with its gRPC status
+/// (`From<AuthError> for tonic::Status`); verifiers know nothing of gRPC.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// The credential proves nothing (none, unknown, expired, for another audience).
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// It proves an identity that may not act for a node.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// Too many unknown credentials to check right now: retry later.
+    #[error("{0}")]
+    Exhausted(String),
+    /// It could not be checked (the API server did not answer).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl AuthError {
+    /// Whether the verdict is about the credential itself (worth remembering), not about the
+    /// moment it was checked.
+    pub fn is_verdict(&self) -> bool {
+        matches!(self, AuthError::Unauthenticated(_) | AuthError::PermissionDenied(_))
+    }
+}
+
+impl From<AuthError> for tonic::Status {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Unauthenticated(m) => tonic::Status::unauthenticated(m),
+            AuthError::PermissionDenied(m) => tonic::Status::permission_denied(m),
+            AuthError::Exhausted(m) => tonic::Status::resource_exhausted(m),
+            AuthError::Unavailable(m) => tonic::Status::unavailable(m),
+        }
+    }
+}
 
 /// The node a credential is bound to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -33,11 +69,24 @@ impl NodeIdentity {
 }
 
 /// Verifies a bearer token.
-#[tonic::async_trait]
+#[async_trait::async_trait]
 pub trait TokenVerifier: Send + Sync + 'static {
     /// The node the bearer of `token` (absent when the shim sent none) may act for;
     /// `Unauthenticated` when it proves nothing.
-    async fn verify(&self, token: Option<&str>) -> Result<NodeIdentity, Status>;
+    async fn verify(&self, token: Option<&str>) -> Result<NodeIdentity, AuthError>;
+}
+
+/// A token file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    #[error("reading {}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}:{line}: expected `TOKEN NODE`", path.display())]
+    Line { path: std::path::PathBuf, line: usize },
 }
 
 /// A fixed token -> node table (tests, the `dir:` source on plain hosts).
@@ -46,9 +95,11 @@ pub struct StaticTokens(pub HashMap<String, String>);
 
 impl StaticTokens {
     /// Reads a file of `TOKEN NODE` lines (`#` starts a comment).
-    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        use anyhow::Context;
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    pub fn from_file(path: &Path) -> Result<Self, TokenFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TokenFileError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         let mut map = HashMap::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.split('#').next().unwrap_or("").trim();
@@ -60,21 +111,26 @@ impl StaticTokens {
                 (Some(token), Some(node), None) => {
                     map.insert(token.to_owned(), node.to_owned());
                 }
-                _ => anyhow::bail!("{}:{}: expected `TOKEN NODE`", path.display(), i + 1),
+                _ => {
+                    return Err(TokenFileError::Line {
+                        path: path.to_owned(),
+                        line: i + 1,
+                    });
+                }
             }
         }
         Ok(StaticTokens(map))
     }
 }
 
-#[tonic::async_trait]
+#[async_trait::async_trait]
 impl TokenVerifier for StaticTokens {
-    async fn verify(&self, token: Option<&str>) -> Result<NodeIdentity, Status> {
-        let token = token.ok_or_else(|| Status::unauthenticated("a bearer token is required"))?;
+    async fn verify(&self, token: Option<&str>) -> Result<NodeIdentity, AuthError> {
+        let token = token.ok_or_else(|| AuthError::Unauthenticated("a bearer token is required".into()))?;
         self.0
             .get(token)
             .map(|n| NodeIdentity::Node(n.clone()))
-            .ok_or_else(|| Status::unauthenticated("unknown token"))
+            .ok_or_else(|| AuthError::Unauthenticated("unknown token".into()))
     }
 }
 
@@ -82,9 +138,9 @@ impl TokenVerifier for StaticTokens {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct AllowAnyNode;
 
-#[tonic::async_trait]
+#[async_trait::async_trait]
 impl TokenVerifier for AllowAnyNode {
-    async fn verify(&self, _: Option<&str>) -> Result<NodeIdentity, Status> {
+    async fn verify(&self, _: Option<&str>) -> Result<NodeIdentity, AuthError> {
         Ok(NodeIdentity::AnyNode)
     }
 }
@@ -146,7 +202,7 @@ struct Reviewer {
     verdicts: Mutex<Verdicts>,
 }
 
-type Verdict = Result<NodeIdentity, Status>;
+type Verdict = Result<NodeIdentity, AuthError>;
 type TokenDigest = [u8; 32];
 
 enum Slot {
@@ -275,26 +331,26 @@ impl Reviewer {
         let result = api
             .create(&PostParams::default(), &review)
             .await
-            .map_err(|e| Status::unavailable(format!("TokenReview failed: {e}")))?;
+            .map_err(|e| AuthError::Unavailable(format!("TokenReview failed: {e}")))?;
         let status = result
             .status
-            .ok_or_else(|| Status::unauthenticated("TokenReview returned no status"))?;
+            .ok_or_else(|| AuthError::Unauthenticated("TokenReview returned no status".into()))?;
         if status.authenticated != Some(true) {
-            return Err(Status::unauthenticated(
+            return Err(AuthError::Unauthenticated(
                 status.error.unwrap_or_else(|| "token not authenticated".into()),
             ));
         }
         if !status.audiences.unwrap_or_default().contains(&self.audience) {
-            return Err(Status::unauthenticated("token not issued for this audience"));
+            return Err(AuthError::Unauthenticated("token not issued for this audience".into()));
         }
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();
         let account = username
             .strip_prefix("system:serviceaccount:")
             .map(|s| s.replacen(':', "/", 1))
-            .ok_or_else(|| Status::permission_denied("not a ServiceAccount token"))?;
+            .ok_or_else(|| AuthError::PermissionDenied("not a ServiceAccount token".into()))?;
         if !self.service_accounts.contains(&account) {
-            return Err(Status::permission_denied(format!(
+            return Err(AuthError::PermissionDenied(format!(
                 "ServiceAccount {account} may not act as a shim"
             )));
         }
@@ -304,29 +360,27 @@ impl Reviewer {
             return Ok(NodeIdentity::Node(node));
         }
         let pod =
-            first(POD_NAME_EXTRA).ok_or_else(|| Status::permission_denied("token is not bound to a pod"))?;
+            first(POD_NAME_EXTRA).ok_or_else(|| AuthError::PermissionDenied("token is not bound to a pod".into()))?;
         let namespace = account.split('/').next().unwrap_or_default().to_owned();
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &namespace);
         let pod = pods.get(&pod).await.map_err(|e| match &e {
             kube::Error::Api(s) if s.code == 404 => {
-                Status::permission_denied(format!("pod {namespace}/{pod}: {e}"))
+                AuthError::PermissionDenied(format!("pod {namespace}/{pod}: {e}"))
             }
             // Not a verdict on the token: it must not be cached as one.
-            _ => Status::unavailable(format!("looking up pod {namespace}/{pod}: {e}")),
+            _ => AuthError::Unavailable(format!("looking up pod {namespace}/{pod}: {e}")),
         })?;
         pod.spec
             .and_then(|s| s.node_name)
             .map(NodeIdentity::Node)
-            .ok_or_else(|| Status::permission_denied("the token's pod is not scheduled"))
+            .ok_or_else(|| AuthError::PermissionDenied("the token's pod is not scheduled".into()))
     }
 
     /// Records a finished review: answers about the token are kept, failures to get one are not.
     fn settle(&self, key: TokenDigest, verdict: &Verdict) {
         let ttl = match verdict {
             Ok(_) => Some(self.limits.ttl),
-            Err(s) if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied) => {
-                Some(self.limits.negative_ttl)
-            }
+            Err(e) if e.is_verdict() => Some(self.limits.negative_ttl),
             Err(_) => None,
         };
         let mut verdicts = self.verdicts.lock().expect("verdict cache lock");
@@ -347,10 +401,10 @@ impl Reviewer {
     }
 }
 
-#[tonic::async_trait]
+#[async_trait::async_trait]
 impl TokenVerifier for TokenReviewVerifier {
-    async fn verify(&self, token: Option<&str>) -> Result<NodeIdentity, Status> {
-        let token = token.ok_or_else(|| Status::unauthenticated("a bearer token is required"))?;
+    async fn verify(&self, token: Option<&str>) -> Result<NodeIdentity, AuthError> {
+        let token = token.ok_or_else(|| AuthError::Unauthenticated("a bearer token is required".into()))?;
         let key = digest(token);
         let mut pending = {
             let reviewer = &self.reviewer;
@@ -361,12 +415,12 @@ impl TokenVerifier for TokenReviewVerifier {
                 Some(Slot::Reviewing(pending)) => pending.clone(),
                 _ => {
                     if !verdicts.bucket.take(now) {
-                        return Err(Status::resource_exhausted(
-                            "too many unknown tokens to review: retry later",
+                        return Err(AuthError::Exhausted(
+                            "too many unknown tokens to review: retry later".into(),
                         ));
                     }
                     if !verdicts.make_room(reviewer.limits.cache_size, now) {
-                        return Err(Status::resource_exhausted("too many token reviews running"));
+                        return Err(AuthError::Exhausted("too many token reviews running".into()));
                     }
                     let (tx, rx) = watch::channel(None);
                     verdicts.slots.insert(key, Slot::Reviewing(rx.clone()));
@@ -386,7 +440,7 @@ impl TokenVerifier for TokenReviewVerifier {
         let verdict = pending
             .wait_for(Option::is_some)
             .await
-            .map_err(|_| Status::unavailable("the token review did not finish"))?;
+            .map_err(|_| AuthError::Unavailable("the token review did not finish".into()))?;
         verdict.clone().expect("waited for a verdict")
     }
 }

@@ -117,7 +117,7 @@ pub async fn serve(
     service: NodeService,
     tls: Option<Tls>,
     shutdown: impl std::future::Future<Output = ()> + Send,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
     serve_with(listener, service, tls, &ServerLimits::default(), shutdown).await
 }
 
@@ -128,7 +128,7 @@ pub async fn serve_with(
     tls: Option<Tls>,
     limits: &ServerLimits,
     shutdown: impl std::future::Future<Output = ()> + Send,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
     let router = Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_keepalive_interval(Some(limits.keepalive_interval))
@@ -150,11 +150,25 @@ pub async fn serve_with(
 }
 
 /// Binds `addr` (for callers that want the bound address before serving).
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    use anyhow::Context;
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, ServeError> {
     tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("binding {addr}"))
+        .map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// Why the node channel could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("binding {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("serving the node channel")]
+    Transport(#[from] tonic::transport::Error),
 }
 
 type OutStream = Pin<Box<dyn Stream<Item = Result<v1::OperatorMessage, Status>> + Send>>;
@@ -180,7 +194,7 @@ impl NodeChannel for NodeService {
         let peer = request.remote_addr();
         let token = bearer(&request)?;
         let identity = self.verifier.verify(token.as_deref()).await.inspect_err(|e| {
-            tracing::warn!(?peer, error = %e.message(), "shim refused");
+            tracing::warn!(?peer, error = %e, "shim refused");
         })?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(self.hello_timeout, inbound.message())
@@ -193,7 +207,7 @@ impl NodeChannel for NodeService {
             return Err(Status::invalid_argument("the first message must be a hello"));
         };
         check_hello(&hello).inspect_err(|e| {
-            tracing::warn!(?peer, error = %e.message(), "shim refused");
+            tracing::warn!(?peer, error = %e, "shim refused");
         })?;
         if !identity.allows(&hello.node) {
             tracing::warn!(?peer, node = %hello.node, ?identity, "shim asked for another node's plan");

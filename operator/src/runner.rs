@@ -381,14 +381,12 @@ async fn bind_when_free(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListe
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         match grpc::bind(addr).await {
-            Err(e)
-                if tokio::time::Instant::now() < deadline
-                    && e.downcast_ref::<std::io::Error>()
-                        .is_some_and(|e| e.kind() == std::io::ErrorKind::AddrInUse) =>
+            Err(grpc::ServeError::Bind { source, .. })
+                if tokio::time::Instant::now() < deadline && source.kind() == std::io::ErrorKind::AddrInUse =>
             {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            r => return r,
+            r => return Ok(r?),
         }
     }
 }

@@ -184,11 +184,11 @@ async fn tokens_that_prove_nothing_are_refused() {
     for (name, review, code) in cases {
         let (client, _server) = fake_api(vec![review], vec![]);
         let err = verifier(client).verify(Some("the-token")).await.expect_err(name);
-        assert_eq!(err.code(), code, "{name}: {err:?}");
+        assert_eq!(tonic::Status::from(err.clone()).code(), code, "{name}: {err:?}");
     }
     let (client, _server) = fake_api(vec![], vec![]);
     assert_eq!(
-        verifier(client).verify(None).await.unwrap_err().code(),
+        tonic::Status::from(verifier(client).verify(None).await.unwrap_err()).code(),
         Code::Unauthenticated
     );
 }
@@ -397,28 +397,28 @@ async fn refusals_expire_failures_are_not_kept_and_the_cache_is_bounded() {
 
     // A refusal is kept for the negative TTL, then asked again.
     assert_eq!(
-        v.verify(Some("bad")).await.unwrap_err().code(),
+        tonic::Status::from(v.verify(Some("bad")).await.unwrap_err()).code(),
         Code::Unauthenticated
     );
     assert_eq!(
-        v.verify(Some("bad")).await.unwrap_err().code(),
+        tonic::Status::from(v.verify(Some("bad")).await.unwrap_err()).code(),
         Code::Unauthenticated
     );
     assert_eq!(reviews(&asked), 1);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        v.verify(Some("bad")).await.unwrap_err().code(),
+        tonic::Status::from(v.verify(Some("bad")).await.unwrap_err()).code(),
         Code::Unauthenticated
     );
     assert_eq!(reviews(&asked), 2);
 
     // A failed review says nothing about the token: the next attempt asks again.
     assert_eq!(
-        v.verify(Some("unlucky")).await.unwrap_err().code(),
+        tonic::Status::from(v.verify(Some("unlucky")).await.unwrap_err()).code(),
         Code::Unavailable
     );
     assert_eq!(
-        v.verify(Some("unlucky")).await.unwrap_err().code(),
+        tonic::Status::from(v.verify(Some("unlucky")).await.unwrap_err()).code(),
         Code::Unavailable
     );
     assert_eq!(reviews(&asked), 4);

@@ -49,9 +49,6 @@ enum Command {
         #[arg(long)]
         push: bool,
     },
-    /// Datapath benchmark on the network-namespace testbed (root): pod → external throughput, its
-    /// CPU cost and new connections per second without Sluice, through a plain tunnel, with Sluice
-    /// (also with 100,000 unrelated entries) and the iptables way; see docs/benchmarks.md.
     /// The tour (as root): a network-namespace cluster where a pod's requests leave with the
     /// egress IP, then fail over to another gateway. Installs missing Debian packages.
     Demo {
@@ -60,6 +57,10 @@ enum Command {
         #[arg(long)]
         plan_file: bool,
     },
+    /// Datapath benchmark on the network-namespace testbed (root): pod → external throughput, its
+    /// CPU cost and new connections per second without Sluice, through a plain tunnel, with Sluice
+    /// (also with full-size pod packets, and among 1,000,000 (pod, CIDR) pairs) and the iptables
+    /// way; see docs/benchmarks.md.
     BenchDatapath {
         /// Which variants to run (letters of a, t, b, f, c, d).
         #[arg(long, default_value = "atbfcd")]
