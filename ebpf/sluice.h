@@ -1,9 +1,11 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * Sluice datapath: definitions shared by the eBPF programs and (by hand) the Rust mirror types in
- * node-shim/src/maps.rs. Every struct here is a map key or value: all fields are fixed-width,
- * naturally aligned, with explicit padding, so C and Rust agree byte for byte. A unit test in the
- * shim (maps::tests) parses the compiled object and checks every key/value size.
+ * Sluice datapath: definitions shared by the eBPF programs and the shim (node-shim/src/maps.rs).
+ * This header is the one source: node-shim/build.rs turns every numeric #define SLUICE_* and
+ * every enum sluice_counter_index value into a Rust constant (write each on one line, as plain
+ * numbers, (1u << n) or earlier SLUICE_* names; clang checks what it read). Every struct here is
+ * a map key or value: all fields are fixed-width, naturally aligned, with explicit padding;
+ * maps::tests compares each with its Rust twin field by field through the compiled object's BTF.
  */
 #ifndef SLUICE_H
 #define SLUICE_H

@@ -2,7 +2,8 @@
 # The Sluice node shim. Build from the repository root:
 #   docker build -f images/shim.Dockerfile -t sluice-shim:0.1.0 .
 # (or `cargo xtask images`). The eBPF object is compiled by node-shim/build.rs (clang) and
-# embedded in the binary. Runtime: Debian slim with iproute2 and nftables, which the shim runs.
+# embedded in the binary. Runtime: Debian slim with nftables (the shim applies its table with
+# `nft -f`; links, addresses, routes and rules go over netlink).
 # It runs as root with only the capabilities the chart grants (NET_ADMIN, BPF, PERFMON): pinning
 # in bpffs and writing network sysctls need uid 0; nothing else in the image runs.
 
@@ -21,7 +22,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM docker.io/library/debian:bookworm-slim
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends iproute2 nftables ca-certificates \
+    && apt-get install -y --no-install-recommends nftables ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/sluice-shim /usr/local/bin/sluice-shim
 USER 0:0

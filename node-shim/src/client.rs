@@ -1,15 +1,15 @@
-//! `sluice-shim run --operator URL`: the node channel to the operator, on a small Tokio runtime
-//! beside the agent's thread.
+//! `sluice-shim run --operator URL`: the node channel to the operator, a task on the shim's
+//! Tokio runtime beside the agent loop.
 //!
-//! The session ([`sluice_proto::client`]) keeps the node's latest state in a `watch` channel and
-//! wakes the agent; the agent applies the state through the same path as a plan file (so an
-//! unchanged state writes nothing) and publishes the generation it holds, which the session
-//! acknowledges. While the operator is unreachable, the datapath keeps its pinned state.
+//! The session ([`sluice_proto::client`]) keeps the node's latest state in a `watch` channel,
+//! which wakes the agent loop; the agent applies the state through the same path as a plan file
+//! (so an unchanged state writes nothing) and publishes the generation it holds, which the
+//! session acknowledges. While the operator is unreachable, the datapath keeps its pinned state.
 
 use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
-    sync::{Arc, mpsc},
+    sync::Arc,
 };
 
 use sluice_proto::{
@@ -18,20 +18,7 @@ use sluice_proto::{
 };
 use tokio::sync::watch;
 
-use crate::{
-    datapath::Maps,
-    error::{Error, Result},
-    netdev,
-    run::OperatorPlans,
-};
-
-/// A running node channel.
-pub struct Link {
-    pub plans: OperatorPlans,
-    pub wake: mpsc::Receiver<()>,
-    pub wake_tx: mpsc::Sender<()>,
-    _runtime: tokio::runtime::Runtime,
-}
+use crate::{datapath::Maps, error::Result, netdev, run::OperatorPlans};
 
 /// This node's interfaces as the operator wants them (not pod interfaces, not the tunnel), and
 /// which gateway fills which policy slot as its datapath holds it.
@@ -90,42 +77,20 @@ pub fn held_slots(bpffs_dir: &Path) -> Vec<v1::HeldSlot> {
     }
 }
 
-/// Starts the session to the operator in the background.
+/// Starts the session to the operator as a task of the current Tokio runtime.
 pub fn start(
     config: Config,
     node: String,
     pod_interfaces: Vec<String>,
     tunnel_device: String,
     bpffs_dir: PathBuf,
-) -> Result<Link> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("node-channel")
-        .enable_all()
-        .build()
-        .map_err(|e| Error::io("starting the node channel runtime".to_owned(), e))?;
+) -> OperatorPlans {
     let (plans_tx, plans) = watch::channel(None);
     let (applied_tx, applied_rx) = watch::channel(Applied::default());
-    let (wake_tx, wake) = mpsc::channel();
     let hello: HelloFn = Arc::new(move || hello(&node, &pod_interfaces, &tunnel_device, &bpffs_dir));
-    runtime.spawn(client::run(config, hello, plans_tx, applied_rx));
-    let mut changes = plans.clone();
-    let waker = wake_tx.clone();
-    runtime.spawn(async move {
-        while changes.changed().await.is_ok() {
-            changes.borrow_and_update();
-            if waker.send(()).is_err() {
-                return;
-            }
-        }
-    });
-    Ok(Link {
-        plans: OperatorPlans {
-            plans,
-            applied: Arc::new(applied_tx),
-        },
-        wake,
-        wake_tx,
-        _runtime: runtime,
-    })
+    tokio::spawn(client::run(config, hello, plans_tx, applied_rx));
+    OperatorPlans {
+        plans,
+        applied: Arc::new(applied_tx),
+    }
 }

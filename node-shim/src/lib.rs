@@ -6,7 +6,8 @@
 //! - [`sync`]: one transition from current to desired (upserts first, deletes after);
 //! - [`run`]: the agent loop; [`client`]: the node channel to the operator (`run --operator`); [`bpf`]: the `bpf list` / `bpf counters` views;
 //! - [`nat`], [`egress_route`], [`netdev`], [`netlink`]: the kernel side (nftables, egress policy
-//!   routing, tunnel device, sysctls; rules and routes are read and written over netlink);
+//!   routing, links and addresses, tunnel device, sysctls; everything but the nftables ruleset,
+//!   which `nft -f` applies, is read and written over netlink);
 //! - [`metrics`]: Prometheus metrics; [`uninstall`]: taking Sluice off a node.
 
 pub mod bpf;

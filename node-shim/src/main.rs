@@ -141,6 +141,63 @@ fn parse_mark(s: &str) -> Result<u32, String> {
     .map_err(|e| format!("{s:?} is not a 32-bit mark: {e}"))
 }
 
+/// `sluice-shim run`.
+async fn run(a: RunArgs, bpffs_dir: PathBuf) -> anyhow::Result<()> {
+    let metrics_addr = match a.metrics_addr.as_str() {
+        "off" | "" => None,
+        addr => Some(addr.parse().with_context(|| format!("--metrics-addr {addr:?}"))?),
+    };
+    let plan = match (a.entries, a.operator) {
+        (Some(path), _) => run::PlanSource::File(path),
+        (None, Some(url)) => {
+            let mut config = sluice_proto::client::Config::new(url);
+            // Read now to fail fast on a wrong path; the session re-reads it at every
+            // connection, so a rotated CA is trusted from the next one on.
+            if let Some(p) = &a.ca_file {
+                std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+            }
+            config.ca_file = a.ca_file;
+            config.server_name = a.server_name;
+            config.token_file = a.token_file;
+            run::PlanSource::Operator(sluice_shim::client::start(
+                config,
+                a.node.clone(),
+                a.pod_interfaces.clone(),
+                a.tunnel_device.clone(),
+                bpffs_dir.clone(),
+            ))
+        }
+        (None, None) => anyhow::bail!("--entries or --operator is required"),
+    };
+    let opts = run::Options {
+        node: a.node,
+        node_ip: a.node_ip,
+        plan,
+        cluster_cidrs: a.cluster_cidrs,
+        pod_interfaces: a.pod_interfaces,
+        bpffs_dir,
+        capacity: sluice_shim::datapath::Capacity {
+            sources: a.source_map_max,
+            destinations: a.policy_map_max,
+        },
+        tunnel: netdev::Tunnel {
+            device: a.tunnel_device,
+            port: a.tunnel_port,
+            vni: a.tunnel_vni,
+            local: Some(a.node_ip),
+        },
+        reply_table: a.reply_table,
+        source_check: a.source_check,
+        marks: sluice_shim::maps::MarkLayout::new(a.mark_egress, a.mark_tunnel, a.mark_reply)
+            .map_err(|e| anyhow::anyhow!("--mark-egress/--mark-tunnel/--mark-reply: {e}"))?,
+        metrics_addr,
+        interval: Duration::from_millis(a.interval_ms),
+        status_file: a.status_file,
+    };
+    run::run(opts).await?;
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -157,66 +214,15 @@ fn main() -> anyhow::Result<()> {
             reply_table,
         } => sluice_shim::uninstall::uninstall(&bpffs_dir, &tunnel_device, reply_table)?,
         Command::Run(a) => {
-            let a = *a;
-            let metrics_addr = match a.metrics_addr.as_str() {
-                "off" | "" => None,
-                addr => Some(addr.parse().with_context(|| format!("--metrics-addr {addr:?}"))?),
-            };
-            let mut link = None;
-            let plan = match (a.entries, a.operator) {
-                (Some(path), _) => run::PlanSource::File(path),
-                (None, Some(url)) => {
-                    let mut config = sluice_proto::client::Config::new(url);
-                    // Read now to fail fast on a wrong path; the session re-reads it at every
-                    // connection, so a rotated CA is trusted from the next one on.
-                    if let Some(p) = &a.ca_file {
-                        std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-                    }
-                    config.ca_file = a.ca_file;
-                    config.server_name = a.server_name;
-                    config.token_file = a.token_file;
-                    let l = sluice_shim::client::start(
-                        config,
-                        a.node.clone(),
-                        a.pod_interfaces.clone(),
-                        a.tunnel_device.clone(),
-                        bpffs_dir.clone(),
-                    )?;
-                    let plans = l.plans.clone();
-                    link = Some(l);
-                    run::PlanSource::Operator(plans)
-                }
-                (None, None) => anyhow::bail!("--entries or --operator is required"),
-            };
-            let opts = run::Options {
-                node: a.node,
-                node_ip: a.node_ip,
-                plan,
-                cluster_cidrs: a.cluster_cidrs,
-                pod_interfaces: a.pod_interfaces,
-                bpffs_dir,
-                capacity: sluice_shim::datapath::Capacity {
-                    sources: a.source_map_max,
-                    destinations: a.policy_map_max,
-                },
-                tunnel: netdev::Tunnel {
-                    device: a.tunnel_device,
-                    port: a.tunnel_port,
-                    vni: a.tunnel_vni,
-                    local: Some(a.node_ip),
-                },
-                reply_table: a.reply_table,
-                source_check: a.source_check,
-                marks: sluice_shim::maps::MarkLayout::new(a.mark_egress, a.mark_tunnel, a.mark_reply)
-                    .map_err(|e| anyhow::anyhow!("--mark-egress/--mark-tunnel/--mark-reply: {e}"))?,
-                metrics_addr,
-                interval: Duration::from_millis(a.interval_ms),
-                status_file: a.status_file,
-            };
-            match link {
-                None => run::run(opts)?,
-                Some(link) => run::run_woken(opts, link)?,
-            }
+            // One runtime: the agent loop waits on it (its ticks run on the blocking pool), the
+            // node channel's session runs on its one worker.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("sluice-shim")
+                .enable_all()
+                .build()
+                .context("starting the Tokio runtime")?;
+            runtime.block_on(run(*a, bpffs_dir))?;
         }
     }
     Ok(())

@@ -1,8 +1,23 @@
-//! Rust mirrors of the map keys and values in `ebpf/sluice.h`, and the names of the maps.
+//! The map keys and values of `ebpf/sluice.h` in Rust, the header's constants, and the names of
+//! the maps.
 //!
-//! Every type is `#[repr(C)]` with fixed-width fields and explicit padding, exactly like its C
-//! twin; `tests::layouts_match_the_object` parses the compiled object and checks every map's key
-//! and value size against these types.
+//! The header is the one source of both:
+//!
+//! - Constants are generated: `build.rs` reads every numeric `#define SLUICE_*` and every value of
+//!   `enum sluice_counter_index` from the header (clang confirms each value it read) and writes
+//!   them as Rust, included below under the C name without `SLUICE_` (`KIND_GATEWAY`,
+//!   `CTR_ERROR`, ...), with [`COUNTER_NAMES`]. A value cannot drift; a constant renamed or
+//!   removed in C fails the build wherever Rust uses it.
+//! - Structs are written here by hand (`#[repr(C)]`, fixed-width fields, explicit padding) and
+//!   checked against the BTF that the compiled object carries (it is built with `-g`):
+//!   `tests::layouts_match_the_object` checks that every map's key and value are the types the
+//!   shim uses for it, and `tests::structs_match_the_object_field_by_field` compares every such
+//!   struct field by field (name, order, offset, size and type). Not bindgen: it would need
+//!   libclang on every build machine and image for a large build dependency, and its output
+//!   (C names, raw `c_char`, no `aya::Pod`, our derives and helpers) would be wrapped by hand
+//!   anyway. The BTF is the object the kernel loads, compiled for the bpf target rather than the
+//!   header parsed for the host, so checking against it is the stronger guarantee, for less
+//!   machinery.
 #![allow(
     unsafe_code,
     reason = "aya::Pod is an unsafe marker trait; every type here is plain data without padding"
@@ -43,8 +58,11 @@ pub const DECIDED_PODS_V4: &str = "sluice_decided_pods_v4";
 
 /// Per-CPU packets seen by `sluice_from_pod`, by pod interface ifindex modulo [`SEEN_SLOTS`].
 pub const SEEN: &str = "sluice_seen";
-/// `SLUICE_SEEN_SLOTS`.
-pub const SEEN_SLOTS: u32 = 4096;
+
+// Every `SLUICE_*` constant of `ebpf/sluice.h` (`SOURCE_TARGETS`, `DEST_*`, `KIND_*`,
+// `F_LOCAL_GATEWAY`, `CFG_*`, `PEER_*`, `SEEN_SLOTS`, `POLICY_NAME_LEN`, the `CTR_*` counter
+// indexes) and `COUNTER_NAMES`, written by build.rs.
+include!(concat!(env!("OUT_DIR"), "/sluice_h.rs"));
 
 /// Every map of the object, in the order `bpf` subcommands open them.
 pub const ALL_MAPS: [&str; 14] = [
@@ -68,35 +86,6 @@ pub const ALL_MAPS: [&str; 14] = [
 pub const DEFAULT_POLICY_MAP_MAX: u32 = 1_048_576;
 /// Default capacity of the sources map.
 pub const DEFAULT_SOURCE_MAP_MAX: u32 = 65_536;
-/// `SLUICE_SOURCE_TARGETS`: targets per source entry.
-pub const SOURCE_TARGETS: usize = 8;
-
-/// `sluice_destination_v4.kind`: do what the source's target says.
-pub const DEST_TARGET: u32 = 1;
-/// `sluice_destination_v4.kind`: excluded CIDR, normal path.
-pub const DEST_EXCLUDED: u32 = 2;
-/// `sluice_destination_v4.kind`: no room for the target in the source entry: drop.
-pub const DEST_DROP: u32 = 3;
-
-/// `kind`: steer to `gateway_ip`.
-pub const KIND_GATEWAY: u32 = 1;
-/// `kind`: no usable gateway, `failurePolicy: Drop`.
-pub const KIND_NONE: u32 = 2;
-/// `kind`: no usable gateway, `failurePolicy: Fallback`.
-pub const KIND_FALLBACK: u32 = 3;
-/// `kind`: excluded CIDR.
-pub const KIND_EXCLUDED: u32 = 4;
-
-/// `flags`: the gateway is this node.
-pub const F_LOCAL_GATEWAY: u32 = 1;
-
-/// `Config::flags`: skip the check that a pod's source address belongs to its interface.
-pub const CFG_NO_SOURCE_CHECK: u32 = 1;
-
-/// Tunnel peer flag: the node sends requests of its pods to this gateway.
-pub const PEER_SOURCE: u32 = 1;
-/// Tunnel peer flag: the node is a gateway of this node's pods (sends their replies).
-pub const PEER_GATEWAY: u32 = 2;
 
 /// Largest policy id (16 bits: counters, names, status).
 pub const MAX_POLICY_ID: u32 = 0xffff;
@@ -174,33 +163,6 @@ impl MarkLayout {
         self.egress | self.tunnel | self.reply
     }
 }
-
-/// Counter indexes of `sluice_counters`, with their metric/CLI names (`enum sluice_counter_index`).
-pub const COUNTER_NAMES: [(u32, &str); 20] = [
-    (0, "steered"),
-    (1, "local_egress"),
-    (2, "egressed"),
-    (3, "excluded"),
-    (4, "fallback"),
-    (5, "dropped_no_gateway"),
-    (6, "dropped_no_egress_ip"),
-    (7, "reply_encapsulated"),
-    (8, "reply_delivered"),
-    (9, "in_cluster"),
-    (10, "dropped_unknown_tunnel"),
-    (11, "dropped_no_reply_route"),
-    (12, "errors"),
-    (13, "dropped_foreign_tunnel"),
-    (14, "dropped_spoofed_source"),
-    (15, "dropped_pod_to_tunnel_port"),
-    (16, "mss_clamped"),
-    (17, "icmp_error_delivered"),
-    (18, "dropped_undecided_pod"),
-    (19, "dropped_too_many_policies"),
-];
-
-/// Index of the drop counter for `failurePolicy: Drop`.
-pub const CTR_DROP_NO_GATEWAY: u32 = 5;
 
 /// One entry as users think of it, (exact source, destination prefix): what the datapath's
 /// sources and destinations maps hold together, expanded (see [`crate::layout`]).
@@ -387,8 +349,8 @@ pub fn tunnel_mss(mtu: u32) -> u32 {
     mtu.saturating_sub(TUNNEL_OVERHEAD + 40)
 }
 
-/// Capacity of `sluice_counters` (`SLUICE_CTR_MAX`).
-pub const COUNTERS_MAX: u32 = 32;
+/// Capacity of `sluice_counters`.
+pub const COUNTERS_MAX: u32 = CTR_MAX;
 
 /// Value of `sluice_counters` and `sluice_policy_stats` (`struct sluice_counter`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -406,9 +368,6 @@ pub struct ReplyV4 {
     pub node_ip: u32,
     pub _pad: u32,
 }
-
-/// Length of [`PolicyName::name`] (`SLUICE_POLICY_NAME_LEN`).
-pub const POLICY_NAME_LEN: usize = 256;
 
 /// Value of `sluice_policy_names` (`struct sluice_policy_name`): NUL-padded UTF-8.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -430,30 +389,59 @@ unsafe impl aya::Pod for Counter {}
 unsafe impl aya::Pod for ReplyV4 {}
 unsafe impl aya::Pod for PolicyName {}
 
+/// A map's key or value type as this build has it.
+#[derive(Clone, Copy)]
+struct TypeLayout {
+    size: usize,
+    /// What the tests compare with the object's BTF.
+    #[cfg_attr(not(test), expect(dead_code, reason = "read by the tests"))]
+    type_name: fn() -> &'static str,
+}
+
+impl TypeLayout {
+    const fn of<T>() -> Self {
+        TypeLayout {
+            size: std::mem::size_of::<T>(),
+            type_name: std::any::type_name::<T>,
+        }
+    }
+}
+
+/// Every map with its key and value types (`tests::layouts_match_the_object` checks them against
+/// the object, sizes and BTF types).
+const MAP_TYPES: [(&str, TypeLayout, TypeLayout); 14] = [
+    (SOURCES_V4, TypeLayout::of::<u32>(), TypeLayout::of::<SourceV4>()),
+    (
+        DESTINATIONS_V4,
+        TypeLayout::of::<DestinationKeyV4>(),
+        TypeLayout::of::<DestinationV4>(),
+    ),
+    (
+        HELD_SLOTS_V4,
+        TypeLayout::of::<SlotKeyV4>(),
+        TypeLayout::of::<u32>(),
+    ),
+    (CLUSTER_V4, TypeLayout::of::<CidrKeyV4>(), TypeLayout::of::<u32>()),
+    (CONFIG, TypeLayout::of::<u32>(), TypeLayout::of::<Config>()),
+    (COUNTERS, TypeLayout::of::<u32>(), TypeLayout::of::<Counter>()),
+    (POLICY_STATS, TypeLayout::of::<u32>(), TypeLayout::of::<Counter>()),
+    (REPLY_V4, TypeLayout::of::<u32>(), TypeLayout::of::<ReplyV4>()),
+    (
+        POLICY_NAMES,
+        TypeLayout::of::<u32>(),
+        TypeLayout::of::<PolicyName>(),
+    ),
+    (TUNNEL_PEERS_V4, TypeLayout::of::<u32>(), TypeLayout::of::<u32>()),
+    (BRIDGE_PORTS, TypeLayout::of::<u32>(), TypeLayout::of::<u32>()),
+    (SEEN, TypeLayout::of::<u32>(), TypeLayout::of::<u64>()),
+    (GUARDED_V4, TypeLayout::of::<CidrKeyV4>(), TypeLayout::of::<u32>()),
+    (DECIDED_PODS_V4, TypeLayout::of::<u32>(), TypeLayout::of::<u32>()),
+];
+
 /// Every map with the key and value sizes this build's types have: what a pinned map must match
 /// to be adopted.
 pub fn layouts() -> [(&'static str, usize, usize); 14] {
-    use std::mem::size_of;
-    [
-        (SOURCES_V4, size_of::<u32>(), size_of::<SourceV4>()),
-        (
-            DESTINATIONS_V4,
-            size_of::<DestinationKeyV4>(),
-            size_of::<DestinationV4>(),
-        ),
-        (HELD_SLOTS_V4, size_of::<SlotKeyV4>(), size_of::<u32>()),
-        (CLUSTER_V4, size_of::<CidrKeyV4>(), size_of::<u32>()),
-        (CONFIG, size_of::<u32>(), size_of::<Config>()),
-        (COUNTERS, size_of::<u32>(), size_of::<Counter>()),
-        (POLICY_STATS, size_of::<u32>(), size_of::<Counter>()),
-        (REPLY_V4, size_of::<u32>(), size_of::<ReplyV4>()),
-        (POLICY_NAMES, size_of::<u32>(), size_of::<PolicyName>()),
-        (TUNNEL_PEERS_V4, size_of::<u32>(), size_of::<u32>()),
-        (BRIDGE_PORTS, size_of::<u32>(), size_of::<u32>()),
-        (SEEN, size_of::<u32>(), size_of::<u64>()),
-        (GUARDED_V4, size_of::<CidrKeyV4>(), size_of::<u32>()),
-        (DECIDED_PODS_V4, size_of::<u32>(), size_of::<u32>()),
-    ]
+    MAP_TYPES.map(|(name, key, value)| (name, key.size, value.size))
 }
 
 /// An IPv4 address in the network byte order the maps hold, as a native `u32`.
@@ -549,28 +537,367 @@ impl PolicyName {
 
 #[cfg(test)]
 mod tests {
-    use std::mem::size_of;
+    use std::{collections::HashMap, mem::size_of};
 
     use aya::maps::lpm_trie::Key;
 
     use super::*;
 
+    /// A struct as the compiler lays it out.
+    struct RustLayout {
+        name: String,
+        size: usize,
+        fields: Vec<FieldLayout>,
+    }
+
+    /// A field of a struct, in Rust or in C: its Rust type name is how the two are compared
+    /// (BTF `unsigned int` is `u32`, `char` is `u8`, a struct is its Rust twin).
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    struct FieldLayout {
+        name: String,
+        offset: usize,
+        size: usize,
+        ty: String,
+    }
+
+    /// `rust_layout!(Type { every, field, in, order })`: a field left out or misnamed fails the
+    /// comparison with the object (or does not compile).
+    macro_rules! rust_layout {
+        ($ty:ident { $($field:ident),* $(,)? }) => {
+            RustLayout {
+                name: stringify!($ty).to_owned(),
+                size: size_of::<$ty>(),
+                fields: vec![$(
+                    field_layout(stringify!($field), std::mem::offset_of!($ty, $field), |s: &$ty| &s.$field)
+                ),*],
+            }
+        };
+    }
+
+    fn field_layout<S, F>(name: &str, offset: usize, _field: fn(&S) -> &F) -> FieldLayout {
+        FieldLayout {
+            name: name.to_owned(),
+            offset,
+            size: size_of::<F>(),
+            ty: short_type_name(std::any::type_name::<F>()),
+        }
+    }
+
+    /// `[sluice_shim::maps::TargetV4; 8]` -> `[TargetV4; 8]`.
+    fn short_type_name(full: &str) -> String {
+        let mut name = full.to_owned();
+        while let Some(at) = name.find("::") {
+            let start = name[..at]
+                .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .map_or(0, |i| i + 1);
+            name.replace_range(start..at + 2, "");
+        }
+        name
+    }
+
+    /// The object's BTF, read just far enough to compare map keys and values with the types here
+    /// (aya-obj parses BTF but keeps its types to itself). Format: the kernel's
+    /// Documentation/bpf/btf.rst.
+    mod btf {
+        use std::collections::HashMap;
+
+        use super::FieldLayout;
+
+        enum Type {
+            Int {
+                name: String,
+                bits: u32,
+                signed: bool,
+            },
+            Array {
+                element: u32,
+                len: u32,
+            },
+            Struct {
+                name: String,
+                size: u32,
+                members: Vec<Member>,
+            },
+            /// typedef, const, volatile, restrict, type tag: the type it stands for.
+            Alias(u32),
+            /// What no map key or value of Sluice's is made of.
+            Other {
+                kind: u32,
+            },
+        }
+
+        struct Member {
+            name: String,
+            ty: u32,
+            bit_offset: u32,
+            bitfield_bits: u32,
+        }
+
+        pub struct Btf {
+            /// `types[id - 1]`; id 0 is void.
+            types: Vec<Type>,
+        }
+
+        impl Btf {
+            pub fn parse(bytes: &[u8]) -> Btf {
+                let u16_at = |at: usize| u16::from_ne_bytes(bytes[at..at + 2].try_into().unwrap());
+                let u32_at = |at: usize| u32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap());
+                let usize_at = |at: usize| u32_at(at) as usize;
+                assert_eq!(u16_at(0), 0xeb9f, "BTF magic, in this machine's byte order");
+                let header_len = usize_at(4);
+                let types_start = header_len + usize_at(8);
+                let types_end = types_start + usize_at(12);
+                let strings = header_len + usize_at(16);
+                let string = |offset: u32| {
+                    let start = strings + offset as usize;
+                    let len = bytes[start..].iter().position(|&b| b == 0).unwrap();
+                    String::from_utf8(bytes[start..start + len].to_vec()).unwrap()
+                };
+                let mut types = Vec::new();
+                let mut at = types_start;
+                while at < types_end {
+                    let (name, info, size_or_type) = (u32_at(at), u32_at(at + 4), u32_at(at + 8));
+                    at += 12;
+                    let vlen = (info & 0xffff) as usize;
+                    let kind = (info >> 24) & 0x1f;
+                    let kind_flag = info >> 31 == 1;
+                    let (ty, extra) = match kind {
+                        1 => {
+                            let data = u32_at(at);
+                            let int = Type::Int {
+                                name: string(name),
+                                bits: data & 0xff,
+                                signed: (data >> 24) & 1 == 1,
+                            };
+                            (int, 4)
+                        }
+                        3 => (
+                            Type::Array {
+                                element: u32_at(at),
+                                len: u32_at(at + 8),
+                            },
+                            12,
+                        ),
+                        4 => {
+                            let members = (0..vlen)
+                                .map(|i| {
+                                    let m = at + 12 * i;
+                                    let offset = u32_at(m + 8);
+                                    Member {
+                                        name: string(u32_at(m)),
+                                        ty: u32_at(m + 4),
+                                        bit_offset: if kind_flag { offset & 0xff_ffff } else { offset },
+                                        bitfield_bits: if kind_flag { offset >> 24 } else { 0 },
+                                    }
+                                })
+                                .collect();
+                            let st = Type::Struct {
+                                name: string(name),
+                                size: size_or_type,
+                                members,
+                            };
+                            (st, 12 * vlen)
+                        }
+                        8 | 9 | 10 | 11 | 18 => (Type::Alias(size_or_type), 0),
+                        // Unions and the rest, skipped by their trailing data.
+                        5 | 15 | 19 => (Type::Other { kind }, 12 * vlen),
+                        6 | 13 => (Type::Other { kind }, 8 * vlen),
+                        14 | 17 => (Type::Other { kind }, 4),
+                        2 | 7 | 12 | 16 => (Type::Other { kind }, 0),
+                        _ => panic!("BTF kind {kind} is unknown to this reader"),
+                    };
+                    at += extra;
+                    types.push(ty);
+                }
+                assert_eq!(at, types_end, "BTF types end where the header says");
+                Btf { types }
+            }
+
+            fn get(&self, mut id: u32) -> &Type {
+                loop {
+                    let ty = &self.types[id as usize - 1];
+                    match ty {
+                        Type::Alias(of) => id = *of,
+                        _ => return ty,
+                    }
+                }
+            }
+
+            fn size(&self, id: u32) -> usize {
+                match self.get(id) {
+                    Type::Int { bits, .. } => *bits as usize / 8,
+                    Type::Array { element, len } => self.size(*element) * *len as usize,
+                    Type::Struct { size, .. } => *size as usize,
+                    Type::Other { kind } => panic!("no size for BTF type {id} of kind {kind}"),
+                    Type::Alias(_) => unreachable!("get resolves aliases"),
+                }
+            }
+
+            /// The Rust type that stands for BTF type `id`; a struct is named by `twins`.
+            pub fn rust_name(&self, id: u32, twins: &HashMap<String, String>) -> String {
+                match self.get(id) {
+                    // Text: bytes in Rust, whatever the sign of C's `char`.
+                    Type::Int { name, bits: 8, .. } if name == "char" => "u8".to_owned(),
+                    Type::Int { bits, signed, .. } => format!("{}{bits}", if *signed { 'i' } else { 'u' }),
+                    Type::Array { element, len } => format!("[{}; {len}]", self.rust_name(*element, twins)),
+                    Type::Struct { name, .. } => twins
+                        .get(name)
+                        .cloned()
+                        .unwrap_or_else(|| format!("struct {name} (no Rust twin in c_twins)")),
+                    Type::Other { kind } => format!("BTF type {id} of kind {kind}"),
+                    Type::Alias(_) => unreachable!("get resolves aliases"),
+                }
+            }
+
+            /// Size and members of `struct name`.
+            pub fn struct_layout(
+                &self,
+                name: &str,
+                twins: &HashMap<String, String>,
+            ) -> (usize, Vec<FieldLayout>) {
+                let found = self.types.iter().find_map(|t| match t {
+                    Type::Struct {
+                        name: n,
+                        size,
+                        members,
+                    } if n == name => Some((*size, members)),
+                    _ => None,
+                });
+                let (size, members) = found.unwrap_or_else(|| panic!("struct {name} is in the object's BTF"));
+                let fields = members
+                    .iter()
+                    .map(|m| {
+                        assert_eq!(
+                            m.bitfield_bits, 0,
+                            "{name}.{} is a bitfield: no Rust twin",
+                            m.name
+                        );
+                        assert_eq!(m.bit_offset % 8, 0, "{name}.{} starts mid-byte", m.name);
+                        FieldLayout {
+                            name: m.name.clone(),
+                            offset: m.bit_offset as usize / 8,
+                            size: self.size(m.ty),
+                            ty: self.rust_name(m.ty, twins),
+                        }
+                    })
+                    .collect();
+                (size as usize, fields)
+            }
+        }
+    }
+
+    fn object() -> aya_obj::Object {
+        aya_obj::Object::parse(crate::datapath::OBJECT).expect("the compiled object parses")
+    }
+
+    fn object_btf(object: &aya_obj::Object) -> btf::Btf {
+        let btf = object
+            .btf
+            .as_ref()
+            .expect("the object is built with -g: it carries BTF");
+        btf::Btf::parse(&btf.to_bytes())
+    }
+
+    /// Every struct a map holds, with its Rust twin as the compiler lays it out.
+    fn c_twins() -> Vec<(&'static str, RustLayout)> {
+        vec![
+            (
+                "sluice_target_v4",
+                rust_layout!(TargetV4 {
+                    kind,
+                    flags,
+                    gateway_ip,
+                    egress_ip,
+                    egress_id,
+                    peer_ip
+                }),
+            ),
+            (
+                "sluice_source_v4",
+                rust_layout!(SourceV4 { group, _pad, targets }),
+            ),
+            (
+                "sluice_destination_key_v4",
+                rust_layout!(DestinationKeyV4 {
+                    prefixlen,
+                    group,
+                    daddr
+                }),
+            ),
+            (
+                "sluice_destination_v4",
+                rust_layout!(DestinationV4 {
+                    kind,
+                    policy_id,
+                    target
+                }),
+            ),
+            (
+                "sluice_slot_key_v4",
+                rust_layout!(SlotKeyV4 {
+                    policy_id,
+                    gateway_slot
+                }),
+            ),
+            ("sluice_cidr_key_v4", rust_layout!(CidrKeyV4 { prefixlen, addr })),
+            (
+                "sluice_config",
+                rust_layout!(Config {
+                    tunnel_ifindex,
+                    vni,
+                    tunnel_ttl,
+                    tunnel_port,
+                    flags,
+                    tcp_mss_max,
+                    mark_egress,
+                    mark_egress_shift,
+                    mark_tunnel,
+                    mark_reply
+                }),
+            ),
+            ("sluice_counter", rust_layout!(Counter { packets, bytes })),
+            ("sluice_reply_v4", rust_layout!(ReplyV4 { node_ip, _pad })),
+            ("sluice_policy_name", rust_layout!(PolicyName { name })),
+        ]
+    }
+
+    fn rust_names() -> HashMap<String, String> {
+        c_twins()
+            .into_iter()
+            .map(|(c, rust)| (c.to_owned(), rust.name))
+            .collect()
+    }
+
     #[test]
     fn layouts_match_the_object() {
-        let object = aya_obj::Object::parse(crate::datapath::OBJECT).expect("the compiled object parses");
-        let expected = layouts();
+        let object = object();
+        let btf = object_btf(&object);
+        let rust_names = rust_names();
         assert_eq!(
             object.maps.len(),
-            expected.len(),
+            MAP_TYPES.len(),
             "every map of the object is checked"
         );
-        for (name, key, value) in expected {
+        for (name, key, value) in MAP_TYPES {
             let map = object
                 .maps
                 .get(name)
                 .unwrap_or_else(|| panic!("map {name} is in the object"));
-            assert_eq!(map.key_size() as usize, key, "key size of {name}");
-            assert_eq!(map.value_size() as usize, value, "value size of {name}");
+            assert_eq!(map.key_size() as usize, key.size, "key size of {name}");
+            assert_eq!(map.value_size() as usize, value.size, "value size of {name}");
+            let aya_obj::Map::Btf(map) = map else {
+                panic!("{name} is declared with BTF (in SEC(\".maps\"))");
+            };
+            assert_eq!(
+                btf.rust_name(map.def.btf_key_type_id, &rust_names),
+                short_type_name((key.type_name)()),
+                "key type of {name}"
+            );
+            assert_eq!(
+                btf.rust_name(map.def.btf_value_type_id, &rust_names),
+                short_type_name((value.type_name)()),
+                "value type of {name}"
+            );
         }
         // aya's LPM key wrapper must produce the same bytes as the C key.
         assert_eq!(
@@ -580,21 +907,68 @@ mod tests {
         assert_eq!(size_of::<Key<u32>>(), size_of::<CidrKeyV4>());
     }
 
+    /// Every struct a map holds, member by member: what `layouts_match_the_object` cannot see
+    /// (two fields swapped, a field resized with its neighbour's padding, a signedness change).
+    #[test]
+    fn structs_match_the_object_field_by_field() {
+        let btf = object_btf(&object());
+        let rust_names = rust_names();
+        for (c_name, rust) in c_twins() {
+            let (size, fields) = btf.struct_layout(c_name, &rust_names);
+            assert_eq!(fields, rust.fields, "fields of struct {c_name} and {}", rust.name);
+            assert_eq!(size, rust.size, "size of struct {c_name} and {}", rust.name);
+            // The header promises explicit padding: nothing the compiler adds behind our back.
+            let mut end = 0;
+            for field in &fields {
+                assert_eq!(
+                    field.offset, end,
+                    "implicit padding before {c_name}.{}",
+                    field.name
+                );
+                end += field.size;
+            }
+            assert_eq!(end, size, "implicit padding at the end of {c_name}");
+        }
+        // aya's LPM key is `prefixlen` followed by the data: the C key without its first field.
+        let (_, key) = btf.struct_layout("sluice_destination_key_v4", &rust_names);
+        assert_eq!(key[0].name, "prefixlen");
+        let data: Vec<FieldLayout> = key[1..]
+            .iter()
+            .map(|f| FieldLayout {
+                offset: f.offset - size_of::<u32>(),
+                ..f.clone()
+            })
+            .collect();
+        assert_eq!(data, rust_layout!(DestinationAddrsV4 { group, daddr }).fields);
+    }
+
+    /// The names follow the C enum (see build.rs) and are metric labels and CLI output users
+    /// depend on: renaming a counter in C must be a visible decision, not a silent one.
+    #[test]
+    fn counter_names_are_the_documented_ones() {
+        let doc = include_str!("../../docs/datapath.md");
+        let listed = doc
+            .split_once("packets/bytes by outcome (")
+            .and_then(|(_, rest)| rest.split_once(')'))
+            .expect("docs/datapath.md lists the counters of `bpf counters`")
+            .0;
+        let documented: Vec<&str> = listed.split(',').map(str::trim).collect();
+        let ours: Vec<&str> = COUNTER_NAMES.iter().map(|(_, name)| *name).collect();
+        assert_eq!(ours, documented);
+        assert_eq!(
+            COUNTER_NAMES[usize::try_from(CTR_ERROR).unwrap()],
+            (CTR_ERROR, "errors")
+        );
+    }
+
     #[test]
     fn counters_have_room_for_every_outcome() {
-        let object = aya_obj::Object::parse(crate::datapath::OBJECT).unwrap();
-        assert_eq!(object.maps[COUNTERS].max_entries(), COUNTERS_MAX);
-        assert!(COUNTER_NAMES.iter().all(|(i, _)| *i < COUNTERS_MAX));
-        // The header's enum and the names agree (each index once, in order).
-        let header = include_str!("../../ebpf/sluice.h");
-        let indexes: Vec<u32> = header
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("SLUICE_CTR_"))
-            .filter(|l| !l.starts_with("MAX"))
-            .filter_map(|l| l.split('=').nth(1)?.trim().trim_end_matches(',').parse().ok())
-            .collect();
-        let named: Vec<u32> = COUNTER_NAMES.iter().map(|(i, _)| *i).collect();
-        assert_eq!(indexes, named);
+        assert_eq!(object().maps[COUNTERS].max_entries(), COUNTERS_MAX);
+        let mut indexes: Vec<u32> = COUNTER_NAMES.iter().map(|(i, _)| *i).collect();
+        assert!(indexes.iter().all(|i| *i < COUNTERS_MAX));
+        indexes.dedup();
+        assert_eq!(indexes.len(), COUNTER_NAMES.len(), "each index once, in order");
+        assert!(indexes.is_sorted());
     }
 
     #[test]
@@ -607,44 +981,6 @@ mod tests {
             let map = &object.maps[name];
             assert_eq!(map.max_entries(), max, "{name}");
             assert_eq!(map.map_flags() & 1, 1, "{name}: BPF_F_NO_PREALLOC");
-        }
-    }
-
-    /// The values of the header's constants, not only the sizes of its structs.
-    #[test]
-    fn constants_match_the_header() {
-        let header = include_str!("../../ebpf/sluice.h");
-        let define = |name: &str| -> u32 {
-            let line = header
-                .lines()
-                .find_map(|l| l.strip_prefix("#define ")?.strip_prefix(name)?.strip_prefix(' '))
-                .unwrap_or_else(|| panic!("{name} is defined in sluice.h"));
-            let value = line.split("/*").next().unwrap().trim();
-            let value = value.trim_start_matches('(').trim_end_matches(')');
-            match value.split_once("<<") {
-                Some((a, b)) => {
-                    a.trim().trim_end_matches('u').parse::<u32>().unwrap() << b.trim().parse::<u32>().unwrap()
-                }
-                None => value.parse().unwrap_or_else(|_| panic!("{name} = {value}")),
-            }
-        };
-        for (name, ours) in [
-            ("SLUICE_KIND_GATEWAY", KIND_GATEWAY),
-            ("SLUICE_KIND_NONE", KIND_NONE),
-            ("SLUICE_KIND_FALLBACK", KIND_FALLBACK),
-            ("SLUICE_KIND_EXCLUDED", KIND_EXCLUDED),
-            ("SLUICE_F_LOCAL_GATEWAY", F_LOCAL_GATEWAY),
-            ("SLUICE_CFG_NO_SOURCE_CHECK", CFG_NO_SOURCE_CHECK),
-            ("SLUICE_PEER_SOURCE", PEER_SOURCE),
-            ("SLUICE_PEER_GATEWAY", PEER_GATEWAY),
-            ("SLUICE_DEST_TARGET", DEST_TARGET),
-            ("SLUICE_DEST_EXCLUDED", DEST_EXCLUDED),
-            ("SLUICE_DEST_DROP", DEST_DROP),
-            ("SLUICE_SOURCE_TARGETS", SOURCE_TARGETS as u32),
-            ("SLUICE_SEEN_SLOTS", SEEN_SLOTS),
-            ("SLUICE_POLICY_NAME_LEN", POLICY_NAME_LEN as u32),
-        ] {
-            assert_eq!(define(name), ours, "{name}");
         }
     }
 

@@ -7,13 +7,14 @@ use std::{
     net::Ipv4Addr,
 };
 
-use netlink_packet_core::NLM_F_DUMP;
+use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP};
 use netlink_packet_netfilter::{
-    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
+    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily, NetfilterSubsystem,
     nftables::{
         GenAttribute, GenMessage, NfTablesMessage, RuleAttribute, RuleMessage, TableAttribute, TableFlags,
         TableMessage,
     },
+    none::ControlMessage,
 };
 
 use crate::{
@@ -224,6 +225,36 @@ pub fn table_held(nl: &mut Netlink) -> Result<Option<TableHeld>> {
     }))
 }
 
+/// The batch deleting the `ip sluice` table: nf_tables takes changes only inside a batch (as
+/// `nft -f` sends them), and acknowledges the deletion itself.
+fn delete_table_batch() -> Vec<(NetfilterMessage, u16)> {
+    let nftables = u16::from(u8::from(NetfilterSubsystem::NfTables));
+    let control = |m: ControlMessage| {
+        NetfilterMessage::new(NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, nftables), m)
+    };
+    let delete = NetfilterMessage::new(
+        NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
+        NfTablesMessage::DeleteTable(TableMessage {
+            attributes: vec![TableAttribute::Name(TABLE.to_owned())],
+        }),
+    );
+    vec![
+        (control(ControlMessage::BatchBegin), 0),
+        (delete, NLM_F_ACK),
+        (control(ControlMessage::BatchEnd), 0),
+    ]
+}
+
+/// Deletes Sluice's nftables table; one already gone is fine.
+pub fn remove_table() -> Result<()> {
+    let mut nl = Netlink::netfilter().map_err(|e| Error::io("opening a netfilter netlink socket", e))?;
+    match nl.batch(delete_table_batch()) {
+        // No table, or no nf_tables at all (then there is no table either).
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EOPNOTSUPP)) => Ok(()),
+        r => r.map_err(|e| Error::io("deleting the nftables table ip sluice", e)),
+    }
+}
+
 /// Sluice's nftables table as last applied, and what the kernel held right after, to notice
 /// cheaply when someone else changed it (an `nft flush ruleset`, say).
 #[derive(Debug, Default)]
@@ -351,6 +382,41 @@ pub fn remove_reply_route(table: u32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_table_is_deleted_in_a_batch_of_its_own() {
+        use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+        let (bytes, awaited) = netlink::encode_batch(delete_table_batch(), 7);
+        assert_eq!(awaited, [8], "only the deletion is acknowledged");
+        let mut rest = &bytes[..];
+        let mut messages = Vec::new();
+        while !rest.is_empty() {
+            let m = NetlinkMessage::<NetfilterMessage>::deserialize(rest).expect("parses");
+            rest = &rest[(m.header.length as usize).next_multiple_of(4)..];
+            messages.push(m);
+        }
+        // The kernel's numbers: NFNL_MSG_BATCH_BEGIN, NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_DELTABLE,
+        // NFNL_MSG_BATCH_END.
+        let types: Vec<u16> = messages.iter().map(|m| m.header.message_type).collect();
+        assert_eq!(types, [0x10, 0x0a02, 0x11]);
+        let sequences: Vec<u32> = messages.iter().map(|m| m.header.sequence_number).collect();
+        assert_eq!(sequences, [7, 8, 9]);
+        let payloads: Vec<&NetfilterMessage> = messages
+            .iter()
+            .map(|m| match &m.payload {
+                NetlinkPayload::InnerMessage(m) => m,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(payloads[0].header.res_id, 10, "the batch is nf_tables'");
+        assert_eq!(payloads[1].header.family, NetfilterProtoFamily::IPv4);
+        assert_eq!(
+            payloads[1].inner,
+            NetfilterMessageInner::NfTables(NfTablesMessage::DeleteTable(TableMessage {
+                attributes: vec![TableAttribute::Name("sluice".into())],
+            }))
+        );
+    }
 
     #[test]
     fn one_snat_rule_per_egress_ip() {

@@ -1,8 +1,10 @@
 //! Blocking netlink requests, and the policy-routing objects Sluice keeps (fwmark rules, routes)
 //! as typed values read and written through them.
 //!
-//! The agent loop is synchronous and the kernel answers these requests at once, so a plain socket
-//! per request batch is all it takes: no async handle, no `ip` subprocess.
+//! The agent's ticks are synchronous (on Tokio's blocking pool) and the kernel answers these
+//! requests at once, so a plain socket per request batch is all it takes: no async handle, no
+//! `ip` subprocess. Only the notifications that wake the loop ([`crate::netdev::LinkEvents`])
+//! are read asynchronously.
 
 use std::{fmt::Debug, io, net::Ipv4Addr, os::fd::AsFd, time::Duration};
 
@@ -137,6 +139,68 @@ impl Netlink {
             }
         }
     }
+
+    /// Sends `messages` (each with its own flags) in one datagram, as nfnetlink wants a batch,
+    /// and waits for the acknowledgement of each one sent with `NLM_F_ACK`. The first error
+    /// the kernel reports for any of them is returned.
+    pub fn batch<T>(&mut self, messages: Vec<(T, u16)>) -> io::Result<()>
+    where
+        T: NetlinkSerializable + NetlinkDeserializable + Debug,
+    {
+        let count = messages.len() as u32;
+        let first = self.sequence.wrapping_add(1);
+        let (bytes, mut awaited) = encode_batch(messages, first);
+        self.sequence = self.sequence.wrapping_add(count);
+        let sent: Vec<u32> = (0..count).map(|i| first.wrapping_add(i)).collect();
+        self.socket.send(&bytes, 0)?;
+        let mut buffer = Vec::with_capacity(RECEIVE_BUFFER);
+        while !awaited.is_empty() {
+            buffer.clear();
+            self.socket.recv(&mut buffer, 0)?;
+            let mut datagram = &buffer[..];
+            while !datagram.is_empty() {
+                let answer = NetlinkMessage::<T>::deserialize(datagram)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+                let length = (answer.header.length as usize).next_multiple_of(4);
+                datagram = datagram.get(length.max(1)..).unwrap_or_default();
+                let sequence = answer.header.sequence_number;
+                if !sent.contains(&sequence) {
+                    continue;
+                }
+                if let NetlinkPayload::Error(e) = answer.payload {
+                    if e.code.is_some() {
+                        return Err(e.to_io());
+                    }
+                    awaited.retain(|s| *s != sequence);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `messages` laid out as one datagram, numbered from `first`, each starting on a 4-byte boundary
+/// (`NLMSG_ALIGN`); and the sequence numbers of those asking for an acknowledgement.
+pub(crate) fn encode_batch<T: NetlinkSerializable + Debug>(
+    messages: Vec<(T, u16)>,
+    first: u32,
+) -> (Vec<u8>, Vec<u32>) {
+    let mut bytes = Vec::new();
+    let mut awaited = Vec::new();
+    for (sequence, (message, flags)) in (0..).map(|i| first.wrapping_add(i)).zip(messages) {
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        header.sequence_number = sequence;
+        if flags & NLM_F_ACK != 0 {
+            awaited.push(sequence);
+        }
+        let mut request = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(message));
+        request.finalize();
+        let (start, length) = (bytes.len(), request.buffer_len());
+        bytes.resize(start + length.next_multiple_of(4), 0);
+        request.serialize(&mut bytes[start..start + length]);
+    }
+    (bytes, awaited)
 }
 
 /// What a rule selects by: its preference and packet mark; what it does: look up `table`.
@@ -373,6 +437,46 @@ pub fn routes(nl: &mut Netlink, table: u32) -> io::Result<Vec<Route>> {
         .collect())
 }
 
+/// The output interface of the main table's IPv4 default route with the lowest metric (of a
+/// multipath one, its first next hop's), if there is one.
+pub fn default_route_oif(nl: &mut Netlink) -> io::Result<Option<u32>> {
+    let mut request = RouteMessage::default();
+    request.header = route_header(MAIN_TABLE);
+    request.attributes.push(RouteAttribute::Table(MAIN_TABLE));
+    Ok(nl
+        .request(RouteNetlinkMessage::GetRoute(request), NLM_F_DUMP)?
+        .iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewRoute(r) => default_route(r),
+            _ => None,
+        })
+        .min_by_key(|(metric, _)| *metric)
+        .map(|(_, oif)| oif))
+}
+
+/// The (metric, output interface) of `message` when it is a unicast IPv4 default route of the
+/// main table.
+fn default_route(message: &RouteMessage) -> Option<(u32, u32)> {
+    let h = &message.header;
+    if h.address_family != AddressFamily::Inet
+        || h.kind != RouteType::Unicast
+        || h.destination_prefix_length != 0
+    {
+        return None;
+    }
+    let (mut table, mut metric, mut oif) = (u32::from(h.table), 0, None);
+    for a in &message.attributes {
+        match a {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Priority(p) => metric = *p,
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::MultiPath(hops) => oif = oif.or(hops.first().map(|h| h.interface_index)),
+            _ => {}
+        }
+    }
+    (table == MAIN_TABLE).then_some((metric, oif?))
+}
+
 /// Adds `route` to `table`, replacing the route to the same destination and metric.
 pub fn replace_route(nl: &mut Netlink, table: u32, route: &Route) -> io::Result<()> {
     nl.request(
@@ -430,6 +534,38 @@ mod tests {
         let mut blackhole = default.to_message(MAIN_TABLE);
         blackhole.header.kind = RouteType::BlackHole;
         assert_eq!(Route::from_message(&blackhole), None);
+    }
+
+    #[test]
+    fn the_default_route_is_the_main_tables_unicast_one() {
+        let mut via_eth0 = Route::default_via_device(2).to_message(MAIN_TABLE);
+        via_eth0.attributes.push(RouteAttribute::Priority(100));
+        assert_eq!(default_route(&via_eth0), Some((100, 2)));
+        assert_eq!(
+            default_route(&Route::default_via_device(3).to_message(8473)),
+            None,
+            "another table's default is not the node's"
+        );
+        let subnet = Route {
+            destination: "192.0.2.0/24".parse().unwrap(),
+            ..Route::default_via_device(2)
+        };
+        assert_eq!(default_route(&subnet.to_message(MAIN_TABLE)), None);
+        let mut unreachable = Route::default_via_device(2).to_message(MAIN_TABLE);
+        unreachable.header.kind = RouteType::Unreachable;
+        assert_eq!(default_route(&unreachable), None);
+        let mut multipath = RouteMessage::default();
+        multipath.header = route_header(MAIN_TABLE);
+        multipath.header.kind = RouteType::Unicast;
+        let hop = |interface_index| {
+            let mut hop = netlink_packet_route::route::RouteNextHop::default();
+            hop.interface_index = interface_index;
+            hop
+        };
+        multipath
+            .attributes
+            .push(RouteAttribute::MultiPath(vec![hop(5), hop(6)]));
+        assert_eq!(default_route(&multipath), Some((0, 5)), "its first next hop");
     }
 
     #[test]

@@ -91,54 +91,51 @@ pub struct OperatorPlans {
     pub applied: Arc<watch::Sender<Applied>>,
 }
 
-/// Like [`run`], but also woken by `wake` (a new plan from the operator) between ticks.
-/// `link` (and with it the session to the operator) lives as long as this loop.
-pub fn run_woken(opts: Options, link: crate::client::Link) -> Result<()> {
-    let mut agent = Agent::start(opts)?;
-    let wake_tx = link.wake_tx.clone();
-    let wake = &link.wake;
-    let events = netdev::LinkEvents::open()?;
-    std::thread::Builder::new()
-        .name("link-events".into())
-        .spawn(move || {
-            loop {
-                if events.wait(Duration::from_secs(3600)) {
-                    std::thread::sleep(Duration::from_millis(10));
-                    events.wait(Duration::ZERO);
-                    if wake_tx.send(()).is_err() {
-                        return;
-                    }
-                }
-            }
-        })
-        .map_err(|e| Error::io("starting the link events thread".to_owned(), e))?;
+/// Runs until an unrecoverable error. Transient failures (a bad plan file, a missing egress IP)
+/// are logged and retried every tick; the datapath keeps its last good state meanwhile.
+///
+/// One loop, woken by whichever comes first: a netlink notification (a link, an IPv4 address, a
+/// route or a rule changed), a new state from the operator, or `--interval-ms` (the backstop, and
+/// how a plan file's changes are noticed). Each tick runs on Tokio's blocking pool: it reads and
+/// writes the kernel with blocking calls, which must not hold up the node channel's session.
+pub async fn run(opts: Options) -> Result<()> {
+    let mut plans = match &opts.plan {
+        PlanSource::Operator(link) => Some(link.plans.clone()),
+        PlanSource::File(_) => None,
+    };
+    let interval = opts.interval;
+    let mut agent = blocking(move || Agent::start(opts)).await?;
+    let mut events = netdev::LinkEvents::open()?;
     loop {
-        agent.tick();
-        match wake.recv_timeout(agent.opts.interval) {
-            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => while wake.try_recv().is_ok() {},
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(Error::io(
-                    "the node channel".to_owned(),
-                    std::io::Error::other("stopped"),
-                ));
-            }
+        agent = blocking(move || {
+            agent.tick();
+            Ok(agent)
+        })
+        .await?;
+        tokio::select! {
+            changed = events.changed() => changed?,
+            next = next_plan(plans.as_mut()) => next?,
+            () = tokio::time::sleep(interval) => {}
         }
     }
 }
 
-/// Runs until an unrecoverable error. Transient failures (a bad plan file, a missing egress IP)
-/// are logged and retried every tick; the datapath keeps its last good state meanwhile.
-pub fn run(opts: Options) -> Result<()> {
-    let mut agent = Agent::start(opts)?;
-    let events = netdev::LinkEvents::open()?;
-    loop {
-        agent.tick();
-        if events.wait(agent.opts.interval) {
-            // Let a burst of changes (a pod being wired up) settle into one rescan.
-            std::thread::sleep(Duration::from_millis(10));
-            events.wait(Duration::ZERO);
-        }
-    }
+/// Runs `f` on Tokio's blocking pool.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::io("the agent loop", std::io::Error::other(e)))?
+}
+
+/// Waits for the operator's next state; never, with a plan file.
+async fn next_plan(plans: Option<&mut watch::Receiver<Option<Arc<NodeState>>>>) -> Result<()> {
+    let Some(plans) = plans else {
+        return std::future::pending().await;
+    };
+    plans
+        .changed()
+        .await
+        .map_err(|_| Error::io("the node channel", std::io::Error::other("stopped")))
 }
 
 /// What tells that the plan changed: the plan file's stat, or the operator's generation.
@@ -272,42 +269,34 @@ impl Agent {
             plans_refused: 0,
             retry: None,
         };
-        agent.ensure_tunnel(netdev::interfaces().ok().as_deref())?;
+        agent.ensure_tunnel(netdev::scan().ok().as_ref())?;
         Ok(agent)
     }
 
     /// One round: follow interfaces, apply the plan if it (or the host) changed, refresh metrics.
     pub fn tick(&mut self) {
-        // One scan of the node's interfaces per tick, for every step below (a node has hundreds
-        // of pod interfaces).
-        let interfaces = netdev::interfaces();
-        if let Err(e) = self.ensure_tunnel(interfaces.as_deref().ok()) {
+        // One scan of the node's links and addresses per tick, for every step below (a node has
+        // hundreds of pod interfaces).
+        let scan = netdev::scan();
+        if let Err(e) = self.ensure_tunnel(scan.as_ref().ok()) {
             tracing::error!(error = %DisplayChain(&e), "tunnel device");
         }
-        if let Err(e) = interfaces
-            .as_deref()
-            .map_err(|e| {
-                Error::io(
-                    "listing interfaces".to_owned(),
-                    std::io::Error::other(e.to_string()),
-                )
-            })
-            .and_then(|list| self.follow_interfaces(list))
+        if let Err(e) = scan
+            .as_ref()
+            .map_err(scan_failed)
+            .and_then(|scan| self.follow_interfaces(scan))
         {
             tracing::error!(error = %DisplayChain(&e), "attaching to pod interfaces");
         }
-        self.check_bypass();
+        if let Ok(scan) = &scan {
+            self.check_bypass(scan);
+        }
         let now = std::time::Instant::now();
         if self.retry.is_none_or(|(at, _)| now >= at) {
-            let applied = interfaces
-                .as_deref()
-                .map_err(|e| {
-                    Error::io(
-                        "listing interfaces".to_owned(),
-                        std::io::Error::other(e.to_string()),
-                    )
-                })
-                .and_then(|list| self.apply_plan(list));
+            let applied = scan
+                .as_ref()
+                .map_err(scan_failed)
+                .and_then(|scan| self.apply_plan(&scan.interfaces));
             match applied {
                 Ok(()) => self.retry = None,
                 Err(e) => {
@@ -325,18 +314,19 @@ impl Agent {
         self.metrics.tick_completed();
     }
 
-    /// `interfaces`: this tick's scan (for the underlay's MTU), if it succeeded.
-    fn ensure_tunnel(&mut self, interfaces: Option<&[desired::Interface]>) -> Result<()> {
-        let current = netdev::ifindex(&self.opts.tunnel.device);
+    /// `scan`: this tick's scan (for the tunnel's index and the underlay's MTU), if it succeeded.
+    fn ensure_tunnel(&mut self, scan: Option<&netdev::Scan>) -> Result<()> {
+        let device = &self.opts.tunnel.device;
+        let current = scan.map_or_else(|| netdev::ifindex(device), |s| s.ifindex(device));
         if current.is_some() && current == Some(self.tunnel_ifindex) {
             // The underlay's MTU may change under a running tunnel.
-            return self.sync_config(self.tunnel_ifindex, interfaces);
+            return self.sync_config(self.tunnel_ifindex, scan);
         }
         let ifindex = netdev::ensure_tunnel(&self.opts.tunnel)?;
         let device = self.opts.tunnel.device.clone();
         self.dp.attach(datapath::PROG_FROM_TUNNEL, &device, ifindex)?;
         self.dp.attach(datapath::PROG_TO_TUNNEL, &device, ifindex)?;
-        self.sync_config(ifindex, interfaces)?;
+        self.sync_config(ifindex, scan)?;
         // The reply route goes with the device it points to: (re)install it with the device.
         nat::ensure_reply_route(self.opts.reply_table, ifindex, &self.opts.marks)?;
         self.tunnel_ifindex = ifindex;
@@ -359,12 +349,16 @@ impl Agent {
     /// ahead of it (a CNI's TCX program that passes or redirects every packet) takes it all, so
     /// Sluice's policies do not apply there. Logged when it starts and stops, and counted in
     /// `sluice_bypassed_interfaces`.
-    fn check_bypass(&mut self) {
+    fn check_bypass(&mut self, scan: &netdev::Scan) {
         // Enough traffic in one tick that seeing none of it is no accident.
         const MIN_PACKETS: u64 = 8;
         self.seen.retain(|i, _| self.attached.contains_key(i));
         for (ifindex, name) in &self.attached {
-            let (Some(rx), Ok(seen)) = (netdev::rx_packets(name), self.dp.maps.seen(*ifindex)) else {
+            let rx = scan
+                .link(*ifindex)
+                .filter(|l| l.name == *name)
+                .and_then(|l| l.rx_packets);
+            let (Some(rx), Ok(seen)) = (rx, self.dp.maps.seen(*ifindex)) else {
                 continue;
             };
             let (prev_rx, prev_seen, was) = self.seen.get(ifindex).copied().unwrap_or((rx, seen, false));
@@ -391,8 +385,8 @@ impl Agent {
     }
 
     /// Writes the datapath's configuration when it differs from what the map holds.
-    fn sync_config(&mut self, tunnel_ifindex: u32, interfaces: Option<&[desired::Interface]>) -> Result<()> {
-        let underlay_mtu = interfaces.and_then(|list| netdev::mtu_of_address(list, self.opts.node_ip));
+    fn sync_config(&mut self, tunnel_ifindex: u32, scan: Option<&netdev::Scan>) -> Result<()> {
+        let underlay_mtu = scan.and_then(|s| s.mtu_of_address(self.opts.node_ip));
         let config = Config {
             tunnel_ifindex,
             vni: self.opts.tunnel.vni,
@@ -423,8 +417,9 @@ impl Agent {
         Ok(())
     }
 
-    fn follow_interfaces(&mut self, interfaces: &[desired::Interface]) -> Result<()> {
-        let live: BTreeMap<u32, String> = interfaces
+    fn follow_interfaces(&mut self, scan: &netdev::Scan) -> Result<()> {
+        let live: BTreeMap<u32, String> = scan
+            .interfaces
             .iter()
             .filter(|i| netdev::is_pod_interface(&self.opts.pod_interfaces, &i.name))
             .map(|i| (i.index, i.name.clone()))
@@ -451,8 +446,8 @@ impl Agent {
         self.attached.retain(|i, _| live.contains_key(i));
         // The source check of bridged pod interfaces needs to know their bridge.
         let bridge_ports: BTreeMap<u32, u32> = live
-            .iter()
-            .filter_map(|(ifindex, name)| Some((*ifindex, netdev::master_ifindex(name)?)))
+            .keys()
+            .filter_map(|ifindex| Some((*ifindex, scan.link(*ifindex)?.master?)))
             .collect();
         sync::reconcile(
             &mut HashStore(&mut self.dp.maps.bridge_ports, maps::BRIDGE_PORTS),
@@ -979,6 +974,14 @@ fn read_hash<V: aya::Pod + Clone>(
             })
         })
         .collect()
+}
+
+/// This tick's failed scan, for each step that needed it.
+fn scan_failed(e: &Error) -> Error {
+    Error::io(
+        "listing interfaces",
+        std::io::Error::other(DisplayChain(e).to_string()),
+    )
 }
 
 /// Displays an error with its chain of causes.

@@ -14,13 +14,10 @@ use crate::{
 pub fn uninstall(bpffs_dir: &Path, tunnel_device: &str, reply_table: u32) -> Result<()> {
     remove_tree(&bpffs_dir.join("links"))?;
     remove_tree(bpffs_dir)?;
-    let _ = netdev::run("nft", &["delete", "table", "ip", "sluice"], None);
+    crate::nat::remove_table()?;
     crate::egress_route::remove_all(reply_table)?;
     crate::nat::remove_reply_route(reply_table)?;
-    if netdev::ifindex(tunnel_device).is_some() {
-        netdev::ip(&["link", "del", tunnel_device])?;
-    }
-    Ok(())
+    netdev::delete_link(tunnel_device)
 }
 
 fn remove_tree(dir: &Path) -> Result<()> {
