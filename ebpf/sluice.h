@@ -83,6 +83,11 @@ enum sluice_counter_index {
 	SLUICE_CTR_DROP_UNDECIDED_POD = 18,
 	/* A pod selected by more policies than its source entry has targets for: dropped. */
 	SLUICE_CTR_DROP_TOO_MANY_POLICIES = 19,
+	/*
+	 * A pod's IPv6 packet to a destination of a failurePolicy Drop policy that selects it:
+	 * dropped, since IPv6 is not steered yet (fail closed: never leaves with a node address).
+	 */
+	SLUICE_CTR_DROP_IPV6_NOT_STEERED = 20,
 	SLUICE_CTR_MAX = 32,
 };
 
@@ -223,6 +228,45 @@ struct sluice_reply_v4 {
 #define SLUICE_POLICY_NAME_LEN 256
 struct sluice_policy_name {
 	char name[SLUICE_POLICY_NAME_LEN];
+};
+
+/* --- IPv6: not steered yet, so fail closed ------------------------------------------------ */
+/*
+ * Until IPv6 is steered, a selected pod's IPv6 traffic to a destination of its policy must not
+ * leave with the node's address when the policy says failurePolicy Drop: sluice_entries_v6
+ * holds, per (pod IPv6, destination prefix), whether to drop it or let it take the normal path
+ * (excluded CIDRs, failurePolicy Fallback). The in-cluster IPv6 CIDRs and the no-leak guard for
+ * new pods work as for IPv4.
+ */
+
+/* An IPv6 address, as map keys hold it. */
+struct sluice_addr_v6 {
+	__u8 bytes[16];
+};
+
+/* Key of sluice_entries_v6 (LPM trie): prefixlen = 128 + destination prefix bits. */
+struct sluice_entry_key_v6 {
+	__u32 prefixlen;
+	__u8 saddr[16];
+	__u8 daddr[16];
+};
+
+/* sluice_entry_v6.action */
+/* A Drop policy's destination: dropped (and counted) until IPv6 is steered. */
+#define SLUICE_V6_DROP 1
+/* Excluded, or failurePolicy Fallback: the normal path. */
+#define SLUICE_V6_PASS 2
+
+/* Value of sluice_entries_v6. */
+struct sluice_entry_v6 {
+	__u32 action;    /* SLUICE_V6_* */
+	__u32 policy_id;
+};
+
+/* Key of sluice_cluster_v6 and sluice_guarded_v6 (LPM tries). */
+struct sluice_cidr_key_v6 {
+	__u32 prefixlen;
+	__u8 addr[16];
 };
 
 #endif /* SLUICE_H */

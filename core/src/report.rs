@@ -1,4 +1,5 @@
-//! The plan as a document (`plan --output json|table`) and as policy reports.
+//! The plan as a document (`plan --output json|table`) and as policy reports, and the words for
+//! what keeps a policy from working (which its status conditions say too).
 
 use std::fmt::Write as _;
 
@@ -6,7 +7,10 @@ use crate::plan::{
     EntryDoc, GatewayDuty as DutyDoc, GatewayReport, NodePlanDoc, PlanDocument, PolicyConflict, PolicyReport,
 };
 
-use crate::planner::{Planner, PolicyOutcome};
+use crate::{
+    planner::{GatewayDiagnosis, Planner, PolicyOutcome},
+    policy::EgressSource,
+};
 
 /// The whole plan as the stable JSON document of `docs/plan-format.md`.
 pub fn document(planner: &Planner) -> PlanDocument {
@@ -56,8 +60,54 @@ pub fn document(planner: &Planner) -> PlanDocument {
     PlanDocument { nodes, policies }
 }
 
+/// The reason and message of whatever keeps a policy from working, if anything does: what its
+/// report says, and its `GatewaySelected` condition.
+pub fn problem(outcome: &PolicyOutcome) -> Option<(&'static str, String)> {
+    match &outcome.accepted {
+        Err(e) => Some((e.reason, e.message.clone())),
+        Ok(()) if outcome.gateways.is_empty() => Some((
+            "NoGatewayAvailable",
+            format!(
+                "no usable gateway node: {}",
+                unusable_gateways(&outcome.gateway_diagnosis)
+            ),
+        )),
+        Ok(()) => None,
+    }
+}
+
+/// Per gateway entry, how many nodes match its selector and why they cannot serve.
+fn unusable_gateways(diagnosis: &[GatewayDiagnosis]) -> String {
+    let entries: Vec<String> = diagnosis
+        .iter()
+        .map(|d| {
+            let egress = match &d.egress {
+                EgressSource::Interface(name) => format!("interface {name:?}"),
+                EgressSource::Ip(ip) => format!("egress IP {ip}"),
+                EgressSource::DefaultRoute => "a default route".to_owned(),
+            };
+            let mut why = vec![format!(
+                "{} node(s) match the nodeSelector of gateway {}",
+                d.matching, d.entry
+            )];
+            for (n, text) in [
+                (d.not_ready, "not Ready".to_owned()),
+                (d.ineligible, "without a healthy shim".to_owned()),
+                (d.no_address, "without an InternalIP".to_owned()),
+                (d.lacking_egress, format!("without {egress}")),
+            ] {
+                if n > 0 {
+                    why.push(format!("{n} {text}"));
+                }
+            }
+            why.join(", ")
+        })
+        .collect();
+    entries.join("; ")
+}
+
 pub fn policy_report(outcome: &PolicyOutcome) -> PolicyReport {
-    let problem = outcome.problem();
+    let problem = problem(outcome);
     PolicyReport {
         name: outcome.name.clone(),
         accepted: outcome.accepted.is_ok(),
@@ -176,4 +226,95 @@ fn align(rows: &[Vec<String>]) -> String {
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+    use pretty_assertions::assert_eq;
+
+    use super::*;
+    use crate::{
+        api::{EgressGateway, EgressGatewayPolicySpec, EgressRule},
+        model::{InterfaceInfo, NodeInfo, PolicyInput},
+    };
+
+    fn pool(name: &str) -> LabelSelector {
+        LabelSelector {
+            match_labels: Some(BTreeMap::from([("pool".to_owned(), name.to_owned())])),
+            ..Default::default()
+        }
+    }
+
+    fn node(name: &str, pool: &str, ready: bool, eligible: bool, address: bool) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            labels: BTreeMap::from([("pool".to_owned(), pool.to_owned())]),
+            addresses: if address {
+                vec!["172.18.0.9".parse().unwrap()]
+            } else {
+                vec![]
+            },
+            ready,
+            eligible,
+            interfaces: Some(vec![InterfaceInfo {
+                name: "eth0".into(),
+                addresses: vec!["172.18.0.9".parse().unwrap()],
+                default_route: false,
+            }]),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn no_usable_gateway_says_what_each_matching_node_lacks() {
+        let gateway = |pool_name: &str, interface: Option<&str>, egress_ip: Option<&str>| EgressGateway {
+            node_selector: pool(pool_name),
+            interface: interface.map(str::to_owned),
+            egress_ip: egress_ip.map(str::to_owned),
+            max_gateway_nodes: None,
+        };
+        let policy = PolicyInput {
+            name: "p".into(),
+            spec: EgressGatewayPolicySpec {
+                selectors: vec![EgressRule {
+                    pod_selector: Some(LabelSelector::default()),
+                    ..Default::default()
+                }],
+                destination_cidrs: vec!["203.0.113.0/24".into()],
+                egress_gateways: vec![
+                    gateway("a", Some("eth1"), None),
+                    gateway("b", None, Some("192.0.2.9")),
+                    gateway("c", None, None),
+                    gateway("d", None, None),
+                ],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let nodes = [
+            node("a1", "a", false, true, true),
+            node("a2", "a", true, false, true),
+            node("a3", "a", true, true, false),
+            node("a4", "a", true, true, true),
+            node("a5", "a", false, false, false),
+            node("b1", "b", true, true, true),
+            node("d1", "d", true, true, true),
+        ];
+        let planner = Planner::from_snapshot([], nodes, [policy], []);
+        let report = policy_report(&planner.policy_outcome("p").unwrap());
+        assert_eq!(report.reason.as_deref(), Some("NoGatewayAvailable"));
+        assert_eq!(
+            report.message.as_deref(),
+            Some(
+                "no usable gateway node: 5 node(s) match the nodeSelector of gateway 0, 2 not Ready, 1 \
+                 without a healthy shim, 1 without an InternalIP, 1 without interface \"eth1\"; 1 \
+                 node(s) match the nodeSelector of gateway 1, 1 without egress IP 192.0.2.9; 0 node(s) \
+                 match the nodeSelector of gateway 2; 1 node(s) match the nodeSelector of gateway 3, 1 \
+                 without a default route"
+            )
+        );
+    }
 }

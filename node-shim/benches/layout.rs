@@ -99,7 +99,11 @@ fn synthetic_nodes() -> Vec<Entries> {
                 interfaces: Vec::new(),
                 default_route_interface: None,
             };
-            Some(desired::desired(&section.entries, &host, &mut ids).ok()?.policy)
+            Some(
+                desired::desired(&section.entries, &[], &host, &mut ids)
+                    .ok()?
+                    .policy,
+            )
         })
         .collect()
 }

@@ -75,6 +75,11 @@ pub struct Maps {
     /// The no-leak guard: guarded destinations, and the pods the plan decided on.
     pub guarded: LpmTrie<MapData, u32, u32>,
     pub decided_pods: HashMap<MapData, u32, u32>,
+    /// IPv6, fail closed: (pod, destination) -> drop or pass; in-cluster CIDRs; the guard.
+    pub entries_v6: LpmTrie<MapData, maps::EntryAddrsV6, maps::EntryV6>,
+    pub cluster_v6: LpmTrie<MapData, [u8; 16], u32>,
+    pub guarded_v6: LpmTrie<MapData, [u8; 16], u32>,
+    pub decided_pods_v6: HashMap<MapData, maps::AddrV6, u32>,
 }
 
 fn map_err<'a>(name: &'static str, action: &'a str) -> impl FnOnce(aya::maps::MapError) -> Error + 'a {
@@ -143,6 +148,10 @@ impl Maps {
             seen: typed!(maps::SEEN),
             guarded: typed!(maps::GUARDED_V4),
             decided_pods: typed!(maps::DECIDED_PODS_V4),
+            entries_v6: typed!(maps::ENTRIES_V6),
+            cluster_v6: typed!(maps::CLUSTER_V6),
+            guarded_v6: typed!(maps::GUARDED_V6),
+            decided_pods_v6: typed!(maps::DECIDED_PODS_V6),
         })
     }
 

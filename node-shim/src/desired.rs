@@ -47,8 +47,11 @@ pub struct Desired {
     pub peers: BTreeMap<u32, u32>,
     /// Entries that could not be honoured; they are programmed to drop (fail closed).
     pub problems: Vec<Error>,
-    /// IPv6 entries, not supported yet by the datapath.
+    /// IPv6 entries, not steered yet by the datapath.
     pub skipped_ipv6: usize,
+    /// What each IPv6 entry does until IPv6 is steered: drop (a Drop policy's destination) or
+    /// the normal path.
+    pub v6: BTreeMap<maps::EntryKeyV6, maps::EntryV6>,
     /// Every entry that is not programmed as planned, with why: reported to the operator.
     pub entry_errors: Vec<EntryProblem>,
 }
@@ -62,7 +65,8 @@ pub struct EntryProblem {
 }
 
 /// Why IPv6 entries are not programmed.
-pub const IPV6_UNSUPPORTED: &str = "IPv6 entries are not programmed: the datapath is IPv4-only";
+pub const IPV6_UNSUPPORTED: &str = "IPv6 is not steered yet (the datapath steers IPv4): this entry's \
+     traffic is dropped under failurePolicy Drop, and takes the normal path under Fallback";
 
 /// Stable numbering of policies (the id is in counters and policy names) and of the egresses,
 /// (address, interface) pairs, this node SNATs to (the egress id is in packet and conntrack
@@ -173,8 +177,15 @@ pub fn plan_entries(path: &std::path::Path, bytes: &[u8], node: &str) -> Result<
     Ok(section.entries.clone())
 }
 
-/// Computes the desired state of this node from its plan entries.
-pub fn desired(entries: &[EntryDoc], host: &Host, ids: &mut PolicyIds) -> Result<Desired, Error> {
+/// Computes the desired state of this node from its plan entries. `guarded`: the guard's
+/// destinations (the destination CIDRs of `failurePolicy: Drop` policies), which tell what an
+/// IPv6 entry steering to a gateway must do until IPv6 is steered.
+pub fn desired(
+    entries: &[EntryDoc],
+    guarded: &[IpNet],
+    host: &Host,
+    ids: &mut PolicyIds,
+) -> Result<Desired, Error> {
     let mut out = Desired::default();
     let names: BTreeSet<&str> = entries.iter().map(|e| e.policy.as_str()).collect();
     ids.retain(&names);
@@ -197,6 +208,23 @@ pub fn desired(entries: &[EntryDoc], host: &Host, ids: &mut PolicyIds) -> Result
         let (IpAddr::V4(source), IpNet::V4(destination)) = (entry.source, entry.destination) else {
             out.skipped_ipv6 += 1;
             out.entry_errors.push(problem(IPV6_UNSUPPORTED.to_owned()));
+            if let (IpAddr::V6(source), IpNet::V6(destination)) = (entry.source, entry.destination) {
+                // Fail closed: what a Drop policy covers never leaves with the node's address.
+                let drop = match entry.gateway {
+                    GatewayTarget::None => true,
+                    GatewayTarget::Fallback | GatewayTarget::Excluded => false,
+                    GatewayTarget::Node(_) => guarded.contains(&entry.destination),
+                };
+                let policy_id = ids.id(&entry.policy)?;
+                out.names.insert(policy_id, PolicyName::new(&entry.policy));
+                out.v6.insert(
+                    maps::EntryKeyV6::new(source, destination),
+                    maps::EntryV6 {
+                        action: if drop { maps::V6_DROP } else { maps::V6_PASS },
+                        policy_id,
+                    },
+                );
+            }
             continue;
         };
         let policy_id = ids.id(&entry.policy)?;
@@ -362,7 +390,7 @@ mod tests {
             entry("fd00::1", "2001:db8::/32", "none", None, "e"),
         ];
         let mut ids = PolicyIds::default();
-        let d = desired(&entries, &host(), &mut ids).unwrap();
+        let d = desired(&entries, &[], &host(), &mut ids).unwrap();
         assert!(d.problems.is_empty(), "{:?}", d.problems);
         assert_eq!(d.skipped_ipv6, 1);
         assert_eq!(d.policy.len(), 6);
@@ -406,7 +434,13 @@ mod tests {
         h.interfaces[0].ipv4.push("192.0.2.102".parse().unwrap());
         let mut ids =
             PolicyIds::default().with_egresses(BTreeMap::from([("192.0.2.102".parse().unwrap(), 7)]), 2);
-        let d = desired(&[on("192.0.2.101", "a"), on("192.0.2.102", "bb")], &h, &mut ids).unwrap();
+        let d = desired(
+            &[on("192.0.2.101", "a"), on("192.0.2.102", "bb")],
+            &[],
+            &h,
+            &mut ids,
+        )
+        .unwrap();
         let id = |d: &Desired, ip: &str| d.snat[&ip.parse::<Ipv4Addr>().unwrap()].clone();
         assert_eq!(id(&d, "192.0.2.101"), BTreeSet::from([1]));
         // 7 does not fit a mark of two ids: not adopted.
@@ -421,6 +455,7 @@ mod tests {
                 on("192.0.2.102", "bb"),
                 on("192.0.2.103", "dddd"),
             ],
+            &[],
             &h3,
             &mut ids,
         )
@@ -432,7 +467,7 @@ mod tests {
             d.problems
         );
         // When an egress goes, its id is free again.
-        let d = desired(&[on("192.0.2.103", "dddd")], &h3, &mut ids).unwrap();
+        let d = desired(&[on("192.0.2.103", "dddd")], &[], &h3, &mut ids).unwrap();
         assert_eq!(id(&d, "192.0.2.103"), BTreeSet::from([1]));
     }
 
@@ -445,7 +480,7 @@ mod tests {
             Some("192.0.2.200"),
             "a",
         );
-        let d = desired(std::slice::from_ref(&e), &host(), &mut PolicyIds::default()).unwrap();
+        let d = desired(std::slice::from_ref(&e), &[], &host(), &mut PolicyIds::default()).unwrap();
         assert!(matches!(d.problems[..], [Error::EgressIpNotLocal { .. }]));
         assert!(d.problems[0].to_string().contains("ip addr add 192.0.2.200/32"));
         // The operator hears which entry it is.
@@ -461,7 +496,7 @@ mod tests {
 
         e.egress_ip = Some("192.0.2.101".parse().unwrap());
         e.interface = Some("eth9".into());
-        let d = desired(&[e], &host(), &mut PolicyIds::default()).unwrap();
+        let d = desired(&[e], &[], &host(), &mut PolicyIds::default()).unwrap();
         assert!(
             matches!(d.problems[..], [Error::EgressInterfaceMissing { .. }]),
             "{:?}",
@@ -472,7 +507,7 @@ mod tests {
     #[test]
     fn no_egress_ip_means_the_default_route_interface_address() {
         let e = entry("10.244.1.10", "203.0.113.0/24", "192.0.2.11", None, "a");
-        let d = desired(&[e], &host(), &mut PolicyIds::default()).unwrap();
+        let d = desired(&[e], &[], &host(), &mut PolicyIds::default()).unwrap();
         assert_eq!(
             maps::from_be(d.policy.values().next().unwrap().egress_ip).to_string(),
             "192.0.2.11"
@@ -486,13 +521,13 @@ mod tests {
             entry("10.0.0.1", "1.0.0.0/8", "none", None, "old"),
             entry("10.0.0.1", "2.0.0.0/8", "none", None, "new"),
         ];
-        let d = desired(&a, &host(), &mut ids).unwrap();
+        let d = desired(&a, &[], &host(), &mut ids).unwrap();
         let by_name: BTreeMap<String, u32> = d.names.iter().map(|(id, n)| (n.as_str(), *id)).collect();
         assert_eq!(
             by_name,
             BTreeMap::from([("new".to_owned(), 1), ("old".to_owned(), 7)])
         );
-        let d = desired(&a[1..], &host(), &mut ids).unwrap();
+        let d = desired(&a[1..], &[], &host(), &mut ids).unwrap();
         assert_eq!(d.names.keys().copied().collect::<Vec<_>>(), [1]);
     }
 
@@ -520,7 +555,7 @@ mod tests {
             entry("10.244.1.10", "198.51.100.0/24", "192.0.2.13", None, "b"),
             entry("10.244.1.12", "198.51.100.0/24", "none", None, "c"),
         ];
-        let d = desired(&entries, &host(), &mut PolicyIds::default()).unwrap();
+        let d = desired(&entries, &[], &host(), &mut PolicyIds::default()).unwrap();
         let peers: BTreeMap<String, u32> = d
             .peers
             .iter()
@@ -540,5 +575,42 @@ mod tests {
         );
         assert_eq!(value("10.244.1.11", "203.0.113.0/24").peer_ip, 0);
         assert_eq!(value("10.244.1.10", "198.51.100.0/24").peer_ip, 0);
+    }
+
+    #[test]
+    fn ipv6_entries_fail_closed_under_drop_and_pass_otherwise() {
+        let guarded: Vec<IpNet> = vec!["2001:db8::/32".parse().unwrap()];
+        let entries = [
+            // A Drop policy's destination, steered to a gateway: dropped until IPv6 is steered.
+            entry("fd00::10", "2001:db8::/32", "192.0.2.12", None, "drop"),
+            entry("fd00::10", "2001:db8:1::/48", "excluded", None, "drop"),
+            // No gateway: Drop drops, Fallback passes.
+            entry("fd00::11", "2001:db8::/32", "none", None, "drop"),
+            entry("fd00::12", "2001:db9::/32", "fallback", None, "fallback"),
+            // A Fallback policy with a gateway: its destination is no Drop policy's.
+            entry("fd00::13", "2001:dba::/32", "192.0.2.12", None, "fallback"),
+        ];
+        let d = desired(&entries, &guarded, &host(), &mut PolicyIds::default()).unwrap();
+        let action = |s: &str, dst: &str| {
+            d.v6[&maps::EntryKeyV6::new(s.parse().unwrap(), dst.parse().unwrap())].action
+        };
+        assert_eq!(action("fd00::10", "2001:db8::/32"), maps::V6_DROP);
+        assert_eq!(action("fd00::10", "2001:db8:1::/48"), maps::V6_PASS);
+        assert_eq!(action("fd00::11", "2001:db8::/32"), maps::V6_DROP);
+        assert_eq!(action("fd00::12", "2001:db9::/32"), maps::V6_PASS);
+        assert_eq!(action("fd00::13", "2001:dba::/32"), maps::V6_PASS);
+        // Every IPv6 entry is still reported as not steered, with what happens to its traffic.
+        assert_eq!(d.entry_errors.len(), 5);
+        assert!(
+            d.entry_errors[0]
+                .message
+                .contains("dropped under failurePolicy Drop")
+        );
+        // Counted under the policy's name.
+        let drop_id = d.v6
+            [&maps::EntryKeyV6::new("fd00::10".parse().unwrap(), "2001:db8::/32".parse().unwrap())]
+            .policy_id;
+        assert_eq!(d.names[&drop_id].as_str(), "drop");
+        assert!(d.policy.is_empty(), "nothing IPv6 in the IPv4 maps");
     }
 }

@@ -56,6 +56,15 @@ pub const GUARDED_V4: &str = "sluice_guarded_v4";
 /// This node's pod IPs the plan has decided on, selected or not.
 pub const DECIDED_PODS_V4: &str = "sluice_decided_pods_v4";
 
+/// IPv6 (not steered yet, fail closed): (pod, destination prefix) -> drop or pass.
+pub const ENTRIES_V6: &str = "sluice_entries_v6";
+/// IPv6 in-cluster CIDRs, never dropped.
+pub const CLUSTER_V6: &str = "sluice_cluster_v6";
+/// IPv6 destinations `failurePolicy: Drop` policies guard.
+pub const GUARDED_V6: &str = "sluice_guarded_v6";
+/// This node's pod IPv6 addresses the plan has decided on.
+pub const DECIDED_PODS_V6: &str = "sluice_decided_pods_v6";
+
 /// Per-CPU packets seen by `sluice_from_pod`, by pod interface ifindex modulo [`SEEN_SLOTS`].
 pub const SEEN: &str = "sluice_seen";
 
@@ -65,7 +74,7 @@ pub const SEEN: &str = "sluice_seen";
 include!(concat!(env!("OUT_DIR"), "/sluice_h.rs"));
 
 /// Every map of the object, in the order `bpf` subcommands open them.
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 18] = [
     SOURCES_V4,
     DESTINATIONS_V4,
     HELD_SLOTS_V4,
@@ -80,6 +89,10 @@ pub const ALL_MAPS: [&str; 14] = [
     SEEN,
     GUARDED_V4,
     DECIDED_PODS_V4,
+    ENTRIES_V6,
+    CLUSTER_V6,
+    GUARDED_V6,
+    DECIDED_PODS_V6,
 ];
 
 /// Default capacity of the destinations map (no memory is taken until used).
@@ -320,6 +333,81 @@ pub struct CidrKeyV4 {
     pub addr: u32,
 }
 
+/// `struct sluice_addr_v6`: an IPv6 address as map keys hold it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(C)]
+pub struct AddrV6 {
+    pub bytes: [u8; 16],
+}
+
+/// Data of `struct sluice_entry_key_v6` after `prefixlen` (aya's `lpm_trie::Key<K>` adds it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(C)]
+pub struct EntryAddrsV6 {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+/// Full key of `sluice_entries_v6` (`struct sluice_entry_key_v6`): prefixlen = 128 +
+/// destination prefix length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(C)]
+pub struct EntryKeyV6 {
+    pub prefixlen: u32,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+impl EntryKeyV6 {
+    /// The key of (exact `source`, `destination` prefix).
+    pub fn new(source: std::net::Ipv6Addr, destination: ipnet::Ipv6Net) -> Self {
+        let destination = destination.trunc();
+        EntryKeyV6 {
+            prefixlen: 128 + u32::from(destination.prefix_len()),
+            saddr: source.octets(),
+            daddr: destination.network().octets(),
+        }
+    }
+
+    /// The aya LPM key.
+    pub fn lpm(&self) -> aya::maps::lpm_trie::Key<EntryAddrsV6> {
+        aya::maps::lpm_trie::Key::new(
+            self.prefixlen,
+            EntryAddrsV6 {
+                saddr: self.saddr,
+                daddr: self.daddr,
+            },
+        )
+    }
+
+    /// Back from the aya LPM key.
+    pub fn from_lpm(key: &aya::maps::lpm_trie::Key<EntryAddrsV6>) -> Self {
+        let data = key.data();
+        EntryKeyV6 {
+            prefixlen: key.prefix_len(),
+            saddr: data.saddr,
+            daddr: data.daddr,
+        }
+    }
+}
+
+/// Value of `sluice_entries_v6` (`struct sluice_entry_v6`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(C)]
+pub struct EntryV6 {
+    /// `V6_DROP` or `V6_PASS`.
+    pub action: u32,
+    pub policy_id: u32,
+}
+
+/// Key of `sluice_cluster_v6` and `sluice_guarded_v6` (`struct sluice_cidr_key_v6`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct CidrKeyV6 {
+    pub prefixlen: u32,
+    pub addr: [u8; 16],
+}
+
 /// Value of `sluice_config` (`struct sluice_config`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
@@ -384,6 +472,11 @@ unsafe impl aya::Pod for DestinationAddrsV4 {}
 unsafe impl aya::Pod for DestinationKeyV4 {}
 unsafe impl aya::Pod for DestinationV4 {}
 unsafe impl aya::Pod for CidrKeyV4 {}
+unsafe impl aya::Pod for AddrV6 {}
+unsafe impl aya::Pod for EntryAddrsV6 {}
+unsafe impl aya::Pod for EntryKeyV6 {}
+unsafe impl aya::Pod for EntryV6 {}
+unsafe impl aya::Pod for CidrKeyV6 {}
 unsafe impl aya::Pod for Config {}
 unsafe impl aya::Pod for Counter {}
 unsafe impl aya::Pod for ReplyV4 {}
@@ -409,7 +502,7 @@ impl TypeLayout {
 
 /// Every map with its key and value types (`tests::layouts_match_the_object` checks them against
 /// the object, sizes and BTF types).
-const MAP_TYPES: [(&str, TypeLayout, TypeLayout); 14] = [
+const MAP_TYPES: [(&str, TypeLayout, TypeLayout); 18] = [
     (SOURCES_V4, TypeLayout::of::<u32>(), TypeLayout::of::<SourceV4>()),
     (
         DESTINATIONS_V4,
@@ -436,11 +529,23 @@ const MAP_TYPES: [(&str, TypeLayout, TypeLayout); 14] = [
     (SEEN, TypeLayout::of::<u32>(), TypeLayout::of::<u64>()),
     (GUARDED_V4, TypeLayout::of::<CidrKeyV4>(), TypeLayout::of::<u32>()),
     (DECIDED_PODS_V4, TypeLayout::of::<u32>(), TypeLayout::of::<u32>()),
+    (
+        ENTRIES_V6,
+        TypeLayout::of::<EntryKeyV6>(),
+        TypeLayout::of::<EntryV6>(),
+    ),
+    (CLUSTER_V6, TypeLayout::of::<CidrKeyV6>(), TypeLayout::of::<u32>()),
+    (GUARDED_V6, TypeLayout::of::<CidrKeyV6>(), TypeLayout::of::<u32>()),
+    (
+        DECIDED_PODS_V6,
+        TypeLayout::of::<AddrV6>(),
+        TypeLayout::of::<u32>(),
+    ),
 ];
 
 /// Every map with the key and value sizes this build's types have: what a pinned map must match
 /// to be adopted.
-pub fn layouts() -> [(&'static str, usize, usize); 14] {
+pub fn layouts() -> [(&'static str, usize, usize); 18] {
     MAP_TYPES.map(|(name, key, value)| (name, key.size, value.size))
 }
 
@@ -840,6 +945,17 @@ mod tests {
                 }),
             ),
             ("sluice_cidr_key_v4", rust_layout!(CidrKeyV4 { prefixlen, addr })),
+            ("sluice_addr_v6", rust_layout!(AddrV6 { bytes })),
+            (
+                "sluice_entry_key_v6",
+                rust_layout!(EntryKeyV6 {
+                    prefixlen,
+                    saddr,
+                    daddr
+                }),
+            ),
+            ("sluice_entry_v6", rust_layout!(EntryV6 { action, policy_id })),
+            ("sluice_cidr_key_v6", rust_layout!(CidrKeyV6 { prefixlen, addr })),
             (
                 "sluice_config",
                 rust_layout!(Config {

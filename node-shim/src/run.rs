@@ -162,6 +162,9 @@ pub struct Agent {
     bridge_ports: BTreeMap<u32, u32>,
     /// Mirror of the decided pods map (the no-leak guard).
     decided: BTreeMap<u32, u32>,
+    /// Mirrors of the IPv6 entries and decided pods maps (IPv6 fails closed).
+    entries_v6: BTreeMap<maps::EntryKeyV6, maps::EntryV6>,
+    decided_v6: BTreeMap<maps::AddrV6, u32>,
     ids: PolicyIds,
     /// ifindex -> name of the pod interfaces attached this run.
     attached: BTreeMap<u32, String>,
@@ -216,6 +219,16 @@ impl Agent {
         let peers = read_hash(&dp.maps.peers, maps::TUNNEL_PEERS_V4)?;
         let bridge_ports = read_hash(&dp.maps.bridge_ports, maps::BRIDGE_PORTS)?;
         let decided = read_hash(&dp.maps.decided_pods, maps::DECIDED_PODS_V4)?;
+        let decided_v6 = read_hash(&dp.maps.decided_pods_v6, maps::DECIDED_PODS_V6)?;
+        let mut entries_v6 = BTreeMap::new();
+        for item in dp.maps.entries_v6.iter() {
+            let (key, value) = item.map_err(|source| Error::Map {
+                name: maps::ENTRIES_V6,
+                action: "reading".into(),
+                source,
+            })?;
+            entries_v6.insert(maps::EntryKeyV6::from_lpm(&key), value);
+        }
         tracing::info!(
             entries = policy.len(),
             sources = layout.sources.len(),
@@ -252,6 +265,8 @@ impl Agent {
             peers,
             bridge_ports,
             decided,
+            entries_v6,
+            decided_v6,
             ids,
             attached: BTreeMap::new(),
             seen: BTreeMap::new(),
@@ -524,7 +539,8 @@ impl Agent {
             interfaces: interfaces.clone(),
             default_route_interface: netdev::default_route_interface(),
         };
-        let mut want = desired::desired(&entries, &host, &mut self.ids)?;
+        let guarded = guard.as_ref().map(|g| g.destinations.clone()).unwrap_or_default();
+        let mut want = desired::desired(&entries, &guarded, &host, &mut self.ids)?;
         for problem in &want.problems {
             tracing::error!(error = %problem, "entry programmed to drop");
         }
@@ -580,6 +596,14 @@ impl Agent {
             &own_cluster_cidrs(&self.opts, &planned_cluster),
             true,
         )?;
+        let cluster_v6: Vec<ipnet::Ipv6Net> = planned_cluster
+            .iter()
+            .filter_map(|c| match c {
+                IpNet::V6(v6) => Some(*v6),
+                IpNet::V4(_) => None,
+            })
+            .collect();
+        sync_lpm_v6(&mut self.dp.maps.cluster_v6, maps::CLUSTER_V6, &cluster_v6, true)?;
         // 1. SNAT rules, egress routing tables and rules for both the old and the new state, so
         //    no entry is ever ahead of its rules; 2. the maps, upserts first; 3. the rules as
         //    wanted.
@@ -609,8 +633,19 @@ impl Agent {
         }
         // The guard's destinations may only grow before the entries change: a pod the plan
         // has not decided on yet never gets a moment with the normal path.
-        let (guarded, decided) = guard_contents(guard.as_ref());
-        sync_lpm(&mut self.dp.maps.guarded, maps::GUARDED_V4, &guarded, false)?;
+        let guard = guard_contents(guard.as_ref());
+        sync_lpm(
+            &mut self.dp.maps.guarded,
+            maps::GUARDED_V4,
+            &guard.destinations,
+            false,
+        )?;
+        sync_lpm_v6(
+            &mut self.dp.maps.guarded_v6,
+            maps::GUARDED_V6,
+            &guard.destinations_v6,
+            false,
+        )?;
         // Peers before the entries that need them, and pruned after the entries that did.
         let mut peers = self.peers.clone();
         for (ip, flags) in &want.peers {
@@ -657,6 +692,16 @@ impl Agent {
             deleted: added.deleted + sources.deleted + pruned.deleted,
         };
         self.entries = want.policy.len();
+        // IPv6 is not steered yet: what each IPv6 entry does meanwhile (drop under Drop).
+        let v6 = sync::reconcile(
+            &mut EntryStoreV6(&mut self.dp.maps.entries_v6),
+            &mut self.entries_v6,
+            &want.v6,
+        )?;
+        let t = Transition {
+            upserted: t.upserted + v6.upserted,
+            deleted: t.deleted + v6.deleted,
+        };
         sync::reconcile(
             &mut HashStore(&mut self.dp.maps.peers, maps::TUNNEL_PEERS_V4),
             &mut self.peers,
@@ -666,9 +711,25 @@ impl Agent {
         sync::reconcile(
             &mut HashStore(&mut self.dp.maps.decided_pods, maps::DECIDED_PODS_V4),
             &mut self.decided,
-            &decided,
+            &guard.pods,
         )?;
-        sync_lpm(&mut self.dp.maps.guarded, maps::GUARDED_V4, &guarded, true)?;
+        sync::reconcile(
+            &mut HashStore(&mut self.dp.maps.decided_pods_v6, maps::DECIDED_PODS_V6),
+            &mut self.decided_v6,
+            &guard.pods_v6,
+        )?;
+        sync_lpm(
+            &mut self.dp.maps.guarded,
+            maps::GUARDED_V4,
+            &guard.destinations,
+            true,
+        )?;
+        sync_lpm_v6(
+            &mut self.dp.maps.guarded_v6,
+            maps::GUARDED_V6,
+            &guard.destinations_v6,
+            true,
+        )?;
         self.map_writes += t.writes();
         let gone: Vec<u32> = self
             .names
@@ -864,25 +925,37 @@ fn plan_file_guard(bytes: &[u8], node: &str) -> Option<sluice_proto::Guard> {
 
 /// The guard as map contents: guarded IPv4 destinations, and decided IPv4 pods (IPv6 is not
 /// steered by this datapath yet).
-fn guard_contents(guard: Option<&sluice_proto::Guard>) -> (Vec<Ipv4Net>, BTreeMap<u32, u32>) {
+/// What the no-leak guard puts in the maps, per family.
+#[derive(Default)]
+struct GuardContents {
+    destinations: Vec<Ipv4Net>,
+    pods: BTreeMap<u32, u32>,
+    destinations_v6: Vec<ipnet::Ipv6Net>,
+    pods_v6: BTreeMap<maps::AddrV6, u32>,
+}
+
+fn guard_contents(guard: Option<&sluice_proto::Guard>) -> GuardContents {
+    let mut out = GuardContents::default();
     let Some(g) = guard else {
-        return (Vec::new(), BTreeMap::new());
+        return out;
     };
-    let destinations = g
-        .destinations
-        .iter()
-        .filter_map(|d| match d {
-            ipnet::IpNet::V4(v4) => Some(*v4),
-            ipnet::IpNet::V6(_) => None,
-        })
-        .collect();
-    let pods = g
-        .decided_pods
-        .iter()
-        .filter_map(|ip| netdev::v4(*ip))
-        .map(|ip| (maps::be(ip), 1))
-        .collect();
-    (destinations, pods)
+    for d in &g.destinations {
+        match d {
+            ipnet::IpNet::V4(v4) => out.destinations.push(*v4),
+            ipnet::IpNet::V6(v6) => out.destinations_v6.push(*v6),
+        }
+    }
+    for ip in &g.decided_pods {
+        match ip {
+            IpAddr::V4(v4) => {
+                out.pods.insert(maps::be(*v4), 1);
+            }
+            IpAddr::V6(v6) => {
+                out.pods_v6.insert(maps::AddrV6 { bytes: v6.octets() }, 1);
+            }
+        }
+    }
+    out
 }
 
 fn plan_file_cluster_cidrs(bytes: &[u8], node: &str) -> Vec<ipnet::IpNet> {
@@ -900,6 +973,45 @@ fn sync_lpm(
     cidrs: &[Ipv4Net],
     prune: bool,
 ) -> Result<()> {
+    let keys: Vec<(u32, u32)> = cidrs
+        .iter()
+        .map(|c| {
+            let c = c.trunc();
+            let key = CidrKeyV4 {
+                prefixlen: u32::from(c.prefix_len()),
+                addr: maps::be(c.network()),
+            };
+            (key.prefixlen, key.addr)
+        })
+        .collect();
+    sync_lpm_keys(map, name, &keys, prune)
+}
+
+/// [`sync_lpm`] for the IPv6 tries.
+fn sync_lpm_v6(
+    map: &mut aya::maps::LpmTrie<MapData, [u8; 16], u32>,
+    name: &'static str,
+    cidrs: &[ipnet::Ipv6Net],
+    prune: bool,
+) -> Result<()> {
+    let keys: Vec<(u32, [u8; 16])> = cidrs
+        .iter()
+        .map(|c| {
+            let c = c.trunc();
+            (u32::from(c.prefix_len()), c.network().octets())
+        })
+        .collect();
+    sync_lpm_keys(map, name, &keys, prune)
+}
+
+/// Makes an LPM trie of prefixes (value 1) hold `keys` (prefix length, data); without `prune`
+/// it only adds.
+fn sync_lpm_keys<K: aya::Pod + Ord + Copy>(
+    map: &mut aya::maps::LpmTrie<MapData, K, u32>,
+    name: &'static str,
+    keys: &[(u32, K)],
+    prune: bool,
+) -> Result<()> {
     let mut current = BTreeMap::new();
     for item in map.iter() {
         let (key, value) = item.map_err(|source| Error::Map {
@@ -909,24 +1021,14 @@ fn sync_lpm(
         })?;
         current.insert((key.prefix_len(), key.data()), value);
     }
-    let mut desired: BTreeMap<(u32, u32), u32> = cidrs
-        .iter()
-        .map(|c| {
-            let c = c.trunc();
-            let key = CidrKeyV4 {
-                prefixlen: u32::from(c.prefix_len()),
-                addr: maps::be(c.network()),
-            };
-            ((key.prefixlen, key.addr), 1)
-        })
-        .collect();
+    let mut desired: BTreeMap<(u32, K), u32> = keys.iter().map(|k| (*k, 1)).collect();
     if !prune {
         desired.extend(current.iter().map(|(k, v)| (*k, *v)));
     }
-    struct LpmStore<'a>(&'a mut aya::maps::LpmTrie<MapData, u32, u32>, &'static str);
-    impl Store<(u32, u32), u32> for LpmStore<'_> {
+    struct LpmStore<'a, K: aya::Pod>(&'a mut aya::maps::LpmTrie<MapData, K, u32>, &'static str);
+    impl<K: aya::Pod> Store<(u32, K), u32> for LpmStore<'_, K> {
         type Error = Error;
-        fn upsert(&mut self, k: &(u32, u32), v: &u32) -> Result<()> {
+        fn upsert(&mut self, k: &(u32, K), v: &u32) -> Result<()> {
             self.0
                 .insert(&Key::new(k.0, k.1), v, 0)
                 .map_err(|source| Error::Map {
@@ -935,7 +1037,7 @@ fn sync_lpm(
                     source,
                 })
         }
-        fn remove(&mut self, k: &(u32, u32)) -> Result<()> {
+        fn remove(&mut self, k: &(u32, K)) -> Result<()> {
             ignore_missing(self.0.remove(&Key::new(k.0, k.1)), self.1)
         }
     }
@@ -943,7 +1045,24 @@ fn sync_lpm(
     Ok(())
 }
 
-/// A hash map keyed by `u32` (policy names, tunnel peers, bridge ports) as a [`Store`].
+/// The IPv6 entries trie as a [`Store`].
+struct EntryStoreV6<'a>(&'a mut aya::maps::LpmTrie<MapData, maps::EntryAddrsV6, maps::EntryV6>);
+
+impl Store<maps::EntryKeyV6, maps::EntryV6> for EntryStoreV6<'_> {
+    type Error = Error;
+    fn upsert(&mut self, key: &maps::EntryKeyV6, value: &maps::EntryV6) -> Result<()> {
+        self.0.insert(&key.lpm(), value, 0).map_err(|source| Error::Map {
+            name: maps::ENTRIES_V6,
+            action: "writing".into(),
+            source,
+        })
+    }
+    fn remove(&mut self, key: &maps::EntryKeyV6) -> Result<()> {
+        ignore_missing(self.0.remove(&key.lpm()), maps::ENTRIES_V6)
+    }
+}
+
+/// A hash map (policy names, tunnel peers, bridge ports, ...) as a [`Store`].
 struct HashStore<'a, K: aya::Pod, V: aya::Pod>(&'a mut aya::maps::HashMap<MapData, K, V>, &'static str);
 
 impl<K: aya::Pod, V: aya::Pod> Store<K, V> for HashStore<'_, K, V> {
@@ -961,10 +1080,10 @@ impl<K: aya::Pod, V: aya::Pod> Store<K, V> for HashStore<'_, K, V> {
 }
 
 /// The contents of a `u32`-keyed hash map, to adopt at start.
-fn read_hash<V: aya::Pod + Clone>(
-    map: &aya::maps::HashMap<MapData, u32, V>,
+fn read_hash<K: aya::Pod + Ord, V: aya::Pod + Clone>(
+    map: &aya::maps::HashMap<MapData, K, V>,
     name: &'static str,
-) -> Result<BTreeMap<u32, V>> {
+) -> Result<BTreeMap<K, V>> {
     map.iter()
         .map(|item| {
             item.map_err(|source| Error::Map {

@@ -49,7 +49,7 @@ fn host() -> Host {
 /// planned, or reported with why.
 fn check_desired(entries: &[EntryDoc]) {
     let host = host();
-    let d = desired::desired(entries, &host, &mut PolicyIds::default())
+    let d = desired::desired(entries, &[], &host, &mut PolicyIds::default())
         .unwrap_or_else(|e| panic!("a plan of {} entries refused: {e}", entries.len()));
     let v4 = |e: &EntryDoc| match (e.source, e.destination, e.gateway) {
         (_, _, GatewayTarget::Node(IpAddr::V6(_))) => None,

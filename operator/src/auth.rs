@@ -35,7 +35,10 @@ impl AuthError {
     /// Whether the verdict is about the credential itself (worth remembering), not about the
     /// moment it was checked.
     pub fn is_verdict(&self) -> bool {
-        matches!(self, AuthError::Unauthenticated(_) | AuthError::PermissionDenied(_))
+        matches!(
+            self,
+            AuthError::Unauthenticated(_) | AuthError::PermissionDenied(_)
+        )
     }
 }
 
@@ -341,7 +344,9 @@ impl Reviewer {
             ));
         }
         if !status.audiences.unwrap_or_default().contains(&self.audience) {
-            return Err(AuthError::Unauthenticated("token not issued for this audience".into()));
+            return Err(AuthError::Unauthenticated(
+                "token not issued for this audience".into(),
+            ));
         }
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();
@@ -359,8 +364,8 @@ impl Reviewer {
         if let Some(node) = first(NODE_NAME_EXTRA) {
             return Ok(NodeIdentity::Node(node));
         }
-        let pod =
-            first(POD_NAME_EXTRA).ok_or_else(|| AuthError::PermissionDenied("token is not bound to a pod".into()))?;
+        let pod = first(POD_NAME_EXTRA)
+            .ok_or_else(|| AuthError::PermissionDenied("token is not bound to a pod".into()))?;
         let namespace = account.split('/').next().unwrap_or_default().to_owned();
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &namespace);
         let pod = pods.get(&pod).await.map_err(|e| match &e {

@@ -669,7 +669,7 @@ impl Engine {
                 }
                 if self.published && self.tables.get(node.as_str()).is_some_and(|t| t.generation == 0) {
                     let name: Arc<str> = node.as_str().into();
-                    self.publish(&name, NodeDelta::default(), Instant::now());
+                    self.publish(&name, NodeDelta::default(), now);
                 }
             }
             ShimEvent::Heartbeat { node, session } => {

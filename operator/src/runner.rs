@@ -382,7 +382,8 @@ async fn bind_when_free(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListe
     loop {
         match grpc::bind(addr).await {
             Err(grpc::ServeError::Bind { source, .. })
-                if tokio::time::Instant::now() < deadline && source.kind() == std::io::ErrorKind::AddrInUse =>
+                if tokio::time::Instant::now() < deadline
+                    && source.kind() == std::io::ErrorKind::AddrInUse =>
             {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -397,7 +398,7 @@ async fn log_outputs(mut updates: mpsc::Receiver<StatusUpdate>, mut notices: mps
         tokio::select! {
             Some(u) = updates.recv() => {
                 let gateways: Vec<&str> = u.outcome.gateways.iter().map(|g| &*g.node).collect();
-                match u.outcome.problem() {
+                match crate::report::problem(&u.outcome) {
                     Some((reason, message)) => tracing::warn!(policy = %u.outcome.name, %reason, %message, programmed = u.programmed, to_program = u.to_program, "policy status"),
                     None => tracing::info!(policy = %u.outcome.name, ?gateways, endpoints = u.outcome.matched_endpoints, programmed = u.programmed, to_program = u.to_program, "policy status"),
                 }

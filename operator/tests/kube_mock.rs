@@ -655,7 +655,7 @@ fn update(programmed: usize) -> StatusUpdate {
             }],
             matched_endpoints: 1,
             conflicts: vec![],
-            gateway_diagnosis: String::new(),
+            gateway_diagnosis: Vec::new(),
         },
         programmed,
         to_program: 1,

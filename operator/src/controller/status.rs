@@ -9,6 +9,7 @@ use crate::{
         EgressGatewayPolicyStatus, GatewayStatus,
     },
     live::{Behind, StatusUpdate},
+    report,
 };
 
 /// The status a policy should have.
@@ -59,7 +60,7 @@ pub fn desired(
                 "Accepted",
                 "the policy is valid".to_owned(),
             ));
-            conditions.push(match outcome.problem() {
+            conditions.push(match report::problem(outcome) {
                 Some((reason, message)) => condition(CONDITION_GATEWAY_SELECTED, false, reason, message),
                 None => {
                     let mut nodes: Vec<&str> = outcome.gateways.iter().map(|g| &*g.node).collect();
@@ -157,8 +158,8 @@ mod tests {
     use super::*;
     use crate::{
         live::NodeBehind,
-        planner::{ActiveGateway, PolicyOutcome},
-        policy::PolicyError,
+        planner::{ActiveGateway, GatewayDiagnosis, PolicyOutcome},
+        policy::{EgressSource, PolicyError},
     };
 
     fn at(secs: i64) -> Time {
@@ -186,7 +187,15 @@ mod tests {
                 gateways,
                 matched_endpoints: 12,
                 conflicts: vec![("older".into(), 4)],
-                gateway_diagnosis: "2 node(s) match the nodeSelector of gateway 0, 2 not Ready".into(),
+                gateway_diagnosis: vec![GatewayDiagnosis {
+                    entry: 0,
+                    egress: EgressSource::DefaultRoute,
+                    matching: 2,
+                    not_ready: 2,
+                    ineligible: 0,
+                    no_address: 0,
+                    lacking_egress: 0,
+                }],
             },
             programmed,
             to_program,

@@ -1,0 +1,190 @@
+//! Gateway selection (which nodes fill each gateway entry's slots) and pod assignment (which
+//! slot each pod's traffic leaves by), both by rendezvous hashing.
+
+use std::{net::IpAddr, sync::Arc};
+
+use xxhash_rust::xxh3::Xxh3;
+
+use super::{DirtyKeys, Planner, delta::PlanDelta, resolve::keys_of};
+use crate::{
+    model::{GatewaySlot, NodeInfo},
+    policy::{EgressSource, PolicyConfig},
+};
+
+/// A gateway node serving a policy now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActiveGateway {
+    /// Index of the gateway entry in the policy that selected this node.
+    pub entry: usize,
+    /// The slot of the entry this node fills (below the entry's `maxGatewayNodes`).
+    pub slot: usize,
+    pub node: Arc<str>,
+    /// The node's tunnel address.
+    pub ip: IpAddr,
+    pub egress_v4: Option<IpAddr>,
+    pub egress_v6: Option<IpAddr>,
+    pub interface: Option<Arc<str>>,
+}
+
+impl ActiveGateway {
+    pub(super) fn egress_for(&self, source: IpAddr) -> Option<IpAddr> {
+        if source.is_ipv4() {
+            self.egress_v4
+        } else {
+            self.egress_v6
+        }
+    }
+}
+
+/// A stable 64-bit hash of the parts (stable across releases and architectures: it picks
+/// gateways, and a different pick after an upgrade would move traffic).
+fn rendezvous(parts: &[&[u8]]) -> u64 {
+    let mut h = Xxh3::new();
+    for part in parts {
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    h.digest()
+}
+
+/// The gateway a pod's traffic leaves by: the occupied (entry, slot) with the highest hash of
+/// (pod, entry, slot). An emptied slot moves only its own pods; a node that fills a slot takes
+/// exactly that slot's pods.
+pub(super) fn assign<'a>(active: &'a [Arc<ActiveGateway>], pod_uid: &str) -> Option<&'a Arc<ActiveGateway>> {
+    active.iter().max_by_key(|g| {
+        let score = rendezvous(&[pod_uid.as_bytes(), &g.entry.to_le_bytes(), &g.slot.to_le_bytes()]);
+        (score, std::cmp::Reverse((g.entry, g.slot)))
+    })
+}
+
+/// IPv4 egress address, IPv6 egress address, interface.
+type Egress = (Option<IpAddr>, Option<IpAddr>, Option<Arc<str>>);
+
+/// The egress addresses and interface a node offers for a gateway entry, or `None` when the node
+/// is known not to have what the entry names.
+pub(super) fn resolve_egress(node: &NodeInfo, source: &EgressSource) -> Option<Egress> {
+    let first = |addrs: &[IpAddr], v4: bool| addrs.iter().copied().find(|a| a.is_ipv4() == v4);
+    let Some(interfaces) = &node.interfaces else {
+        return Some(match source {
+            EgressSource::Interface(name) => (None, None, Some(name.as_str().into())),
+            EgressSource::Ip(ip) if ip.is_ipv4() => (Some(*ip), None, None),
+            EgressSource::Ip(ip) => (None, Some(*ip), None),
+            EgressSource::DefaultRoute => (None, None, None),
+        });
+    };
+    let iface = match source {
+        EgressSource::Interface(name) => interfaces.iter().find(|i| &i.name == name)?,
+        EgressSource::Ip(ip) => interfaces.iter().find(|i| i.addresses.contains(ip))?,
+        EgressSource::DefaultRoute => interfaces.iter().find(|i| i.default_route)?,
+    };
+    let (mut v4, mut v6) = (first(&iface.addresses, true), first(&iface.addresses, false));
+    if let EgressSource::Ip(ip) = source {
+        if ip.is_ipv4() {
+            v4 = Some(*ip)
+        } else {
+            v6 = Some(*ip)
+        }
+    }
+    if v4.is_none() && v6.is_none() {
+        return None;
+    }
+    Some((v4, v6, Some(iface.name.as_str().into())))
+}
+
+impl Planner {
+    /// Re-selects a policy's gateways; when they change, marks the keys of its pods dirty.
+    pub(super) fn reselect_gateways(
+        &mut self,
+        name: &Arc<str>,
+        dirty: &mut DirtyKeys,
+        delta: &mut PlanDelta,
+    ) {
+        let Some(p) = self.policies.get(name) else { return };
+        let Ok(config) = &p.config else { return };
+        let active = self.select_gateways(name, config, &p.input.retained_gateways);
+        if active == p.active {
+            return;
+        }
+        let p = self.policies.get_mut(name).expect("looked up above");
+        p.active = active;
+        delta.policies.insert(name.clone());
+        let Ok(config) = &p.config else { return };
+        for uid in &p.matched {
+            if let Some(pod) = self.pods.get(uid) {
+                dirty.extend(keys_of(config, &pod.ips).map(|(k, _)| k));
+            }
+        }
+    }
+
+    /// Picks the active gateways of every gateway entry. Each entry has `maxGatewayNodes` slots;
+    /// pods hash to slots, not to nodes, so a node that replaces another in its slot takes over
+    /// exactly the pods the other served. Retained gateways keep their slot while usable; other
+    /// slots are filled, in slot order, by the usable node with the highest hash of
+    /// (policy, entry, slot, node).
+    pub(super) fn select_gateways(
+        &self,
+        policy: &str,
+        config: &PolicyConfig,
+        retained: &[GatewaySlot],
+    ) -> Vec<Arc<ActiveGateway>> {
+        let mut active = Vec::new();
+        for (i, gateway) in config.gateways.iter().enumerate() {
+            let mut candidates: Vec<ActiveGateway> = self
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.ready && n.eligible && gateway.nodes.matches(&n.labels))
+                .filter_map(|(name, n)| {
+                    let ip = n.tunnel_ip()?;
+                    let (egress_v4, egress_v6, interface) = resolve_egress(n, &gateway.egress)?;
+                    Some(ActiveGateway {
+                        entry: i,
+                        slot: 0,
+                        node: name.clone(),
+                        ip,
+                        egress_v4,
+                        egress_v6,
+                        interface,
+                    })
+                })
+                .collect();
+            let slots = gateway.max_nodes as usize;
+            let mut filled: Vec<Option<ActiveGateway>> = vec![None; slots];
+            for r in retained.iter().filter(|r| r.entry == i && r.slot < slots) {
+                if filled[r.slot].is_some() {
+                    continue;
+                }
+                if let Some(pos) = candidates.iter().position(|c| *c.node == *r.node) {
+                    filled[r.slot] = Some(candidates.swap_remove(pos));
+                }
+            }
+            for (slot, place) in filled.iter_mut().enumerate() {
+                if place.is_some() {
+                    continue;
+                }
+                let best = candidates
+                    .iter()
+                    .enumerate()
+                    .max_by_key(|(_, c)| {
+                        let score = rendezvous(&[
+                            policy.as_bytes(),
+                            &i.to_le_bytes(),
+                            &slot.to_le_bytes(),
+                            c.node.as_bytes(),
+                        ]);
+                        (score, std::cmp::Reverse(c.node.clone()))
+                    })
+                    .map(|(pos, _)| pos);
+                if let Some(pos) = best {
+                    *place = Some(candidates.swap_remove(pos));
+                }
+            }
+            active.extend(
+                filled
+                    .into_iter()
+                    .enumerate()
+                    .filter_map(|(slot, g)| g.map(|g| Arc::new(ActiveGateway { slot, ..g }))),
+            );
+        }
+        active
+    }
+}

@@ -1,0 +1,474 @@
+//! The planner: for every selected pod and destination, which gateway node its traffic leaves
+//! from and with which egress IP, and therefore which entries each node's datapath must hold.
+//!
+//! It is incremental: every change (one pod, node, namespace or policy) touches only the
+//! (source, destination) keys it can affect and returns the per-node [`PlanDelta`]. A full plan is
+//! the same planner fed everything; the property tests check that both agree after any sequence
+//! of changes.
+//!
+//! Decisions, each documented in `docs/architecture.md`:
+//! - A node holds the entries of the pods running on it, and the entries it is the gateway for.
+//! - Each gateway entry has `maxGatewayNodes` slots. A slot is filled by rendezvous hashing of
+//!   (policy, entry, slot, node) over the ready, eligible, matching nodes: deterministic, spread
+//!   across policies, and unmoved by nodes that come and go elsewhere. Gateways listed as
+//!   retained keep their slot while usable.
+//! - Each pod goes to the occupied (entry, slot) with the highest hash of (pod UID, entry, slot):
+//!   a slot that empties moves only its own pods, and a node that takes over a slot takes exactly
+//!   that slot's pods.
+//! - When two policies claim the same (source, destination), the older policy wins (earlier
+//!   `creationTimestamp`, then smaller name); the loser reports the conflict. Within one policy an
+//!   excluded CIDR beats an identical destination CIDR.
+//!
+//! Parts: `delta`, what a change does to each node's entries; `index`, the pods (with interned
+//! strings), the rule index and which keys each pod claims; `gateways`, gateway selection and
+//! pod assignment; `resolve`, from a key's claims to the entries on nodes, and conflicts;
+//! `outcome`, how each policy fared, as data that [`crate::report`] renders.
+
+mod delta;
+mod gateways;
+mod index;
+mod outcome;
+mod resolve;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use ipnet::IpNet;
+
+pub use self::{
+    delta::{EgressEntry, EntryKey, NodeDelta, PlanDelta},
+    gateways::ActiveGateway,
+    index::NAMESPACE_NAME_LABEL,
+    outcome::{GatewayDiagnosis, PolicyOutcome},
+};
+use self::{
+    index::{Interner, PodState, RuleIndex},
+    resolve::{Claim, KeyState, Losses, Resolved, keys_of},
+};
+use crate::{
+    api::FailurePolicy,
+    model::{GatewaySlot, NamespaceInfo, NodeInfo, PodInfo, PolicyInput},
+    policy::{self, PolicyConfig, PolicyError},
+    selector::Labels,
+};
+
+/// A change to the planner's inputs.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    UpsertNode(NodeInfo),
+    RemoveNode(String),
+    UpsertNamespace(NamespaceInfo),
+    RemoveNamespace(String),
+    UpsertPod(PodInfo),
+    /// By UID.
+    RemovePod(String),
+    UpsertPolicy(PolicyInput),
+    RemovePolicy(String),
+}
+
+/// One policy a node is an active gateway for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayDuty {
+    pub policy: Arc<str>,
+    pub egress_ips: Vec<IpAddr>,
+    pub interface: Option<Arc<str>>,
+}
+
+/// The incremental planner. See the module documentation.
+#[derive(Default)]
+pub struct Planner {
+    nodes: BTreeMap<Arc<str>, NodeInfo>,
+    namespaces: HashMap<String, Labels>,
+    pods: HashMap<Arc<str>, Box<PodState>>,
+    pods_by_node: HashMap<Arc<str>, HashSet<Arc<str>>>,
+    pods_by_namespace: HashMap<Arc<str>, HashSet<Arc<str>>>,
+    strings: Interner,
+    policies: BTreeMap<Arc<str>, PolicyState>,
+    index: RuleIndex,
+    /// Every (source, destination) some policy claims: the claims and how they resolve.
+    // NB: boxed values keep the tables' empty buckets small (a table is up to half empty).
+    keys: HashMap<EntryKey, Box<KeyState>>,
+    /// (loser, winner) -> number of keys the loser claims and the winner holds.
+    conflicts: HashMap<(Arc<str>, Arc<str>), u64>,
+    /// The (loser, winner) pairs of every contested key, as last resolved.
+    key_losses: HashMap<EntryKey, Losses>,
+}
+
+struct PolicyState {
+    input: PolicyInput,
+    /// Conflicts go to the earliest created, then the smallest name.
+    rank: (i64, Arc<str>),
+    config: Result<PolicyConfig, PolicyError>,
+    active: Vec<Arc<ActiveGateway>>,
+    matched: HashSet<Arc<str>>,
+}
+
+/// The keys a change may have re-resolved.
+type DirtyKeys = HashSet<EntryKey>;
+
+impl Planner {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Builds a planner from a whole snapshot of the inputs, in the order that is cheapest.
+    pub fn from_snapshot(
+        namespaces: impl IntoIterator<Item = NamespaceInfo>,
+        nodes: impl IntoIterator<Item = NodeInfo>,
+        policies: impl IntoIterator<Item = PolicyInput>,
+        pods: impl IntoIterator<Item = PodInfo>,
+    ) -> Self {
+        let mut planner = Planner::new();
+        for ns in namespaces {
+            planner.upsert_namespace(ns);
+        }
+        for node in nodes {
+            planner.upsert_node(node);
+        }
+        // Policies before pods: each pod then finds its policies through the rule index.
+        for policy in policies {
+            planner.upsert_policy(policy);
+        }
+        for pod in pods {
+            planner.upsert_pod(pod);
+        }
+        planner
+    }
+
+    pub fn apply(&mut self, change: Change) -> PlanDelta {
+        match change {
+            Change::UpsertNode(n) => self.upsert_node(n),
+            Change::RemoveNode(n) => self.remove_node(&n),
+            Change::UpsertNamespace(ns) => self.upsert_namespace(ns),
+            Change::RemoveNamespace(ns) => self.remove_namespace(&ns),
+            Change::UpsertPod(p) => self.upsert_pod(p),
+            Change::RemovePod(uid) => self.remove_pod(&uid),
+            Change::UpsertPolicy(p) => self.upsert_policy(p),
+            Change::RemovePolicy(p) => self.remove_policy(&p),
+        }
+    }
+
+    // === Inputs ===
+
+    pub fn upsert_node(&mut self, node: NodeInfo) -> PlanDelta {
+        let old = self.nodes.get(node.name.as_str()).cloned();
+        if old.as_ref() == Some(&node) {
+            return PlanDelta::default();
+        }
+        let name: Arc<str> = node.name.as_str().into();
+        let labels_changed = old.as_ref().is_none_or(|o| o.labels != node.labels);
+        self.nodes.insert(name, node.clone());
+        self.node_changed(&node.name, old.as_ref(), Some(&node), labels_changed)
+    }
+
+    pub fn remove_node(&mut self, name: &str) -> PlanDelta {
+        let Some(old) = self.nodes.remove(name) else {
+            return PlanDelta::default();
+        };
+        self.node_changed(name, Some(&old), None, true)
+    }
+
+    fn node_changed(
+        &mut self,
+        name: &str,
+        old: Option<&NodeInfo>,
+        new: Option<&NodeInfo>,
+        labels_changed: bool,
+    ) -> PlanDelta {
+        let mut delta = PlanDelta::default();
+        let mut dirty = DirtyKeys::new();
+        // Gateways first, so that pods re-evaluated below resolve against the new selection.
+        let affected: Vec<Arc<str>> = self
+            .policies
+            .iter()
+            .filter(|(_, p)| {
+                p.config.as_ref().is_ok_and(|c| {
+                    c.gateways.iter().any(|g| {
+                        old.is_some_and(|n| g.nodes.matches(&n.labels))
+                            || new.is_some_and(|n| g.nodes.matches(&n.labels))
+                    })
+                })
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for policy in affected {
+            self.reselect_gateways(&policy, &mut dirty, &mut delta);
+        }
+        // The pods' entries on their gateways name this node's tunnel address.
+        let address_changed = old.map(NodeInfo::tunnel_ip) != new.map(NodeInfo::tunnel_ip);
+        if labels_changed || address_changed || old.is_none() || new.is_none() {
+            let pods: Vec<Arc<str>> = self
+                .pods_by_node
+                .get(name)
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
+            for uid in pods {
+                self.rematch_pod(&uid, &mut dirty, &mut delta);
+            }
+        }
+        self.resolve(dirty, &mut delta);
+        delta
+    }
+
+    pub fn upsert_namespace(&mut self, ns: NamespaceInfo) -> PlanDelta {
+        if self.namespaces.get(&ns.name) == Some(&ns.labels) {
+            return PlanDelta::default();
+        }
+        let name = ns.name.clone();
+        self.namespaces.insert(ns.name, ns.labels);
+        self.namespace_changed(&name)
+    }
+
+    pub fn remove_namespace(&mut self, name: &str) -> PlanDelta {
+        if self.namespaces.remove(name).is_none() {
+            return PlanDelta::default();
+        }
+        self.namespace_changed(name)
+    }
+
+    fn namespace_changed(&mut self, name: &str) -> PlanDelta {
+        let mut delta = PlanDelta::default();
+        let mut dirty = DirtyKeys::new();
+        let pods: Vec<Arc<str>> = self
+            .pods_by_namespace
+            .get(name)
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        for uid in pods {
+            self.rematch_pod(&uid, &mut dirty, &mut delta);
+        }
+        self.resolve(dirty, &mut delta);
+        delta
+    }
+
+    pub fn upsert_pod(&mut self, pod: PodInfo) -> PlanDelta {
+        let mut delta = PlanDelta::default();
+        let mut dirty = DirtyKeys::new();
+        if self
+            .pods
+            .get(pod.uid.as_str())
+            .is_some_and(|old| old.plans_like(&pod))
+        {
+            return delta;
+        }
+        let uid = self
+            .take_pod(&pod.uid, &mut dirty, &mut delta)
+            .unwrap_or_else(|| pod.uid.as_str().into());
+        self.insert_pod(uid, pod, &mut dirty, &mut delta);
+        self.resolve(dirty, &mut delta);
+        delta
+    }
+
+    pub fn remove_pod(&mut self, uid: &str) -> PlanDelta {
+        let mut delta = PlanDelta::default();
+        let mut dirty = DirtyKeys::new();
+        self.take_pod(uid, &mut dirty, &mut delta);
+        self.resolve(dirty, &mut delta);
+        delta
+    }
+
+    pub fn upsert_policy(&mut self, input: PolicyInput) -> PlanDelta {
+        let mut delta = PlanDelta::default();
+        let mut dirty = DirtyKeys::new();
+        if let Some(old) = self.policies.get_mut(input.name.as_str()) {
+            if old.input == input {
+                return delta;
+            }
+            if old.input.retained_gateways != input.retained_gateways
+                && (PolicyInput {
+                    retained_gateways: input.retained_gateways.clone(),
+                    ..old.input.clone()
+                }) == input
+            {
+                // Feedback of the current gateways: re-select, nothing else changed.
+                old.input.retained_gateways = input.retained_gateways;
+                let name = self
+                    .policies
+                    .get_key_value(input.name.as_str())
+                    .expect("looked up above")
+                    .0
+                    .clone();
+                self.reselect_gateways(&name, &mut dirty, &mut delta);
+                self.resolve(dirty, &mut delta);
+                return delta;
+            }
+        }
+        let name: Arc<str> = input.name.as_str().into();
+        self.take_policy(&name, &mut dirty, &mut delta);
+
+        let config = policy::parse(&input.spec);
+        let rank = (input.created.unwrap_or(i64::MAX), name.clone());
+        let active = match &config {
+            Ok(c) => self.select_gateways(&name, c, &input.retained_gateways),
+            Err(_) => Vec::new(),
+        };
+        let mut matched = HashSet::new();
+        if let Ok(c) = &config {
+            self.index.insert(&name, c);
+            for (uid, pod) in &mut self.pods {
+                if Self::pod_matches(&self.nodes, &self.namespaces, c, pod) {
+                    matched.insert(uid.clone());
+                    pod.matched.push(name.clone());
+                    for (key, excluded) in keys_of(c, &pod.ips) {
+                        self.keys.entry(key).or_default().claims.push(Claim {
+                            policy: name.clone(),
+                            pod: uid.clone(),
+                            excluded,
+                        });
+                        dirty.insert(key);
+                    }
+                }
+            }
+        }
+        self.policies.insert(
+            name.clone(),
+            PolicyState {
+                input,
+                rank,
+                config,
+                active,
+                matched,
+            },
+        );
+        delta.policies.insert(name);
+        self.resolve(dirty, &mut delta);
+        delta
+    }
+
+    pub fn remove_policy(&mut self, name: &str) -> PlanDelta {
+        let mut delta = PlanDelta::default();
+        let mut dirty = DirtyKeys::new();
+        if self.take_policy(name, &mut dirty, &mut delta) {
+            delta.policies.insert(name.into());
+        }
+        self.resolve(dirty, &mut delta);
+        delta
+    }
+
+    // === Queries ===
+
+    fn resolved(&self) -> impl Iterator<Item = (&EntryKey, &Resolved)> {
+        self.keys
+            .iter()
+            .filter_map(|(k, s)| Some((k, s.resolved.as_ref()?)))
+    }
+
+    /// Known node names, in order.
+    pub fn node_names(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.nodes.keys()
+    }
+
+    /// A policy's active gateways as slots, to feed back as `retained_gateways` so that they
+    /// keep serving while usable.
+    pub fn gateway_slots(&self, policy: &str) -> Vec<GatewaySlot> {
+        self.policies
+            .get(policy)
+            .map(|p| {
+                p.active
+                    .iter()
+                    .map(|g| GatewaySlot {
+                        entry: g.entry,
+                        slot: g.slot,
+                        node: g.node.to_string(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Policy names, in order.
+    pub fn policy_names(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.policies.keys()
+    }
+
+    /// Every known node's entries (nodes with none included).
+    pub fn node_plans(&self) -> BTreeMap<Arc<str>, BTreeMap<EntryKey, EgressEntry>> {
+        let mut plans: BTreeMap<Arc<str>, BTreeMap<EntryKey, EgressEntry>> =
+            self.nodes.keys().map(|n| (n.clone(), BTreeMap::new())).collect();
+        for (key, resolved) in self.resolved() {
+            for (node, entry) in resolved.placements(*key) {
+                plans.entry(node).or_default().insert(*key, entry);
+            }
+        }
+        plans
+    }
+
+    /// One node's entries.
+    pub fn node_plan(&self, node: &str) -> BTreeMap<EntryKey, EgressEntry> {
+        self.resolved()
+            .flat_map(|(key, r)| r.placements(*key))
+            .filter(|(n, _)| &**n == node)
+            .map(|(_, e)| (e.key, e))
+            .collect()
+    }
+
+    /// The destination CIDRs of the accepted `failurePolicy: Drop` policies, sorted: what the
+    /// no-leak guard keeps pods the plan has not decided on away from.
+    pub fn guarded_destinations(&self) -> Vec<IpNet> {
+        let mut out: Vec<IpNet> = self
+            .policies
+            .values()
+            .filter_map(|p| p.config.as_ref().ok())
+            .filter(|c| c.failure == FailurePolicy::Drop)
+            .flat_map(|c| c.destinations.iter().copied())
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// The IPs of the pods on `node` the plan has decided on (selected or not), sorted.
+    pub fn decided_pod_ips(&self, node: &str) -> Vec<IpAddr> {
+        let mut out: Vec<IpAddr> = self
+            .pods_by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|uid| self.pods.get(uid))
+            .flat_map(|p| p.ips.iter().copied())
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// The node of pod `uid`, if the planner has it on one.
+    pub fn pod_node(&self, uid: &str) -> Option<Arc<str>> {
+        self.pods.get(uid)?.node.clone()
+    }
+
+    /// The policies a node serves as a gateway.
+    pub fn gateway_duties(&self, node: &str) -> Vec<GatewayDuty> {
+        let mut duties = Vec::new();
+        for (name, p) in &self.policies {
+            for g in p.active.iter().filter(|g| &*g.node == node) {
+                duties.push(GatewayDuty {
+                    policy: name.clone(),
+                    egress_ips: g.egress_v4.into_iter().chain(g.egress_v6).collect(),
+                    interface: g.interface.clone(),
+                });
+            }
+        }
+        duties
+    }
+
+    /// How many entries all nodes hold together.
+    pub fn entry_count(&self) -> usize {
+        self.resolved()
+            .map(|(_, r)| {
+                if r.gateway_node().is_some_and(|g| *g != r.source_node) {
+                    2
+                } else {
+                    1
+                }
+            })
+            .sum()
+    }
+}
