@@ -26,13 +26,25 @@
 //! | pod `p3` on n2 | `p3` | 10.244.2.11/32 (`veth-p3`) |
 //! | n1's second uplink (on demand, [`Testbed::add_second_uplink`]) | `n1` / `ext` | n1 `eth1` 198.18.0.11/24 (default route metric 100), external host `up-n1` 198.18.0.1/24 |
 //!
+//! Dual stack: every IPv4 address `a.b.c.d` above has an IPv6 twin `fd00:a:b:c::d` beside it
+//! ([`ipv6_twin`]; e.g. p2 `fd00:10:244:2::10`, n2 `fd00:192:0:2::12`, the external host
+//! `fd00:203:0:113::10`), every /24 a /64 (`fd00:a:b:c::/64`), the pods' 10.244.0.0/16 the
+//! /48 [`POD_CIDR_V6`]; the constants have a `_V6` twin ([`EXT_A_V6`], [`EGRESS_N1_V6`],
+//! [`NODES_V6`], [`PODS_V6`], ...). Routes, forwarding and the CNI's masquerade are the same in
+//! both families; pods reach their node through the link-local `fe80::1` of their veth. The IPv6
+//! egress IPs are deprecated addresses (preferred lifetime 0), so that the node's own address
+//! stays the one the masquerade picks. Addresses skip duplicate address detection (usable at once).
+//! The shims' `--cluster-cidr` stays IPv4 ([`CLUSTER_CIDRS`]); [`CLUSTER_CIDRS_V6`] is there for
+//! plans.
+//!
 //! Pods have MTU 1450 (room for a VXLAN header on the 1500-byte underlay). The testbed plays the
-//! CNI (see `Testbed::cni`): a /32 route per local pod with proxy ARP on its veth (Calico style,
-//! pods use 169.254.1.1 as gateway), a route to each other node's pod /24 via that node, and
-//! masquerade of pod traffic leaving the cluster to the node IP (the "normal path");
-//! [`Testbed::apply_stand_in`] makes it play another CNI's habit instead ([`CniStandIn`]). The
-//! external host runs a TCP server on port 8080 that greets each connection with the source address
-//! it saw ([`Testbed::fetch`], [`Conn`]).
+//! CNI (see `Testbed::wire_pod`, `cni_routes`, `cni_masquerade`): a /32 route per local pod with
+//! proxy ARP on its veth (Calico style, pods use 169.254.1.1 as gateway), a route to each other
+//! node's pod /24 via that node, and masquerade of pod traffic leaving the cluster to the node IP
+//! (the "normal path"); [`Testbed::apply_stand_in`] makes it play another CNI's habit instead
+//! ([`CniStandIn`]). The external host runs a TCP server on port 8080, IPv4 and IPv6, that greets
+//! each connection with the source address it saw ([`Testbed::fetch`], [`Conn`]; give them an
+//! address of either family).
 //!
 //! Everything lives in namespaces named `slc-<pid>-*` and in `/tmp/slc-<pid>` (with a bpffs mounted
 //! at `/tmp/slc-<pid>/bpffs`); nothing routes through the machine's own network. Leftovers of
@@ -101,6 +113,45 @@ pub const PODS: [(&str, &str, &str); 3] = [
     ("p3", "n2", "10.244.2.11"),
 ];
 
+/// n1's IPv6 egress IP (each IPv4 address has an IPv6 twin, [`ipv6_twin`]).
+pub const EGRESS_N1_V6: &str = "fd00:192:0:2::101";
+/// n3's IPv6 egress IP.
+pub const EGRESS_N3_V6: &str = "fd00:192:0:2::103";
+/// An external IPv6 address (fd00:203:0:113::/64).
+pub const EXT_A_V6: &str = "fd00:203:0:113::10";
+/// In fd00:203:0:113::200/120, which [`EXT_A_V6`] is not in (the IPv6 counterpart of
+/// 203.0.113.128/25 for [`EXT_EXCLUDED`]).
+pub const EXT_EXCLUDED_V6: &str = "fd00:203:0:113::200";
+/// In fd00:198:51:100::/64.
+pub const EXT_B_V6: &str = "fd00:198:51:100::10";
+/// Every pod's IPv6 address: node `nN`'s pods are in `fd00:10:244:N::/64`.
+pub const POD_CIDR_V6: &str = "fd00:10:244::/48";
+/// The IPv6 counterpart of [`CLUSTER_CIDRS`] (pod CIDRs and the node subnet), for a plan's
+/// `clusterCIDRs` (`split(',')`); the shims' `--cluster-cidr` gets [`CLUSTER_CIDRS`] only.
+pub const CLUSTER_CIDRS_V6: &str = "fd00:10:244::/48,fd00:192:0:2::/64";
+/// The underlay router's IPv6 address on the node subnet (fd00:192:0:2::/64).
+pub const UNDERLAY_IP_V6: &str = "fd00:192:0:2::1";
+/// n1's second uplink's IPv6 address ([`UPLINK2_N1`]'s twin), usable as an egress IP...
+pub const UPLINK2_N1_V6: &str = "fd00:198:18::11";
+/// ...and the external host's end of it.
+pub const UPLINK2_EXT_V6: &str = "fd00:198:18::1";
+/// (node, node IPv6), in the order of [`NODES`].
+pub const NODES_V6: [(&str, &str); 3] = [
+    ("n1", "fd00:192:0:2::11"),
+    ("n2", "fd00:192:0:2::12"),
+    ("n3", "fd00:192:0:2::13"),
+];
+/// (pod, node, IPv6), in the order of [`PODS`]. A pod added later has its IPv4's twin too.
+pub const PODS_V6: [(&str, &str, &str); 3] = [
+    ("p1", "n1", "fd00:10:244:1::10"),
+    ("p2", "n2", "fd00:10:244:2::10"),
+    ("p3", "n2", "fd00:10:244:2::11"),
+];
+
+/// The link-local address every pod veth has on the node's side: the pods' IPv6 default gateway
+/// (the counterpart of 169.254.1.1; Calico and Cilium route pods through a link-local too).
+const POD_GATEWAY_V6: &str = "fe80::1";
+
 /// One testbed at a time: they share the kernel and the process id in their names.
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -111,6 +162,29 @@ pub fn node_ip(node: &str) -> &'static str {
         .find(|(n, _)| *n == node)
         .map(|(_, ip)| *ip)
         .unwrap_or_else(|| panic!("unknown node {node}"))
+}
+
+/// The IPv6 address of `node` (`n1`, `n2` or `n3`).
+pub fn node_ip_v6(node: &str) -> &'static str {
+    NODES_V6
+        .iter()
+        .find(|(n, _)| *n == node)
+        .map(|(_, ip)| *ip)
+        .unwrap_or_else(|| panic!("unknown node {node}"))
+}
+
+/// The testbed's IPv6 twin of its IPv4 address (or /24 prefix, `a.b.c`) `ipv4`:
+/// `a.b.c.d` → `fd00:a:b:c::d`, in the canonical form the external host reports.
+pub fn ipv6_twin(ipv4: &str) -> String {
+    let octets: Vec<&str> = ipv4.split('.').collect();
+    let twin = match octets.as_slice() {
+        [a, b, c, d] => format!("fd00:{a}:{b}:{c}::{d}"),
+        [a, b, c] => format!("fd00:{a}:{b}:{c}::"),
+        _ => panic!("not an IPv4 address or /24 prefix: {ipv4}"),
+    };
+    twin.parse::<std::net::Ipv6Addr>()
+        .unwrap_or_else(|e| panic!("no IPv6 twin for {ipv4}: {e}"))
+        .to_string()
 }
 
 /// Whether we run as root (the testbed needs it).
@@ -425,6 +499,11 @@ impl Testbed {
         node_ip(node).to_owned()
     }
 
+    /// The IPv6 address of `node`.
+    pub fn node_ip_v6(&self, node: &str) -> String {
+        node_ip_v6(node).to_owned()
+    }
+
     /// Every pod, (pod, node, IP): [`PODS`] and those added later.
     pub fn pods(&self) -> &[(&'static str, &'static str, &'static str)] {
         &self.pods
@@ -439,50 +518,131 @@ impl Testbed {
             .unwrap_or_else(|| panic!("unknown pod {name}"))
     }
 
+    /// The IPv6 address of pod `name` (its IPv4's twin, [`ipv6_twin`]).
+    pub fn pod_ip_v6(&self, name: &str) -> String {
+        ipv6_twin(self.pod(name).1)
+    }
+
+    /// Creates namespace `name` with its loopback up, and IPv6 addresses usable as soon as they
+    /// are added (no duplicate address detection, which would hold each back for a second or two;
+    /// nothing here ever duplicates an address).
+    fn add_namespace(&self, name: &str) -> Result<()> {
+        sh(&["ip", "netns", "add", &self.ns(name)])?;
+        self.ip(name, &["link", "set", "lo", "up"])?;
+        // Before any interface exists: each takes `default`'s value when it is created.
+        self.write_sysctls(
+            name,
+            &[
+                ("net/ipv6/conf/all/accept_dad", "0"),
+                ("net/ipv6/conf/default/accept_dad", "0"),
+            ],
+        )
+    }
+
+    /// Writes `(key, value)` sysctls (`/proc/sys/KEY`) inside `ns`: a thread's write there goes to
+    /// its own namespace's value, so no `sysctl` process is needed.
+    fn write_sysctls(&self, ns: &str, settings: &[(&str, &str)]) -> Result<()> {
+        in_netns(&self.ns(ns), || {
+            settings.iter().try_for_each(|(key, value)| {
+                fs::write(Path::new("/proc/sys").join(key), value)
+                    .with_context(|| format!("setting {key}={value} in {ns}"))
+            })
+        })
+    }
+
+    /// `ip -n <ns> -batch -`: several `ip` commands (each without the leading `ip`) in one
+    /// process, which keeps building the testbed quick.
+    fn ip_batch(&self, ns: &str, commands: &[String]) -> Result<()> {
+        sh_stdin(
+            &["ip", "-n", &self.ns(ns), "-batch", "-"],
+            &(commands.join("\n") + "\n"),
+        )
+    }
+
     fn build(&self) -> Result<()> {
         for ns in ["ul", "ext", "n1", "n2", "n3", "p1", "p2", "p3"] {
-            sh(&["ip", "netns", "add", &self.ns(ns)])?;
-            self.ip(ns, &["link", "set", "lo", "up"])?;
+            self.add_namespace(ns)?;
         }
-        // Underlay bridge and router to the external host.
-        self.ip("ul", &["link", "add", "br0", "type", "bridge"])?;
-        self.ip("ul", &["addr", "add", "192.0.2.1/24", "dev", "br0"])?;
-        self.ip("ul", &["link", "set", "br0", "up"])?;
-        self.sysctl("ul", "net.ipv4.ip_forward=1")?;
-        let ext = self.ns("ext");
-        self.ip(
+        let addr = |a: &str, dev: &str| format!("addr add {a} dev {dev}");
+        // IPv6 addresses skip duplicate detection explicitly too (see `add_namespace`).
+        let addr6 = |a: &str, dev: &str| format!("addr add {a} dev {dev} nodad");
+
+        // Underlay bridge and router to the external host, and the nodes' links to the bridge.
+        let mut ul = vec![
+            "link add br0 type bridge".to_owned(),
+            addr(&format!("{UNDERLAY_IP}/24"), "br0"),
+            addr6(&format!("{UNDERLAY_IP_V6}/64"), "br0"),
+            "link set br0 up".to_owned(),
+            format!("link add ext0 type veth peer name eth0 netns {}", self.ns("ext")),
+            addr("203.0.113.1/24", "ext0"),
+            addr("198.51.100.1/24", "ext0"),
+            addr6("fd00:203:0:113::1/64", "ext0"),
+            addr6("fd00:198:51:100::1/64", "ext0"),
+            "link set ext0 up".to_owned(),
+        ];
+        for (node, _) in NODES {
+            ul.push(format!(
+                "link add {node} type veth peer name eth0 netns {}",
+                self.ns(node)
+            ));
+            ul.push(format!("link set {node} master br0 up"));
+        }
+        self.ip_batch("ul", &ul)?;
+        self.write_sysctls(
             "ul",
             &[
-                "link", "add", "ext0", "type", "veth", "peer", "name", "eth0", "netns", &ext,
+                ("net/ipv4/ip_forward", "1"),
+                ("net/ipv6/conf/all/forwarding", "1"),
             ],
         )?;
-        for a in ["203.0.113.1/24", "198.51.100.1/24"] {
-            self.ip("ul", &["addr", "add", a, "dev", "ext0"])?;
-        }
-        self.ip("ul", &["link", "set", "ext0", "up"])?;
-        for a in ["203.0.113.10/24", "203.0.113.200/24", "198.51.100.10/24"] {
-            self.ip("ext", &["addr", "add", a, "dev", "eth0"])?;
-        }
-        self.ip("ext", &["link", "set", "eth0", "up"])?;
-        self.ip("ext", &["route", "add", "default", "via", "203.0.113.1"])?;
 
-        for (node, ip) in NODES {
-            let ns = self.ns(node);
-            self.ip(
-                "ul",
+        let mut ext: Vec<String> = [EXT_A, EXT_EXCLUDED, EXT_B]
+            .iter()
+            .map(|a| addr(&format!("{a}/24"), "eth0"))
+            .collect();
+        ext.extend([EXT_A_V6, EXT_EXCLUDED_V6, EXT_B_V6].map(|a| addr6(&format!("{a}/64"), "eth0")));
+        ext.extend([
+            "link set eth0 up".to_owned(),
+            "route add default via 203.0.113.1".to_owned(),
+            "route add ::/0 via fd00:203:0:113::1".to_owned(),
+        ]);
+        self.ip_batch("ext", &ext)?;
+
+        for ((node, ip), (_, ip6)) in NODES.into_iter().zip(NODES_V6) {
+            let mut commands = vec![
+                addr(&format!("{ip}/24"), "eth0"),
+                addr6(&format!("{ip6}/64"), "eth0"),
+                "link set eth0 up".to_owned(),
+                format!("route add default via {UNDERLAY_IP}"),
+                format!("route add ::/0 via {UNDERLAY_IP_V6}"),
+            ];
+            commands.extend(self.cni_routes(node));
+            // After the node IP, so that it stays the node's primary IPv4 address.
+            let egress = match node {
+                "n1" => Some((EGRESS_N1, EGRESS_N1_V6)),
+                "n3" => Some((EGRESS_N3, EGRESS_N3_V6)),
+                _ => None,
+            };
+            if let Some((egress, egress6)) = egress {
+                commands.push(addr(&format!("{egress}/32"), "eth0"));
+                // Deprecated (preferred lifetime 0): still the node's, but never chosen as a source
+                // address, so the masquerade keeps showing the node IP (IPv6 source selection
+                // would otherwise prefer the interface's newest address).
+                commands.push(format!(
+                    "{} preferred_lft 0",
+                    addr6(&format!("{egress6}/128"), "eth0")
+                ));
+            }
+            self.ip_batch(node, &commands)?;
+            self.write_sysctls(
+                node,
                 &[
-                    "link", "add", node, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+                    ("net/ipv4/ip_forward", "1"),
+                    ("net/ipv6/conf/all/forwarding", "1"),
                 ],
             )?;
-            self.ip("ul", &["link", "set", node, "master", "br0", "up"])?;
-            self.ip(node, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-            self.ip(node, &["link", "set", "eth0", "up"])?;
-            self.ip(node, &["route", "add", "default", "via", UNDERLAY_IP])?;
-            self.sysctl(node, "net.ipv4.ip_forward=1")?;
-            self.cni(node)?;
+            self.cni_masquerade(node)?;
         }
-        self.ip("n1", &["addr", "add", &format!("{EGRESS_N1}/32"), "dev", "eth0"])?;
-        self.ip("n3", &["addr", "add", &format!("{EGRESS_N3}/32"), "dev", "eth0"])?;
 
         for (p, node, ip) in PODS {
             self.wire_pod(p, node, ip)?;
@@ -490,7 +650,10 @@ impl Testbed {
         Ok(())
     }
 
-    /// The CNI's part for one pod: its veth, address and routes.
+    /// The CNI's part for one pod: its veth, addresses and routes. IPv4 step by step as before
+    /// (a batch would be quicker, but [`Testbed::add_pod`] would then return within a few
+    /// milliseconds of the veth appearing, inside the window before a shim attaches to it that
+    /// docs/datapath.md lists as a known gap; real pods start later), then IPv6.
     fn wire_pod(&self, p: &str, node: &str, ip: &str) -> Result<()> {
         let veth = format!("veth-{p}");
         let pod_ns = self.ns(p);
@@ -516,7 +679,24 @@ impl Testbed {
         self.sysctl(node, &format!("net.ipv4.conf.{veth}.proxy_arp=1"))?;
         // Answer at once, as Calico has its workload interfaces do (the default waits up to
         // 0.8 s): a new pod sends its first packet within milliseconds of starting.
-        self.sysctl(node, &format!("net.ipv4.neigh.{veth}.proxy_delay=0"))
+        self.sysctl(node, &format!("net.ipv4.neigh.{veth}.proxy_delay=0"))?;
+        // IPv6: a /128 per pod too, routed the same way, the pod's gateway the same link-local
+        // address on every pod's veth.
+        let ip6 = ipv6_twin(ip);
+        self.ip_batch(
+            node,
+            &[
+                format!("addr add {POD_GATEWAY_V6}/64 dev {veth} nodad"),
+                format!("route add {ip6}/128 dev {veth}"),
+            ],
+        )?;
+        self.ip_batch(
+            p,
+            &[
+                format!("addr add {ip6}/128 dev eth0 nodad"),
+                format!("route add ::/0 via {POD_GATEWAY_V6} dev eth0"),
+            ],
+        )
     }
 
     /// Gives n1 a second uplink straight to the external host: `eth1` 198.18.0.11/24 on n1,
@@ -563,14 +743,22 @@ impl Testbed {
                 "metric",
                 "100",
             ],
-        )
-        .map(drop)
+        )?;
+        self.ip_batch(
+            "n1",
+            &[
+                format!("addr add {UPLINK2_N1_V6}/64 dev {UPLINK2_DEVICE} nodad"),
+                // IPv6 routes default to metric 1024 (IPv4's to 0): above that, so the main table
+                // keeps sending everything through `eth0` here too.
+                format!("route add ::/0 via {UPLINK2_EXT_V6} dev {UPLINK2_DEVICE} metric 2048"),
+            ],
+        )?;
+        self.ip_batch("ext", &[format!("addr add {UPLINK2_EXT_V6}/64 dev up-n1 nodad")])
     }
 
     /// Adds a pod (its namespace is removed with the testbed); panics on failure (for tests).
     pub fn add_pod(&mut self, p: &'static str, node: &'static str, ip: &'static str) {
-        sh(&["ip", "netns", "add", &self.ns(p)]).unwrap();
-        self.ip(p, &["link", "set", "lo", "up"]).unwrap();
+        self.add_namespace(p).unwrap();
         self.wire_pod(p, node, ip).unwrap();
         self.pods.push((p, node, ip));
     }
@@ -596,15 +784,17 @@ impl Testbed {
         pods: &[(&'static str, &'static str)],
     ) -> Result<()> {
         let gateway = format!("{subnet}.1");
+        let gateway_v6 = ipv6_twin(&gateway);
         self.ip(node, &["link", "add", "cni0", "type", "bridge"])?;
         self.ip(node, &["addr", "add", &format!("{gateway}/24"), "dev", "cni0"])?;
         self.ip(node, &["link", "set", "cni0", "up"])?;
+        self.ip_batch(node, &[format!("addr add {gateway_v6}/64 dev cni0 nodad")])?;
         for &(p, ip) in pods {
             let veth = format!("veth-{p}");
-            sh(&["ip", "netns", "add", &self.ns(p)])?;
-            // Known from here on, so that `Drop` removes its namespace also when the rest fails.
+            // Known before its namespace exists, so that `Drop` removes it whatever fails
+            // (deleting one never made is harmless).
             self.pods.push((p, node, ip));
-            self.ip(p, &["link", "set", "lo", "up"])?;
+            self.add_namespace(p)?;
             self.ip(
                 node,
                 &[
@@ -624,6 +814,13 @@ impl Testbed {
             self.ip(p, &["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
             self.ip(p, &["link", "set", "eth0", "mtu", "1450", "up"])?;
             self.ip(p, &["route", "add", "default", "via", &gateway])?;
+            self.ip_batch(
+                p,
+                &[
+                    format!("addr add {}/64 dev eth0 nodad", ipv6_twin(ip)),
+                    format!("route add ::/0 via {gateway_v6}"),
+                ],
+            )?;
         }
         Ok(())
     }
@@ -661,8 +858,8 @@ impl Testbed {
     }
 
     /// Sends `count` UDP datagrams of `size` bytes from pod `pod` to the external host's address
-    /// `dst` (port `port`), 20 ms apart; returns the (source, size) of those that arrived within
-    /// 2 s. Panics on failure (for tests).
+    /// `dst` (port `port`; IPv4 or IPv6), 20 ms apart; returns the (source, size) of those that
+    /// arrived within 2 s. Panics on failure (for tests).
     pub fn udp_through(
         &self,
         pod: &str,
@@ -671,8 +868,13 @@ impl Testbed {
         count: usize,
         port: u16,
     ) -> Vec<(String, usize)> {
-        let listener = craft::Listener::bind(&self.ns("ext"), port).unwrap();
-        let to = std::net::SocketAddrV4::new(dst.parse().unwrap(), port);
+        let ip: std::net::IpAddr = dst.parse().unwrap();
+        let listener = match ip {
+            std::net::IpAddr::V4(_) => craft::Listener::bind(&self.ns("ext"), port),
+            std::net::IpAddr::V6(_) => craft::Listener::bind_v6(&self.ns("ext"), port),
+        }
+        .unwrap();
+        let to = SocketAddr::new(ip, port);
         for i in 0..count {
             craft::send_udp(&self.ns(pod), to, &vec![i as u8; size], 1).unwrap();
             std::thread::sleep(Duration::from_millis(20));
@@ -790,49 +992,70 @@ impl Testbed {
             .unwrap_or(0)
     }
 
-    /// The CNI's part on `node`: routes to the other nodes' pod CIDRs, and masquerade of pod
-    /// traffic leaving the cluster (the "normal path", which shows the node IP).
-    fn cni(&self, node: &str) -> Result<()> {
-        for (other, ip) in NODES {
+    /// The CNI's routes on `node` (`ip` commands): each other node's pod CIDRs, IPv4 and IPv6,
+    /// via that node.
+    fn cni_routes(&self, node: &str) -> Vec<String> {
+        let mut routes = Vec::new();
+        for ((other, ip), (_, ip6)) in NODES.into_iter().zip(NODES_V6) {
             if other != node {
-                self.ip(
-                    node,
-                    &["route", "add", &format!("10.244.{}.0/24", &other[1..]), "via", ip],
-                )?;
+                let subnet = format!("10.244.{}", &other[1..]);
+                routes.push(format!("route add {subnet}.0/24 via {ip}"));
+                routes.push(format!("route add {}/64 via {ip6}", ipv6_twin(&subnet)));
             }
         }
+        routes
+    }
+
+    /// The CNI's masquerade on `node`: pod traffic leaving the cluster shows the node IP (the
+    /// "normal path"), in each family.
+    fn cni_masquerade(&self, node: &str) -> Result<()> {
         self.nft(
             node,
             "table ip cni {\n chain post {\n  type nat hook postrouting priority srcnat; policy accept;\n  \
-             ip saddr 10.244.0.0/16 ip daddr != 10.244.0.0/16 oifname \"eth0\" masquerade\n }\n}\n",
+             ip saddr 10.244.0.0/16 ip daddr != 10.244.0.0/16 oifname \"eth0\" masquerade\n }\n}\n\
+             table ip6 cni {\n chain post {\n  type nat hook postrouting priority srcnat; policy accept;\n  \
+             ip6 saddr fd00:10:244::/48 ip6 daddr != fd00:10:244::/48 oifname \"eth0\" masquerade\n }\n}\n",
         )
     }
 
-    /// The external host's server: greets each connection with the source address it saw, then
-    /// answers each line `<n> <padding>` with `<source address> <n bytes>`.
+    /// The external host's server, on IPv4 and IPv6: greets each connection with the source
+    /// address it saw, then answers each line `<n> <padding>` with `<source address> <n bytes>`.
     fn start_server(&self) -> Result<JoinHandle<()>> {
-        let listener = in_netns(&self.ns("ext"), || TcpListener::bind(("0.0.0.0", SERVER_PORT)))
-            .context("binding the external server")?;
-        listener.set_nonblocking(true)?;
+        let listeners = in_netns(&self.ns("ext"), || -> Result<[TcpListener; 2]> {
+            Ok([
+                TcpListener::bind(("0.0.0.0", SERVER_PORT))?,
+                craft::v6_only_socket(nix::sys::socket::SockType::Stream, SERVER_PORT)?.into(),
+            ])
+        })
+        .context("binding the external server")?;
+        for l in &listeners {
+            l.set_nonblocking(true)?;
+        }
         let stop = self.server_stop.clone();
         Ok(std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((stream, peer)) => {
+                let mut idle = true;
+                for listener in &listeners {
+                    if let Ok((stream, peer)) = listener.accept() {
+                        idle = false;
                         std::thread::spawn(move || serve(stream, peer));
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+                if idle {
+                    std::thread::sleep(Duration::from_millis(10));
                 }
             }
         }))
     }
 
-    /// Opens a connection from `pod` to `dst`:8080 and reads the greeting.
+    /// Opens a connection from `pod` to `dst`:8080 (`dst` an IPv4 or IPv6 address) and reads the
+    /// greeting.
     pub fn connect(&self, pod: &str, dst: &str) -> Result<Conn, String> {
         in_netns(&self.ns(pod), || Conn::open(dst))
     }
 
-    /// One connection with a small exchange: the source address the external host saw.
+    /// One connection with a small exchange: the source address the external host saw (an IPv6
+    /// one in the canonical form of [`std::net::Ipv6Addr`]'s `Display` when `dst` is IPv6).
     pub fn fetch(&self, pod: &str, dst: &str) -> Result<String, String> {
         let mut conn = self.connect(pod, dst)?;
         let seen = conn.exchange(100, 100)?;
@@ -845,7 +1068,8 @@ impl Testbed {
         Ok(seen)
     }
 
-    /// New connections from `pod` to `dst`, one after the other, until stopped (at most 60 s).
+    /// New connections from `pod` to `dst` (either family), one after the other, until stopped
+    /// (at most 60 s).
     pub fn stream(&self, pod: &str, dst: &str) -> Stream {
         self.stream_with_timeout(pod, dst, Duration::from_secs(5))
     }
@@ -951,9 +1175,8 @@ impl Conn {
     }
 
     fn open_with_timeout(dst: &str, timeout: Duration) -> Result<Conn, String> {
-        let addr: SocketAddr = format!("{dst}:{SERVER_PORT}")
-            .parse()
-            .map_err(|e| format!("{dst}: {e}"))?;
+        let ip: std::net::IpAddr = dst.parse().map_err(|e| format!("{dst}: {e}"))?;
+        let addr = SocketAddr::new(ip, SERVER_PORT);
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
             .map_err(|e| format!("connect {addr}: {e}"))?;
         let setup = |s: &TcpStream| -> std::io::Result<TcpStream> {
@@ -1027,5 +1250,51 @@ pub fn wait_for(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_ipv6_constant_is_the_twin_of_its_ipv4_one_in_canonical_form() {
+        let pairs = [
+            (EGRESS_N1, EGRESS_N1_V6),
+            (EGRESS_N3, EGRESS_N3_V6),
+            (EXT_A, EXT_A_V6),
+            (EXT_EXCLUDED, EXT_EXCLUDED_V6),
+            (EXT_B, EXT_B_V6),
+            (UNDERLAY_IP, UNDERLAY_IP_V6),
+            (UPLINK2_N1, UPLINK2_N1_V6),
+            (UPLINK2_EXT, UPLINK2_EXT_V6),
+        ];
+        let nodes = NODES.iter().zip(NODES_V6).map(|((n, ip), (n6, ip6))| {
+            assert_eq!(*n, n6);
+            (*ip, ip6)
+        });
+        let pods = PODS.iter().zip(PODS_V6).map(|((p, n, ip), (p6, n6, ip6))| {
+            assert_eq!((*p, *n), (p6, n6));
+            (*ip, ip6)
+        });
+        for (v4, v6) in pairs.into_iter().chain(nodes).chain(pods) {
+            assert_eq!(ipv6_twin(v4), v6, "twin of {v4}");
+        }
+        assert_eq!(ipv6_twin("10.244.3"), "fd00:10:244:3::");
+        assert_eq!(node_ip_v6("n2"), "fd00:192:0:2::12");
+    }
+
+    #[test]
+    fn the_excluded_addresses_are_outside_what_the_first_ones_are_in() {
+        let v6 = |a: &str| a.parse::<std::net::Ipv6Addr>().unwrap().segments();
+        // fd00:203:0:113::200/120 holds EXT_EXCLUDED_V6, not EXT_A_V6.
+        assert_eq!(v6(EXT_EXCLUDED_V6)[7] >> 8, 0x2);
+        assert_ne!(v6(EXT_A_V6)[7] >> 8, 0x2);
+        assert_eq!(v6(EXT_EXCLUDED_V6)[..7], v6(EXT_A_V6)[..7]);
+        for cidr in CLUSTER_CIDRS_V6.split(',').chain([POD_CIDR_V6]) {
+            let (net, len) = cidr.split_once('/').unwrap();
+            assert!(net.parse::<std::net::Ipv6Addr>().is_ok() && len.parse::<u8>().unwrap() <= 128);
+        }
+        assert!(CLUSTER_CIDRS_V6.starts_with(POD_CIDR_V6));
     }
 }

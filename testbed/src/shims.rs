@@ -30,8 +30,9 @@ pub enum Gw {
 #[derive(Clone, Debug)]
 pub struct Rule {
     pub policy: &'static str,
-    /// A pod name of the testbed (`p1`, ...).
+    /// A pod name of the testbed (`p1`, ...): its address of the destination's family.
     pub source: &'static str,
+    /// A CIDR, IPv4 or IPv6.
     pub destination: &'static str,
     pub gateway: Gw,
 }
@@ -92,6 +93,11 @@ impl FileCluster {
             NODES.iter().map(|(n, _)| (*n, vec![])).collect();
         for r in rules {
             let (src_node, src_ip) = self.pod(r.source);
+            let src_ip = if r.destination.contains(':') {
+                self.pod_ip_v6(r.source)
+            } else {
+                src_ip.to_owned()
+            };
             let entry = |gateway: &str, egress: Option<(&str, Option<&str>)>| {
                 serde_json::json!({"source": src_ip, "destination": r.destination, "gateway": gateway,
                     "egressIP": egress.map(|e| e.0), "interface": egress.and_then(|e| e.1), "policy": r.policy})
