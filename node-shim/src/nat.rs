@@ -7,6 +7,7 @@ use std::{
     net::Ipv4Addr,
 };
 
+use ipnet::Ipv4Net;
 use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP};
 use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily, NetfilterSubsystem,
@@ -30,13 +31,84 @@ pub const SNAT_PRIORITY: i32 = 50;
 
 /// The full `ip sluice` table for these egress IPs (egress IP -> policy ids), replacing any
 /// previous one in one nftables transaction.
-pub fn ruleset(snat: &BTreeMap<Ipv4Addr, BTreeSet<u32>>, layout: &MarkLayout) -> String {
+/// The no-leak guard's backstop in nftables: what a pod interface the datapath is not attached to
+/// yet (a pod that started sending within milliseconds of its interface appearing) must not
+/// send by the normal path. The same decision as the datapath's guard, made where no attach has
+/// to happen first: the forward hook, before any masquerade.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Backstop {
+    /// Name patterns of pod interfaces (`veth*`, ...).
+    pub pod_interfaces: Vec<String>,
+    /// Destinations `failurePolicy: Drop` policies guard.
+    pub guarded: BTreeSet<Ipv4Net>,
+    /// In-cluster CIDRs, never guarded.
+    pub cluster: BTreeSet<Ipv4Net>,
+    /// The pods of this node the plan has decided on.
+    pub decided: BTreeSet<Ipv4Addr>,
+}
+
+impl Backstop {
+    /// What holds while the datapath moves from `self` to `next`: guarded destinations grow
+    /// first and shrink last, pods count as decided only when both say so.
+    pub fn during_move_to(&self, next: &Backstop) -> Backstop {
+        Backstop {
+            pod_interfaces: next.pod_interfaces.clone(),
+            guarded: self.guarded.union(&next.guarded).copied().collect(),
+            cluster: next.cluster.clone(),
+            decided: self.decided.intersection(&next.decided).copied().collect(),
+        }
+    }
+}
+
+fn nft_set(name: &str, kind: &str, elements: impl Iterator<Item = String>) -> String {
+    let elements: Vec<String> = elements.collect();
+    let interval = if kind == "interval" {
+        " flags interval; auto-merge;"
+    } else {
+        ""
+    };
+    let body = if elements.is_empty() {
+        String::new()
+    } else {
+        format!(" elements = {{ {} }}", elements.join(", "))
+    };
+    format!("  set {name} {{ type ipv4_addr;{interval}{body} }}\n")
+}
+
+pub fn ruleset(snat: &BTreeMap<Ipv4Addr, BTreeSet<u32>>, layout: &MarkLayout, backstop: &Backstop) -> String {
     let (egress, tunnel, reply) = (layout.egress, layout.tunnel, layout.reply);
     let ours = layout.ours();
     let mut s = String::new();
     // Deleted and created again in the same transaction: whatever else is in the table (a chain
     // someone added, the dormant flag) goes, and nothing runs without the table meanwhile.
     s.push_str("table ip sluice {}\ndelete table ip sluice\ntable ip sluice {\n");
+    if !backstop.guarded.is_empty() && !backstop.pod_interfaces.is_empty() {
+        s.push_str(&nft_set(
+            "guarded",
+            "interval",
+            backstop.guarded.iter().map(|n| n.trunc().to_string()),
+        ));
+        s.push_str(&nft_set(
+            "cluster",
+            "interval",
+            backstop.cluster.iter().map(|n| n.trunc().to_string()),
+        ));
+        s.push_str(&nft_set(
+            "decided",
+            "plain",
+            backstop.decided.iter().map(|a| a.to_string()),
+        ));
+        let patterns: Vec<String> = backstop
+            .pod_interfaces
+            .iter()
+            .map(|p| format!("\"{}\"", p.replace('"', "")))
+            .collect();
+        s.push_str(&format!(
+            "  chain forward {{\n    type filter hook forward priority filter - 5; policy accept;\n    \
+             iifname {{ {} }} ip daddr @guarded ip daddr != @cluster ip saddr != @decided counter drop\n  }}\n",
+            patterns.join(", ")
+        ));
+    }
     // Replies of tunnelled flows get the tunnel and reply bits (the reply rule sends them into
     // the tunnel); every other bit of their mark stays as it is.
     s.push_str(&format!(
@@ -424,7 +496,7 @@ mod tests {
             ("192.0.2.101".parse().unwrap(), BTreeSet::from([1, 3])),
             ("192.0.2.102".parse().unwrap(), BTreeSet::from([2])),
         ]);
-        let r = ruleset(&snat, &MarkLayout::default());
+        let r = ruleset(&snat, &MarkLayout::default(), &Backstop::default());
         assert!(
             r.contains("meta mark & 0xff { 0x1, 0x3 } snat ip to 192.0.2.101"),
             "{r}"
@@ -439,13 +511,51 @@ mod tests {
         assert_eq!(r.matches("snat ip to").count(), 2);
         // Another layout: the ids where the layout puts them.
         let shifted = MarkLayout::new(0x00ff_0000, 0x100, 0x200).unwrap();
-        assert!(ruleset(&snat, &shifted).contains("meta mark & 0xff0000 { 0x20000 } snat ip to 192.0.2.102"));
+        assert!(
+            ruleset(&snat, &shifted, &Backstop::default())
+                .contains("meta mark & 0xff0000 { 0x20000 } snat ip to 192.0.2.102")
+        );
+    }
+
+    #[test]
+    fn the_backstop_drops_undecided_pods_to_guarded_destinations_outside_the_cluster() {
+        let old = Backstop {
+            pod_interfaces: vec!["veth*".into(), "cali*".into()],
+            guarded: BTreeSet::from(["203.0.113.0/24".parse().unwrap()]),
+            cluster: BTreeSet::from(["10.244.0.0/16".parse().unwrap()]),
+            decided: BTreeSet::from(["10.244.2.10".parse().unwrap(), "10.244.2.11".parse().unwrap()]),
+        };
+        let new = Backstop {
+            guarded: BTreeSet::from(["0.0.0.0/0".parse().unwrap()]),
+            decided: BTreeSet::from(["10.244.2.11".parse().unwrap(), "10.244.2.12".parse().unwrap()]),
+            ..old.clone()
+        };
+        // While moving: both guards, and only the pods both plans decided on.
+        let moving = old.during_move_to(&new);
+        assert_eq!(moving.guarded.len(), 2);
+        assert_eq!(moving.decided, BTreeSet::from(["10.244.2.11".parse().unwrap()]));
+        let r = ruleset(&BTreeMap::new(), &MarkLayout::default(), &moving);
+        assert!(r.contains("set guarded { type ipv4_addr; flags interval; auto-merge; elements = { 0.0.0.0/0, 203.0.113.0/24 } }"), "{r}");
+        assert!(
+            r.contains("set decided { type ipv4_addr; elements = { 10.244.2.11 } }"),
+            "{r}"
+        );
+        assert!(
+            r.contains(
+                "iifname { \"veth*\", \"cali*\" } ip daddr @guarded ip daddr != @cluster ip saddr != @decided counter drop"
+            ),
+            "{r}"
+        );
+        assert_eq!(rules_per_chain(&r)["forward"], 1);
+        // No guard: no backstop chain at all.
+        let none = ruleset(&BTreeMap::new(), &MarkLayout::default(), &Backstop::default());
+        assert!(!none.contains("forward"), "{none}");
     }
 
     #[test]
     fn a_table_missing_a_rule_or_dormant_is_not_the_one_applied() {
         let snat = BTreeMap::from([("192.0.2.101".parse().unwrap(), BTreeSet::from([1]))]);
-        let r = ruleset(&snat, &MarkLayout::default());
+        let r = ruleset(&snat, &MarkLayout::default(), &Backstop::default());
         assert_eq!(
             rules_per_chain(&r),
             BTreeMap::from([("prerouting", 1), ("postrouting", 3)]),
@@ -472,7 +582,11 @@ mod tests {
         };
         assert!(!dormant.has_the_shape_of(&r));
         assert!(
-            !held.has_the_shape_of(&ruleset(&BTreeMap::new(), &MarkLayout::default())),
+            !held.has_the_shape_of(&ruleset(
+                &BTreeMap::new(),
+                &MarkLayout::default(),
+                &Backstop::default()
+            )),
             "another plan's table"
         );
     }

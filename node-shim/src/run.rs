@@ -175,6 +175,8 @@ pub struct Agent {
     /// Sluice's nftables table, as last applied.
     nft: nat::Guard,
     snat: BTreeMap<Ipv4Addr, BTreeSet<u32>>,
+    /// The no-leak guard's nftables backstop, as last applied.
+    backstop: nat::Backstop,
     /// Egress routing tables (table -> interface) and rules (policy id, table) in place.
     egress_tables: BTreeMap<u32, String>,
     egress_rules: BTreeSet<(u32, u32)>,
@@ -273,6 +275,7 @@ impl Agent {
             tunnel_ifindex: 0,
             nft: nat::Guard::default(),
             snat: BTreeMap::new(),
+            backstop: nat::Backstop::default(),
             egress_tables: BTreeMap::new(),
             egress_rules: BTreeSet::new(),
             egress_routes: BTreeMap::new(),
@@ -611,7 +614,18 @@ impl Agent {
         for (ip, ids) in &want.snat {
             union.entry(*ip).or_default().extend(ids);
         }
-        self.apply_nft(&union)?;
+        let guard = guard_contents(guard.as_ref());
+        let backstop = nat::Backstop {
+            pod_interfaces: self.opts.pod_interfaces.clone(),
+            guarded: guard.destinations.iter().map(|n| n.trunc()).collect(),
+            cluster: own_cluster_cidrs(&self.opts, &planned_cluster)
+                .iter()
+                .map(|n| n.trunc())
+                .collect(),
+            decided: guard.pods.keys().map(|ip| maps::from_be(*ip)).collect(),
+        };
+        let moving = self.backstop.during_move_to(&backstop);
+        self.apply_nft(&union, &moving)?;
         let reply_table = self.opts.reply_table;
         let want_tables: BTreeMap<u32, String> = want
             .egress_routes
@@ -633,7 +647,6 @@ impl Agent {
         }
         // The guard's destinations may only grow before the entries change: a pod the plan
         // has not decided on yet never gets a moment with the normal path.
-        let guard = guard_contents(guard.as_ref());
         sync_lpm(
             &mut self.dp.maps.guarded,
             maps::GUARDED_V4,
@@ -745,8 +758,9 @@ impl Agent {
         for id in gone {
             let _ = self.dp.maps.policy_stats.remove(&id);
         }
-        self.apply_nft(&want.snat)?;
+        self.apply_nft(&want.snat, &backstop)?;
         self.snat = want.snat;
+        self.backstop = backstop;
         let gone = egress_route::sync_rules(reply_table, &self.opts.marks, &want_rules, true)?;
         for table in gone.iter().chain(self.egress_tables.keys()) {
             if !want_tables.contains_key(table) {
@@ -774,8 +788,12 @@ impl Agent {
         Ok(())
     }
 
-    fn apply_nft(&mut self, snat: &BTreeMap<Ipv4Addr, BTreeSet<u32>>) -> Result<()> {
-        self.nft.apply(nat::ruleset(snat, &self.opts.marks))
+    fn apply_nft(
+        &mut self,
+        snat: &BTreeMap<Ipv4Addr, BTreeSet<u32>>,
+        backstop: &nat::Backstop,
+    ) -> Result<()> {
+        self.nft.apply(nat::ruleset(snat, &self.opts.marks, backstop))
     }
 
     /// Puts back what someone else removed or changed of Sluice's kernel state: the nftables

@@ -495,6 +495,56 @@ fn entries_of_an_older_shim_are_moved_into_the_new_maps_before_any_program_chang
 }
 
 #[test]
+fn a_new_pod_the_datapath_is_not_attached_to_yet_cannot_leak() {
+    let Some(mut c) = cluster("not_attached_yet") else {
+        return;
+    };
+    // p2 is selected (Drop); the guard covers the policy's destinations, and n2's decided pods
+    // are p2 and p3.
+    let mut plan = c.plan(&[policy_a("p2")]);
+    for node in plan["nodes"].as_array_mut().unwrap() {
+        let decided: Vec<&str> = if node["name"] == "n2" {
+            vec![c.pod("p2").1, c.pod("p3").1]
+        } else {
+            vec![]
+        };
+        node["guard"] = serde_json::json!({"destinations": ["203.0.113.0/24"], "decidedPods": decided});
+    }
+    c.try_apply_plan(&serde_json::to_vec(&plan).unwrap(), Duration::from_secs(20))
+        .unwrap();
+    assert_eq!(c.fetch("p2", EXT_A).unwrap(), EGRESS_N1);
+
+    // The shim of n2 frozen: a pod created now has no program on its interface, as in the
+    // milliseconds between a CNI creating a veth and the shim attaching to it.
+    let pid = nix::unistd::Pid::from_raw(c.pid("shim-n2").unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    c.add_pod("p4", "n2", "10.244.2.12");
+    let leaked = c.fetch("p4", EXT_A);
+    // Other destinations are not guarded: the normal path.
+    let unguarded = c.fetch("p4", EXT_B);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(
+        leaked.is_err(),
+        "a pod the datapath is not attached to left as {leaked:?}"
+    );
+    assert_eq!(unguarded.unwrap(), c.node_ip("n2"));
+
+    // Decided (not selected), it takes the normal path to the guarded destination too.
+    for node in plan["nodes"].as_array_mut().unwrap() {
+        if node["name"] == "n2" {
+            node["guard"]["decidedPods"]
+                .as_array_mut()
+                .unwrap()
+                .push("10.244.2.12".into());
+        }
+    }
+    c.try_apply_plan(&serde_json::to_vec(&plan).unwrap(), Duration::from_secs(20))
+        .unwrap();
+    assert_eq!(c.fetch("p4", EXT_A).unwrap(), c.node_ip("n2"));
+    assert_eq!(c.fetch("p2", EXT_A).unwrap(), EGRESS_N1);
+}
+
+#[test]
 fn pods_created_and_deleted_later_are_followed() {
     let Some(mut c) = cluster("pods_created_later") else {
         return;

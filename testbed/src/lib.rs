@@ -467,6 +467,11 @@ impl Testbed {
         let _ = child.wait();
     }
 
+    /// The pid of the process started as `name`, while the testbed holds it.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.procs.get(name).map(Child::id)
+    }
+
     /// Whether the process started as `name` is still running.
     pub fn is_running(&mut self, name: &str) -> bool {
         self.procs
