@@ -335,7 +335,7 @@ async fn run_session(
     live: Arc<LiveSessions>,
     session: u64,
     hello: v1::Hello,
-    mut inbound: Streaming<ShimMessage>,
+    inbound: Streaming<ShimMessage>,
     tx: mpsc::Sender<Result<v1::OperatorMessage, Status>>,
     chunk_budget: usize,
 ) {
@@ -358,7 +358,17 @@ async fn run_session(
     let interval = hub.heartbeat_interval;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_heard = Instant::now();
+    // The shim's messages are read by a task of their own: building and sending a large plan
+    // never keeps its heartbeats (its liveness) waiting.
+    let last_heard = Arc::new(Mutex::new(Instant::now()));
+    let mut reader = tokio::spawn(read_shim(
+        inbound,
+        hub.clone(),
+        node.clone(),
+        session,
+        last_heard.clone(),
+        tx.clone(),
+    ));
     let mut sent: Option<Arc<NodeView>> = None;
     // The rest of the plan or delta being sent. Its chunks go out before any newer view: the
     // shim takes none of it until the last, and a chunk of anything else in between would be a
@@ -366,8 +376,7 @@ async fn run_session(
     let mut sending: Option<Chunks> = None;
     let reason = loop {
         tokio::select! {
-            // The ticker last: a shim is silent only when none of its messages is waiting (after
-            // a long send, its heartbeats are read before silence is judged).
+            // The ticker last: a shim is silent only when nothing else is ready.
             biased;
             by = &mut replaced => {
                 let _ = tx.try_send(Err(Status::aborted("a newer session of this node replaced this one")));
@@ -375,6 +384,9 @@ async fn run_session(
                     Ok(by) => format!("replaced by session {by}"),
                     Err(_) => "server stopped".to_owned(),
                 };
+            }
+            end = &mut reader => {
+                break end.unwrap_or_else(|e| format!("reading the stream failed: {e}"));
             }
             changed = views.changed(), if !unsent => {
                 if changed.is_err() {
@@ -387,7 +399,8 @@ async fn run_session(
                 if sending.is_none() {
                     unsent = false;
                     let Some(view) = views.borrow_and_update().clone() else { continue };
-                    let Some(whole) = message_for(sent.as_deref(), &view, interval) else { continue };
+                    let work = entries_to_build(sent.as_deref(), &view);
+                    let Some(whole) = off_the_workers(work, || message_for(sent.as_deref(), &view, interval)) else { continue };
                     sending = Some(Chunks::new(whole, chunk_budget));
                     sent = Some(view);
                 }
@@ -400,25 +413,8 @@ async fn run_session(
                 }
                 permit.send(Ok(chunk.into()));
             }
-            msg = inbound.message() => {
-                last_heard = Instant::now();
-                match msg {
-                    Ok(Some(ShimMessage { message: Some(shim_message::Message::Ack(ack)) })) => {
-                        hub.report(ShimEvent::Ack { node: node.clone(), session, generation: ack.generation, errors: entry_errors(&ack) });
-                    }
-                    Ok(Some(ShimMessage { message: Some(shim_message::Message::Heartbeat(_)) })) => {
-                        hub.heard(session, last_heard);
-                    }
-                    Ok(Some(_)) => {
-                        let _ = tx.send(Err(Status::invalid_argument("unexpected message"))).await;
-                        break "unexpected message".to_owned();
-                    }
-                    Ok(None) => break "shim closed the stream".to_owned(),
-                    Err(e) => break format!("stream error: {}", e.message()),
-                }
-            }
             _ = ticker.tick() => {
-                if last_heard.elapsed() > (interval * 4).max(Duration::from_secs(1)) {
+                if last_heard.lock().expect("last heard").elapsed() > (interval * 4).max(Duration::from_secs(1)) {
                     break "shim silent".to_owned();
                 }
                 let hb = v1::OperatorMessage { message: Some(operator_message::Message::Heartbeat(v1::Heartbeat { sent_unix_ms: 0 })) };
@@ -427,9 +423,69 @@ async fn run_session(
             }
         }
     };
+    reader.abort();
     live.release(&node, session);
     tracing::info!(%node, session, %reason, "session ended");
     hub.report(ShimEvent::Disconnected { node, session });
+}
+
+/// Reads what the shim sends until the stream ends (or is unusable), and says why it ended.
+async fn read_shim(
+    mut inbound: Streaming<ShimMessage>,
+    hub: Arc<Hub>,
+    node: String,
+    session: u64,
+    last_heard: Arc<Mutex<Instant>>,
+    tx: mpsc::Sender<Result<v1::OperatorMessage, Status>>,
+) -> String {
+    loop {
+        let msg = inbound.message().await;
+        let now = Instant::now();
+        *last_heard.lock().expect("last heard") = now;
+        match msg {
+            Ok(Some(ShimMessage {
+                message: Some(shim_message::Message::Ack(ack)),
+            })) => {
+                hub.report(ShimEvent::Ack {
+                    node: node.clone(),
+                    session,
+                    generation: ack.generation,
+                    errors: entry_errors(&ack),
+                });
+            }
+            Ok(Some(ShimMessage {
+                message: Some(shim_message::Message::Heartbeat(_)),
+            })) => hub.heard(session, now),
+            Ok(Some(_)) => {
+                let _ = tx.send(Err(Status::invalid_argument("unexpected message"))).await;
+                return "unexpected message".to_owned();
+            }
+            Ok(None) => return "shim closed the stream".to_owned(),
+            Err(e) => return format!("stream error: {}", e.message()),
+        }
+    }
+}
+
+/// Runs `f`, which handles `entries` entries: when they are many (the plan of a node with a
+/// million entries takes about a second), without holding up the other sessions of this worker
+/// thread, whose shims' heartbeats must still be read in time.
+fn off_the_workers<T>(entries: usize, f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    const MANY: usize = 10_000;
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) if entries >= MANY => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// How many entries [`message_for`] goes through.
+fn entries_to_build(sent: Option<&NodeView>, view: &NodeView) -> usize {
+    match sent {
+        None => view.entries.len(),
+        Some(s) if s.generation == view.generation => 0,
+        Some(s) if s.generation == view.base => view.delta.upserts.len() + view.delta.removals.len(),
+        Some(s) => s.entries.len() + view.entries.len(),
+    }
 }
 
 /// What to send a shim that was last sent `sent` so that it holds `view` (whole: the session

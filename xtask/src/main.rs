@@ -84,6 +84,9 @@ enum Command {
         /// Repeatable.
         #[arg(long = "compare", value_name = "LABEL=PATH")]
         compare: Vec<idle::Operator>,
+        /// The operators' `--heartbeat-grace` in milliseconds (the simulated shims follow it).
+        #[arg(long, default_value_t = 1000)]
+        grace_ms: u64,
         /// Also run case a with the real shims in the network-namespace testbed (root), and
         /// measure them too.
         #[arg(long)]
@@ -144,8 +147,9 @@ fn run(cli: Cli) -> Result<()> {
             cases,
             window,
             compare,
+            grace_ms,
             shims,
-        } => bench_idle(&cases, window, compare, shims),
+        } => bench_idle(&cases, window, compare, grace_ms, shims),
         Command::E2eCluster {
             namespace,
             release,
@@ -289,8 +293,21 @@ fn bench_datapath(variants: &str, no_record: bool) -> Result<()> {
     Ok(())
 }
 
-fn bench_idle(cases: &str, window: u64, compare: Vec<idle::Operator>, shims: bool) -> Result<()> {
+fn bench_idle(
+    cases: &str,
+    window: u64,
+    compare: Vec<idle::Operator>,
+    grace_ms: u64,
+    shims: bool,
+) -> Result<()> {
     let cases = idle::choose(cases)?;
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "note: the simulated shims run in this process, unoptimized: decoding large plans \
+             costs them (and the machine) far more than it should; run \
+             `cargo run --locked --release -p xtask -- bench-idle` for the published numbers"
+        );
+    }
     if shims {
         deps::ensure(deps::DATAPATH)?;
         if !deps::is_root() {
@@ -325,7 +342,11 @@ fn bench_idle(cases: &str, window: u64, compare: Vec<idle::Operator>, shims: boo
     let machine = bench::machine();
     let started = std::time::Instant::now();
     let window = std::time::Duration::from_secs(window);
-    let mut table = idle::run(&operators, &cases, window, &scratch)?;
+    let at_rest = idle::AtRest {
+        window,
+        grace: std::time::Duration::from_millis(grace_ms),
+    };
+    let mut table = idle::run(&operators, &cases, at_rest, &scratch)?;
     if shims {
         table.push('\n');
         table += &idle::run_with_shims(
