@@ -238,9 +238,15 @@ pub fn desired(
             GatewayTarget::Fallback => value.kind = maps::KIND_FALLBACK,
             GatewayTarget::Excluded => value.kind = maps::KIND_EXCLUDED,
             GatewayTarget::Node(IpAddr::V6(_)) => {
+                // A gateway reachable only over IPv6 (an IPv6 underlay, not steered yet): the
+                // same fail-closed rule as IPv6 entries, so a Drop policy's traffic never leaves
+                // with the node's address.
                 out.skipped_ipv6 += 1;
                 out.entry_errors.push(problem(IPV6_UNSUPPORTED.to_owned()));
-                continue;
+                if !guarded.contains(&entry.destination) {
+                    continue;
+                }
+                value.kind = maps::KIND_NONE;
             }
             GatewayTarget::Node(IpAddr::V4(gateway)) => {
                 value.kind = maps::KIND_GATEWAY;
@@ -612,5 +618,18 @@ mod tests {
             .policy_id;
         assert_eq!(d.names[&drop_id].as_str(), "drop");
         assert!(d.policy.is_empty(), "nothing IPv6 in the IPv4 maps");
+
+        // An IPv4 entry whose gateway has only an IPv6 address: dropped under Drop, the normal
+        // path under Fallback, reported either way.
+        let guarded: Vec<IpNet> = vec!["203.0.113.0/24".parse().unwrap()];
+        let entries = [
+            entry("10.244.1.10", "203.0.113.0/24", "fd00::12", None, "drop"),
+            entry("10.244.1.10", "198.51.100.0/24", "fd00::12", None, "fallback"),
+        ];
+        let d = desired(&entries, &guarded, &host(), &mut PolicyIds::default()).unwrap();
+        let key = PolicyKeyV4::new("10.244.1.10".parse().unwrap(), "203.0.113.0/24".parse().unwrap());
+        assert_eq!(d.policy[&key].kind, maps::KIND_NONE);
+        assert_eq!(d.policy.len(), 1);
+        assert_eq!(d.entry_errors.len(), 2);
     }
 }
