@@ -180,7 +180,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__type(key, struct sluice_entry_key_v6);
 	__type(value, struct sluice_entry_v6);
-	__uint(max_entries, 262144);
+	__uint(max_entries, SLUICE_ENTRIES_V6_MAX);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sluice_entries_v6 SEC(".maps");
@@ -246,10 +246,10 @@ static __always_inline void count_policy(__u32 policy_id, __u32 len)
 	c->bytes += len;
 }
 
-/* Makes the Ethernet + IPv4 headers readable; returns the IPv4 header or NULL. */
-static __always_inline struct iphdr *ipv4_header(struct __sk_buff *skb)
+/* Makes the first `need` bytes of the packet readable (pulling them into the linear part when
+ * they are not); returns the start of the packet or NULL. */
+static __always_inline void *readable(struct __sk_buff *skb, __u32 need)
 {
-	const __u32 need = sizeof(struct ethhdr) + sizeof(struct iphdr);
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 
@@ -261,7 +261,16 @@ static __always_inline struct iphdr *ipv4_header(struct __sk_buff *skb)
 		if (data + need > data_end)
 			return NULL;
 	}
-	struct ethhdr *eth = data;
+	return data;
+}
+
+/* Makes the Ethernet + IPv4 headers readable; returns the IPv4 header or NULL. */
+static __always_inline struct iphdr *ipv4_header(struct __sk_buff *skb)
+{
+	struct ethhdr *eth = readable(skb, sizeof(struct ethhdr) + sizeof(struct iphdr));
+
+	if (!eth)
+		return NULL;
 
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return NULL;
@@ -489,18 +498,10 @@ static __always_inline int source_belongs_to_interface(struct __sk_buff *skb, st
  */
 static __always_inline int from_pod_v6(struct __sk_buff *skb)
 {
-	const __u32 need = sizeof(struct ethhdr) + sizeof(struct ipv6hdr);
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
+	void *data = readable(skb, sizeof(struct ethhdr) + sizeof(struct ipv6hdr));
 
-	if (data + need > data_end) {
-		if (skb->len < need || bpf_skb_pull_data(skb, need) < 0)
-			return SLUICE_PASS;
-		data = (void *)(long)skb->data;
-		data_end = (void *)(long)skb->data_end;
-		if (data + need > data_end)
-			return SLUICE_PASS;
-	}
+	if (!data)
+		return SLUICE_PASS;
 	struct ipv6hdr *ip6 = data + sizeof(struct ethhdr);
 	struct sluice_cidr_key_v6 dst = { .prefixlen = 128 };
 

@@ -251,6 +251,9 @@ struct sluice_entry_key_v6 {
 	__u8 daddr[16];
 };
 
+/* Capacity of sluice_entries_v6 (a plan with more IPv6 entries is refused whole). */
+#define SLUICE_ENTRIES_V6_MAX 262144
+
 /* sluice_entry_v6.action */
 /* A Drop policy's destination: dropped (and counted) until IPv6 is steered. */
 #define SLUICE_V6_DROP 1

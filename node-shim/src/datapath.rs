@@ -453,14 +453,14 @@ impl Default for Capacity {
 
 /// The map of entries before they were split into sources and destinations (one LPM trie keyed
 /// by (source, destination prefix)).
-const LEGACY_POLICY_V4: &str = "sluice_policy_v4";
+pub const LEGACY_POLICY_V4: &str = "sluice_policy_v4";
 
-/// The data part of the legacy map's key.
+/// The data part of the legacy map's key (public for the upgrade test, which pins one).
 #[derive(Clone, Copy, Debug)]
 #[repr(C)]
-struct LegacyAddrsV4 {
-    saddr: u32,
-    daddr: u32,
+pub struct LegacyAddrsV4 {
+    pub saddr: u32,
+    pub daddr: u32,
 }
 
 #[allow(

@@ -276,39 +276,29 @@ impl Layout {
     /// `destinations` entries at every step of the move (new groups are written before old ones
     /// are deleted, so both are held for a moment). `Err` names the map that does not fit.
     pub fn fits(&self, next: &Layout, sources: u32, destinations: u32) -> Result<(), MapFull> {
-        let need_sources = held_while_moving(&self.sources, &next.sources);
-        let need_destinations = held_while_moving(&self.destinations, &next.destinations);
-        if need_sources > sources as usize {
-            return Err(MapFull {
-                map: maps::SOURCES_V4,
-                needed: need_sources,
-                capacity: sources,
-                flag: "--source-map-max",
-            });
-        }
-        let need_slots = held_while_moving(&self.slots, &next.slots);
-        if need_slots > HELD_SLOTS_MAX as usize {
-            return Err(MapFull {
-                map: maps::HELD_SLOTS_V4,
-                needed: need_slots,
-                capacity: HELD_SLOTS_MAX,
-                flag: "fewer gateway slots",
-            });
-        }
-        if need_destinations > destinations as usize {
-            return Err(MapFull {
-                map: maps::DESTINATIONS_V4,
-                needed: need_destinations,
-                capacity: destinations,
-                flag: "--policy-map-max",
-            });
-        }
-        Ok(())
+        MapFull::check(
+            maps::SOURCES_V4,
+            held_while_moving(&self.sources, &next.sources),
+            sources,
+            "--source-map-max",
+        )?;
+        MapFull::check(
+            maps::HELD_SLOTS_V4,
+            held_while_moving(&self.slots, &next.slots),
+            HELD_SLOTS_MAX,
+            "fewer gateway slots",
+        )?;
+        MapFull::check(
+            maps::DESTINATIONS_V4,
+            held_while_moving(&self.destinations, &next.destinations),
+            destinations,
+            "--policy-map-max",
+        )
     }
 }
 
 /// Entries a map holds at its fullest while moving from `from` to `to` (upserts come first).
-fn held_while_moving<K: Ord, V>(from: &BTreeMap<K, V>, to: &BTreeMap<K, V>) -> usize {
+pub fn held_while_moving<K: Ord, V>(from: &BTreeMap<K, V>, to: &BTreeMap<K, V>) -> usize {
     from.len() + to.keys().filter(|k| !from.contains_key(*k)).count()
 }
 
@@ -323,6 +313,21 @@ pub struct MapFull {
     pub needed: usize,
     pub capacity: u32,
     pub flag: &'static str,
+}
+
+impl MapFull {
+    /// `Err` when `needed` entries do not fit `map`'s `capacity`; `flag` says what to raise.
+    pub fn check(map: &'static str, needed: usize, capacity: u32, flag: &'static str) -> Result<(), MapFull> {
+        if needed > capacity as usize {
+            return Err(MapFull {
+                map,
+                needed,
+                capacity,
+                flag,
+            });
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

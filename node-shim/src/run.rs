@@ -20,7 +20,7 @@ use crate::{
     desired::{self, Host, PolicyIds},
     egress_route,
     error::{Error, Result},
-    layout::Layout,
+    layout::{Layout, MapFull, held_while_moving},
     maps::{self, CidrKeyV4, Config, PolicyName},
     metrics::Metrics,
     nat, netdev,
@@ -568,7 +568,18 @@ impl Agent {
                 message: o.message(),
             }));
         let capacity = self.opts.capacity;
-        if let Err(full) = self.layout.fits(&next, capacity.sources, capacity.destinations) {
+        let fits = self
+            .layout
+            .fits(&next, capacity.sources, capacity.destinations)
+            .and_then(|()| {
+                MapFull::check(
+                    maps::ENTRIES_V6,
+                    held_while_moving(&self.entries_v6, &want.v6),
+                    maps::ENTRIES_V6_MAX,
+                    "fewer IPv6 entries",
+                )
+            });
+        if let Err(full) = fits {
             // All or nothing: the node keeps the entries it has, and says so per policy.
             tracing::error!(error = %full, "plan refused");
             self.plans_refused += 1;
@@ -593,12 +604,8 @@ impl Agent {
 
         // 0. The in-cluster set first: an entry of the new plan never catches in-cluster traffic
         //    the plan itself says is in-cluster.
-        sync_lpm(
-            &mut self.dp.maps.cluster,
-            maps::CLUSTER_V4,
-            &own_cluster_cidrs(&self.opts, &planned_cluster),
-            true,
-        )?;
+        let cluster_v4 = own_cluster_cidrs(&self.opts, &planned_cluster);
+        sync_lpm(&mut self.dp.maps.cluster, maps::CLUSTER_V4, &cluster_v4, true)?;
         let cluster_v6: Vec<ipnet::Ipv6Net> = planned_cluster
             .iter()
             .filter_map(|c| match c {
@@ -618,10 +625,7 @@ impl Agent {
         let backstop = nat::Backstop {
             pod_interfaces: self.opts.pod_interfaces.clone(),
             guarded: guard.destinations.iter().map(|n| n.trunc()).collect(),
-            cluster: own_cluster_cidrs(&self.opts, &planned_cluster)
-                .iter()
-                .map(|n| n.trunc())
-                .collect(),
+            cluster: cluster_v4.iter().map(|n| n.trunc()).collect(),
             decided: guard.pods.keys().map(|ip| maps::from_be(*ip)).collect(),
         };
         let moving = self.backstop.during_move_to(&backstop);

@@ -13,7 +13,7 @@ use std::{
 
 use ipnet::Ipv4Net;
 use sluice_shim::{
-    datapath::{Capacity, Datapath, DestinationStore},
+    datapath::{Capacity, Datapath, DestinationStore, LEGACY_POLICY_V4, LegacyAddrsV4},
     layout::Layout,
     maps::{self, EntryValueV4, PolicyKeyV4},
     sync,
@@ -424,20 +424,6 @@ fn a_plan_that_does_not_fit_the_maps_is_refused_whole_and_the_node_keeps_its_ent
     assert_eq!(c.fetch("p2", EXT_A).unwrap(), EGRESS_N1);
 }
 
-/// The data part of the key of the entries map before sources and destinations (an older shim).
-#[derive(Clone, Copy)]
-#[repr(C)]
-struct LegacyAddrsV4 {
-    saddr: u32,
-    daddr: u32,
-}
-
-#[allow(
-    unsafe_code,
-    reason = "aya::Pod is an unsafe marker trait; plain data without padding"
-)]
-unsafe impl aya::Pod for LegacyAddrsV4 {}
-
 #[test]
 fn entries_of_an_older_shim_are_moved_into_the_new_maps_before_any_program_changes() {
     let Some(c) = cluster("legacy_entries") else {
@@ -453,8 +439,8 @@ fn entries_of_an_older_shim_are_moved_into_the_new_maps_before_any_program_chang
         1024,
         1, // BPF_F_NO_PREALLOC
     );
-    let data = aya::maps::MapData::create(obj, "sluice_policy_v4", None).expect("creates the legacy map");
-    data.pin(dir.join("sluice_policy_v4")).unwrap();
+    let data = aya::maps::MapData::create(obj, LEGACY_POLICY_V4, None).expect("creates the legacy map");
+    data.pin(dir.join(LEGACY_POLICY_V4)).unwrap();
     let mut trie: aya::maps::LpmTrie<_, LegacyAddrsV4, EntryValueV4> =
         aya::maps::Map::from_map_data(data).unwrap().try_into().unwrap();
     let mut entries = BTreeMap::new();
@@ -485,7 +471,7 @@ fn entries_of_an_older_shim_are_moved_into_the_new_maps_before_any_program_chang
     let dp = Datapath::load(&dir, Capacity::default()).expect("loads over the older shim's maps");
     assert_eq!(dp.maps.layout().unwrap().expand(), entries);
     assert!(
-        !dir.join("sluice_policy_v4").exists(),
+        !dir.join(LEGACY_POLICY_V4).exists(),
         "the legacy map is unpinned once moved"
     );
     drop(dp);
