@@ -38,7 +38,7 @@ pub const CONDITION_PROGRAMMED: &str = "Programmed";
     status = "EgressGatewayPolicyStatus",
     printcolumn = r#"{"name":"Gateways","type":"string","jsonPath":".status.gateways[*].node"}"#,
     printcolumn = r#"{"name":"Egress IPs","type":"string","jsonPath":".status.gateways[*].egressIP"}"#,
-    printcolumn = r#"{"name":"Endpoints","type":"integer","jsonPath":".status.matchedEndpoints"}"#,
+    printcolumn = r#"{"name":"Endpoints","type":"integer","description":"Pods the policy selects: 0 means its selectors match no pod, and it steers nothing","jsonPath":".status.matchedEndpoints"}"#,
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status","priority":1}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Programmed\")].status"}"#,
     printcolumn = r#"{"name":"Failure Policy","type":"string","description":"What matched traffic does without a usable gateway; empty means Drop","jsonPath":".spec.failurePolicy","priority":1}"#,

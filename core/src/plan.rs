@@ -3,7 +3,7 @@
 //! The JSON form is a stable interface (documented in `docs/plan-format.md`): fields are only
 //! ever added, never renamed or removed, within `v1alpha1`.
 
-use std::{fmt, net::IpAddr, str::FromStr};
+use std::{fmt, net::IpAddr, str::FromStr, sync::Arc};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -28,7 +28,7 @@ impl PlanDocument {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodePlanDoc {
     pub name: String,
-    pub entries: Vec<EntryDoc>,
+    pub entries: Vec<EgressEntry>,
     /// What this node serves as a gateway (empty when it is no policy's gateway), so that its
     /// shim can prepare egress addresses and interfaces before the first packet arrives.
     #[serde(default)]
@@ -58,46 +58,56 @@ pub struct Guard {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct GatewayDuty {
-    pub policy: String,
+    pub policy: Arc<str>,
     /// The IPv4 and IPv6 source addresses to leave with, when known.
     #[serde(rename = "egressIPs", default)]
     pub egress_ips: Vec<IpAddr>,
     /// The interface to leave by; `null` means the default-route interface (or the one holding
     /// the egress IP).
-    pub interface: Option<String>,
+    pub interface: Option<Arc<str>>,
 }
 
-/// One datapath entry: traffic from `source` to `destination` goes to `gateway`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct EntryDoc {
+/// The key of a datapath entry: source IP (exact) and destination prefix (longest match).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct EntryKey {
     /// The pod IP (exact match).
     pub source: IpAddr,
     /// The destination prefix (longest prefix wins).
     pub destination: IpNet,
+}
+
+/// One datapath entry: traffic from `source` to `destination` goes to `gateway`. The one entry
+/// type from the planner to the map writer: the planner makes it, the plan document and the
+/// wire carry it, the shim turns it into map keys and values.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressEntry {
+    #[serde(flatten)]
+    pub key: EntryKey,
     pub gateway: GatewayTarget,
     /// Set only on the gateway node's own entries: the address to SNAT to, when known.
     #[serde(rename = "egressIP")]
     pub egress_ip: Option<IpAddr>,
     /// Set only on the gateway node's own entries: the interface to leave by, when the policy
     /// names one (or the shim must find the default-route interface: `null` with no egress IP).
-    pub interface: Option<String>,
+    pub interface: Option<Arc<str>>,
     /// Set only on the gateway node's entries for pods of other nodes: the underlay address of
     /// the pod's node. The gateway accepts tunnelled packets of this (source, destination) from
     /// that address only; absent, it accepts them from nowhere.
     #[serde(rename = "sourceNodeIP", default, skip_serializing_if = "Option::is_none")]
     pub source_node_ip: Option<IpAddr>,
     /// For entries steering to a gateway: the policy's gateway entry and the slot of it the
-    /// gateway fills (what a shim reports holding to a new leader).
+    /// gateway fills. Both nodes keep it in their datapath, so that after an operator restart
+    /// what the datapath holds tells the new leader who fills which slot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gateway_slot: Option<GatewaySlotDoc>,
+    pub gateway_slot: Option<GatewaySlotRef>,
     /// The policy this entry comes from.
-    pub policy: String,
+    pub policy: Arc<str>,
 }
 
 /// A gateway entry of a policy (index in its list) and one of its slots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct GatewaySlotDoc {
+pub struct GatewaySlotRef {
     pub entry: u32,
     pub slot: u32,
 }
@@ -215,9 +225,11 @@ mod tests {
 
     #[test]
     fn entry_uses_the_documented_field_names() {
-        let e = EntryDoc {
-            source: "10.0.0.1".parse().unwrap(),
-            destination: "1.1.1.0/24".parse().unwrap(),
+        let e = EgressEntry {
+            key: EntryKey {
+                source: "10.0.0.1".parse().unwrap(),
+                destination: "1.1.1.0/24".parse().unwrap(),
+            },
             gateway: GatewayTarget::Node("192.168.1.1".parse().unwrap()),
             egress_ip: Some("192.168.101.1".parse().unwrap()),
             interface: None,
@@ -231,7 +243,7 @@ mod tests {
             serde_json::json!({"source": "10.0.0.1", "destination": "1.1.1.0/24",
                 "gateway": "192.168.1.1", "egressIP": "192.168.101.1", "interface": null, "policy": "p"})
         );
-        let e = EntryDoc {
+        let e = EgressEntry {
             source_node_ip: Some("192.168.1.2".parse().unwrap()),
             ..e
         };

@@ -3,9 +3,7 @@
 
 use std::fmt::Write as _;
 
-use crate::plan::{
-    EntryDoc, GatewayDuty as DutyDoc, GatewayReport, NodePlanDoc, PlanDocument, PolicyConflict, PolicyReport,
-};
+use crate::plan::{GatewayReport, NodePlanDoc, PlanDocument, PolicyConflict, PolicyReport};
 
 use crate::{
     planner::{GatewayDiagnosis, Planner, PolicyOutcome},
@@ -24,32 +22,9 @@ pub fn document(planner: &Planner) -> PlanDocument {
                 destinations: planner.guarded_destinations(),
                 decided_pods: planner.decided_pod_ips(&name),
             }),
-            serves: planner
-                .gateway_duties(&name)
-                .into_iter()
-                .map(|d| DutyDoc {
-                    policy: d.policy.to_string(),
-                    egress_ips: d.egress_ips,
-                    interface: d.interface.map(|i| i.to_string()),
-                })
-                .collect(),
+            serves: planner.gateway_duties(&name),
             name: name.to_string(),
-            entries: entries
-                .into_values()
-                .map(|e| EntryDoc {
-                    source: e.key.source,
-                    destination: e.key.destination,
-                    gateway: e.gateway,
-                    egress_ip: e.egress_ip,
-                    interface: e.interface.map(|i| i.to_string()),
-                    source_node_ip: e.source_node_ip,
-                    gateway_slot: e.gateway_slot.map(|(entry, slot)| crate::plan::GatewaySlotDoc {
-                        entry: entry as u32,
-                        slot: slot as u32,
-                    }),
-                    policy: e.policy.to_string(),
-                })
-                .collect(),
+            entries: entries.into_values().collect(),
         })
         .collect();
     let policies = planner
@@ -155,12 +130,12 @@ pub fn table(doc: &PlanDocument) -> String {
         for e in &node.entries {
             rows.push(vec![
                 node.name.clone(),
-                e.source.to_string(),
-                e.destination.to_string(),
+                e.key.source.to_string(),
+                e.key.destination.to_string(),
                 e.gateway.to_string(),
                 dash(e.egress_ip.map(|i| i.to_string())),
-                dash(e.interface.clone()),
-                e.policy.clone(),
+                dash(e.interface.as_deref().map(str::to_owned)),
+                e.policy.to_string(),
             ]);
         }
     }

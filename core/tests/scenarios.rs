@@ -27,7 +27,11 @@ fn compact(doc: &PlanDocument) -> String {
     for node in &doc.nodes {
         let _ = writeln!(out, "node {}", node.name);
         for e in &node.entries {
-            let _ = write!(out, "  {} -> {} via {}", e.source, e.destination, e.gateway);
+            let _ = write!(
+                out,
+                "  {} -> {} via {}",
+                e.key.source, e.key.destination, e.gateway
+            );
             if let Some(ip) = e.egress_ip {
                 let _ = write!(out, " egress {ip}");
             }

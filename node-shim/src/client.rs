@@ -1,10 +1,11 @@
 //! `sluice-shim run --operator URL`: the node channel to the operator, a task on the shim's
 //! Tokio runtime beside the agent loop.
 //!
-//! The session ([`sluice_proto::client`]) keeps the node's latest state in a `watch` channel,
-//! which wakes the agent loop; the agent applies the state through the same path as a plan file
-//! (so an unchanged state writes nothing) and publishes the generation it holds, which the
-//! session acknowledges. While the operator is unreachable, the datapath keeps its pinned state.
+//! The session ([`sluice_proto::client`]) hands every plan and delta it receives to the agent
+//! loop, which it wakes; the agent folds them into its one copy of the node's state, applies the
+//! state through the same path as a plan file (so an unchanged state writes nothing) and
+//! publishes the generation it holds, which the session acknowledges. While the operator is
+//! unreachable, the datapath keeps its pinned state.
 
 use std::{
     collections::BTreeSet,
@@ -14,7 +15,7 @@ use std::{
 
 use sluice_proto::{
     client::{self, Applied, Config, HelloFn},
-    v1,
+    convert, v2,
 };
 use tokio::sync::watch;
 
@@ -22,18 +23,22 @@ use crate::{datapath::Maps, error::Result, netdev, run::OperatorPlans};
 
 /// This node's interfaces as the operator wants them (not pod interfaces, not the tunnel), and
 /// which gateway fills which policy slot as its datapath holds it.
-fn hello(node: &str, pod_interfaces: &[String], tunnel_device: &str, bpffs_dir: &Path) -> v1::Hello {
+fn hello(node: &str, pod_interfaces: &[String], tunnel_device: &str, bpffs_dir: &Path) -> v2::Hello {
     let interfaces = netdev::interfaces()
         .map_err(|e| tracing::warn!(error = %e, "listing interfaces for the operator"))
         .unwrap_or_default()
         .into_iter()
         .filter(|i| i.name != tunnel_device && !netdev::is_pod_interface(pod_interfaces, &i.name))
-        .map(|i| v1::Interface {
+        .map(|i| v2::Interface {
             name: i.name,
-            addresses: i.ipv4.iter().map(ToString::to_string).collect(),
+            addresses: i
+                .ipv4
+                .iter()
+                .map(|ip| convert::ip_to_wire((*ip).into()))
+                .collect(),
         })
         .collect();
-    v1::Hello {
+    v2::Hello {
         node: node.to_owned(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         interfaces,
@@ -45,8 +50,8 @@ fn hello(node: &str, pod_interfaces: &[String], tunnel_device: &str, bpffs_dir: 
 /// The (policy, gateway entry, slot, gateway) the pinned maps hold, each once: read from the
 /// datapath itself, so it is the truth even right after this shim restarted. Nothing pinned
 /// yet (a first start) is nothing held.
-pub fn held_slots(bpffs_dir: &Path) -> Vec<v1::HeldSlot> {
-    let read = || -> Result<BTreeSet<(String, u32, u32, String)>> {
+pub fn held_slots(bpffs_dir: &Path) -> Vec<v2::HeldSlot> {
+    let read = || -> Result<BTreeSet<(String, u32, u32, std::net::Ipv4Addr)>> {
         let maps = Maps::open_pinned(bpffs_dir)?;
         let names = maps.policy_names()?;
         Ok(maps
@@ -56,18 +61,17 @@ pub fn held_slots(bpffs_dir: &Path) -> Vec<v1::HeldSlot> {
             .filter_map(|(key, gateway)| {
                 let (entry, slot) = crate::maps::decode_slot(key.gateway_slot)?;
                 let policy = names.get(&key.policy_id)?.clone();
-                Some((policy, entry, slot, crate::maps::from_be(gateway).to_string()))
+                Some((policy, entry, slot, crate::maps::from_be(gateway)))
             })
             .collect())
     };
     match read() {
         Ok(held) => held
             .into_iter()
-            .map(|(policy, entry, slot, gateway)| v1::HeldSlot {
+            .map(|(policy, entry, slot, gateway)| v2::HeldSlot {
                 policy,
-                entry,
-                slot,
-                gateway,
+                slot: Some(v2::GatewaySlot { entry, slot }),
+                gateway: convert::ip_to_wire(gateway.into()),
             })
             .collect(),
         Err(e) => {
@@ -85,12 +89,12 @@ pub fn start(
     tunnel_device: String,
     bpffs_dir: PathBuf,
 ) -> OperatorPlans {
-    let (plans_tx, plans) = watch::channel(None);
+    let (updates_tx, updates) = client::updates();
     let (applied_tx, applied_rx) = watch::channel(Applied::default());
     let hello: HelloFn = Arc::new(move || hello(&node, &pod_interfaces, &tunnel_device, &bpffs_dir));
-    tokio::spawn(client::run(config, hello, plans_tx, applied_rx));
+    tokio::spawn(client::run(config, hello, updates_tx, applied_rx));
     OperatorPlans {
-        plans,
+        updates: Some(updates),
         applied: Arc::new(applied_tx),
     }
 }

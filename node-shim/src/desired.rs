@@ -6,7 +6,7 @@ use std::{
 };
 
 use ipnet::IpNet;
-use sluice_proto::{EntryDoc, GatewayTarget};
+use sluice_proto::{EgressEntry, EntryKey, GatewayTarget};
 
 use crate::{
     error::Error,
@@ -59,8 +59,7 @@ pub struct Desired {
 /// One plan entry the datapath does not hold as planned.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EntryProblem {
-    pub source: IpAddr,
-    pub destination: IpNet,
+    pub key: EntryKey,
     pub message: String,
 }
 
@@ -161,7 +160,7 @@ impl PolicyIds {
 /// This node's entries in a plan document (`run --entries FILE`, read as `bytes`). A document
 /// that does not decode is refused with the path of the field at fault (`nodes[2].entries[7].
 /// gateway: ...`), which a line and column in a one-line document of megabytes would not give.
-pub fn plan_entries(path: &std::path::Path, bytes: &[u8], node: &str) -> Result<Vec<EntryDoc>, Error> {
+pub fn plan_entries(path: &std::path::Path, bytes: &[u8], node: &str) -> Result<Vec<EgressEntry>, Error> {
     let bad = |source: Box<dyn std::error::Error + Send + Sync>| Error::Plan {
         path: path.to_owned(),
         source,
@@ -180,20 +179,25 @@ pub fn plan_entries(path: &std::path::Path, bytes: &[u8], node: &str) -> Result<
 /// Computes the desired state of this node from its plan entries. `guarded`: the guard's
 /// destinations (the destination CIDRs of `failurePolicy: Drop` policies), which tell what an
 /// IPv6 entry steering to a gateway must do until IPv6 is steered.
-pub fn desired(
-    entries: &[EntryDoc],
+pub fn desired<'a, I>(
+    entries: I,
     guarded: &[IpNet],
     host: &Host,
     ids: &mut PolicyIds,
-) -> Result<Desired, Error> {
+) -> Result<Desired, Error>
+where
+    I: IntoIterator<Item = &'a EgressEntry>,
+    I::IntoIter: Clone,
+{
+    let entries = entries.into_iter();
     let mut out = Desired::default();
-    let names: BTreeSet<&str> = entries.iter().map(|e| e.policy.as_str()).collect();
+    let names: BTreeSet<&str> = entries.clone().map(|e| &*e.policy).collect();
     ids.retain(&names);
     // Egresses no entry uses any more give their ids back before new ones take any.
     let used_egresses: BTreeSet<(Ipv4Addr, u32)> = entries
-        .iter()
+        .clone()
         .filter(|e| e.gateway == GatewayTarget::Node(IpAddr::V4(host.node_ip)))
-        .filter(|e| e.source.is_ipv4() && e.destination.addr().is_ipv4())
+        .filter(|e| e.key.source.is_ipv4() && e.key.destination.addr().is_ipv4())
         .filter_map(|e| egress(e, host).ok())
         .map(|(ip, interface)| (ip, interface.index))
         .collect();
@@ -201,19 +205,19 @@ pub fn desired(
 
     for entry in entries {
         let problem = |message: String| EntryProblem {
-            source: entry.source,
-            destination: entry.destination,
+            key: entry.key,
             message,
         };
-        let (IpAddr::V4(source), IpNet::V4(destination)) = (entry.source, entry.destination) else {
+        let EntryKey { source, destination } = entry.key;
+        let (IpAddr::V4(source), IpNet::V4(destination)) = (source, destination) else {
             out.skipped_ipv6 += 1;
             out.entry_errors.push(problem(IPV6_UNSUPPORTED.to_owned()));
-            if let (IpAddr::V6(source), IpNet::V6(destination)) = (entry.source, entry.destination) {
+            if let (IpAddr::V6(source), IpNet::V6(destination)) = (source, destination) {
                 // Fail closed: what a Drop policy covers never leaves with the node's address.
                 let drop = match entry.gateway {
                     GatewayTarget::None => true,
                     GatewayTarget::Fallback | GatewayTarget::Excluded => false,
-                    GatewayTarget::Node(_) => guarded.contains(&entry.destination),
+                    GatewayTarget::Node(_) => guarded.contains(&entry.key.destination),
                 };
                 let policy_id = ids.id(&entry.policy)?;
                 out.names.insert(policy_id, PolicyName::new(&entry.policy));
@@ -243,7 +247,7 @@ pub fn desired(
                 // with the node's address.
                 out.skipped_ipv6 += 1;
                 out.entry_errors.push(problem(IPV6_UNSUPPORTED.to_owned()));
-                if !guarded.contains(&entry.destination) {
+                if !guarded.contains(&entry.key.destination) {
                     continue;
                 }
                 value.kind = maps::KIND_NONE;
@@ -297,12 +301,12 @@ pub fn desired(
 }
 
 /// The egress IP and interface of an entry whose gateway is this node.
-fn egress<'h>(entry: &EntryDoc, host: &'h Host) -> Result<(Ipv4Addr, &'h Interface), Error> {
-    let policy = || entry.policy.clone();
-    let named = match &entry.interface {
-        Some(name) => Some(host.interfaces.iter().find(|i| &i.name == name).ok_or_else(|| {
+fn egress<'h>(entry: &EgressEntry, host: &'h Host) -> Result<(Ipv4Addr, &'h Interface), Error> {
+    let policy = || entry.policy.to_string();
+    let named = match entry.interface.as_deref() {
+        Some(name) => Some(host.interfaces.iter().find(|i| i.name == name).ok_or_else(|| {
             Error::EgressInterfaceMissing {
-                interface: name.clone(),
+                interface: name.to_owned(),
                 policy: policy(),
             }
         })?),
@@ -347,10 +351,12 @@ mod tests {
         gateway: &str,
         egress_ip: Option<&str>,
         policy: &str,
-    ) -> EntryDoc {
-        EntryDoc {
-            source: source.parse().unwrap(),
-            destination: destination.parse().unwrap(),
+    ) -> EgressEntry {
+        EgressEntry {
+            key: EntryKey {
+                source: source.parse().unwrap(),
+                destination: destination.parse().unwrap(),
+            },
             gateway: gateway.parse().unwrap(),
             egress_ip: egress_ip.map(|s| s.parse().unwrap()),
             interface: None,
@@ -491,8 +497,8 @@ mod tests {
         assert!(d.problems[0].to_string().contains("ip addr add 192.0.2.200/32"));
         // The operator hears which entry it is.
         assert_eq!(d.entry_errors.len(), 1);
-        assert_eq!(d.entry_errors[0].source.to_string(), "10.244.1.10");
-        assert_eq!(d.entry_errors[0].destination.to_string(), "203.0.113.0/24");
+        assert_eq!(d.entry_errors[0].key.source.to_string(), "10.244.1.10");
+        assert_eq!(d.entry_errors[0].key.destination.to_string(), "203.0.113.0/24");
         assert_eq!(d.entry_errors[0].message, d.problems[0].to_string());
         assert_eq!(
             d.policy.values().next().unwrap().egress_ip,

@@ -215,7 +215,7 @@ fn main() -> anyhow::Result<()> {
         } => sluice_shim::uninstall::uninstall(&bpffs_dir, &tunnel_device, reply_table)?,
         Command::Run(a) => {
             // One runtime: the agent loop waits on it (its ticks run on the blocking pool), the
-            // node channel's session runs on its one worker.
+            // node channel's session and the metrics server run on its one worker.
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .thread_name("sluice-shim")

@@ -225,13 +225,14 @@ impl Limits {
     }
 }
 
-/// A running metrics server. Dropping the handle leaves the server running for the life of the
-/// process (as the agent wants); [`Server::stop`] ends it.
+/// A running metrics server: a task on the runtime it was started from. Dropping the handle
+/// leaves the server running for the life of that runtime (as the agent wants); [`Server::stop`]
+/// ends it.
 #[derive(Debug)]
 pub struct Server {
     addr: SocketAddr,
     stop: Arc<tokio::sync::Notify>,
-    thread: std::thread::JoinHandle<()>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Server {
@@ -240,24 +241,25 @@ impl Server {
         self.addr
     }
 
-    /// Stops accepting, drops every open connection and waits for the server's thread.
-    pub fn stop(self) {
+    /// Stops accepting and drops every open connection; the port is closed once this returns.
+    pub async fn stop(self) {
         self.stop.notify_one();
-        let _ = self.thread.join();
+        let _ = self.task.await;
     }
 }
 
-/// Serves `/metrics` and `/healthz` on `addr` from a thread of its own, with its own
-/// single-threaded Tokio runtime: the agent loop is synchronous, and the node channel's runtime
-/// exists only with `--operator`, so sharing it would tie the health endpoint to the channel.
+/// Serves `/metrics` and `/healthz` on `addr` as a task of the current Tokio runtime (the
+/// shim's one runtime; the agent calls this from its blocking pool). Fails without a runtime.
 pub fn serve(addr: SocketAddr, metrics: Metrics, limits: Limits) -> std::io::Result<Server> {
+    let runtime = tokio::runtime::Handle::try_current().map_err(std::io::Error::other)?;
     // Bound here, so that a taken port or a foreign address fails the start.
     let listener = std::net::TcpListener::bind(addr)?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let listener = {
+        let _context = runtime.enter();
+        tokio::net::TcpListener::from_std(listener)?
+    };
     let endpoints = Arc::new(Endpoints {
         registry: metrics.registry(),
         metrics,
@@ -266,29 +268,23 @@ pub fn serve(addr: SocketAddr, metrics: Metrics, limits: Limits) -> std::io::Res
     });
     let stop = Arc::new(tokio::sync::Notify::new());
     let stopped = stop.clone();
-    let thread = std::thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            runtime.block_on(async move {
-                let listener = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!(error = %e, "metrics: cannot serve");
-                        return;
-                    }
-                };
-                tokio::select! {
-                    () = stopped.notified() => {}
-                    () = accept(listener, endpoints, limits) => {}
-                }
-            });
-        })?;
-    Ok(Server { addr, stop, thread })
+    let task = runtime.spawn(async move {
+        tokio::select! {
+            () = stopped.notified() => {}
+            () = accept(listener, endpoints, limits) => {}
+        }
+    });
+    Ok(Server { addr, stop, task })
 }
 
 async fn accept(listener: tokio::net::TcpListener, endpoints: Arc<Endpoints>, limits: Limits) {
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    // Owned here, so that stopping the server (dropping this future) aborts every connection.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        // Finished connections are reaped before each new one: at most `max_connections` can
+        // finish between two accepts, so the set stays within twice that.
+        while connections.try_join_next().is_some() {}
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
@@ -302,7 +298,7 @@ async fn accept(listener: tokio::net::TcpListener, endpoints: Arc<Endpoints>, li
             }
         };
         let endpoints = endpoints.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _slot = slot;
             let service = service_fn(move |req| {
                 let response = endpoints.respond(&req);
@@ -457,6 +453,20 @@ mod tests {
         Limits::for_interval(Duration::from_secs(1))
     }
 
+    /// The server runs on the runtime's worker while the test thread plays blocking clients.
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn start(rt: &tokio::runtime::Runtime, metrics: Metrics, limits: Limits) -> Server {
+        let _context = rt.enter();
+        serve("127.0.0.1:0".parse().unwrap(), metrics, limits).unwrap()
+    }
+
     /// Sends `GET path` and reads the whole response, giving up (and failing) after `within`.
     fn get_within(addr: SocketAddr, path: &str, within: Duration) -> (u16, String) {
         let started = Instant::now();
@@ -513,9 +523,10 @@ mod tests {
 
     #[test]
     fn metrics_and_health_are_served_over_http() {
+        let rt = runtime();
         let m = Metrics::default();
         m.update(|s| s.map_writes = 7);
-        let server = serve("127.0.0.1:0".parse().unwrap(), m.clone(), limits()).unwrap();
+        let server = start(&rt, m.clone(), limits());
         let addr = server.local_addr();
         let (code, body) = get(addr, "/metrics");
         assert_eq!(code, 200, "{body}");
@@ -527,15 +538,16 @@ mod tests {
         let (code, body) = get(addr, "/healthz");
         assert_eq!((code, body.starts_with("ok: last tick")), (200, true), "{body}");
         assert_eq!(get(addr, "/").0, 404);
-        server.stop();
+        rt.block_on(server.stop());
     }
 
     #[test]
     fn idle_connections_do_not_stall_the_server() {
+        let rt = runtime();
         let m = Metrics::default();
         m.update(|s| s.map_writes = 3);
         m.tick_completed();
-        let server = serve("127.0.0.1:0".parse().unwrap(), m, limits()).unwrap();
+        let server = start(&rt, m, limits());
         let addr = server.local_addr();
         // Accepted first, so a server that reads one connection at a time is stuck on it.
         let _half = half_request(addr);
@@ -548,21 +560,21 @@ mod tests {
             let (code, body) = get(addr, "/healthz");
             assert_eq!(code, 200, "{body}");
         }
-        server.stop();
+        rt.block_on(server.stop());
     }
 
     #[test]
     fn healthz_turns_unavailable_when_ticks_stop() {
+        let rt = runtime();
         let m = Metrics::default();
-        let server = serve(
-            "127.0.0.1:0".parse().unwrap(),
+        let server = start(
+            &rt,
             m.clone(),
             Limits {
                 stale_after: Duration::from_secs(60),
                 ..limits()
             },
-        )
-        .unwrap();
+        );
         let addr = server.local_addr();
         m.tick_completed();
         assert_eq!(get(addr, "/healthz").0, 200);
@@ -577,22 +589,21 @@ mod tests {
         assert_eq!(get(addr, "/metrics").0, 200);
         m.tick_completed();
         assert_eq!(get(addr, "/healthz").0, 200);
-        server.stop();
+        rt.block_on(server.stop());
 
         // No tick at all since the start.
-        let server = serve(
-            "127.0.0.1:0".parse().unwrap(),
+        let server = start(
+            &rt,
             Metrics::default(),
             Limits {
                 stale_after: Duration::ZERO,
                 ..limits()
             },
-        )
-        .unwrap();
+        );
         let (code, body) = get(server.local_addr(), "/healthz");
         assert_eq!(code, 503, "{body}");
         assert!(body.starts_with("stale: no tick completed"), "{body}");
-        server.stop();
+        rt.block_on(server.stop());
     }
 
     #[test]
@@ -618,50 +629,49 @@ mod tests {
 
     #[test]
     fn idle_connections_are_closed_by_the_server() {
+        let rt = runtime();
         // A request head that never completes: closed after the header read timeout.
-        let server = serve(
-            "127.0.0.1:0".parse().unwrap(),
+        let server = start(
+            &rt,
             Metrics::default(),
             Limits {
                 header_read: Duration::from_millis(200),
                 ..limits()
             },
-        )
-        .unwrap();
+        );
         closed_by_server(half_request(server.local_addr()), Duration::from_secs(5));
-        server.stop();
+        rt.block_on(server.stop());
 
         // Whatever a connection does, it ends at the connection deadline.
-        let server = serve(
-            "127.0.0.1:0".parse().unwrap(),
+        let server = start(
+            &rt,
             Metrics::default(),
             Limits {
                 header_read: Duration::from_secs(600),
                 connection: Duration::from_millis(200),
                 ..limits()
             },
-        )
-        .unwrap();
+        );
         closed_by_server(
             TcpStream::connect(server.local_addr()).unwrap(),
             Duration::from_secs(5),
         );
-        server.stop();
+        rt.block_on(server.stop());
     }
 
     #[test]
     fn connections_beyond_the_cap_wait_for_a_free_slot() {
+        let rt = runtime();
         let header_read = Duration::from_millis(300);
-        let server = serve(
-            "127.0.0.1:0".parse().unwrap(),
+        let server = start(
+            &rt,
             Metrics::default(),
             Limits {
                 header_read,
                 max_connections: 2,
                 ..limits()
             },
-        )
-        .unwrap();
+        );
         let addr = server.local_addr();
         let opened = Instant::now();
         let _idle: Vec<TcpStream> = (0..2).map(|_| half_request(addr)).collect();
@@ -672,6 +682,40 @@ mod tests {
             opened.elapsed() >= header_read,
             "a third connection was served beside two: the cap is not enforced"
         );
-        server.stop();
+        rt.block_on(server.stop());
+    }
+
+    #[test]
+    fn stop_closes_the_port_and_every_open_connection() {
+        let rt = runtime();
+        let server = start(
+            &rt,
+            Metrics::default(),
+            Limits {
+                // Only stopping may close the held connection within the test's bounds.
+                header_read: Duration::from_secs(600),
+                connection: Duration::from_secs(600),
+                ..limits()
+            },
+        );
+        let addr = server.local_addr();
+        let held = half_request(addr);
+        // Accepted after the held one: once answered, the held connection has its own task.
+        assert_eq!(get(addr, "/healthz").0, 200);
+        rt.block_on(server.stop());
+        closed_by_server(held, Duration::from_secs(5));
+        let refused = TcpStream::connect(addr).map_err(|e| e.kind());
+        assert_eq!(
+            refused.err(),
+            Some(std::io::ErrorKind::ConnectionRefused),
+            "the port still accepts after stop"
+        );
+    }
+
+    #[test]
+    fn serving_needs_the_callers_runtime() {
+        let err = serve("127.0.0.1:0".parse().unwrap(), Metrics::default(), limits())
+            .expect_err("served without a runtime to run on");
+        assert!(err.to_string().contains("runtime"), "{err}");
     }
 }

@@ -12,7 +12,10 @@ use std::sync::Arc;
 
 use aya::maps::{MapData, lpm_trie::Key};
 use ipnet::{IpNet, Ipv4Net};
-use sluice_proto::client::{Applied, NodeState};
+use sluice_proto::{
+    EgressEntry, EntryKey,
+    client::{self, Applied, NodeState, Update, UpdateReceiver},
+};
 use tokio::sync::watch;
 
 use crate::{
@@ -44,7 +47,7 @@ const RESTORABLE: [&str; 5] = [
 ];
 
 /// Everything `run` needs.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Options {
     pub node: String,
     pub node_ip: Ipv4Addr,
@@ -75,7 +78,7 @@ pub enum SourceCheck {
 }
 
 /// Where the node's plan comes from.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub enum PlanSource {
     /// A plan document (`sluice-operator plan --output json`), re-read when it changes.
     File(PathBuf),
@@ -83,11 +86,11 @@ pub enum PlanSource {
     Operator(OperatorPlans),
 }
 
-/// The datapath side of the node channel: the latest state the operator wants, and the
-/// generation applied (which the session acknowledges).
-#[derive(Clone, Debug)]
+/// The datapath side of the node channel: the updates the sessions receive (taken by [`run`]),
+/// and the generation applied (which the session acknowledges).
+#[derive(Debug)]
 pub struct OperatorPlans {
-    pub plans: watch::Receiver<Option<Arc<NodeState>>>,
+    pub updates: Option<UpdateReceiver>,
     pub applied: Arc<watch::Sender<Applied>>,
 }
 
@@ -98,23 +101,29 @@ pub struct OperatorPlans {
 /// route or a rule changed), a new state from the operator, or `--interval-ms` (the backstop, and
 /// how a plan file's changes are noticed). Each tick runs on Tokio's blocking pool: it reads and
 /// writes the kernel with blocking calls, which must not hold up the node channel's session.
-pub async fn run(opts: Options) -> Result<()> {
-    let mut plans = match &opts.plan {
-        PlanSource::Operator(link) => Some(link.plans.clone()),
+pub async fn run(mut opts: Options) -> Result<()> {
+    let mut updates = match &mut opts.plan {
+        PlanSource::Operator(link) => link.updates.take(),
         PlanSource::File(_) => None,
     };
     let interval = opts.interval;
     let mut agent = blocking(move || Agent::start(opts)).await?;
     let mut events = netdev::LinkEvents::open()?;
+    let mut received = Vec::new();
     loop {
+        if let Some(updates) = updates.as_mut() {
+            received.extend(updates.pending());
+        }
+        let batch = std::mem::take(&mut received);
         agent = blocking(move || {
+            agent.receive(batch);
             agent.tick();
             Ok(agent)
         })
         .await?;
         tokio::select! {
             changed = events.changed() => changed?,
-            next = next_plan(plans.as_mut()) => next?,
+            batch = next_updates(updates.as_mut()) => received = batch?,
             () = tokio::time::sleep(interval) => {}
         }
     }
@@ -127,15 +136,15 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| Error::io("the agent loop", std::io::Error::other(e)))?
 }
 
-/// Waits for the operator's next state; never, with a plan file.
-async fn next_plan(plans: Option<&mut watch::Receiver<Option<Arc<NodeState>>>>) -> Result<()> {
-    let Some(plans) = plans else {
+/// Waits for the operator's next updates; never, with a plan file.
+async fn next_updates(updates: Option<&mut UpdateReceiver>) -> Result<Vec<Update>> {
+    let Some(updates) = updates else {
         return std::future::pending().await;
     };
-    plans
-        .changed()
+    updates
+        .next_batch()
         .await
-        .map_err(|_| Error::io("the node channel", std::io::Error::other("stopped")))
+        .ok_or_else(|| Error::io("the node channel", std::io::Error::other("stopped")))
 }
 
 /// What tells that the plan changed: the plan file's stat, or the operator's generation.
@@ -193,6 +202,8 @@ pub struct Agent {
     plans_refused: u64,
     /// After a failed apply, when to try again (doubling the wait up to 30 s).
     retry: Option<(std::time::Instant, Duration)>,
+    /// What the operator wants this node to hold: the one copy, updated in place.
+    operator_state: Option<NodeState>,
 }
 
 impl Agent {
@@ -255,7 +266,8 @@ impl Agent {
             let server = crate::metrics::serve(addr, metrics.clone(), limits)
                 .map_err(|e| Error::io(format!("serving metrics on {addr}"), e))?;
             tracing::info!(bound = %server.local_addr(), "serving metrics");
-            // Dropping the handle leaves the server running for the life of the process.
+            // A task of the shim's runtime (this runs on its blocking pool); dropping the handle
+            // leaves it serving for the life of the process.
         }
         let mut agent = Agent {
             opts,
@@ -286,9 +298,15 @@ impl Agent {
             apply_errors: 0,
             plans_refused: 0,
             retry: None,
+            operator_state: None,
         };
         agent.ensure_tunnel(netdev::scan().ok().as_ref())?;
         Ok(agent)
+    }
+
+    /// Takes what the sessions received since the last call: the next tick applies it.
+    pub fn receive(&mut self, updates: Vec<Update>) {
+        client::fold(&mut self.operator_state, updates);
     }
 
     /// One round: follow interfaces, apply the plan if it (or the host) changed, refresh metrics.
@@ -481,24 +499,27 @@ impl Agent {
     }
 
     fn apply_plan(&mut self, interfaces: &[desired::Interface]) -> Result<()> {
-        let (stamp, state) = match &self.opts.plan {
+        // Out of `self` while it is applied (the steps below borrow `self` mutably), and back
+        // whatever happens.
+        let state = self.operator_state.take();
+        let result = self.apply_state(interfaces, state.as_ref());
+        self.operator_state = state;
+        result
+    }
+
+    fn apply_state(&mut self, interfaces: &[desired::Interface], state: Option<&NodeState>) -> Result<()> {
+        let stamp = match &self.opts.plan {
             PlanSource::File(path) => {
                 let meta =
                     fs::metadata(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-                (
-                    FileStamp::File(meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len()),
-                    None,
-                )
+                FileStamp::File(meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len())
             }
-            PlanSource::Operator(link) => {
+            PlanSource::Operator(_) => {
                 // Nothing from the operator yet: the pinned maps stay as they are.
-                let Some(state) = link.plans.borrow().clone() else {
+                let Some(state) = state else {
                     return Ok(());
                 };
-                (
-                    FileStamp::Generation(state.session, state.generation),
-                    Some(state),
-                )
+                FileStamp::Generation(state.session, state.generation)
             }
         };
         // Pod interfaces come and go all the time and never hold egress IPs: leave them out of
@@ -520,30 +541,33 @@ impl Agent {
         self.applied = None;
 
         self.plan_reads += 1;
-        let (bytes, entries, planned_cluster, guard) = match (&self.opts.plan, &state) {
-            (PlanSource::File(path), _) => {
-                let bytes =
-                    fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-                let entries = desired::plan_entries(path, &bytes, &self.opts.node)?;
-                let cluster = plan_file_cluster_cidrs(&bytes, &self.opts.node);
-                let guard = plan_file_guard(&bytes, &self.opts.node);
-                (bytes, entries, cluster, guard)
-            }
-            (_, Some(state)) => (
-                format!("generation {}", state.generation).into_bytes(),
-                state.entry_list(),
-                state.cluster_cidrs.clone(),
-                state.guard.clone(),
-            ),
-            (PlanSource::Operator(_), None) => unreachable!("checked above"),
-        };
+        // A plan file is read whole; the operator's state is used where it lies.
+        let file_entries;
+        let (bytes, entries, planned_cluster, guard): (_, Vec<&EgressEntry>, _, _) =
+            match (&self.opts.plan, state) {
+                (PlanSource::File(path), _) => {
+                    let bytes =
+                        fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+                    file_entries = desired::plan_entries(path, &bytes, &self.opts.node)?;
+                    let cluster = plan_file_cluster_cidrs(&bytes, &self.opts.node);
+                    let guard = plan_file_guard(&bytes, &self.opts.node);
+                    (bytes, file_entries.iter().collect(), cluster, guard)
+                }
+                (_, Some(state)) => (
+                    format!("generation {}", state.generation).into_bytes(),
+                    state.entries.values().collect(),
+                    state.cluster_cidrs.clone(),
+                    state.guard.clone(),
+                ),
+                (PlanSource::Operator(_), None) => unreachable!("checked above"),
+            };
         let host = Host {
             node_ip: self.opts.node_ip,
             interfaces: interfaces.clone(),
             default_route_interface: netdev::default_route_interface(),
         };
         let guarded = guard.as_ref().map(|g| g.destinations.clone()).unwrap_or_default();
-        let mut want = desired::desired(&entries, &guarded, &host, &mut self.ids)?;
+        let mut want = desired::desired(entries.iter().copied(), &guarded, &host, &mut self.ids)?;
         for problem in &want.problems {
             tracing::error!(error = %problem, "entry programmed to drop");
         }
@@ -563,8 +587,10 @@ impl Agent {
         }
         want.entry_errors
             .extend(overflow.iter().map(|o| desired::EntryProblem {
-                source: IpAddr::V4(o.source),
-                destination: IpNet::V4(o.destination),
+                key: EntryKey {
+                    source: IpAddr::V4(o.source),
+                    destination: IpNet::V4(o.destination),
+                },
                 message: o.message(),
             }));
         let capacity = self.opts.capacity;
@@ -589,13 +615,15 @@ impl Agent {
                 .iter()
                 .filter(|(_, t)| named.insert(t.policy_id))
                 .map(|(k, _)| desired::EntryProblem {
-                    source: IpAddr::V4(k.source()),
-                    destination: IpNet::V4(k.destination()),
+                    key: EntryKey {
+                        source: IpAddr::V4(k.source()),
+                        destination: IpNet::V4(k.destination()),
+                    },
                     message: full.to_string(),
                 })
                 .collect::<Vec<_>>();
             self.write_status(&bytes, Transition::default(), &[Error::PlanRefused(full)])?;
-            if let (PlanSource::Operator(link), Some(state)) = (&self.opts.plan, &state) {
+            if let (PlanSource::Operator(link), Some(state)) = (&self.opts.plan, state) {
                 link.applied.send_replace(applied(state, &errors));
             }
             self.applied = Some((stamp, interfaces));
@@ -783,7 +811,7 @@ impl Agent {
             "plan applied"
         );
         self.write_status(&bytes, t, &want.problems)?;
-        if let (PlanSource::Operator(link), Some(state)) = (&self.opts.plan, &state) {
+        if let (PlanSource::Operator(link), Some(state)) = (&self.opts.plan, state) {
             link.applied.send_replace(applied(state, &want.entry_errors));
         }
         // Entries with problems are re-evaluated when the plan or an interface changes (an
@@ -905,9 +933,8 @@ fn applied(state: &NodeState, errors: &[desired::EntryProblem]) -> Applied {
         generation: state.generation,
         errors: errors
             .iter()
-            .map(|p| sluice_proto::v1::EntryError {
-                source: p.source.to_string(),
-                destination: p.destination.to_string(),
+            .map(|p| sluice_proto::v2::EntryError {
+                key: Some((&p.key).into()),
                 message: p.message.clone(),
             })
             .collect(),

@@ -60,3 +60,33 @@ fn the_sysctl_directory_variable_is_the_one_the_datapath_reads() {
     assert!(source.contains("\"SLUICE_PROC_SYS_DIR\""));
     assert!(template().contains("- name: SLUICE_PROC_SYS_DIR\n              value: /host/proc/sys\n"));
 }
+
+#[test]
+fn the_uninstall_hook_runs_a_subcommand_and_variables_that_exist() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/sluice/templates/uninstall.yaml");
+    let template = std::fs::read_to_string(path).unwrap();
+    assert!(
+        template.contains("          args: [uninstall]\n"),
+        "the uninstall hook no longer runs `sluice-shim uninstall`"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice-shim"))
+        .args(["uninstall", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    let vars: Vec<&str> = template
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- name: "))
+        .filter(|v| v.starts_with("SLUICE_"))
+        .collect();
+    // The bpffs directory and the tunnel device: what it removes must be where the shim put it.
+    assert_eq!(vars, ["SLUICE_BPFFS_DIR", "SLUICE_TUNNEL_DEVICE"]);
+    for var in &vars {
+        assert!(
+            help.contains(&format!("[env: {var}=")),
+            "the uninstall hook sets {var}, which `sluice-shim uninstall` does not read"
+        );
+    }
+}

@@ -15,7 +15,7 @@ use ipnet::IpNet;
 use proptest::{prelude::*, sample::Index};
 use prost::Message;
 use serde_json::{Value, json};
-use sluice_proto::{EntryDoc, GatewayTarget, client::NodeState, v1};
+use sluice_proto::{EgressEntry, GatewayTarget, client::NodeState, convert, v2};
 use sluice_shim::{
     desired::{self, Host, IPV6_UNSUPPORTED, Interface, PolicyIds},
     layout::Layout,
@@ -47,11 +47,11 @@ fn host() -> Host {
 
 /// Computes the desired state of `entries` and checks that every entry is either programmed as
 /// planned, or reported with why.
-fn check_desired(entries: &[EntryDoc]) {
+fn check_desired(entries: &[EgressEntry]) {
     let host = host();
     let d = desired::desired(entries, &[], &host, &mut PolicyIds::default())
         .unwrap_or_else(|e| panic!("a plan of {} entries refused: {e}", entries.len()));
-    let v4 = |e: &EntryDoc| match (e.source, e.destination, e.gateway) {
+    let v4 = |e: &EgressEntry| match (e.key.source, e.key.destination, e.gateway) {
         (_, _, GatewayTarget::Node(IpAddr::V6(_))) => None,
         (IpAddr::V4(s), IpNet::V4(d), _) => Some(PolicyKeyV4::new(s, d)),
         _ => None,
@@ -80,10 +80,7 @@ fn check_desired(entries: &[EntryDoc]) {
     for p in &d.entry_errors {
         // A plan may hold one (source, destination) more than once (from several policies): the
         // error names the policy of one of them.
-        let same_key: Vec<&EntryDoc> = entries
-            .iter()
-            .filter(|e| (e.source, e.destination) == (p.source, p.destination))
-            .collect();
+        let same_key: Vec<&EgressEntry> = entries.iter().filter(|e| e.key == p.key).collect();
         assert!(!same_key.is_empty(), "an error about an entry of the plan");
         assert!(
             p.message == IPV6_UNSUPPORTED
@@ -430,21 +427,22 @@ fn plan_file_edge_cases_are_named() {
 // ---------------------------------------------------------------------------------------------
 // The operator's messages, off the wire.
 
-fn wire_plan() -> impl Strategy<Value = v1::OperatorMessage> {
+fn wire_plan() -> impl Strategy<Value = v2::OperatorMessage> {
     (any::<u64>(), prop::collection::vec(entry_json(), 0..8)).prop_map(|(generation, entries)| {
+        let mut policies = convert::PolicyNames::default();
         let entries = entries
             .into_iter()
-            .map(|e| v1::Entry::from(&serde_json::from_value::<EntryDoc>(e).unwrap()))
+            .map(|e| {
+                convert::entry_to_wire(&serde_json::from_value::<EgressEntry>(e).unwrap(), &mut policies)
+            })
             .collect();
-        v1::OperatorMessage {
-            message: Some(v1::operator_message::Message::Plan(v1::NodePlan {
+        v2::OperatorMessage {
+            message: Some(v2::operator_message::Message::Plan(v2::NodePlan {
                 generation,
+                policies: policies.into_wire(),
                 entries,
-                serves: vec![],
                 heartbeat_interval_ms: 1000,
-                cluster_cidrs: vec![],
-                guard: None,
-                continued: false,
+                ..Default::default()
             })),
         }
     })
@@ -453,13 +451,13 @@ fn wire_plan() -> impl Strategy<Value = v1::OperatorMessage> {
 /// Decodes a message as the session does and, when it is a plan the session takes, computes
 /// what the datapath would hold.
 fn check_wire(bytes: &[u8]) {
-    let Ok(msg) = v1::OperatorMessage::decode(bytes) else {
+    let Ok(msg) = v2::OperatorMessage::decode(bytes) else {
         return;
     };
-    if let Some(v1::operator_message::Message::Plan(plan)) = &msg.message {
+    if let Some(v2::operator_message::Message::Plan(plan)) = &msg.message {
         match NodeState::from_plan(1, plan) {
-            Ok(state) => check_desired(&state.entry_list()),
-            Err(e) => assert!(e.to_string().starts_with(&format!("invalid {} ", e.field))),
+            Ok(state) => check_desired(&state.entries.values().cloned().collect::<Vec<_>>()),
+            Err(e) => assert!(e.to_string().starts_with(&format!("invalid {}: ", e.field))),
         }
     }
 }

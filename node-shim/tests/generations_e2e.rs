@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use sluice_proto::v1::{
+use sluice_proto::v2::{
     self, NodePlan, OperatorMessage, ShimMessage,
     node_channel_server::{NodeChannel, NodeChannelServer},
     operator_message, shim_message,
@@ -81,7 +81,7 @@ impl NodeChannel for StandIn {
                         _ => return,
                     },
                     _ = heartbeat.tick() => {
-                        let hb = operator_message::Message::Heartbeat(v1::Heartbeat { sent_unix_ms: 0 });
+                        let hb = operator_message::Message::Heartbeat(v2::Heartbeat { sent_unix_ms: 0 });
                         if tx.send(msg(hb)).await.is_err() { return; }
                     }
                 }
@@ -142,12 +142,27 @@ impl Drop for Serving {
     }
 }
 
-fn entry(destination: &str, gateway: &str, policy: &str) -> v1::Entry {
-    v1::Entry {
-        source: "10.244.2.10".into(),
-        destination: destination.into(),
-        gateway: gateway.into(),
+/// A one-entry plan of generation 5 for p2.
+fn plan(destination: &str, gateway: &str, policy: &str) -> NodePlan {
+    let entry = sluice_proto::EgressEntry {
+        key: sluice_proto::EntryKey {
+            source: "10.244.2.10".parse().unwrap(),
+            destination: destination.parse().unwrap(),
+        },
+        gateway: gateway.parse().unwrap(),
+        egress_ip: None,
+        interface: None,
+        source_node_ip: None,
+        gateway_slot: None,
         policy: policy.into(),
+    };
+    let mut policies = sluice_proto::convert::PolicyNames::default();
+    let entries = vec![sluice_proto::convert::entry_to_wire(&entry, &mut policies)];
+    NodePlan {
+        generation: 5,
+        policies: policies.into_wire(),
+        entries,
+        heartbeat_interval_ms: 250,
         ..Default::default()
     }
 }
@@ -162,15 +177,7 @@ fn a_new_operator_reusing_a_generation_is_applied_and_acknowledged_only_after() 
     let bpffs = tb.bpffs().join("n2");
     let p2: Ipv4Addr = "10.244.2.10".parse().unwrap();
     let stand_in = |destination: &str, gateway: &str, policy: &str| StandIn {
-        plan: NodePlan {
-            generation: 5,
-            entries: vec![entry(destination, gateway, policy)],
-            serves: vec![],
-            heartbeat_interval_ms: 250,
-            cluster_cidrs: vec![],
-            guard: None,
-            continued: false,
-        },
+        plan: plan(destination, gateway, policy),
         wants: BTreeSet::from([(p2, destination.to_owned())]),
         bpffs: bpffs.clone(),
         acks: Arc::default(),

@@ -26,7 +26,7 @@ use sluice_operator::{
 };
 use sluice_proto::{
     client::{self, Applied, Config, HelloFn},
-    v1,
+    v2,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -98,27 +98,29 @@ async fn bench(size: Size, changes: usize) {
     for i in 0..size.nodes {
         let mut c = Config::new(format!("http://{addr}"));
         c.token = Some(format!("t{i}"));
-        let hello: HelloFn = Arc::new(move || v1::Hello {
+        let hello: HelloFn = Arc::new(move || v2::Hello {
             node: format!("node-{i}"),
             version: "bench".into(),
             ..Default::default()
         });
-        let (plans_tx, mut plans) = watch::channel(None);
+        let (updates_tx, mut updates) = client::updates();
         let (applied_tx, applied_rx) = watch::channel(Applied::default());
         acked.push(applied_rx.clone());
-        tokio::spawn(client::run(c, hello, plans_tx, applied_rx));
+        tokio::spawn(client::run(c, hello, updates_tx, applied_rx));
         let seen = seen.clone();
         tokio::spawn(async move {
             let mut table: BTreeMap<_, _> = BTreeMap::new();
-            while plans.changed().await.is_ok() {
-                let Some(state) = plans.borrow_and_update().clone() else {
+            let mut state = None;
+            while let Some(batch) = updates.next_batch().await {
+                client::fold(&mut state, batch);
+                let Some(state) = &state else {
                     continue;
                 };
                 let now = Instant::now();
                 let mut fresh = Vec::new();
                 for (k, e) in &state.entries {
                     if !table.contains_key(k) {
-                        fresh.push(k.0);
+                        fresh.push(k.source);
                     }
                     table.insert(*k, e.clone());
                 }

@@ -43,7 +43,7 @@ pub enum Command {
         file: PathBuf,
     },
     /// Run the live system: watch a source of truth, plan, and keep every shim's datapath in
-    /// sync over gRPC (`sluice.v1.NodeChannel`).
+    /// sync over gRPC (`sluice.v2.NodeChannel`).
     Run(Box<RunArgs>),
 }
 

@@ -39,8 +39,9 @@ fn stamp(dir: &Path) -> std::io::Result<Stamp> {
     Ok(files)
 }
 
-/// Watches `dir` until the engine goes away.
-pub async fn run(dir: PathBuf, poll: Duration, sources: mpsc::Sender<SourceEvent>) -> anyhow::Result<()> {
+/// Watches `dir` until the engine goes away. Nothing else ends it: a directory that cannot be
+/// listed or read is logged and read again at the next poll.
+pub async fn run(dir: PathBuf, poll: Duration, sources: mpsc::Sender<SourceEvent>) {
     let mut good = Manifests::default();
     let mut seen: Option<Stamp> = None;
     let mut synced = false;
@@ -67,7 +68,7 @@ pub async fn run(dir: PathBuf, poll: Duration, sources: mpsc::Sender<SourceEvent
                         }
                         for change in changes {
                             if sources.send(SourceEvent::Change(Box::new(change))).await.is_err() {
-                                return Ok(());
+                                return;
                             }
                         }
                         if next.service_cidrs != good.service_cidrs
@@ -76,13 +77,13 @@ pub async fn run(dir: PathBuf, poll: Duration, sources: mpsc::Sender<SourceEvent
                                 .await
                                 .is_err()
                         {
-                            return Ok(());
+                            return;
                         }
                         good = next;
                         if !synced {
                             synced = true;
                             if sources.send(SourceEvent::Synced).await.is_err() {
-                                return Ok(());
+                                return;
                             }
                         }
                     }
@@ -91,7 +92,7 @@ pub async fn run(dir: PathBuf, poll: Duration, sources: mpsc::Sender<SourceEvent
         }
         tokio::time::sleep(poll).await;
         if sources.is_closed() {
-            return Ok(());
+            return;
         }
     }
 }

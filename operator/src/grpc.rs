@@ -1,4 +1,4 @@
-//! The operator's side of the node channel (`sluice.v1.NodeChannel`): one session per shim.
+//! The operator's side of the node channel (`sluice.v2.NodeChannel`): one session per shim.
 //!
 //! A session authenticates the shim ([`TokenVerifier`]), takes its `Hello` (refused unless the
 //! credentials are bound to that node), reports it to the engine, then sends the node's views:
@@ -28,7 +28,8 @@ use std::{
 
 use sluice_proto::{
     chunk::{self, Chunks, Part},
-    v1::{
+    convert::{self, PolicyNames},
+    v2::{
         self, ShimMessage,
         node_channel_server::{NodeChannel, NodeChannelServer},
         operator_message, shim_message,
@@ -45,7 +46,7 @@ use crate::{
     auth::TokenVerifier,
     engine::{HeldDuty, Hub, NodeView, ShimEvent},
     model::InterfaceInfo,
-    planner::{EgressEntry, EntryKey, GatewayDuty},
+    planner::{EgressEntry, EntryKey},
     tls::TlsIncoming,
 };
 
@@ -171,7 +172,7 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-type OutStream = Pin<Box<dyn Stream<Item = Result<v1::OperatorMessage, Status>> + Send>>;
+type OutStream = Pin<Box<dyn Stream<Item = Result<v2::OperatorMessage, Status>> + Send>>;
 
 fn bearer(request: &Request<Streaming<ShimMessage>>) -> Result<Option<String>, Status> {
     let Some(value) = request.metadata().get(sluice_proto::AUTHORIZATION) else {
@@ -262,14 +263,14 @@ impl LiveSessions {
 }
 
 /// The interfaces of a hello that [`check_hello`] accepted.
-fn interfaces(hello: &v1::Hello) -> Vec<InterfaceInfo> {
+fn interfaces(hello: &v2::Hello) -> Vec<InterfaceInfo> {
     check_hello(hello).unwrap_or_default()
 }
 
 /// Checks a shim's `Hello` before any of it reaches the engine, and returns its interfaces. The
 /// node name becomes a key of the engine's tables, and the interfaces decide which nodes can serve
 /// a policy: what no kernel or cluster could have produced is refused, saying what.
-pub fn check_hello(hello: &v1::Hello) -> Result<Vec<InterfaceInfo>, Status> {
+pub fn check_hello(hello: &v2::Hello) -> Result<Vec<InterfaceInfo>, Status> {
     let bad = |what: String| Err(Status::invalid_argument(format!("hello: {what}")));
     if hello.node.is_empty() {
         return bad("the node name is empty".to_owned());
@@ -291,13 +292,10 @@ pub fn check_hello(hello: &v1::Hello) -> Result<Vec<InterfaceInfo>, Status> {
         }
         let mut addresses = Vec::with_capacity(interface.addresses.len());
         for (j, address) in interface.addresses.iter().enumerate() {
-            let Ok(ip) = address.parse() else {
-                return bad(format!(
-                    "interfaces[{i}].addresses[{j}] {} is not an IP address",
-                    shorten(address)
-                ));
-            };
-            addresses.push(ip);
+            match convert::ip_from_wire("address", address) {
+                Ok(ip) => addresses.push(ip),
+                Err(e) => return bad(format!("interfaces[{i}].addresses[{j}]: {e}")),
+            }
         }
         interfaces.push(InterfaceInfo {
             name: interface.name.clone(),
@@ -334,9 +332,9 @@ async fn run_session(
     hub: Arc<Hub>,
     live: Arc<LiveSessions>,
     session: u64,
-    hello: v1::Hello,
+    hello: v2::Hello,
     inbound: Streaming<ShimMessage>,
-    tx: mpsc::Sender<Result<v1::OperatorMessage, Status>>,
+    tx: mpsc::Sender<Result<v2::OperatorMessage, Status>>,
     chunk_budget: usize,
 ) {
     let node = hello.node.clone();
@@ -355,7 +353,8 @@ async fn run_session(
     // take a message, so that one that reads slowly gets the newest view, and the session keeps
     // answering (heartbeats, replacement) meanwhile.
     let mut unsent = true;
-    let interval = hub.heartbeat_interval;
+    // The node's own interval comes with its views (fast for nodes that may be gateways).
+    let mut interval = hub.heartbeat_interval;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The shim's messages are read by a task of their own: building and sending a large plan
@@ -400,7 +399,15 @@ async fn run_session(
                     unsent = false;
                     let Some(view) = views.borrow_and_update().clone() else { continue };
                     let work = entries_to_build(sent.as_deref(), &view);
-                    let Some(whole) = off_the_workers(work, || message_for(sent.as_deref(), &view, interval)) else { continue };
+                    let Some(whole) = off_the_workers(work, || message_for(sent.as_deref(), &view, hub.heartbeat_interval)) else { continue };
+                    let wanted = effective_interval(&view, hub.heartbeat_interval);
+                    if wanted != interval {
+                        interval = wanted;
+                        ticker = tokio::time::interval(interval);
+                        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        // The shim heard of it only now: its silence is measured from here.
+                        *last_heard.lock().expect("last heard") = Instant::now();
+                    }
                     sending = Some(Chunks::new(whole, chunk_budget));
                     sent = Some(view);
                 }
@@ -417,7 +424,7 @@ async fn run_session(
                 if last_heard.lock().expect("last heard").elapsed() > (interval * 4).max(Duration::from_secs(1)) {
                     break "shim silent".to_owned();
                 }
-                let hb = v1::OperatorMessage { message: Some(operator_message::Message::Heartbeat(v1::Heartbeat { sent_unix_ms: 0 })) };
+                let hb = v2::OperatorMessage { message: Some(operator_message::Message::Heartbeat(v2::Heartbeat { sent_unix_ms: 0 })) };
                 // A shim that does not read is not sent more: its next view is coalesced anyway.
                 let _ = tx.try_send(Ok(hb));
             }
@@ -436,7 +443,7 @@ async fn read_shim(
     node: String,
     session: u64,
     last_heard: Arc<Mutex<Instant>>,
-    tx: mpsc::Sender<Result<v1::OperatorMessage, Status>>,
+    tx: mpsc::Sender<Result<v2::OperatorMessage, Status>>,
 ) -> String {
     loop {
         let msg = inbound.message().await;
@@ -488,92 +495,105 @@ fn entries_to_build(sent: Option<&NodeView>, view: &NodeView) -> usize {
     }
 }
 
+/// The heartbeat interval of a node's view (a view that names none: the server's default).
+fn effective_interval(view: &NodeView, default: Duration) -> Duration {
+    if view.heartbeat_interval.is_zero() {
+        default
+    } else {
+        view.heartbeat_interval
+    }
+}
+
 /// What to send a shim that was last sent `sent` so that it holds `view` (whole: the session
-/// splits it into chunks).
-pub fn message_for(sent: Option<&NodeView>, view: &NodeView, heartbeat: Duration) -> Option<Part> {
+/// splits it into chunks). Every plan and delta carries the node's heartbeat interval
+/// (`default` for a view that names none).
+pub fn message_for(sent: Option<&NodeView>, view: &NodeView, default: Duration) -> Option<Part> {
+    let heartbeat = effective_interval(view, default);
+    let heartbeat_interval_ms = u32::try_from(heartbeat.as_millis()).unwrap_or(u32::MAX);
+    let mut policies = PolicyNames::default();
     let message = match sent {
-        None => Part::Plan(v1::NodePlan {
-            generation: view.generation,
-            entries: view.entries.values().map(entry).collect(),
-            serves: view.duties.iter().map(duty).collect(),
-            heartbeat_interval_ms: u32::try_from(heartbeat.as_millis()).unwrap_or(u32::MAX),
-            cluster_cidrs: cluster_cidrs(view),
-            guard: guard(view),
-            continued: false,
-        }),
-        Some(s) if s.generation == view.generation => return None,
-        Some(s) if s.generation == view.base => Part::Delta(v1::NodeDelta {
-            generation: view.generation,
-            base_generation: view.base,
-            upserts: view.delta.upserts.values().map(entry).collect(),
-            removals: view.delta.removals.iter().map(key).collect(),
-            serves: view.duties.iter().map(duty).collect(),
-            cluster_cidrs: cluster_cidrs(view),
-            guard: guard(view),
-            continued: false,
-        }),
-        Some(s) => {
-            let (upserts, removals) = diff(&s.entries, &view.entries);
-            Part::Delta(v1::NodeDelta {
+        None => {
+            let entries = view
+                .entries
+                .values()
+                .map(|e| convert::entry_to_wire(e, &mut policies))
+                .collect();
+            Part::Plan(v2::NodePlan {
                 generation: view.generation,
-                base_generation: s.generation,
-                upserts,
-                removals,
-                serves: view.duties.iter().map(duty).collect(),
+                policies: policies.into_wire(),
+                entries,
+                serves: view.duties.iter().map(v2::GatewayDuty::from).collect(),
+                heartbeat_interval_ms,
                 cluster_cidrs: cluster_cidrs(view),
                 guard: guard(view),
                 continued: false,
+            })
+        }
+        Some(s) if s.generation == view.generation => return None,
+        Some(s) => {
+            let (upserts, removals, base) = if s.generation == view.base {
+                let upserts = view
+                    .delta
+                    .upserts
+                    .values()
+                    .map(|e| convert::entry_to_wire(e, &mut policies))
+                    .collect();
+                let removals = view.delta.removals.iter().map(v2::EntryKey::from).collect();
+                (upserts, removals, view.base)
+            } else {
+                let (upserts, removals) = diff(&s.entries, &view.entries, &mut policies);
+                (upserts, removals, s.generation)
+            };
+            Part::Delta(v2::NodeDelta {
+                generation: view.generation,
+                base_generation: base,
+                policies: policies.into_wire(),
+                upserts,
+                removals,
+                serves: view.duties.iter().map(v2::GatewayDuty::from).collect(),
+                cluster_cidrs: cluster_cidrs(view),
+                guard: guard(view),
+                continued: false,
+                heartbeat_interval_ms,
             })
         }
     };
     Some(message)
 }
 
-fn guard(view: &NodeView) -> Option<v1::Guard> {
-    Some(v1::Guard::from(&*view.guard))
+fn guard(view: &NodeView) -> Option<v2::Guard> {
+    Some(v2::Guard::from(&*view.guard))
 }
 
-fn cluster_cidrs(view: &NodeView) -> Vec<String> {
-    view.cluster_cidrs.iter().map(ToString::to_string).collect()
+fn cluster_cidrs(view: &NodeView) -> Vec<v2::Prefix> {
+    view.cluster_cidrs
+        .iter()
+        .copied()
+        .map(convert::prefix_to_wire)
+        .collect()
 }
 
 fn diff(
     old: &BTreeMap<EntryKey, EgressEntry>,
     new: &BTreeMap<EntryKey, EgressEntry>,
-) -> (Vec<v1::Entry>, Vec<v1::EntryKey>) {
+    policies: &mut PolicyNames,
+) -> (Vec<v2::Entry>, Vec<v2::EntryKey>) {
     let upserts = new
         .iter()
         .filter(|(k, e)| old.get(*k) != Some(*e))
-        .map(|(_, e)| entry(e))
+        .map(|(_, e)| convert::entry_to_wire(e, policies))
         .collect();
-    let removals = old.keys().filter(|k| !new.contains_key(*k)).map(key).collect();
+    let removals = old
+        .keys()
+        .filter(|k| !new.contains_key(*k))
+        .map(v2::EntryKey::from)
+        .collect();
     (upserts, removals)
-}
-
-fn key(k: &EntryKey) -> v1::EntryKey {
-    v1::EntryKey {
-        source: k.source.to_string(),
-        destination: k.destination.to_string(),
-    }
-}
-
-fn entry(e: &EgressEntry) -> v1::Entry {
-    v1::Entry {
-        source: e.key.source.to_string(),
-        destination: e.key.destination.to_string(),
-        gateway: e.gateway.to_string(),
-        egress_ip: e.egress_ip.map(|ip| ip.to_string()),
-        interface: e.interface.as_deref().map(str::to_owned),
-        source_node_ip: e.source_node_ip.map(|ip| ip.to_string()),
-        gateway_entry: e.gateway_slot.map(|(entry, _)| entry as u32),
-        gateway_slot: e.gateway_slot.map(|(_, slot)| slot as u32),
-        policy: e.policy.to_string(),
-    }
 }
 
 /// The entries a shim reports it could not program. One whose key does not parse names no entry
 /// of ours: it is logged and left out.
-fn entry_errors(ack: &v1::Ack) -> Vec<(EntryKey, String)> {
+fn entry_errors(ack: &v2::Ack) -> Vec<(EntryKey, String)> {
     // They end up in policy status: bounded, whatever a shim sends.
     const MAX_ERRORS: usize = sluice_proto::MAX_ACK_ERRORS;
     const MAX_MESSAGE: usize = 256;
@@ -581,12 +601,16 @@ fn entry_errors(ack: &v1::Ack) -> Vec<(EntryKey, String)> {
         .iter()
         .take(MAX_ERRORS)
         .filter_map(|e| {
-            let key = v1::EntryKey {
-                source: e.source.clone(),
-                destination: e.destination.clone(),
-            };
-            match sluice_proto::convert::EntryKey::try_from(&key) {
-                Ok((source, destination)) => {
+            let key = e
+                .key
+                .as_ref()
+                .ok_or_else(|| convert::BadField {
+                    field: "entry key",
+                    problem: "missing".into(),
+                })
+                .and_then(EntryKey::try_from);
+            match key {
+                Ok(key) => {
                     let mut message = e.message.clone();
                     if message.len() > MAX_MESSAGE {
                         let mut end = MAX_MESSAGE;
@@ -596,7 +620,7 @@ fn entry_errors(ack: &v1::Ack) -> Vec<(EntryKey, String)> {
                         message.truncate(end);
                         message.push('…');
                     }
-                    Some((EntryKey { source, destination }, message))
+                    Some((key, message))
                 }
                 Err(err) => {
                     tracing::warn!(error = %err, "an entry error that names no entry");
@@ -609,26 +633,19 @@ fn entry_errors(ack: &v1::Ack) -> Vec<(EntryKey, String)> {
 
 /// The gateway duties a shim reports holding. They only ever make the new leader keep a node
 /// that is a candidate anyway in a slot the policy has; anything else in them is ignored.
-fn held_duties(hello: &v1::Hello) -> Vec<HeldDuty> {
+fn held_duties(hello: &v2::Hello) -> Vec<HeldDuty> {
     hello
         .held
         .iter()
         .filter(|d| !d.policy.is_empty())
         .filter_map(|d| {
+            let slot = d.slot.as_ref()?;
             Some(HeldDuty {
                 policy: d.policy.clone(),
-                entry: d.entry as usize,
-                slot: d.slot as usize,
-                gateway: d.gateway.parse().ok()?,
+                entry: slot.entry as usize,
+                slot: slot.slot as usize,
+                gateway: convert::ip_from_wire("gateway", &d.gateway).ok()?,
             })
         })
         .collect()
-}
-
-fn duty(d: &GatewayDuty) -> v1::GatewayDuty {
-    v1::GatewayDuty {
-        policy: d.policy.to_string(),
-        egress_ips: d.egress_ips.iter().map(ToString::to_string).collect(),
-        interface: d.interface.as_deref().map(str::to_owned),
-    }
 }

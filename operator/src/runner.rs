@@ -11,6 +11,11 @@
 //! the open ones end, and the shims reconnect to the next leader), the engine stops, the lease is
 //! released, and the process exits 0. Releasing only after the listener is closed means the next
 //! leader can bind the same address, and two engines never serve at once.
+//!
+//! This is an edge, like `main`: the body of `sluice-operator run`, public so that tests can
+//! drive it. Its callers only report its errors, so they are `anyhow` with context; the modules
+//! it wires together answer typed errors (or none, when nothing but the engine's going away ends
+//! them: [`crate::dirsource::run`], [`crate::controller::run`]).
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -189,10 +194,11 @@ pub async fn run_until(
                 notices: notices_tx,
             };
             let live = run_live(&opts, tls, verifier, engine_metrics, channels, stop);
-            // `live` ends on a stop, with the node channel closed; the source only fails.
+            // `live` ends on a stop, with the node channel closed; the source only once the engine
+            // has gone.
             let result = tokio::select! {
                 r = live => r,
-                r = watching => r,
+                () = watching => Ok(()),
             };
             ready_tx.send_replace(false);
             if let Some(lease) = lease {
@@ -278,7 +284,11 @@ pub async fn run_until(
                 let (notices_tx, notices_rx) = mpsc::channel(1024);
                 let mut config = crate::controller::Config::new(leading.clone(), Some(identity));
                 config.metrics = controller_metrics;
-                let controller = crate::controller::run(client, config, sources_tx, updates_rx, notices_rx);
+                // Ends only once the engine has dropped its channels; `lost` then decides.
+                let controller = async {
+                    crate::controller::run(client, config, sources_tx, updates_rx, notices_rx).await;
+                    Ok(())
+                };
                 let channels = EngineChannels {
                     sources: sources_rx,
                     updates: updates_tx,
@@ -292,7 +302,7 @@ pub async fn run_until(
                         "lost the lease: exiting so that only the leader programs nodes"
                     ))
                 };
-                // `live` ends on a stop, with the node channel closed; the others only fail.
+                // `live` ends on a stop, with the node channel closed; `lost` only fails.
                 tokio::select! {
                     r = live => r,
                     r = async { tokio::try_join!(controller, lost).map(drop) } => r,

@@ -33,7 +33,7 @@ fn plan_json_of_the_quickstart_example() {
     // Every source node steers to the gateway, except the excluded status page.
     for node in ["node-a", "node-b"] {
         for e in &doc.node(node).unwrap().entries {
-            if e.destination.to_string() == "198.51.100.7/32" {
+            if e.key.destination.to_string() == "198.51.100.7/32" {
                 assert_eq!(e.gateway, GatewayTarget::Excluded);
             } else if node != gateway.node {
                 assert_eq!(e.gateway, GatewayTarget::Node(gateway.ip));

@@ -62,6 +62,22 @@ fn crd_has_the_promised_shape() {
         .map(|c| c["name"].as_str().unwrap())
         .collect();
     assert_eq!(wide, ["Accepted", "Failure Policy", "Conflicts"]);
+    // A policy whose selectors match no pod is accepted and can be Ready (nothing to program):
+    // the default view's Endpoints column is what tells it from a working one.
+    let endpoints = version["additionalPrinterColumns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "Endpoints")
+        .unwrap();
+    assert_eq!(endpoints["jsonPath"], ".status.matchedEndpoints");
+    assert!(endpoints.get("priority").is_none_or(|p| p == 0));
+    assert!(
+        endpoints["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("match no pod")),
+        "{endpoints}"
+    );
     let status = &version["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"];
     for field in [
         "observedGeneration",

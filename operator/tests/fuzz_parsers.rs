@@ -16,7 +16,7 @@ use sluice_operator::{
     convert, grpc, manifests,
     policy::{self, MAX_GATEWAY_NODES},
 };
-use sluice_proto::v1;
+use sluice_proto::v2;
 
 /// JSON shaped like a template, bent in a few places.
 mod shaped {
@@ -1037,16 +1037,19 @@ proptest! {
 // ---------------------------------------------------------------------------------------------
 // The shim's `Hello`, as the operator decodes it off the wire.
 
-fn hello_template() -> v1::Hello {
-    v1::Hello {
+fn hello_template() -> v2::Hello {
+    v2::Hello {
         node: "node-a.example".into(),
         version: "0.1.0".into(),
         interfaces: vec![
-            v1::Interface {
+            v2::Interface {
                 name: "eth0".into(),
-                addresses: vec!["192.0.2.11".into(), "2001:db8::11".into()],
+                addresses: ["192.0.2.11", "2001:db8::11"]
+                    .iter()
+                    .map(|a| sluice_proto::convert::ip_to_wire(a.parse().unwrap()))
+                    .collect(),
             },
-            v1::Interface {
+            v2::Interface {
                 name: "eth1".into(),
                 addresses: vec![],
             },
@@ -1071,7 +1074,7 @@ fn is_node_name(name: &str) -> bool {
         })
 }
 
-fn check_hello(hello: &v1::Hello) {
+fn check_hello(hello: &v2::Hello) {
     match grpc::check_hello(hello) {
         Ok(interfaces) => {
             assert!(is_node_name(&hello.node), "accepted node {:?}", hello.node);
@@ -1097,17 +1100,17 @@ fn check_hello(hello: &v1::Hello) {
     }
 }
 
-fn interface() -> impl Strategy<Value = v1::Interface> {
+fn interface() -> impl Strategy<Value = v2::Interface> {
     let address = prop_oneof![
-        3 => any::<std::net::IpAddr>().prop_map(|a| a.to_string()),
-        1 => shaped::string(),
+        3 => any::<std::net::IpAddr>().prop_map(sluice_proto::convert::ip_to_wire),
+        1 => prop::collection::vec(any::<u8>(), 0..20),
     ];
     let name = prop_oneof![
         3 => "[a-z][a-z0-9]{0,14}",
         1 => shaped::string(),
     ];
     (name, prop::collection::vec(address, 0..4))
-        .prop_map(|(name, addresses)| v1::Interface { name, addresses })
+        .prop_map(|(name, addresses)| v2::Interface { name, addresses })
 }
 
 proptest! {
@@ -1116,8 +1119,8 @@ proptest! {
     #[test]
     fn shim_messages_of_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
         use prost::Message;
-        if let Ok(v1::ShimMessage { message: Some(v1::shim_message::Message::Hello(hello)) }) =
-            v1::ShimMessage::decode(bytes.as_slice())
+        if let Ok(v2::ShimMessage { message: Some(v2::shim_message::Message::Hello(hello)) }) =
+            v2::ShimMessage::decode(bytes.as_slice())
         {
             check_hello(&hello);
         }
@@ -1134,23 +1137,23 @@ proptest! {
         default_route in prop::option::of(shaped::string()),
     ) {
         check_hello(&hello_template());
-        let hello = v1::Hello { node, interfaces, default_route_interface: default_route, ..hello_template() };
+        let hello = v2::Hello { node, interfaces, default_route_interface: default_route, ..hello_template() };
         check_hello(&hello);
     }
 
     #[test]
     fn hellos_with_bytes_flipped(flips in prop::collection::vec((any::<Index>(), any::<u8>()), 1..6)) {
         use prost::Message;
-        let mut bytes = v1::ShimMessage {
-            message: Some(v1::shim_message::Message::Hello(hello_template())),
+        let mut bytes = v2::ShimMessage {
+            message: Some(v2::shim_message::Message::Hello(hello_template())),
         }
         .encode_to_vec();
         for (at, byte) in flips {
             let i = at.index(bytes.len());
             bytes[i] = byte;
         }
-        match v1::ShimMessage::decode(bytes.as_slice()) {
-            Ok(v1::ShimMessage { message: Some(v1::shim_message::Message::Hello(hello)) }) => check_hello(&hello),
+        match v2::ShimMessage::decode(bytes.as_slice()) {
+            Ok(v2::ShimMessage { message: Some(v2::shim_message::Message::Hello(hello)) }) => check_hello(&hello),
             Ok(_) => {}
             Err(e) => {
                 let e = e.to_string();
@@ -1164,7 +1167,7 @@ proptest! {
 /// not parse were dropped without a word.
 #[test]
 fn hellos_that_are_refused_say_why() {
-    type Bend = fn(&mut v1::Hello);
+    type Bend = fn(&mut v2::Hello);
     let cases: [(Bend, &str); 6] = [
         (|h| h.node.clear(), "hello: the node name is empty"),
         (
@@ -1181,8 +1184,8 @@ fn hellos_that_are_refused_say_why() {
             "hello: interfaces[1].name \"eth 1\" is not an interface name",
         ),
         (
-            |h| h.interfaces[0].addresses[1] = "fe80::1%eth0".into(),
-            "hello: interfaces[0].addresses[1] \"fe80::1%eth0\" is not an IP address",
+            |h| h.interfaces[0].addresses[1] = vec![10, 0, 0],
+            "hello: interfaces[0].addresses[1]: invalid address: 3 octets",
         ),
     ];
     for (bend, want) in cases {

@@ -16,7 +16,7 @@ use sluice_operator::{
     engine::Hub,
     grpc::{self, NodeService},
 };
-use sluice_proto::v1::{self, node_channel_client::NodeChannelClient, shim_message};
+use sluice_proto::v2::{self, node_channel_client::NodeChannelClient, shim_message};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
@@ -265,8 +265,8 @@ async fn node_channel(verifier: TokenReviewVerifier) -> String {
 /// Opens one `Sync` stream with `token` as `node` on `channel`: Ok once the session runs.
 async fn sync(channel: Channel, token: &str, node: &str) -> Result<(), tonic::Status> {
     let (tx, rx) = mpsc::channel(1);
-    tx.send(v1::ShimMessage {
-        message: Some(shim_message::Message::Hello(v1::Hello {
+    tx.send(v2::ShimMessage {
+        message: Some(shim_message::Message::Hello(v2::Hello {
             node: node.into(),
             ..Default::default()
         })),

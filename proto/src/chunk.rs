@@ -10,7 +10,7 @@ use std::{fmt, iter::Peekable, vec};
 
 use prost::Message as _;
 
-use crate::v1::{self, operator_message};
+use crate::v2::{self, operator_message};
 
 /// How many encoded bytes the operator puts in one chunk (a chunk goes beyond it only when it
 /// holds a single item larger than that).
@@ -19,8 +19,8 @@ pub const CHUNK_BUDGET: usize = 1 << 20;
 /// A plan or a delta: a whole one, or one chunk of it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Part {
-    Plan(v1::NodePlan),
-    Delta(v1::NodeDelta),
+    Plan(v2::NodePlan),
+    Delta(v2::NodeDelta),
 }
 
 impl Part {
@@ -54,13 +54,13 @@ impl Part {
     }
 }
 
-impl From<Part> for v1::OperatorMessage {
+impl From<Part> for v2::OperatorMessage {
     fn from(part: Part) -> Self {
         let message = match part {
             Part::Plan(p) => operator_message::Message::Plan(p),
             Part::Delta(d) => operator_message::Message::Delta(d),
         };
-        v1::OperatorMessage {
+        v2::OperatorMessage {
             message: Some(message),
         }
     }
@@ -146,7 +146,8 @@ impl Assembler {
     }
 }
 
-fn extend_plan(acc: &mut v1::NodePlan, chunk: v1::NodePlan) {
+fn extend_plan(acc: &mut v2::NodePlan, chunk: v2::NodePlan) {
+    acc.policies.extend(chunk.policies);
     acc.entries.extend(chunk.entries);
     acc.serves.extend(chunk.serves);
     acc.cluster_cidrs.extend(chunk.cluster_cidrs);
@@ -157,16 +158,20 @@ fn extend_plan(acc: &mut v1::NodePlan, chunk: v1::NodePlan) {
     acc.continued = chunk.continued;
 }
 
-fn extend_delta(acc: &mut v1::NodeDelta, chunk: v1::NodeDelta) {
+fn extend_delta(acc: &mut v2::NodeDelta, chunk: v2::NodeDelta) {
+    acc.policies.extend(chunk.policies);
     acc.removals.extend(chunk.removals);
     acc.upserts.extend(chunk.upserts);
     acc.serves.extend(chunk.serves);
     acc.cluster_cidrs.extend(chunk.cluster_cidrs);
     extend_guard(&mut acc.guard, chunk.guard);
+    if acc.heartbeat_interval_ms == 0 {
+        acc.heartbeat_interval_ms = chunk.heartbeat_interval_ms;
+    }
     acc.continued = chunk.continued;
 }
 
-fn extend_guard(acc: &mut Option<v1::Guard>, chunk: Option<v1::Guard>) {
+fn extend_guard(acc: &mut Option<v2::Guard>, chunk: Option<v2::Guard>) {
     if let Some(chunk) = chunk {
         let acc = acc.get_or_insert_default();
         acc.destinations.extend(chunk.destinations);
@@ -179,19 +184,21 @@ type Items<T> = Peekable<vec::IntoIter<T>>;
 
 /// The chunks of one plan or delta, in order, each at most `budget` encoded bytes (as an
 /// `OperatorMessage`) or a single item. Lists are taken in a fixed order, short ones first:
-/// serves, cluster CIDRs, the guard's destinations and decided pods, removals, entries (upserts).
+/// policies, serves, cluster CIDRs, the guard's destinations and decided pods, removals, entries
+/// (upserts).
 pub struct Chunks {
     budget: usize,
     head: Which,
     heartbeat_interval_ms: u32,
     first: bool,
     finished: bool,
-    serves: Items<v1::GatewayDuty>,
-    cluster_cidrs: Items<String>,
+    policies: Items<String>,
+    serves: Items<v2::GatewayDuty>,
+    cluster_cidrs: Items<v2::Prefix>,
     /// `Some` when the plan or delta has a guard: (destinations, decided pods).
-    guard: Option<(Items<String>, Items<String>)>,
-    removals: Items<v1::EntryKey>,
-    entries: Items<v1::Entry>,
+    guard: Option<(Items<v2::Prefix>, Items<Vec<u8>>)>,
+    removals: Items<v2::EntryKey>,
+    entries: Items<v2::Entry>,
 }
 
 /// What the header of a chunk may grow by beyond what it encodes to while empty: the length
@@ -206,6 +213,7 @@ impl Chunks {
                 budget,
                 head,
                 p.heartbeat_interval_ms,
+                p.policies,
                 p.serves,
                 p.cluster_cidrs,
                 p.guard,
@@ -215,7 +223,8 @@ impl Chunks {
             Part::Delta(d) => Chunks::from_lists(
                 budget,
                 head,
-                0,
+                d.heartbeat_interval_ms,
+                d.policies,
                 d.serves,
                 d.cluster_cidrs,
                 d.guard,
@@ -230,11 +239,12 @@ impl Chunks {
         budget: usize,
         head: Which,
         heartbeat_interval_ms: u32,
-        serves: Vec<v1::GatewayDuty>,
-        cluster_cidrs: Vec<String>,
-        guard: Option<v1::Guard>,
-        removals: Vec<v1::EntryKey>,
-        entries: Vec<v1::Entry>,
+        policies: Vec<String>,
+        serves: Vec<v2::GatewayDuty>,
+        cluster_cidrs: Vec<v2::Prefix>,
+        guard: Option<v2::Guard>,
+        removals: Vec<v2::EntryKey>,
+        entries: Vec<v2::Entry>,
     ) -> Chunks {
         Chunks {
             budget,
@@ -242,6 +252,7 @@ impl Chunks {
             heartbeat_interval_ms,
             first: true,
             finished: false,
+            policies: policies.into_iter().peekable(),
             serves: serves.into_iter().peekable(),
             cluster_cidrs: cluster_cidrs.into_iter().peekable(),
             guard: guard.map(|g| {
@@ -262,7 +273,8 @@ impl Chunks {
     }
 
     fn anything_left(&mut self) -> bool {
-        self.serves.peek().is_some()
+        self.policies.peek().is_some()
+            || self.serves.peek().is_some()
             || self.cluster_cidrs.peek().is_some()
             || self.guard_left()
             || self.removals.peek().is_some()
@@ -304,10 +316,6 @@ fn message_cost<M: prost::Message>(m: &M) -> usize {
     delimited(m.encoded_len())
 }
 
-fn string_cost(s: &str) -> usize {
-    delimited(s.len())
-}
-
 impl Iterator for Chunks {
     type Item = Part;
 
@@ -316,31 +324,33 @@ impl Iterator for Chunks {
             return None;
         }
         let carries_guard = self.guard.is_some() && (self.first || self.guard_left());
-        let guard = carries_guard.then(v1::Guard::default);
+        let guard = carries_guard.then(v2::Guard::default);
         let mut part = match self.head {
-            Which::Plan { generation } => Part::Plan(v1::NodePlan {
+            Which::Plan { generation } => Part::Plan(v2::NodePlan {
                 generation,
                 heartbeat_interval_ms: self.heartbeat_interval_ms,
                 guard,
                 continued: true,
                 ..Default::default()
             }),
-            Which::Delta { generation, base } => Part::Delta(v1::NodeDelta {
+            Which::Delta { generation, base } => Part::Delta(v2::NodeDelta {
                 generation,
                 base_generation: base,
+                heartbeat_interval_ms: self.heartbeat_interval_ms,
                 guard,
                 continued: true,
                 ..Default::default()
             }),
         };
-        let header = v1::OperatorMessage::from(part.clone()).encoded_len() + PREFIX_GROWTH;
+        let header = v2::OperatorMessage::from(part.clone()).encoded_len() + PREFIX_GROWTH;
         let mut fill = Fill {
             size: header,
             items: 0,
             budget: self.budget,
         };
-        let (serves, cluster_cidrs, guard, removals, entries) = match &mut part {
+        let (policies, serves, cluster_cidrs, guard, removals, entries) = match &mut part {
             Part::Plan(p) => (
+                &mut p.policies,
                 &mut p.serves,
                 &mut p.cluster_cidrs,
                 &mut p.guard,
@@ -348,6 +358,7 @@ impl Iterator for Chunks {
                 &mut p.entries,
             ),
             Part::Delta(d) => (
+                &mut d.policies,
                 &mut d.serves,
                 &mut d.cluster_cidrs,
                 &mut d.guard,
@@ -356,14 +367,13 @@ impl Iterator for Chunks {
             ),
         };
         // In order: a list is started only once the ones before it are all out.
-        let _ = fill.take(&mut self.serves, serves, message_cost)
-            && fill.take(&mut self.cluster_cidrs, cluster_cidrs, |s: &String| {
-                string_cost(s)
-            })
+        let _ = fill.take(&mut self.policies, policies, |s: &String| delimited(s.len()))
+            && fill.take(&mut self.serves, serves, message_cost)
+            && fill.take(&mut self.cluster_cidrs, cluster_cidrs, message_cost)
             && match (&mut self.guard, guard) {
                 (Some((destinations, decided)), Some(g)) => {
-                    fill.take(destinations, &mut g.destinations, |s: &String| string_cost(s))
-                        && fill.take(decided, &mut g.decided_pods, |s: &String| string_cost(s))
+                    fill.take(destinations, &mut g.destinations, message_cost)
+                        && fill.take(decided, &mut g.decided_pods, |b: &Vec<u8>| delimited(b.len()))
                 }
                 _ => true,
             }
@@ -387,57 +397,78 @@ impl Iterator for Chunks {
 mod tests {
     use super::*;
 
-    fn entry(i: usize) -> v1::Entry {
-        v1::Entry {
-            source: format!("10.{}.{}.{}", i >> 16 & 255, i >> 8 & 255, i & 255),
-            destination: "198.51.100.0/24".into(),
-            gateway: "192.168.1.2".into(),
-            egress_ip: Some("203.0.113.10".into()),
-            policy: "p".into(),
+    fn v4(a: u8, b: u8, c: u8, d: u8) -> Vec<u8> {
+        vec![a, b, c, d]
+    }
+
+    fn prefix(address: Vec<u8>, length: u32) -> v2::Prefix {
+        v2::Prefix { address, length }
+    }
+
+    fn entry(i: usize) -> v2::Entry {
+        v2::Entry {
+            key: Some(v2::EntryKey {
+                source: v4(10, (i >> 16) as u8, (i >> 8) as u8, i as u8),
+                destination: Some(prefix(v4(198, 51, 100, 0), 24)),
+            }),
+            target: Some(v2::entry::Target::Gateway(v2::Hop {
+                node: v4(192, 168, 1, 2),
+                slot: None,
+            })),
+            egress_ip: Some(v4(203, 0, 113, 10)),
+            policy: 0,
             ..Default::default()
         }
     }
 
-    fn key(i: usize) -> v1::EntryKey {
-        v1::EntryKey {
-            source: format!("10.9.{}.{}", i >> 8 & 255, i & 255),
-            destination: "0.0.0.0/0".into(),
+    fn key(i: usize) -> v2::EntryKey {
+        v2::EntryKey {
+            source: v4(10, 9, (i >> 8) as u8, i as u8),
+            destination: Some(prefix(v4(0, 0, 0, 0), 0)),
         }
     }
 
-    fn plan(entries: usize, guard: Option<v1::Guard>) -> v1::NodePlan {
-        v1::NodePlan {
+    fn plan(entries: usize, guard: Option<v2::Guard>) -> v2::NodePlan {
+        v2::NodePlan {
             generation: 7,
+            policies: vec!["p".into()],
             entries: (0..entries).map(entry).collect(),
-            serves: vec![v1::GatewayDuty {
+            serves: vec![v2::GatewayDuty {
                 policy: "p".into(),
-                egress_ips: vec!["203.0.113.10".into()],
+                egress_ips: vec![v4(203, 0, 113, 10)],
                 interface: None,
             }],
             heartbeat_interval_ms: 250,
-            cluster_cidrs: vec!["10.244.0.0/16".into(), "10.96.0.0/12".into()],
+            cluster_cidrs: vec![prefix(v4(10, 244, 0, 0), 16), prefix(v4(10, 96, 0, 0), 12)],
             guard,
             continued: false,
         }
     }
 
-    fn guard(n: usize) -> v1::Guard {
-        v1::Guard {
-            destinations: (0..n).map(|i| format!("192.0.{}.0/24", i % 256)).collect(),
-            decided_pods: (0..n).map(|i| format!("10.244.1.{}", i % 256)).collect(),
+    fn guard(n: usize) -> v2::Guard {
+        v2::Guard {
+            destinations: (0..n).map(|i| prefix(v4(192, 0, i as u8, 0), 24)).collect(),
+            decided_pods: (0..n).map(|i| v4(10, 244, 1, i as u8)).collect(),
         }
     }
 
     /// Items a chunk holds, of every list.
     fn items(part: &Part) -> usize {
-        let g = |g: &Option<v1::Guard>| {
+        let g = |g: &Option<v2::Guard>| {
             g.as_ref()
                 .map_or(0, |g| g.destinations.len() + g.decided_pods.len())
         };
         match part {
-            Part::Plan(p) => p.entries.len() + p.serves.len() + p.cluster_cidrs.len() + g(&p.guard),
+            Part::Plan(p) => {
+                p.policies.len() + p.entries.len() + p.serves.len() + p.cluster_cidrs.len() + g(&p.guard)
+            }
             Part::Delta(d) => {
-                d.upserts.len() + d.removals.len() + d.serves.len() + d.cluster_cidrs.len() + g(&d.guard)
+                d.policies.len()
+                    + d.upserts.len()
+                    + d.removals.len()
+                    + d.serves.len()
+                    + d.cluster_cidrs.len()
+                    + g(&d.guard)
             }
         }
     }
@@ -448,7 +479,7 @@ mod tests {
         let chunks: Vec<Part> = Chunks::new(whole, budget).collect();
         let n = chunks.len();
         for (i, chunk) in chunks.into_iter().enumerate() {
-            let size = v1::OperatorMessage::from(chunk.clone()).encoded_len();
+            let size = v2::OperatorMessage::from(chunk.clone()).encoded_len();
             assert!(
                 size <= budget || items(&chunk) <= 1,
                 "chunk {i} of {n}: {size} bytes, {} items, budget {budget}",
@@ -476,15 +507,15 @@ mod tests {
 
     #[test]
     fn an_empty_plan_and_delta_are_one_message_each() {
-        let whole = Part::Plan(v1::NodePlan {
+        let whole = Part::Plan(v2::NodePlan {
             generation: 3,
             ..Default::default()
         });
         assert_eq!(round_trip(whole.clone(), 1), (whole, 1));
-        let whole = Part::Delta(v1::NodeDelta {
+        let whole = Part::Delta(v2::NodeDelta {
             generation: 4,
             base_generation: 3,
-            guard: Some(v1::Guard::default()),
+            guard: Some(v2::Guard::default()),
             ..Default::default()
         });
         assert_eq!(round_trip(whole.clone(), 1), (whole, 1));
@@ -494,7 +525,7 @@ mod tests {
     fn a_large_plan_comes_back_whole_from_chunks_within_the_budget() {
         for guard in [None, Some(guard(500))] {
             let whole = Part::Plan(plan(20_000, guard));
-            let encoded = v1::OperatorMessage::from(whole.clone()).encoded_len();
+            let encoded = v2::OperatorMessage::from(whole.clone()).encoded_len();
             for budget in [512, 4096, 100_000] {
                 let (back, chunks) = round_trip(whole.clone(), budget);
                 assert_eq!(back, whole);
@@ -508,15 +539,17 @@ mod tests {
 
     #[test]
     fn a_large_delta_comes_back_whole_with_removals_before_upserts() {
-        let whole = Part::Delta(v1::NodeDelta {
+        let whole = Part::Delta(v2::NodeDelta {
             generation: 9,
             base_generation: 7,
+            policies: vec!["p".into()],
             upserts: (0..5000).map(entry).collect(),
             removals: (0..5000).map(key).collect(),
             serves: vec![],
-            cluster_cidrs: vec!["10.244.0.0/16".into()],
+            cluster_cidrs: vec![prefix(v4(10, 244, 0, 0), 16)],
             guard: Some(guard(100)),
             continued: false,
+            heartbeat_interval_ms: 1000,
         });
         let (back, chunks) = round_trip(whole.clone(), 2048);
         assert_eq!(back, whole);
@@ -527,6 +560,7 @@ mod tests {
             panic!("a delta")
         };
         assert_eq!(first.cluster_cidrs.len(), 1);
+        assert_eq!(first.policies.len(), 1);
         assert!(first.guard.is_some());
         let mut seen_upsert = false;
         for chunk in split {
@@ -539,12 +573,11 @@ mod tests {
     #[test]
     fn an_item_larger_than_the_budget_is_a_chunk_of_its_own() {
         let mut big = plan(3, None);
-        big.entries[1].policy = "x".repeat(10_000);
+        big.entries[1].interface = Some("x".repeat(10_000));
         let whole = Part::Plan(big);
         let chunks: Vec<Part> = Chunks::new(whole.clone(), 1000).collect();
-        assert!(chunks.iter().any(
-            |c| matches!(c, Part::Plan(p) if p.entries.len() == 1 && p.entries[0].policy.len() == 10_000)
-        ));
+        assert!(chunks.iter().any(|c| matches!(c, Part::Plan(p)
+            if p.entries.len() == 1 && p.entries[0].interface.as_ref().is_some_and(|i| i.len() == 10_000))));
         assert_eq!(round_trip(whole.clone(), 1000).0, whole);
     }
 
@@ -571,7 +604,7 @@ mod tests {
         let mut assembler = Assembler::default();
         let first = Chunks::new(Part::Plan(plan(100, None)), 512).next().unwrap();
         assembler.push(first).unwrap();
-        let delta = Part::Delta(v1::NodeDelta {
+        let delta = Part::Delta(v2::NodeDelta {
             generation: 7,
             base_generation: 6,
             ..Default::default()

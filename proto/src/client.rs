@@ -1,11 +1,12 @@
 //! The shim's side of the node channel, independent of the datapath.
 //!
 //! [`run`] keeps one session to the operator open, reconnecting with backoff. Every plan and
-//! delta received is folded into the node's [`NodeState`] and published on a `watch` channel:
-//! the datapath side applies the latest state whenever it can (states it had no time for are
-//! simply skipped) and publishes the generation it holds as [`Applied`], which the session
-//! acknowledges. While disconnected, the last published state stays: the datapath keeps what it
-//! holds.
+//! delta received is decoded (off the async workers) and handed to the datapath side as an
+//! [`Update`]; the datapath side keeps the one copy of the node's [`NodeState`], folds every
+//! update pending into it in place when it can ([`fold`]: states it had no time for are simply
+//! skipped) and publishes the generation it holds as [`Applied`], which the session
+//! acknowledges. While disconnected, the state stays: the datapath keeps what it holds.
+//! Heartbeats go out from a task of their own, so a long decode never makes the shim look dead.
 //!
 //! A plan or delta may come in chunks ([`crate::chunk`]): the session folds it in only once its
 //! last chunk is in, so the datapath never sees part of one. A session that ends mid-way drops
@@ -24,10 +25,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use crate::{
-    EntryDoc, GatewayDuty,
+    EgressEntry, EntryKey, GatewayDuty, Guard,
     chunk::{Assembled, Assembler, Interleaved, Part},
-    convert::{BadField, EntryKey},
-    v1::{self, node_channel_client::NodeChannelClient, shim_message},
+    convert::{self, BadField},
+    v2::{self, node_channel_client::NodeChannelClient, shim_message},
 };
 
 /// How to reach and authenticate to the operator.
@@ -85,26 +86,22 @@ pub struct NodeState {
     /// with other entries.
     pub session: u64,
     pub generation: u64,
-    pub entries: BTreeMap<EntryKey, EntryDoc>,
+    pub entries: BTreeMap<EntryKey, EgressEntry>,
     pub serves: Vec<GatewayDuty>,
     /// The in-cluster destinations the operator found, which no entry steers to.
     pub cluster_cidrs: Vec<IpNet>,
     /// The no-leak guard for new pods.
-    pub guard: Option<crate::Guard>,
+    pub guard: Option<Guard>,
 }
 
 impl NodeState {
-    /// The entries, sorted by (source, destination).
-    pub fn entry_list(&self) -> Vec<EntryDoc> {
-        self.entries.values().cloned().collect()
-    }
-
-    /// The state a full plan describes; a field that does not parse is refused, named.
-    pub fn from_plan(session: u64, plan: &v1::NodePlan) -> Result<Self, BadField> {
+    /// The state a full plan describes; a field that does not decode is refused, named.
+    pub fn from_plan(session: u64, plan: &v2::NodePlan) -> Result<Self, BadField> {
+        let policies = convert::policies_from_wire(&plan.policies);
         let mut entries = BTreeMap::new();
         for e in &plan.entries {
-            let doc = EntryDoc::try_from(e)?;
-            entries.insert((doc.source, doc.destination), doc);
+            let entry = convert::entry_from_wire(e, &policies)?;
+            entries.insert(entry.key, entry);
         }
         Ok(NodeState {
             session,
@@ -115,42 +112,125 @@ impl NodeState {
                 .iter()
                 .map(GatewayDuty::try_from)
                 .collect::<Result<_, _>>()?,
-            cluster_cidrs: cluster_cidrs(&plan.cluster_cidrs)?,
-            guard: plan.guard.as_ref().map(crate::Guard::try_from).transpose()?,
+            cluster_cidrs: convert::prefixes_from_wire("cluster CIDR", &plan.cluster_cidrs)?,
+            guard: plan.guard.as_ref().map(Guard::try_from).transpose()?,
         })
     }
 
-    /// Applies a delta (the caller checks its base generation). On error the state may be half
-    /// updated: the session ends and the next one starts from a full plan.
-    pub fn apply(&mut self, delta: &v1::NodeDelta) -> Result<(), BadField> {
-        for k in &delta.removals {
-            self.entries.remove(&EntryKey::try_from(k)?);
+    /// Applies a delta in place (the session checked its base generation).
+    pub fn apply(&mut self, delta: StateDelta) {
+        for key in &delta.removals {
+            self.entries.remove(key);
         }
-        for e in &delta.upserts {
-            let doc = EntryDoc::try_from(e)?;
-            self.entries.insert((doc.source, doc.destination), doc);
+        for entry in delta.upserts {
+            self.entries.insert(entry.key, entry);
         }
-        self.serves = delta
-            .serves
-            .iter()
-            .map(GatewayDuty::try_from)
-            .collect::<Result<_, _>>()?;
-        self.cluster_cidrs = cluster_cidrs(&delta.cluster_cidrs)?;
-        self.guard = delta.guard.as_ref().map(crate::Guard::try_from).transpose()?;
+        self.serves = delta.serves;
+        self.cluster_cidrs = delta.cluster_cidrs;
+        self.guard = delta.guard;
         self.generation = delta.generation;
-        Ok(())
     }
 }
 
-fn cluster_cidrs(wire: &[String]) -> Result<Vec<IpNet>, BadField> {
-    wire.iter()
-        .map(|c| {
-            c.parse().map_err(|_| BadField {
-                field: "cluster CIDR",
-                value: c.clone(),
-            })
+/// A delta, decoded: what changes from generation `base` to `generation`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StateDelta {
+    pub generation: u64,
+    pub base: u64,
+    pub upserts: Vec<EgressEntry>,
+    pub removals: Vec<EntryKey>,
+    pub serves: Vec<GatewayDuty>,
+    pub cluster_cidrs: Vec<IpNet>,
+    pub guard: Option<Guard>,
+}
+
+impl TryFrom<&v2::NodeDelta> for StateDelta {
+    type Error = BadField;
+    fn try_from(delta: &v2::NodeDelta) -> Result<Self, BadField> {
+        let policies = convert::policies_from_wire(&delta.policies);
+        Ok(StateDelta {
+            generation: delta.generation,
+            base: delta.base_generation,
+            upserts: delta
+                .upserts
+                .iter()
+                .map(|e| convert::entry_from_wire(e, &policies))
+                .collect::<Result<_, _>>()?,
+            removals: delta
+                .removals
+                .iter()
+                .map(EntryKey::try_from)
+                .collect::<Result<_, _>>()?,
+            serves: delta
+                .serves
+                .iter()
+                .map(GatewayDuty::try_from)
+                .collect::<Result<_, _>>()?,
+            cluster_cidrs: convert::prefixes_from_wire("cluster CIDR", &delta.cluster_cidrs)?,
+            guard: delta.guard.as_ref().map(Guard::try_from).transpose()?,
         })
-        .collect()
+    }
+}
+
+/// What a session hands the datapath side, in the order received: a whole plan replaces the
+/// state, a delta changes it. The datapath side keeps the one copy of the state and folds these
+/// into it in place ([`fold`]), so a delta costs what it changes, not a copy of the state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Update {
+    Plan(NodeState),
+    Delta(StateDelta),
+}
+
+/// Folds updates, oldest first, into the datapath side's state.
+pub fn fold(state: &mut Option<NodeState>, updates: impl IntoIterator<Item = Update>) {
+    for update in updates {
+        match update {
+            Update::Plan(plan) => *state = Some(plan),
+            // A session sends a delta only on top of a plan it sent before, in this order.
+            Update::Delta(delta) => {
+                if let Some(s) = state.as_mut() {
+                    s.apply(delta);
+                }
+            }
+        }
+    }
+}
+
+/// The sending end, owned by the sessions ([`run`]).
+pub type UpdateSender = mpsc::UnboundedSender<Update>;
+
+/// The receiving end, owned by the datapath side.
+#[derive(Debug)]
+pub struct UpdateReceiver(mpsc::UnboundedReceiver<Update>);
+
+/// A channel of updates from the sessions to the datapath side. Unbounded: the operator sends a
+/// delta only when the plan changed, each as large as the change, and the datapath side takes
+/// everything pending at once ([`UpdateReceiver::next_batch`]).
+pub fn updates() -> (UpdateSender, UpdateReceiver) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (tx, UpdateReceiver(rx))
+}
+
+impl UpdateReceiver {
+    /// Waits for at least one update and returns every update pending; `None` once the sessions
+    /// are gone.
+    pub async fn next_batch(&mut self) -> Option<Vec<Update>> {
+        let first = self.0.recv().await?;
+        let mut batch = vec![first];
+        while let Ok(more) = self.0.try_recv() {
+            batch.push(more);
+        }
+        Some(batch)
+    }
+
+    /// Every update pending now, without waiting.
+    pub fn pending(&mut self) -> Vec<Update> {
+        let mut batch = Vec::new();
+        while let Ok(more) = self.0.try_recv() {
+            batch.push(more);
+        }
+        batch
+    }
 }
 
 /// The generation the datapath holds (of which session), and what it could not program.
@@ -158,7 +238,7 @@ fn cluster_cidrs(wire: &[String]) -> Result<Vec<IpNet>, BadField> {
 pub struct Applied {
     pub session: u64,
     pub generation: u64,
-    pub errors: Vec<v1::EntryError>,
+    pub errors: Vec<v2::EntryError>,
 }
 
 /// A number for a new session, never used before in this process (sessions start at 1; 0 is
@@ -169,7 +249,7 @@ pub fn next_session() -> u64 {
 }
 
 /// Builds the `Hello` of each connection (interfaces may have changed in between).
-pub type HelloFn = Arc<dyn Fn() -> v1::Hello + Send + Sync>;
+pub type HelloFn = Arc<dyn Fn() -> v2::Hello + Send + Sync>;
 
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
@@ -196,13 +276,13 @@ pub enum SessionError {
 pub async fn run(
     config: Config,
     hello: HelloFn,
-    plans: watch::Sender<Option<Arc<NodeState>>>,
+    updates: UpdateSender,
     mut applied: watch::Receiver<Applied>,
 ) {
     let mut backoff = config.backoff_min;
     loop {
         let started = Instant::now();
-        let err = session(&config, &hello, &plans, &mut applied).await;
+        let err = session(&config, &hello, &updates, &mut applied).await;
         let level_error = matches!(&err, SessionError::Status(s) if matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied));
         if level_error {
             tracing::error!(error = %err, "operator refused this shim");
@@ -268,10 +348,10 @@ pub async fn connect(config: &Config) -> Result<NodeChannelClient<tonic::transpo
 pub async fn session(
     config: &Config,
     hello: &HelloFn,
-    plans: &watch::Sender<Option<Arc<NodeState>>>,
+    updates: &UpdateSender,
     applied: &mut watch::Receiver<Applied>,
 ) -> SessionError {
-    match session_inner(config, hello, plans, applied).await {
+    match session_inner(config, hello, updates, applied).await {
         Ok(never) => match never {},
         Err(e) => e,
     }
@@ -280,7 +360,7 @@ pub async fn session(
 async fn session_inner(
     config: &Config,
     hello: &HelloFn,
-    plans: &watch::Sender<Option<Arc<NodeState>>>,
+    updates: &UpdateSender,
     applied: &mut watch::Receiver<Applied>,
 ) -> Result<std::convert::Infallible, SessionError> {
     let mut client = connect(config).await?;
@@ -299,18 +379,25 @@ async fn session_inner(
     }
     let mut inbound = client.sync(request).await?.into_inner();
 
+    // Heartbeats go out from a task of their own: decoding a plan of a million entries takes
+    // this loop away for seconds, and the operator must not take that for a dead shim.
+    let (interval_tx, interval_rx) = watch::channel(Duration::from_millis(250));
+    let mut heartbeats = AbortOnDrop(tokio::spawn(send_heartbeats(tx.clone(), interval_rx)));
+
     // Only what the datapath applied from this session's own plans is acknowledged: the
     // generation it held before may be another operator's, and equal to one of ours.
     let session = next_session();
-    let mut state: Option<NodeState> = None;
+    // The generation this session's updates bring the datapath side to.
+    let mut held: Option<u64> = None;
     // Chunks of a plan or delta not complete yet: dropped with the session if it ends mid-way.
     let mut assembler = Assembler::default();
     let mut acked: Option<u64> = None;
-    let mut interval = Duration::from_millis(250);
-    let mut ticker = tokio::time::interval(interval);
     let mut last_heard = Instant::now();
     loop {
+        let silence_limit = (*interval_tx.borrow() * 4).max(Duration::from_secs(1));
         tokio::select! {
+            // What the operator sent is read before its silence is judged.
+            biased;
             msg = inbound.message() => {
                 if !matches!(msg, Ok(Some(_))) && assembler.is_assembling() {
                     tracing::warn!(%node, "the stream ended within a chunked plan or delta: what arrived of it is dropped");
@@ -323,42 +410,33 @@ async fn session_inner(
                 };
                 match whole {
                     Some(Assembled { part: Part::Plan(plan), chunks }) => {
-                        let new = NodeState::from_plan(session, &plan)?;
-                        tracing::info!(%node, generation = plan.generation, entries = new.entries.len(), chunks, "plan received");
-                        if plan.heartbeat_interval_ms > 0 {
-                            let wanted = Duration::from_millis(u64::from(plan.heartbeat_interval_ms));
-                            if wanted != interval {
-                                interval = wanted;
-                                ticker = tokio::time::interval(interval);
-                            }
-                        }
-                        publish(plans, &new);
-                        state = Some(new);
+                        let wanted = plan.heartbeat_interval_ms;
+                        let generation = plan.generation;
+                        let new = decode(move || NodeState::from_plan(session, &plan)).await?;
+                        last_heard = Instant::now();
+                        tracing::info!(%node, generation, entries = new.entries.len(), chunks, "plan received");
+                        follow_interval(&interval_tx, wanted);
+                        held = Some(generation);
+                        send_update(updates, Update::Plan(new))?;
                     }
                     Some(Assembled { part: Part::Delta(delta), chunks }) => {
-                        let Some(s) = state.as_mut() else {
-                            return Err(SessionError::OutOfOrder { base: delta.base_generation, held: 0 });
-                        };
-                        if s.generation != delta.base_generation {
-                            return Err(SessionError::OutOfOrder { base: delta.base_generation, held: s.generation });
+                        let base = delta.base_generation;
+                        if held != Some(base) {
+                            return Err(SessionError::OutOfOrder { base, held: held.unwrap_or(0) });
                         }
-                        s.apply(&delta)?;
-                        tracing::debug!(%node, generation = delta.generation, upserts = delta.upserts.len(), removals = delta.removals.len(), chunks, "delta received");
-                        publish(plans, s);
+                        let wanted = delta.heartbeat_interval_ms;
+                        let (upserts, removals) = (delta.upserts.len(), delta.removals.len());
+                        let decoded = decode(move || StateDelta::try_from(&delta)).await?;
+                        last_heard = Instant::now();
+                        tracing::debug!(%node, generation = decoded.generation, upserts, removals, chunks, "delta received");
+                        follow_interval(&interval_tx, wanted);
+                        held = Some(decoded.generation);
+                        send_update(updates, Update::Delta(decoded))?;
                     }
                     None => {}
                 }
                 let a = applied.borrow().clone();
                 maybe_ack(&tx, &a, session, &mut acked).await?;
-            }
-            _ = ticker.tick() => {
-                let silent = last_heard.elapsed();
-                let limit = (interval * 4).max(Duration::from_secs(1));
-                if silent > limit {
-                    return Err(SessionError::Silent(silent));
-                }
-                let hb = shim_message::Message::Heartbeat(v1::Heartbeat { sent_unix_ms: unix_ms() });
-                tx.send(shim_msg(hb)).await.map_err(|_| SessionError::Closed)?;
             }
             changed = applied.changed() => {
                 if changed.is_err() {
@@ -367,26 +445,80 @@ async fn session_inner(
                 let a = applied.borrow_and_update().clone();
                 maybe_ack(&tx, &a, session, &mut acked).await?;
             }
+            () = tokio::time::sleep_until((last_heard + silence_limit).into()) => {
+                return Err(SessionError::Silent(last_heard.elapsed()));
+            }
+            // It ends only when the stream to the operator is closed.
+            _ = &mut heartbeats.0 => return Err(SessionError::Closed),
         }
     }
 }
 
-/// Publishes a state unless the datapath side already has exactly it.
-fn publish(plans: &watch::Sender<Option<Arc<NodeState>>>, new: &NodeState) {
-    plans.send_if_modified(|cur| {
-        if cur.as_deref() == Some(new) {
-            false
-        } else {
-            *cur = Some(Arc::new(new.clone()));
-            true
+/// Decodes a plan or delta on the blocking pool: a large one takes long enough to hold up the
+/// runtime's other tasks.
+async fn decode<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BadField> + Send + 'static,
+) -> Result<T, SessionError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SessionError::Config(format!("decoding: {e}")))?
+        .map_err(SessionError::Bad)
+}
+
+fn send_update(updates: &UpdateSender, update: Update) -> Result<(), SessionError> {
+    updates
+        .send(update)
+        .map_err(|_| SessionError::Config("the datapath side is gone".into()))
+}
+
+/// Takes the heartbeat interval the operator asks for (0: unchanged).
+fn follow_interval(interval: &watch::Sender<Duration>, wanted_ms: u32) {
+    if wanted_ms > 0 {
+        interval.send_if_modified(|cur| {
+            let wanted = Duration::from_millis(u64::from(wanted_ms));
+            (*cur != wanted).then(|| *cur = wanted).is_some()
+        });
+    }
+}
+
+/// Sends a heartbeat every interval (following changes of it) until the stream closes.
+async fn send_heartbeats(tx: mpsc::Sender<v2::ShimMessage>, mut interval: watch::Receiver<Duration>) {
+    loop {
+        let every = *interval.borrow_and_update();
+        let mut ticker = tokio::time::interval(every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    let hb = shim_message::Message::Heartbeat(v2::Heartbeat { sent_unix_ms: unix_ms() });
+                    if tx.send(shim_msg(hb)).await.is_err() {
+                        return;
+                    }
+                }
+                changed = interval.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
+            }
         }
-    });
+    }
+}
+
+/// A task aborted when the session that spawned it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Acknowledges what the datapath holds, if it applied it from this session and it was not
 /// acknowledged yet.
 async fn maybe_ack(
-    tx: &mpsc::Sender<v1::ShimMessage>,
+    tx: &mpsc::Sender<v2::ShimMessage>,
     applied: &Applied,
     session: u64,
     acked: &mut Option<u64>,
@@ -402,7 +534,7 @@ async fn maybe_ack(
             "more entry errors than an ack carries"
         );
     }
-    let ack = shim_message::Message::Ack(v1::Ack {
+    let ack = shim_message::Message::Ack(v2::Ack {
         generation: applied.generation,
         // The operator reads no more, and an ack must stay within its decode limit.
         errors: applied
@@ -415,6 +547,6 @@ async fn maybe_ack(
     tx.send(shim_msg(ack)).await.map_err(|_| SessionError::Closed)
 }
 
-fn shim_msg(m: shim_message::Message) -> v1::ShimMessage {
-    v1::ShimMessage { message: Some(m) }
+fn shim_msg(m: shim_message::Message) -> v2::ShimMessage {
+    v2::ShimMessage { message: Some(m) }
 }

@@ -2,7 +2,7 @@
 //!
 //! - [`plan`]: the plan document (`sluice-operator plan --output json`, read back by
 //!   `sluice-shim run --entries FILE`);
-//! - [`v1`]: the `sluice.v1` gRPC API (`proto/sluice/v1/node.proto`), by which the operator keeps
+//! - [`v2`]: the `sluice.v2` gRPC API (`proto/sluice/v2/node.proto`), by which the operator keeps
 //!   every shim's datapath equal to its node's part of the plan;
 //! - [`client`]: the shim's side of that channel (connect, hello, plan and deltas, acks,
 //!   heartbeats, reconnects), independent of the datapath so that tests can drive it;
@@ -15,14 +15,14 @@ pub mod convert;
 pub use sluice_core::plan;
 
 pub use plan::{
-    EntryDoc, GatewayDuty, GatewayReport, GatewaySlotDoc, GatewayTarget, Guard, NodePlanDoc, PlanDocument,
-    PolicyConflict, PolicyReport,
+    EgressEntry, EntryKey, GatewayDuty, GatewayReport, GatewaySlotRef, GatewayTarget, Guard, NodePlanDoc,
+    PlanDocument, PolicyConflict, PolicyReport,
 };
 
-/// The generated `sluice.v1` messages and services.
+/// The generated `sluice.v2` messages and services.
 #[allow(clippy::all, missing_docs)]
-pub mod v1 {
-    tonic::include_proto!("sluice.v1");
+pub mod v2 {
+    tonic::include_proto!("sluice.v2");
 }
 
 /// The metadata key carrying the shim's credentials (`Bearer <token>`).

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, pin::Pin};
 
 use sluice_proto::{
     client::{self, Config, SessionError},
-    v1::{
+    v2::{
         OperatorMessage, ShimMessage,
         node_channel_server::{NodeChannel, NodeChannelServer},
     },

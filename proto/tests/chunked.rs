@@ -12,11 +12,11 @@ use std::{
 
 use prost::Message as _;
 use sluice_proto::{
-    EntryDoc,
+    EgressEntry, EntryKey, GatewaySlotRef, GatewayTarget,
     chunk::{CHUNK_BUDGET, Chunks, Interleaved, Part, Which},
     client::{self, Applied, Config, HelloFn, NodeState, SessionError},
-    convert::EntryKey,
-    v1::{
+    convert::{self, PolicyNames},
+    v2::{
         self, OperatorMessage, ShimMessage,
         node_channel_server::{NodeChannel, NodeChannelServer},
         operator_message, shim_message,
@@ -102,7 +102,7 @@ impl NodeChannel for StandIn {
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let hb = OperatorMessage {
-                    message: Some(operator_message::Message::Heartbeat(v1::Heartbeat {
+                    message: Some(operator_message::Message::Heartbeat(v2::Heartbeat {
                         sent_unix_ms: 0,
                     })),
                 };
@@ -160,7 +160,7 @@ impl Operator {
 }
 
 fn hello() -> HelloFn {
-    Arc::new(|| v1::Hello {
+    Arc::new(|| v2::Hello {
         node: "node-a".into(),
         version: "test".into(),
         ..Default::default()
@@ -176,17 +176,20 @@ struct Shim {
 
 impl Shim {
     fn start(config: Config) -> Shim {
+        let (updates_tx, mut updates) = client::updates();
         let (plans_tx, plans) = watch::channel(None);
         let (applied_tx, applied_rx) = watch::channel(Applied::default());
-        let session = tokio::spawn(client::run(config, hello(), plans_tx, applied_rx));
+        let session = tokio::spawn(client::run(config, hello(), updates_tx, applied_rx));
         let seen: Arc<Mutex<Vec<Arc<NodeState>>>> = Arc::default();
-        let mut rx = plans.clone();
         let log = seen.clone();
         let applier = tokio::spawn(async move {
-            while rx.changed().await.is_ok() {
-                let Some(state) = rx.borrow_and_update().clone() else {
+            let mut state = None;
+            while let Some(batch) = updates.next_batch().await {
+                client::fold(&mut state, batch);
+                let Some(state) = state.clone().map(Arc::new) else {
                     continue;
                 };
+                plans_tx.send_replace(Some(state.clone()));
                 log.lock().unwrap().push(state.clone());
                 applied_tx.send_replace(Applied {
                     session: state.session,
@@ -231,42 +234,54 @@ impl Drop for Shim {
 }
 
 /// Entry `i` of a policy: pod `i / cidrs` to CIDR `i % cidrs` (as a SaaS allowlist makes them).
-fn entry(policy: &str, i: usize, cidrs: usize, octet: u8) -> v1::Entry {
+fn entry(policy: &str, i: usize, cidrs: usize, octet: u8) -> EgressEntry {
     let (pod, cidr) = (i / cidrs, i % cidrs);
-    v1::Entry {
-        source: format!("10.{}.{}.{}", 244 - pod / 65536 % 256, pod / 256 % 256, pod % 256),
-        destination: format!("{octet}.{}.{}.0/24", cidr / 256, cidr % 256),
-        gateway: "192.168.1.2".into(),
-        egress_ip: Some("203.0.113.10".into()),
-        gateway_entry: Some(0),
-        gateway_slot: Some(0),
+    EgressEntry {
+        key: EntryKey {
+            source: format!("10.{}.{}.{}", 244 - pod / 65536 % 256, pod / 256 % 256, pod % 256)
+                .parse()
+                .unwrap(),
+            destination: format!("{octet}.{}.{}.0/24", cidr / 256, cidr % 256)
+                .parse()
+                .unwrap(),
+        },
+        gateway: GatewayTarget::Node("192.168.1.2".parse().unwrap()),
+        egress_ip: Some("203.0.113.10".parse().unwrap()),
+        interface: None,
+        source_node_ip: None,
+        gateway_slot: Some(GatewaySlotRef { entry: 0, slot: 0 }),
         policy: policy.into(),
-        ..Default::default()
     }
 }
 
-fn plan(generation: u64, entries: Vec<v1::Entry>) -> v1::NodePlan {
-    v1::NodePlan {
+/// Entries as one plan or delta encodes them: with the list of the policies they name.
+fn encode(entries: &[EgressEntry]) -> (Vec<String>, Vec<v2::Entry>) {
+    let mut names = PolicyNames::default();
+    let wire = entries
+        .iter()
+        .map(|e| convert::entry_to_wire(e, &mut names))
+        .collect();
+    (names.into_wire(), wire)
+}
+
+fn plan(generation: u64, entries: &[EgressEntry]) -> v2::NodePlan {
+    let (policies, entries) = encode(entries);
+    v2::NodePlan {
         generation,
+        policies,
         entries,
         heartbeat_interval_ms: 100,
-        cluster_cidrs: vec!["10.244.0.0/16".into()],
-        guard: Some(v1::Guard {
-            destinations: vec!["192.0.2.0/24".into()],
-            decided_pods: vec!["10.244.0.1".into()],
+        cluster_cidrs: vec![convert::prefix_to_wire("10.244.0.0/16".parse().unwrap())],
+        guard: Some(v2::Guard {
+            destinations: vec![convert::prefix_to_wire("192.0.2.0/24".parse().unwrap())],
+            decided_pods: vec![convert::ip_to_wire("10.244.0.1".parse().unwrap())],
         }),
         ..Default::default()
     }
 }
 
-fn table(entries: &[v1::Entry]) -> BTreeMap<EntryKey, EntryDoc> {
-    entries
-        .iter()
-        .map(|e| {
-            let doc = EntryDoc::try_from(e).unwrap();
-            ((doc.source, doc.destination), doc)
-        })
-        .collect()
+fn table(entries: &[EgressEntry]) -> BTreeMap<EntryKey, EgressEntry> {
+    entries.iter().map(|e| (e.key, e.clone())).collect()
 }
 
 #[tokio::test]
@@ -275,9 +290,9 @@ async fn a_plan_of_150000_entries_and_a_delta_of_100000_upserts_arrive_whole() {
     let shim = Shim::start(op.config());
     let mut s = op.session().await;
 
-    let entries: Vec<v1::Entry> = (0..150_000).map(|i| entry("saas", i, 1000, 100)).collect();
-    let whole = plan(5, entries.clone());
-    let bytes = v1::OperatorMessage::from(Part::Plan(whole.clone())).encoded_len();
+    let entries: Vec<EgressEntry> = (0..150_000).map(|i| entry("saas", i, 1000, 100)).collect();
+    let whole = plan(5, &entries);
+    let bytes = v2::OperatorMessage::from(Part::Plan(whole.clone())).encoded_len();
     assert!(bytes > 4 << 20, "more than tonic's default limit: {bytes} bytes");
     let chunks = s.send(Part::Plan(whole), CHUNK_BUDGET, None).await;
     assert!(
@@ -291,20 +306,25 @@ async fn a_plan_of_150000_entries_and_a_delta_of_100000_upserts_arrive_whole() {
     s.acked(5).await;
 
     // 100 more pods, each to the 1,000 CIDRs of a second policy.
-    let upserts: Vec<v1::Entry> = (0..100_000)
+    let upserts: Vec<EgressEntry> = (0..100_000)
         .map(|i| entry("saas-2", 150_000 + i, 1000, 101))
         .collect();
-    let delta = v1::NodeDelta {
+    let (policies, wire) = encode(&upserts);
+    let delta = v2::NodeDelta {
         generation: 6,
         base_generation: 5,
-        upserts: upserts.clone(),
-        cluster_cidrs: vec!["10.244.0.0/16".into()],
-        guard: Some(v1::Guard::default()),
+        policies,
+        upserts: wire,
+        cluster_cidrs: vec![convert::prefix_to_wire("10.244.0.0/16".parse().unwrap())],
+        guard: Some(v2::Guard::default()),
         ..Default::default()
     };
-    let bytes = v1::OperatorMessage::from(Part::Delta(delta.clone())).encoded_len();
-    assert!(bytes > 4 << 20, "{bytes} bytes");
-    s.send(Part::Delta(delta), CHUNK_BUDGET, None).await;
+    let bytes = v2::OperatorMessage::from(Part::Delta(delta.clone())).encoded_len();
+    let chunks = s.send(Part::Delta(delta), CHUNK_BUDGET, None).await;
+    assert!(
+        chunks >= bytes / CHUNK_BUDGET && chunks > 2,
+        "{chunks} chunks for {bytes} bytes"
+    );
     let after = shim.wait_generation(6).await;
     let mut want = table(&entries);
     want.extend(table(&upserts));
@@ -325,23 +345,20 @@ async fn a_stream_cut_within_a_plan_or_delta_leaves_the_previous_state() {
 
     // Session 1: a whole plan, then half a delta, then the stream breaks.
     let mut s1 = op.session().await;
-    let p1: Vec<v1::Entry> = (0..3000).map(|i| entry("p", i, 100, 100)).collect();
-    let chunks = s1.send(Part::Plan(plan(1, p1.clone())), BUDGET, None).await;
+    let p1: Vec<EgressEntry> = (0..3000).map(|i| entry("p", i, 100, 100)).collect();
+    let chunks = s1.send(Part::Plan(plan(1, &p1)), BUDGET, None).await;
     assert!(chunks > 10, "{chunks}");
     let first = shim.wait_generation(1).await;
     assert_eq!(first.entries, table(&p1));
     s1.acked(1).await;
-    let delta = v1::NodeDelta {
+    let q: Vec<EgressEntry> = (0..3000).map(|i| entry("q", i, 100, 101)).collect();
+    let (policies, upserts) = encode(&q);
+    let delta = v2::NodeDelta {
         generation: 2,
         base_generation: 1,
-        upserts: (0..3000).map(|i| entry("q", i, 100, 101)).collect(),
-        removals: p1[..1500]
-            .iter()
-            .map(|e| v1::EntryKey {
-                source: e.source.clone(),
-                destination: e.destination.clone(),
-            })
-            .collect(),
+        policies,
+        upserts,
+        removals: p1[..1500].iter().map(|e| v2::EntryKey::from(&e.key)).collect(),
         ..Default::default()
     };
     let total = Chunks::new(Part::Delta(delta.clone()), BUDGET).count();
@@ -353,9 +370,9 @@ async fn a_stream_cut_within_a_plan_or_delta_leaves_the_previous_state() {
     // stream closes cleanly.
     let s2 = op.session().await;
     assert_eq!(shim.state(), Some(first.clone()), "session 1's whole plan");
-    let p3: Vec<v1::Entry> = (0..3000).map(|i| entry("r", i, 100, 102)).collect();
-    let total = Chunks::new(Part::Plan(plan(3, p3.clone())), BUDGET).count();
-    s2.send(Part::Plan(plan(3, p3)), BUDGET, Some(total - 1)).await;
+    let p3: Vec<EgressEntry> = (0..3000).map(|i| entry("r", i, 100, 102)).collect();
+    let total = Chunks::new(Part::Plan(plan(3, &p3)), BUDGET).count();
+    s2.send(Part::Plan(plan(3, &p3)), BUDGET, Some(total - 1)).await;
     s2.heartbeats.abort();
     drop(s2);
 
@@ -363,8 +380,8 @@ async fn a_stream_cut_within_a_plan_or_delta_leaves_the_previous_state() {
     assert_eq!(shim.state(), Some(first.clone()), "still session 1's whole plan");
 
     // A whole plan is taken again.
-    let p4: Vec<v1::Entry> = (0..3000).map(|i| entry("s", i, 100, 103)).collect();
-    s3.send(Part::Plan(plan(4, p4.clone())), BUDGET, None).await;
+    let p4: Vec<EgressEntry> = (0..3000).map(|i| entry("s", i, 100, 103)).collect();
+    s3.send(Part::Plan(plan(4, &p4)), BUDGET, None).await;
     assert_eq!(shim.wait_generation(4).await.entries, table(&p4));
     s3.acked(4).await;
     let seen: Vec<u64> = shim.seen.lock().unwrap().iter().map(|s| s.generation).collect();
@@ -375,20 +392,18 @@ async fn a_stream_cut_within_a_plan_or_delta_leaves_the_previous_state() {
 async fn a_chunk_of_another_generation_ends_the_session_with_a_protocol_error() {
     let mut op = Operator::start().await;
     let config = op.config();
-    let (plans, _) = watch::channel(None);
+    let (plans, mut received) = client::updates();
     let (_applied_tx, mut applied) = watch::channel(Applied::default());
     let hello = hello();
     let shim = tokio::spawn(async move {
         let err = client::session(&config, &hello, &plans, &mut applied).await;
-        (err, plans.borrow().clone())
+        (err, received.pending())
     });
     let s = op.session().await;
-    let entries: Vec<v1::Entry> = (0..1000).map(|i| entry("p", i, 100, 100)).collect();
-    let first = Chunks::new(Part::Plan(plan(7, entries.clone())), 4096)
-        .next()
-        .unwrap();
+    let entries: Vec<EgressEntry> = (0..1000).map(|i| entry("p", i, 100, 100)).collect();
+    let first = Chunks::new(Part::Plan(plan(7, &entries)), 4096).next().unwrap();
     assert!(first.continued());
-    let other = Chunks::new(Part::Plan(plan(8, entries)), 4096).nth(1).unwrap();
+    let other = Chunks::new(Part::Plan(plan(8, &entries)), 4096).nth(1).unwrap();
     s.tx.send(Ok(first.into())).await.unwrap();
     s.tx.send(Ok(other.into())).await.unwrap();
 
@@ -412,5 +427,42 @@ async fn a_chunk_of_another_generation_ends_the_session_with_a_protocol_error() 
         text.contains("protocol error") && text.contains("generation 7") && text.contains("generation 8"),
         "{text}"
     );
-    assert!(published.is_none(), "nothing of it was published");
+    assert!(published.is_empty(), "nothing of it was published");
+}
+
+/// A delta can change how often the shim heartbeats (a node that stops being a possible gateway
+/// is asked for fewer); the shim follows it without a new session.
+#[tokio::test]
+async fn the_heartbeat_interval_follows_plans_and_deltas() {
+    let mut op = Operator::start().await;
+    let shim = Shim::start(op.config());
+    let mut s = op.session().await;
+    let heartbeats_within = async |s: &mut Session, window: Duration| {
+        let end = Instant::now() + window;
+        let mut n = 0;
+        while let Ok(Some(m)) = tokio::time::timeout_at(end.into(), s.inbound.recv()).await {
+            n += usize::from(matches!(m.message, Some(shim_message::Message::Heartbeat(_))));
+        }
+        n
+    };
+    // The plan asks for 100 ms.
+    s.send(Part::Plan(plan(1, &[entry("p", 0, 1, 100)])), CHUNK_BUDGET, None)
+        .await;
+    shim.wait_generation(1).await;
+    let fast = heartbeats_within(&mut s, Duration::from_secs(1)).await;
+    // A delta asks for 5 s.
+    let delta = v2::NodeDelta {
+        generation: 2,
+        base_generation: 1,
+        heartbeat_interval_ms: 5000,
+        ..Default::default()
+    };
+    s.send(Part::Delta(delta), CHUNK_BUDGET, None).await;
+    let second = shim.wait_generation(2).await;
+    // The first beat of the new interval goes at once; then none for 5 s.
+    heartbeats_within(&mut s, Duration::from_millis(200)).await;
+    let slow = heartbeats_within(&mut s, Duration::from_secs(2)).await;
+    assert!(fast >= 5, "{fast} heartbeats in a second at 100 ms");
+    assert_eq!(slow, 0, "no heartbeat within 2 s at 5 s");
+    assert_eq!(shim.state().map(|s| s.session), Some(second.session));
 }

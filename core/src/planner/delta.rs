@@ -1,40 +1,11 @@
-//! What the planner hands out: datapath entries, and per node what a change did to them.
+//! What the planner hands out: per node, what a change did to its datapath entries.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
     sync::Arc,
 };
 
-use ipnet::IpNet;
-
-use crate::plan::GatewayTarget;
-
-/// The key of a datapath entry: source IP (exact) and destination prefix (longest match).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct EntryKey {
-    pub source: IpAddr,
-    pub destination: IpNet,
-}
-
-/// One entry of one node's datapath.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EgressEntry {
-    pub key: EntryKey,
-    pub gateway: GatewayTarget,
-    /// Set on the gateway node's own entries, when the address is known.
-    pub egress_ip: Option<IpAddr>,
-    /// Set on the gateway node's own entries, when the interface is known.
-    pub interface: Option<Arc<str>>,
-    /// Set on the gateway node's entries for pods of other nodes: the underlay address of the
-    /// pod's node, the only outer source the gateway accepts this (source, destination) from.
-    pub source_node_ip: Option<IpAddr>,
-    /// For entries steering to a gateway: the policy's gateway entry and slot it fills. Both
-    /// nodes keep it in their datapath, so that after an operator restart what the datapath
-    /// holds tells the new leader who fills which slot.
-    pub gateway_slot: Option<(usize, usize)>,
-    pub policy: Arc<str>,
-}
+pub use crate::plan::{EgressEntry, EntryKey};
 
 /// What changed for one node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -38,6 +38,8 @@ use std::{
 
 use ipnet::IpNet;
 
+pub use crate::plan::GatewayDuty;
+
 pub use self::{
     delta::{EgressEntry, EntryKey, NodeDelta, PlanDelta},
     gateways::ActiveGateway,
@@ -67,14 +69,6 @@ pub enum Change {
     RemovePod(String),
     UpsertPolicy(PolicyInput),
     RemovePolicy(String),
-}
-
-/// One policy a node is an active gateway for.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GatewayDuty {
-    pub policy: Arc<str>,
-    pub egress_ips: Vec<IpAddr>,
-    pub interface: Option<Arc<str>>,
 }
 
 /// The incremental planner. See the module documentation.

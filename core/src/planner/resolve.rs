@@ -11,7 +11,11 @@ use super::{
     delta::{EgressEntry, EntryKey, PlanDelta},
     gateways::{ActiveGateway, assign},
 };
-use crate::{api::FailurePolicy, plan::GatewayTarget, policy::PolicyConfig};
+use crate::{
+    api::FailurePolicy,
+    plan::{GatewaySlotRef, GatewayTarget},
+    policy::PolicyConfig,
+};
 
 /// One policy's claim on a key.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,7 +70,10 @@ impl Resolved {
                 GatewayTarget::Node(g.ip),
                 g.egress_for(key.source),
                 g.interface.clone(),
-                Some((g.entry, g.slot)),
+                Some(GatewaySlotRef {
+                    entry: g.entry as u32,
+                    slot: g.slot as u32,
+                }),
             ),
             Target::None => (GatewayTarget::None, None, None, None),
             Target::Fallback => (GatewayTarget::Fallback, None, None, None),

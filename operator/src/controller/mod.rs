@@ -101,14 +101,16 @@ impl Config {
     }
 }
 
-/// Runs the Kubernetes layer until the engine drops its ends of the channels (then `Ok`).
+/// Runs the Kubernetes layer until the engine drops its ends of the channels. Nothing else ends
+/// it: failed watches are retried with backoff, failed status writes and Events are logged,
+/// counted and (status) retried.
 ///
 /// Called by `sluice-operator run --source kubernetes`:
 /// ```ignore
 /// let election = controller::leader::LeaderElection::start(client.clone(), lease, Some(metrics.clone()));
 /// let mut config = controller::Config::new(election.leading(), std::env::var("POD_NAME").ok());
 /// config.metrics = metrics; // from metrics::ControllerMetrics::register(&mut registry)
-/// controller::run(client, config, sources_tx, updates_rx, notices_rx).await?;
+/// controller::run(client, config, sources_tx, updates_rx, notices_rx).await;
 /// ```
 /// `sources` receives every object as a [`Change`] (policies with `retained_gateways` seeded from
 /// their `status.gateways`, i.e. the last leader's choice), and the Service CIDRs as one
@@ -121,7 +123,7 @@ pub async fn run(
     sources: mpsc::Sender<SourceEvent>,
     updates: mpsc::Receiver<StatusUpdate>,
     notices: mpsc::Receiver<Notice>,
-) -> anyhow::Result<()> {
+) {
     let policies = PolicyCache::default();
     let watching = Watchers::new(sources, policies.clone(), config.metrics.clone())
         .run(streams(&client, &config.watcher));
@@ -137,8 +139,7 @@ pub async fn run(
     let writing = writer.run(updates, config.leading.clone(), config.retry_after);
     let recorder = Recorder::new(client, config.reporter.clone());
     let publishing = publish_notices(recorder, notices, config.leading, policies, config.metrics);
-    tokio::try_join!(watching, writing, publishing)?;
-    Ok(())
+    tokio::join!(watching, writing, publishing);
 }
 
 /// What the watchers know of a policy that the writers need.
@@ -345,7 +346,7 @@ impl Watchers {
         }
     }
 
-    async fn run(mut self, mut events: BoxStream<'static, Watched>) -> anyhow::Result<()> {
+    async fn run(mut self, mut events: BoxStream<'static, Watched>) {
         while let Some((kind, event)) = events.next().await {
             let started = Instant::now();
             let result = match event {
@@ -360,13 +361,12 @@ impl Watchers {
                 }
             };
             if result.is_err() {
-                return Ok(());
+                return;
             }
             self.metrics
                 .reconcile_seconds
                 .observe(started.elapsed().as_secs_f64());
         }
-        Ok(())
     }
 
     fn count(&self, kind: Kind, event: &'static str) {
@@ -646,14 +646,14 @@ impl StatusWriter {
         mut updates: mpsc::Receiver<StatusUpdate>,
         mut leading: watch::Receiver<bool>,
         retry_after: Duration,
-    ) -> anyhow::Result<()> {
+    ) {
         let mut election_open = true;
         let mut retry = tokio::time::interval_at(Instant::now() + retry_after, retry_after);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 update = updates.recv() => {
-                    let Some(update) = update else { return Ok(()) };
+                    let Some(update) = update else { return };
                     // Coalesce: of the updates already queued, only each policy's latest is
                     // written.
                     let mut names = vec![update.outcome.name.clone()];
@@ -817,7 +817,7 @@ async fn publish_notices(
     leading: watch::Receiver<bool>,
     policies: PolicyCache,
     metrics: ControllerMetrics,
-) -> anyhow::Result<()> {
+) {
     while let Some(notice) = notices.recv().await {
         let (policy, type_, reason, action, mut note) = notice_event(&notice);
         tracing::info!(policy, reason, note, "notice");
@@ -862,5 +862,4 @@ async fn publish_notices(
             .get_or_create(&[("reason", reason), ("result", result)])
             .inc();
     }
-    Ok(())
 }

@@ -1,0 +1,321 @@
+//! What the engine tells the rest of the operator about policies: their status (for the status
+//! writer, only when it changes) and notices (for Events: gateways changed, failovers,
+//! rejections, each once).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+    time::Instant,
+};
+
+use super::EngineMetrics;
+use crate::{
+    live::{Behind, NodeBehind, Notice, StatusUpdate},
+    planner::PolicyOutcome,
+};
+
+#[derive(Default)]
+pub(super) struct Notices {
+    /// Per policy, its gateway nodes as last noticed.
+    gateways: BTreeMap<String, Vec<String>>,
+    /// Per rejected policy, the reason and message last noticed.
+    rejected: HashMap<String, (String, String)>,
+    /// Policies whose status may have changed since the last [`Notices::take_dirty`].
+    dirty: BTreeSet<String>,
+    last_status: HashMap<String, StatusUpdate>,
+    status_out: Vec<StatusUpdate>,
+    notices_out: Vec<Notice>,
+}
+
+impl Notices {
+    /// `policy`'s status may have changed.
+    pub fn touch(&mut self, policy: &str) {
+        if !self.dirty.contains(policy) {
+            self.dirty.insert(policy.to_owned());
+        }
+    }
+
+    pub fn touch_all<'a>(&mut self, policies: impl IntoIterator<Item = &'a Arc<str>>) {
+        for p in policies {
+            self.touch(p);
+        }
+    }
+
+    /// The policies whose status may have changed, for the caller to add to.
+    pub fn dirty_mut(&mut self) -> &mut BTreeSet<String> {
+        &mut self.dirty
+    }
+
+    pub fn take_dirty(&mut self) -> BTreeSet<String> {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// `policy` changed (`None`: it is gone): notices its rejection, and the change of its
+    /// gateways, as a failover where a gateway it lost is among `lost` (node -> last heard
+    /// from). Returns the nodes whose gateway duties may have changed.
+    pub fn policy_changed(
+        &mut self,
+        policy: &str,
+        outcome: Option<&PolicyOutcome>,
+        lost: &HashMap<String, Instant>,
+        now: Instant,
+        metrics: &EngineMetrics,
+    ) -> Vec<String> {
+        self.touch(policy);
+        let Some(outcome) = outcome else {
+            self.rejected.remove(policy);
+            self.last_status.remove(policy);
+            return self.gateways.remove(policy).unwrap_or_default();
+        };
+        match &outcome.accepted {
+            Err(e) => {
+                let now_rejected = (e.reason.to_owned(), e.message.clone());
+                if self.rejected.get(policy) != Some(&now_rejected) {
+                    self.notices_out.push(Notice::Rejected {
+                        policy: policy.to_owned(),
+                        reason: now_rejected.0.clone(),
+                        message: now_rejected.1.clone(),
+                    });
+                    self.rejected.insert(policy.to_owned(), now_rejected);
+                }
+            }
+            Ok(()) => {
+                self.rejected.remove(policy);
+            }
+        }
+        let new: Vec<String> = outcome.gateways.iter().map(|g| g.node.to_string()).collect();
+        let old = self.gateways.get(policy).cloned().unwrap_or_default();
+        if new == old {
+            return Vec::new();
+        }
+        let mut failed_over = false;
+        for gone in old.iter().filter(|n| !new.contains(n)) {
+            let Some(last_seen) = lost.get(gone) else {
+                continue;
+            };
+            let took = now.saturating_duration_since(*last_seen);
+            let replacement = new.iter().find(|n| !old.contains(n)).cloned();
+            tracing::warn!(%policy, lost = %gone, ?replacement, ?took, "gateway failover");
+            metrics.failovers.inc();
+            metrics.failover_seconds.observe(took.as_secs_f64());
+            self.notices_out.push(Notice::Failover {
+                policy: policy.to_owned(),
+                lost: gone.clone(),
+                replacement,
+                took,
+            });
+            failed_over = true;
+        }
+        if !failed_over {
+            tracing::info!(%policy, ?old, ?new, "gateways changed");
+            self.notices_out.push(Notice::GatewaysChanged {
+                policy: policy.to_owned(),
+                from: old.clone(),
+                to: new.clone(),
+            });
+        }
+        let mut duties = old;
+        duties.extend(new.iter().cloned());
+        self.gateways.insert(policy.to_owned(), new);
+        duties
+    }
+
+    /// The status of the policy of `outcome`, from how each node that must hold its entries
+    /// stands (`None`: programmed): written only when it differs from the last.
+    pub fn status<'a>(
+        &mut self,
+        outcome: PolicyOutcome,
+        nodes: impl IntoIterator<Item = (&'a Arc<str>, Option<Behind>)>,
+    ) {
+        let (mut to_program, mut programmed) = (0, 0);
+        let mut behind = Vec::new();
+        for (node, why) in nodes {
+            to_program += 1;
+            let Some(why) = why else {
+                programmed += 1;
+                continue;
+            };
+            if behind.len() < StatusUpdate::MAX_BEHIND {
+                behind.push(NodeBehind {
+                    node: node.to_string(),
+                    why,
+                });
+            }
+        }
+        let update = StatusUpdate {
+            outcome,
+            programmed,
+            to_program,
+            behind,
+        };
+        if self.last_status.get(&update.outcome.name) != Some(&update) {
+            self.last_status
+                .insert(update.outcome.name.clone(), update.clone());
+            self.status_out.push(update);
+        }
+    }
+
+    /// Status updates collected since the last call.
+    pub fn take_status(&mut self) -> Vec<StatusUpdate> {
+        std::mem::take(&mut self.status_out)
+    }
+
+    /// Notices collected since the last call.
+    pub fn take_notices(&mut self) -> Vec<Notice> {
+        std::mem::take(&mut self.notices_out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::IpAddr, time::Duration};
+
+    use super::*;
+    use crate::{planner::ActiveGateway, policy::PolicyError};
+
+    fn outcome(gateways: &[&str]) -> PolicyOutcome {
+        PolicyOutcome {
+            name: "p".into(),
+            generation: Some(1),
+            accepted: Ok(()),
+            gateways: gateways
+                .iter()
+                .enumerate()
+                .map(|(slot, node)| ActiveGateway {
+                    entry: 0,
+                    slot,
+                    node: (*node).into(),
+                    ip: IpAddr::from([192, 168, 0, slot as u8 + 1]),
+                    egress_v4: None,
+                    egress_v6: None,
+                    interface: None,
+                })
+                .collect(),
+            matched_endpoints: 1,
+            conflicts: vec![],
+            gateway_diagnosis: vec![],
+        }
+    }
+
+    fn rejected(message: &str) -> PolicyOutcome {
+        PolicyOutcome {
+            accepted: Err(PolicyError {
+                reason: "InvalidSpec",
+                message: message.into(),
+            }),
+            ..outcome(&[])
+        }
+    }
+
+    #[test]
+    fn gateway_changes_are_noticed_once_and_a_lost_gateway_as_a_failover() {
+        let (mut n, metrics, t0) = (Notices::default(), EngineMetrics::default(), Instant::now());
+        let none = HashMap::new();
+        let mut duties = n.policy_changed("p", Some(&outcome(&["g1"])), &none, t0, &metrics);
+        assert_eq!(duties, ["g1"]);
+        assert_eq!(
+            n.take_notices(),
+            [Notice::GatewaysChanged {
+                policy: "p".into(),
+                from: vec![],
+                to: vec!["g1".into()],
+            }]
+        );
+        assert!(
+            n.policy_changed("p", Some(&outcome(&["g1"])), &none, t0, &metrics)
+                .is_empty()
+        );
+        assert!(
+            n.take_notices().is_empty(),
+            "the same gateways again: nothing to say"
+        );
+
+        let lost = HashMap::from([("g1".to_owned(), t0)]);
+        duties = n.policy_changed(
+            "p",
+            Some(&outcome(&["g2"])),
+            &lost,
+            t0 + Duration::from_millis(1200),
+            &metrics,
+        );
+        duties.sort();
+        assert_eq!(
+            duties,
+            ["g1", "g2"],
+            "both the old and the new gateway's duties change"
+        );
+        assert_eq!(
+            n.take_notices(),
+            [Notice::Failover {
+                policy: "p".into(),
+                lost: "g1".into(),
+                replacement: Some("g2".into()),
+                took: Duration::from_millis(1200),
+            }]
+        );
+        assert_eq!(metrics.failovers.get(), 1);
+
+        // Gone: its gateways let go, and nothing is noticed.
+        assert_eq!(n.policy_changed("p", None, &none, t0, &metrics), ["g2"]);
+        assert!(n.take_notices().is_empty());
+    }
+
+    #[test]
+    fn a_rejection_is_noticed_once_per_reason() {
+        let (mut n, metrics, t0) = (Notices::default(), EngineMetrics::default(), Instant::now());
+        let none = HashMap::new();
+        for _ in 0..3 {
+            n.policy_changed("p", Some(&rejected("bad CIDR")), &none, t0, &metrics);
+        }
+        n.policy_changed("p", Some(&rejected("worse CIDR")), &none, t0, &metrics);
+        let messages: Vec<String> = n
+            .take_notices()
+            .into_iter()
+            .map(|notice| match notice {
+                Notice::Rejected { message, .. } => message,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(messages, ["bad CIDR", "worse CIDR"]);
+        // Accepted, then rejected again for the same reason: noticed again.
+        n.policy_changed("p", Some(&outcome(&[])), &none, t0, &metrics);
+        n.policy_changed("p", Some(&rejected("worse CIDR")), &none, t0, &metrics);
+        assert_eq!(n.take_notices().len(), 1);
+    }
+
+    #[test]
+    fn status_is_written_when_it_changes_and_names_a_few_nodes_behind() {
+        let mut n = Notices::default();
+        let names: Vec<Arc<str>> = (0..8).map(|i| Arc::from(format!("n{i}"))).collect();
+        let pending = |programmed: usize| {
+            names
+                .iter()
+                .enumerate()
+                .map(move |(i, node)| (node, (i >= programmed).then_some(Behind::Pending)))
+        };
+        n.status(outcome(&["g1"]), pending(0));
+        let written = n.take_status();
+        assert_eq!(written.len(), 1);
+        assert_eq!((written[0].programmed, written[0].to_program), (0, 8));
+        assert_eq!(written[0].behind.len(), StatusUpdate::MAX_BEHIND);
+        assert_eq!(written[0].behind[0].node, "n0");
+
+        n.status(outcome(&["g1"]), pending(0));
+        assert!(n.take_status().is_empty(), "unchanged: not written again");
+        n.status(outcome(&["g1"]), pending(8));
+        let written = n.take_status();
+        assert_eq!((written[0].programmed, written[0].behind.len()), (8, 0));
+
+        // A policy that goes and comes back has its status written again.
+        n.policy_changed(
+            "p",
+            None,
+            &HashMap::new(),
+            Instant::now(),
+            &EngineMetrics::default(),
+        );
+        assert_eq!(n.take_dirty(), BTreeSet::from(["p".to_owned()]));
+        n.status(outcome(&["g1"]), pending(8));
+        assert_eq!(n.take_status().len(), 1);
+    }
+}
