@@ -1370,3 +1370,68 @@ async fn nodes_that_cannot_be_gateways_heartbeat_slowly() {
         "node-a's session lasted"
     );
 }
+
+/// During an upgrade from a release that spoke sluice.v1, the old shims are kept alive over it:
+/// a gateway whose shim is still the old one keeps its duty (and is sent no plan).
+#[tokio::test]
+async fn a_shim_of_the_previous_release_keeps_its_gateway_during_an_upgrade() {
+    use sluice_proto::v1;
+    let mut op = Operator::start(tokens(), None, Duration::from_millis(300)).await;
+    op.load(manifests("")).await;
+    op.synced().await;
+    // node-b's shim is an old one; node-c has none; node-a's is current.
+    let mut client = v1::node_channel_client::NodeChannelClient::connect(op.url())
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(v1::ShimMessage {
+        message: Some(v1::shim_message::Message::Hello(v1::Hello {
+            node: "node-b".into(),
+            version: "0.0.9".into(),
+            interfaces: vec![v1::Interface {
+                name: "eth0".into(),
+                addresses: vec!["203.0.113.10".into()],
+            }],
+            default_route_interface: Some("eth0".into()),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let beats = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let hb = v1::ShimMessage {
+                message: Some(v1::shim_message::Message::Heartbeat(v1::Heartbeat {
+                    sent_unix_ms: 0,
+                })),
+            };
+            if tx.send(hb).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert("authorization", "Bearer token-node-b".parse().unwrap());
+    let mut inbound = client.sync(req).await.unwrap().into_inner();
+    let a = Shim::start(config(&op, "node-a"), "node-a", Maps::default());
+    a.wait("checkout-1 steered to node-b", |s| {
+        gateway_of(s, "10.244.1.10") == Some(node_b())
+    })
+    .await;
+    // Many grace periods later node-b is still the gateway, and its shim got heartbeats only.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(gateway_of(&a.state().unwrap(), "10.244.1.10"), Some(node_b()));
+    let mut heartbeats = 0;
+    let end = Instant::now() + Duration::from_millis(500);
+    while let Ok(Ok(Some(m))) = tokio::time::timeout_at(end.into(), inbound.message()).await {
+        assert!(
+            matches!(m.message, Some(v1::operator_message::Message::Heartbeat(_))),
+            "{m:?}"
+        );
+        heartbeats += 1;
+    }
+    assert!(heartbeats > 0);
+    beats.abort();
+}

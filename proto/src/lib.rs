@@ -19,6 +19,13 @@ pub use plan::{
     PlanDocument, PolicyConflict, PolicyReport,
 };
 
+/// The previous node channel, `sluice.v1`: only what an operator needs to keep a shim of the
+/// previous release alive during an upgrade (its hello and heartbeats). Nothing else speaks it.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("sluice.v1");
+}
+
 /// The generated `sluice.v2` messages and services.
 #[allow(clippy::all, missing_docs)]
 pub mod v2 {

@@ -52,11 +52,15 @@ use crate::{
 
 pub use crate::tls::Tls;
 
+mod legacy;
+
 /// The `NodeChannel` service.
+#[derive(Clone)]
 pub struct NodeService {
     hub: Arc<Hub>,
     verifier: Arc<dyn TokenVerifier>,
-    sessions: AtomicU64,
+    /// Session numbers, shared with the legacy channel: unique across both.
+    sessions: Arc<AtomicU64>,
     live: Arc<LiveSessions>,
     hello_timeout: Duration,
     chunk_budget: usize,
@@ -67,7 +71,7 @@ impl NodeService {
         NodeService {
             hub,
             verifier,
-            sessions: AtomicU64::new(0),
+            sessions: Arc::default(),
             live: Arc::default(),
             hello_timeout: Duration::from_secs(10),
             chunk_budget: chunk::CHUNK_BUDGET,
@@ -134,6 +138,7 @@ pub async fn serve_with(
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .add_service(legacy::LegacyNodeService(service.clone()).into_server())
         .add_service(service.into_server());
     // The builder's TCP options apply only to listeners it binds itself.
     let incoming = TcpIncoming::from(listener)
@@ -174,7 +179,7 @@ pub enum ServeError {
 
 type OutStream = Pin<Box<dyn Stream<Item = Result<v2::OperatorMessage, Status>> + Send>>;
 
-fn bearer(request: &Request<Streaming<ShimMessage>>) -> Result<Option<String>, Status> {
+fn bearer<T>(request: &Request<T>) -> Result<Option<String>, Status> {
     let Some(value) = request.metadata().get(sluice_proto::AUTHORIZATION) else {
         return Ok(None);
     };
