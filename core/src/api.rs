@@ -20,6 +20,8 @@ pub const VERSION: &str = "v1alpha1";
 
 /// Condition type: the spec is valid and the policy takes part in planning.
 pub const CONDITION_ACCEPTED: &str = "Accepted";
+/// Condition type: the policy's selectors match at least one pod (False means it steers nothing).
+pub const CONDITION_PODS_SELECTED: &str = "PodsSelected";
 /// Condition type: at least one usable gateway node serves the policy.
 pub const CONDITION_GATEWAY_SELECTED: &str = "GatewaySelected";
 /// Condition type: every node that must hold entries of the policy has acknowledged them.
@@ -175,7 +177,7 @@ pub struct EgressGatewayPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// `Accepted`, `GatewaySelected` and `Programmed`.
+    /// `Accepted`, `PodsSelected`, `GatewaySelected` and `Programmed`.
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,

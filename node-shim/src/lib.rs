@@ -7,7 +7,8 @@
 //! - [`run`]: the agent loop; [`client`]: the node channel to the operator (`run --operator`); [`bpf`]: the `bpf list` / `bpf counters` views;
 //! - [`nat`], [`egress_route`], [`netdev`], [`netlink`]: the kernel side (nftables, egress policy
 //!   routing, links and addresses, tunnel device, sysctls; everything but the nftables ruleset,
-//!   which `nft -f` applies, is read and written over netlink);
+//!   which `nft -f` applies, is read and written over netlink); [`rp_filter`]: the reverse-path
+//!   filter settings relaxed, and the record of what they were;
 //! - [`metrics`]: Prometheus metrics; [`uninstall`]: taking Sluice off a node.
 
 pub mod bpf;
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod nat;
 pub mod netdev;
 pub mod netlink;
+pub mod rp_filter;
 pub mod run;
 pub mod sync;
 pub mod uninstall;

@@ -25,7 +25,8 @@ enum Command {
     #[command(subcommand)]
     Bpf(BpfCommand),
     /// Remove everything Sluice put on this node: links (the datapath stops at once), pinned maps,
-    /// the nftables table, the egress and reply rules and routes, the tunnel device.
+    /// the nftables table, the egress and reply rules and routes, the tunnel device; and put back
+    /// the rp_filter settings the shim changed.
     Uninstall {
         /// Sluice's tunnel device.
         #[arg(long, env = "SLUICE_TUNNEL_DEVICE", default_value = "sluice-vx0")]
@@ -141,8 +142,11 @@ fn parse_mark(s: &str) -> Result<u32, String> {
     .map_err(|e| format!("{s:?} is not a 32-bit mark: {e}"))
 }
 
-/// `sluice-shim run`.
+/// `sluice-shim run`, until SIGTERM or SIGINT (then `Ok`).
 async fn run(a: RunArgs, bpffs_dir: PathBuf) -> anyhow::Result<()> {
+    // First of all: as PID 1 in its container the shim gets no default action for SIGTERM, and
+    // without a handler every pod stop would wait out the termination grace period.
+    let stop = termination()?;
     let metrics_addr = match a.metrics_addr.as_str() {
         "off" | "" => None,
         addr => Some(addr.parse().with_context(|| format!("--metrics-addr {addr:?}"))?),
@@ -194,8 +198,30 @@ async fn run(a: RunArgs, bpffs_dir: PathBuf) -> anyhow::Result<()> {
         interval: Duration::from_millis(a.interval_ms),
         status_file: a.status_file,
     };
-    run::run(opts).await?;
+    tokio::select! {
+        ran = run::run(opts) => ran?,
+        signal = stop => {
+            // The datapath stays as it is, pinned: on a rolling update the next shim adopts it and
+            // traffic never notices. A tick under way finishes first (the runtime waits for its
+            // blocking pool when it shuts down).
+            tracing::info!(signal, "stopping; the datapath stays in place");
+        }
+    }
     Ok(())
+}
+
+/// Resolves at the first SIGTERM or SIGINT, with its name; the handlers are installed before this
+/// returns.
+fn termination() -> anyhow::Result<impl std::future::Future<Output = &'static str>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+        }
+    })
 }
 
 fn main() -> anyhow::Result<()> {

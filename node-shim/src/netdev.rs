@@ -414,9 +414,10 @@ pub fn tunnel_held(name: &str) -> Result<Option<TunnelHeld>> {
         .map_err(|e| Error::io(format!("reading interface {name}"), e))
 }
 
-/// Makes sure the collect_md VXLAN device exists as configured and is up; returns its ifindex.
-/// A device of that name with other settings is replaced (it is Sluice's own).
-pub fn ensure_tunnel(t: &Tunnel) -> Result<u32> {
+/// Makes sure the collect_md VXLAN device exists as configured and is up, with reverse-path
+/// filtering relaxed (what it changes goes into `rp_filter`); returns its ifindex. A device of
+/// that name with other settings is replaced (it is Sluice's own).
+pub fn ensure_tunnel(t: &Tunnel, rp_filter: &crate::rp_filter::Record) -> Result<u32> {
     let device = &t.device;
     let mut nl = route_socket()?;
     let read = |nl: &mut Netlink| {
@@ -462,54 +463,8 @@ pub fn ensure_tunnel(t: &Tunnel) -> Result<u32> {
     nl.request(RouteNetlinkMessage::SetLink(up_without_arp(held.index)), 0)
         .map_err(|e| Error::io(format!("setting tunnel device {device} up, ARP off"), e))?;
     sysctl(&format!("net/ipv6/conf/{device}/disable_ipv6"), "1").ok();
-    relax_rp_filter(device)?;
+    crate::rp_filter::relax(device, rp_filter)?;
     Ok(held.index)
-}
-
-/// Turns reverse-path filtering off on the tunnel device, keeping every other interface as it is.
-///
-/// Decapsulated requests come from pod IPs that the main table routes elsewhere, and the device
-/// has no address, so even loose mode drops them (`__fib_validate_source`: no address, no
-/// exemption). The effective setting is `max(all, device)`, so when `all` is not 0 it is lowered
-/// to 0 after raising every other interface's own value to the old `all` (their behaviour is
-/// unchanged), as Cilium does.
-pub fn relax_rp_filter(tunnel_device: &str) -> Result<()> {
-    let read = |key: &str| -> u32 {
-        fs::read_to_string(proc_sys().join(key))
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    };
-    let all = read("net/ipv4/conf/all/rp_filter");
-    if all != 0 {
-        for entry in fs::read_dir(proc_sys().join("net/ipv4/conf"))
-            .map_err(|e| Error::io("listing ipv4 conf", e))?
-            .flatten()
-        {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name == "all" || name == tunnel_device {
-                continue;
-            }
-            let key = format!("net/ipv4/conf/{name}/rp_filter");
-            if read(&key) < all {
-                sysctl(&key, &all.to_string())?;
-            }
-        }
-        sysctl("net/ipv4/conf/all/rp_filter", "0")?;
-    }
-    sysctl(&format!("net/ipv4/conf/{tunnel_device}/rp_filter"), "0")
-}
-
-/// Strict reverse-path filtering (1) on an egress interface becomes loose (2): replies to the
-/// egress IP may arrive on an interface that is not the route back to their source. Off (0) and
-/// loose stay as they are.
-pub fn loosen_rp_filter(interface: &str) -> Result<()> {
-    let key = format!("net/ipv4/conf/{interface}/rp_filter");
-    let current = fs::read_to_string(proc_sys().join(&key)).unwrap_or_default();
-    if current.trim() == "1" {
-        sysctl(&key, "2")?;
-    }
-    Ok(())
 }
 
 /// Where the network sysctls are read and written: `/proc/sys`, or `$SLUICE_PROC_SYS_DIR` when set.

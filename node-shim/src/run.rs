@@ -28,6 +28,7 @@ use crate::{
     metrics::Metrics,
     nat, netdev,
     netlink::Route,
+    rp_filter,
     sync::{self, Store, Transition},
 };
 
@@ -102,6 +103,11 @@ pub struct OperatorPlans {
 /// how a plan file's changes are noticed). Each tick runs on Tokio's blocking pool: it reads and
 /// writes the kernel with blocking calls, which must not hold up the node channel's session.
 pub async fn run(mut opts: Options) -> Result<()> {
+    // Left by a previous run (a restarted container keeps the pod's volumes), it would make the
+    // readiness probe pass before this process applied anything.
+    if let Some(path) = &opts.status_file {
+        remove_status(path)?;
+    }
     let mut updates = match &mut opts.plan {
         PlanSource::Operator(link) => link.updates.take(),
         PlanSource::File(_) => None,
@@ -358,7 +364,10 @@ impl Agent {
             // The underlay's MTU may change under a running tunnel.
             return self.sync_config(self.tunnel_ifindex, scan);
         }
-        let ifindex = netdev::ensure_tunnel(&self.opts.tunnel)?;
+        let ifindex = netdev::ensure_tunnel(
+            &self.opts.tunnel,
+            &rp_filter::Record::in_bpffs(&self.opts.bpffs_dir),
+        )?;
         let device = self.opts.tunnel.device.clone();
         self.dp.attach(datapath::PROG_FROM_TUNNEL, &device, ifindex)?;
         self.dp.attach(datapath::PROG_TO_TUNNEL, &device, ifindex)?;
@@ -675,7 +684,7 @@ impl Agent {
         let rules: BTreeSet<(u32, u32)> = self.egress_rules.union(&want_rules).copied().collect();
         egress_route::sync_rules(reply_table, &self.opts.marks, &rules, false)?;
         for iface in &want.egress_interfaces {
-            netdev::loosen_rp_filter(iface)?;
+            rp_filter::loosen(iface, &rp_filter::Record::in_bpffs(&self.opts.bpffs_dir))?;
         }
         // The guard's destinations may only grow before the entries change: a pod the plan
         // has not decided on yet never gets a moment with the normal path.
@@ -938,6 +947,16 @@ fn applied(state: &NodeState, errors: &[desired::EntryProblem]) -> Applied {
                 message: p.message.clone(),
             })
             .collect(),
+    }
+}
+
+/// Removes the status file, if there is one.
+fn remove_status(path: &Path) -> Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(Error::io(format!("removing {}", path.display()), e))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -8,11 +8,13 @@ use crate::{
 };
 
 /// Removes, in this order: the pinned links (TCX links detach when their last reference goes, so
-/// the datapath stops here and traffic takes the normal path), the pinned programs and maps, the
-/// nftables table, the egress rules and their tables, the reply rule and route, and the tunnel
-/// device. Missing pieces are fine.
+/// the datapath stops here and traffic takes the normal path), then puts back the rp_filter
+/// values the shim recorded (the record is in the bpffs directory), removes the pinned programs
+/// and maps, the nftables table, the egress rules and their tables, the reply rule and route, and
+/// the tunnel device. Missing pieces are fine.
 pub fn uninstall(bpffs_dir: &Path, tunnel_device: &str, reply_table: u32) -> Result<()> {
     remove_tree(&bpffs_dir.join("links"))?;
+    crate::rp_filter::restore(&crate::rp_filter::Record::in_bpffs(bpffs_dir))?;
     remove_tree(bpffs_dir)?;
     crate::nat::remove_table()?;
     crate::egress_route::remove_all(reply_table)?;

@@ -196,6 +196,56 @@ fn an_open_connection_survives_a_shim_sigkill_and_restart() {
     assert_eq!(c.fetch("p2", EXT_A).unwrap(), EGRESS_N1);
 }
 
+/// What is pinned for `node`: its maps and programs, and its links (one per attached interface).
+fn pins(c: &Cluster, node: &str) -> Vec<String> {
+    let dir = c.bpffs().join(node);
+    let mut names = Vec::new();
+    for sub in ["", "links", "progs"] {
+        for entry in std::fs::read_dir(dir.join(sub)).unwrap() {
+            names.push(format!("{sub}/{}", entry.unwrap().file_name().to_string_lossy()));
+        }
+    }
+    names.sort();
+    names
+}
+
+#[test]
+fn a_shim_stops_at_once_on_sigterm_or_sigint_and_leaves_the_datapath_steering() {
+    use nix::sys::signal::Signal;
+    let Some(mut c) = cluster("shim_stop") else {
+        return;
+    };
+    c.apply(&[policy_a("p2")]);
+    let mut open = c.connect("p2", EXT_A).unwrap();
+    assert_eq!(open.greeting, EGRESS_N1);
+    let before: Vec<_> = ["n1", "n2"]
+        .into_iter()
+        .map(|n| (pins(&c, n), c.bpf_list(n)))
+        .collect();
+    assert!(before[1].0.iter().any(|p| p.starts_with("links/")), "{before:?}");
+
+    // The pod's node on SIGTERM (what the kubelet sends), the gateway on SIGINT. As PID 1 in a
+    // container the shim gets no default action: without its handlers it would not stop at all
+    // (here, not PID 1, it would die by the signal and not exit 0).
+    for (node, signal) in [("n2", Signal::SIGTERM), ("n1", Signal::SIGINT)] {
+        let status = c.stop_shim(node, signal, Duration::from_secs(5));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{node}'s shim on {signal}: {status:?}\n{}",
+            c.log(&format!("shim-{node}"))
+        );
+    }
+
+    // Everything stays pinned and attached, with the same entries, and keeps steering: the open
+    // connection and new ones.
+    for ((pinned, entries), node) in before.iter().zip(["n1", "n2"]) {
+        assert_eq!(&pins(&c, node), pinned, "{node}");
+        assert_eq!(&c.bpf_list(node), entries, "{node}");
+    }
+    assert_eq!(open.exchange(10_000, 10_000).unwrap(), EGRESS_N1);
+    assert_eq!(c.fetch("p2", EXT_A).unwrap(), EGRESS_N1);
+}
+
 #[test]
 fn unrelated_changes_never_disturb_a_stream_of_new_connections() {
     let Some(mut c) = cluster("unrelated_changes") else {
@@ -577,14 +627,37 @@ fn a_deleted_tunnel_device_is_recreated_and_steering_resumes() {
 #[test]
 fn uninstall_restores_the_normal_path_and_removes_everything() {
     let Some(mut c) = cluster("uninstall") else { return };
+    let rp_filter = |c: &Cluster| -> Vec<String> {
+        [("n2", "all"), ("n2", "eth0"), ("n1", "eth0")]
+            .iter()
+            .map(|(node, conf)| {
+                let key = format!("/proc/sys/net/ipv4/conf/{conf}/rp_filter");
+                c.run(node, "cat", &[&key]).unwrap().trim().to_owned()
+            })
+            .collect()
+    };
+    // Reverse-path filtering as a node may have it: strict on the pod's node, where the shim
+    // relaxes it when it starts, and on the gateway's egress interface, which it loosens when
+    // the gateway takes a policy.
+    c.kill_shim("n2");
+    c.sysctl("n2", "net.ipv4.conf.all.rp_filter=1").unwrap();
+    c.sysctl("n2", "net.ipv4.conf.eth0.rp_filter=0").unwrap();
+    c.sysctl("n1", "net.ipv4.conf.eth0.rp_filter=1").unwrap();
+    c.start_shim("n2");
     c.apply(&[policy_a("p2")]);
     assert_eq!(c.fetch("p2", EXT_A).unwrap(), EGRESS_N1);
+    assert_eq!(rp_filter(&c), ["0", "1", "2"], "n2 all, n2 eth0, n1 eth0");
     for node in ["n1", "n2", "n3"] {
         c.kill_shim(node);
         c.uninstall(node);
     }
     assert_eq!(c.fetch("p2", EXT_A).unwrap(), c.node_ip("n2"));
     assert!(!c.bpffs().join("n2").exists());
+    assert_eq!(
+        rp_filter(&c),
+        ["1", "0", "1"],
+        "uninstall puts back what the shims found (n2 all, n2 eth0, n1 eth0)"
+    );
 }
 
 /// Packets of the named counter `name` of the external host's `ip probe` table.

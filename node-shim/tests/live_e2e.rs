@@ -10,7 +10,7 @@ use std::{
 };
 
 use sluice_operator::runner::{RunOptions, Source};
-use sluice_testbed::{EGRESS_N1, EGRESS_N3, EXT_A, NODES, Testbed, enter_netns, in_netns, wait_for};
+use sluice_testbed::{EGRESS_N1, EGRESS_N3, EXT_A, EXT_B, NODES, Testbed, enter_netns, in_netns, wait_for};
 
 const CLUSTER: &str = include_str!("../../examples/demo/cluster.yaml");
 const BOTH: &str = include_str!("../../examples/demo/policy.yaml");
@@ -604,4 +604,269 @@ fn sixty_allowlists_of_a_thousand_cidrs_are_programmed_and_then_nothing_moves() 
         "shim CPU over 10 s at rest (100 ticks = one core-second): {}",
         idle.join(", ")
     );
+}
+
+/// The policies' status, by policy name: what the Kubernetes controller would write
+/// (`controller::status::desired`), as JSON.
+type Statuses = std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, serde_json::Value>>>;
+
+/// The operator with the `dir:` source, wired as `runner::run_until` wires it, except that the
+/// engine's status updates are kept for the test: with that source the operator only logs them,
+/// and its log line does not name the nodes behind nor say why.
+struct StatusOperator {
+    statuses: Statuses,
+    _running: Operator,
+}
+
+impl StatusOperator {
+    fn start(ns: String, opts: RunOptions) -> StatusOperator {
+        use sluice_operator::{
+            auth::{StaticTokens, TokenVerifier},
+            controller::status,
+            engine::EngineMetrics,
+            runner::{self, EngineChannels},
+        };
+        let statuses = Statuses::default();
+        let kept = statuses.clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            enter_netns(&ns);
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            rt.block_on(async move {
+                let Source::Dir(dir) = opts.source.clone() else {
+                    unreachable!("the dir source")
+                };
+                let tokens = opts.tokens_file.clone().expect("a tokens file");
+                let verifier: std::sync::Arc<dyn TokenVerifier> =
+                    std::sync::Arc::new(StaticTokens::from_file(&tokens).expect("reads the tokens"));
+                let mut registry = sluice_operator::metrics::registry();
+                let metrics = EngineMetrics::register(&mut registry);
+                let (sources_tx, sources) = tokio::sync::mpsc::channel(1024);
+                let (updates, mut updates_rx) = tokio::sync::mpsc::channel(256);
+                let (notices, mut notices_rx) = tokio::sync::mpsc::channel(256);
+                tokio::spawn(async move {
+                    // `desired` wants a time for the conditions' transitions, which nothing here
+                    // reads; a `Time` is only reachable through its serde form.
+                    let now = || serde_json::from_str("\"2000-01-01T00:00:00Z\"").expect("a time");
+                    while let Some(u) = updates_rx.recv().await {
+                        let s = serde_json::to_value(status::desired(&u, None, now())).unwrap();
+                        kept.lock().unwrap().insert(u.outcome.name.clone(), s);
+                    }
+                });
+                tokio::spawn(async move { while notices_rx.recv().await.is_some() {} });
+                let watching = sluice_operator::dirsource::run(dir, opts.poll, sources_tx);
+                let channels = EngineChannels {
+                    sources,
+                    updates,
+                    notices,
+                };
+                let stop = async {
+                    let _ = stopped.await;
+                };
+                let live = runner::run_live(&opts, None, verifier, metrics, channels, stop);
+                tokio::select! {
+                    r = live => r.expect("operator runs"),
+                    () = watching => {}
+                }
+            });
+        });
+        StatusOperator {
+            statuses,
+            _running: Operator {
+                stop: Some(stop),
+                thread: Some(thread),
+            },
+        }
+    }
+
+    /// `policy`'s condition `Programmed` (`null` before the first status).
+    fn programmed(&self, policy: &str) -> serde_json::Value {
+        let statuses = self.statuses.lock().unwrap();
+        let conditions = statuses
+            .get(policy)
+            .and_then(|s| s["conditions"].as_array().cloned())
+            .unwrap_or_default();
+        conditions
+            .into_iter()
+            .find(|c| c["type"] == sluice_operator::api::CONDITION_PROGRAMMED)
+            .unwrap_or_default()
+    }
+
+    /// Waits until `policy`'s `Programmed` satisfies `ok`; panics with the last one and `logs`.
+    fn wait_programmed(
+        &self,
+        policy: &str,
+        timeout: Duration,
+        logs: impl Fn() -> String,
+        ok: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        let done = wait_for(timeout, || {
+            last = self.programmed(policy);
+            ok(&last)
+        });
+        assert!(done, "{policy}: Programmed is {last}\n{}", logs());
+        last
+    }
+}
+
+/// An allowlist of `cidrs` for the checkout pods (p1 on n1, p2 on n2) through n3.
+fn allowlist(cidrs: &[&str]) -> String {
+    format!(
+        "apiVersion: sluice.dev/v1alpha1\nkind: EgressGatewayPolicy\nmetadata:\n  name: allowlist\n\
+         spec:\n  selectors:\n    - podSelector:\n        matchLabels: {{app: checkout}}\n  \
+         destinationCIDRs: [{}]\n  egressGateways:\n    - nodeSelector:\n        \
+         matchLabels: {{kubernetes.io/hostname: n3}}\n      egressIP: {EGRESS_N3}\n  failurePolicy: Drop\n",
+        cidrs.join(", ")
+    )
+}
+
+/// Waits until `pod`'s new connections to `dst` are seen from `want`; panics with `logs`.
+fn wait_seen_from(
+    tb: &Testbed,
+    pod: &str,
+    dst: &str,
+    want: &str,
+    timeout: Duration,
+    logs: impl Fn() -> String,
+) {
+    let mut last = Err(String::new());
+    let ok = wait_for(timeout, || {
+        last = tb.fetch(pod, dst);
+        last.as_deref() == Ok(want)
+    });
+    assert!(
+        ok,
+        "{pod} -> {dst} never seen from {want}: last {last:?}\n{}",
+        logs()
+    );
+}
+
+/// `sluice_plans_refused_total` of the shim serving metrics on 127.0.0.1:9473 in `node`.
+fn plans_refused(tb: &Testbed, node: &str) -> u64 {
+    use std::io::{Read, Write};
+    let response = in_netns(&tb.ns(node), || -> std::io::Result<String> {
+        let mut stream = std::net::TcpStream::connect("127.0.0.1:9473")?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: shim\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    })
+    .expect("scrapes the shim's metrics");
+    response
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_plans_refused_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no sluice_plans_refused_total in\n{response}"))
+}
+
+#[test]
+fn a_node_whose_maps_cannot_hold_the_new_plan_keeps_its_entries_and_the_status_names_it() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIP live_e2e: needs root (network namespaces, eBPF); CI runs it as root");
+        return;
+    }
+    let (mut tb, dir, tokens) = live_testbed();
+    let policy = dir.join("policy.yaml");
+    write(&policy, &allowlist(&["203.0.113.0/24"]));
+    let operator = StatusOperator::start(tb.ns("ul"), options(&dir, &tokens, Duration::from_secs(1)));
+    for node in ["n1", "n3"] {
+        start_shim(&mut tb, node, &tokens);
+    }
+    // n2's destinations map holds 4 (group, CIDR) entries: the plan of one CIDR fits, one of
+    // four does not (the old group and the new one are both held while moving: 1 + 4).
+    let mut cmd = tb.shim_command("n2", env!("CARGO_BIN_EXE_sluice-shim"));
+    cmd.args(["--operator", &format!("http://{GRPC}")])
+        .arg("--token-file")
+        .arg(tokens.join("n2"))
+        .args(["--interval-ms", "1000", "--policy-map-max", "4"])
+        .args(["--metrics-addr", "127.0.0.1:9473"])
+        .arg("--status-file")
+        .arg(tb.scratch().join("n2.status"));
+    tb.spawn("shim-n2", cmd).unwrap();
+    let logs = || -> String {
+        NODES
+            .iter()
+            .map(|(n, _)| format!("--- shim-{n}\n{}", tb.log(&format!("shim-{n}"))))
+            .collect()
+    };
+    let n2_status = || -> serde_json::Value {
+        fs::read(tb.scratch().join("n2.status"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    };
+    let limit = Duration::from_secs(20);
+
+    // The small plan: both checkout pods leave with n3's egress IP, every node programmed it.
+    wait_seen_from(&tb, "p1", EXT_A, EGRESS_N3, limit, logs);
+    wait_seen_from(&tb, "p2", EXT_A, EGRESS_N3, limit, logs);
+    operator.wait_programmed("allowlist", limit, logs, |c| {
+        c["status"] == "True" && c["message"] == "3/3 nodes"
+    });
+    assert_eq!(n2_status()["destinations"], 1, "{}", n2_status());
+    assert_eq!(plans_refused(&tb, "n2"), 0);
+
+    // Grown past what n2's map holds.
+    let grown = ["203.0.113.0/24", "198.51.100.0/24", "11.0.0.0/24", "11.0.1.0/24"];
+    write(&policy, &allowlist(&grown));
+    // Pending until every node has answered; then n2's answer stays.
+    let c = operator.wait_programmed("allowlist", limit, logs, |c| {
+        c["status"] == "False"
+            && c["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("2/3 nodes") && m.contains("map full"))
+    });
+    let message = c["message"].as_str().unwrap_or_default();
+    assert_eq!(c["reason"], "ProgrammingFailed", "{c}");
+    assert!(message.contains("n2: ") && message.contains("map full"), "{c}");
+    assert!(
+        message.starts_with("2/3 nodes") && !message.contains("n1: ") && !message.contains("n3: "),
+        "only n2 is behind: {c}"
+    );
+    println!("refused by n2: Programmed {c}");
+    // The other nodes took the new plan: p1 (on n1, through n3) reaches a new destination
+    // through the gateway.
+    wait_seen_from(&tb, "p1", EXT_B, EGRESS_N3, limit, logs);
+    // n2 kept its previous entries, and none of the new plan: p2 still leaves through n3 for
+    // the old destination. The new one is a Drop policy's destination that n2 holds no entry
+    // for: p2 must not leave with n2's address there. (The operator published the grown guard
+    // to n2 in a generation before the one with p2's new entries, which waited for the gateway
+    // to hold them; n2 took that one, so p2 is dropped there as a pod not decided on.)
+    assert_eq!(tb.fetch("p2", EXT_A), Ok(EGRESS_N3.to_owned()), "{}", logs());
+    let shim = env!("CARGO_BIN_EXE_sluice-shim");
+    let n2_bpffs = tb.bpffs().join("n2");
+    let n2_bpf = |what: &str| -> String {
+        let dir = n2_bpffs.to_str().unwrap();
+        tb.run("n2", shim, &["--bpffs-dir", dir, "bpf", what]).unwrap()
+    };
+    let seen = tb.fetch("p2", EXT_B);
+    assert!(
+        seen.is_err(),
+        "p2 -> {EXT_B} left as {seen:?}\n{}\n{}",
+        n2_bpf("counters"),
+        logs()
+    );
+    let list = n2_bpf("list");
+    assert!(
+        list.contains("203.0.113.0/24") && !list.contains("198.51.100.0/24"),
+        "{list}"
+    );
+    assert_eq!(n2_status()["destinations"], 1, "{}", n2_status());
+    let refused = plans_refused(&tb, "n2");
+    assert!(refused > 0, "{}", logs());
+    // Refused once per plan, not again and again while nothing changes.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(plans_refused(&tb, "n2"), refused, "{}", logs());
+
+    // Shrunk back: n2's plan fits again and every node has it.
+    write(&policy, &allowlist(&["203.0.113.0/24"]));
+    operator.wait_programmed("allowlist", limit, logs, |c| {
+        c["status"] == "True" && c["message"] == "3/3 nodes"
+    });
+    assert_eq!(tb.fetch("p2", EXT_A), Ok(EGRESS_N3.to_owned()), "{}", logs());
+    // No longer a guarded destination: the normal path, as n2 holds the plan now.
+    wait_seen_from(&tb, "p2", EXT_B, &tb.node_ip("n2"), limit, logs);
+    assert_eq!(plans_refused(&tb, "n2"), refused, "{}", logs());
 }

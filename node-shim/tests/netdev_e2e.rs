@@ -6,7 +6,10 @@
 
 use std::{net::Ipv4Addr, process::Command, time::Duration};
 
-use sluice_shim::netdev::{self, Tunnel};
+use sluice_shim::{
+    netdev::{self, Tunnel},
+    rp_filter,
+};
 
 /// Runs `f` on a thread in a new network namespace, or prints a SKIP line when not root.
 fn in_fresh_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> Option<T> {
@@ -70,6 +73,13 @@ fn tunnel() -> Tunnel {
     }
 }
 
+/// [`netdev::ensure_tunnel`] with [`tunnel`], recording the rp_filter values it changes in a
+/// directory that goes when it returns.
+fn ensure_tunnel() -> Result<u32, Box<sluice_shim::Error>> {
+    let pins = tempfile::tempdir().unwrap();
+    netdev::ensure_tunnel(&tunnel(), &rp_filter::Record::in_bpffs(pins.path())).map_err(Box::new)
+}
+
 /// An underlay interface holding [`LOCAL`] (a veth: the test kernel may have no dummy driver).
 fn underlay() {
     ip(&[
@@ -90,7 +100,7 @@ fn underlay() {
 fn the_tunnel_made_over_netlink_has_the_settings_asked_for() {
     in_fresh_netns("the_tunnel_made_over_netlink", || {
         underlay();
-        let index = netdev::ensure_tunnel(&tunnel()).expect("creates the tunnel");
+        let index = ensure_tunnel().expect("creates the tunnel");
         let link = link_json("sluice-vx0");
         assert_eq!(link["ifindex"], index, "{link:#}");
         let flags: Vec<&str> = link["flags"]
@@ -133,7 +143,7 @@ fn the_tunnel_made_over_netlink_has_the_settings_asked_for() {
         assert_eq!(link["mtu"], by_ip["mtu"]);
 
         // In place and as asked: kept.
-        assert_eq!(netdev::ensure_tunnel(&tunnel()).unwrap(), index);
+        assert_eq!(ensure_tunnel().unwrap(), index);
         let held = netdev::tunnel_held("sluice-vx0").unwrap().expect("is there");
         assert!(tunnel().is_held_by(&held), "{held:?}");
         assert!(held.up && !held.arp, "{held:?}");
@@ -191,7 +201,7 @@ fn a_device_with_other_settings_is_replaced() {
             args.extend(other);
             ip(&args);
             let before = link_json("sluice-vx0")["ifindex"].as_u64().unwrap();
-            let index = netdev::ensure_tunnel(&tunnel()).expect("replaces it");
+            let index = ensure_tunnel().expect("replaces it");
             assert_ne!(u64::from(index), before, "{other:?} was kept");
             let data = link_json("sluice-vx0")["linkinfo"]["info_data"].clone();
             assert_eq!(data["port"], 8473, "{other:?}: {data:#}");
@@ -216,7 +226,7 @@ fn a_device_with_other_settings_is_replaced() {
             "192.0.2.11",
         ]);
         let before = link_json("sluice-vx0")["ifindex"].as_u64().unwrap();
-        assert_eq!(u64::from(netdev::ensure_tunnel(&tunnel()).unwrap()), before);
+        assert_eq!(u64::from(ensure_tunnel().unwrap()), before);
         let held = netdev::tunnel_held("sluice-vx0").unwrap().unwrap();
         assert!(held.up && !held.arp, "{held:?}");
 
@@ -364,7 +374,7 @@ fn notifications_come_for_links_addresses_routes_and_rules() {
 fn uninstall_removes_the_table_and_the_tunnel_over_netlink() {
     in_fresh_netns("uninstall_removes", || {
         underlay();
-        netdev::ensure_tunnel(&tunnel()).unwrap();
+        ensure_tunnel().unwrap();
         let table = "table ip sluice {\n chain postrouting {\n  type nat hook postrouting priority 50;\n }\n}\n\
                      table ip other {\n chain input {\n  type filter hook input priority 0;\n }\n}\n";
         let mut nft = Command::new("nft")
@@ -386,5 +396,85 @@ fn uninstall_removes_the_table_and_the_tunnel_over_netlink() {
         assert!(!exists("sluice-vx0"));
         assert!(!pins.exists());
         sluice_shim::uninstall::uninstall(&pins, "sluice-vx0", 8473).expect("twice is fine");
+    });
+}
+
+/// Every IPv4 `rp_filter` setting of the namespace but the tunnel's, by name.
+fn rp_filters() -> std::collections::BTreeMap<String, String> {
+    std::fs::read_dir("/proc/sys/net/ipv4/conf")
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name != "sluice-vx0")
+        .map(|name| {
+            let value = read_sysctl(&format!("net/ipv4/conf/{name}/rp_filter"));
+            (name, value)
+        })
+        .collect()
+}
+
+#[test]
+fn uninstall_puts_back_the_rp_filter_settings_the_shim_found() {
+    in_fresh_netns("uninstall_puts_back_rp_filter", || {
+        let set = |conf: &str, value: &str| {
+            std::fs::write(format!("/proc/sys/net/ipv4/conf/{conf}/rp_filter"), value).unwrap();
+        };
+        underlay();
+        for (name, peer) in [("egr0", "egr0-peer"), ("gone0", "gone0-peer")] {
+            ip(&["link", "add", name, "type", "veth", "peer", "name", peer]);
+        }
+        // Strict by default; interfaces below it (raised when `all` is lowered), at it, and
+        // above it (left alone).
+        for (conf, value) in [
+            ("all", "1"),
+            ("default", "0"),
+            ("lo", "0"),
+            ("under0", "0"),
+            ("under0-peer", "2"),
+            ("egr0", "1"),
+            ("egr0-peer", "0"),
+            ("gone0", "0"),
+            ("gone0-peer", "0"),
+        ] {
+            set(conf, value);
+        }
+        let found = rp_filters();
+        let bpffs = tempfile::tempdir().unwrap();
+        let pins = bpffs.path().join("sluice");
+        let record = rp_filter::Record::in_bpffs(&pins);
+
+        netdev::ensure_tunnel(&tunnel(), &record).expect("creates the tunnel");
+        rp_filter::loosen("egr0", &record).unwrap();
+        rp_filter::loosen("under0", &record).unwrap();
+        let relaxed = rp_filters();
+        let changed = |conf: &str| (found[conf].as_str(), relaxed[conf].as_str());
+        assert_eq!(changed("all"), ("1", "0"));
+        assert_eq!(changed("default"), ("0", "1"));
+        assert_eq!(changed("under0"), ("0", "2"), "raised to strict, then loosened");
+        assert_eq!(changed("egr0"), ("1", "2"));
+        assert_eq!(changed("under0-peer"), ("2", "2"));
+        assert_eq!(read_sysctl("net/ipv4/conf/sluice-vx0/rp_filter"), "0");
+
+        // A restarted shim finds the relaxed values: they must not replace the recorded ones.
+        let recorded = record.entries().unwrap();
+        netdev::delete_link("sluice-vx0").unwrap();
+        netdev::ensure_tunnel(&tunnel(), &record).unwrap();
+        rp_filter::loosen("egr0", &record).unwrap();
+        assert_eq!(record.entries().unwrap(), recorded);
+        assert!(
+            recorded.contains(&("all".to_owned(), 1)) && recorded.contains(&("egr0".to_owned(), 1)),
+            "{recorded:?}"
+        );
+
+        // An interface gone meanwhile (a pod's) is skipped; every other one is as it was.
+        ip(&["link", "del", "gone0"]);
+        sluice_shim::uninstall::uninstall(&pins, "sluice-vx0", 8473).expect("uninstalls");
+        let mut expected = found.clone();
+        expected.retain(|conf, _| !conf.starts_with("gone0"));
+        assert_eq!(rp_filters(), expected);
+        assert!(!pins.exists(), "the record goes with the pins");
+        // Uninstalling again (no record now) changes nothing.
+        set("egr0", "2");
+        sluice_shim::uninstall::uninstall(&pins, "sluice-vx0", 8473).expect("twice is fine");
+        assert_eq!(read_sysctl("net/ipv4/conf/egr0/rp_filter"), "2");
     });
 }

@@ -408,9 +408,13 @@ async fn log_outputs(mut updates: mpsc::Receiver<StatusUpdate>, mut notices: mps
         tokio::select! {
             Some(u) = updates.recv() => {
                 let gateways: Vec<&str> = u.outcome.gateways.iter().map(|g| &*g.node).collect();
+                // Which nodes are behind and why, as the Programmed condition says it: without a
+                // cluster this log line is where a `dir:` user reads "n2: ... map full".
+                let behind = u.behind.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
                 match crate::report::problem(&u.outcome) {
-                    Some((reason, message)) => tracing::warn!(policy = %u.outcome.name, %reason, %message, programmed = u.programmed, to_program = u.to_program, "policy status"),
-                    None => tracing::info!(policy = %u.outcome.name, ?gateways, endpoints = u.outcome.matched_endpoints, programmed = u.programmed, to_program = u.to_program, "policy status"),
+                    Some((reason, message)) => tracing::warn!(policy = %u.outcome.name, %reason, %message, programmed = u.programmed, to_program = u.to_program, %behind, "policy status"),
+                    None if u.behind.iter().any(|b| matches!(b.why, crate::live::Behind::Failed { .. })) => tracing::warn!(policy = %u.outcome.name, ?gateways, endpoints = u.outcome.matched_endpoints, programmed = u.programmed, to_program = u.to_program, %behind, "policy status"),
+                    None => tracing::info!(policy = %u.outcome.name, ?gateways, endpoints = u.outcome.matched_endpoints, programmed = u.programmed, to_program = u.to_program, %behind, "policy status"),
                 }
             }
             Some(n) = notices.recv() => tracing::info!(notice = ?n, "event"),

@@ -688,6 +688,7 @@ fn expected_status(programmed: bool) -> Value {
             "observedGeneration": 3,
             "conditions": [
                 condition("Accepted", "True", "Accepted", "the policy is valid"),
+                condition("PodsSelected", "True", "PodsSelected", "1 pod(s) selected"),
                 condition("GatewaySelected", "True", "GatewaysSelected", "1 gateway node(s): n1"),
                 if programmed {
                     condition("Programmed", "True", "Programmed", "1/1 nodes")
@@ -735,7 +736,7 @@ async fn status_updates_become_server_side_apply_patches() {
     run.updates.send(update(0)).await.unwrap();
     let (times, body) = strip_times(next_write(&mut run.writes).await.body);
     assert_eq!(body, expected_status(false));
-    assert_eq!(times[..2], first_times[..2]);
+    assert_eq!(times[..3], first_times[..3]);
 
     // A standby writes nothing, and writes the latest status once it leads.
     run.leading.send(false).unwrap();

@@ -67,7 +67,7 @@ use std::{
     io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
@@ -450,21 +450,31 @@ impl Testbed {
 
     /// Sends SIGTERM to `name` and waits up to `grace` for it to exit, then SIGKILLs it.
     pub fn terminate(&mut self, name: &str, grace: Duration) {
-        let Some(mut child) = self.procs.remove(name) else {
-            return;
-        };
+        self.stop(name, nix::sys::signal::SIGTERM, grace);
+    }
+
+    /// Sends `signal` to `name` and waits up to `grace` for it to exit: its exit status, or `None`
+    /// when it was still running then (it is SIGKILLed) or there is no such process.
+    pub fn stop(
+        &mut self,
+        name: &str,
+        signal: nix::sys::signal::Signal,
+        grace: Duration,
+    ) -> Option<ExitStatus> {
+        let mut child = self.procs.remove(name)?;
         if let Ok(pid) = i32::try_from(child.id()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGTERM);
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
         }
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = child.kill();
         let _ = child.wait();
+        None
     }
 
     /// The pid of the process started as `name`, while the testbed holds it.

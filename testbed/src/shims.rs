@@ -259,6 +259,17 @@ impl FileCluster {
         self.testbed.kill(&shim_name(node));
     }
 
+    /// Sends `signal` to `node`'s shim: its exit status, or `None` if it still ran after `grace`
+    /// (then it is SIGKILLed). See [`Testbed::stop`].
+    pub fn stop_shim(
+        &mut self,
+        node: &str,
+        signal: nix::sys::signal::Signal,
+        grace: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        self.testbed.stop(&shim_name(node), signal, grace)
+    }
+
     /// The shim binary.
     pub fn shim_binary(&self) -> &Path {
         &self.shim

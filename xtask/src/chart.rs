@@ -982,7 +982,9 @@ fn check_uninstall(docs: &[Value], e: &Expect, minor: u32) -> Result<()> {
             "`sluice-shim uninstall` runs with another {key} than the shim"
         );
     }
-    for var in ["SLUICE_BPFFS_DIR", "SLUICE_TUNNEL_DEVICE"] {
+    // What it removes and puts back must be where the shim put it: the bpffs directory (with the
+    // record of the rp_filter settings), the tunnel device, and the sysctls.
+    for var in ["SLUICE_BPFFS_DIR", "SLUICE_TUNNEL_DEVICE", "SLUICE_PROC_SYS_DIR"] {
         let value = |c| env(c, var).map(|v| s(v, "value"));
         ensure!(
             value(init).is_some() && value(init) == value(shim_c),
@@ -991,24 +993,26 @@ fn check_uninstall(docs: &[Value], e: &Expect, minor: u32) -> Result<()> {
             value(shim_c)
         );
     }
-    let bpffs_mount = |pod: &Value, c: &Value| -> Option<(String, String)> {
+    let mount = |pod: &Value, c: &Value, name: &str| -> Option<(String, String)> {
         let volume = at(pod, "volumes")
             .as_sequence()?
             .iter()
-            .find(|v| s(v, "name") == "bpffs")?;
+            .find(|v| s(v, "name") == name)?;
         let mount = at(c, "volumeMounts")
             .as_sequence()?
             .iter()
-            .find(|m| s(m, "name") == "bpffs")?;
+            .find(|m| s(m, "name") == name)?;
         Some((
             s(volume, "hostPath.path").to_owned(),
             s(mount, "mountPath").to_owned(),
         ))
     };
-    ensure!(
-        bpffs_mount(cp, init).is_some() && bpffs_mount(cp, init) == bpffs_mount(sp, shim_c),
-        "`sluice-shim uninstall` does not see the shim's bpffs"
-    );
+    for (volume, what) in [("bpffs", "bpffs"), ("proc-sys-net", "/proc/sys/net")] {
+        ensure!(
+            mount(cp, init, volume).is_some() && mount(cp, init, volume) == mount(sp, shim_c, volume),
+            "`sluice-shim uninstall` does not see the shim's {what}"
+        );
+    }
     ensure!(
         at(cp, "containers").as_sequence().is_some_and(|c| !c.is_empty()),
         "the cleaning DaemonSet has no container to stay Ready with"
@@ -2497,6 +2501,26 @@ mod tests {
                 ) = "/run/bpf".into()
             },
             "does not see the shim's bpffs",
+        );
+        // Without the host's /proc/sys/net, the rp_filter settings cannot be put back.
+        fails_with(
+            |d| {
+                *get_mut(
+                    d,
+                    "DaemonSet/-uninstall",
+                    "spec.template.spec.initContainers.0.env.2.value",
+                ) = "/proc/sys".into()
+            },
+            "SLUICE_PROC_SYS_DIR",
+        );
+        fails_with(
+            |d| {
+                get_mut(d, "DaemonSet/-uninstall", "spec.template.spec.volumes")
+                    .as_sequence_mut()
+                    .unwrap()
+                    .truncate(1)
+            },
+            "does not see the shim's /proc/sys/net",
         );
         fails_with(
             |d| {

@@ -5,8 +5,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::{
     api::{
-        CONDITION_ACCEPTED, CONDITION_GATEWAY_SELECTED, CONDITION_PROGRAMMED, ConflictStatus,
-        EgressGatewayPolicyStatus, GatewayStatus,
+        CONDITION_ACCEPTED, CONDITION_GATEWAY_SELECTED, CONDITION_PODS_SELECTED, CONDITION_PROGRAMMED,
+        ConflictStatus, EgressGatewayPolicyStatus, GatewayStatus,
     },
     live::{Behind, StatusUpdate},
     report,
@@ -40,11 +40,17 @@ pub fn desired(
         }
     };
 
-    let mut conditions = Vec::with_capacity(3);
+    let mut conditions = Vec::with_capacity(4);
     match &outcome.accepted {
         Err(e) => {
             conditions.push(condition(CONDITION_ACCEPTED, false, e.reason, e.message.clone()));
             let why = "the policy is not accepted".to_owned();
+            conditions.push(condition(
+                CONDITION_PODS_SELECTED,
+                false,
+                "NotAccepted",
+                why.clone(),
+            ));
             conditions.push(condition(
                 CONDITION_GATEWAY_SELECTED,
                 false,
@@ -60,6 +66,26 @@ pub fn desired(
                 "Accepted",
                 "the policy is valid".to_owned(),
             ));
+            // A policy that selects nothing is valid and may have gateways, so neither of the
+            // other conditions tells it from one that works.
+            conditions.push(match outcome.matched_endpoints {
+                0 => condition(
+                    CONDITION_PODS_SELECTED,
+                    false,
+                    "NoPodSelected",
+                    "no pod matches spec.selectors: compare each selector's podSelector, \
+                     namespaceSelector and nodeSelector with the labels of the pods, their \
+                     namespaces and nodes (kubectl get pods -A --show-labels); pods on the host \
+                     network, without an IP, not scheduled or finished never count"
+                        .to_owned(),
+                ),
+                n => condition(
+                    CONDITION_PODS_SELECTED,
+                    true,
+                    "PodsSelected",
+                    format!("{n} pod(s) selected"),
+                ),
+            });
             conditions.push(match report::problem(outcome) {
                 Some((reason, message)) => condition(CONDITION_GATEWAY_SELECTED, false, reason, message),
                 None => {
@@ -236,6 +262,7 @@ mod tests {
             summary(&s),
             vec![
                 row("Accepted", "True", "Accepted", "the policy is valid"),
+                row("PodsSelected", "True", "PodsSelected", "12 pod(s) selected"),
                 row(
                     "GatewaySelected",
                     "True",
@@ -298,7 +325,7 @@ mod tests {
             },
         ];
         assert_eq!(
-            summary(&desired(&u, None, at(1)))[2],
+            summary(&desired(&u, None, at(1)))[3],
             row(
                 "Programmed",
                 "False",
@@ -317,7 +344,7 @@ mod tests {
             at(1),
         );
         assert_eq!(
-            summary(&s)[2],
+            summary(&s)[3],
             row("Programmed", "False", "Pending", "9/12 nodes")
         );
     }
@@ -326,7 +353,7 @@ mod tests {
     fn no_gateway_says_why() {
         let s = desired(&update(vec![], 3, 3), None, at(1));
         assert_eq!(
-            summary(&s)[1],
+            summary(&s)[2],
             row(
                 "GatewaySelected",
                 "False",
@@ -335,6 +362,44 @@ mod tests {
             )
         );
         assert!(s.gateways.is_empty());
+    }
+
+    #[test]
+    fn a_policy_selecting_no_pod_says_so_and_flips_back() {
+        let mut u = update(vec![gateway(0, 0, "gw", "172.18.0.2")], 3, 3);
+        u.outcome.matched_endpoints = 0;
+        let none = desired(&u, None, at(100));
+        let (type_, status, reason, message) = summary(&none)[1].clone();
+        assert_eq!(
+            (type_.as_str(), status.as_str(), reason.as_str()),
+            ("PodsSelected", "False", "NoPodSelected")
+        );
+        // What to look at, so that the user can act on it.
+        for hint in [
+            "spec.selectors",
+            "podSelector",
+            "namespaceSelector",
+            "nodeSelector",
+            "kubectl get pods",
+        ] {
+            assert!(message.contains(hint), "{hint:?} missing from {message:?}");
+        }
+        // Gateways and programming are fine: only PodsSelected tells this policy from a working one.
+        assert!(
+            none.conditions
+                .iter()
+                .filter(|c| c.type_ != "PodsSelected")
+                .all(|c| c.status == "True")
+        );
+
+        u.outcome.matched_endpoints = 1;
+        let one = desired(&u, Some(&none), at(200));
+        assert_eq!(
+            summary(&one)[1],
+            row("PodsSelected", "True", "PodsSelected", "1 pod(s) selected")
+        );
+        assert_eq!(one.conditions[1].last_transition_time, at(200));
+        assert!(!same_ignoring_time(&none, &one));
     }
 
     #[test]
@@ -353,6 +418,12 @@ mod tests {
                     "False",
                     "InvalidCIDR",
                     "spec.destinationCIDRs[0]: \"10.0.0.0/33\" is not a CIDR"
+                ),
+                row(
+                    "PodsSelected",
+                    "False",
+                    "NotAccepted",
+                    "the policy is not accepted"
                 ),
                 row(
                     "GatewaySelected",
@@ -382,14 +453,14 @@ mod tests {
             .iter()
             .map(|c| c.last_transition_time.clone())
             .collect();
-        assert_eq!(times, vec![at(100), at(100), at(200)]);
+        assert_eq!(times, vec![at(100), at(100), at(100), at(200)]);
         // Same status, new message: still no transition.
         let third = desired(
             &update(vec![gateway(0, 0, "gw", "172.18.0.2")], 3, 3),
             Some(&second),
             at(300),
         );
-        assert_eq!(third.conditions[2].last_transition_time, at(200));
+        assert_eq!(third.conditions[3].last_transition_time, at(200));
     }
 
     #[test]
