@@ -302,6 +302,31 @@ pub fn held_while_moving<K: Ord, V>(from: &BTreeMap<K, V>, to: &BTreeMap<K, V>) 
     from.len() + to.keys().filter(|k| !from.contains_key(*k)).count()
 }
 
+/// The pods whose entries differ between what the maps hold (`held`, as [`Layout::expand`] gives
+/// it: without slots) and a plan's entries (`wanted`). When a plan is refused, these pods stop
+/// counting as decided: whatever the plan would have changed for them fails closed.
+pub fn changed_sources(
+    held: &BTreeMap<PolicyKeyV4, EntryValueV4>,
+    wanted: &BTreeMap<PolicyKeyV4, EntryValueV4>,
+) -> BTreeSet<Ipv4Addr> {
+    let comparable = |v: &EntryValueV4| EntryValueV4 {
+        gateway_slot: 0,
+        ..*v
+    };
+    let mut changed = BTreeSet::new();
+    for (key, value) in wanted {
+        if held.get(key).map(comparable) != Some(comparable(value)) {
+            changed.insert(key.source());
+        }
+    }
+    changed.extend(
+        held.keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .map(PolicyKeyV4::source),
+    );
+    changed
+}
+
 /// A plan that does not fit a map.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
@@ -478,6 +503,33 @@ mod tests {
             })
             .collect();
         assert_eq!(layout.expand(), without_slots);
+    }
+
+    #[test]
+    fn changed_sources_are_the_pods_a_plan_would_change_whatever_the_slots() {
+        let held = BTreeMap::from([
+            (key("10.0.0.1", "1.0.0.0/8"), target(1, 11)),
+            (key("10.0.0.2", "1.0.0.0/8"), target(1, 11)),
+            (key("10.0.0.3", "1.0.0.0/8"), target(1, 11)),
+            (key("10.0.0.4", "1.0.0.0/8"), target(1, 11)),
+        ]);
+        let mut wanted = held.clone();
+        // .1: the same, but with its slot (which `expand` does not give back).
+        wanted
+            .get_mut(&key("10.0.0.1", "1.0.0.0/8"))
+            .unwrap()
+            .gateway_slot = maps::encode_slot(0, 1);
+        // .2: another gateway; .3: a new destination; .4: gone; .5: new.
+        wanted.insert(key("10.0.0.2", "1.0.0.0/8"), target(1, 12));
+        wanted.insert(key("10.0.0.3", "2.0.0.0/8"), target(1, 11));
+        wanted.remove(&key("10.0.0.4", "1.0.0.0/8"));
+        wanted.insert(key("10.0.0.5", "1.0.0.0/8"), target(1, 11));
+        let changed: Vec<String> = changed_sources(&held, &wanted)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(changed, ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5"]);
+        assert!(changed_sources(&held, &held).is_empty());
     }
 
     #[test]

@@ -516,6 +516,22 @@ impl Agent {
         result
     }
 
+    /// The guard's destinations, IPv4 and IPv6: added to, or (`prune`) made equal to `guard`'s.
+    fn sync_guarded(&mut self, guard: &GuardContents, prune: bool) -> Result<()> {
+        sync_lpm(
+            &mut self.dp.maps.guarded,
+            maps::GUARDED_V4,
+            &guard.destinations,
+            prune,
+        )?;
+        sync_lpm_v6(
+            &mut self.dp.maps.guarded_v6,
+            maps::GUARDED_V6,
+            &guard.destinations_v6,
+            prune,
+        )
+    }
+
     fn apply_state(&mut self, interfaces: &[desired::Interface], state: Option<&NodeState>) -> Result<()> {
         let stamp = match &self.opts.plan {
             PlanSource::File(path) => {
@@ -631,6 +647,25 @@ impl Agent {
                     message: full.to_string(),
                 })
                 .collect::<Vec<_>>();
+            // What the refused plan would change fails closed: its guarded destinations are
+            // added (never removed here), and the pods whose entries it changes stop counting as
+            // decided. They keep the entries they have; only their traffic to a guarded
+            // destination they have no entry for is dropped instead of leaving by the normal
+            // path (a Drop policy's new CIDR, say, that this node cannot hold).
+            let guard = guard_contents(guard.as_ref());
+            self.sync_guarded(&guard, false)?;
+            let changed = crate::layout::changed_sources(&self.layout.expand(), &want.policy);
+            let still_decided: BTreeMap<u32, u32> = self
+                .decided
+                .iter()
+                .filter(|(ip, _)| !changed.contains(&maps::from_be(**ip)))
+                .map(|(ip, v)| (*ip, *v))
+                .collect();
+            sync::reconcile(
+                &mut HashStore(&mut self.dp.maps.decided_pods, maps::DECIDED_PODS_V4),
+                &mut self.decided,
+                &still_decided,
+            )?;
             self.write_status(&bytes, Transition::default(), &[Error::PlanRefused(full)])?;
             if let (PlanSource::Operator(link), Some(state)) = (&self.opts.plan, state) {
                 link.applied.send_replace(applied(state, &errors));
@@ -688,18 +723,7 @@ impl Agent {
         }
         // The guard's destinations may only grow before the entries change: a pod the plan
         // has not decided on yet never gets a moment with the normal path.
-        sync_lpm(
-            &mut self.dp.maps.guarded,
-            maps::GUARDED_V4,
-            &guard.destinations,
-            false,
-        )?;
-        sync_lpm_v6(
-            &mut self.dp.maps.guarded_v6,
-            maps::GUARDED_V6,
-            &guard.destinations_v6,
-            false,
-        )?;
+        self.sync_guarded(&guard, false)?;
         // Peers before the entries that need them, and pruned after the entries that did.
         let mut peers = self.peers.clone();
         for (ip, flags) in &want.peers {
@@ -772,18 +796,7 @@ impl Agent {
             &mut self.decided_v6,
             &guard.pods_v6,
         )?;
-        sync_lpm(
-            &mut self.dp.maps.guarded,
-            maps::GUARDED_V4,
-            &guard.destinations,
-            true,
-        )?;
-        sync_lpm_v6(
-            &mut self.dp.maps.guarded_v6,
-            maps::GUARDED_V6,
-            &guard.destinations_v6,
-            true,
-        )?;
+        self.sync_guarded(&guard, true)?;
         self.map_writes += t.writes();
         let gone: Vec<u32> = self
             .names

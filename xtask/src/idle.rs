@@ -15,6 +15,11 @@
 //!   two pods p1 and p2, gateway n3 (which holds 2 × 60,000 entries);
 //! - `b` 1 policy of 1,000 CIDRs selecting 1,000 pods on 50 nodes, one gateway (1,000,000 entries);
 //! - `c` the synthetic cluster of the planner benchmark: 500 nodes, 20,000 pods, 300 policies.
+//!
+//! With `--shim-pairs`, the real shims at rest instead ([`run_shim_scale`], root): in a fresh
+//! network-namespace testbed per size, n1's shim steers that many (pod, CIDR) pairs, n3's serves
+//! them as the gateway and n2's holds none, fed by the operator over the node channel or by a
+//! plan file (the only way to feed an older shim binary, `--compare-shim`).
 
 use std::{
     collections::BTreeMap,
@@ -880,7 +885,8 @@ pub fn run_shim_scale(
         "\nShims in the network-namespace testbed: n1's steers the pairs (p1 and synthetic pods, \
          addresses only), n3's serves them as the gateway, n2's holds none. Each ticks every \
          second, serves metrics (not scraped) and, from the operator, keeps a session with \
-         heartbeat grace 1 s (a heartbeat every 250 ms each way). The {}-second window starts \
+         heartbeat grace 1 s: n3, which the policy's gateway selector matches, heartbeats every \
+         250 ms each way, n1 and n2 at the operator's slow interval. The {}-second window starts \
          {} s after every shim held its pairs and p1 left with n3's egress IP (start → then: {}). \
          CPU is utime + stime + cutime + cstime of `/proc/<pid>/stat` (every thread, and the \
          subprocesses it ran; 10 ms resolution).",
