@@ -849,21 +849,7 @@ fn beside_calico_like_marks() {
 
 /// `sluice_bypassed_interfaces` of `node`'s shim (serving metrics on 127.0.0.1:9473 in its node).
 fn bypassed(c: &Cluster, node: &str) -> u64 {
-    use std::io::{Read, Write};
-    let response = sluice_testbed::in_netns(&c.ns(node), || -> std::io::Result<String> {
-        let mut stream = std::net::TcpStream::connect("127.0.0.1:9473")?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: shim\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        Ok(response)
-    })
-    .expect("scrapes the metrics");
-    response
-        .lines()
-        .find_map(|l| l.strip_prefix("sluice_bypassed_interfaces "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sluice_bypassed_interfaces in\n{response}"))
+    sluice_testbed::scrape_metric(&c.ns(node), "127.0.0.1:9473", "sluice_bypassed_interfaces")
 }
 
 #[test]

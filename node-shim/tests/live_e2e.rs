@@ -744,21 +744,7 @@ fn wait_seen_from(
 
 /// `sluice_plans_refused_total` of the shim serving metrics on 127.0.0.1:9473 in `node`.
 fn plans_refused(tb: &Testbed, node: &str) -> u64 {
-    use std::io::{Read, Write};
-    let response = in_netns(&tb.ns(node), || -> std::io::Result<String> {
-        let mut stream = std::net::TcpStream::connect("127.0.0.1:9473")?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: shim\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        Ok(response)
-    })
-    .expect("scrapes the shim's metrics");
-    response
-        .lines()
-        .find_map(|l| l.strip_prefix("sluice_plans_refused_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sluice_plans_refused_total in\n{response}"))
+    sluice_testbed::scrape_metric(&tb.ns(node), "127.0.0.1:9473", "sluice_plans_refused_total")
 }
 
 #[test]

@@ -3,13 +3,9 @@
 //! `nft flush ruleset` or a deleted `ip rule` must not make steered traffic leave with the node IP
 //! for longer than a tick.
 
-use std::{
-    io::{Read, Write},
-    net::TcpStream,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use sluice_testbed::{EGRESS_N1, EXT_A, FileCluster as Cluster, Gw, Rule, in_netns, wait_for};
+use sluice_testbed::{EGRESS_N1, EXT_A, FileCluster as Cluster, Gw, Rule, wait_for};
 
 /// The tick of the shims the harness starts (`--interval-ms 100`).
 const TICK: Duration = Duration::from_millis(100);
@@ -32,22 +28,8 @@ fn cluster(name: &str) -> Option<Cluster> {
 
 /// `sluice_state_restored_total{object}` of `node`'s shim.
 fn restored(c: &Cluster, node: &str, object: &str) -> u64 {
-    let response = in_netns(&c.ns(node), || -> std::io::Result<String> {
-        let mut stream = TcpStream::connect(METRICS)?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        // HTTP/1.0: the body comes whole (no chunks) and the server closes after it.
-        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: shim\r\n\r\n")?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        Ok(response)
-    })
-    .unwrap_or_else(|e| panic!("scraping the metrics of {node}: {e}"));
-    let series = format!("sluice_state_restored_total{{object=\"{object}\"}} ");
-    response
-        .lines()
-        .find_map(|l| l.strip_prefix(&series))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {series}in the metrics of {node}:\n{response}"))
+    let series = format!("sluice_state_restored_total{{object=\"{object}\"}}");
+    sluice_testbed::scrape_metric(&c.ns(node), METRICS, &series)
 }
 
 /// What the kernel of `node` holds of Sluice's table, rules and routes, as `nft`/`ip` print them.

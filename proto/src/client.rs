@@ -1,10 +1,10 @@
 //! The shim's side of the node channel, independent of the datapath.
 //!
 //! [`run`] keeps one session to the operator open, reconnecting with backoff. Every plan and
-//! delta received is decoded (off the async workers) and handed to the datapath side as an
-//! [`Update`]; the datapath side keeps the one copy of the node's [`NodeState`], folds every
-//! update pending into it in place when it can ([`fold`]: states it had no time for are simply
-//! skipped) and publishes the generation it holds as [`Applied`], which the session
+//! delta received is decoded once (a large one off the async workers) and handed to the
+//! datapath side as an [`Update`]; the datapath side keeps the one copy of the node's
+//! [`NodeState`], folds every update pending into it in place when it can ([`fold`]: states it
+//! had no time for are simply skipped) and publishes the generation it holds as [`Applied`], which the session
 //! acknowledges. While disconnected, the state stays: the datapath keeps what it holds.
 //! Heartbeats go out from a task of their own, so a long decode never makes the shim look dead.
 //!
@@ -220,9 +220,7 @@ impl UpdateReceiver {
     pub async fn next_batch(&mut self) -> Option<Vec<Update>> {
         let first = self.0.recv().await?;
         let mut batch = vec![first];
-        while let Ok(more) = self.0.try_recv() {
-            batch.push(more);
-        }
+        batch.extend(self.pending());
         Some(batch)
     }
 
@@ -415,7 +413,8 @@ async fn session_inner(
                     Some(Assembled { part: Part::Plan(plan), chunks }) => {
                         let wanted = plan.heartbeat_interval_ms;
                         let generation = plan.generation;
-                        let new = decode(move || NodeState::from_plan(session, &plan)).await?;
+                        let items = plan.entries.len();
+                        let new = decode(items, move || NodeState::from_plan(session, &plan)).await?;
                         last_heard = Instant::now();
                         tracing::info!(%node, generation, entries = new.entries.len(), chunks, "plan received");
                         follow_interval(&interval_tx, wanted);
@@ -429,7 +428,7 @@ async fn session_inner(
                         }
                         let wanted = delta.heartbeat_interval_ms;
                         let (upserts, removals) = (delta.upserts.len(), delta.removals.len());
-                        let decoded = decode(move || StateDelta::try_from(&delta)).await?;
+                        let decoded = decode(upserts + removals, move || StateDelta::try_from(&delta)).await?;
                         last_heard = Instant::now();
                         tracing::debug!(%node, generation = decoded.generation, upserts, removals, chunks, "delta received");
                         follow_interval(&interval_tx, wanted);
@@ -457,11 +456,16 @@ async fn session_inner(
     }
 }
 
-/// Decodes a plan or delta on the blocking pool: a large one takes long enough to hold up the
-/// runtime's other tasks.
+/// Decodes a plan or delta of `items` entries: a large one on the blocking pool, where it does
+/// not hold up the runtime's other tasks for long; a small one (most deltas) right here.
 async fn decode<T: Send + 'static>(
+    items: usize,
     f: impl FnOnce() -> Result<T, BadField> + Send + 'static,
 ) -> Result<T, SessionError> {
+    const MANY: usize = 10_000;
+    if items < MANY {
+        return f().map_err(SessionError::Bad);
+    }
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| SessionError::Config(format!("decoding: {e}")))?

@@ -260,6 +260,29 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
+/// The value of one series (`name{labels} `, as Prometheus text prints it before the value) on
+/// the metrics endpoint `addr` served in network namespace `ns`. Panics, naming the series and
+/// showing what was served, when it cannot be read.
+pub fn scrape_metric(ns: &str, addr: &str, series: &str) -> u64 {
+    use std::io::{Read, Write};
+    let response = in_netns(ns, || -> std::io::Result<String> {
+        let mut stream = std::net::TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+        // HTTP/1.0: the body comes whole (no chunks) and the server closes after it.
+        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: shim\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    })
+    .unwrap_or_else(|e| panic!("scraping the metrics on {addr} in {ns}: {e}"));
+    let prefix = format!("{series} ");
+    response
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in the metrics of {ns}:\n{response}"))
+}
+
 /// Moves the calling thread into network namespace `ns` (its full name).
 pub fn enter_netns(ns: &str) {
     let file =

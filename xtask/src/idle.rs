@@ -381,6 +381,28 @@ async fn session(endpoint: &str, node: &str, tally: &Tally) -> Result<std::conve
     }
 }
 
+/// Per process: its CPU ticks and the lines its log holds.
+type Sample = Vec<(u64, usize)>;
+
+/// Each process's [`Sample`] at the start and the end of `window`, and how long it took, in
+/// seconds.
+fn over_window(
+    tb: &sluice_testbed::Testbed,
+    procs: &[(String, u32)],
+    window: Duration,
+) -> Result<(Sample, Sample, f64)> {
+    let sample = || -> Result<Sample> {
+        procs
+            .iter()
+            .map(|(name, pid)| Ok((cpu_ticks(*pid)?, lines_of(&tb.log_path(name)))))
+            .collect()
+    };
+    let (before, at0) = (sample()?, Instant::now());
+    std::thread::sleep(window);
+    let after = sample()?;
+    Ok((before, after, at0.elapsed().as_secs_f64()))
+}
+
 /// CPU time of a process so far, in USER_HZ ticks: its threads' (utime + stime) and that of
 /// the subprocesses it waited for (cutime + cstime: older shims ran `ip` every tick).
 fn cpu_ticks(pid: u32) -> Result<u64> {
@@ -669,16 +691,7 @@ pub fn run_with_shims(operator: &Path, shim: &Path, window: Duration) -> Result<
     }
     let converged_in = started.elapsed();
     std::thread::sleep(SHIMS_SETTLE);
-    let sample = |tb: &sluice_testbed::Testbed| -> Result<Vec<(u64, usize)>> {
-        procs
-            .iter()
-            .map(|(name, pid)| Ok((cpu_ticks(*pid)?, lines_of(&tb.log_path(name)))))
-            .collect()
-    };
-    let (before, at0) = (sample(&tb)?, Instant::now());
-    std::thread::sleep(window);
-    let after = sample(&tb)?;
-    let elapsed = at0.elapsed().as_secs_f64();
+    let (before, after, elapsed) = over_window(&tb, &procs, window)?;
     let mut t = String::new();
     let _ = writeln!(
         t,
@@ -980,16 +993,7 @@ fn shim_at_rest(
     }
     let took = started.elapsed();
     std::thread::sleep(SCALE_SETTLE);
-    let sample = |tb: &Testbed| -> Result<Vec<(u64, usize)>> {
-        procs
-            .iter()
-            .map(|(name, pid)| Ok((cpu_ticks(*pid)?, lines_of(&tb.log_path(name)))))
-            .collect()
-    };
-    let (before, at0) = (sample(&tb)?, Instant::now());
-    std::thread::sleep(window);
-    let after = sample(&tb)?;
-    let elapsed = at0.elapsed().as_secs_f64();
+    let (before, after, elapsed) = over_window(&tb, &procs, window)?;
     let mut out = Vec::new();
     for (((name, pid), (cpu0, lines0)), (cpu1, lines1)) in procs.iter().zip(&before).zip(&after) {
         out.push(ProcessAtRest {

@@ -194,14 +194,7 @@ impl Planner {
         // The pods' entries on their gateways name this node's tunnel address.
         let address_changed = old.map(NodeInfo::tunnel_ip) != new.map(NodeInfo::tunnel_ip);
         if labels_changed || address_changed || old.is_none() || new.is_none() {
-            let pods: Vec<Arc<str>> = self
-                .pods_by_node
-                .get(name)
-                .into_iter()
-                .flatten()
-                .cloned()
-                .collect();
-            for uid in pods {
+            for uid in members(&self.pods_by_node, name) {
                 self.rematch_pod(&uid, &mut dirty, &mut delta);
             }
         }
@@ -228,14 +221,7 @@ impl Planner {
     fn namespace_changed(&mut self, name: &str) -> PlanDelta {
         let mut delta = PlanDelta::default();
         let mut dirty = DirtyKeys::new();
-        let pods: Vec<Arc<str>> = self
-            .pods_by_namespace
-            .get(name)
-            .into_iter()
-            .flatten()
-            .cloned()
-            .collect();
-        for uid in pods {
+        for uid in members(&self.pods_by_namespace, name) {
             self.rematch_pod(&uid, &mut dirty, &mut delta);
         }
         self.resolve(dirty, &mut delta);
@@ -465,4 +451,9 @@ impl Planner {
             })
             .sum()
     }
+}
+
+/// The pods (UIDs) an index holds under `key`, copied out so that they can be re-evaluated.
+fn members(index: &HashMap<Arc<str>, HashSet<Arc<str>>>, key: &str) -> Vec<Arc<str>> {
+    index.get(key).into_iter().flatten().cloned().collect()
 }
