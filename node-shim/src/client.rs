@@ -44,6 +44,7 @@ fn hello(node: &str, pod_interfaces: &[String], tunnel_device: &str, bpffs_dir: 
         interfaces,
         default_route_interface: netdev::default_route_interface(),
         held: held_slots(bpffs_dir),
+        operator_heartbeat_floor: true,
     }
 }
 

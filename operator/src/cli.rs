@@ -133,8 +133,10 @@ pub struct RunArgs {
     #[arg(long, env = "SLUICE_GRPC_MAX_STREAMS", default_value_t = 4,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub grpc_max_streams: u32,
-    /// How often the node channel pings an idle connection (HTTP/2 ping, TCP keepalive).
-    #[arg(long, env = "SLUICE_GRPC_KEEPALIVE_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    /// How long a node channel connection may carry nothing before it is pinged (HTTP/2 ping,
+    /// TCP keepalive). Keep it above the slowest heartbeat interval (10 s), or live sessions are
+    /// pinged too.
+    #[arg(long, env = "SLUICE_GRPC_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub grpc_keepalive_interval: std::time::Duration,
     /// A node channel peer that has not answered a ping by then is disconnected.
     #[arg(long, env = "SLUICE_GRPC_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]

@@ -206,6 +206,8 @@ impl Shim {
                 addresses: vec![vec![203, 0, 113, 10]],
             }],
             default_route_interface: Some("eth0".into()),
+            // As the real shim.
+            operator_heartbeat_floor: true,
             ..Default::default()
         });
         let session = tokio::spawn(client::run(config, hello, updates_tx, applied_rx));
@@ -556,6 +558,12 @@ struct RawSession {
 
 impl RawSession {
     async fn open(op: &Operator, node: &str) -> RawSession {
+        RawSession::open_with(op, node, false).await
+    }
+
+    /// A session whose hello announces (or not) that it takes the operator's heartbeats at the
+    /// floor's pace.
+    async fn open_with(op: &Operator, node: &str, operator_heartbeat_floor: bool) -> RawSession {
         let mut client = NodeChannelClient::connect(op.url()).await.unwrap();
         let (tx, rx) = mpsc::channel(4);
         tx.send(v2::ShimMessage {
@@ -567,6 +575,7 @@ impl RawSession {
                     addresses: vec![vec![203, 0, 113, 10]],
                 }],
                 default_route_interface: Some("eth0".into()),
+                operator_heartbeat_floor,
                 ..Default::default()
             })),
         })
@@ -1368,6 +1377,48 @@ async fn nodes_that_cannot_be_gateways_heartbeat_slowly() {
         a.state().map(|s| s.session),
         Some(first.session),
         "node-a's session lasted"
+    );
+}
+
+/// The operator's heartbeats to a gateway-capable shim (75 ms interval here) come no faster than
+/// the floor when its hello says it takes that, and at its own interval otherwise (shims of
+/// earlier releases judge the operator's silence by their interval); a real shim on the floor
+/// keeps its session over many of its own silence limits of before (4 x 75 ms, at least 1 s).
+#[tokio::test]
+async fn the_operator_heartbeats_at_the_floor_to_shims_that_take_it() {
+    let mut op = Operator::start(tokens(), None, Duration::from_millis(300)).await;
+    op.load(manifests("")).await;
+    op.synced().await;
+    let heartbeats_within = async |floor: bool, window: Duration| {
+        let (mut raw, _end) = RawSession::open_with(&op, "node-b", floor).await.drain();
+        let end = Instant::now() + window;
+        let mut heartbeats = 0;
+        while let Ok(Some(m)) = tokio::time::timeout_at(end.into(), raw.recv()).await {
+            if matches!(m, v2::operator_message::Message::Heartbeat(_)) {
+                heartbeats += 1;
+            }
+        }
+        heartbeats
+    };
+    let window = sluice_proto::OPERATOR_HEARTBEAT_FLOOR + Duration::from_millis(500);
+    let fast = EngineConfig::with_grace(Duration::from_millis(300)).heartbeat_interval;
+    assert!(fast * 8 < sluice_proto::OPERATOR_HEARTBEAT_FLOOR, "{fast:?}");
+    // One at once and one at the floor (a tick's slack either way).
+    let on_floor = heartbeats_within(true, window).await;
+    assert!((1..=3).contains(&on_floor), "{on_floor} heartbeats on the floor");
+    let at_interval = heartbeats_within(false, window).await;
+    assert!(
+        at_interval >= 10,
+        "{at_interval} heartbeats at the shim's interval"
+    );
+
+    let b = Shim::start(config(&op, "node-b"), "node-b", Maps::default());
+    let first = b.wait("node-b's plan", |s| s.generation > 0).await;
+    tokio::time::sleep(sluice_proto::OPERATOR_HEARTBEAT_FLOOR * 2).await;
+    assert_eq!(
+        b.state().map(|s| s.session),
+        Some(first.session),
+        "node-b's session lasted"
     );
 }
 

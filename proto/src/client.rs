@@ -316,12 +316,19 @@ fn unix_ms() -> u64 {
         .map_or(0, |t| t.as_millis() as u64)
 }
 
+/// See [`connect`]: above the slowest heartbeat interval (the operator's 10 s for nodes that
+/// cannot be gateways).
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+
 /// Connects to the operator (TLS for `https` endpoints, trusting the CA file's current content).
 pub async fn connect(config: &Config) -> Result<NodeChannelClient<tonic::transport::Channel>, SessionError> {
     let mut endpoint = Endpoint::from_shared(config.endpoint.clone())?
         .connect_timeout(config.connect_timeout)
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10));
+        // Pings go only after this long without anything read: longer than the slowest
+        // heartbeat, so a live session never carries them (heartbeats prove the operator alive;
+        // a ping per shim every few seconds is most of an idle operator's work).
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL);
     if config.endpoint.starts_with("https://") {
         let ca = match (&config.ca_file, &config.ca_pem) {
             (Some(path), _) => tokio::fs::read(path)
@@ -368,6 +375,7 @@ async fn session_inner(
     let (tx, rx) = mpsc::channel(16);
     let hello = hello();
     let node = hello.node.clone();
+    let floor = hello.operator_heartbeat_floor;
     tx.send(shim_msg(shim_message::Message::Hello(hello)))
         .await
         .map_err(|_| SessionError::Closed)?;
@@ -395,7 +403,7 @@ async fn session_inner(
     let mut acked: Option<u64> = None;
     let mut last_heard = Instant::now();
     loop {
-        let silence_limit = (*interval_tx.borrow() * 4).max(Duration::from_secs(1));
+        let silence_limit = operator_silence_limit(*interval_tx.borrow(), floor);
         tokio::select! {
             // What the operator sent is read before its silence is judged.
             biased;
@@ -479,6 +487,17 @@ fn send_update(updates: &UpdateSender, update: Update) -> Result<(), SessionErro
 }
 
 /// Takes the heartbeat interval the operator asks for (0: unchanged).
+/// How long the operator may stay silent before the session is given up, for a shim whose
+/// heartbeat interval is `interval`: four of the operator's heartbeats (sent at the floor's pace
+/// when the shim announced it).
+fn operator_silence_limit(interval: Duration, floor: bool) -> Duration {
+    if floor {
+        crate::operator_heartbeat_interval(interval) * 4
+    } else {
+        (interval * 4).max(Duration::from_secs(1))
+    }
+}
+
 fn follow_interval(interval: &watch::Sender<Duration>, wanted_ms: u32) {
     if wanted_ms > 0 {
         interval.send_if_modified(|cur| {

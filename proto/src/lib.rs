@@ -45,5 +45,17 @@ pub const MAX_OPERATOR_MESSAGE: usize = 16 << 20;
 /// stream make it buffer more.
 pub const MAX_SHIM_MESSAGE: usize = 4 << 20;
 
+/// The slowest a shim that announces `Hello.operator_heartbeat_floor` is sent the operator's
+/// heartbeats: every `max(its heartbeat interval, this)`. Gateway-capable nodes send theirs every
+/// few hundred milliseconds so that failover is fast; the operator's only tell a shim when to
+/// reconnect, and at this pace a 500-node cluster's operator sends about a tenth as many.
+pub const OPERATOR_HEARTBEAT_FLOOR: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How often the operator sends heartbeats to a shim whose heartbeat interval is `shim`, when
+/// the shim announced [`OPERATOR_HEARTBEAT_FLOOR`].
+pub fn operator_heartbeat_interval(shim: std::time::Duration) -> std::time::Duration {
+    shim.max(OPERATOR_HEARTBEAT_FLOOR)
+}
+
 /// The most entry errors an ack carries; the operator reads no more than these.
 pub const MAX_ACK_ERRORS: usize = 1000;

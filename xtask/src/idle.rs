@@ -315,7 +315,9 @@ async fn simulated_shim(endpoint: String, node: String, tally: Arc<Tally>) {
 }
 
 async fn session(endpoint: &str, node: &str, tally: &Tally) -> Result<std::convert::Infallible> {
+    // As the real shim connects (its HTTP/2 pings cost the operator too).
     let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
+        .http2_keep_alive_interval(sluice_proto::client::KEEPALIVE_INTERVAL)
         .connect()
         .await?;
     let mut client = NodeChannelClient::new(channel).max_decoding_message_size(usize::MAX);
@@ -323,6 +325,7 @@ async fn session(endpoint: &str, node: &str, tally: &Tally) -> Result<std::conve
     tx.send(shim_msg(shim_message::Message::Hello(v2::Hello {
         node: node.to_owned(),
         version: "bench-idle".into(),
+        operator_heartbeat_floor: true,
         ..Default::default()
     })))
     .await?;
@@ -420,6 +423,27 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
     Ok(field(14)? + field(15)? + field(16)? + field(17)?)
 }
 
+/// Context switches of all of `pid`'s threads so far (voluntary and not): how often it woke,
+/// which on a VM is most of what an idle process costs, and far less noisy than its CPU time.
+fn context_switches(pid: u32) -> Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        // A thread may end while being read.
+        let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
+            continue;
+        };
+        total += status
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+            })
+            .filter_map(|v| v.trim().parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Ok(total)
+}
+
 /// A `kB` line of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), in MiB.
 fn status_mib(pid: u32, key: &str) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -450,6 +474,8 @@ pub struct Measure {
     pub peak_rss_mib: f64,
     /// CPU over the window, in % of one core.
     pub cpu_pct: f64,
+    /// Context switches per second over the window.
+    pub switches_per_s: f64,
     /// Plans and deltas sent to shims during the window.
     pub updates: u64,
     pub log_lines: usize,
@@ -556,9 +582,16 @@ fn measure(operator: &Path, dir: &Path, nodes: &[String], at_rest: AtRest, log: 
         }
     };
     let updates = || tallies.iter().map(|t| t.updates()).sum::<u64>();
-    let (cpu0, updates0, lines0, at0) = (cpu_ticks(pid)?, updates(), lines_of(log), Instant::now());
+    let (cpu0, switches0, updates0, lines0, at0) = (
+        cpu_ticks(pid)?,
+        context_switches(pid)?,
+        updates(),
+        lines_of(log),
+        Instant::now(),
+    );
     std::thread::sleep(window);
-    let (cpu1, updates1, lines1) = (cpu_ticks(pid)?, updates(), lines_of(log));
+    let (cpu1, switches1, updates1, lines1) =
+        (cpu_ticks(pid)?, context_switches(pid)?, updates(), lines_of(log));
     let elapsed = at0.elapsed().as_secs_f64();
     let m = Measure {
         converged_in: converged.map(|c| c.saturating_duration_since(started)),
@@ -570,6 +603,7 @@ fn measure(operator: &Path, dir: &Path, nodes: &[String], at_rest: AtRest, log: 
         rss_mib: status_mib(pid, "VmRSS")?,
         peak_rss_mib: status_mib(pid, "VmHWM")?,
         cpu_pct: 100.0 * (cpu1 - cpu0) as f64 / USER_HZ / elapsed,
+        switches_per_s: switches1.saturating_sub(switches0) as f64 / elapsed,
         updates: updates1 - updates0,
         log_lines: lines1 - lines0,
     };
@@ -636,8 +670,8 @@ pub fn run(operators: &[Operator], cases: &[Case], at_rest: AtRest, scratch: &Pa
             let m = measure(&op.path, &dir, &nodes, at_rest, &log)
                 .with_context(|| format!("case ({}) with {}", case.key(), op.label))?;
             eprintln!(
-                "    converged in {:.1?}, {:.0} MiB, {:.2} % of a core, {} updates and {} log lines at rest",
-                m.converged_in, m.rss_mib, m.cpu_pct, m.updates, m.log_lines
+                "    converged in {:.1?}, {:.0} MiB, {:.2} % of a core, {:.0} context switches/s, {} updates and {} log lines at rest",
+                m.converged_in, m.rss_mib, m.cpu_pct, m.switches_per_s, m.updates, m.log_lines
             );
             rows.push((case, op.label.clone(), m));
         }
@@ -1013,13 +1047,13 @@ fn table(rows: &[(Case, String, Measure)], at_rest: AtRest) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "| case | operator | largest plan (entries) | start → converged | RSS (peak) | idle CPU, % of a core | plans + deltas at rest | log lines at rest |"
+        "| case | operator | largest plan (entries) | start → converged | RSS (peak) | idle CPU, % of a core | context switches/s | plans + deltas at rest | log lines at rest |"
     );
-    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|");
     for (case, label, m) in rows {
         let _ = writeln!(
             t,
-            "| ({}) {} | {label} | {} | {} | {:.0} MiB ({:.0} MiB) | {:.2} | {} | {} |",
+            "| ({}) {} | {label} | {} | {} | {:.0} MiB ({:.0} MiB) | {:.2} | {:.0} | {} | {} |",
             case.key(),
             case.describe(),
             m.largest_plan,
@@ -1030,6 +1064,7 @@ fn table(rows: &[(Case, String, Measure)], at_rest: AtRest) -> String {
             m.rss_mib,
             m.peak_rss_mib,
             m.cpu_pct,
+            m.switches_per_s,
             m.updates,
             m.log_lines,
         );
@@ -1038,15 +1073,17 @@ fn table(rows: &[(Case, String, Measure)], at_rest: AtRest) -> String {
         t,
         "\nAt rest: a {}-second window that starts once every shim holds a plan, nothing but \
          heartbeats has arrived for {} s and the operator used less than {:.0} % of a core \
-         meanwhile (\"never\": not within {} s; measured anyway). Heartbeat grace {:?} (a \
-         heartbeat every {:?} each way, per shim); `dir:` source polled every 200 ms. The \
-         simulated shims run in the benchmark's process, on the same machine.",
+         meanwhile (\"never\": not within {} s; measured anyway). Heartbeat grace {:?}: the \
+         shims of gateway-capable nodes heartbeat every {:?}, the others at the operator's slow \
+         interval, and the operator to each every max(that, {:?}); `dir:` source polled every \
+         200 ms. The simulated shims run in the benchmark's process, on the same machine.",
         at_rest.window.as_secs(),
         QUIET.as_secs(),
         BUSY * 100.0,
         CONVERGE_TIMEOUT.as_secs(),
         at_rest.grace,
-        at_rest.grace / 4
+        at_rest.grace / 4,
+        sluice_proto::OPERATOR_HEARTBEAT_FLOOR,
     );
     t
 }

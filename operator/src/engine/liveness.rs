@@ -371,6 +371,32 @@ impl Liveness {
         changed
     }
 
+    /// When [`tick`](Self::tick) may next change something: the earliest a live shim can be
+    /// past its grace period (as far as the heartbeats taken in so far go), or the end of the
+    /// settling period; `now` while a connected shim is silent (a heartbeat stamped for it
+    /// brings it back at the next tick) or before the clock started. `None`: nothing is due.
+    pub fn next_due(&self, now: Instant) -> Option<Instant> {
+        let (grace, slow_grace) = (self.grace, self.slow_grace());
+        let mut due = match self.settling {
+            Settling::NotStarted => return Some(now),
+            Settling::Until(until) => Some(until),
+            Settling::Done => None,
+        };
+        for s in self.shims.values() {
+            let at = if s.alive {
+                // `tick` finds a shim silent once strictly past its grace period.
+                let grace = if s.pace == Pace::Fast { grace } else { slow_grace };
+                s.last_seen + grace + Duration::from_millis(1)
+            } else if s.connected {
+                now
+            } else {
+                continue;
+            };
+            due = Some(due.map_or(at, |d| d.min(at)));
+        }
+        due
+    }
+
     /// The shims found silent since the last call (node -> last heard from).
     pub fn take_lost(&mut self) -> HashMap<String, Instant> {
         std::mem::take(&mut self.lost)

@@ -117,6 +117,9 @@ const SHIM_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The default heartbeat interval of nodes that may not be gateways.
 const SLOW_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
 
+/// The longest the engine's clock waits with nothing due ([`Engine::next_tick`]).
+pub const IDLE_TICK: Duration = Duration::from_secs(1);
+
 /// The engine. See the module documentation.
 pub struct Engine {
     planner: Planner,
@@ -197,9 +200,23 @@ impl Engine {
         self.liveness.settling()
     }
 
-    /// When [`tick`](Self::tick) should run next.
+    /// The finest the engine's clock goes: a deadline is acted on at most this late.
     pub fn tick_interval(&self) -> Duration {
         (self.config.grace / 20).clamp(Duration::from_millis(5), Duration::from_millis(100))
+    }
+
+    /// When [`tick`](Self::tick) should run next: at the earliest deadline of liveness
+    /// (a gateway past its grace period, the end of settling) or of a switch held back, but not
+    /// sooner than a [tick interval](Self::tick_interval) from `now` and not later than
+    /// [`IDLE_TICK`] (a backstop). At rest, with every shim heartbeating, that is about once a
+    /// grace period instead of twenty times: an idle operator's clock is one of its costs.
+    pub fn next_tick(&self, now: Instant) -> Instant {
+        let due = [self.liveness.next_due(now), self.tables.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min();
+        let (soonest, latest) = (now + self.tick_interval(), now + IDLE_TICK);
+        due.map_or(latest, |d| d.clamp(soonest, latest))
     }
 
     /// How many times the engine handed a policy to the planner (from the source, or with
@@ -676,8 +693,7 @@ pub async fn run(
     updates: mpsc::Sender<StatusUpdate>,
     notices: mpsc::Sender<Notice>,
 ) -> anyhow::Result<()> {
-    let mut ticker = tokio::time::interval(engine.tick_interval());
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_tick = engine.next_tick(Instant::now());
     let mut unsent: BTreeMap<String, StatusUpdate> = BTreeMap::new();
     loop {
         tokio::select! {
@@ -702,9 +718,10 @@ pub async fn run(
                     engine.shim(event, now);
                 }
             }
-            _ = ticker.tick() => engine.tick(Instant::now()),
+            () = tokio::time::sleep_until(next_tick.into()) => engine.tick(Instant::now()),
         }
         engine.flush(Instant::now());
+        next_tick = engine.next_tick(Instant::now());
         for update in engine.take_status() {
             unsent.insert(update.outcome.name.clone(), update);
         }
@@ -931,6 +948,53 @@ mod tests {
         engine.flush(t0 + at);
         assert!(engine.planner().node_plan("w").len() > 1);
         assert_eq!(engine.policy_applications(), applied + 1, "and never again");
+    }
+
+    /// The run loop's clock, driven as it runs: at rest (every shim heartbeating) it wakes about
+    /// once per grace period, not every tick interval; a gateway that falls silent is still
+    /// found within a tick interval past its grace period.
+    #[test]
+    fn the_clock_wakes_for_deadlines_only_and_still_finds_a_silent_gateway_in_time() {
+        let t0 = Instant::now();
+        let (mut engine, hub) = engine(1, t0);
+        let sessions = [("w", 1), ("g1", 2), ("g2", 3)];
+        for (node, session) in sessions {
+            connect(&mut engine, node, session, vec![], t0);
+        }
+        engine.flush(t0);
+        assert!(!engine.settling());
+        let gateway = gateways(&engine)[0].node.clone();
+        let (beat, last_beat) = (GRACE / 4, ms(10_000));
+        let mut now = t0;
+        let mut heard = t0;
+        let (mut wakeups, mut failover) = (0, None);
+        while now < t0 + ms(15_000) && failover.is_none() {
+            let next = engine.next_tick(now);
+            assert!(next > now && next <= now + IDLE_TICK, "{:?}", next - now);
+            // The heartbeats that arrive meanwhile (the gateway's stop at `last_beat`).
+            while heard + beat <= next {
+                heard += beat;
+                for (node, session) in sessions {
+                    if node != gateway || heard <= t0 + last_beat {
+                        hub.heard(session, heard);
+                    }
+                }
+            }
+            now = next;
+            engine.tick(now);
+            engine.flush(now);
+            wakeups += 1;
+            if gateways(&engine)[0].node != gateway {
+                failover = Some(now - t0);
+            }
+        }
+        let failover = failover.expect("the silent gateway was replaced");
+        assert!(
+            failover > last_beat + GRACE && failover <= last_beat + GRACE + engine.tick_interval(),
+            "found at {failover:?}"
+        );
+        // About one wakeup per grace period until the gateway stopped (a 50 ms tick: 200).
+        assert!(wakeups <= 2 * last_beat.as_secs() + 2 + 2, "{wakeups} wakeups");
     }
 
     #[test]

@@ -392,6 +392,11 @@ impl Tables {
         }
     }
 
+    /// The earliest deadline of a switch held back, if any.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.deferred.iter().map(|d| d.deadline).min()
+    }
+
     /// Switches held back wait for the generation that carries their gateway's entry: the one
     /// just published.
     pub fn await_published(&mut self) {

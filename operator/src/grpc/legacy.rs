@@ -85,6 +85,8 @@ fn current_hello(hello: &v1::Hello) -> Result<v2::Hello, Status> {
         interfaces,
         default_route_interface: hello.default_route_interface.clone(),
         held,
+        // A shim of the previous release judges the operator's silence by its own interval.
+        operator_heartbeat_floor: false,
     })
 }
 

@@ -98,7 +98,10 @@ pub struct ServerLimits {
     pub tls_handshake_timeout: Duration,
     /// Streams one connection may have open at once (a shim needs one).
     pub max_concurrent_streams: u32,
-    /// How often an HTTP/2 ping (and TCP keepalive probe) checks an idle peer.
+    /// How long a connection may carry nothing before an HTTP/2 ping (and TCP keepalive probe)
+    /// checks the peer. Above the slowest heartbeat interval, so that pings go only to
+    /// connections without a live session: heartbeats already prove a shim alive, and a ping
+    /// to every shim every few seconds was a third of an idle operator's wakeups.
     pub keepalive_interval: Duration,
     /// A peer that has not answered a ping by then is disconnected.
     pub keepalive_timeout: Duration,
@@ -109,7 +112,7 @@ impl Default for ServerLimits {
         ServerLimits {
             tls_handshake_timeout: Duration::from_secs(10),
             max_concurrent_streams: 4,
-            keepalive_interval: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
         }
     }
@@ -360,7 +363,17 @@ async fn run_session(
     let mut unsent = true;
     // The node's own interval comes with its views (fast for nodes that may be gateways).
     let mut interval = hub.heartbeat_interval;
-    let mut ticker = tokio::time::interval(interval);
+    // The operator's own heartbeats, at the shim's interval or, for shims that take it, no
+    // faster than the floor: they only tell a shim when to reconnect. The same ticker judges
+    // the shim's silence (ending the session; failover is the engine's, from the stamps).
+    let pace = |interval| {
+        if hello.operator_heartbeat_floor {
+            sluice_proto::operator_heartbeat_interval(interval)
+        } else {
+            interval
+        }
+    };
+    let mut ticker = tokio::time::interval(pace(interval));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The shim's messages are read by a task of their own: building and sending a large plan
     // never keeps its heartbeats (its liveness) waiting.
@@ -408,7 +421,7 @@ async fn run_session(
                     let wanted = effective_interval(&view, hub.heartbeat_interval);
                     if wanted != interval {
                         interval = wanted;
-                        ticker = tokio::time::interval(interval);
+                        ticker = tokio::time::interval(pace(interval));
                         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                         // The shim heard of it only now: its silence is measured from here.
                         *last_heard.lock().expect("last heard") = Instant::now();
