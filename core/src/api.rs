@@ -40,6 +40,7 @@ pub const CONDITION_PROGRAMMED: &str = "Programmed";
     status = "EgressGatewayPolicyStatus",
     printcolumn = r#"{"name":"Gateways","type":"string","jsonPath":".status.gateways[*].node"}"#,
     printcolumn = r#"{"name":"Egress IPs","type":"string","jsonPath":".status.gateways[*].egressIP"}"#,
+    printcolumn = r#"{"name":"Managed IPs","type":"string","description":"State of each address of egressIPs: Assigned, Moving, Conflict or Unassigned","jsonPath":".status.egressIPs[*].state","priority":1}"#,
     printcolumn = r#"{"name":"Endpoints","type":"integer","description":"Pods the policy selects: 0 means its selectors match no pod, and it steers nothing","jsonPath":".status.matchedEndpoints"}"#,
     printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status","priority":1}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Programmed\")].status"}"#,
@@ -131,6 +132,21 @@ pub struct EgressRule {
         "rule": "!(has(self.interface) && has(self.egressIP))",
         "message": "set at most one of interface and egressIP",
         "reason": "FieldValueForbidden"
+    },
+    {
+        "rule": "!(has(self.egressIP) && has(self.egressIPs))",
+        "message": "set at most one of egressIP (an address the node already holds) and egressIPs (addresses Sluice assigns)",
+        "reason": "FieldValueForbidden"
+    },
+    {
+        "rule": "!has(self.egressIP) || self.egressIP == '' || !has(self.maxGatewayNodes) || self.maxGatewayNodes <= 1",
+        "message": "egressIP is one address that a node already holds: several gateway nodes would each hold it (an address conflict); use egressIPs, one address per gateway node",
+        "reason": "FieldValueInvalid"
+    },
+    {
+        "rule": "!has(self.egressIPs) || !has(self.maxGatewayNodes) || self.maxGatewayNodes <= size(self.egressIPs)",
+        "message": "maxGatewayNodes may not exceed the number of egressIPs (each gateway node holds one of them)",
+        "reason": "FieldValueInvalid"
     }
 ]))]
 #[serde(rename_all = "camelCase")]
@@ -152,8 +168,25 @@ pub struct EgressGateway {
     ]))]
     pub egress_ip: Option<String>,
 
-    /// How many matching nodes serve at once (active-active). Default 1. When one fails, only the
-    /// pods it served move to another node.
+    /// Addresses Sluice assigns to the gateway nodes and moves with them (instead of
+    /// `egressIP`): the node filling slot i holds `egressIPs[i]` on `interface` (else the
+    /// interface whose subnet contains it, else the default-route interface), announces it, and
+    /// gives it up when the slot moves. The outside world always sees these addresses.
+    /// `maxGatewayNodes` defaults to their count.
+    #[serde(rename = "egressIPs", default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(min = 1, max = 64))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    #[schemars(extend("items" = {
+        "type": "string",
+        "maxLength": 45,
+        "x-kubernetes-validations": [
+            {"rule": "isIP(self)", "message": "must be an IPv4 or IPv6 address"}
+        ]
+    }))]
+    pub egress_ips: Vec<String>,
+
+    /// How many matching nodes serve at once (active-active). Default 1 (with `egressIPs`: their
+    /// count). When one fails, only the pods it served move to another node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 64))]
     pub max_gateway_nodes: Option<u32>,
@@ -193,6 +226,30 @@ pub struct EgressGatewayPolicyStatus {
     /// Other policies that win (source, destination) pairs this one also claims.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conflicts: Vec<ConflictStatus>,
+
+    /// The managed addresses of `egressIPs`: which node holds each, and how it stands.
+    #[serde(rename = "egressIPs", default, skip_serializing_if = "Vec::is_empty")]
+    pub egress_ips: Vec<EgressIpStatus>,
+}
+
+/// One managed egress address (`egressIPs`).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressIpStatus {
+    pub ip: String,
+    /// The node assigned to hold it (none: no usable node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The interface it is (to be) held on, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// `Assigned` (the node holds and announces it), `Moving` (assigned to a node that does not
+    /// hold it yet), `Conflict` (another host answers for it: not claimed), `Unassigned` (no
+    /// usable node, or another policy holds it).
+    pub state: String,
+    /// Why, for `Conflict` and `Unassigned`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// A gateway node serving a policy.

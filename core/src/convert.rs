@@ -587,11 +587,11 @@ spec:
     #[test]
     fn sluice_fields_are_kept_with_a_note() {
         let text = BASIC
-            .replace("    egressIP:", "    maxGatewayNodes: 2\n    egressIP:")
+            .replace("    egressIP:", "    maxGatewayNodes: 1\n    egressIP:")
             .replace("  excludedCIDRs:", "  failurePolicy: Fallback\n  excludedCIDRs:");
         let c = convert(&text).unwrap();
         let p: EgressGatewayPolicy = serde_yaml::from_str(&c.yaml).unwrap();
-        assert_eq!(p.spec.egress_gateway.unwrap().max_gateway_nodes, Some(2));
+        assert_eq!(p.spec.egress_gateway.unwrap().max_gateway_nodes, Some(1));
         assert_eq!(c.notes.len(), 2, "{:?}", messages(&c));
         assert!(c.notes.iter().all(|n| n.severity == Severity::Info));
     }

@@ -43,6 +43,8 @@ pub struct InterfaceInfo {
     pub name: String,
     /// Addresses in the order the kernel lists them (the first of a family is the primary).
     pub addresses: Vec<IpAddr>,
+    /// The subnets of those addresses (what `egressIPs` are placed by).
+    pub networks: Vec<IpNet>,
     /// Whether the default route leaves by this interface.
     pub default_route: bool,
 }

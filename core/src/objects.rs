@@ -24,6 +24,9 @@ struct InterfaceAnnotation {
     name: String,
     #[serde(default)]
     addresses: Vec<IpAddr>,
+    /// Subnets of the addresses, as CIDRs (`192.0.2.0/24`).
+    #[serde(default)]
+    networks: Vec<IpNet>,
     #[serde(default)]
     default_route: bool,
 }
@@ -60,6 +63,7 @@ pub fn node_info(node: &Node) -> Result<NodeInfo, BadInterfacesAnnotation> {
                 .map(|i| InterfaceInfo {
                     name: i.name,
                     addresses: i.addresses,
+                    networks: i.networks.iter().map(IpNet::trunc).collect(),
                     default_route: i.default_route,
                 })
                 .collect()

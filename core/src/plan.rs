@@ -65,6 +65,10 @@ pub struct GatewayDuty {
     /// The interface to leave by; `null` means the default-route interface (or the one holding
     /// the egress IP).
     pub interface: Option<Arc<str>>,
+    /// The egress IPs are Sluice's (`egressIPs`): the node holds them on `interface` and
+    /// announces them while it has this duty, and gives them up when it loses it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub managed: bool,
 }
 
 /// The key of a datapath entry: source IP (exact) and destination prefix (longest match).

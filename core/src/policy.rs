@@ -30,6 +30,22 @@ pub enum EgressSource {
     Ip(IpAddr),
     /// The default-route interface.
     DefaultRoute,
+    /// Addresses Sluice assigns: slot i of the entry holds `ips[i]`, on `interface` if set,
+    /// else on the interface whose subnet contains it, else on the default-route interface.
+    Managed {
+        ips: Vec<IpAddr>,
+        interface: Option<String>,
+    },
+}
+
+impl EgressSource {
+    /// The managed address of `slot`, if the entry's addresses are Sluice's.
+    pub fn managed_ip(&self, slot: usize) -> Option<IpAddr> {
+        match self {
+            EgressSource::Managed { ips, .. } => ips.get(slot).copied(),
+            _ => None,
+        }
+    }
 }
 
 /// A checked gateway entry.
@@ -179,6 +195,26 @@ fn parse_gateway(field: &str, g: &EgressGateway) -> Result<GatewayConfig, Policy
         .map_err(|e| PolicyError::new("InvalidSelector", format!("{field}.nodeSelector: {e}")))?;
     let interface = g.interface.as_deref().filter(|s| !s.is_empty());
     let egress_ip = g.egress_ip.as_deref().filter(|s| !s.is_empty());
+    if let Some(name) = interface
+        && !is_interface_name(name)
+    {
+        return Err(PolicyError::new(
+            "InvalidInterface",
+            format!("{field}.interface: {name:?} is not a valid interface name"),
+        ));
+    }
+    if !g.egress_ips.is_empty() {
+        if egress_ip.is_some() {
+            return Err(PolicyError::new(
+                "EgressIPAndEgressIPs",
+                format!(
+                    "{field}: set at most one of egressIP (an address the node already holds) and \
+                     egressIPs (addresses Sluice assigns)"
+                ),
+            ));
+        }
+        return parse_managed(field, g, nodes, interface);
+    }
     let egress = match (interface, egress_ip) {
         (Some(_), Some(_)) => {
             return Err(PolicyError::new(
@@ -186,15 +222,7 @@ fn parse_gateway(field: &str, g: &EgressGateway) -> Result<GatewayConfig, Policy
                 format!("{field}: set at most one of interface and egressIP"),
             ));
         }
-        (Some(name), None) => {
-            if !is_interface_name(name) {
-                return Err(PolicyError::new(
-                    "InvalidInterface",
-                    format!("{field}.interface: {name:?} is not a valid interface name"),
-                ));
-            }
-            EgressSource::Interface(name.to_owned())
-        }
+        (Some(name), None) => EgressSource::Interface(name.to_owned()),
         (None, Some(ip)) => EgressSource::Ip(ip.trim().parse().map_err(|_| {
             PolicyError::new(
                 "InvalidEgressIP",
@@ -203,16 +231,81 @@ fn parse_gateway(field: &str, g: &EgressGateway) -> Result<GatewayConfig, Policy
         })?),
         (None, None) => EgressSource::DefaultRoute,
     };
-    let max_nodes = g.max_gateway_nodes.unwrap_or(1);
+    let max_nodes = max_gateway_nodes(field, g.max_gateway_nodes.unwrap_or(1))?;
+    if max_nodes > 1 && matches!(egress, EgressSource::Ip(_)) {
+        return Err(PolicyError::new(
+            "SharedEgressIP",
+            format!(
+                "{field}: egressIP is one address that a node already holds, so {max_nodes} gateway \
+                 nodes (maxGatewayNodes) would each hold it: an address conflict on a shared \
+                 network. Use egressIPs (one address per gateway node, moved on failover) or \
+                 maxGatewayNodes 1"
+            ),
+        ));
+    }
+    Ok(GatewayConfig {
+        nodes,
+        egress,
+        max_nodes,
+    })
+}
+
+fn max_gateway_nodes(field: &str, max_nodes: u32) -> Result<u32, PolicyError> {
     if !(1..=MAX_GATEWAY_NODES).contains(&max_nodes) {
         return Err(PolicyError::new(
             "InvalidMaxGatewayNodes",
             format!("{field}.maxGatewayNodes must be between 1 and {MAX_GATEWAY_NODES}, not {max_nodes}"),
         ));
     }
+    Ok(max_nodes)
+}
+
+/// An entry with `egressIPs`: one slot per address unless `maxGatewayNodes` says fewer.
+fn parse_managed(
+    field: &str,
+    g: &EgressGateway,
+    nodes: Selector,
+    interface: Option<&str>,
+) -> Result<GatewayConfig, PolicyError> {
+    let mut ips: Vec<IpAddr> = Vec::with_capacity(g.egress_ips.len());
+    for (i, text) in g.egress_ips.iter().enumerate() {
+        let ip: IpAddr = text.trim().parse().map_err(|_| {
+            PolicyError::new(
+                "InvalidEgressIP",
+                format!("{field}.egressIPs[{i}]: {text:?} is not an IP address"),
+            )
+        })?;
+        if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+            return Err(PolicyError::new(
+                "InvalidEgressIP",
+                format!("{field}.egressIPs[{i}]: {ip} cannot be a host's address"),
+            ));
+        }
+        if ips.contains(&ip) {
+            return Err(PolicyError::new(
+                "InvalidEgressIP",
+                format!("{field}.egressIPs[{i}]: {ip} is listed twice"),
+            ));
+        }
+        ips.push(ip);
+    }
+    let count = u32::try_from(ips.len()).unwrap_or(u32::MAX);
+    let max_nodes = max_gateway_nodes(field, g.max_gateway_nodes.unwrap_or(count))?;
+    if max_nodes > count {
+        return Err(PolicyError::new(
+            "TooFewEgressIPs",
+            format!(
+                "{field}: maxGatewayNodes is {max_nodes} but egressIPs has {count} address(es): \
+                 each gateway node holds one of them"
+            ),
+        ));
+    }
     Ok(GatewayConfig {
         nodes,
-        egress,
+        egress: EgressSource::Managed {
+            ips,
+            interface: interface.map(str::to_owned),
+        },
         max_nodes,
     })
 }
@@ -259,10 +352,12 @@ mod tests {
         s.egress_gateways = vec![
             EgressGateway {
                 egress_ip: Some("192.0.2.1".into()),
+                ..Default::default()
+            },
+            EgressGateway {
                 max_gateway_nodes: Some(3),
                 ..Default::default()
             },
-            EgressGateway::default(),
         ];
         let c = parse(&s).unwrap();
         assert_eq!(c.gateways.len(), 2);
@@ -270,9 +365,87 @@ mod tests {
             c.gateways[0].egress,
             EgressSource::Ip("192.0.2.1".parse().unwrap())
         );
-        assert_eq!(c.gateways[0].max_nodes, 3);
+        assert_eq!(c.gateways[0].max_nodes, 1);
         assert_eq!(c.gateways[1].egress, EgressSource::DefaultRoute);
-        assert_eq!(c.gateways[1].max_nodes, 1);
+        assert_eq!(c.gateways[1].max_nodes, 3);
+    }
+
+    #[test]
+    fn managed_addresses_give_one_slot_each_unless_max_gateway_nodes_says_fewer() {
+        let mut s = spec();
+        s.egress_gateway = Some(EgressGateway {
+            egress_ips: vec!["192.0.2.150".into(), " 2001:db8::150 ".into()],
+            interface: Some("eth1".into()),
+            ..Default::default()
+        });
+        let c = parse(&s).unwrap();
+        let ips: Vec<IpAddr> = vec!["192.0.2.150".parse().unwrap(), "2001:db8::150".parse().unwrap()];
+        assert_eq!(
+            c.gateways[0].egress,
+            EgressSource::Managed {
+                ips: ips.clone(),
+                interface: Some("eth1".into())
+            }
+        );
+        assert_eq!(c.gateways[0].max_nodes, 2);
+        assert_eq!(c.gateways[0].egress.managed_ip(1), Some(ips[1]));
+        assert_eq!(c.gateways[0].egress.managed_ip(2), None);
+        s.egress_gateway.as_mut().unwrap().max_gateway_nodes = Some(1);
+        assert_eq!(parse(&s).unwrap().gateways[0].max_nodes, 1);
+    }
+
+    /// Configurations that cannot work are refused, each with its own reason and the field.
+    #[test]
+    fn gateway_configurations_that_cannot_work_are_refused() {
+        type Edit = fn(&mut EgressGateway);
+        let cases: [(Edit, &str, &str); 6] = [
+            (
+                |g| {
+                    g.egress_ip = Some("192.0.2.1".into());
+                    g.max_gateway_nodes = Some(2);
+                },
+                "SharedEgressIP",
+                "spec.egressGateway: egressIP is one address",
+            ),
+            (
+                |g| {
+                    g.egress_ip = Some("192.0.2.1".into());
+                    g.egress_ips = vec!["192.0.2.2".into()];
+                },
+                "EgressIPAndEgressIPs",
+                "spec.egressGateway: set at most one",
+            ),
+            (
+                |g| {
+                    g.egress_ips = vec!["192.0.2.2".into()];
+                    g.max_gateway_nodes = Some(2);
+                },
+                "TooFewEgressIPs",
+                "maxGatewayNodes is 2 but egressIPs has 1",
+            ),
+            (
+                |g| g.egress_ips = vec!["192.0.2.2".into(), "192.0.2.2".into()],
+                "InvalidEgressIP",
+                "spec.egressGateway.egressIPs[1]: 192.0.2.2 is listed twice",
+            ),
+            (
+                |g| g.egress_ips = vec!["0.0.0.0".into()],
+                "InvalidEgressIP",
+                "egressIPs[0]: 0.0.0.0 cannot be a host's address",
+            ),
+            (
+                |g| g.egress_ips = vec!["192.0.2.2/32".into()],
+                "InvalidEgressIP",
+                "egressIPs[0]: \"192.0.2.2/32\" is not an IP address",
+            ),
+        ];
+        for (edit, reason, text) in cases {
+            let mut s = spec();
+            edit(s.egress_gateway.as_mut().unwrap());
+            let e = parse(&s).unwrap_err();
+            assert_eq!(e.reason, reason, "{e}");
+            assert!(e.message.contains(text), "{e}");
+        }
     }
 
     #[test]

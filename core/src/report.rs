@@ -60,6 +60,13 @@ fn unusable_gateways(diagnosis: &[GatewayDiagnosis]) -> String {
                 EgressSource::Interface(name) => format!("interface {name:?}"),
                 EgressSource::Ip(ip) => format!("egress IP {ip}"),
                 EgressSource::DefaultRoute => "a default route".to_owned(),
+                EgressSource::Managed {
+                    interface: Some(name),
+                    ..
+                } => format!("interface {name:?} (for egressIPs)"),
+                EgressSource::Managed { interface: None, .. } => {
+                    "an interface on the subnet of egressIPs, or a default route".to_owned()
+                }
             };
             let mut why = vec![format!(
                 "{} node(s) match the nodeSelector of gateway {}",
@@ -237,6 +244,7 @@ mod tests {
             interfaces: Some(vec![InterfaceInfo {
                 name: "eth0".into(),
                 addresses: vec!["172.18.0.9".parse().unwrap()],
+                networks: vec!["172.18.0.0/16".parse().unwrap()],
                 default_route: false,
             }]),
             ..Default::default()
@@ -249,7 +257,7 @@ mod tests {
             node_selector: pool(pool_name),
             interface: interface.map(str::to_owned),
             egress_ip: egress_ip.map(str::to_owned),
-            max_gateway_nodes: None,
+            ..Default::default()
         };
         let policy = PolicyInput {
             name: "p".into(),

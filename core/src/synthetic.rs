@@ -108,11 +108,14 @@ pub fn policy(i: usize) -> PolicyInput {
                 format!("203.0.{}.0/24", i % 256),
             ],
             excluded_cidrs: vec![format!("198.18.{}.7/32", i % 256)],
+            // Two gateway nodes, each holding one of the policy's managed addresses (one
+            // egressIP on two nodes would be an address conflict).
             egress_gateway: Some(EgressGateway {
                 node_selector: selector(&[("egress-pool", format!("pool-{}", i % POOLS))]),
-                egress_ip: Some(format!("192.0.2.{}", i % 250 + 1)),
-                max_gateway_nodes: Some(2),
-                interface: None,
+                egress_ips: (1..=2)
+                    .map(|k| format!("100.64.{}.{}", i / 100, i % 100 * 2 + k))
+                    .collect(),
+                ..Default::default()
             }),
             ..Default::default()
         },

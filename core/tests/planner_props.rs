@@ -83,6 +83,10 @@ fn node(i: usize) -> impl Strategy<Value = NodeInfo> {
                             format!("198.51.{i}.{j}").parse().unwrap(),
                             format!("2001:db8:{i}::{j}").parse().unwrap(),
                         ],
+                        networks: vec![
+                            format!("198.51.{i}.0/24").parse().unwrap(),
+                            format!("2001:db8:{i}::/64").parse().unwrap(),
+                        ],
                         default_route: j == 0,
                     })
                     .collect()
@@ -146,7 +150,7 @@ fn cidr() -> impl Strategy<Value = String> {
 }
 
 fn gateway() -> impl Strategy<Value = EgressGateway> {
-    (selector(), 0u8..5, prop::option::of(0u32..4)).prop_map(|(node_selector, egress, max)| EgressGateway {
+    (selector(), 0u8..7, prop::option::of(0u32..4)).prop_map(|(node_selector, egress, max)| EgressGateway {
         node_selector,
         interface: match egress {
             1 => Some("eth0".into()),
@@ -157,6 +161,16 @@ fn gateway() -> impl Strategy<Value = EgressGateway> {
             3 => Some("198.51.1.1".into()),
             4 => Some("2001:db8:2::0".into()),
             _ => None,
+        },
+        // Managed addresses: on the subnet of node 1's interfaces, or on no node's.
+        egress_ips: match egress {
+            5 => vec![
+                "198.51.1.200".into(),
+                "198.51.1.201".into(),
+                "2001:db8:1::c9".into(),
+            ],
+            6 => vec!["192.0.2.200".into()],
+            _ => vec![],
         },
         max_gateway_nodes: max,
     })
@@ -521,4 +535,132 @@ fn a_gateway_accepts_each_pod_from_its_own_node_only() {
             .all(|e| e.source_node_ip.is_none()),
         "the pod's node holds no source node"
     );
+}
+
+/// `gateway_cluster` with managed addresses `ips` on its one gateway entry.
+fn managed_cluster(
+    candidates: usize,
+    ips: &[&str],
+    pods: usize,
+) -> (Vec<NodeInfo>, PolicyInput, Vec<PodInfo>) {
+    let (nodes, mut policy, pods) = gateway_cluster(candidates, 1, pods);
+    let g = policy.spec.egress_gateway.as_mut().unwrap();
+    g.max_gateway_nodes = None;
+    g.egress_ips = ips.iter().map(|ip| ip.to_string()).collect();
+    (nodes, policy, pods)
+}
+
+/// Each pod's egress IP, as its gateway's entries say.
+fn egress_of_each_pod(planner: &Planner) -> BTreeMap<IpAddr, IpAddr> {
+    let mut out = BTreeMap::new();
+    for (node, plan) in planner.node_plans() {
+        if &*node == "worker" {
+            continue;
+        }
+        for (key, entry) in plan {
+            if let Some(ip) = entry.egress_ip {
+                assert_eq!(out.insert(key.source, ip).unwrap_or(ip), ip, "{:?}", key);
+            }
+        }
+    }
+    out
+}
+
+/// The address follows its slot: when a node fails, the slot it filled rides on another gateway
+/// with the same address, so every pod keeps leaving with the address it had; when the node
+/// comes back, nothing moves (the doubled slot is retained where it is).
+#[test]
+fn managed_addresses_follow_their_slot_and_stay_whole_when_a_node_fails() {
+    let ips = ["192.0.2.150", "192.0.2.151"];
+    let (nodes, mut policy, pods) = managed_cluster(2, &ips, 40);
+    let mut planner = Planner::from_snapshot([], nodes.clone(), [policy.clone()], pods);
+    let before = planner.policy_outcome("p").unwrap().gateways;
+    assert_eq!(before.len(), 2);
+    assert_ne!(
+        before[0].node, before[1].node,
+        "one address per node while nodes suffice"
+    );
+    for g in &before {
+        assert!(g.managed);
+        assert_eq!(g.egress_v4, Some(ips[g.slot].parse().unwrap()));
+        let duties = planner.gateway_duties(&g.node);
+        assert_eq!(duties.len(), 1);
+        assert!(duties[0].managed);
+        assert_eq!(duties[0].egress_ips, [ips[g.slot].parse::<IpAddr>().unwrap()]);
+    }
+    let egress = egress_of_each_pod(&planner);
+    assert_eq!(egress.len(), 40);
+    assert_eq!(
+        egress.values().collect::<std::collections::BTreeSet<_>>().len(),
+        2,
+        "pods spread over both addresses"
+    );
+
+    // The node of slot 0 fails: the survivor holds both addresses, and no pod changes address.
+    let lost = before[0].node.to_string();
+    let mut down = nodes.iter().find(|n| n.name == lost).unwrap().clone();
+    down.eligible = false;
+    policy.retained_gateways = planner.gateway_slots("p");
+    planner.upsert_policy(policy.clone());
+    planner.upsert_node(down.clone());
+    let after = planner.policy_outcome("p").unwrap().gateways;
+    assert_eq!(after.len(), 2);
+    assert!(after.iter().all(|g| g.node == before[1].node), "{after:?}");
+    let mut duties: Vec<IpAddr> = planner
+        .gateway_duties(&before[1].node)
+        .into_iter()
+        .flat_map(|d| d.egress_ips)
+        .collect();
+    duties.sort();
+    assert_eq!(duties, ips.map(|ip| ip.parse::<IpAddr>().unwrap()));
+    assert_eq!(egress_of_each_pod(&planner), egress, "same address for every pod");
+
+    // It comes back: the doubled slot stays where it is.
+    policy.retained_gateways = planner.gateway_slots("p");
+    planner.upsert_policy(policy);
+    down.eligible = true;
+    planner.upsert_node(down);
+    let back = planner.policy_outcome("p").unwrap().gateways;
+    assert!(back.iter().all(|g| g.node == before[1].node), "{back:?}");
+    assert_eq!(egress_of_each_pod(&planner), egress);
+}
+
+/// Where a managed address lives: the named interface, else the one on its subnet, else the
+/// default route's; a node without the named interface is no candidate.
+#[test]
+fn a_managed_address_goes_on_its_subnet_s_interface() {
+    let (mut nodes, mut policy, pods) = managed_cluster(1, &["192.0.2.150", "198.51.100.7"], 4);
+    nodes[0].interfaces = Some(vec![
+        InterfaceInfo {
+            name: "eth0".into(),
+            addresses: vec!["10.0.0.5".parse().unwrap()],
+            networks: vec!["10.0.0.0/24".parse().unwrap()],
+            default_route: true,
+        },
+        InterfaceInfo {
+            name: "eth1".into(),
+            addresses: vec!["192.0.2.11".parse().unwrap()],
+            networks: vec!["192.0.2.0/24".parse().unwrap()],
+            default_route: false,
+        },
+    ]);
+    let planner = Planner::from_snapshot([], nodes.clone(), [policy.clone()], pods.clone());
+    let mut placed: Vec<(IpAddr, Option<String>)> = planner
+        .gateway_duties("gw-0")
+        .into_iter()
+        .map(|d| (d.egress_ips[0], d.interface.map(|i| i.to_string())))
+        .collect();
+    placed.sort();
+    assert_eq!(
+        placed,
+        [
+            ("192.0.2.150".parse().unwrap(), Some("eth1".to_owned())),
+            ("198.51.100.7".parse().unwrap(), Some("eth0".to_owned())),
+        ]
+    );
+    policy.spec.egress_gateway.as_mut().unwrap().interface = Some("eth2".into());
+    let planner = Planner::from_snapshot([], nodes, [policy], pods);
+    let outcome = planner.policy_outcome("p").unwrap();
+    assert!(outcome.gateways.is_empty());
+    assert_eq!(outcome.gateway_diagnosis[0].lacking_egress, 1);
 }

@@ -44,10 +44,11 @@ fn compact(doc: &PlanDocument) -> String {
             let ips: Vec<String> = d.egress_ips.iter().map(|i| i.to_string()).collect();
             let _ = writeln!(
                 out,
-                "  serves {} egress [{}] iface {}",
+                "  serves {} egress [{}] iface {}{}",
                 d.policy,
                 ips.join(" "),
-                d.interface.as_deref().unwrap_or("-")
+                d.interface.as_deref().unwrap_or("-"),
+                if d.managed { " managed" } else { "" }
             );
         }
     }

@@ -36,6 +36,11 @@ fn hello(node: &str, pod_interfaces: &[String], tunnel_device: &str, bpffs_dir: 
                 .iter()
                 .map(|ip| convert::ip_to_wire((*ip).into()))
                 .collect(),
+            networks: i
+                .ipv4_networks
+                .iter()
+                .map(|net| convert::prefix_to_wire((*net).into()))
+                .collect(),
         })
         .collect();
     v2::Hello {

@@ -19,6 +19,8 @@ pub struct Interface {
     pub name: String,
     pub index: u32,
     pub ipv4: Vec<Ipv4Addr>,
+    /// The subnet of each address of `ipv4` (host bits clear), in the same order.
+    pub ipv4_networks: Vec<ipnet::Ipv4Net>,
 }
 
 /// What the desired state depends on besides the plan.
@@ -373,6 +375,7 @@ mod tests {
                 name: "eth0".into(),
                 index: 2,
                 ipv4: vec!["192.0.2.11".parse().unwrap(), "192.0.2.101".parse().unwrap()],
+                ipv4_networks: vec!["192.0.2.0/24".parse().unwrap(); 2],
             }],
             default_route_interface: Some("eth0".into()),
         }

@@ -14,6 +14,7 @@ use std::{
     time::Duration,
 };
 
+use ipnet::Ipv4Net;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
@@ -75,7 +76,7 @@ impl Link {
 
 /// The link and IPv4 address of an `RTM_NEWADDR` message, as getifaddrs(3) reports it: the local
 /// address (on a point-to-point link `IFA_ADDRESS` is the peer's), else the address.
-fn ipv4_of(message: &AddressMessage) -> Option<(u32, Ipv4Addr)> {
+fn ipv4_of(message: &AddressMessage) -> Option<(u32, Ipv4Net)> {
     if message.header.family != AddressFamily::Inet {
         return None;
     }
@@ -87,7 +88,12 @@ fn ipv4_of(message: &AddressMessage) -> Option<(u32, Ipv4Addr)> {
             _ => {}
         }
     }
-    Some((message.header.index, local.or(address)?))
+    let ip = local.or(address)?;
+    // The prefix length says the subnet (of the local address, also on point-to-point links).
+    Some((
+        message.header.index,
+        Ipv4Net::new(ip, message.header.prefix_len).ok()?,
+    ))
 }
 
 /// The node's links and IPv4 addresses at one moment.
@@ -103,7 +109,7 @@ impl Scan {
     /// out (the link went between the two dumps).
     fn of(
         links: impl IntoIterator<Item = Link>,
-        addresses: impl IntoIterator<Item = (u32, Ipv4Addr)>,
+        addresses: impl IntoIterator<Item = (u32, Ipv4Net)>,
     ) -> Self {
         let links: BTreeMap<u32, Link> = links.into_iter().map(|l| (l.index, l)).collect();
         let mut by_index: BTreeMap<u32, Interface> = links
@@ -115,13 +121,15 @@ impl Scan {
                         name: l.name.clone(),
                         index: l.index,
                         ipv4: Vec::new(),
+                        ipv4_networks: Vec::new(),
                     },
                 )
             })
             .collect();
-        for (index, ip) in addresses {
+        for (index, net) in addresses {
             if let Some(i) = by_index.get_mut(&index) {
-                i.ipv4.push(ip);
+                i.ipv4.push(net.addr());
+                i.ipv4_networks.push(net.trunc());
             }
         }
         let mut interfaces: Vec<Interface> = by_index.into_values().collect();
@@ -750,9 +758,12 @@ mod tests {
                 AddressAttribute::Local(ip("10.9.0.1")),
             ],
         );
-        assert_eq!(ipv4_of(&ptp), Some((3, Ipv4Addr::new(10, 9, 0, 1))));
-        let plain = address(2, vec![AddressAttribute::Address(ip("192.0.2.11"))]);
-        assert_eq!(ipv4_of(&plain), Some((2, Ipv4Addr::new(192, 0, 2, 11))));
+        let mut ptp = ptp;
+        ptp.header.prefix_len = 32;
+        assert_eq!(ipv4_of(&ptp), Some((3, "10.9.0.1/32".parse().unwrap())));
+        let mut plain = address(2, vec![AddressAttribute::Address(ip("192.0.2.11"))]);
+        plain.header.prefix_len = 24;
+        assert_eq!(ipv4_of(&plain), Some((2, "192.0.2.11/24".parse().unwrap())));
         let mut v6 = AddressMessage::default();
         v6.header.family = AddressFamily::Inet6;
         v6.attributes = vec![AddressAttribute::Address(ip("2001:db8::1"))];
@@ -767,11 +778,11 @@ mod tests {
         let scan = Scan::of(
             [link(3, "eth1", 9000), link(1, "lo", 65536), link(2, "eth0", 1500)],
             [
-                (2, Ipv4Addr::new(192, 0, 2, 12)),
-                (2, Ipv4Addr::new(192, 0, 2, 11)),
-                (1, Ipv4Addr::LOCALHOST),
+                (2, "192.0.2.12/24".parse().unwrap()),
+                (2, "192.0.2.11/24".parse().unwrap()),
+                (1, "127.0.0.1/8".parse().unwrap()),
                 // A link that went between the two dumps.
-                (44, Ipv4Addr::new(198, 18, 0, 1)),
+                (44, "198.18.0.1/32".parse().unwrap()),
             ],
         );
         let names: Vec<&str> = scan.interfaces.iter().map(|i| i.name.as_str()).collect();
@@ -779,6 +790,10 @@ mod tests {
         assert_eq!(
             scan.interfaces[0].ipv4,
             [Ipv4Addr::new(192, 0, 2, 12), Ipv4Addr::new(192, 0, 2, 11)]
+        );
+        assert_eq!(
+            scan.interfaces[0].ipv4_networks,
+            ["192.0.2.0/24".parse().unwrap(); 2]
         );
         assert!(scan.interfaces[1].ipv4.is_empty());
         assert_eq!(scan.mtu_of_address(Ipv4Addr::new(192, 0, 2, 11)), Some(1500));

@@ -34,11 +34,13 @@ fn host() -> Host {
                 name: "eth0".into(),
                 index: 2,
                 ipv4: vec!["192.0.2.11".parse().unwrap(), "192.0.2.101".parse().unwrap()],
+                ipv4_networks: vec!["192.0.2.0/24".parse().unwrap(); 2],
             },
             Interface {
                 name: "eth1".into(),
                 index: 3,
                 ipv4: vec![],
+                ipv4_networks: vec![],
             },
         ],
         default_route_interface: Some("eth0".into()),

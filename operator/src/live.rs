@@ -55,6 +55,9 @@ pub struct StatusUpdate {
     pub to_program: usize,
     /// The other nodes, by name, with why (at most [`StatusUpdate::MAX_BEHIND`]).
     pub behind: Vec<NodeBehind>,
+    /// The policy's gateway nodes among the others (all of them, sorted): their managed
+    /// addresses are not held yet.
+    pub gateways_behind: Vec<String>,
 }
 
 impl StatusUpdate {

@@ -45,6 +45,7 @@ fn crd_has_the_promised_shape() {
         [
             "Gateways",
             "Egress IPs",
+            "Managed IPs",
             "Endpoints",
             "Accepted",
             "Ready",
@@ -61,7 +62,7 @@ fn crd_has_the_promised_shape() {
         .filter(|c| c["priority"] == 1)
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert_eq!(wide, ["Accepted", "Failure Policy", "Conflicts"]);
+    assert_eq!(wide, ["Managed IPs", "Accepted", "Failure Policy", "Conflicts"]);
     // A policy whose selectors match no pod is accepted and can be Ready (nothing to program):
     // the default view's Endpoints column is what tells it from a working one.
     let endpoints = version["additionalPrinterColumns"]

@@ -525,11 +525,17 @@ fn valid_spec() -> impl Strategy<Value = Value> {
         }
         Value::Object(r)
     });
-    let gateway = (0u8..3, 1u32..=MAX_GATEWAY_NODES).prop_map(|(how, max)| {
+    let gateway = (0u8..4, 1u32..=MAX_GATEWAY_NODES).prop_map(|(how, max)| {
         let mut g = json!({"nodeSelector": {"matchLabels": {"egress": "true"}}, "maxGatewayNodes": max});
         match how {
             0 => g["interface"] = json!("eth1"),
-            1 => g["egressIP"] = json!("192.0.2.1"),
+            // One address the node holds: one gateway node (more would each hold it).
+            1 => {
+                g["egressIP"] = json!("192.0.2.1");
+                g["maxGatewayNodes"] = json!(1);
+            }
+            // Managed addresses: at least one per gateway node.
+            2 => g["egressIPs"] = json!((1..=max).map(|k| format!("100.64.0.{k}")).collect::<Vec<_>>()),
             _ => {}
         }
         g
@@ -598,6 +604,7 @@ fn break_spec(spec: &mut Value, b: &Break) -> (&'static str, String) {
         Break::EgressIp { gateway: at, ip } => {
             let (field, g) = gateway(spec, at);
             g.as_object_mut().unwrap().remove("interface");
+            g.as_object_mut().unwrap().remove("egressIPs");
             g["egressIP"] = json!(ip);
             ("InvalidEgressIP", format!("{field}.egressIP"))
         }
@@ -1048,10 +1055,14 @@ fn hello_template() -> v2::Hello {
                     .iter()
                     .map(|a| sluice_proto::convert::ip_to_wire(a.parse().unwrap()))
                     .collect(),
+                networks: vec![sluice_proto::convert::prefix_to_wire(
+                    "192.0.2.0/24".parse().unwrap(),
+                )],
             },
             v2::Interface {
                 name: "eth1".into(),
                 addresses: vec![],
+                networks: vec![],
             },
         ],
         default_route_interface: Some("eth0".into()),
@@ -1109,8 +1120,19 @@ fn interface() -> impl Strategy<Value = v2::Interface> {
         3 => "[a-z][a-z0-9]{0,14}",
         1 => shaped::string(),
     ];
-    (name, prop::collection::vec(address, 0..4))
-        .prop_map(|(name, addresses)| v2::Interface { name, addresses })
+    // Subnets: well-formed, with host bits set, too long, or of no family.
+    let network = (prop::collection::vec(any::<u8>(), 0..20), 0u32..200)
+        .prop_map(|(address, length)| v2::Prefix { address, length });
+    (
+        name,
+        prop::collection::vec(address, 0..4),
+        prop::collection::vec(network, 0..3),
+    )
+        .prop_map(|(name, addresses, networks)| v2::Interface {
+            name,
+            addresses,
+            networks,
+        })
 }
 
 proptest! {

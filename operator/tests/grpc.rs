@@ -204,6 +204,7 @@ impl Shim {
             interfaces: vec![v2::Interface {
                 name: "eth0".into(),
                 addresses: vec![vec![203, 0, 113, 10]],
+                networks: vec![],
             }],
             default_route_interface: Some("eth0".into()),
             // As the real shim.
@@ -573,6 +574,7 @@ impl RawSession {
                 interfaces: vec![v2::Interface {
                     name: "eth0".into(),
                     addresses: vec![vec![203, 0, 113, 10]],
+                    networks: vec![],
                 }],
                 default_route_interface: Some("eth0".into()),
                 operator_heartbeat_floor,

@@ -652,14 +652,17 @@ fn update(programmed: usize) -> StatusUpdate {
                 egress_v4: Some("192.0.2.10".parse().unwrap()),
                 egress_v6: None,
                 interface: None,
+                managed: false,
             }],
             matched_endpoints: 1,
             conflicts: vec![],
             gateway_diagnosis: Vec::new(),
+            managed_ips: vec![],
         },
         programmed,
         to_program: 1,
         behind: vec![],
+        gateways_behind: vec![],
     }
 }
 

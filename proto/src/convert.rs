@@ -234,6 +234,7 @@ impl From<&GatewayDuty> for v2::GatewayDuty {
             policy: d.policy.to_string(),
             egress_ips: d.egress_ips.iter().copied().map(ip_to_wire).collect(),
             interface: d.interface.as_deref().map(str::to_owned),
+            managed: d.managed,
         }
     }
 }
@@ -245,6 +246,7 @@ impl TryFrom<&v2::GatewayDuty> for GatewayDuty {
             policy: d.policy.as_str().into(),
             egress_ips: ips_from_wire("egress IP", &d.egress_ips)?,
             interface: d.interface.as_deref().map(Arc::from),
+            managed: d.managed,
         })
     }
 }
@@ -352,6 +354,7 @@ mod tests {
             policy: "p".into(),
             egress_ips: vec!["203.0.113.1".parse().unwrap()],
             interface: Some("eth1".into()),
+            managed: true,
         };
         assert_eq!(GatewayDuty::try_from(&v2::GatewayDuty::from(&d)).unwrap(), d);
     }

@@ -116,11 +116,13 @@ fn duty() -> impl Strategy<Value = v2::GatewayDuty> {
         name_text(),
         prop::collection::vec(ip_bytes(), 0..3),
         prop::option::of(name_text()),
+        any::<bool>(),
     )
-        .prop_map(|(policy, egress_ips, interface)| v2::GatewayDuty {
+        .prop_map(|(policy, egress_ips, interface, managed)| v2::GatewayDuty {
             policy,
             egress_ips,
             interface,
+            managed,
         })
 }
 

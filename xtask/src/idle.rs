@@ -134,7 +134,7 @@ fn allowlist_spec(
             node_selector: label(gateway),
             egress_ip: Some(egress_ip.to_owned()),
             max_gateway_nodes: Some(1),
-            interface: None,
+            ..Default::default()
         }),
         ..Default::default()
     }

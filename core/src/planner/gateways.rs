@@ -24,6 +24,8 @@ pub struct ActiveGateway {
     pub egress_v4: Option<IpAddr>,
     pub egress_v6: Option<IpAddr>,
     pub interface: Option<Arc<str>>,
+    /// The egress address is Sluice's to hold on `interface` (`egressIPs`), not the node's own.
+    pub managed: bool,
 }
 
 impl ActiveGateway {
@@ -60,22 +62,50 @@ pub(super) fn assign<'a>(active: &'a [Arc<ActiveGateway>], pod_uid: &str) -> Opt
 /// IPv4 egress address, IPv6 egress address, interface.
 type Egress = (Option<IpAddr>, Option<IpAddr>, Option<Arc<str>>);
 
-/// The egress addresses and interface a node offers for a gateway entry, or `None` when the node
-/// is known not to have what the entry names.
-pub(super) fn resolve_egress(node: &NodeInfo, source: &EgressSource) -> Option<Egress> {
+/// The egress addresses and interface a node offers for slot `slot` of a gateway entry, or
+/// `None` when the node is known not to have what the entry names.
+pub(super) fn resolve_egress(node: &NodeInfo, source: &EgressSource, slot: usize) -> Option<Egress> {
     let first = |addrs: &[IpAddr], v4: bool| addrs.iter().copied().find(|a| a.is_ipv4() == v4);
+    let by_family = |ip: IpAddr| {
+        if ip.is_ipv4() {
+            (Some(ip), None)
+        } else {
+            (None, Some(ip))
+        }
+    };
+    if let EgressSource::Managed { ips, interface } = source {
+        let ip = *ips.get(slot)?;
+        let (v4, v6) = by_family(ip);
+        let Some(interfaces) = &node.interfaces else {
+            return Some((v4, v6, interface.as_deref().map(Into::into)));
+        };
+        // Where the address can live: the named interface, else the one on its subnet (where
+        // the neighbours that must learn it are), else the default route's.
+        let iface = match interface {
+            Some(name) => interfaces.iter().find(|i| &i.name == name)?,
+            None => interfaces
+                .iter()
+                .find(|i| i.networks.iter().any(|n| n.contains(&ip)))
+                .or_else(|| interfaces.iter().find(|i| i.default_route))?,
+        };
+        return Some((v4, v6, Some(iface.name.as_str().into())));
+    }
     let Some(interfaces) = &node.interfaces else {
         return Some(match source {
             EgressSource::Interface(name) => (None, None, Some(name.as_str().into())),
-            EgressSource::Ip(ip) if ip.is_ipv4() => (Some(*ip), None, None),
-            EgressSource::Ip(ip) => (None, Some(*ip), None),
-            EgressSource::DefaultRoute => (None, None, None),
+            EgressSource::Ip(ip) => {
+                let (v4, v6) = by_family(*ip);
+                (v4, v6, None)
+            }
+            EgressSource::DefaultRoute | EgressSource::Managed { .. } => (None, None, None),
         });
     };
     let iface = match source {
         EgressSource::Interface(name) => interfaces.iter().find(|i| &i.name == name)?,
         EgressSource::Ip(ip) => interfaces.iter().find(|i| i.addresses.contains(ip))?,
-        EgressSource::DefaultRoute => interfaces.iter().find(|i| i.default_route)?,
+        EgressSource::DefaultRoute | EgressSource::Managed { .. } => {
+            interfaces.iter().find(|i| i.default_route)?
+        }
     };
     let (mut v4, mut v6) = (first(&iface.addresses, true), first(&iface.addresses, false));
     if let EgressSource::Ip(ip) = source {
@@ -120,7 +150,10 @@ impl Planner {
     /// pods hash to slots, not to nodes, so a node that replaces another in its slot takes over
     /// exactly the pods the other served. Retained gateways keep their slot while usable; other
     /// slots are filled, in slot order, by the usable node with the highest hash of
-    /// (policy, entry, slot, node).
+    /// (policy, entry, slot, node). A node fills one slot of an entry, except with managed
+    /// addresses (`egressIPs`): a slot no other node can fill rides on a node that fills another
+    /// (the highest hash again), so that every address stays held and its pods keep leaving with
+    /// it; and such a doubled slot stays where it is while that node is usable.
     pub(super) fn select_gateways(
         &self,
         policy: &str,
@@ -129,61 +162,76 @@ impl Planner {
     ) -> Vec<Arc<ActiveGateway>> {
         let mut active = Vec::new();
         for (i, gateway) in config.gateways.iter().enumerate() {
-            let mut candidates: Vec<ActiveGateway> = self
+            let managed = matches!(gateway.egress, EgressSource::Managed { .. });
+            let nodes: Vec<(&Arc<str>, &NodeInfo, IpAddr)> = self
                 .nodes
                 .iter()
                 .filter(|(_, n)| n.ready && n.eligible && gateway.nodes.matches(&n.labels))
-                .filter_map(|(name, n)| {
-                    let ip = n.tunnel_ip()?;
-                    let (egress_v4, egress_v6, interface) = resolve_egress(n, &gateway.egress)?;
-                    Some(ActiveGateway {
-                        entry: i,
-                        slot: 0,
-                        node: name.clone(),
-                        ip,
-                        egress_v4,
-                        egress_v6,
-                        interface,
-                    })
-                })
+                .filter_map(|(name, n)| Some((name, n, n.tunnel_ip()?)))
                 .collect();
+            let offer = |(name, node, ip): &(&Arc<str>, &NodeInfo, IpAddr), slot: usize| {
+                let (egress_v4, egress_v6, interface) = resolve_egress(node, &gateway.egress, slot)?;
+                Some(ActiveGateway {
+                    entry: i,
+                    slot,
+                    node: (*name).clone(),
+                    ip: *ip,
+                    egress_v4,
+                    egress_v6,
+                    interface,
+                    managed,
+                })
+            };
+            let score = |slot: usize, g: &ActiveGateway| {
+                let score = rendezvous(&[
+                    policy.as_bytes(),
+                    &i.to_le_bytes(),
+                    &slot.to_le_bytes(),
+                    g.node.as_bytes(),
+                ]);
+                (score, std::cmp::Reverse(g.node.clone()))
+            };
             let slots = gateway.max_nodes as usize;
             let mut filled: Vec<Option<ActiveGateway>> = vec![None; slots];
+            let mut used: Vec<Arc<str>> = Vec::new();
             for r in retained.iter().filter(|r| r.entry == i && r.slot < slots) {
-                if filled[r.slot].is_some() {
+                if filled[r.slot].is_some() || (!managed && used.iter().any(|u| **u == *r.node)) {
                     continue;
                 }
-                if let Some(pos) = candidates.iter().position(|c| *c.node == *r.node) {
-                    filled[r.slot] = Some(candidates.swap_remove(pos));
+                if let Some(g) = nodes
+                    .iter()
+                    .find(|n| **n.0 == *r.node)
+                    .and_then(|n| offer(n, r.slot))
+                {
+                    used.push(g.node.clone());
+                    filled[r.slot] = Some(g);
                 }
             }
             for (slot, place) in filled.iter_mut().enumerate() {
                 if place.is_some() {
                     continue;
                 }
-                let best = candidates
+                *place = nodes
                     .iter()
-                    .enumerate()
-                    .max_by_key(|(_, c)| {
-                        let score = rendezvous(&[
-                            policy.as_bytes(),
-                            &i.to_le_bytes(),
-                            &slot.to_le_bytes(),
-                            c.node.as_bytes(),
-                        ]);
-                        (score, std::cmp::Reverse(c.node.clone()))
-                    })
-                    .map(|(pos, _)| pos);
-                if let Some(pos) = best {
-                    *place = Some(candidates.swap_remove(pos));
+                    .filter(|n| !used.contains(n.0))
+                    .filter_map(|n| offer(n, slot))
+                    .max_by_key(|g| score(slot, g));
+                if let Some(g) = place {
+                    used.push(g.node.clone());
                 }
             }
-            active.extend(
-                filled
-                    .into_iter()
-                    .enumerate()
-                    .filter_map(|(slot, g)| g.map(|g| Arc::new(ActiveGateway { slot, ..g }))),
-            );
+            if managed {
+                for (slot, place) in filled.iter_mut().enumerate() {
+                    if place.is_none() {
+                        *place = nodes
+                            .iter()
+                            .filter(|n| used.contains(n.0))
+                            .filter_map(|n| offer(n, slot))
+                            .max_by_key(|g| score(slot, g));
+                    }
+                }
+            }
+            active.extend(filled.into_iter().flatten().map(Arc::new));
         }
         active
     }

@@ -433,6 +433,7 @@ impl Planner {
                     policy: name.clone(),
                     egress_ips: g.egress_v4.into_iter().chain(g.egress_v6).collect(),
                     interface: g.interface.clone(),
+                    managed: g.managed,
                 });
             }
         }

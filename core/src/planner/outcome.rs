@@ -23,6 +23,9 @@ pub struct PolicyOutcome {
     pub conflicts: Vec<(String, u64)>,
     /// When the policy is accepted but has no gateway: why, per gateway entry. Empty otherwise.
     pub gateway_diagnosis: Vec<GatewayDiagnosis>,
+    /// Every address of the accepted policy's `egressIPs`, entry by entry, slot by slot
+    /// (whether a node holds it or not).
+    pub managed_ips: Vec<std::net::IpAddr>,
 }
 
 /// Why the nodes a gateway entry's `nodeSelector` matches cannot serve it. Each matching node
@@ -67,6 +70,18 @@ impl Planner {
                 (Ok(config), true) => self.diagnose_gateways(config),
                 _ => Vec::new(),
             },
+            managed_ips: match &p.config {
+                Ok(config) => config
+                    .gateways
+                    .iter()
+                    .flat_map(|g| match &g.egress {
+                        EgressSource::Managed { ips, .. } => &ips[..g.max_nodes as usize],
+                        _ => &[][..],
+                    })
+                    .copied()
+                    .collect(),
+                Err(_) => Vec::new(),
+            },
         })
     }
 
@@ -94,7 +109,9 @@ impl Planner {
                     lacking_egress: matching
                         .iter()
                         .filter(|n| n.ready && n.eligible && n.tunnel_ip().is_some())
-                        .filter(|n| resolve_egress(n, &g.egress).is_none())
+                        .filter(|n| {
+                            (0..g.max_nodes as usize).all(|slot| resolve_egress(n, &g.egress, slot).is_none())
+                        })
                         .count(),
                 }
             })

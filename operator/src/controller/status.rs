@@ -6,7 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use crate::{
     api::{
         CONDITION_ACCEPTED, CONDITION_GATEWAY_SELECTED, CONDITION_PODS_SELECTED, CONDITION_PROGRAMMED,
-        ConflictStatus, EgressGatewayPolicyStatus, GatewayStatus,
+        ConflictStatus, EgressGatewayPolicyStatus, EgressIpStatus, GatewayStatus,
     },
     live::{Behind, StatusUpdate},
     report,
@@ -138,6 +138,7 @@ pub fn desired(
         })
         .collect();
     gateways.sort_by_key(|g| (g.entry, g.slot));
+    let egress_ips = managed_ips(update);
 
     EgressGatewayPolicyStatus {
         observed_generation: generation,
@@ -152,7 +153,45 @@ pub fn desired(
                 entries: *entries,
             })
             .collect(),
+        egress_ips,
     }
+}
+
+/// Where each managed address (`egressIPs`) stands: held by a gateway whose shim has
+/// acknowledged it (`Assigned`), assigned to one that has not yet (`Moving`), or held by none.
+fn managed_ips(update: &StatusUpdate) -> Vec<EgressIpStatus> {
+    let outcome = &update.outcome;
+    outcome
+        .managed_ips
+        .iter()
+        .map(|ip| {
+            let holder = outcome
+                .gateways
+                .iter()
+                .find(|g| g.managed && (g.egress_v4 == Some(*ip) || g.egress_v6 == Some(*ip)));
+            match holder {
+                Some(g) => EgressIpStatus {
+                    ip: ip.to_string(),
+                    node: Some(g.node.to_string()),
+                    interface: g.interface.as_deref().map(str::to_owned),
+                    state: if update.gateways_behind.iter().any(|n| *n == *g.node) {
+                        "Moving"
+                    } else {
+                        "Assigned"
+                    }
+                    .to_owned(),
+                    message: None,
+                },
+                None => EgressIpStatus {
+                    ip: ip.to_string(),
+                    node: None,
+                    interface: None,
+                    state: "Unassigned".to_owned(),
+                    message: Some("no usable gateway node for its slot".to_owned()),
+                },
+            }
+        })
+        .collect()
 }
 
 /// Whether writing `desired` over `current` would change anything but timestamps. Conditions
@@ -172,6 +211,7 @@ pub fn same_ignoring_time(current: &EgressGatewayPolicyStatus, desired: &EgressG
         && current.gateways == desired.gateways
         && current.matched_endpoints == desired.matched_endpoints
         && current.conflicts == desired.conflicts
+        && current.egress_ips == desired.egress_ips
 }
 
 #[cfg(test)]
@@ -201,6 +241,7 @@ mod tests {
             egress_v4: Some("192.0.2.10".parse::<IpAddr>().unwrap()),
             egress_v6: None,
             interface: Some("eth1".into()),
+            managed: false,
         }
     }
 
@@ -222,11 +263,60 @@ mod tests {
                     no_address: 0,
                     lacking_egress: 0,
                 }],
+                managed_ips: vec![],
             },
             programmed,
             to_program,
             behind: vec![],
+            gateways_behind: vec![],
         }
+    }
+
+    /// Each managed address says who holds it and whether that node has it yet; one whose slot
+    /// has no node says so.
+    #[test]
+    fn managed_addresses_say_where_they_are() {
+        let managed = |slot: usize, node: &str, egress: &str| ActiveGateway {
+            egress_v4: Some(egress.parse().unwrap()),
+            managed: true,
+            ..gateway(0, slot, node, "192.168.1.1")
+        };
+        let mut u = update(
+            vec![
+                managed(0, "gw-a", "192.0.2.150"),
+                managed(1, "gw-b", "192.0.2.151"),
+            ],
+            2,
+            3,
+        );
+        u.outcome.managed_ips = ["192.0.2.150", "192.0.2.151", "192.0.2.152"]
+            .map(|ip| ip.parse().unwrap())
+            .to_vec();
+        u.gateways_behind = vec!["gw-b".into()];
+        let s = desired(&u, None, at(1));
+        let seen: Vec<(&str, Option<&str>, Option<&str>, &str)> = s
+            .egress_ips
+            .iter()
+            .map(|e| {
+                (
+                    e.ip.as_str(),
+                    e.node.as_deref(),
+                    e.interface.as_deref(),
+                    e.state.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("192.0.2.150", Some("gw-a"), Some("eth1"), "Assigned"),
+                ("192.0.2.151", Some("gw-b"), Some("eth1"), "Moving"),
+                ("192.0.2.152", None, None, "Unassigned"),
+            ]
+        );
+        let mut moved = s.clone();
+        moved.egress_ips[1].state = "Assigned".into();
+        assert!(!same_ignoring_time(&moved, &s), "a state change is written");
     }
 
     fn summary(s: &EgressGatewayPolicyStatus) -> Vec<(String, String, String, String)> {

@@ -129,12 +129,16 @@ impl Notices {
     ) {
         let (mut to_program, mut programmed) = (0, 0);
         let mut behind = Vec::new();
+        let mut gateways_behind = Vec::new();
         for (node, why) in nodes {
             to_program += 1;
             let Some(why) = why else {
                 programmed += 1;
                 continue;
             };
+            if outcome.gateways.iter().any(|g| g.node == *node) {
+                gateways_behind.push(node.to_string());
+            }
             if behind.len() < StatusUpdate::MAX_BEHIND {
                 behind.push(NodeBehind {
                     node: node.to_string(),
@@ -147,6 +151,10 @@ impl Notices {
             programmed,
             to_program,
             behind,
+            gateways_behind: {
+                gateways_behind.sort();
+                gateways_behind
+            },
         };
         if self.last_status.get(&update.outcome.name) != Some(&update) {
             self.last_status
@@ -189,11 +197,13 @@ mod tests {
                     egress_v4: None,
                     egress_v6: None,
                     interface: None,
+                    managed: false,
                 })
                 .collect(),
             matched_endpoints: 1,
             conflicts: vec![],
             gateway_diagnosis: vec![],
+            managed_ips: vec![],
         }
     }
 

@@ -62,6 +62,8 @@ fn current_hello(hello: &v1::Hello) -> Result<v2::Hello, Status> {
                     .iter()
                     .map(|a| ip("an interface address", a))
                     .collect::<Result<_, Status>>()?,
+                // v1 hellos carry no subnets: such a node is placed by name or default route.
+                networks: Vec::new(),
             })
         })
         .collect::<Result<_, Status>>()?;

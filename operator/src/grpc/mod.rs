@@ -305,9 +305,14 @@ pub fn check_hello(hello: &v2::Hello) -> Result<Vec<InterfaceInfo>, Status> {
                 Err(e) => return bad(format!("interfaces[{i}].addresses[{j}]: {e}")),
             }
         }
+        let networks = match convert::prefixes_from_wire("network", &interface.networks) {
+            Ok(n) => n,
+            Err(e) => return bad(format!("interfaces[{i}].networks: {e}")),
+        };
         interfaces.push(InterfaceInfo {
             name: interface.name.clone(),
             addresses,
+            networks,
             default_route: hello.default_route_interface.as_deref() == Some(interface.name.as_str()),
         });
     }
