@@ -5,6 +5,7 @@
  *   sluice_from_pod     TC ingress, host side of pod interfaces (veth*, cali*, lxc*, ...)
  *   sluice_from_tunnel  TC ingress, Sluice's collect_md VXLAN device (sluice-vx0)
  *   sluice_to_tunnel    TC egress,  Sluice's collect_md VXLAN device (sluice-vx0)
+ *   sluice_fence        TC egress,  uplinks holding managed egress IPs
  *
  * Built by node-shim/build.rs: clang -O2 -g -target bpf -D__TARGET_ARCH_x86.
  */
@@ -219,6 +220,29 @@ struct {
 	__uint(max_entries, SLUICE_SEEN_SLOTS);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sluice_seen SEC(".maps");
+
+/* Managed egress IPs, and the deadline past which the node lets go of them (see sluice.h). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __be32);
+	__type(value, struct sluice_managed_v4);
+	__uint(max_entries, SLUICE_MANAGED_V4_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sluice_managed_v4 SEC(".maps");
+
+/*
+ * Its own map rather than a field of sluice_config: renewing every heartbeat is then one 8-byte
+ * write that cannot race the shim rewriting the configuration, and the configuration's layout
+ * stays as it is.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sluice_fence_deadline SEC(".maps");
 
 static __always_inline void count(__u32 idx, __u32 len)
 {
@@ -822,6 +846,67 @@ int sluice_to_tunnel(struct __sk_buff *skb)
 	}
 	count(SLUICE_CTR_REPLY_ENCAP, skb->len);
 	return SLUICE_PASS;
+}
+
+/* The ARP payload for IPv4 over Ethernet up to the sender's address (linux/if_arp.h pulls in libc
+ * headers a BPF build cannot use). */
+struct sluice_arp_ipv4 {
+	__be16 htype;
+	__be16 ptype;
+	__u8 hlen;
+	__u8 plen;
+	__be16 oper;
+	__u8 sha[ETH_ALEN];
+	__u8 spa[4]; /* unaligned in the packet: copied out, never read as a __be32 in place */
+};
+
+#define SLUICE_ARPHRD_ETHER 1
+
+/*
+ * The fence (TC egress on uplinks holding managed egress IPs). The shim attaches it to Ethernet
+ * devices only, and frames are parsed as untagged Ethernet: a frame whose EtherType is not
+ * skb->protocol (an in-band VLAN tag) passes. Runs on every packet the uplink sends, so the
+ * common case, a deadline not armed or not reached, costs one lookup and one clock read.
+ */
+SEC("classifier")
+int sluice_fence(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	__u64 *deadline = bpf_map_lookup_elem(&sluice_fence_deadline, &zero);
+
+	if (!deadline || !*deadline || bpf_ktime_get_ns() <= *deadline)
+		return SLUICE_PASS;
+
+	__be32 source;
+	__u32 outcome;
+
+	if (skb->protocol == bpf_htons(ETH_P_ARP)) {
+		struct ethhdr *eth = readable(skb, sizeof(struct ethhdr) + sizeof(struct sluice_arp_ipv4));
+
+		if (!eth || eth->h_proto != bpf_htons(ETH_P_ARP))
+			return SLUICE_PASS;
+		struct sluice_arp_ipv4 *arp = (void *)(eth + 1);
+
+		/* Another hardware or protocol type puts the sender's address elsewhere. */
+		if (arp->htype != bpf_htons(SLUICE_ARPHRD_ETHER) || arp->ptype != bpf_htons(ETH_P_IP) ||
+		    arp->hlen != ETH_ALEN || arp->plen != sizeof(source))
+			return SLUICE_PASS;
+		__builtin_memcpy(&source, arp->spa, sizeof(source));
+		outcome = SLUICE_CTR_DROP_FENCED_ARP;
+	} else if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = ipv4_header(skb);
+
+		if (!ip)
+			return SLUICE_PASS;
+		source = ip->saddr;
+		outcome = SLUICE_CTR_DROP_FENCED_SOURCE;
+	} else {
+		return SLUICE_PASS;
+	}
+	if (!bpf_map_lookup_elem(&sluice_managed_v4, &source))
+		return SLUICE_PASS;
+	count(outcome, skb->len);
+	return TC_ACT_SHOT;
 }
 
 char _license[] SEC("license") = "GPL";

@@ -88,6 +88,10 @@ enum sluice_counter_index {
 	 * dropped, since IPv6 is not steered yet (fail closed: never leaves with a node address).
 	 */
 	SLUICE_CTR_DROP_IPV6_NOT_STEERED = 20,
+	/* Fence expired: an ARP packet whose sender IP is a managed address, dropped. */
+	SLUICE_CTR_DROP_FENCED_ARP = 21,
+	/* Fence expired: an IPv4 packet whose source is a managed address, dropped. */
+	SLUICE_CTR_DROP_FENCED_SOURCE = 22,
 	SLUICE_CTR_MAX = 32,
 };
 
@@ -228,6 +232,25 @@ struct sluice_reply_v4 {
 #define SLUICE_POLICY_NAME_LEN 256
 struct sluice_policy_name {
 	char name[SLUICE_POLICY_NAME_LEN];
+};
+
+/* --- The fence of managed egress IPs ----------------------------------------------------- */
+/*
+ * Managed egress IPs are addresses the shim itself adds to an uplink, announces and moves to
+ * another node on failover. A node whose shim died while the node lives on still holds them; the
+ * datapath fences it on its own: the shim renews a deadline (sluice_fence_deadline, u64 in
+ * bpf_ktime_get_ns() time, i.e. CLOCK_MONOTONIC; 0 = never armed) on every heartbeat, and once
+ * it has passed sluice_fence, on the uplink's egress, drops this node's ARP packets whose sender
+ * IP is a managed address and its IPv4 packets whose source is one (sluice_managed_v4).
+ */
+
+/* Capacity of sluice_managed_v4. */
+#define SLUICE_MANAGED_V4_MAX 1024
+
+/* Value of sluice_managed_v4 (hash keyed by the managed address, network byte order). */
+struct sluice_managed_v4 {
+	__u32 ifindex; /* the interface the shim put the address on (the programs do not read it) */
+	__u32 _pad;
 };
 
 /* --- IPv6: not steered yet, so fail closed ------------------------------------------------ */

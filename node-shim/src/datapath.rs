@@ -6,11 +6,17 @@
 //! - `links/<program>-<ifindex>`: one TCX link per attached interface. A restarted shim updates
 //!   each pinned link to its freshly loaded program in one `bpf_link_update`, so there is never a
 //!   moment without a program, and while the shim is down the old program keeps running.
+//!
+//! The fence of managed egress IPs ([`PROG_FENCE`], [`Maps::renew_fence`]) relies on that last
+//! point: its deadline and addresses are pinned maps and its link a pinned link, so a shim that
+//! dies leaves behind a datapath that lets go of the addresses by itself once the deadline passes.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use aya::{
@@ -23,12 +29,17 @@ use aya::{
     },
 };
 
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    link::{LinkLayerType, LinkMessage},
+};
+
 use crate::{
     error::{Error, Result, is_permission_error},
     layout::Layout,
     maps::{
-        self, Config, Counter, DestinationAddrsV4, DestinationKeyV4, DestinationV4, EntryValueV4, PolicyName,
-        ReplyV4, SlotKeyV4, SourceV4,
+        self, Config, Counter, DestinationAddrsV4, DestinationKeyV4, DestinationV4, EntryValueV4, ManagedV4,
+        PolicyName, ReplyV4, SlotKeyV4, SourceV4,
     },
 };
 
@@ -41,6 +52,8 @@ pub const PROG_FROM_POD: &str = "sluice_from_pod";
 pub const PROG_FROM_TUNNEL: &str = "sluice_from_tunnel";
 /// TC egress on the tunnel device.
 pub const PROG_TO_TUNNEL: &str = "sluice_to_tunnel";
+/// TC egress on the Ethernet interfaces holding managed egress IPs: the fence.
+pub const PROG_FENCE: &str = "sluice_fence";
 
 /// Default bpffs directory.
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/sluice";
@@ -80,6 +93,10 @@ pub struct Maps {
     pub cluster_v6: LpmTrie<MapData, [u8; 16], u32>,
     pub guarded_v6: LpmTrie<MapData, [u8; 16], u32>,
     pub decided_pods_v6: HashMap<MapData, maps::AddrV6, u32>,
+    /// Managed egress IP (network byte order) -> the interface it was put on.
+    pub managed: HashMap<MapData, u32, ManagedV4>,
+    /// Index 0: the fence's deadline, ns of CLOCK_MONOTONIC; 0 = never armed.
+    pub fence_deadline: Array<MapData, u64>,
 }
 
 fn map_err<'a>(name: &'static str, action: &'a str) -> impl FnOnce(aya::maps::MapError) -> Error + 'a {
@@ -152,7 +169,60 @@ impl Maps {
             cluster_v6: typed!(maps::CLUSTER_V6),
             guarded_v6: typed!(maps::GUARDED_V6),
             decided_pods_v6: typed!(maps::DECIDED_PODS_V6),
+            managed: typed!(maps::MANAGED_V4),
+            fence_deadline: typed!(maps::FENCE_DEADLINE),
         })
+    }
+
+    /// Registers `ip`, put on interface `ifindex`, as a managed egress IP: the fence drops what
+    /// this node sends from it once the deadline has passed.
+    pub fn set_managed(&mut self, ip: Ipv4Addr, ifindex: u32) -> Result<()> {
+        let value = ManagedV4 { ifindex, _pad: 0 };
+        self.managed
+            .insert(maps::be(ip), value, 0)
+            .map_err(map_err(maps::MANAGED_V4, "writing"))
+    }
+
+    /// Forgets managed egress IP `ip` (one not registered is fine): the fence no longer touches it.
+    pub fn remove_managed(&mut self, ip: Ipv4Addr) -> Result<()> {
+        ignore_missing(self.managed.remove(&maps::be(ip)), maps::MANAGED_V4)
+    }
+
+    /// The managed egress IPs, each with the interface it was put on.
+    pub fn managed(&self) -> Result<BTreeMap<Ipv4Addr, u32>> {
+        let mut out = BTreeMap::new();
+        for item in self.managed.iter() {
+            let (ip, value) = item.map_err(map_err(maps::MANAGED_V4, "reading"))?;
+            out.insert(maps::from_be(ip), value.ifindex);
+        }
+        Ok(out)
+    }
+
+    /// Moves the fence's deadline to `from_now` after now: until then the node keeps answering
+    /// for and sending from its managed egress IPs.
+    pub fn renew_fence(&mut self, from_now: Duration) -> Result<()> {
+        // Never 0, which would disarm the fence instead of arming it.
+        let deadline = deadline_ns(monotonic_now()?, from_now).max(1);
+        self.fence_deadline
+            .set(0, deadline, 0)
+            .map_err(map_err(maps::FENCE_DEADLINE, "writing"))
+    }
+
+    /// Disarms the fence (deadline 0): for a node that holds no managed egress IP any more.
+    pub fn disarm_fence(&mut self) -> Result<()> {
+        self.fence_deadline
+            .set(0, 0, 0)
+            .map_err(map_err(maps::FENCE_DEADLINE, "writing"))
+    }
+
+    /// Whether the fence is armed and its deadline has passed: the datapath is dropping this
+    /// node's ARP for and packets from its managed egress IPs.
+    pub fn fence_expired(&self) -> Result<bool> {
+        let deadline = self
+            .fence_deadline
+            .get(&0, 0)
+            .map_err(map_err(maps::FENCE_DEADLINE, "reading"))?;
+        Ok(expired(deadline, monotonic_now()?))
     }
 
     /// Packets `sluice_from_pod` saw on interface `ifindex` (shared with the interfaces whose
@@ -278,7 +348,7 @@ impl Datapath {
         let progs_dir = dir.join("progs");
         fs::create_dir_all(&progs_dir)
             .map_err(|e| Error::io(format!("creating {}", progs_dir.display()), e))?;
-        for name in [PROG_FROM_POD, PROG_FROM_TUNNEL, PROG_TO_TUNNEL] {
+        for name in [PROG_FROM_POD, PROG_FROM_TUNNEL, PROG_TO_TUNNEL, PROG_FENCE] {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load()
                 .map_err(|source| prog_err(name, "loading (verifier)", source))?;
@@ -335,7 +405,7 @@ impl Datapath {
     /// Attaches program `name` to interface (`ifname`, `ifindex`), or, when a link is already
     /// pinned for it, atomically swaps that link's program for this one.
     pub fn attach(&mut self, name: &'static str, ifname: &str, ifindex: u32) -> Result<()> {
-        let attach_type = if name == PROG_TO_TUNNEL {
+        let attach_type = if name == PROG_TO_TUNNEL || name == PROG_FENCE {
             TcAttachType::Egress
         } else {
             TcAttachType::Ingress
@@ -390,6 +460,31 @@ impl Datapath {
         Ok(())
     }
 
+    /// Attaches the fence to Ethernet interface (`ifname`, `ifindex`) (or swaps the program of
+    /// its pinned link): the link stays after the shim is gone, as the fence must.
+    pub fn attach_fence(&mut self, ifname: &str, ifindex: u32) -> Result<()> {
+        // The program parses Ethernet frames: on another link type it would read garbage.
+        let link_type = link_layer_type(ifindex)?;
+        if link_type != LinkLayerType::Ether {
+            return Err(Error::io(
+                format!("attaching {PROG_FENCE} to {ifname}"),
+                std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    format!(
+                        "{ifname} (index {ifindex}) is not an Ethernet device ({link_type:?}): \
+                         managed egress IPs are announced with ARP, which needs Ethernet"
+                    ),
+                ),
+            ));
+        }
+        self.attach(PROG_FENCE, ifname, ifindex)
+    }
+
+    /// Detaches the fence from interface `ifindex` (by dropping its pinned link).
+    pub fn detach_fence(&self, ifindex: u32) -> Result<()> {
+        self.unpin(PROG_FENCE, ifindex)
+    }
+
     /// The interfaces that have a pinned link of program `name`.
     pub fn pinned_ifindexes(&self, name: &str) -> BTreeSet<u32> {
         pinned_ifindexes(&self.links_dir, name)
@@ -404,6 +499,47 @@ impl Datapath {
             Err(e) => Err(Error::io(format!("removing {}", pin.display()), e)),
         }
     }
+}
+
+/// Now on CLOCK_MONOTONIC, the clock of `bpf_ktime_get_ns()`. (A time namespace's monotonic
+/// offset would shift it from the kernel's: Kubernetes creates none.)
+pub fn monotonic_now() -> Result<Duration> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map_err(|e| Error::io("reading CLOCK_MONOTONIC", e.into()))?;
+    Ok(Duration::from(now))
+}
+
+/// The deadline `from_now` after `now`, in ns as the map holds it.
+fn deadline_ns(now: Duration, from_now: Duration) -> u64 {
+    u64::try_from(now.saturating_add(from_now).as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The datapath's test: armed (non-zero) and `now` past it.
+fn expired(deadline: u64, now: Duration) -> bool {
+    deadline != 0 && u128::from(deadline) < now.as_nanos()
+}
+
+/// The link-layer type of interface `ifindex`.
+fn link_layer_type(ifindex: u32) -> Result<LinkLayerType> {
+    let mut nl =
+        crate::netlink::Netlink::route().map_err(|e| Error::io("opening a route netlink socket", e))?;
+    let mut request = LinkMessage::default();
+    request.header.index = ifindex;
+    let answers = nl
+        .request(RouteNetlinkMessage::GetLink(request), 0)
+        .map_err(|e| Error::io(format!("reading link {ifindex}"), e))?;
+    answers
+        .into_iter()
+        .find_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) => Some(l.header.link_layer_type),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            Error::io(
+                format!("reading link {ifindex}"),
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such link"),
+            )
+        })
 }
 
 /// Unpins every pinned map whose key or value size is not this build's (an upgrade changed its
@@ -668,6 +804,24 @@ mod tests {
         let err = check_bpffs(&dir.path().join("sluice")).unwrap_err();
         assert!(matches!(err, Error::BpffsNotMounted { .. }), "{err}");
         assert!(err.to_string().contains("mount -t bpf"));
+    }
+
+    #[test]
+    fn the_fence_expires_strictly_after_its_deadline_and_never_unarmed() {
+        let now = Duration::new(1_000, 5);
+        let deadline = deadline_ns(now, Duration::from_millis(750));
+        assert_eq!(deadline, 1_000_750_000_005);
+        assert!(!expired(deadline, now));
+        assert!(
+            !expired(deadline, Duration::from_nanos(deadline)),
+            "now == deadline: still held"
+        );
+        assert!(expired(deadline, Duration::from_nanos(deadline + 1)));
+        assert!(!expired(0, Duration::MAX), "0: never armed");
+        assert_eq!(deadline_ns(Duration::MAX, Duration::from_secs(1)), u64::MAX);
+        // The clock is the kernel's: positive and moving forward.
+        let (a, b) = (monotonic_now().unwrap(), monotonic_now().unwrap());
+        assert!(a > Duration::ZERO && b >= a);
     }
 
     #[test]

@@ -9,12 +9,15 @@
 //!   routing, links and addresses, tunnel device, sysctls; everything but the nftables ruleset,
 //!   which `nft -f` applies, is read and written over netlink); [`rp_filter`]: the reverse-path
 //!   filter settings relaxed, and the record of what they were;
+//! - [`egress_ip`]: managed egress IPs (probe for a duplicate, claim, announce with gratuitous
+//!   ARP, release);
 //! - [`metrics`]: Prometheus metrics; [`uninstall`]: taking Sluice off a node.
 
 pub mod bpf;
 pub mod client;
 pub mod datapath;
 pub mod desired;
+pub mod egress_ip;
 pub mod egress_route;
 pub mod error;
 pub mod layout;

@@ -68,13 +68,19 @@ pub const DECIDED_PODS_V6: &str = "sluice_decided_pods_v6";
 /// Per-CPU packets seen by `sluice_from_pod`, by pod interface ifindex modulo [`SEEN_SLOTS`].
 pub const SEEN: &str = "sluice_seen";
 
+/// Managed egress IP (network byte order) -> [`ManagedV4`]: what `sluice_fence` drops once the
+/// deadline has passed.
+pub const MANAGED_V4: &str = "sluice_managed_v4";
+/// The one-entry array holding the fence's deadline (ns of CLOCK_MONOTONIC; 0 = never armed).
+pub const FENCE_DEADLINE: &str = "sluice_fence_deadline";
+
 // Every `SLUICE_*` constant of `ebpf/sluice.h` (`SOURCE_TARGETS`, `DEST_*`, `KIND_*`,
 // `F_LOCAL_GATEWAY`, `CFG_*`, `PEER_*`, `SEEN_SLOTS`, `POLICY_NAME_LEN`, the `CTR_*` counter
 // indexes) and `COUNTER_NAMES`, written by build.rs.
 include!(concat!(env!("OUT_DIR"), "/sluice_h.rs"));
 
 /// Every map of the object, in the order `bpf` subcommands open them.
-pub const ALL_MAPS: [&str; 18] = [
+pub const ALL_MAPS: [&str; 20] = [
     SOURCES_V4,
     DESTINATIONS_V4,
     HELD_SLOTS_V4,
@@ -93,6 +99,8 @@ pub const ALL_MAPS: [&str; 18] = [
     CLUSTER_V6,
     GUARDED_V6,
     DECIDED_PODS_V6,
+    MANAGED_V4,
+    FENCE_DEADLINE,
 ];
 
 /// Default capacity of the destinations map (no memory is taken until used).
@@ -457,6 +465,15 @@ pub struct ReplyV4 {
     pub _pad: u32,
 }
 
+/// Value of `sluice_managed_v4` (`struct sluice_managed_v4`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct ManagedV4 {
+    /// The interface the address was put on: what a restarted shim reads to find it again.
+    pub ifindex: u32,
+    pub _pad: u32,
+}
+
 /// Value of `sluice_policy_names` (`struct sluice_policy_name`): NUL-padded UTF-8.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C)]
@@ -481,6 +498,7 @@ unsafe impl aya::Pod for Config {}
 unsafe impl aya::Pod for Counter {}
 unsafe impl aya::Pod for ReplyV4 {}
 unsafe impl aya::Pod for PolicyName {}
+unsafe impl aya::Pod for ManagedV4 {}
 
 /// A map's key or value type as this build has it.
 #[derive(Clone, Copy)]
@@ -502,7 +520,7 @@ impl TypeLayout {
 
 /// Every map with its key and value types (`tests::layouts_match_the_object` checks them against
 /// the object, sizes and BTF types).
-const MAP_TYPES: [(&str, TypeLayout, TypeLayout); 18] = [
+const MAP_TYPES: [(&str, TypeLayout, TypeLayout); 20] = [
     (SOURCES_V4, TypeLayout::of::<u32>(), TypeLayout::of::<SourceV4>()),
     (
         DESTINATIONS_V4,
@@ -541,11 +559,13 @@ const MAP_TYPES: [(&str, TypeLayout, TypeLayout); 18] = [
         TypeLayout::of::<AddrV6>(),
         TypeLayout::of::<u32>(),
     ),
+    (MANAGED_V4, TypeLayout::of::<u32>(), TypeLayout::of::<ManagedV4>()),
+    (FENCE_DEADLINE, TypeLayout::of::<u32>(), TypeLayout::of::<u64>()),
 ];
 
 /// Every map with the key and value sizes this build's types have: what a pinned map must match
 /// to be adopted.
-pub fn layouts() -> [(&'static str, usize, usize); 18] {
+pub fn layouts() -> [(&'static str, usize, usize); 20] {
     MAP_TYPES.map(|(name, key, value)| (name, key.size, value.size))
 }
 
@@ -974,6 +994,7 @@ mod tests {
             ("sluice_counter", rust_layout!(Counter { packets, bytes })),
             ("sluice_reply_v4", rust_layout!(ReplyV4 { node_ip, _pad })),
             ("sluice_policy_name", rust_layout!(PolicyName { name })),
+            ("sluice_managed_v4", rust_layout!(ManagedV4 { ifindex, _pad })),
         ]
     }
 
@@ -1098,6 +1119,13 @@ mod tests {
             assert_eq!(map.max_entries(), max, "{name}");
             assert_eq!(map.map_flags() & 1, 1, "{name}: BPF_F_NO_PREALLOC");
         }
+    }
+
+    #[test]
+    fn fence_maps_are_sized_by_the_header() {
+        let object = object();
+        assert_eq!(object.maps[MANAGED_V4].max_entries(), MANAGED_V4_MAX);
+        assert_eq!(object.maps[FENCE_DEADLINE].max_entries(), 1, "one deadline");
     }
 
     #[test]
