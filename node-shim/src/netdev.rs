@@ -47,6 +47,8 @@ pub struct Link {
     pub master: Option<u32>,
     /// Packets received (for a pod's host-side veth: what the pod sent).
     pub rx_packets: Option<u64>,
+    /// Up and running (carrier): a link that is not cannot reach its neighbours.
+    pub running: bool,
 }
 
 impl Link {
@@ -70,6 +72,8 @@ impl Link {
             mtu,
             master,
             rx_packets: stats64.or(stats),
+            running: message.header.flags.contains(LinkFlags::Up)
+                && message.header.flags.contains(LinkFlags::Running),
         })
     }
 }
@@ -719,6 +723,7 @@ mod tests {
                 mtu: Some(1450),
                 master: Some(4),
                 rx_packets: Some(5_000_000_000),
+                running: false,
             }),
             "the 64-bit counter wins over the wrapped 32-bit one"
         );

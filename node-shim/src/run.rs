@@ -19,9 +19,9 @@ use sluice_proto::{
 use tokio::sync::watch;
 
 use crate::{
-    datapath::{self, Datapath, DestinationStore, ignore_missing},
+    datapath::{self, Datapath, DestinationStore, Maps, ignore_missing},
     desired::{self, Host, PolicyIds},
-    egress_route,
+    egress_ip, egress_route,
     error::{Error, Result},
     layout::{Layout, MapFull, held_while_moving},
     maps::{self, CidrKeyV4, Config, PolicyName},
@@ -46,6 +46,14 @@ const RESTORABLE: [&str; 5] = [
     RESTORED_EGRESS_RULE,
     RESTORED_EGRESS_ROUTE,
 ];
+
+/// How often the fence's deadline is pushed forward, and how far ahead. Sized for the default
+/// 1 s heartbeat grace: once the shim is gone, its node stops answering for (and sending from)
+/// its managed egress IPs within `FENCE_HOLD`, before the operator gives them to another node
+/// (one grace period after the last heartbeat); a stall of the renewal shorter than
+/// `FENCE_HOLD - FENCE_RENEW` changes nothing.
+pub const FENCE_RENEW: Duration = Duration::from_millis(100);
+pub const FENCE_HOLD: Duration = Duration::from_millis(600);
 
 /// Everything `run` needs.
 #[derive(Debug)]
@@ -113,7 +121,9 @@ pub async fn run(mut opts: Options) -> Result<()> {
         PlanSource::File(_) => None,
     };
     let interval = opts.interval;
+    let bpffs_dir = opts.bpffs_dir.clone();
     let mut agent = blocking(move || Agent::start(opts)).await?;
+    renew_fence_forever(&bpffs_dir)?;
     let mut events = netdev::LinkEvents::open()?;
     let mut received = Vec::new();
     loop {
@@ -133,6 +143,31 @@ pub async fn run(mut opts: Options) -> Result<()> {
             () = tokio::time::sleep(interval) => {}
         }
     }
+}
+
+/// Keeps the fence's deadline ahead of now from a thread of its own for the life of the
+/// process, so that the node keeps its managed egress IPs exactly while this shim lives (a
+/// long apply does not let them lapse; a dead process does).
+fn renew_fence_forever(bpffs_dir: &Path) -> Result<()> {
+    let mut maps = Maps::open_pinned(bpffs_dir)?;
+    std::thread::Builder::new()
+        .name("fence".into())
+        .spawn(move || {
+            let mut failing = false;
+            loop {
+                match maps.renew_fence(FENCE_HOLD) {
+                    Ok(()) => failing = false,
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::error!(error = %DisplayChain(&e), "renewing the fence: managed egress IPs lapse");
+                    }
+                    Err(_) => {}
+                }
+                std::thread::sleep(FENCE_RENEW);
+            }
+        })
+        .map_err(|e| Error::io("starting the fence thread", e))?;
+    Ok(())
 }
 
 /// Runs `f` on Tokio's blocking pool.
@@ -210,12 +245,26 @@ pub struct Agent {
     retry: Option<(std::time::Instant, Duration)>,
     /// What the operator wants this node to hold: the one copy, updated in place.
     operator_state: Option<NodeState>,
+    /// Claims, announces and releases managed egress IPs.
+    addresses: egress_ip::AddressManager,
+    /// Interfaces the fence is attached to this run.
+    fenced: BTreeSet<u32>,
+    /// Managed egress IPs another host answers for (not claimed), with who answers.
+    address_conflicts: BTreeMap<Ipv4Addr, String>,
 }
 
 impl Agent {
     /// Loads the datapath (adopting pinned maps), creates the tunnel and adopts the map contents.
     pub fn start(opts: Options) -> Result<Self> {
         let mut dp = Datapath::load(&opts.bpffs_dir, opts.capacity)?;
+        let addresses = egress_ip::AddressManager::default();
+        // Before anything else: the managed addresses of a shim that was gone past its fence's
+        // deadline may be another node's by now. Give them up; the plan gives back those that
+        // are still this node's. Within the deadline, keep them and renew at once.
+        if dp.maps.fence_expired()? {
+            release_all_managed(&mut dp.maps);
+        }
+        dp.maps.renew_fence(FENCE_HOLD)?;
         let layout = dp.maps.layout()?;
         let policy = layout.expand();
         let mut names = BTreeMap::new();
@@ -305,6 +354,9 @@ impl Agent {
             plans_refused: 0,
             retry: None,
             operator_state: None,
+            addresses,
+            fenced: BTreeSet::new(),
+            address_conflicts: BTreeMap::new(),
         };
         agent.ensure_tunnel(netdev::scan().ok().as_ref())?;
         Ok(agent)
@@ -319,7 +371,13 @@ impl Agent {
     pub fn tick(&mut self) {
         // One scan of the node's links and addresses per tick, for every step below (a node has
         // hundreds of pod interfaces).
-        let scan = netdev::scan();
+        let mut scan = netdev::scan();
+        if let Ok(s) = &scan
+            && self.sync_managed(s)
+        {
+            // The entries of a gateway need its egress IPs on the node: see them now.
+            scan = netdev::scan();
+        }
         if let Err(e) = self.ensure_tunnel(scan.as_ref().ok()) {
             tracing::error!(error = %DisplayChain(&e), "tunnel device");
         }
@@ -354,6 +412,109 @@ impl Agent {
         self.restore_kernel_state();
         self.refresh_metrics();
         self.metrics.tick_completed();
+    }
+
+    /// Holds exactly the managed egress IPs the operator's plan gives this node (its duties with
+    /// `managed`): releases the others first, then claims the new ones (probe, add, announce)
+    /// behind the fence. Whether anything was claimed or released. Plan files carry no managed
+    /// addresses: only an operator moves them.
+    fn sync_managed(&mut self, scan: &netdev::Scan) -> bool {
+        let Some(state) = &self.operator_state else {
+            return false;
+        };
+        let mut want: BTreeMap<Ipv4Addr, (String, u32)> = BTreeMap::new();
+        for duty in state.serves.iter().filter(|d| d.managed) {
+            let Some(name) = duty
+                .interface
+                .as_deref()
+                .map(str::to_owned)
+                .or_else(netdev::default_route_interface)
+            else {
+                tracing::warn!(policy = %duty.policy, "no interface for its managed egress IPs");
+                continue;
+            };
+            let Some(ifindex) = scan.ifindex(&name) else {
+                tracing::warn!(policy = %duty.policy, interface = %name, "no such interface for managed egress IPs");
+                continue;
+            };
+            for ip in duty.egress_ips.iter().filter_map(|ip| netdev::v4(*ip)) {
+                want.insert(ip, (name.clone(), ifindex));
+            }
+        }
+        let registered = match self.dp.maps.managed() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %DisplayChain(&e), "reading the managed egress IPs");
+                return false;
+            }
+        };
+        let running = |ifindex: u32| scan.link(ifindex).is_some_and(|l| l.running);
+        let mut changed = false;
+        for (ip, ifindex) in &registered {
+            // An address on a link that went down is given up at once: the operator will move
+            // it, and when the link comes back the address is claimed again only after a
+            // probe finds no other holder (no two nodes answering for it).
+            if want.get(ip).map(|w| w.1) == Some(*ifindex) && running(*ifindex) {
+                continue;
+            }
+            match self.addresses.release(*ifindex, (*ip).into()) {
+                Ok(released) => tracing::info!(%ip, ifindex, ?released, "managed egress IP released"),
+                Err(e) => tracing::error!(%ip, error = %e, "releasing a managed egress IP"),
+            }
+            if let Err(e) = self.dp.maps.remove_managed(*ip) {
+                tracing::error!(%ip, error = %DisplayChain(&e), "unregistering a managed egress IP");
+            }
+            changed = true;
+        }
+        self.address_conflicts.retain(|ip, _| want.contains_key(ip));
+        for (ip, (name, ifindex)) in &want {
+            let present = scan
+                .interfaces
+                .iter()
+                .any(|i| i.index == *ifindex && i.ipv4.contains(ip));
+            if (present && registered.get(ip) == Some(ifindex)) || !running(*ifindex) {
+                continue;
+            }
+            if !self.fenced.contains(ifindex) {
+                match self.dp.attach_fence(name, *ifindex) {
+                    Ok(()) => {
+                        self.fenced.insert(*ifindex);
+                    }
+                    Err(e) => {
+                        // Without the fence a dead shim's node would keep answering for it.
+                        tracing::error!(%ip, interface = %name, error = %DisplayChain(&e), "managed egress IP not claimed: the fence cannot attach");
+                        continue;
+                    }
+                }
+            }
+            match self.addresses.claim(*ifindex, (*ip).into()) {
+                Ok(egress_ip::Claimed::HeldUnmarked) => {
+                    if self
+                        .address_conflicts
+                        .insert(*ip, "held without Sluice's mark".into())
+                        .is_none()
+                    {
+                        tracing::warn!(%ip, interface = %name, "managed egress IP already on the interface, put there by someone else: left alone");
+                    }
+                }
+                Ok(claimed) => {
+                    if let Err(e) = self.dp.maps.set_managed(*ip, *ifindex) {
+                        tracing::error!(%ip, error = %DisplayChain(&e), "registering a managed egress IP");
+                    }
+                    self.address_conflicts.remove(ip);
+                    tracing::info!(%ip, interface = %name, ?claimed, "managed egress IP claimed and announced");
+                    changed = true;
+                }
+                Err(egress_ip::AddressError::Conflict { mac, .. }) => {
+                    let who = format!("{mac} answers for it");
+                    if self.address_conflicts.insert(*ip, who.clone()).as_ref() != Some(&who) {
+                        tracing::warn!(%ip, interface = %name, %mac, "another host answers for the managed egress IP: not claimed");
+                    }
+                }
+                Err(e) => tracing::error!(%ip, interface = %name, error = %e, "claiming a managed egress IP"),
+            }
+        }
+        changed
     }
 
     /// `scan`: this tick's scan (for the tunnel's index and the underlay's MTU), if it succeeded.
@@ -964,6 +1125,33 @@ fn applied(state: &NodeState, errors: &[desired::EntryProblem]) -> Applied {
 }
 
 /// Removes the status file, if there is one.
+/// Gives up every managed egress IP this node holds (those the fence map names and any other
+/// address with Sluice's mark).
+fn release_all_managed(maps: &mut Maps) {
+    let mut held: BTreeSet<(u32, IpAddr)> = maps
+        .managed()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(ip, ifindex)| (ifindex, IpAddr::V4(ip)))
+        .collect();
+    match egress_ip::held_addresses() {
+        Ok(marked) => held.extend(marked.into_iter().map(|a| (a.ifindex, a.ip))),
+        Err(e) => tracing::error!(error = %e, "listing Sluice's addresses"),
+    }
+    let mut addresses = egress_ip::AddressManager::default();
+    for (ifindex, ip) in held {
+        tracing::warn!(%ip, ifindex, "the fence expired while no shim ran: managed egress IP released");
+        if let Err(e) = addresses.release(ifindex, ip) {
+            tracing::error!(%ip, error = %e, "releasing a managed egress IP");
+        }
+        if let IpAddr::V4(v4) = ip
+            && let Err(e) = maps.remove_managed(v4)
+        {
+            tracing::error!(%ip, error = %DisplayChain(&e), "unregistering a managed egress IP");
+        }
+    }
+}
+
 fn remove_status(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

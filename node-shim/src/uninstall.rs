@@ -7,12 +7,14 @@ use crate::{
     netdev,
 };
 
-/// Removes, in this order: the pinned links (TCX links detach when their last reference goes, so
+/// Removes, in this order: the managed egress IPs Sluice added (every address with its mark: a
+/// node without the fence would otherwise answer for them forever), the pinned links (TCX links detach when their last reference goes, so
 /// the datapath stops here and traffic takes the normal path), then puts back the rp_filter
 /// values the shim recorded (the record is in the bpffs directory), removes the pinned programs
 /// and maps, the nftables table, the egress rules and their tables, the reply rule and route, and
 /// the tunnel device. Missing pieces are fine.
 pub fn uninstall(bpffs_dir: &Path, tunnel_device: &str, reply_table: u32) -> Result<()> {
+    release_managed()?;
     remove_tree(&bpffs_dir.join("links"))?;
     crate::rp_filter::restore(&crate::rp_filter::Record::in_bpffs(bpffs_dir))?;
     remove_tree(bpffs_dir)?;
@@ -20,6 +22,16 @@ pub fn uninstall(bpffs_dir: &Path, tunnel_device: &str, reply_table: u32) -> Res
     crate::egress_route::remove_all(reply_table)?;
     crate::nat::remove_reply_route(reply_table)?;
     netdev::delete_link(tunnel_device)
+}
+
+fn release_managed() -> Result<()> {
+    let managed_error =
+        |e: crate::egress_ip::AddressError| Error::io("releasing managed egress IPs", io::Error::other(e));
+    let mut addresses = crate::egress_ip::AddressManager::default();
+    for held in crate::egress_ip::held_addresses().map_err(managed_error)? {
+        addresses.release(held.ifindex, held.ip).map_err(managed_error)?;
+    }
+    Ok(())
 }
 
 fn remove_tree(dir: &Path) -> Result<()> {

@@ -1,0 +1,292 @@
+//! Managed egress IPs end to end in network namespaces (needs root): the operator (`dir:`
+//! source, in-process, in the underlay's namespace) and a `sluice-shim run --operator` per node.
+//! A policy's one managed address (`egressIPs`) is held by one of its two candidate gateways;
+//! the external host sees it. The holder's shim is killed (SIGKILL, the node lives on): the
+//! other node claims and announces the address, the external host sees the same address again,
+//! the underlay router's neighbour entry for it now names the new node, and the dead shim's node
+//! stops answering for it by itself (the datapath fence). The killed shim comes back: it gives
+//! the address up, and at no time do two nodes answer for it.
+
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use sluice_operator::runner::{RunOptions, Source};
+use sluice_shim::egress_ip::{ArpPacket, ArpSocket};
+use sluice_testbed::{EXT_A, NODES, Testbed, enter_netns, in_netns, wait_for};
+
+const CLUSTER: &str = include_str!("../../examples/demo/cluster.yaml");
+const GRPC: &str = "192.0.2.1:9443";
+/// In the underlay's subnet, used by nothing else in the testbed.
+const MANAGED: &str = "192.0.2.150";
+
+/// The operator on its own thread inside the underlay namespace until dropped.
+struct Operator {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Operator {
+    fn start(ns: String, opts: RunOptions) -> Operator {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            enter_netns(&ns);
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            let stop = async {
+                let _ = stopped.await;
+            };
+            rt.block_on(sluice_operator::runner::run_until(opts, None, stop))
+                .expect("operator runs");
+        });
+        Operator {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.stop.take().map(|s| s.send(()));
+        let _ = self.thread.take().map(|t| t.join());
+    }
+}
+
+/// The checkout pods leave through n1 or n3 (`sluice.dev/egress`), with one managed address.
+fn managed_policy() -> String {
+    format!(
+        "apiVersion: sluice.dev/v1alpha1\nkind: EgressGatewayPolicy\nmetadata:\n  name: checkout-to-psp\n\
+         spec:\n  selectors:\n    - podSelector:\n        matchLabels: {{app: checkout}}\n      \
+         namespaceSelector:\n        matchLabels: {{team: payments}}\n  destinationCIDRs: [203.0.113.0/24]\n  \
+         egressGateway:\n    nodeSelector:\n      matchLabels: {{sluice.dev/egress: \"true\"}}\n    \
+         egressIPs: [{MANAGED}]\n  failurePolicy: Drop\n"
+    )
+}
+
+fn options(dir: &Path, tokens: &Path, grace: Duration) -> RunOptions {
+    RunOptions {
+        source: Source::Dir(dir.to_owned()),
+        grpc_listen: GRPC.parse().unwrap(),
+        metrics_listen: None,
+        tls_cert: None,
+        tls_key: None,
+        heartbeat_grace: grace,
+        tokens_file: Some(tokens.join("table")),
+        insecure_allow_any_node: false,
+        token_audience: "sluice-operator".into(),
+        shim_service_accounts: vec![],
+        poll: Duration::from_millis(100),
+        lease_namespace: String::new(),
+        lease_name: String::new(),
+        leader_service: None,
+        pod_ip: None,
+        limits: Default::default(),
+        lease_timings: Default::default(),
+        lease_file: None,
+        service_cidrs: vec![],
+    }
+}
+
+fn live_testbed() -> (Testbed, PathBuf, PathBuf) {
+    let tb = Testbed::new().expect("builds the testbed");
+    let dir: PathBuf = tb.scratch().join("manifests");
+    let tokens: PathBuf = tb.scratch().join("tokens");
+    fs::create_dir_all(&dir).unwrap();
+    fs::create_dir_all(&tokens).unwrap();
+    let mut table = String::new();
+    for (node, _) in NODES {
+        fs::write(tokens.join(node), format!("token-of-{node}\n")).unwrap();
+        table.push_str(&format!("token-of-{node} {node}\n"));
+    }
+    fs::write(tokens.join("table"), table).unwrap();
+    fs::write(dir.join("cluster.yaml"), CLUSTER).unwrap();
+    fs::write(dir.join("policy.yaml"), managed_policy()).unwrap();
+    (tb, dir, tokens)
+}
+
+fn start_shim(tb: &mut Testbed, node: &str, tokens: &Path) {
+    tb.start_operator_shim(node, env!("CARGO_BIN_EXE_sluice-shim"), GRPC, tokens)
+        .unwrap();
+}
+
+/// Whether `node`'s uplink holds the managed address.
+fn holds(tb: &Testbed, node: &str) -> bool {
+    tb.ip(node, &["-4", "-o", "addr", "show", "dev", "eth0"])
+        .is_ok_and(|out| out.contains(&format!("{MANAGED}/32")))
+}
+
+/// `node`'s uplink MAC.
+fn mac_of(tb: &Testbed, node: &str) -> String {
+    let out = tb.ip(node, &["-o", "link", "show", "dev", "eth0"]).unwrap();
+    let after = out.split("link/ether ").nth(1).expect("an Ethernet uplink");
+    after.split_whitespace().next().unwrap().to_owned()
+}
+
+/// The underlay router's neighbour entry for the managed address (its MAC, if it has one).
+fn router_entry(tb: &Testbed) -> Option<String> {
+    let out = tb.ip("ul", &["neigh", "show", MANAGED]).ok()?;
+    let after = out.split("lladdr ").nth(1)?;
+    after.split_whitespace().next().map(str::to_owned)
+}
+
+/// Who answers an ARP request for the managed address on the underlay, as the router sees it:
+/// every distinct MAC that answered within 300 ms.
+fn answerers(tb: &Testbed) -> Vec<String> {
+    let ul = tb.ns("ul");
+    in_netns(&ul, || {
+        let ifindex = nix::net::if_::if_nametoindex("br0").expect("br0") as u32;
+        let socket = ArpSocket::open(ifindex).expect("an ARP socket on br0");
+        let ip: Ipv4Addr = MANAGED.parse().unwrap();
+        let request = ArpPacket {
+            sender_ip: "192.0.2.1".parse().unwrap(),
+            ..ArpPacket::probe(socket.mac(), ip)
+        };
+        socket.send(&request).expect("sending a request");
+        let deadline = Instant::now() + Duration::from_millis(300);
+        let mut macs = Vec::new();
+        while let Ok(Some(p)) = socket.receive(deadline) {
+            let mac = p.sender_mac.to_string();
+            if p.sender_ip == ip && !macs.contains(&mac) {
+                macs.push(mac);
+            }
+        }
+        macs
+    })
+}
+
+/// Opens a new connection from `pod` every 20 ms, each on a thread of its own; the time from
+/// `since` to the first one the external host greets with the managed address.
+fn first_connection_via_managed(
+    tb: &Testbed,
+    pod: &str,
+    since: Instant,
+    timeout: Duration,
+) -> Option<Duration> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let (ns, tx) = (tb.ns(pod), tx.clone());
+        std::thread::spawn(move || {
+            enter_netns(&ns);
+            let addr = format!("{EXT_A}:8080").parse().unwrap();
+            let greeting =
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|s| {
+                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                    let mut line = String::new();
+                    std::io::BufReader::new(s).read_line(&mut line)?;
+                    Ok(line.trim().to_owned())
+                });
+            let _ = tx.send((Instant::now(), greeting));
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        while let Ok((at, greeting)) = rx.try_recv() {
+            if greeting.is_ok_and(|g| g.contains(MANAGED)) {
+                return Some(at - since);
+            }
+        }
+    }
+    None
+}
+
+fn logs(tb: &Testbed) -> String {
+    NODES
+        .iter()
+        .map(|(n, _)| format!("--- shim-{n}\n{}", tb.log(&format!("shim-{n}"))))
+        .collect()
+}
+
+/// How the holder fails.
+#[derive(Clone, Copy, Debug)]
+enum Failure {
+    /// Its shim is killed (SIGKILL); the node lives on, and the datapath fence lets go.
+    ShimKilled,
+    /// Its uplink goes down (the realistic failure): its shim gives the address up.
+    UplinkDown,
+}
+
+#[test]
+fn a_managed_egress_ip_moves_when_its_gateway_s_shim_is_killed_and_only_one_node_answers_for_it() {
+    moves_and_only_one_node_answers(Failure::ShimKilled);
+}
+
+#[test]
+fn a_managed_egress_ip_moves_when_its_gateway_s_uplink_goes_down_and_only_one_node_answers_for_it() {
+    moves_and_only_one_node_answers(Failure::UplinkDown);
+}
+
+fn moves_and_only_one_node_answers(failure: Failure) {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIP managed_ip_e2e: needs root (network namespaces, eBPF); CI runs it as root");
+        return;
+    }
+    let grace = Duration::from_secs(1);
+    let (mut tb, dir, tokens) = live_testbed();
+    let _operator = Operator::start(tb.ns("ul"), options(&dir, &tokens, grace));
+    for (node, _) in NODES {
+        start_shim(&mut tb, node, &tokens);
+    }
+
+    // p2 (on n2) leaves with the managed address, which exactly one candidate holds.
+    let steered = wait_for(Duration::from_secs(30), || {
+        tb.fetch("p2", EXT_A).is_ok_and(|seen| seen.contains(MANAGED))
+    });
+    assert!(steered, "p2 never left with {MANAGED}\n{}", logs(&tb));
+    let holders: Vec<&str> = ["n1", "n3"].into_iter().filter(|n| holds(&tb, n)).collect();
+    assert_eq!(holders.len(), 1, "{holders:?} hold {MANAGED}\n{}", logs(&tb));
+    let (dead, survivor) = if holders[0] == "n1" {
+        ("n1", "n3")
+    } else {
+        ("n3", "n1")
+    };
+    assert!(!holds(&tb, "n2"), "n2 cannot be a gateway");
+    let (dead_mac, survivor_mac) = (mac_of(&tb, dead), mac_of(&tb, survivor));
+    assert_eq!(router_entry(&tb), Some(dead_mac.clone()));
+    assert_eq!(answerers(&tb), std::slice::from_ref(&dead_mac));
+
+    // Until the operator moves the address, p2's node may still send to the failed node: the
+    // move is timed to the first connection after the survivor holds the address.
+    let failed = Instant::now();
+    match failure {
+        Failure::ShimKilled => {
+            tb.kill(&format!("shim-{dead}"));
+        }
+        Failure::UplinkDown => tb.ip_on(dead, &["link", "set", "eth0", "down"]),
+    }
+    let moved = wait_for(Duration::from_secs(10), || holds(&tb, survivor));
+    assert!(moved, "{survivor} never took {MANAGED}\n{}", logs(&tb));
+    let took = first_connection_via_managed(&tb, "p2", failed, Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("p2 never left with {MANAGED} again\n{}", logs(&tb)));
+    println!(
+        "MANAGED-IP FAILOVER {failure:?} grace={grace:?} took={took:?} ({dead} failed; first new connection with {MANAGED})"
+    );
+    assert!(took < grace * 3, "failover took {took:?}\n{}", logs(&tb));
+    match failure {
+        // The node lives on with the address on its uplink; the fence keeps it quiet.
+        Failure::ShimKilled => assert!(holds(&tb, dead), "the dead shim's node kept the address"),
+        // Its shim gave it up when the link went.
+        Failure::UplinkDown => assert!(!holds(&tb, dead), "{dead} kept {MANAGED}\n{}", logs(&tb)),
+    }
+    // The router learnt the move from the announcements, and only the survivor answers.
+    assert_eq!(router_entry(&tb), Some(survivor_mac.clone()));
+    for _ in 0..5 {
+        assert_eq!(answerers(&tb), std::slice::from_ref(&survivor_mac), "\n{}", logs(&tb));
+    }
+
+    // The failed node comes back. It does not hold the address, and at no time do two nodes
+    // answer for it.
+    match failure {
+        Failure::ShimKilled => start_shim(&mut tb, dead, &tokens),
+        Failure::UplinkDown => tb.ip_on(dead, &["link", "set", "eth0", "up"]),
+    }
+    let back = Instant::now();
+    while back.elapsed() < Duration::from_secs(4) {
+        assert_eq!(answerers(&tb), std::slice::from_ref(&survivor_mac), "\n{}", logs(&tb));
+    }
+    assert!(!holds(&tb, dead), "{dead} holds {MANAGED} again\n{}", logs(&tb));
+    assert!(tb.fetch("p2", EXT_A).unwrap().contains(MANAGED));
+    assert_eq!(router_entry(&tb), Some(survivor_mac));
+}
