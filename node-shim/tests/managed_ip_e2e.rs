@@ -273,7 +273,12 @@ fn moves_and_only_one_node_answers(failure: Failure) {
     // The router learnt the move from the announcements, and only the survivor answers.
     assert_eq!(router_entry(&tb), Some(survivor_mac.clone()));
     for _ in 0..5 {
-        assert_eq!(answerers(&tb), std::slice::from_ref(&survivor_mac), "\n{}", logs(&tb));
+        assert_eq!(
+            answerers(&tb),
+            std::slice::from_ref(&survivor_mac),
+            "\n{}",
+            logs(&tb)
+        );
     }
 
     // The failed node comes back. It does not hold the address, and at no time do two nodes
@@ -284,7 +289,12 @@ fn moves_and_only_one_node_answers(failure: Failure) {
     }
     let back = Instant::now();
     while back.elapsed() < Duration::from_secs(4) {
-        assert_eq!(answerers(&tb), std::slice::from_ref(&survivor_mac), "\n{}", logs(&tb));
+        assert_eq!(
+            answerers(&tb),
+            std::slice::from_ref(&survivor_mac),
+            "\n{}",
+            logs(&tb)
+        );
     }
     assert!(!holds(&tb, dead), "{dead} holds {MANAGED} again\n{}", logs(&tb));
     assert!(tb.fetch("p2", EXT_A).unwrap().contains(MANAGED));
