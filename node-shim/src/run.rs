@@ -378,6 +378,7 @@ impl Agent {
             // The entries of a gateway need its egress IPs on the node: see them now.
             scan = netdev::scan();
         }
+        self.report_conflicts();
         if let Err(e) = self.ensure_tunnel(scan.as_ref().ok()) {
             tracing::error!(error = %DisplayChain(&e), "tunnel device");
         }
@@ -515,6 +516,22 @@ impl Agent {
             }
         }
         changed
+    }
+
+    /// Tells the operator (through the next acknowledgement) which managed addresses this node
+    /// did not claim, when that changed without a new plan being applied.
+    fn report_conflicts(&self) {
+        let (PlanSource::Operator(link), Some(state)) = (&self.opts.plan, &self.operator_state) else {
+            return;
+        };
+        let conflicts = address_conflicts(&self.address_conflicts);
+        link.applied.send_if_modified(|a| {
+            let changed = a.session == state.session && a.conflicts != conflicts;
+            if changed {
+                a.conflicts = conflicts;
+            }
+            changed
+        });
     }
 
     /// `scan`: this tick's scan (for the tunnel's index and the underlay's MTU), if it succeeded.
@@ -829,7 +846,8 @@ impl Agent {
             )?;
             self.write_status(&bytes, Transition::default(), &[Error::PlanRefused(full)])?;
             if let (PlanSource::Operator(link), Some(state)) = (&self.opts.plan, state) {
-                link.applied.send_replace(applied(state, &errors));
+                link.applied
+                    .send_replace(applied(state, &errors, &self.address_conflicts));
             }
             self.applied = Some((stamp, interfaces));
             return Ok(());
@@ -995,7 +1013,8 @@ impl Agent {
         );
         self.write_status(&bytes, t, &want.problems)?;
         if let (PlanSource::Operator(link), Some(state)) = (&self.opts.plan, state) {
-            link.applied.send_replace(applied(state, &want.entry_errors));
+            link.applied
+                .send_replace(applied(state, &want.entry_errors, &self.address_conflicts));
         }
         // Entries with problems are re-evaluated when the plan or an interface changes (an
         // egress IP being added, say), not on every tick.
@@ -1110,10 +1129,15 @@ impl Agent {
 
 /// What the shim tells the operator it applied: the generation, and the entries not programmed
 /// as planned.
-fn applied(state: &NodeState, errors: &[desired::EntryProblem]) -> Applied {
+fn applied(
+    state: &NodeState,
+    errors: &[desired::EntryProblem],
+    conflicts: &BTreeMap<Ipv4Addr, String>,
+) -> Applied {
     Applied {
         session: state.session,
         generation: state.generation,
+        conflicts: address_conflicts(conflicts),
         errors: errors
             .iter()
             .map(|p| sluice_proto::v2::EntryError {
@@ -1122,6 +1146,16 @@ fn applied(state: &NodeState, errors: &[desired::EntryProblem]) -> Applied {
             })
             .collect(),
     }
+}
+
+fn address_conflicts(conflicts: &BTreeMap<Ipv4Addr, String>) -> Vec<sluice_proto::v2::AddressConflict> {
+    conflicts
+        .iter()
+        .map(|(ip, detail)| sluice_proto::v2::AddressConflict {
+            ip: sluice_proto::convert::ip_to_wire((*ip).into()),
+            detail: detail.clone(),
+        })
+        .collect()
 }
 
 /// Removes the status file, if there is one.

@@ -300,3 +300,41 @@ fn moves_and_only_one_node_answers(failure: Failure) {
     assert!(tb.fetch("p2", EXT_A).unwrap().contains(MANAGED));
     assert_eq!(router_entry(&tb), Some(survivor_mac));
 }
+
+/// The managed address is already another host's (here the underlay router's): no node claims
+/// it, the shims say who answers, and the selected pod's traffic is dropped, never sent with a
+/// node's address.
+#[test]
+fn a_managed_egress_ip_another_host_holds_is_never_claimed() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIP managed_ip_e2e: needs root (network namespaces, eBPF); CI runs it as root");
+        return;
+    }
+    let (mut tb, dir, tokens) = live_testbed();
+    tb.ip("ul", &["addr", "add", &format!("{MANAGED}/32"), "dev", "br0"])
+        .unwrap();
+    let router_mac = {
+        let out = tb.ip("ul", &["-o", "link", "show", "dev", "br0"]).unwrap();
+        let after = out.split("link/ether ").nth(1).unwrap();
+        after.split_whitespace().next().unwrap().to_owned()
+    };
+    let _operator = Operator::start(tb.ns("ul"), options(&dir, &tokens, Duration::from_secs(1)));
+    for (node, _) in NODES {
+        start_shim(&mut tb, node, &tokens);
+    }
+    let reported = wait_for(Duration::from_secs(30), || {
+        ["n1", "n3"].iter().any(|n| {
+            let log = tb.log(&format!("shim-{n}"));
+            log.contains("another host answers for the managed egress IP") && log.contains(&router_mac)
+        })
+    });
+    assert!(reported, "no shim reported {router_mac} answering\n{}", logs(&tb));
+    for _ in 0..5 {
+        for node in ["n1", "n2", "n3"] {
+            assert!(!holds(&tb, node), "{node} claimed {MANAGED}\n{}", logs(&tb));
+        }
+        let seen = tb.fetch("p2", EXT_A);
+        assert!(seen.is_err(), "p2's traffic left as {seen:?}\n{}", logs(&tb));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}

@@ -135,6 +135,7 @@ async fn bench(size: Size, changes: usize) {
                     session: state.session,
                     generation: state.generation,
                     errors: vec![],
+                    conflicts: vec![],
                 });
             }
         });

@@ -58,6 +58,9 @@ pub struct StatusUpdate {
     /// The policy's gateway nodes among the others (all of them, sorted): their managed
     /// addresses are not held yet.
     pub gateways_behind: Vec<String>,
+    /// Managed addresses the node assigned to hold them did not claim, with who answers instead
+    /// (`node: detail`).
+    pub address_conflicts: Vec<(std::net::IpAddr, String)>,
 }
 
 impl StatusUpdate {
@@ -120,6 +123,13 @@ pub enum Notice {
         lost: String,
         replacement: Option<String>,
         took: Duration,
+    },
+    /// A managed egress IP was not claimed: another host answers for it.
+    AddressConflict {
+        policy: String,
+        ip: std::net::IpAddr,
+        /// `node: who answers`.
+        detail: String,
     },
     /// The policy is not accepted.
     Rejected {

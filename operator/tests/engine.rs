@@ -197,6 +197,7 @@ impl Started {
                 session,
                 generation,
                 errors,
+                conflicts: vec![],
             },
             self.t0 + at,
         );

@@ -193,6 +193,12 @@ struct Shim {
 
 impl Shim {
     fn start(config: Config, node: &str, maps: Maps) -> Shim {
+        Shim::start_reporting(config, node, maps, false)
+    }
+
+    /// A shim that, with `conflicted`, finds every managed egress IP of its duties answered by
+    /// another host and says so in its acknowledgements.
+    fn start_reporting(config: Config, node: &str, maps: Maps, conflicted: bool) -> Shim {
         let (updates_tx, mut updates) = client::updates();
         let (plans_tx, plans) = watch::channel(None);
         let (applied_tx, applied_rx) = watch::channel(Applied::default());
@@ -225,6 +231,20 @@ impl Shim {
                     session: state.session,
                     generation: state.generation,
                     errors: vec![],
+                    conflicts: if conflicted {
+                        state
+                            .serves
+                            .iter()
+                            .filter(|d| d.managed)
+                            .flat_map(|d| &d.egress_ips)
+                            .map(|ip| v2::AddressConflict {
+                                ip: sluice_proto::convert::ip_to_wire(*ip),
+                                detail: "02:00:00:00:00:99 answers for it".into(),
+                            })
+                            .collect()
+                    } else {
+                        vec![]
+                    },
                 });
                 // A copy for the test to look at.
                 plans_tx.send_replace(Some(Arc::new(state.clone())));
@@ -1422,6 +1442,73 @@ async fn the_operator_heartbeats_at_the_floor_to_shims_that_take_it() {
         Some(first.session),
         "node-b's session lasted"
     );
+}
+
+/// A gateway that finds its managed egress IP answered by another host does not claim it and
+/// says so: the policy's status marks the address `Conflict` with who answers, and an Event says
+/// it once.
+#[tokio::test]
+async fn a_managed_address_another_host_answers_for_is_a_conflict_in_status_and_an_event() {
+    let mut op = Operator::start(tokens(), None, Duration::from_millis(300)).await;
+    let managed = "apiVersion: sluice.dev/v1alpha1\nkind: EgressGatewayPolicy\nmetadata: {name: web-out}\n\
+                   spec:\n  selectors:\n  - podSelector: {matchLabels: {app: web}}\n  \
+                   destinationCIDRs: [198.51.100.0/24]\n  egressGateway:\n    \
+                   nodeSelector: {matchLabels: {sluice.dev/egress: \"true\"}}\n    \
+                   egressIPs: [203.0.113.50]\n";
+    op.load(manifests(managed)).await;
+    op.synced().await;
+    let _shims: Vec<Shim> = ["node-a", "node-b", "node-c"]
+        .into_iter()
+        .map(|n| Shim::start_reporting(config(&op, n), n, Maps::default(), n != "node-a"))
+        .collect();
+    let ip: std::net::IpAddr = "203.0.113.50".parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let conflict = loop {
+        let u = tokio::time::timeout_at(deadline.into(), op.updates.recv())
+            .await
+            .expect("a status with the conflict")
+            .unwrap();
+        if u.outcome.name == "web-out" && !u.address_conflicts.is_empty() {
+            break u;
+        }
+    };
+    let holder = conflict
+        .outcome
+        .gateways
+        .iter()
+        .find(|g| g.managed)
+        .expect("a node is assigned the address")
+        .node
+        .to_string();
+    assert_eq!(
+        conflict.address_conflicts,
+        [(ip, format!("{holder}: 02:00:00:00:00:99 answers for it"))]
+    );
+    let status = sluice_operator::controller::status::desired(
+        &conflict,
+        None,
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(1).unwrap(),
+        ),
+    );
+    assert_eq!(status.egress_ips.len(), 1);
+    assert_eq!(status.egress_ips[0].state, "Conflict");
+    assert_eq!(status.egress_ips[0].node.as_deref(), Some(holder.as_str()));
+    assert!(
+        status.egress_ips[0]
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("02:00:00:00:00:99")
+    );
+    let mut events = 0;
+    while let Ok(Some(n)) = tokio::time::timeout(Duration::from_millis(500), op.notices.recv()).await {
+        if let Notice::AddressConflict { policy, ip: at, .. } = n {
+            assert_eq!((policy.as_str(), at), ("web-out", ip));
+            events += 1;
+        }
+    }
+    assert_eq!(events, 1, "one Event for the conflict");
 }
 
 /// During an upgrade from a release that spoke sluice.v1, the old shims are kept alive over it:

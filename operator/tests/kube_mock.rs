@@ -663,6 +663,7 @@ fn update(programmed: usize) -> StatusUpdate {
         to_program: 1,
         behind: vec![],
         gateways_behind: vec![],
+        address_conflicts: vec![],
     }
 }
 

@@ -240,6 +240,8 @@ pub struct Applied {
     pub session: u64,
     pub generation: u64,
     pub errors: Vec<v2::EntryError>,
+    /// Managed egress IPs not claimed, with why (`Ack.conflicts`).
+    pub conflicts: Vec<v2::AddressConflict>,
 }
 
 /// A number for a new session, never used before in this process (sessions start at 1; 0 is
@@ -400,7 +402,7 @@ async fn session_inner(
     let mut held: Option<u64> = None;
     // Chunks of a plan or delta not complete yet: dropped with the session if it ends mid-way.
     let mut assembler = Assembler::default();
-    let mut acked: Option<u64> = None;
+    let mut acked: Option<(u64, Vec<v2::AddressConflict>)> = None;
     let mut last_heard = Instant::now();
     loop {
         let silence_limit = operator_silence_limit(*interval_tx.borrow(), floor);
@@ -547,12 +549,16 @@ async fn maybe_ack(
     tx: &mpsc::Sender<v2::ShimMessage>,
     applied: &Applied,
     session: u64,
-    acked: &mut Option<u64>,
+    acked: &mut Option<(u64, Vec<v2::AddressConflict>)>,
 ) -> Result<(), SessionError> {
-    if applied.session != session || *acked == Some(applied.generation) {
+    if applied.session != session
+        || acked
+            .as_ref()
+            .is_some_and(|(g, c)| *g == applied.generation && *c == applied.conflicts)
+    {
         return Ok(());
     }
-    *acked = Some(applied.generation);
+    *acked = Some((applied.generation, applied.conflicts.clone()));
     if applied.errors.len() > crate::MAX_ACK_ERRORS {
         tracing::debug!(
             errors = applied.errors.len(),
@@ -569,6 +575,7 @@ async fn maybe_ack(
             .take(crate::MAX_ACK_ERRORS)
             .cloned()
             .collect(),
+        conflicts: applied.conflicts.clone(),
     });
     tx.send(shim_msg(ack)).await.map_err(|_| SessionError::Closed)
 }

@@ -195,6 +195,7 @@ impl Shim {
                     session: state.session,
                     generation: state.generation,
                     errors: vec![],
+                    conflicts: vec![],
                 });
             }
         });

@@ -327,6 +327,7 @@ proptest! {
                         .into_iter()
                         .map(|(key, message)| v2::EntryError { key, message })
                         .collect(),
+                    conflicts: vec![],
                 })),
             }
             .encode_to_vec()

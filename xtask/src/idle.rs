@@ -344,6 +344,7 @@ async fn session(endpoint: &str, node: &str, tally: &Tally) -> Result<std::conve
         shim_msg(shim_message::Message::Ack(v2::Ack {
             generation,
             errors: Vec::new(),
+            conflicts: Vec::new(),
         }))
     };
     loop {

@@ -796,6 +796,13 @@ pub fn notice_event(notice: &Notice) -> (&str, EventType, &'static str, &'static
                 None => format!("gateway node {lost} stopped serving; no other node can take over"),
             },
         ),
+        Notice::AddressConflict { policy, ip, detail } => (
+            policy,
+            EventType::Warning,
+            "EgressIPConflict",
+            "ClaimEgressIP",
+            format!("managed egress IP {ip} not claimed: {detail}"),
+        ),
         Notice::Rejected {
             policy,
             reason,

@@ -169,7 +169,19 @@ fn managed_ips(update: &StatusUpdate) -> Vec<EgressIpStatus> {
                 .gateways
                 .iter()
                 .find(|g| g.managed && (g.egress_v4 == Some(*ip) || g.egress_v6 == Some(*ip)));
+            let conflict = update
+                .address_conflicts
+                .iter()
+                .find(|(c, _)| c == ip)
+                .map(|(_, detail)| detail.clone());
             match holder {
+                Some(g) if conflict.is_some() => EgressIpStatus {
+                    ip: ip.to_string(),
+                    node: Some(g.node.to_string()),
+                    interface: g.interface.as_deref().map(str::to_owned),
+                    state: "Conflict".to_owned(),
+                    message: conflict.map(|d| format!("not claimed: {d}")),
+                },
                 Some(g) => EgressIpStatus {
                     ip: ip.to_string(),
                     node: Some(g.node.to_string()),
@@ -269,6 +281,7 @@ mod tests {
             to_program,
             behind: vec![],
             gateways_behind: vec![],
+            address_conflicts: vec![],
         }
     }
 

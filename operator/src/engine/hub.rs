@@ -35,6 +35,8 @@ pub enum ShimEvent {
         generation: u64,
         /// The entries the shim could not program as planned, with why.
         errors: Vec<(EntryKey, String)>,
+        /// Managed egress IPs the shim did not claim (another host answers for them), with why.
+        conflicts: Vec<(std::net::IpAddr, String)>,
     },
     Disconnected {
         node: String,

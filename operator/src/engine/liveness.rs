@@ -64,6 +64,8 @@ pub(super) struct Shim {
     pub acked: u64,
     /// The entries of the acknowledged generation that the shim could not program.
     pub errors: BTreeMap<EntryKey, String>,
+    /// Managed egress IPs the shim did not claim (another host answers for them), with why.
+    pub address_conflicts: BTreeMap<IpAddr, String>,
     pace: Pace,
 }
 
@@ -118,6 +120,11 @@ impl Liveness {
 
     pub fn shim(&self, node: &str) -> Option<&Shim> {
         self.shims.get(node)
+    }
+
+    /// `node`'s shim, if `session` is its latest.
+    pub fn shim_mut(&mut self, node: &str, session: u64) -> Option<&mut Shim> {
+        self.shims.get_mut(node).filter(|s| s.session == session)
     }
 
     pub fn connected_shims(&self) -> usize {
@@ -256,6 +263,7 @@ impl Liveness {
             interfaces,
             acked: 0,
             errors: BTreeMap::new(),
+            address_conflicts: BTreeMap::new(),
             pace: Pace::Fast,
         };
         if let Some((generation, interval)) = view {

@@ -339,7 +339,13 @@ impl Engine {
                 session,
                 generation,
                 errors,
-            } => self.shim_acked(&node, session, generation, errors, now),
+                conflicts,
+            } => {
+                if let Some(s) = self.liveness.shim_mut(&node, session) {
+                    s.address_conflicts = conflicts.into_iter().collect();
+                }
+                self.shim_acked(&node, session, generation, errors, now)
+            }
             ShimEvent::Disconnected { node, session } => self.liveness.disconnected(&node, session),
         }
         self.metrics
@@ -656,7 +662,20 @@ impl Engine {
             let progress = self
                 .tables
                 .progress(&p, |node| liveness.shim(node).map(|s| (s.acked, &s.errors)));
-            self.notices.status(outcome, progress);
+            // What the holders of the policy's managed addresses say they could not claim.
+            let conflicts: Vec<(std::net::IpAddr, String)> = outcome
+                .gateways
+                .iter()
+                .filter(|g| g.managed)
+                .flat_map(|g| {
+                    let shim = liveness.shim(&g.node);
+                    g.egress_v4.into_iter().chain(g.egress_v6).filter_map(move |ip| {
+                        let detail = shim?.address_conflicts.get(&ip)?;
+                        Some((ip, format!("{}: {detail}", g.node)))
+                    })
+                })
+                .collect();
+            self.notices.status(outcome, progress, conflicts);
         }
     }
 }
@@ -693,7 +712,13 @@ pub async fn run(
     updates: mpsc::Sender<StatusUpdate>,
     notices: mpsc::Sender<Notice>,
 ) -> anyhow::Result<()> {
-    let mut next_tick = engine.next_tick(Instant::now());
+    // A wait, not an instant: Tokio's clock (paused in tests) runs the timer, the engine's
+    // deadlines are in the process's.
+    let until_tick = |engine: &Engine| {
+        let now = Instant::now();
+        engine.next_tick(now).saturating_duration_since(now)
+    };
+    let mut next_tick = until_tick(&engine);
     let mut unsent: BTreeMap<String, StatusUpdate> = BTreeMap::new();
     loop {
         tokio::select! {
@@ -718,10 +743,10 @@ pub async fn run(
                     engine.shim(event, now);
                 }
             }
-            () = tokio::time::sleep_until(next_tick.into()) => engine.tick(Instant::now()),
+            () = tokio::time::sleep(next_tick) => engine.tick(Instant::now()),
         }
         engine.flush(Instant::now());
-        next_tick = engine.next_tick(Instant::now());
+        next_tick = until_tick(&engine);
         for update in engine.take_status() {
             unsent.insert(update.outcome.name.clone(), update);
         }
@@ -864,6 +889,7 @@ mod tests {
                 session,
                 generation,
                 errors: vec![],
+                conflicts: vec![],
             },
             at,
         );

@@ -126,6 +126,7 @@ impl Notices {
         &mut self,
         outcome: PolicyOutcome,
         nodes: impl IntoIterator<Item = (&'a Arc<str>, Option<Behind>)>,
+        address_conflicts: Vec<(std::net::IpAddr, String)>,
     ) {
         let (mut to_program, mut programmed) = (0, 0);
         let mut behind = Vec::new();
@@ -155,7 +156,19 @@ impl Notices {
                 gateways_behind.sort();
                 gateways_behind
             },
+            address_conflicts,
         };
+        // A managed address newly found held by another host: an Event naming who answers.
+        let before = self.last_status.get(&update.outcome.name);
+        for (ip, detail) in &update.address_conflicts {
+            if before.is_none_or(|b| !b.address_conflicts.iter().any(|(i, d)| i == ip && d == detail)) {
+                self.notices_out.push(Notice::AddressConflict {
+                    policy: update.outcome.name.clone(),
+                    ip: *ip,
+                    detail: detail.clone(),
+                });
+            }
+        }
         if self.last_status.get(&update.outcome.name) != Some(&update) {
             self.last_status
                 .insert(update.outcome.name.clone(), update.clone());
@@ -303,16 +316,16 @@ mod tests {
                 .enumerate()
                 .map(move |(i, node)| (node, (i >= programmed).then_some(Behind::Pending)))
         };
-        n.status(outcome(&["g1"]), pending(0));
+        n.status(outcome(&["g1"]), pending(0), vec![]);
         let written = n.take_status();
         assert_eq!(written.len(), 1);
         assert_eq!((written[0].programmed, written[0].to_program), (0, 8));
         assert_eq!(written[0].behind.len(), StatusUpdate::MAX_BEHIND);
         assert_eq!(written[0].behind[0].node, "n0");
 
-        n.status(outcome(&["g1"]), pending(0));
+        n.status(outcome(&["g1"]), pending(0), vec![]);
         assert!(n.take_status().is_empty(), "unchanged: not written again");
-        n.status(outcome(&["g1"]), pending(8));
+        n.status(outcome(&["g1"]), pending(8), vec![]);
         let written = n.take_status();
         assert_eq!((written[0].programmed, written[0].behind.len()), (8, 0));
 
@@ -325,7 +338,7 @@ mod tests {
             &EngineMetrics::default(),
         );
         assert_eq!(n.take_dirty(), BTreeSet::from(["p".to_owned()]));
-        n.status(outcome(&["g1"]), pending(8));
+        n.status(outcome(&["g1"]), pending(8), vec![]);
         assert_eq!(n.take_status().len(), 1);
     }
 }

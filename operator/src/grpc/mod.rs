@@ -481,6 +481,7 @@ async fn read_shim(
                     session,
                     generation: ack.generation,
                     errors: entry_errors(&ack),
+                    conflicts: address_conflicts(&ack),
                 });
             }
             Ok(Some(ShimMessage {
@@ -616,6 +617,22 @@ fn diff(
 
 /// The entries a shim reports it could not program. One whose key does not parse names no entry
 /// of ours: it is logged and left out.
+/// The managed addresses an ack says the shim did not claim: bounded (they end up in a status),
+/// and those that do not decode dropped.
+fn address_conflicts(ack: &v2::Ack) -> Vec<(std::net::IpAddr, String)> {
+    const MAX_CONFLICTS: usize = 64;
+    const MAX_DETAIL: usize = 128;
+    ack.conflicts
+        .iter()
+        .take(MAX_CONFLICTS)
+        .filter_map(|c| {
+            let ip = convert::ip_from_wire("conflicting address", &c.ip).ok()?;
+            let detail: String = c.detail.chars().take(MAX_DETAIL).collect();
+            Some((ip, detail))
+        })
+        .collect()
+}
+
 fn entry_errors(ack: &v2::Ack) -> Vec<(EntryKey, String)> {
     // They end up in policy status: bounded, whatever a shim sends.
     const MAX_ERRORS: usize = sluice_proto::MAX_ACK_ERRORS;
