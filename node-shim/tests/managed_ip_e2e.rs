@@ -338,3 +338,97 @@ fn a_managed_egress_ip_another_host_holds_is_never_claimed() {
         std::thread::sleep(Duration::from_millis(300));
     }
 }
+
+/// Who answers ARP requests for `ip` on the underlay (every distinct MAC within 300 ms).
+fn answerers_of(tb: &Testbed, ip: &str) -> Vec<String> {
+    let ul = tb.ns("ul");
+    let ip: Ipv4Addr = ip.parse().unwrap();
+    in_netns(&ul, move || {
+        let ifindex = nix::net::if_::if_nametoindex("br0").expect("br0");
+        let socket = ArpSocket::open(ifindex).expect("an ARP socket on br0");
+        let request = ArpPacket {
+            sender_ip: "192.0.2.1".parse().unwrap(),
+            ..ArpPacket::probe(socket.mac(), ip)
+        };
+        socket.send(&request).expect("sending a request");
+        let deadline = Instant::now() + Duration::from_millis(300);
+        let mut macs = Vec::new();
+        while let Ok(Some(p)) = socket.receive(deadline) {
+            let mac = p.sender_mac.to_string();
+            if p.sender_ip == ip && !macs.contains(&mac) {
+                macs.push(mac);
+            }
+        }
+        macs
+    })
+}
+
+/// Two managed addresses, two candidates: each node holds one. An operator restart moves
+/// neither. One node's shim dies: the other holds both, and both addresses still answer, from
+/// it alone.
+#[test]
+fn two_managed_addresses_stay_put_across_an_operator_restart_and_both_survive_a_failure() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIP managed_ip_e2e: needs root (network namespaces, eBPF); CI runs it as root");
+        return;
+    }
+    const SECOND: &str = "192.0.2.151";
+    let (mut tb, dir, tokens) = live_testbed();
+    fs::write(
+        dir.join("policy.yaml"),
+        managed_policy().replace(&format!("[{MANAGED}]"), &format!("[{MANAGED}, {SECOND}]")),
+    )
+    .unwrap();
+    let grace = Duration::from_secs(1);
+    let operator = Operator::start(tb.ns("ul"), options(&dir, &tokens, grace));
+    for (node, _) in NODES {
+        start_shim(&mut tb, node, &tokens);
+    }
+    let holder = |tb: &Testbed, ip: &str| -> Vec<&'static str> {
+        ["n1", "n2", "n3"]
+            .into_iter()
+            .filter(|n| {
+                tb.ip(n, &["-4", "-o", "addr", "show", "dev", "eth0"])
+                    .is_ok_and(|out| out.contains(&format!("{ip}/32")))
+            })
+            .collect()
+    };
+    let placed = wait_for(Duration::from_secs(30), || {
+        holder(&tb, MANAGED).len() == 1 && holder(&tb, SECOND).len() == 1
+    });
+    assert!(placed, "both addresses held\n{}", logs(&tb));
+    let (first, second) = (holder(&tb, MANAGED)[0], holder(&tb, SECOND)[0]);
+    assert_ne!(first, second, "one address per node while nodes suffice");
+    assert_eq!(answerers_of(&tb, MANAGED), [mac_of(&tb, first)]);
+    assert_eq!(answerers_of(&tb, SECOND), [mac_of(&tb, second)]);
+
+    // A new operator (a restart): no address moves.
+    drop(operator);
+    let _operator = Operator::start(tb.ns("ul"), options(&dir, &tokens, grace));
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(8) {
+        assert_eq!(holder(&tb, MANAGED), [first], "\n{}", logs(&tb));
+        assert_eq!(holder(&tb, SECOND), [second], "\n{}", logs(&tb));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The first node's shim dies: the second node holds both, and both answer from it.
+    tb.kill(&format!("shim-{first}"));
+    let moved = wait_for(Duration::from_secs(10), || holder(&tb, MANAGED).contains(&second));
+    assert!(moved, "{second} never took {MANAGED}\n{}", logs(&tb));
+    let survivor = mac_of(&tb, second);
+    for _ in 0..3 {
+        assert_eq!(
+            answerers_of(&tb, MANAGED),
+            std::slice::from_ref(&survivor),
+            "\n{}",
+            logs(&tb)
+        );
+        assert_eq!(
+            answerers_of(&tb, SECOND),
+            std::slice::from_ref(&survivor),
+            "\n{}",
+            logs(&tb)
+        );
+    }
+}
