@@ -124,6 +124,16 @@ pub enum Notice {
         replacement: Option<String>,
         took: Duration,
     },
+    /// A managed egress IP is held by another node than before: `took` from the decision to
+    /// the new node's acknowledgement.
+    EgressIpMoved {
+        policy: String,
+        ip: std::net::IpAddr,
+        /// `None`: from no node (it had none for a while).
+        from: Option<String>,
+        to: String,
+        took: Duration,
+    },
     /// A managed egress IP was not claimed: another host answers for it.
     AddressConflict {
         policy: String,

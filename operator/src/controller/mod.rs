@@ -796,6 +796,22 @@ pub fn notice_event(notice: &Notice) -> (&str, EventType, &'static str, &'static
                 None => format!("gateway node {lost} stopped serving; no other node can take over"),
             },
         ),
+        Notice::EgressIpMoved {
+            policy,
+            ip,
+            from,
+            to,
+            took,
+        } => (
+            policy,
+            EventType::Normal,
+            "EgressIPMoved",
+            "MoveEgressIP",
+            format!(
+                "managed egress IP {ip} moved from {} to {to}; held there {took:.3?} after the move was decided",
+                from.as_deref().unwrap_or("no node")
+            ),
+        ),
         Notice::AddressConflict { policy, ip, detail } => (
             policy,
             EventType::Warning,

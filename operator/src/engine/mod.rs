@@ -487,7 +487,7 @@ impl Engine {
             return;
         }
         self.publish_changed(changed, now);
-        self.report_status();
+        self.report_status(now);
     }
 
     /// Ends the settling period when it is time: the Ready nodes whose shim is not back are no
@@ -653,7 +653,7 @@ impl Engine {
     }
 
     /// The status of the policies whose entries, gateways or acknowledgements changed.
-    fn report_status(&mut self) {
+    fn report_status(&mut self, now: Instant) {
         for p in self.notices.take_dirty() {
             let Some(outcome) = self.planner.policy_outcome(&p) else {
                 continue;
@@ -675,7 +675,7 @@ impl Engine {
                     })
                 })
                 .collect();
-            self.notices.status(outcome, progress, conflicts);
+            self.notices.status(outcome, progress, conflicts, now);
         }
     }
 }

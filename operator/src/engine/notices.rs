@@ -4,6 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
     sync::Arc,
     time::Instant,
 };
@@ -25,6 +26,17 @@ pub(super) struct Notices {
     last_status: HashMap<String, StatusUpdate>,
     status_out: Vec<StatusUpdate>,
     notices_out: Vec<Notice>,
+    /// Per (policy, managed address): where it is held, and the move under way (from which
+    /// node, since when) until the new node holds it.
+    managed: HashMap<(String, IpAddr), Holding>,
+}
+
+/// Where a managed address stands, for timing its moves.
+#[derive(Clone, Debug, Default)]
+struct Holding {
+    node: Option<String>,
+    /// The node it is moving from, and when the move was decided (until the new node holds it).
+    moving: Option<(Option<String>, Instant)>,
 }
 
 impl Notices {
@@ -126,7 +138,8 @@ impl Notices {
         &mut self,
         outcome: PolicyOutcome,
         nodes: impl IntoIterator<Item = (&'a Arc<str>, Option<Behind>)>,
-        address_conflicts: Vec<(std::net::IpAddr, String)>,
+        address_conflicts: Vec<(IpAddr, String)>,
+        now: Instant,
     ) {
         let (mut to_program, mut programmed) = (0, 0);
         let mut behind = Vec::new();
@@ -158,6 +171,7 @@ impl Notices {
             },
             address_conflicts,
         };
+        self.time_moves(&update, now);
         // A managed address newly found held by another host: an Event naming who answers.
         let before = self.last_status.get(&update.outcome.name);
         for (ip, detail) in &update.address_conflicts {
@@ -173,6 +187,42 @@ impl Notices {
             self.last_status
                 .insert(update.outcome.name.clone(), update.clone());
             self.status_out.push(update);
+        }
+    }
+
+    /// Follows each managed address of `update`'s policy: when it goes to another node, the move
+    /// starts; once that node holds it (acknowledged, no conflict), an Event says from where to
+    /// where and how long the new node took from the decision.
+    fn time_moves(&mut self, update: &StatusUpdate, now: Instant) {
+        let policy = &update.outcome.name;
+        self.managed
+            .retain(|(p, ip), _| p != policy || update.outcome.managed_ips.contains(ip));
+        for ip in &update.outcome.managed_ips {
+            let node = update
+                .outcome
+                .gateways
+                .iter()
+                .find(|g| g.managed && (g.egress_v4 == Some(*ip) || g.egress_v6 == Some(*ip)))
+                .map(|g| g.node.to_string());
+            let held = node.as_ref().is_some_and(|n| {
+                !update.gateways_behind.contains(n) && !update.address_conflicts.iter().any(|(c, _)| c == ip)
+            });
+            let h = self.managed.entry((policy.clone(), *ip)).or_default();
+            if h.node != node {
+                // Moves are timed from a node that held it; a first placement is not a move.
+                let from = h.moving.take().map_or(h.node.clone(), |(from, _)| from);
+                h.moving = from.is_some().then_some((from, now));
+                h.node = node.clone();
+            }
+            if held && let Some((from, since)) = h.moving.take() {
+                self.notices_out.push(Notice::EgressIpMoved {
+                    policy: policy.clone(),
+                    ip: *ip,
+                    from,
+                    to: node.clone().unwrap_or_default(),
+                    took: now.saturating_duration_since(since),
+                });
+            }
         }
     }
 
@@ -308,7 +358,7 @@ mod tests {
 
     #[test]
     fn status_is_written_when_it_changes_and_names_a_few_nodes_behind() {
-        let mut n = Notices::default();
+        let (mut n, t0) = (Notices::default(), Instant::now());
         let names: Vec<Arc<str>> = (0..8).map(|i| Arc::from(format!("n{i}"))).collect();
         let pending = |programmed: usize| {
             names
@@ -316,16 +366,16 @@ mod tests {
                 .enumerate()
                 .map(move |(i, node)| (node, (i >= programmed).then_some(Behind::Pending)))
         };
-        n.status(outcome(&["g1"]), pending(0), vec![]);
+        n.status(outcome(&["g1"]), pending(0), vec![], t0);
         let written = n.take_status();
         assert_eq!(written.len(), 1);
         assert_eq!((written[0].programmed, written[0].to_program), (0, 8));
         assert_eq!(written[0].behind.len(), StatusUpdate::MAX_BEHIND);
         assert_eq!(written[0].behind[0].node, "n0");
 
-        n.status(outcome(&["g1"]), pending(0), vec![]);
+        n.status(outcome(&["g1"]), pending(0), vec![], t0);
         assert!(n.take_status().is_empty(), "unchanged: not written again");
-        n.status(outcome(&["g1"]), pending(8), vec![]);
+        n.status(outcome(&["g1"]), pending(8), vec![], t0);
         let written = n.take_status();
         assert_eq!((written[0].programmed, written[0].behind.len()), (8, 0));
 
@@ -338,7 +388,57 @@ mod tests {
             &EngineMetrics::default(),
         );
         assert_eq!(n.take_dirty(), BTreeSet::from(["p".to_owned()]));
-        n.status(outcome(&["g1"]), pending(8), vec![]);
+        n.status(outcome(&["g1"]), pending(8), vec![], t0);
         assert_eq!(n.take_status().len(), 1);
+    }
+
+    /// A managed address placed the first time is no move; one that goes to another node is,
+    /// timed from the decision to the new node's acknowledgement, said once.
+    #[test]
+    fn a_managed_address_s_move_is_said_once_with_the_time_the_new_node_took() {
+        let (mut n, t0) = (Notices::default(), Instant::now());
+        let ip: IpAddr = "192.0.2.150".parse().unwrap();
+        let held_by = |node: &str| {
+            let mut o = outcome(&[node]);
+            o.gateways[0].managed = true;
+            o.gateways[0].egress_v4 = Some(ip);
+            o.managed_ips = vec![ip];
+            o
+        };
+        let names: Vec<Arc<str>> = ["g1", "g2"].into_iter().map(Arc::from).collect();
+        let acked = |behind: &'static str| {
+            names
+                .iter()
+                .map(move |node| (node, (**node == *behind).then_some(Behind::Pending)))
+        };
+        let moves = |n: &mut Notices| -> Vec<Notice> {
+            n.take_notices()
+                .into_iter()
+                .filter(|x| matches!(x, Notice::EgressIpMoved { .. }))
+                .collect()
+        };
+        n.status(held_by("g1"), acked("g1"), vec![], t0);
+        n.status(held_by("g1"), acked("-"), vec![], t0 + Duration::from_millis(100));
+        assert!(moves(&mut n).is_empty(), "a first placement is no move");
+        // g1 fails: g2 is assigned at 1 s and acknowledges at 1.3 s.
+        n.status(held_by("g2"), acked("g2"), vec![], t0 + Duration::from_secs(1));
+        assert!(moves(&mut n).is_empty(), "not held by g2 yet");
+        n.status(
+            held_by("g2"),
+            acked("-"),
+            vec![],
+            t0 + Duration::from_millis(1300),
+        );
+        let said = moves(&mut n);
+        assert_eq!(said.len(), 1);
+        let Notice::EgressIpMoved { from, to, took, .. } = &said[0] else {
+            unreachable!()
+        };
+        assert_eq!(
+            (from.as_deref(), to.as_str(), *took),
+            (Some("g1"), "g2", Duration::from_millis(300))
+        );
+        n.status(held_by("g2"), acked("-"), vec![], t0 + Duration::from_secs(2));
+        assert!(moves(&mut n).is_empty(), "said once");
     }
 }
