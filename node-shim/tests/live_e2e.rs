@@ -5,49 +5,20 @@
 
 use std::{
     fs,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
 use sluice_operator::runner::{RunOptions, Source};
 use sluice_testbed::{EGRESS_N1, EGRESS_N3, EXT_A, EXT_B, NODES, Testbed, enter_netns, in_netns, wait_for};
 
-const CLUSTER: &str = include_str!("../../examples/demo/cluster.yaml");
+mod support;
+
+use support::{
+    GRPC, Operator, connect_in_background, first_connection_via, live_testbed, options, start_shim,
+};
+
 const BOTH: &str = include_str!("../../examples/demo/policy.yaml");
-const GRPC: &str = "192.0.2.1:9443";
-
-/// The operator, running on its own thread inside the underlay namespace until dropped.
-struct Operator {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Operator {
-    fn start(ns: String, opts: RunOptions) -> Operator {
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            enter_netns(&ns);
-            let rt = tokio::runtime::Runtime::new().expect("runtime");
-            // Not `run`: its SIGINT handler would keep Ctrl-C from ending the test process.
-            let stop = async {
-                let _ = stopped.await;
-            };
-            rt.block_on(sluice_operator::runner::run_until(opts, None, stop))
-                .expect("operator runs");
-        });
-        Operator {
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.stop.take().map(|s| s.send(()));
-        let _ = self.thread.take().map(|t| t.join());
-    }
-}
 
 fn only_gateway(node: &str, egress: &str) -> String {
     format!(
@@ -66,11 +37,6 @@ fn write(path: &Path, text: &str) {
     fs::rename(&tmp, path).unwrap();
 }
 
-fn start_shim(tb: &mut Testbed, node: &str, tokens: &Path) {
-    tb.start_operator_shim(node, env!("CARGO_BIN_EXE_sluice-shim"), GRPC, tokens)
-        .unwrap();
-}
-
 /// Waits until `pod`'s new connections to the external host leave with `egress`; how long it took.
 fn wait_egress(tb: &Testbed, pod: &str, egress: &str, timeout: Duration) -> Duration {
     let started = Instant::now();
@@ -82,86 +48,6 @@ fn wait_egress(tb: &Testbed, pod: &str, egress: &str, timeout: Duration) -> Dura
     let logs: String = NODES.iter().map(|(n, _)| tb.log(&format!("shim-{n}"))).collect();
     assert!(ok, "{pod} never left with {egress}: last {last:?}\n{logs}");
     started.elapsed()
-}
-
-/// Opens one connection from namespace `ns` to the external host on a thread of its own (one
-/// caught by a switch of gateways hangs until its timeout and must not delay the next) and
-/// sends when it completed and the greeting (the source address the host saw) to `tx`.
-fn connect_in_background(ns: &str, tx: std::sync::mpsc::Sender<(Instant, std::io::Result<String>)>) {
-    use std::io::BufRead;
-    let ns = ns.to_owned();
-    std::thread::spawn(move || {
-        enter_netns(&ns);
-        let addr = format!("{EXT_A}:8080").parse().unwrap();
-        let greeting = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|s| {
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            let mut line = String::new();
-            std::io::BufReader::new(s).read_line(&mut line)?;
-            Ok(line.trim().to_owned())
-        });
-        let _ = tx.send((Instant::now(), greeting));
-    });
-}
-
-/// Opens a new connection from namespace `ns` every 20 ms, each on its own thread (a connection
-/// caught by the switch of gateways hangs until its timeout, and must not delay the next ones);
-/// returns when the first one greeted with `egress` completed, counted from `since`.
-fn first_connection_via(ns: &str, egress: &str, since: Instant, timeout: Duration) -> Option<Duration> {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        connect_in_background(ns, tx.clone());
-        std::thread::sleep(Duration::from_millis(20));
-        while let Ok((at, greeting)) = rx.try_recv() {
-            if greeting.is_ok_and(|g| g.contains(egress)) {
-                return Some(at - since);
-            }
-        }
-    }
-    None
-}
-
-/// The operator's options: the `dir:` source on `dir`, static tokens from `tokens/table`.
-fn options(dir: &Path, tokens: &Path, grace: Duration) -> RunOptions {
-    RunOptions {
-        source: Source::Dir(dir.to_owned()),
-        grpc_listen: GRPC.parse().unwrap(),
-        metrics_listen: None,
-        tls_cert: None,
-        tls_key: None,
-        heartbeat_grace: grace,
-        tokens_file: Some(tokens.join("table")),
-        insecure_allow_any_node: false,
-        token_audience: "sluice-operator".into(),
-        shim_service_accounts: vec![],
-        poll: Duration::from_millis(100),
-        lease_namespace: String::new(),
-        lease_name: String::new(),
-        leader_service: None,
-        pod_ip: None,
-        limits: Default::default(),
-        lease_timings: Default::default(),
-        lease_file: None,
-        service_cidrs: vec![],
-    }
-}
-
-/// A testbed with the demo cluster in a manifest directory and a token per node; returns the
-/// directory and the tokens' directory.
-fn live_testbed() -> (Testbed, PathBuf, PathBuf) {
-    let tb = Testbed::new().expect("builds the testbed");
-    let dir: PathBuf = tb.scratch().join("manifests");
-    let tokens: PathBuf = tb.scratch().join("tokens");
-    fs::create_dir_all(&dir).unwrap();
-    fs::create_dir_all(&tokens).unwrap();
-    let mut table = String::new();
-    for (node, _) in NODES {
-        fs::write(tokens.join(node), format!("token-of-{node}\n")).unwrap();
-        table.push_str(&format!("token-of-{node} {node}\n"));
-    }
-    fs::write(tokens.join("table"), table).unwrap();
-    fs::write(dir.join("cluster.yaml"), CLUSTER).unwrap();
-    (tb, dir, tokens)
 }
 
 #[test]

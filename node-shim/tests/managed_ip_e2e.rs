@@ -10,50 +10,19 @@
 use std::{
     fs,
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
-use sluice_operator::runner::{RunOptions, Source};
 use sluice_shim::egress_ip::{ArpPacket, ArpSocket};
-use sluice_testbed::{EXT_A, NODES, Testbed, enter_netns, in_netns, wait_for};
+use sluice_testbed::{EXT_A, NODES, Testbed, in_netns, wait_for};
 
-const CLUSTER: &str = include_str!("../../examples/demo/cluster.yaml");
-const GRPC: &str = "192.0.2.1:9443";
+mod support;
+
+use support::{Operator, first_connection_via, options, start_shim};
+
 /// In the underlay's subnet, used by nothing else in the testbed.
 const MANAGED: &str = "192.0.2.150";
-
-/// The operator on its own thread inside the underlay namespace until dropped.
-struct Operator {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Operator {
-    fn start(ns: String, opts: RunOptions) -> Operator {
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            enter_netns(&ns);
-            let rt = tokio::runtime::Runtime::new().expect("runtime");
-            let stop = async {
-                let _ = stopped.await;
-            };
-            rt.block_on(sluice_operator::runner::run_until(opts, None, stop))
-                .expect("operator runs");
-        });
-        Operator {
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.stop.take().map(|s| s.send(()));
-        let _ = self.thread.take().map(|t| t.join());
-    }
-}
 
 /// The checkout pods leave through n1 or n3 (`sluice.dev/egress`), with one managed address.
 fn managed_policy() -> String {
@@ -66,50 +35,11 @@ fn managed_policy() -> String {
     )
 }
 
-fn options(dir: &Path, tokens: &Path, grace: Duration) -> RunOptions {
-    RunOptions {
-        source: Source::Dir(dir.to_owned()),
-        grpc_listen: GRPC.parse().unwrap(),
-        metrics_listen: None,
-        tls_cert: None,
-        tls_key: None,
-        heartbeat_grace: grace,
-        tokens_file: Some(tokens.join("table")),
-        insecure_allow_any_node: false,
-        token_audience: "sluice-operator".into(),
-        shim_service_accounts: vec![],
-        poll: Duration::from_millis(100),
-        lease_namespace: String::new(),
-        lease_name: String::new(),
-        leader_service: None,
-        pod_ip: None,
-        limits: Default::default(),
-        lease_timings: Default::default(),
-        lease_file: None,
-        service_cidrs: vec![],
-    }
-}
-
+/// The live testbed with the managed policy.
 fn live_testbed() -> (Testbed, PathBuf, PathBuf) {
-    let tb = Testbed::new().expect("builds the testbed");
-    let dir: PathBuf = tb.scratch().join("manifests");
-    let tokens: PathBuf = tb.scratch().join("tokens");
-    fs::create_dir_all(&dir).unwrap();
-    fs::create_dir_all(&tokens).unwrap();
-    let mut table = String::new();
-    for (node, _) in NODES {
-        fs::write(tokens.join(node), format!("token-of-{node}\n")).unwrap();
-        table.push_str(&format!("token-of-{node} {node}\n"));
-    }
-    fs::write(tokens.join("table"), table).unwrap();
-    fs::write(dir.join("cluster.yaml"), CLUSTER).unwrap();
+    let (tb, dir, tokens) = support::live_testbed();
     fs::write(dir.join("policy.yaml"), managed_policy()).unwrap();
     (tb, dir, tokens)
-}
-
-fn start_shim(tb: &mut Testbed, node: &str, tokens: &Path) {
-    tb.start_operator_shim(node, env!("CARGO_BIN_EXE_sluice-shim"), GRPC, tokens)
-        .unwrap();
 }
 
 /// Whether `node`'s uplink holds the managed address.
@@ -132,64 +62,9 @@ fn router_entry(tb: &Testbed) -> Option<String> {
     after.split_whitespace().next().map(str::to_owned)
 }
 
-/// Who answers an ARP request for the managed address on the underlay, as the router sees it:
-/// every distinct MAC that answered within 300 ms.
+/// Who answers an ARP request for the managed address on the underlay, as the router sees it.
 fn answerers(tb: &Testbed) -> Vec<String> {
-    let ul = tb.ns("ul");
-    in_netns(&ul, || {
-        let ifindex = nix::net::if_::if_nametoindex("br0").expect("br0") as u32;
-        let socket = ArpSocket::open(ifindex).expect("an ARP socket on br0");
-        let ip: Ipv4Addr = MANAGED.parse().unwrap();
-        let request = ArpPacket {
-            sender_ip: "192.0.2.1".parse().unwrap(),
-            ..ArpPacket::probe(socket.mac(), ip)
-        };
-        socket.send(&request).expect("sending a request");
-        let deadline = Instant::now() + Duration::from_millis(300);
-        let mut macs = Vec::new();
-        while let Ok(Some(p)) = socket.receive(deadline) {
-            let mac = p.sender_mac.to_string();
-            if p.sender_ip == ip && !macs.contains(&mac) {
-                macs.push(mac);
-            }
-        }
-        macs
-    })
-}
-
-/// Opens a new connection from `pod` every 20 ms, each on a thread of its own; the time from
-/// `since` to the first one the external host greets with the managed address.
-fn first_connection_via_managed(
-    tb: &Testbed,
-    pod: &str,
-    since: Instant,
-    timeout: Duration,
-) -> Option<Duration> {
-    use std::io::BufRead;
-    let (tx, rx) = std::sync::mpsc::channel();
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        let (ns, tx) = (tb.ns(pod), tx.clone());
-        std::thread::spawn(move || {
-            enter_netns(&ns);
-            let addr = format!("{EXT_A}:8080").parse().unwrap();
-            let greeting =
-                std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).and_then(|s| {
-                    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                    let mut line = String::new();
-                    std::io::BufReader::new(s).read_line(&mut line)?;
-                    Ok(line.trim().to_owned())
-                });
-            let _ = tx.send((Instant::now(), greeting));
-        });
-        std::thread::sleep(Duration::from_millis(20));
-        while let Ok((at, greeting)) = rx.try_recv() {
-            if greeting.is_ok_and(|g| g.contains(MANAGED)) {
-                return Some(at - since);
-            }
-        }
-    }
-    None
+    answerers_of(tb, MANAGED)
 }
 
 fn logs(tb: &Testbed) -> String {
@@ -258,7 +133,7 @@ fn moves_and_only_one_node_answers(failure: Failure) {
     }
     let moved = wait_for(Duration::from_secs(10), || holds(&tb, survivor));
     assert!(moved, "{survivor} never took {MANAGED}\n{}", logs(&tb));
-    let took = first_connection_via_managed(&tb, "p2", failed, Duration::from_secs(10))
+    let took = first_connection_via(&tb.ns("p2"), MANAGED, failed, Duration::from_secs(10))
         .unwrap_or_else(|| panic!("p2 never left with {MANAGED} again\n{}", logs(&tb)));
     println!(
         "MANAGED-IP FAILOVER {failure:?} grace={grace:?} took={took:?} ({dead} failed; first new connection with {MANAGED})"
