@@ -688,6 +688,17 @@ pub fn held_addresses() -> Result<Vec<HeldAddress>, AddressError> {
     Ok(held)
 }
 
+/// Gives up every address with Sluice's mark (a node that must not answer for any managed
+/// egress IP: after uninstall, or a shim back past its fence's deadline); what it released.
+pub fn release_held() -> Result<Vec<HeldAddress>, AddressError> {
+    let held = held_addresses()?;
+    let mut addresses = AddressManager::default();
+    for a in &held {
+        addresses.release(a.ifindex, a.ip)?;
+    }
+    Ok(held)
+}
+
 // ---------------------------------------------------------------------------------------------
 // The manager
 

@@ -121,9 +121,7 @@ pub async fn run(mut opts: Options) -> Result<()> {
         PlanSource::File(_) => None,
     };
     let interval = opts.interval;
-    let bpffs_dir = opts.bpffs_dir.clone();
     let mut agent = blocking(move || Agent::start(opts)).await?;
-    renew_fence_forever(&bpffs_dir)?;
     let mut events = netdev::LinkEvents::open()?;
     let mut received = Vec::new();
     loop {
@@ -147,7 +145,8 @@ pub async fn run(mut opts: Options) -> Result<()> {
 
 /// Keeps the fence's deadline ahead of now from a thread of its own for the life of the
 /// process, so that the node keeps its managed egress IPs exactly while this shim lives (a
-/// long apply does not let them lapse; a dead process does).
+/// long apply does not let them lapse; a dead process does). Started only on a node that holds
+/// one: the others have nothing to fence, and no reason to wake ten times a second.
 fn renew_fence_forever(bpffs_dir: &Path) -> Result<()> {
     let mut maps = Maps::open_pinned(bpffs_dir)?;
     std::thread::Builder::new()
@@ -249,6 +248,10 @@ pub struct Agent {
     addresses: egress_ip::AddressManager,
     /// Interfaces the fence is attached to this run.
     fenced: BTreeSet<u32>,
+    /// Whether the fence's renewal thread runs (from the first managed egress IP on).
+    renewing: bool,
+    /// What kept managed egress IPs from being claimed at the last tick, each logged once.
+    managed_problems: BTreeSet<String>,
     /// Managed egress IPs another host answers for (not claimed), with who answers.
     address_conflicts: BTreeMap<Ipv4Addr, String>,
 }
@@ -356,8 +359,14 @@ impl Agent {
             operator_state: None,
             addresses,
             fenced: BTreeSet::new(),
+            renewing: false,
+            managed_problems: BTreeSet::new(),
             address_conflicts: BTreeMap::new(),
         };
+        // Back within the deadline with managed addresses: keep them renewed from now on.
+        if !agent.dp.maps.managed()?.is_empty() {
+            agent.keep_fence_renewed()?;
+        }
         agent.ensure_tunnel(netdev::scan().ok().as_ref())?;
         Ok(agent)
     }
@@ -424,18 +433,28 @@ impl Agent {
             return false;
         };
         let mut want: BTreeMap<Ipv4Addr, (String, u32)> = BTreeMap::new();
+        let mut problems = BTreeSet::new();
+        // Looked up once per tick, and only when a duty names no interface.
+        let mut default_route: Option<Option<String>> = None;
         for duty in state.serves.iter().filter(|d| d.managed) {
-            let Some(name) = duty
-                .interface
-                .as_deref()
-                .map(str::to_owned)
-                .or_else(netdev::default_route_interface)
-            else {
-                tracing::warn!(policy = %duty.policy, "no interface for its managed egress IPs");
+            let name = match &duty.interface {
+                Some(name) => Some(name.to_string()),
+                None => default_route
+                    .get_or_insert_with(netdev::default_route_interface)
+                    .clone(),
+            };
+            let Some(name) = name else {
+                problems.insert(format!(
+                    "policy {}: no interface for its managed egress IPs",
+                    duty.policy
+                ));
                 continue;
             };
             let Some(ifindex) = scan.ifindex(&name) else {
-                tracing::warn!(policy = %duty.policy, interface = %name, "no such interface for managed egress IPs");
+                problems.insert(format!(
+                    "policy {}: no interface {name} for its managed egress IPs",
+                    duty.policy
+                ));
                 continue;
             };
             for ip in duty.egress_ips.iter().filter_map(|ip| netdev::v4(*ip)) {
@@ -483,12 +502,37 @@ impl Agent {
                     }
                     Err(e) => {
                         // Without the fence a dead shim's node would keep answering for it.
-                        tracing::error!(%ip, interface = %name, error = %DisplayChain(&e), "managed egress IP not claimed: the fence cannot attach");
+                        problems.insert(format!(
+                            "{ip} not claimed: the fence cannot attach: {}",
+                            DisplayChain(&e)
+                        ));
                         continue;
                     }
                 }
             }
-            match self.addresses.claim(*ifindex, (*ip).into()) {
+            if let Err(e) = self.keep_fence_renewed() {
+                problems.insert(format!(
+                    "{ip} not claimed: the fence is not renewed: {}",
+                    DisplayChain(&e)
+                ));
+                continue;
+            }
+            // Registered before the address exists, so that it is fenced from its first moment
+            // and a shim killed mid-claim finds it in the map (and gives it up when no longer
+            // wanted); unregistered again if it is not claimed.
+            if let Err(e) = self.dp.maps.set_managed(*ip, *ifindex) {
+                problems.insert(format!("{ip} not claimed: registering it: {}", DisplayChain(&e)));
+                continue;
+            }
+            let claimed = self.addresses.claim(*ifindex, (*ip).into());
+            if !matches!(
+                claimed,
+                Ok(egress_ip::Claimed::Added | egress_ip::Claimed::AlreadyHeld)
+            ) && let Err(e) = self.dp.maps.remove_managed(*ip)
+            {
+                problems.insert(format!("{ip}: unregistering it: {}", DisplayChain(&e)));
+            }
+            match claimed {
                 Ok(egress_ip::Claimed::HeldUnmarked) => {
                     if self
                         .address_conflicts
@@ -499,9 +543,6 @@ impl Agent {
                     }
                 }
                 Ok(claimed) => {
-                    if let Err(e) = self.dp.maps.set_managed(*ip, *ifindex) {
-                        tracing::error!(%ip, error = %DisplayChain(&e), "registering a managed egress IP");
-                    }
                     self.address_conflicts.remove(ip);
                     tracing::info!(%ip, interface = %name, ?claimed, "managed egress IP claimed and announced");
                     changed = true;
@@ -512,10 +553,26 @@ impl Agent {
                         tracing::warn!(%ip, interface = %name, %mac, "another host answers for the managed egress IP: not claimed");
                     }
                 }
-                Err(e) => tracing::error!(%ip, interface = %name, error = %e, "claiming a managed egress IP"),
+                Err(e) => {
+                    problems.insert(format!("{ip} on {name} not claimed: {e}"));
+                }
             }
         }
+        for problem in problems.difference(&self.managed_problems) {
+            tracing::error!(%problem, "managed egress IPs");
+        }
+        self.managed_problems = problems;
         changed
+    }
+
+    /// Renews the fence now and, from the first managed egress IP on, from a thread of its own.
+    fn keep_fence_renewed(&mut self) -> Result<()> {
+        if !self.renewing {
+            self.dp.maps.renew_fence(FENCE_HOLD)?;
+            renew_fence_forever(&self.opts.bpffs_dir)?;
+            self.renewing = true;
+        }
+        Ok(())
     }
 
     /// Tells the operator (through the next acknowledgement) which managed addresses this node
@@ -1159,28 +1216,18 @@ fn address_conflicts(conflicts: &BTreeMap<Ipv4Addr, String>) -> Vec<sluice_proto
 }
 
 /// Removes the status file, if there is one.
-/// Gives up every managed egress IP this node holds (those the fence map names and any other
-/// address with Sluice's mark).
+/// Gives up every managed egress IP this node holds, and forgets them in the fence's map.
 fn release_all_managed(maps: &mut Maps) {
-    let mut held: BTreeSet<(u32, IpAddr)> = maps
-        .managed()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(ip, ifindex)| (ifindex, IpAddr::V4(ip)))
-        .collect();
-    match egress_ip::held_addresses() {
-        Ok(marked) => held.extend(marked.into_iter().map(|a| (a.ifindex, a.ip))),
-        Err(e) => tracing::error!(error = %e, "listing Sluice's addresses"),
-    }
-    let mut addresses = egress_ip::AddressManager::default();
-    for (ifindex, ip) in held {
-        tracing::warn!(%ip, ifindex, "the fence expired while no shim ran: managed egress IP released");
-        if let Err(e) = addresses.release(ifindex, ip) {
-            tracing::error!(%ip, error = %e, "releasing a managed egress IP");
+    match egress_ip::release_held() {
+        Ok(released) => {
+            for a in released {
+                tracing::warn!(ip = %a.ip, ifindex = a.ifindex, "the fence expired while no shim ran: managed egress IP released");
+            }
         }
-        if let IpAddr::V4(v4) = ip
-            && let Err(e) = maps.remove_managed(v4)
-        {
+        Err(e) => tracing::error!(error = %e, "releasing managed egress IPs"),
+    }
+    for ip in maps.managed().unwrap_or_default().into_keys() {
+        if let Err(e) = maps.remove_managed(ip) {
             tracing::error!(%ip, error = %DisplayChain(&e), "unregistering a managed egress IP");
         }
     }

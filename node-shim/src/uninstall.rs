@@ -25,13 +25,9 @@ pub fn uninstall(bpffs_dir: &Path, tunnel_device: &str, reply_table: u32) -> Res
 }
 
 fn release_managed() -> Result<()> {
-    let managed_error =
-        |e: crate::egress_ip::AddressError| Error::io("releasing managed egress IPs", io::Error::other(e));
-    let mut addresses = crate::egress_ip::AddressManager::default();
-    for held in crate::egress_ip::held_addresses().map_err(managed_error)? {
-        addresses.release(held.ifindex, held.ip).map_err(managed_error)?;
-    }
-    Ok(())
+    crate::egress_ip::release_held()
+        .map(drop)
+        .map_err(|e| Error::io("releasing managed egress IPs", io::Error::other(e)))
 }
 
 fn remove_tree(dir: &Path) -> Result<()> {

@@ -27,9 +27,9 @@
 //! Policies arrive with `retained_gateways` filled from their `status.gateways` (the previous
 //! leader's choice, with entry and slot), so a new leader keeps the same gateways.
 
-use std::time::Duration;
+use std::{net::IpAddr, time::Duration};
 
-use crate::planner::{Change, PolicyOutcome};
+use crate::planner::{ActiveGateway, Change, PolicyOutcome};
 
 /// What a source of truth tells the engine.
 #[derive(Clone, Debug, PartialEq)]
@@ -66,6 +66,35 @@ pub struct StatusUpdate {
 impl StatusUpdate {
     /// How many nodes behind a status names.
     pub const MAX_BEHIND: usize = 5;
+
+    /// Each managed address of the policy, the gateway assigned to hold it, and how it stands:
+    /// the one reading of it, for the status and for timing moves alike.
+    pub fn managed_ips(&self) -> impl Iterator<Item = (IpAddr, Option<&ActiveGateway>, Holding<'_>)> {
+        self.outcome.managed_ips.iter().map(|ip| {
+            let holder = self.outcome.gateways.iter().find(|g| g.holds_managed(*ip));
+            let conflict = self.address_conflicts.iter().find(|(c, _)| c == ip);
+            let holding = match (holder, conflict) {
+                (None, _) => Holding::Unassigned,
+                (Some(_), Some((_, detail))) => Holding::Conflict(detail),
+                (Some(g), None) if self.gateways_behind.iter().any(|n| *n == *g.node) => Holding::Moving,
+                (Some(_), None) => Holding::Assigned,
+            };
+            (*ip, holder, holding)
+        })
+    }
+}
+
+/// How a managed address stands ([`StatusUpdate::managed_ips`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holding<'a> {
+    /// Its gateway acknowledged the plan that gives it the address.
+    Assigned,
+    /// Its gateway has not acknowledged that plan yet.
+    Moving,
+    /// Its gateway found another host answering for it (`node: who answers`).
+    Conflict(&'a str),
+    /// No usable gateway for its slot.
+    Unassigned,
 }
 
 /// A node that does not hold a policy's entries as planned.

@@ -36,6 +36,11 @@ impl ActiveGateway {
             self.egress_v6
         }
     }
+
+    /// Whether this gateway holds managed address `ip` (its slot's of `egressIPs`).
+    pub fn holds_managed(&self, ip: IpAddr) -> bool {
+        self.managed && (self.egress_v4 == Some(ip) || self.egress_v6 == Some(ip))
+    }
 }
 
 /// A stable 64-bit hash of the parts (stable across releases and architectures: it picks

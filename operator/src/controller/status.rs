@@ -8,7 +8,7 @@ use crate::{
         CONDITION_ACCEPTED, CONDITION_GATEWAY_SELECTED, CONDITION_PODS_SELECTED, CONDITION_PROGRAMMED,
         ConflictStatus, EgressGatewayPolicyStatus, EgressIpStatus, GatewayStatus,
     },
-    live::{Behind, StatusUpdate},
+    live::{Behind, Holding, StatusUpdate},
     report,
 };
 
@@ -160,47 +160,24 @@ pub fn desired(
 /// Where each managed address (`egressIPs`) stands: held by a gateway whose shim has
 /// acknowledged it (`Assigned`), assigned to one that has not yet (`Moving`), or held by none.
 fn managed_ips(update: &StatusUpdate) -> Vec<EgressIpStatus> {
-    let outcome = &update.outcome;
-    outcome
-        .managed_ips
-        .iter()
-        .map(|ip| {
-            let holder = outcome
-                .gateways
-                .iter()
-                .find(|g| g.managed && (g.egress_v4 == Some(*ip) || g.egress_v6 == Some(*ip)));
-            let conflict = update
-                .address_conflicts
-                .iter()
-                .find(|(c, _)| c == ip)
-                .map(|(_, detail)| detail.clone());
-            match holder {
-                Some(g) if conflict.is_some() => EgressIpStatus {
-                    ip: ip.to_string(),
-                    node: Some(g.node.to_string()),
-                    interface: g.interface.as_deref().map(str::to_owned),
-                    state: "Conflict".to_owned(),
-                    message: conflict.map(|d| format!("not claimed: {d}")),
-                },
-                Some(g) => EgressIpStatus {
-                    ip: ip.to_string(),
-                    node: Some(g.node.to_string()),
-                    interface: g.interface.as_deref().map(str::to_owned),
-                    state: if update.gateways_behind.iter().any(|n| *n == *g.node) {
-                        "Moving"
-                    } else {
-                        "Assigned"
-                    }
-                    .to_owned(),
-                    message: None,
-                },
-                None => EgressIpStatus {
-                    ip: ip.to_string(),
-                    node: None,
-                    interface: None,
-                    state: "Unassigned".to_owned(),
-                    message: Some("no usable gateway node for its slot".to_owned()),
-                },
+    update
+        .managed_ips()
+        .map(|(ip, holder, holding)| {
+            let (state, message) = match holding {
+                Holding::Assigned => ("Assigned", None),
+                Holding::Moving => ("Moving", None),
+                Holding::Conflict(detail) => ("Conflict", Some(format!("not claimed: {detail}"))),
+                Holding::Unassigned => (
+                    "Unassigned",
+                    Some("no usable gateway node for its slot".to_owned()),
+                ),
+            };
+            EgressIpStatus {
+                ip: ip.to_string(),
+                node: holder.map(|g| g.node.to_string()),
+                interface: holder.and_then(|g| g.interface.as_deref().map(str::to_owned)),
+                state: state.to_owned(),
+                message,
             }
         })
         .collect()

@@ -670,8 +670,7 @@ impl Engine {
                 .flat_map(|g| {
                     let shim = liveness.shim(&g.node);
                     g.egress_v4.into_iter().chain(g.egress_v6).filter_map(move |ip| {
-                        let detail = shim?.address_conflicts.get(&ip)?;
-                        Some((ip, format!("{}: {detail}", g.node)))
+                        Some((ip, format!("{}: {}", g.node, shim?.address_conflicts.get(&ip)?)))
                     })
                 })
                 .collect();

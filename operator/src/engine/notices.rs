@@ -11,7 +11,7 @@ use std::{
 
 use super::EngineMetrics;
 use crate::{
-    live::{Behind, NodeBehind, Notice, StatusUpdate},
+    live::{Behind, Holding, NodeBehind, Notice, StatusUpdate},
     planner::PolicyOutcome,
 };
 
@@ -28,12 +28,12 @@ pub(super) struct Notices {
     notices_out: Vec<Notice>,
     /// Per (policy, managed address): where it is held, and the move under way (from which
     /// node, since when) until the new node holds it.
-    managed: HashMap<(String, IpAddr), Holding>,
+    managed: HashMap<(String, IpAddr), Placement>,
 }
 
-/// Where a managed address stands, for timing its moves.
+/// Where a managed address is held, for timing its moves.
 #[derive(Clone, Debug, Default)]
-struct Holding {
+struct Placement {
     node: Option<String>,
     /// The node it is moving from, and when the move was decided (until the new node holds it).
     moving: Option<(Option<String>, Instant)>,
@@ -197,29 +197,23 @@ impl Notices {
         let policy = &update.outcome.name;
         self.managed
             .retain(|(p, ip), _| p != policy || update.outcome.managed_ips.contains(ip));
-        for ip in &update.outcome.managed_ips {
-            let node = update
-                .outcome
-                .gateways
-                .iter()
-                .find(|g| g.managed && (g.egress_v4 == Some(*ip) || g.egress_v6 == Some(*ip)))
-                .map(|g| g.node.to_string());
-            let held = node.as_ref().is_some_and(|n| {
-                !update.gateways_behind.contains(n) && !update.address_conflicts.iter().any(|(c, _)| c == ip)
-            });
-            let h = self.managed.entry((policy.clone(), *ip)).or_default();
+        for (ip, holder, holding) in update.managed_ips() {
+            let node = holder.map(|g| g.node.to_string());
+            let h = self.managed.entry((policy.clone(), ip)).or_default();
             if h.node != node {
                 // Moves are timed from a node that held it; a first placement is not a move.
                 let from = h.moving.take().map_or(h.node.clone(), |(from, _)| from);
                 h.moving = from.is_some().then_some((from, now));
                 h.node = node.clone();
             }
-            if held && let Some((from, since)) = h.moving.take() {
+            if holding == Holding::Assigned
+                && let Some((from, since)) = h.moving.take()
+            {
                 self.notices_out.push(Notice::EgressIpMoved {
                     policy: policy.clone(),
-                    ip: *ip,
+                    ip,
                     from,
-                    to: node.clone().unwrap_or_default(),
+                    to: node.unwrap_or_default(),
                     took: now.saturating_duration_since(since),
                 });
             }
