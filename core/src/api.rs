@@ -180,7 +180,8 @@ pub struct EgressGateway {
         "type": "string",
         "maxLength": 45,
         "x-kubernetes-validations": [
-            {"rule": "isIP(self)", "message": "must be an IPv4 or IPv6 address"}
+            {"rule": "isIP(self)", "message": "must be an IPv4 or IPv6 address"},
+            {"rule": "!isIP(self) || ip(self).family() == 4", "message": "managed egress addresses are IPv4 for now"}
         ]
     }))]
     pub egress_ips: Vec<String>,

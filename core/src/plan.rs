@@ -69,6 +69,11 @@ pub struct GatewayDuty {
     /// announces them while it has this duty, and gives them up when it loses it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub managed: bool,
+    /// A planned move: another node still holds the managed addresses and has been told to give
+    /// them up. The node claims them only once a plan without this flag comes (the operator
+    /// clears it when that node has acknowledged the release, or is gone).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub awaiting_release: bool,
 }
 
 /// The key of a datapath entry: source IP (exact) and destination prefix (longest match).

@@ -48,6 +48,18 @@ impl EgressSource {
     }
 }
 
+impl GatewayConfig {
+    /// The managed addresses the entry's slots hold (the first `maxGatewayNodes` of
+    /// `egressIPs`; none unless its addresses are Sluice's).
+    pub fn managed_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        let ips = match &self.egress {
+            EgressSource::Managed { ips, .. } => &ips[..(self.max_nodes as usize).min(ips.len())],
+            _ => &[][..],
+        };
+        ips.iter().copied()
+    }
+}
+
 /// A checked gateway entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayConfig {
@@ -142,10 +154,26 @@ pub fn parse(spec: &EgressGatewayPolicySpec) -> Result<PolicyConfig, PolicyError
             "set spec.egressGateway or spec.egressGateways",
         ));
     }
-    let gateways = entries
+    let gateways: Vec<GatewayConfig> = entries
         .into_iter()
         .map(|(field, g)| parse_gateway(&field, g))
         .collect::<Result<_, _>>()?;
+    // Two slots with one address would put it on two nodes at once.
+    let mut managed: Vec<IpAddr> = Vec::new();
+    for (i, g) in gateways.iter().enumerate() {
+        for ip in g.managed_ips() {
+            if managed.contains(&ip) {
+                return Err(PolicyError::new(
+                    "InvalidEgressIP",
+                    format!(
+                        "spec.egressGateways[{i}].egressIPs: {ip} is also an address of an earlier entry: \
+                         each managed address belongs to one slot"
+                    ),
+                ));
+            }
+            managed.push(ip);
+        }
+    }
 
     Ok(PolicyConfig {
         rules,
@@ -287,6 +315,17 @@ fn parse_managed(
                 format!("{field}.egressIPs[{i}]: {ip} is listed twice"),
             ));
         }
+        // Refused rather than accepted and never claimed: the shims announce IPv4 addresses
+        // only (ARP); IPv6 needs neighbour advertisements and DAD (dual-stack datapath).
+        if ip.is_ipv6() {
+            return Err(PolicyError::new(
+                "UnsupportedEgressIP",
+                format!(
+                    "{field}.egressIPs[{i}]: {ip}: managed IPv6 egress addresses are not supported \
+                     yet; use egressIP with an address the gateway node already holds"
+                ),
+            ));
+        }
         ips.push(ip);
     }
     let count = u32::try_from(ips.len()).unwrap_or(u32::MAX);
@@ -374,12 +413,12 @@ mod tests {
     fn managed_addresses_give_one_slot_each_unless_max_gateway_nodes_says_fewer() {
         let mut s = spec();
         s.egress_gateway = Some(EgressGateway {
-            egress_ips: vec!["192.0.2.150".into(), " 2001:db8::150 ".into()],
+            egress_ips: vec!["192.0.2.150".into(), " 192.0.2.151 ".into()],
             interface: Some("eth1".into()),
             ..Default::default()
         });
         let c = parse(&s).unwrap();
-        let ips: Vec<IpAddr> = vec!["192.0.2.150".parse().unwrap(), "2001:db8::150".parse().unwrap()];
+        let ips: Vec<IpAddr> = vec!["192.0.2.150".parse().unwrap(), "192.0.2.151".parse().unwrap()];
         assert_eq!(
             c.gateways[0].egress,
             EgressSource::Managed {
@@ -398,7 +437,7 @@ mod tests {
     #[test]
     fn gateway_configurations_that_cannot_work_are_refused() {
         type Edit = fn(&mut EgressGateway);
-        let cases: [(Edit, &str, &str); 6] = [
+        let cases: [(Edit, &str, &str); 7] = [
             (
                 |g| {
                     g.egress_ip = Some("192.0.2.1".into());
@@ -438,6 +477,11 @@ mod tests {
                 "InvalidEgressIP",
                 "egressIPs[0]: \"192.0.2.2/32\" is not an IP address",
             ),
+            (
+                |g| g.egress_ips = vec!["192.0.2.2".into(), "2001:db8::2".into()],
+                "UnsupportedEgressIP",
+                "egressIPs[1]: 2001:db8::2: managed IPv6 egress addresses are not supported yet",
+            ),
         ];
         for (edit, reason, text) in cases {
             let mut s = spec();
@@ -446,6 +490,28 @@ mod tests {
             assert_eq!(e.reason, reason, "{e}");
             assert!(e.message.contains(text), "{e}");
         }
+    }
+
+    /// One address in two entries would be held by two nodes.
+    #[test]
+    fn a_managed_address_in_two_entries_is_refused() {
+        let mut s = spec();
+        let entry = |ips: &[&str]| EgressGateway {
+            egress_ips: ips.iter().map(|ip| ip.to_string()).collect(),
+            ..Default::default()
+        };
+        s.egress_gateway = None;
+        s.egress_gateways = vec![entry(&["192.0.2.150"]), entry(&["192.0.2.151", "192.0.2.150"])];
+        let e = parse(&s).unwrap_err();
+        assert_eq!(e.reason, "InvalidEgressIP");
+        assert!(
+            e.message
+                .contains("egressGateways[1].egressIPs: 192.0.2.150 is also an address of an earlier entry"),
+            "{e}"
+        );
+        // Beyond maxGatewayNodes an address is no slot's: no conflict.
+        s.egress_gateways[1].max_gateway_nodes = Some(1);
+        assert!(parse(&s).is_ok());
     }
 
     #[test]

@@ -664,3 +664,62 @@ fn a_managed_address_goes_on_its_subnet_s_interface() {
     assert!(outcome.gateways.is_empty());
     assert_eq!(outcome.gateway_diagnosis[0].lacking_egress, 1);
 }
+
+/// Two policies name one managed address: the older holds it, whichever arrives first, and the
+/// younger's slot for it stays empty (its status names the holder) until the older lets it go.
+/// At no point do two gateways hold the address.
+#[test]
+fn a_managed_address_two_policies_name_is_the_older_policy_s() {
+    let shared: IpAddr = "192.0.2.150".parse().unwrap();
+    let (nodes, mut older, pods) = managed_cluster(2, &["192.0.2.150"], 6);
+    older.created = Some(100);
+    let mut younger = older.clone();
+    younger.name = "q".into();
+    younger.created = Some(200);
+    younger.spec.destination_cidrs = vec!["203.0.113.0/24".into()];
+    younger.spec.egress_gateway.as_mut().unwrap().egress_ips =
+        vec!["192.0.2.150".into(), "192.0.2.151".into()];
+    let holders = |planner: &Planner| -> usize {
+        planner
+            .node_names()
+            .map(|n| {
+                planner
+                    .gateway_duties(n)
+                    .iter()
+                    .filter(|d| d.managed && d.egress_ips.contains(&shared))
+                    .count()
+            })
+            .sum()
+    };
+    for arrival in [[&older, &younger], [&younger, &older]] {
+        let mut planner = Planner::from_snapshot([], nodes.clone(), [], pods.clone());
+        for policy in arrival {
+            planner.upsert_policy(policy.clone());
+            assert_eq!(holders(&planner), 1, "one holder after {}", policy.name);
+        }
+        let p = planner.policy_outcome("p").unwrap();
+        assert!(p.gateways.iter().any(|g| g.holds_managed(shared)));
+        assert!(p.managed_taken.is_empty());
+        let q = planner.policy_outcome("q").unwrap();
+        assert_eq!(q.managed_taken, [(shared, "p".to_owned())]);
+        assert!(!q.gateways.iter().any(|g| g.holds_managed(shared)), "{q:?}");
+        assert_eq!(q.gateways.len(), 1, "its other address is held: {q:?}");
+        // Its pods all leave with the address it holds.
+        let q_egress: std::collections::BTreeSet<IpAddr> = planner
+            .node_plans()
+            .values()
+            .flat_map(|plan| plan.values())
+            .filter(|e| e.key.destination.to_string() == "203.0.113.0/24")
+            .filter_map(|e| e.egress_ip)
+            .collect();
+        assert_eq!(q_egress, ["192.0.2.151".parse().unwrap()].into());
+
+        // The older policy goes: the younger holds the address now.
+        let delta = planner.remove_policy("p");
+        assert!(delta.policies.iter().any(|p| &**p == "q"), "{delta:?}");
+        let q = planner.policy_outcome("q").unwrap();
+        assert!(q.managed_taken.is_empty());
+        assert!(q.gateways.iter().any(|g| g.holds_managed(shared)), "{q:?}");
+        assert_eq!(holders(&planner), 1);
+    }
+}

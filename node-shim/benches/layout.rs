@@ -98,6 +98,7 @@ fn synthetic_nodes() -> Vec<Entries> {
                 node_ip,
                 interfaces: Vec::new(),
                 default_route_interface: None,
+                managed_not_held: Default::default(),
             };
             Some(
                 desired::desired(&section.entries, &[], &host, &mut ids)

@@ -98,9 +98,11 @@ pub fn start(
     let (updates_tx, updates) = client::updates();
     let (applied_tx, applied_rx) = watch::channel(Applied::default());
     let hello: HelloFn = Arc::new(move || hello(&node, &pod_interfaces, &tunnel_device, &bpffs_dir));
+    let contact = config.contact.clone();
     tokio::spawn(client::run(config, hello, updates_tx, applied_rx));
     OperatorPlans {
         updates: Some(updates),
         applied: Arc::new(applied_tx),
+        contact,
     }
 }

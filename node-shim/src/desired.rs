@@ -31,6 +31,9 @@ pub struct Host {
     pub interfaces: Vec<Interface>,
     /// The interface of the IPv4 default route, if any.
     pub default_route_interface: Option<String>,
+    /// Managed egress IPs of this node's duties that it does not hold (yet), with why: their
+    /// entries drop, and say so.
+    pub managed_not_held: BTreeMap<Ipv4Addr, String>,
 }
 
 /// The desired contents of the maps and the SNAT rules.
@@ -316,14 +319,21 @@ fn egress<'h>(entry: &EgressEntry, host: &'h Host) -> Result<(Ipv4Addr, &'h Inte
     };
     match entry.egress_ip {
         Some(IpAddr::V4(ip)) => {
-            let holder =
-                host.interfaces
-                    .iter()
-                    .find(|i| i.ipv4.contains(&ip))
-                    .ok_or(Error::EgressIpNotLocal {
+            let holder = host
+                .interfaces
+                .iter()
+                .find(|i| i.ipv4.contains(&ip))
+                .ok_or_else(|| match host.managed_not_held.get(&ip) {
+                    Some(why) => Error::ManagedEgressIpNotHeld {
+                        ip,
+                        policy: policy(),
+                        why: why.clone(),
+                    },
+                    None => Error::EgressIpNotLocal {
                         ip: IpAddr::V4(ip),
                         policy: policy(),
-                    })?;
+                    },
+                })?;
             Ok((ip, named.unwrap_or(holder)))
         }
         Some(ip @ IpAddr::V6(_)) => Err(Error::EgressIpNotLocal { ip, policy: policy() }),
@@ -378,6 +388,7 @@ mod tests {
                 ipv4_networks: vec!["192.0.2.0/24".parse().unwrap(); 2],
             }],
             default_route_interface: Some("eth0".into()),
+            managed_not_held: BTreeMap::new(),
         }
     }
 

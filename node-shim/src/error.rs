@@ -1,6 +1,10 @@
 //! The shim's errors: the ones users hit get a sentence saying what to do.
 
-use std::{io, net::IpAddr, path::PathBuf};
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+};
 
 /// Everything that can go wrong in the shim.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +46,13 @@ pub enum Error {
          (e.g. `ip addr add {ip}/32 dev <interface>`) or fix the policy's egressIP"
     )]
     EgressIpNotLocal { ip: IpAddr, policy: String },
+
+    #[error("managed egress IP {ip} of policy {policy:?} is not held by this node: {why}")]
+    ManagedEgressIpNotHeld {
+        ip: Ipv4Addr,
+        policy: String,
+        why: String,
+    },
 
     #[error(
         "policy {policy:?} names this node as gateway but no egress IP was given and no default-route interface with an IPv4 address was found"

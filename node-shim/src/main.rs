@@ -131,6 +131,53 @@ struct RunArgs {
     /// Where to write a JSON status after each applied plan (for tests and probes).
     #[arg(long, env = "SLUICE_STATUS_FILE")]
     status_file: Option<PathBuf>,
+    /// Give up this node's managed egress IPs after this long without a word from the operator
+    /// (`30s`, `5m`), or `never`. Never, by default: an operator that is down or restarting
+    /// then costs no egress, and a node cut off from the operator but not from its neighbours
+    /// keeps answering for its addresses, so the node the operator moves them to finds it
+    /// answering and does not claim them (`Conflict`) until the partition heals. A duration
+    /// bounds how long such a partition keeps the moved addresses from their new node, at the
+    /// price of dropping every managed address of the node when the operator is away that long.
+    /// At least 10s.
+    #[arg(long, env = "SLUICE_RELEASE_MANAGED_IPS_AFTER", default_value = "never", value_parser = parse_release_after)]
+    release_managed_ips_after: ReleaseAfter,
+}
+
+/// `--release-managed-ips-after`: `None` is never.
+#[derive(Clone, Copy, Debug)]
+struct ReleaseAfter(Option<Duration>);
+
+/// `never`, or a duration such as `30s`, `500ms`, `5m`.
+fn parse_release_after(s: &str) -> Result<ReleaseAfter, String> {
+    let after = parse_release_duration(s)?;
+    // The operator heartbeats a gateway every 2 s (other nodes every 10 s): anything shorter
+    // than a few of those would give addresses up on a quiet but healthy session.
+    if after.is_some_and(|a| a < MIN_RELEASE_AFTER) {
+        return Err(format!(
+            "{s:?} is shorter than {MIN_RELEASE_AFTER:?}: a healthy session can be that quiet"
+        ));
+    }
+    Ok(ReleaseAfter(after))
+}
+
+const MIN_RELEASE_AFTER: Duration = Duration::from_secs(10);
+
+fn parse_release_duration(s: &str) -> Result<Option<Duration>, String> {
+    if s == "never" {
+        return Ok(None);
+    }
+    let (number, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is neither `never` nor a duration such as 30s"))?;
+    match unit {
+        "ms" => Ok(Some(Duration::from_millis(n))),
+        "s" => Ok(Some(Duration::from_secs(n))),
+        "m" => Ok(Some(Duration::from_secs(n * 60))),
+        _ => Err(format!("unknown unit in {s:?} (ms, s, m, or `never`)")),
+    }
 }
 
 /// A mark as `0x1000` or `4096`.
@@ -197,6 +244,7 @@ async fn run(a: RunArgs, bpffs_dir: PathBuf) -> anyhow::Result<()> {
         metrics_addr,
         interval: Duration::from_millis(a.interval_ms),
         status_file: a.status_file,
+        release_managed_after: a.release_managed_ips_after.0,
     };
     tokio::select! {
         ran = run::run(opts) => ran?,

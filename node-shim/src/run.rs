@@ -74,6 +74,9 @@ pub struct Options {
     pub metrics_addr: Option<SocketAddr>,
     pub interval: Duration,
     pub status_file: Option<PathBuf>,
+    /// Managed egress IPs are given up after this long without a word from the operator
+    /// (`None`: never). See `--release-managed-ips-after`.
+    pub release_managed_after: Option<Duration>,
 }
 
 /// How a pod's packet proves that its source address is its own before it is steered.
@@ -101,6 +104,8 @@ pub enum PlanSource {
 pub struct OperatorPlans {
     pub updates: Option<UpdateReceiver>,
     pub applied: Arc<watch::Sender<Applied>>,
+    /// When the operator was last heard from.
+    pub contact: client::Contact,
 }
 
 /// Runs until an unrecoverable error. Transient failures (a bad plan file, a missing egress IP)
@@ -254,6 +259,9 @@ pub struct Agent {
     managed_problems: BTreeSet<String>,
     /// Managed egress IPs another host answers for (not claimed), with who answers.
     address_conflicts: BTreeMap<Ipv4Addr, String>,
+    /// Managed egress IPs were given up for the operator's silence: the state (session,
+    /// generation) they were given up in, claimed from again only once a newer one comes.
+    released_in_silence: Option<(u64, u64)>,
 }
 
 impl Agent {
@@ -362,6 +370,7 @@ impl Agent {
             renewing: false,
             managed_problems: BTreeSet::new(),
             address_conflicts: BTreeMap::new(),
+            released_in_silence: None,
         };
         // Back within the deadline with managed addresses: keep them renewed from now on.
         if !agent.dp.maps.managed()?.is_empty() {
@@ -433,10 +442,29 @@ impl Agent {
             return false;
         };
         let mut want: BTreeMap<Ipv4Addr, (String, u32)> = BTreeMap::new();
+        let held_in = (state.session, state.generation);
+        if let (Some(after), PlanSource::Operator(link)) = (self.opts.release_managed_after, &self.opts.plan)
+            && self.released_in_silence.is_none()
+            && state.serves.iter().any(|d| d.managed)
+            && link.contact.silent_for() > after
+        {
+            tracing::warn!(silent_for = ?link.contact.silent_for(), "no word from the operator: giving up this node's managed egress IPs (--release-managed-ips-after)");
+            self.released_in_silence = Some(held_in);
+        }
+        if self.released_in_silence.is_some_and(|r| r != held_in) {
+            tracing::info!("the operator is back: managed egress IPs as its plan says");
+            self.released_in_silence = None;
+        }
+        let silenced = self.released_in_silence.is_some();
         let mut problems = BTreeSet::new();
         // Looked up once per tick, and only when a duty names no interface.
         let mut default_route: Option<Option<String>> = None;
-        for duty in state.serves.iter().filter(|d| d.managed) {
+        // An address another node is still giving up is claimed once the operator says so.
+        for duty in state
+            .serves
+            .iter()
+            .filter(|d| d.managed && !d.awaiting_release && !silenced)
+        {
             let name = match &duty.interface {
                 Some(name) => Some(name.to_string()),
                 None => default_route
@@ -563,6 +591,33 @@ impl Agent {
         }
         self.managed_problems = problems;
         changed
+    }
+
+    /// The managed egress IPs of `state`'s duties that no interface holds, with why.
+    fn managed_not_held(
+        &self,
+        state: &NodeState,
+        interfaces: &[desired::Interface],
+    ) -> BTreeMap<Ipv4Addr, String> {
+        let mut out = BTreeMap::new();
+        for duty in state.serves.iter().filter(|d| d.managed) {
+            for ip in duty.egress_ips.iter().filter_map(|ip| netdev::v4(*ip)) {
+                if interfaces.iter().any(|i| i.ipv4.contains(&ip)) {
+                    continue;
+                }
+                let why = if self.released_in_silence.is_some() {
+                    "given up: no word from the operator (--release-managed-ips-after)".to_owned()
+                } else if duty.awaiting_release {
+                    "another node is still giving it up (a planned move)".to_owned()
+                } else if let Some(detail) = self.address_conflicts.get(&ip) {
+                    format!("not claimed: {detail}")
+                } else {
+                    "not claimed (yet)".to_owned()
+                };
+                out.insert(ip, why);
+            }
+        }
+        out
     }
 
     /// Renews the fence now and, from the first managed egress IP on, from a thread of its own.
@@ -823,6 +878,9 @@ impl Agent {
             };
         let host = Host {
             node_ip: self.opts.node_ip,
+            managed_not_held: state
+                .map(|s| self.managed_not_held(s, &interfaces))
+                .unwrap_or_default(),
             interfaces: interfaces.clone(),
             default_route_interface: netdev::default_route_interface(),
         };

@@ -29,6 +29,7 @@ const PLAN_FILE: &str = "/etc/sluice/plan.json";
 fn host() -> Host {
     Host {
         node_ip: "192.0.2.11".parse().unwrap(),
+        managed_not_held: Default::default(),
         interfaces: vec![
             Interface {
                 name: "eth0".into(),

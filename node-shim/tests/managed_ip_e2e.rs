@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice_shim::egress_ip::{ArpPacket, ArpSocket};
+use sluice_shim::egress_ip::{ArpOperation, ArpPacket, ArpSocket};
 use sluice_testbed::{EXT_A, NODES, Testbed, in_netns, wait_for};
 
 mod support;
@@ -74,6 +74,25 @@ fn logs(tb: &Testbed) -> String {
         .collect()
 }
 
+/// Whether to skip (not root), said out loud.
+fn skip_without_root() -> bool {
+    let skip = !nix::unistd::geteuid().is_root();
+    if skip {
+        println!("SKIP managed_ip_e2e: needs root (network namespaces, eBPF); CI runs it as root");
+    }
+    skip
+}
+
+/// The address ends up on `other` only (within `timeout`), p2 leaves with it again, and only
+/// `other` answers for it.
+fn assert_moved_to(tb: &Testbed, other: &str, from: &str, timeout: Duration) {
+    let moved = wait_for(timeout, || holds(tb, other) && !holds(tb, from));
+    assert!(moved, "{MANAGED} did not move to {other}\n{}", logs(tb));
+    let took = first_connection_via(&tb.ns("p2"), MANAGED, Instant::now(), Duration::from_secs(10));
+    assert!(took.is_some(), "p2 never left with {MANAGED} again\n{}", logs(tb));
+    assert_eq!(answerers(tb), [mac_of(tb, other)], "\n{}", logs(tb));
+}
+
 /// How the holder fails.
 #[derive(Clone, Copy, Debug)]
 enum Failure {
@@ -94,8 +113,7 @@ fn a_managed_egress_ip_moves_when_its_gateway_s_uplink_goes_down_and_only_one_no
 }
 
 fn moves_and_only_one_node_answers(failure: Failure) {
-    if !nix::unistd::geteuid().is_root() {
-        println!("SKIP managed_ip_e2e: needs root (network namespaces, eBPF); CI runs it as root");
+    if skip_without_root() {
         return;
     }
     let grace = Duration::from_secs(1);
@@ -181,8 +199,7 @@ fn moves_and_only_one_node_answers(failure: Failure) {
 /// node's address.
 #[test]
 fn a_managed_egress_ip_another_host_holds_is_never_claimed() {
-    if !nix::unistd::geteuid().is_root() {
-        println!("SKIP managed_ip_e2e: needs root (network namespaces, eBPF); CI runs it as root");
+    if skip_without_root() {
         return;
     }
     let (mut tb, dir, tokens) = live_testbed();
@@ -204,6 +221,14 @@ fn a_managed_egress_ip_another_host_holds_is_never_claimed() {
         })
     });
     assert!(reported, "no shim reported {router_mac} answering\n{}", logs(&tb));
+    // Until a node's shim has applied its first plan, nothing of Sluice is on that node yet: the
+    // claim below is about programmed nodes.
+    let programmed = wait_for(Duration::from_secs(30), || {
+        NODES
+            .iter()
+            .all(|(n, _)| tb.log(&format!("shim-{n}")).contains("plan applied"))
+    });
+    assert!(programmed, "not every shim applied its plan\n{}", logs(&tb));
     for _ in 0..5 {
         for node in ["n1", "n2", "n3"] {
             assert!(!holds(&tb, node), "{node} claimed {MANAGED}\n{}", logs(&tb));
@@ -230,7 +255,12 @@ fn answerers_of(tb: &Testbed, ip: &str) -> Vec<String> {
         let mut macs = Vec::new();
         while let Ok(Some(p)) = socket.receive(deadline) {
             let mac = p.sender_mac.to_string();
-            if p.sender_ip == ip && !macs.contains(&mac) {
+            // Replies to this request only: announcements (gratuitous, to the address itself)
+            // of a node claiming it are no answer, and may follow another node's answer within
+            // the window when the address has just moved.
+            let answer =
+                p.operation == ArpOperation::Reply && p.sender_ip == ip && p.target_ip == request.sender_ip;
+            if answer && !macs.contains(&mac) {
                 macs.push(mac);
             }
         }
@@ -243,8 +273,7 @@ fn answerers_of(tb: &Testbed, ip: &str) -> Vec<String> {
 /// it alone.
 #[test]
 fn two_managed_addresses_stay_put_across_an_operator_restart_and_both_survive_a_failure() {
-    if !nix::unistd::geteuid().is_root() {
-        println!("SKIP managed_ip_e2e: needs root (network namespaces, eBPF); CI runs it as root");
+    if skip_without_root() {
         return;
     }
     const SECOND: &str = "192.0.2.151";
@@ -306,4 +335,175 @@ fn two_managed_addresses_stay_put_across_an_operator_restart_and_both_survive_a_
             logs(&tb)
         );
     }
+}
+
+/// The live testbed with the operator and every shim (`args` added to each) running, and p2
+/// leaving with the managed address; returns the node holding it and the other candidate.
+fn started_with(args: &[&str]) -> (Testbed, PathBuf, PathBuf, Operator, &'static str, &'static str) {
+    let (mut tb, dir, tokens) = live_testbed();
+    let operator = Operator::start(tb.ns("ul"), options(&dir, &tokens, Duration::from_secs(1)));
+    for (node, _) in NODES {
+        support::start_shim_with(&mut tb, node, &tokens, args);
+    }
+    let steered = wait_for(Duration::from_secs(30), || {
+        tb.fetch("p2", EXT_A).is_ok_and(|seen| seen.contains(MANAGED))
+    });
+    assert!(steered, "p2 never left with {MANAGED}\n{}", logs(&tb));
+    let holder = if holds(&tb, "n1") { "n1" } else { "n3" };
+    let other = if holder == "n1" { "n3" } else { "n1" };
+    assert!(holds(&tb, holder) && !holds(&tb, other), "\n{}", logs(&tb));
+    (tb, dir, tokens, operator, holder, other)
+}
+
+/// No selected pod's traffic leaves with a node's address: it leaves with the managed
+/// address, or not at all.
+fn assert_no_leak(tb: &Testbed) {
+    if let Ok(seen) = tb.fetch("p2", EXT_A) {
+        assert!(seen.contains(MANAGED), "p2 left as {seen}\n{}", logs(tb));
+    }
+}
+
+/// A planned move (the holder loses its gateway label): the old node lets the address go before
+/// the new one claims it, so the new node's probe finds no one answering (no `Conflict`), and
+/// only one node ever answers for it.
+#[test]
+fn a_planned_move_releases_the_address_before_the_new_node_claims_it() {
+    if skip_without_root() {
+        return;
+    }
+    let (tb, dir, _tokens, _operator, holder, other) = started_with(&[]);
+    let other_mac = mac_of(&tb, other);
+    let cluster = fs::read_to_string(dir.join("cluster.yaml")).unwrap();
+    let labelled = format!("labels: {{kubernetes.io/hostname: {holder}, sluice.dev/egress: \"true\"}}");
+    assert!(cluster.contains(&labelled), "the demo cluster changed: {cluster}");
+    let edited = cluster.replace(
+        &labelled,
+        &format!("labels: {{kubernetes.io/hostname: {holder}}}"),
+    );
+    fs::write(dir.join("cluster.yaml"), edited).unwrap();
+    let edited_at = Instant::now();
+    let mut samples = 0;
+    while !holds(&tb, other) {
+        assert!(
+            edited_at.elapsed() < Duration::from_secs(10),
+            "{other} never took it\n{}",
+            logs(&tb)
+        );
+        let answering = answerers(&tb);
+        assert!(
+            answering.len() <= 1,
+            "{answering:?} answer at once\n{}",
+            logs(&tb)
+        );
+        samples += 1;
+    }
+    println!(
+        "planned move: {samples} ARP samples during the move, {:?}",
+        edited_at.elapsed()
+    );
+    assert_moved_to(&tb, other, holder, Duration::from_secs(1));
+    let new_log = tb.log(&format!("shim-{other}"));
+    assert!(
+        !new_log.contains("another host answers"),
+        "the new node found the old one still answering\n{}",
+        logs(&tb)
+    );
+    assert_eq!(answerers(&tb), std::slice::from_ref(&other_mac));
+    assert_eq!(router_entry(&tb), Some(other_mac));
+    assert_no_leak(&tb);
+}
+
+/// Cuts `node` off from the operator (its gRPC connection, both ways) but not from the network.
+fn cut_from_operator(tb: &Testbed, node: &str) {
+    tb.nft(
+        node,
+        "table inet sluice_test_cut {\n\
+         chain o { type filter hook output priority 0; tcp dport 9443 drop; }\n\
+         chain i { type filter hook input priority 0; tcp sport 9443 drop; }\n}\n",
+    )
+    .unwrap();
+}
+
+fn heal(tb: &Testbed, node: &str) {
+    tb.nft(node, "delete table inet sluice_test_cut\n").unwrap();
+}
+
+/// The default (`--release-managed-ips-after never`): a holder cut off from the operator but not
+/// from its neighbours keeps answering, so the node the operator moves the address to finds it
+/// answering and does not claim it (two nodes never answer); the moved pods' traffic drops
+/// meanwhile, never leaks; when the partition heals the old node lets go and the new one claims.
+#[test]
+fn a_holder_cut_off_from_the_operator_keeps_its_address_and_no_one_else_claims_it() {
+    if skip_without_root() {
+        return;
+    }
+    let (tb, _dir, _tokens, _operator, holder, other) = started_with(&[]);
+    let holder_mac = mac_of(&tb, holder);
+    cut_from_operator(&tb, holder);
+    let refused = wait_for(Duration::from_secs(15), || {
+        tb.log(&format!("shim-{other}")).contains("another host answers")
+    });
+    assert!(refused, "{other} never found {holder} answering\n{}", logs(&tb));
+    let cut_since = Instant::now();
+    while cut_since.elapsed() < Duration::from_secs(3) {
+        assert_eq!(
+            answerers(&tb),
+            std::slice::from_ref(&holder_mac),
+            "\n{}",
+            logs(&tb)
+        );
+        assert!(!holds(&tb, other), "{other} claimed it\n{}", logs(&tb));
+        assert_no_leak(&tb);
+    }
+    assert!(holds(&tb, holder));
+
+    heal(&tb, holder);
+    assert_moved_to(&tb, other, holder, Duration::from_secs(30));
+}
+
+/// `--release-managed-ips-after 10s` (the shortest allowed): the cut-off holder gives the address up by itself, the node
+/// the operator moved it to claims it while the partition lasts, and the old node, back, leaves
+/// it there.
+#[test]
+fn a_holder_cut_off_from_the_operator_gives_its_address_up_when_told_to() {
+    if skip_without_root() {
+        return;
+    }
+    let (tb, _dir, _tokens, _operator, holder, other) = started_with(&["--release-managed-ips-after", "10s"]);
+    let other_mac = mac_of(&tb, other);
+    cut_from_operator(&tb, holder);
+    let cut = Instant::now();
+    assert_moved_to(&tb, other, holder, Duration::from_secs(30));
+    println!(
+        "partition with release after 10s: moved after {:?}",
+        cut.elapsed()
+    );
+    // Silence counts from the operator's last message, up to one heartbeat (2 s) before the cut.
+    assert!(
+        cut.elapsed() >= Duration::from_secs(8),
+        "given up before 10 s of silence"
+    );
+    assert!(
+        tb.log(&format!("shim-{holder}"))
+            .contains("no word from the operator"),
+        "\n{}",
+        logs(&tb)
+    );
+
+    heal(&tb, holder);
+    let back = Instant::now();
+    while back.elapsed() < Duration::from_secs(8) {
+        assert_eq!(
+            answerers(&tb),
+            std::slice::from_ref(&other_mac),
+            "\n{}",
+            logs(&tb)
+        );
+        assert!(!holds(&tb, holder), "{holder} claimed it again\n{}", logs(&tb));
+    }
+    assert!(
+        tb.log(&format!("shim-{holder}")).contains("the operator is back"),
+        "the healed shim is not back with the operator\n{}",
+        logs(&tb)
+    );
 }

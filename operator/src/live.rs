@@ -59,7 +59,7 @@ pub struct StatusUpdate {
     /// addresses are not held yet.
     pub gateways_behind: Vec<String>,
     /// Managed addresses the node assigned to hold them did not claim, with who answers instead
-    /// (`node: detail`).
+    /// (`node: detail`), and those an older policy holds (`held by the older policy …`).
     pub address_conflicts: Vec<(std::net::IpAddr, String)>,
 }
 
@@ -74,8 +74,8 @@ impl StatusUpdate {
             let holder = self.outcome.gateways.iter().find(|g| g.holds_managed(*ip));
             let conflict = self.address_conflicts.iter().find(|(c, _)| c == ip);
             let holding = match (holder, conflict) {
-                (None, _) => Holding::Unassigned,
-                (Some(_), Some((_, detail))) => Holding::Conflict(detail),
+                (_, Some((_, detail))) => Holding::Conflict(detail),
+                (None, None) => Holding::Unassigned,
                 (Some(g), None) if self.gateways_behind.iter().any(|n| *n == *g.node) => Holding::Moving,
                 (Some(_), None) => Holding::Assigned,
             };
@@ -91,7 +91,8 @@ pub enum Holding<'a> {
     Assigned,
     /// Its gateway has not acknowledged that plan yet.
     Moving,
-    /// Its gateway found another host answering for it (`node: who answers`).
+    /// Its gateway found another host answering for it (`node: who answers`), or an older
+    /// policy holds it.
     Conflict(&'a str),
     /// No usable gateway for its slot.
     Unassigned,

@@ -797,3 +797,149 @@ fn at_rest_nothing_is_published_written_or_logged() {
         generations
     );
 }
+
+/// `policy` with one managed address instead of the node's own.
+fn managed_policy() -> PolicyInput {
+    let mut p = policy(vec![]);
+    p.spec.egress_gateway.as_mut().unwrap().egress_ips = vec![MANAGED.into()];
+    p
+}
+
+const MANAGED: &str = "192.0.2.150";
+
+/// The duty for the managed address in the view last published for `node`, if any.
+fn managed_duty(hub: &Hub, node: &str) -> Option<sluice_operator::planner::GatewayDuty> {
+    let view = hub.subscribe(node).borrow().clone()?;
+    view.duties
+        .iter()
+        .find(|d| d.managed && d.egress_ips.contains(&MANAGED.parse().unwrap()))
+        .cloned()
+}
+
+/// Every shim connected and at its latest generation, the managed address on `preferred`.
+fn managed_started() -> (Started, &'static str, &'static str, Duration) {
+    let (preferred, other) = preferred_and_other();
+    let mut s = Started::new(managed_policy());
+    s.connect("w", vec![], Duration::from_millis(100));
+    s.connect(preferred, vec![], Duration::from_millis(200));
+    s.connect(other, vec![], Duration::from_millis(300));
+    let at = Duration::from_millis(400);
+    for (node, session) in [("w", 1), (preferred, 2), (other, 3)] {
+        s.ack(node, session, at);
+    }
+    let duty = managed_duty(&s.hub, preferred).expect("the first gateway holds the address");
+    assert!(!duty.awaiting_release);
+    assert!(managed_duty(&s.hub, other).is_none());
+    (s, preferred, other, at)
+}
+
+/// The state of the managed address in the latest status written since the last call.
+fn managed_state(s: &mut Started) -> Option<String> {
+    let st = s.statuses();
+    let update = st.get("egress")?;
+    update
+        .managed_ips()
+        .next()
+        .map(|(_, holder, holding)| format!("{}: {holding:?}", holder.map_or("-", |g| &*g.node)))
+}
+
+/// A planned move (the gateway loses its label): the new node is told to wait until the old
+/// one has acknowledged letting go, and only then to claim; meanwhile the address is `Moving`.
+#[test]
+fn a_planned_move_of_a_managed_address_waits_for_the_old_node_to_let_go() {
+    let (mut s, preferred, other, at) = managed_started();
+    let _ = s.statuses();
+    let mut unlabelled = node(preferred, &ip_of(preferred).to_string(), false);
+    unlabelled.labels = BTreeMap::new();
+    s.engine
+        .source(SourceEvent::Change(Box::new(Change::UpsertNode(unlabelled))));
+    s.flush(at);
+    assert!(managed_duty(&s.hub, preferred).is_none(), "the old node lets go");
+    let waiting = managed_duty(&s.hub, other).expect("the new node has the duty");
+    assert!(waiting.awaiting_release, "it waits for the release");
+    // The new node acknowledges its waiting duty: still moving.
+    s.ack(other, 3, at);
+    assert_eq!(
+        managed_state(&mut s).as_deref(),
+        Some(&*format!("{other}: Moving"))
+    );
+    // The old node acknowledges the release: the new node may claim.
+    s.ack(preferred, 2, at + Duration::from_millis(10));
+    assert!(!managed_duty(&s.hub, other).unwrap().awaiting_release);
+    s.ack(other, 3, at + Duration::from_millis(20));
+    assert_eq!(
+        managed_state(&mut s).as_deref(),
+        Some(&*format!("{other}: Assigned"))
+    );
+}
+
+/// An old node that never acknowledges (its shim stuck, but heartbeating) holds the move up for
+/// one grace period, no longer.
+#[test]
+fn a_release_not_acknowledged_holds_the_new_node_up_for_one_grace_period() {
+    let (mut s, preferred, other, at) = managed_started();
+    let unlabelled = NodeInfo {
+        labels: BTreeMap::new(),
+        ..node(preferred, &ip_of(preferred).to_string(), false)
+    };
+    s.engine
+        .source(SourceEvent::Change(Box::new(Change::UpsertNode(unlabelled))));
+    s.flush(at);
+    assert!(managed_duty(&s.hub, other).unwrap().awaiting_release);
+    let mut t = at;
+    while managed_duty(&s.hub, other).unwrap().awaiting_release {
+        t += Duration::from_millis(50);
+        assert!(
+            t <= at + GRACE + Duration::from_millis(50),
+            "still waiting at {t:?}"
+        );
+        s.heartbeats(&[("w", 1), (preferred, 2), (other, 3)], t);
+        s.flush(t);
+    }
+    assert!(t >= at + GRACE, "claimed at {t:?} without a release");
+    assert!(
+        s.engine.next_tick(s.t0 + at) <= s.t0 + at + GRACE,
+        "the clock wakes for the deadline"
+    );
+}
+
+/// A failure is no planned move: the new node claims at once.
+#[test]
+fn after_a_failure_the_new_node_claims_a_managed_address_at_once() {
+    let (mut s, _preferred, other, at) = managed_started();
+    let mut t = at;
+    while managed_duty(&s.hub, other).is_none() {
+        t += Duration::from_millis(50);
+        assert!(t < at + 3 * GRACE, "no failover");
+        s.heartbeats(&[("w", 1), (other, 3)], t);
+        s.flush(t);
+    }
+    assert!(!managed_duty(&s.hub, other).unwrap().awaiting_release);
+}
+
+/// A younger policy naming the older one's managed address says so in its status.
+#[test]
+fn a_managed_address_of_an_older_policy_is_a_conflict_in_the_younger_s_status() {
+    let (mut s, _preferred, _other, at) = managed_started();
+    let mut younger = managed_policy();
+    younger.name = "younger".into();
+    younger.created = Some(i64::MAX - 1);
+    let mut older = managed_policy();
+    older.created = Some(1);
+    s.engine
+        .source(SourceEvent::Change(Box::new(Change::UpsertPolicy(older))));
+    s.engine
+        .source(SourceEvent::Change(Box::new(Change::UpsertPolicy(younger))));
+    s.flush(at);
+    let st = s.statuses();
+    let states: Vec<String> = st["younger"]
+        .managed_ips()
+        .map(|(ip, holder, holding)| format!("{ip} {:?} {holding:?}", holder.map(|g| g.node.to_string())))
+        .collect();
+    assert_eq!(
+        states,
+        [format!(
+            "{MANAGED} None Conflict(\"held by the older policy egress\")"
+        )]
+    );
+}

@@ -547,7 +547,15 @@ fn valid_spec() -> impl Strategy<Value = Value> {
         prop::collection::vec(gateway, 1..4),
         any::<bool>(),
     )
-        .prop_map(|(rules, destinations, excluded, gateways, single)| {
+        .prop_map(|(rules, destinations, excluded, mut gateways, single)| {
+            // A managed address belongs to one entry's slot: each entry its own range.
+            for (i, g) in gateways.iter_mut().enumerate() {
+                if let Some(ips) = g.get_mut("egressIPs").and_then(Value::as_array_mut) {
+                    for (k, ip) in ips.iter_mut().enumerate() {
+                        *ip = json!(format!("100.64.{i}.{}", k + 1));
+                    }
+                }
+            }
             let mut spec = json!({
                 "selectors": rules,
                 "destinationCIDRs": destinations,

@@ -658,6 +658,7 @@ fn update(programmed: usize) -> StatusUpdate {
             conflicts: vec![],
             gateway_diagnosis: Vec::new(),
             managed_ips: vec![],
+            managed_taken: vec![],
         },
         programmed,
         to_program: 1,

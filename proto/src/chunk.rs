@@ -438,6 +438,7 @@ mod tests {
                 egress_ips: vec![v4(203, 0, 113, 10)],
                 interface: None,
                 managed: false,
+                awaiting_release: false,
             }],
             heartbeat_interval_ms: 250,
             cluster_cidrs: vec![prefix(v4(10, 244, 0, 0), 16), prefix(v4(10, 96, 0, 0), 12)],

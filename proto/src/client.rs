@@ -51,6 +51,30 @@ pub struct Config {
     pub backoff_min: Duration,
     pub backoff_max: Duration,
     pub connect_timeout: Duration,
+    /// When the operator was last heard from, by any session.
+    pub contact: Contact,
+}
+
+/// When the operator was last heard from (a plan, a delta or a heartbeat): what the datapath
+/// side judges a long partition by. Counts from its creation until the first message.
+#[derive(Clone, Debug)]
+pub struct Contact(Arc<std::sync::Mutex<Instant>>);
+
+impl Default for Contact {
+    fn default() -> Self {
+        Contact(Arc::new(std::sync::Mutex::new(Instant::now())))
+    }
+}
+
+impl Contact {
+    fn heard(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    /// How long the operator has been silent.
+    pub fn silent_for(&self) -> Duration {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).elapsed()
+    }
 }
 
 impl Config {
@@ -65,6 +89,7 @@ impl Config {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(3),
+            contact: Contact::default(),
         }
     }
 
@@ -415,6 +440,7 @@ async fn session_inner(
                 }
                 let Some(msg) = msg? else { return Err(SessionError::Closed) };
                 last_heard = Instant::now();
+                config.contact.heard();
                 let whole = match msg.message.and_then(Part::from_message) {
                     Some(chunk) => assembler.push(chunk)?,
                     None => None,

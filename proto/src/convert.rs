@@ -235,6 +235,7 @@ impl From<&GatewayDuty> for v2::GatewayDuty {
             egress_ips: d.egress_ips.iter().copied().map(ip_to_wire).collect(),
             interface: d.interface.as_deref().map(str::to_owned),
             managed: d.managed,
+            awaiting_release: d.awaiting_release,
         }
     }
 }
@@ -247,6 +248,7 @@ impl TryFrom<&v2::GatewayDuty> for GatewayDuty {
             egress_ips: ips_from_wire("egress IP", &d.egress_ips)?,
             interface: d.interface.as_deref().map(Arc::from),
             managed: d.managed,
+            awaiting_release: d.awaiting_release,
         })
     }
 }
@@ -355,6 +357,7 @@ mod tests {
             egress_ips: vec!["203.0.113.1".parse().unwrap()],
             interface: Some("eth1".into()),
             managed: true,
+            awaiting_release: true,
         };
         assert_eq!(GatewayDuty::try_from(&v2::GatewayDuty::from(&d)).unwrap(), d);
     }

@@ -117,13 +117,17 @@ fn duty() -> impl Strategy<Value = v2::GatewayDuty> {
         prop::collection::vec(ip_bytes(), 0..3),
         prop::option::of(name_text()),
         any::<bool>(),
+        any::<bool>(),
     )
-        .prop_map(|(policy, egress_ips, interface, managed)| v2::GatewayDuty {
-            policy,
-            egress_ips,
-            interface,
-            managed,
-        })
+        .prop_map(
+            |(policy, egress_ips, interface, managed, awaiting_release)| v2::GatewayDuty {
+                policy,
+                egress_ips,
+                interface,
+                managed,
+                awaiting_release,
+            },
+        )
 }
 
 fn policies() -> impl Strategy<Value = Vec<String>> {

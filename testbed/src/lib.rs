@@ -416,11 +416,24 @@ impl Testbed {
         grpc: &str,
         tokens: &Path,
     ) -> Result<u32> {
+        self.start_operator_shim_with(node, shim, grpc, tokens, &[])
+    }
+
+    /// [`Testbed::start_operator_shim`] with more arguments to `run`.
+    pub fn start_operator_shim_with(
+        &mut self,
+        node: &str,
+        shim: impl AsRef<OsStr>,
+        grpc: &str,
+        tokens: &Path,
+        args: &[&str],
+    ) -> Result<u32> {
         let mut cmd = self.shim_command(node, shim);
         cmd.args(["--operator", &format!("http://{grpc}")])
             .arg("--token-file")
             .arg(tokens.join(node))
-            .args(["--interval-ms", "1000"]);
+            .args(["--interval-ms", "1000"])
+            .args(args);
         self.spawn(&format!("shim-{node}"), cmd)
     }
 

@@ -174,7 +174,17 @@ impl Planner {
                 .filter(|(_, n)| n.ready && n.eligible && gateway.nodes.matches(&n.labels))
                 .filter_map(|(name, n)| Some((name, n, n.tunnel_ip()?)))
                 .collect();
+            // A managed address an older policy names is that policy's to hold.
+            let ours = |slot: usize| {
+                gateway
+                    .egress
+                    .managed_ip(slot)
+                    .is_none_or(|ip| self.managed_owner(ip).is_none_or(|p| **p == *policy))
+            };
             let offer = |(name, node, ip): &(&Arc<str>, &NodeInfo, IpAddr), slot: usize| {
+                if !ours(slot) {
+                    return None;
+                }
                 let (egress_v4, egress_v6, interface) = resolve_egress(node, &gateway.egress, slot)?;
                 Some(ActiveGateway {
                     entry: i,

@@ -309,6 +309,14 @@ impl Planner {
         };
         self.index.remove(name);
         let Ok(config) = &old.config else { return true };
+        for ip in config.gateways.iter().flat_map(|g| g.managed_ips()) {
+            if let Some(claims) = self.managed_claims.get_mut(&ip) {
+                claims.retain(|(_, p)| &**p != name);
+                if claims.is_empty() {
+                    self.managed_claims.remove(&ip);
+                }
+            }
+        }
         for uid in &old.matched {
             let Some(pod) = self.pods.get_mut(uid) else {
                 continue;

@@ -18,6 +18,9 @@
 //! - When two policies claim the same (source, destination), the older policy wins (earlier
 //!   `creationTimestamp`, then smaller name); the loser reports the conflict. Within one policy an
 //!   excluded CIDR beats an identical destination CIDR.
+//! - When two policies name the same managed address (`egressIPs`), the older policy holds it;
+//!   the other's slot for it stays empty (its pods go to its other slots, or by its
+//!   `failurePolicy`) until the older policy lets the address go, and it reports the conflict.
 //!
 //! Parts: `delta`, what a change does to each node's entries; `index`, the pods (with interned
 //! strings), the rule index and which keys each pod claims; `gateways`, gateway selection and
@@ -89,6 +92,8 @@ pub struct Planner {
     conflicts: HashMap<(Arc<str>, Arc<str>), u64>,
     /// The (loser, winner) pairs of every contested key, as last resolved.
     key_losses: HashMap<EntryKey, Losses>,
+    /// Per managed address, the accepted policies that name it, by rank: the first holds it.
+    managed_claims: HashMap<IpAddr, Vec<(i64, Arc<str>)>>,
 }
 
 struct PolicyState {
@@ -281,10 +286,19 @@ impl Planner {
             }
         }
         let name: Arc<str> = input.name.as_str().into();
+        let mut addresses = self.managed_ips_of(&name);
         self.take_policy(&name, &mut dirty, &mut delta);
 
         let config = policy::parse(&input.spec);
         let rank = (input.created.unwrap_or(i64::MAX), name.clone());
+        if let Ok(c) = &config {
+            for ip in c.gateways.iter().flat_map(|g| g.managed_ips()) {
+                let claims = self.managed_claims.entry(ip).or_default();
+                claims.push(rank.clone());
+                claims.sort_unstable();
+                addresses.push(ip);
+            }
+        }
         let active = match &config {
             Ok(c) => self.select_gateways(&name, c, &input.retained_gateways),
             Err(_) => Vec::new(),
@@ -317,6 +331,7 @@ impl Planner {
                 matched,
             },
         );
+        self.reselect_claimants(&addresses, &name, &mut dirty, &mut delta);
         delta.policies.insert(name);
         self.resolve(dirty, &mut delta);
         delta
@@ -325,11 +340,51 @@ impl Planner {
     pub fn remove_policy(&mut self, name: &str) -> PlanDelta {
         let mut delta = PlanDelta::default();
         let mut dirty = DirtyKeys::new();
+        let addresses = self.managed_ips_of(name);
         if self.take_policy(name, &mut dirty, &mut delta) {
             delta.policies.insert(name.into());
         }
+        self.reselect_claimants(&addresses, name, &mut dirty, &mut delta);
         self.resolve(dirty, &mut delta);
         delta
+    }
+
+    /// The managed addresses policy `name` claims (none unless accepted).
+    fn managed_ips_of(&self, name: &str) -> Vec<IpAddr> {
+        match self.policies.get(name).map(|p| &p.config) {
+            Some(Ok(c)) => c.gateways.iter().flat_map(|g| g.managed_ips()).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The policy that holds managed address `ip`: the oldest that names it.
+    pub(crate) fn managed_owner(&self, ip: IpAddr) -> Option<&Arc<str>> {
+        self.managed_claims.get(&ip)?.first().map(|(_, p)| p)
+    }
+
+    /// Re-selects the gateways of the policies other than `except` that name one of
+    /// `addresses`: which of them holds an address may have changed.
+    fn reselect_claimants(
+        &mut self,
+        addresses: &[IpAddr],
+        except: &str,
+        dirty: &mut DirtyKeys,
+        delta: &mut PlanDelta,
+    ) {
+        let mut others: Vec<Arc<str>> = addresses
+            .iter()
+            .filter_map(|ip| self.managed_claims.get(ip))
+            .flatten()
+            .map(|(_, p)| p.clone())
+            .filter(|p| **p != *except)
+            .collect();
+        others.sort_unstable();
+        others.dedup();
+        for p in others {
+            self.reselect_gateways(&p, dirty, delta);
+            // Its status names who holds the address, even when its gateways stay as they are.
+            delta.policies.insert(p);
+        }
     }
 
     // === Queries ===
@@ -434,6 +489,7 @@ impl Planner {
                     egress_ips: g.egress_v4.into_iter().chain(g.egress_v6).collect(),
                     interface: g.interface.clone(),
                     managed: g.managed,
+                    awaiting_release: false,
                 });
             }
         }

@@ -26,6 +26,9 @@ pub struct PolicyOutcome {
     /// Every address of the accepted policy's `egressIPs`, entry by entry, slot by slot
     /// (whether a node holds it or not).
     pub managed_ips: Vec<std::net::IpAddr>,
+    /// Those of `managed_ips` an older policy claims too, with that policy: it holds them, and
+    /// their slots stay empty here.
+    pub managed_taken: Vec<(std::net::IpAddr, String)>,
 }
 
 /// Why the nodes a gateway entry's `nodeSelector` matches cannot serve it. Each matching node
@@ -71,14 +74,18 @@ impl Planner {
                 _ => Vec::new(),
             },
             managed_ips: match &p.config {
+                Ok(config) => config.gateways.iter().flat_map(|g| g.managed_ips()).collect(),
+                Err(_) => Vec::new(),
+            },
+            managed_taken: match &p.config {
                 Ok(config) => config
                     .gateways
                     .iter()
-                    .flat_map(|g| match &g.egress {
-                        EgressSource::Managed { ips, .. } => &ips[..g.max_nodes as usize],
-                        _ => &[][..],
+                    .flat_map(|g| g.managed_ips())
+                    .filter_map(|ip| {
+                        let owner = self.managed_owner(ip)?;
+                        (**owner != *name).then(|| (ip, owner.to_string()))
                     })
-                    .copied()
                     .collect(),
                 Err(_) => Vec::new(),
             },

@@ -94,7 +94,12 @@ pub fn live_testbed() -> (Testbed, PathBuf, PathBuf) {
 
 /// Starts `sluice-shim run --operator` on `node`.
 pub fn start_shim(tb: &mut Testbed, node: &str, tokens: &Path) {
-    tb.start_operator_shim(node, env!("CARGO_BIN_EXE_sluice-shim"), GRPC, tokens)
+    start_shim_with(tb, node, tokens, &[]);
+}
+
+/// [`start_shim`] with more arguments to `run`.
+pub fn start_shim_with(tb: &mut Testbed, node: &str, tokens: &Path, args: &[&str]) {
+    tb.start_operator_shim_with(node, env!("CARGO_BIN_EXE_sluice-shim"), GRPC, tokens, args)
         .unwrap();
 }
 

@@ -253,6 +253,7 @@ mod tests {
                     lacking_egress: 0,
                 }],
                 managed_ips: vec![],
+                managed_taken: vec![],
             },
             programmed,
             to_program,

@@ -31,11 +31,16 @@
 //!   gateway has acknowledged the pod's entry (bounded by the grace period), and the previous
 //!   gateway lets go of it at the same moment, so new flows never reach a gateway that drops them.
 //!
+//! - Release before claim: when a managed egress IP moves from a live node to another (a planned
+//!   move), the new node is told to wait (`awaiting_release`) until the old one has acknowledged
+//!   letting it go, bounded by the grace period; after a failure the new node claims at once.
+//!
 //! Parts: `liveness` (sessions, heartbeats, grace periods and intervals, settling, which nodes
 //! may be gateways), `tables` (per-node tables, generations, views, add before switch),
-//! `notices` (status updates and notices), `hub` (what the engine and the sessions share);
-//! [`Engine`] coordinates them around the planner.
+//! `handover` (release before claim), `notices` (status updates and notices), `hub` (what the
+//! engine and the sessions share); [`Engine`] coordinates them around the planner.
 
+mod handover;
 mod hub;
 mod liveness;
 mod metrics;
@@ -51,19 +56,20 @@ use std::{
 use ipnet::IpNet;
 use tokio::sync::mpsc;
 
+use self::{
+    handover::Handovers,
+    liveness::Liveness,
+    notices::Notices,
+    tables::{GatewayShim, NodeContent, Tables},
+};
 pub use self::{
     hub::{Hub, ShimEvent},
     liveness::HeldDuty,
     metrics::EngineMetrics,
     tables::{Generations, NodeView},
 };
-use self::{
-    liveness::Liveness,
-    notices::Notices,
-    tables::{GatewayShim, NodeContent, Tables},
-};
 use crate::{
-    live::{Notice, SourceEvent, StatusUpdate},
+    live::{self, Notice, SourceEvent, StatusUpdate},
     model::{GatewaySlot, InterfaceInfo, NodeInfo, PolicyInput},
     planner::{Change, NodeDelta, PlanDelta, Planner},
     selector::Selector,
@@ -137,6 +143,7 @@ pub struct Engine {
     policy_inputs: HashMap<String, PolicyInput>,
     liveness: Liveness,
     tables: Tables,
+    handovers: Handovers,
     notices: Notices,
     pending: PlanDelta,
     /// Nodes whose view may change without a change of their entries (gateway duties, decided
@@ -169,6 +176,7 @@ impl Engine {
             policy_inputs: HashMap::new(),
             liveness,
             tables,
+            handovers: Handovers::default(),
             notices: Notices::default(),
             pending: PlanDelta::default(),
             duty_nodes: BTreeSet::new(),
@@ -211,10 +219,14 @@ impl Engine {
     /// [`IDLE_TICK`] (a backstop). At rest, with every shim heartbeating, that is about once a
     /// grace period instead of twenty times: an idle operator's clock is one of its costs.
     pub fn next_tick(&self, now: Instant) -> Instant {
-        let due = [self.liveness.next_due(now), self.tables.next_deadline()]
-            .into_iter()
-            .flatten()
-            .min();
+        let due = [
+            self.liveness.next_due(now),
+            self.tables.next_deadline(),
+            self.handovers.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let (soonest, latest) = (now + self.tick_interval(), now + IDLE_TICK);
         due.map_or(latest, |d| d.clamp(soonest, latest))
     }
@@ -480,6 +492,7 @@ impl Engine {
         self.notice_policy_changes(&pending.policies, now);
         self.refresh_guard();
         self.refresh_heartbeat_intervals();
+        self.settle_handovers(now);
         let changed = self.fold_into_tables(pending.nodes, now);
         if !self.synced || self.liveness.settling() {
             // Kept for later: the first publication sends every table whole anyway.
@@ -557,6 +570,16 @@ impl Engine {
         }
     }
 
+    /// Nodes waiting for a managed address whose release is done get a view without the wait.
+    fn settle_handovers(&mut self, now: Instant) {
+        let liveness = &self.liveness;
+        let waited = self.handovers.settle(
+            |node| liveness.shim(node).filter(|s| s.alive).map(|s| s.acked),
+            now,
+        );
+        self.duty_nodes.extend(waited);
+    }
+
     /// Folds the entry changes into the tables, a pod's switch to a new gateway only once that
     /// gateway holds the pod's entry. Returns what changed per node (views to publish).
     fn fold_into_tables(
@@ -622,6 +645,22 @@ impl Engine {
                 self.publish(&node, NodeDelta::default(), now);
             }
         } else {
+            // Every release first, so that a node taking an address waits for it whatever the
+            // order the nodes are published in.
+            for node in changed.keys() {
+                let Some(table) = self.tables.get(node) else {
+                    continue;
+                };
+                if self.liveness.shim(node).is_some_and(|s| s.alive) {
+                    self.handovers.publishing(
+                        node,
+                        table.duties(),
+                        &self.planner.gateway_duties(node),
+                        table.generation,
+                        now + self.config.grace,
+                    );
+                }
+            }
             for (node, delta) in changed {
                 self.publish(&node, delta, now);
             }
@@ -631,8 +670,10 @@ impl Engine {
 
     /// Publishes a node's table if anything of its view changed (or it was never published).
     fn publish(&mut self, node: &Arc<str>, delta: NodeDelta, now: Instant) {
+        let mut duties = self.planner.gateway_duties(node);
+        self.handovers.hold(node, &mut duties);
         let content = NodeContent {
-            duties: self.planner.gateway_duties(node),
+            duties,
             decided_pods: self.planner.decided_pod_ips(node),
             heartbeat_interval: self.liveness.heartbeat_interval(node),
         };
@@ -659,9 +700,15 @@ impl Engine {
                 continue;
             };
             let liveness = &self.liveness;
+            let handovers = &self.handovers;
+            // A gateway waiting for its managed address is not done either.
             let progress = self
                 .tables
-                .progress(&p, |node| liveness.shim(node).map(|s| (s.acked, &s.errors)));
+                .progress(&p, |node| liveness.shim(node).map(|s| (s.acked, &s.errors)))
+                .map(|(node, why)| {
+                    let waits = || handovers.awaits(node).then_some(live::Behind::Pending);
+                    (node, why.or_else(waits))
+                });
             // What the holders of the policy's managed addresses say they could not claim.
             let conflicts: Vec<(std::net::IpAddr, String)> = outcome
                 .gateways
@@ -673,6 +720,12 @@ impl Engine {
                         Some((ip, format!("{}: {}", g.node, shim?.address_conflicts.get(&ip)?)))
                     })
                 })
+                .chain(
+                    outcome
+                        .managed_taken
+                        .iter()
+                        .map(|(ip, by)| (*ip, format!("held by the older policy {by}"))),
+                )
                 .collect();
             self.notices.status(outcome, progress, conflicts, now);
         }

@@ -261,6 +261,7 @@ mod tests {
             conflicts: vec![],
             gateway_diagnosis: vec![],
             managed_ips: vec![],
+            managed_taken: vec![],
         }
     }
 

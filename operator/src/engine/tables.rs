@@ -103,6 +103,13 @@ pub(super) struct Table {
     touched: BTreeSet<Arc<str>>,
 }
 
+impl Table {
+    /// The gateway duties as last published.
+    pub fn duties(&self) -> &[GatewayDuty] {
+        &self.duties
+    }
+}
+
 /// A change of one node's entry held back until `gateway` acknowledges `generation` (0 until
 /// the generation carrying the gateway's entry is published), or until `deadline`.
 #[derive(Clone, Debug)]
@@ -255,6 +262,16 @@ impl Tables {
             return None;
         }
         table.guard = Arc::new(guard);
+        // A policy whose gateway duty here changed (a managed address to claim, say) is
+        // programmed here only once this generation is acknowledged.
+        let duties_changed: Vec<Arc<str>> = table
+            .duties
+            .iter()
+            .filter(|d| !content.duties.contains(d))
+            .chain(content.duties.iter().filter(|d| !table.duties.contains(d)))
+            .map(|d| d.policy.clone())
+            .collect();
+        table.touched.extend(duties_changed);
         let base = table.generation;
         table.generation = self.generations.advance();
         let touched = if base == 0 {
