@@ -293,7 +293,10 @@ proptest! {
     #[test]
     fn incremental_equals_full_recompute(changes in prop::collection::vec(change(), 1..60)) {
         let (world, incremental, tables) = run(&changes);
-        let full = world.plan_from_scratch();
+        // Which gateway each pod stays with is state, not input: a new planner takes it from
+        // the datapaths, as the operator does after a restart.
+        let mut full = world.plan_from_scratch();
+        full.adopt_assignments(incremental.assignments());
         prop_assert_eq!(report::document(&incremental), report::document(&full));
 
         // Every node that applied every delta in order holds exactly its plan.
@@ -721,5 +724,188 @@ fn a_managed_address_two_policies_name_is_the_older_policy_s() {
         assert!(q.managed_taken.is_empty());
         assert!(q.gateways.iter().any(|g| g.holds_managed(shared)), "{q:?}");
         assert_eq!(holders(&planner), 1);
+    }
+}
+
+/// Nodes `a0`, `a1` (role a) and `b0`, `b1` (role b), a worker; policy `p` with two entries,
+/// role a then role b, one slot each; `pods` pods on the worker.
+fn two_entry_cluster(pods: usize) -> (Vec<NodeInfo>, PolicyInput, Vec<PodInfo>) {
+    let (mut nodes, mut policy, pods) = gateway_cluster(4, 1, pods);
+    for (i, name) in ["a0", "a1", "b0", "b1"].iter().enumerate() {
+        nodes[i].name = (*name).into();
+        nodes[i].labels = labels(vec![(0, 1), (2, u8::from(i >= 2))]);
+    }
+    let entry = |role: u8| EgressGateway {
+        node_selector: LabelSelector {
+            match_labels: Some(labels(vec![(0, 1), (2, role)])),
+            match_expressions: None,
+        },
+        max_gateway_nodes: Some(1),
+        ..Default::default()
+    };
+    policy.spec.egress_gateway = None;
+    policy.spec.egress_gateways = vec![entry(0), entry(1)];
+    (nodes, policy, pods)
+}
+
+/// Each pod's gateway node (by the worker's entries), by pod IP.
+fn gateway_node_of_each_pod(planner: &Planner, nodes: &[NodeInfo]) -> BTreeMap<IpAddr, String> {
+    let name_of = |ip: IpAddr| {
+        nodes
+            .iter()
+            .find(|n| n.addresses.contains(&ip))
+            .map(|n| n.name.clone())
+    };
+    planner
+        .node_plan("worker")
+        .into_iter()
+        .filter_map(|(k, e)| match e.gateway {
+            GatewayTarget::Node(ip) => Some((k.source, name_of(ip)?)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What the live system does after every change: the planner's gateways become the retained ones.
+fn feed_back(planner: &mut Planner, policy: &mut PolicyInput) {
+    policy.retained_gateways = planner.gateway_slots(&policy.name);
+    planner.upsert_policy(policy.clone());
+}
+
+/// The case: two entries, one node each. A pod's gateway fails, the pod goes to the
+/// other entry's node; the failed node recovers and takes none of the pods back (their
+/// connections are on the other node now), but new pods spread over both again.
+#[test]
+fn a_recovered_gateway_of_another_entry_takes_back_no_pod() {
+    let (mut nodes, mut policy, pods) = two_entry_cluster(40);
+    nodes.retain(|n| n.name != "a1" && n.name != "b1");
+    let mut planner = Planner::from_snapshot([], nodes.clone(), [policy.clone()], pods.clone());
+    feed_back(&mut planner, &mut policy);
+    let before = gateway_node_of_each_pod(&planner, &nodes);
+    assert_eq!(before.len(), 40);
+    let on_a: Vec<IpAddr> = before
+        .iter()
+        .filter(|(_, n)| *n == "a0")
+        .map(|(ip, _)| *ip)
+        .collect();
+    assert!(
+        !on_a.is_empty() && on_a.len() < 40,
+        "pods spread over both entries"
+    );
+
+    let a0 = nodes.iter().position(|n| n.name == "a0").unwrap();
+    nodes[a0].eligible = false;
+    planner.upsert_node(nodes[a0].clone());
+    feed_back(&mut planner, &mut policy);
+    let failed_over = gateway_node_of_each_pod(&planner, &nodes);
+    assert!(failed_over.values().all(|n| n == "b0"), "{failed_over:?}");
+
+    nodes[a0].eligible = true;
+    planner.upsert_node(nodes[a0].clone());
+    feed_back(&mut planner, &mut policy);
+    assert_eq!(
+        gateway_node_of_each_pod(&planner, &nodes),
+        failed_over,
+        "a recovered gateway takes no pod back"
+    );
+    assert_eq!(planner.policy_outcome("p").unwrap().gateways.len(), 2);
+
+    // New pods spread over both gateways.
+    let (_, _, more) = two_entry_cluster(80);
+    for pod in more.into_iter().skip(40) {
+        planner.upsert_pod(pod);
+    }
+    let after = gateway_node_of_each_pod(&planner, &nodes);
+    let new_on_a = after
+        .iter()
+        .filter(|(ip, n)| !before.contains_key(ip) && *n == "a0")
+        .count();
+    assert!(new_on_a > 5, "{new_on_a} of 40 new pods on the recovered gateway");
+}
+
+/// A planned change of the gateways.
+#[derive(Clone, Debug)]
+enum Planned {
+    /// A node recovers, or is added (was not eligible).
+    Recover(usize),
+    /// A node fails (it is no planned change; its pods may move, no one else's).
+    Fail(usize),
+    /// An entry's `maxGatewayNodes`.
+    SetMax(usize, u32),
+    /// The two entries swap places.
+    Reorder,
+    AddPod(usize),
+    RemovePod(usize),
+}
+
+fn planned() -> impl Strategy<Value = Planned> {
+    prop_oneof![
+        (0usize..4).prop_map(Planned::Recover),
+        (0usize..4).prop_map(Planned::Fail),
+        (0usize..2, 1u32..=2).prop_map(|(e, m)| Planned::SetMax(e, m)),
+        Just(Planned::Reorder),
+        (0usize..30).prop_map(Planned::AddPod),
+        (0usize..30).prop_map(Planned::RemovePod),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// No sequence of changes moves a pod whose gateway node still serves the policy after the
+    /// change (a recovered or added gateway, a `maxGatewayNodes` change, reordered entries, pods
+    /// coming and going): only the pods of a gateway that failed or stopped serving move. And a
+    /// pod has a gateway whenever the policy has one.
+    #[test]
+    fn no_planned_change_moves_a_pod_whose_gateway_still_serves(
+        changes in prop::collection::vec(planned(), 1..30),
+    ) {
+        let (mut nodes, mut policy, all_pods) = two_entry_cluster(30);
+        let mut planner = Planner::from_snapshot([], nodes.clone(), [policy.clone()], all_pods[..10].to_vec());
+        feed_back(&mut planner, &mut policy);
+        for change in changes {
+            let before = gateway_node_of_each_pod(&planner, &nodes);
+            let mut failed: Option<String> = None;
+            match &change {
+                Planned::Recover(i) | Planned::Fail(i) => {
+                    nodes[*i].eligible = matches!(change, Planned::Recover(_));
+                    if matches!(change, Planned::Fail(_)) {
+                        failed = Some(nodes[*i].name.clone());
+                    }
+                    planner.upsert_node(nodes[*i].clone());
+                }
+                Planned::SetMax(e, m) => {
+                    policy.spec.egress_gateways[*e].max_gateway_nodes = Some(*m);
+                    planner.upsert_policy(policy.clone());
+                }
+                Planned::Reorder => {
+                    policy.spec.egress_gateways.reverse();
+                    // The retained slots name entries by index: the live system's feed back
+                    // holds the old order until the planner's next choice.
+                    planner.upsert_policy(policy.clone());
+                }
+                Planned::AddPod(k) => drop(planner.upsert_pod(all_pods[*k].clone())),
+                Planned::RemovePod(k) => drop(planner.remove_pod(&all_pods[*k].uid)),
+            }
+            feed_back(&mut planner, &mut policy);
+            let serving: Vec<String> = planner
+                .policy_outcome("p")
+                .unwrap()
+                .gateways
+                .iter()
+                .map(|g| g.node.to_string())
+                .collect();
+            let after = gateway_node_of_each_pod(&planner, &nodes);
+            for (ip, node) in &before {
+                let Some(now) = after.get(ip) else { continue };
+                if serving.contains(node) && failed.as_ref() != Some(node) {
+                    prop_assert_eq!(now, node, "{:?} moved pod {} while {} serves", change, ip, node);
+                }
+            }
+            if !serving.is_empty() {
+                let selected = planner.policy_outcome("p").unwrap().matched_endpoints;
+                prop_assert_eq!(after.len(), selected, "every pod has a gateway");
+            }
+        }
     }
 }

@@ -50,7 +50,33 @@ fn hello(node: &str, pod_interfaces: &[String], tunnel_device: &str, bpffs_dir: 
         default_route_interface: netdev::default_route_interface(),
         held: held_slots(bpffs_dir),
         operator_heartbeat_floor: true,
+        held_pods: held_pods(bpffs_dir),
     }
+}
+
+/// Which gateway each pod is steered to, per policy, as the pinned maps hold it (see
+/// [`held_slots`]).
+pub fn held_pods(bpffs_dir: &Path) -> Vec<v2::HeldPod> {
+    let read = || -> Result<Vec<v2::HeldPod>> {
+        let maps = Maps::open_pinned(bpffs_dir)?;
+        let names = maps.policy_names()?;
+        Ok(maps
+            .layout()?
+            .assignments()
+            .into_iter()
+            .filter_map(|(pod, policy, gateway)| {
+                Some(v2::HeldPod {
+                    policy: names.get(&policy)?.clone(),
+                    pod: convert::ip_to_wire(crate::maps::from_be(pod).into()),
+                    gateway: convert::ip_to_wire(crate::maps::from_be(gateway).into()),
+                })
+            })
+            .collect())
+    };
+    read().unwrap_or_else(|e| {
+        tracing::debug!(error = %e, "no pinned maps to report pods from");
+        Vec::new()
+    })
 }
 
 /// The (policy, gateway entry, slot, gateway) the pinned maps hold, each once: read from the

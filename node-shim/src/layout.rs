@@ -209,6 +209,27 @@ impl Layout {
             .len()
     }
 
+    /// Which gateway each pod is steered to, per policy: (pod, policy id, gateway), network
+    /// byte order, each once.
+    pub fn assignments(&self) -> BTreeSet<(u32, u32, u32)> {
+        let groups = self.groups();
+        let mut out = BTreeSet::new();
+        for (saddr, source) in &self.sources {
+            for (_, _, rule) in groups.get(&source.group).into_iter().flatten() {
+                if rule.kind != DEST_TARGET {
+                    continue;
+                }
+                if let Some(t) = source.targets.get(rule.target as usize)
+                    && t.kind == maps::KIND_GATEWAY
+                    && t.gateway_ip != 0
+                {
+                    out.insert((*saddr, rule.policy_id, t.gateway_ip));
+                }
+            }
+        }
+        out
+    }
+
     /// The entries as users think of them, (source, destination) -> value; a destination that
     /// drops for want of room in its source entry reads as kind 0. Slots are not per entry
     /// here (see [`Layout::slots`]): `gateway_slot` reads 0.

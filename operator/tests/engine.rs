@@ -11,7 +11,7 @@ use std::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use sluice_operator::{
     api::{EgressGateway, EgressGatewayPolicySpec, EgressRule, FailurePolicy},
-    engine::{Engine, EngineConfig, EngineMetrics, Generations, HeldDuty, Hub, NodeView, ShimEvent},
+    engine::{Engine, EngineConfig, EngineMetrics, Generations, HeldDuty, HeldPod, Hub, NodeView, ShimEvent},
     live::SourceEvent,
     live::{Behind, StatusUpdate},
     model::{GatewaySlot, NodeInfo, PodInfo, PodPhase, PolicyInput},
@@ -157,6 +157,11 @@ impl Started {
     }
 
     fn connect(&mut self, node: &str, held: Vec<HeldDuty>, at: Duration) {
+        self.connect_holding(node, held, vec![], at);
+    }
+
+    /// `connect`, the shim reporting its pods' gateways too.
+    fn connect_holding(&mut self, node: &str, held: Vec<HeldDuty>, pods: Vec<HeldPod>, at: Duration) {
         self.session += 1;
         self.engine.shim(
             ShimEvent::Connected {
@@ -165,6 +170,7 @@ impl Started {
                 version: "test".into(),
                 interfaces: vec![],
                 held,
+                pods,
             },
             self.t0 + at,
         );
@@ -573,6 +579,7 @@ fn service_cidrs_of_the_flag_and_of_the_source_are_both_in_the_cluster_set() {
             version: "test".into(),
             interfaces: vec![],
             held: vec![],
+            pods: vec![],
         },
         t0,
     );
@@ -942,4 +949,57 @@ fn a_managed_address_of_an_older_policy_is_a_conflict_in_the_younger_s_status() 
             "{MANAGED} None Conflict(\"held by the older policy egress\")"
         )]
     );
+}
+
+/// After a restart or a leader change, each pod stays on the gateway its node's datapath steers
+/// it to, even where placing it afresh would pick the other gateway (that would move it off a
+/// working gateway and break its connections).
+#[test]
+fn a_new_leader_keeps_each_pod_on_the_gateway_the_datapaths_hold() {
+    let mut two = policy(vec![]);
+    two.spec.egress_gateway.as_mut().unwrap().max_gateway_nodes = Some(2);
+    let fresh = Planner::from_snapshot([], nodes(), [two.clone()], [pod()]);
+    let outcome = fresh.policy_outcome("egress").unwrap();
+    assert_eq!(outcome.gateways.len(), 2);
+    let placed = fresh
+        .node_plan("w")
+        .values()
+        .find_map(|e| match e.gateway {
+            GatewayTarget::Node(ip) => Some(ip),
+            _ => None,
+        })
+        .unwrap();
+    // The datapath holds the pod on the gateway a fresh placement would not pick.
+    let held_on = if placed == ip_of("g1") { "g2" } else { "g1" };
+    let slots: Vec<HeldDuty> = outcome
+        .gateways
+        .iter()
+        .map(|g| HeldDuty {
+            policy: "egress".into(),
+            entry: g.entry,
+            slot: g.slot,
+            gateway: g.ip,
+        })
+        .collect();
+    for adopt in [false, true] {
+        let mut s = Started::new(two.clone());
+        let pods = if adopt {
+            vec![HeldPod {
+                policy: "egress".into(),
+                pod: "10.1.0.10".parse().unwrap(),
+                gateway: ip_of(held_on),
+            }]
+        } else {
+            vec![]
+        };
+        s.connect_holding("w", slots.clone(), pods, Duration::from_millis(100));
+        s.connect("g1", slots.clone(), Duration::from_millis(150));
+        s.connect("g2", slots.clone(), Duration::from_millis(200));
+        let first = s.targets();
+        if adopt {
+            assert_eq!(first, vec![GatewayTarget::Node(ip_of(held_on))]);
+        } else {
+            assert_eq!(first, vec![GatewayTarget::Node(placed)], "the test's premise");
+        }
+    }
 }

@@ -1368,6 +1368,7 @@ fn start_planning(fake: &Fake, flag: &[&str], nodes: &[&str]) -> Arc<Hub> {
             version: "test".into(),
             interfaces: vec![],
             held: vec![],
+            pods: vec![],
         });
     }
     hub

@@ -54,14 +54,51 @@ fn rendezvous(parts: &[&[u8]]) -> u64 {
     h.digest()
 }
 
-/// The gateway a pod's traffic leaves by: the occupied (entry, slot) with the highest hash of
-/// (pod, entry, slot). An emptied slot moves only its own pods; a node that fills a slot takes
-/// exactly that slot's pods.
-pub(super) fn assign<'a>(active: &'a [Arc<ActiveGateway>], pod_uid: &str) -> Option<&'a Arc<ActiveGateway>> {
-    active.iter().max_by_key(|g| {
+/// The gateway a pod of a policy was last assigned: what keeps it there.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Sticky {
+    pub node: Arc<str>,
+    pub entry: usize,
+    pub slot: usize,
+}
+
+impl Sticky {
+    pub(super) fn of(g: &ActiveGateway) -> Self {
+        Sticky {
+            node: g.node.clone(),
+            entry: g.entry,
+            slot: g.slot,
+        }
+    }
+}
+
+/// The gateway a pod's traffic leaves by. A pod stays with the node it was assigned (`sticky`)
+/// while that node serves the policy, in any entry or slot: a gateway that recovers or is
+/// added, a `maxGatewayNodes` increase or a reordered `egressGateways` list takes none of the
+/// pods of a working gateway, and so breaks none of their connections. A pod whose node no
+/// longer serves follows its slot to the node that took it over (with a managed address, the
+/// address goes with the slot), else goes, as a new pod does, to the occupied (entry, slot)
+/// with the highest hash of (pod, entry, slot): new pods spread over every gateway.
+pub(super) fn assign<'a>(
+    active: &'a [Arc<ActiveGateway>],
+    pod_uid: &str,
+    sticky: Option<&Sticky>,
+) -> Option<&'a Arc<ActiveGateway>> {
+    let score = |g: &ActiveGateway| {
         let score = rendezvous(&[pod_uid.as_bytes(), &g.entry.to_le_bytes(), &g.slot.to_le_bytes()]);
         (score, std::cmp::Reverse((g.entry, g.slot)))
-    })
+    };
+    if let Some(s) = sticky {
+        let same_slot = |g: &&Arc<ActiveGateway>| g.entry == s.entry && g.slot == s.slot;
+        let on_node = active
+            .iter()
+            .filter(|g| g.node == s.node)
+            .max_by_key(|g| (same_slot(g), score(g)));
+        if let Some(g) = on_node.or_else(|| active.iter().find(same_slot)) {
+            return Some(g);
+        }
+    }
+    active.iter().max_by_key(|g| score(g))
 }
 
 /// IPv4 egress address, IPv6 egress address, interface.
@@ -155,7 +192,8 @@ impl Planner {
     /// pods hash to slots, not to nodes, so a node that replaces another in its slot takes over
     /// exactly the pods the other served. Retained gateways keep their slot while usable; other
     /// slots are filled, in slot order, by the usable node with the highest hash of
-    /// (policy, entry, slot, node). A node fills one slot of an entry, except with managed
+    /// (policy, entry, slot, node), a node that served the policy before (in another entry, say)
+    /// first. A node fills one slot of an entry, except with managed
     /// addresses (`egressIPs`): a slot no other node can fill rides on a node that fills another
     /// (the highest hash again), so that every address stays held and its pods keep leaving with
     /// it; and such a doubled slot stays where it is while that node is usable.
@@ -206,6 +244,10 @@ impl Planner {
                 ]);
                 (score, std::cmp::Reverse(g.node.clone()))
             };
+            // A node that served the policy before (in any entry: entries may be reordered) is
+            // preferred for a slot that has none retained, so that an edit moves no gateway
+            // that could stay.
+            let served = |g: &ActiveGateway| retained.iter().any(|r| *r.node == *g.node);
             let slots = gateway.max_nodes as usize;
             let mut filled: Vec<Option<ActiveGateway>> = vec![None; slots];
             let mut used: Vec<Arc<str>> = Vec::new();
@@ -230,7 +272,7 @@ impl Planner {
                     .iter()
                     .filter(|n| !used.contains(n.0))
                     .filter_map(|n| offer(n, slot))
-                    .max_by_key(|g| score(slot, g));
+                    .max_by_key(|g| (served(g), score(slot, g)));
                 if let Some(g) = place {
                     used.push(g.node.clone());
                 }

@@ -252,9 +252,10 @@ impl Planner {
             return;
         };
         self.unclaim_pod(&state, dirty, delta);
-        state.matched.clear();
+        let before = std::mem::take(&mut state.matched);
         self.claim_pod(&mut state, dirty, delta);
         self.pods.insert(state.uid.clone(), state);
+        self.forget_unmatched(uid, before.to_vec());
     }
 
     fn unclaim_pod(&mut self, state: &PodState, dirty: &mut DirtyKeys, delta: &mut PlanDelta) {

@@ -12,9 +12,13 @@
 //!   (policy, entry, slot, node) over the ready, eligible, matching nodes: deterministic, spread
 //!   across policies, and unmoved by nodes that come and go elsewhere. Gateways listed as
 //!   retained keep their slot while usable.
-//! - Each pod goes to the occupied (entry, slot) with the highest hash of (pod UID, entry, slot):
-//!   a slot that empties moves only its own pods, and a node that takes over a slot takes exactly
-//!   that slot's pods.
+//! - A new pod goes to the occupied (entry, slot) with the highest hash of (pod UID, entry,
+//!   slot). From then on it stays with that node while the node serves the policy (in any entry
+//!   or slot): gateways that recover or are added, a `maxGatewayNodes` increase or reordered
+//!   entries move no pod of a working gateway. A pod whose node stops serving follows its slot
+//!   to the node that takes it over (so a node that takes over a slot takes exactly that slot's
+//!   pods), else is placed as a new pod. The assignments are state, not inputs: a new planner
+//!   takes them from the datapaths ([`Planner::adopt_assignments`]).
 //! - When two policies claim the same (source, destination), the older policy wins (earlier
 //!   `creationTimestamp`, then smaller name); the loser reports the conflict. Within one policy an
 //!   excluded CIDR beats an identical destination CIDR.
@@ -45,7 +49,7 @@ pub use crate::plan::GatewayDuty;
 
 pub use self::{
     delta::{EgressEntry, EntryKey, NodeDelta, PlanDelta},
-    gateways::ActiveGateway,
+    gateways::{ActiveGateway, Sticky},
     index::NAMESPACE_NAME_LABEL,
     outcome::{GatewayDiagnosis, PolicyOutcome},
 };
@@ -103,6 +107,8 @@ struct PolicyState {
     config: Result<PolicyConfig, PolicyError>,
     active: Vec<Arc<ActiveGateway>>,
     matched: HashSet<Arc<str>>,
+    /// The gateway each matched pod was last assigned (by UID): it stays there while usable.
+    sticky: HashMap<Arc<str>, Sticky>,
 }
 
 /// The keys a change may have re-resolved.
@@ -243,10 +249,12 @@ impl Planner {
         {
             return delta;
         }
+        let before = self.matched_by(&pod.uid);
         let uid = self
             .take_pod(&pod.uid, &mut dirty, &mut delta)
             .unwrap_or_else(|| pod.uid.as_str().into());
-        self.insert_pod(uid, pod, &mut dirty, &mut delta);
+        self.insert_pod(uid.clone(), pod, &mut dirty, &mut delta);
+        self.forget_unmatched(&uid, before);
         self.resolve(dirty, &mut delta);
         delta
     }
@@ -254,9 +262,89 @@ impl Planner {
     pub fn remove_pod(&mut self, uid: &str) -> PlanDelta {
         let mut delta = PlanDelta::default();
         let mut dirty = DirtyKeys::new();
+        let before = self.matched_by(uid);
         self.take_pod(uid, &mut dirty, &mut delta);
+        self.forget_unmatched(uid, before);
         self.resolve(dirty, &mut delta);
         delta
+    }
+
+    /// The policies that select pod `uid` now.
+    fn matched_by(&self, uid: &str) -> Vec<Arc<str>> {
+        self.pods.get(uid).map(|p| p.matched.to_vec()).unwrap_or_default()
+    }
+
+    /// Forgets the assignments of pod `uid` to the policies of `before` that no longer select it.
+    pub(super) fn forget_unmatched(&mut self, uid: &str, before: Vec<Arc<str>>) {
+        let now = self.matched_by(uid);
+        for policy in before.iter().filter(|p| !now.contains(p)) {
+            if let Some(p) = self.policies.get_mut(policy) {
+                p.sticky.remove(uid);
+            }
+        }
+    }
+
+    /// Takes the gateways pods were assigned from what the datapaths hold (after a restart or a
+    /// leader change): (policy, pod IP, gateway node). A pod whose gateway node serves the
+    /// policy stays there. Unknown policies, pods and nodes are skipped.
+    pub fn adopt_assignments(
+        &mut self,
+        held: impl IntoIterator<Item = (String, IpAddr, String)>,
+    ) -> PlanDelta {
+        let mut delta = PlanDelta::default();
+        let mut dirty = DirtyKeys::new();
+        let mut by_policy: HashMap<String, Vec<(IpAddr, String)>> = HashMap::new();
+        for (policy, ip, node) in held {
+            by_policy.entry(policy).or_default().push((ip, node));
+        }
+        for (policy, held) in by_policy {
+            let Some((name, p)) = self.policies.get_key_value(policy.as_str()) else {
+                continue;
+            };
+            let (name, Ok(config)) = (name.clone(), &p.config) else {
+                continue;
+            };
+            let mut by_ip: HashMap<IpAddr, Vec<Arc<str>>> = HashMap::new();
+            for uid in &p.matched {
+                for ip in self.pods.get(uid).into_iter().flat_map(|pod| pod.ips.iter()) {
+                    by_ip.entry(*ip).or_default().push(uid.clone());
+                }
+            }
+            let mut adopted = Vec::new();
+            for (ip, node) in held {
+                let Some(g) = p.active.iter().find(|g| *g.node == *node) else {
+                    continue;
+                };
+                for uid in by_ip.get(&ip).into_iter().flatten() {
+                    if p.sticky.get(uid).is_none_or(|s| *s.node != *node) {
+                        adopted.push((uid.clone(), Sticky::of(g)));
+                        if let Some(pod) = self.pods.get(uid) {
+                            dirty.extend(keys_of(config, &pod.ips).map(|(k, _)| k));
+                        }
+                    }
+                }
+            }
+            if let Some(p) = self.policies.get_mut(&name) {
+                p.sticky.extend(adopted);
+            }
+        }
+        self.resolve(dirty, &mut delta);
+        delta
+    }
+
+    /// Every pod's gateway node, per policy: (policy, pod IP, node), what a datapath reports
+    /// back to a new planner ([`Planner::adopt_assignments`]).
+    pub fn assignments(&self) -> Vec<(String, IpAddr, String)> {
+        let mut out = Vec::new();
+        for (name, p) in &self.policies {
+            for (uid, s) in &p.sticky {
+                for ip in self.pods.get(uid).into_iter().flat_map(|pod| pod.ips.iter()) {
+                    out.push((name.to_string(), *ip, s.node.to_string()));
+                }
+            }
+        }
+        out.sort();
+        out
     }
 
     pub fn upsert_policy(&mut self, input: PolicyInput) -> PlanDelta {
@@ -287,6 +375,12 @@ impl Planner {
         }
         let name: Arc<str> = input.name.as_str().into();
         let mut addresses = self.managed_ips_of(&name);
+        // An edited policy keeps its pods where they are.
+        let mut sticky = self
+            .policies
+            .get_mut(&*name)
+            .map(|p| std::mem::take(&mut p.sticky))
+            .unwrap_or_default();
         self.take_policy(&name, &mut dirty, &mut delta);
 
         let config = policy::parse(&input.spec);
@@ -321,6 +415,7 @@ impl Planner {
                 }
             }
         }
+        sticky.retain(|uid, _| matched.contains(uid));
         self.policies.insert(
             name.clone(),
             PolicyState {
@@ -329,6 +424,7 @@ impl Planner {
                 config,
                 active,
                 matched,
+                sticky,
             },
         );
         self.reselect_claimants(&addresses, &name, &mut dirty, &mut delta);

@@ -9,7 +9,7 @@ use smallvec::SmallVec;
 use super::{
     DirtyKeys, Planner,
     delta::{EgressEntry, EntryKey, PlanDelta},
-    gateways::{ActiveGateway, assign},
+    gateways::{ActiveGateway, Sticky, assign},
 };
 use crate::{
     api::FailurePolicy,
@@ -171,6 +171,29 @@ impl Planner {
             })
         });
         let new = winner.and_then(|w| self.resolve_claim(w));
+        // The pod stays with this gateway from now on (see `assign`); a pod the policy has no
+        // gateway for has no connections to keep, and is placed afresh when gateways return
+        // (spread, not all on the last one standing).
+        if let (Some(w), Some(resolved)) = (winner, &new) {
+            let (policy, pod) = (w.policy.clone(), w.pod.clone());
+            match &resolved.target {
+                Target::Gateway(g) => {
+                    let sticky = Sticky::of(g);
+                    if let Some(p) = self.policies.get_mut(&policy)
+                        && p.sticky.get(&pod) != Some(&sticky)
+                    {
+                        p.sticky.insert(pod, sticky);
+                    }
+                }
+                Target::None | Target::Fallback => {
+                    if let Some(p) = self.policies.get_mut(&policy) {
+                        p.sticky.remove(&pod);
+                    }
+                }
+                Target::Excluded => {}
+            }
+        }
+
         let new_losses: Losses = match (claims, winner) {
             (Some(claims), Some(w)) => {
                 let mut l: Losses = claims
@@ -243,7 +266,7 @@ impl Planner {
             Target::Excluded
         } else {
             let policy = self.policies.get(&claim.policy)?;
-            match assign(&policy.active, &claim.pod) {
+            match assign(&policy.active, &claim.pod, policy.sticky.get(&claim.pod)) {
                 Some(g) => Target::Gateway(g.clone()),
                 None => match policy.config.as_ref().ok()?.failure {
                     FailurePolicy::Drop => Target::None,

@@ -9,7 +9,7 @@ use std::{
 
 use tokio::sync::{mpsc, watch};
 
-use super::{HeldDuty, NodeView};
+use super::{HeldDuty, HeldPod, NodeView};
 use crate::{model::InterfaceInfo, planner::EntryKey};
 
 /// What sessions tell the engine.
@@ -22,6 +22,8 @@ pub enum ShimEvent {
         interfaces: Vec<InterfaceInfo>,
         /// The gateway duties the shim's datapath holds.
         held: Vec<HeldDuty>,
+        /// The gateways its pods are steered to.
+        pods: Vec<HeldPod>,
     },
     /// A heartbeat, taken in at once. The node channel's sessions stamp [`Hub::heard`] instead,
     /// which the engine reads at its next tick.

@@ -34,6 +34,15 @@ pub struct HeldDuty {
     pub gateway: IpAddr,
 }
 
+/// What a shim reports its datapath holding for one of its pods: the pod at `pod` is steered to
+/// the node with underlay address `gateway` for `policy`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldPod {
+    pub policy: String,
+    pub pod: IpAddr,
+    pub gateway: IpAddr,
+}
+
 /// The start-up settling period (see the engine's documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Settling {
@@ -86,6 +95,8 @@ pub(super) struct Liveness {
     settling: Settling,
     /// While settling: per policy, the slots shims reported holding, by gateway address.
     held: HashMap<String, Vec<HeldDuty>>,
+    /// The pods' gateways shims reported (while settling).
+    held_pods: Vec<HeldPod>,
     /// Shims found silent since the last [`Liveness::take_lost`]: node -> last heard from.
     lost: HashMap<String, Instant>,
     /// Per accepted policy, the `nodeSelector` of each of its gateway entries.
@@ -110,6 +121,7 @@ impl Liveness {
             shims: HashMap::new(),
             settling: Settling::NotStarted,
             held: HashMap::new(),
+            held_pods: Vec::new(),
             lost: HashMap::new(),
             gateway_selectors: HashMap::new(),
             capable: HashSet::new(),
@@ -176,6 +188,7 @@ impl Liveness {
         );
         self.settling = Settling::Done;
         self.held.clear();
+        self.held_pods.clear();
         let settle_started = until.checked_sub(self.settle).unwrap_or(now);
         for node in &missing {
             self.lost.insert(node.clone(), settle_started);
@@ -196,6 +209,26 @@ impl Liveness {
             slots.push(d);
         }
         policies
+    }
+
+    /// Takes in the pods' gateways a shim reports (while settling).
+    pub fn adopt_held_pods(&mut self, pods: Vec<HeldPod>) {
+        if self.settling() {
+            self.held_pods.extend(pods);
+        }
+    }
+
+    /// The pods' gateways reported while settling, as (policy, pod, gateway node name) with the
+    /// names among `nodes` (addresses not among them are left out).
+    pub fn held_pods(&self, nodes: &BTreeMap<String, NodeInfo>) -> Vec<(String, IpAddr, String)> {
+        let by_ip: HashMap<IpAddr, &str> = nodes
+            .values()
+            .filter_map(|n| Some((n.tunnel_ip()?, n.name.as_str())))
+            .collect();
+        self.held_pods
+            .iter()
+            .filter_map(|p| Some((p.policy.clone(), p.pod, (*by_ip.get(&p.gateway)?).to_owned())))
+            .collect()
     }
 
     /// The policies some shim reported holding slots of (while settling).

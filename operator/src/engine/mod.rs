@@ -64,7 +64,7 @@ use self::{
 };
 pub use self::{
     hub::{Hub, ShimEvent},
-    liveness::HeldDuty,
+    liveness::{HeldDuty, HeldPod},
     metrics::EngineMetrics,
     tables::{Generations, NodeView},
 };
@@ -262,6 +262,8 @@ impl Engine {
                         let policies = self.liveness.held_policies().cloned().collect();
                         self.apply_held(policies);
                     }
+                    self.synced = true;
+                    self.adopt_held_pods();
                 }
                 self.synced = true;
             }
@@ -337,9 +339,12 @@ impl Engine {
                 version,
                 interfaces,
                 held,
+                pods,
             } => {
-                tracing::info!(%node, session, %version, held = held.len(), "shim connected");
+                tracing::info!(%node, session, %version, held = held.len(), pods = pods.len(), "shim connected");
+                self.liveness.adopt_held_pods(pods);
                 self.shim_connected(&node, session, interfaces, held, now);
+                self.adopt_held_pods();
             }
             ShimEvent::Heartbeat { node, session } => {
                 if self.liveness.heartbeat(&node, session, now) {
@@ -456,6 +461,20 @@ impl Engine {
             let node = self.liveness.effective(source);
             self.apply(Change::UpsertNode(node));
         }
+    }
+
+    /// Keeps the pods the shims reported on the gateways they are steered to (while settling,
+    /// once the source is synced: the planner knows the pods then), after the held slots.
+    fn adopt_held_pods(&mut self) {
+        if !self.synced || !self.liveness.settling() {
+            return;
+        }
+        let held = self.liveness.held_pods(&self.source_nodes);
+        if held.is_empty() {
+            return;
+        }
+        let delta = self.planner.adopt_assignments(held);
+        self.pending.merge(delta);
     }
 
     /// Makes the held slots of `policies` their retained gateways, where that changes them.
@@ -928,6 +947,7 @@ mod tests {
                 version: "test".into(),
                 interfaces: vec![],
                 held,
+                pods: vec![],
             },
             at,
         );

@@ -89,6 +89,8 @@ fn current_hello(hello: &v1::Hello) -> Result<v2::Hello, Status> {
         held,
         // A shim of the previous release judges the operator's silence by its own interval.
         operator_heartbeat_floor: false,
+        // A shim of the previous release does not report its pods' gateways.
+        held_pods: Vec::new(),
     })
 }
 
@@ -168,6 +170,7 @@ async fn keep_alive(
         version: hello.version.clone(),
         interfaces,
         held: held_duties(&hello),
+        pods: Vec::new(),
     });
     let mut replaced = service.live.claim(&node, session);
     // A v1 shim heartbeats at the interval of its last plan (250 ms by default), and takes the

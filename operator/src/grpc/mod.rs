@@ -44,7 +44,7 @@ use tonic::{
 
 use crate::{
     auth::TokenVerifier,
-    engine::{HeldDuty, Hub, NodeView, ShimEvent},
+    engine::{HeldDuty, HeldPod, Hub, NodeView, ShimEvent},
     model::InterfaceInfo,
     planner::{EgressEntry, EntryKey},
     tls::TlsIncoming,
@@ -360,6 +360,7 @@ async fn run_session(
         version: hello.version.clone(),
         interfaces: interfaces(&hello),
         held: held_duties(&hello),
+        pods: held_pods(&hello),
     });
     let mut replaced = live.claim(&node, session);
     // Whether the latest view may not have been sent yet. Views are read only once the shim can
@@ -667,6 +668,22 @@ fn entry_errors(ack: &v2::Ack) -> Vec<(EntryKey, String)> {
                     None
                 }
             }
+        })
+        .collect()
+}
+
+/// The pods' gateways a shim reports holding (entries whose addresses do not decode are left
+/// out: they only ever keep a pod where it is).
+fn held_pods(hello: &v2::Hello) -> Vec<HeldPod> {
+    hello
+        .held_pods
+        .iter()
+        .filter_map(|p| {
+            Some(HeldPod {
+                policy: p.policy.clone(),
+                pod: convert::ip_from_wire("pod", &p.pod).ok()?,
+                gateway: convert::ip_from_wire("gateway", &p.gateway).ok()?,
+            })
         })
         .collect()
 }
