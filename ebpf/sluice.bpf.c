@@ -221,6 +221,25 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sluice_seen SEC(".maps");
 
+/* Pinned flows (see sluice.h). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct sluice_flow_key_v4);
+	__type(value, struct sluice_flow_v4);
+	__uint(max_entries, 131072); /* overridden at load time (--flow-map-max) */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sluice_flows_v4 SEC(".maps");
+
+/* The gateways a flow may stay pinned to (underlay IP -> 1), written by the shim. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __be32);
+	__type(value, __u32);
+	__uint(max_entries, SLUICE_PINNABLE_V4_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sluice_pinnable_v4 SEC(".maps");
+
 /* Managed egress IPs, and the deadline past which the node lets go of them (see sluice.h). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -365,6 +384,125 @@ static __always_inline int policy_lookup(__be32 saddr, __be32 daddr, struct slui
 	out->egress_id = t->egress_id;
 	out->peer_ip = t->peer_ip;
 	return 0;
+}
+
+/*
+ * The flow key of a TCP or UDP packet (ports at the header's end: no IP options assumed beyond
+ * ihl, first fragments only), and its TCP flags byte (0 for UDP). 0 when it is neither.
+ */
+static __always_inline int flow_key(struct __sk_buff *skb, struct iphdr *ip,
+				    struct sluice_flow_key_v4 *key, __u8 *tcp_flags)
+{
+	if (ip->protocol != IPPROTO_TCP && ip->protocol != IPPROTO_UDP)
+		return 0;
+	/* A later fragment carries no ports. */
+	if (ip->frag_off & bpf_htons(0x1fff))
+		return 0;
+	__u32 off = sizeof(struct ethhdr) + (ip->ihl & 0xf) * 4;
+	struct {
+		__be16 sport;
+		__be16 dport;
+		__u8 rest[9];
+		__u8 flags; /* TCP: byte 13 of the header */
+	} l4;
+	__u32 len = ip->protocol == IPPROTO_TCP ? sizeof(l4) : 4;
+
+	if (bpf_skb_load_bytes(skb, off, &l4, len) < 0)
+		return 0;
+	__builtin_memset(key, 0, sizeof(*key));
+	key->saddr = ip->saddr;
+	key->daddr = ip->daddr;
+	key->sport = l4.sport;
+	key->dport = l4.dport;
+	key->protocol = ip->protocol;
+	*tcp_flags = ip->protocol == IPPROTO_TCP ? l4.flags : 0;
+	return 1;
+}
+
+#define SLUICE_TCP_FIN 0x01
+#define SLUICE_TCP_RST 0x04
+
+static __always_inline int flow_expired(const struct sluice_flow_v4 *f, __u8 protocol, __u64 now)
+{
+	__u64 idle = protocol == IPPROTO_UDP ? SLUICE_FLOW_IDLE_UDP_S : SLUICE_FLOW_IDLE_TCP_S;
+
+	if (f->flags & SLUICE_FLOW_CLOSING)
+		idle = SLUICE_FLOW_IDLE_CLOSING_S;
+	return now - f->last_seen_ns > idle * 1000000000ull;
+}
+
+/*
+ * The gateway a pod's packet goes to: the one its flow is pinned to, while that one is
+ * pinnable and the entry is the same policy's; else the entry's, which the flow is pinned to
+ * from now on (see sluice.h). Only for entries steering to a remote gateway.
+ */
+static __always_inline __be32 pinned_gateway(struct __sk_buff *skb, struct iphdr *ip,
+					     const struct sluice_entry *v, const struct sluice_config *cfg)
+{
+	struct sluice_flow_key_v4 key;
+	__u8 tcp_flags = 0;
+
+	if ((cfg->flags & SLUICE_CFG_NO_FLOW_PINNING) || !flow_key(skb, ip, &key, &tcp_flags))
+		return v->gateway_ip;
+	__u64 now = bpf_ktime_get_ns();
+	struct sluice_flow_v4 *f = bpf_map_lookup_elem(&sluice_flows_v4, &key);
+
+	if (tcp_flags & SLUICE_TCP_RST) {
+		__be32 gw = v->gateway_ip;
+
+		/* The last packet of the flow still goes where the flow went. */
+		if (f && f->policy_id == v->policy_id && !flow_expired(f, key.protocol, now) &&
+		    bpf_map_lookup_elem(&sluice_pinnable_v4, &f->gateway_ip))
+			gw = f->gateway_ip;
+		if (f)
+			bpf_map_delete_elem(&sluice_flows_v4, &key);
+		return gw;
+	}
+	if (f && f->policy_id == v->policy_id && !flow_expired(f, key.protocol, now)) {
+		__be32 gw = f->gateway_ip;
+
+		if (gw != v->gateway_ip && !bpf_map_lookup_elem(&sluice_pinnable_v4, &gw)) {
+			/* Its gateway may not take it any more: it follows the entry from now on. */
+			gw = v->gateway_ip;
+			f->gateway_ip = gw;
+		}
+		if (tcp_flags & SLUICE_TCP_FIN)
+			f->flags |= SLUICE_FLOW_CLOSING;
+		if (now - f->last_seen_ns > SLUICE_FLOW_TOUCH_NS)
+			f->last_seen_ns = now;
+		if (gw != v->gateway_ip)
+			count(SLUICE_CTR_PINNED, skb->len);
+		return gw;
+	}
+	struct sluice_flow_v4 nf = {
+		.gateway_ip = v->gateway_ip,
+		.policy_id = v->policy_id,
+		.last_seen_ns = now,
+		.flags = (tcp_flags & SLUICE_TCP_FIN) ? SLUICE_FLOW_CLOSING : 0,
+	};
+
+	bpf_map_update_elem(&sluice_flows_v4, &key, &nf, BPF_ANY);
+	return v->gateway_ip;
+}
+
+/* Whether a reply (`ip`, from the tunnel) belongs to a flow the pod pinned to gateway `remote`. */
+static __always_inline int reply_of_pinned_flow(struct __sk_buff *skb, struct iphdr *ip, __be32 remote)
+{
+	struct sluice_flow_key_v4 reply;
+	__u8 tcp_flags = 0;
+
+	if (!flow_key(skb, ip, &reply, &tcp_flags))
+		return 0;
+	struct sluice_flow_key_v4 key = {
+		.saddr = reply.daddr,
+		.daddr = reply.saddr,
+		.sport = reply.dport,
+		.dport = reply.sport,
+		.protocol = reply.protocol,
+	};
+	struct sluice_flow_v4 *f = bpf_map_lookup_elem(&sluice_flows_v4, &key);
+
+	return f && f->gateway_ip == remote && bpf_map_lookup_elem(&sluice_pinnable_v4, &remote);
 }
 
 static __always_inline struct sluice_config *config(void)
@@ -656,8 +794,10 @@ int sluice_from_pod(struct __sk_buff *skb)
 		count(SLUICE_CTR_ERROR, skb->len);
 		return TC_ACT_SHOT;
 	}
+	__be32 gateway = pinned_gateway(skb, ip, v, cfg);
+
 	clamp_mss(skb, cfg->tcp_mss_max);
-	if (set_tunnel_dst(skb, cfg, v->gateway_ip) < 0) {
+	if (set_tunnel_dst(skb, cfg, gateway) < 0) {
 		count(SLUICE_CTR_ERROR, skb->len);
 		return TC_ACT_SHOT;
 	}
@@ -775,15 +915,20 @@ int sluice_from_tunnel(struct __sk_buff *skb)
 		return SLUICE_PASS;
 	}
 
-	/* A reply to a local pod, from the gateway its entry names? */
+	/* A reply to a local pod, from the gateway its entry names, or its flow is pinned to? */
 	if (policy_lookup(daddr, saddr, v) == 0 && v->kind == SLUICE_KIND_GATEWAY &&
-	    !(v->flags & SLUICE_F_LOCAL_GATEWAY) && (peer_flags & SLUICE_PEER_GATEWAY) &&
-	    v->gateway_ip == remote) {
-		count(SLUICE_CTR_REPLY_DELIVERED, skb->len);
+	    !(v->flags & SLUICE_F_LOCAL_GATEWAY) && (peer_flags & SLUICE_PEER_GATEWAY)) {
+		if (v->gateway_ip == remote)
+			count(SLUICE_CTR_REPLY_DELIVERED, skb->len);
+		else if (reply_of_pinned_flow(skb, ip, remote))
+			count(SLUICE_CTR_PINNED_REPLY_DELIVERED, skb->len);
+		else
+			goto not_a_reply;
 		/* The pod's side may have the underlay's full MTU: its segments must fit the tunnel. */
 		clamp_mss(skb, cfg->tcp_mss_max);
 		return deliver_to_pod(skb);
 	}
+not_a_reply:
 
 	/*
 	 * An ICMP error about a steered flow (from a router on the gateway's way out: "fragmentation

@@ -92,6 +92,13 @@ enum sluice_counter_index {
 	SLUICE_CTR_DROP_FENCED_ARP = 21,
 	/* Fence expired: an IPv4 packet whose source is a managed address, dropped. */
 	SLUICE_CTR_DROP_FENCED_SOURCE = 22,
+	/*
+	 * Source node: sent to the gateway its flow started on (pinned) rather than the one its
+	 * entry names now (a planned change moves only new flows).
+	 */
+	SLUICE_CTR_PINNED = 23,
+	/* Source node: a reply from the gateway its flow is pinned to, delivered to the pod. */
+	SLUICE_CTR_PINNED_REPLY_DELIVERED = 24,
 	SLUICE_CTR_MAX = 32,
 };
 
@@ -201,6 +208,8 @@ struct sluice_config {
  * that route pod addresses through one shared device and enforce source addresses themselves).
  */
 #define SLUICE_CFG_NO_SOURCE_CHECK (1u << 0)
+/* Do not pin flows (sluice_flows_v4): every packet follows its entry (--flow-pinning off). */
+#define SLUICE_CFG_NO_FLOW_PINNING (1u << 1)
 
 /* --- Tunnel peer flags (values of sluice_tunnel_peers_v4) ------------------------------- */
 /* The node sends requests of its pods to this gateway. */
@@ -232,6 +241,49 @@ struct sluice_reply_v4 {
 #define SLUICE_POLICY_NAME_LEN 256
 struct sluice_policy_name {
 	char name[SLUICE_POLICY_NAME_LEN];
+};
+
+/* --- Pinned flows -------------------------------------------------------------------------- */
+/*
+ * On the pod's node, each TCP and UDP flow steered to a remote gateway is remembered with that
+ * gateway (sluice_flows_v4, an LRU hash sized by the shim's --flow-map-max) at its first packet.
+ * When a planned change gives the pod another gateway, the flow keeps going to the one it started
+ * on while that gateway is pinnable (sluice_pinnable_v4: the operator still has it hold the
+ * pod's entries), and its replies from there are taken; new flows take the new gateway. A flow
+ * whose gateway is no longer pinnable (failed, or its drain is over) follows its entry at once.
+ * A pin ends with a TCP RST, a few seconds after a FIN, or idle for long (the timeouts below);
+ * flows of a pod on its own gateway node are not pinned.
+ */
+#define SLUICE_FLOW_IDLE_TCP_S 3600
+#define SLUICE_FLOW_IDLE_CLOSING_S 10
+#define SLUICE_FLOW_IDLE_UDP_S 120
+/* A pin's last_seen_ns is refreshed at most this often (one map write per second per flow). */
+#define SLUICE_FLOW_TOUCH_NS 1000000000
+
+/* Capacity of sluice_pinnable_v4. */
+#define SLUICE_PINNABLE_V4_MAX 4096
+
+/* sluice_flow_v4.flags */
+/* The pod sent a FIN: the pin ends SLUICE_FLOW_IDLE_CLOSING_S after the last packet. */
+#define SLUICE_FLOW_CLOSING (1u << 0)
+
+/* Key of sluice_flows_v4: the flow as the pod sends it. */
+struct sluice_flow_key_v4 {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 protocol;
+	__u8 _pad[3];
+};
+
+/* Value of sluice_flows_v4. */
+struct sluice_flow_v4 {
+	__be32 gateway_ip;    /* the gateway the flow started on (underlay IP) */
+	__u32 policy_id;      /* of the entry that steered it: another policy's entry unpins it */
+	__u64 last_seen_ns;   /* bpf_ktime_get_ns() of a recent packet */
+	__u32 flags;          /* SLUICE_FLOW_* */
+	__u32 _pad;
 };
 
 /* --- The fence of managed egress IPs ----------------------------------------------------- */

@@ -41,6 +41,11 @@ pub struct NodePlanDoc {
     /// The no-leak guard for new pods: absent, none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guard: Option<Guard>,
+    /// Gateways this node's pods' flows may stay pinned to although their entries now name
+    /// another gateway: gateways that still hold those pods' entries after a planned change
+    /// (see docs/datapath.md, "Pinned flows"). Empty: a flow follows its entry.
+    #[serde(rename = "pinnableGateways", default, skip_serializing_if = "Vec::is_empty")]
+    pub pinnable_gateways: Vec<IpAddr>,
 }
 
 /// Until the plan decides on a pod, its traffic to what a `failurePolicy: Drop` policy guards is

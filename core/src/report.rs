@@ -18,6 +18,7 @@ pub fn document(planner: &Planner) -> PlanDocument {
         .map(|(name, entries)| NodePlanDoc {
             // The in-cluster set is the caller's to add: it is not the planner's.
             cluster_cidrs: Vec::new(),
+            pinnable_gateways: Vec::new(),
             guard: Some(crate::plan::Guard {
                 destinations: planner.guarded_destinations(),
                 decided_pods: planner.decided_pod_ips(&name),

@@ -1,4 +1,4 @@
-//! `sluice-shim bpf list` and `sluice-shim bpf counters`: the live maps, as tables.
+//! `sluice-shim bpf list`, `bpf counters` and `bpf flows`: the live maps, as tables.
 
 use std::{collections::BTreeMap, fmt::Write, path::Path};
 
@@ -22,6 +22,77 @@ pub fn counters(dir: &Path) -> Result<String> {
         &maps.policy_counters()?,
         &maps.policy_names()?,
     ))
+}
+
+/// The pinned flows: each TCP or UDP flow of this node's pods through a remote gateway, with the
+/// gateway it started on (and stays on while that one is pinnable).
+pub fn flows(dir: &Path) -> Result<String> {
+    let maps = Maps::open_pinned(dir)?;
+    let now = monotonic_ns();
+    let mut flows = Vec::new();
+    for item in maps.flows.iter() {
+        let (k, v) = item.map_err(|source| crate::error::Error::Map {
+            name: maps::FLOWS_V4,
+            action: "reading".into(),
+            source,
+        })?;
+        flows.push((k, v));
+    }
+    flows.sort_by_key(|(k, _)| *k);
+    let pinnable: std::collections::BTreeSet<u32> = maps.pinnable.keys().filter_map(|k| k.ok()).collect();
+    Ok(render_flows(&flows, &pinnable, &maps.policy_names()?, now))
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of the datapath's `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        (t.tv_sec() as u64).saturating_mul(1_000_000_000) + t.tv_nsec() as u64
+    })
+}
+
+/// Renders pinned flows as a table (`now`: CLOCK_MONOTONIC ns, for the idle times).
+pub fn render_flows(
+    flows: &[(maps::FlowKeyV4, maps::FlowV4)],
+    pinnable: &std::collections::BTreeSet<u32>,
+    names: &BTreeMap<u32, String>,
+    now: u64,
+) -> String {
+    let mut rows = vec![[
+        "Protocol".to_owned(),
+        "Source".into(),
+        "Destination".into(),
+        "Gateway".into(),
+        "Pinnable".into(),
+        "Idle".into(),
+        "Policy".into(),
+    ]];
+    for (k, v) in flows {
+        let protocol = match k.protocol {
+            6 => "tcp".to_owned(),
+            17 => "udp".to_owned(),
+            p => p.to_string(),
+        };
+        let closing = if v.flags & maps::FLOW_CLOSING != 0 {
+            " (closing)"
+        } else {
+            ""
+        };
+        rows.push([
+            protocol,
+            format!("{}:{}", maps::from_be(k.saddr), u16::from_be(k.sport)),
+            format!("{}:{}", maps::from_be(k.daddr), u16::from_be(k.dport)),
+            maps::from_be(v.gateway_ip).to_string(),
+            if pinnable.contains(&v.gateway_ip) {
+                "yes"
+            } else {
+                "-"
+            }
+            .to_owned(),
+            format!("{}s{closing}", now.saturating_sub(v.last_seen_ns) / 1_000_000_000),
+            policy_name(names, v.policy_id),
+        ]);
+    }
+    table(&rows)
 }
 
 fn gateway(v: &EntryValueV4) -> String {

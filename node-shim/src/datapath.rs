@@ -97,6 +97,10 @@ pub struct Maps {
     pub managed: HashMap<MapData, u32, ManagedV4>,
     /// Index 0: the fence's deadline, ns of CLOCK_MONOTONIC; 0 = never armed.
     pub fence_deadline: Array<MapData, u64>,
+    /// Pinned flows (written by the datapath; the shim only reads them).
+    pub flows: HashMap<MapData, maps::FlowKeyV4, maps::FlowV4>,
+    /// The gateways a flow may stay pinned to (underlay IP, network byte order -> 1).
+    pub pinnable: HashMap<MapData, u32, u32>,
 }
 
 fn map_err<'a>(name: &'static str, action: &'a str) -> impl FnOnce(aya::maps::MapError) -> Error + 'a {
@@ -171,6 +175,8 @@ impl Maps {
             decided_pods_v6: typed!(maps::DECIDED_PODS_V6),
             managed: typed!(maps::MANAGED_V4),
             fence_deadline: typed!(maps::FENCE_DEADLINE),
+            flows: typed!(maps::FLOWS_V4),
+            pinnable: typed!(maps::PINNABLE_V4),
         })
     }
 
@@ -334,6 +340,7 @@ impl Datapath {
             .default_map_pin_directory(dir)
             .map_max_entries(maps::DESTINATIONS_V4, capacity.destinations)
             .map_max_entries(maps::SOURCES_V4, capacity.sources)
+            .map_max_entries(maps::FLOWS_V4, capacity.flows)
             .load(OBJECT)
             .map_err(|e| {
                 if is_permission_error(&e) {
@@ -576,6 +583,8 @@ fn replace_stale_layouts(dir: &Path) {
 pub struct Capacity {
     pub sources: u32,
     pub destinations: u32,
+    /// Pinned flows (an LRU: the least recently used flow goes when it is full).
+    pub flows: u32,
 }
 
 impl Default for Capacity {
@@ -583,6 +592,7 @@ impl Default for Capacity {
         Capacity {
             sources: maps::DEFAULT_SOURCE_MAP_MAX,
             destinations: maps::DEFAULT_POLICY_MAP_MAX,
+            flows: maps::DEFAULT_FLOW_MAP_MAX,
         }
     }
 }

@@ -43,6 +43,9 @@ enum BpfCommand {
     List,
     /// The datapath counters, by outcome and by policy.
     Counters,
+    /// The pinned flows of this node's pods: each with the gateway it started on, which it keeps
+    /// across planned changes while that gateway is pinnable.
+    Flows,
 }
 
 #[derive(clap::Args)]
@@ -91,6 +94,16 @@ struct RunArgs {
     /// map is first created.
     #[arg(long, env = "SLUICE_SOURCE_MAP_MAX", default_value_t = maps::DEFAULT_SOURCE_MAP_MAX)]
     source_map_max: u32,
+    /// Capacity of the pinned flows map: TCP and UDP flows this node's pods have open through
+    /// remote gateways, each remembered with the gateway it started on (an LRU: beyond it, the
+    /// least recently used flow follows its pod's current gateway). Set when the map is first
+    /// created; 40 bytes a flow.
+    #[arg(long, env = "SLUICE_FLOW_MAP_MAX", default_value_t = maps::DEFAULT_FLOW_MAP_MAX)]
+    flow_map_max: u32,
+    /// Whether open flows keep the gateway they started on across planned changes (`on`), or
+    /// every packet follows its pod's current entry (`off`: one map lookup a packet less).
+    #[arg(long, env = "SLUICE_FLOW_PINNING", value_enum, default_value_t = OnOff::On)]
+    flow_pinning: OnOff,
     /// Sluice's own VXLAN (collect_md) device.
     #[arg(long, env = "SLUICE_TUNNEL_DEVICE", default_value = "sluice-vx0")]
     tunnel_device: String,
@@ -141,6 +154,12 @@ struct RunArgs {
     /// At least 10s.
     #[arg(long, env = "SLUICE_RELEASE_MANAGED_IPS_AFTER", default_value = "never", value_parser = parse_release_after)]
     release_managed_ips_after: ReleaseAfter,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 /// `--release-managed-ips-after`: `None` is never.
@@ -230,6 +249,7 @@ async fn run(a: RunArgs, bpffs_dir: PathBuf) -> anyhow::Result<()> {
         capacity: sluice_shim::datapath::Capacity {
             sources: a.source_map_max,
             destinations: a.policy_map_max,
+            flows: a.flow_map_max,
         },
         tunnel: netdev::Tunnel {
             device: a.tunnel_device,
@@ -245,6 +265,7 @@ async fn run(a: RunArgs, bpffs_dir: PathBuf) -> anyhow::Result<()> {
         interval: Duration::from_millis(a.interval_ms),
         status_file: a.status_file,
         release_managed_after: a.release_managed_ips_after.0,
+        flow_pinning: a.flow_pinning == OnOff::On,
     };
     tokio::select! {
         ran = run::run(opts) => ran?,
@@ -283,6 +304,7 @@ fn main() -> anyhow::Result<()> {
     match command {
         Command::Bpf(BpfCommand::List) => print!("{}", sluice_shim::bpf::list(&bpffs_dir)?),
         Command::Bpf(BpfCommand::Counters) => print!("{}", sluice_shim::bpf::counters(&bpffs_dir)?),
+        Command::Bpf(BpfCommand::Flows) => print!("{}", sluice_shim::bpf::flows(&bpffs_dir)?),
         Command::Uninstall {
             tunnel_device,
             reply_table,

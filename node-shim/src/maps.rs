@@ -73,6 +73,10 @@ pub const SEEN: &str = "sluice_seen";
 pub const MANAGED_V4: &str = "sluice_managed_v4";
 /// The one-entry array holding the fence's deadline (ns of CLOCK_MONOTONIC; 0 = never armed).
 pub const FENCE_DEADLINE: &str = "sluice_fence_deadline";
+/// Pinned flows: [`FlowKeyV4`] -> [`FlowV4`] (LRU), written by the datapath.
+pub const FLOWS_V4: &str = "sluice_flows_v4";
+/// The gateways a flow may stay pinned to (underlay IP, network byte order -> 1).
+pub const PINNABLE_V4: &str = "sluice_pinnable_v4";
 
 // Every `SLUICE_*` constant of `ebpf/sluice.h` (`SOURCE_TARGETS`, `DEST_*`, `KIND_*`,
 // `F_LOCAL_GATEWAY`, `CFG_*`, `PEER_*`, `SEEN_SLOTS`, `POLICY_NAME_LEN`, the `CTR_*` counter
@@ -80,7 +84,7 @@ pub const FENCE_DEADLINE: &str = "sluice_fence_deadline";
 include!(concat!(env!("OUT_DIR"), "/sluice_h.rs"));
 
 /// Every map of the object, in the order `bpf` subcommands open them.
-pub const ALL_MAPS: [&str; 20] = [
+pub const ALL_MAPS: [&str; 22] = [
     SOURCES_V4,
     DESTINATIONS_V4,
     HELD_SLOTS_V4,
@@ -101,7 +105,13 @@ pub const ALL_MAPS: [&str; 20] = [
     DECIDED_PODS_V6,
     MANAGED_V4,
     FENCE_DEADLINE,
+    FLOWS_V4,
+    PINNABLE_V4,
 ];
+
+/// Default capacity of the pinned flows map (`--flow-map-max`): an LRU, the least recently
+/// used flow goes when it is full.
+pub const DEFAULT_FLOW_MAP_MAX: u32 = 131_072;
 
 /// Default capacity of the destinations map (no memory is taken until used).
 pub const DEFAULT_POLICY_MAP_MAX: u32 = 1_048_576;
@@ -474,6 +484,35 @@ pub struct ManagedV4 {
     pub _pad: u32,
 }
 
+/// Key of `sluice_flows_v4` (`struct sluice_flow_key_v4`): a flow as the pod sends it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(C)]
+pub struct FlowKeyV4 {
+    /// Network byte order.
+    pub saddr: u32,
+    /// Network byte order.
+    pub daddr: u32,
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `sluice_flows_v4` (`struct sluice_flow_v4`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct FlowV4 {
+    /// The gateway the flow started on (network byte order).
+    pub gateway_ip: u32,
+    pub policy_id: u32,
+    pub last_seen_ns: u64,
+    /// `FLOW_*`.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
 /// Value of `sluice_policy_names` (`struct sluice_policy_name`): NUL-padded UTF-8.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C)]
@@ -499,6 +538,8 @@ unsafe impl aya::Pod for Counter {}
 unsafe impl aya::Pod for ReplyV4 {}
 unsafe impl aya::Pod for PolicyName {}
 unsafe impl aya::Pod for ManagedV4 {}
+unsafe impl aya::Pod for FlowKeyV4 {}
+unsafe impl aya::Pod for FlowV4 {}
 
 /// A map's key or value type as this build has it.
 #[derive(Clone, Copy)]
@@ -520,7 +561,7 @@ impl TypeLayout {
 
 /// Every map with its key and value types (`tests::layouts_match_the_object` checks them against
 /// the object, sizes and BTF types).
-const MAP_TYPES: [(&str, TypeLayout, TypeLayout); 20] = [
+const MAP_TYPES: [(&str, TypeLayout, TypeLayout); 22] = [
     (SOURCES_V4, TypeLayout::of::<u32>(), TypeLayout::of::<SourceV4>()),
     (
         DESTINATIONS_V4,
@@ -561,11 +602,17 @@ const MAP_TYPES: [(&str, TypeLayout, TypeLayout); 20] = [
     ),
     (MANAGED_V4, TypeLayout::of::<u32>(), TypeLayout::of::<ManagedV4>()),
     (FENCE_DEADLINE, TypeLayout::of::<u32>(), TypeLayout::of::<u64>()),
+    (
+        FLOWS_V4,
+        TypeLayout::of::<FlowKeyV4>(),
+        TypeLayout::of::<FlowV4>(),
+    ),
+    (PINNABLE_V4, TypeLayout::of::<u32>(), TypeLayout::of::<u32>()),
 ];
 
 /// Every map with the key and value sizes this build's types have: what a pinned map must match
 /// to be adopted.
-pub fn layouts() -> [(&'static str, usize, usize); 20] {
+pub fn layouts() -> [(&'static str, usize, usize); 22] {
     MAP_TYPES.map(|(name, key, value)| (name, key.size, value.size))
 }
 
@@ -995,6 +1042,27 @@ mod tests {
             ("sluice_reply_v4", rust_layout!(ReplyV4 { node_ip, _pad })),
             ("sluice_policy_name", rust_layout!(PolicyName { name })),
             ("sluice_managed_v4", rust_layout!(ManagedV4 { ifindex, _pad })),
+            (
+                "sluice_flow_key_v4",
+                rust_layout!(FlowKeyV4 {
+                    saddr,
+                    daddr,
+                    sport,
+                    dport,
+                    protocol,
+                    _pad
+                }),
+            ),
+            (
+                "sluice_flow_v4",
+                rust_layout!(FlowV4 {
+                    gateway_ip,
+                    policy_id,
+                    last_seen_ns,
+                    flags,
+                    _pad
+                }),
+            ),
         ]
     }
 
@@ -1119,6 +1187,13 @@ mod tests {
             assert_eq!(map.max_entries(), max, "{name}");
             assert_eq!(map.map_flags() & 1, 1, "{name}: BPF_F_NO_PREALLOC");
         }
+    }
+
+    #[test]
+    fn flow_maps_are_sized_by_the_defaults_and_the_header() {
+        let object = object();
+        assert_eq!(object.maps[FLOWS_V4].max_entries(), DEFAULT_FLOW_MAP_MAX);
+        assert_eq!(object.maps[PINNABLE_V4].max_entries(), PINNABLE_V4_MAX);
     }
 
     #[test]

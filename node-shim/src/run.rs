@@ -74,6 +74,8 @@ pub struct Options {
     pub metrics_addr: Option<SocketAddr>,
     pub interval: Duration,
     pub status_file: Option<PathBuf>,
+    /// Flows keep the gateway they started on across planned changes (`--flow-pinning`).
+    pub flow_pinning: bool,
     /// Managed egress IPs are given up after this long without a word from the operator
     /// (`None`: never). See `--release-managed-ips-after`.
     pub release_managed_after: Option<Duration>,
@@ -259,6 +261,8 @@ pub struct Agent {
     managed_problems: BTreeSet<String>,
     /// Managed egress IPs another host answers for (not claimed), with who answers.
     address_conflicts: BTreeMap<Ipv4Addr, String>,
+    /// What `sluice_pinnable_v4` holds: gateways flows may stay pinned to.
+    pinnable: BTreeMap<u32, u32>,
     /// Managed egress IPs were given up for the operator's silence: the state (session,
     /// generation) they were given up in, claimed from again only once a newer one comes.
     released_in_silence: Option<(u64, u64)>,
@@ -296,6 +300,7 @@ impl Agent {
         let ids = PolicyIds::adopt(names.iter().map(|(id, n)| (*id, n.as_str())).collect())
             .with_egresses(egress_ids, opts.marks.max_egress_id());
         let peers = read_hash(&dp.maps.peers, maps::TUNNEL_PEERS_V4)?;
+        let pinnable = read_hash(&dp.maps.pinnable, maps::PINNABLE_V4)?;
         let bridge_ports = read_hash(&dp.maps.bridge_ports, maps::BRIDGE_PORTS)?;
         let decided = read_hash(&dp.maps.decided_pods, maps::DECIDED_PODS_V4)?;
         let decided_v6 = read_hash(&dp.maps.decided_pods_v6, maps::DECIDED_PODS_V6)?;
@@ -371,6 +376,7 @@ impl Agent {
             managed_problems: BTreeSet::new(),
             address_conflicts: BTreeMap::new(),
             released_in_silence: None,
+            pinnable,
         };
         // Back within the deadline with managed addresses: keep them renewed from now on.
         if !agent.dp.maps.managed()?.is_empty() {
@@ -730,6 +736,10 @@ impl Agent {
             flags: match self.opts.source_check {
                 SourceCheck::Route => 0,
                 SourceCheck::Off => maps::CFG_NO_SOURCE_CHECK,
+            } | if self.opts.flow_pinning {
+                0
+            } else {
+                maps::CFG_NO_FLOW_PINNING
             },
             tcp_mss_max: underlay_mtu.map_or(0, maps::tunnel_mss),
             mark_egress: self.opts.marks.egress,
@@ -886,6 +896,19 @@ impl Agent {
         };
         let guarded = guard.as_ref().map(|g| g.destinations.clone()).unwrap_or_default();
         let mut want = desired::desired(entries.iter().copied(), &guarded, &host, &mut self.ids)?;
+        // Gateways still holding the entries of pods that moved away from them: their flows
+        // stay, and their replies are taken (see docs/datapath.md, "Pinned flows").
+        let pinnable: BTreeMap<u32, u32> = match &self.opts.plan {
+            PlanSource::File(_) => plan_file_pinnable(&bytes, &self.opts.node),
+            PlanSource::Operator(_) => Vec::new(),
+        }
+        .into_iter()
+        .filter(|ip| *ip != self.opts.node_ip)
+        .map(|ip| (maps::be(ip), 1))
+        .collect();
+        for ip in pinnable.keys() {
+            *want.peers.entry(*ip).or_default() |= maps::PEER_GATEWAY;
+        }
         for problem in &want.problems {
             tracing::error!(error = %problem, "entry programmed to drop");
         }
@@ -1018,6 +1041,14 @@ impl Agent {
         // The guard's destinations may only grow before the entries change: a pod the plan
         // has not decided on yet never gets a moment with the normal path.
         self.sync_guarded(&guard, false)?;
+        // Pinnable gateways too: a flow never finds its gateway gone in the middle of a change.
+        let mut both_pinnable = self.pinnable.clone();
+        both_pinnable.extend(pinnable.iter().map(|(k, v)| (*k, *v)));
+        sync::reconcile(
+            &mut HashStore(&mut self.dp.maps.pinnable, maps::PINNABLE_V4),
+            &mut self.pinnable,
+            &both_pinnable,
+        )?;
         // Peers before the entries that need them, and pruned after the entries that did.
         let mut peers = self.peers.clone();
         for (ip, flags) in &want.peers {
@@ -1078,6 +1109,11 @@ impl Agent {
             &mut HashStore(&mut self.dp.maps.peers, maps::TUNNEL_PEERS_V4),
             &mut self.peers,
             &want.peers,
+        )?;
+        sync::reconcile(
+            &mut HashStore(&mut self.dp.maps.pinnable, maps::PINNABLE_V4),
+            &mut self.pinnable,
+            &pinnable,
         )?;
         // A pod counts as decided only once its entries (if it is selected) are in place.
         sync::reconcile(
@@ -1364,6 +1400,21 @@ fn guard_contents(guard: Option<&sluice_proto::Guard>) -> GuardContents {
         }
     }
     out
+}
+
+/// The gateways a plan file lets this node's flows stay pinned to (IPv4: the datapath pins
+/// IPv4 flows only).
+fn plan_file_pinnable(bytes: &[u8], node: &str) -> Vec<Ipv4Addr> {
+    serde_json::from_slice::<sluice_proto::PlanDocument>(bytes)
+        .ok()
+        .and_then(|doc| doc.node(node).map(|n| n.pinnable_gateways.clone()))
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        })
+        .collect()
 }
 
 fn plan_file_cluster_cidrs(bytes: &[u8], node: &str) -> Vec<ipnet::IpNet> {

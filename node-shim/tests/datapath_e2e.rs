@@ -919,3 +919,110 @@ fn beside_a_flannel_like_overlay() {
         "the overlay's traffic was left alone"
     );
 }
+
+/// `plan` with node `node`'s section given `pinnableGateways` and, appended to node `gateway`'s
+/// entries, those `gateway` held in `before` (what the operator keeps on a gateway that pods
+/// moved away from by a planned change).
+fn lingering(
+    mut plan: serde_json::Value,
+    before: &serde_json::Value,
+    node: &str,
+    gateway: &str,
+) -> serde_json::Value {
+    let section = |p: &serde_json::Value, name: &str| {
+        p["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|n| n["name"] == name)
+            .unwrap()
+    };
+    let (g_before, g_now, n_now) = (
+        section(before, gateway),
+        section(&plan, gateway),
+        section(&plan, node),
+    );
+    let kept = before["nodes"][g_before]["entries"].as_array().unwrap().clone();
+    plan["nodes"][g_now]["entries"]
+        .as_array_mut()
+        .unwrap()
+        .extend(kept);
+    plan["nodes"][n_now]["pinnableGateways"] = serde_json::json!([sluice_testbed::node_ip(gateway)]);
+    plan
+}
+
+/// Pinned flows: the pod's gateway changes from n1 to n3 by a planned change while n1 keeps the
+/// pod's entries and stays pinnable. The connections open through n1 keep going through it (same
+/// egress IP, every byte), new ones go through n3, and n1's replies are taken. Once n1 is no
+/// longer pinnable (failed, or drained), a flow pinned to it follows the entry at once.
+#[test]
+fn open_flows_keep_their_gateway_across_a_planned_change_and_new_ones_take_the_new_one() {
+    let Some(mut c) = cluster("pinned_flows") else {
+        return;
+    };
+    let via_n3 = Rule {
+        gateway: Gw::Node("n3", EGRESS_N3),
+        ..policy_a("p2")
+    };
+    let before = c.plan(&[policy_a("p2")]);
+    c.try_apply_plan(&serde_json::to_vec(&before).unwrap(), Duration::from_secs(20))
+        .unwrap();
+    let mut open: Vec<_> = (0..3).map(|_| c.connect("p2", EXT_A).unwrap()).collect();
+    for conn in &mut open {
+        assert_eq!(conn.exchange(10_000, 10_000).unwrap(), EGRESS_N1);
+    }
+    let flows = c.shim_cli("n2", &["bpf", "flows"]).unwrap();
+    assert!(
+        flows.lines().filter(|l| l.contains("192.0.2.11")).count() >= 3,
+        "{flows}"
+    );
+
+    // The planned change: p2's entry now names n3; n1 keeps p2's entries and is pinnable.
+    let moved = lingering(c.plan(std::slice::from_ref(&via_n3)), &before, "n2", "n1");
+    c.try_apply_plan(&serde_json::to_vec(&moved).unwrap(), Duration::from_secs(20))
+        .unwrap();
+    let pinned_before = c.counter("n2", "pinned");
+    for conn in &mut open {
+        assert_eq!(
+            conn.exchange(100_000, 100_000).unwrap(),
+            EGRESS_N1,
+            "an open flow moved"
+        );
+    }
+    assert!(c.counter("n2", "pinned") > pinned_before);
+    assert!(c.counter("n2", "pinned_reply_delivered") > 0);
+    for _ in 0..3 {
+        assert_eq!(
+            c.fetch("p2", EXT_A).unwrap(),
+            EGRESS_N3,
+            "a new flow took the old gateway"
+        );
+    }
+    // A closed flow is unpinned soon (FIN: closing), an open one stays as it was.
+    drop(open.pop());
+    assert_eq!(open[0].exchange(1000, 1000).unwrap(), EGRESS_N1);
+    let flows = c.shim_cli("n2", &["bpf", "flows"]).unwrap();
+    assert!(flows.contains("(closing)"), "{flows}");
+
+    // n1 is no longer pinnable: the flows pinned to it follow the entry (to n3, whose NAT
+    // does not know them: they end, as a gateway failure ends them), new ones go to n3.
+    c.apply(&[via_n3]);
+    let pinned = c.counter("n2", "pinned");
+    for conn in &mut open {
+        let _ = conn.exchange(1000, 1000);
+    }
+    assert_eq!(
+        c.counter("n2", "pinned"),
+        pinned,
+        "sent to a gateway no longer pinnable"
+    );
+    assert_eq!(c.fetch("p2", EXT_A).unwrap(), EGRESS_N3);
+    let flows = c.shim_cli("n2", &["bpf", "flows"]).unwrap();
+    assert!(
+        !flows
+            .lines()
+            .skip(1)
+            .any(|l| l.contains("192.0.2.11 ") && l.contains("yes")),
+        "{flows}"
+    );
+}
