@@ -900,7 +900,9 @@ impl Agent {
         // stay, and their replies are taken (see docs/datapath.md, "Pinned flows").
         let pinnable: BTreeMap<u32, u32> = match &self.opts.plan {
             PlanSource::File(_) => plan_file_pinnable(&bytes, &self.opts.node),
-            PlanSource::Operator(_) => Vec::new(),
+            PlanSource::Operator(_) => state
+                .map(|s| s.pinnable.iter().filter_map(|ip| netdev::v4(*ip)).collect())
+                .unwrap_or_default(),
         }
         .into_iter()
         .filter(|ip| *ip != self.opts.node_ip)

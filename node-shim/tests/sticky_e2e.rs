@@ -1,36 +1,41 @@
 //! Connections survive planned changes (needs root): the operator (`dir:` source, in-process)
 //! and a shim per node, the demo policy (two `egressGateways` entries, n1 and n3, one node
-//! each). checkout-2 (on n2) loses its gateway (its shim killed), fails over to the other entry's
-//! node and opens long-lived connections there; the failed gateway comes back, then the operator
-//! restarts. Neither moves the pod back: every long-lived connection keeps working byte for
-//! byte, and every new connection works and leaves with the same egress IP.
+//! each), checkout-2 (on n2) with long-lived connections and a stream of new ones.
+//! - Its gateway fails: it fails over to the other entry's node; the failed gateway comes back,
+//!   then the operator restarts. Neither moves the pod back (sticky pods).
+//! - Its gateway leaves the policy while it lives on: the open connections stay on it (pinned
+//!   flows, lingering entries), new ones take the other gateway.
+//!
+//! Every long-lived connection keeps working byte for byte, and no new connection fails.
 
-use std::{fs, time::Duration};
+use std::{fs, path::PathBuf, time::Duration};
 
-use sluice_testbed::{EGRESS_N1, EGRESS_N3, EXT_A, NODES, wait_for};
+use sluice_testbed::{EGRESS_N1, EGRESS_N3, EXT_A, NODES, Testbed, wait_for};
 
 mod support;
 
 use support::{Operator, first_connection_via, live_testbed, options, start_shim};
 
 const POLICY: &str = include_str!("../../examples/demo/policy.yaml");
+const GRACE: Duration = Duration::from_secs(1);
 
-#[test]
-fn a_recovered_gateway_and_an_operator_restart_break_no_connection() {
+fn logs(tb: &Testbed) -> String {
+    NODES
+        .iter()
+        .map(|(n, _)| format!("--- shim-{n}\n{}", tb.log(&format!("shim-{n}"))))
+        .collect()
+}
+
+/// The live testbed with the demo policy, the operator and every shim running, and the egress IP
+/// p2's first connection left with; `None` (said out loud) without root.
+fn started() -> Option<(Testbed, PathBuf, PathBuf, Operator, String)> {
     if !nix::unistd::geteuid().is_root() {
         println!("SKIP sticky_e2e: needs root (network namespaces, eBPF); CI runs it as root");
-        return;
+        return None;
     }
     let (mut tb, dir, tokens) = live_testbed();
     fs::write(dir.join("policy.yaml"), POLICY).unwrap();
-    let logs = |tb: &sluice_testbed::Testbed| -> String {
-        NODES
-            .iter()
-            .map(|(n, _)| format!("--- shim-{n}\n{}", tb.log(&format!("shim-{n}"))))
-            .collect()
-    };
-    let grace = Duration::from_secs(1);
-    let operator = Operator::start(tb.ns("ul"), options(&dir, &tokens, grace));
+    let operator = Operator::start(tb.ns("ul"), options(&dir, &tokens, GRACE));
     for (node, _) in NODES {
         start_shim(&mut tb, node, &tokens);
     }
@@ -42,6 +47,15 @@ fn a_recovered_gateway_and_an_operator_restart_break_no_connection() {
         })
     });
     assert!(steered, "p2 never left through a gateway\n{}", logs(&tb));
+    Some((tb, dir, tokens, operator, first))
+}
+
+#[test]
+fn a_recovered_gateway_and_an_operator_restart_break_no_connection() {
+    let Some((mut tb, dir, tokens, operator, first)) = started() else {
+        return;
+    };
+    let grace = GRACE;
     let (failed, survivor, survivor_ip) = if first == EGRESS_N1 {
         ("n1", "n3", EGRESS_N3)
     } else {
@@ -79,8 +93,7 @@ fn a_recovered_gateway_and_an_operator_restart_break_no_connection() {
     for c in &mut long_lived {
         assert_eq!(c.exchange(1000, 1000).unwrap(), survivor_ip, "\n{}", logs(&tb));
     }
-    let plans =
-        |tb: &sluice_testbed::Testbed, n: &str| tb.log(&format!("shim-{n}")).matches("plan received").count();
+    let plans = |tb: &Testbed, n: &str| tb.log(&format!("shim-{n}")).matches("plan received").count();
     let before: Vec<usize> = NODES.iter().map(|(n, _)| plans(&tb, n)).collect();
     drop(operator);
     let operator = Operator::start(tb.ns("ul"), options(&dir, &tokens, grace));
@@ -112,4 +125,79 @@ fn a_recovered_gateway_and_an_operator_restart_break_no_connection() {
     }
     assert_eq!(tb.fetch("p2", EXT_A).unwrap(), survivor_ip);
     drop(operator);
+}
+
+/// A planned change that moves a pod (its gateway removed from the policy while it lives on):
+/// the open connections keep going through the old gateway (pinned on the pod's node; the old
+/// gateway keeps the pod's entries), byte for byte, with its egress IP; new connections go
+/// through the new gateway; none fails.
+#[test]
+fn a_gateway_removed_from_the_policy_keeps_its_open_flows_and_new_ones_move() {
+    let Some((tb, dir, _tokens, _operator, first)) = started() else {
+        return;
+    };
+    let (old, old_ip, new_ip) = if first == EGRESS_N1 {
+        ("n1", EGRESS_N1, EGRESS_N3)
+    } else {
+        ("n3", EGRESS_N3, EGRESS_N1)
+    };
+    let mut open: Vec<_> = (0..3)
+        .map(|_| tb.connect("p2", EXT_A).expect("a long-lived connection"))
+        .collect();
+    for c in &mut open {
+        assert_eq!(c.exchange(1000, 1000).unwrap(), old_ip);
+    }
+    let stream = tb.stream("p2", EXT_A);
+
+    // The old gateway's entry goes from the policy.
+    let entry = format!(
+        "    - nodeSelector:\n        matchLabels: {{kubernetes.io/hostname: {old}}}\n      egressIP: {old_ip}\n"
+    );
+    assert!(POLICY.contains(&entry), "the demo policy changed");
+    fs::write(dir.join("policy.yaml"), POLICY.replace(&entry, "")).unwrap();
+    let moved = wait_for(Duration::from_secs(15), || {
+        tb.fetch("p2", EXT_A).is_ok_and(|seen| seen == new_ip)
+    });
+    assert!(moved, "p2's new connections never moved\n{}", logs(&tb));
+    std::thread::sleep(Duration::from_secs(2));
+    for c in &mut open {
+        assert_eq!(
+            c.exchange(100_000, 100_000).unwrap(),
+            old_ip,
+            "an open connection moved\n{}",
+            logs(&tb)
+        );
+    }
+    let outcomes = stream.stop();
+    let failed: Vec<_> = outcomes
+        .iter()
+        .filter(|o| !matches!(o.as_deref(), Ok(ip) if ip == old_ip || ip == new_ip))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {}: {failed:?}\n{}",
+        failed.len(),
+        outcomes.len(),
+        logs(&tb)
+    );
+    assert_eq!(outcomes.last().unwrap().as_deref(), Ok(new_ip));
+    let flows = tb
+        .run(
+            "n2",
+            env!("CARGO_BIN_EXE_sluice-shim"),
+            &[
+                "--bpffs-dir",
+                tb.bpffs().join("n2").to_str().unwrap(),
+                "bpf",
+                "flows",
+            ],
+        )
+        .unwrap();
+    let old_node_ip = sluice_testbed::node_ip(old);
+    assert!(
+        flows
+            .lines()
+            .any(|l| l.contains(old_node_ip) && l.contains("yes")),
+        "no flow pinned to {old}\n{flows}"
+    );
 }

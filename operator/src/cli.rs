@@ -118,6 +118,11 @@ pub struct RunArgs {
     /// Kubernetes 1.33) or the `dir:` source has none. Repeat or separate with commas.
     #[arg(long = "service-cidr", env = "SLUICE_SERVICE_CIDRS", value_delimiter = ',')]
     pub service_cidrs: Vec<ipnet::IpNet>,
+    /// How long a gateway that a planned change (a policy edit, a gateway leaving the policy)
+    /// moved pods away from keeps their entries, so that their open connections, pinned to it on
+    /// their nodes, keep working while new ones take the new gateway. `0s` turns it off.
+    #[arg(long, env = "SLUICE_PINNED_FLOW_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub pinned_flow_timeout: std::time::Duration,
     /// The selector-less Service the shims dial: the leader writes its EndpointSlice with its own
     /// pod IP, so both replicas can stay Ready while the shims reach only the leader. Without
     /// it, the standby reports not ready instead.
@@ -244,6 +249,7 @@ fn run_live(a: RunArgs) -> anyhow::Result<String> {
         },
         lease_file: a.lease_file,
         service_cidrs: a.service_cidrs,
+        pinned_flow_timeout: a.pinned_flow_timeout,
     };
     let runtime = tokio::runtime::Runtime::new()?;
     let result = runtime.block_on(crate::runner::run(opts));

@@ -83,6 +83,9 @@ pub struct RunOptions {
     pub lease_file: Option<PathBuf>,
     /// Service CIDRs for the in-cluster set, beside those of `ServiceCIDR` objects.
     pub service_cidrs: Vec<ipnet::IpNet>,
+    /// How long a gateway keeps the entries of pods moved away by a planned change (their open
+    /// flows stay pinned to it); zero: not at all.
+    pub pinned_flow_timeout: Duration,
 }
 
 fn tls(opts: &RunOptions) -> anyhow::Result<Option<Tls>> {
@@ -355,6 +358,7 @@ pub async fn run_live(
     } = channels;
     let config = EngineConfig {
         service_cidrs: opts.service_cidrs.clone(),
+        pinned_flow_timeout: (!opts.pinned_flow_timeout.is_zero()).then_some(opts.pinned_flow_timeout),
         ..EngineConfig::with_grace(opts.heartbeat_grace)
     };
     let (hub, shim_events) = Hub::new(config.heartbeat_interval);

@@ -1121,6 +1121,7 @@ fn run_options() -> sluice_operator::runner::RunOptions {
         lease_timings: Default::default(),
         lease_file: None,
         service_cidrs: vec![],
+        pinned_flow_timeout: std::time::Duration::from_secs(600),
     }
 }
 

@@ -151,6 +151,7 @@ fn extend_plan(acc: &mut v2::NodePlan, chunk: v2::NodePlan) {
     acc.entries.extend(chunk.entries);
     acc.serves.extend(chunk.serves);
     acc.cluster_cidrs.extend(chunk.cluster_cidrs);
+    acc.pinnable_gateways.extend(chunk.pinnable_gateways);
     extend_guard(&mut acc.guard, chunk.guard);
     if acc.heartbeat_interval_ms == 0 {
         acc.heartbeat_interval_ms = chunk.heartbeat_interval_ms;
@@ -164,6 +165,7 @@ fn extend_delta(acc: &mut v2::NodeDelta, chunk: v2::NodeDelta) {
     acc.upserts.extend(chunk.upserts);
     acc.serves.extend(chunk.serves);
     acc.cluster_cidrs.extend(chunk.cluster_cidrs);
+    acc.pinnable_gateways.extend(chunk.pinnable_gateways);
     extend_guard(&mut acc.guard, chunk.guard);
     if acc.heartbeat_interval_ms == 0 {
         acc.heartbeat_interval_ms = chunk.heartbeat_interval_ms;
@@ -192,6 +194,8 @@ pub struct Chunks {
     heartbeat_interval_ms: u32,
     first: bool,
     finished: bool,
+    /// Whole in the first chunk (a handful of gateways).
+    pinnable: Vec<Vec<u8>>,
     policies: Items<String>,
     serves: Items<v2::GatewayDuty>,
     cluster_cidrs: Items<v2::Prefix>,
@@ -213,6 +217,7 @@ impl Chunks {
                 budget,
                 head,
                 p.heartbeat_interval_ms,
+                p.pinnable_gateways,
                 p.policies,
                 p.serves,
                 p.cluster_cidrs,
@@ -224,6 +229,7 @@ impl Chunks {
                 budget,
                 head,
                 d.heartbeat_interval_ms,
+                d.pinnable_gateways,
                 d.policies,
                 d.serves,
                 d.cluster_cidrs,
@@ -239,6 +245,7 @@ impl Chunks {
         budget: usize,
         head: Which,
         heartbeat_interval_ms: u32,
+        pinnable: Vec<Vec<u8>>,
         policies: Vec<String>,
         serves: Vec<v2::GatewayDuty>,
         cluster_cidrs: Vec<v2::Prefix>,
@@ -252,6 +259,7 @@ impl Chunks {
             heartbeat_interval_ms,
             first: true,
             finished: false,
+            pinnable,
             policies: policies.into_iter().peekable(),
             serves: serves.into_iter().peekable(),
             cluster_cidrs: cluster_cidrs.into_iter().peekable(),
@@ -325,12 +333,14 @@ impl Iterator for Chunks {
         }
         let carries_guard = self.guard.is_some() && (self.first || self.guard_left());
         let guard = carries_guard.then(v2::Guard::default);
+        let pinnable_gateways = std::mem::take(&mut self.pinnable);
         let mut part = match self.head {
             Which::Plan { generation } => Part::Plan(v2::NodePlan {
                 generation,
                 heartbeat_interval_ms: self.heartbeat_interval_ms,
                 guard,
                 continued: true,
+                pinnable_gateways,
                 ..Default::default()
             }),
             Which::Delta { generation, base } => Part::Delta(v2::NodeDelta {
@@ -339,6 +349,7 @@ impl Iterator for Chunks {
                 heartbeat_interval_ms: self.heartbeat_interval_ms,
                 guard,
                 continued: true,
+                pinnable_gateways,
                 ..Default::default()
             }),
         };
@@ -444,6 +455,7 @@ mod tests {
             cluster_cidrs: vec![prefix(v4(10, 244, 0, 0), 16), prefix(v4(10, 96, 0, 0), 12)],
             guard,
             continued: false,
+            pinnable_gateways: vec![v4(192, 168, 1, 3)],
         }
     }
 
@@ -552,6 +564,7 @@ mod tests {
             guard: Some(guard(100)),
             continued: false,
             heartbeat_interval_ms: 1000,
+            pinnable_gateways: vec![v4(192, 168, 1, 3), v4(192, 168, 1, 4)],
         });
         let (back, chunks) = round_trip(whole.clone(), 2048);
         assert_eq!(back, whole);
@@ -562,6 +575,7 @@ mod tests {
             panic!("a delta")
         };
         assert_eq!(first.cluster_cidrs.len(), 1);
+        assert_eq!(first.pinnable_gateways.len(), 2, "whole in the first chunk");
         assert_eq!(first.policies.len(), 1);
         assert!(first.guard.is_some());
         let mut seen_upsert = false;

@@ -117,6 +117,8 @@ pub struct NodeState {
     pub cluster_cidrs: Vec<IpNet>,
     /// The no-leak guard for new pods.
     pub guard: Option<Guard>,
+    /// Gateways this node's flows may stay pinned to (see `NodePlan.pinnable_gateways`).
+    pub pinnable: Vec<std::net::IpAddr>,
 }
 
 impl NodeState {
@@ -142,6 +144,7 @@ impl NodeState {
                 .collect::<Result<_, _>>()?,
             cluster_cidrs: convert::prefixes_from_wire("cluster CIDR", &plan.cluster_cidrs)?,
             guard: plan.guard.as_ref().map(Guard::try_from).transpose()?,
+            pinnable: convert::ips_from_wire("pinnable gateway", &plan.pinnable_gateways)?,
         })
     }
 
@@ -156,6 +159,7 @@ impl NodeState {
         self.serves = delta.serves;
         self.cluster_cidrs = delta.cluster_cidrs;
         self.guard = delta.guard;
+        self.pinnable = delta.pinnable;
         self.generation = delta.generation;
     }
 }
@@ -170,6 +174,7 @@ pub struct StateDelta {
     pub serves: Vec<GatewayDuty>,
     pub cluster_cidrs: Vec<IpNet>,
     pub guard: Option<Guard>,
+    pub pinnable: Vec<std::net::IpAddr>,
 }
 
 impl TryFrom<&v2::NodeDelta> for StateDelta {
@@ -196,6 +201,7 @@ impl TryFrom<&v2::NodeDelta> for StateDelta {
                 .collect::<Result<_, _>>()?,
             cluster_cidrs: convert::prefixes_from_wire("cluster CIDR", &delta.cluster_cidrs)?,
             guard: delta.guard.as_ref().map(Guard::try_from).transpose()?,
+            pinnable: convert::ips_from_wire("pinnable gateway", &delta.pinnable_gateways)?,
         })
     }
 }

@@ -72,7 +72,7 @@ pub fn prefix_from_wire(field: &'static str, prefix: Option<&v2::Prefix>) -> Res
     Ok(net)
 }
 
-fn ips_from_wire(field: &'static str, list: &[Vec<u8>]) -> Result<Vec<IpAddr>, BadField> {
+pub fn ips_from_wire(field: &'static str, list: &[Vec<u8>]) -> Result<Vec<IpAddr>, BadField> {
     list.iter().map(|ip| ip_from_wire(field, ip)).collect()
 }
 

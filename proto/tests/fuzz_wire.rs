@@ -156,6 +156,7 @@ fn plan() -> impl Strategy<Value = v2::NodePlan> {
                         cluster_cidrs,
                         guard: None,
                         continued: false,
+                        pinnable_gateways: vec![],
                     }
                 },
             )

@@ -71,6 +71,7 @@ pub fn options(dir: &Path, tokens: &Path, grace: Duration) -> RunOptions {
         lease_timings: Default::default(),
         lease_file: None,
         service_cidrs: vec![],
+        pinned_flow_timeout: std::time::Duration::from_secs(600),
     }
 }
 

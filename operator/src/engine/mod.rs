@@ -95,6 +95,9 @@ pub struct EngineConfig {
     /// Service CIDRs given by flag (`--service-cidr`), for clusters whose API has no
     /// `ServiceCIDR` objects: part of the in-cluster set.
     pub service_cidrs: Vec<IpNet>,
+    /// How long a gateway keeps the entries of pods a planned change moved to another gateway,
+    /// for their open flows (pinned on the pods' nodes); `None`: not at all.
+    pub pinned_flow_timeout: Option<Duration>,
 }
 
 impl EngineConfig {
@@ -107,6 +110,7 @@ impl EngineConfig {
             epoch: Generations::epoch_now(),
             settle: grace + SHIM_BACKOFF_MAX,
             service_cidrs: Vec::new(),
+            pinned_flow_timeout: Some(PINNED_FLOW_TIMEOUT),
         }
     }
 }
@@ -119,6 +123,10 @@ impl Default for EngineConfig {
 
 /// The longest wait between a shim's reconnect attempts (`sluice_proto::client::Config`).
 const SHIM_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// How long a gateway keeps the entries of pods moved away from it by a planned change, by
+/// default: the open flows of those pods keep going through it meanwhile.
+pub const PINNED_FLOW_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The default heartbeat interval of nodes that may not be gateways.
 const SLOW_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
@@ -625,8 +633,13 @@ impl Engine {
                     up: up(node),
                 })
             },
+            self.config.pinned_flow_timeout,
             now,
         );
+        // A gateway that went takes its pinned flows with it: their nodes learn it at once.
+        let alive = |node: &str| liveness.shim(node).is_some_and(|s| s.alive);
+        let pinnable_changed = self.tables.linger(&mut pending, alive, now);
+        self.duty_nodes.extend(pinnable_changed);
         let mut changed: BTreeMap<Arc<str>, NodeDelta> = BTreeMap::new();
         for (node, delta) in pending {
             let entries = self.tables.fold(&node, &delta, self.notices.dirty_mut());
@@ -692,6 +705,7 @@ impl Engine {
         let mut duties = self.planner.gateway_duties(node);
         self.handovers.hold(node, &mut duties);
         let content = NodeContent {
+            pinnable: self.tables.pinnable(node),
             duties,
             decided_pods: self.planner.decided_pod_ips(node),
             heartbeat_interval: self.liveness.heartbeat_interval(node),

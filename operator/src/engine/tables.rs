@@ -73,11 +73,16 @@ pub struct NodeView {
     /// on nodes that may be gateways, whose liveness moves traffic, slow on the others
     /// ([`super::EngineConfig::slow_heartbeat_interval`]).
     pub heartbeat_interval: Duration,
+    /// Gateways that still hold entries of this node's pods after a planned change moved them
+    /// elsewhere: flows may stay pinned to them ([`Tables::linger`]).
+    pub pinnable: Arc<Vec<IpAddr>>,
 }
 
 /// What a node's view holds besides its entries, as the planner and liveness have it now.
 pub(super) struct NodeContent {
     pub duties: Vec<GatewayDuty>,
+    /// Gateways this node's pods have entries lingering on ([`Tables::pinnable`]).
+    pub pinnable: Vec<IpAddr>,
     /// The node's pods the plan has decided on (before holding back any, see
     /// [`Tables::publish`]).
     pub decided_pods: Vec<IpAddr>,
@@ -94,6 +99,7 @@ pub(super) struct Table {
     cluster_cidrs: Arc<Vec<IpNet>>,
     guard: Arc<Guard>,
     pub heartbeat_interval: Duration,
+    pinnable: Arc<Vec<IpAddr>>,
     /// Entries per policy.
     pub policies: HashMap<Arc<str>, usize>,
     /// Per policy, the generation that carries its current entries here: the one a shim must
@@ -115,12 +121,27 @@ impl Table {
 #[derive(Clone, Debug)]
 struct Deferred {
     node: Arc<str>,
+    /// The pod's node (for a removal from its previous gateway: whose flows may linger there).
+    source: Arc<str>,
     key: EntryKey,
     /// The upsert, or `None` for a removal.
     entry: Option<EgressEntry>,
     gateway: Arc<str>,
     generation: u64,
     deadline: Instant,
+}
+
+/// An entry a gateway keeps after a planned change moved its pod to another gateway, so that the
+/// pod's open flows (pinned to this gateway on the pod's node) keep working: until `until`, or
+/// until the gateway is gone.
+#[derive(Clone, Debug)]
+struct Lingering {
+    gateway: Arc<str>,
+    gateway_ip: IpAddr,
+    key: EntryKey,
+    /// The pod's node.
+    source: Arc<str>,
+    until: Instant,
 }
 
 /// How a gateway's shim stands, for releasing the switches that wait on it.
@@ -136,6 +157,8 @@ pub(super) struct Tables {
     generations: Generations,
     /// Changes held back until a gateway has acknowledged an entry ([`Tables::defer_switches`]).
     deferred: Vec<Deferred>,
+    /// Entries kept on gateways for the flows of pods moved away from them ([`Tables::linger`]).
+    lingering: Vec<Lingering>,
     /// Every table published at least once.
     pub published: bool,
     /// The in-cluster set every node gets.
@@ -150,6 +173,7 @@ impl Tables {
             tables: BTreeMap::new(),
             generations,
             deferred: Vec::new(),
+            lingering: Vec::new(),
             published: false,
             cluster_cidrs: Arc::default(),
             guarded: Vec::new(),
@@ -258,6 +282,7 @@ impl Tables {
             && Arc::ptr_eq(&table.cluster_cidrs, &self.cluster_cidrs)
             && *table.guard == guard
             && table.heartbeat_interval == content.heartbeat_interval
+            && *table.pinnable == content.pinnable
         {
             return None;
         }
@@ -289,6 +314,7 @@ impl Tables {
         table.duties = Arc::new(content.duties);
         table.cluster_cidrs = self.cluster_cidrs.clone();
         table.heartbeat_interval = content.heartbeat_interval;
+        table.pinnable = Arc::new(content.pinnable);
         Some(NodeView {
             generation: table.generation,
             base,
@@ -298,6 +324,7 @@ impl Tables {
             cluster_cidrs: table.cluster_cidrs.clone(),
             guard: table.guard.clone(),
             heartbeat_interval: table.heartbeat_interval,
+            pinnable: table.pinnable.clone(),
         })
     }
 
@@ -357,6 +384,7 @@ impl Tables {
             {
                 self.deferred.push(Deferred {
                     node: previous,
+                    source: node.clone(),
                     key,
                     entry: None,
                     gateway: gateway.clone(),
@@ -365,6 +393,7 @@ impl Tables {
                 });
             }
             self.deferred.push(Deferred {
+                source: node.clone(),
                 node,
                 key,
                 entry: Some(entry),
@@ -376,11 +405,14 @@ impl Tables {
     }
 
     /// Puts back into `pending` the switches whose gateway has acknowledged its entry, has gone,
-    /// or has kept them waiting until their deadline.
+    /// or has kept them waiting until their deadline. The removal of a pod's entry from its
+    /// previous gateway, while that one is up, becomes a lingering entry instead when `linger`
+    /// is set: the pod's node may keep its open flows pinned there ([`Tables::linger`]).
     pub fn release_switches(
         &mut self,
         pending: &mut BTreeMap<Arc<str>, NodeDelta>,
         gateway: impl Fn(&str) -> Option<GatewayShim>,
+        linger: Option<std::time::Duration>,
         now: Instant,
     ) {
         if self.deferred.is_empty() {
@@ -395,23 +427,91 @@ impl Tables {
             });
         self.deferred = waiting;
         for d in ready {
-            let delta = pending.entry(d.node).or_default();
+            let previous_up = gateway(&d.node).is_some_and(|s| s.up);
+            let kept = self
+                .tables
+                .get(&d.node)
+                .and_then(|t| t.entries.get(&d.key))
+                .and_then(|e| match e.gateway {
+                    GatewayTarget::Node(ip) => Some(ip),
+                    _ => None,
+                });
+            let delta = pending.entry(d.node.clone()).or_default();
             match d.entry {
                 Some(entry) => {
                     delta.upserts.entry(d.key).or_insert(entry);
                 }
-                None => {
-                    if !delta.upserts.contains_key(&d.key) {
+                None if delta.upserts.contains_key(&d.key) => {}
+                None => match (linger, kept) {
+                    (Some(linger), Some(gateway_ip)) if previous_up => {
+                        self.lingering
+                            .retain(|l| !(l.gateway == d.node && l.key == d.key));
+                        self.lingering.push(Lingering {
+                            gateway: d.node,
+                            gateway_ip,
+                            key: d.key,
+                            source: d.source,
+                            until: now + linger,
+                        });
+                    }
+                    _ => {
                         delta.removals.insert(d.key);
                     }
-                }
+                },
             }
         }
     }
 
-    /// The earliest deadline of a switch held back, if any.
+    /// Ends the lingering entries whose time is up, whose gateway is gone (`up` says no: its
+    /// flows are lost anyway, and must follow their entries at once), or that are a gateway's
+    /// own entries again (an upsert in `pending`): their removals go into `pending`. Returns the
+    /// pods' nodes whose pinnable gateways changed.
+    pub fn linger(
+        &mut self,
+        pending: &mut BTreeMap<Arc<str>, NodeDelta>,
+        up: impl Fn(&str) -> bool,
+        now: Instant,
+    ) -> BTreeSet<Arc<str>> {
+        let mut changed = BTreeSet::new();
+        self.lingering.retain(|l| {
+            let current = pending
+                .get(&l.gateway)
+                .is_some_and(|p| p.upserts.contains_key(&l.key));
+            if current {
+                changed.insert(l.source.clone());
+                return false;
+            }
+            if now < l.until && up(&l.gateway) {
+                return true;
+            }
+            pending
+                .entry(l.gateway.clone())
+                .or_default()
+                .removals
+                .insert(l.key);
+            changed.insert(l.source.clone());
+            false
+        });
+        changed
+    }
+
+    /// The gateways `node`'s pods have entries lingering on (sorted, each once).
+    pub fn pinnable(&self, node: &str) -> Vec<IpAddr> {
+        let mut out: Vec<IpAddr> = self
+            .lingering
+            .iter()
+            .filter(|l| *l.source == *node)
+            .map(|l| l.gateway_ip)
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// The earliest deadline of a switch held back or of a lingering entry, if any.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.deferred.iter().map(|d| d.deadline).min()
+        let deferred = self.deferred.iter().map(|d| d.deadline);
+        deferred.chain(self.lingering.iter().map(|l| l.until)).min()
     }
 
     /// Switches held back wait for the generation that carries their gateway's entry: the one
@@ -518,6 +618,7 @@ mod tests {
     fn content(decided_pods: Vec<IpAddr>) -> NodeContent {
         NodeContent {
             duties: vec![],
+            pinnable: vec![],
             decided_pods,
             heartbeat_interval: FAST,
         }
@@ -642,9 +743,9 @@ mod tests {
 
         let gateway = |acked| move |node: &str| (node == "g2").then_some(GatewayShim { acked, up: true });
         let mut pending = BTreeMap::new();
-        tables.release_switches(&mut pending, gateway(carrying - 1), t0 + ms(100));
+        tables.release_switches(&mut pending, gateway(carrying - 1), None, t0 + ms(100));
         assert!(pending.is_empty(), "an older generation is not the one");
-        tables.release_switches(&mut pending, gateway(carrying), t0 + ms(200));
+        tables.release_switches(&mut pending, gateway(carrying), None, t0 + ms(200));
         assert_eq!(pending["w"].upserts[&key(1)], entry(1, "g2"));
         assert!(pending["g1"].removals.contains(&key(1)));
         let views = publish_all(&mut tables, pending, t0 + ms(200));
@@ -661,11 +762,11 @@ mod tests {
         let silent = |node: &str| (node == "g2").then_some(GatewayShim { acked: 0, up: true });
         for at in (0..1000).step_by(50).map(ms) {
             let mut pending = BTreeMap::new();
-            tables.release_switches(&mut pending, silent, t0 + at);
+            tables.release_switches(&mut pending, silent, None, t0 + at);
             assert!(pending.is_empty(), "released at {at:?}");
         }
         let mut pending = BTreeMap::new();
-        tables.release_switches(&mut pending, silent, t0 + ms(1000));
+        tables.release_switches(&mut pending, silent, None, t0 + ms(1000));
         assert_eq!(pending["w"].upserts[&key(1)], entry(1, "g2"));
     }
 
@@ -675,7 +776,12 @@ mod tests {
         let (mut tables, pending) = switching(t0);
         publish_all(&mut tables, pending, t0);
         let mut pending = BTreeMap::new();
-        tables.release_switches(&mut pending, |_| Some(GatewayShim { acked: 0, up: false }), t0);
+        tables.release_switches(
+            &mut pending,
+            |_| Some(GatewayShim { acked: 0, up: false }),
+            None,
+            t0,
+        );
         assert_eq!(pending["w"].upserts.len(), 1);
     }
 
@@ -702,6 +808,7 @@ mod tests {
                     up: true,
                 })
             },
+            None,
             t0 + ms(2000),
         );
         assert!(
@@ -709,6 +816,49 @@ mod tests {
             "the pod is gone: no switch to release"
         );
         assert_eq!(steers(&tables, "w"), None);
+    }
+
+    /// Once the switch is released, the previous gateway (still up) keeps the pod's entry, and
+    /// the pod's node may keep the pod's open flows pinned there: until the pinned flow timeout,
+    /// or at once when that gateway goes (its flows are lost; they must follow their entry).
+    #[test]
+    fn the_previous_gateway_keeps_a_moved_pods_entry_for_a_while_unless_it_goes() {
+        for goes in [false, true] {
+            let t0 = Instant::now();
+            let (mut tables, pending) = switching(t0);
+            let views = publish_all(&mut tables, pending, t0);
+            let carrying = views["g2"].generation;
+            let up = |node: &str| {
+                (node != "w").then_some(GatewayShim {
+                    acked: carrying,
+                    up: true,
+                })
+            };
+            let mut pending = BTreeMap::new();
+            tables.release_switches(&mut pending, up, Some(ms(5000)), t0 + ms(100));
+            assert_eq!(pending["w"].upserts[&key(1)], entry(1, "g2"));
+            assert!(
+                pending.get("g1").is_none_or(|d| !d.removals.contains(&key(1))),
+                "g1 keeps the entry"
+            );
+            assert_eq!(tables.pinnable("w"), [ip("g1").unwrap()]);
+            assert_eq!(tables.next_deadline(), Some(t0 + ms(5100)));
+            publish_all(&mut tables, pending, t0 + ms(100));
+            assert_eq!(steers(&tables, "g1"), ip("g1").map(GatewayTarget::Node));
+
+            let mut pending = BTreeMap::new();
+            assert!(tables.linger(&mut pending, |_| true, t0 + ms(4000)).is_empty());
+            assert!(pending.is_empty());
+            let (at, alive): (Instant, fn(&str) -> bool) = if goes {
+                (t0 + ms(200), |n| n != "g1")
+            } else {
+                (t0 + ms(5100), |_| true)
+            };
+            let changed = tables.linger(&mut pending, alive, at);
+            assert_eq!(changed, BTreeSet::from(["w".into()]));
+            assert!(pending["g1"].removals.contains(&key(1)));
+            assert!(tables.pinnable("w").is_empty());
+        }
     }
 
     #[test]

@@ -552,6 +552,7 @@ pub fn message_for(sent: Option<&NodeView>, view: &NodeView, default: Duration) 
                 cluster_cidrs: cluster_cidrs(view),
                 guard: guard(view),
                 continued: false,
+                pinnable_gateways: pinnable(view),
             })
         }
         Some(s) if s.generation == view.generation => return None,
@@ -580,10 +581,15 @@ pub fn message_for(sent: Option<&NodeView>, view: &NodeView, default: Duration) 
                 guard: guard(view),
                 continued: false,
                 heartbeat_interval_ms,
+                pinnable_gateways: pinnable(view),
             })
         }
     };
     Some(message)
+}
+
+fn pinnable(view: &NodeView) -> Vec<Vec<u8>> {
+    view.pinnable.iter().copied().map(convert::ip_to_wire).collect()
 }
 
 fn guard(view: &NodeView) -> Option<v2::Guard> {
