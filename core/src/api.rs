@@ -231,6 +231,22 @@ pub struct EgressGatewayPolicyStatus {
     /// The managed addresses of `egressIPs`: which node holds each, and how it stands.
     #[serde(rename = "egressIPs", default, skip_serializing_if = "Vec::is_empty")]
     pub egress_ips: Vec<EgressIpStatus>,
+
+    /// Gateway nodes that take no new pods of the policy any more (drained, or moved away from
+    /// by an edit) but still carry the open connections of the pods they served, until `until`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub draining: Vec<DrainingStatus>,
+}
+
+/// A gateway node draining the policy's open connections.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DrainingStatus {
+    pub node: String,
+    /// When it lets go of them at the latest (RFC 3339).
+    pub until: String,
+    /// How many of the policy's pods it still keeps entries for.
+    pub pods: u64,
 }
 
 /// One managed egress address (`egressIPs`).

@@ -19,6 +19,10 @@ pub struct NodeInfo {
     /// Whether the node may serve as a gateway beyond being ready: in the live system, whether
     /// its shim is connected and healthy. Not cordoning: a cordoned node still forwards.
     pub eligible: bool,
+    /// Being drained (cordoned, labelled or annotated `sluice.dev/drain`, or being deleted): a
+    /// gateway slot goes to another candidate whenever there is one, so the node takes no new
+    /// pods; the pods it served keep their open flows on it for a while (lingering entries).
+    pub draining: bool,
     /// The node's interfaces, when its shim has reported them. `None` means unknown: the
     /// planner then trusts that the named interface or egress IP exists.
     pub interfaces: Option<Vec<InterfaceInfo>>,

@@ -17,6 +17,9 @@ use crate::{
 pub const INTERFACES_ANNOTATION: &str = "sluice.dev/interfaces";
 /// Node annotation `"false"` keeps a node from serving as a gateway (as a dead shim would).
 pub const ELIGIBLE_ANNOTATION: &str = "sluice.dev/eligible";
+/// Node label or annotation (any value but `"false"`) that drains the node as a gateway, as
+/// cordoning it or deleting it does: see [`NodeInfo::draining`].
+pub const DRAIN_KEY: &str = "sluice.dev/drain";
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -79,12 +82,18 @@ pub fn node_info(node: &Node) -> Result<NodeInfo, BadInterfacesAnnotation> {
         .filter_map(|c| c.parse::<IpNet>().ok().map(|c| c.trunc()))
         .collect();
     pod_cidrs.dedup();
+    let label = |key: &str| meta.labels.as_ref().and_then(|l| l.get(key));
+    let draining = spec.and_then(|s| s.unschedulable) == Some(true)
+        || label(DRAIN_KEY).is_some_and(|v| v != "false")
+        || annotation(DRAIN_KEY).is_some_and(|v| v != "false")
+        || meta.deletion_timestamp.is_some();
     Ok(NodeInfo {
         name: meta.name.clone().unwrap_or_default(),
         labels: meta.labels.clone().unwrap_or_default(),
         addresses,
         ready,
         eligible: annotation(ELIGIBLE_ANNOTATION).is_none_or(|v| v != "false"),
+        draining,
         interfaces,
         pod_cidrs,
     })

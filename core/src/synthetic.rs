@@ -59,6 +59,7 @@ pub fn node(i: usize) -> NodeInfo {
         ))],
         ready: true,
         eligible: true,
+        draining: false,
         interfaces: None,
         pod_cidrs: Vec::new(),
     }

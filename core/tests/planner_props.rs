@@ -63,36 +63,40 @@ fn node(i: usize) -> impl Strategy<Value = NodeInfo> {
         any::<bool>(),
         prop::option::of(0u8..3),
         0u8..4,
+        prop::bool::weighted(0.2),
     )
-        .prop_map(move |(pairs, ready, eligible, ifaces, ip_variant)| NodeInfo {
-            name: format!("node-{i}"),
-            labels: labels(pairs),
-            // Mostly stable addresses, sometimes none or a changed one.
-            addresses: match ip_variant {
-                0 => vec![],
-                1 => vec![format!("192.168.9.{i}").parse().unwrap()],
-                _ => vec![format!("192.168.1.{i}").parse().unwrap()],
+        .prop_map(
+            move |(pairs, ready, eligible, ifaces, ip_variant, draining)| NodeInfo {
+                name: format!("node-{i}"),
+                labels: labels(pairs),
+                // Mostly stable addresses, sometimes none or a changed one.
+                addresses: match ip_variant {
+                    0 => vec![],
+                    1 => vec![format!("192.168.9.{i}").parse().unwrap()],
+                    _ => vec![format!("192.168.1.{i}").parse().unwrap()],
+                },
+                ready: ready || ip_variant == 3,
+                eligible: eligible || ip_variant == 2,
+                draining,
+                interfaces: ifaces.map(|n| {
+                    (0..n)
+                        .map(|j| InterfaceInfo {
+                            name: format!("eth{j}"),
+                            addresses: vec![
+                                format!("198.51.{i}.{j}").parse().unwrap(),
+                                format!("2001:db8:{i}::{j}").parse().unwrap(),
+                            ],
+                            networks: vec![
+                                format!("198.51.{i}.0/24").parse().unwrap(),
+                                format!("2001:db8:{i}::/64").parse().unwrap(),
+                            ],
+                            default_route: j == 0,
+                        })
+                        .collect()
+                }),
+                pod_cidrs: vec![],
             },
-            ready: ready || ip_variant == 3,
-            eligible: eligible || ip_variant == 2,
-            interfaces: ifaces.map(|n| {
-                (0..n)
-                    .map(|j| InterfaceInfo {
-                        name: format!("eth{j}"),
-                        addresses: vec![
-                            format!("198.51.{i}.{j}").parse().unwrap(),
-                            format!("2001:db8:{i}::{j}").parse().unwrap(),
-                        ],
-                        networks: vec![
-                            format!("198.51.{i}.0/24").parse().unwrap(),
-                            format!("2001:db8:{i}::/64").parse().unwrap(),
-                        ],
-                        default_route: j == 0,
-                    })
-                    .collect()
-            }),
-            pod_cidrs: vec![],
-        })
+        )
 }
 
 fn pod(i: usize) -> impl Strategy<Value = PodInfo> {
@@ -364,6 +368,7 @@ fn gateway_cluster(candidates: usize, max: u32, pods: usize) -> (Vec<NodeInfo>, 
             addresses: vec![format!("192.168.1.{}", i + 1).parse().unwrap()],
             ready: true,
             eligible: true,
+            draining: false,
             interfaces: None,
             pod_cidrs: vec![],
         })
@@ -908,4 +913,40 @@ proptest! {
             }
         }
     }
+}
+
+/// A draining gateway gives its slot to another candidate (its pods follow the slot); with no
+/// other candidate it keeps serving: a drain never leaves an entry without a gateway.
+#[test]
+fn a_draining_gateway_gives_its_slot_away_when_another_node_can_take_it() {
+    let (mut nodes, mut policy, pods) = gateway_cluster(2, 1, 10);
+    let mut planner = Planner::from_snapshot([], nodes.clone(), [policy.clone()], pods);
+    feed_back(&mut planner, &mut policy);
+    let before = planner.policy_outcome("p").unwrap().gateways;
+    assert_eq!(before.len(), 1);
+    let drained = nodes.iter().position(|n| *n.name == *before[0].node).unwrap();
+    let other = nodes
+        .iter()
+        .position(|n| n.name.starts_with("gw-") && *n.name != *before[0].node)
+        .unwrap();
+    nodes[drained].draining = true;
+    planner.upsert_node(nodes[drained].clone());
+    feed_back(&mut planner, &mut policy);
+    let after = planner.policy_outcome("p").unwrap().gateways;
+    assert_eq!(after.len(), 1);
+    assert_eq!(
+        *after[0].node, *nodes[other].name,
+        "the slot went to the other node"
+    );
+    assert!(
+        gateway_node_of_each_pod(&planner, &nodes)
+            .values()
+            .all(|n| *n == nodes[other].name),
+        "its pods followed the slot"
+    );
+    // The other node drains too: the entry keeps a gateway (the one it has).
+    nodes[other].draining = true;
+    planner.upsert_node(nodes[other].clone());
+    feed_back(&mut planner, &mut policy);
+    assert_eq!(planner.policy_outcome("p").unwrap().gateways.len(), 1);
 }

@@ -91,6 +91,10 @@ pub enum SourceCheck {
     Off,
 }
 
+/// Ticks in a row that see a pod interface receive traffic Sluice's program never saw before it
+/// counts as bypassed (see `Agent::check_bypass`).
+const BYPASS_TICKS: u32 = 2;
+
 /// Where the node's plan comes from.
 #[derive(Debug)]
 pub enum PlanSource {
@@ -224,9 +228,9 @@ pub struct Agent {
     ids: PolicyIds,
     /// ifindex -> name of the pod interfaces attached this run.
     attached: BTreeMap<u32, String>,
-    /// Per attached pod interface: (received packets, packets Sluice saw, bypassed) at the last
-    /// tick.
-    seen: BTreeMap<u32, (u64, u64, bool)>,
+    /// Per attached pod interface: (received packets, packets Sluice saw, ticks in a row that
+    /// looked bypassed) at the last tick.
+    seen: BTreeMap<u32, (u64, u64, u32)>,
     tunnel_ifindex: u32,
     /// Sluice's nftables table, as last applied.
     nft: nat::Guard,
@@ -691,6 +695,9 @@ impl Agent {
     /// Sluice's policies do not apply there. Logged when it starts and stops, and counted in
     /// `sluice_bypassed_interfaces`.
     fn check_bypass(&mut self, scan: &netdev::Scan) {
+        fn streak_bypassed(state: Option<&(u64, u64, u32)>) -> bool {
+            state.is_some_and(|(_, _, streak)| *streak >= BYPASS_TICKS)
+        }
         // Enough traffic in one tick that seeing none of it is no accident.
         const MIN_PACKETS: u64 = 8;
         self.seen.retain(|i, _| self.attached.contains_key(i));
@@ -702,15 +709,22 @@ impl Agent {
             let (Some(rx), Ok(seen)) = (rx, self.dp.maps.seen(*ifindex)) else {
                 continue;
             };
-            let (prev_rx, prev_seen, was) = self.seen.get(ifindex).copied().unwrap_or((rx, seen, false));
+            let (prev_rx, prev_seen, streak) = self.seen.get(ifindex).copied().unwrap_or((rx, seen, 0));
             let received = rx.saturating_sub(prev_rx);
-            let bypassed = if seen != prev_seen {
-                false
+            // The two counters are not read at the same instant: packets that arrive between
+            // the reads count in one tick's `received` and the tick before's `seen`. So one tick
+            // that looks bypassed is no proof; two in a row are (a real bypass lasts).
+            let streak = if seen != prev_seen {
+                0
             } else if received >= MIN_PACKETS {
-                true
+                streak.saturating_add(1)
+            } else if streak >= BYPASS_TICKS {
+                // Quiet: a bypass found stays found.
+                streak
             } else {
-                was
+                0
             };
+            let (was, bypassed) = (streak_bypassed(self.seen.get(ifindex)), streak >= BYPASS_TICKS);
             if bypassed && !was {
                 tracing::warn!(
                     interface = %name,
@@ -721,7 +735,7 @@ impl Agent {
             } else if was && !bypassed {
                 tracing::info!(interface = %name, "pod interface no longer bypassed");
             }
-            self.seen.insert(*ifindex, (rx, seen, bypassed));
+            self.seen.insert(*ifindex, (rx, seen, streak));
         }
     }
 
@@ -1272,7 +1286,11 @@ impl Agent {
             s.policy_map_max = u64::from(self.opts.capacity.destinations);
             s.plans_refused = self.plans_refused;
             s.attached_interfaces = self.attached.len() as u64;
-            s.bypassed_interfaces = self.seen.values().filter(|(_, _, b)| *b).count() as u64;
+            s.bypassed_interfaces = self
+                .seen
+                .values()
+                .filter(|(_, _, streak)| *streak >= BYPASS_TICKS)
+                .count() as u64;
             s.map_writes = self.map_writes;
             s.apply_errors = self.apply_errors;
             s.restored = self.restored.iter().map(|(k, n)| (*k, *n)).collect();

@@ -58,6 +58,8 @@ pub struct StatusUpdate {
     /// The policy's gateway nodes among the others (all of them, sorted): their managed
     /// addresses are not held yet.
     pub gateways_behind: Vec<String>,
+    /// Gateways draining the policy's open flows: (node, until as seconds since the epoch, pods).
+    pub draining: Vec<(String, i64, u64)>,
     /// Managed addresses the node assigned to hold them did not claim, with who answers instead
     /// (`node: detail`), and those an older policy holds (`held by the older policy …`).
     pub address_conflicts: Vec<(std::net::IpAddr, String)>,
@@ -171,6 +173,16 @@ pub enum Notice {
         /// `node: who answers`.
         detail: String,
     },
+    /// A gateway node takes no new pods of the policy but keeps carrying the open flows of the
+    /// pods it served, until `until` (seconds since the epoch) at the latest.
+    DrainStarted {
+        policy: String,
+        node: String,
+        until: i64,
+        pods: u64,
+    },
+    /// A draining gateway node let go of the policy's last open flows.
+    DrainEnded { policy: String, node: String },
     /// The policy is not accepted.
     Rejected {
         policy: String,

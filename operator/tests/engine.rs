@@ -13,7 +13,7 @@ use sluice_operator::{
     api::{EgressGateway, EgressGatewayPolicySpec, EgressRule, FailurePolicy},
     engine::{Engine, EngineConfig, EngineMetrics, Generations, HeldDuty, HeldPod, Hub, NodeView, ShimEvent},
     live::SourceEvent,
-    live::{Behind, StatusUpdate},
+    live::{Behind, Notice, StatusUpdate},
     model::{GatewaySlot, NodeInfo, PodInfo, PodPhase, PolicyInput},
     planner::{Change, EntryKey, Planner},
 };
@@ -40,6 +40,7 @@ fn node(name: &str, ip: &str, gateway: bool) -> NodeInfo {
         addresses: vec![ip.parse().unwrap()],
         ready: true,
         eligible: true,
+        draining: false,
         interfaces: None,
         pod_cidrs: vec![],
     }
@@ -1002,4 +1003,58 @@ fn a_new_leader_keeps_each_pod_on_the_gateway_the_datapaths_hold() {
             assert_eq!(first, vec![GatewayTarget::Node(placed)], "the test's premise");
         }
     }
+}
+
+/// A planned move (the gateway loses its label, its shim lives on): once the new gateway holds
+/// the pod's entry, the old one keeps it and the pod's node may pin to it, the status says the
+/// old gateway is draining one pod; when the old gateway's shim goes silent, the drain ends at
+/// once and the pod's node stops pinning to it.
+#[test]
+fn a_gateway_moved_away_from_drains_its_pods_open_flows_until_it_goes() {
+    let (preferred, other) = preferred_and_other();
+    let mut s = Started::new(policy(vec![]));
+    s.connect("w", vec![], Duration::from_millis(100));
+    s.connect(preferred, vec![], Duration::from_millis(200));
+    s.connect(other, vec![], Duration::from_millis(300));
+    let at = Duration::from_millis(400);
+    for (node, session) in [("w", 1), (preferred, 2), (other, 3)] {
+        s.ack(node, session, at);
+    }
+    let _ = s.statuses();
+    let unlabelled = NodeInfo {
+        labels: BTreeMap::new(),
+        ..node(preferred, &ip_of(preferred).to_string(), false)
+    };
+    s.engine
+        .source(SourceEvent::Change(Box::new(Change::UpsertNode(unlabelled))));
+    s.flush(at);
+    s.ack(other, 3, at + Duration::from_millis(10));
+    assert!(s.holds_pod(preferred), "the old gateway keeps the pod's entry");
+    let w = s.hub.subscribe("w").borrow().clone().unwrap();
+    assert_eq!(*w.pinnable, [ip_of(preferred)]);
+    let st = s.statuses();
+    let draining: Vec<(String, u64)> = st["egress"]
+        .draining
+        .iter()
+        .map(|(n, _, pods)| (n.clone(), *pods))
+        .collect();
+    assert_eq!(draining, [(preferred.to_owned(), 1)]);
+    let drain_started = s
+        .engine
+        .take_notices()
+        .into_iter()
+        .any(|n| matches!(n, Notice::DrainStarted { ref node, .. } if node == preferred));
+    assert!(drain_started);
+
+    // The old gateway's shim goes silent: its drain ends with it.
+    let mut t = at + Duration::from_millis(10);
+    while s.holds_pod(preferred) {
+        t += Duration::from_millis(50);
+        assert!(t < at + GRACE * 3, "the drain outlived the gateway");
+        s.heartbeats(&[("w", 1), (other, 3)], t);
+        s.flush(t);
+    }
+    let w = s.hub.subscribe("w").borrow().clone().unwrap();
+    assert!(w.pinnable.is_empty());
+    assert!(s.statuses()["egress"].draining.is_empty());
 }

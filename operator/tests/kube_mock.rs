@@ -527,6 +527,7 @@ async fn watch_events_become_planner_changes() {
                 addresses: vec!["172.18.0.2".parse::<IpAddr>().unwrap()],
                 ready: true,
                 eligible: true,
+                draining: false,
                 interfaces: None,
                 pod_cidrs: vec![],
             }),
@@ -665,6 +666,7 @@ fn update(programmed: usize) -> StatusUpdate {
         behind: vec![],
         gateways_behind: vec![],
         address_conflicts: vec![],
+        draining: vec![],
     }
 }
 

@@ -6,6 +6,9 @@
 //!   route to the destination points into the tunnel, the gateway SNATs with one static nftables
 //!   rule and routes replies back into the tunnel (the physical limit of any steered path);
 //! - `b` Sluice, with the policy of the pod (eBPF steering + VXLAN + conntrack SNAT);
+//! - `n` Sluice as b with flow pinning off (`--flow-pinning off`): no flow map lookup a packet;
+//! - `p` Sluice as b with 100,000 other flows pinned in the flow map (UDP from the pod, filled
+//!   before measuring): what a busy node's flow map costs each packet;
 //! - `f` the same with full-size pod packets: the pod's MTU is the underlay's (1500), as
 //!   native-routing CNIs set it, instead of the testbed's 1450 that leaves room for the tunnel;
 //! - `c` Sluice with 1,000,000 (pod, CIDR) pairs: the pod and 999 others, each with the 1,000
@@ -51,17 +54,22 @@ enum Variant {
     A,
     T,
     B,
+    N,
+    P,
     F,
     C,
     D,
 }
 
 impl Variant {
-    /// In the order they run: f right after b, so that the two are measured close together.
-    const ALL: [Variant; 6] = [
+    /// In the order they run: n, p and f right after b, so that they are measured close
+    /// together.
+    const ALL: [Variant; 8] = [
         Variant::A,
         Variant::T,
         Variant::B,
+        Variant::N,
+        Variant::P,
         Variant::F,
         Variant::C,
         Variant::D,
@@ -72,6 +80,8 @@ impl Variant {
             Variant::A => "a",
             Variant::T => "t",
             Variant::B => "b",
+            Variant::N => "n",
+            Variant::P => "p",
             Variant::F => "f",
             Variant::C => "c",
             Variant::D => "d",
@@ -83,6 +93,8 @@ impl Variant {
             Variant::A => "no Sluice: normal path, masquerade to the node IP",
             Variant::T => "plain VXLAN to the gateway, no per-packet policy, SNAT there",
             Variant::B => "Sluice (eBPF steering, its VXLAN, conntrack SNAT)",
+            Variant::N => "Sluice as b, flow pinning off",
+            Variant::P => "Sluice as b, 100,000 other flows pinned",
             Variant::F => "Sluice as b, pod MTU = underlay MTU (1500 instead of 1450)",
             Variant::C => "Sluice with 1,000,000 (pod, CIDR) pairs in the maps",
             Variant::D => "iptables: ipset + fwmark + policy routing into VXLAN, SNAT",
@@ -215,8 +227,13 @@ fn measure_variant(v: Variant, shim: &Path) -> Result<Measure> {
             iptables_way(&t)?;
             measure(&mut t, v)
         }
-        Variant::B | Variant::F | Variant::C => {
-            let mut c = FileCluster::start(shim, &[])?;
+        Variant::B | Variant::N | Variant::P | Variant::F | Variant::C => {
+            let args: &[&str] = if v == Variant::N {
+                &["--flow-pinning", "off"]
+            } else {
+                &[]
+            };
+            let mut c = FileCluster::start(shim, args)?;
             let policy = Rule {
                 policy: "bench",
                 source: "p2",
@@ -244,9 +261,39 @@ fn measure_variant(v: Variant, shim: &Path) -> Result<Measure> {
             if v == Variant::F {
                 c.set_pod_mtu("p2", UNDERLAY_MTU)?;
             }
+            if v == Variant::P {
+                pin_flows(&c, PINNED_FLOWS)?;
+            }
             measure(&mut c, v)
         }
     }
+}
+
+/// Variant p: flows pinned in the pod's node's flow map besides the measured ones.
+const PINNED_FLOWS: u32 = 100_000;
+
+/// Fills n2's flow map with `count` UDP flows of p2 to the external host (distinct source and
+/// destination ports), each steered, pinned and sent once.
+fn pin_flows(t: &Testbed, count: u32) -> Result<()> {
+    let sent = in_netns(&t.ns("p2"), move || -> Result<u32> {
+        let mut sent = 0;
+        'ports: for sport in 20_000u16..=60_000 {
+            let socket = std::net::UdpSocket::bind(("0.0.0.0", sport))?;
+            for dport in [9u16, 10, 11] {
+                if sent == count {
+                    break 'ports;
+                }
+                socket.send_to(b"pin", (EXT_A, dport))?;
+                sent += 1;
+            }
+        }
+        Ok(sent)
+    })?;
+    if sent < count {
+        bail!("pinned only {sent} flows");
+    }
+    eprintln!("    {sent} flows pinned on n2");
+    Ok(())
 }
 
 /// On the source node (n2) and the gateway (n1): `pods` sources (the bench pod p2 and others
@@ -628,6 +675,8 @@ fn table(results: &[(Variant, Measure)]) -> String {
     let _ = writeln!(s, "|---|---:|---:|---:|");
     for (name, num, den) in [
         ("b/t (target ≥ 0.95)", Variant::B, Variant::T),
+        ("b/n (cost of flow pinning)", Variant::B, Variant::N),
+        ("p/b (100,000 pinned flows)", Variant::P, Variant::B),
         ("f/b (target ≥ 0.9)", Variant::F, Variant::B),
         ("c/b (target ≥ 0.95)", Variant::C, Variant::B),
         ("b/d (target ≥ 1)", Variant::B, Variant::D),

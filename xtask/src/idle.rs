@@ -162,6 +162,7 @@ pub fn allowlists(policies: usize, cidrs: usize) -> Manifests {
             addresses: vec![ip.parse().expect("testbed node IP")],
             ready: true,
             eligible: true,
+            draining: false,
             interfaces: None,
             pod_cidrs: vec![format!("10.244.{}.0/24", i + 1).parse().expect("pod CIDR")],
         })

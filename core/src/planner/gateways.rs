@@ -206,12 +206,17 @@ impl Planner {
         let mut active = Vec::new();
         for (i, gateway) in config.gateways.iter().enumerate() {
             let managed = matches!(gateway.egress, EgressSource::Managed { .. });
-            let nodes: Vec<(&Arc<str>, &NodeInfo, IpAddr)> = self
+            let mut nodes: Vec<(&Arc<str>, &NodeInfo, IpAddr)> = self
                 .nodes
                 .iter()
                 .filter(|(_, n)| n.ready && n.eligible && gateway.nodes.matches(&n.labels))
                 .filter_map(|(name, n)| Some((name, n, n.tunnel_ip()?)))
                 .collect();
+            // Draining nodes are candidates of last resort: a drain moves the entry's slots to
+            // other nodes, but never leaves it without a gateway.
+            if nodes.iter().any(|(_, n, _)| !n.draining) {
+                nodes.retain(|(_, n, _)| !n.draining);
+            }
             // A managed address an older policy names is that policy's to hold.
             let ours = |slot: usize| {
                 gateway

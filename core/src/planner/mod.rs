@@ -11,7 +11,8 @@
 //! - Each gateway entry has `maxGatewayNodes` slots. A slot is filled by rendezvous hashing of
 //!   (policy, entry, slot, node) over the ready, eligible, matching nodes: deterministic, spread
 //!   across policies, and unmoved by nodes that come and go elsewhere. Gateways listed as
-//!   retained keep their slot while usable.
+//!   retained keep their slot while usable. Draining nodes are candidates only when an entry
+//!   has no other: a drain moves slots away, never leaves an entry without a gateway.
 //! - A new pod goes to the occupied (entry, slot) with the highest hash of (pod UID, entry,
 //!   slot). From then on it stays with that node while the node serves the policy (in any entry
 //!   or slot): gateways that recover or are added, a `maxGatewayNodes` increase or reordered

@@ -819,6 +819,28 @@ pub fn notice_event(notice: &Notice) -> (&str, EventType, &'static str, &'static
             "ClaimEgressIP",
             format!("managed egress IP {ip} not claimed: {detail}"),
         ),
+        Notice::DrainStarted {
+            policy,
+            node,
+            until,
+            pods,
+        } => (
+            policy,
+            EventType::Normal,
+            "GatewayDraining",
+            "Drain",
+            format!(
+                "gateway node {node} takes no new pods; it keeps the open connections of {pods} pod(s) until they end or {}",
+                status::rfc3339(*until)
+            ),
+        ),
+        Notice::DrainEnded { policy, node } => (
+            policy,
+            EventType::Normal,
+            "GatewayDrained",
+            "Drain",
+            format!("gateway node {node} let go of the policy's last open connections"),
+        ),
         Notice::Rejected {
             policy,
             reason,

@@ -169,7 +169,8 @@ impl<'de> Deserialize<'de> for SlimPod {
     }
 }
 
-/// A node with labels, Sluice's annotations, pod CIDRs, addresses and the `Ready` condition.
+/// A node with labels, Sluice's annotations, pod CIDRs, whether it is cordoned, addresses and
+/// the `Ready` condition.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SlimNode(pub Node);
 slim_resource!(SlimNode, Node);
@@ -189,6 +190,7 @@ struct NodeSpecWire {
     pod_cidr: Option<String>,
     #[serde(rename = "podCIDRs")]
     pod_cidrs: Option<Vec<String>>,
+    unschedulable: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -219,6 +221,7 @@ impl<'de> Deserialize<'de> for SlimNode {
             spec: w.spec.map(|s| NodeSpec {
                 pod_cidr: s.pod_cidr,
                 pod_cidrs: s.pod_cidrs,
+                unschedulable: s.unschedulable,
                 ..NodeSpec::default()
             }),
             status: w.status.map(|s| NodeStatus {
@@ -355,6 +358,35 @@ mod tests {
         );
         assert!(slim.spec.unwrap().containers.is_empty());
         assert!(slim.status.unwrap().container_statuses.is_none());
+    }
+
+    /// Cordoned, labelled or annotated `sluice.dev/drain`, or being deleted: draining, from the
+    /// slim node as from the full one.
+    #[test]
+    fn a_node_drains_when_cordoned_marked_or_deleted() {
+        let base = json!({"metadata": {"name": "n1"}, "spec": {}});
+        let mut cases = vec![(base.clone(), false)];
+        let mut cordoned = base.clone();
+        cordoned["spec"]["unschedulable"] = json!(true);
+        cases.push((cordoned, true));
+        for (field, value, drains) in [
+            ("labels", "true", true),
+            ("annotations", "", true),
+            ("labels", "false", false),
+        ] {
+            let mut marked = base.clone();
+            marked["metadata"][field] = json!({"sluice.dev/drain": value});
+            cases.push((marked, drains));
+        }
+        let mut deleted = base.clone();
+        deleted["metadata"]["deletionTimestamp"] = json!("2026-11-28T00:00:00Z");
+        cases.push((deleted, true));
+        for (wire, drains) in cases {
+            let full: Node = serde_json::from_value(wire.clone()).unwrap();
+            let SlimNode(slim) = serde_json::from_value(wire.clone()).unwrap();
+            assert_eq!(objects::node_info(&full).unwrap().draining, drains, "{wire}");
+            assert_eq!(objects::node_info(&slim).unwrap().draining, drains, "{wire}");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use crate::{
     api::{
         CONDITION_ACCEPTED, CONDITION_GATEWAY_SELECTED, CONDITION_PODS_SELECTED, CONDITION_PROGRAMMED,
-        ConflictStatus, EgressGatewayPolicyStatus, EgressIpStatus, GatewayStatus,
+        ConflictStatus, DrainingStatus, EgressGatewayPolicyStatus, EgressIpStatus, GatewayStatus,
     },
     live::{Behind, Holding, StatusUpdate},
     report,
@@ -154,7 +154,21 @@ pub fn desired(
             })
             .collect(),
         egress_ips,
+        draining: update
+            .draining
+            .iter()
+            .map(|(node, until, pods)| DrainingStatus {
+                node: node.clone(),
+                until: rfc3339(*until),
+                pods: *pods,
+            })
+            .collect(),
     }
+}
+
+/// Seconds since the epoch as RFC 3339 (UTC).
+pub fn rfc3339(secs: i64) -> String {
+    k8s_openapi::jiff::Timestamp::from_second(secs).map_or_else(|_| secs.to_string(), |t| t.to_string())
 }
 
 /// Where each managed address (`egressIPs`) stands: held by a gateway whose shim has
@@ -201,6 +215,7 @@ pub fn same_ignoring_time(current: &EgressGatewayPolicyStatus, desired: &EgressG
         && current.matched_endpoints == desired.matched_endpoints
         && current.conflicts == desired.conflicts
         && current.egress_ips == desired.egress_ips
+        && current.draining == desired.draining
 }
 
 #[cfg(test)]
@@ -260,6 +275,7 @@ mod tests {
             behind: vec![],
             gateways_behind: vec![],
             address_conflicts: vec![],
+            draining: vec![],
         }
     }
 

@@ -107,6 +107,9 @@ pub(super) struct Liveness {
     capable_stale: bool,
     /// ...or these nodes' (their labels changed, or they came or went).
     relabeled: BTreeSet<String>,
+    /// Nodes still carrying flows of pods moved away from them (lingering entries): they
+    /// heartbeat fast, like gateways, so that their failure ends those flows' pinning at once.
+    carrying: BTreeSet<String>,
 }
 
 impl Liveness {
@@ -127,6 +130,7 @@ impl Liveness {
             capable: HashSet::new(),
             capable_stale: false,
             relabeled: BTreeSet::new(),
+            carrying: BTreeSet::new(),
         }
     }
 
@@ -470,6 +474,15 @@ impl Liveness {
 
     /// Recomputes which of `nodes` may be gateways, where something changed. Returns the
     /// nodes whose heartbeat interval changes.
+    /// The nodes carrying lingering entries now (see `carrying`).
+    pub fn set_carrying(&mut self, carrying: BTreeSet<String>) {
+        if carrying != self.carrying {
+            self.relabeled
+                .extend(self.carrying.symmetric_difference(&carrying).cloned());
+            self.carrying = carrying;
+        }
+    }
+
     pub fn refresh_capable(&mut self, nodes: &BTreeMap<String, NodeInfo>) -> Vec<String> {
         let names: Vec<String> = if std::mem::take(&mut self.capable_stale) {
             self.relabeled.clear();
@@ -479,12 +492,13 @@ impl Liveness {
         };
         let mut changed = Vec::new();
         for name in names {
-            let capable = nodes.get(&name).is_some_and(|n| {
-                self.gateway_selectors
-                    .values()
-                    .flatten()
-                    .any(|s| s.matches(&n.labels))
-            });
+            let capable = self.carrying.contains(&name)
+                || nodes.get(&name).is_some_and(|n| {
+                    self.gateway_selectors
+                        .values()
+                        .flatten()
+                        .any(|s| s.matches(&n.labels))
+                });
             let was = if capable {
                 !self.capable.insert(name.clone())
             } else {
@@ -533,6 +547,7 @@ mod tests {
             addresses: vec![ip.parse().unwrap()],
             ready: true,
             eligible: true,
+            draining: false,
             interfaces: None,
             pod_cidrs: vec![],
         }

@@ -518,9 +518,13 @@ impl Engine {
         let pending = std::mem::take(&mut self.pending);
         self.notice_policy_changes(&pending.policies, now);
         self.refresh_guard();
-        self.refresh_heartbeat_intervals();
         self.settle_handovers(now);
-        let changed = self.fold_into_tables(pending.nodes, now);
+        let mut changed = self.fold_into_tables(pending.nodes, now);
+        // After the tables: gateways carrying lingering entries keep the fast interval.
+        self.liveness.set_carrying(self.tables.carrying());
+        for node in self.liveness.refresh_capable(&self.source_nodes) {
+            changed.entry(node.as_str().into()).or_default();
+        }
         if !self.synced || self.liveness.settling() {
             // Kept for later: the first publication sends every table whole anyway.
             self.duty_nodes.extend(changed.into_keys());
@@ -586,14 +590,6 @@ impl Engine {
             && self.tables.set_guarded(self.planner.guarded_destinations())
         {
             self.duty_nodes.extend(self.tables.nodes().cloned());
-        }
-    }
-
-    /// Nodes that became (or stopped being) possible gateways get their new heartbeat
-    /// interval in a new view.
-    fn refresh_heartbeat_intervals(&mut self) {
-        for node in self.liveness.refresh_capable(&self.source_nodes) {
-            self.duty_nodes.insert(node.as_str().into());
         }
     }
 
@@ -760,7 +756,8 @@ impl Engine {
                         .map(|(ip, by)| (*ip, format!("held by the older policy {by}"))),
                 )
                 .collect();
-            self.notices.status(outcome, progress, conflicts, now);
+            let draining = self.tables.draining(&p);
+            self.notices.status(outcome, progress, conflicts, draining, now);
         }
     }
 }
@@ -890,6 +887,7 @@ mod tests {
             addresses: vec![std::net::IpAddr::from([192, 168, 0, last_octet])],
             ready: true,
             eligible: true,
+            draining: false,
             interfaces: None,
             pod_cidrs: vec![],
         }

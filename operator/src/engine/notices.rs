@@ -139,6 +139,7 @@ impl Notices {
         outcome: PolicyOutcome,
         nodes: impl IntoIterator<Item = (&'a Arc<str>, Option<Behind>)>,
         address_conflicts: Vec<(IpAddr, String)>,
+        draining: Vec<(String, i64, u64)>,
         now: Instant,
     ) {
         let (mut to_program, mut programmed) = (0, 0);
@@ -170,8 +171,10 @@ impl Notices {
                 gateways_behind
             },
             address_conflicts,
+            draining,
         };
         self.time_moves(&update, now);
+        self.notice_drains(&update);
         // A managed address newly found held by another host: an Event naming who answers.
         let before = self.last_status.get(&update.outcome.name);
         for (ip, detail) in &update.address_conflicts {
@@ -187,6 +190,36 @@ impl Notices {
             self.last_status
                 .insert(update.outcome.name.clone(), update.clone());
             self.status_out.push(update);
+        }
+    }
+
+    /// An Event when a gateway starts draining the policy's open flows, and when it is done.
+    fn notice_drains(&mut self, update: &StatusUpdate) {
+        let policy = &update.outcome.name;
+        let before: Vec<&str> = self
+            .last_status
+            .get(policy)
+            .map(|b| b.draining.iter().map(|(n, _, _)| n.as_str()).collect())
+            .unwrap_or_default();
+        for (node, until, pods) in &update.draining {
+            if !before.contains(&node.as_str()) {
+                tracing::info!(%policy, %node, pods, "gateway draining the policy's open flows");
+                self.notices_out.push(Notice::DrainStarted {
+                    policy: policy.clone(),
+                    node: node.clone(),
+                    until: *until,
+                    pods: *pods,
+                });
+            }
+        }
+        for node in before {
+            if !update.draining.iter().any(|(n, _, _)| n == node) {
+                tracing::info!(%policy, %node, "gateway drained");
+                self.notices_out.push(Notice::DrainEnded {
+                    policy: policy.clone(),
+                    node: node.to_owned(),
+                });
+            }
         }
     }
 
@@ -361,16 +394,16 @@ mod tests {
                 .enumerate()
                 .map(move |(i, node)| (node, (i >= programmed).then_some(Behind::Pending)))
         };
-        n.status(outcome(&["g1"]), pending(0), vec![], t0);
+        n.status(outcome(&["g1"]), pending(0), vec![], vec![], t0);
         let written = n.take_status();
         assert_eq!(written.len(), 1);
         assert_eq!((written[0].programmed, written[0].to_program), (0, 8));
         assert_eq!(written[0].behind.len(), StatusUpdate::MAX_BEHIND);
         assert_eq!(written[0].behind[0].node, "n0");
 
-        n.status(outcome(&["g1"]), pending(0), vec![], t0);
+        n.status(outcome(&["g1"]), pending(0), vec![], vec![], t0);
         assert!(n.take_status().is_empty(), "unchanged: not written again");
-        n.status(outcome(&["g1"]), pending(8), vec![], t0);
+        n.status(outcome(&["g1"]), pending(8), vec![], vec![], t0);
         let written = n.take_status();
         assert_eq!((written[0].programmed, written[0].behind.len()), (8, 0));
 
@@ -383,7 +416,7 @@ mod tests {
             &EngineMetrics::default(),
         );
         assert_eq!(n.take_dirty(), BTreeSet::from(["p".to_owned()]));
-        n.status(outcome(&["g1"]), pending(8), vec![], t0);
+        n.status(outcome(&["g1"]), pending(8), vec![], vec![], t0);
         assert_eq!(n.take_status().len(), 1);
     }
 
@@ -412,15 +445,28 @@ mod tests {
                 .filter(|x| matches!(x, Notice::EgressIpMoved { .. }))
                 .collect()
         };
-        n.status(held_by("g1"), acked("g1"), vec![], t0);
-        n.status(held_by("g1"), acked("-"), vec![], t0 + Duration::from_millis(100));
+        n.status(held_by("g1"), acked("g1"), vec![], vec![], t0);
+        n.status(
+            held_by("g1"),
+            acked("-"),
+            vec![],
+            vec![],
+            t0 + Duration::from_millis(100),
+        );
         assert!(moves(&mut n).is_empty(), "a first placement is no move");
         // g1 fails: g2 is assigned at 1 s and acknowledges at 1.3 s.
-        n.status(held_by("g2"), acked("g2"), vec![], t0 + Duration::from_secs(1));
+        n.status(
+            held_by("g2"),
+            acked("g2"),
+            vec![],
+            vec![],
+            t0 + Duration::from_secs(1),
+        );
         assert!(moves(&mut n).is_empty(), "not held by g2 yet");
         n.status(
             held_by("g2"),
             acked("-"),
+            vec![],
             vec![],
             t0 + Duration::from_millis(1300),
         );
@@ -433,7 +479,38 @@ mod tests {
             (from.as_deref(), to.as_str(), *took),
             (Some("g1"), "g2", Duration::from_millis(300))
         );
-        n.status(held_by("g2"), acked("-"), vec![], t0 + Duration::from_secs(2));
+        n.status(
+            held_by("g2"),
+            acked("-"),
+            vec![],
+            vec![],
+            t0 + Duration::from_secs(2),
+        );
         assert!(moves(&mut n).is_empty(), "said once");
+    }
+
+    #[test]
+    fn a_drain_is_said_when_it_starts_and_when_it_ends() {
+        let (mut n, t0) = (Notices::default(), Instant::now());
+        let drains = |n: &mut Notices| -> Vec<String> {
+            n.take_notices()
+                .into_iter()
+                .filter_map(|x| match x {
+                    Notice::DrainStarted { node, pods, .. } => Some(format!("start {node} {pods}")),
+                    Notice::DrainEnded { node, .. } => Some(format!("end {node}")),
+                    _ => None,
+                })
+                .collect()
+        };
+        let none = || std::iter::empty::<(&Arc<str>, Option<Behind>)>();
+        n.status(outcome(&["g2"]), none(), vec![], vec![], t0);
+        assert!(drains(&mut n).is_empty());
+        let g1 = vec![("g1".to_owned(), 1_800_000_000, 3)];
+        n.status(outcome(&["g2"]), none(), vec![], g1.clone(), t0);
+        assert_eq!(drains(&mut n), ["start g1 3"]);
+        n.status(outcome(&["g2"]), none(), vec![], g1, t0);
+        assert!(drains(&mut n).is_empty(), "said once");
+        n.status(outcome(&["g2"]), none(), vec![], vec![], t0);
+        assert_eq!(drains(&mut n), ["end g1"]);
     }
 }

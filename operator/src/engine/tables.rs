@@ -139,9 +139,12 @@ struct Lingering {
     gateway: Arc<str>,
     gateway_ip: IpAddr,
     key: EntryKey,
+    policy: Arc<str>,
     /// The pod's node.
     source: Arc<str>,
     until: Instant,
+    /// `until` as seconds since the epoch (for the status).
+    until_unix: i64,
 }
 
 /// How a gateway's shim stands, for releasing the switches that wait on it.
@@ -433,7 +436,7 @@ impl Tables {
                 .get(&d.node)
                 .and_then(|t| t.entries.get(&d.key))
                 .and_then(|e| match e.gateway {
-                    GatewayTarget::Node(ip) => Some(ip),
+                    GatewayTarget::Node(ip) => Some((ip, e.policy.clone())),
                     _ => None,
                 });
             let delta = pending.entry(d.node.clone()).or_default();
@@ -443,15 +446,20 @@ impl Tables {
                 }
                 None if delta.upserts.contains_key(&d.key) => {}
                 None => match (linger, kept) {
-                    (Some(linger), Some(gateway_ip)) if previous_up => {
+                    (Some(linger), Some((gateway_ip, policy))) if previous_up => {
                         self.lingering
                             .retain(|l| !(l.gateway == d.node && l.key == d.key));
+                        let unix = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |t| t.as_secs() as i64);
                         self.lingering.push(Lingering {
                             gateway: d.node,
                             gateway_ip,
                             key: d.key,
+                            policy,
                             source: d.source,
                             until: now + linger,
+                            until_unix: unix + linger.as_secs() as i64,
                         });
                     }
                     _ => {
@@ -493,6 +501,34 @@ impl Tables {
             false
         });
         changed
+    }
+
+    /// The gateways draining `policy`'s open flows: (node, until as seconds since the epoch, how
+    /// many of its pods), by node.
+    pub fn draining(&self, policy: &str) -> Vec<(String, i64, u64)> {
+        let mut by_node: BTreeMap<&str, (i64, BTreeSet<IpAddr>)> = BTreeMap::new();
+        for l in self.lingering.iter().filter(|l| *l.policy == *policy) {
+            let (until, pods) = by_node.entry(&l.gateway).or_default();
+            *until = (*until).max(l.until_unix);
+            pods.insert(l.key.source);
+        }
+        by_node
+            .into_iter()
+            .map(|(node, (until, pods))| (node.to_owned(), until, pods.len() as u64))
+            .collect()
+    }
+
+    /// The gateways that carry lingering entries, or will once a switch held back is released.
+    pub fn carrying(&self) -> BTreeSet<String> {
+        let deferred = self
+            .deferred
+            .iter()
+            .filter(|d| d.entry.is_none())
+            .map(|d| &d.node);
+        deferred
+            .chain(self.lingering.iter().map(|l| &l.gateway))
+            .map(|n| n.to_string())
+            .collect()
     }
 
     /// The gateways `node`'s pods have entries lingering on (sorted, each once).
