@@ -149,6 +149,43 @@ fn benches(c: &mut Criterion) {
             )
         })
     });
+
+    // A gateway node is drained (cordoned): its slots go to other nodes, its pods follow.
+    group.bench_function("one gateway node drained", |b| {
+        b.iter_custom(|iters| {
+            time_with_undo(
+                &mut planner,
+                iters,
+                |p, i| {
+                    let mut node = synthetic::node((i as usize % 20) * 25);
+                    node.draining = true;
+                    drop(black_box(p.upsert_node(node)));
+                },
+                |p, i| drop(p.upsert_node(synthetic::node((i as usize % 20) * 25))),
+            )
+        })
+    });
+
+    // A lost gateway node recovers (or a new one is added): it takes free slots and new pods,
+    // no pod of a working gateway (sticky assignment).
+    let lost = |i: usize| {
+        let mut node = synthetic::node((i % 20) * 25);
+        node.ready = false;
+        node
+    };
+    for i in 0..20 {
+        drop(planner.upsert_node(lost(i)));
+    }
+    group.bench_function("one gateway node recovers", |b| {
+        b.iter_custom(|iters| {
+            time_with_undo(
+                &mut planner,
+                iters,
+                |p, i| drop(black_box(p.upsert_node(synthetic::node((i as usize % 20) * 25)))),
+                |p, i| drop(p.upsert_node(lost(i as usize))),
+            )
+        })
+    });
     group.finish();
 }
 

@@ -62,8 +62,8 @@ enum Command {
     /// (also with full-size pod packets, and among 1,000,000 (pod, CIDR) pairs) and the iptables
     /// way; see docs/benchmarks.md.
     BenchDatapath {
-        /// Which variants to run (letters of a, t, b, f, c, d).
-        #[arg(long, default_value = "atbfcd")]
+        /// Which variants to run (letters of a, t, b, n, p, f, c, d).
+        #[arg(long, default_value = "atbnpfcd")]
         variants: String,
         /// Do not write the table into docs/benchmarks.md.
         #[arg(long)]
