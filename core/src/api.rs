@@ -100,6 +100,16 @@ pub struct EgressGatewayPolicySpec {
     /// default) never lets it leave with a node IP; `Fallback` lets it take the node's normal path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_policy: Option<FailurePolicy>,
+
+    /// How long a gateway node that stops taking this policy's pods (drained, or left out by an
+    /// edit) keeps carrying the open connections of the pods it served, e.g. `10m`, `90s`, `1h`.
+    /// Unset: the operator's `--pinned-flow-timeout` (10 minutes by default); `0s`: not at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self.matches('^[0-9]+(s|m|h)$')", "message": "must be a duration such as 90s, 10m or 1h"}
+    ]))]
+    pub drain_timeout: Option<String>,
 }
 
 /// One pod selection rule. Its selectors are ANDed; rules are ORed.

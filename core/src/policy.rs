@@ -76,6 +76,8 @@ pub struct PolicyConfig {
     pub excluded: Vec<IpNet>,
     pub gateways: Vec<GatewayConfig>,
     pub failure: FailurePolicy,
+    /// `spec.drainTimeout`; `None`: the operator's default.
+    pub drain_timeout: Option<std::time::Duration>,
 }
 
 /// Why a policy is not accepted. `reason` is a CamelCase word for the `Accepted` condition.
@@ -181,7 +183,32 @@ pub fn parse(spec: &EgressGatewayPolicySpec) -> Result<PolicyConfig, PolicyError
         excluded,
         gateways,
         failure: spec.failure_policy.unwrap_or_default(),
+        drain_timeout: spec
+            .drain_timeout
+            .as_deref()
+            .map(parse_drain_timeout)
+            .transpose()?,
     })
+}
+
+/// `spec.drainTimeout`: whole seconds, minutes or hours (`90s`, `10m`, `1h`).
+fn parse_drain_timeout(text: &str) -> Result<std::time::Duration, PolicyError> {
+    let bad = || {
+        PolicyError::new(
+            "InvalidDrainTimeout",
+            format!("spec.drainTimeout: {text:?} is not a duration such as 90s, 10m or 1h"),
+        )
+    };
+    let text = text.trim();
+    let (number, unit) = text.split_at(text.len().saturating_sub(1));
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n.checked_mul(60).ok_or_else(bad)?,
+        "h" => n.checked_mul(3600).ok_or_else(bad)?,
+        _ => return Err(bad()),
+    };
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 fn parse_cidrs(field: &str, cidrs: &[String]) -> Result<Vec<IpNet>, PolicyError> {
@@ -490,6 +517,26 @@ mod tests {
             assert_eq!(e.reason, reason, "{e}");
             assert!(e.message.contains(text), "{e}");
         }
+    }
+
+    #[test]
+    fn a_drain_timeout_is_whole_seconds_minutes_or_hours() {
+        for (text, secs) in [("90s", 90), ("10m", 600), ("1h", 3600), ("0s", 0)] {
+            let mut s = spec();
+            s.drain_timeout = Some(text.into());
+            assert_eq!(
+                parse(&s).unwrap().drain_timeout,
+                Some(std::time::Duration::from_secs(secs))
+            );
+        }
+        for text in ["10", "1.5m", "m", "-1s", "10d", ""] {
+            let mut s = spec();
+            s.drain_timeout = Some(text.into());
+            let e = parse(&s).unwrap_err();
+            assert_eq!(e.reason, "InvalidDrainTimeout", "{text:?}: {e}");
+            assert!(e.message.contains("spec.drainTimeout"), "{e}");
+        }
+        assert_eq!(parse(&spec()).unwrap().drain_timeout, None);
     }
 
     /// One address in two entries would be held by two nodes.

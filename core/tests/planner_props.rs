@@ -217,6 +217,7 @@ fn policy(i: usize) -> impl Strategy<Value = PolicyInput> {
                     egress_gateway: gw,
                     egress_gateways: gws,
                     failure_policy: fallback.then_some(FailurePolicy::Fallback),
+                    drain_timeout: None,
                 },
                 retained_gateways: retained
                     .into_iter()

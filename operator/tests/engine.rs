@@ -1058,3 +1058,31 @@ fn a_gateway_moved_away_from_drains_its_pods_open_flows_until_it_goes() {
     assert!(w.pinnable.is_empty());
     assert!(s.statuses()["egress"].draining.is_empty());
 }
+
+/// `spec.drainTimeout: 0s`: a gateway moved away from lets go of the pod at once (its open
+/// connections follow the pod to the new gateway, and end there).
+#[test]
+fn a_policy_with_no_drain_time_keeps_nothing_on_the_old_gateway() {
+    let (preferred, other) = preferred_and_other();
+    let mut no_drain = policy(vec![]);
+    no_drain.spec.drain_timeout = Some("0s".into());
+    let mut s = Started::new(no_drain);
+    s.connect("w", vec![], Duration::from_millis(100));
+    s.connect(preferred, vec![], Duration::from_millis(200));
+    s.connect(other, vec![], Duration::from_millis(300));
+    let at = Duration::from_millis(400);
+    for (node, session) in [("w", 1), (preferred, 2), (other, 3)] {
+        s.ack(node, session, at);
+    }
+    let unlabelled = NodeInfo {
+        labels: BTreeMap::new(),
+        ..node(preferred, &ip_of(preferred).to_string(), false)
+    };
+    s.engine
+        .source(SourceEvent::Change(Box::new(Change::UpsertNode(unlabelled))));
+    s.flush(at);
+    s.ack(other, 3, at + Duration::from_millis(10));
+    assert!(!s.holds_pod(preferred), "nothing lingers");
+    let w = s.hub.subscribe("w").borrow().clone().unwrap();
+    assert!(w.pinnable.is_empty());
+}

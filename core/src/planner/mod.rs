@@ -571,6 +571,11 @@ impl Planner {
         out
     }
 
+    /// `spec.drainTimeout` of an accepted policy, if it sets one.
+    pub fn drain_timeout(&self, policy: &str) -> Option<std::time::Duration> {
+        self.policies.get(policy)?.config.as_ref().ok()?.drain_timeout
+    }
+
     /// The node of pod `uid`, if the planner has it on one.
     pub fn pod_node(&self, uid: &str) -> Option<Arc<str>> {
         self.pods.get(uid)?.node.clone()

@@ -629,7 +629,13 @@ impl Engine {
                     up: up(node),
                 })
             },
-            self.config.pinned_flow_timeout,
+            |policy| {
+                let timeout = self
+                    .planner
+                    .drain_timeout(policy)
+                    .or(self.config.pinned_flow_timeout);
+                timeout.filter(|t| !t.is_zero())
+            },
             now,
         );
         // A gateway that went takes its pinned flows with it: their nodes learn it at once.

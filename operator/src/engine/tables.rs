@@ -409,13 +409,14 @@ impl Tables {
 
     /// Puts back into `pending` the switches whose gateway has acknowledged its entry, has gone,
     /// or has kept them waiting until their deadline. The removal of a pod's entry from its
-    /// previous gateway, while that one is up, becomes a lingering entry instead when `linger`
-    /// is set: the pod's node may keep its open flows pinned there ([`Tables::linger`]).
+    /// previous gateway, while that one is up, becomes a lingering entry instead for as long as
+    /// `linger` says for the entry's policy: the pod's node may keep its open flows pinned there
+    /// ([`Tables::linger`]).
     pub fn release_switches(
         &mut self,
         pending: &mut BTreeMap<Arc<str>, NodeDelta>,
         gateway: impl Fn(&str) -> Option<GatewayShim>,
-        linger: Option<std::time::Duration>,
+        linger: impl Fn(&str) -> Option<std::time::Duration>,
         now: Instant,
     ) {
         if self.deferred.is_empty() {
@@ -445,8 +446,8 @@ impl Tables {
                     delta.upserts.entry(d.key).or_insert(entry);
                 }
                 None if delta.upserts.contains_key(&d.key) => {}
-                None => match (linger, kept) {
-                    (Some(linger), Some((gateway_ip, policy))) if previous_up => {
+                None => match kept.and_then(|(ip, policy)| Some((linger(&policy)?, ip, policy))) {
+                    Some((linger, gateway_ip, policy)) if previous_up => {
                         self.lingering
                             .retain(|l| !(l.gateway == d.node && l.key == d.key));
                         let unix = std::time::SystemTime::now()
@@ -779,9 +780,9 @@ mod tests {
 
         let gateway = |acked| move |node: &str| (node == "g2").then_some(GatewayShim { acked, up: true });
         let mut pending = BTreeMap::new();
-        tables.release_switches(&mut pending, gateway(carrying - 1), None, t0 + ms(100));
+        tables.release_switches(&mut pending, gateway(carrying - 1), |_| None, t0 + ms(100));
         assert!(pending.is_empty(), "an older generation is not the one");
-        tables.release_switches(&mut pending, gateway(carrying), None, t0 + ms(200));
+        tables.release_switches(&mut pending, gateway(carrying), |_| None, t0 + ms(200));
         assert_eq!(pending["w"].upserts[&key(1)], entry(1, "g2"));
         assert!(pending["g1"].removals.contains(&key(1)));
         let views = publish_all(&mut tables, pending, t0 + ms(200));
@@ -798,11 +799,11 @@ mod tests {
         let silent = |node: &str| (node == "g2").then_some(GatewayShim { acked: 0, up: true });
         for at in (0..1000).step_by(50).map(ms) {
             let mut pending = BTreeMap::new();
-            tables.release_switches(&mut pending, silent, None, t0 + at);
+            tables.release_switches(&mut pending, silent, |_| None, t0 + at);
             assert!(pending.is_empty(), "released at {at:?}");
         }
         let mut pending = BTreeMap::new();
-        tables.release_switches(&mut pending, silent, None, t0 + ms(1000));
+        tables.release_switches(&mut pending, silent, |_| None, t0 + ms(1000));
         assert_eq!(pending["w"].upserts[&key(1)], entry(1, "g2"));
     }
 
@@ -815,7 +816,7 @@ mod tests {
         tables.release_switches(
             &mut pending,
             |_| Some(GatewayShim { acked: 0, up: false }),
-            None,
+            |_| None,
             t0,
         );
         assert_eq!(pending["w"].upserts.len(), 1);
@@ -844,7 +845,7 @@ mod tests {
                     up: true,
                 })
             },
-            None,
+            |_| None,
             t0 + ms(2000),
         );
         assert!(
@@ -871,7 +872,7 @@ mod tests {
                 })
             };
             let mut pending = BTreeMap::new();
-            tables.release_switches(&mut pending, up, Some(ms(5000)), t0 + ms(100));
+            tables.release_switches(&mut pending, up, |_| Some(ms(5000)), t0 + ms(100));
             assert_eq!(pending["w"].upserts[&key(1)], entry(1, "g2"));
             assert!(
                 pending.get("g1").is_none_or(|d| !d.removals.contains(&key(1))),
