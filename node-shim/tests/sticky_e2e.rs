@@ -3,8 +3,10 @@
 //! each), checkout-2 (on n2) with long-lived connections and a stream of new ones.
 //! - Its gateway fails: it fails over to the other entry's node; the failed gateway comes back,
 //!   then the operator restarts. Neither moves the pod back (sticky pods).
-//! - Its gateway leaves the policy while it lives on: the open connections stay on it (pinned
-//!   flows, lingering entries), new ones take the other gateway.
+//! - Its gateway leaves the policy while it lives on, or is cordoned: the open connections stay
+//!   on it (pinned flows, lingering entries), new ones take the other gateway.
+//! - A gateway added, `maxGatewayNodes` 1 → 2 → 1, entries rewritten and reordered: nothing moves.
+//! - Its gateway really fails: its connections end, new ones fail over in time.
 //!
 //! Every long-lived connection keeps working byte for byte, and no new connection fails.
 
@@ -367,5 +369,32 @@ fn no_planned_change_moves_a_pod_off_a_gateway_that_still_serves() {
         other.len(),
         outcomes.len(),
         logs(&tb)
+    );
+}
+
+/// The gateway really fails (its uplink goes down): the connections it carried end (their NAT
+/// state was there: documented, unavoidable), and pinning does not hold anything to it: new
+/// connections leave through the other gateway within the failover time.
+#[test]
+fn a_failed_gateway_ends_its_connections_and_new_ones_fail_over_in_time() {
+    let Some((tb, _dir, _tokens, _operator, first)) = started() else {
+        return;
+    };
+    let (failed, survivor_ip) = if first == EGRESS_N1 {
+        ("n1", EGRESS_N3)
+    } else {
+        ("n3", EGRESS_N1)
+    };
+    let mut open = tb.connect("p2", EXT_A).expect("a long-lived connection");
+    assert_eq!(open.exchange(1000, 1000).as_deref(), Ok(first.as_str()));
+    let down = std::time::Instant::now();
+    tb.ip_on(failed, &["link", "set", "eth0", "down"]);
+    let took = first_connection_via(&tb.ns("p2"), survivor_ip, down, GRACE * 5)
+        .unwrap_or_else(|| panic!("p2 never failed over\n{}", logs(&tb)));
+    println!("real failure with pinning on: first new connection through the survivor after {took:?}");
+    assert!(took < GRACE * 2, "failover took {took:?}\n{}", logs(&tb));
+    assert!(
+        open.exchange(1000, 1000).is_err(),
+        "a connection outlived its gateway's NAT state"
     );
 }
