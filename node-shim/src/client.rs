@@ -43,74 +43,61 @@ fn hello(node: &str, pod_interfaces: &[String], tunnel_device: &str, bpffs_dir: 
                 .collect(),
         })
         .collect();
+    let (held, held_pods) = held(bpffs_dir);
     v2::Hello {
         node: node.to_owned(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         interfaces,
         default_route_interface: netdev::default_route_interface(),
-        held: held_slots(bpffs_dir),
+        held,
         operator_heartbeat_floor: true,
-        held_pods: held_pods(bpffs_dir),
+        held_pods,
     }
 }
 
-/// Which gateway each pod is steered to, per policy, as the pinned maps hold it (see
-/// [`held_slots`]).
-pub fn held_pods(bpffs_dir: &Path) -> Vec<v2::HeldPod> {
-    let read = || -> Result<Vec<v2::HeldPod>> {
+/// What the pinned maps hold, read from the datapath itself (so it is the truth even right after
+/// this shim restarted; nothing pinned yet, a first start, is nothing held), with the maps opened
+/// and the layout read once: the (policy, gateway entry, slot, gateway) filled, each once, and
+/// which gateway each of this node's own pods is steered to, per policy.
+pub fn held(bpffs_dir: &Path) -> (Vec<v2::HeldSlot>, Vec<v2::HeldPod>) {
+    let read = || -> Result<(Vec<v2::HeldSlot>, Vec<v2::HeldPod>)> {
         let maps = Maps::open_pinned(bpffs_dir)?;
         let names = maps.policy_names()?;
-        Ok(maps
-            .layout()?
+        let layout = maps.layout()?;
+        let ip = |raw: u32| convert::ip_to_wire(crate::maps::from_be(raw).into());
+        let slots: BTreeSet<(String, u32, u32, u32)> = layout
+            .slots
+            .iter()
+            .filter_map(|(key, gateway)| {
+                let (entry, slot) = crate::maps::decode_slot(key.gateway_slot)?;
+                Some((names.get(&key.policy_id)?.clone(), entry, slot, *gateway))
+            })
+            .collect();
+        let slots = slots
+            .into_iter()
+            .map(|(policy, entry, slot, gateway)| v2::HeldSlot {
+                policy,
+                slot: Some(v2::GatewaySlot { entry, slot }),
+                gateway: ip(gateway),
+            })
+            .collect();
+        let pods = layout
             .assignments()
             .into_iter()
             .filter_map(|(pod, policy, gateway)| {
                 Some(v2::HeldPod {
                     policy: names.get(&policy)?.clone(),
-                    pod: convert::ip_to_wire(crate::maps::from_be(pod).into()),
-                    gateway: convert::ip_to_wire(crate::maps::from_be(gateway).into()),
+                    pod: ip(pod),
+                    gateway: ip(gateway),
                 })
             })
-            .collect())
+            .collect();
+        Ok((slots, pods))
     };
     read().unwrap_or_else(|e| {
-        tracing::debug!(error = %e, "no pinned maps to report pods from");
-        Vec::new()
+        tracing::debug!(error = %e, "no pinned maps to report from");
+        (Vec::new(), Vec::new())
     })
-}
-
-/// The (policy, gateway entry, slot, gateway) the pinned maps hold, each once: read from the
-/// datapath itself, so it is the truth even right after this shim restarted. Nothing pinned
-/// yet (a first start) is nothing held.
-pub fn held_slots(bpffs_dir: &Path) -> Vec<v2::HeldSlot> {
-    let read = || -> Result<BTreeSet<(String, u32, u32, std::net::Ipv4Addr)>> {
-        let maps = Maps::open_pinned(bpffs_dir)?;
-        let names = maps.policy_names()?;
-        Ok(maps
-            .layout()?
-            .slots
-            .into_iter()
-            .filter_map(|(key, gateway)| {
-                let (entry, slot) = crate::maps::decode_slot(key.gateway_slot)?;
-                let policy = names.get(&key.policy_id)?.clone();
-                Some((policy, entry, slot, crate::maps::from_be(gateway)))
-            })
-            .collect())
-    };
-    match read() {
-        Ok(held) => held
-            .into_iter()
-            .map(|(policy, entry, slot, gateway)| v2::HeldSlot {
-                policy,
-                slot: Some(v2::GatewaySlot { entry, slot }),
-                gateway: convert::ip_to_wire(gateway.into()),
-            })
-            .collect(),
-        Err(e) => {
-            tracing::debug!(error = %e, "no pinned maps to report from");
-            Vec::new()
-        }
-    }
 }
 
 /// Starts the session to the operator as a task of the current Tokio runtime.

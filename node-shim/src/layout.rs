@@ -209,8 +209,9 @@ impl Layout {
             .len()
     }
 
-    /// Which gateway each pod is steered to, per policy: (pod, policy id, gateway), network
-    /// byte order, each once.
+    /// Which gateway each of this node's own pods is steered to, per policy: (pod, policy id,
+    /// gateway), network byte order, each once. A gateway's targets for other nodes' pods
+    /// (`peer_ip` set) are left out: those nodes report their pods.
     pub fn assignments(&self) -> BTreeSet<(u32, u32, u32)> {
         let groups = self.groups();
         let mut out = BTreeSet::new();
@@ -222,6 +223,7 @@ impl Layout {
                 if let Some(t) = source.targets.get(rule.target as usize)
                     && t.kind == maps::KIND_GATEWAY
                     && t.gateway_ip != 0
+                    && t.peer_ip == 0
                 {
                     out.insert((*saddr, rule.policy_id, t.gateway_ip));
                 }
@@ -458,6 +460,31 @@ mod tests {
         assert_eq!(second.expand(), b);
         // Laying out the same entries again changes nothing.
         assert_eq!(Layout::of(&b, &second).0, second);
+    }
+
+    /// What a shim reports as its pods' gateways: its own pods' (one per policy, however many
+    /// destinations), not the other nodes' pods it serves as a gateway, nor pods without one.
+    #[test]
+    fn assignments_are_the_own_pods_gateways_per_policy() {
+        let mut entries = BTreeMap::new();
+        for i in 1..=2 {
+            entries.insert(key("10.0.0.1", &format!("198.18.{i}.0/24")), target(1, 11));
+            entries.insert(key("10.0.0.1", &format!("198.19.{i}.0/24")), target(2, 13));
+        }
+        let mut served = target(1, 12);
+        served.peer_ip = maps::be(Ipv4Addr::new(192, 168, 0, 9));
+        entries.insert(key("10.0.9.9", "198.18.1.0/24"), served);
+        entries.insert(key("10.0.0.2", "198.18.1.0/24"), target(1, 0));
+        let (layout, _) = Layout::of(&entries, &Layout::default());
+        let be = |ip: &str| maps::be(ip.parse().unwrap());
+        assert_eq!(
+            layout.assignments(),
+            [
+                (be("10.0.0.1"), 1, be("192.0.2.11")),
+                (be("10.0.0.1"), 2, be("192.0.2.13")),
+            ]
+            .into()
+        );
     }
 
     #[test]

@@ -97,7 +97,7 @@ struct RunArgs {
     /// Capacity of the pinned flows map: TCP and UDP flows this node's pods have open through
     /// remote gateways, each remembered with the gateway it started on (an LRU: beyond it, the
     /// least recently used flow follows its pod's current gateway). Set when the map is first
-    /// created; 40 bytes a flow.
+    /// created; each flow is 40 bytes of key and value, plus the kernel's per-entry overhead.
     #[arg(long, env = "SLUICE_FLOW_MAP_MAX", default_value_t = maps::DEFAULT_FLOW_MAP_MAX)]
     flow_map_max: u32,
     /// Whether open flows keep the gateway they started on across planned changes (`on`), or

@@ -161,6 +161,21 @@ impl Started {
         self.connect_holding(node, held, vec![], at);
     }
 
+    /// The shims of `w`, `preferred` and `other` connect (sessions 1, 2, 3), 100 ms apart from
+    /// 100 ms on.
+    fn connect_all(&mut self, preferred: &str, other: &str) {
+        self.connect("w", vec![], Duration::from_millis(100));
+        self.connect(preferred, vec![], Duration::from_millis(200));
+        self.connect(other, vec![], Duration::from_millis(300));
+    }
+
+    /// The shims of [`Started::connect_all`] acknowledge their latest generations at `at`.
+    fn ack_all(&mut self, preferred: &str, other: &str, at: Duration) {
+        for (node, session) in [("w", 1), (preferred, 2), (other, 3)] {
+            self.ack(node, session, at);
+        }
+    }
+
     /// `connect`, the shim reporting its pods' gateways too.
     fn connect_holding(&mut self, node: &str, held: Vec<HeldDuty>, pods: Vec<HeldPod>, at: Duration) {
         self.session += 1;
@@ -364,9 +379,7 @@ fn generations_grow_and_never_repeat_across_engines() {
 /// Three shims back and settled, the pod steered to `preferred`; then `preferred` falls silent
 /// and the others keep heartbeating until the failover. Returns the time reached.
 fn failover(s: &mut Started, preferred: &str, other: &str) -> Duration {
-    s.connect("w", vec![], Duration::from_millis(100));
-    s.connect(preferred, vec![], Duration::from_millis(200));
-    s.connect(other, vec![], Duration::from_millis(300));
+    s.connect_all(preferred, other);
     assert_eq!(s.targets(), vec![GatewayTarget::Node(ip_of(preferred))]);
     s.ack("w", 1, Duration::from_millis(300));
     s.ack(other, 3, Duration::from_millis(300));
@@ -430,13 +443,9 @@ fn programmed_follows_each_policys_own_generation_and_names_what_failed() {
     s.engine.source(SourceEvent::Change(Box::new(Change::UpsertPolicy(
         second.clone(),
     ))));
-    s.connect("w", vec![], Duration::from_millis(100));
-    s.connect(preferred, vec![], Duration::from_millis(200));
-    s.connect(other, vec![], Duration::from_millis(300));
+    s.connect_all(preferred, other);
     let at = Duration::from_millis(400);
-    for (node, session) in [("w", 1), (preferred, 2), (other, 3)] {
-        s.ack(node, session, at);
-    }
+    s.ack_all(preferred, other, at);
     let st = s.statuses();
     for p in ["egress", "second"] {
         assert_eq!(
@@ -595,9 +604,7 @@ fn service_cidrs_of_the_flag_and_of_the_source_are_both_in_the_cluster_set() {
 fn every_node_learns_which_of_its_pods_are_decided_and_what_drop_policies_guard() {
     let (preferred, other) = preferred_and_other();
     let mut s = Started::new(policy(vec![]));
-    s.connect("w", vec![], Duration::from_millis(100));
-    s.connect(preferred, vec![], Duration::from_millis(200));
-    s.connect(other, vec![], Duration::from_millis(300));
+    s.connect_all(preferred, other);
     let guard = |s: &Started, node: &str| s.hub.subscribe(node).borrow().clone().unwrap().guard.clone();
     let g = guard(&s, "w");
     assert_eq!(g.destinations, vec!["203.0.113.0/24".parse().unwrap()]);
@@ -632,12 +639,8 @@ fn every_node_learns_which_of_its_pods_are_decided_and_what_drop_policies_guard(
 fn a_new_pod_is_decided_only_with_its_entries() {
     let (preferred, other) = preferred_and_other();
     let mut s = Started::new(policy(vec![]));
-    s.connect("w", vec![], Duration::from_millis(100));
-    s.connect(preferred, vec![], Duration::from_millis(200));
-    s.connect(other, vec![], Duration::from_millis(300));
-    for (node, session) in [("w", 1), (preferred, 2), (other, 3)] {
-        s.ack(node, session, Duration::from_millis(300));
-    }
+    s.connect_all(preferred, other);
+    s.ack_all(preferred, other, Duration::from_millis(300));
     let view = |s: &Started| s.hub.subscribe("w").borrow().clone().unwrap();
     let mut new = pod();
     new.uid = "uid-new".into();
@@ -668,9 +671,7 @@ fn stamp(s: &Started, sessions: &[u64], at: Duration) {
 fn heartbeats_stamped_while_the_engine_was_busy_keep_their_shims_alive() {
     let (preferred, other) = preferred_and_other();
     let mut s = Started::new(policy(vec![]));
-    s.connect("w", vec![], Duration::from_millis(100));
-    s.connect(preferred, vec![], Duration::from_millis(200));
-    s.connect(other, vec![], Duration::from_millis(300));
+    s.connect_all(preferred, other);
     let generation = s.engine.generation("w");
     // The engine does not look for three seconds (a long flush), while every session keeps
     // stamping its shim's heartbeats.
@@ -745,12 +746,8 @@ fn at_rest_nothing_is_published_written_or_logged() {
     s.engine.source(SourceEvent::Change(Box::new(Change::UpsertPolicy(
         second.clone(),
     ))));
-    s.connect("w", vec![], Duration::from_millis(100));
-    s.connect(preferred, vec![], Duration::from_millis(200));
-    s.connect(other, vec![], Duration::from_millis(300));
-    for (node, session) in [("w", 1), (preferred, 2), (other, 3)] {
-        s.ack(node, session, Duration::from_millis(300));
-    }
+    s.connect_all(preferred, other);
+    s.ack_all(preferred, other, Duration::from_millis(300));
     s.flush(Duration::from_millis(350));
     assert!(!s.statuses().is_empty());
     s.engine.take_notices();
@@ -828,13 +825,9 @@ fn managed_duty(hub: &Hub, node: &str) -> Option<sluice_operator::planner::Gatew
 fn managed_started() -> (Started, &'static str, &'static str, Duration) {
     let (preferred, other) = preferred_and_other();
     let mut s = Started::new(managed_policy());
-    s.connect("w", vec![], Duration::from_millis(100));
-    s.connect(preferred, vec![], Duration::from_millis(200));
-    s.connect(other, vec![], Duration::from_millis(300));
+    s.connect_all(preferred, other);
     let at = Duration::from_millis(400);
-    for (node, session) in [("w", 1), (preferred, 2), (other, 3)] {
-        s.ack(node, session, at);
-    }
+    s.ack_all(preferred, other, at);
     let duty = managed_duty(&s.hub, preferred).expect("the first gateway holds the address");
     assert!(!duty.awaiting_release);
     assert!(managed_duty(&s.hub, other).is_none());
@@ -1013,13 +1006,9 @@ fn a_new_leader_keeps_each_pod_on_the_gateway_the_datapaths_hold() {
 fn a_gateway_moved_away_from_drains_its_pods_open_flows_until_it_goes() {
     let (preferred, other) = preferred_and_other();
     let mut s = Started::new(policy(vec![]));
-    s.connect("w", vec![], Duration::from_millis(100));
-    s.connect(preferred, vec![], Duration::from_millis(200));
-    s.connect(other, vec![], Duration::from_millis(300));
+    s.connect_all(preferred, other);
     let at = Duration::from_millis(400);
-    for (node, session) in [("w", 1), (preferred, 2), (other, 3)] {
-        s.ack(node, session, at);
-    }
+    s.ack_all(preferred, other, at);
     let _ = s.statuses();
     let unlabelled = NodeInfo {
         labels: BTreeMap::new(),
@@ -1067,13 +1056,9 @@ fn a_policy_with_no_drain_time_keeps_nothing_on_the_old_gateway() {
     let mut no_drain = policy(vec![]);
     no_drain.spec.drain_timeout = Some("0s".into());
     let mut s = Started::new(no_drain);
-    s.connect("w", vec![], Duration::from_millis(100));
-    s.connect(preferred, vec![], Duration::from_millis(200));
-    s.connect(other, vec![], Duration::from_millis(300));
+    s.connect_all(preferred, other);
     let at = Duration::from_millis(400);
-    for (node, session) in [("w", 1), (preferred, 2), (other, 3)] {
-        s.ack(node, session, at);
-    }
+    s.ack_all(preferred, other, at);
     let unlabelled = NodeInfo {
         labels: BTreeMap::new(),
         ..node(preferred, &ip_of(preferred).to_string(), false)

@@ -49,6 +49,7 @@ mod tables;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -71,7 +72,7 @@ pub use self::{
 use crate::{
     live::{self, Notice, SourceEvent, StatusUpdate},
     model::{GatewaySlot, InterfaceInfo, NodeInfo, PolicyInput},
-    planner::{Change, NodeDelta, PlanDelta, Planner},
+    planner::{Change, GatewayDuty, NodeDelta, PlanDelta, Planner},
     selector::Selector,
 };
 
@@ -408,7 +409,10 @@ impl Engine {
             self.pending.nodes.entry(node.into()).or_default();
         }
         if self.tables.published && self.tables.generation(node) == 0 {
-            self.publish(&node.into(), NodeDelta::default(), now);
+            let node: Arc<str> = node.into();
+            let duties = self.planner.gateway_duties(&node);
+            let pinnable = self.tables.pinnable_by_node().remove(&node).unwrap_or_default();
+            self.publish(&node, NodeDelta::default(), duties, pinnable, now);
         }
     }
 
@@ -672,16 +676,23 @@ impl Engine {
 
     /// Publishes the views that changed (every one, the first time).
     fn publish_changed(&mut self, changed: BTreeMap<Arc<str>, NodeDelta>, now: Instant) {
+        let mut pinnable = self.tables.pinnable_by_node();
         if !self.tables.published {
             self.tables.published = true;
             let all: Vec<Arc<str>> = self.tables.nodes().cloned().collect();
             for node in all {
-                self.publish(&node, NodeDelta::default(), now);
+                let duties = self.planner.gateway_duties(&node);
+                let pinnable = pinnable.remove(&node).unwrap_or_default();
+                self.publish(&node, NodeDelta::default(), duties, pinnable, now);
             }
         } else {
-            // Every release first, so that a node taking an address waits for it whatever the
-            // order the nodes are published in.
-            for node in changed.keys() {
+            // Each node's duties once, and every release first, so that a node taking an
+            // address waits for it whatever the order the nodes are published in.
+            let duties: Vec<Vec<GatewayDuty>> = changed
+                .keys()
+                .map(|node| self.planner.gateway_duties(node))
+                .collect();
+            for (node, duties) in changed.keys().zip(&duties) {
                 let Some(table) = self.tables.get(node) else {
                     continue;
                 };
@@ -689,25 +700,33 @@ impl Engine {
                     self.handovers.publishing(
                         node,
                         table.duties(),
-                        &self.planner.gateway_duties(node),
+                        duties,
                         table.generation,
                         now + self.config.grace,
                     );
                 }
             }
-            for (node, delta) in changed {
-                self.publish(&node, delta, now);
+            for ((node, delta), duties) in changed.into_iter().zip(duties) {
+                let pinnable = pinnable.remove(&node).unwrap_or_default();
+                self.publish(&node, delta, duties, pinnable, now);
             }
         }
         self.tables.await_published();
     }
 
-    /// Publishes a node's table if anything of its view changed (or it was never published).
-    fn publish(&mut self, node: &Arc<str>, delta: NodeDelta, now: Instant) {
-        let mut duties = self.planner.gateway_duties(node);
+    /// Publishes a node's table if anything of its view changed (or it was never published):
+    /// `duties` as the planner has them, `pinnable` as the tables do ([`Tables::pinnable`]).
+    fn publish(
+        &mut self,
+        node: &Arc<str>,
+        delta: NodeDelta,
+        mut duties: Vec<GatewayDuty>,
+        pinnable: Vec<IpAddr>,
+        now: Instant,
+    ) {
         self.handovers.hold(node, &mut duties);
         let content = NodeContent {
-            pinnable: self.tables.pinnable(node),
+            pinnable,
             duties,
             decided_pods: self.planner.decided_pod_ips(node),
             heartbeat_interval: self.liveness.heartbeat_interval(node),
@@ -745,7 +764,7 @@ impl Engine {
                     (node, why.or_else(waits))
                 });
             // What the holders of the policy's managed addresses say they could not claim.
-            let conflicts: Vec<(std::net::IpAddr, String)> = outcome
+            let conflicts: Vec<(IpAddr, String)> = outcome
                 .gateways
                 .iter()
                 .filter(|g| g.managed)

@@ -532,17 +532,22 @@ impl Tables {
             .collect()
     }
 
+    /// Per pod's node, the gateways its pods have entries lingering on (sorted, each once):
+    /// one pass over the lingering entries for every node published in a flush.
+    pub fn pinnable_by_node(&self) -> HashMap<Arc<str>, Vec<IpAddr>> {
+        let mut sets: HashMap<Arc<str>, BTreeSet<IpAddr>> = HashMap::new();
+        for l in &self.lingering {
+            sets.entry(l.source.clone()).or_default().insert(l.gateway_ip);
+        }
+        sets.into_iter()
+            .map(|(node, set)| (node, set.into_iter().collect()))
+            .collect()
+    }
+
     /// The gateways `node`'s pods have entries lingering on (sorted, each once).
+    #[cfg(test)]
     pub fn pinnable(&self, node: &str) -> Vec<IpAddr> {
-        let mut out: Vec<IpAddr> = self
-            .lingering
-            .iter()
-            .filter(|l| *l.source == *node)
-            .map(|l| l.gateway_ip)
-            .collect();
-        out.sort_unstable();
-        out.dedup();
-        out
+        self.pinnable_by_node().remove(node).unwrap_or_default()
     }
 
     /// The earliest deadline of a switch held back or of a lingering entry, if any.
