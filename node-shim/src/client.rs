@@ -43,24 +43,52 @@ fn hello(node: &str, pod_interfaces: &[String], tunnel_device: &str, bpffs_dir: 
                 .collect(),
         })
         .collect();
-    let (held, held_pods) = held(bpffs_dir);
+    let Held {
+        slots,
+        pods,
+        pinned_flows,
+    } = held(bpffs_dir);
     v2::Hello {
         node: node.to_owned(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         interfaces,
         default_route_interface: netdev::default_route_interface(),
-        held,
+        held: slots,
         operator_heartbeat_floor: true,
-        held_pods,
+        held_pods: pods,
+        pinned_flows,
     }
+}
+
+/// What the pinned maps hold, as the hello reports it.
+#[derive(Default)]
+pub struct Held {
+    pub slots: Vec<v2::HeldSlot>,
+    pub pods: Vec<v2::HeldPod>,
+    pub pinned_flows: Vec<v2::HeldPod>,
+}
+
+/// The (pod, policy id, gateway) of the open flows pinned to a gateway that is still pinnable
+/// (the datapath keeps them there; a closing flow is about to end and is left out), each once.
+/// All addresses in network byte order.
+pub fn pinned_flows(
+    flows: impl IntoIterator<Item = (crate::maps::FlowKeyV4, crate::maps::FlowV4)>,
+    pinnable: &BTreeSet<u32>,
+) -> BTreeSet<(u32, u32, u32)> {
+    flows
+        .into_iter()
+        .filter(|(_, v)| pinnable.contains(&v.gateway_ip) && v.flags & crate::maps::FLOW_CLOSING == 0)
+        .map(|(k, v)| (k.saddr, v.policy_id, v.gateway_ip))
+        .collect()
 }
 
 /// What the pinned maps hold, read from the datapath itself (so it is the truth even right after
 /// this shim restarted; nothing pinned yet, a first start, is nothing held), with the maps opened
 /// and the layout read once: the (policy, gateway entry, slot, gateway) filled, each once, and
-/// which gateway each of this node's own pods is steered to, per policy.
-pub fn held(bpffs_dir: &Path) -> (Vec<v2::HeldSlot>, Vec<v2::HeldPod>) {
-    let read = || -> Result<(Vec<v2::HeldSlot>, Vec<v2::HeldPod>)> {
+/// which gateway each of this node's own pods is steered to, per policy, and which gateways its
+/// pods' open flows are pinned to besides.
+pub fn held(bpffs_dir: &Path) -> Held {
+    let read = || -> Result<Held> {
         let maps = Maps::open_pinned(bpffs_dir)?;
         let names = maps.policy_names()?;
         let layout = maps.layout()?;
@@ -81,22 +109,35 @@ pub fn held(bpffs_dir: &Path) -> (Vec<v2::HeldSlot>, Vec<v2::HeldPod>) {
                 gateway: ip(gateway),
             })
             .collect();
-        let pods = layout
-            .assignments()
-            .into_iter()
-            .filter_map(|(pod, policy, gateway)| {
-                Some(v2::HeldPod {
-                    policy: names.get(&policy)?.clone(),
-                    pod: ip(pod),
-                    gateway: ip(gateway),
+        // (pod, policy id, gateway) as reported: the policy by name (ids are the node's own).
+        let named = |held: BTreeSet<(u32, u32, u32)>| -> Vec<v2::HeldPod> {
+            held.into_iter()
+                .filter_map(|(pod, policy, gateway)| {
+                    Some(v2::HeldPod {
+                        policy: names.get(&policy)?.clone(),
+                        pod: ip(pod),
+                        gateway: ip(gateway),
+                    })
                 })
-            })
-            .collect();
-        Ok((slots, pods))
+                .collect()
+        };
+        let pods = named(layout.assignments());
+        // A flow map that cannot be read costs only the flows' pins, not the rest of the report.
+        let pinnable: BTreeSet<u32> = maps.pinnable.keys().filter_map(|k| k.ok()).collect();
+        let pinned = if pinnable.is_empty() {
+            BTreeSet::new()
+        } else {
+            pinned_flows(maps.flows.iter().filter_map(|f| f.ok()), &pinnable)
+        };
+        Ok(Held {
+            slots,
+            pods,
+            pinned_flows: named(pinned),
+        })
     };
     read().unwrap_or_else(|e| {
         tracing::debug!(error = %e, "no pinned maps to report from");
-        (Vec::new(), Vec::new())
+        Held::default()
     })
 }
 
@@ -117,5 +158,52 @@ pub fn start(
         updates: Some(updates),
         applied: Arc::new(applied_tx),
         contact,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::maps::{FLOW_CLOSING, FlowKeyV4, FlowV4};
+
+    fn flow(pod: u32, sport: u16, gateway: u32, policy: u32, flags: u32) -> (FlowKeyV4, FlowV4) {
+        (
+            FlowKeyV4 {
+                saddr: pod,
+                daddr: 99,
+                sport,
+                dport: 443,
+                protocol: 6,
+                _pad: [0; 3],
+            },
+            FlowV4 {
+                gateway_ip: gateway,
+                policy_id: policy,
+                last_seen_ns: 1,
+                flags,
+                _pad: 0,
+            },
+        )
+    }
+
+    #[test]
+    fn pinned_flows_are_the_open_ones_on_pinnable_gateways_each_once() {
+        let flows = [
+            // Two flows of pod 1 on gateway 10 (pinnable): one report.
+            flow(1, 1000, 10, 7, 0),
+            flow(1, 1001, 10, 7, 0),
+            // Closing: about to end.
+            flow(2, 1000, 10, 7, FLOW_CLOSING),
+            // On a gateway no longer pinnable: the datapath lets it follow its entry.
+            flow(3, 1000, 20, 7, 0),
+            // Another policy, same pod and gateway.
+            flow(1, 1002, 10, 8, 0),
+        ];
+        let pinnable = BTreeSet::from([10]);
+        assert_eq!(
+            pinned_flows(flows, &pinnable),
+            BTreeSet::from([(1, 7, 10), (1, 8, 10)])
+        );
+        assert!(pinned_flows(flows, &BTreeSet::new()).is_empty());
     }
 }

@@ -920,6 +920,75 @@ fn beside_a_flannel_like_overlay() {
     );
 }
 
+/// Applies the plan of p2 leaving through n1; returns it, and the rule of p2 through n3 (the
+/// planned change the pinned-flow tests make).
+fn p2_through_n1_then_n3(c: &mut Cluster) -> (serde_json::Value, Rule) {
+    let before = c.plan(&[policy_a("p2")]);
+    c.try_apply_plan(&serde_json::to_vec(&before).unwrap(), Duration::from_secs(20))
+        .unwrap();
+    let via_n3 = Rule {
+        gateway: Gw::Node("n3", EGRESS_N3),
+        ..policy_a("p2")
+    };
+    (before, via_n3)
+}
+
+/// Pinned UDP: a datagram flow (one source port) through n1 keeps n1 after a planned change to
+/// n3 while n1 is pinnable (the external host sees n1's egress IP), datagrams of another source
+/// port take n3, and once n1 is no longer pinnable the flow follows its entry to n3.
+#[test]
+fn a_udp_flow_keeps_its_gateway_across_a_planned_change() {
+    use sluice_testbed::craft::{Listener, send_udp_from};
+    const PORT: u16 = 9_996;
+    const FLOW_PORT: u16 = 40_123;
+    let Some(mut c) = cluster("pinned_udp") else {
+        return;
+    };
+    let (before, via_n3) = p2_through_n1_then_n3(&mut c);
+    let listener = Listener::bind(&c.ns("ext"), PORT).unwrap();
+    let to: std::net::SocketAddr = (EXT_A.parse::<std::net::Ipv4Addr>().unwrap(), PORT).into();
+    let p2 = c.ns("p2");
+    // The sources the external host saw for datagrams sent from `port`.
+    let seen_from = |port: u16| -> Vec<String> {
+        send_udp_from(&p2, port, to, b"pinned?", 3).unwrap();
+        let mut seen: Vec<String> = listener
+            .collect(Duration::from_millis(500))
+            .into_iter()
+            .map(|(from, _)| from.ip().to_string())
+            .collect();
+        seen.dedup();
+        seen
+    };
+    assert_eq!(seen_from(FLOW_PORT), [EGRESS_N1]);
+
+    let moved = lingering(c.plan(std::slice::from_ref(&via_n3)), &before, "n2", "n1");
+    c.try_apply_plan(&serde_json::to_vec(&moved).unwrap(), Duration::from_secs(20))
+        .unwrap();
+    let pinned_before = c.counter("n2", "pinned");
+    assert_eq!(seen_from(FLOW_PORT), [EGRESS_N1], "the open UDP flow moved");
+    assert!(c.counter("n2", "pinned") > pinned_before);
+    assert_eq!(
+        seen_from(FLOW_PORT + 1),
+        [EGRESS_N3],
+        "a new UDP flow took the old gateway"
+    );
+    let flows = c.shim_cli("n2", &["bpf", "flows"]).unwrap();
+    assert!(
+        flows
+            .lines()
+            .any(|l| l.starts_with("udp") && l.contains(&format!(":{FLOW_PORT}")) && l.contains("yes")),
+        "{flows}"
+    );
+
+    // n1 is no longer pinnable: the flow follows its entry.
+    c.apply(&[via_n3]);
+    assert_eq!(
+        seen_from(FLOW_PORT),
+        [EGRESS_N3],
+        "sent to a gateway no longer pinnable"
+    );
+}
+
 /// `plan` with node `node`'s section given `pinnableGateways` and, appended to node `gateway`'s
 /// entries, those `gateway` held in `before` (what the operator keeps on a gateway that pods
 /// moved away from by a planned change).
@@ -960,13 +1029,7 @@ fn open_flows_keep_their_gateway_across_a_planned_change_and_new_ones_take_the_n
     let Some(mut c) = cluster("pinned_flows") else {
         return;
     };
-    let via_n3 = Rule {
-        gateway: Gw::Node("n3", EGRESS_N3),
-        ..policy_a("p2")
-    };
-    let before = c.plan(&[policy_a("p2")]);
-    c.try_apply_plan(&serde_json::to_vec(&before).unwrap(), Duration::from_secs(20))
-        .unwrap();
+    let (before, via_n3) = p2_through_n1_then_n3(&mut c);
     let mut open: Vec<_> = (0..3).map(|_| c.connect("p2", EXT_A).unwrap()).collect();
     for conn in &mut open {
         assert_eq!(conn.exchange(10_000, 10_000).unwrap(), EGRESS_N1);

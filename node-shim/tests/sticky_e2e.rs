@@ -66,6 +66,25 @@ fn open_connections_stay_and_new_ones_move(
     assert_eq!(outcomes.last().unwrap().as_deref(), Ok(new_ip));
 }
 
+/// Stops `operator` and starts a new one on the same manifests; returns once every shim has a
+/// plan of the new one, and three grace periods later.
+fn restart(tb: &Testbed, operator: Operator, dir: &std::path::Path, tokens: &std::path::Path) -> Operator {
+    let plans = |n: &str| tb.log(&format!("shim-{n}")).matches("plan received").count();
+    let before: Vec<usize> = NODES.iter().map(|(n, _)| plans(n)).collect();
+    drop(operator);
+    let operator = Operator::start(tb.ns("ul"), options(dir, tokens, GRACE));
+    let reconnected = wait_for(Duration::from_secs(20), || {
+        NODES.iter().zip(&before).all(|((n, _), b)| plans(n) > *b)
+    });
+    assert!(
+        reconnected,
+        "the shims never reached the new operator\n{}",
+        logs(tb)
+    );
+    std::thread::sleep(GRACE * 3);
+    operator
+}
+
 /// The live testbed with the demo policy, the operator and every shim running, and the egress IP
 /// p2's first connection left with; `None` (said out loud) without root.
 fn started() -> Option<(Testbed, PathBuf, PathBuf, Operator, String)> {
@@ -133,19 +152,7 @@ fn a_recovered_gateway_and_an_operator_restart_break_no_connection() {
     for c in &mut long_lived {
         assert_eq!(c.exchange(1000, 1000).unwrap(), survivor_ip, "\n{}", logs(&tb));
     }
-    let plans = |tb: &Testbed, n: &str| tb.log(&format!("shim-{n}")).matches("plan received").count();
-    let before: Vec<usize> = NODES.iter().map(|(n, _)| plans(&tb, n)).collect();
-    drop(operator);
-    let operator = Operator::start(tb.ns("ul"), options(&dir, &tokens, grace));
-    let reconnected = wait_for(Duration::from_secs(20), || {
-        NODES.iter().zip(&before).all(|((n, _), b)| plans(&tb, n) > *b)
-    });
-    assert!(
-        reconnected,
-        "the shims never reached the new operator\n{}",
-        logs(&tb)
-    );
-    std::thread::sleep(grace * 3);
+    let operator = restart(&tb, operator, &dir, &tokens);
 
     let outcomes = stream.stop();
     assert!(outcomes.len() > 10, "{} connections", outcomes.len());
@@ -219,9 +226,12 @@ fn a_gateway_removed_from_the_policy_keeps_its_open_flows_and_new_ones_move() {
 
 /// Draining the pod's gateway (`kubectl cordon`): its slot goes to the other candidate, new
 /// connections take it, and the open ones stay on the drained gateway (pinned flows over its
-/// lingering entries) byte for byte; none fails.
+/// lingering entries) byte for byte; none fails. Then the operator restarts in the middle of
+/// the drain (a cluster upgrade drains nodes and moves the operator's pod alike): the new one
+/// puts the lingering entries back from the flows the pod's node reports pinned, and still
+/// none breaks or fails.
 #[test]
-fn a_cordoned_gateway_takes_no_new_connections_and_keeps_the_open_ones() {
+fn a_cordoned_gateway_keeps_the_open_connections_also_across_an_operator_restart() {
     if !nix::unistd::geteuid().is_root() {
         println!("SKIP sticky_e2e: needs root (network namespaces, eBPF); CI runs it as root");
         return;
@@ -233,7 +243,7 @@ fn a_cordoned_gateway_takes_no_new_connections_and_keeps_the_open_ones() {
          destinationCIDRs: [203.0.113.0/24]\n  egressGateway:\n    nodeSelector:\n      \
          matchLabels: {sluice.dev/egress: \"true\"}\n  failurePolicy: Drop\n";
     fs::write(dir.join("policy.yaml"), policy).unwrap();
-    let _operator = Operator::start(tb.ns("ul"), options(&dir, &tokens, GRACE));
+    let operator = Operator::start(tb.ns("ul"), options(&dir, &tokens, GRACE));
     for (node, _) in NODES {
         start_shim(&mut tb, node, &tokens);
     }
@@ -276,6 +286,28 @@ fn a_cordoned_gateway_takes_no_new_connections_and_keeps_the_open_ones() {
     )
     .unwrap();
     open_connections_stay_and_new_ones_move(&tb, &mut open, stream, drained_ip, other_ip);
+
+    let stream = tb.stream("p2", EXT_A);
+    let operator = restart(&tb, operator, &dir, &tokens);
+    for c in &mut open {
+        let seen = c.exchange(100_000, 100_000);
+        assert_eq!(
+            seen.as_deref(),
+            Ok(drained_ip),
+            "an open connection broke or moved across the operator restart\n{}",
+            logs(&tb)
+        );
+    }
+    let outcomes = stream.stop();
+    let failed: Vec<_> = outcomes.iter().filter(|o| o.as_deref() != Ok(other_ip)).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} new connections across the restart: {failed:?}\n{}",
+        failed.len(),
+        outcomes.len(),
+        logs(&tb)
+    );
+    drop(operator);
 }
 
 /// Policy `checkout-to-psp` over the gateway nodes that `spec` (the YAML of `egressGateway(s)`,

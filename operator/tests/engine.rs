@@ -178,6 +178,18 @@ impl Started {
 
     /// `connect`, the shim reporting its pods' gateways too.
     fn connect_holding(&mut self, node: &str, held: Vec<HeldDuty>, pods: Vec<HeldPod>, at: Duration) {
+        self.connect_reporting(node, held, pods, vec![], at);
+    }
+
+    /// `connect_holding`, the shim reporting its pods' pinned flows too.
+    fn connect_reporting(
+        &mut self,
+        node: &str,
+        held: Vec<HeldDuty>,
+        pods: Vec<HeldPod>,
+        pinned: Vec<HeldPod>,
+        at: Duration,
+    ) {
         self.session += 1;
         self.engine.shim(
             ShimEvent::Connected {
@@ -187,6 +199,7 @@ impl Started {
                 interfaces: vec![],
                 held,
                 pods,
+                pinned,
             },
             self.t0 + at,
         );
@@ -232,6 +245,15 @@ impl Started {
             .take_status()
             .into_iter()
             .map(|u| (u.outcome.name.clone(), u))
+            .collect()
+    }
+
+    /// The gateways draining the policy's flows in its latest status: (node, pods).
+    fn draining(&mut self) -> Vec<(String, u64)> {
+        self.statuses()["egress"]
+            .draining
+            .iter()
+            .map(|(n, _, pods)| (n.clone(), *pods))
             .collect()
     }
 
@@ -590,6 +612,7 @@ fn service_cidrs_of_the_flag_and_of_the_source_are_both_in_the_cluster_set() {
             interfaces: vec![],
             held: vec![],
             pods: vec![],
+            pinned: vec![],
         },
         t0,
     );
@@ -1021,13 +1044,7 @@ fn a_gateway_moved_away_from_drains_its_pods_open_flows_until_it_goes() {
     assert!(s.holds_pod(preferred), "the old gateway keeps the pod's entry");
     let w = s.hub.subscribe("w").borrow().clone().unwrap();
     assert_eq!(*w.pinnable, [ip_of(preferred)]);
-    let st = s.statuses();
-    let draining: Vec<(String, u64)> = st["egress"]
-        .draining
-        .iter()
-        .map(|(n, _, pods)| (n.clone(), *pods))
-        .collect();
-    assert_eq!(draining, [(preferred.to_owned(), 1)]);
+    assert_eq!(s.draining(), [(preferred.to_owned(), 1)]);
     let drain_started = s
         .engine
         .take_notices()
@@ -1046,6 +1063,76 @@ fn a_gateway_moved_away_from_drains_its_pods_open_flows_until_it_goes() {
     let w = s.hub.subscribe("w").borrow().clone().unwrap();
     assert!(w.pinnable.is_empty());
     assert!(s.statuses()["egress"].draining.is_empty());
+}
+
+/// A new leader in the middle of a drain: the pod's node steers the pod to the new gateway and
+/// reports its open flows pinned to the draining one, which reports the slot it had (its
+/// lingering entries carry it) beside the new gateway's report of the same slot. The first
+/// publication keeps the pod where its node steers it, puts the pod's entry back on the
+/// draining gateway, lets the pod's node pin there, and the status says it is draining;
+/// without the report of pinned flows nothing lingers (the test's premise).
+#[test]
+fn a_new_leader_puts_back_the_entries_of_flows_pinned_to_a_draining_gateway() {
+    let (preferred, other) = preferred_and_other();
+    let slot = |gateway: &str| HeldDuty {
+        policy: "egress".into(),
+        entry: 0,
+        slot: 0,
+        gateway: ip_of(gateway),
+    };
+    let pod_ip: IpAddr = "10.1.0.10".parse().unwrap();
+    for report in [true, false] {
+        let mut s = Started::new(policy(vec![]));
+        let draining = NodeInfo {
+            draining: true,
+            ..node(preferred, &ip_of(preferred).to_string(), true)
+        };
+        s.engine
+            .source(SourceEvent::Change(Box::new(Change::UpsertNode(draining))));
+        let pinned = if report {
+            vec![HeldPod {
+                policy: "egress".into(),
+                pod: pod_ip,
+                gateway: ip_of(preferred),
+            }]
+        } else {
+            vec![]
+        };
+        let steered = vec![HeldPod {
+            policy: "egress".into(),
+            pod: pod_ip,
+            gateway: ip_of(other),
+        }];
+        // The draining gateway reports first, so that its claim on the slot comes first.
+        s.connect(preferred, vec![slot(preferred)], Duration::from_millis(100));
+        s.connect_reporting(
+            "w",
+            vec![slot(other)],
+            steered,
+            pinned,
+            Duration::from_millis(150),
+        );
+        s.connect(other, vec![slot(other)], Duration::from_millis(200));
+        assert!(!s.engine.settling());
+        assert_eq!(s.targets(), vec![GatewayTarget::Node(ip_of(other))]);
+        assert!(s.holds_pod(other));
+        let w = s.hub.subscribe("w").borrow().clone().unwrap();
+        if !report {
+            assert!(!s.holds_pod(preferred), "the premise: nothing lingers unreported");
+            assert!(w.pinnable.is_empty());
+            continue;
+        }
+        assert!(
+            s.holds_pod(preferred),
+            "the draining gateway keeps the pod's entry"
+        );
+        let kept = s.hub.subscribe(preferred).borrow().clone().unwrap();
+        let entry = kept.entries.values().find(|e| e.key.source == pod_ip).unwrap();
+        assert_eq!(entry.gateway, GatewayTarget::Node(ip_of(preferred)));
+        assert_eq!(entry.source_node_ip, Some(ip_of("w")));
+        assert_eq!(*w.pinnable, [ip_of(preferred)]);
+        assert_eq!(s.draining(), [(preferred.to_owned(), 1)]);
+    }
 }
 
 /// `spec.drainTimeout: 0s`: a gateway moved away from lets go of the pod at once (its open

@@ -1372,6 +1372,7 @@ fn start_planning(fake: &Fake, flag: &[&str], nodes: &[&str]) -> Arc<Hub> {
             interfaces: vec![],
             held: vec![],
             pods: vec![],
+            pinned: vec![],
         });
     }
     hub

@@ -150,11 +150,23 @@ pub fn v6_only_socket(kind: SockType, port: u16) -> Result<OwnedFd> {
 /// Sends `payload` as UDP datagrams to `to` (IPv4 or IPv6) from network namespace `ns`, `count`
 /// times.
 pub fn send_udp(ns: &str, to: impl Into<SocketAddr>, payload: &[u8], count: usize) -> Result<()> {
+    send_udp_from(ns, 0, to, payload, count)
+}
+
+/// [`send_udp`] from source port `port` (0: any), so that datagrams sent by separate calls
+/// belong to one flow.
+pub fn send_udp_from(
+    ns: &str,
+    port: u16,
+    to: impl Into<SocketAddr>,
+    payload: &[u8],
+    count: usize,
+) -> Result<()> {
     let to: SocketAddr = to.into();
     in_netns(ns, || -> Result<()> {
-        let any = match to {
-            SocketAddr::V4(_) => "0.0.0.0:0",
-            SocketAddr::V6(_) => "[::]:0",
+        let any: SocketAddr = match to {
+            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, port).into(),
+            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, port).into(),
         };
         let socket = UdpSocket::bind(any).context("binding a UDP socket")?;
         for _ in 0..count {

@@ -62,6 +62,29 @@ impl Resolved {
         }
     }
 
+    pub(super) fn policy(&self) -> &Arc<str> {
+        &self.policy
+    }
+
+    /// The entry gateway `g` would hold for `key` were the key's traffic sent there (the
+    /// entry a gateway keeps for the flows pinned to it after the pod moved on), unless `g` is
+    /// the source node itself.
+    pub(super) fn on_gateway(&self, key: EntryKey, g: Arc<ActiveGateway>) -> Option<EgressEntry> {
+        let node = g.node.clone();
+        let there = Resolved {
+            target: Target::Gateway(g),
+            ..self.clone()
+        };
+        if node == there.source_node {
+            return None;
+        }
+        there
+            .placements(key)
+            .into_iter()
+            .find(|(n, _)| *n == node)
+            .map(|(_, e)| e)
+    }
+
     /// The entries this resolution puts on nodes: one on the source node, and one on the
     /// gateway node when that is another node.
     pub(super) fn placements(&self, key: EntryKey) -> SmallVec<[(Arc<str>, EgressEntry); 2]> {

@@ -24,6 +24,8 @@ pub enum ShimEvent {
         held: Vec<HeldDuty>,
         /// The gateways its pods are steered to.
         pods: Vec<HeldPod>,
+        /// The gateways its pods' open flows are pinned to besides.
+        pinned: Vec<HeldPod>,
     },
     /// A heartbeat, taken in at once. The node channel's sessions stamp [`Hub::heard`] instead,
     /// which the engine reads at its next tick.

@@ -93,10 +93,15 @@ pub(super) struct Liveness {
     slow: Duration,
     shims: HashMap<String, Shim>,
     settling: Settling,
-    /// While settling: per policy, the slots shims reported holding, by gateway address.
-    held: HashMap<String, Vec<HeldDuty>>,
+    /// While settling: per policy, the slots shims reported holding, by gateway address, with
+    /// the nodes whose shims reported each.
+    held: HashMap<String, Vec<(HeldDuty, BTreeSet<String>)>>,
     /// The pods' gateways shims reported (while settling).
     held_pods: Vec<HeldPod>,
+    /// The pinned flows shims reported (while settling), and then, with the slots their gateways
+    /// held, until the first publication takes them ([`Liveness::take_pinned`]).
+    pinned: Vec<HeldPod>,
+    pinned_slots: Vec<(HeldPod, HeldDuty)>,
     /// Shims found silent since the last [`Liveness::take_lost`]: node -> last heard from.
     lost: HashMap<String, Instant>,
     /// Per accepted policy, the `nodeSelector` of each of its gateway entries.
@@ -125,6 +130,8 @@ impl Liveness {
             settling: Settling::NotStarted,
             held: HashMap::new(),
             held_pods: Vec::new(),
+            pinned: Vec::new(),
+            pinned_slots: Vec::new(),
             lost: HashMap::new(),
             gateway_selectors: HashMap::new(),
             capable: HashSet::new(),
@@ -191,6 +198,22 @@ impl Liveness {
             "settled: shims not back by now are no longer presumed alive"
         );
         self.settling = Settling::Done;
+        // A pinned flow's gateway is named with the slot it reported holding for the policy:
+        // what its lingering entries were made for (the entry says which egress to use).
+        for p in std::mem::take(&mut self.pinned) {
+            // Its own claim, if it has two: the one fewest shims report (only the gateway itself
+            // holds the pinned flows' entries now).
+            let slot = self.held.get(&p.policy).and_then(|claims| {
+                claims
+                    .iter()
+                    .filter(|(d, _)| d.gateway == p.gateway)
+                    .min_by_key(|(_, reporters)| reporters.len())
+            });
+            if let Some((d, _)) = slot {
+                let d = d.clone();
+                self.pinned_slots.push((p, d));
+            }
+        }
         self.held.clear();
         self.held_pods.clear();
         let settle_started = until.checked_sub(self.settle).unwrap_or(now);
@@ -200,19 +223,61 @@ impl Liveness {
         missing
     }
 
-    /// Takes in the slots a shim reports holding (while settling); the policies they concern.
-    pub fn adopt_held(&mut self, held: Vec<HeldDuty>) -> BTreeSet<String> {
+    /// Takes in the slots `node`'s shim reports holding (while settling); the policies they
+    /// concern. Two gateways may be reported in one slot: one that holds its pods' entries
+    /// still for their pinned flows (lingering) keeps the slot it had beside the one that took
+    /// it over, which the pods' nodes report too ([`Liveness::held_slots`] counts).
+    pub fn adopt_held(&mut self, node: &str, held: Vec<HeldDuty>) -> BTreeSet<String> {
         let mut policies = BTreeSet::new();
         if !self.settling() {
             return policies;
         }
         for d in held {
-            let slots = self.held.entry(d.policy.clone()).or_default();
-            slots.retain(|s| !(s.entry == d.entry && (s.slot == d.slot || s.gateway == d.gateway)));
             policies.insert(d.policy.clone());
-            slots.push(d);
+            let claims = self.held.entry(d.policy.clone()).or_default();
+            match claims.iter_mut().find(|(c, _)| *c == d) {
+                Some((_, reporters)) => {
+                    reporters.insert(node.to_owned());
+                }
+                None => claims.push((d, BTreeSet::from([node.to_owned()]))),
+            }
         }
         policies
+    }
+
+    /// Takes in the flows a shim reports its pods have pinned to gateways (while settling).
+    pub fn adopt_pinned(&mut self, pinned: Vec<HeldPod>) {
+        if self.settling() {
+            self.pinned.extend(pinned);
+        }
+    }
+
+    /// The pinned flows reported while settling, once settled: (policy, pod, gateway node name,
+    /// the gateway entry and slot it reported holding for the policy), the names among `nodes`
+    /// (flows whose gateway reported no slot of the policy are left out). Taken once.
+    pub fn take_pinned(
+        &mut self,
+        nodes: &BTreeMap<String, NodeInfo>,
+    ) -> Vec<(String, IpAddr, String, usize, usize)> {
+        if self.pinned_slots.is_empty() {
+            return Vec::new();
+        }
+        let by_ip: HashMap<IpAddr, &str> = nodes
+            .values()
+            .filter_map(|n| Some((n.tunnel_ip()?, n.name.as_str())))
+            .collect();
+        std::mem::take(&mut self.pinned_slots)
+            .into_iter()
+            .filter_map(|(p, d)| {
+                Some((
+                    p.policy,
+                    p.pod,
+                    (*by_ip.get(&p.gateway)?).to_owned(),
+                    d.entry,
+                    d.slot,
+                ))
+            })
+            .collect()
     }
 
     /// Takes in the pods' gateways a shim reports (while settling).
@@ -245,24 +310,28 @@ impl Liveness {
     }
 
     /// The slots reported held for `policy`, with the gateways' names among `nodes` (addresses
-    /// not among them are left out).
+    /// not among them are left out), those more shims reported first: of two gateways in one
+    /// slot, the one the pods' nodes steer to goes before the one only the gateway itself
+    /// reports (it holds lingering entries).
     pub fn held_slots(&self, policy: &str, nodes: &BTreeMap<String, NodeInfo>) -> Vec<GatewaySlot> {
-        let Some(held) = self.held.get(policy) else {
+        let Some(claims) = self.held.get(policy) else {
             return Vec::new();
         };
+        let mut held: Vec<&(HeldDuty, BTreeSet<String>)> = claims.iter().collect();
+        held.sort_by_key(|(_, reporters)| std::cmp::Reverse(reporters.len()));
+        let held = held.into_iter().map(|(d, _)| d);
         let by_ip: HashMap<IpAddr, &str> = nodes
             .values()
             .filter_map(|n| Some((n.tunnel_ip()?, n.name.as_str())))
             .collect();
-        held.iter()
-            .filter_map(|d| {
-                Some(GatewaySlot {
-                    entry: d.entry,
-                    slot: d.slot,
-                    node: (*by_ip.get(&d.gateway)?).to_owned(),
-                })
+        held.filter_map(|d| {
+            Some(GatewaySlot {
+                entry: d.entry,
+                slot: d.slot,
+                node: (*by_ip.get(&d.gateway)?).to_owned(),
             })
-            .collect()
+        })
+        .collect()
     }
 
     // === Sessions ===
@@ -699,11 +768,14 @@ mod tests {
             gateway: ip.parse().unwrap(),
         };
         // Reported twice (by the pod's node and by the gateway), and one address nobody has.
-        let policies = l.adopt_held(vec![
-            held(0, "192.168.0.11"),
-            held(0, "192.168.0.11"),
-            held(1, "10.9.9.9"),
-        ]);
+        let policies = l.adopt_held(
+            "w",
+            vec![
+                held(0, "192.168.0.11"),
+                held(0, "192.168.0.11"),
+                held(1, "10.9.9.9"),
+            ],
+        );
         assert_eq!(policies, BTreeSet::from(["p".to_owned()]));
         let slot = |slot, node: &str| GatewaySlot {
             entry: 0,
@@ -717,7 +789,61 @@ mod tests {
 
         l.settle(t0 + SETTLE, true, &nodes);
         assert!(l.held_slots("p", &nodes).is_empty());
-        assert!(l.adopt_held(vec![held(0, "192.168.0.11")]).is_empty());
+        assert!(l.adopt_held("w", vec![held(0, "192.168.0.11")]).is_empty());
+    }
+
+    /// A gateway that keeps a moved pod's entries for its pinned flows still reports the slot it
+    /// had; the node that took the slot over is reported by it and by the pod's node. The one
+    /// more shims report goes first whatever the order, and the pinned flow is named with the
+    /// slot its own gateway reported.
+    #[test]
+    fn of_two_gateways_reported_in_one_slot_the_one_more_shims_report_goes_first() {
+        let t0 = Instant::now();
+        let mut nodes = nodes();
+        let h = node("h", "192.168.0.12", &[("egress", "yes")]);
+        nodes.insert("h".into(), h);
+        let held = |ip: &str| HeldDuty {
+            policy: "p".into(),
+            entry: 0,
+            slot: 0,
+            gateway: ip.parse().unwrap(),
+        };
+        let slot = |node: &str| GatewaySlot {
+            entry: 0,
+            slot: 0,
+            node: node.into(),
+        };
+        for old_first in [true, false] {
+            let mut l = Liveness::new(GRACE, SETTLE, FAST, SLOW);
+            l.start_clock(t0);
+            let reports = [
+                ("g", held("192.168.0.11")),
+                ("h", held("192.168.0.12")),
+                ("w", held("192.168.0.12")),
+            ];
+            let order: Vec<_> = if old_first {
+                reports.to_vec()
+            } else {
+                reports.iter().rev().cloned().collect()
+            };
+            for (node, d) in order {
+                l.adopt_held(node, vec![d]);
+            }
+            // Reported again by the same shim (a reconnection): counted once.
+            l.adopt_held("g", vec![held("192.168.0.11")]);
+            assert_eq!(l.held_slots("p", &nodes), [slot("h"), slot("g")]);
+            l.adopt_pinned(vec![HeldPod {
+                policy: "p".into(),
+                pod: "10.1.0.10".parse().unwrap(),
+                gateway: "192.168.0.11".parse().unwrap(),
+            }]);
+            l.settle(t0 + SETTLE, true, &nodes);
+            assert_eq!(
+                l.take_pinned(&nodes),
+                [("p".to_owned(), "10.1.0.10".parse().unwrap(), "g".to_owned(), 0, 0)]
+            );
+            assert!(l.take_pinned(&nodes).is_empty(), "taken once");
+        }
     }
 
     #[test]

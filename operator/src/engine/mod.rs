@@ -349,9 +349,12 @@ impl Engine {
                 interfaces,
                 held,
                 pods,
+                pinned,
             } => {
-                tracing::info!(%node, session, %version, held = held.len(), pods = pods.len(), "shim connected");
+                tracing::info!(%node, session, %version, held = held.len(), pods = pods.len(),
+                    pinned = pinned.len(), "shim connected");
                 self.liveness.adopt_held_pods(pods);
+                self.liveness.adopt_pinned(pinned);
                 self.shim_connected(&node, session, interfaces, held, now);
                 self.adopt_held_pods();
             }
@@ -398,7 +401,7 @@ impl Engine {
             .map(|t| (t.generation, t.heartbeat_interval));
         let changed = self.liveness.connected(node, session, interfaces, view, now);
         if self.liveness.settling() && !held.is_empty() {
-            let policies = self.liveness.adopt_held(held);
+            let policies = self.liveness.adopt_held(node, held);
             self.apply_held(policies);
         }
         if changed {
@@ -489,6 +492,66 @@ impl Engine {
         self.pending.merge(delta);
     }
 
+    /// How long `policy`'s pods' entries linger on a gateway they were moved away from (for
+    /// their pinned flows), if at all.
+    fn linger_for(&self, policy: &str) -> Option<Duration> {
+        let timeout = self
+            .planner
+            .drain_timeout(policy)
+            .or(self.config.pinned_flow_timeout);
+        timeout.filter(|t| !t.is_zero())
+    }
+
+    /// Before the first publication of a new leader: the flows the pods' nodes reported pinned
+    /// to gateways their pods no longer use get those gateways' lingering entries back (the
+    /// leader before kept them; they are not in the plan), so that a restart in the middle of
+    /// a drain or a planned move breaks none of them. Their time starts again: the leader
+    /// before did not say how much was left.
+    fn adopt_lingering(&mut self, now: Instant) {
+        let pinned = self.liveness.take_pinned(&self.source_nodes);
+        if pinned.is_empty() {
+            return;
+        }
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.as_secs() as i64);
+        let mut adopted = 0;
+        for (policy, pod, gateway, entry, slot) in pinned {
+            let alive = self.liveness.shim(&gateway).is_some_and(|s| s.alive);
+            let (Some(linger), Some(gateway_ip)) = (
+                self.linger_for(&policy),
+                self.source_nodes.get(&gateway).and_then(NodeInfo::tunnel_ip),
+            ) else {
+                continue;
+            };
+            if !alive {
+                continue;
+            }
+            let Some((source, entries)) = self
+                .planner
+                .lingering_entries(&policy, pod, &gateway, entry, slot)
+            else {
+                continue;
+            };
+            adopted += entries.len();
+            self.tables.adopt_lingering(
+                &Arc::from(gateway.as_str()),
+                gateway_ip,
+                source,
+                entries,
+                now + linger,
+                unix + linger.as_secs() as i64,
+                self.notices.dirty_mut(),
+            );
+        }
+        if adopted > 0 {
+            tracing::info!(
+                entries = adopted,
+                "pinned flows reported: their gateways keep the pods' entries"
+            );
+        }
+    }
+
     /// Makes the held slots of `policies` their retained gateways, where that changes them.
     fn apply_held(&mut self, policies: BTreeSet<String>) {
         for policy in policies {
@@ -524,6 +587,9 @@ impl Engine {
         self.refresh_guard();
         self.settle_handovers(now);
         let mut changed = self.fold_into_tables(pending.nodes, now);
+        if self.synced && !self.liveness.settling() && !self.tables.published {
+            self.adopt_lingering(now);
+        }
         // After the tables: gateways carrying lingering entries keep the fast interval.
         self.liveness.set_carrying(self.tables.carrying());
         for node in self.liveness.refresh_capable(&self.source_nodes) {
@@ -985,6 +1051,7 @@ mod tests {
                 interfaces: vec![],
                 held,
                 pods: vec![],
+                pinned: vec![],
             },
             at,
         );

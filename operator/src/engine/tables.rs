@@ -471,6 +471,53 @@ impl Tables {
         }
     }
 
+    /// Puts `entries` back on `gateway` (underlay address `gateway_ip`) as lingering entries
+    /// of the pod on node `source`, until `until` (`until_unix` for the status): what a new
+    /// leader does for the flows a pod's node reports pinned to a gateway the pod no longer
+    /// uses, before its first publication. Keys the gateway holds as its own are left alone.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adopt_lingering(
+        &mut self,
+        gateway: &Arc<str>,
+        gateway_ip: IpAddr,
+        source: Arc<str>,
+        entries: Vec<EgressEntry>,
+        until: Instant,
+        until_unix: i64,
+        dirty: &mut BTreeSet<String>,
+    ) {
+        let held = self
+            .tables
+            .get(gateway)
+            .map(|t| t.entries.clone())
+            .unwrap_or_default();
+        let mut delta = NodeDelta::default();
+        for entry in entries {
+            let key = entry.key;
+            if held.contains_key(&key)
+                || self
+                    .lingering
+                    .iter()
+                    .any(|l| l.gateway == *gateway && l.key == key)
+            {
+                continue;
+            }
+            self.lingering.push(Lingering {
+                gateway: gateway.clone(),
+                gateway_ip,
+                key,
+                policy: entry.policy.clone(),
+                source: source.clone(),
+                until,
+                until_unix,
+            });
+            delta.upserts.insert(key, entry);
+        }
+        if !delta.upserts.is_empty() {
+            self.fold(gateway, &delta, dirty);
+        }
+    }
+
     /// Ends the lingering entries whose time is up, whose gateway is gone (`up` says no: its
     /// flows are lost anyway, and must follow their entries at once), or that are a gateway's
     /// own entries again (an upsert in `pending`): their removals go into `pending`. Returns the

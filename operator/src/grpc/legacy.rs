@@ -91,6 +91,7 @@ fn current_hello(hello: &v1::Hello) -> Result<v2::Hello, Status> {
         operator_heartbeat_floor: false,
         // A shim of the previous release does not report its pods' gateways.
         held_pods: Vec::new(),
+        pinned_flows: Vec::new(),
     })
 }
 
@@ -171,6 +172,7 @@ async fn keep_alive(
         interfaces,
         held: held_duties(&hello),
         pods: Vec::new(),
+        pinned: Vec::new(),
     });
     let mut replaced = service.live.claim(&node, session);
     // A v1 shim heartbeats at the interval of its last plan (250 ms by default), and takes the

@@ -360,7 +360,8 @@ async fn run_session(
         version: hello.version.clone(),
         interfaces: interfaces(&hello),
         held: held_duties(&hello),
-        pods: held_pods(&hello),
+        pods: held_pods(&hello.held_pods),
+        pinned: held_pods(&hello.pinned_flows),
     });
     let mut replaced = live.claim(&node, session);
     // Whether the latest view may not have been sent yet. Views are read only once the shim can
@@ -678,11 +679,10 @@ fn entry_errors(ack: &v2::Ack) -> Vec<(EntryKey, String)> {
         .collect()
 }
 
-/// The pods' gateways a shim reports holding (entries whose addresses do not decode are left
-/// out: they only ever keep a pod where it is).
-fn held_pods(hello: &v2::Hello) -> Vec<HeldPod> {
-    hello
-        .held_pods
+/// The pods' gateways a shim reports holding, or its pods' flows pinned (entries whose addresses
+/// do not decode are left out: they only ever keep a pod's traffic where it is).
+fn held_pods(reported: &[v2::HeldPod]) -> Vec<HeldPod> {
+    reported
         .iter()
         .filter_map(|p| {
             Some(HeldPod {
