@@ -257,6 +257,10 @@ pub struct DrainingStatus {
     pub until: String,
     /// How many of the policy's pods it still keeps entries for.
     pub pods: u64,
+    /// How many of their connections are still open through it, as the pods' nodes count them
+    /// (absent until counted). It lets go of a pod once none is left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flows: Option<u64>,
 }
 
 /// One managed egress address (`egressIPs`).

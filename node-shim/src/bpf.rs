@@ -44,7 +44,7 @@ pub fn flows(dir: &Path) -> Result<String> {
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of the datapath's `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
         (t.tv_sec() as u64).saturating_mul(1_000_000_000) + t.tv_nsec() as u64
     })

@@ -8,7 +8,7 @@
 //! unreachable, the datapath keeps its pinned state.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -68,18 +68,30 @@ pub struct Held {
     pub pinned_flows: Vec<v2::HeldPod>,
 }
 
-/// The (pod, policy id, gateway) of the open flows pinned to a gateway that is still pinnable
-/// (the datapath keeps them there; a closing flow is about to end and is left out), each once.
-/// All addresses in network byte order.
+/// The open flows pinned to a gateway that is still pinnable, counted per (pod, policy id,
+/// gateway), all in network byte order. A closing flow (FIN seen) or one idle past the
+/// datapath's timeout at `now_ns` (CLOCK_MONOTONIC, the datapath's clock) is about to end or
+/// over, and is left out.
 pub fn pinned_flows(
     flows: impl IntoIterator<Item = (crate::maps::FlowKeyV4, crate::maps::FlowV4)>,
     pinnable: &BTreeSet<u32>,
-) -> BTreeSet<(u32, u32, u32)> {
-    flows
-        .into_iter()
-        .filter(|(_, v)| pinnable.contains(&v.gateway_ip) && v.flags & crate::maps::FLOW_CLOSING == 0)
-        .map(|(k, v)| (k.saddr, v.policy_id, v.gateway_ip))
-        .collect()
+    now_ns: u64,
+) -> BTreeMap<(u32, u32, u32), u32> {
+    use crate::maps::{FLOW_CLOSING, FLOW_IDLE_TCP_S, FLOW_IDLE_UDP_S};
+    let mut out = BTreeMap::new();
+    for (k, v) in flows {
+        let idle_limit = if k.protocol == 6 {
+            FLOW_IDLE_TCP_S
+        } else {
+            FLOW_IDLE_UDP_S
+        };
+        let idle = now_ns.saturating_sub(v.last_seen_ns) / 1_000_000_000;
+        if !pinnable.contains(&v.gateway_ip) || v.flags & FLOW_CLOSING != 0 || idle >= u64::from(idle_limit) {
+            continue;
+        }
+        *out.entry((k.saddr, v.policy_id, v.gateway_ip)).or_insert(0) += 1;
+    }
+    out
 }
 
 /// What the pinned maps hold, read from the datapath itself (so it is the truth even right after
@@ -127,7 +139,10 @@ pub fn held(bpffs_dir: &Path) -> Held {
         let pinned = if pinnable.is_empty() {
             BTreeSet::new()
         } else {
-            pinned_flows(maps.flows.iter().filter_map(|f| f.ok()), &pinnable)
+            let now = crate::bpf::monotonic_ns();
+            pinned_flows(maps.flows.iter().filter_map(|f| f.ok()), &pinnable, now)
+                .into_keys()
+                .collect()
         };
         Ok(Held {
             slots,
@@ -179,19 +194,30 @@ mod tests {
             FlowV4 {
                 gateway_ip: gateway,
                 policy_id: policy,
-                last_seen_ns: 1,
+                last_seen_ns: NOW - 5_000_000_000,
                 flags,
                 _pad: 0,
             },
         )
     }
 
+    const NOW: u64 = 10_000 * 1_000_000_000;
+
     #[test]
-    fn pinned_flows_are_the_open_ones_on_pinnable_gateways_each_once() {
+    fn pinned_flows_are_the_open_ones_on_pinnable_gateways_counted() {
+        let mut idle_udp = flow(1, 1003, 10, 7, 0);
+        idle_udp.0.protocol = 17;
+        idle_udp.1.last_seen_ns = NOW - 121 * 1_000_000_000;
+        let mut live_udp = idle_udp;
+        live_udp.0.sport = 1004;
+        live_udp.1.last_seen_ns = NOW - 119 * 1_000_000_000;
         let flows = [
-            // Two flows of pod 1 on gateway 10 (pinnable): one report.
+            // Two flows of pod 1 on gateway 10 (pinnable), and a live UDP one: three.
             flow(1, 1000, 10, 7, 0),
             flow(1, 1001, 10, 7, 0),
+            live_udp,
+            // Idle past the UDP timeout: over.
+            idle_udp,
             // Closing: about to end.
             flow(2, 1000, 10, 7, FLOW_CLOSING),
             // On a gateway no longer pinnable: the datapath lets it follow its entry.
@@ -201,9 +227,9 @@ mod tests {
         ];
         let pinnable = BTreeSet::from([10]);
         assert_eq!(
-            pinned_flows(flows, &pinnable),
-            BTreeSet::from([(1, 7, 10), (1, 8, 10)])
+            pinned_flows(flows, &pinnable, NOW),
+            BTreeMap::from([((1, 7, 10), 3), ((1, 8, 10), 1)])
         );
-        assert!(pinned_flows(flows, &BTreeSet::new()).is_empty());
+        assert!(pinned_flows(flows, &BTreeSet::new(), NOW).is_empty());
     }
 }

@@ -104,6 +104,14 @@ impl PolicyIds {
         }
     }
 
+    /// The policy numbered `id`, by id.
+    pub fn names(&self) -> BTreeMap<u32, &str> {
+        self.by_name
+            .iter()
+            .map(|(name, id)| (*id, name.as_str()))
+            .collect()
+    }
+
     /// Takes over the egress ids the pinned entries carry (address -> id), and the largest id
     /// the mark layout holds: marks in live conntrack entries keep meaning the same egress.
     pub fn with_egresses(mut self, adopted: BTreeMap<Ipv4Addr, u32>, max_egress: u32) -> Self {

@@ -208,6 +208,17 @@ enum FileStamp {
 }
 
 /// The running shim.
+/// How often the pods' pinned flows are counted while any gateway is pinnable.
+const PINNED_FLOWS_EVERY: Duration = Duration::from_secs(2);
+
+/// The pods' open flows pinned to gateways, as the operator is told (`Ack.pinned_flows`,
+/// `Ack.counted_gateways`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct PinnedReport {
+    pinned_flows: Vec<sluice_proto::v2::PinnedFlowCount>,
+    counted_gateways: Vec<Vec<u8>>,
+}
+
 pub struct Agent {
     opts: Options,
     dp: Datapath,
@@ -267,6 +278,9 @@ pub struct Agent {
     address_conflicts: BTreeMap<Ipv4Addr, String>,
     /// What `sluice_pinnable_v4` holds: gateways flows may stay pinned to.
     pinnable: BTreeMap<u32, u32>,
+    /// The pods' open flows pinned to those gateways as last counted, and when.
+    pinned_report: PinnedReport,
+    pinned_counted_at: Option<std::time::Instant>,
     /// Managed egress IPs were given up for the operator's silence: the state (session,
     /// generation) they were given up in, claimed from again only once a newer one comes.
     released_in_silence: Option<(u64, u64)>,
@@ -379,6 +393,8 @@ impl Agent {
             renewing: false,
             managed_problems: BTreeSet::new(),
             address_conflicts: BTreeMap::new(),
+            pinned_report: PinnedReport::default(),
+            pinned_counted_at: None,
             released_in_silence: None,
             pinnable,
         };
@@ -407,6 +423,7 @@ impl Agent {
             scan = netdev::scan();
         }
         self.report_conflicts();
+        self.report_pinned_flows();
         if let Err(e) = self.ensure_tunnel(scan.as_ref().ok()) {
             tracing::error!(error = %DisplayChain(&e), "tunnel device");
         }
@@ -651,6 +668,72 @@ impl Agent {
             let changed = a.session == state.session && a.conflicts != conflicts;
             if changed {
                 a.conflicts = conflicts;
+            }
+            changed
+        });
+    }
+
+    /// While this node's pods have flows pinned to gateways: counts them (every
+    /// [`PINNED_FLOWS_EVERY`], and at once when the pinnable gateways change) for the operator,
+    /// which ends a pod's lingering entries on a gateway once none is left there. Nothing at
+    /// all while nothing is pinnable (the flow map is read only during drains).
+    fn report_pinned_flows(&mut self) {
+        let (PlanSource::Operator(link), Some(state)) = (&self.opts.plan, &self.operator_state) else {
+            return;
+        };
+        let gateways: BTreeSet<u32> = self.pinnable.keys().copied().collect();
+        let counted: Vec<Vec<u8>> = gateways
+            .iter()
+            .map(|g| sluice_proto::convert::ip_to_wire(maps::from_be(*g).into()))
+            .collect();
+        let now = std::time::Instant::now();
+        let due = counted != self.pinned_report.counted_gateways
+            || self
+                .pinned_counted_at
+                .is_none_or(|at| now.duration_since(at) >= PINNED_FLOWS_EVERY);
+        if !due || (gateways.is_empty() && self.pinned_report == PinnedReport::default()) {
+            return;
+        }
+        self.pinned_counted_at = Some(now);
+        let counts = if gateways.is_empty() {
+            BTreeMap::new()
+        } else {
+            crate::client::pinned_flows(
+                self.dp.maps.flows.iter().filter_map(|f| f.ok()),
+                &gateways,
+                crate::bpf::monotonic_ns(),
+            )
+        };
+        let names = self.ids.names();
+        let report = PinnedReport {
+            pinned_flows: counts
+                .into_iter()
+                .filter_map(|((pod, policy, gateway), flows)| {
+                    Some(sluice_proto::v2::PinnedFlowCount {
+                        policy: (*names.get(&policy)?).to_owned(),
+                        pod: sluice_proto::convert::ip_to_wire(maps::from_be(pod).into()),
+                        gateway: sluice_proto::convert::ip_to_wire(maps::from_be(gateway).into()),
+                        flows,
+                    })
+                })
+                .collect(),
+            counted_gateways: counted,
+        };
+        if report == self.pinned_report {
+            return;
+        }
+        tracing::debug!(
+            pods = report.pinned_flows.len(),
+            gateways = report.counted_gateways.len(),
+            "pinned flows counted"
+        );
+        self.pinned_report = report.clone();
+        link.applied.send_if_modified(|a| {
+            let changed = a.session == state.session
+                && (a.pinned_flows != report.pinned_flows || a.counted_gateways != report.counted_gateways);
+            if changed {
+                a.pinned_flows = report.pinned_flows;
+                a.counted_gateways = report.counted_gateways;
             }
             changed
         });
@@ -1000,8 +1083,12 @@ impl Agent {
             )?;
             self.write_status(&bytes, Transition::default(), &[Error::PlanRefused(full)])?;
             if let (PlanSource::Operator(link), Some(state)) = (&self.opts.plan, state) {
-                link.applied
-                    .send_replace(applied(state, &errors, &self.address_conflicts));
+                link.applied.send_replace(applied(
+                    state,
+                    &errors,
+                    &self.address_conflicts,
+                    &self.pinned_report,
+                ));
             }
             self.applied = Some((stamp, interfaces));
             return Ok(());
@@ -1180,8 +1267,12 @@ impl Agent {
         );
         self.write_status(&bytes, t, &want.problems)?;
         if let (PlanSource::Operator(link), Some(state)) = (&self.opts.plan, state) {
-            link.applied
-                .send_replace(applied(state, &want.entry_errors, &self.address_conflicts));
+            link.applied.send_replace(applied(
+                state,
+                &want.entry_errors,
+                &self.address_conflicts,
+                &self.pinned_report,
+            ));
         }
         // Entries with problems are re-evaluated when the plan or an interface changes (an
         // egress IP being added, say), not on every tick.
@@ -1304,11 +1395,14 @@ fn applied(
     state: &NodeState,
     errors: &[desired::EntryProblem],
     conflicts: &BTreeMap<Ipv4Addr, String>,
+    pinned: &PinnedReport,
 ) -> Applied {
     Applied {
         session: state.session,
         generation: state.generation,
         conflicts: address_conflicts(conflicts),
+        pinned_flows: pinned.pinned_flows.clone(),
+        counted_gateways: pinned.counted_gateways.clone(),
         errors: errors
             .iter()
             .map(|p| sluice_proto::v2::EntryError {

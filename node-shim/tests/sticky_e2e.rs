@@ -307,6 +307,30 @@ fn a_cordoned_gateway_keeps_the_open_connections_also_across_an_operator_restart
         outcomes.len(),
         logs(&tb)
     );
+
+    // The drain ends with its connections (not at its 10-minute timeout): once p2's node counts
+    // none left, the drained gateway lets go of p2's entries.
+    let holds_p2 = |tb: &Testbed| {
+        let bpffs = tb.bpffs().join(drained);
+        tb.run(
+            drained,
+            env!("CARGO_BIN_EXE_sluice-shim"),
+            &["--bpffs-dir", bpffs.to_str().unwrap(), "bpf", "list"],
+        )
+        .unwrap()
+        .contains("10.244.2.10")
+    };
+    assert!(
+        holds_p2(&tb),
+        "the drained gateway keeps p2's entries while it has connections"
+    );
+    drop(open);
+    let released = wait_for(Duration::from_secs(30), || !holds_p2(&tb));
+    assert!(
+        released,
+        "the drain outlived its connections by 30 s\n{}",
+        logs(&tb)
+    );
     drop(operator);
 }
 

@@ -136,6 +136,7 @@ async fn bench(size: Size, changes: usize) {
                     generation: state.generation,
                     errors: vec![],
                     conflicts: vec![],
+                    ..Applied::default()
                 });
             }
         });

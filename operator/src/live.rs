@@ -58,11 +58,24 @@ pub struct StatusUpdate {
     /// The policy's gateway nodes among the others (all of them, sorted): their managed
     /// addresses are not held yet.
     pub gateways_behind: Vec<String>,
-    /// Gateways draining the policy's open flows: (node, until as seconds since the epoch, pods).
-    pub draining: Vec<(String, i64, u64)>,
+    /// Gateways draining the policy's open flows.
+    pub draining: Vec<Draining>,
     /// Managed addresses the node assigned to hold them did not claim, with who answers instead
     /// (`node: detail`), and those an older policy holds (`held by the older policy …`).
     pub address_conflicts: Vec<(std::net::IpAddr, String)>,
+}
+
+/// A gateway draining a policy's open flows: it keeps entries of pods moved away from it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Draining {
+    pub node: String,
+    /// When it lets go of them at the latest, as seconds since the epoch.
+    pub until: i64,
+    /// How many of the policy's pods it keeps entries for.
+    pub pods: u64,
+    /// How many of those pods' flows are still open through it, as their nodes counted them
+    /// (`None`: not counted yet).
+    pub flows: Option<u64>,
 }
 
 impl StatusUpdate {

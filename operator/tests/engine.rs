@@ -2,7 +2,7 @@
 //! change while the shims come back in every order, and the generations it numbers plans with.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
@@ -11,7 +11,10 @@ use std::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use sluice_operator::{
     api::{EgressGateway, EgressGatewayPolicySpec, EgressRule, FailurePolicy},
-    engine::{Engine, EngineConfig, EngineMetrics, Generations, HeldDuty, HeldPod, Hub, NodeView, ShimEvent},
+    engine::{
+        Engine, EngineConfig, EngineMetrics, Generations, HeldDuty, HeldPod, Hub, NodeView, PinnedCounts,
+        ShimEvent,
+    },
     live::SourceEvent,
     live::{Behind, Notice, StatusUpdate},
     model::{GatewaySlot, NodeInfo, PodInfo, PodPhase, PolicyInput},
@@ -248,12 +251,28 @@ impl Started {
             .collect()
     }
 
+    /// All shims connected and up to date at `at`, `preferred` (the pod's gateway) leaves the
+    /// policy while its shim lives on (its label removed: a planned move), and `other`, the new
+    /// gateway, acknowledges the pod's entry.
+    fn move_away(&mut self, preferred: &str, other: &str, at: Duration) {
+        self.connect_all(preferred, other);
+        self.ack_all(preferred, other, at);
+        let unlabelled = NodeInfo {
+            labels: BTreeMap::new(),
+            ..node(preferred, &ip_of(preferred).to_string(), false)
+        };
+        self.engine
+            .source(SourceEvent::Change(Box::new(Change::UpsertNode(unlabelled))));
+        self.flush(at);
+        self.ack(other, 3, at + Duration::from_millis(10));
+    }
+
     /// The gateways draining the policy's flows in its latest status: (node, pods).
     fn draining(&mut self) -> Vec<(String, u64)> {
         self.statuses()["egress"]
             .draining
             .iter()
-            .map(|(n, _, pods)| (n.clone(), *pods))
+            .map(|d| (d.node.clone(), d.pods))
             .collect()
     }
 
@@ -1135,6 +1154,71 @@ fn a_new_leader_puts_back_the_entries_of_flows_pinned_to_a_draining_gateway() {
     }
 }
 
+/// A drain ends when its flows do: the pod's node counts the open flows its pod has pinned to
+/// the old gateway; the status shows them, and once the node counts none left there (and not
+/// before the least lingering time), the old gateway lets go of the pod's entry and the drain
+/// is over, long before its timeout.
+#[test]
+fn a_drain_ends_when_the_pods_node_counts_no_flow_left() {
+    let (preferred, other) = preferred_and_other();
+    let mut s = Started::new(policy(vec![]));
+    let at = Duration::from_millis(400);
+    s.move_away(preferred, other, at);
+    assert!(s.holds_pod(preferred), "the old gateway keeps the pod's entry");
+    let _ = s.statuses();
+    let pod_ip: IpAddr = "10.1.0.10".parse().unwrap();
+    let report = |s: &mut Started, flows: u64, t: Duration| {
+        let counts = PinnedCounts {
+            counted: BTreeSet::from([ip_of(preferred)]),
+            flows: if flows == 0 {
+                BTreeMap::new()
+            } else {
+                BTreeMap::from([((pod_ip, "egress".to_owned(), ip_of(preferred)), flows)])
+            },
+        };
+        s.engine.shim(
+            ShimEvent::PinnedFlows {
+                node: "w".into(),
+                session: 1,
+                counts,
+            },
+            s.t0 + t,
+        );
+        s.flush(t);
+    };
+    let t = at + Duration::from_millis(100);
+    report(&mut s, 2, t);
+    let flows: Vec<Option<u64>> = s.statuses()["egress"].draining.iter().map(|d| d.flows).collect();
+    assert_eq!(flows, [Some(2)]);
+
+    // None left, early: the entry stays until the least lingering time has passed.
+    let t = at + Duration::from_secs(1);
+    report(&mut s, 0, t);
+    assert!(
+        s.holds_pod(preferred),
+        "a count this early may not know the newest flow"
+    );
+    let mut t = t;
+    while s.holds_pod(preferred) {
+        t += Duration::from_millis(500);
+        assert!(t < at + Duration::from_secs(15), "the drain outlived its flows");
+        s.heartbeats(&[("w", 1), (preferred, 2), (other, 3)], t);
+        s.flush(t);
+    }
+    assert!(
+        t >= at + Duration::from_secs(10),
+        "ended before the least lingering time: {t:?}"
+    );
+    let w = s.hub.subscribe("w").borrow().clone().unwrap();
+    assert!(w.pinnable.is_empty());
+    let drained = s
+        .engine
+        .take_notices()
+        .into_iter()
+        .any(|n| matches!(n, Notice::DrainEnded { ref node, .. } if node == preferred));
+    assert!(drained);
+}
+
 /// `spec.drainTimeout: 0s`: a gateway moved away from lets go of the pod at once (its open
 /// connections follow the pod to the new gateway, and end there).
 #[test]
@@ -1143,17 +1227,8 @@ fn a_policy_with_no_drain_time_keeps_nothing_on_the_old_gateway() {
     let mut no_drain = policy(vec![]);
     no_drain.spec.drain_timeout = Some("0s".into());
     let mut s = Started::new(no_drain);
-    s.connect_all(preferred, other);
     let at = Duration::from_millis(400);
-    s.ack_all(preferred, other, at);
-    let unlabelled = NodeInfo {
-        labels: BTreeMap::new(),
-        ..node(preferred, &ip_of(preferred).to_string(), false)
-    };
-    s.engine
-        .source(SourceEvent::Change(Box::new(Change::UpsertNode(unlabelled))));
-    s.flush(at);
-    s.ack(other, 3, at + Duration::from_millis(10));
+    s.move_away(preferred, other, at);
     assert!(!s.holds_pod(preferred), "nothing lingers");
     let w = s.hub.subscribe("w").borrow().clone().unwrap();
     assert!(w.pinnable.is_empty());

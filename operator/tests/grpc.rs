@@ -245,6 +245,7 @@ impl Shim {
                     } else {
                         vec![]
                     },
+                    ..Applied::default()
                 });
                 // A copy for the test to look at.
                 plans_tx.send_replace(Some(Arc::new(state.clone())));

@@ -273,7 +273,31 @@ pub struct Applied {
     pub errors: Vec<v2::EntryError>,
     /// Managed egress IPs not claimed, with why (`Ack.conflicts`).
     pub conflicts: Vec<v2::AddressConflict>,
+    /// The pods' open flows pinned to gateways, and the gateways counted (`Ack.pinned_flows`,
+    /// `Ack.counted_gateways`).
+    pub pinned_flows: Vec<v2::PinnedFlowCount>,
+    pub counted_gateways: Vec<Vec<u8>>,
 }
+
+impl Applied {
+    /// What an acknowledgement says besides the errors: a change of any of it is acknowledged
+    /// again.
+    fn said(&self) -> Said {
+        (
+            self.generation,
+            self.conflicts.clone(),
+            self.pinned_flows.clone(),
+            self.counted_gateways.clone(),
+        )
+    }
+}
+
+type Said = (
+    u64,
+    Vec<v2::AddressConflict>,
+    Vec<v2::PinnedFlowCount>,
+    Vec<Vec<u8>>,
+);
 
 /// A number for a new session, never used before in this process (sessions start at 1; 0 is
 /// "none", what [`Applied`] says before anything was applied).
@@ -433,7 +457,7 @@ async fn session_inner(
     let mut held: Option<u64> = None;
     // Chunks of a plan or delta not complete yet: dropped with the session if it ends mid-way.
     let mut assembler = Assembler::default();
-    let mut acked: Option<(u64, Vec<v2::AddressConflict>)> = None;
+    let mut acked: Option<Said> = None;
     let mut last_heard = Instant::now();
     loop {
         let silence_limit = operator_silence_limit(*interval_tx.borrow(), floor);
@@ -581,16 +605,13 @@ async fn maybe_ack(
     tx: &mpsc::Sender<v2::ShimMessage>,
     applied: &Applied,
     session: u64,
-    acked: &mut Option<(u64, Vec<v2::AddressConflict>)>,
+    acked: &mut Option<Said>,
 ) -> Result<(), SessionError> {
-    if applied.session != session
-        || acked
-            .as_ref()
-            .is_some_and(|(g, c)| *g == applied.generation && *c == applied.conflicts)
-    {
+    let said = applied.said();
+    if applied.session != session || acked.as_ref() == Some(&said) {
         return Ok(());
     }
-    *acked = Some((applied.generation, applied.conflicts.clone()));
+    *acked = Some(said);
     if applied.errors.len() > crate::MAX_ACK_ERRORS {
         tracing::debug!(
             errors = applied.errors.len(),
@@ -608,6 +629,8 @@ async fn maybe_ack(
             .cloned()
             .collect(),
         conflicts: applied.conflicts.clone(),
+        pinned_flows: applied.pinned_flows.clone(),
+        counted_gateways: applied.counted_gateways.clone(),
     });
     tx.send(shim_msg(ack)).await.map_err(|_| SessionError::Closed)
 }

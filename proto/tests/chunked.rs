@@ -196,6 +196,7 @@ impl Shim {
                     generation: state.generation,
                     errors: vec![],
                     conflicts: vec![],
+                    ..Applied::default()
                 });
             }
         });

@@ -333,6 +333,8 @@ proptest! {
                         .map(|(key, message)| v2::EntryError { key, message })
                         .collect(),
                     conflicts: vec![],
+                    pinned_flows: vec![],
+                    counted_gateways: vec![],
                 })),
             }
             .encode_to_vec()

@@ -346,6 +346,8 @@ async fn session(endpoint: &str, node: &str, tally: &Tally) -> Result<std::conve
             generation,
             errors: Vec::new(),
             conflicts: Vec::new(),
+            pinned_flows: Vec::new(),
+            counted_gateways: Vec::new(),
         }))
     };
     loop {

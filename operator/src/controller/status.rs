@@ -157,10 +157,11 @@ pub fn desired(
         draining: update
             .draining
             .iter()
-            .map(|(node, until, pods)| DrainingStatus {
-                node: node.clone(),
-                until: rfc3339(*until),
-                pods: *pods,
+            .map(|d| DrainingStatus {
+                node: d.node.clone(),
+                until: rfc3339(d.until),
+                pods: d.pods,
+                flows: d.flows,
             })
             .collect(),
     }

@@ -9,7 +9,7 @@ use std::{
 
 use tokio::sync::{mpsc, watch};
 
-use super::{HeldDuty, HeldPod, NodeView};
+use super::{HeldDuty, HeldPod, NodeView, PinnedCounts};
 use crate::{model::InterfaceInfo, planner::EntryKey};
 
 /// What sessions tell the engine.
@@ -41,6 +41,13 @@ pub enum ShimEvent {
         errors: Vec<(EntryKey, String)>,
         /// Managed egress IPs the shim did not claim (another host answers for them), with why.
         conflicts: Vec<(std::net::IpAddr, String)>,
+    },
+    /// The open flows its pods have pinned to gateways, as the shim last counted them (with
+    /// every acknowledgement).
+    PinnedFlows {
+        node: String,
+        session: u64,
+        counts: PinnedCounts,
     },
     Disconnected {
         node: String,

@@ -43,6 +43,15 @@ pub struct HeldPod {
     pub gateway: IpAddr,
 }
 
+/// The open flows a shim's pods have pinned to gateways, as it last counted them: per (pod,
+/// policy, gateway), and the gateways it counted (a pod with no count for one of these has no
+/// open flow left there).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PinnedCounts {
+    pub counted: BTreeSet<IpAddr>,
+    pub flows: BTreeMap<(IpAddr, String, IpAddr), u64>,
+}
+
 /// The start-up settling period (see the engine's documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Settling {

@@ -65,7 +65,7 @@ use self::{
 };
 pub use self::{
     hub::{Hub, ShimEvent},
-    liveness::{HeldDuty, HeldPod},
+    liveness::{HeldDuty, HeldPod, PinnedCounts},
     metrics::EngineMetrics,
     tables::{Generations, NodeView},
 };
@@ -161,6 +161,8 @@ pub struct Engine {
     /// How many policies were handed to the planner (each one a re-selection of its gateways,
     /// and more when not only its retained gateways changed).
     policy_applications: u64,
+    /// Per node, the open flows its pods have pinned to gateways, as its shim last counted.
+    pinned_counts: HashMap<String, PinnedCounts>,
 }
 
 impl Engine {
@@ -190,6 +192,7 @@ impl Engine {
             pending: PlanDelta::default(),
             duty_nodes: BTreeSet::new(),
             policy_applications: 0,
+            pinned_counts: HashMap::new(),
         }
     }
 
@@ -375,7 +378,31 @@ impl Engine {
                 }
                 self.shim_acked(&node, session, generation, errors, now)
             }
-            ShimEvent::Disconnected { node, session } => self.liveness.disconnected(&node, session),
+            ShimEvent::PinnedFlows {
+                node,
+                session,
+                counts,
+            } => {
+                if self.liveness.shim_mut(&node, session).is_none()
+                    || self.pinned_counts.get(&node) == Some(&counts)
+                {
+                    return;
+                }
+                // The drains these flows are of show their counts, and may be over.
+                self.notices.dirty_mut().extend(self.tables.lingering_policies());
+                if counts == PinnedCounts::default() {
+                    self.pinned_counts.remove(&node);
+                } else {
+                    self.pinned_counts.insert(node, counts);
+                }
+            }
+            ShimEvent::Disconnected { node, session } => {
+                // Its counts would go stale: without them its pods' drains wait for their time.
+                if self.liveness.shim(&node).is_some_and(|s| s.session == session) {
+                    self.pinned_counts.remove(&node);
+                }
+                self.liveness.disconnected(&node, session)
+            }
         }
         self.metrics
             .connected_shims
@@ -539,8 +566,7 @@ impl Engine {
                 gateway_ip,
                 source,
                 entries,
-                now + linger,
-                unix + linger.as_secs() as i64,
+                (now, now + linger, unix + linger.as_secs() as i64),
                 self.notices.dirty_mut(),
             );
         }
@@ -710,7 +736,13 @@ impl Engine {
         );
         // A gateway that went takes its pinned flows with it: their nodes learn it at once.
         let alive = |node: &str| liveness.shim(node).is_some_and(|s| s.alive);
-        let pinnable_changed = self.tables.linger(&mut pending, alive, now);
+        let counts = &self.pinned_counts;
+        let ended = |node: &str, pod: IpAddr, policy: &str, gateway: IpAddr| {
+            counts.get(node).is_some_and(|c| {
+                c.counted.contains(&gateway) && !c.flows.contains_key(&(pod, policy.to_owned(), gateway))
+            })
+        };
+        let pinnable_changed = self.tables.linger(&mut pending, alive, ended, now);
         self.duty_nodes.extend(pinnable_changed);
         let mut changed: BTreeMap<Arc<str>, NodeDelta> = BTreeMap::new();
         for (node, delta) in pending {
@@ -847,7 +879,21 @@ impl Engine {
                         .map(|(ip, by)| (*ip, format!("held by the older policy {by}"))),
                 )
                 .collect();
-            let draining = self.tables.draining(&p);
+            let counts = &self.pinned_counts;
+            let draining = self.tables.draining(&p, |policy, gateway| {
+                let mut counted = false;
+                let mut flows = 0;
+                for c in counts.values().filter(|c| c.counted.contains(&gateway)) {
+                    counted = true;
+                    flows += c
+                        .flows
+                        .iter()
+                        .filter(|((_, p, g), _)| p == policy && *g == gateway)
+                        .map(|(_, n)| n)
+                        .sum::<u64>();
+                }
+                counted.then_some(flows)
+            });
             self.notices.status(outcome, progress, conflicts, draining, now);
         }
     }

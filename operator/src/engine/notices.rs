@@ -11,7 +11,7 @@ use std::{
 
 use super::EngineMetrics;
 use crate::{
-    live::{Behind, Holding, NodeBehind, Notice, StatusUpdate},
+    live::{Behind, Draining, Holding, NodeBehind, Notice, StatusUpdate},
     planner::PolicyOutcome,
 };
 
@@ -139,7 +139,7 @@ impl Notices {
         outcome: PolicyOutcome,
         nodes: impl IntoIterator<Item = (&'a Arc<str>, Option<Behind>)>,
         address_conflicts: Vec<(IpAddr, String)>,
-        draining: Vec<(String, i64, u64)>,
+        draining: Vec<Draining>,
         now: Instant,
     ) {
         let (mut to_program, mut programmed) = (0, 0);
@@ -199,21 +199,21 @@ impl Notices {
         let before: Vec<&str> = self
             .last_status
             .get(policy)
-            .map(|b| b.draining.iter().map(|(n, _, _)| n.as_str()).collect())
+            .map(|b| b.draining.iter().map(|d| d.node.as_str()).collect())
             .unwrap_or_default();
-        for (node, until, pods) in &update.draining {
-            if !before.contains(&node.as_str()) {
-                tracing::info!(%policy, %node, pods, "gateway draining the policy's open flows");
+        for d in &update.draining {
+            if !before.contains(&d.node.as_str()) {
+                tracing::info!(%policy, node = %d.node, pods = d.pods, "gateway draining the policy's open flows");
                 self.notices_out.push(Notice::DrainStarted {
                     policy: policy.clone(),
-                    node: node.clone(),
-                    until: *until,
-                    pods: *pods,
+                    node: d.node.clone(),
+                    until: d.until,
+                    pods: d.pods,
                 });
             }
         }
         for node in before {
-            if !update.draining.iter().any(|(n, _, _)| n == node) {
+            if !update.draining.iter().any(|d| d.node == node) {
                 tracing::info!(%policy, %node, "gateway drained");
                 self.notices_out.push(Notice::DrainEnded {
                     policy: policy.clone(),
@@ -505,7 +505,12 @@ mod tests {
         let none = || std::iter::empty::<(&Arc<str>, Option<Behind>)>();
         n.status(outcome(&["g2"]), none(), vec![], vec![], t0);
         assert!(drains(&mut n).is_empty());
-        let g1 = vec![("g1".to_owned(), 1_800_000_000, 3)];
+        let g1 = vec![Draining {
+            node: "g1".to_owned(),
+            until: 1_800_000_000,
+            pods: 3,
+            flows: None,
+        }];
         n.status(outcome(&["g2"]), none(), vec![], g1.clone(), t0);
         assert_eq!(drains(&mut n), ["start g1 3"]);
         n.status(outcome(&["g2"]), none(), vec![], g1, t0);

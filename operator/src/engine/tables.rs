@@ -12,7 +12,7 @@ use std::{
 use ipnet::IpNet;
 
 use crate::{
-    live::Behind,
+    live::{Behind, Draining},
     plan::{GatewayTarget, Guard},
     planner::{EgressEntry, EntryKey, GatewayDuty, NodeDelta},
 };
@@ -142,10 +142,20 @@ struct Lingering {
     policy: Arc<str>,
     /// The pod's node.
     source: Arc<str>,
+    /// Since when (its flows may end it early only some time after: [`LINGER_AT_LEAST`]).
+    since: Instant,
+    /// Whether the engine has looked at its flows since [`LINGER_AT_LEAST`] passed (until then,
+    /// that moment is a deadline to wake at).
+    looked: bool,
     until: Instant,
     /// `until` as seconds since the epoch (for the status).
     until_unix: i64,
 }
+
+/// How long a lingering entry stays at least, whatever the pod's node counts: longer than its
+/// node takes to count a flow that started just before the switch (a count every 2 s, sent
+/// when it changes), so that a count from before cannot end it.
+pub const LINGER_AT_LEAST: Duration = Duration::from_secs(10);
 
 /// How a gateway's shim stands, for releasing the switches that wait on it.
 pub(super) struct GatewayShim {
@@ -459,6 +469,8 @@ impl Tables {
                             key: d.key,
                             policy,
                             source: d.source,
+                            since: now,
+                            looked: false,
                             until: now + linger,
                             until_unix: unix + linger.as_secs() as i64,
                         });
@@ -482,8 +494,7 @@ impl Tables {
         gateway_ip: IpAddr,
         source: Arc<str>,
         entries: Vec<EgressEntry>,
-        until: Instant,
-        until_unix: i64,
+        (since, until, until_unix): (Instant, Instant, i64),
         dirty: &mut BTreeSet<String>,
     ) {
         let held = self
@@ -508,6 +519,8 @@ impl Tables {
                 key,
                 policy: entry.policy.clone(),
                 source: source.clone(),
+                since,
+                looked: false,
                 until,
                 until_unix,
             });
@@ -519,17 +532,19 @@ impl Tables {
     }
 
     /// Ends the lingering entries whose time is up, whose gateway is gone (`up` says no: its
-    /// flows are lost anyway, and must follow their entries at once), or that are a gateway's
-    /// own entries again (an upsert in `pending`): their removals go into `pending`. Returns the
-    /// pods' nodes whose pinnable gateways changed.
+    /// flows are lost anyway, and must follow their entries at once), whose pod has no open
+    /// flow left there (`ended(pod's node, pod, policy, gateway)`, once [`LINGER_AT_LEAST`] has
+    /// passed), or that are a gateway's own entries again (an upsert in `pending`): their
+    /// removals go into `pending`. Returns the pods' nodes whose pinnable gateways changed.
     pub fn linger(
         &mut self,
         pending: &mut BTreeMap<Arc<str>, NodeDelta>,
         up: impl Fn(&str) -> bool,
+        ended: impl Fn(&str, IpAddr, &str, IpAddr) -> bool,
         now: Instant,
     ) -> BTreeSet<Arc<str>> {
         let mut changed = BTreeSet::new();
-        self.lingering.retain(|l| {
+        self.lingering.retain_mut(|l| {
             let current = pending
                 .get(&l.gateway)
                 .is_some_and(|p| p.upserts.contains_key(&l.key));
@@ -537,7 +552,10 @@ impl Tables {
                 changed.insert(l.source.clone());
                 return false;
             }
-            if now < l.until && up(&l.gateway) {
+            let old_enough = now >= l.since + LINGER_AT_LEAST;
+            l.looked |= old_enough;
+            let flows_ended = old_enough && ended(&l.source, l.key.source, &l.policy, l.gateway_ip);
+            if now < l.until && up(&l.gateway) && !flows_ended {
                 return true;
             }
             pending
@@ -551,19 +569,31 @@ impl Tables {
         changed
     }
 
-    /// The gateways draining `policy`'s open flows: (node, until as seconds since the epoch, how
-    /// many of its pods), by node.
-    pub fn draining(&self, policy: &str) -> Vec<(String, i64, u64)> {
-        let mut by_node: BTreeMap<&str, (i64, BTreeSet<IpAddr>)> = BTreeMap::new();
+    /// The gateways draining `policy`'s open flows, by node, with how many flows are left
+    /// (`flows(policy, gateway)`, as the pods' nodes counted them).
+    pub fn draining(&self, policy: &str, flows: impl Fn(&str, IpAddr) -> Option<u64>) -> Vec<Draining> {
+        let mut by_node: BTreeMap<&str, (i64, BTreeSet<IpAddr>, IpAddr)> = BTreeMap::new();
         for l in self.lingering.iter().filter(|l| *l.policy == *policy) {
-            let (until, pods) = by_node.entry(&l.gateway).or_default();
+            let (until, pods, _) = by_node
+                .entry(&l.gateway)
+                .or_insert((0, BTreeSet::new(), l.gateway_ip));
             *until = (*until).max(l.until_unix);
             pods.insert(l.key.source);
         }
         by_node
             .into_iter()
-            .map(|(node, (until, pods))| (node.to_owned(), until, pods.len() as u64))
+            .map(|(node, (until, pods, ip))| Draining {
+                node: node.to_owned(),
+                until,
+                pods: pods.len() as u64,
+                flows: flows(policy, ip),
+            })
             .collect()
+    }
+
+    /// The policies with lingering entries.
+    pub fn lingering_policies(&self) -> BTreeSet<String> {
+        self.lingering.iter().map(|l| l.policy.to_string()).collect()
     }
 
     /// The gateways that carry lingering entries, or will once a switch held back is released.
@@ -600,7 +630,11 @@ impl Tables {
     /// The earliest deadline of a switch held back or of a lingering entry, if any.
     pub fn next_deadline(&self) -> Option<Instant> {
         let deferred = self.deferred.iter().map(|d| d.deadline);
-        deferred.chain(self.lingering.iter().map(|l| l.until)).min()
+        let lingering = self.lingering.iter().map(|l| match l.looked {
+            true => l.until,
+            false => l.until.min(l.since + LINGER_AT_LEAST),
+        });
+        deferred.chain(lingering).min()
     }
 
     /// Switches held back wait for the generation that carries their gateway's entry: the one
@@ -907,6 +941,24 @@ mod tests {
         assert_eq!(steers(&tables, "w"), None);
     }
 
+    /// [`switching`] published at `t0`, and the switch released at 100 ms (the new gateway has
+    /// acknowledged), the previous gateway keeping the pod's entry for `linger`: the tables and
+    /// what the release changed.
+    fn released(t0: Instant, linger: Duration) -> (Tables, BTreeMap<Arc<str>, NodeDelta>) {
+        let (mut tables, pending) = switching(t0);
+        let views = publish_all(&mut tables, pending, t0);
+        let carrying = views["g2"].generation;
+        let up = |node: &str| {
+            (node != "w").then_some(GatewayShim {
+                acked: carrying,
+                up: true,
+            })
+        };
+        let mut pending = BTreeMap::new();
+        tables.release_switches(&mut pending, up, |_| Some(linger), t0 + ms(100));
+        (tables, pending)
+    }
+
     /// Once the switch is released, the previous gateway (still up) keeps the pod's entry, and
     /// the pod's node may keep the pod's open flows pinned there: until the pinned flow timeout,
     /// or at once when that gateway goes (its flows are lost; they must follow their entry).
@@ -914,17 +966,7 @@ mod tests {
     fn the_previous_gateway_keeps_a_moved_pods_entry_for_a_while_unless_it_goes() {
         for goes in [false, true] {
             let t0 = Instant::now();
-            let (mut tables, pending) = switching(t0);
-            let views = publish_all(&mut tables, pending, t0);
-            let carrying = views["g2"].generation;
-            let up = |node: &str| {
-                (node != "w").then_some(GatewayShim {
-                    acked: carrying,
-                    up: true,
-                })
-            };
-            let mut pending = BTreeMap::new();
-            tables.release_switches(&mut pending, up, |_| Some(ms(5000)), t0 + ms(100));
+            let (mut tables, pending) = released(t0, ms(5000));
             assert_eq!(pending["w"].upserts[&key(1)], entry(1, "g2"));
             assert!(
                 pending.get("g1").is_none_or(|d| !d.removals.contains(&key(1))),
@@ -936,18 +978,49 @@ mod tests {
             assert_eq!(steers(&tables, "g1"), ip("g1").map(GatewayTarget::Node));
 
             let mut pending = BTreeMap::new();
-            assert!(tables.linger(&mut pending, |_| true, t0 + ms(4000)).is_empty());
+            assert!(
+                tables
+                    .linger(&mut pending, |_| true, |_, _, _, _| false, t0 + ms(4000))
+                    .is_empty()
+            );
             assert!(pending.is_empty());
             let (at, alive): (Instant, fn(&str) -> bool) = if goes {
                 (t0 + ms(200), |n| n != "g1")
             } else {
                 (t0 + ms(5100), |_| true)
             };
-            let changed = tables.linger(&mut pending, alive, at);
+            let changed = tables.linger(&mut pending, alive, |_, _, _, _| false, at);
             assert_eq!(changed, BTreeSet::from(["w".into()]));
             assert!(pending["g1"].removals.contains(&key(1)));
             assert!(tables.pinnable("w").is_empty());
         }
+    }
+
+    /// A pod's node counts no open flow of it left on the gateway it moved away from: the
+    /// gateway lets go of the pod's entry, but not before [`LINGER_AT_LEAST`] (a count from
+    /// before the switch may not know the newest flow yet), which is a deadline to wake at.
+    #[test]
+    fn a_lingering_entry_ends_when_its_pods_flows_have_ended() {
+        let t0 = Instant::now();
+        let (mut tables, pending) = released(t0, Duration::from_secs(600));
+        publish_all(&mut tables, pending, t0 + ms(100));
+        assert_eq!(tables.pinnable("w"), [ip("g1").unwrap()]);
+        assert_eq!(tables.next_deadline(), Some(t0 + ms(100) + LINGER_AT_LEAST));
+        let pod_ip = key(1).source;
+        let ended = |node: &str, pod: IpAddr, policy: &str, gateway: IpAddr| {
+            node == "w" && pod == pod_ip && policy == "p" && Some(gateway) == ip("g1")
+        };
+        let mut pending = BTreeMap::new();
+        assert!(
+            tables
+                .linger(&mut pending, |_| true, ended, t0 + ms(5000))
+                .is_empty(),
+            "too soon"
+        );
+        let changed = tables.linger(&mut pending, |_| true, ended, t0 + ms(100) + LINGER_AT_LEAST);
+        assert_eq!(changed, BTreeSet::from(["w".into()]));
+        assert!(pending["g1"].removals.contains(&key(1)));
+        assert_eq!(tables.next_deadline(), None);
     }
 
     #[test]

@@ -44,7 +44,7 @@ use tonic::{
 
 use crate::{
     auth::TokenVerifier,
-    engine::{HeldDuty, HeldPod, Hub, NodeView, ShimEvent},
+    engine::{HeldDuty, HeldPod, Hub, NodeView, PinnedCounts, ShimEvent},
     model::InterfaceInfo,
     planner::{EgressEntry, EntryKey},
     tls::TlsIncoming,
@@ -485,6 +485,11 @@ async fn read_shim(
                     errors: entry_errors(&ack),
                     conflicts: address_conflicts(&ack),
                 });
+                hub.report(ShimEvent::PinnedFlows {
+                    node: node.clone(),
+                    session,
+                    counts: pinned_counts(&ack),
+                });
             }
             Ok(Some(ShimMessage {
                 message: Some(shim_message::Message::Heartbeat(_)),
@@ -692,6 +697,28 @@ fn held_pods(reported: &[v2::HeldPod]) -> Vec<HeldPod> {
             })
         })
         .collect()
+}
+
+/// The open flows a shim's pods have pinned to gateways, as its acknowledgement counts them
+/// (counts whose addresses do not decode are left out, and a gateway that does not decode is
+/// not counted: either only keeps a drain going longer).
+fn pinned_counts(ack: &v2::Ack) -> PinnedCounts {
+    PinnedCounts {
+        counted: ack
+            .counted_gateways
+            .iter()
+            .filter_map(|g| convert::ip_from_wire("gateway", g).ok())
+            .collect(),
+        flows: ack
+            .pinned_flows
+            .iter()
+            .filter_map(|c| {
+                let pod = convert::ip_from_wire("pod", &c.pod).ok()?;
+                let gateway = convert::ip_from_wire("gateway", &c.gateway).ok()?;
+                Some(((pod, c.policy.clone(), gateway), u64::from(c.flows)))
+            })
+            .collect(),
+    }
 }
 
 /// The gateway duties a shim reports holding. They only ever make the new leader keep a node
