@@ -431,58 +431,82 @@ static __always_inline int flow_expired(const struct sluice_flow_v4 *f, __u8 pro
 	return now - f->last_seen_ns > idle * 1000000000ull;
 }
 
-/*
- * The gateway a pod's packet goes to: the one its flow is pinned to, while that one is
- * pinnable and the entry is the same policy's; else the entry's, which the flow is pinned to
- * from now on (see sluice.h). Only for entries steering to a remote gateway.
- */
-static __always_inline __be32 pinned_gateway(struct __sk_buff *skb, struct iphdr *ip,
-					     const struct sluice_entry *v, const struct sluice_config *cfg)
+/* Where a steered packet goes: a gateway, and the egress id when that is this node. */
+struct sluice_way {
+	__be32 gateway_ip;
+	__u32 egress_id; /* non-zero: leaves from this node (SNAT by this egress) */
+};
+
+/* The way of the entry itself: local entries leave here by their egress, others by tunnel. */
+static __always_inline struct sluice_way entry_way(const struct sluice_entry *v)
 {
+	struct sluice_way w = {
+		.gateway_ip = v->gateway_ip,
+		.egress_id = (v->flags & SLUICE_F_LOCAL_GATEWAY) ? v->egress_id : 0,
+	};
+
+	return w;
+}
+
+/*
+ * The way a pod's packet goes: the one its flow is pinned to, while that gateway is pinnable
+ * and the entry is the same policy's; else the entry's, which the flow is pinned to from now on
+ * (see sluice.h).
+ */
+static __always_inline struct sluice_way pinned_way(struct __sk_buff *skb, struct iphdr *ip,
+						    const struct sluice_entry *v,
+						    const struct sluice_config *cfg)
+{
+	struct sluice_way way = entry_way(v);
 	struct sluice_flow_key_v4 key;
 	__u8 tcp_flags = 0;
 
 	if ((cfg->flags & SLUICE_CFG_NO_FLOW_PINNING) || !flow_key(skb, ip, &key, &tcp_flags))
-		return v->gateway_ip;
+		return way;
 	__u64 now = bpf_ktime_get_ns();
 	struct sluice_flow_v4 *f = bpf_map_lookup_elem(&sluice_flows_v4, &key);
+	int live = f && f->policy_id == v->policy_id && !flow_expired(f, key.protocol, now);
 
 	if (tcp_flags & SLUICE_TCP_RST) {
-		__be32 gw = v->gateway_ip;
-
 		/* The last packet of the flow still goes where the flow went. */
-		if (f && f->policy_id == v->policy_id && !flow_expired(f, key.protocol, now) &&
-		    bpf_map_lookup_elem(&sluice_pinnable_v4, &f->gateway_ip))
-			gw = f->gateway_ip;
+		if (live && bpf_map_lookup_elem(&sluice_pinnable_v4, &f->gateway_ip)) {
+			way.gateway_ip = f->gateway_ip;
+			way.egress_id = f->egress_id;
+		}
 		if (f)
 			bpf_map_delete_elem(&sluice_flows_v4, &key);
-		return gw;
+		return way;
 	}
-	if (f && f->policy_id == v->policy_id && !flow_expired(f, key.protocol, now)) {
-		__be32 gw = f->gateway_ip;
+	if (live) {
+		int same = f->gateway_ip == way.gateway_ip && f->egress_id == way.egress_id;
 
-		if (gw != v->gateway_ip && !bpf_map_lookup_elem(&sluice_pinnable_v4, &gw)) {
+		if (!same && !bpf_map_lookup_elem(&sluice_pinnable_v4, &f->gateway_ip)) {
 			/* Its gateway may not take it any more: it follows the entry from now on. */
-			gw = v->gateway_ip;
-			f->gateway_ip = gw;
+			f->gateway_ip = way.gateway_ip;
+			f->egress_id = way.egress_id;
+			same = 1;
 		}
 		if (tcp_flags & SLUICE_TCP_FIN)
 			f->flags |= SLUICE_FLOW_CLOSING;
 		if (now - f->last_seen_ns > SLUICE_FLOW_TOUCH_NS)
 			f->last_seen_ns = now;
-		if (gw != v->gateway_ip)
+		if (!same) {
 			count(SLUICE_CTR_PINNED, skb->len);
-		return gw;
+			way.gateway_ip = f->gateway_ip;
+			way.egress_id = f->egress_id;
+		}
+		return way;
 	}
 	struct sluice_flow_v4 nf = {
-		.gateway_ip = v->gateway_ip,
+		.gateway_ip = way.gateway_ip,
 		.policy_id = v->policy_id,
 		.last_seen_ns = now,
 		.flags = (tcp_flags & SLUICE_TCP_FIN) ? SLUICE_FLOW_CLOSING : 0,
+		.egress_id = way.egress_id,
 	};
 
 	bpf_map_update_elem(&sluice_flows_v4, &key, &nf, BPF_ANY);
-	return v->gateway_ip;
+	return way;
 }
 
 /* Whether a reply (`ip`, from the tunnel) belongs to a flow the pod pinned to gateway `remote`. */
@@ -775,13 +799,19 @@ int sluice_from_pod(struct __sk_buff *skb)
 	}
 	count_policy(v->policy_id, skb->len);
 
-	if (v->flags & SLUICE_F_LOCAL_GATEWAY) {
-		if (!v->egress_ip) {
-			count(SLUICE_CTR_DROP_NO_EGRESS_IP, skb->len);
-			return TC_ACT_SHOT;
-		}
+	if (!cfg) {
+		count(SLUICE_CTR_ERROR, skb->len);
+		return TC_ACT_SHOT;
+	}
+	if ((v->flags & SLUICE_F_LOCAL_GATEWAY) && !v->egress_ip) {
+		count(SLUICE_CTR_DROP_NO_EGRESS_IP, skb->len);
+		return TC_ACT_SHOT;
+	}
+	struct sluice_way way = pinned_way(skb, ip, v, cfg);
+
+	if (way.egress_id) {
 		/* Egress here: the kernel routes it; nftables SNATs it by this mark. */
-		if (!cfg || mark_for_egress(skb, cfg, v->egress_id, 0) < 0) {
+		if (mark_for_egress(skb, cfg, way.egress_id, 0) < 0) {
 			count(SLUICE_CTR_ERROR, skb->len);
 			return TC_ACT_SHOT;
 		}
@@ -790,14 +820,12 @@ int sluice_from_pod(struct __sk_buff *skb)
 	}
 
 	/* Fail closed: a steered flow must never leave by the normal path. */
-	if (!cfg || !cfg->tunnel_ifindex || !v->gateway_ip) {
+	if (!cfg->tunnel_ifindex || !way.gateway_ip) {
 		count(SLUICE_CTR_ERROR, skb->len);
 		return TC_ACT_SHOT;
 	}
-	__be32 gateway = pinned_gateway(skb, ip, v, cfg);
-
 	clamp_mss(skb, cfg->tcp_mss_max);
-	if (set_tunnel_dst(skb, cfg, gateway) < 0) {
+	if (set_tunnel_dst(skb, cfg, way.gateway_ip) < 0) {
 		count(SLUICE_CTR_ERROR, skb->len);
 		return TC_ACT_SHOT;
 	}
@@ -915,10 +943,13 @@ int sluice_from_tunnel(struct __sk_buff *skb)
 		return SLUICE_PASS;
 	}
 
-	/* A reply to a local pod, from the gateway its entry names, or its flow is pinned to? */
+	/*
+	 * A reply to a local pod, from the gateway its entry names, or its flow is pinned to (also
+	 * when the pod's entry leaves from this node now)?
+	 */
 	if (policy_lookup(daddr, saddr, v) == 0 && v->kind == SLUICE_KIND_GATEWAY &&
-	    !(v->flags & SLUICE_F_LOCAL_GATEWAY) && (peer_flags & SLUICE_PEER_GATEWAY)) {
-		if (v->gateway_ip == remote)
+	    (peer_flags & SLUICE_PEER_GATEWAY)) {
+		if (!(v->flags & SLUICE_F_LOCAL_GATEWAY) && v->gateway_ip == remote)
 			count(SLUICE_CTR_REPLY_DELIVERED, skb->len);
 		else if (reply_of_pinned_flow(skb, ip, remote))
 			count(SLUICE_CTR_PINNED_REPLY_DELIVERED, skb->len);

@@ -245,14 +245,16 @@ struct sluice_policy_name {
 
 /* --- Pinned flows -------------------------------------------------------------------------- */
 /*
- * On the pod's node, each TCP and UDP flow steered to a remote gateway is remembered with that
- * gateway (sluice_flows_v4, an LRU hash sized by the shim's --flow-map-max) at its first packet.
- * When a planned change gives the pod another gateway, the flow keeps going to the one it started
- * on while that gateway is pinnable (sluice_pinnable_v4: the operator still has it hold the
- * pod's entries), and its replies from there are taken; new flows take the new gateway. A flow
- * whose gateway is no longer pinnable (failed, or its drain is over) follows its entry at once.
- * A pin ends with a TCP RST, a few seconds after a FIN, or idle for long (the timeouts below);
- * flows of a pod on its own gateway node are not pinned.
+ * On the pod's node, each TCP and UDP flow steered to a gateway is remembered with that gateway
+ * (sluice_flows_v4, an LRU hash sized by the shim's --flow-map-max) at its first packet; a flow
+ * of a pod on its own gateway node, which leaves from here, with this node's address and its
+ * egress id. When a planned change gives the pod another gateway, the flow keeps going to the
+ * one it started on while that gateway is pinnable (sluice_pinnable_v4: the operator still has
+ * it hold the pod's entries; this node itself when the flow left from here, whose egress the
+ * shim keeps meanwhile), and its replies from there are taken; new flows take the new gateway.
+ * A flow whose gateway is no longer pinnable (failed, or its drain is over) follows its entry at
+ * once. A pin ends with a TCP RST, a few seconds after a FIN, or idle for long (the timeouts
+ * below).
  */
 #define SLUICE_FLOW_IDLE_TCP_S 3600
 #define SLUICE_FLOW_IDLE_CLOSING_S 10
@@ -283,7 +285,7 @@ struct sluice_flow_v4 {
 	__u32 policy_id;      /* of the entry that steered it: another policy's entry unpins it */
 	__u64 last_seen_ns;   /* bpf_ktime_get_ns() of a recent packet */
 	__u32 flags;          /* SLUICE_FLOW_* */
-	__u32 _pad;
+	__u32 egress_id;      /* a flow that left here (a pod on its own gateway node): its egress */
 };
 
 /* --- The fence of managed egress IPs ----------------------------------------------------- */

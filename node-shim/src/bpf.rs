@@ -81,7 +81,11 @@ pub fn render_flows(
             protocol,
             format!("{}:{}", maps::from_be(k.saddr), u16::from_be(k.sport)),
             format!("{}:{}", maps::from_be(k.daddr), u16::from_be(k.dport)),
-            maps::from_be(v.gateway_ip).to_string(),
+            if v.egress_id != 0 {
+                format!("{} (this node)", maps::from_be(v.gateway_ip))
+            } else {
+                maps::from_be(v.gateway_ip).to_string()
+            },
             if pinnable.contains(&v.gateway_ip) {
                 "yes"
             } else {

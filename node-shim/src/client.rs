@@ -196,7 +196,7 @@ mod tests {
                 policy_id: policy,
                 last_seen_ns: NOW - 5_000_000_000,
                 flags,
-                _pad: 0,
+                egress_id: 0,
             },
         )
     }

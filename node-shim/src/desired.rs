@@ -82,6 +82,8 @@ pub struct PolicyIds {
     /// Ids a previous run gave egress addresses (interface unknown), preferred for them.
     adopted_egresses: BTreeMap<Ipv4Addr, u32>,
     max_egress: u32,
+    /// Keep every egress, used or not ([`PolicyIds::hold_egresses`]).
+    holding_egresses: bool,
 }
 
 impl Default for PolicyIds {
@@ -91,6 +93,7 @@ impl Default for PolicyIds {
             egresses: BTreeMap::new(),
             adopted_egresses: BTreeMap::new(),
             max_egress: maps::MarkLayout::default().max_egress_id(),
+            holding_egresses: false,
         }
     }
 }
@@ -164,9 +167,18 @@ impl PolicyIds {
         self.by_name.retain(|name, _| keep.contains(name.as_str()));
     }
 
-    /// Forgets the egresses not in `keep`.
+    /// Forgets the egresses not in `keep` (unless holding them).
     fn retain_egresses(&mut self, keep: &BTreeSet<(Ipv4Addr, u32)>) {
-        self.egresses.retain(|k, _| keep.contains(k));
+        if !self.holding_egresses {
+            self.egresses.retain(|k, _| keep.contains(k));
+        }
+    }
+
+    /// While this node's own pods have flows pinned to leaving from here (a pod moved off its
+    /// own gateway node), every egress keeps its id, used by an entry or not: such a flow's
+    /// packets carry the id of the egress they started on.
+    pub fn hold_egresses(&mut self, hold: bool) {
+        self.holding_egresses = hold;
     }
 }
 
@@ -451,6 +463,32 @@ mod tests {
             d.egress_routes,
             BTreeMap::from([(local.egress_id, ("eth0".to_owned(), 2))])
         );
+    }
+
+    /// While the node's own pods have flows pinned to leaving from here, an egress no entry
+    /// uses any more keeps its id (the flows' packets carry it), and a new egress takes another.
+    #[test]
+    fn held_egresses_keep_their_ids_while_unused() {
+        let on =
+            |ip: &str, policy: &str| entry("10.244.1.10", "203.0.113.0/24", "192.0.2.11", Some(ip), policy);
+        let mut h = host();
+        h.interfaces[0].ipv4.push("192.0.2.102".parse().unwrap());
+        let id = |d: &Desired, ip: &str| d.snat.get(&ip.parse::<Ipv4Addr>().unwrap()).cloned();
+        for hold in [false, true] {
+            let mut ids = PolicyIds::default();
+            let d = desired(&[on("192.0.2.101", "a")], &[], &h, &mut ids).unwrap();
+            assert_eq!(id(&d, "192.0.2.101"), Some(BTreeSet::from([1])));
+            ids.hold_egresses(hold);
+            // The pod's entry now leaves by another egress (say, its gateway moved elsewhere and
+            // another pod's came): the first one is unused.
+            let d = desired(&[on("192.0.2.102", "a")], &[], &h, &mut ids).unwrap();
+            let expected = if hold { 2 } else { 1 };
+            assert_eq!(
+                id(&d, "192.0.2.102"),
+                Some(BTreeSet::from([expected])),
+                "holding: {hold}"
+            );
+        }
     }
 
     #[test]

@@ -510,7 +510,8 @@ pub struct FlowV4 {
     pub last_seen_ns: u64,
     /// `FLOW_*`.
     pub flags: u32,
-    pub _pad: u32,
+    /// Non-zero: the flow left from this node (a pod on its own gateway node), by this egress.
+    pub egress_id: u32,
 }
 
 /// Value of `sluice_policy_names` (`struct sluice_policy_name`): NUL-padded UTF-8.
@@ -1060,7 +1061,7 @@ mod tests {
                     policy_id,
                     last_seen_ns,
                     flags,
-                    _pad
+                    egress_id
                 }),
             ),
         ]

@@ -208,6 +208,9 @@ enum FileStamp {
 }
 
 /// The running shim.
+/// SNAT rules (egress IP -> egress ids) and egress routes (egress id -> interface name, index).
+type EgressKept = (BTreeMap<Ipv4Addr, BTreeSet<u32>>, BTreeMap<u32, (String, u32)>);
+
 /// How often the pods' pinned flows are counted while any gateway is pinnable.
 const PINNED_FLOWS_EVERY: Duration = Duration::from_secs(2);
 
@@ -278,6 +281,10 @@ pub struct Agent {
     address_conflicts: BTreeMap<Ipv4Addr, String>,
     /// What `sluice_pinnable_v4` holds: gateways flows may stay pinned to.
     pinnable: BTreeMap<u32, u32>,
+    /// The SNAT rules and egress routes of the last plan applied, kept on into the next while
+    /// this node is pinnable itself (flows of its pods that left from here stay, by their
+    /// egress).
+    egress_kept: EgressKept,
     /// The pods' open flows pinned to those gateways as last counted, and when.
     pinned_report: PinnedReport,
     pinned_counted_at: Option<std::time::Instant>,
@@ -395,6 +402,7 @@ impl Agent {
             address_conflicts: BTreeMap::new(),
             pinned_report: PinnedReport::default(),
             pinned_counted_at: None,
+            egress_kept: Default::default(),
             released_in_silence: None,
             pinnable,
         };
@@ -992,9 +1000,9 @@ impl Agent {
             default_route_interface: netdev::default_route_interface(),
         };
         let guarded = guard.as_ref().map(|g| g.destinations.clone()).unwrap_or_default();
-        let mut want = desired::desired(entries.iter().copied(), &guarded, &host, &mut self.ids)?;
         // Gateways still holding the entries of pods that moved away from them: their flows
-        // stay, and their replies are taken (see docs/datapath.md, "Pinned flows").
+        // stay, and their replies are taken (see docs/datapath.md, "Pinned flows"). This node
+        // itself when its own pods' flows left from here: their egresses stay meanwhile.
         let pinnable: BTreeMap<u32, u32> = match &self.opts.plan {
             PlanSource::File(_) => plan_file_pinnable(&bytes, &self.opts.node),
             PlanSource::Operator(_) => state
@@ -1002,10 +1010,22 @@ impl Agent {
                 .unwrap_or_default(),
         }
         .into_iter()
-        .filter(|ip| *ip != self.opts.node_ip)
         .map(|ip| (maps::be(ip), 1))
         .collect();
-        for ip in pinnable.keys() {
+        let own_flows_pinned = pinnable.contains_key(&maps::be(self.opts.node_ip));
+        self.ids.hold_egresses(own_flows_pinned);
+        let mut want = desired::desired(entries.iter().copied(), &guarded, &host, &mut self.ids)?;
+        if own_flows_pinned {
+            let (snat, routes) = &self.egress_kept;
+            for (ip, ids) in snat {
+                want.snat.entry(*ip).or_default().extend(ids);
+            }
+            for (id, route) in routes {
+                want.egress_routes.entry(*id).or_insert_with(|| route.clone());
+            }
+        }
+        self.egress_kept = (want.snat.clone(), want.egress_routes.clone());
+        for ip in pinnable.keys().filter(|ip| **ip != maps::be(self.opts.node_ip)) {
             *want.peers.entry(*ip).or_default() |= maps::PEER_GATEWAY;
         }
         for problem in &want.problems {

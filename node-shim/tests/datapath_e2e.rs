@@ -933,6 +933,84 @@ fn p2_through_n1_then_n3(c: &mut Cluster) -> (serde_json::Value, Rule) {
     (before, via_n3)
 }
 
+/// `plan` with node `node`'s section given `pinnableGateways` [`gateway`] only (a gateway that
+/// keeps nothing for it: the node itself, whose pods' flows left from there).
+fn pinnable_only(mut plan: serde_json::Value, node: &str, gateway: &str) -> serde_json::Value {
+    let nodes = plan["nodes"].as_array_mut().unwrap();
+    let section = nodes.iter_mut().find(|n| n["name"] == node).unwrap();
+    section["pinnableGateways"] = serde_json::json!([sluice_testbed::node_ip(gateway)]);
+    plan
+}
+
+/// A pod on its own gateway node (p1 on n1, leaving from n1): a planned change sends it through
+/// n3, while n1 stays pinnable for its own pods' flows. The connections open from n1 keep leaving
+/// from n1 with its egress IP (SNAT rules and egress kept although no entry uses them), new ones go
+/// through n3; once n1 is no longer pinnable, they follow the entry. And the other way round: p1
+/// through n3, then from its own node with n3 pinnable (and keeping p1's entries): the open
+/// connections stay on n3, their replies taken from the tunnel though p1's entry is local now.
+#[test]
+fn a_pod_on_its_own_gateway_node_keeps_its_open_flows_across_a_planned_change_both_ways() {
+    let Some(mut c) = cluster("pinned_own") else {
+        return;
+    };
+    let via_n3 = Rule {
+        gateway: Gw::Node("n3", EGRESS_N3),
+        ..policy_a("p1")
+    };
+    let local = c.plan(&[policy_a("p1")]);
+    c.try_apply_plan(&serde_json::to_vec(&local).unwrap(), Duration::from_secs(20))
+        .unwrap();
+    let mut open: Vec<_> = (0..2).map(|_| c.connect("p1", EXT_A).unwrap()).collect();
+    for conn in &mut open {
+        assert_eq!(conn.exchange(10_000, 10_000).unwrap(), EGRESS_N1);
+    }
+    let moved = pinnable_only(c.plan(std::slice::from_ref(&via_n3)), "n1", "n1");
+    c.try_apply_plan(&serde_json::to_vec(&moved).unwrap(), Duration::from_secs(20))
+        .unwrap();
+    for conn in &mut open {
+        assert_eq!(
+            conn.exchange(100_000, 100_000).unwrap(),
+            EGRESS_N1,
+            "an open flow of a pod on its own gateway node moved"
+        );
+    }
+    assert_eq!(c.fetch("p1", EXT_A).unwrap(), EGRESS_N3, "a new flow stayed");
+    let flows = c.shim_cli("n1", &["bpf", "flows"]).unwrap();
+    assert!(flows.contains("(this node)"), "{flows}");
+    // No longer pinnable: the flows follow their entry (n3's NAT does not know them: they end).
+    c.apply(std::slice::from_ref(&via_n3));
+    for conn in &mut open {
+        let _ = conn.exchange(1000, 1000);
+    }
+    assert_eq!(c.fetch("p1", EXT_A).unwrap(), EGRESS_N3);
+
+    // The other way round.
+    let remote = c.plan(std::slice::from_ref(&via_n3));
+    c.try_apply_plan(&serde_json::to_vec(&remote).unwrap(), Duration::from_secs(20))
+        .unwrap();
+    let mut open: Vec<_> = (0..2).map(|_| c.connect("p1", EXT_A).unwrap()).collect();
+    for conn in &mut open {
+        assert_eq!(conn.exchange(10_000, 10_000).unwrap(), EGRESS_N3);
+    }
+    let back = lingering(c.plan(&[policy_a("p1")]), &remote, "n1", "n3");
+    c.try_apply_plan(&serde_json::to_vec(&back).unwrap(), Duration::from_secs(20))
+        .unwrap();
+    let delivered = c.counter("n1", "pinned_reply_delivered");
+    for conn in &mut open {
+        assert_eq!(
+            conn.exchange(100_000, 100_000).unwrap(),
+            EGRESS_N3,
+            "an open flow moved off its remote gateway when the pod's own node took over"
+        );
+    }
+    assert!(c.counter("n1", "pinned_reply_delivered") > delivered);
+    assert_eq!(
+        c.fetch("p1", EXT_A).unwrap(),
+        EGRESS_N1,
+        "a new flow stayed on n3"
+    );
+}
+
 /// Pinned UDP: a datagram flow (one source port) through n1 keeps n1 after a planned change to
 /// n3 while n1 is pinnable (the external host sees n1's egress IP), datagrams of another source
 /// port take n3, and once n1 is no longer pinnable the flow follows its entry to n3.

@@ -267,6 +267,24 @@ fn a_cordoned_gateway_keeps_the_open_connections_also_across_an_operator_restart
     for c in &mut open {
         assert_eq!(c.exchange(1000, 1000).unwrap(), drained_ip);
     }
+    // checkout-1 lives on n1: on its own gateway node when n1 is drained (its connections
+    // leave from there), else moved onto its own node by the drain (they stay on n3).
+    let mut open_p1: Vec<_> = (0..2)
+        .map(|_| tb.connect("p1", EXT_A).expect("a long-lived connection of p1"))
+        .collect();
+    for c in &mut open_p1 {
+        assert_eq!(c.exchange(1000, 1000).unwrap(), drained_ip);
+    }
+    let p1_stays = |tb: &Testbed, open_p1: &mut Vec<Conn>, when: &str| {
+        for c in open_p1.iter_mut() {
+            assert_eq!(
+                c.exchange(100_000, 100_000).as_deref(),
+                Ok(drained_ip),
+                "an open connection of p1 (on n1) broke or moved {when}\n{}",
+                logs(tb)
+            );
+        }
+    };
     let stream = tb.stream("p2", EXT_A);
 
     let cluster = fs::read_to_string(dir.join("cluster.yaml")).unwrap();
@@ -286,6 +304,8 @@ fn a_cordoned_gateway_keeps_the_open_connections_also_across_an_operator_restart
     )
     .unwrap();
     open_connections_stay_and_new_ones_move(&tb, &mut open, stream, drained_ip, other_ip);
+    p1_stays(&tb, &mut open_p1, "at the drain");
+    assert_eq!(tb.fetch("p1", EXT_A).unwrap(), other_ip, "p1's new connections");
 
     let stream = tb.stream("p2", EXT_A);
     let operator = restart(&tb, operator, &dir, &tokens);
@@ -320,11 +340,13 @@ fn a_cordoned_gateway_keeps_the_open_connections_also_across_an_operator_restart
         .unwrap()
         .contains("10.244.2.10")
     };
+    p1_stays(&tb, &mut open_p1, "across the operator restart");
     assert!(
         holds_p2(&tb),
         "the drained gateway keeps p2's entries while it has connections"
     );
     drop(open);
+    drop(open_p1);
     let released = wait_for(Duration::from_secs(30), || !holds_p2(&tb));
     assert!(
         released,

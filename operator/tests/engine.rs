@@ -124,6 +124,10 @@ struct Started {
 
 impl Started {
     fn new(policy: PolicyInput) -> Self {
+        Self::with_pod(policy, pod())
+    }
+
+    fn with_pod(policy: PolicyInput, pod: PodInfo) -> Self {
         let (hub, _events) = Hub::new(GRACE / 4);
         let views = hub.subscribe("w");
         let mut engine = Engine::new(
@@ -136,7 +140,7 @@ impl Started {
             engine.source(SourceEvent::Change(Box::new(Change::UpsertNode(n))));
         }
         engine.source(SourceEvent::Change(Box::new(Change::UpsertPolicy(policy))));
-        engine.source(SourceEvent::Change(Box::new(Change::UpsertPod(pod()))));
+        engine.source(SourceEvent::Change(Box::new(Change::UpsertPod(pod))));
         engine.source(SourceEvent::Synced);
         let mut s = Started {
             engine,
@@ -1217,6 +1221,96 @@ fn a_drain_ends_when_the_pods_node_counts_no_flow_left() {
         .into_iter()
         .any(|n| matches!(n, Notice::DrainEnded { ref node, .. } if node == preferred));
     assert!(drained);
+}
+
+/// A pod on its own gateway node moved off it by a planned change keeps no entry there (its
+/// entry there is the new one), but its node stays pinnable for itself, so that the flows that
+/// left from there stay; and a pod whose own node becomes its gateway: its previous gateway
+/// keeps its entry for its pinned flows, once the pod's node holds the new one.
+#[test]
+fn a_pod_on_its_own_gateway_node_keeps_its_flows_both_ways() {
+    let (preferred, other) = preferred_and_other();
+    for on in [preferred, other] {
+        let pod = PodInfo {
+            node_name: Some(on.into()),
+            ..pod()
+        };
+        let mut s = Started::with_pod(policy(vec![]), pod);
+        let at = Duration::from_millis(400);
+        s.move_away(preferred, other, at);
+        let t = at + Duration::from_millis(20);
+        for (node, session) in [(preferred, 2), (other, 3)] {
+            s.ack(node, session, t);
+        }
+        s.flush(t);
+        let view = |n: &str| s.hub.subscribe(n).borrow().clone().unwrap();
+        let steered_to = |n: &str| {
+            view(n)
+                .entries
+                .values()
+                .find(|e| e.key.source.to_string() == "10.1.0.10")
+                .map(|e| e.gateway)
+        };
+        assert_eq!(
+            steered_to(on),
+            Some(GatewayTarget::Node(ip_of(other))),
+            "the pod moved"
+        );
+        assert_eq!(*view(on).pinnable, [ip_of(preferred)], "pod on {on}");
+        assert_eq!(s.draining(), [(preferred.to_owned(), 1)]);
+        if on == other {
+            assert!(
+                s.holds_pod(preferred),
+                "the previous gateway keeps the pod's entry"
+            );
+        }
+    }
+}
+
+/// A new leader in the middle of a drain of a pod's own gateway node: the node reports its
+/// pod's flows pinned to leaving from there; the first publication keeps the node pinnable for
+/// itself (it keeps no entry: the pod's entry there is the new one), and the drain shows.
+#[test]
+fn a_new_leader_keeps_a_draining_node_pinnable_for_its_own_pods_flows() {
+    let (preferred, other) = preferred_and_other();
+    let pod_ip: IpAddr = "10.1.0.10".parse().unwrap();
+    let pod = PodInfo {
+        node_name: Some(preferred.into()),
+        ..pod()
+    };
+    let mut s = Started::with_pod(policy(vec![]), pod);
+    let draining = NodeInfo {
+        draining: true,
+        ..node(preferred, &ip_of(preferred).to_string(), true)
+    };
+    s.engine
+        .source(SourceEvent::Change(Box::new(Change::UpsertNode(draining))));
+    let slot = HeldDuty {
+        policy: "egress".into(),
+        entry: 0,
+        slot: 0,
+        gateway: ip_of(other),
+    };
+    let held = |gateway: &str| HeldPod {
+        policy: "egress".into(),
+        pod: pod_ip,
+        gateway: ip_of(gateway),
+    };
+    s.connect("w", vec![], Duration::from_millis(100));
+    s.connect_reporting(
+        preferred,
+        vec![slot.clone()],
+        vec![held(other)],
+        vec![held(preferred)],
+        Duration::from_millis(150),
+    );
+    s.connect(other, vec![slot], Duration::from_millis(200));
+    assert!(!s.engine.settling());
+    let view = s.hub.subscribe(preferred).borrow().clone().unwrap();
+    let steered = view.entries.values().find(|e| e.key.source == pod_ip).unwrap();
+    assert_eq!(steered.gateway, GatewayTarget::Node(ip_of(other)));
+    assert_eq!(*view.pinnable, [ip_of(preferred)]);
+    assert_eq!(s.draining(), [(preferred.to_owned(), 1)]);
 }
 
 /// `spec.drainTimeout: 0s`: a gateway moved away from lets go of the pod at once (its open

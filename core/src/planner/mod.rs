@@ -334,22 +334,50 @@ impl Planner {
     }
 
     /// The entries node `gateway` would hold for the traffic of the pod at `pod` under `policy`
-    /// had it kept the pod in `slot` of gateway entry `entry`: what a new leader puts back, as
+    /// had it kept the pod in `slot` (gateway entry, slot): what a new leader puts back, as
     /// lingering entries, on a gateway the pod was moved away from while the pod's node still
-    /// has flows pinned there. With the pod's node. `None` when there is nothing to keep: the
-    /// pod's traffic under the policy goes to `gateway` anyway or to no gateway; or when it
-    /// cannot be said: unknown policy, entry or node, the node not offering what the entry
-    /// names, or a managed address (it left with its slot, and the flows with it).
+    /// has flows pinned there. With the pod's node. When `gateway` is the pod's own node, its
+    /// entries there as they are now (it keeps none of its own for the pod: it only stays
+    /// pinnable), and no slot is needed. `None` when there is nothing to keep: the pod's
+    /// traffic under the policy goes to `gateway` anyway or to no gateway; or when it cannot be
+    /// said: unknown policy, slot or node, the node not offering what the entry names, or a
+    /// managed address (it left with its slot, and the flows with it).
     pub fn lingering_entries(
         &self,
         policy: &str,
         pod: IpAddr,
         gateway: &str,
-        entry: usize,
-        slot: usize,
+        slot: Option<(usize, usize)>,
     ) -> Option<(Arc<str>, Vec<EgressEntry>)> {
         let p = self.policies.get(policy)?;
         let config = p.config.as_ref().ok()?;
+        let mut source_node = None;
+        let mut moved = Vec::new();
+        for (key, excluded) in keys_of(config, &[pod]) {
+            let Some(r) = self.keys.get(&key).and_then(|k| k.resolved.as_ref()) else {
+                continue;
+            };
+            if excluded || **r.policy() != *policy {
+                continue;
+            }
+            match r.gateway_node() {
+                Some(n) if **n == *gateway => return None,
+                Some(_) => {}
+                None => continue,
+            }
+            source_node = Some(r.source_node.clone());
+            moved.push((key, r));
+        }
+        let source = source_node?;
+        if *source == *gateway {
+            let own = moved
+                .iter()
+                .filter_map(|(key, r)| r.placements(*key).into_iter().find(|(n, _)| *n == source))
+                .map(|(_, e)| e)
+                .collect();
+            return Some((source, own));
+        }
+        let (entry, slot) = slot?;
         let spec = config.gateways.get(entry)?;
         if matches!(spec.egress, crate::policy::EgressSource::Managed { .. }) {
             return None;
@@ -366,24 +394,11 @@ impl Planner {
             interface,
             managed: false,
         });
-        let mut source_node = None;
-        let mut entries = Vec::new();
-        for (key, excluded) in keys_of(config, &[pod]) {
-            let Some(r) = self.keys.get(&key).and_then(|k| k.resolved.as_ref()) else {
-                continue;
-            };
-            if excluded || **r.policy() != *policy {
-                continue;
-            }
-            match r.gateway_node() {
-                Some(n) if **n == *gateway => return None,
-                Some(_) => {}
-                None => continue,
-            }
-            source_node = Some(r.source_node.clone());
-            entries.extend(r.on_gateway(key, g.clone()));
-        }
-        Some((source_node?, entries)).filter(|(_, e)| !e.is_empty())
+        let entries: Vec<EgressEntry> = moved
+            .into_iter()
+            .filter_map(|(key, r)| r.on_gateway(key, g.clone()))
+            .collect();
+        Some((source, entries)).filter(|(_, e)| !e.is_empty())
     }
 
     /// Every pod's gateway node, per policy: (policy, pod IP, node), what a datapath reports

@@ -52,6 +52,10 @@ pub struct PinnedCounts {
     pub flows: BTreeMap<(IpAddr, String, IpAddr), u64>,
 }
 
+/// A flow a pod's node reported pinned to a gateway: (policy, pod, gateway node, the gateway
+/// entry and slot the gateway reported holding for the policy, if any).
+pub type PinnedFlow = (String, IpAddr, String, Option<(usize, usize)>);
+
 /// The start-up settling period (see the engine's documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Settling {
@@ -110,7 +114,7 @@ pub(super) struct Liveness {
     /// The pinned flows shims reported (while settling), and then, with the slots their gateways
     /// held, until the first publication takes them ([`Liveness::take_pinned`]).
     pinned: Vec<HeldPod>,
-    pinned_slots: Vec<(HeldPod, HeldDuty)>,
+    pinned_slots: Vec<(HeldPod, Option<HeldDuty>)>,
     /// Shims found silent since the last [`Liveness::take_lost`]: node -> last heard from.
     lost: HashMap<String, Instant>,
     /// Per accepted policy, the `nodeSelector` of each of its gateway entries.
@@ -218,10 +222,8 @@ impl Liveness {
                     .filter(|(d, _)| d.gateway == p.gateway)
                     .min_by_key(|(_, reporters)| reporters.len())
             });
-            if let Some((d, _)) = slot {
-                let d = d.clone();
-                self.pinned_slots.push((p, d));
-            }
+            let slot = slot.map(|(d, _)| d.clone());
+            self.pinned_slots.push((p, slot));
         }
         self.held.clear();
         self.held_pods.clear();
@@ -262,12 +264,9 @@ impl Liveness {
     }
 
     /// The pinned flows reported while settling, once settled: (policy, pod, gateway node name,
-    /// the gateway entry and slot it reported holding for the policy), the names among `nodes`
-    /// (flows whose gateway reported no slot of the policy are left out). Taken once.
-    pub fn take_pinned(
-        &mut self,
-        nodes: &BTreeMap<String, NodeInfo>,
-    ) -> Vec<(String, IpAddr, String, usize, usize)> {
+    /// the gateway entry and slot it reported holding for the policy, if it did), the names
+    /// among `nodes`. Taken once.
+    pub fn take_pinned(&mut self, nodes: &BTreeMap<String, NodeInfo>) -> Vec<PinnedFlow> {
         if self.pinned_slots.is_empty() {
             return Vec::new();
         }
@@ -278,13 +277,8 @@ impl Liveness {
         std::mem::take(&mut self.pinned_slots)
             .into_iter()
             .filter_map(|(p, d)| {
-                Some((
-                    p.policy,
-                    p.pod,
-                    (*by_ip.get(&p.gateway)?).to_owned(),
-                    d.entry,
-                    d.slot,
-                ))
+                let gateway = (*by_ip.get(&p.gateway)?).to_owned();
+                Some((p.policy, p.pod, gateway, d.map(|d| (d.entry, d.slot))))
             })
             .collect()
     }
@@ -849,7 +843,12 @@ mod tests {
             l.settle(t0 + SETTLE, true, &nodes);
             assert_eq!(
                 l.take_pinned(&nodes),
-                [("p".to_owned(), "10.1.0.10".parse().unwrap(), "g".to_owned(), 0, 0)]
+                [(
+                    "p".to_owned(),
+                    "10.1.0.10".parse().unwrap(),
+                    "g".to_owned(),
+                    Some((0, 0))
+                )]
             );
             assert!(l.take_pinned(&nodes).is_empty(), "taken once");
         }

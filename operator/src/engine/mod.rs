@@ -543,7 +543,7 @@ impl Engine {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |t| t.as_secs() as i64);
         let mut adopted = 0;
-        for (policy, pod, gateway, entry, slot) in pinned {
+        for (policy, pod, gateway, slot) in pinned {
             let alive = self.liveness.shim(&gateway).is_some_and(|s| s.alive);
             let (Some(linger), Some(gateway_ip)) = (
                 self.linger_for(&policy),
@@ -554,10 +554,7 @@ impl Engine {
             if !alive {
                 continue;
             }
-            let Some((source, entries)) = self
-                .planner
-                .lingering_entries(&policy, pod, &gateway, entry, slot)
-            else {
+            let Some((source, entries)) = self.planner.lingering_entries(&policy, pod, &gateway, slot) else {
                 continue;
             };
             adopted += entries.len();
@@ -732,6 +729,7 @@ impl Engine {
                     .or(self.config.pinned_flow_timeout);
                 timeout.filter(|t| !t.is_zero())
             },
+            |node| self.source_nodes.get(node)?.tunnel_ip(),
             now,
         );
         // A gateway that went takes its pinned flows with it: their nodes learn it at once.

@@ -133,7 +133,9 @@ struct Deferred {
 
 /// An entry a gateway keeps after a planned change moved its pod to another gateway, so that the
 /// pod's open flows (pinned to this gateway on the pod's node) keep working: until `until`, or
-/// until the gateway is gone.
+/// until the gateway is gone. When the gateway was the pod's own node (`gateway == source`), it
+/// keeps no entry (the pod's entry there is the new one): only the node's own address stays
+/// pinnable there, and its shim keeps the egresses its pods' flows left by.
 #[derive(Clone, Debug)]
 struct Lingering {
     gateway: Arc<str>,
@@ -150,6 +152,26 @@ struct Lingering {
     until: Instant,
     /// `until` as seconds since the epoch (for the status).
     until_unix: i64,
+}
+
+impl Lingering {
+    /// On `d.node`, for the pod of the switch `d`, from `now` for `linger`.
+    fn new(d: &Deferred, gateway_ip: IpAddr, policy: Arc<str>, now: Instant, linger: Duration) -> Self {
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.as_secs() as i64);
+        Lingering {
+            gateway: d.node.clone(),
+            gateway_ip,
+            key: d.key,
+            policy,
+            source: d.source.clone(),
+            since: now,
+            looked: false,
+            until: now + linger,
+            until_unix: unix + linger.as_secs() as i64,
+        }
+    }
 }
 
 /// How long a lingering entry stays at least, whatever the pod's node counts: longer than its
@@ -372,9 +394,20 @@ impl Tables {
             _ => None,
         };
         let mut held = Vec::new();
+        // A pod whose own node becomes its gateway: its previous gateway lets go of its entry
+        // once the node holds its new one (and keeps it meanwhile for the pod's pinned flows).
+        let mut to_own = Vec::new();
         for (node, delta) in pending.iter() {
             for (key, entry) in &delta.upserts {
                 let Some(gateway) = gateway_of(entry).filter(|g| g != node) else {
+                    let old = self.tables.get(node).and_then(|t| t.entries.get(key));
+                    let previous = old.and_then(gateway_of).filter(|p| p != node);
+                    if let Some(previous) = previous
+                        && gateway_of(entry).is_some_and(|g| g == *node)
+                        && gateway_up(&previous)
+                    {
+                        to_own.push((node.clone(), *key, previous));
+                    }
                     continue;
                 };
                 let old = self.tables.get(node).and_then(|t| t.entries.get(key));
@@ -384,6 +417,22 @@ impl Tables {
                     let previous = old.and_then(gateway_of).filter(|p| *p != gateway && p != node);
                     held.push((node.clone(), *key, entry.clone(), gateway, previous));
                 }
+            }
+        }
+        for (node, key, previous) in to_own {
+            if pending
+                .get_mut(&previous)
+                .is_some_and(|p| p.removals.remove(&key))
+            {
+                self.deferred.push(Deferred {
+                    node: previous,
+                    source: node.clone(),
+                    key,
+                    entry: None,
+                    gateway: node,
+                    generation: 0,
+                    deadline,
+                });
             }
         }
         for (node, key, entry, gateway, previous) in held {
@@ -427,6 +476,7 @@ impl Tables {
         pending: &mut BTreeMap<Arc<str>, NodeDelta>,
         gateway: impl Fn(&str) -> Option<GatewayShim>,
         linger: impl Fn(&str) -> Option<std::time::Duration>,
+        tunnel_ip: impl Fn(&str) -> Option<IpAddr>,
         now: Instant,
     ) {
         if self.deferred.is_empty() {
@@ -451,29 +501,26 @@ impl Tables {
                     _ => None,
                 });
             let delta = pending.entry(d.node.clone()).or_default();
-            match d.entry {
+            match d.entry.clone() {
                 Some(entry) => {
+                    // A pod leaving its own gateway node: its flows that left from there stay.
+                    let own = kept
+                        .filter(|(ip, _)| Some(*ip) == tunnel_ip(&d.node) && previous_up)
+                        .and_then(|(ip, policy)| Some((linger(&policy)?, ip, policy)));
+                    if let Some((linger, gateway_ip, policy)) = own {
+                        let l = Lingering::new(&d, gateway_ip, policy, now, linger);
+                        self.start_lingering(l);
+                    }
                     delta.upserts.entry(d.key).or_insert(entry);
                 }
                 None if delta.upserts.contains_key(&d.key) => {}
                 None => match kept.and_then(|(ip, policy)| Some((linger(&policy)?, ip, policy))) {
                     Some((linger, gateway_ip, policy)) if previous_up => {
-                        self.lingering
-                            .retain(|l| !(l.gateway == d.node && l.key == d.key));
-                        let unix = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map_or(0, |t| t.as_secs() as i64);
-                        self.lingering.push(Lingering {
-                            gateway: d.node,
-                            gateway_ip,
-                            key: d.key,
-                            policy,
-                            source: d.source,
-                            since: now,
-                            looked: false,
-                            until: now + linger,
-                            until_unix: unix + linger.as_secs() as i64,
-                        });
+                        // The pod's node learns it may pin there (its own change may have gone
+                        // out already: a pod whose own node became its gateway).
+                        pending.entry(d.source.clone()).or_default();
+                        let l = Lingering::new(&d, gateway_ip, policy, now, linger);
+                        self.start_lingering(l);
                     }
                     _ => {
                         delta.removals.insert(d.key);
@@ -483,10 +530,19 @@ impl Tables {
         }
     }
 
+    /// Starts `l`, instead of any other of its gateway and key.
+    fn start_lingering(&mut self, l: Lingering) {
+        self.lingering
+            .retain(|o| !(o.gateway == l.gateway && o.key == l.key));
+        self.lingering.push(l);
+    }
+
     /// Puts `entries` back on `gateway` (underlay address `gateway_ip`) as lingering entries
     /// of the pod on node `source`, until `until` (`until_unix` for the status): what a new
     /// leader does for the flows a pod's node reports pinned to a gateway the pod no longer
     /// uses, before its first publication. Keys the gateway holds as its own are left alone.
+    /// When the gateway is the pod's own node, `entries` are the node's own (new) entries of
+    /// the pod: nothing is put back, the node only stays pinnable for them.
     #[allow(clippy::too_many_arguments)]
     pub fn adopt_lingering(
         &mut self,
@@ -497,6 +553,7 @@ impl Tables {
         (since, until, until_unix): (Instant, Instant, i64),
         dirty: &mut BTreeSet<String>,
     ) {
+        let own = *gateway == source;
         let held = self
             .tables
             .get(gateway)
@@ -505,7 +562,7 @@ impl Tables {
         let mut delta = NodeDelta::default();
         for entry in entries {
             let key = entry.key;
-            if held.contains_key(&key)
+            if (held.contains_key(&key) && !own)
                 || self
                     .lingering
                     .iter()
@@ -524,7 +581,9 @@ impl Tables {
                 until,
                 until_unix,
             });
-            delta.upserts.insert(key, entry);
+            if !own {
+                delta.upserts.insert(key, entry);
+            }
         }
         if !delta.upserts.is_empty() {
             self.fold(gateway, &delta, dirty);
@@ -545,9 +604,13 @@ impl Tables {
     ) -> BTreeSet<Arc<str>> {
         let mut changed = BTreeSet::new();
         self.lingering.retain_mut(|l| {
-            let current = pending
-                .get(&l.gateway)
-                .is_some_and(|p| p.upserts.contains_key(&l.key));
+            // Its gateway is the pod's gateway again (for a pod on its own gateway node, its
+            // entry there leaves from there again).
+            let current = pending.get(&l.gateway).is_some_and(|p| {
+                p.upserts
+                    .get(&l.key)
+                    .is_some_and(|e| e.gateway == GatewayTarget::Node(l.gateway_ip))
+            });
             if current {
                 changed.insert(l.source.clone());
                 return false;
@@ -558,11 +621,14 @@ impl Tables {
             if now < l.until && up(&l.gateway) && !flows_ended {
                 return true;
             }
-            pending
-                .entry(l.gateway.clone())
-                .or_default()
-                .removals
-                .insert(l.key);
+            // A pod's own node kept no entry for it: nothing to remove.
+            if l.gateway != l.source {
+                pending
+                    .entry(l.gateway.clone())
+                    .or_default()
+                    .removals
+                    .insert(l.key);
+            }
             changed.insert(l.source.clone());
             false
         });
@@ -866,9 +932,9 @@ mod tests {
 
         let gateway = |acked| move |node: &str| (node == "g2").then_some(GatewayShim { acked, up: true });
         let mut pending = BTreeMap::new();
-        tables.release_switches(&mut pending, gateway(carrying - 1), |_| None, t0 + ms(100));
+        tables.release_switches(&mut pending, gateway(carrying - 1), |_| None, ip, t0 + ms(100));
         assert!(pending.is_empty(), "an older generation is not the one");
-        tables.release_switches(&mut pending, gateway(carrying), |_| None, t0 + ms(200));
+        tables.release_switches(&mut pending, gateway(carrying), |_| None, ip, t0 + ms(200));
         assert_eq!(pending["w"].upserts[&key(1)], entry(1, "g2"));
         assert!(pending["g1"].removals.contains(&key(1)));
         let views = publish_all(&mut tables, pending, t0 + ms(200));
@@ -885,11 +951,11 @@ mod tests {
         let silent = |node: &str| (node == "g2").then_some(GatewayShim { acked: 0, up: true });
         for at in (0..1000).step_by(50).map(ms) {
             let mut pending = BTreeMap::new();
-            tables.release_switches(&mut pending, silent, |_| None, t0 + at);
+            tables.release_switches(&mut pending, silent, |_| None, ip, t0 + at);
             assert!(pending.is_empty(), "released at {at:?}");
         }
         let mut pending = BTreeMap::new();
-        tables.release_switches(&mut pending, silent, |_| None, t0 + ms(1000));
+        tables.release_switches(&mut pending, silent, |_| None, ip, t0 + ms(1000));
         assert_eq!(pending["w"].upserts[&key(1)], entry(1, "g2"));
     }
 
@@ -903,6 +969,7 @@ mod tests {
             &mut pending,
             |_| Some(GatewayShim { acked: 0, up: false }),
             |_| None,
+            ip,
             t0,
         );
         assert_eq!(pending["w"].upserts.len(), 1);
@@ -932,6 +999,7 @@ mod tests {
                 })
             },
             |_| None,
+            ip,
             t0 + ms(2000),
         );
         assert!(
@@ -955,7 +1023,7 @@ mod tests {
             })
         };
         let mut pending = BTreeMap::new();
-        tables.release_switches(&mut pending, up, |_| Some(linger), t0 + ms(100));
+        tables.release_switches(&mut pending, up, |_| Some(linger), ip, t0 + ms(100));
         (tables, pending)
     }
 
