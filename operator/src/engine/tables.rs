@@ -420,45 +420,47 @@ impl Tables {
             }
         }
         for (node, key, previous) in to_own {
-            if pending
-                .get_mut(&previous)
-                .is_some_and(|p| p.removals.remove(&key))
-            {
-                self.deferred.push(Deferred {
-                    node: previous,
-                    source: node.clone(),
-                    key,
-                    entry: None,
-                    gateway: node,
-                    generation: 0,
-                    deadline,
-                });
-            }
+            self.defer_removal(pending, previous, node.clone(), key, node, deadline);
         }
         for (node, key, entry, gateway, previous) in held {
             if let Some(d) = pending.get_mut(&node) {
                 d.upserts.remove(&key);
             }
-            if let Some(previous) = previous
-                && pending
-                    .get_mut(&previous)
-                    .is_some_and(|p| p.removals.remove(&key))
-            {
-                self.deferred.push(Deferred {
-                    node: previous,
-                    source: node.clone(),
-                    key,
-                    entry: None,
-                    gateway: gateway.clone(),
-                    generation: 0,
-                    deadline,
-                });
+            if let Some(previous) = previous {
+                self.defer_removal(pending, previous, node.clone(), key, gateway.clone(), deadline);
             }
             self.deferred.push(Deferred {
                 source: node.clone(),
                 node,
                 key,
                 entry: Some(entry),
+                gateway,
+                generation: 0,
+                deadline,
+            });
+        }
+    }
+
+    /// Holds back `previous`'s removal of the entry of `key` (in `pending`), the pod on node
+    /// `source`, until `gateway` has acknowledged the pod's new entry.
+    fn defer_removal(
+        &mut self,
+        pending: &mut BTreeMap<Arc<str>, NodeDelta>,
+        previous: Arc<str>,
+        source: Arc<str>,
+        key: EntryKey,
+        gateway: Arc<str>,
+        deadline: Instant,
+    ) {
+        if pending
+            .get_mut(&previous)
+            .is_some_and(|p| p.removals.remove(&key))
+        {
+            self.deferred.push(Deferred {
+                node: previous,
+                source,
+                key,
+                entry: None,
                 gateway,
                 generation: 0,
                 deadline,
