@@ -9,6 +9,9 @@
 //! holds a plan and nothing but heartbeats has arrived for [`QUIET`], the operator's CPU time
 //! (utime + stime of `/proc/<pid>/stat`) and RSS are sampled over a window, and the plans and
 //! deltas it sent and the log lines it wrote meanwhile are counted: at rest both must be 0.
+//! Then the manifests change by one more destination CIDR in the first policy
+//! ([`with_one_more_cidr`]), and what the shims receive until it stops is measured: when the
+//! last of them acked, how many plans and deltas, entries and bytes.
 //!
 //! Cases:
 //! - `a` the testbed's three nodes, 60 policies of 1,000 destination CIDRs each selecting its
@@ -56,6 +59,15 @@ const BUSY: f64 = 0.25;
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(180);
 /// `/proc/<pid>/stat` counts CPU time in USER_HZ, 100 per second on Linux.
 const USER_HZ: f64 = 100.0;
+/// The destination CIDR the change adds to the first policy of every case: in 198.18.0.0/15
+/// (benchmarking), clear of every case's destinations (11.0.0.0/8 and 203.0.113.0/24 in a and
+/// b, 198.18.0.0/16 and 203.0.0.0/16 in c), the testbed's addresses and the cluster CIDRs.
+const CHANGE_CIDR: &str = "198.19.255.254/32";
+/// After the change, no plan or delta chunk for this long (and at least one shim updated):
+/// every shim that was going to be told has been.
+const CHANGE_QUIET: Duration = Duration::from_secs(2);
+/// Stop waiting for the shims' updates after the change after this long.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Case {
@@ -237,6 +249,16 @@ pub fn one_allowlist_many_pods(pods: usize, nodes: usize, cidrs: usize) -> Manif
     m
 }
 
+/// `m` with [`CHANGE_CIDR`] appended to the first policy's destinations: the change whose cost
+/// the benchmark measures (one more (pod, CIDR) pair per pod the policy selects).
+pub fn with_one_more_cidr(m: &Manifests) -> Manifests {
+    let mut m = m.clone();
+    if let Some(first) = m.policies.first_mut() {
+        first.spec.destination_cidrs.push(CHANGE_CIDR.to_owned());
+    }
+    m
+}
+
 /// The manifests as one multi-document YAML file (JSON documents, which YAML reads as they are).
 pub fn to_yaml(m: &Manifests) -> String {
     let mut docs: Vec<Value> = Vec::new();
@@ -285,20 +307,64 @@ struct Tally {
     deltas: AtomicU64,
     /// Entries of the largest full plan received.
     plan_entries: AtomicU64,
+    /// Encoded bytes of the largest full plan received (all its chunks).
+    plan_bytes: AtomicU64,
+    /// Every plan and delta received whole, in order.
+    received: Mutex<Vec<Received>>,
     sessions: AtomicU64,
-    /// When the last plan or delta arrived.
+    /// When the last plan or delta arrived whole (its last chunk: the simulated shim acks it
+    /// then).
     last_update: Mutex<Option<Instant>>,
+    /// When the last chunk of a plan or delta arrived (the last one, or one of several).
+    last_chunk: Mutex<Option<Instant>>,
     /// Why the last session ended.
     failure: Mutex<Option<String>>,
 }
 
 impl Tally {
-    fn updated(&self) {
-        *self.last_update.lock().expect("tally lock") = Some(Instant::now());
+    /// A plan or delta arrived whole.
+    fn updated(&self, mut whole: Received) {
+        let now = Instant::now();
+        whole.at = Some(now);
+        *self.last_update.lock().expect("tally lock") = Some(now);
+        self.received().push(whole);
+    }
+
+    /// A chunk arrived.
+    fn chunk(&self) {
+        *self.last_chunk.lock().expect("tally lock") = Some(Instant::now());
+    }
+
+    fn received(&self) -> std::sync::MutexGuard<'_, Vec<Received>> {
+        self.received.lock().expect("tally lock")
     }
 
     fn updates(&self) -> u64 {
         self.plans.load(Ordering::Relaxed) + self.deltas.load(Ordering::Relaxed)
+    }
+}
+
+/// One plan or delta, all its chunks.
+#[derive(Clone, Copy, Debug, Default)]
+struct Received {
+    /// When its last chunk arrived (and the simulated shim acked it).
+    at: Option<Instant>,
+    plan: bool,
+    /// Encoded bytes of its chunks ([`prost::Message::encoded_len`] of each `OperatorMessage`).
+    bytes: u64,
+    /// Of which the no-leak guard (the encoded `Guard` messages of its chunks).
+    guard_bytes: u64,
+    /// Entries of a plan, upserts of a delta.
+    entries: u64,
+    removals: u64,
+}
+
+impl Received {
+    fn add_chunk(&mut self, size: usize, guard: Option<&v2::Guard>, entries: usize, removals: usize) {
+        self.bytes += size as u64;
+        self.guard_bytes += guard.map_or(0, |g| prost::Message::encoded_len(g) as u64);
+        self.entries += entries as u64;
+        self.removals += removals as u64;
     }
 }
 
@@ -339,8 +405,8 @@ async fn session(endpoint: &str, node: &str, tally: &Tally) -> Result<std::conve
     tally.sessions.fetch_add(1, Ordering::Relaxed);
     let mut interval = Duration::from_millis(250);
     let mut ticker = tokio::time::interval(interval);
-    // Entries of the chunks of the plan being received.
-    let mut entries = 0;
+    // The plan or delta being received, so far.
+    let mut receiving = Received::default();
     let ack = |generation| {
         shim_msg(shim_message::Message::Ack(v2::Ack {
             generation,
@@ -354,26 +420,34 @@ async fn session(endpoint: &str, node: &str, tally: &Tally) -> Result<std::conve
         tokio::select! {
             msg = inbound.message() => {
                 let msg = msg?.context("the operator closed the stream")?;
+                // As on the wire: the gRPC message without its 5-byte length prefix.
+                let size = prost::Message::encoded_len(&msg);
                 match msg.message {
                     // A plan or delta counts (and is acknowledged) with its last chunk.
                     Some(operator_message::Message::Plan(plan)) => {
-                        entries += plan.entries.len() as u64;
+                        tally.chunk();
+                        receiving.plan = true;
+                        receiving.add_chunk(size, plan.guard.as_ref(), plan.entries.len(), 0);
                         let wanted = Duration::from_millis(plan.heartbeat_interval_ms.into());
                         if !wanted.is_zero() && wanted != interval {
                             interval = wanted;
                             ticker = tokio::time::interval(interval);
                         }
                         if !plan.continued {
+                            let whole = std::mem::take(&mut receiving);
                             tally.plans.fetch_add(1, Ordering::Relaxed);
-                            tally.plan_entries.fetch_max(std::mem::take(&mut entries), Ordering::Relaxed);
-                            tally.updated();
+                            tally.plan_entries.fetch_max(whole.entries, Ordering::Relaxed);
+                            tally.plan_bytes.fetch_max(whole.bytes, Ordering::Relaxed);
+                            tally.updated(whole);
                             tx.send(ack(plan.generation)).await?;
                         }
                     }
                     Some(operator_message::Message::Delta(delta)) => {
+                        tally.chunk();
+                        receiving.add_chunk(size, delta.guard.as_ref(), delta.upserts.len(), delta.removals.len());
                         if !delta.continued {
                             tally.deltas.fetch_add(1, Ordering::Relaxed);
-                            tally.updated();
+                            tally.updated(std::mem::take(&mut receiving));
                             tx.send(ack(delta.generation)).await?;
                         }
                     }
@@ -483,6 +557,35 @@ pub struct Measure {
     /// Plans and deltas sent to shims during the window.
     pub updates: u64,
     pub log_lines: usize,
+    /// Encoded bytes of the largest full plan (all its chunks).
+    pub largest_plan_bytes: u64,
+    /// The change after the window: one more CIDR in the first policy.
+    pub change: AfterChange,
+}
+
+/// What the shims received after the manifests changed.
+#[derive(Clone, Debug, Default)]
+pub struct AfterChange {
+    /// From the rename of the changed manifests to the last chunk of the first and of the last
+    /// plan or delta a shim received (`None`: no shim got one, or updates did not stop, within
+    /// [`CHANGE_TIMEOUT`]).
+    pub first_acked_in: Option<Duration>,
+    pub acked_in: Option<Duration>,
+    /// Shims that received a plan or delta.
+    pub shims: usize,
+    /// The most plans and deltas one shim received.
+    pub most_per_shim: usize,
+    pub plans: u64,
+    pub deltas: u64,
+    /// Plans and deltas without an entry (no upsert, no removal).
+    pub without_entries: u64,
+    /// Entries of the plans and upserts of the deltas.
+    pub entries: u64,
+    pub removals: u64,
+    /// Encoded bytes of every chunk of those plans and deltas.
+    pub bytes: u64,
+    /// Of which the no-leak guard.
+    pub guard_bytes: u64,
 }
 
 /// An operator binary to measure, and what to call it in the table.
@@ -506,8 +609,16 @@ impl std::str::FromStr for Operator {
 }
 
 /// Starts `operator` on `dir`, lets it converge with one simulated shim per node, and measures it
-/// over `window`.
-fn measure(operator: &Path, dir: &Path, nodes: &[String], at_rest: AtRest, log: &Path) -> Result<Measure> {
+/// over `window`; then replaces the directory's `manifests.yaml` with `changed` and measures what
+/// the shims receive until it stops.
+fn measure(
+    operator: &Path,
+    dir: &Path,
+    changed: &str,
+    nodes: &[String],
+    at_rest: AtRest,
+    log: &Path,
+) -> Result<Measure> {
     let AtRest { window, grace } = at_rest;
     let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
         .local_addr()?
@@ -597,23 +708,98 @@ fn measure(operator: &Path, dir: &Path, nodes: &[String], at_rest: AtRest, log: 
     let (cpu1, switches1, updates1, lines1) =
         (cpu_ticks(pid)?, context_switches(pid)?, updates(), lines_of(log));
     let elapsed = at0.elapsed().as_secs_f64();
-    let m = Measure {
-        converged_in: converged.map(|c| c.saturating_duration_since(started)),
-        largest_plan: tallies
+    let largest = |of: fn(&Tally) -> &AtomicU64| {
+        tallies
             .iter()
-            .map(|t| t.plan_entries.load(Ordering::Relaxed))
+            .map(|t| of(t).load(Ordering::Relaxed))
             .max()
-            .unwrap_or(0),
+            .unwrap_or(0)
+    };
+    let mut m = Measure {
+        converged_in: converged.map(|c| c.saturating_duration_since(started)),
+        largest_plan: largest(|t| &t.plan_entries),
+        largest_plan_bytes: largest(|t| &t.plan_bytes),
         rss_mib: status_mib(pid, "VmRSS")?,
         peak_rss_mib: status_mib(pid, "VmHWM")?,
         cpu_pct: 100.0 * (cpu1 - cpu0) as f64 / USER_HZ / elapsed,
         switches_per_s: switches1.saturating_sub(switches0) as f64 / elapsed,
         updates: updates1 - updates0,
         log_lines: lines1 - lines0,
+        change: AfterChange::default(),
     };
+    m.change = change(dir, changed, &tallies, &mut child, log)?;
     rt.shutdown_background();
     child.stop();
     Ok(m)
+}
+
+/// Replaces `dir`'s `manifests.yaml` with `changed` at once (written beside the directory, where
+/// the `dir:` source does not look, then renamed over it), and waits until at least one shim got
+/// a plan or delta and no chunk of one arrived for [`CHANGE_QUIET`], for at most
+/// [`CHANGE_TIMEOUT`].
+fn change(
+    dir: &Path,
+    changed: &str,
+    tallies: &[Arc<Tally>],
+    child: &mut Stopped,
+    log: &Path,
+) -> Result<AfterChange> {
+    let staged = dir.with_extension("changed");
+    std::fs::write(&staged, changed)?;
+    let before: Vec<usize> = tallies.iter().map(|t| t.received().len()).collect();
+    std::fs::rename(&staged, dir.join("manifests.yaml"))?;
+    let changed_at = Instant::now();
+    let since = |t: &Tally, n: usize| -> Vec<Received> { t.received()[n..].to_vec() };
+    let settled = loop {
+        std::thread::sleep(Duration::from_millis(100));
+        if let Some(status) = child.0.try_wait()? {
+            bail!("the operator exited after the change ({status}):\n{}", tail(log));
+        }
+        let updated = tallies.iter().zip(&before).any(|(t, n)| t.received().len() > *n);
+        let last_chunk = tallies
+            .iter()
+            .filter_map(|t| *t.last_chunk.lock().expect("tally lock"))
+            .max();
+        if updated && last_chunk.is_some_and(|c| c > changed_at && c.elapsed() >= CHANGE_QUIET) {
+            break true;
+        }
+        if changed_at.elapsed() > CHANGE_TIMEOUT {
+            eprintln!("    the shims' updates after the change did not stop within {CHANGE_TIMEOUT:?}");
+            break false;
+        }
+    };
+    let mut after = AfterChange::default();
+    let (mut first, mut last): (Option<Instant>, Option<Instant>) = (None, None);
+    for (t, n) in tallies.iter().zip(before) {
+        let got = since(t, n);
+        if got.is_empty() {
+            continue;
+        }
+        after.shims += 1;
+        after.most_per_shim = after.most_per_shim.max(got.len());
+        for r in got {
+            if r.plan {
+                after.plans += 1;
+            } else {
+                after.deltas += 1;
+            }
+            after.without_entries += u64::from(r.entries + r.removals == 0);
+            after.entries += r.entries;
+            after.removals += r.removals;
+            after.bytes += r.bytes;
+            after.guard_bytes += r.guard_bytes;
+            if let Some(at) = r.at {
+                first = Some(first.map_or(at, |f| f.min(at)));
+                last = Some(last.map_or(at, |l| l.max(at)));
+            }
+        }
+    }
+    if settled {
+        let since_change = |at: Option<Instant>| at.map(|at| at.saturating_duration_since(changed_at));
+        after.first_acked_in = since_change(first);
+        after.acked_in = since_change(last);
+    }
+    Ok(after)
 }
 
 /// The operator process, stopped (SIGTERM, then SIGKILL) when dropped.
@@ -662,21 +848,30 @@ pub fn run(operators: &[Operator], cases: &[Case], at_rest: AtRest, scratch: &Pa
     let mut rows = Vec::new();
     for &case in cases {
         let manifests = case.manifests();
+        let original = to_yaml(&manifests);
+        let changed = to_yaml(&with_one_more_cidr(&manifests));
         let dir = scratch.join(format!("case-{}", case.key()));
         std::fs::create_dir_all(&dir)?;
-        let mut file = std::fs::File::create(dir.join("manifests.yaml"))?;
-        file.write_all(to_yaml(&manifests).as_bytes())?;
-        drop(file);
         let nodes: Vec<String> = manifests.nodes.iter().map(|n| n.name.clone()).collect();
+        drop(manifests);
         for op in operators {
             eprintln!("==> ({}) {} — {}", case.key(), case.describe(), op.label);
+            // The previous operator's run left the changed manifests.
+            let mut file = std::fs::File::create(dir.join("manifests.yaml"))?;
+            file.write_all(original.as_bytes())?;
+            drop(file);
             let log = scratch.join(format!("operator-{}-{}.log", case.key(), op.label));
-            let m = measure(&op.path, &dir, &nodes, at_rest, &log)
+            let m = measure(&op.path, &dir, &changed, &nodes, at_rest, &log)
                 .with_context(|| format!("case ({}) with {}", case.key(), op.label))?;
             eprintln!(
                 "    converged in {:.1?}, {:.0} MiB, {:.2} % of a core, {:.0} context switches/s, {} updates and {} log lines at rest",
                 m.converged_in, m.rss_mib, m.cpu_pct, m.switches_per_s, m.updates, m.log_lines
             );
+            eprintln!(
+                "    largest plan {} entries, {} B; after the change: {:?} to the first shim's ack, {:?} to the last's",
+                m.largest_plan, m.largest_plan_bytes, m.change.first_acked_in, m.change.acked_in
+            );
+            eprintln!("    {:?}", m.change);
             rows.push((case, op.label.clone(), m));
         }
     }
@@ -1047,20 +1242,43 @@ fn shim_at_rest(
     Ok((took, out))
 }
 
+/// `n` with commas between groups of three digits.
+fn commas(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A number of bytes as read: bytes under 10 kB, then kB or MB with one decimal (10^3, 10^6).
+fn readable_bytes(n: u64) -> String {
+    match n {
+        0..10_000 => format!("{} B", commas(n)),
+        10_000..1_000_000 => format!("{:.1} kB", n as f64 / 1e3),
+        _ => format!("{:.1} MB", n as f64 / 1e6),
+    }
+}
+
 fn table(rows: &[(Case, String, Measure)], at_rest: AtRest) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "| case | operator | largest plan (entries) | start → converged | RSS (peak) | idle CPU, % of a core | context switches/s | plans + deltas at rest | log lines at rest |"
+        "| case | operator | largest plan (entries, bytes) | start → converged | RSS (peak) | idle CPU, % of a core | context switches/s | plans + deltas at rest | log lines at rest |"
     );
-    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(t, "|---|---|---:|---:|---|---:|---:|---:|---:|");
     for (case, label, m) in rows {
         let _ = writeln!(
             t,
-            "| ({}) {} | {label} | {} | {} | {:.0} MiB ({:.0} MiB) | {:.2} | {:.0} | {} | {} |",
+            "| ({}) {} | {label} | {}, {} | {} | {:.0} MiB ({:.0} MiB) | {:.2} | {:.0} | {} | {} |",
             case.key(),
             case.describe(),
-            m.largest_plan,
+            commas(m.largest_plan),
+            readable_bytes(m.largest_plan_bytes),
             m.converged_in.map_or_else(
                 || format!("never (> {} s)", CONVERGE_TIMEOUT.as_secs()),
                 |d| format!("{:.1} s", d.as_secs_f64())
@@ -1071,6 +1289,36 @@ fn table(rows: &[(Case, String, Measure)], at_rest: AtRest) -> String {
             m.switches_per_s,
             m.updates,
             m.log_lines,
+        );
+    }
+    let _ = writeln!(
+        t,
+        "\n| case | operator | change → first shim acked | change → last shim acked | shims updated | plans + deltas (most to one shim) | of which without entries | entries upserted, removed | bytes | of which the guard |"
+    );
+    let _ = writeln!(t, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (case, label, m) in rows {
+        let c = &m.change;
+        let secs = |d: Option<Duration>| {
+            d.map_or_else(
+                || format!("never (> {} s)", CHANGE_TIMEOUT.as_secs()),
+                |d| format!("{:.2} s", d.as_secs_f64()),
+            )
+        };
+        let _ = writeln!(
+            t,
+            "| ({}) | {label} | {} | {} | {} | {} + {} ({}) | {} | {}, {} | {} | {} |",
+            case.key(),
+            secs(c.first_acked_in),
+            secs(c.acked_in),
+            commas(c.shims as u64),
+            commas(c.plans),
+            commas(c.deltas),
+            c.most_per_shim,
+            commas(c.without_entries),
+            commas(c.entries),
+            commas(c.removals),
+            readable_bytes(c.bytes),
+            readable_bytes(c.guard_bytes),
         );
     }
     let _ = writeln!(
@@ -1088,6 +1336,25 @@ fn table(rows: &[(Case, String, Measure)], at_rest: AtRest) -> String {
         at_rest.grace,
         at_rest.grace / 4,
         sluice_proto::OPERATOR_HEARTBEAT_FLOOR,
+    );
+    let _ = writeln!(
+        t,
+        "\nBytes: the encoded length of each operator message (`OperatorMessage`, without gRPC's \
+         5-byte prefix), summed over the chunks of a plan or delta (kB and MB are 10^3 and 10^6 \
+         bytes). The largest plan is the largest a shim received whole (entries and bytes). \
+         The change, after the window: the case's manifests with one more destination CIDR \
+         ({CHANGE_CIDR}) in the first policy, written beside the directory and renamed over its \
+         file. \"change → first/last shim acked\": from the rename to the arrival of the last \
+         chunk of the first and of the last plan or delta a shim received (a simulated shim acks \
+         a plan or delta as soon as its last chunk arrives, so that is when its ack left), once \
+         at least one shim was updated and no chunk arrived for {} s (\"never\": not within \
+         {} s). Both include the `dir:` source noticing the change (polled every 200 ms, so up \
+         to 200 ms of it) and reading the whole directory again. The other columns count what \
+         the shims received after the rename, over all shims; \"the guard\": the no-leak guard's \
+         lists (`Guard`: the destinations of every `failurePolicy: Drop` policy, the default, \
+         and the node's decided pods) within those bytes.",
+        CHANGE_QUIET.as_secs(),
+        CHANGE_TIMEOUT.as_secs(),
     );
     t
 }
@@ -1174,6 +1441,86 @@ mod tests {
             held,
             [("n1".to_owned(), 15), ("n2".to_owned(), 0), ("n3".to_owned(), 15)]
         );
+    }
+
+    #[test]
+    fn the_change_adds_one_cidr_to_the_first_policy_and_one_pair_per_pod_it_selects() {
+        use std::collections::BTreeSet;
+        for original in [
+            allowlists(3, 10),
+            one_allowlist_many_pods(40, 5, 3),
+            synthetic::cluster(Size {
+                nodes: 30,
+                pods: 200,
+                policies: 4,
+            }),
+        ] {
+            // The manifests as the operator reads them: the same but for that one CIDR.
+            let (m, changed) = (read_back(&original), read_back(&with_one_more_cidr(&original)));
+            assert_eq!(changed.nodes, m.nodes);
+            assert_eq!(changed.namespaces, m.namespaces);
+            assert_eq!(changed.pods, m.pods);
+            assert_eq!(changed.policies.len(), m.policies.len());
+            for (i, (before, after)) in m.policies.iter().zip(&changed.policies).enumerate() {
+                assert!(
+                    !before.spec.destination_cidrs.iter().any(|c| c == CHANGE_CIDR),
+                    "{CHANGE_CIDR} is new"
+                );
+                let mut expected = before.spec.clone();
+                if i == 0 {
+                    expected.destination_cidrs.push(CHANGE_CIDR.to_owned());
+                }
+                assert_eq!((&after.name, &after.spec), (&before.name, &expected));
+            }
+
+            // Planned: every node keeps its entries and gains the new CIDR's, one (pod, CIDR)
+            // pair more per pod the first policy selects.
+            let (before, after) = (planned(&original), planned(&with_one_more_cidr(&original)));
+            let first = &*m.policies[0].name;
+            let pairs = |p: &Planner| -> BTreeSet<(std::net::IpAddr, String)> {
+                p.node_plans()
+                    .values()
+                    .flat_map(|entries| entries.keys())
+                    .map(|k| (k.source, k.destination.to_string()))
+                    .collect()
+            };
+            let selected: BTreeSet<std::net::IpAddr> = before
+                .node_plans()
+                .values()
+                .flat_map(|entries| entries.values())
+                .filter(|e| &*e.policy == first)
+                .map(|e| e.key.source)
+                .collect();
+            assert!(!selected.is_empty());
+            let (pairs_before, pairs_after) = (pairs(&before), pairs(&after));
+            assert!(pairs_before.is_subset(&pairs_after));
+            let added: BTreeSet<_> = pairs_after.difference(&pairs_before).cloned().collect();
+            let expected: BTreeSet<_> = selected
+                .iter()
+                .map(|pod| (*pod, CHANGE_CIDR.to_owned()))
+                .collect();
+            assert_eq!(added, expected);
+            for node in after.node_names() {
+                let mut entries = after.node_plan(node);
+                entries.retain(|k, e| {
+                    let new = k.destination.to_string() == CHANGE_CIDR;
+                    assert!(!new || &*e.policy == first);
+                    !new
+                });
+                assert_eq!(entries, before.node_plan(node), "{node} keeps its entries");
+            }
+        }
+    }
+
+    #[test]
+    fn numbers_are_written_as_read() {
+        assert_eq!(commas(0), "0");
+        assert_eq!(commas(999), "999");
+        assert_eq!(commas(1000), "1,000");
+        assert_eq!(commas(1_000_000), "1,000,000");
+        assert_eq!(readable_bytes(9_999), "9,999 B");
+        assert_eq!(readable_bytes(36_100), "36.1 kB");
+        assert_eq!(readable_bytes(36_048_000), "36.0 MB");
     }
 
     #[test]
