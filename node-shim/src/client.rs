@@ -57,6 +57,7 @@ fn hello(node: &str, pod_interfaces: &[String], tunnel_device: &str, bpffs_dir: 
         operator_heartbeat_floor: true,
         held_pods: pods,
         pinned_flows,
+        keeps_unchanged_lists: true,
     }
 }
 

@@ -160,6 +160,11 @@ fn extend_plan(acc: &mut v2::NodePlan, chunk: v2::NodePlan) {
 }
 
 fn extend_delta(acc: &mut v2::NodeDelta, chunk: v2::NodeDelta) {
+    acc.guard_unchanged |= chunk.guard_unchanged;
+    if chunk.guard_change.is_some() {
+        acc.guard_change = chunk.guard_change;
+    }
+    acc.cluster_cidrs_unchanged |= chunk.cluster_cidrs_unchanged;
     acc.policies.extend(chunk.policies);
     acc.removals.extend(chunk.removals);
     acc.upserts.extend(chunk.upserts);
@@ -192,6 +197,10 @@ pub struct Chunks {
     budget: usize,
     head: Which,
     heartbeat_interval_ms: u32,
+    /// A delta's `guard_unchanged` and `cluster_cidrs_unchanged`, in every chunk.
+    unchanged: (bool, bool),
+    /// A delta's guard change: small, whole in the first chunk.
+    guard_change: Option<v2::GuardChange>,
     first: bool,
     finished: bool,
     /// Whole in the first chunk (a handful of gateways).
@@ -225,18 +234,22 @@ impl Chunks {
                 Vec::new(),
                 p.entries,
             ),
-            Part::Delta(d) => Chunks::from_lists(
-                budget,
-                head,
-                d.heartbeat_interval_ms,
-                d.pinnable_gateways,
-                d.policies,
-                d.serves,
-                d.cluster_cidrs,
-                d.guard,
-                d.removals,
-                d.upserts,
-            ),
+            Part::Delta(d) => Chunks {
+                unchanged: (d.guard_unchanged, d.cluster_cidrs_unchanged),
+                guard_change: d.guard_change,
+                ..Chunks::from_lists(
+                    budget,
+                    head,
+                    d.heartbeat_interval_ms,
+                    d.pinnable_gateways,
+                    d.policies,
+                    d.serves,
+                    d.cluster_cidrs,
+                    d.guard,
+                    d.removals,
+                    d.upserts,
+                )
+            },
         }
     }
 
@@ -257,6 +270,8 @@ impl Chunks {
             budget,
             head,
             heartbeat_interval_ms,
+            unchanged: (false, false),
+            guard_change: None,
             first: true,
             finished: false,
             pinnable,
@@ -346,6 +361,9 @@ impl Iterator for Chunks {
             Which::Delta { generation, base } => Part::Delta(v2::NodeDelta {
                 generation,
                 base_generation: base,
+                guard_unchanged: self.unchanged.0,
+                cluster_cidrs_unchanged: self.unchanged.1,
+                guard_change: self.guard_change.take(),
                 heartbeat_interval_ms: self.heartbeat_interval_ms,
                 guard,
                 continued: true,
@@ -565,6 +583,9 @@ mod tests {
             continued: false,
             heartbeat_interval_ms: 1000,
             pinnable_gateways: vec![v4(192, 168, 1, 3), v4(192, 168, 1, 4)],
+            guard_unchanged: false,
+            cluster_cidrs_unchanged: false,
+            guard_change: None,
         });
         let (back, chunks) = round_trip(whole.clone(), 2048);
         assert_eq!(back, whole);
@@ -583,6 +604,38 @@ mod tests {
             let Part::Delta(d) = chunk else { panic!("a delta") };
             assert!(!seen_upsert || d.removals.is_empty(), "a removal after an upsert");
             seen_upsert |= !d.upserts.is_empty();
+        }
+    }
+
+    /// A delta that leaves the guard and the in-cluster set out says so in every chunk, carries
+    /// its guard change in the first, and comes back as it was.
+    #[test]
+    fn a_delta_that_keeps_the_guard_says_so_in_every_chunk() {
+        let whole = Part::Delta(v2::NodeDelta {
+            generation: 9,
+            base_generation: 7,
+            policies: vec!["p".into()],
+            upserts: (0..2000).map(entry).collect(),
+            guard_unchanged: true,
+            cluster_cidrs_unchanged: true,
+            guard_change: Some(v2::GuardChange {
+                added_destinations: vec![prefix(v4(198, 51, 100, 0), 24)],
+                removed_decided_pods: vec![v4(10, 244, 1, 7)],
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let (back, chunks) = round_trip(whole.clone(), 2048);
+        assert_eq!(back, whole);
+        assert!(chunks > 5);
+        for (i, chunk) in Chunks::new(whole, 2048).enumerate() {
+            let Part::Delta(d) = chunk else { panic!("a delta") };
+            assert!(d.guard_unchanged && d.cluster_cidrs_unchanged && d.guard.is_none());
+            assert_eq!(
+                d.guard_change.is_some(),
+                i == 0,
+                "the guard change whole in the first chunk"
+            );
         }
     }
 

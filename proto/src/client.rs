@@ -13,7 +13,7 @@
 //! the chunks it had.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -157,8 +157,14 @@ impl NodeState {
             self.entries.insert(entry.key, entry);
         }
         self.serves = delta.serves;
-        self.cluster_cidrs = delta.cluster_cidrs;
-        self.guard = delta.guard;
+        if !delta.cluster_cidrs_unchanged {
+            self.cluster_cidrs = delta.cluster_cidrs;
+        }
+        if let Some(change) = delta.guard_change {
+            change.apply(self.guard.get_or_insert_default());
+        } else if !delta.guard_unchanged {
+            self.guard = delta.guard;
+        }
         self.pinnable = delta.pinnable;
         self.generation = delta.generation;
     }
@@ -175,6 +181,98 @@ pub struct StateDelta {
     pub cluster_cidrs: Vec<IpNet>,
     pub guard: Option<Guard>,
     pub pinnable: Vec<std::net::IpAddr>,
+    /// The guard, or the in-cluster set, is as it was: `guard` and `cluster_cidrs` say nothing.
+    pub guard_unchanged: bool,
+    pub cluster_cidrs_unchanged: bool,
+    /// How the guard changed, instead of the guard whole.
+    pub guard_change: Option<GuardChange>,
+}
+
+/// How a node's guard changed (`NodeDelta.guard_change`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GuardChange {
+    pub added_destinations: Vec<IpNet>,
+    pub removed_destinations: Vec<IpNet>,
+    pub added_decided_pods: Vec<std::net::IpAddr>,
+    pub removed_decided_pods: Vec<std::net::IpAddr>,
+}
+
+impl GuardChange {
+    /// The change from `old` to `new`, or `None` when it is not smaller than `new` whole, or
+    /// more than `max` items.
+    pub fn between(old: &Guard, new: &Guard, max: usize) -> Option<GuardChange> {
+        fn diff<T: Ord + Copy>(old: &[T], new: &[T]) -> (Vec<T>, Vec<T>) {
+            let (old, new): (BTreeSet<T>, BTreeSet<T>) =
+                (old.iter().copied().collect(), new.iter().copied().collect());
+            (
+                new.difference(&old).copied().collect(),
+                old.difference(&new).copied().collect(),
+            )
+        }
+        let (added_destinations, removed_destinations) = diff(&old.destinations, &new.destinations);
+        let (added_decided_pods, removed_decided_pods) = diff(&old.decided_pods, &new.decided_pods);
+        let change = GuardChange {
+            added_destinations,
+            removed_destinations,
+            added_decided_pods,
+            removed_decided_pods,
+        };
+        let items = change.added_destinations.len()
+            + change.removed_destinations.len()
+            + change.added_decided_pods.len()
+            + change.removed_decided_pods.len();
+        (items <= max && items < new.destinations.len() + new.decided_pods.len()).then_some(change)
+    }
+
+    /// `guard` changed so (its lists sorted, each item once).
+    pub fn apply(&self, guard: &mut Guard) {
+        fn apply<T: Ord + Copy>(list: &mut Vec<T>, added: &[T], removed: &[T]) {
+            let mut set: BTreeSet<T> = list.iter().copied().collect();
+            set.extend(added);
+            for r in removed {
+                set.remove(r);
+            }
+            *list = set.into_iter().collect();
+        }
+        apply(
+            &mut guard.destinations,
+            &self.added_destinations,
+            &self.removed_destinations,
+        );
+        apply(
+            &mut guard.decided_pods,
+            &self.added_decided_pods,
+            &self.removed_decided_pods,
+        );
+    }
+}
+
+impl From<&GuardChange> for v2::GuardChange {
+    fn from(c: &GuardChange) -> Self {
+        let prefixes = |l: &[IpNet]| l.iter().copied().map(convert::prefix_to_wire).collect();
+        let ips = |l: &[std::net::IpAddr]| l.iter().copied().map(convert::ip_to_wire).collect();
+        v2::GuardChange {
+            added_destinations: prefixes(&c.added_destinations),
+            removed_destinations: prefixes(&c.removed_destinations),
+            added_decided_pods: ips(&c.added_decided_pods),
+            removed_decided_pods: ips(&c.removed_decided_pods),
+        }
+    }
+}
+
+impl TryFrom<&v2::GuardChange> for GuardChange {
+    type Error = BadField;
+    fn try_from(c: &v2::GuardChange) -> Result<Self, BadField> {
+        Ok(GuardChange {
+            added_destinations: convert::prefixes_from_wire("guarded destination", &c.added_destinations)?,
+            removed_destinations: convert::prefixes_from_wire(
+                "guarded destination",
+                &c.removed_destinations,
+            )?,
+            added_decided_pods: convert::ips_from_wire("decided pod", &c.added_decided_pods)?,
+            removed_decided_pods: convert::ips_from_wire("decided pod", &c.removed_decided_pods)?,
+        })
+    }
 }
 
 impl TryFrom<&v2::NodeDelta> for StateDelta {
@@ -202,6 +300,13 @@ impl TryFrom<&v2::NodeDelta> for StateDelta {
             cluster_cidrs: convert::prefixes_from_wire("cluster CIDR", &delta.cluster_cidrs)?,
             guard: delta.guard.as_ref().map(Guard::try_from).transpose()?,
             pinnable: convert::ips_from_wire("pinnable gateway", &delta.pinnable_gateways)?,
+            guard_unchanged: delta.guard_unchanged,
+            cluster_cidrs_unchanged: delta.cluster_cidrs_unchanged,
+            guard_change: delta
+                .guard_change
+                .as_ref()
+                .map(GuardChange::try_from)
+                .transpose()?,
         })
     }
 }
@@ -637,4 +742,103 @@ async fn maybe_ack(
 
 fn shim_msg(m: shim_message::Message) -> v2::ShimMessage {
     v2::ShimMessage { message: Some(m) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard(destination: &str) -> Option<Guard> {
+        Some(Guard {
+            destinations: vec![destination.parse().unwrap()],
+            decided_pods: vec![],
+        })
+    }
+
+    /// A delta that says the guard or the in-cluster set is unchanged leaves the state's own;
+    /// one that does not replaces them (with nothing, if it carries nothing).
+    #[test]
+    fn a_delta_keeps_the_guard_and_in_cluster_set_it_says_are_unchanged() {
+        let mut state = Some(NodeState {
+            generation: 1,
+            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            guard: guard("203.0.113.0/24"),
+            ..NodeState::default()
+        });
+        let kept = StateDelta {
+            generation: 2,
+            base: 1,
+            guard_unchanged: true,
+            cluster_cidrs_unchanged: true,
+            ..StateDelta::default()
+        };
+        fold(&mut state, [Update::Delta(kept)]);
+        let s = state.as_ref().unwrap();
+        assert_eq!(
+            (s.generation, s.guard.clone(), s.cluster_cidrs.len()),
+            (2, guard("203.0.113.0/24"), 1)
+        );
+        let replaced = StateDelta {
+            generation: 3,
+            base: 2,
+            guard: guard("198.51.100.0/24"),
+            ..StateDelta::default()
+        };
+        fold(&mut state, [Update::Delta(replaced)]);
+        let s = state.as_ref().unwrap();
+        assert_eq!(
+            (s.guard.clone(), s.cluster_cidrs.len()),
+            (guard("198.51.100.0/24"), 0)
+        );
+    }
+
+    /// A guard change is what two guards differ by, and applied gives the second (sorted, each
+    /// item once); a change as large as the guard itself is not worth it.
+    #[test]
+    fn a_guard_change_takes_one_guard_to_the_other() {
+        let g = |destinations: &[&str], pods: &[&str]| Guard {
+            destinations: destinations.iter().map(|d| d.parse().unwrap()).collect(),
+            decided_pods: pods.iter().map(|p| p.parse().unwrap()).collect(),
+        };
+        let old = g(
+            &["203.0.113.0/24", "198.51.100.0/24"],
+            &["10.244.1.10", "10.244.1.11"],
+        );
+        let new = g(
+            &["198.51.100.0/24", "192.0.2.0/24", "203.0.113.0/24"],
+            &["10.244.1.10", "10.244.1.12"],
+        );
+        let change = GuardChange::between(&old, &new, 100).unwrap();
+        assert_eq!(
+            change.added_destinations,
+            ["192.0.2.0/24".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(
+            change.added_decided_pods.len() + change.removed_decided_pods.len(),
+            2
+        );
+        let mut applied = old.clone();
+        change.apply(&mut applied);
+        let mut sorted = new.clone();
+        sorted.destinations.sort();
+        sorted.decided_pods.sort();
+        assert_eq!(applied, sorted);
+        // Applied through a delta, on a state that had the old guard.
+        let mut state = Some(NodeState {
+            guard: Some(old.clone()),
+            ..NodeState::default()
+        });
+        let via_wire = GuardChange::try_from(&v2::GuardChange::from(&change)).unwrap();
+        let d = StateDelta {
+            guard_change: Some(via_wire),
+            ..StateDelta::default()
+        };
+        fold(&mut state, [Update::Delta(d)]);
+        assert_eq!(state.unwrap().guard, Some(sorted));
+        assert!(GuardChange::between(&old, &new, 2).is_none(), "more than max");
+        assert!(
+            GuardChange::between(&old, &g(&["192.0.2.0/24"], &[]), 100).is_none(),
+            "no smaller"
+        );
+    }
 }

@@ -352,7 +352,7 @@ struct Received {
     plan: bool,
     /// Encoded bytes of its chunks ([`prost::Message::encoded_len`] of each `OperatorMessage`).
     bytes: u64,
-    /// Of which the no-leak guard (the encoded `Guard` messages of its chunks).
+    /// Of which the no-leak guard (the encoded `Guard` and `GuardChange` messages of its chunks).
     guard_bytes: u64,
     /// Entries of a plan, upserts of a delta.
     entries: u64,
@@ -360,9 +360,9 @@ struct Received {
 }
 
 impl Received {
-    fn add_chunk(&mut self, size: usize, guard: Option<&v2::Guard>, entries: usize, removals: usize) {
+    fn add_chunk(&mut self, size: usize, guard: usize, entries: usize, removals: usize) {
         self.bytes += size as u64;
-        self.guard_bytes += guard.map_or(0, |g| prost::Message::encoded_len(g) as u64);
+        self.guard_bytes += guard as u64;
         self.entries += entries as u64;
         self.removals += removals as u64;
     }
@@ -372,16 +372,18 @@ fn shim_msg(m: shim_message::Message) -> v2::ShimMessage {
     v2::ShimMessage { message: Some(m) }
 }
 
-/// A shim without a datapath: acknowledges what it receives at once, forever.
-async fn simulated_shim(endpoint: String, node: String, tally: Arc<Tally>) {
+/// A shim without a datapath: acknowledges what it receives at once, forever. `keeps`: it
+/// announces that it keeps the guard and in-cluster set a delta leaves out, as the real shim
+/// does (otherwise it is sent them whole, as shims before that were).
+async fn simulated_shim(endpoint: String, node: String, tally: Arc<Tally>, keeps: bool) {
     loop {
-        let Err(e) = session(&endpoint, &node, &tally).await;
+        let Err(e) = session(&endpoint, &node, &tally, keeps).await;
         *tally.failure.lock().expect("tally lock") = Some(format!("{e:#}"));
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
-async fn session(endpoint: &str, node: &str, tally: &Tally) -> Result<std::convert::Infallible> {
+async fn session(endpoint: &str, node: &str, tally: &Tally, keeps: bool) -> Result<std::convert::Infallible> {
     // As the real shim connects (its HTTP/2 pings cost the operator too).
     let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
         .http2_keep_alive_interval(sluice_proto::client::KEEPALIVE_INTERVAL)
@@ -393,6 +395,7 @@ async fn session(endpoint: &str, node: &str, tally: &Tally) -> Result<std::conve
         node: node.to_owned(),
         version: "bench-idle".into(),
         operator_heartbeat_floor: true,
+        keeps_unchanged_lists: keeps,
         ..Default::default()
     })))
     .await?;
@@ -427,7 +430,8 @@ async fn session(endpoint: &str, node: &str, tally: &Tally) -> Result<std::conve
                     Some(operator_message::Message::Plan(plan)) => {
                         tally.chunk();
                         receiving.plan = true;
-                        receiving.add_chunk(size, plan.guard.as_ref(), plan.entries.len(), 0);
+                        let guard = plan.guard.as_ref().map_or(0, prost::Message::encoded_len);
+                        receiving.add_chunk(size, guard, plan.entries.len(), 0);
                         let wanted = Duration::from_millis(plan.heartbeat_interval_ms.into());
                         if !wanted.is_zero() && wanted != interval {
                             interval = wanted;
@@ -444,7 +448,9 @@ async fn session(endpoint: &str, node: &str, tally: &Tally) -> Result<std::conve
                     }
                     Some(operator_message::Message::Delta(delta)) => {
                         tally.chunk();
-                        receiving.add_chunk(size, delta.guard.as_ref(), delta.upserts.len(), delta.removals.len());
+                        let guard = delta.guard.as_ref().map_or(0, prost::Message::encoded_len)
+                            + delta.guard_change.as_ref().map_or(0, prost::Message::encoded_len);
+                        receiving.add_chunk(size, guard, delta.upserts.len(), delta.removals.len());
                         if !delta.continued {
                             tally.deltas.fetch_add(1, Ordering::Relaxed);
                             tally.updated(std::mem::take(&mut receiving));
@@ -611,15 +617,17 @@ impl std::str::FromStr for Operator {
 /// Starts `operator` on `dir`, lets it converge with one simulated shim per node, and measures it
 /// over `window`; then replaces the directory's `manifests.yaml` with `changed` and measures what
 /// the shims receive until it stops.
+#[allow(clippy::too_many_arguments)]
 fn measure(
     operator: &Path,
     dir: &Path,
     changed: &str,
     nodes: &[String],
     at_rest: AtRest,
+    keeps: bool,
     log: &Path,
 ) -> Result<Measure> {
-    let AtRest { window, grace } = at_rest;
+    let AtRest { window, grace, .. } = at_rest;
     let port = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
         .local_addr()?
         .port();
@@ -650,6 +658,7 @@ fn measure(
             format!("http://{listen}"),
             node.clone(),
             tally.clone(),
+            keeps,
         ));
     }
     // The operator's CPU time, sampled every 200 ms (the last QUIET of it).
@@ -842,6 +851,9 @@ fn tail(path: &Path) -> String {
 pub struct AtRest {
     pub window: Duration,
     pub grace: Duration,
+    /// Also measure each operator with simulated shims that take the guard and the in-cluster
+    /// set whole in every delta (shims before `Hello.keeps_unchanged_lists`).
+    pub also_whole_lists: bool,
 }
 
 pub fn run(operators: &[Operator], cases: &[Case], at_rest: AtRest, scratch: &Path) -> Result<String> {
@@ -854,15 +866,21 @@ pub fn run(operators: &[Operator], cases: &[Case], at_rest: AtRest, scratch: &Pa
         std::fs::create_dir_all(&dir)?;
         let nodes: Vec<String> = manifests.nodes.iter().map(|n| n.name.clone()).collect();
         drop(manifests);
-        for op in operators {
-            eprintln!("==> ({}) {} — {}", case.key(), case.describe(), op.label);
+        let runs = operators.iter().flat_map(|op| {
+            let whole = at_rest
+                .also_whole_lists
+                .then(|| (op, false, format!("{}, shims take lists whole", op.label)));
+            std::iter::once((op, true, op.label.clone())).chain(whole)
+        });
+        for (op, keeps, label) in runs {
+            eprintln!("==> ({}) {} — {label}", case.key(), case.describe());
             // The previous operator's run left the changed manifests.
             let mut file = std::fs::File::create(dir.join("manifests.yaml"))?;
             file.write_all(original.as_bytes())?;
             drop(file);
-            let log = scratch.join(format!("operator-{}-{}.log", case.key(), op.label));
-            let m = measure(&op.path, &dir, &changed, &nodes, at_rest, &log)
-                .with_context(|| format!("case ({}) with {}", case.key(), op.label))?;
+            let log = scratch.join(format!("operator-{}-{}-{keeps}.log", case.key(), op.label));
+            let m = measure(&op.path, &dir, &changed, &nodes, at_rest, keeps, &log)
+                .with_context(|| format!("case ({}) with {label}", case.key()))?;
             eprintln!(
                 "    converged in {:.1?}, {:.0} MiB, {:.2} % of a core, {:.0} context switches/s, {} updates and {} log lines at rest",
                 m.converged_in, m.rss_mib, m.cpu_pct, m.switches_per_s, m.updates, m.log_lines
@@ -872,7 +890,7 @@ pub fn run(operators: &[Operator], cases: &[Case], at_rest: AtRest, scratch: &Pa
                 m.largest_plan, m.largest_plan_bytes, m.change.first_acked_in, m.change.acked_in
             );
             eprintln!("    {:?}", m.change);
-            rows.push((case, op.label.clone(), m));
+            rows.push((case, label, m));
         }
     }
     Ok(table(&rows, at_rest))

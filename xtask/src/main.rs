@@ -87,6 +87,10 @@ enum Command {
         /// The operators' `--heartbeat-grace` in milliseconds (the simulated shims follow it).
         #[arg(long, default_value_t = 1000)]
         grace_ms: u64,
+        /// Also measure each operator with simulated shims that take the guard and the in-cluster
+        /// set whole in every delta, as shims before `Hello.keeps_unchanged_lists` did.
+        #[arg(long)]
+        also_whole_lists: bool,
         /// Also run case a with the real shims in the network-namespace testbed (root), and
         /// measure them too.
         #[arg(long)]
@@ -162,6 +166,7 @@ fn run(cli: Cli) -> Result<()> {
             window,
             compare,
             grace_ms,
+            also_whole_lists,
             shims,
             shim_pairs,
             shim_plan,
@@ -170,7 +175,7 @@ fn run(cli: Cli) -> Result<()> {
             &cases,
             window,
             compare,
-            grace_ms,
+            (grace_ms, also_whole_lists),
             shims,
             ShimScale {
                 pairs: shim_pairs,
@@ -332,7 +337,7 @@ fn bench_idle(
     cases: &str,
     window: u64,
     compare: Vec<idle::Operator>,
-    grace_ms: u64,
+    (grace_ms, also_whole_lists): (u64, bool),
     shims: bool,
     scale: ShimScale,
 ) -> Result<()> {
@@ -382,6 +387,7 @@ fn bench_idle(
     let at_rest = idle::AtRest {
         window,
         grace: std::time::Duration::from_millis(grace_ms),
+        also_whole_lists,
     };
     let mut table = String::new();
     if !cases.is_empty() {

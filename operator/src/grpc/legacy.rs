@@ -92,6 +92,8 @@ fn current_hello(hello: &v1::Hello) -> Result<v2::Hello, Status> {
         // A shim of the previous release does not report its pods' gateways.
         held_pods: Vec::new(),
         pinned_flows: Vec::new(),
+        // Nor keeps what a delta leaves out.
+        keeps_unchanged_lists: false,
     })
 }
 

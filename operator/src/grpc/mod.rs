@@ -28,6 +28,7 @@ use std::{
 
 use sluice_proto::{
     chunk::{self, Chunks, Part},
+    client::GuardChange,
     convert::{self, PolicyNames},
     v2::{
         self, ShimMessage,
@@ -382,6 +383,7 @@ async fn run_session(
     };
     let mut ticker = tokio::time::interval(pace(interval));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let keeps = hello.keeps_unchanged_lists;
     // The shim's messages are read by a task of their own: building and sending a large plan
     // never keeps its heartbeats (its liveness) waiting.
     let last_heard = Arc::new(Mutex::new(Instant::now()));
@@ -424,7 +426,7 @@ async fn run_session(
                     unsent = false;
                     let Some(view) = views.borrow_and_update().clone() else { continue };
                     let work = entries_to_build(sent.as_deref(), &view);
-                    let Some(whole) = off_the_workers(work, || message_for(sent.as_deref(), &view, hub.heartbeat_interval)) else { continue };
+                    let Some(whole) = off_the_workers(work, || message_for(sent.as_deref(), &view, hub.heartbeat_interval, keeps)) else { continue };
                     let wanted = effective_interval(&view, hub.heartbeat_interval);
                     if wanted != interval {
                         interval = wanted;
@@ -537,8 +539,9 @@ fn effective_interval(view: &NodeView, default: Duration) -> Duration {
 
 /// What to send a shim that was last sent `sent` so that it holds `view` (whole: the session
 /// splits it into chunks). Every plan and delta carries the node's heartbeat interval
-/// (`default` for a view that names none).
-pub fn message_for(sent: Option<&NodeView>, view: &NodeView, default: Duration) -> Option<Part> {
+/// (`default` for a view that names none). To a shim that `keeps` what a delta leaves out, a
+/// delta leaves out the guard and the in-cluster set when they are as `sent` had them.
+pub fn message_for(sent: Option<&NodeView>, view: &NodeView, default: Duration, keeps: bool) -> Option<Part> {
     let heartbeat = effective_interval(view, default);
     let heartbeat_interval_ms = u32::try_from(heartbeat.as_millis()).unwrap_or(u32::MAX);
     let mut policies = PolicyNames::default();
@@ -576,6 +579,11 @@ pub fn message_for(sent: Option<&NodeView>, view: &NodeView, default: Duration) 
                 let (upserts, removals) = diff(&s.entries, &view.entries, &mut policies);
                 (upserts, removals, s.generation)
             };
+            let guard_unchanged = keeps && s.guard == view.guard;
+            let cluster_cidrs_unchanged = keeps && s.cluster_cidrs == view.cluster_cidrs;
+            let guard_change = (keeps && !guard_unchanged)
+                .then(|| GuardChange::between(&s.guard, &view.guard, GUARD_CHANGE_MAX))
+                .flatten();
             Part::Delta(v2::NodeDelta {
                 generation: view.generation,
                 base_generation: base,
@@ -583,16 +591,31 @@ pub fn message_for(sent: Option<&NodeView>, view: &NodeView, default: Duration) 
                 upserts,
                 removals,
                 serves: view.duties.iter().map(v2::GatewayDuty::from).collect(),
-                cluster_cidrs: cluster_cidrs(view),
-                guard: guard(view),
+                cluster_cidrs: if cluster_cidrs_unchanged {
+                    Vec::new()
+                } else {
+                    cluster_cidrs(view)
+                },
+                guard: if guard_unchanged || guard_change.is_some() {
+                    None
+                } else {
+                    guard(view)
+                },
+                guard_change: guard_change.as_ref().map(v2::GuardChange::from),
                 continued: false,
                 heartbeat_interval_ms,
                 pinnable_gateways: pinnable(view),
+                guard_unchanged,
+                cluster_cidrs_unchanged,
             })
         }
     };
     Some(message)
 }
+
+/// The most items a delta's guard change has (a larger change sends the guard whole): it goes
+/// whole in the first chunk.
+const GUARD_CHANGE_MAX: usize = 4096;
 
 fn pinnable(view: &NodeView) -> Vec<Vec<u8>> {
     view.pinnable.iter().copied().map(convert::ip_to_wire).collect()
@@ -738,4 +761,65 @@ fn held_duties(hello: &v2::Hello) -> Vec<HeldDuty> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Guard;
+
+    fn view(generation: u64, guarded: &[&str], cluster: &[&str]) -> NodeView {
+        NodeView {
+            generation,
+            base: generation - 1,
+            guard: Arc::new(Guard {
+                destinations: guarded.iter().map(|d| d.parse().unwrap()).collect(),
+                decided_pods: vec![],
+            }),
+            cluster_cidrs: Arc::new(cluster.iter().map(|d| d.parse().unwrap()).collect()),
+            ..NodeView::default()
+        }
+    }
+
+    fn delta(part: Option<Part>) -> v2::NodeDelta {
+        match part {
+            Some(Part::Delta(d)) => d,
+            other => panic!("a delta, not {other:?}"),
+        }
+    }
+
+    /// To a shim that keeps them, a delta leaves out the guard and the in-cluster set while
+    /// they are as last sent, and sends each whole once it changed; to an earlier shim, always
+    /// whole (it would take an absent guard for none).
+    #[test]
+    fn a_delta_leaves_out_an_unchanged_guard_and_in_cluster_set_for_shims_that_keep_them() {
+        let default = Duration::from_secs(1);
+        let sent = view(1, &["203.0.113.0/24"], &["10.244.0.0/16"]);
+        let same = view(2, &["203.0.113.0/24"], &["10.244.0.0/16"]);
+        let d = delta(message_for(Some(&sent), &same, default, true));
+        assert!(d.guard_unchanged && d.cluster_cidrs_unchanged);
+        assert!(d.guard.is_none() && d.cluster_cidrs.is_empty());
+
+        // One more guarded destination: that one, not the guard whole.
+        let more = view(2, &["203.0.113.0/24", "198.51.100.0/24"], &["10.244.0.0/16"]);
+        let d = delta(message_for(Some(&sent), &more, default, true));
+        assert!(!d.guard_unchanged && d.cluster_cidrs_unchanged && d.guard.is_none());
+        let change = d.guard_change.unwrap();
+        assert_eq!(
+            change.added_destinations,
+            [convert::prefix_to_wire("198.51.100.0/24".parse().unwrap())]
+        );
+        assert!(change.removed_destinations.is_empty());
+
+        // A guard all new: whole, a change would be no smaller.
+        let other = view(2, &["198.51.100.0/24"], &["10.244.0.0/16"]);
+        let d = delta(message_for(Some(&sent), &other, default, true));
+        assert!(d.guard_change.is_none());
+        assert_eq!(d.guard.unwrap().destinations.len(), 1);
+
+        let d = delta(message_for(Some(&sent), &more, default, false));
+        assert!(!d.guard_unchanged && !d.cluster_cidrs_unchanged && d.guard_change.is_none());
+        assert_eq!(d.guard.unwrap().destinations.len(), 2);
+        assert_eq!(d.cluster_cidrs.len(), 1);
+    }
 }
