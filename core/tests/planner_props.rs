@@ -346,6 +346,8 @@ proptest! {
             };
             p.spec.destination_cidrs = dst;
             p.spec.excluded_cidrs = exc;
+            // As the API server does on a spec change.
+            p.generation = p.generation.map(|g| g + 1);
             apply(&mut world, Change::UpsertPolicy(p));
         }
         for change in after {
@@ -396,6 +398,38 @@ proptest! {
         );
         prop_assert_eq!(report::document(&planner), report::document(&reversed));
     }
+}
+
+/// An allowlist gaining and losing CIDRs, its generation bumped as the API server does, takes
+/// the short way (only the changed destinations' keys) and plans what a planner from scratch
+/// plans; an edit of anything else takes the long way.
+#[test]
+fn an_allowlist_edit_touches_only_the_changed_destinations() {
+    let (nodes, mut policy, pods) = gateway_cluster(2, 1, 20);
+    policy.generation = Some(1);
+    policy.spec.destination_cidrs = vec!["203.0.113.0/24".into(), "198.51.100.0/24".into()];
+    let mut planner = Planner::from_snapshot([], nodes.clone(), [policy.clone()], pods.clone());
+    let mut edited = policy.clone();
+    edited.generation = Some(2);
+    edited.spec.destination_cidrs = vec!["198.51.100.0/24".into(), "192.0.2.0/24".into()];
+    edited.spec.excluded_cidrs = vec!["198.51.100.7/32".into()];
+    let delta = planner.apply(Change::UpsertPolicy(edited.clone()));
+    assert_eq!(planner.destination_edits(), 1);
+    let touched: usize = delta
+        .nodes
+        .values()
+        .map(|d| d.upserts.len() + d.removals.len())
+        .sum();
+    assert!(touched > 0);
+    let full = Planner::from_snapshot([], nodes, [edited.clone()], pods);
+    assert_eq!(report::document(&planner), report::document(&full));
+    assert_eq!(planner.node_plans(), full.node_plans());
+    // Another failure policy is more than destinations: the long way.
+    let mut other = edited;
+    other.generation = Some(3);
+    other.spec.failure_policy = Some(FailurePolicy::Fallback);
+    planner.apply(Change::UpsertPolicy(other));
+    assert_eq!(planner.destination_edits(), 1);
 }
 
 /// A cluster with one policy served by `max` of `candidates` gateway nodes, and many pods.
