@@ -933,6 +933,74 @@ fn p2_through_n1_then_n3(c: &mut Cluster) -> (serde_json::Value, Rule) {
     (before, via_n3)
 }
 
+/// A hostile pod fills the flow map (an LRU of 64 here) with flows of its own, in the middle of a
+/// planned change: the pins it evicts (its own open connections' among them) let those flows
+/// follow their entry to the new gateway and end there, as after a gateway failure. Nothing
+/// worse: every datagram of the flood reaches the external host with the new gateway's egress IP
+/// (none with a node's or the pod's own address), the map never holds more than its size, an
+/// open connection goes through the old gateway or the new one and no other way, and new
+/// connections work.
+#[test]
+fn a_pod_that_floods_the_flow_map_loses_only_its_own_pins_and_nothing_leaks() {
+    use sluice_testbed::craft::{Listener, send_udp_from};
+    const PORT: u16 = 9_995;
+    if !nix::unistd::geteuid().is_root() {
+        println!(
+            "SKIP datapath_e2e::flow_map_flood: needs root (network namespaces, eBPF); CI runs it as root"
+        );
+        return;
+    }
+    let mut c = Cluster::start(env!("CARGO_BIN_EXE_sluice-shim"), &["--flow-map-max", "64"])
+        .expect("builds the cluster");
+    let (before, via_n3) = p2_through_n1_then_n3(&mut c);
+    let mut open: Vec<_> = (0..3).map(|_| c.connect("p2", EXT_A).unwrap()).collect();
+    for conn in &mut open {
+        assert_eq!(conn.exchange(10_000, 10_000).unwrap(), EGRESS_N1);
+    }
+    let moved = lingering(c.plan(std::slice::from_ref(&via_n3)), &before, "n2", "n1");
+    c.try_apply_plan(&serde_json::to_vec(&moved).unwrap(), Duration::from_secs(20))
+        .unwrap();
+    assert_eq!(
+        open[0].exchange(1000, 1000).unwrap(),
+        EGRESS_N1,
+        "pinned before the flood"
+    );
+
+    // The flood: 1,000 flows (source ports) of one datagram each.
+    let listener = Listener::bind(&c.ns("ext"), PORT).unwrap();
+    let to: std::net::SocketAddr = (EXT_A.parse::<std::net::Ipv4Addr>().unwrap(), PORT).into();
+    let p2 = c.ns("p2");
+    for port in 20_000..21_000u16 {
+        send_udp_from(&p2, port, to, b"flood", 1).unwrap();
+    }
+    let seen: std::collections::BTreeSet<String> = listener
+        .collect(Duration::from_secs(1))
+        .into_iter()
+        .map(|(from, _)| from.ip().to_string())
+        .collect();
+    assert_eq!(
+        seen,
+        std::collections::BTreeSet::from([EGRESS_N3.to_owned()]),
+        "sources of the flood"
+    );
+    let flows = c.shim_cli("n2", &["bpf", "flows"]).unwrap();
+    let rows = flows.lines().skip(1).count();
+    assert!(rows <= 64, "{rows} flows in a map of 64");
+
+    // An open connection whose pin the LRU kept goes on through n1; one whose pin went follows
+    // its entry to n3, whose NAT does not know it, and ends (or, were n3's conntrack to take it
+    // up, leaves with n3's address). No other way.
+    for conn in &mut open {
+        if let Ok(seen) = conn.exchange(1000, 1000) {
+            assert!(
+                seen == EGRESS_N1 || seen == EGRESS_N3,
+                "an open connection left with {seen}"
+            );
+        }
+    }
+    assert_eq!(c.fetch("p2", EXT_A).unwrap(), EGRESS_N3, "new connections");
+}
+
 /// `plan` with node `node`'s section given `pinnableGateways` [`gateway`] only (a gateway that
 /// keeps nothing for it: the node itself, whose pods' flows left from there).
 fn pinnable_only(mut plan: serde_json::Value, node: &str, gateway: &str) -> serde_json::Value {
