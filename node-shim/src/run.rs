@@ -207,7 +207,6 @@ enum FileStamp {
     Generation(u64, u64),
 }
 
-/// The running shim.
 /// SNAT rules (egress IP -> egress ids) and egress routes (egress id -> interface name, index).
 type EgressKept = (BTreeMap<Ipv4Addr, BTreeSet<u32>>, BTreeMap<u32, (String, u32)>);
 
@@ -222,6 +221,7 @@ struct PinnedReport {
     counted_gateways: Vec<Vec<u8>>,
 }
 
+/// The running shim.
 pub struct Agent {
     opts: Options,
     dp: Datapath,
