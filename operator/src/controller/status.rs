@@ -327,6 +327,31 @@ mod tests {
         assert!(!same_ignoring_time(&moved, &s), "a state change is written");
     }
 
+    /// A draining gateway shows in the status with its time, its pods and, once counted, the
+    /// connections left; a change of the count is written, and the serialized status leaves
+    /// out a count not made yet.
+    #[test]
+    fn a_draining_gateway_shows_its_pods_and_the_flows_left() {
+        let mut u = update(vec![], 1, 1);
+        u.draining = vec![crate::live::Draining {
+            node: "gw-a".into(),
+            until: 1_800_000_000,
+            pods: 2,
+            flows: None,
+        }];
+        let s = desired(&u, None, at(1));
+        let d = &s.draining[0];
+        assert_eq!(
+            (d.node.as_str(), d.until.as_str(), d.pods, d.flows),
+            ("gw-a", "2027-01-15T08:00:00Z", 2, None)
+        );
+        assert!(!serde_json::to_string(d).unwrap().contains("flows"));
+        u.draining[0].flows = Some(5);
+        let counted = desired(&u, None, at(1));
+        assert_eq!(counted.draining[0].flows, Some(5));
+        assert!(!same_ignoring_time(&counted, &s), "a count is written");
+    }
+
     fn summary(s: &EgressGatewayPolicyStatus) -> Vec<(String, String, String, String)> {
         s.conditions
             .iter()
