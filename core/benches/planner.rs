@@ -11,6 +11,7 @@ use std::{
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use sluice_core::{
+    model::NodeInfo,
     planner::Planner,
     synthetic::{self, Size},
 };
@@ -133,56 +134,45 @@ fn benches(c: &mut Criterion) {
         })
     });
 
-    // A gateway node stops being ready: its policies fail over.
+    // The `i`th of the 20 gateway-capable synthetic nodes, as `change` leaves it.
+    let gateway = |i: u64, change: fn(&mut NodeInfo)| {
+        let mut node = synthetic::node((i as usize % 20) * 25);
+        change(&mut node);
+        node
+    };
+    // A gateway node stops being ready: its policies fail over. A gateway node is drained
+    // (cordoned): its slots go to other nodes, its pods follow.
     group.sample_size(20);
-    group.bench_function("one gateway node lost", |b| {
-        b.iter_custom(|iters| {
-            time_with_undo(
-                &mut planner,
-                iters,
-                |p, i| {
-                    let mut node = synthetic::node((i as usize % 20) * 25);
-                    node.ready = false;
-                    drop(black_box(p.upsert_node(node)));
-                },
-                |p, i| drop(p.upsert_node(synthetic::node((i as usize % 20) * 25))),
-            )
-        })
-    });
-
-    // A gateway node is drained (cordoned): its slots go to other nodes, its pods follow.
-    group.bench_function("one gateway node drained", |b| {
-        b.iter_custom(|iters| {
-            time_with_undo(
-                &mut planner,
-                iters,
-                |p, i| {
-                    let mut node = synthetic::node((i as usize % 20) * 25);
-                    node.draining = true;
-                    drop(black_box(p.upsert_node(node)));
-                },
-                |p, i| drop(p.upsert_node(synthetic::node((i as usize % 20) * 25))),
-            )
-        })
-    });
+    let lost: fn(&mut NodeInfo) = |n| n.ready = false;
+    let drained: fn(&mut NodeInfo) = |n| n.draining = true;
+    for (name, change) in [
+        ("one gateway node lost", lost),
+        ("one gateway node drained", drained),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                time_with_undo(
+                    &mut planner,
+                    iters,
+                    |p, i| drop(black_box(p.upsert_node(gateway(i, change)))),
+                    |p, i| drop(p.upsert_node(gateway(i, |_| {}))),
+                )
+            })
+        });
+    }
 
     // A lost gateway node recovers (or a new one is added): it takes free slots and new pods,
     // no pod of a working gateway (sticky assignment).
-    let lost = |i: usize| {
-        let mut node = synthetic::node((i % 20) * 25);
-        node.ready = false;
-        node
-    };
     for i in 0..20 {
-        drop(planner.upsert_node(lost(i)));
+        drop(planner.upsert_node(gateway(i, lost)));
     }
     group.bench_function("one gateway node recovers", |b| {
         b.iter_custom(|iters| {
             time_with_undo(
                 &mut planner,
                 iters,
-                |p, i| drop(black_box(p.upsert_node(synthetic::node((i as usize % 20) * 25)))),
-                |p, i| drop(p.upsert_node(lost(i as usize))),
+                |p, i| drop(black_box(p.upsert_node(gateway(i, |_| {})))),
+                |p, i| drop(p.upsert_node(gateway(i, lost))),
             )
         })
     });

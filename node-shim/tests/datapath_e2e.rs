@@ -953,10 +953,7 @@ fn a_pod_that_floods_the_flow_map_loses_only_its_own_pins_and_nothing_leaks() {
     let mut c = Cluster::start(env!("CARGO_BIN_EXE_sluice-shim"), &["--flow-map-max", "64"])
         .expect("builds the cluster");
     let (before, via_n3) = p2_through_n1_then_n3(&mut c);
-    let mut open: Vec<_> = (0..3).map(|_| c.connect("p2", EXT_A).unwrap()).collect();
-    for conn in &mut open {
-        assert_eq!(conn.exchange(10_000, 10_000).unwrap(), EGRESS_N1);
-    }
+    let mut open = c.open_connections("p2", EXT_A, 3, EGRESS_N1).unwrap();
     let moved = lingering(c.plan(std::slice::from_ref(&via_n3)), &before, "n2", "n1");
     c.try_apply_plan(&serde_json::to_vec(&moved).unwrap(), Duration::from_secs(20))
         .unwrap();
@@ -1028,10 +1025,7 @@ fn a_pod_on_its_own_gateway_node_keeps_its_open_flows_across_a_planned_change_bo
     let local = c.plan(&[policy_a("p1")]);
     c.try_apply_plan(&serde_json::to_vec(&local).unwrap(), Duration::from_secs(20))
         .unwrap();
-    let mut open: Vec<_> = (0..2).map(|_| c.connect("p1", EXT_A).unwrap()).collect();
-    for conn in &mut open {
-        assert_eq!(conn.exchange(10_000, 10_000).unwrap(), EGRESS_N1);
-    }
+    let mut open = c.open_connections("p1", EXT_A, 2, EGRESS_N1).unwrap();
     let moved = pinnable_only(c.plan(std::slice::from_ref(&via_n3)), "n1", "n1");
     c.try_apply_plan(&serde_json::to_vec(&moved).unwrap(), Duration::from_secs(20))
         .unwrap();
@@ -1056,10 +1050,7 @@ fn a_pod_on_its_own_gateway_node_keeps_its_open_flows_across_a_planned_change_bo
     let remote = c.plan(std::slice::from_ref(&via_n3));
     c.try_apply_plan(&serde_json::to_vec(&remote).unwrap(), Duration::from_secs(20))
         .unwrap();
-    let mut open: Vec<_> = (0..2).map(|_| c.connect("p1", EXT_A).unwrap()).collect();
-    for conn in &mut open {
-        assert_eq!(conn.exchange(10_000, 10_000).unwrap(), EGRESS_N3);
-    }
+    let mut open = c.open_connections("p1", EXT_A, 2, EGRESS_N3).unwrap();
     let back = lingering(c.plan(&[policy_a("p1")]), &remote, "n1", "n3");
     c.try_apply_plan(&serde_json::to_vec(&back).unwrap(), Duration::from_secs(20))
         .unwrap();
@@ -1176,10 +1167,7 @@ fn open_flows_keep_their_gateway_across_a_planned_change_and_new_ones_take_the_n
         return;
     };
     let (before, via_n3) = p2_through_n1_then_n3(&mut c);
-    let mut open: Vec<_> = (0..3).map(|_| c.connect("p2", EXT_A).unwrap()).collect();
-    for conn in &mut open {
-        assert_eq!(conn.exchange(10_000, 10_000).unwrap(), EGRESS_N1);
-    }
+    let mut open = c.open_connections("p2", EXT_A, 3, EGRESS_N1).unwrap();
     let flows = c.shim_cli("n2", &["bpf", "flows"]).unwrap();
     assert!(
         flows.lines().filter(|l| l.contains("192.0.2.11")).count() >= 3,

@@ -707,11 +707,9 @@ fn a_node_whose_maps_cannot_hold_the_new_plan_keeps_its_entries_and_the_status_n
     // to n2 in a generation before the one with p2's new entries, which waited for the gateway
     // to hold them; n2 took that one, so p2 is dropped there as a pod not decided on.)
     assert_eq!(tb.fetch("p2", EXT_A), Ok(EGRESS_N3.to_owned()), "{}", logs());
-    let shim = env!("CARGO_BIN_EXE_sluice-shim");
-    let n2_bpffs = tb.bpffs().join("n2");
     let n2_bpf = |what: &str| -> String {
-        let dir = n2_bpffs.to_str().unwrap();
-        tb.run("n2", shim, &["--bpffs-dir", dir, "bpf", what]).unwrap()
+        tb.shim_cli(env!("CARGO_BIN_EXE_sluice-shim"), "n2", &["bpf", what])
+            .unwrap()
     };
     let seen = tb.fetch("p2", EXT_B);
     assert!(

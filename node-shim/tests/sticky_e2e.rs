@@ -134,12 +134,7 @@ fn a_recovered_gateway_and_an_operator_restart_break_no_connection() {
         "p2 never failed over to {survivor}\n{}",
         logs(&tb)
     );
-    let mut long_lived: Vec<_> = (0..3)
-        .map(|_| tb.connect("p2", EXT_A).expect("a long-lived connection"))
-        .collect();
-    for c in &mut long_lived {
-        assert_eq!(c.exchange(1000, 1000).unwrap(), survivor_ip);
-    }
+    let mut long_lived = tb.open_connections("p2", EXT_A, 3, survivor_ip).unwrap();
     let stream = tb.stream("p2", EXT_A);
 
     // The failed gateway comes back, and some time later the operator restarts.
@@ -188,12 +183,7 @@ fn a_gateway_removed_from_the_policy_keeps_its_open_flows_and_new_ones_move() {
     } else {
         ("n3", EGRESS_N3, EGRESS_N1)
     };
-    let mut open: Vec<_> = (0..3)
-        .map(|_| tb.connect("p2", EXT_A).expect("a long-lived connection"))
-        .collect();
-    for c in &mut open {
-        assert_eq!(c.exchange(1000, 1000).unwrap(), old_ip);
-    }
+    let mut open = tb.open_connections("p2", EXT_A, 3, old_ip).unwrap();
     let stream = tb.stream("p2", EXT_A);
 
     // The old gateway's entry goes from the policy.
@@ -204,16 +194,7 @@ fn a_gateway_removed_from_the_policy_keeps_its_open_flows_and_new_ones_move() {
     fs::write(dir.join("policy.yaml"), POLICY.replace(&entry, "")).unwrap();
     open_connections_stay_and_new_ones_move(&tb, &mut open, stream, old_ip, new_ip);
     let flows = tb
-        .run(
-            "n2",
-            env!("CARGO_BIN_EXE_sluice-shim"),
-            &[
-                "--bpffs-dir",
-                tb.bpffs().join("n2").to_str().unwrap(),
-                "bpf",
-                "flows",
-            ],
-        )
+        .shim_cli(env!("CARGO_BIN_EXE_sluice-shim"), "n2", &["bpf", "flows"])
         .unwrap();
     let old_node_ip = sluice_testbed::node_ip(old);
     assert!(
@@ -261,20 +242,10 @@ fn a_cordoned_gateway_keeps_the_open_connections_also_across_an_operator_restart
     } else {
         ("n3", n3, n1)
     };
-    let mut open: Vec<_> = (0..3)
-        .map(|_| tb.connect("p2", EXT_A).expect("a long-lived connection"))
-        .collect();
-    for c in &mut open {
-        assert_eq!(c.exchange(1000, 1000).unwrap(), drained_ip);
-    }
+    let mut open = tb.open_connections("p2", EXT_A, 3, drained_ip).unwrap();
     // checkout-1 lives on n1: on its own gateway node when n1 is drained (its connections
     // leave from there), else moved onto its own node by the drain (they stay on n3).
-    let mut open_p1: Vec<_> = (0..2)
-        .map(|_| tb.connect("p1", EXT_A).expect("a long-lived connection of p1"))
-        .collect();
-    for c in &mut open_p1 {
-        assert_eq!(c.exchange(1000, 1000).unwrap(), drained_ip);
-    }
+    let mut open_p1 = tb.open_connections("p1", EXT_A, 2, drained_ip).unwrap();
     let p1_stays = |tb: &Testbed, open_p1: &mut Vec<Conn>, when: &str| {
         for c in open_p1.iter_mut() {
             assert_eq!(
@@ -331,14 +302,9 @@ fn a_cordoned_gateway_keeps_the_open_connections_also_across_an_operator_restart
     // The drain ends with its connections (not at its 10-minute timeout): once p2's node counts
     // none left, the drained gateway lets go of p2's entries.
     let holds_p2 = |tb: &Testbed| {
-        let bpffs = tb.bpffs().join(drained);
-        tb.run(
-            drained,
-            env!("CARGO_BIN_EXE_sluice-shim"),
-            &["--bpffs-dir", bpffs.to_str().unwrap(), "bpf", "list"],
-        )
-        .unwrap()
-        .contains("10.244.2.10")
+        tb.shim_cli(env!("CARGO_BIN_EXE_sluice-shim"), drained, &["bpf", "list"])
+            .unwrap()
+            .contains("10.244.2.10")
     };
     p1_stays(&tb, &mut open_p1, "across the operator restart");
     assert!(

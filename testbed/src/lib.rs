@@ -379,6 +379,14 @@ impl Testbed {
     }
 
     /// Runs `program ARGS` inside `ns` to completion; its stdout, or an error with its stderr.
+    /// `shim --bpffs-dir <node's> ARGS` inside `node` (the shim CLI: `bpf list`, `bpf flows`…).
+    pub fn shim_cli(&self, shim: impl AsRef<OsStr>, node: &str, args: &[&str]) -> Result<String> {
+        let dir = self.bpffs().join(node);
+        let mut full = vec!["--bpffs-dir", dir.to_str().context("bpffs path")?];
+        full.extend_from_slice(args);
+        self.run(node, shim, &full)
+    }
+
     pub fn run(&self, ns: &str, program: impl AsRef<OsStr>, args: &[&str]) -> Result<String> {
         let mut cmd = self.command(ns, program);
         cmd.args(args);
@@ -1103,6 +1111,20 @@ impl Testbed {
     /// greeting.
     pub fn connect(&self, pod: &str, dst: &str) -> Result<Conn, String> {
         in_netns(&self.ns(pod), || Conn::open(dst))
+    }
+
+    /// `n` long-lived connections from `pod` to `dst`, each with a first exchange that left with
+    /// source address `via` (an error names what it left with otherwise).
+    pub fn open_connections(&self, pod: &str, dst: &str, n: usize, via: &str) -> Result<Vec<Conn>, String> {
+        (0..n)
+            .map(|_| {
+                let mut c = self.connect(pod, dst)?;
+                match c.exchange(1000, 1000)? {
+                    seen if seen == via => Ok(c),
+                    seen => Err(format!("a connection of {pod} left with {seen}, not {via}")),
+                }
+            })
+            .collect()
     }
 
     /// One connection with a small exchange: the source address the external host saw (an IPv6

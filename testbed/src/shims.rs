@@ -277,10 +277,7 @@ impl FileCluster {
 
     /// `sluice-shim --bpffs-dir <node's> ARGS` inside `node`.
     pub fn shim_cli(&self, node: &str, args: &[&str]) -> Result<String> {
-        let dir = self.bpffs().join(node);
-        let mut full = vec!["--bpffs-dir", dir.to_str().context("bpffs path")?];
-        full.extend_from_slice(args);
-        self.run(node, &self.shim, &full)
+        self.testbed.shim_cli(&self.shim, node, args)
     }
 
     /// `sluice-shim uninstall` on `node`.
