@@ -2,7 +2,7 @@
 //! change while the shims come back in every order, and the generations it numbers plans with.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
@@ -261,14 +261,19 @@ impl Started {
     fn move_away(&mut self, preferred: &str, other: &str, at: Duration) {
         self.connect_all(preferred, other);
         self.ack_all(preferred, other, at);
+        self.unlabel(preferred, at);
+        self.ack(other, 3, at + Duration::from_millis(10));
+    }
+
+    /// Gateway `node` loses its label (a planned move: its shim lives on), flushed at `at`.
+    fn unlabel(&mut self, node_name: &str, at: Duration) {
         let unlabelled = NodeInfo {
             labels: BTreeMap::new(),
-            ..node(preferred, &ip_of(preferred).to_string(), false)
+            ..node(node_name, &ip_of(node_name).to_string(), false)
         };
         self.engine
             .source(SourceEvent::Change(Box::new(Change::UpsertNode(unlabelled))));
         self.flush(at);
-        self.ack(other, 3, at + Duration::from_millis(10));
     }
 
     /// The gateways draining the policy's flows in its latest status: (node, pods).
@@ -896,11 +901,7 @@ fn managed_state(s: &mut Started) -> Option<String> {
 fn a_planned_move_of_a_managed_address_waits_for_the_old_node_to_let_go() {
     let (mut s, preferred, other, at) = managed_started();
     let _ = s.statuses();
-    let mut unlabelled = node(preferred, &ip_of(preferred).to_string(), false);
-    unlabelled.labels = BTreeMap::new();
-    s.engine
-        .source(SourceEvent::Change(Box::new(Change::UpsertNode(unlabelled))));
-    s.flush(at);
+    s.unlabel(preferred, at);
     assert!(managed_duty(&s.hub, preferred).is_none(), "the old node lets go");
     let waiting = managed_duty(&s.hub, other).expect("the new node has the duty");
     assert!(waiting.awaiting_release, "it waits for the release");
@@ -925,13 +926,7 @@ fn a_planned_move_of_a_managed_address_waits_for_the_old_node_to_let_go() {
 #[test]
 fn a_release_not_acknowledged_holds_the_new_node_up_for_one_grace_period() {
     let (mut s, preferred, other, at) = managed_started();
-    let unlabelled = NodeInfo {
-        labels: BTreeMap::new(),
-        ..node(preferred, &ip_of(preferred).to_string(), false)
-    };
-    s.engine
-        .source(SourceEvent::Change(Box::new(Change::UpsertNode(unlabelled))));
-    s.flush(at);
+    s.unlabel(preferred, at);
     assert!(managed_duty(&s.hub, other).unwrap().awaiting_release);
     let mut t = at;
     while managed_duty(&s.hub, other).unwrap().awaiting_release {
@@ -1052,18 +1047,8 @@ fn a_new_leader_keeps_each_pod_on_the_gateway_the_datapaths_hold() {
 fn a_gateway_moved_away_from_drains_its_pods_open_flows_until_it_goes() {
     let (preferred, other) = preferred_and_other();
     let mut s = Started::new(policy(vec![]));
-    s.connect_all(preferred, other);
     let at = Duration::from_millis(400);
-    s.ack_all(preferred, other, at);
-    let _ = s.statuses();
-    let unlabelled = NodeInfo {
-        labels: BTreeMap::new(),
-        ..node(preferred, &ip_of(preferred).to_string(), false)
-    };
-    s.engine
-        .source(SourceEvent::Change(Box::new(Change::UpsertNode(unlabelled))));
-    s.flush(at);
-    s.ack(other, 3, at + Duration::from_millis(10));
+    s.move_away(preferred, other, at);
     assert!(s.holds_pod(preferred), "the old gateway keeps the pod's entry");
     let w = s.hub.subscribe("w").borrow().clone().unwrap();
     assert_eq!(*w.pinnable, [ip_of(preferred)]);
@@ -1172,14 +1157,8 @@ fn a_drain_ends_when_the_pods_node_counts_no_flow_left() {
     let _ = s.statuses();
     let pod_ip: IpAddr = "10.1.0.10".parse().unwrap();
     let report = |s: &mut Started, flows: u64, t: Duration| {
-        let counts = PinnedCounts {
-            counted: BTreeSet::from([ip_of(preferred)]),
-            flows: if flows == 0 {
-                BTreeMap::new()
-            } else {
-                BTreeMap::from([((pod_ip, "egress".to_owned(), ip_of(preferred)), flows)])
-            },
-        };
+        let counted = ((pod_ip, "egress".to_owned(), ip_of(preferred)), flows);
+        let counts = PinnedCounts::new([ip_of(preferred)], (flows > 0).then_some(counted));
         s.engine.shim(
             ShimEvent::PinnedFlows {
                 node: "w".into(),

@@ -48,8 +48,50 @@ pub struct HeldPod {
 /// open flow left there).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PinnedCounts {
-    pub counted: BTreeSet<IpAddr>,
-    pub flows: BTreeMap<(IpAddr, String, IpAddr), u64>,
+    counted: BTreeSet<IpAddr>,
+    /// (pod, gateway) -> policy -> open flows (looked up by `&str`, on every check of a drain).
+    flows: BTreeMap<(IpAddr, IpAddr), BTreeMap<String, u64>>,
+}
+
+impl PinnedCounts {
+    /// The gateways `counted`, and the open flows per ((pod, policy, gateway)).
+    pub fn new(
+        counted: impl IntoIterator<Item = IpAddr>,
+        flows: impl IntoIterator<Item = ((IpAddr, String, IpAddr), u64)>,
+    ) -> Self {
+        let mut out = PinnedCounts {
+            counted: counted.into_iter().collect(),
+            flows: BTreeMap::new(),
+        };
+        for ((pod, policy, gateway), n) in flows {
+            *out.flows
+                .entry((pod, gateway))
+                .or_default()
+                .entry(policy)
+                .or_default() += n;
+        }
+        out
+    }
+
+    /// Whether the node counted `gateway` and found no open flow of `pod` under `policy` there.
+    pub fn none_left(&self, pod: IpAddr, policy: &str, gateway: IpAddr) -> bool {
+        self.counted.contains(&gateway)
+            && self
+                .flows
+                .get(&(pod, gateway))
+                .is_none_or(|by_policy| !by_policy.contains_key(policy))
+    }
+
+    /// The open flows of `policy`'s pods to `gateway`, if the node counted that gateway.
+    pub fn to_gateway(&self, policy: &str, gateway: IpAddr) -> Option<u64> {
+        self.counted.contains(&gateway).then(|| {
+            self.flows
+                .iter()
+                .filter(|((_, g), _)| *g == gateway)
+                .filter_map(|(_, by_policy)| by_policy.get(policy))
+                .sum()
+        })
+    }
 }
 
 /// A flow a pod's node reported pinned to a gateway: (policy, pod, gateway node, the gateway

@@ -163,6 +163,8 @@ pub struct Engine {
     policy_applications: u64,
     /// Per node, the open flows its pods have pinned to gateways, as its shim last counted.
     pinned_counts: HashMap<String, PinnedCounts>,
+    /// `pinned_counts` changed since the lingering entries were last looked at.
+    counts_changed: bool,
 }
 
 impl Engine {
@@ -193,6 +195,7 @@ impl Engine {
             duty_nodes: BTreeSet::new(),
             policy_applications: 0,
             pinned_counts: HashMap::new(),
+            counts_changed: false,
         }
     }
 
@@ -390,6 +393,7 @@ impl Engine {
                 }
                 // The drains these flows are of show their counts, and may be over.
                 self.notices.dirty_mut().extend(self.tables.lingering_policies());
+                self.counts_changed = true;
                 if counts == PinnedCounts::default() {
                     self.pinned_counts.remove(&node);
                 } else {
@@ -399,7 +403,7 @@ impl Engine {
             ShimEvent::Disconnected { node, session } => {
                 // Its counts would go stale: without them its pods' drains wait for their time.
                 if self.liveness.shim(&node).is_some_and(|s| s.session == session) {
-                    self.pinned_counts.remove(&node);
+                    self.counts_changed |= self.pinned_counts.remove(&node).is_some();
                 }
                 self.liveness.disconnected(&node, session)
             }
@@ -521,11 +525,8 @@ impl Engine {
 
     /// How long `policy`'s pods' entries linger on a gateway they were moved away from (for
     /// their pinned flows), if at all.
-    fn linger_for(&self, policy: &str) -> Option<Duration> {
-        let timeout = self
-            .planner
-            .drain_timeout(policy)
-            .or(self.config.pinned_flow_timeout);
+    fn linger_for(planner: &Planner, config: &EngineConfig, policy: &str) -> Option<Duration> {
+        let timeout = planner.drain_timeout(policy).or(config.pinned_flow_timeout);
         timeout.filter(|t| !t.is_zero())
     }
 
@@ -539,14 +540,11 @@ impl Engine {
         if pinned.is_empty() {
             return;
         }
-        let unix = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |t| t.as_secs() as i64);
         let mut adopted = 0;
         for (policy, pod, gateway, slot) in pinned {
             let alive = self.liveness.shim(&gateway).is_some_and(|s| s.alive);
             let (Some(linger), Some(gateway_ip)) = (
-                self.linger_for(&policy),
+                Self::linger_for(&self.planner, &self.config, &policy),
                 self.source_nodes.get(&gateway).and_then(NodeInfo::tunnel_ip),
             ) else {
                 continue;
@@ -563,7 +561,7 @@ impl Engine {
                 gateway_ip,
                 source,
                 entries,
-                (now, now + linger, unix + linger.as_secs() as i64),
+                (now, linger),
                 self.notices.dirty_mut(),
             );
         }
@@ -722,13 +720,7 @@ impl Engine {
                     up: up(node),
                 })
             },
-            |policy| {
-                let timeout = self
-                    .planner
-                    .drain_timeout(policy)
-                    .or(self.config.pinned_flow_timeout);
-                timeout.filter(|t| !t.is_zero())
-            },
+            |policy| Self::linger_for(&self.planner, &self.config, policy),
             |node| self.source_nodes.get(node)?.tunnel_ip(),
             now,
         );
@@ -736,11 +728,12 @@ impl Engine {
         let alive = |node: &str| liveness.shim(node).is_some_and(|s| s.alive);
         let counts = &self.pinned_counts;
         let ended = |node: &str, pod: IpAddr, policy: &str, gateway: IpAddr| {
-            counts.get(node).is_some_and(|c| {
-                c.counted.contains(&gateway) && !c.flows.contains_key(&(pod, policy.to_owned(), gateway))
-            })
+            counts
+                .get(node)
+                .is_some_and(|c| c.none_left(pod, policy, gateway))
         };
-        let pinnable_changed = self.tables.linger(&mut pending, alive, ended, now);
+        let recounted = std::mem::take(&mut self.counts_changed);
+        let pinnable_changed = self.tables.linger(&mut pending, alive, (ended, recounted), now);
         self.duty_nodes.extend(pinnable_changed);
         let mut changed: BTreeMap<Arc<str>, NodeDelta> = BTreeMap::new();
         for (node, delta) in pending {
@@ -879,18 +872,10 @@ impl Engine {
                 .collect();
             let counts = &self.pinned_counts;
             let draining = self.tables.draining(&p, |policy, gateway| {
-                let mut counted = false;
-                let mut flows = 0;
-                for c in counts.values().filter(|c| c.counted.contains(&gateway)) {
-                    counted = true;
-                    flows += c
-                        .flows
-                        .iter()
-                        .filter(|((_, p, g), _)| p == policy && *g == gateway)
-                        .map(|(_, n)| n)
-                        .sum::<u64>();
-                }
-                counted.then_some(flows)
+                counts
+                    .values()
+                    .filter_map(|c| c.to_gateway(policy, gateway))
+                    .reduce(|a, b| a + b)
             });
             self.notices.status(outcome, progress, conflicts, draining, now);
         }

@@ -155,22 +155,42 @@ struct Lingering {
 }
 
 impl Lingering {
-    /// On `d.node`, for the pod of the switch `d`, from `now` for `linger`.
-    fn new(d: &Deferred, gateway_ip: IpAddr, policy: Arc<str>, now: Instant, linger: Duration) -> Self {
+    /// `key`'s entry of `policy`, kept on `gateway` for the pod on node `source`, from `now` for
+    /// `linger`.
+    fn new(
+        (gateway, gateway_ip): (Arc<str>, IpAddr),
+        key: EntryKey,
+        policy: Arc<str>,
+        source: Arc<str>,
+        now: Instant,
+        linger: Duration,
+    ) -> Self {
         let unix = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |t| t.as_secs() as i64);
         Lingering {
-            gateway: d.node.clone(),
+            gateway,
             gateway_ip,
-            key: d.key,
+            key,
             policy,
-            source: d.source.clone(),
+            source,
             since: now,
             looked: false,
             until: now + linger,
             until_unix: unix + linger.as_secs() as i64,
         }
+    }
+
+    /// For the pod of the switch `d`, on `d.node`.
+    fn of_switch(d: &Deferred, gateway_ip: IpAddr, policy: Arc<str>, now: Instant, linger: Duration) -> Self {
+        Lingering::new(
+            (d.node.clone(), gateway_ip),
+            d.key,
+            policy,
+            d.source.clone(),
+            now,
+            linger,
+        )
     }
 }
 
@@ -193,7 +213,7 @@ pub(super) struct Tables {
     /// Changes held back until a gateway has acknowledged an entry ([`Tables::defer_switches`]).
     deferred: Vec<Deferred>,
     /// Entries kept on gateways for the flows of pods moved away from them ([`Tables::linger`]).
-    lingering: Vec<Lingering>,
+    lingering: HashMap<(Arc<str>, EntryKey), Lingering>,
     /// Every table published at least once.
     pub published: bool,
     /// The in-cluster set every node gets.
@@ -208,7 +228,7 @@ impl Tables {
             tables: BTreeMap::new(),
             generations,
             deferred: Vec::new(),
-            lingering: Vec::new(),
+            lingering: HashMap::new(),
             published: false,
             cluster_cidrs: Arc::default(),
             guarded: Vec::new(),
@@ -510,7 +530,7 @@ impl Tables {
                         .filter(|(ip, _)| Some(*ip) == tunnel_ip(&d.node) && previous_up)
                         .and_then(|(ip, policy)| Some((linger(&policy)?, ip, policy)));
                     if let Some((linger, gateway_ip, policy)) = own {
-                        let l = Lingering::new(&d, gateway_ip, policy, now, linger);
+                        let l = Lingering::of_switch(&d, gateway_ip, policy, now, linger);
                         self.start_lingering(l);
                     }
                     delta.upserts.entry(d.key).or_insert(entry);
@@ -521,7 +541,7 @@ impl Tables {
                         // The pod's node learns it may pin there (its own change may have gone
                         // out already: a pod whose own node became its gateway).
                         pending.entry(d.source.clone()).or_default();
-                        let l = Lingering::new(&d, gateway_ip, policy, now, linger);
+                        let l = Lingering::of_switch(&d, gateway_ip, policy, now, linger);
                         self.start_lingering(l);
                     }
                     _ => {
@@ -534,13 +554,11 @@ impl Tables {
 
     /// Starts `l`, instead of any other of its gateway and key.
     fn start_lingering(&mut self, l: Lingering) {
-        self.lingering
-            .retain(|o| !(o.gateway == l.gateway && o.key == l.key));
-        self.lingering.push(l);
+        self.lingering.insert((l.gateway.clone(), l.key), l);
     }
 
     /// Puts `entries` back on `gateway` (underlay address `gateway_ip`) as lingering entries
-    /// of the pod on node `source`, until `until` (`until_unix` for the status): what a new
+    /// of the pod on node `source`, from `now` for `linger`: what a new
     /// leader does for the flows a pod's node reports pinned to a gateway the pod no longer
     /// uses, before its first publication. Keys the gateway holds as its own are left alone.
     /// When the gateway is the pod's own node, `entries` are the node's own (new) entries of
@@ -552,7 +570,7 @@ impl Tables {
         gateway_ip: IpAddr,
         source: Arc<str>,
         entries: Vec<EgressEntry>,
-        (since, until, until_unix): (Instant, Instant, i64),
+        (now, linger): (Instant, Duration),
         dirty: &mut BTreeSet<String>,
     ) {
         let own = *gateway == source;
@@ -564,25 +582,18 @@ impl Tables {
         let mut delta = NodeDelta::default();
         for entry in entries {
             let key = entry.key;
-            if (held.contains_key(&key) && !own)
-                || self
-                    .lingering
-                    .iter()
-                    .any(|l| l.gateway == *gateway && l.key == key)
-            {
+            if (held.contains_key(&key) && !own) || self.lingering.contains_key(&(gateway.clone(), key)) {
                 continue;
             }
-            self.lingering.push(Lingering {
-                gateway: gateway.clone(),
-                gateway_ip,
+            let l = Lingering::new(
+                (gateway.clone(), gateway_ip),
                 key,
-                policy: entry.policy.clone(),
-                source: source.clone(),
-                since,
-                looked: false,
-                until,
-                until_unix,
-            });
+                entry.policy.clone(),
+                source.clone(),
+                now,
+                linger,
+            );
+            self.start_lingering(l);
             if !own {
                 delta.upserts.insert(key, entry);
             }
@@ -601,11 +612,11 @@ impl Tables {
         &mut self,
         pending: &mut BTreeMap<Arc<str>, NodeDelta>,
         up: impl Fn(&str) -> bool,
-        ended: impl Fn(&str, IpAddr, &str, IpAddr) -> bool,
+        (ended, recounted): (impl Fn(&str, IpAddr, &str, IpAddr) -> bool, bool),
         now: Instant,
     ) -> BTreeSet<Arc<str>> {
         let mut changed = BTreeSet::new();
-        self.lingering.retain_mut(|l| {
+        self.lingering.retain(|_, l| {
             // Its gateway is the pod's gateway again (for a pod on its own gateway node, its
             // entry there leaves from there again).
             let current = pending.get(&l.gateway).is_some_and(|p| {
@@ -617,9 +628,12 @@ impl Tables {
                 changed.insert(l.source.clone());
                 return false;
             }
+            // Asked when it first may end so, and again only when the counts changed (a drain can
+            // keep a million entries, and this runs at every flush).
             let old_enough = now >= l.since + LINGER_AT_LEAST;
+            let ask = old_enough && (!l.looked || recounted);
             l.looked |= old_enough;
-            let flows_ended = old_enough && ended(&l.source, l.key.source, &l.policy, l.gateway_ip);
+            let flows_ended = ask && ended(&l.source, l.key.source, &l.policy, l.gateway_ip);
             if now < l.until && up(&l.gateway) && !flows_ended {
                 return true;
             }
@@ -641,7 +655,7 @@ impl Tables {
     /// (`flows(policy, gateway)`, as the pods' nodes counted them).
     pub fn draining(&self, policy: &str, flows: impl Fn(&str, IpAddr) -> Option<u64>) -> Vec<Draining> {
         let mut by_node: BTreeMap<&str, (i64, BTreeSet<IpAddr>, IpAddr)> = BTreeMap::new();
-        for l in self.lingering.iter().filter(|l| *l.policy == *policy) {
+        for l in self.lingering.values().filter(|l| *l.policy == *policy) {
             let (until, pods, _) = by_node
                 .entry(&l.gateway)
                 .or_insert((0, BTreeSet::new(), l.gateway_ip));
@@ -661,7 +675,7 @@ impl Tables {
 
     /// The policies with lingering entries.
     pub fn lingering_policies(&self) -> BTreeSet<String> {
-        self.lingering.iter().map(|l| l.policy.to_string()).collect()
+        self.lingering.values().map(|l| l.policy.to_string()).collect()
     }
 
     /// The gateways that carry lingering entries, or will once a switch held back is released.
@@ -672,7 +686,7 @@ impl Tables {
             .filter(|d| d.entry.is_none())
             .map(|d| &d.node);
         deferred
-            .chain(self.lingering.iter().map(|l| &l.gateway))
+            .chain(self.lingering.values().map(|l| &l.gateway))
             .map(|n| n.to_string())
             .collect()
     }
@@ -681,7 +695,7 @@ impl Tables {
     /// one pass over the lingering entries for every node published in a flush.
     pub fn pinnable_by_node(&self) -> HashMap<Arc<str>, Vec<IpAddr>> {
         let mut sets: HashMap<Arc<str>, BTreeSet<IpAddr>> = HashMap::new();
-        for l in &self.lingering {
+        for l in self.lingering.values() {
             sets.entry(l.source.clone()).or_default().insert(l.gateway_ip);
         }
         sets.into_iter()
@@ -698,7 +712,7 @@ impl Tables {
     /// The earliest deadline of a switch held back or of a lingering entry, if any.
     pub fn next_deadline(&self) -> Option<Instant> {
         let deferred = self.deferred.iter().map(|d| d.deadline);
-        let lingering = self.lingering.iter().map(|l| match l.looked {
+        let lingering = self.lingering.values().map(|l| match l.looked {
             true => l.until,
             false => l.until.min(l.since + LINGER_AT_LEAST),
         });
@@ -1050,7 +1064,7 @@ mod tests {
             let mut pending = BTreeMap::new();
             assert!(
                 tables
-                    .linger(&mut pending, |_| true, |_, _, _, _| false, t0 + ms(4000))
+                    .linger(&mut pending, |_| true, (|_, _, _, _| false, true), t0 + ms(4000))
                     .is_empty()
             );
             assert!(pending.is_empty());
@@ -1059,7 +1073,7 @@ mod tests {
             } else {
                 (t0 + ms(5100), |_| true)
             };
-            let changed = tables.linger(&mut pending, alive, |_, _, _, _| false, at);
+            let changed = tables.linger(&mut pending, alive, (|_, _, _, _| false, true), at);
             assert_eq!(changed, BTreeSet::from(["w".into()]));
             assert!(pending["g1"].removals.contains(&key(1)));
             assert!(tables.pinnable("w").is_empty());
@@ -1083,11 +1097,16 @@ mod tests {
         let mut pending = BTreeMap::new();
         assert!(
             tables
-                .linger(&mut pending, |_| true, ended, t0 + ms(5000))
+                .linger(&mut pending, |_| true, (ended, false), t0 + ms(5000))
                 .is_empty(),
             "too soon"
         );
-        let changed = tables.linger(&mut pending, |_| true, ended, t0 + ms(100) + LINGER_AT_LEAST);
+        let changed = tables.linger(
+            &mut pending,
+            |_| true,
+            (ended, false),
+            t0 + ms(100) + LINGER_AT_LEAST,
+        );
         assert_eq!(changed, BTreeSet::from(["w".into()]));
         assert!(pending["g1"].removals.contains(&key(1)));
         assert_eq!(tables.next_deadline(), None);

@@ -726,22 +726,16 @@ fn held_pods(reported: &[v2::HeldPod]) -> Vec<HeldPod> {
 /// (counts whose addresses do not decode are left out, and a gateway that does not decode is
 /// not counted: either only keeps a drain going longer).
 fn pinned_counts(ack: &v2::Ack) -> PinnedCounts {
-    PinnedCounts {
-        counted: ack
-            .counted_gateways
+    PinnedCounts::new(
+        ack.counted_gateways
             .iter()
-            .filter_map(|g| convert::ip_from_wire("gateway", g).ok())
-            .collect(),
-        flows: ack
-            .pinned_flows
-            .iter()
-            .filter_map(|c| {
-                let pod = convert::ip_from_wire("pod", &c.pod).ok()?;
-                let gateway = convert::ip_from_wire("gateway", &c.gateway).ok()?;
-                Some(((pod, c.policy.clone(), gateway), u64::from(c.flows)))
-            })
-            .collect(),
-    }
+            .filter_map(|g| convert::ip_from_wire("gateway", g).ok()),
+        ack.pinned_flows.iter().filter_map(|c| {
+            let pod = convert::ip_from_wire("pod", &c.pod).ok()?;
+            let gateway = convert::ip_from_wire("gateway", &c.gateway).ok()?;
+            Some(((pod, c.policy.clone(), gateway), u64::from(c.flows)))
+        }),
+    )
 }
 
 /// The gateway duties a shim reports holding. They only ever make the new leader keep a node
