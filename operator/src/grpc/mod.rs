@@ -381,18 +381,17 @@ async fn run_session(
             interval
         }
     };
-    let mut ticker = tokio::time::interval(pace(interval));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticker = aligned_ticker(pace(interval));
     let keeps = hello.keeps_unchanged_lists;
     // The shim's messages are read by a task of their own: building and sending a large plan
     // never keeps its heartbeats (its liveness) waiting.
-    let last_heard = Arc::new(Mutex::new(Instant::now()));
+    let beats = Arc::new(Mutex::new(Beats::new(Instant::now(), pace(interval), interval)));
     let mut reader = tokio::spawn(read_shim(
         inbound,
         hub.clone(),
         node.clone(),
         session,
-        last_heard.clone(),
+        beats.clone(),
         tx.clone(),
     ));
     let mut sent: Option<Arc<NodeView>> = None;
@@ -430,10 +429,9 @@ async fn run_session(
                     let wanted = effective_interval(&view, hub.heartbeat_interval);
                     if wanted != interval {
                         interval = wanted;
-                        ticker = tokio::time::interval(pace(interval));
-                        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        ticker = aligned_ticker(pace(interval));
                         // The shim heard of it only now: its silence is measured from here.
-                        *last_heard.lock().expect("last heard") = Instant::now();
+                        beats.lock().expect("beats").retime(Instant::now(), pace(interval), interval);
                     }
                     sending = Some(Chunks::new(whole, chunk_budget));
                     sent = Some(view);
@@ -448,12 +446,18 @@ async fn run_session(
                 permit.send(Ok(chunk.into()));
             }
             _ = ticker.tick() => {
-                if last_heard.lock().expect("last heard").elapsed() > (interval * 4).max(Duration::from_secs(1)) {
+                let now = Instant::now();
+                let (silent, due) = {
+                    let mut beats = beats.lock().expect("beats");
+                    (beats.shim_silent(now), beats.take_due_on_tick(now))
+                };
+                if silent {
                     break "shim silent".to_owned();
                 }
-                let hb = v2::OperatorMessage { message: Some(operator_message::Message::Heartbeat(v2::Heartbeat { sent_unix_ms: 0 })) };
-                // A shim that does not read is not sent more: its next view is coalesced anyway.
-                let _ = tx.try_send(Ok(hb));
+                if due {
+                    // A shim that does not read is not sent more: its next view is coalesced anyway.
+                    let _ = tx.try_send(Ok(operator_heartbeat()));
+                }
             }
         }
     };
@@ -469,13 +473,25 @@ async fn read_shim(
     hub: Arc<Hub>,
     node: String,
     session: u64,
-    last_heard: Arc<Mutex<Instant>>,
+    beats: Arc<Mutex<Beats>>,
     tx: mpsc::Sender<Result<v2::OperatorMessage, Status>>,
 ) -> String {
     loop {
         let msg = inbound.message().await;
         let now = Instant::now();
-        *last_heard.lock().expect("last heard") = now;
+        let answer = {
+            let mut beats = beats.lock().expect("beats");
+            beats.heard = now;
+            matches!(
+                &msg,
+                Ok(Some(ShimMessage {
+                    message: Some(shim_message::Message::Heartbeat(_))
+                }))
+            ) && beats.take_due_on_heartbeat(now)
+        };
+        if answer {
+            let _ = tx.try_send(Ok(operator_heartbeat()));
+        }
         match msg {
             Ok(Some(ShimMessage {
                 message: Some(shim_message::Message::Ack(ack)),
@@ -504,6 +520,95 @@ async fn read_shim(
             Err(e) => return format!("stream error: {}", e.message()),
         }
     }
+}
+
+fn operator_heartbeat() -> v2::OperatorMessage {
+    v2::OperatorMessage {
+        message: Some(operator_message::Message::Heartbeat(v2::Heartbeat {
+            sent_unix_ms: 0,
+        })),
+    }
+}
+
+/// The heartbeats of one session, both ways.
+///
+/// At rest, heartbeats are all the operator does, and what they cost is mostly waking up for
+/// each: so the operator's own heartbeat goes out as the answer to one of the shim's, in the
+/// wakeup that read it, and the session's ticker, which judges the shim's silence, ticks in step
+/// with every other session of the same pace (one wakeup for all of them). The ticker sends a
+/// heartbeat itself only when no answer went out for a whole pace (a shim that went quiet).
+#[derive(Debug)]
+struct Beats {
+    /// When the shim was last heard from (any message).
+    heard: Instant,
+    /// When the operator last sent the shim a heartbeat.
+    sent: Instant,
+    /// How often the operator's heartbeats go out.
+    pace: Duration,
+    /// How often the shim's heartbeats come.
+    shim_interval: Duration,
+}
+
+impl Beats {
+    fn new(now: Instant, pace: Duration, shim_interval: Duration) -> Self {
+        Beats {
+            heard: now,
+            sent: now,
+            pace,
+            shim_interval,
+        }
+    }
+
+    /// The shim was told of a new interval at `now`.
+    fn retime(&mut self, now: Instant, pace: Duration, shim_interval: Duration) {
+        self.heard = now;
+        self.pace = pace;
+        self.shim_interval = shim_interval;
+    }
+
+    /// Whether the shim has been silent for too long (four of its intervals, at least 1 s).
+    fn shim_silent(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.heard) > (self.shim_interval * 4).max(Duration::from_secs(1))
+    }
+
+    /// Whether a shim heartbeat arriving at `now` is to be answered (then counted as sent): the
+    /// answer that comes closest to the pace without going beyond it by more than half a shim
+    /// interval.
+    fn take_due_on_heartbeat(&mut self, now: Instant) -> bool {
+        let due = now.saturating_duration_since(self.sent) + self.shim_interval / 2 >= self.pace;
+        if due {
+            self.sent = now;
+        }
+        due
+    }
+
+    /// Whether the ticker must send a heartbeat at `now` (then counted as sent): none went out
+    /// for a whole pace.
+    fn take_due_on_tick(&mut self, now: Instant) -> bool {
+        let due = now.saturating_duration_since(self.sent) >= self.pace;
+        if due {
+            self.sent = now;
+        }
+        due
+    }
+}
+
+/// A ticker of period `pace` whose ticks fall on multiples of `pace` since one process-wide
+/// instant: the tickers of all sessions of the same pace wake together.
+fn aligned_ticker(pace: Duration) -> tokio::time::Interval {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    let mut ticker = tokio::time::interval_at(next_multiple(epoch, Instant::now(), pace).into(), pace);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    ticker
+}
+
+/// The first instant `epoch + k * pace` (k >= 1) after `now`.
+fn next_multiple(epoch: Instant, now: Instant, pace: Duration) -> Instant {
+    let pace_ns = pace.as_nanos().max(1);
+    let since = now.saturating_duration_since(epoch).as_nanos();
+    let k = since / pace_ns + 1;
+    epoch + Duration::from_nanos(u64::try_from(k * pace_ns).unwrap_or(u64::MAX))
 }
 
 /// Runs `f`, which handles `entries` entries: when they are many (the plan of a node with a
@@ -761,6 +866,65 @@ fn held_duties(hello: &v2::Hello) -> Vec<HeldDuty> {
 mod tests {
     use super::*;
     use crate::plan::Guard;
+
+    /// The operator's heartbeats as a shim beating every `shim` at `pace` sees them over `for_`,
+    /// its own beats stopping at `until` (then only the ticker answers).
+    fn operator_beats(shim: Duration, pace: Duration, until: Duration, for_: Duration) -> Vec<Duration> {
+        let t0 = Instant::now();
+        let mut beats = Beats::new(t0, pace, shim);
+        let (mut sent, step) = (vec![], Duration::from_millis(10));
+        let mut t = step;
+        while t <= for_ {
+            let now = t0 + t;
+            if t.as_millis() % shim.as_millis() == 0 && t <= until && beats.take_due_on_heartbeat(now) {
+                sent.push(t);
+            }
+            if t.as_millis() % pace.as_millis() == 0 && beats.take_due_on_tick(now) {
+                sent.push(t);
+            }
+            t += step;
+        }
+        sent
+    }
+
+    #[test]
+    fn the_operator_answers_heartbeats_at_its_pace_and_its_ticker_covers_a_silent_shim() {
+        let ms = Duration::from_millis;
+        // A gateway's shim (250 ms) and an operator pace of 2 s: every eighth beat is answered,
+        // the ticker sends none.
+        let gaps = |sent: &[Duration]| sent.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>();
+        let fast = operator_beats(ms(250), ms(2000), ms(20_000), ms(20_000));
+        assert_eq!(fast.len(), 10, "{fast:?}");
+        assert!(gaps(&fast).iter().all(|g| *g == ms(2000)), "{fast:?}");
+        // A slow node: each of its beats is answered, though they come a hair before the pace.
+        let slow = operator_beats(ms(10_000), ms(10_000), ms(60_000), ms(60_000));
+        assert_eq!(slow.len(), 6, "{slow:?}");
+        // The shim goes quiet: the ticker keeps the operator's heartbeats going, never more than
+        // two paces apart (the shim takes four missed for a lost operator).
+        let quiet = operator_beats(ms(250), ms(2000), ms(3000), ms(20_000));
+        assert!(quiet.iter().any(|t| *t > ms(3000)), "{quiet:?}");
+        assert!(gaps(&quiet).iter().all(|g| *g <= ms(4000)), "{quiet:?}");
+    }
+
+    #[test]
+    fn a_shim_is_silent_after_four_of_its_intervals_and_a_new_interval_restarts_the_count() {
+        let (t0, ms) = (Instant::now(), Duration::from_millis);
+        let mut beats = Beats::new(t0, ms(2000), ms(250));
+        assert!(!beats.shim_silent(t0 + ms(1000)));
+        assert!(beats.shim_silent(t0 + ms(1001)));
+        beats.retime(t0 + ms(1000), ms(10_000), ms(10_000));
+        assert!(!beats.shim_silent(t0 + ms(41_000)));
+        assert!(beats.shim_silent(t0 + ms(41_001)));
+    }
+
+    #[test]
+    fn tickers_of_one_pace_fall_on_the_same_instants() {
+        let (epoch, ms) = (Instant::now(), Duration::from_millis);
+        assert_eq!(next_multiple(epoch, epoch, ms(2000)), epoch + ms(2000));
+        assert_eq!(next_multiple(epoch, epoch + ms(1999), ms(2000)), epoch + ms(2000));
+        assert_eq!(next_multiple(epoch, epoch + ms(2000), ms(2000)), epoch + ms(4000));
+        assert_eq!(next_multiple(epoch, epoch + ms(7300), ms(2000)), epoch + ms(8000));
+    }
 
     fn view(generation: u64, guarded: &[&str], cluster: &[&str]) -> NodeView {
         NodeView {
