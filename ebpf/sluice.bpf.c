@@ -27,11 +27,26 @@
 #ifndef AF_INET
 #define AF_INET 2
 #endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
 
 /* ICMP error types (linux/icmp.h pulls in libc headers a BPF build cannot use). */
 #define SLUICE_ICMP_DEST_UNREACH 3
 #define SLUICE_ICMP_TIME_EXCEEDED 11
 #define SLUICE_ICMP_PARAMETERPROB 12
+
+/* ICMPv6 error types (RFC 4443). */
+#define SLUICE_ICMPV6_DEST_UNREACH 1
+#define SLUICE_ICMPV6_PACKET_TOO_BIG 2
+#define SLUICE_ICMPV6_TIME_EXCEEDED 3
+#define SLUICE_ICMPV6_PARAMPROB 4
+
+/* IPv6 extension headers walked to find the transport header (linux/in6.h's names). */
+#define SLUICE_IPV6_HOPOPTS 0
+#define SLUICE_IPV6_ROUTING 43
+#define SLUICE_IPV6_FRAGMENT 44
+#define SLUICE_IPV6_DSTOPTS 60
 
 struct sluice_icmp_header {
 	__u8 type;
@@ -176,7 +191,7 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sluice_decided_pods_v4 SEC(".maps");
 
-/* IPv6, fail closed (see sluice.h). */
+/* IPv6 (see sluice.h). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__type(key, struct sluice_entry_key_v6);
@@ -185,6 +200,25 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sluice_entries_v6 SEC(".maps");
+
+/* Where IPv6 pods served here live (pod IPv6 -> its node's underlay address). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct sluice_addr_v6);
+	__type(value, struct sluice_reply_v6);
+	__uint(max_entries, 65536);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sluice_reply_v6 SEC(".maps");
+
+/* sluice_tunnel_peers_v4 for nodes reached over an IPv6 underlay. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct sluice_addr_v6);
+	__type(value, __u32);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sluice_tunnel_peers_v6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -325,6 +359,60 @@ static __always_inline int in_cluster(__be32 daddr)
 	struct sluice_cidr_key_v4 key = { .prefixlen = 32, .addr = daddr };
 
 	return bpf_map_lookup_elem(&sluice_cluster_v4, &key) != NULL;
+}
+
+/* The address as two 64-bit words (no memcmp in BPF; the bytes may be unaligned). */
+static __always_inline int addr_eq(const struct sluice_addr_v6 *a, const struct sluice_addr_v6 *b)
+{
+	__u64 a0, a1, b0, b1;
+
+	__builtin_memcpy(&a0, a->bytes, 8);
+	__builtin_memcpy(&a1, a->bytes + 8, 8);
+	__builtin_memcpy(&b0, b->bytes, 8);
+	__builtin_memcpy(&b1, b->bytes + 8, 8);
+	return a0 == b0 && a1 == b1;
+}
+
+static __always_inline int addr_is_zero(const struct sluice_addr_v6 *a)
+{
+	__u64 a0, a1;
+
+	__builtin_memcpy(&a0, a->bytes, 8);
+	__builtin_memcpy(&a1, a->bytes + 8, 8);
+	return (a0 | a1) == 0;
+}
+
+/* An underlay address holding an IPv4 address (::ffff:a.b.c.d): that address, else 0. */
+static __always_inline __be32 underlay_v4(const struct sluice_addr_v6 *a)
+{
+	__u64 a0;
+	__u32 a2;
+	__be32 v4;
+
+	__builtin_memcpy(&a0, a->bytes, 8);
+	__builtin_memcpy(&a2, a->bytes + 8, 4);
+	__builtin_memcpy(&v4, a->bytes + 12, 4);
+	return (a0 == 0 && a2 == bpf_htonl(0xffff)) ? v4 : 0;
+}
+
+/* The underlay address of an IPv4 underlay IP (see sluice.h). */
+static __always_inline void underlay_of_v4(struct sluice_addr_v6 *out, __be32 v4)
+{
+	__builtin_memset(out, 0, sizeof(*out));
+	out->bytes[10] = 0xff;
+	out->bytes[11] = 0xff;
+	__builtin_memcpy(out->bytes + 12, &v4, 4);
+}
+
+/* The IPv6 entry of (source, destination), if any. */
+static __always_inline struct sluice_entry_v6 *policy_lookup_v6(const struct sluice_addr_v6 *saddr,
+								  const struct sluice_addr_v6 *daddr)
+{
+	struct sluice_entry_key_v6 key = { .prefixlen = 256 };
+
+	__builtin_memcpy(key.saddr, saddr->bytes, 16);
+	__builtin_memcpy(key.daddr, daddr->bytes, 16);
+	return bpf_map_lookup_elem(&sluice_entries_v6, &key);
 }
 
 /* policy_lookup results besides 0 (found: *out filled). */
@@ -565,6 +653,70 @@ static __always_inline int set_tunnel_dst(struct __sk_buff *skb, struct sluice_c
 	return bpf_skb_set_tunnel_key(skb, &tk, sizeof(tk), BPF_F_ZERO_CSUM_TX);
 }
 
+/* set_tunnel_dst for an underlay address of either family. */
+static __always_inline int set_tunnel_dst_addr(struct __sk_buff *skb, struct sluice_config *cfg,
+					       const struct sluice_addr_v6 *remote)
+{
+	__be32 v4 = underlay_v4(remote);
+
+	if (v4)
+		return set_tunnel_dst(skb, cfg, v4);
+	struct bpf_tunnel_key tk = {};
+
+	__builtin_memcpy(tk.remote_ipv6, remote->bytes, 16);
+	tk.tunnel_id = cfg->vni;
+	tk.tunnel_ttl = cfg->tunnel_ttl ? cfg->tunnel_ttl : 64;
+	skb->mark = 0;
+	/* A UDP checksum over IPv6 is mandatory (RFC 8200): not zeroed. */
+	return bpf_skb_set_tunnel_key(skb, &tk, sizeof(tk), BPF_F_TUNINFO_IPV6);
+}
+
+/*
+ * Where the transport header of an IPv6 packet starts and which it is, past up to four
+ * extension headers. 0 when it cannot be told (then *proto is the last header read); a
+ * non-first fragment reports protocol 0 (it carries no transport header).
+ */
+static __always_inline int ipv6_transport(struct __sk_buff *skb, __u8 *proto, __u32 *off)
+{
+	struct ipv6hdr ip6;
+	__u32 at = sizeof(struct ethhdr);
+
+	if (bpf_skb_load_bytes(skb, at, &ip6, sizeof(ip6)) < 0)
+		return 0;
+	__u8 next = ip6.nexthdr;
+
+	at += sizeof(ip6);
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		struct {
+			__u8 next;
+			__u8 len;
+			__be16 frag_off; /* fragment header: offset and flags */
+		} ext;
+
+		if (next != SLUICE_IPV6_HOPOPTS && next != SLUICE_IPV6_ROUTING &&
+		    next != SLUICE_IPV6_DSTOPTS && next != SLUICE_IPV6_FRAGMENT)
+			break;
+		if (bpf_skb_load_bytes(skb, at, &ext, sizeof(ext)) < 0)
+			return 0;
+		if (next == SLUICE_IPV6_FRAGMENT) {
+			if (ext.frag_off & bpf_htons(0xfff8)) {
+				*proto = 0;
+				*off = at;
+				return 1;
+			}
+			at += 8;
+		} else {
+			at += (ext.len + 1) * 8;
+		}
+		next = ext.next;
+	}
+	*proto = next;
+	*off = at;
+	return next != SLUICE_IPV6_HOPOPTS && next != SLUICE_IPV6_ROUTING &&
+	       next != SLUICE_IPV6_DSTOPTS && next != SLUICE_IPV6_FRAGMENT;
+}
+
 /*
  * Whether a pod's packet is UDP to the tunnel port. Only first fragments carry the port; later
  * fragments alone never reassemble into anything.
@@ -587,17 +739,9 @@ static __always_inline int to_tunnel_port(struct __sk_buff *skb, struct iphdr *i
  * that the tunnel would have to fragment: the pod's side may have the underlay's full MTU.
  * Invalidates packet pointers. Options are walked for at most 16 steps (40 bytes of options).
  */
-static __always_inline void clamp_mss(struct __sk_buff *skb, __u32 max)
+static __always_inline void clamp_mss_at(struct __sk_buff *skb, __u32 l4, __u32 max)
 {
-	struct iphdr ip;
 	struct tcphdr th;
-	const __u32 l3 = sizeof(struct ethhdr);
-
-	if (!max || bpf_skb_load_bytes(skb, l3, &ip, sizeof(ip)) < 0)
-		return;
-	if (ip.protocol != IPPROTO_TCP || (ip.frag_off & bpf_htons(0x1fff)) || ip.ihl < 5)
-		return;
-	__u32 l4 = l3 + ip.ihl * 4;
 
 	if (bpf_skb_load_bytes(skb, l4, &th, sizeof(th)) < 0 || !th.syn)
 		return;
@@ -640,18 +784,40 @@ static __always_inline void clamp_mss(struct __sk_buff *skb, __u32 max)
 	}
 }
 
+/* clamp_mss_at for an IPv4 packet. */
+static __always_inline void clamp_mss(struct __sk_buff *skb, __u32 max)
+{
+	struct iphdr ip;
+	const __u32 l3 = sizeof(struct ethhdr);
+
+	if (!max || bpf_skb_load_bytes(skb, l3, &ip, sizeof(ip)) < 0)
+		return;
+	if (ip.protocol != IPPROTO_TCP || (ip.frag_off & bpf_htons(0x1fff)) || ip.ihl < 5)
+		return;
+	clamp_mss_at(skb, l3 + ip.ihl * 4, max);
+}
+
+/* clamp_mss_at for an IPv6 packet: its header is 20 bytes longer, its MSS 20 bytes smaller. */
+static __always_inline void clamp_mss_v6(struct __sk_buff *skb, __u32 max)
+{
+	__u8 proto = 0;
+	__u32 l4 = 0;
+
+	if (max <= 20 || !ipv6_transport(skb, &proto, &l4) || proto != IPPROTO_TCP)
+		return;
+	clamp_mss_at(skb, l4, max - 20);
+}
+
 /*
  * Reverse-path check: does the route back to the packet's source leave by the interface the
  * packet came in on? On routed CNIs (a route per pod to its veth) that ties the address to the
  * pod. On bridged CNIs the route leads to the bridge: then the frame must come from a port of
  * that bridge, with the MAC the node's neighbour table holds for the address.
  */
-static __always_inline int source_belongs_to_interface(struct __sk_buff *skb, struct iphdr *ip)
+static __always_inline int route_back_is_interface(struct __sk_buff *skb, struct bpf_fib_lookup *fib_in)
 {
-	struct bpf_fib_lookup fib = {};
+	struct bpf_fib_lookup fib = *fib_in;
 
-	fib.family = AF_INET;
-	fib.ipv4_dst = ip->saddr;
 	fib.ifindex = skb->ifindex;
 	/* tot_len 0: no MTU check, only the route matters. */
 	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
@@ -678,10 +844,86 @@ static __always_inline int source_belongs_to_interface(struct __sk_buff *skb, st
 	return diff == 0;
 }
 
+static __always_inline int source_belongs_to_interface(struct __sk_buff *skb, struct iphdr *ip)
+{
+	struct bpf_fib_lookup fib = {};
+
+	fib.family = AF_INET;
+	fib.ipv4_dst = ip->saddr;
+	return route_back_is_interface(skb, &fib);
+}
+
+static __always_inline int source_belongs_to_interface_v6(struct __sk_buff *skb,
+							  const struct sluice_addr_v6 *saddr)
+{
+	struct bpf_fib_lookup fib = {};
+
+	fib.family = AF_INET6;
+	__builtin_memcpy(fib.ipv6_dst, saddr->bytes, 16);
+	return route_back_is_interface(skb, &fib);
+}
+
+/* unsteered() for a gateway entry: the caller steers the packet. */
+#define SLUICE_STEER 0x7fff
+
 /*
- * A pod's IPv6 packet. IPv6 is not steered yet: what a Drop policy covers is dropped rather than
- * let out with the node's address; everything else takes the normal path.
+ * The verdict on a pod's packet whose entry (of kind `kind`, policy `policy_id`) is not steered
+ * (counted): excluded and fallback take the normal path, none drops; SLUICE_STEER for a gateway.
  */
+static __always_inline int unsteered(struct __sk_buff *skb, __u32 kind, __u32 policy_id)
+{
+	switch (kind) {
+	case SLUICE_KIND_EXCLUDED:
+		count(SLUICE_CTR_EXCLUDED, skb->len);
+		return SLUICE_PASS;
+	case SLUICE_KIND_FALLBACK:
+		count(SLUICE_CTR_FALLBACK, skb->len);
+		count_policy(policy_id, skb->len);
+		return SLUICE_PASS;
+	case SLUICE_KIND_NONE:
+		count(SLUICE_CTR_DROP_NO_GATEWAY, skb->len);
+		count_policy(policy_id, skb->len);
+		return TC_ACT_SHOT;
+	case SLUICE_KIND_GATEWAY:
+		return SLUICE_STEER;
+	default:
+		count(SLUICE_CTR_ERROR, skb->len);
+		return TC_ACT_SHOT;
+	}
+}
+
+/*
+ * The verdict on a pod's packet no entry covers: the no-leak guard drops it when the pod is not
+ * decided yet and the destination is guarded (found in the guard's trie: `guarded`).
+ */
+static __always_inline int uncovered(struct __sk_buff *skb, int guarded, int decided)
+{
+	if (guarded && !decided) {
+		count(SLUICE_CTR_DROP_UNDECIDED_POD, skb->len);
+		return TC_ACT_SHOT;
+	}
+	return SLUICE_PASS;
+}
+
+/* Whether a pod's IPv6 packet is UDP to the tunnel port (past extension headers). */
+static __always_inline int to_tunnel_port_v6(struct __sk_buff *skb, __u32 port)
+{
+	__u8 proto = 0;
+	__u32 l4 = 0;
+	__be16 dport;
+
+	if (!port)
+		return 0;
+	if (!ipv6_transport(skb, &proto, &l4))
+		return 1; /* a header chain we cannot read: treat as hostile */
+	if (proto != IPPROTO_UDP)
+		return 0;
+	if (bpf_skb_load_bytes(skb, l4 + __builtin_offsetof(struct udphdr, dest), &dport, sizeof(dport)) < 0)
+		return 1;
+	return dport == bpf_htons((__u16)port);
+}
+
+/* A pod's IPv6 packet: as sluice_from_pod for IPv4, with sluice_entries_v6 (not pinned). */
 static __always_inline int from_pod_v6(struct __sk_buff *skb)
 {
 	void *data = readable(skb, sizeof(struct ethhdr) + sizeof(struct ipv6hdr));
@@ -689,35 +931,68 @@ static __always_inline int from_pod_v6(struct __sk_buff *skb)
 	if (!data)
 		return SLUICE_PASS;
 	struct ipv6hdr *ip6 = data + sizeof(struct ethhdr);
+	struct sluice_addr_v6 saddr, daddr;
+
+	__builtin_memcpy(saddr.bytes, &ip6->saddr, 16);
+	__builtin_memcpy(daddr.bytes, &ip6->daddr, 16);
+	struct sluice_config *cfg = config();
+
+	if (cfg && to_tunnel_port_v6(skb, cfg->tunnel_port)) {
+		count(SLUICE_CTR_DROP_POD_TO_TUNNEL, skb->len);
+		return TC_ACT_SHOT;
+	}
 	struct sluice_cidr_key_v6 dst = { .prefixlen = 128 };
 
-	__builtin_memcpy(dst.addr, &ip6->daddr, 16);
+	__builtin_memcpy(dst.addr, daddr.bytes, 16);
 	if (bpf_map_lookup_elem(&sluice_cluster_v6, &dst)) {
 		count(SLUICE_CTR_IN_CLUSTER, skb->len);
 		return SLUICE_PASS;
 	}
-	struct sluice_entry_key_v6 key = { .prefixlen = 256 };
+	struct sluice_entry_v6 *e = policy_lookup_v6(&saddr, &daddr);
 
-	__builtin_memcpy(key.saddr, &ip6->saddr, 16);
-	__builtin_memcpy(key.daddr, &ip6->daddr, 16);
-	struct sluice_entry_v6 *e = bpf_map_lookup_elem(&sluice_entries_v6, &key);
+	if (!e)
+		return uncovered(skb, bpf_map_lookup_elem(&sluice_guarded_v6, &dst) != NULL,
+				 bpf_map_lookup_elem(&sluice_decided_pods_v6, &saddr) != NULL);
+	int verdict = unsteered(skb, e->kind, e->policy_id);
 
-	if (e) {
-		if (e->action == SLUICE_V6_PASS)
-			return SLUICE_PASS;
-		count(SLUICE_CTR_DROP_IPV6_NOT_STEERED, skb->len);
-		count_policy(e->policy_id, skb->len);
+	if (verdict != SLUICE_STEER)
+		return verdict;
+	if (!(cfg && (cfg->flags & SLUICE_CFG_NO_SOURCE_CHECK)) &&
+	    !source_belongs_to_interface_v6(skb, &saddr)) {
+		count(SLUICE_CTR_DROP_SPOOFED_SOURCE, skb->len);
 		return TC_ACT_SHOT;
 	}
-	struct sluice_addr_v6 src;
-
-	__builtin_memcpy(src.bytes, &ip6->saddr, 16);
-	if (bpf_map_lookup_elem(&sluice_guarded_v6, &dst) &&
-	    !bpf_map_lookup_elem(&sluice_decided_pods_v6, &src)) {
-		count(SLUICE_CTR_DROP_UNDECIDED_POD, skb->len);
+	count_policy(e->policy_id, skb->len);
+	if (!cfg) {
+		count(SLUICE_CTR_ERROR, skb->len);
 		return TC_ACT_SHOT;
 	}
-	return SLUICE_PASS;
+	if (e->flags & SLUICE_F_LOCAL_GATEWAY) {
+		if (addr_is_zero(&e->egress_ip)) {
+			count(SLUICE_CTR_DROP_NO_EGRESS_IP, skb->len);
+			return TC_ACT_SHOT;
+		}
+		if (mark_for_egress(skb, cfg, e->egress_id, 0) < 0) {
+			count(SLUICE_CTR_ERROR, skb->len);
+			return TC_ACT_SHOT;
+		}
+		count(SLUICE_CTR_LOCAL_EGRESS, skb->len);
+		return SLUICE_PASS;
+	}
+	struct sluice_addr_v6 gateway = e->gateway;
+
+	/* Fail closed: a steered flow must never leave by the normal path. */
+	if (!cfg->tunnel_ifindex || addr_is_zero(&gateway)) {
+		count(SLUICE_CTR_ERROR, skb->len);
+		return TC_ACT_SHOT;
+	}
+	clamp_mss_v6(skb, cfg->tcp_mss_max);
+	if (set_tunnel_dst_addr(skb, cfg, &gateway) < 0) {
+		count(SLUICE_CTR_ERROR, skb->len);
+		return TC_ACT_SHOT;
+	}
+	count(SLUICE_CTR_STEERED, skb->len);
+	return bpf_redirect(cfg->tunnel_ifindex, 0);
 }
 
 SEC("classifier")
@@ -765,32 +1040,13 @@ int sluice_from_pod(struct __sk_buff *skb)
 	if (found < 0) {
 		struct sluice_cidr_key_v4 guard = { .prefixlen = 32, .addr = daddr };
 
-		if (bpf_map_lookup_elem(&sluice_guarded_v4, &guard) &&
-		    !bpf_map_lookup_elem(&sluice_decided_pods_v4, &saddr)) {
-			count(SLUICE_CTR_DROP_UNDECIDED_POD, skb->len);
-			return TC_ACT_SHOT;
-		}
-		return SLUICE_PASS;
+		return uncovered(skb, bpf_map_lookup_elem(&sluice_guarded_v4, &guard) != NULL,
+				 bpf_map_lookup_elem(&sluice_decided_pods_v4, &saddr) != NULL);
 	}
+	int verdict = unsteered(skb, v->kind, v->policy_id);
 
-	switch (v->kind) {
-	case SLUICE_KIND_EXCLUDED:
-		count(SLUICE_CTR_EXCLUDED, skb->len);
-		return SLUICE_PASS;
-	case SLUICE_KIND_FALLBACK:
-		count(SLUICE_CTR_FALLBACK, skb->len);
-		count_policy(v->policy_id, skb->len);
-		return SLUICE_PASS;
-	case SLUICE_KIND_NONE:
-		count(SLUICE_CTR_DROP_NO_GATEWAY, skb->len);
-		count_policy(v->policy_id, skb->len);
-		return TC_ACT_SHOT;
-	case SLUICE_KIND_GATEWAY:
-		break;
-	default:
-		count(SLUICE_CTR_ERROR, skb->len);
-		return TC_ACT_SHOT;
-	}
+	if (verdict != SLUICE_STEER)
+		return verdict;
 	/* The egress IP is lent to the pod the entry names, not to whoever uses its address. */
 	if (!(cfg && (cfg->flags & SLUICE_CFG_NO_SOURCE_CHECK)) &&
 	    !source_belongs_to_interface(skb, ip)) {
@@ -878,25 +1134,171 @@ static __always_inline int deliver_to_pod(struct __sk_buff *skb)
 	return bpf_redirect(fib.ifindex, 0);
 }
 
+/* A tunnelled request of a pod of another node, taken: marked for SNAT by `egress_id`. */
+static __always_inline int egress_here(struct __sk_buff *skb, struct sluice_config *cfg, __u32 egress_id,
+				       __u32 policy_id)
+{
+	if (mark_for_egress(skb, cfg, egress_id, 1) < 0) {
+		count(SLUICE_CTR_ERROR, skb->len);
+		return TC_ACT_SHOT;
+	}
+	count(SLUICE_CTR_EGRESSED, skb->len);
+	count_policy(policy_id, skb->len);
+	return SLUICE_PASS;
+}
+
+/* deliver_to_pod for an IPv6 reply. */
+static __always_inline int deliver_to_pod_v6(struct __sk_buff *skb)
+{
+	void *data = readable(skb, sizeof(struct ethhdr) + sizeof(struct ipv6hdr));
+
+	if (!data)
+		return SLUICE_PASS;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6 = data + sizeof(struct ethhdr);
+
+	if (eth->h_proto != bpf_htons(ETH_P_IPV6) || ip6->hop_limit <= 1)
+		return SLUICE_PASS; /* let the stack send the ICMPv6 */
+
+	struct bpf_fib_lookup fib = {};
+
+	fib.family = AF_INET6;
+	fib.l4_protocol = ip6->nexthdr;
+	fib.tot_len = bpf_ntohs(ip6->payload_len) + sizeof(struct ipv6hdr);
+	__builtin_memcpy(fib.ipv6_src, &ip6->saddr, 16);
+	__builtin_memcpy(fib.ipv6_dst, &ip6->daddr, 16);
+	fib.ifindex = skb->ingress_ifindex;
+
+	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return SLUICE_PASS;
+	ip6->hop_limit--; /* no header checksum in IPv6 */
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return bpf_redirect_neigh(fib.ifindex, NULL, 0, 0);
+	__builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+	return bpf_redirect(fib.ifindex, 0);
+}
+
+/*
+ * sluice_from_tunnel for an IPv6 inner packet, from the peer at underlay address `remote`: a
+ * request of a pod on another node to leave here, a reply to a local pod, or an ICMPv6 error
+ * about a local pod's steered flow (as for IPv4).
+ */
+static __always_inline int from_tunnel_v6(struct __sk_buff *skb, struct sluice_config *cfg,
+					  const struct sluice_addr_v6 *remote, __u32 peer_flags)
+{
+	void *data = readable(skb, sizeof(struct ethhdr) + sizeof(struct ipv6hdr));
+
+	if (!data) {
+		count(SLUICE_CTR_DROP_UNKNOWN_TUNNEL, skb->len);
+		return TC_ACT_SHOT;
+	}
+	struct ipv6hdr *ip6 = data + sizeof(struct ethhdr);
+	struct sluice_addr_v6 saddr, daddr;
+
+	__builtin_memcpy(saddr.bytes, &ip6->saddr, 16);
+	__builtin_memcpy(daddr.bytes, &ip6->daddr, 16);
+	__u8 nexthdr = ip6->nexthdr;
+
+	bpf_skb_change_type(skb, PACKET_HOST);
+
+	struct sluice_entry_v6 *e = policy_lookup_v6(&saddr, &daddr);
+
+	if (e && e->kind == SLUICE_KIND_GATEWAY && (e->flags & SLUICE_F_LOCAL_GATEWAY)) {
+		/* Only the pod's own node may send its traffic (see sluice_from_tunnel). */
+		if (!(peer_flags & SLUICE_PEER_SOURCE) || addr_is_zero(&e->peer) || !addr_eq(&e->peer, remote)) {
+			count(SLUICE_CTR_DROP_FOREIGN_TUNNEL, skb->len);
+			return TC_ACT_SHOT;
+		}
+		if (addr_is_zero(&e->egress_ip)) {
+			count(SLUICE_CTR_DROP_NO_EGRESS_IP, skb->len);
+			return TC_ACT_SHOT;
+		}
+		struct sluice_reply_v6 *r = bpf_map_lookup_elem(&sluice_reply_v6, &saddr);
+
+		if (!r || !addr_eq(&r->node, remote)) {
+			struct sluice_reply_v6 nr = { .node = *remote };
+
+			bpf_map_update_elem(&sluice_reply_v6, &saddr, &nr, BPF_ANY);
+		}
+		return egress_here(skb, cfg, e->egress_id, e->policy_id);
+	}
+	e = policy_lookup_v6(&daddr, &saddr);
+	if (e && e->kind == SLUICE_KIND_GATEWAY && (peer_flags & SLUICE_PEER_GATEWAY) &&
+	    !(e->flags & SLUICE_F_LOCAL_GATEWAY) && addr_eq(&e->gateway, remote)) {
+		count(SLUICE_CTR_REPLY_DELIVERED, skb->len);
+		clamp_mss_v6(skb, cfg->tcp_mss_max);
+		return deliver_to_pod_v6(skb);
+	}
+	/*
+	 * An ICMPv6 error about a steered flow ("packet too big" above all: IPv6 routers never
+	 * fragment), matched by the packet it quotes, which must be steered to the gateway it came
+	 * from.
+	 */
+	if (nexthdr == IPPROTO_ICMPV6 && (peer_flags & SLUICE_PEER_GATEWAY)) {
+		struct {
+			struct sluice_icmp_header icmp;
+			struct ipv6hdr inner;
+		} err;
+
+		if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + sizeof(struct ipv6hdr), &err,
+				       sizeof(err)) == 0 &&
+		    err.icmp.type >= SLUICE_ICMPV6_DEST_UNREACH && err.icmp.type <= SLUICE_ICMPV6_PARAMPROB) {
+			struct sluice_addr_v6 inner_s, inner_d;
+
+			__builtin_memcpy(inner_s.bytes, &err.inner.saddr, 16);
+			__builtin_memcpy(inner_d.bytes, &err.inner.daddr, 16);
+			if (addr_eq(&inner_s, &daddr)) {
+				e = policy_lookup_v6(&inner_s, &inner_d);
+				if (e && e->kind == SLUICE_KIND_GATEWAY && !(e->flags & SLUICE_F_LOCAL_GATEWAY) &&
+				    addr_eq(&e->gateway, remote)) {
+					count(SLUICE_CTR_ICMP_ERROR_DELIVERED, skb->len);
+					return deliver_to_pod_v6(skb);
+				}
+			}
+		}
+	}
+	count(SLUICE_CTR_DROP_UNKNOWN_TUNNEL, skb->len);
+	return TC_ACT_SHOT;
+}
+
 SEC("classifier")
 int sluice_from_tunnel(struct __sk_buff *skb)
 {
 	struct bpf_tunnel_key tk = {};
+	struct sluice_addr_v6 remote_addr;
+	__be32 remote = 0; /* an IPv4 underlay's address; 0 over IPv6 */
+	__u32 *peer;
 
-	if (bpf_skb_get_tunnel_key(skb, &tk, sizeof(tk), 0) < 0) {
+	/* Before anything else: our VNI, from a node our plan exchanges tunnel traffic with. */
+	if (bpf_skb_get_tunnel_key(skb, &tk, sizeof(tk), 0) == 0) {
+		remote = bpf_htonl(tk.remote_ipv4);
+		underlay_of_v4(&remote_addr, remote);
+		peer = bpf_map_lookup_elem(&sluice_tunnel_peers_v4, &remote);
+	} else if (bpf_skb_get_tunnel_key(skb, &tk, sizeof(tk), BPF_F_TUNINFO_IPV6) == 0) {
+		__builtin_memcpy(remote_addr.bytes, tk.remote_ipv6, 16);
+		peer = bpf_map_lookup_elem(&sluice_tunnel_peers_v6, &remote_addr);
+	} else {
 		count(SLUICE_CTR_ERROR, skb->len);
 		return TC_ACT_SHOT;
 	}
-	/* Before anything else: our VNI, from a node our plan exchanges tunnel traffic with. */
 	struct sluice_config *cfg = config();
-	__be32 remote = bpf_htonl(tk.remote_ipv4);
-	__u32 *peer = bpf_map_lookup_elem(&sluice_tunnel_peers_v4, &remote);
 
 	if (!cfg || tk.tunnel_id != cfg->vni || !peer) {
 		count(SLUICE_CTR_DROP_FOREIGN_TUNNEL, skb->len);
 		return TC_ACT_SHOT;
 	}
 	__u32 peer_flags = *peer;
+
+	if (skb->protocol == bpf_htons(ETH_P_IPV6))
+		return from_tunnel_v6(skb, cfg, &remote_addr, peer_flags);
+	if (!remote) {
+		/* IPv4 pods are steered over an IPv4 underlay only. */
+		count(SLUICE_CTR_DROP_UNSUPPORTED_FAMILY, skb->len);
+		return TC_ACT_SHOT;
+	}
 	struct iphdr *ip = ipv4_header(skb);
 
 	if (!ip) {
@@ -934,13 +1336,7 @@ int sluice_from_tunnel(struct __sk_buff *skb)
 
 			bpf_map_update_elem(&sluice_reply_v4, &saddr, &nr, BPF_ANY);
 		}
-		if (mark_for_egress(skb, cfg, v->egress_id, 1) < 0) {
-			count(SLUICE_CTR_ERROR, skb->len);
-			return TC_ACT_SHOT;
-		}
-		count(SLUICE_CTR_EGRESSED, skb->len);
-		count_policy(v->policy_id, skb->len);
-		return SLUICE_PASS;
+		return egress_here(skb, cfg, v->egress_id, v->policy_id);
 	}
 
 	/*
@@ -1000,10 +1396,36 @@ int sluice_to_tunnel(struct __sk_buff *skb)
 	 * Already given a destination by sluice_from_pod: pass. (Transmit metadata reads back
 	 * with the destination in local_ipv4: the helper assumes receive metadata.)
 	 */
-	if (bpf_skb_get_tunnel_key(skb, &tk, sizeof(tk), 0) == 0)
+	if (bpf_skb_get_tunnel_key(skb, &tk, sizeof(tk), 0) == 0 ||
+	    bpf_skb_get_tunnel_key(skb, &tk, sizeof(tk), BPF_F_TUNINFO_IPV6) == 0)
 		return SLUICE_PASS;
 
 	/* Otherwise a reply routed here by the reply rule: send it to the pod's node. */
+	if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		void *data = readable(skb, sizeof(struct ethhdr) + sizeof(struct ipv6hdr));
+
+		if (!data)
+			return TC_ACT_SHOT;
+		struct ipv6hdr *ip6 = data + sizeof(struct ethhdr);
+		struct sluice_addr_v6 pod;
+
+		__builtin_memcpy(pod.bytes, &ip6->daddr, 16);
+		struct sluice_reply_v6 *r6 = bpf_map_lookup_elem(&sluice_reply_v6, &pod);
+		struct sluice_config *cfg6 = config();
+
+		if (!r6 || !cfg6) {
+			count(SLUICE_CTR_DROP_NO_REPLY_ROUTE, skb->len);
+			return TC_ACT_SHOT;
+		}
+		struct sluice_addr_v6 node = r6->node;
+
+		if (set_tunnel_dst_addr(skb, cfg6, &node) < 0) {
+			count(SLUICE_CTR_ERROR, skb->len);
+			return TC_ACT_SHOT;
+		}
+		count(SLUICE_CTR_REPLY_ENCAP, skb->len);
+		return SLUICE_PASS;
+	}
 	struct iphdr *ip = ipv4_header(skb);
 
 	if (!ip)

@@ -84,10 +84,10 @@ enum sluice_counter_index {
 	/* A pod selected by more policies than its source entry has targets for: dropped. */
 	SLUICE_CTR_DROP_TOO_MANY_POLICIES = 19,
 	/*
-	 * A pod's IPv6 packet to a destination of a failurePolicy Drop policy that selects it:
-	 * dropped, since IPv6 is not steered yet (fail closed: never leaves with a node address).
+	 * A tunnel packet whose outer and inner families the datapath does not pair (an IPv4 pod's
+	 * packet over an IPv6 underlay): dropped.
 	 */
-	SLUICE_CTR_DROP_IPV6_NOT_STEERED = 20,
+	SLUICE_CTR_DROP_UNSUPPORTED_FAMILY = 20,
 	/* Fence expired: an ARP packet whose sender IP is a managed address, dropped. */
 	SLUICE_CTR_DROP_FENCED_ARP = 21,
 	/* Fence expired: an IPv4 packet whose source is a managed address, dropped. */
@@ -307,16 +307,17 @@ struct sluice_managed_v4 {
 	__u32 _pad;
 };
 
-/* --- IPv6: not steered yet, so fail closed ------------------------------------------------ */
+/* --- IPv6 ------------------------------------------------------------------------------- */
 /*
- * Until IPv6 is steered, a selected pod's IPv6 traffic to a destination of its policy must not
- * leave with the node's address when the policy says failurePolicy Drop: sluice_entries_v6
- * holds, per (pod IPv6, destination prefix), whether to drop it or let it take the normal path
- * (excluded CIDRs, failurePolicy Fallback). The in-cluster IPv6 CIDRs and the no-leak guard for
- * new pods work as for IPv4.
+ * A pod's IPv6 traffic is steered like its IPv4 traffic, with one (pod, destination prefix)
+ * trie, sluice_entries_v6, whose values carry the whole target (IPv6 does not have the additive
+ * layout of IPv4 yet: its entries grow as pods x CIDRs). Underlay addresses (the gateway, the
+ * pod's node, tunnel peers) are held as 16 bytes whatever their family: an IPv4 underlay address
+ * a.b.c.d as ::ffff:a.b.c.d, so that IPv6 pods work over an IPv4 or an IPv6 underlay. The
+ * in-cluster IPv6 CIDRs and the no-leak guard for new pods work as for IPv4.
  */
 
-/* An IPv6 address, as map keys hold it. */
+/* An IPv6 address (or an underlay address of either family, see above), as map keys hold it. */
 struct sluice_addr_v6 {
 	__u8 bytes[16];
 };
@@ -331,22 +332,30 @@ struct sluice_entry_key_v6 {
 /* Capacity of sluice_entries_v6 (a plan with more IPv6 entries is refused whole). */
 #define SLUICE_ENTRIES_V6_MAX 262144
 
-/* sluice_entry_v6.action */
-/* A Drop policy's destination: dropped (and counted) until IPv6 is steered. */
-#define SLUICE_V6_DROP 1
-/* Excluded, or failurePolicy Fallback: the normal path. */
-#define SLUICE_V6_PASS 2
-
-/* Value of sluice_entries_v6. */
+/* Value of sluice_entries_v6: what the pod's traffic to the prefix does. */
 struct sluice_entry_v6 {
-	__u32 action;    /* SLUICE_V6_* */
+	__u32 kind;                   /* SLUICE_KIND_* (EXCLUDED included) */
+	__u32 flags;                  /* SLUICE_F_* */
 	__u32 policy_id;
+	__u32 egress_id;              /* local gateway: the egress id the mark carries */
+	struct sluice_addr_v6 gateway; /* underlay address of the gateway node (kind GATEWAY) */
+	struct sluice_addr_v6 egress_ip; /* local gateway: the IPv6 address to SNAT to; 0 = none */
+	/*
+	 * LOCAL_GATEWAY entries of pods on other nodes: underlay address of the pod's node, the only
+	 * outer source tunnelled packets of this (source, destination) are accepted from. 0 = none.
+	 */
+	struct sluice_addr_v6 peer;
 };
 
 /* Key of sluice_cluster_v6 and sluice_guarded_v6 (LPM tries). */
 struct sluice_cidr_key_v6 {
 	__u32 prefixlen;
 	__u8 addr[16];
+};
+
+/* Value of sluice_reply_v6 (LRU hash keyed by the pod's IPv6 address): where the pod lives. */
+struct sluice_reply_v6 {
+	struct sluice_addr_v6 node; /* underlay address of the pod's node */
 };
 
 #endif /* SLUICE_H */

@@ -1,17 +1,76 @@
 //! `sluice-shim bpf list`, `bpf counters` and `bpf flows`: the live maps, as tables.
 
-use std::{collections::BTreeMap, fmt::Write, path::Path};
+use std::{collections::BTreeMap, fmt::Write, net::IpAddr, path::Path};
+
+use ipnet::IpNet;
 
 use crate::{
     datapath::Maps,
     error::Result,
-    maps::{self, Counter, EntryValueV4, PolicyKeyV4},
+    maps::{self, Counter, EntryKeyV6, EntryV6, EntryValueV4, PolicyKeyV4},
 };
 
-/// The live policy entries, like `cilium bpf egress list`.
+/// The live policy entries of both families, like `cilium bpf egress list`.
 pub fn list(dir: &Path) -> Result<String> {
     let maps = Maps::open_pinned(dir)?;
-    Ok(render_list(&maps.policy_entries()?, &maps.policy_names()?))
+    let entries: Vec<Listed> = maps
+        .policy_entries()?
+        .iter()
+        .map(Listed::from)
+        .chain(maps.policy_entries_v6()?.iter().map(Listed::from))
+        .collect();
+    Ok(render_list(&entries, &maps.policy_names()?))
+}
+
+/// One entry as `bpf list` shows it, of either family.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    pub source: IpAddr,
+    pub destination: IpNet,
+    /// `KIND_*` (0: drops, no room for its target).
+    pub kind: u32,
+    pub flags: u32,
+    /// Underlay address of the gateway.
+    pub gateway: Option<IpAddr>,
+    pub egress_ip: Option<IpAddr>,
+    /// The only node whose tunnelled packets this gateway takes for the entry.
+    pub tunnel_from: Option<IpAddr>,
+    pub policy_id: u32,
+}
+
+impl From<&(PolicyKeyV4, EntryValueV4)> for Listed {
+    fn from((k, v): &(PolicyKeyV4, EntryValueV4)) -> Self {
+        let ip = |be: u32| (be != 0).then(|| IpAddr::V4(maps::from_be(be)));
+        Listed {
+            source: IpAddr::V4(k.source()),
+            destination: IpNet::V4(k.destination()),
+            kind: v.kind,
+            flags: v.flags,
+            gateway: ip(v.gateway_ip),
+            egress_ip: ip(v.egress_ip),
+            tunnel_from: ip(v.peer_ip),
+            policy_id: v.policy_id,
+        }
+    }
+}
+
+impl From<&(EntryKeyV6, EntryV6)> for Listed {
+    fn from((k, v): &(EntryKeyV6, EntryV6)) -> Self {
+        let prefix = u8::try_from(k.prefixlen.saturating_sub(128))
+            .unwrap_or(128)
+            .min(128);
+        let destination = ipnet::Ipv6Net::new(k.daddr.into(), prefix).unwrap_or_default();
+        Listed {
+            source: IpAddr::V6(k.saddr.into()),
+            destination: IpNet::V6(destination),
+            kind: v.kind,
+            flags: v.flags,
+            gateway: v.gateway.to_underlay(),
+            egress_ip: v.egress_ip.to_underlay(),
+            tunnel_from: v.peer.to_underlay(),
+            policy_id: v.policy_id,
+        }
+    }
 }
 
 /// The live counters, by outcome and by policy.
@@ -99,12 +158,11 @@ pub fn render_flows(
     table(&rows)
 }
 
-fn gateway(v: &EntryValueV4) -> String {
-    match v.kind {
-        maps::KIND_GATEWAY if v.flags & maps::F_LOCAL_GATEWAY != 0 => {
-            format!("{} (this node)", maps::from_be(v.gateway_ip))
-        }
-        maps::KIND_GATEWAY => maps::from_be(v.gateway_ip).to_string(),
+fn gateway(e: &Listed) -> String {
+    let ip = e.gateway.map_or_else(|| "?".to_owned(), |ip| ip.to_string());
+    match e.kind {
+        maps::KIND_GATEWAY if e.flags & maps::F_LOCAL_GATEWAY != 0 => format!("{ip} (this node)"),
+        maps::KIND_GATEWAY => ip,
         maps::KIND_NONE => "none".into(),
         maps::KIND_FALLBACK => "fallback".into(),
         maps::KIND_EXCLUDED => "excluded".into(),
@@ -119,7 +177,7 @@ fn policy_name(names: &BTreeMap<u32, String>, id: u32) -> String {
 }
 
 /// Renders entries as a table.
-pub fn render_list(entries: &[(PolicyKeyV4, EntryValueV4)], names: &BTreeMap<u32, String>) -> String {
+pub fn render_list(entries: &[Listed], names: &BTreeMap<u32, String>) -> String {
     let mut rows = vec![[
         "Source IP".to_owned(),
         "Destination CIDR".into(),
@@ -129,24 +187,15 @@ pub fn render_list(entries: &[(PolicyKeyV4, EntryValueV4)], names: &BTreeMap<u32
         "Tunnel from".into(),
         "Policy".into(),
     ]];
-    for (k, v) in entries {
-        let egress = if v.egress_ip == 0 {
-            "-".to_owned()
-        } else {
-            maps::from_be(v.egress_ip).to_string()
-        };
-        let from = if v.peer_ip == 0 {
-            "-".to_owned()
-        } else {
-            maps::from_be(v.peer_ip).to_string()
-        };
+    let or_dash = |ip: Option<IpAddr>| ip.map_or_else(|| "-".to_owned(), |ip| ip.to_string());
+    for e in entries {
         rows.push([
-            k.source().to_string(),
-            k.destination().to_string(),
-            gateway(v),
-            egress,
-            from,
-            policy_name(names, v.policy_id),
+            e.source.to_string(),
+            e.destination.to_string(),
+            gateway(e),
+            or_dash(e.egress_ip),
+            or_dash(e.tunnel_from),
+            policy_name(names, e.policy_id),
         ]);
     }
     table(&rows)
@@ -223,22 +272,84 @@ mod tests {
             "10.244.1.10".parse().unwrap(),
             "203.0.113.128/25".parse().unwrap(),
         );
+        let v6 = (
+            EntryKeyV6::new(
+                "fd00:10:244:1::10".parse().unwrap(),
+                "fd00:203:0:113::/64".parse().unwrap(),
+            ),
+            EntryV6 {
+                kind: maps::KIND_GATEWAY,
+                flags: maps::F_LOCAL_GATEWAY,
+                policy_id: 1,
+                egress_id: 1,
+                gateway: maps::AddrV6::underlay("192.0.2.13".parse().unwrap()),
+                egress_ip: maps::AddrV6::underlay("fd00:192:0:2::103".parse().unwrap()),
+                peer: maps::AddrV6::underlay("192.0.2.11".parse().unwrap()),
+            },
+        );
         let out = render_list(
-            &[(key, value), (key2, excluded)],
+            &[
+                Listed::from(&(key, value)),
+                Listed::from(&(key2, excluded)),
+                Listed::from(&v6),
+            ],
             &BTreeMap::from([(1, "egress-a".to_owned())]),
         );
         let lines: Vec<&str> = out.lines().collect();
+        let cells = |line: &str| line.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
         assert_eq!(
-            lines[0],
-            "Source IP     Destination CIDR   Gateway      Egress IP   Tunnel from   Policy"
+            cells(lines[0]),
+            [
+                "Source",
+                "IP",
+                "Destination",
+                "CIDR",
+                "Gateway",
+                "Egress",
+                "IP",
+                "Tunnel",
+                "from",
+                "Policy"
+            ]
         );
         assert_eq!(
-            lines[1],
-            "10.244.1.10   203.0.113.0/24     192.0.2.11   -           192.0.2.12    egress-a"
+            cells(lines[1]),
+            [
+                "10.244.1.10",
+                "203.0.113.0/24",
+                "192.0.2.11",
+                "-",
+                "192.0.2.12",
+                "egress-a"
+            ]
         );
         assert_eq!(
-            lines[2],
-            "10.244.1.10   203.0.113.128/25   excluded     -           -             egress-a"
+            cells(lines[2]),
+            [
+                "10.244.1.10",
+                "203.0.113.128/25",
+                "excluded",
+                "-",
+                "-",
+                "egress-a"
+            ]
         );
+        // IPv6 beside it, over an IPv4 underlay: the gateway and the tunnel peer as IPv4.
+        assert_eq!(
+            cells(lines[3]),
+            [
+                "fd00:10:244:1::10",
+                "fd00:203:0:113::/64",
+                "192.0.2.13",
+                "(this",
+                "node)",
+                "fd00:192:0:2::103",
+                "192.0.2.11",
+                "egress-a"
+            ]
+        );
+        // Columns line up.
+        let at = |line: &str, text: &str| line.find(text).unwrap();
+        assert_eq!(at(lines[0], "Policy"), at(lines[3], "egress-a"));
     }
 }

@@ -35,11 +35,17 @@ fn hello(node: &str, pod_interfaces: &[String], tunnel_device: &str, bpffs_dir: 
                 .ipv4
                 .iter()
                 .map(|ip| convert::ip_to_wire((*ip).into()))
+                .chain(i.ipv6.iter().map(|ip| convert::ip_to_wire((*ip).into())))
                 .collect(),
             networks: i
                 .ipv4_networks
                 .iter()
                 .map(|net| convert::prefix_to_wire((*net).into()))
+                .chain(
+                    i.ipv6_networks
+                        .iter()
+                        .map(|net| convert::prefix_to_wire((*net).into())),
+                )
                 .collect(),
         })
         .collect();

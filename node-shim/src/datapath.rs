@@ -300,6 +300,17 @@ impl Maps {
         out.sort_by_key(|(k, _)| (u32::from_be(k.saddr), u32::from_be(k.daddr), k.prefixlen));
         Ok(out)
     }
+
+    /// Every IPv6 entry, (source, destination) -> target.
+    pub fn policy_entries_v6(&self) -> Result<Vec<(maps::EntryKeyV6, maps::EntryV6)>> {
+        let mut out = Vec::new();
+        for item in self.entries_v6.iter() {
+            let (key, value) = item.map_err(map_err(maps::ENTRIES_V6, "reading"))?;
+            out.push((maps::EntryKeyV6::from_lpm(&key), value));
+        }
+        out.sort_by_key(|(k, _)| (k.saddr, k.daddr, k.prefixlen));
+        Ok(out)
+    }
 }
 
 fn sum<'a>(values: impl Iterator<Item = &'a Counter>) -> Counter {

@@ -2,7 +2,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use ipnet::IpNet;
@@ -21,6 +21,10 @@ pub struct Interface {
     pub ipv4: Vec<Ipv4Addr>,
     /// The subnet of each address of `ipv4` (host bits clear), in the same order.
     pub ipv4_networks: Vec<ipnet::Ipv4Net>,
+    /// Global IPv6 addresses, deprecated ones last.
+    pub ipv6: Vec<Ipv6Addr>,
+    /// The subnet of each address of `ipv6`, in the same order.
+    pub ipv6_networks: Vec<ipnet::Ipv6Net>,
 }
 
 /// What the desired state depends on besides the plan.
@@ -41,8 +45,8 @@ pub struct Host {
 pub struct Desired {
     pub policy: BTreeMap<PolicyKeyV4, EntryValueV4>,
     pub names: BTreeMap<u32, PolicyName>,
-    /// Egress IP -> the egress ids that SNAT to it here.
-    pub snat: BTreeMap<Ipv4Addr, BTreeSet<u32>>,
+    /// Egress IP -> the egress ids that SNAT (IPv6: NAT66) to it here.
+    pub snat: crate::nat::Snat,
     /// Interfaces replies to egress IPs arrive on (their rp_filter is relaxed).
     pub egress_interfaces: BTreeSet<String>,
     /// Egress id -> (name, ifindex) of the interface its SNATed traffic must leave by.
@@ -52,10 +56,9 @@ pub struct Desired {
     pub peers: BTreeMap<u32, u32>,
     /// Entries that could not be honoured; they are programmed to drop (fail closed).
     pub problems: Vec<Error>,
-    /// IPv6 entries, not steered yet by the datapath.
+    /// Entries the datapath cannot steer as planned (a gateway over an IPv6 underlay).
     pub skipped_ipv6: usize,
-    /// What each IPv6 entry does until IPv6 is steered: drop (a Drop policy's destination) or
-    /// the normal path.
+    /// The IPv6 entries.
     pub v6: BTreeMap<maps::EntryKeyV6, maps::EntryV6>,
     /// Every entry that is not programmed as planned, with why: reported to the operator.
     pub entry_errors: Vec<EntryProblem>,
@@ -68,9 +71,9 @@ pub struct EntryProblem {
     pub message: String,
 }
 
-/// Why IPv6 entries are not programmed.
-pub const IPV6_UNSUPPORTED: &str = "IPv6 is not steered yet (the datapath steers IPv4): this entry's \
-     traffic is dropped under failurePolicy Drop, and takes the normal path under Fallback";
+/// Why entries whose gateway has only an IPv6 underlay address are not programmed.
+pub const IPV6_UNSUPPORTED: &str = "a gateway reached over an IPv6 underlay is not steered to yet: this \
+     entry's traffic is dropped under failurePolicy Drop, and takes the normal path under Fallback";
 
 /// Stable numbering of policies (the id is in counters and policy names) and of the egresses,
 /// (address, interface) pairs, this node SNATs to (the egress id is in packet and conntrack
@@ -78,9 +81,9 @@ pub const IPV6_UNSUPPORTED: &str = "IPv6 is not steered yet (the datapath steers
 #[derive(Clone, Debug)]
 pub struct PolicyIds {
     by_name: BTreeMap<String, u32>,
-    egresses: BTreeMap<(Ipv4Addr, u32), u32>,
+    egresses: BTreeMap<(IpAddr, u32), u32>,
     /// Ids a previous run gave egress addresses (interface unknown), preferred for them.
-    adopted_egresses: BTreeMap<Ipv4Addr, u32>,
+    adopted_egresses: BTreeMap<IpAddr, u32>,
     max_egress: u32,
     /// Keep every egress, used or not ([`PolicyIds::hold_egresses`]).
     holding_egresses: bool,
@@ -117,7 +120,7 @@ impl PolicyIds {
 
     /// Takes over the egress ids the pinned entries carry (address -> id), and the largest id
     /// the mark layout holds: marks in live conntrack entries keep meaning the same egress.
-    pub fn with_egresses(mut self, adopted: BTreeMap<Ipv4Addr, u32>, max_egress: u32) -> Self {
+    pub fn with_egresses(mut self, adopted: BTreeMap<IpAddr, u32>, max_egress: u32) -> Self {
         self.adopted_egresses = adopted
             .into_iter()
             .filter(|(_, id)| (1..=max_egress).contains(id))
@@ -128,7 +131,7 @@ impl PolicyIds {
 
     /// The egress id of (`ip`, `ifindex`): kept while used, else the adopted one, else the
     /// lowest free one.
-    fn egress_id(&mut self, ip: Ipv4Addr, ifindex: u32, policy: &str) -> Result<u32, Error> {
+    fn egress_id(&mut self, ip: IpAddr, ifindex: u32, policy: &str) -> Result<u32, Error> {
         if let Some(id) = self.egresses.get(&(ip, ifindex)) {
             return Ok(*id);
         }
@@ -168,7 +171,7 @@ impl PolicyIds {
     }
 
     /// Forgets the egresses not in `keep` (unless holding them).
-    fn retain_egresses(&mut self, keep: &BTreeSet<(Ipv4Addr, u32)>) {
+    fn retain_egresses(&mut self, keep: &BTreeSet<(IpAddr, u32)>) {
         if !self.holding_egresses {
             self.egresses.retain(|k, _| keep.contains(k));
         }
@@ -219,12 +222,14 @@ where
     let names: BTreeSet<&str> = entries.clone().map(|e| &*e.policy).collect();
     ids.retain(&names);
     // Egresses no entry uses any more give their ids back before new ones take any.
-    let used_egresses: BTreeSet<(Ipv4Addr, u32)> = entries
+    let used_egresses: BTreeSet<(IpAddr, u32)> = entries
         .clone()
         .filter(|e| e.gateway == GatewayTarget::Node(IpAddr::V4(host.node_ip)))
-        .filter(|e| e.key.source.is_ipv4() && e.key.destination.addr().is_ipv4())
-        .filter_map(|e| egress(e, host).ok())
-        .map(|(ip, interface)| (ip, interface.index))
+        .filter_map(|e| match (e.key.source, e.key.destination) {
+            (IpAddr::V4(_), IpNet::V4(_)) => egress(e, host).ok().map(|(ip, i)| (IpAddr::V4(ip), i.index)),
+            (IpAddr::V6(_), IpNet::V6(_)) => egress_v6(e, host).ok().map(|(ip, i)| (IpAddr::V6(ip), i.index)),
+            _ => None,
+        })
         .collect();
     ids.retain_egresses(&used_egresses);
 
@@ -235,24 +240,9 @@ where
         };
         let EntryKey { source, destination } = entry.key;
         let (IpAddr::V4(source), IpNet::V4(destination)) = (source, destination) else {
-            out.skipped_ipv6 += 1;
-            out.entry_errors.push(problem(IPV6_UNSUPPORTED.to_owned()));
             if let (IpAddr::V6(source), IpNet::V6(destination)) = (source, destination) {
-                // Fail closed: what a Drop policy covers never leaves with the node's address.
-                let drop = match entry.gateway {
-                    GatewayTarget::None => true,
-                    GatewayTarget::Fallback | GatewayTarget::Excluded => false,
-                    GatewayTarget::Node(_) => guarded.contains(&entry.key.destination),
-                };
-                let policy_id = ids.id(&entry.policy)?;
-                out.names.insert(policy_id, PolicyName::new(&entry.policy));
-                out.v6.insert(
-                    maps::EntryKeyV6::new(source, destination),
-                    maps::EntryV6 {
-                        action: if drop { maps::V6_DROP } else { maps::V6_PASS },
-                        policy_id,
-                    },
-                );
+                let value = entry_v6(entry, host, ids, &mut out, guarded)?;
+                out.v6.insert(maps::EntryKeyV6::new(source, destination), value);
             }
             continue;
         };
@@ -297,14 +287,14 @@ where
                         *out.peers.entry(value.peer_ip).or_default() |= maps::PEER_SOURCE;
                     }
                     let egress = egress(entry, host).and_then(|(ip, interface)| {
-                        let id = ids.egress_id(ip, interface.index, &entry.policy)?;
+                        let id = ids.egress_id(IpAddr::V4(ip), interface.index, &entry.policy)?;
                         Ok((ip, interface, id))
                     });
                     match egress {
                         Ok((ip, interface, id)) => {
                             value.egress_ip = maps::be(ip);
                             value.egress_id = id;
-                            out.snat.entry(ip).or_default().insert(id);
+                            out.snat.v4.entry(ip).or_default().insert(id);
                             out.egress_interfaces.insert(interface.name.clone());
                             out.egress_routes
                                 .insert(id, (interface.name.clone(), interface.index));
@@ -325,49 +315,173 @@ where
     Ok(out)
 }
 
+/// The egress interface an entry names, if it names one (an error when the node has none of
+/// that name).
+fn named_interface<'h>(entry: &EgressEntry, host: &'h Host) -> Result<Option<&'h Interface>, Error> {
+    let Some(name) = entry.interface.as_deref() else {
+        return Ok(None);
+    };
+    host.interfaces
+        .iter()
+        .find(|i| i.name == name)
+        .map(Some)
+        .ok_or_else(|| Error::EgressInterfaceMissing {
+            interface: name.to_owned(),
+            policy: entry.policy.to_string(),
+        })
+}
+
+fn default_route_interface(host: &Host) -> Option<&Interface> {
+    let name = host.default_route_interface.as_ref()?;
+    host.interfaces.iter().find(|i| &i.name == name)
+}
+
+/// What an IPv6 entry does (the same rules as IPv4's, with the whole target in the value).
+fn entry_v6(
+    entry: &EgressEntry,
+    host: &Host,
+    ids: &mut PolicyIds,
+    out: &mut Desired,
+    guarded: &[IpNet],
+) -> Result<maps::EntryV6, Error> {
+    let problem = |message: String| EntryProblem {
+        key: entry.key,
+        message,
+    };
+    let policy_id = ids.id(&entry.policy)?;
+    out.names.insert(policy_id, PolicyName::new(&entry.policy));
+    let mut value = maps::EntryV6 {
+        policy_id,
+        ..Default::default()
+    };
+    match entry.gateway {
+        GatewayTarget::None => value.kind = maps::KIND_NONE,
+        GatewayTarget::Fallback => value.kind = maps::KIND_FALLBACK,
+        GatewayTarget::Excluded => value.kind = maps::KIND_EXCLUDED,
+        GatewayTarget::Node(IpAddr::V6(_)) => {
+            // The same fail-closed rule as IPv4 entries to such a gateway.
+            out.skipped_ipv6 += 1;
+            out.entry_errors.push(problem(IPV6_UNSUPPORTED.to_owned()));
+            value.kind = if guarded.contains(&entry.key.destination) {
+                maps::KIND_NONE
+            } else {
+                maps::KIND_FALLBACK
+            };
+        }
+        GatewayTarget::Node(IpAddr::V4(gateway)) => {
+            value.kind = maps::KIND_GATEWAY;
+            value.gateway = maps::AddrV6::underlay(IpAddr::V4(gateway));
+            if gateway != host.node_ip {
+                *out.peers.entry(maps::be(gateway)).or_default() |= maps::PEER_GATEWAY;
+                return Ok(value);
+            }
+            value.flags |= maps::F_LOCAL_GATEWAY;
+            if let Some(IpAddr::V4(peer)) = entry.source_node_ip
+                && peer != host.node_ip
+            {
+                value.peer = maps::AddrV6::underlay(IpAddr::V4(peer));
+                *out.peers.entry(maps::be(peer)).or_default() |= maps::PEER_SOURCE;
+            }
+            let egress = egress_v6(entry, host).and_then(|(ip, interface)| {
+                let id = ids.egress_id(IpAddr::V6(ip), interface.index, &entry.policy)?;
+                Ok((ip, interface, id))
+            });
+            match egress {
+                Ok((ip, interface, id)) => {
+                    value.egress_ip = ip.into();
+                    value.egress_id = id;
+                    out.snat.v6.entry(ip).or_default().insert(id);
+                    out.egress_interfaces.insert(interface.name.clone());
+                }
+                // egress_ip stays zero: the datapath drops (counted), never leaks.
+                Err(e) => {
+                    out.entry_errors.push(problem(e.to_string()));
+                    if !out.problems.iter().any(|p| p.to_string() == e.to_string()) {
+                        out.problems.push(e);
+                    }
+                }
+            }
+        }
+    }
+    Ok(value)
+}
+
+/// The IPv6 egress IP and interface of an IPv6 entry whose gateway is this node: the entry's
+/// IPv6 egress IP, else the first (preferred) global IPv6 address of its interface or of the
+/// default-route interface.
+fn egress_v6<'h>(entry: &EgressEntry, host: &'h Host) -> Result<(Ipv6Addr, &'h Interface), Error> {
+    let policy = || entry.policy.to_string();
+    let wanted = match entry.egress_ip {
+        Some(IpAddr::V6(ip)) => Some(ip),
+        Some(ip @ IpAddr::V4(_)) => return Err(Error::EgressIpWrongFamily { ip, policy: policy() }),
+        None => None,
+    };
+    egress_among(
+        entry,
+        host,
+        wanted,
+        |i| &i.ipv6,
+        |ip| Error::EgressIpNotLocal {
+            ip: IpAddr::V6(ip),
+            policy: policy(),
+        },
+        || Error::NoDefaultEgressIpV6 { policy: policy() },
+    )
+}
+
 /// The egress IP and interface of an entry whose gateway is this node.
 fn egress<'h>(entry: &EgressEntry, host: &'h Host) -> Result<(Ipv4Addr, &'h Interface), Error> {
     let policy = || entry.policy.to_string();
-    let named = match entry.interface.as_deref() {
-        Some(name) => Some(host.interfaces.iter().find(|i| i.name == name).ok_or_else(|| {
-            Error::EgressInterfaceMissing {
-                interface: name.to_owned(),
-                policy: policy(),
-            }
-        })?),
+    let wanted = match entry.egress_ip {
+        Some(IpAddr::V4(ip)) => Some(ip),
+        Some(ip @ IpAddr::V6(_)) => return Err(Error::EgressIpNotLocal { ip, policy: policy() }),
         None => None,
     };
-    match entry.egress_ip {
-        Some(IpAddr::V4(ip)) => {
+    egress_among(
+        entry,
+        host,
+        wanted,
+        |i| &i.ipv4,
+        |ip| match host.managed_not_held.get(&ip) {
+            Some(why) => Error::ManagedEgressIpNotHeld {
+                ip,
+                policy: policy(),
+                why: why.clone(),
+            },
+            None => Error::EgressIpNotLocal {
+                ip: IpAddr::V4(ip),
+                policy: policy(),
+            },
+        },
+        || Error::NoDefaultEgressIp { policy: policy() },
+    )
+}
+
+/// The egress of one family: `wanted` on the interface holding it (or the one the entry names),
+/// else the first address (`addresses`) of the entry's interface or the default-route one.
+fn egress_among<'h, A: Copy + PartialEq>(
+    entry: &EgressEntry,
+    host: &'h Host,
+    wanted: Option<A>,
+    addresses: impl Fn(&Interface) -> &Vec<A>,
+    not_held: impl FnOnce(A) -> Error,
+    no_default: impl Fn() -> Error,
+) -> Result<(A, &'h Interface), Error> {
+    let named = named_interface(entry, host)?;
+    match wanted {
+        Some(ip) => {
             let holder = host
                 .interfaces
                 .iter()
-                .find(|i| i.ipv4.contains(&ip))
-                .ok_or_else(|| match host.managed_not_held.get(&ip) {
-                    Some(why) => Error::ManagedEgressIpNotHeld {
-                        ip,
-                        policy: policy(),
-                        why: why.clone(),
-                    },
-                    None => Error::EgressIpNotLocal {
-                        ip: IpAddr::V4(ip),
-                        policy: policy(),
-                    },
-                })?;
+                .find(|i| addresses(i).contains(&ip))
+                .ok_or_else(|| not_held(ip))?;
             Ok((ip, named.unwrap_or(holder)))
         }
-        Some(ip @ IpAddr::V6(_)) => Err(Error::EgressIpNotLocal { ip, policy: policy() }),
         None => {
             let interface = named
-                .or_else(|| {
-                    let name = host.default_route_interface.as_ref()?;
-                    host.interfaces.iter().find(|i| &i.name == name)
-                })
-                .ok_or_else(|| Error::NoDefaultEgressIp { policy: policy() })?;
-            let ip = *interface
-                .ipv4
-                .first()
-                .ok_or_else(|| Error::NoDefaultEgressIp { policy: policy() })?;
+                .or_else(|| default_route_interface(host))
+                .ok_or_else(&no_default)?;
+            let ip = *addresses(interface).first().ok_or_else(no_default)?;
             Ok((ip, interface))
         }
     }
@@ -398,6 +512,10 @@ mod tests {
         }
     }
 
+    fn value_of(d: &Desired, source: &str, destination: &str) -> maps::EntryV6 {
+        d.v6[&maps::EntryKeyV6::new(source.parse().unwrap(), destination.parse().unwrap())]
+    }
+
     fn host() -> Host {
         Host {
             node_ip: "192.0.2.11".parse().unwrap(),
@@ -406,6 +524,11 @@ mod tests {
                 index: 2,
                 ipv4: vec!["192.0.2.11".parse().unwrap(), "192.0.2.101".parse().unwrap()],
                 ipv4_networks: vec!["192.0.2.0/24".parse().unwrap(); 2],
+                ipv6: vec![
+                    "fd00:192:0:2::11".parse().unwrap(),
+                    "fd00:192:0:2::101".parse().unwrap(),
+                ],
+                ipv6_networks: vec!["fd00:192:0:2::/64".parse().unwrap(); 2],
             }],
             default_route_interface: Some("eth0".into()),
             managed_not_held: BTreeMap::new(),
@@ -438,7 +561,8 @@ mod tests {
         let mut ids = PolicyIds::default();
         let d = desired(&entries, &[], &host(), &mut ids).unwrap();
         assert!(d.problems.is_empty(), "{:?}", d.problems);
-        assert_eq!(d.skipped_ipv6, 1);
+        assert_eq!(d.skipped_ipv6, 0);
+        assert_eq!(d.v6.len(), 1, "IPv6 in its own map");
         assert_eq!(d.policy.len(), 6);
         let local =
             d.policy[&PolicyKeyV4::new("10.244.2.10".parse().unwrap(), "203.0.113.0/24".parse().unwrap())];
@@ -452,9 +576,9 @@ mod tests {
             (remote.kind, remote.flags, remote.egress_ip),
             (maps::KIND_GATEWAY, 0, 0)
         );
-        assert_eq!(d.snat.len(), 1);
+        assert_eq!(d.snat.v4.len(), 1);
         assert_eq!(
-            d.snat[&"192.0.2.101".parse::<Ipv4Addr>().unwrap()],
+            d.snat.v4[&"192.0.2.101".parse::<Ipv4Addr>().unwrap()],
             BTreeSet::from([local.egress_id])
         );
         assert_eq!(d.names[&local.policy_id].as_str(), "a");
@@ -473,7 +597,7 @@ mod tests {
             |ip: &str, policy: &str| entry("10.244.1.10", "203.0.113.0/24", "192.0.2.11", Some(ip), policy);
         let mut h = host();
         h.interfaces[0].ipv4.push("192.0.2.102".parse().unwrap());
-        let id = |d: &Desired, ip: &str| d.snat.get(&ip.parse::<Ipv4Addr>().unwrap()).cloned();
+        let id = |d: &Desired, ip: &str| d.snat.v4.get(&ip.parse::<Ipv4Addr>().unwrap()).cloned();
         for hold in [false, true] {
             let mut ids = PolicyIds::default();
             let d = desired(&[on("192.0.2.101", "a")], &[], &h, &mut ids).unwrap();
@@ -513,7 +637,7 @@ mod tests {
             &mut ids,
         )
         .unwrap();
-        let id = |d: &Desired, ip: &str| d.snat[&ip.parse::<Ipv4Addr>().unwrap()].clone();
+        let id = |d: &Desired, ip: &str| d.snat.v4[&ip.parse::<Ipv4Addr>().unwrap()].clone();
         assert_eq!(id(&d, "192.0.2.101"), BTreeSet::from([1]));
         // 7 does not fit a mark of two ids: not adopted.
         assert_eq!(id(&d, "192.0.2.102"), BTreeSet::from([2]));
@@ -650,40 +774,118 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_entries_fail_closed_under_drop_and_pass_otherwise() {
+    fn ipv6_entries_steer_like_ipv4_with_the_whole_target_in_the_value() {
         let guarded: Vec<IpNet> = vec!["2001:db8::/32".parse().unwrap()];
+        let with_peer = |mut e: EgressEntry, peer: &str| {
+            e.source_node_ip = Some(peer.parse().unwrap());
+            e
+        };
         let entries = [
-            // A Drop policy's destination, steered to a gateway: dropped until IPv6 is steered.
+            // A pod of this node to a remote gateway (IPv4 underlay).
             entry("fd00::10", "2001:db8::/32", "192.0.2.12", None, "drop"),
             entry("fd00::10", "2001:db8:1::/48", "excluded", None, "drop"),
-            // No gateway: Drop drops, Fallback passes.
             entry("fd00::11", "2001:db8::/32", "none", None, "drop"),
             entry("fd00::12", "2001:db9::/32", "fallback", None, "fallback"),
-            // A Fallback policy with a gateway: its destination is no Drop policy's.
-            entry("fd00::13", "2001:dba::/32", "192.0.2.12", None, "fallback"),
+            // A pod of another node through this node, with its IPv6 egress IP.
+            with_peer(
+                entry(
+                    "fd00:2::10",
+                    "2001:db8::/32",
+                    "192.0.2.11",
+                    Some("fd00:192:0:2::101"),
+                    "drop",
+                ),
+                "192.0.2.12",
+            ),
+            // No egress IP named: the default-route interface's first IPv6 address.
+            entry("fd00::13", "2001:dba::/32", "192.0.2.11", None, "local"),
         ];
         let d = desired(&entries, &guarded, &host(), &mut PolicyIds::default()).unwrap();
-        let action = |s: &str, dst: &str| {
-            d.v6[&maps::EntryKeyV6::new(s.parse().unwrap(), dst.parse().unwrap())].action
-        };
-        assert_eq!(action("fd00::10", "2001:db8::/32"), maps::V6_DROP);
-        assert_eq!(action("fd00::10", "2001:db8:1::/48"), maps::V6_PASS);
-        assert_eq!(action("fd00::11", "2001:db8::/32"), maps::V6_DROP);
-        assert_eq!(action("fd00::12", "2001:db9::/32"), maps::V6_PASS);
-        assert_eq!(action("fd00::13", "2001:dba::/32"), maps::V6_PASS);
-        // Every IPv6 entry is still reported as not steered, with what happens to its traffic.
-        assert_eq!(d.entry_errors.len(), 5);
-        assert!(
-            d.entry_errors[0]
-                .message
-                .contains("dropped under failurePolicy Drop")
+        let value =
+            |s: &str, dst: &str| d.v6[&maps::EntryKeyV6::new(s.parse().unwrap(), dst.parse().unwrap())];
+        let underlay = |ip: &str| maps::AddrV6::underlay(ip.parse().unwrap());
+        let remote = value("fd00::10", "2001:db8::/32");
+        assert_eq!((remote.kind, remote.flags), (maps::KIND_GATEWAY, 0));
+        assert_eq!(remote.gateway, underlay("192.0.2.12"));
+        assert_eq!(remote.gateway.to_underlay(), Some("192.0.2.12".parse().unwrap()));
+        assert_eq!(value("fd00::10", "2001:db8:1::/48").kind, maps::KIND_EXCLUDED);
+        assert_eq!(value("fd00::11", "2001:db8::/32").kind, maps::KIND_NONE);
+        assert_eq!(value("fd00::12", "2001:db9::/32").kind, maps::KIND_FALLBACK);
+        let served = value("fd00:2::10", "2001:db8::/32");
+        assert_eq!(served.flags, maps::F_LOCAL_GATEWAY);
+        assert_eq!(served.egress_ip, underlay("fd00:192:0:2::101"));
+        assert_eq!(served.peer, underlay("192.0.2.12"));
+        assert_ne!(served.egress_id, 0);
+        let own = value("fd00::13", "2001:dba::/32");
+        assert_eq!(own.egress_ip, underlay("fd00:192:0:2::11"));
+        assert_eq!(own.peer, maps::AddrV6::default(), "a local pod: no tunnel peer");
+        // NAT66 rules per egress IP, ids of their own (beside IPv4's, in one numbering).
+        assert_eq!(
+            d.snat.v6.keys().map(ToString::to_string).collect::<Vec<_>>(),
+            ["fd00:192:0:2::11", "fd00:192:0:2::101"]
         );
-        // Counted under the policy's name.
-        let drop_id = d.v6
-            [&maps::EntryKeyV6::new("fd00::10".parse().unwrap(), "2001:db8::/32".parse().unwrap())]
-            .policy_id;
-        assert_eq!(d.names[&drop_id].as_str(), "drop");
+        assert_ne!(own.egress_id, served.egress_id);
+        assert!(d.snat.v4.is_empty());
+        // Tunnel peers as for IPv4: the gateway of this node's pods, the node of the pods served.
+        assert_eq!(
+            d.peers[&maps::be("192.0.2.12".parse().unwrap())],
+            maps::PEER_GATEWAY | maps::PEER_SOURCE
+        );
+        assert!(d.entry_errors.is_empty(), "{:?}", d.entry_errors);
         assert!(d.policy.is_empty(), "nothing IPv6 in the IPv4 maps");
+        let drop_id = value("fd00::10", "2001:db8::/32").policy_id;
+        assert_eq!(d.names[&drop_id].as_str(), "drop");
+
+        // An IPv6 egress IP this node does not hold, or one of the wrong family: the entry is
+        // programmed without one (the datapath drops, counted) and reported.
+        let entries = [
+            entry(
+                "fd00::14",
+                "2001:db8::/32",
+                "192.0.2.11",
+                Some("fd00:192:0:2::99"),
+                "drop",
+            ),
+            entry(
+                "fd00::15",
+                "2001:db8::/32",
+                "192.0.2.11",
+                Some("192.0.2.101"),
+                "drop",
+            ),
+        ];
+        let d = desired(&entries, &guarded, &host(), &mut PolicyIds::default()).unwrap();
+        assert_eq!(d.entry_errors.len(), 2, "{:?}", d.entry_errors);
+        assert!(
+            d.entry_errors[0].message.contains("is not assigned"),
+            "{:?}",
+            d.entry_errors
+        );
+        assert!(
+            d.entry_errors[1].message.contains("other family"),
+            "{:?}",
+            d.entry_errors
+        );
+        assert!(
+            d.v6.values()
+                .all(|v| v.egress_ip == maps::AddrV6::default() && v.kind == maps::KIND_GATEWAY)
+        );
+        assert!(d.snat.v6.is_empty());
+
+        // A gateway over an IPv6 underlay (not steered to yet): dropped under Drop, the normal
+        // path otherwise, reported.
+        let entries = [
+            entry("fd00::16", "2001:db8::/32", "fd00:192:0:2::12", None, "drop"),
+            entry("fd00::16", "2001:dbb::/32", "fd00:192:0:2::12", None, "fallback"),
+        ];
+        let d = desired(&entries, &guarded, &host(), &mut PolicyIds::default()).unwrap();
+        assert_eq!(value_of(&d, "fd00::16", "2001:db8::/32").kind, maps::KIND_NONE);
+        assert_eq!(
+            value_of(&d, "fd00::16", "2001:dbb::/32").kind,
+            maps::KIND_FALLBACK
+        );
+        assert_eq!(d.entry_errors.len(), 2);
+        assert!(d.entry_errors[0].message.contains("IPv6 underlay"));
 
         // An IPv4 entry whose gateway has only an IPv6 address: dropped under Drop, the normal
         // path under Fallback, reported either way.

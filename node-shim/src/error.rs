@@ -59,6 +59,18 @@ pub enum Error {
     )]
     NoDefaultEgressIp { policy: String },
 
+    #[error(
+        "policy {policy:?} names this node as gateway of IPv6 traffic but no IPv6 egress IP was \
+         given and its egress interface has no global IPv6 address"
+    )]
+    NoDefaultEgressIpV6 { policy: String },
+
+    #[error(
+        "egress IP {ip} of policy {policy:?} is of the other family than the traffic it is given for \
+         (an IPv6 pod's traffic leaves with an IPv6 address)"
+    )]
+    EgressIpWrongFamily { ip: IpAddr, policy: String },
+
     #[error("more than {max} policies on this node: policy ids must fit the 16-bit packet mark")]
     TooManyPolicies { max: u32 },
 

@@ -56,8 +56,13 @@ pub const GUARDED_V4: &str = "sluice_guarded_v4";
 /// This node's pod IPs the plan has decided on, selected or not.
 pub const DECIDED_PODS_V4: &str = "sluice_decided_pods_v4";
 
-/// IPv6 (not steered yet, fail closed): (pod, destination prefix) -> drop or pass.
+/// IPv6: (pod, destination prefix) -> what to do ([`EntryV6`], the whole target).
 pub const ENTRIES_V6: &str = "sluice_entries_v6";
+/// Gateway: pod IPv6 -> the underlay address of the node it lives on (learned from tunnelled
+/// requests).
+pub const REPLY_V6: &str = "sluice_reply_v6";
+/// [`TUNNEL_PEERS_V4`] for peers reached over an IPv6 underlay.
+pub const TUNNEL_PEERS_V6: &str = "sluice_tunnel_peers_v6";
 /// IPv6 in-cluster CIDRs, never dropped.
 pub const CLUSTER_V6: &str = "sluice_cluster_v6";
 /// IPv6 destinations `failurePolicy: Drop` policies guard.
@@ -84,7 +89,7 @@ pub const PINNABLE_V4: &str = "sluice_pinnable_v4";
 include!(concat!(env!("OUT_DIR"), "/sluice_h.rs"));
 
 /// Every map of the object, in the order `bpf` subcommands open them.
-pub const ALL_MAPS: [&str; 22] = [
+pub const ALL_MAPS: [&str; 24] = [
     SOURCES_V4,
     DESTINATIONS_V4,
     HELD_SLOTS_V4,
@@ -103,6 +108,8 @@ pub const ALL_MAPS: [&str; 22] = [
     CLUSTER_V6,
     GUARDED_V6,
     DECIDED_PODS_V6,
+    REPLY_V6,
+    TUNNEL_PEERS_V6,
     MANAGED_V4,
     FENCE_DEADLINE,
     FLOWS_V4,
@@ -351,11 +358,41 @@ pub struct CidrKeyV4 {
     pub addr: u32,
 }
 
-/// `struct sluice_addr_v6`: an IPv6 address as map keys hold it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// `struct sluice_addr_v6`: an IPv6 address as map keys hold it, or an underlay address of
+/// either family (an IPv4 one as `::ffff:a.b.c.d`, [`AddrV6::underlay`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(C)]
 pub struct AddrV6 {
     pub bytes: [u8; 16],
+}
+
+impl AddrV6 {
+    /// The map form of an underlay address: IPv6 as is, IPv4 as `::ffff:a.b.c.d`.
+    pub fn underlay(ip: std::net::IpAddr) -> Self {
+        let v6 = match ip {
+            std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            std::net::IpAddr::V6(v6) => v6,
+        };
+        AddrV6 { bytes: v6.octets() }
+    }
+
+    /// Back from [`AddrV6::underlay`] (all zero: none).
+    pub fn to_underlay(self) -> Option<std::net::IpAddr> {
+        let v6 = std::net::Ipv6Addr::from(self.bytes);
+        if v6.is_unspecified() {
+            return None;
+        }
+        Some(match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => std::net::IpAddr::V6(v6),
+        })
+    }
+}
+
+impl From<std::net::Ipv6Addr> for AddrV6 {
+    fn from(ip: std::net::Ipv6Addr) -> Self {
+        AddrV6 { bytes: ip.octets() }
+    }
 }
 
 /// Data of `struct sluice_entry_key_v6` after `prefixlen` (aya's `lpm_trie::Key<K>` adds it).
@@ -413,9 +450,26 @@ impl EntryKeyV6 {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(C)]
 pub struct EntryV6 {
-    /// `V6_DROP` or `V6_PASS`.
-    pub action: u32,
+    /// `KIND_*` (excluded included).
+    pub kind: u32,
+    /// `F_*`.
+    pub flags: u32,
     pub policy_id: u32,
+    /// Local gateway: the egress id the mark carries.
+    pub egress_id: u32,
+    /// Underlay address of the gateway ([`AddrV6::underlay`]).
+    pub gateway: AddrV6,
+    /// Local gateway: the IPv6 address to SNAT to (zero: none, the datapath drops).
+    pub egress_ip: AddrV6,
+    /// Local gateway, pods of other nodes: their node's underlay address (zero: none).
+    pub peer: AddrV6,
+}
+
+/// Value of `sluice_reply_v6` (`struct sluice_reply_v6`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct ReplyV6 {
+    pub node: AddrV6,
 }
 
 /// Key of `sluice_cluster_v6` and `sluice_guarded_v6` (`struct sluice_cidr_key_v6`).
@@ -533,6 +587,7 @@ unsafe impl aya::Pod for AddrV6 {}
 unsafe impl aya::Pod for EntryAddrsV6 {}
 unsafe impl aya::Pod for EntryKeyV6 {}
 unsafe impl aya::Pod for EntryV6 {}
+unsafe impl aya::Pod for ReplyV6 {}
 unsafe impl aya::Pod for CidrKeyV6 {}
 unsafe impl aya::Pod for Config {}
 unsafe impl aya::Pod for Counter {}
@@ -562,7 +617,7 @@ impl TypeLayout {
 
 /// Every map with its key and value types (`tests::layouts_match_the_object` checks them against
 /// the object, sizes and BTF types).
-const MAP_TYPES: [(&str, TypeLayout, TypeLayout); 22] = [
+const MAP_TYPES: [(&str, TypeLayout, TypeLayout); 24] = [
     (SOURCES_V4, TypeLayout::of::<u32>(), TypeLayout::of::<SourceV4>()),
     (
         DESTINATIONS_V4,
@@ -601,6 +656,12 @@ const MAP_TYPES: [(&str, TypeLayout, TypeLayout); 22] = [
         TypeLayout::of::<AddrV6>(),
         TypeLayout::of::<u32>(),
     ),
+    (REPLY_V6, TypeLayout::of::<AddrV6>(), TypeLayout::of::<ReplyV6>()),
+    (
+        TUNNEL_PEERS_V6,
+        TypeLayout::of::<AddrV6>(),
+        TypeLayout::of::<u32>(),
+    ),
     (MANAGED_V4, TypeLayout::of::<u32>(), TypeLayout::of::<ManagedV4>()),
     (FENCE_DEADLINE, TypeLayout::of::<u32>(), TypeLayout::of::<u64>()),
     (
@@ -613,7 +674,7 @@ const MAP_TYPES: [(&str, TypeLayout, TypeLayout); 22] = [
 
 /// Every map with the key and value sizes this build's types have: what a pinned map must match
 /// to be adopted.
-pub fn layouts() -> [(&'static str, usize, usize); 22] {
+pub fn layouts() -> [(&'static str, usize, usize); 24] {
     MAP_TYPES.map(|(name, key, value)| (name, key.size, value.size))
 }
 
@@ -1022,7 +1083,19 @@ mod tests {
                     daddr
                 }),
             ),
-            ("sluice_entry_v6", rust_layout!(EntryV6 { action, policy_id })),
+            (
+                "sluice_entry_v6",
+                rust_layout!(EntryV6 {
+                    kind,
+                    flags,
+                    policy_id,
+                    egress_id,
+                    gateway,
+                    egress_ip,
+                    peer
+                }),
+            ),
+            ("sluice_reply_v6", rust_layout!(ReplyV6 { node })),
             ("sluice_cidr_key_v6", rust_layout!(CidrKeyV6 { prefixlen, addr })),
             (
                 "sluice_config",

@@ -1,10 +1,12 @@
 //! The kernel side of the gateway: static nftables rules that SNAT marked packets to their egress
 //! IP, save/restore the mark through conntrack, and the policy route that sends replies back into
-//! the tunnel. Rules are per egress IP, never per pod; Sluice owns the table `ip sluice`.
+//! the tunnel. Rules are per egress IP, never per pod; Sluice owns the table `inet sluice` (both
+//! families: IPv4 SNAT and IPv6 NAT66). Earlier versions had an `ip sluice` table, which every
+//! apply and the removal delete.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
 };
 
 use ipnet::Ipv4Net;
@@ -22,15 +24,34 @@ use crate::{
     error::{Error, Result},
     maps::MarkLayout,
     netdev,
-    netlink::{self, FwmarkRule, Netlink, Route},
+    netlink::{self, Family, FwmarkRule, Netlink, Route},
 };
 
 /// Priority of the SNAT chain: before the usual masquerade chains (srcnat = 100), whose SNAT
 /// would otherwise win: the first NAT binding made for a connection is the one kept.
 pub const SNAT_PRIORITY: i32 = 50;
 
-/// The full `ip sluice` table for these egress IPs (egress IP -> policy ids), replacing any
-/// previous one in one nftables transaction.
+/// The egress IPs this node SNATs to, by family: egress IP -> the egress ids (marks) that SNAT to it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snat {
+    pub v4: BTreeMap<Ipv4Addr, BTreeSet<u32>>,
+    pub v6: BTreeMap<Ipv6Addr, BTreeSet<u32>>,
+}
+
+impl Snat {
+    /// Adds `other`'s rules to these.
+    pub fn extend(&mut self, other: &Snat) {
+        for (ip, ids) in &other.v4 {
+            self.v4.entry(*ip).or_default().extend(ids);
+        }
+        for (ip, ids) in &other.v6 {
+            self.v6.entry(*ip).or_default().extend(ids);
+        }
+    }
+}
+
+/// The full `inet sluice` table for these egress IPs, replacing any previous one (and the
+/// `ip sluice` table of earlier versions) in one nftables transaction.
 /// The no-leak guard's backstop in nftables: what a pod interface the datapath is not attached to
 /// yet (a pod that started sending within milliseconds of its interface appearing) must not
 /// send by the normal path. The same decision as the datapath's guard, made where no attach has
@@ -75,13 +96,16 @@ fn nft_set(name: &str, kind: &str, elements: impl Iterator<Item = String>) -> St
     format!("  set {name} {{ type ipv4_addr;{interval}{body} }}\n")
 }
 
-pub fn ruleset(snat: &BTreeMap<Ipv4Addr, BTreeSet<u32>>, layout: &MarkLayout, backstop: &Backstop) -> String {
+pub fn ruleset(snat: &Snat, layout: &MarkLayout, backstop: &Backstop) -> String {
     let (egress, tunnel, reply) = (layout.egress, layout.tunnel, layout.reply);
     let ours = layout.ours();
     let mut s = String::new();
     // Deleted and created again in the same transaction: whatever else is in the table (a chain
     // someone added, the dormant flag) goes, and nothing runs without the table meanwhile.
-    s.push_str("table ip sluice {}\ndelete table ip sluice\ntable ip sluice {\n");
+    s.push_str(
+        "table ip sluice {}\ndelete table ip sluice\ntable inet sluice {}\ndelete table inet sluice\n\
+         table inet sluice {\n",
+    );
     if !backstop.guarded.is_empty() && !backstop.pod_interfaces.is_empty() {
         s.push_str(&nft_set(
             "guarded",
@@ -122,14 +146,22 @@ pub fn ruleset(snat: &BTreeMap<Ipv4Addr, BTreeSet<u32>>, layout: &MarkLayout, ba
          meta mark & {egress:#x} == 0 return\n    ct mark set meta mark & {:#x}\n",
         ours & !reply
     ));
-    for (ip, ids) in snat {
-        let marks: Vec<String> = ids
-            .iter()
+    let marks = |ids: &BTreeSet<u32>| {
+        ids.iter()
             .map(|id| format!("{:#x}", layout.egress_mark(*id)))
-            .collect();
+            .collect::<Vec<String>>()
+            .join(", ")
+    };
+    for (ip, ids) in &snat.v4 {
         s.push_str(&format!(
-            "    meta mark & {egress:#x} {{ {} }} snat ip to {ip}\n",
-            marks.join(", ")
+            "    meta nfproto ipv4 meta mark & {egress:#x} {{ {} }} snat ip to {ip}\n",
+            marks(ids)
+        ));
+    }
+    for (ip, ids) in &snat.v6 {
+        s.push_str(&format!(
+            "    meta nfproto ipv6 meta mark & {egress:#x} {{ {} }} snat ip6 to {ip}\n",
+            marks(ids)
         ));
     }
     s.push_str("  }\n}\n");
@@ -141,10 +173,10 @@ pub fn apply(ruleset: &str) -> Result<()> {
     netdev::run("nft", &["-f", "-"], Some(ruleset)).map(drop)
 }
 
-/// The name of Sluice's table (family `ip`).
+/// The name of Sluice's table (family `inet`; `ip` in earlier versions).
 const TABLE: &str = "sluice";
 
-/// What the kernel holds of the `ip sluice` table: its handle, whether it is dormant, and the
+/// What the kernel holds of the `inet sluice` table: its handle, whether it is dormant, and the
 /// handles of its rules by chain. Every object nftables creates gets a new handle, so a table or
 /// rule deleted and added back by someone else shows as a different value.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -229,12 +261,12 @@ pub fn generation(nl: &mut Netlink) -> Result<u32> {
         })
 }
 
-/// What the kernel holds of the `ip sluice` table, if it exists.
+/// What the kernel holds of the `inet sluice` table, if it exists.
 pub fn table_held(nl: &mut Netlink) -> Result<Option<TableHeld>> {
-    let context = || "reading the nftables table ip sluice".to_owned();
+    let context = || "reading the nftables table inet sluice".to_owned();
     let table = match netfilter_request(
         nl,
-        NetfilterProtoFamily::IPv4,
+        NetfilterProtoFamily::Inet,
         NfTablesMessage::GetTable(TableMessage {
             attributes: vec![TableAttribute::Name(TABLE.to_owned())],
         }),
@@ -263,7 +295,7 @@ pub fn table_held(nl: &mut Netlink) -> Result<Option<TableHeld>> {
     };
     let dump = match netfilter_request(
         nl,
-        NetfilterProtoFamily::IPv4,
+        NetfilterProtoFamily::Inet,
         NfTablesMessage::GetRule(RuleMessage {
             attributes: vec![RuleAttribute::Table(TABLE.to_owned())],
         }),
@@ -297,15 +329,15 @@ pub fn table_held(nl: &mut Netlink) -> Result<Option<TableHeld>> {
     }))
 }
 
-/// The batch deleting the `ip sluice` table: nf_tables takes changes only inside a batch (as
-/// `nft -f` sends them), and acknowledges the deletion itself.
-fn delete_table_batch() -> Vec<(NetfilterMessage, u16)> {
+/// The batch deleting the `sluice` table of `family`: nf_tables takes changes only inside a
+/// batch (as `nft -f` sends them), and acknowledges the deletion itself.
+fn delete_table_batch(family: NetfilterProtoFamily) -> Vec<(NetfilterMessage, u16)> {
     let nftables = u16::from(u8::from(NetfilterSubsystem::NfTables));
     let control = |m: ControlMessage| {
         NetfilterMessage::new(NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, nftables), m)
     };
     let delete = NetfilterMessage::new(
-        NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
+        NetfilterHeader::new(family, 0, 0),
         NfTablesMessage::DeleteTable(TableMessage {
             attributes: vec![TableAttribute::Name(TABLE.to_owned())],
         }),
@@ -317,14 +349,21 @@ fn delete_table_batch() -> Vec<(NetfilterMessage, u16)> {
     ]
 }
 
-/// Deletes Sluice's nftables table; one already gone is fine.
+/// Deletes Sluice's nftables table (and an earlier version's `ip sluice`); one already gone is
+/// fine.
 pub fn remove_table() -> Result<()> {
     let mut nl = Netlink::netfilter().map_err(|e| Error::io("opening a netfilter netlink socket", e))?;
-    match nl.batch(delete_table_batch()) {
-        // No table, or no nf_tables at all (then there is no table either).
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EOPNOTSUPP)) => Ok(()),
-        r => r.map_err(|e| Error::io("deleting the nftables table ip sluice", e)),
+    for (family, name) in [
+        (NetfilterProtoFamily::Inet, "inet"),
+        (NetfilterProtoFamily::IPv4, "ip"),
+    ] {
+        match nl.batch(delete_table_batch(family)) {
+            // No table, or no nf_tables at all (then there is no table either).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EOPNOTSUPP)) => {}
+            r => r.map_err(|e| Error::io(format!("deleting the nftables table {name} sluice"), e))?,
+        }
     }
+    Ok(())
 }
 
 /// Sluice's nftables table as last applied, and what the kernel held right after, to notice
@@ -420,16 +459,18 @@ pub fn ensure_reply_route(table: u32, tunnel_ifindex: u32, layout: &MarkLayout) 
     let rule = reply_rule(table, layout);
     let route = Route::default_via_device(tunnel_ifindex);
     let mut repair = ReplyRepair::default();
-    let rules = netlink::fwmark_rules(&mut nl).map_err(|e| Error::io("listing ip rules", e))?;
-    // A rule of our preference with other marks: an earlier run's, with other mark bits.
-    for stale in rules.iter().filter(|r| r.pref == table && **r != rule) {
-        netlink::delete_rule(&mut nl, *stale)
-            .map_err(|e| Error::io(format!("deleting the stale reply rule {stale:?}"), e))?;
-    }
-    if !rules.contains(&rule) {
-        netlink::add_rule(&mut nl, rule)
-            .map_err(|e| Error::io(format!("adding the reply rule {rule:?}"), e))?;
-        repair.rule = true;
+    for family in [Family::V4, Family::V6] {
+        match ensure_reply_rule(&mut nl, rule, family) {
+            Ok(added) => repair.rule |= added,
+            // A kernel without IPv6: there are no IPv6 replies either.
+            Err(e) if family == Family::V6 && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => continue,
+            Err(e) => {
+                return Err(Error::io(
+                    format!("putting the reply rule {rule:?} ({family:?}) in place"),
+                    e,
+                ));
+            }
+        }
     }
     let routes = netlink::routes(&mut nl, table)
         .map_err(|e| Error::io(format!("listing routing table {table}"), e))?;
@@ -438,15 +479,49 @@ pub fn ensure_reply_route(table: u32, tunnel_ifindex: u32, layout: &MarkLayout) 
             .map_err(|e| Error::io(format!("adding the reply route to table {table}"), e))?;
         repair.route = true;
     }
+    match netlink::routes_v6(&mut nl, table) {
+        Ok(held) if held == [(0, Some(tunnel_ifindex))] => {}
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
+        Ok(_) => {
+            netlink::replace_default_v6(&mut nl, table, tunnel_ifindex)
+                .map_err(|e| Error::io(format!("adding the IPv6 reply route to table {table}"), e))?;
+            repair.route = true;
+        }
+        Err(e) => return Err(Error::io(format!("listing IPv6 routing table {table}"), e)),
+    }
     Ok(repair)
 }
 
-/// Removes the reply rule (and any other rule of its preference) and empties its table.
+/// Puts the reply rule of `family` in place, removing stale ones of its preference; whether it
+/// had to be added.
+fn ensure_reply_rule(nl: &mut Netlink, rule: FwmarkRule, family: Family) -> std::io::Result<bool> {
+    let rules = netlink::fwmark_rules_of(nl, family)?;
+    for stale in rules.iter().filter(|r| r.pref == rule.pref && **r != rule) {
+        netlink::delete_rule_of(nl, *stale, family)?;
+    }
+    if rules.contains(&rule) {
+        return Ok(false);
+    }
+    netlink::add_rule_of(nl, rule, family)?;
+    Ok(true)
+}
+
+/// Removes the reply rules (both families) and routes.
 pub fn remove_reply_route(table: u32) -> Result<()> {
     let mut nl = Netlink::route().map_err(|e| Error::io("opening a route netlink socket", e))?;
-    let rules = netlink::fwmark_rules(&mut nl).map_err(|e| Error::io("listing ip rules", e))?;
-    for rule in rules.into_iter().filter(|r| r.pref == table) {
-        netlink::delete_rule(&mut nl, rule).map_err(|e| Error::io("deleting the reply rule", e))?;
+    for family in [Family::V4, Family::V6] {
+        let rules = match netlink::fwmark_rules_of(&mut nl, family) {
+            Err(e) if family == Family::V6 && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => continue,
+            r => r.map_err(|e| Error::io("listing ip rules", e))?,
+        };
+        for rule in rules.into_iter().filter(|r| r.pref == table) {
+            netlink::delete_rule_of(&mut nl, rule, family)
+                .map_err(|e| Error::io("deleting the reply rule", e))?;
+        }
+    }
+    match netlink::flush_table_v6(&mut nl, table) {
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
+        r => r.map_err(|e| Error::io(format!("emptying IPv6 routing table {table}"), e))?,
     }
     netlink::flush_table(&mut nl, table).map_err(|e| Error::io(format!("emptying routing table {table}"), e))
 }
@@ -458,7 +533,7 @@ mod tests {
     #[test]
     fn the_table_is_deleted_in_a_batch_of_its_own() {
         use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
-        let (bytes, awaited) = netlink::encode_batch(delete_table_batch(), 7);
+        let (bytes, awaited) = netlink::encode_batch(delete_table_batch(NetfilterProtoFamily::Inet), 7);
         assert_eq!(awaited, [8], "only the deletion is acknowledged");
         let mut rest = &bytes[..];
         let mut messages = Vec::new();
@@ -481,7 +556,7 @@ mod tests {
             })
             .collect();
         assert_eq!(payloads[0].header.res_id, 10, "the batch is nf_tables'");
-        assert_eq!(payloads[1].header.family, NetfilterProtoFamily::IPv4);
+        assert_eq!(payloads[1].header.family, NetfilterProtoFamily::Inet);
         assert_eq!(
             payloads[1].inner,
             NetfilterMessageInner::NfTables(NfTablesMessage::DeleteTable(TableMessage {
@@ -491,24 +566,35 @@ mod tests {
     }
 
     #[test]
-    fn one_snat_rule_per_egress_ip() {
-        let snat = BTreeMap::from([
-            ("192.0.2.101".parse().unwrap(), BTreeSet::from([1, 3])),
-            ("192.0.2.102".parse().unwrap(), BTreeSet::from([2])),
-        ]);
+    fn one_snat_rule_per_egress_ip_of_each_family() {
+        let snat = Snat {
+            v4: BTreeMap::from([
+                ("192.0.2.101".parse().unwrap(), BTreeSet::from([1, 3])),
+                ("192.0.2.102".parse().unwrap(), BTreeSet::from([2])),
+            ]),
+            v6: BTreeMap::from([("fd00:192:0:2::103".parse().unwrap(), BTreeSet::from([4]))]),
+        };
         let r = ruleset(&snat, &MarkLayout::default(), &Backstop::default());
         assert!(
-            r.contains("meta mark & 0xff { 0x1, 0x3 } snat ip to 192.0.2.101"),
+            r.contains("meta nfproto ipv4 meta mark & 0xff { 0x1, 0x3 } snat ip to 192.0.2.101"),
             "{r}"
         );
         assert!(
-            r.contains("meta mark & 0xff { 0x2 } snat ip to 192.0.2.102"),
+            r.contains("meta nfproto ipv4 meta mark & 0xff { 0x2 } snat ip to 192.0.2.102"),
             "{r}"
         );
+        assert!(
+            r.contains("meta nfproto ipv6 meta mark & 0xff { 0x4 } snat ip6 to fd00:192:0:2::103"),
+            "{r}"
+        );
+        // One table for both families; an earlier version's IPv4-only table goes.
+        assert!(r.contains("delete table ip sluice\n"), "{r}");
+        assert!(r.contains("table inet sluice {\n"), "{r}");
         // Only Sluice's bits move between the packet and the connection.
         assert!(r.contains("meta mark set meta mark | 0x3000"), "{r}");
         assert!(r.contains("ct mark set meta mark & 0x10ff"), "{r}");
         assert_eq!(r.matches("snat ip to").count(), 2);
+        assert_eq!(r.matches("snat ip6 to").count(), 1);
         // Another layout: the ids where the layout puts them.
         let shifted = MarkLayout::new(0x00ff_0000, 0x100, 0x200).unwrap();
         assert!(
@@ -534,7 +620,7 @@ mod tests {
         let moving = old.during_move_to(&new);
         assert_eq!(moving.guarded.len(), 2);
         assert_eq!(moving.decided, BTreeSet::from(["10.244.2.11".parse().unwrap()]));
-        let r = ruleset(&BTreeMap::new(), &MarkLayout::default(), &moving);
+        let r = ruleset(&Snat::default(), &MarkLayout::default(), &moving);
         assert!(r.contains("set guarded { type ipv4_addr; flags interval; auto-merge; elements = { 0.0.0.0/0, 203.0.113.0/24 } }"), "{r}");
         assert!(
             r.contains("set decided { type ipv4_addr; elements = { 10.244.2.11 } }"),
@@ -548,13 +634,16 @@ mod tests {
         );
         assert_eq!(rules_per_chain(&r)["forward"], 1);
         // No guard: no backstop chain at all.
-        let none = ruleset(&BTreeMap::new(), &MarkLayout::default(), &Backstop::default());
+        let none = ruleset(&Snat::default(), &MarkLayout::default(), &Backstop::default());
         assert!(!none.contains("forward"), "{none}");
     }
 
     #[test]
     fn a_table_missing_a_rule_or_dormant_is_not_the_one_applied() {
-        let snat = BTreeMap::from([("192.0.2.101".parse().unwrap(), BTreeSet::from([1]))]);
+        let snat = Snat {
+            v4: BTreeMap::from([("192.0.2.101".parse().unwrap(), BTreeSet::from([1]))]),
+            ..Snat::default()
+        };
         let r = ruleset(&snat, &MarkLayout::default(), &Backstop::default());
         assert_eq!(
             rules_per_chain(&r),
@@ -583,7 +672,7 @@ mod tests {
         assert!(!dormant.has_the_shape_of(&r));
         assert!(
             !held.has_the_shape_of(&ruleset(
-                &BTreeMap::new(),
+                &Snat::default(),
                 &MarkLayout::default(),
                 &Backstop::default()
             )),

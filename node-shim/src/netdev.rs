@@ -14,11 +14,11 @@ use std::{
     time::Duration,
 };
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
-    address::{AddressAttribute, AddressMessage},
+    address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage},
     link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
 };
 use netlink_sys::{AsyncSocket, AsyncSocketExt, TokioSocket, protocols};
@@ -78,6 +78,34 @@ impl Link {
     }
 }
 
+/// The link and global IPv6 address of an `RTM_NEWADDR` message, with whether it is deprecated
+/// (preferred lifetime over: kept, but not picked when any address will do). Link-local
+/// addresses are left out: nothing leaves the link with them.
+fn ipv6_of(message: &AddressMessage) -> Option<(u32, Ipv6Net, bool)> {
+    if message.header.family != AddressFamily::Inet6 {
+        return None;
+    }
+    let mut ip = None;
+    // The header holds the first eight flags; the attribute, when there, all of them.
+    let mut deprecated = message.header.flags.contains(AddressHeaderFlags::Deprecated);
+    for a in &message.attributes {
+        match a {
+            AddressAttribute::Address(IpAddr::V6(v6)) => ip = Some(*v6),
+            AddressAttribute::Flags(f) => deprecated = f.contains(AddressFlags::Deprecated),
+            _ => {}
+        }
+    }
+    let ip = ip?;
+    if ip.is_unicast_link_local() || ip.is_loopback() {
+        return None;
+    }
+    Some((
+        message.header.index,
+        Ipv6Net::new(ip, message.header.prefix_len).ok()?,
+        deprecated,
+    ))
+}
+
 /// The link and IPv4 address of an `RTM_NEWADDR` message, as getifaddrs(3) reports it: the local
 /// address (on a point-to-point link `IFA_ADDRESS` is the peer's), else the address.
 fn ipv4_of(message: &AddressMessage) -> Option<(u32, Ipv4Net)> {
@@ -114,6 +142,7 @@ impl Scan {
     fn of(
         links: impl IntoIterator<Item = Link>,
         addresses: impl IntoIterator<Item = (u32, Ipv4Net)>,
+        addresses_v6: impl IntoIterator<Item = (u32, Ipv6Net, bool)>,
     ) -> Self {
         let links: BTreeMap<u32, Link> = links.into_iter().map(|l| (l.index, l)).collect();
         let mut by_index: BTreeMap<u32, Interface> = links
@@ -126,6 +155,8 @@ impl Scan {
                         index: l.index,
                         ipv4: Vec::new(),
                         ipv4_networks: Vec::new(),
+                        ipv6: Vec::new(),
+                        ipv6_networks: Vec::new(),
                     },
                 )
             })
@@ -134,6 +165,15 @@ impl Scan {
             if let Some(i) = by_index.get_mut(&index) {
                 i.ipv4.push(net.addr());
                 i.ipv4_networks.push(net.trunc());
+            }
+        }
+        // Deprecated addresses last: "the interface's first IPv6 address" is a preferred one.
+        let mut v6: Vec<(u32, Ipv6Net, bool)> = addresses_v6.into_iter().collect();
+        v6.sort_by_key(|(_, _, deprecated)| *deprecated);
+        for (index, net, _) in v6 {
+            if let Some(i) = by_index.get_mut(&index) {
+                i.ipv6.push(net.addr());
+                i.ipv6_networks.push(net.trunc());
             }
         }
         let mut interfaces: Vec<Interface> = by_index.into_values().collect();
@@ -165,11 +205,12 @@ pub fn scan() -> Result<Scan> {
     let links = nl
         .request(RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_DUMP)
         .map_err(|e| Error::io("listing links", e))?;
-    let mut request = AddressMessage::default();
-    request.header.family = AddressFamily::Inet;
     let addresses = nl
-        .request(RouteNetlinkMessage::GetAddress(request), NLM_F_DUMP)
-        .map_err(|e| Error::io("listing IPv4 addresses", e))?;
+        .request(
+            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+            NLM_F_DUMP,
+        )
+        .map_err(|e| Error::io("listing addresses", e))?;
     Ok(Scan::of(
         links.iter().filter_map(|m| match m {
             RouteNetlinkMessage::NewLink(l) => Link::from_message(l),
@@ -177,6 +218,10 @@ pub fn scan() -> Result<Scan> {
         }),
         addresses.iter().filter_map(|m| match m {
             RouteNetlinkMessage::NewAddress(a) => ipv4_of(a),
+            _ => None,
+        }),
+        addresses.iter().filter_map(|m| match m {
+            RouteNetlinkMessage::NewAddress(a) => ipv6_of(a),
             _ => None,
         }),
     ))
@@ -474,7 +519,19 @@ pub fn ensure_tunnel(t: &Tunnel, rp_filter: &crate::rp_filter::Record) -> Result
     };
     nl.request(RouteNetlinkMessage::SetLink(up_without_arp(held.index)), 0)
         .map_err(|e| Error::io(format!("setting tunnel device {device} up, ARP off"), e))?;
-    sysctl(&format!("net/ipv6/conf/{device}/disable_ipv6"), "1").ok();
+    // IPv6 pods' packets arrive through the device (a gateway's stack must take them), but the
+    // device itself speaks no IPv6: no link-local address (so no duplicate address detection,
+    // router solicitations or multicast reports into the tunnel), no router advertisements.
+    // A device that got a link-local address when it came up loses it with IPv6 off and on
+    // again, once (a restarted shim finds the mode set and leaves the device alone).
+    let key = |name: &str| format!("net/ipv6/conf/{device}/{name}");
+    let mode = fs::read_to_string(proc_sys().join(key("addr_gen_mode"))).unwrap_or_default();
+    if mode.trim() != "1" {
+        sysctl(&key("addr_gen_mode"), "1").ok();
+        sysctl(&key("disable_ipv6"), "1").ok();
+    }
+    sysctl(&key("accept_ra"), "0").ok();
+    sysctl(&key("disable_ipv6"), "0").ok();
     crate::rp_filter::relax(device, rp_filter)?;
     Ok(held.index)
 }
@@ -773,6 +830,16 @@ mod tests {
         v6.header.family = AddressFamily::Inet6;
         v6.attributes = vec![AddressAttribute::Address(ip("2001:db8::1"))];
         assert_eq!(ipv4_of(&v6), None);
+        v6.header.index = 2;
+        v6.header.prefix_len = 64;
+        assert_eq!(ipv6_of(&v6), Some((2, "2001:db8::1/64".parse().unwrap(), false)));
+        assert_eq!(ipv6_of(&plain), None);
+        v6.attributes
+            .push(AddressAttribute::Flags(AddressFlags::Deprecated));
+        assert_eq!(ipv6_of(&v6), Some((2, "2001:db8::1/64".parse().unwrap(), true)));
+        let mut link_local = v6.clone();
+        link_local.attributes = vec![AddressAttribute::Address(ip("fe80::1"))];
+        assert_eq!(ipv6_of(&link_local), None, "never an egress address");
 
         let link = |index: u32, name: &str, mtu: u32| Link {
             index,
@@ -789,6 +856,18 @@ mod tests {
                 // A link that went between the two dumps.
                 (44, "198.18.0.1/32".parse().unwrap()),
             ],
+            [
+                (2, "fd00:192:0:2::101/64".parse().unwrap(), true),
+                (2, "fd00:192:0:2::11/64".parse().unwrap(), false),
+            ],
+        );
+        // The preferred address first: the one "the interface's IPv6 address" means.
+        assert_eq!(
+            scan.interfaces[0].ipv6,
+            [
+                "fd00:192:0:2::11".parse::<std::net::Ipv6Addr>().unwrap(),
+                "fd00:192:0:2::101".parse().unwrap()
+            ]
         );
         let names: Vec<&str> = scan.interfaces.iter().map(|i| i.name.as_str()).collect();
         assert_eq!(names, ["eth0", "eth1", "lo"]);

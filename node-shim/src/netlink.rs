@@ -203,6 +203,22 @@ pub(crate) fn encode_batch<T: NetlinkSerializable + Debug>(
     (bytes, awaited)
 }
 
+/// The address family of a rule or route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn address_family(self) -> AddressFamily {
+        match self {
+            Family::V4 => AddressFamily::Inet,
+            Family::V6 => AddressFamily::Inet6,
+        }
+    }
+}
+
 /// What a rule selects by: its preference and packet mark; what it does: look up `table`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct FwmarkRule {
@@ -213,10 +229,11 @@ pub struct FwmarkRule {
 }
 
 impl FwmarkRule {
-    /// The rule of `message`, when it is an IPv4 `fwmark ... lookup` rule selecting on nothing else.
-    fn from_message(message: &RuleMessage) -> Option<Self> {
+    /// The rule of `message`, when it is a `fwmark ... lookup` rule of `family` selecting on
+    /// nothing else.
+    fn from_message(message: &RuleMessage, family: Family) -> Option<Self> {
         let h = &message.header;
-        if h.family != AddressFamily::Inet
+        if h.family != family.address_family()
             || h.action != RuleAction::ToTable
             || h.src_len != 0
             || h.dst_len != 0
@@ -256,9 +273,9 @@ impl FwmarkRule {
         })
     }
 
-    fn to_message(self) -> RuleMessage {
+    fn to_message(self, family: Family) -> RuleMessage {
         let mut m = RuleMessage::default();
-        m.header.family = AddressFamily::Inet;
+        m.header.family = family.address_family();
         m.header.action = RuleAction::ToTable;
         // Tables past 255 only fit the attribute; the header says "see the attribute" (0).
         m.header.table = u8::try_from(self.table).unwrap_or(0);
@@ -274,22 +291,32 @@ impl FwmarkRule {
 
 /// Every IPv4 fwmark rule in place (rules selecting on anything else are left out).
 pub fn fwmark_rules(nl: &mut Netlink) -> io::Result<Vec<FwmarkRule>> {
+    fwmark_rules_of(nl, Family::V4)
+}
+
+/// Every fwmark rule of `family` in place.
+pub fn fwmark_rules_of(nl: &mut Netlink, family: Family) -> io::Result<Vec<FwmarkRule>> {
     let mut request = RuleMessage::default();
-    request.header.family = AddressFamily::Inet;
+    request.header.family = family.address_family();
     Ok(nl
         .request(RouteNetlinkMessage::GetRule(request), NLM_F_DUMP)?
         .iter()
         .filter_map(|m| match m {
-            RouteNetlinkMessage::NewRule(r) => FwmarkRule::from_message(r),
+            RouteNetlinkMessage::NewRule(r) => FwmarkRule::from_message(r, family),
             _ => None,
         })
         .collect())
 }
 
-/// Adds `rule`; one already there is fine.
+/// Adds IPv4 `rule`; one already there is fine.
 pub fn add_rule(nl: &mut Netlink, rule: FwmarkRule) -> io::Result<()> {
+    add_rule_of(nl, rule, Family::V4)
+}
+
+/// Adds `rule` of `family`; one already there is fine.
+pub fn add_rule_of(nl: &mut Netlink, rule: FwmarkRule, family: Family) -> io::Result<()> {
     match nl.request(
-        RouteNetlinkMessage::NewRule(rule.to_message()),
+        RouteNetlinkMessage::NewRule(rule.to_message(family)),
         NLM_F_CREATE | NLM_F_EXCL,
     ) {
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
@@ -297,12 +324,82 @@ pub fn add_rule(nl: &mut Netlink, rule: FwmarkRule) -> io::Result<()> {
     }
 }
 
-/// Deletes `rule`; one already gone is fine.
+/// Deletes IPv4 `rule`; one already gone is fine.
 pub fn delete_rule(nl: &mut Netlink, rule: FwmarkRule) -> io::Result<()> {
-    match nl.request(RouteNetlinkMessage::DelRule(rule.to_message()), 0) {
+    delete_rule_of(nl, rule, Family::V4)
+}
+
+/// Deletes `rule` of `family`; one already gone is fine.
+pub fn delete_rule_of(nl: &mut Netlink, rule: FwmarkRule, family: Family) -> io::Result<()> {
+    match nl.request(RouteNetlinkMessage::DelRule(rule.to_message(family)), 0) {
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         r => r.map(drop),
     }
+}
+
+/// The output interfaces of `table`'s IPv6 unicast routes, with their prefix lengths.
+pub fn routes_v6(nl: &mut Netlink, table: u32) -> io::Result<Vec<(u8, Option<u32>)>> {
+    Ok(dump_table(nl, table, Family::V6)?
+        .iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewRoute(r) => Some(r),
+            _ => None,
+        })
+        .filter(|r| r.header.address_family == AddressFamily::Inet6 && r.header.kind == RouteType::Unicast)
+        .filter_map(|r| {
+            let mut t = u32::from(r.header.table);
+            let mut oif = None;
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Table(x) => t = *x,
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    _ => {}
+                }
+            }
+            (t == table).then_some((r.header.destination_prefix_length, oif))
+        })
+        .collect())
+}
+
+/// The IPv6 route `default dev <oif>` in `table`, as a message.
+fn default_v6_via_device(table: u32, oif: u32) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header = route_header(table);
+    m.header.address_family = AddressFamily::Inet6;
+    m.header.protocol = RouteProtocol::Boot;
+    m.header.scope = RouteScope::Universe;
+    m.header.kind = RouteType::Unicast;
+    m.attributes.push(RouteAttribute::Table(table));
+    m.attributes.push(RouteAttribute::Oif(oif));
+    m
+}
+
+/// Puts `default dev <oif>` into `table` (IPv6), replacing the default route there.
+pub fn replace_default_v6(nl: &mut Netlink, table: u32, oif: u32) -> io::Result<()> {
+    nl.request(
+        RouteNetlinkMessage::NewRoute(default_v6_via_device(table, oif)),
+        NLM_F_CREATE | NLM_F_REPLACE,
+    )
+    .map(drop)
+}
+
+/// Deletes every IPv6 route of `table`.
+pub fn flush_table_v6(nl: &mut Netlink, table: u32) -> io::Result<()> {
+    for (prefix_len, oif) in routes_v6(nl, table)? {
+        let mut m = RouteMessage::default();
+        m.header = route_header(table);
+        m.header.address_family = AddressFamily::Inet6;
+        m.header.destination_prefix_length = prefix_len;
+        m.attributes.push(RouteAttribute::Table(table));
+        if let Some(oif) = oif {
+            m.attributes.push(RouteAttribute::Oif(oif));
+        }
+        match nl.request(RouteNetlinkMessage::DelRoute(m), 0) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ESRCH | libc::ENOENT)) => {}
+            r => r.map(drop)?,
+        }
+    }
+    Ok(())
 }
 
 /// A plain IPv4 unicast route through one device, with what `ip route` shows of it.
@@ -414,19 +511,24 @@ fn route_header(table: u32) -> RouteHeader {
     }
 }
 
+/// What a dump of `table`'s routes of `family` answers (nothing when the table does not exist).
+fn dump_table(nl: &mut Netlink, table: u32, family: Family) -> io::Result<Vec<RouteNetlinkMessage>> {
+    let mut request = RouteMessage::default();
+    request.header = route_header(table);
+    request.header.address_family = family.address_family();
+    request.attributes.push(RouteAttribute::Table(table));
+    match nl.request(RouteNetlinkMessage::GetRoute(request), NLM_F_DUMP) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Vec::new()),
+        r => r,
+    }
+}
+
 /// The main routing table.
 pub const MAIN_TABLE: u32 = RouteHeader::RT_TABLE_MAIN as u32;
 
 /// The plain unicast IPv4 routes of `table` (none when the table does not exist).
 pub fn routes(nl: &mut Netlink, table: u32) -> io::Result<Vec<Route>> {
-    let mut request = RouteMessage::default();
-    request.header = route_header(table);
-    request.attributes.push(RouteAttribute::Table(table));
-    let answers = match nl.request(RouteNetlinkMessage::GetRoute(request), NLM_F_DUMP) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Vec::new()),
-        r => r?,
-    };
-    Ok(answers
+    Ok(dump_table(nl, table, Family::V4)?
         .iter()
         .filter_map(|m| match m {
             RouteNetlinkMessage::NewRoute(r) => Route::from_message(r),
@@ -576,28 +678,35 @@ mod tests {
             mask: 0xfff4_ffff,
             table: 8480,
         };
-        assert_eq!(FwmarkRule::from_message(&rule.to_message()), Some(rule));
-        let mut as_dumped = rule.to_message();
+        assert_eq!(
+            FwmarkRule::from_message(&rule.to_message(Family::V4), Family::V4),
+            Some(rule)
+        );
+        let mut as_dumped = rule.to_message(Family::V4);
         as_dumped.header.table = 252;
         as_dumped
             .attributes
             .push(RuleAttribute::SuppressPrefixLen(u32::MAX));
         assert_eq!(
-            FwmarkRule::from_message(&as_dumped),
+            FwmarkRule::from_message(&as_dumped, Family::V4),
             Some(rule),
             "as the kernel reports it"
         );
-        let mut from_source = rule.to_message();
+        let mut from_source = rule.to_message(Family::V4);
         from_source.header.src_len = 24;
         assert_eq!(
-            FwmarkRule::from_message(&from_source),
+            FwmarkRule::from_message(&from_source, Family::V4),
             None,
             "a rule that also selects on something else is another rule"
         );
-        let mut no_mark = rule.to_message();
+        let mut no_mark = rule.to_message(Family::V4);
         no_mark
             .attributes
             .retain(|a| !matches!(a, RuleAttribute::FwMark(_)));
-        assert_eq!(FwmarkRule::from_message(&no_mark), None);
+        assert_eq!(FwmarkRule::from_message(&no_mark, Family::V4), None);
+        // The IPv6 twin of the rule is another family's rule.
+        let v6 = rule.to_message(Family::V6);
+        assert_eq!(FwmarkRule::from_message(&v6, Family::V6), Some(rule));
+        assert_eq!(FwmarkRule::from_message(&v6, Family::V4), None);
     }
 }

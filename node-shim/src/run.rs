@@ -208,7 +208,7 @@ enum FileStamp {
 }
 
 /// SNAT rules (egress IP -> egress ids) and egress routes (egress id -> interface name, index).
-type EgressKept = (BTreeMap<Ipv4Addr, BTreeSet<u32>>, BTreeMap<u32, (String, u32)>);
+type EgressKept = (nat::Snat, BTreeMap<u32, (String, u32)>);
 
 /// How often the pods' pinned flows are counted while any gateway is pinnable.
 const PINNED_FLOWS_EVERY: Duration = Duration::from_secs(2);
@@ -248,7 +248,7 @@ pub struct Agent {
     tunnel_ifindex: u32,
     /// Sluice's nftables table, as last applied.
     nft: nat::Guard,
-    snat: BTreeMap<Ipv4Addr, BTreeSet<u32>>,
+    snat: nat::Snat,
     /// The no-leak guard's nftables backstop, as last applied.
     backstop: nat::Backstop,
     /// Egress routing tables (table -> interface) and rules (policy id, table) in place.
@@ -316,20 +316,12 @@ impl Agent {
             })?;
             names.insert(id, name);
         }
-        // Egress ids live on in conntrack marks: keep those the pinned entries carry.
-        let egress_ids: BTreeMap<Ipv4Addr, u32> = policy
-            .values()
-            .filter(|v| v.flags & maps::F_LOCAL_GATEWAY != 0 && v.egress_id != 0 && v.egress_ip != 0)
-            .map(|v| (maps::from_be(v.egress_ip), v.egress_id))
-            .collect();
-        let ids = PolicyIds::adopt(names.iter().map(|(id, n)| (*id, n.as_str())).collect())
-            .with_egresses(egress_ids, opts.marks.max_egress_id());
         let peers = read_hash(&dp.maps.peers, maps::TUNNEL_PEERS_V4)?;
         let pinnable = read_hash(&dp.maps.pinnable, maps::PINNABLE_V4)?;
         let bridge_ports = read_hash(&dp.maps.bridge_ports, maps::BRIDGE_PORTS)?;
         let decided = read_hash(&dp.maps.decided_pods, maps::DECIDED_PODS_V4)?;
         let decided_v6 = read_hash(&dp.maps.decided_pods_v6, maps::DECIDED_PODS_V6)?;
-        let mut entries_v6 = BTreeMap::new();
+        let mut entries_v6: BTreeMap<maps::EntryKeyV6, maps::EntryV6> = BTreeMap::new();
         for item in dp.maps.entries_v6.iter() {
             let (key, value) = item.map_err(|source| Error::Map {
                 name: maps::ENTRIES_V6,
@@ -338,6 +330,21 @@ impl Agent {
             })?;
             entries_v6.insert(maps::EntryKeyV6::from_lpm(&key), value);
         }
+        // Egress ids live on in conntrack marks: keep those the pinned entries carry.
+        let local = |flags: u32, id: u32| flags & maps::F_LOCAL_GATEWAY != 0 && id != 0;
+        let egress_ids: BTreeMap<IpAddr, u32> = policy
+            .values()
+            .filter(|v| local(v.flags, v.egress_id) && v.egress_ip != 0)
+            .map(|v| (IpAddr::V4(maps::from_be(v.egress_ip)), v.egress_id))
+            .chain(
+                entries_v6
+                    .values()
+                    .filter(|v| local(v.flags, v.egress_id) && v.egress_ip != maps::AddrV6::default())
+                    .map(|v| (IpAddr::V6(v.egress_ip.bytes.into()), v.egress_id)),
+            )
+            .collect();
+        let ids = PolicyIds::adopt(names.iter().map(|(id, n)| (*id, n.as_str())).collect())
+            .with_egresses(egress_ids, opts.marks.max_egress_id());
         tracing::info!(
             entries = policy.len(),
             sources = layout.sources.len(),
@@ -382,7 +389,7 @@ impl Agent {
             seen: BTreeMap::new(),
             tunnel_ifindex: 0,
             nft: nat::Guard::default(),
-            snat: BTreeMap::new(),
+            snat: nat::Snat::default(),
             backstop: nat::Backstop::default(),
             egress_tables: BTreeMap::new(),
             egress_rules: BTreeSet::new(),
@@ -1017,9 +1024,7 @@ impl Agent {
         let mut want = desired::desired(entries.iter().copied(), &guarded, &host, &mut self.ids)?;
         if own_flows_pinned {
             let (snat, routes) = &self.egress_kept;
-            for (ip, ids) in snat {
-                want.snat.entry(*ip).or_default().extend(ids);
-            }
+            want.snat.extend(snat);
             for (id, route) in routes {
                 want.egress_routes.entry(*id).or_insert_with(|| route.clone());
             }
@@ -1034,7 +1039,7 @@ impl Agent {
         if want.skipped_ipv6 > 0 {
             tracing::warn!(
                 entries = want.skipped_ipv6,
-                "IPv6 entries are not supported yet; skipped"
+                "entries whose gateway has only an IPv6 underlay address are not steered yet (fail closed)"
             );
         }
         let (next, overflow) = Layout::of(&want.policy, &self.layout);
@@ -1130,9 +1135,7 @@ impl Agent {
         //    no entry is ever ahead of its rules; 2. the maps, upserts first; 3. the rules as
         //    wanted.
         let mut union = self.snat.clone();
-        for (ip, ids) in &want.snat {
-            union.entry(*ip).or_default().extend(ids);
-        }
+        union.extend(&want.snat);
         let guard = guard_contents(guard.as_ref());
         let backstop = nat::Backstop {
             pod_interfaces: self.opts.pod_interfaces.clone(),
@@ -1300,11 +1303,7 @@ impl Agent {
         Ok(())
     }
 
-    fn apply_nft(
-        &mut self,
-        snat: &BTreeMap<Ipv4Addr, BTreeSet<u32>>,
-        backstop: &nat::Backstop,
-    ) -> Result<()> {
+    fn apply_nft(&mut self, snat: &nat::Snat, backstop: &nat::Backstop) -> Result<()> {
         self.nft.apply(nat::ruleset(snat, &self.opts.marks, backstop))
     }
 

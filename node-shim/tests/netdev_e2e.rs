@@ -116,7 +116,11 @@ fn the_tunnel_made_over_netlink_has_the_settings_asked_for() {
         assert_eq!(data["port"], 8473, "{data:#}");
         assert_eq!(data["learning"], false, "{data:#}");
         assert_eq!(data["local"], "192.0.2.11", "{data:#}");
-        assert_eq!(read_sysctl("net/ipv6/conf/sluice-vx0/disable_ipv6"), "1");
+        // IPv6 pods' packets pass through it, but it has no address of its own to speak from.
+        assert_eq!(read_sysctl("net/ipv6/conf/sluice-vx0/disable_ipv6"), "0");
+        assert_eq!(read_sysctl("net/ipv6/conf/sluice-vx0/addr_gen_mode"), "1");
+        let addrs = sh("ip", &["-6", "-j", "addr", "show", "dev", "sluice-vx0"]);
+        assert!(!addrs.contains("fe80"), "no link-local address: {addrs}");
         assert_eq!(read_sysctl("net/ipv4/conf/sluice-vx0/rp_filter"), "0");
 
         // The device `ip link add ... external` made before is the same device but for its port:
@@ -375,7 +379,9 @@ fn uninstall_removes_the_table_and_the_tunnel_over_netlink() {
     in_fresh_netns("uninstall_removes", || {
         underlay();
         ensure_tunnel().unwrap();
-        let table = "table ip sluice {\n chain postrouting {\n  type nat hook postrouting priority 50;\n }\n}\n\
+        // This version's table, and an earlier version's IPv4-only one: both go.
+        let table = "table inet sluice {\n chain postrouting {\n  type nat hook postrouting priority 50;\n }\n}\n\
+                     table ip sluice {\n chain postrouting {\n  type nat hook postrouting priority 50;\n }\n}\n\
                      table ip other {\n chain input {\n  type filter hook input priority 0;\n }\n}\n";
         let mut nft = Command::new("nft")
             .args(["-f", "-"])
@@ -391,7 +397,7 @@ fn uninstall_removes_the_table_and_the_tunnel_over_netlink() {
 
         sluice_shim::uninstall::uninstall(&pins, "sluice-vx0", 8473).expect("uninstalls");
         let tables = sh("nft", &["list", "tables"]);
-        assert!(!tables.contains("ip sluice"), "{tables}");
+        assert!(!tables.contains(" sluice"), "{tables}");
         assert!(tables.contains("ip other"), "another table stays: {tables}");
         assert!(!exists("sluice-vx0"));
         assert!(!pins.exists());

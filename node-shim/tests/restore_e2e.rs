@@ -35,7 +35,7 @@ fn restored(c: &Cluster, node: &str, object: &str) -> u64 {
 /// What the kernel of `node` holds of Sluice's table, rules and routes, as `nft`/`ip` print them.
 fn kernel_state(c: &Cluster, node: &str, egress_table: Option<&str>) -> String {
     let mut state = c
-        .run(node, "nft", &["list", "table", "ip", "sluice"])
+        .run(node, "nft", &["list", "table", "inet", "sluice"])
         .unwrap_or_default();
     for pref in ["8473", "8474"] {
         state += &c.ip(node, &["-4", "rule", "show", "pref", pref]).unwrap();
@@ -76,7 +76,7 @@ fn a_flushed_ruleset_and_deleted_rules_come_back_within_a_tick() {
         ("n1", kernel_state(&c, "n1", Some(&egress_table))),
         ("n2", kernel_state(&c, "n2", None)),
     ];
-    assert!(before[0].1.contains("snat to 192.0.2.101"), "{}", before[0].1);
+    assert!(before[0].1.contains("snat ip to 192.0.2.101"), "{}", before[0].1);
     assert!(before[0].1.contains("default dev sluice-vx0"), "{}", before[0].1);
     // Ticks that find everything in place put nothing back, also when another agent changes
     // something else in the ruleset.

@@ -1,0 +1,155 @@
+//! IPv6 pods leave through their gateway with its IPv6 egress IP (issue 15), with real packets
+//! in the dual-stack testbed (needs root), over the testbed's IPv4 underlay: steered from the
+//! pod's node through the tunnel, NAT66 on the gateway, replies back; a pod on its own gateway
+//! node; one policy for both families; excluded CIDRs, `Fallback`, a policy with no gateway under
+//! `Drop`, undecided pods and in-cluster IPv6 as for IPv4; and the normal path again once the
+//! entries are gone.
+
+use std::{net::SocketAddrV6, time::Duration};
+
+use sluice_testbed::{
+    EGRESS_N1, EGRESS_N1_V6, EXT_A, EXT_A_V6, EXT_B_V6, EXT_EXCLUDED_V6, FileCluster as Cluster, Gw,
+    POD_CIDR_V6, Rule, craft,
+};
+
+fn root(name: &str) -> bool {
+    let root = sluice_testbed::is_root();
+    if !root {
+        println!("SKIP ipv6_e2e::{name}: needs root (network namespaces, eBPF); CI runs it as root");
+    }
+    root
+}
+
+const EXT_PREFIX_V6: &str = "fd00:203:0:113::/64";
+const EXCLUDED_V6: &str = "fd00:203:0:113::200/128";
+const OTHER_PREFIX_V6: &str = "fd00:198:51:100::/64";
+
+/// Sets the guard (the Drop policies' destinations, and which pods each node decided on) and
+/// the in-cluster IPv6 CIDRs on every node of `plan`.
+fn guard(c: &Cluster, plan: &mut serde_json::Value, destinations: &[&str], decided: &[&str]) {
+    for node in plan["nodes"].as_array_mut().unwrap() {
+        let name = node["name"].as_str().unwrap().to_owned();
+        let pods: Vec<String> = decided
+            .iter()
+            .filter(|p| c.pod(p).0 == name)
+            .flat_map(|p| [c.pod(p).1.to_owned(), c.pod_ip_v6(p)])
+            .collect();
+        node["guard"] = serde_json::json!({"destinations": destinations, "decidedPods": pods});
+        node["clusterCIDRs"] = serde_json::json!([POD_CIDR_V6]);
+    }
+}
+
+#[test]
+fn ipv6_pods_leave_through_their_gateway_with_its_ipv6_egress_ip() {
+    if !root("steered") {
+        return;
+    }
+    let mut c = Cluster::start(env!("CARGO_BIN_EXE_sluice-shim"), &[]).expect("builds the cluster");
+    let rules = [
+        // One policy for both families of p2 (on n2), through n1.
+        Rule {
+            policy: "both",
+            source: "p2",
+            destination: "203.0.113.0/24",
+            gateway: Gw::Node("n1", EGRESS_N1),
+        },
+        Rule {
+            policy: "both",
+            source: "p2",
+            destination: EXT_PREFIX_V6,
+            gateway: Gw::Node("n1", EGRESS_N1_V6),
+        },
+        Rule {
+            policy: "both",
+            source: "p2",
+            destination: EXCLUDED_V6,
+            gateway: Gw::Excluded,
+        },
+        // A policy without a gateway under Drop.
+        Rule {
+            policy: "no-gateway",
+            source: "p2",
+            destination: OTHER_PREFIX_V6,
+            gateway: Gw::None,
+        },
+        // p1 on its own gateway node.
+        Rule {
+            policy: "own-node",
+            source: "p1",
+            destination: EXT_PREFIX_V6,
+            gateway: Gw::Node("n1", EGRESS_N1_V6),
+        },
+        Rule {
+            policy: "fallback",
+            source: "p1",
+            destination: OTHER_PREFIX_V6,
+            gateway: Gw::Fallback,
+        },
+    ];
+    let mut plan = c.plan(&rules);
+    // p3 (on n2) is left undecided.
+    guard(
+        &c,
+        &mut plan,
+        &["203.0.113.0/24", EXT_PREFIX_V6, OTHER_PREFIX_V6],
+        &["p1", "p2"],
+    );
+    c.try_apply_plan(&serde_json::to_vec(&plan).unwrap(), Duration::from_secs(20))
+        .expect("the plan is applied");
+
+    let (steered, egressed) = (c.counter("n2", "steered"), c.counter("n1", "egressed"));
+    // Each family leaves with the egress IP of its own family.
+    assert_eq!(c.fetch("p2", EXT_A_V6).unwrap(), EGRESS_N1_V6);
+    assert_eq!(c.fetch("p2", EXT_A).unwrap(), EGRESS_N1);
+    assert!(c.counter("n2", "steered") > steered, "through the tunnel");
+    assert!(c.counter("n1", "egressed") > egressed, "taken by the gateway");
+    // A pod on its gateway node leaves from there, with the egress IP.
+    let local = c.counter("n1", "local_egress");
+    assert_eq!(c.fetch("p1", EXT_A_V6).unwrap(), EGRESS_N1_V6);
+    assert!(c.counter("n1", "local_egress") > local);
+    // The excluded address and the Fallback policy: the normal path.
+    let (n1_v6, n2_v6) = (c.node_ip_v6("n1"), c.node_ip_v6("n2"));
+    assert_eq!(c.fetch("p2", EXT_EXCLUDED_V6).unwrap(), n2_v6);
+    assert_eq!(c.fetch("p1", EXT_B_V6).unwrap(), n1_v6);
+    // No gateway under Drop: dropped, never masqueraded to the node's address.
+    let dropped = c.counter("n2", "dropped_no_gateway");
+    let leaked = c.fetch("p2", EXT_B_V6);
+    assert!(leaked.is_err(), "p2's IPv6 left the cluster as {leaked:?}");
+    assert!(c.counter("n2", "dropped_no_gateway") > dropped);
+    // A pod the plan has not decided on cannot reach a guarded IPv6 destination.
+    let undecided = c.counter("n2", "dropped_undecided_pod");
+    let leaked = c.fetch("p3", EXT_A_V6);
+    assert!(
+        leaked.is_err(),
+        "an undecided pod reached a guarded destination as {leaked:?}"
+    );
+    assert!(c.counter("n2", "dropped_undecided_pod") > undecided);
+    // In-cluster IPv6 (pod to pod) is never steered.
+    let listener = craft::Listener::bind_v6(&c.ns("p1"), 9995).unwrap();
+    let to = SocketAddrV6::new(c.pod_ip_v6("p1").parse().unwrap(), 9995, 0, 0);
+    craft::send_udp(&c.ns("p2"), to, b"pod-to-pod", 2).unwrap();
+    let seen: Vec<String> = listener
+        .collect(Duration::from_secs(1))
+        .into_iter()
+        .map(|(from, _)| from.ip().to_string())
+        .collect();
+    let p2 = c.pod_ip_v6("p2");
+    assert!(
+        !seen.is_empty() && seen.iter().all(|s| *s == p2),
+        "p2 -> p1 over IPv6 arrived from {seen:?}"
+    );
+    // `bpf list` shows the IPv6 entries beside the IPv4 ones.
+    let list = c.shim_cli("n2", &["bpf", "list"]).expect("bpf list");
+    let line = list
+        .lines()
+        .find(|l| l.contains(&p2) && l.contains(EXT_PREFIX_V6))
+        .unwrap_or_else(|| panic!("no IPv6 entry of p2 in:\n{list}"));
+    assert!(line.contains(&c.node_ip("n1")) && line.contains("both"), "{line}");
+
+    // The entries gone, p2's IPv6 takes the normal path again.
+    let mut plain = c.plan(&[]);
+    guard(&c, &mut plain, &[], &[]);
+    c.try_apply_plan(&serde_json::to_vec(&plain).unwrap(), Duration::from_secs(20))
+        .expect("the empty plan is applied");
+    assert_eq!(c.fetch("p2", EXT_A_V6).unwrap(), n2_v6);
+}
