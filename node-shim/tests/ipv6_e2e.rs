@@ -153,3 +153,69 @@ fn ipv6_pods_leave_through_their_gateway_with_its_ipv6_egress_ip() {
         .expect("the empty plan is applied");
     assert_eq!(c.fetch("p2", EXT_A_V6).unwrap(), n2_v6);
 }
+
+#[test]
+fn an_open_ipv6_connection_survives_its_shims_sigkill_and_new_ones_follow_a_new_gateway() {
+    if !root("sigkill_and_failover") {
+        return;
+    }
+    let mut c = Cluster::start(env!("CARGO_BIN_EXE_sluice-shim"), &[]).expect("builds the cluster");
+    let through = |gateway: &'static str, egress: &'static str| {
+        [Rule {
+            policy: "v6",
+            source: "p2",
+            destination: EXT_PREFIX_V6,
+            gateway: Gw::Node(gateway, egress),
+        }]
+    };
+    let mut plan = c.plan(&through("n1", EGRESS_N1_V6));
+    guard(&c, &mut plan, &[EXT_PREFIX_V6], &["p1", "p2", "p3"]);
+    c.try_apply_plan(&serde_json::to_vec(&plan).unwrap(), Duration::from_secs(20))
+        .expect("the plan is applied");
+    let mut open = c
+        .open_connections("p2", EXT_A_V6, 2, EGRESS_N1_V6)
+        .expect("connections through n1");
+
+    // Both shims of the path die: the datapath stays (pinned maps, programs, rules), and so do
+    // the open connection and new ones.
+    c.kill_shim("n2");
+    c.kill_shim("n1");
+    for conn in &mut open {
+        assert_eq!(conn.exchange(5000, 5000).unwrap(), EGRESS_N1_V6);
+    }
+    assert_eq!(c.fetch("p2", EXT_A_V6).unwrap(), EGRESS_N1_V6);
+
+    // Back, and the gateway moves to n3: new connections leave with n3's IPv6 egress IP (IPv6
+    // flows are not pinned: the open ones follow their entry too, and n3 has no conntrack
+    // entry for them).
+    c.start_shim("n1");
+    c.start_shim("n2");
+    let n3_v6 = sluice_testbed::EGRESS_N3_V6;
+    let mut plan = c.plan(&through("n3", n3_v6));
+    guard(&c, &mut plan, &[EXT_PREFIX_V6], &["p1", "p2", "p3"]);
+    c.try_apply_plan(&serde_json::to_vec(&plan).unwrap(), Duration::from_secs(20))
+        .expect("the plan is applied");
+    assert_eq!(c.fetch("p2", EXT_A_V6).unwrap(), n3_v6);
+    assert!(c.counter("n3", "egressed") > 0);
+
+    // The gateway's entry gone from the plan while the pod's remains: nothing leaks.
+    let mut plan = c.plan(&through("n3", n3_v6));
+    for node in plan["nodes"].as_array_mut().unwrap() {
+        if node["name"] == "n3" {
+            node["entries"] = serde_json::json!([]);
+        }
+    }
+    guard(&c, &mut plan, &[EXT_PREFIX_V6], &["p1", "p2", "p3"]);
+    c.try_apply_plan(&serde_json::to_vec(&plan).unwrap(), Duration::from_secs(20))
+        .expect("the plan is applied");
+    // n3 no longer knows n2 as a tunnel peer: a foreign tunnel packet to it.
+    let dropped =
+        |c: &Cluster| c.counter("n3", "dropped_foreign_tunnel") + c.counter("n3", "dropped_unknown_tunnel");
+    let before = dropped(&c);
+    let leaked = c.fetch("p2", EXT_A_V6);
+    assert!(
+        leaked.is_err(),
+        "steered to a gateway that does not serve it, left as {leaked:?}"
+    );
+    assert!(dropped(&c) > before);
+}

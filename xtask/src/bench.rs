@@ -18,7 +18,9 @@
 //!   tunnel by the restored mark.
 //!
 //! The pod is `p2` on node n2, the gateway n1 (egress IP 192.0.2.101), the destination the
-//! external host 203.0.113.10. Each variant gets a fresh testbed; the path is checked (the source
+//! external host 203.0.113.10. With `--ipv6`, the same over IPv6 (the pod's, the egress and the
+//! external host's IPv6 addresses, the underlay still IPv4) for a, t, b, n, c (100,000 unrelated
+//! IPv6 pairs: 100 pods × 1,000 CIDRs, since IPv6 entries are one (pod, CIDR) trie) and d. Each variant gets a fresh testbed; the path is checked (the source
 //! address the external host sees) before measuring. Besides throughput and CPU, the table counts
 //! the IP fragments the pod's node creates per GB sent: a steered TCP flow that does not fit the
 //! tunnel shows up there.
@@ -36,7 +38,58 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use sluice_testbed::{EGRESS_N1, EXT_A, FileCluster, Gw, Rule, Testbed, enter_netns, in_netns, node_ip};
+use sluice_testbed::{
+    EGRESS_N1, EGRESS_N1_V6, EXT_A, EXT_A_V6, FileCluster, Gw, Rule, Testbed, enter_netns, in_netns, node_ip,
+    node_ip_v6,
+};
+
+/// The family of the pod's traffic (the underlay is IPv4 either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The external host's address the pod sends to.
+    fn destination(self) -> &'static str {
+        match self {
+            Family::V4 => EXT_A,
+            Family::V6 => EXT_A_V6,
+        }
+    }
+
+    /// The policy's destination CIDR (holding [`Family::destination`]).
+    fn prefix(self) -> &'static str {
+        match self {
+            Family::V4 => "203.0.113.0/24",
+            Family::V6 => "fd00:203:0:113::/64",
+        }
+    }
+
+    /// The gateway n1's egress IP.
+    fn egress(self) -> &'static str {
+        match self {
+            Family::V4 => EGRESS_N1,
+            Family::V6 => EGRESS_N1_V6,
+        }
+    }
+
+    fn node_ip(self, node: &str) -> &'static str {
+        match self {
+            Family::V4 => node_ip(node),
+            Family::V6 => node_ip_v6(node),
+        }
+    }
+
+    /// Where `record` puts the table in docs/benchmarks.md.
+    fn marker(self) -> &'static str {
+        match self {
+            Family::V4 => "bench-datapath",
+            Family::V6 => "bench-datapath-ipv6",
+        }
+    }
+}
 
 /// How long each measurement runs.
 const THROUGHPUT_SECS: u32 = 2;
@@ -102,10 +155,10 @@ impl Variant {
     }
 
     /// The source address the external host must see.
-    fn expected_source(self) -> &'static str {
+    fn expected_source(self, family: Family) -> &'static str {
         match self {
-            Variant::A => node_ip("n2"),
-            _ => EGRESS_N1,
+            Variant::A => family.node_ip("n2"),
+            _ => family.egress(),
         }
     }
 }
@@ -173,7 +226,13 @@ fn cpu_ticks() -> Result<(u64, u64, u64)> {
 }
 
 /// The variants named by the letters of `variants`, in the order they run.
-fn choose(variants: &str) -> Result<Vec<Variant>> {
+fn choose(variants: &str, family: Family) -> Result<Vec<Variant>> {
+    // IPv6 flows are not pinned (p), and IPv6 routers never fragment (f measures fragments).
+    if family == Family::V6
+        && let Some(v) = variants.chars().find(|c| matches!(c, 'p' | 'f'))
+    {
+        bail!("variant {v:?} has no IPv6 counterpart (IPv6: a, t, b, n, c, d)");
+    }
     if let Some(unknown) = variants
         .chars()
         .find(|c| !Variant::ALL.iter().any(|v| v.key().starts_with(*c)))
@@ -187,13 +246,13 @@ fn choose(variants: &str) -> Result<Vec<Variant>> {
         .collect())
 }
 
-pub fn run(shim: &Path, variants: &str) -> Result<String> {
-    let chosen = choose(variants)?;
+pub fn run(shim: &Path, variants: &str, family: Family) -> Result<String> {
+    let chosen = choose(variants, family)?;
     let mut results: Vec<(Variant, Measure)> = Vec::new();
     for v in chosen {
         eprintln!("==> ({}) {}", v.key(), v.describe());
         let started = Instant::now();
-        let m = measure_variant(v, shim).with_context(|| format!("variant ({})", v.key()))?;
+        let m = measure_variant(v, shim, family).with_context(|| format!("variant ({})", v.key()))?;
         eprintln!(
             "    {:.2} Gbit/s, MSS {}, {:.0} softirq CPU-ms/GB, {} fragments in {:.2} GB, {:.0} conn/s \
              ({} failed) [{:.0?}]",
@@ -211,21 +270,24 @@ pub fn run(shim: &Path, variants: &str) -> Result<String> {
     Ok(table(&results))
 }
 
-fn measure_variant(v: Variant, shim: &Path) -> Result<Measure> {
+fn measure_variant(v: Variant, shim: &Path, family: Family) -> Result<Measure> {
     match v {
         Variant::A => {
             let mut t = Testbed::new()?;
-            measure(&mut t, v)
+            measure(&mut t, v, family)
         }
         Variant::T => {
             let mut t = Testbed::new()?;
-            plain_tunnel(&t)?;
-            measure(&mut t, v)
+            plain_tunnel(&t, family)?;
+            measure(&mut t, v, family)
         }
         Variant::D => {
             let mut t = Testbed::new()?;
-            iptables_way(&t)?;
-            measure(&mut t, v)
+            match family {
+                Family::V4 => iptables_way(&t)?,
+                Family::V6 => iptables_way_v6(&t)?,
+            }
+            measure(&mut t, v, family)
         }
         Variant::B | Variant::N | Variant::P | Variant::F | Variant::C => {
             let args: &[&str] = if v == Variant::N {
@@ -237,12 +299,15 @@ fn measure_variant(v: Variant, shim: &Path) -> Result<Measure> {
             let policy = Rule {
                 policy: "bench",
                 source: "p2",
-                destination: "203.0.113.0/24",
-                gateway: Gw::Node("n1", EGRESS_N1),
+                destination: family.prefix(),
+                gateway: Gw::Node("n1", family.egress()),
             };
             let mut plan = c.plan(&[policy]);
             if v == Variant::C {
-                add_allowlist(&mut plan, ALLOWLIST_PODS, ALLOWLIST_CIDRS);
+                match family {
+                    Family::V4 => add_allowlist(&mut plan, ALLOWLIST_PODS, ALLOWLIST_CIDRS),
+                    Family::V6 => add_unrelated_v6(&mut plan, UNRELATED_V6_PODS, ALLOWLIST_CIDRS),
+                }
             }
             let bytes = serde_json::to_vec(&plan)?;
             c.try_apply_plan(&bytes, Duration::from_secs(180))?;
@@ -264,9 +329,54 @@ fn measure_variant(v: Variant, shim: &Path) -> Result<Measure> {
             if v == Variant::P {
                 pin_flows(&c, PINNED_FLOWS)?;
             }
-            measure(&mut c, v)
+            measure(&mut c, v, family)
         }
     }
+}
+
+/// Variant c over IPv6: pods of the unrelated IPv6 pairs (× [`ALLOWLIST_CIDRS`]).
+const UNRELATED_V6_PODS: u32 = 100;
+
+/// On the source node (n2) and the gateway (n1): `pods` IPv6 sources that are no pods of the
+/// testbed, each with `cidrs` destination CIDRs of one policy through n1, none of them the bench
+/// destination (the bench pod's own entry is in the plan already).
+fn add_unrelated_v6(plan: &mut serde_json::Value, pods: u32, cidrs: u32) {
+    for (gateway, entries) in pair_nodes(plan) {
+        for pod in 1..=pods {
+            let source = format!("fd00:10:100::{pod:x}");
+            for cidr in 0..cidrs {
+                let destination = format!("2001:db8:{cidr:x}::/48");
+                entries.push(pair_entry(&source, &destination, gateway.then_some(EGRESS_N1_V6)));
+            }
+        }
+    }
+}
+
+/// The entries of the pod's node n2 and the gateway n1 in `plan`, each with whether it is the
+/// gateway's.
+fn pair_nodes(plan: &mut serde_json::Value) -> Vec<(bool, &mut Vec<serde_json::Value>)> {
+    let Some(nodes) = plan["nodes"].as_array_mut() else {
+        return Vec::new();
+    };
+    nodes
+        .iter_mut()
+        .filter_map(|node| {
+            let gateway = match node["name"].as_str() {
+                Some("n1") => true,
+                Some("n2") => false,
+                _ => return None,
+            };
+            Some((gateway, node["entries"].as_array_mut()?))
+        })
+        .collect()
+}
+
+/// An entry of one (pod, CIDR) pair of policy `bench` through n1: the gateway's (with `egress`,
+/// from n2) or the pod's node's.
+fn pair_entry(source: &str, destination: &str, egress: Option<&str>) -> serde_json::Value {
+    let from = egress.map(|_| node_ip("n2"));
+    serde_json::json!({"source": source, "destination": destination, "gateway": node_ip("n1"),
+        "egressIP": egress, "interface": null, "sourceNodeIP": from, "policy": "bench"})
 }
 
 /// Variant p: flows pinned in the pod's node's flow map besides the measured ones.
@@ -300,23 +410,13 @@ fn pin_flows(t: &Testbed, count: u32) -> Result<()> {
 /// that are no pods of the testbed) each with `cidrs` destination CIDRs of one policy, the bench
 /// destination among them, all to the gateway n1.
 fn add_allowlist(plan: &mut serde_json::Value, pods: u32, cidrs: u32) {
-    let Some(nodes) = plan["nodes"].as_array_mut() else {
-        return;
-    };
     let bench_pod = sluice_testbed::PODS
         .iter()
         .find(|(name, _, _)| *name == "p2")
         .map(|(_, _, ip)| *ip)
         .unwrap_or("10.244.2.10");
-    for node in nodes {
-        let name = node["name"].as_str().unwrap_or_default().to_owned();
-        if name != "n1" && name != "n2" {
-            continue;
-        }
-        let Some(entries) = node["entries"].as_array_mut() else {
-            continue;
-        };
-        let egress = (name == "n1").then_some(EGRESS_N1);
+    for (gateway, entries) in pair_nodes(plan) {
+        let egress = gateway.then_some(EGRESS_N1);
         for pod in 0..pods {
             // 10.100.0.0 + pod; the first is the bench pod, whose own entry is in the plan already.
             let source = if pod == 0 {
@@ -324,20 +424,13 @@ fn add_allowlist(plan: &mut serde_json::Value, pods: u32, cidrs: u32) {
             } else {
                 std::net::Ipv4Addr::from(0x0a64_0000 + pod).to_string()
             };
-            let from = (name == "n1").then(|| node_ip("n2"));
             for cidr in 1..cidrs {
                 // 11.0.0.0/24 + cidr: none of them the bench destination, which the plan has.
                 let destination = format!("{}/24", std::net::Ipv4Addr::from(0x0b00_0000 + (cidr << 8)));
-                entries.push(serde_json::json!({"source": source, "destination": destination,
-                    "gateway": node_ip("n1"), "egressIP": egress, "interface": null,
-                    "sourceNodeIP": from, "policy": "bench"}));
+                entries.push(pair_entry(&source, &destination, egress));
             }
             if pod != 0 {
-                entries.push(
-                    serde_json::json!({"source": source, "destination": "203.0.113.0/24",
-                    "gateway": node_ip("n1"), "egressIP": egress, "interface": null,
-                    "sourceNodeIP": from, "policy": "bench"}),
-                );
+                entries.push(pair_entry(&source, "203.0.113.0/24", egress));
             }
         }
     }
@@ -368,6 +461,8 @@ fn vxlan_pair(t: &Testbed) -> Result<()> {
             ],
         )?;
         t.ip(node, &["addr", "add", addr, "dev", "vxb"])?;
+        let addr_v6 = format!("fd00:99::{}/64", &addr[8..10]);
+        t.ip(node, &["-6", "addr", "add", &addr_v6, "dev", "vxb", "nodad"])?;
         t.ip(node, &["link", "set", "vxb", "up"])?;
         // Decapsulated packets come from pod IPs the main table may route elsewhere.
         t.sysctl(node, "net.ipv4.conf.all.rp_filter=0")?;
@@ -379,8 +474,44 @@ fn vxlan_pair(t: &Testbed) -> Result<()> {
 /// Variant t: every packet to the destination goes into the tunnel, every packet to the pod subnet
 /// comes back through it, and the gateway SNATs with one static rule (priority 50, before the
 /// CNI's masquerade at 100, as Sluice's chain).
-fn plain_tunnel(t: &Testbed) -> Result<()> {
+fn plain_tunnel(t: &Testbed, family: Family) -> Result<()> {
     vxlan_pair(t)?;
+    if family == Family::V6 {
+        t.ip(
+            "n2",
+            &[
+                "-6",
+                "route",
+                "add",
+                family.prefix(),
+                "via",
+                "fd00:99::11",
+                "dev",
+                "vxb",
+            ],
+        )?;
+        t.ip(
+            "n1",
+            &[
+                "-6",
+                "route",
+                "replace",
+                "fd00:10:244:2::/64",
+                "via",
+                "fd00:99::12",
+                "dev",
+                "vxb",
+            ],
+        )?;
+        return t.nft(
+            "n1",
+            &format!(
+                "table ip6 tunnel {{\n chain post {{\n  type nat hook postrouting priority 50; policy accept;\n  \
+                 ip6 saddr fd00:10:244::/48 ip6 daddr {} oifname \"eth0\" snat to {EGRESS_N1_V6}\n }}\n}}\n",
+                family.prefix()
+            ),
+        );
+    }
     t.ip(
         "n2",
         &[
@@ -460,26 +591,74 @@ fn iptables_way(t: &Testbed) -> Result<()> {
     run("n1", "ip", "route add throw 192.0.2.0/24 table 77")
 }
 
-fn measure(t: &mut Testbed, v: Variant) -> Result<Measure> {
+/// Variant d over IPv6: ip6tables, ipsets of family inet6 and IPv6 policy routing, the same
+/// way (the tunnel's outer packets are IPv4, routed by the IPv4 rules, which match no mark).
+fn iptables_way_v6(t: &Testbed) -> Result<()> {
+    vxlan_pair(t)?;
+    let run = |node: &str, program: &str, args: &str| -> Result<()> {
+        let args: Vec<&str> = args.split_whitespace().collect();
+        t.run(node, program, &args).map(drop)
+    };
+    let pod = t.pod_ip_v6("p2");
+    run("n2", "ipset", "create egw-src6 hash:ip family inet6")?;
+    run("n2", "ipset", &format!("add egw-src6 {pod}"))?;
+    run("n2", "ipset", "create egw-dst6 hash:net family inet6")?;
+    run("n2", "ipset", &format!("add egw-dst6 {}", Family::V6.prefix()))?;
+    run(
+        "n2",
+        "ip6tables",
+        "-t mangle -A PREROUTING -m set --match-set egw-src6 src -m set --match-set egw-dst6 dst \
+         -j MARK --set-mark 0x77",
+    )?;
+    run("n2", "ip", "-6 rule add fwmark 0x77 lookup 77 pref 100")?;
+    run(
+        "n2",
+        "ip",
+        "-6 route add default via fd00:99::11 dev vxb table 77",
+    )?;
+    run(
+        "n1",
+        "ip6tables",
+        "-t mangle -A PREROUTING -i vxb -j CONNMARK --set-mark 0x77",
+    )?;
+    run(
+        "n1",
+        "ip6tables",
+        "-t mangle -A PREROUTING -m conntrack --ctdir REPLY -m connmark --mark 0x77 -j MARK --set-mark 0x77",
+    )?;
+    run(
+        "n1",
+        "ip6tables",
+        &format!("-t nat -I POSTROUTING -m connmark --mark 0x77 -j SNAT --to-source {EGRESS_N1_V6}"),
+    )?;
+    run("n1", "ip", "-6 rule add fwmark 0x77 lookup 77 pref 100")?;
+    run(
+        "n1",
+        "ip",
+        "-6 route add default via fd00:99::12 dev vxb table 77",
+    )
+}
+
+fn measure(t: &mut Testbed, v: Variant, family: Family) -> Result<Measure> {
     let seen = t
-        .fetch("p2", EXT_A)
+        .fetch("p2", family.destination())
         .map_err(|e| anyhow::anyhow!("checking the path: {e}"))?;
-    if seen != v.expected_source() {
+    if seen != v.expected_source(family) {
         bail!(
             "the external host saw {seen}, expected {}: the variant is not set up right",
-            v.expected_source()
+            v.expected_source(family)
         );
     }
     let mut m = Measure::default();
-    throughput(t, &mut m)?;
+    throughput(t, &mut m, family)?;
     if v == Variant::F {
         m.udp = Some(udp_fragments(t)?);
     }
-    connection_rate(t, v, &mut m)?;
+    connection_rate(t, v, family, &mut m)?;
     Ok(m)
 }
 
-fn throughput(t: &mut Testbed, m: &mut Measure) -> Result<()> {
+fn throughput(t: &mut Testbed, m: &mut Measure, family: Family) -> Result<()> {
     let mut server = t.command("ext", "iperf3");
     server.args(["-s", "-p", IPERF_PORT]);
     t.spawn("iperf3-server", server)?;
@@ -499,7 +678,17 @@ fn throughput(t: &mut Testbed, m: &mut Measure) -> Result<()> {
             .run(
                 "p2",
                 "timeout",
-                &["30", "iperf3", "-c", EXT_A, "-p", IPERF_PORT, "-t", &secs, "-J"],
+                &[
+                    "30",
+                    "iperf3",
+                    "-c",
+                    family.destination(),
+                    "-p",
+                    IPERF_PORT,
+                    "-t",
+                    &secs,
+                    "-J",
+                ],
             )
             .context("iperf3 client")?;
         let after = cpu_ticks()?;
@@ -564,8 +753,12 @@ fn udp_fragments(t: &mut Testbed) -> Result<(u64, u64)> {
 /// One client thread in the pod opens connections to a server on the external host for a few
 /// seconds; the server writes the source address it saw and closes (so the TIME_WAIT state stays
 /// on its side), the client reads it to the end and checks it.
-fn connection_rate(t: &Testbed, v: Variant, m: &mut Measure) -> Result<()> {
-    let listener = in_netns(&t.ns("ext"), || TcpListener::bind(("0.0.0.0", RATE_PORT)))
+fn connection_rate(t: &Testbed, v: Variant, family: Family, m: &mut Measure) -> Result<()> {
+    let any = match family {
+        Family::V4 => "0.0.0.0",
+        Family::V6 => "::",
+    };
+    let listener = in_netns(&t.ns("ext"), || TcpListener::bind((any, RATE_PORT)))
         .context("binding the connection-rate server")?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
@@ -580,10 +773,11 @@ fn connection_rate(t: &Testbed, v: Variant, m: &mut Measure) -> Result<()> {
             }
         }
     });
-    let (pod_ns, expected) = (t.ns("p2"), v.expected_source());
+    let (pod_ns, expected) = (t.ns("p2"), v.expected_source(family));
+    let destination: std::net::IpAddr = family.destination().parse().context("the destination")?;
     let client = std::thread::spawn(move || {
         enter_netns(&pod_ns);
-        let addr: SocketAddr = format!("{EXT_A}:{RATE_PORT}").parse().expect("address");
+        let addr = SocketAddr::new(destination, RATE_PORT);
         let one = || -> std::io::Result<bool> {
             let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
             s.set_read_timeout(Some(Duration::from_secs(1)))?;
@@ -612,10 +806,7 @@ fn connection_rate(t: &Testbed, v: Variant, m: &mut Measure) -> Result<()> {
     stop.store(true, Ordering::Relaxed);
     // Wake the server up so that it sees the flag.
     let _ = in_netns(&t.ns("ext"), || {
-        TcpStream::connect_timeout(
-            &SocketAddr::from(([127, 0, 0, 1], RATE_PORT)),
-            Duration::from_secs(1),
-        )
+        TcpStream::connect_timeout(&SocketAddr::new(destination, RATE_PORT), Duration::from_secs(1))
     });
     let _ = server.join();
     m.conns_s = median(rates);
@@ -716,17 +907,22 @@ pub fn machine() -> String {
 
 /// Replaces the generated block of the `## Datapath` section of `docs/benchmarks.md` (creating the
 /// file or the section when missing); text outside the block is left alone.
-pub fn record(doc: &Path, block: &str) -> Result<()> {
-    const START: &str = "<!-- bench-datapath:start (generated by `cargo xtask bench-datapath`) -->";
-    const END: &str = "<!-- bench-datapath:end -->";
+pub fn record(doc: &Path, block: &str, family: Family) -> Result<()> {
+    let marker = family.marker();
+    let command = match family {
+        Family::V4 => "cargo xtask bench-datapath",
+        Family::V6 => "cargo xtask bench-datapath --ipv6",
+    };
+    let start = format!("<!-- {marker}:start (generated by `{command}`) -->");
+    let end = format!("<!-- {marker}:end -->");
     let text = std::fs::read_to_string(doc).unwrap_or_else(|_| "# Benchmarks\n".into());
-    let generated = format!("{START}\n{block}{END}\n");
-    let new = match (text.find(START), text.find(END)) {
+    let generated = format!("{start}\n{block}{end}\n");
+    let new = match (text.find(&start), text.find(&end)) {
         (Some(a), Some(b)) if a < b => {
             format!(
                 "{}{generated}{}",
                 &text[..a],
-                text[b + END.len()..].trim_start_matches('\n')
+                text[b + end.len()..].trim_start_matches('\n')
             )
         }
         _ => match text.find("\n## Datapath\n") {
@@ -749,9 +945,9 @@ mod tests {
 
     #[test]
     fn variants_are_chosen_by_letter_in_running_order() {
-        assert_eq!(choose("fb").unwrap(), [Variant::B, Variant::F]);
-        assert_eq!(choose("atbnpfcd").unwrap(), Variant::ALL);
-        let err = choose("bx").unwrap_err().to_string();
+        assert_eq!(choose("fb", Family::V4).unwrap(), [Variant::B, Variant::F]);
+        assert_eq!(choose("atbnpfcd", Family::V4).unwrap(), Variant::ALL);
+        let err = choose("bx", Family::V4).unwrap_err().to_string();
         assert!(err.contains("'x'"), "{err}");
     }
 
