@@ -905,14 +905,18 @@ static __always_inline int uncovered(struct __sk_buff *skb, int guarded, int dec
 	return SLUICE_PASS;
 }
 
-/* Whether a pod's IPv6 packet is UDP to the tunnel port (past extension headers). */
-static __always_inline int to_tunnel_port_v6(struct __sk_buff *skb, __u32 port)
+/* Whether a pod's IPv6 packet (next header `first`) is UDP to the tunnel port, past extension headers. */
+static __always_inline int to_tunnel_port_v6(struct __sk_buff *skb, __u8 first, __u32 port)
 {
 	__u8 proto = 0;
 	__u32 l4 = 0;
 	__be16 dport;
 
 	if (!port)
+		return 0;
+	/* The common case, a transport header right after the IPv6 header, costs no walk. */
+	if (first != IPPROTO_UDP && first != SLUICE_IPV6_HOPOPTS && first != SLUICE_IPV6_ROUTING &&
+	    first != SLUICE_IPV6_DSTOPTS && first != SLUICE_IPV6_FRAGMENT)
 		return 0;
 	if (!ipv6_transport(skb, &proto, &l4))
 		return 1; /* a header chain we cannot read: treat as hostile */
@@ -937,7 +941,7 @@ static __always_inline int from_pod_v6(struct __sk_buff *skb)
 	__builtin_memcpy(daddr.bytes, &ip6->daddr, 16);
 	struct sluice_config *cfg = config();
 
-	if (cfg && to_tunnel_port_v6(skb, cfg->tunnel_port)) {
+	if (cfg && to_tunnel_port_v6(skb, ip6->nexthdr, cfg->tunnel_port)) {
 		count(SLUICE_CTR_DROP_POD_TO_TUNNEL, skb->len);
 		return TC_ACT_SHOT;
 	}

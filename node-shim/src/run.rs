@@ -1369,6 +1369,7 @@ impl Agent {
             "entries": self.entries,
             "sources": self.layout.sources.len(),
             "destinations": self.layout.destinations.len(),
+            "entriesV6": self.entries_v6.len(),
             "plansRefused": self.plans_refused,
             "upserted": t.upserted,
             "deleted": t.deleted,

@@ -1,6 +1,6 @@
 //! Hostile input against the datapath, with real packets in network namespaces (needs root):
 //! crafted VXLAN from outside the plan's peers, pods speaking the tunnel, pods spoofing another
-//! pod's address. Every case has a control that sends the same packet from where it is allowed
+//! pod's address (IPv4, and IPv6 for the last two). Every case has a control that sends the same packet from where it is allowed
 //! and sees it arrive, so "nothing arrived" means "refused", not "never sent".
 
 use std::{
@@ -11,7 +11,7 @@ use std::{
 
 use sluice_shim::datapath::Maps;
 use sluice_testbed::{
-    EGRESS_N1, EXT_A, FileCluster as Cluster, Gw, Rule,
+    EGRESS_N1, EGRESS_N1_V6, EXT_A, EXT_A_V6, FileCluster as Cluster, Gw, Rule,
     craft::{self, Listener},
 };
 
@@ -60,6 +60,31 @@ fn reply_map(c: &Cluster, node: &str) -> BTreeMap<Ipv4Addr, Ipv4Addr> {
 
 fn sources(got: &[(std::net::SocketAddr, Vec<u8>)]) -> Vec<String> {
     got.iter().map(|(from, _)| from.ip().to_string()).collect()
+}
+
+/// `packet(payload)`, a raw packet with `owner`'s address as its source, to `listener`: sent by
+/// `owner` it leaves with `egress` (the control), sent by `thief` it is dropped by the source
+/// check on `node`.
+fn only_the_owner_uses_its_address(
+    c: &Cluster,
+    listener: &Listener,
+    packet: impl Fn(&[u8]) -> Vec<u8>,
+    (owner, thief, node): (&str, &str, &str),
+    egress: &str,
+) {
+    craft::send_raw(&c.ns(owner), &packet(b"mine"), 3).unwrap();
+    let got = listener.collect(Duration::from_secs(2));
+    assert!(
+        got.iter()
+            .any(|(from, p)| from.ip().to_string() == egress && p == b"mine"),
+        "{owner}'s own packet leaves with the egress IP: {:?}",
+        sources(&got)
+    );
+    let before = c.counter(node, "dropped_spoofed_source");
+    craft::send_raw(&c.ns(thief), &packet(b"borrowed"), 5).unwrap();
+    let got = listener.collect(Duration::from_secs(2));
+    assert!(got.is_empty(), "nothing arrives: {:?}", sources(&got));
+    assert!(c.counter(node, "dropped_spoofed_source") - before >= 5);
 }
 
 #[test]
@@ -172,21 +197,47 @@ fn a_pod_cannot_borrow_another_pods_address() {
     let (_, p2_ip) = c.pod("p2");
     let listener = Listener::bind(&c.ns("ext"), PROBE_PORT).unwrap();
     let packet = |payload: &[u8]| craft::ipv4_udp(ip(p2_ip), ip(EXT_A), 40001, PROBE_PORT, payload);
-
     // Control: p2 itself, through the same raw socket path.
-    craft::send_raw(&c.ns("p2"), &packet(b"mine"), 3).unwrap();
-    let got = listener.collect(Duration::from_secs(2));
-    assert!(
-        got.iter()
-            .any(|(from, p)| from.ip().to_string() == EGRESS_N1 && p == b"mine"),
-        "p2's own packet leaves with the egress IP: {:?}",
-        sources(&got)
+    only_the_owner_uses_its_address(&c, &listener, packet, ("p2", "p3", "n2"), EGRESS_N1);
+}
+
+#[test]
+fn an_ipv6_pod_cannot_borrow_another_pods_address_or_speak_the_tunnel() {
+    let Some(mut c) = cluster("an_ipv6_pod_cannot_borrow_another_pods_address_or_speak_the_tunnel") else {
+        return;
+    };
+    // p2 is selected for IPv6, p3 (same node) is not.
+    c.apply(&[Rule {
+        destination: "fd00:203:0:113::/64",
+        gateway: Gw::Node("n1", EGRESS_N1_V6),
+        ..policy_p2_via_n1()
+    }]);
+    let p2: std::net::Ipv6Addr = c.pod_ip_v6("p2").parse().unwrap();
+    let listener = Listener::bind_v6(&c.ns("ext"), PROBE_PORT).unwrap();
+    let packet = |payload: &[u8]| craft::ipv6_udp(p2, EXT_A_V6.parse().unwrap(), 40001, PROBE_PORT, payload);
+    only_the_owner_uses_its_address(&c, &listener, packet, ("p2", "p3", "n2"), EGRESS_N1_V6);
+
+    // A pod never speaks the tunnel over IPv6 either, also behind an extension header (a
+    // hop-by-hop header of padding only, which the receiving stack skips).
+    let to_tunnel = craft::ipv6_udp(
+        p2,
+        c.node_ip_v6("n1").parse().unwrap(),
+        40002,
+        TUNNEL_PORT,
+        &craft::vxlan(VNI, b"not a frame"),
     );
-    let before = c.counter("n2", "dropped_spoofed_source");
-    craft::send_raw(&c.ns("p3"), &packet(b"borrowed"), 5).unwrap();
-    let got = listener.collect(Duration::from_secs(2));
-    assert!(got.is_empty(), "nothing arrives: {:?}", sources(&got));
-    assert!(c.counter("n2", "dropped_spoofed_source") - before >= 5);
+    let mut behind_hop_by_hop = to_tunnel.clone();
+    behind_hop_by_hop[6] = 0;
+    let length = u16::from_be_bytes([to_tunnel[4], to_tunnel[5]]) + 8;
+    behind_hop_by_hop[4..6].copy_from_slice(&length.to_be_bytes());
+    behind_hop_by_hop.splice(40..40, [17, 0, 1, 4, 0, 0, 0, 0]);
+    let before = c.counter("n2", "dropped_pod_to_tunnel_port");
+    craft::send_raw(&c.ns("p2"), &to_tunnel, 3).unwrap();
+    craft::send_raw(&c.ns("p2"), &behind_hop_by_hop, 3).unwrap();
+    assert!(
+        c.counter("n2", "dropped_pod_to_tunnel_port") - before >= 6,
+        "both kinds dropped"
+    );
 }
 
 #[test]
@@ -206,19 +257,7 @@ fn a_bridged_pod_cannot_borrow_its_neighbours_address() {
     assert_eq!(conn.greeting, EGRESS_N1);
     let listener = Listener::bind(&c.ns("ext"), PROBE_PORT).unwrap();
     let packet = |payload: &[u8]| craft::ipv4_udp(ip("10.244.3.10"), ip(EXT_A), 40003, PROBE_PORT, payload);
-    craft::send_raw(&c.ns("p4"), &packet(b"mine"), 3).unwrap();
-    let got = listener.collect(Duration::from_secs(2));
-    assert!(
-        got.iter()
-            .any(|(from, p)| from.ip().to_string() == EGRESS_N1 && p == b"mine"),
-        "p4's own packet leaves with the egress IP: {:?}",
-        sources(&got)
-    );
-    let before = c.counter("n3", "dropped_spoofed_source");
-    craft::send_raw(&c.ns("p5"), &packet(b"borrowed"), 5).unwrap();
-    let got = listener.collect(Duration::from_secs(2));
-    assert!(got.is_empty(), "nothing arrives: {:?}", sources(&got));
-    assert!(c.counter("n3", "dropped_spoofed_source") - before >= 5);
+    only_the_owner_uses_its_address(&c, &listener, packet, ("p4", "p5", "n3"), EGRESS_N1);
     assert_eq!(
         conn.exchange(10_000, 10_000).unwrap(),
         EGRESS_N1,

@@ -149,7 +149,7 @@ impl Variant {
             Variant::N => "Sluice as b, flow pinning off",
             Variant::P => "Sluice as b, 100,000 other flows pinned",
             Variant::F => "Sluice as b, pod MTU = underlay MTU (1500 instead of 1450)",
-            Variant::C => "Sluice with 1,000,000 (pod, CIDR) pairs in the maps",
+            Variant::C => "Sluice with 1,000,000 (pod, CIDR) pairs in the maps (IPv6: 100,000)",
             Variant::D => "iptables: ipset + fwmark + policy routing into VXLAN, SNAT",
         }
     }
@@ -314,8 +314,8 @@ fn measure_variant(v: Variant, shim: &Path, family: Family) -> Result<Measure> {
             if v == Variant::C {
                 let s = c.status("n2");
                 eprintln!(
-                    "    n2's shim holds {} entries as {} sources and {} destinations",
-                    s["entries"], s["sources"], s["destinations"]
+                    "    n2's shim holds {} entries as {} sources and {} destinations, and {} IPv6 entries",
+                    s["entries"], s["sources"], s["destinations"], s["entriesV6"]
                 );
             }
             // The datapath runs without its shims (by design); stopping them keeps their
