@@ -65,11 +65,17 @@ fn ipv6_pods_leave_through_their_gateway_with_its_ipv6_egress_ip() {
             destination: EXCLUDED_V6,
             gateway: Gw::Excluded,
         },
-        // A policy without a gateway under Drop.
+        // A policy without a gateway under Drop, over both families.
         Rule {
             policy: "no-gateway",
             source: "p2",
             destination: OTHER_PREFIX_V6,
+            gateway: Gw::None,
+        },
+        Rule {
+            policy: "no-gateway",
+            source: "p2",
+            destination: "198.51.100.0/24",
             gateway: Gw::None,
         },
         // p1 on its own gateway node.
@@ -91,7 +97,12 @@ fn ipv6_pods_leave_through_their_gateway_with_its_ipv6_egress_ip() {
     guard(
         &c,
         &mut plan,
-        &["203.0.113.0/24", EXT_PREFIX_V6, OTHER_PREFIX_V6],
+        &[
+            "203.0.113.0/24",
+            "198.51.100.0/24",
+            EXT_PREFIX_V6,
+            OTHER_PREFIX_V6,
+        ],
         &["p1", "p2"],
     );
     c.try_apply_plan(&serde_json::to_vec(&plan).unwrap(), Duration::from_secs(20))
@@ -111,11 +122,15 @@ fn ipv6_pods_leave_through_their_gateway_with_its_ipv6_egress_ip() {
     let (n1_v6, n2_v6) = (c.node_ip_v6("n1"), c.node_ip_v6("n2"));
     assert_eq!(c.fetch("p2", EXT_EXCLUDED_V6).unwrap(), n2_v6);
     assert_eq!(c.fetch("p1", EXT_B_V6).unwrap(), n1_v6);
-    // No gateway under Drop: dropped, never masqueraded to the node's address.
+    // No gateway under Drop: dropped, never masqueraded to the node's address, either family.
     let dropped = c.counter("n2", "dropped_no_gateway");
     let leaked = c.fetch("p2", EXT_B_V6);
     assert!(leaked.is_err(), "p2's IPv6 left the cluster as {leaked:?}");
-    assert!(c.counter("n2", "dropped_no_gateway") > dropped);
+    let dropped_v6 = c.counter("n2", "dropped_no_gateway");
+    assert!(dropped_v6 > dropped);
+    let leaked = c.fetch("p2", sluice_testbed::EXT_B);
+    assert!(leaked.is_err(), "p2's IPv4 left the cluster as {leaked:?}");
+    assert!(c.counter("n2", "dropped_no_gateway") > dropped_v6);
     // A pod the plan has not decided on cannot reach a guarded IPv6 destination.
     let undecided = c.counter("n2", "dropped_undecided_pod");
     let leaked = c.fetch("p3", EXT_A_V6);
@@ -218,4 +233,34 @@ fn an_open_ipv6_connection_survives_its_shims_sigkill_and_new_ones_follow_a_new_
         "steered to a gateway that does not serve it, left as {leaked:?}"
     );
     assert!(dropped(&c) > before);
+}
+
+#[test]
+fn ipv6_pods_with_the_underlays_mtu_are_clamped_and_learn_the_path_mtu_behind_the_gateway() {
+    if !root("path_mtu") {
+        return;
+    }
+    let mut c = Cluster::start(env!("CARGO_BIN_EXE_sluice-shim"), &[]).expect("builds the cluster");
+    c.set_pod_mtu("p2", 1500).unwrap();
+    c.set_router_mtu(1400).unwrap();
+    c.apply(&[Rule {
+        policy: "v6",
+        source: "p2",
+        destination: EXT_PREFIX_V6,
+        gateway: Gw::Node("n1", EGRESS_N1_V6),
+    }]);
+    let mut conn = c.connect("p2", EXT_A_V6).expect("connects through the gateway");
+    // The SYN and SYN-ACK are clamped to what fits the tunnel (the pod's 1500 would not); the
+    // pod's segments then meet the 1400-byte hop behind the gateway: the router's "packet too
+    // big" goes to the egress IP, the gateway's conntrack turns it back to the pod, the tunnel
+    // carries it home, and the pod sends smaller segments (IPv6 routers never fragment: without
+    // it the connection stalls).
+    assert_eq!(conn.exchange(2_000_000, 1000).unwrap(), EGRESS_N1_V6);
+    assert!(c.counter("n2", "mss_clamped") >= 2);
+    assert!(c.counter("n2", "icmp_error_delivered") > 0);
+    let route = c.ip("p2", &["-6", "route", "get", EXT_A_V6]).unwrap();
+    assert!(
+        route.contains("mtu 1400"),
+        "the pod learned the path MTU: {route}"
+    );
 }
