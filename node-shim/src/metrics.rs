@@ -35,7 +35,7 @@ pub struct Snapshot {
     pub outcomes: Vec<(&'static str, Counter)>,
     /// (policy name, counter).
     pub policies: Vec<(String, Counter)>,
-    /// Entries as users think of them, (source, destination).
+    /// Entries as users think of them, (source, destination), of both families.
     pub policy_entries: u64,
     /// What the sources and destinations maps hold, and their capacities.
     pub source_entries: u64,
@@ -119,7 +119,7 @@ impl Collector for Metrics {
         for (name, help, value) in [
             (
                 "sluice_policy_map_entries",
-                "Entries (source pod, destination CIDR) the datapath holds",
+                "Entries (source pod, destination CIDR) the datapath holds, IPv4 and IPv6",
                 s.policy_entries,
             ),
             (

@@ -1390,7 +1390,7 @@ impl Agent {
                 .into_iter()
                 .map(|(id, c)| (names.get(&id).cloned().unwrap_or_else(|| format!("#{id}")), c))
                 .collect();
-            s.policy_entries = self.entries as u64;
+            s.policy_entries = (self.entries + self.entries_v6.len()) as u64;
             s.source_entries = self.layout.sources.len() as u64;
             s.destination_entries = self.layout.destinations.len() as u64;
             s.source_map_max = u64::from(self.opts.capacity.sources);
