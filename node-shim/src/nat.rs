@@ -66,6 +66,10 @@ pub struct Backstop {
     pub cluster: BTreeSet<Ipv4Net>,
     /// The pods of this node the plan has decided on.
     pub decided: BTreeSet<Ipv4Addr>,
+    /// The same three for IPv6.
+    pub guarded_v6: BTreeSet<ipnet::Ipv6Net>,
+    pub cluster_v6: BTreeSet<ipnet::Ipv6Net>,
+    pub decided_v6: BTreeSet<Ipv6Addr>,
 }
 
 impl Backstop {
@@ -77,12 +81,18 @@ impl Backstop {
             guarded: self.guarded.union(&next.guarded).copied().collect(),
             cluster: next.cluster.clone(),
             decided: self.decided.intersection(&next.decided).copied().collect(),
+            guarded_v6: self.guarded_v6.union(&next.guarded_v6).copied().collect(),
+            cluster_v6: next.cluster_v6.clone(),
+            decided_v6: self.decided_v6.intersection(&next.decided_v6).copied().collect(),
         }
     }
 }
 
-fn nft_set(name: &str, kind: &str, elements: impl Iterator<Item = String>) -> String {
-    let elements: Vec<String> = elements.collect();
+fn texts<T: ToString>(items: impl IntoIterator<Item = T>) -> Vec<String> {
+    items.into_iter().map(|t| t.to_string()).collect()
+}
+
+fn nft_set(name: &str, kind: &str, family: &str, elements: &[String]) -> String {
     let interval = if kind == "interval" {
         " flags interval; auto-merge;"
     } else {
@@ -93,7 +103,7 @@ fn nft_set(name: &str, kind: &str, elements: impl Iterator<Item = String>) -> St
     } else {
         format!(" elements = {{ {} }}", elements.join(", "))
     };
-    format!("  set {name} {{ type ipv4_addr;{interval}{body} }}\n")
+    format!("  set {name} {{ type {family};{interval}{body} }}\n")
 }
 
 pub fn ruleset(snat: &Snat, layout: &MarkLayout, backstop: &Backstop) -> String {
@@ -106,31 +116,45 @@ pub fn ruleset(snat: &Snat, layout: &MarkLayout, backstop: &Backstop) -> String 
         "table ip sluice {}\ndelete table ip sluice\ntable inet sluice {}\ndelete table inet sluice\n\
          table inet sluice {\n",
     );
-    if !backstop.guarded.is_empty() && !backstop.pod_interfaces.is_empty() {
-        s.push_str(&nft_set(
-            "guarded",
-            "interval",
-            backstop.guarded.iter().map(|n| n.trunc().to_string()),
-        ));
-        s.push_str(&nft_set(
-            "cluster",
-            "interval",
-            backstop.cluster.iter().map(|n| n.trunc().to_string()),
-        ));
-        s.push_str(&nft_set(
-            "decided",
-            "plain",
-            backstop.decided.iter().map(|a| a.to_string()),
-        ));
+    // Per family: (set suffix, set type, match keyword, guarded, in-cluster, decided).
+    let families = [
+        (
+            "",
+            "ipv4_addr",
+            "ip",
+            texts(backstop.guarded.iter().map(Ipv4Net::trunc)),
+            texts(backstop.cluster.iter().map(Ipv4Net::trunc)),
+            texts(&backstop.decided),
+        ),
+        (
+            "6",
+            "ipv6_addr",
+            "ip6",
+            texts(backstop.guarded_v6.iter().map(ipnet::Ipv6Net::trunc)),
+            texts(backstop.cluster_v6.iter().map(ipnet::Ipv6Net::trunc)),
+            texts(&backstop.decided_v6),
+        ),
+    ];
+    let guarding = families.iter().any(|f| !f.3.is_empty());
+    if guarding && !backstop.pod_interfaces.is_empty() {
         let patterns: Vec<String> = backstop
             .pod_interfaces
             .iter()
             .map(|p| format!("\"{}\"", p.replace('"', "")))
             .collect();
+        let mut rules = String::new();
+        for (suffix, kind, ip, guarded, cluster, decided) in families.iter().filter(|f| !f.3.is_empty()) {
+            s.push_str(&nft_set(&format!("guarded{suffix}"), "interval", kind, guarded));
+            s.push_str(&nft_set(&format!("cluster{suffix}"), "interval", kind, cluster));
+            s.push_str(&nft_set(&format!("decided{suffix}"), "plain", kind, decided));
+            rules.push_str(&format!(
+                "    iifname {{ {} }} {ip} daddr @guarded{suffix} {ip} daddr != @cluster{suffix} \
+                 {ip} saddr != @decided{suffix} counter drop\n",
+                patterns.join(", ")
+            ));
+        }
         s.push_str(&format!(
-            "  chain forward {{\n    type filter hook forward priority filter - 5; policy accept;\n    \
-             iifname {{ {} }} ip daddr @guarded ip daddr != @cluster ip saddr != @decided counter drop\n  }}\n",
-            patterns.join(", ")
+            "  chain forward {{\n    type filter hook forward priority filter - 5; policy accept;\n{rules}  }}\n"
         ));
     }
     // Replies of tunnelled flows get the tunnel and reply bits (the reply rule sends them into
@@ -610,6 +634,7 @@ mod tests {
             guarded: BTreeSet::from(["203.0.113.0/24".parse().unwrap()]),
             cluster: BTreeSet::from(["10.244.0.0/16".parse().unwrap()]),
             decided: BTreeSet::from(["10.244.2.10".parse().unwrap(), "10.244.2.11".parse().unwrap()]),
+            ..Backstop::default()
         };
         let new = Backstop {
             guarded: BTreeSet::from(["0.0.0.0/0".parse().unwrap()]),
@@ -633,6 +658,31 @@ mod tests {
             "{r}"
         );
         assert_eq!(rules_per_chain(&r)["forward"], 1);
+        // IPv6 beside it: its own sets and rule in the same chain.
+        let dual = Backstop {
+            guarded_v6: BTreeSet::from(["fd00:203:0:113::/64".parse().unwrap()]),
+            cluster_v6: BTreeSet::from(["fd00:10:244::/48".parse().unwrap()]),
+            decided_v6: BTreeSet::from(["fd00:10:244:2::10".parse().unwrap()]),
+            ..new.clone()
+        };
+        let r = ruleset(&Snat::default(), &MarkLayout::default(), &dual);
+        assert!(
+            r.contains("set guarded6 { type ipv6_addr; flags interval; auto-merge; elements = { fd00:203:0:113::/64 } }"),
+            "{r}"
+        );
+        assert!(
+            r.contains("ip6 daddr @guarded6 ip6 daddr != @cluster6 ip6 saddr != @decided6 counter drop"),
+            "{r}"
+        );
+        assert_eq!(rules_per_chain(&r)["forward"], 2);
+        // An IPv6 guard alone makes the chain too.
+        let only_v6 = Backstop {
+            guarded: BTreeSet::new(),
+            ..dual
+        };
+        let r = ruleset(&Snat::default(), &MarkLayout::default(), &only_v6);
+        assert_eq!(rules_per_chain(&r)["forward"], 1, "{r}");
+        assert!(!r.contains("@guarded "), "{r}");
         // No guard: no backstop chain at all.
         let none = ruleset(&Snat::default(), &MarkLayout::default(), &Backstop::default());
         assert!(!none.contains("forward"), "{none}");

@@ -1142,6 +1142,9 @@ impl Agent {
             guarded: guard.destinations.iter().map(|n| n.trunc()).collect(),
             cluster: cluster_v4.iter().map(|n| n.trunc()).collect(),
             decided: guard.pods.keys().map(|ip| maps::from_be(*ip)).collect(),
+            guarded_v6: guard.destinations_v6.iter().map(|n| n.trunc()).collect(),
+            cluster_v6: cluster_v6.iter().map(|n| n.trunc()).collect(),
+            decided_v6: guard.pods_v6.keys().map(|a| a.bytes.into()).collect(),
         };
         let moving = self.backstop.during_move_to(&backstop);
         self.apply_nft(&union, &moving)?;

@@ -535,16 +535,20 @@ fn a_new_pod_the_datapath_is_not_attached_to_yet_cannot_leak() {
     let Some(mut c) = cluster("not_attached_yet") else {
         return;
     };
-    // p2 is selected (Drop); the guard covers the policy's destinations, and n2's decided pods
-    // are p2 and p3.
+    // p2 is selected (Drop); the guard covers the policy's destinations (an IPv6 one too), and
+    // n2's decided pods are p2 and p3 (both families).
     let mut plan = c.plan(&[policy_a("p2")]);
     for node in plan["nodes"].as_array_mut().unwrap() {
-        let decided: Vec<&str> = if node["name"] == "n2" {
-            vec![c.pod("p2").1, c.pod("p3").1]
+        let decided: Vec<String> = if node["name"] == "n2" {
+            ["p2", "p3"]
+                .iter()
+                .flat_map(|p| [c.pod(p).1.to_owned(), c.pod_ip_v6(p)])
+                .collect()
         } else {
             vec![]
         };
-        node["guard"] = serde_json::json!({"destinations": ["203.0.113.0/24"], "decidedPods": decided});
+        node["guard"] = serde_json::json!({"destinations": ["203.0.113.0/24", "fd00:203:0:113::/64"],
+            "decidedPods": decided});
     }
     c.try_apply_plan(&serde_json::to_vec(&plan).unwrap(), Duration::from_secs(20))
         .unwrap();
@@ -556,14 +560,21 @@ fn a_new_pod_the_datapath_is_not_attached_to_yet_cannot_leak() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     c.add_pod("p4", "n2", "10.244.2.12");
     let leaked = c.fetch("p4", EXT_A);
+    let leaked_v6 = c.fetch("p4", sluice_testbed::EXT_A_V6);
     // Other destinations are not guarded: the normal path.
     let unguarded = c.fetch("p4", EXT_B);
+    let unguarded_v6 = c.fetch("p4", sluice_testbed::EXT_B_V6);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
     assert!(
         leaked.is_err(),
         "a pod the datapath is not attached to left as {leaked:?}"
     );
+    assert!(
+        leaked_v6.is_err(),
+        "a pod the datapath is not attached to left over IPv6 as {leaked_v6:?}"
+    );
     assert_eq!(unguarded.unwrap(), c.node_ip("n2"));
+    assert_eq!(unguarded_v6.unwrap(), c.node_ip_v6("n2"));
 
     // Decided (not selected), it takes the normal path to the guarded destination too.
     for node in plan["nodes"].as_array_mut().unwrap() {
