@@ -91,7 +91,7 @@ fn synthetic_nodes() -> Vec<Entries> {
         .filter_map(|i| {
             let node = synthetic::node(i);
             let section = doc.node(&node.name)?;
-            let IpAddr::V4(node_ip) = node.addresses[0] else {
+            let node_ip @ IpAddr::V4(_) = node.addresses[0] else {
                 return None;
             };
             let host = Host {

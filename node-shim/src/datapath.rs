@@ -88,7 +88,9 @@ pub struct Maps {
     /// The no-leak guard: guarded destinations, and the pods the plan decided on.
     pub guarded: LpmTrie<MapData, u32, u32>,
     pub decided_pods: HashMap<MapData, u32, u32>,
-    /// IPv6, fail closed: (pod, destination) -> drop or pass; in-cluster CIDRs; the guard.
+    /// Underlay address of a peer over an IPv6 underlay -> `maps::PEER_*`.
+    pub peers_v6: HashMap<MapData, maps::AddrV6, u32>,
+    /// IPv6: (pod, destination) -> the whole target; in-cluster CIDRs; the guard.
     pub entries_v6: LpmTrie<MapData, maps::EntryAddrsV6, maps::EntryV6>,
     pub cluster_v6: LpmTrie<MapData, [u8; 16], u32>,
     pub guarded_v6: LpmTrie<MapData, [u8; 16], u32>,
@@ -169,6 +171,7 @@ impl Maps {
             seen: typed!(maps::SEEN),
             guarded: typed!(maps::GUARDED_V4),
             decided_pods: typed!(maps::DECIDED_PODS_V4),
+            peers_v6: typed!(maps::TUNNEL_PEERS_V6),
             entries_v6: typed!(maps::ENTRIES_V6),
             cluster_v6: typed!(maps::CLUSTER_V6),
             guarded_v6: typed!(maps::GUARDED_V6),

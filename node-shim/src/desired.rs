@@ -30,8 +30,9 @@ pub struct Interface {
 /// What the desired state depends on besides the plan.
 #[derive(Clone, Debug)]
 pub struct Host {
-    /// This node's underlay IP: entries whose gateway is this IP egress here.
-    pub node_ip: Ipv4Addr,
+    /// This node's underlay IP (IPv6 on an IPv6-only node network): entries whose gateway is
+    /// this IP egress here.
+    pub node_ip: IpAddr,
     pub interfaces: Vec<Interface>,
     /// The interface of the IPv4 default route, if any.
     pub default_route_interface: Option<String>,
@@ -54,6 +55,8 @@ pub struct Desired {
     /// Underlay IP (network byte order) of every node this node exchanges tunnel traffic with
     /// -> `maps::PEER_*`: the nodes whose pods it serves, and the gateways of its own pods.
     pub peers: BTreeMap<u32, u32>,
+    /// The same for nodes reached over an IPv6 underlay.
+    pub peers_v6: BTreeMap<maps::AddrV6, u32>,
     /// Entries that could not be honoured; they are programmed to drop (fail closed).
     pub problems: Vec<Error>,
     /// Entries the datapath cannot steer as planned (a gateway over an IPv6 underlay).
@@ -62,6 +65,16 @@ pub struct Desired {
     pub v6: BTreeMap<maps::EntryKeyV6, maps::EntryV6>,
     /// Every entry that is not programmed as planned, with why: reported to the operator.
     pub entry_errors: Vec<EntryProblem>,
+}
+
+impl Desired {
+    /// Adds `flags` to the tunnel peer `node` (an underlay address of either family).
+    fn add_peer(&mut self, node: IpAddr, flags: u32) {
+        match node {
+            IpAddr::V4(v4) => *self.peers.entry(maps::be(v4)).or_default() |= flags,
+            IpAddr::V6(_) => *self.peers_v6.entry(maps::AddrV6::underlay(node)).or_default() |= flags,
+        }
+    }
 }
 
 /// One plan entry the datapath does not hold as planned.
@@ -224,7 +237,7 @@ where
     // Egresses no entry uses any more give their ids back before new ones take any.
     let used_egresses: BTreeSet<(IpAddr, u32)> = entries
         .clone()
-        .filter(|e| e.gateway == GatewayTarget::Node(IpAddr::V4(host.node_ip)))
+        .filter(|e| e.gateway == GatewayTarget::Node(host.node_ip))
         .filter_map(|e| match (e.key.source, e.key.destination) {
             (IpAddr::V4(_), IpNet::V4(_)) => egress(e, host).ok().map(|(ip, i)| (IpAddr::V4(ip), i.index)),
             (IpAddr::V6(_), IpNet::V6(_)) => egress_v6(e, host).ok().map(|(ip, i)| (IpAddr::V6(ip), i.index)),
@@ -241,7 +254,7 @@ where
         let EntryKey { source, destination } = entry.key;
         let (IpAddr::V4(source), IpNet::V4(destination)) = (source, destination) else {
             if let (IpAddr::V6(source), IpNet::V6(destination)) = (source, destination) {
-                let value = entry_v6(entry, host, ids, &mut out, guarded)?;
+                let value = entry_v6(entry, host, ids, &mut out)?;
                 out.v6.insert(maps::EntryKeyV6::new(source, destination), value);
             }
             continue;
@@ -273,15 +286,15 @@ where
                 value.gateway_slot = entry
                     .gateway_slot
                     .map_or(0, |s| maps::encode_slot(s.entry, s.slot));
-                if gateway != host.node_ip {
+                if IpAddr::V4(gateway) != host.node_ip {
                     *out.peers.entry(value.gateway_ip).or_default() |= maps::PEER_GATEWAY;
                 }
-                if gateway == host.node_ip {
+                if IpAddr::V4(gateway) == host.node_ip {
                     value.flags |= maps::F_LOCAL_GATEWAY;
                     // Without an IPv4 source node (a local pod, or an IPv6 underlay, not
                     // supported yet) the tunnel accepts this entry from nobody.
                     if let Some(IpAddr::V4(peer)) = entry.source_node_ip
-                        && peer != host.node_ip
+                        && IpAddr::V4(peer) != host.node_ip
                     {
                         value.peer_ip = maps::be(peer);
                         *out.peers.entry(value.peer_ip).or_default() |= maps::PEER_SOURCE;
@@ -342,7 +355,6 @@ fn entry_v6(
     host: &Host,
     ids: &mut PolicyIds,
     out: &mut Desired,
-    guarded: &[IpNet],
 ) -> Result<maps::EntryV6, Error> {
     let problem = |message: String| EntryProblem {
         key: entry.key,
@@ -358,29 +370,20 @@ fn entry_v6(
         GatewayTarget::None => value.kind = maps::KIND_NONE,
         GatewayTarget::Fallback => value.kind = maps::KIND_FALLBACK,
         GatewayTarget::Excluded => value.kind = maps::KIND_EXCLUDED,
-        GatewayTarget::Node(IpAddr::V6(_)) => {
-            // The same fail-closed rule as IPv4 entries to such a gateway.
-            out.skipped_ipv6 += 1;
-            out.entry_errors.push(problem(IPV6_UNSUPPORTED.to_owned()));
-            value.kind = if guarded.contains(&entry.key.destination) {
-                maps::KIND_NONE
-            } else {
-                maps::KIND_FALLBACK
-            };
-        }
-        GatewayTarget::Node(IpAddr::V4(gateway)) => {
+        // The gateway over an underlay of either family.
+        GatewayTarget::Node(gateway) => {
             value.kind = maps::KIND_GATEWAY;
-            value.gateway = maps::AddrV6::underlay(IpAddr::V4(gateway));
+            value.gateway = maps::AddrV6::underlay(gateway);
             if gateway != host.node_ip {
-                *out.peers.entry(maps::be(gateway)).or_default() |= maps::PEER_GATEWAY;
+                out.add_peer(gateway, maps::PEER_GATEWAY);
                 return Ok(value);
             }
             value.flags |= maps::F_LOCAL_GATEWAY;
-            if let Some(IpAddr::V4(peer)) = entry.source_node_ip
+            if let Some(peer) = entry.source_node_ip
                 && peer != host.node_ip
             {
-                value.peer = maps::AddrV6::underlay(IpAddr::V4(peer));
-                *out.peers.entry(maps::be(peer)).or_default() |= maps::PEER_SOURCE;
+                value.peer = maps::AddrV6::underlay(peer);
+                out.add_peer(peer, maps::PEER_SOURCE);
             }
             let egress = egress_v6(entry, host).and_then(|(ip, interface)| {
                 let id = ids.egress_id(IpAddr::V6(ip), interface.index, &entry.policy)?;
@@ -872,20 +875,46 @@ mod tests {
         );
         assert!(d.snat.v6.is_empty());
 
-        // A gateway over an IPv6 underlay (not steered to yet): dropped under Drop, the normal
-        // path otherwise, reported.
+        // An IPv6 underlay: the gateway's address as it is, its node a tunnel peer of the other
+        // map; an IPv4 pod's entry to such a gateway is not steered (fail closed, reported).
         let entries = [
             entry("fd00::16", "2001:db8::/32", "fd00:192:0:2::12", None, "drop"),
-            entry("fd00::16", "2001:dbb::/32", "fd00:192:0:2::12", None, "fallback"),
+            entry("10.244.1.16", "203.0.113.0/24", "fd00:192:0:2::12", None, "drop"),
         ];
-        let d = desired(&entries, &guarded, &host(), &mut PolicyIds::default()).unwrap();
-        assert_eq!(value_of(&d, "fd00::16", "2001:db8::/32").kind, maps::KIND_NONE);
-        assert_eq!(
-            value_of(&d, "fd00::16", "2001:dbb::/32").kind,
-            maps::KIND_FALLBACK
-        );
-        assert_eq!(d.entry_errors.len(), 2);
+        let guarded_both: Vec<IpNet> = vec![
+            "2001:db8::/32".parse().unwrap(),
+            "203.0.113.0/24".parse().unwrap(),
+        ];
+        let d = desired(&entries, &guarded_both, &host(), &mut PolicyIds::default()).unwrap();
+        let over_v6 = value_of(&d, "fd00::16", "2001:db8::/32");
+        assert_eq!(over_v6.kind, maps::KIND_GATEWAY);
+        assert_eq!(over_v6.gateway, underlay("fd00:192:0:2::12"));
+        assert_eq!(d.peers_v6[&underlay("fd00:192:0:2::12")], maps::PEER_GATEWAY);
+        assert!(d.peers.is_empty());
+        let key = PolicyKeyV4::new("10.244.1.16".parse().unwrap(), "203.0.113.0/24".parse().unwrap());
+        assert_eq!(d.policy[&key].kind, maps::KIND_NONE);
+        assert_eq!(d.entry_errors.len(), 1);
         assert!(d.entry_errors[0].message.contains("IPv6 underlay"));
+
+        // This node on an IPv6 underlay, the gateway of a pod of another such node.
+        let v6_host = Host {
+            node_ip: "fd00:192:0:2::11".parse().unwrap(),
+            ..host()
+        };
+        let mut served = entry(
+            "fd00:2::10",
+            "2001:db8::/32",
+            "fd00:192:0:2::11",
+            Some("fd00:192:0:2::101"),
+            "drop",
+        );
+        served.source_node_ip = Some("fd00:192:0:2::12".parse().unwrap());
+        let d = desired(&[served], &guarded, &v6_host, &mut PolicyIds::default()).unwrap();
+        let here = value_of(&d, "fd00:2::10", "2001:db8::/32");
+        assert_eq!(here.flags, maps::F_LOCAL_GATEWAY);
+        assert_eq!(here.peer, underlay("fd00:192:0:2::12"));
+        assert_eq!(d.peers_v6[&underlay("fd00:192:0:2::12")], maps::PEER_SOURCE);
+        assert!(d.entry_errors.is_empty(), "{:?}", d.entry_errors);
 
         // An IPv4 entry whose gateway has only an IPv6 address: dropped under Drop, the normal
         // path under Fallback, reported either way.

@@ -1,5 +1,5 @@
 //! The Sluice node shim: loads the eBPF datapath and keeps its maps equal to the node's plan.
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -53,9 +53,10 @@ struct RunArgs {
     /// This node's name, as in the plan.
     #[arg(long, env = "SLUICE_NODE")]
     node: String,
-    /// This node's underlay IPv4 address: entries whose gateway is this address egress here.
+    /// This node's underlay address (IPv4; IPv6 on an IPv6-only node network): entries whose
+    /// gateway is this address egress here, and the tunnel's outer packets leave from it.
     #[arg(long, env = "SLUICE_NODE_IP")]
-    node_ip: Ipv4Addr,
+    node_ip: std::net::IpAddr,
     /// The plan (`sluice-operator plan --output json`); re-read when it changes.
     #[arg(
         long,
@@ -215,7 +216,10 @@ async fn run(a: RunArgs, bpffs_dir: PathBuf) -> anyhow::Result<()> {
     let stop = termination()?;
     let metrics_addr = match a.metrics_addr.as_str() {
         "off" | "" => None,
-        addr => Some(addr.parse().with_context(|| format!("--metrics-addr {addr:?}"))?),
+        addr => Some(
+            sluice_shim::metrics::listen_address(addr)
+                .with_context(|| format!("--metrics-addr {addr:?}: not an address and port"))?,
+        ),
     };
     let plan = match (a.entries, a.operator) {
         (Some(path), _) => run::PlanSource::File(path),

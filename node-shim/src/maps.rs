@@ -502,11 +502,20 @@ pub struct Config {
 
 /// Outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14) headers.
 pub const TUNNEL_OVERHEAD: u32 = 50;
+/// The same over an IPv6 underlay: its header is 20 bytes longer.
+pub const TUNNEL_OVERHEAD_V6: u32 = TUNNEL_OVERHEAD + 20;
 
 /// The largest MSS of a TCP segment over IPv4 that crosses the tunnel unfragmented on an
-/// underlay of `mtu` bytes (minus the inner IPv4 and TCP headers, 40 bytes).
-pub fn tunnel_mss(mtu: u32) -> u32 {
-    mtu.saturating_sub(TUNNEL_OVERHEAD + 40)
+/// underlay of `mtu` bytes (minus the inner IPv4 and TCP headers, 40 bytes), over an IPv4 or
+/// (`v6_underlay`) an IPv6 underlay. An IPv6 segment's is 20 bytes less (the datapath takes
+/// them off).
+pub fn tunnel_mss(mtu: u32, v6_underlay: bool) -> u32 {
+    let overhead = if v6_underlay {
+        TUNNEL_OVERHEAD_V6
+    } else {
+        TUNNEL_OVERHEAD
+    };
+    mtu.saturating_sub(overhead + 40)
 }
 
 /// Capacity of `sluice_counters`.

@@ -404,6 +404,20 @@ fn liveness(
     }
 }
 
+/// The metrics listen address `address`: `IP:PORT`, `[IPv6]:PORT`, or an IPv6 address and port
+/// without brackets (`fd00::1:9473`, as the chart writes `$(SLUICE_NODE_IP):PORT` on a node whose
+/// IP is IPv6: the last colon is the port's).
+pub fn listen_address(address: &str) -> Option<std::net::SocketAddr> {
+    if let Ok(a) = address.parse() {
+        return Some(a);
+    }
+    let (ip, port) = address.rsplit_once(':')?;
+    Some(std::net::SocketAddr::new(
+        ip.parse::<std::net::Ipv6Addr>().ok()?.into(),
+        port.parse().ok()?,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use std::{

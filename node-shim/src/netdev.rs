@@ -192,8 +192,11 @@ impl Scan {
     }
 
     /// The MTU of the interface holding `address` (the underlay interface, for the node IP).
-    pub fn mtu_of_address(&self, address: Ipv4Addr) -> Option<u32> {
-        let interface = self.interfaces.iter().find(|i| i.ipv4.contains(&address))?;
+    pub fn mtu_of_address(&self, address: IpAddr) -> Option<u32> {
+        let interface = self.interfaces.iter().find(|i| match address {
+            IpAddr::V4(v4) => i.ipv4.contains(&v4),
+            IpAddr::V6(v6) => i.ipv6.contains(&v6),
+        })?;
         self.links.get(&interface.index)?.mtu
     }
 }
@@ -369,8 +372,9 @@ pub struct Tunnel {
     pub device: String,
     pub port: u16,
     pub vni: u32,
-    /// Underlay source address of the outer packets; the kernel picks one when `None`.
-    pub local: Option<Ipv4Addr>,
+    /// Underlay source address of the outer packets (either family); the kernel picks one
+    /// when `None`.
+    pub local: Option<IpAddr>,
 }
 
 /// What the kernel holds of a device, as far as the tunnel's settings go.
@@ -382,7 +386,7 @@ pub struct TunnelHeld {
     pub external: bool,
     pub port: Option<u16>,
     pub learning: Option<bool>,
-    pub local: Option<Ipv4Addr>,
+    pub local: Option<IpAddr>,
     pub up: bool,
     pub arp: bool,
 }
@@ -409,7 +413,8 @@ impl TunnelHeld {
                             InfoVxlan::CollectMetadata(on) => held.external = *on,
                             InfoVxlan::Port(p) => held.port = Some(*p),
                             InfoVxlan::Learning(on) => held.learning = Some(*on),
-                            InfoVxlan::Local(ip) => held.local = Some(*ip),
+                            InfoVxlan::Local(ip) => held.local = Some(IpAddr::V4(*ip)),
+                            InfoVxlan::Local6(ip) => held.local = Some(IpAddr::V6(*ip)),
                             _ => {}
                         }
                     }
@@ -431,7 +436,10 @@ impl Tunnel {
             InfoVxlan::Port(self.port),
             InfoVxlan::Learning(false),
         ];
-        data.extend(self.local.map(InfoVxlan::Local));
+        data.extend(self.local.map(|ip| match ip {
+            IpAddr::V4(v4) => InfoVxlan::Local(v4),
+            IpAddr::V6(v6) => InfoVxlan::Local6(v6),
+        }));
         let mut m = LinkMessage::default();
         m.attributes = vec![
             LinkAttribute::IfName(self.device.clone()),
@@ -614,7 +622,7 @@ mod tests {
             device: "sluice-vx0".into(),
             port: 8473,
             vni: 8473,
-            local: Some(Ipv4Addr::new(192, 168, 50, 11)),
+            local: Some(Ipv4Addr::new(192, 168, 50, 11).into()),
         }
     }
 
@@ -648,7 +656,7 @@ mod tests {
                 external: true,
                 port: Some(8473),
                 learning: Some(false),
-                local: Some(Ipv4Addr::new(192, 168, 50, 11)),
+                local: Some(Ipv4Addr::new(192, 168, 50, 11).into()),
                 up: false,
                 arp: true,
             }
@@ -683,7 +691,7 @@ mod tests {
             external: true,
             port: Some(8473),
             learning: Some(false),
-            local: Some(Ipv4Addr::new(192, 168, 50, 11)),
+            local: Some(Ipv4Addr::new(192, 168, 50, 11).into()),
             up: false,
             arp: true,
         };
@@ -717,7 +725,7 @@ mod tests {
                 ..ours.clone()
             },
             TunnelHeld {
-                local: Some(Ipv4Addr::new(192, 168, 50, 12)),
+                local: Some(Ipv4Addr::new(192, 168, 50, 12).into()),
                 ..ours.clone()
             },
             TunnelHeld {
@@ -880,8 +888,15 @@ mod tests {
             ["192.0.2.0/24".parse().unwrap(); 2]
         );
         assert!(scan.interfaces[1].ipv4.is_empty());
-        assert_eq!(scan.mtu_of_address(Ipv4Addr::new(192, 0, 2, 11)), Some(1500));
-        assert_eq!(scan.mtu_of_address(Ipv4Addr::new(198, 18, 0, 1)), None);
+        assert_eq!(
+            scan.mtu_of_address(Ipv4Addr::new(192, 0, 2, 11).into()),
+            Some(1500)
+        );
+        assert_eq!(scan.mtu_of_address(Ipv4Addr::new(198, 18, 0, 1).into()), None);
+        assert_eq!(
+            scan.mtu_of_address("fd00:192:0:2::101".parse().unwrap()),
+            Some(1500)
+        );
         assert_eq!(scan.ifindex("eth1"), Some(3));
         assert_eq!(scan.ifindex("eth9"), None);
     }

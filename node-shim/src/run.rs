@@ -59,7 +59,8 @@ pub const FENCE_HOLD: Duration = Duration::from_millis(600);
 #[derive(Debug)]
 pub struct Options {
     pub node: String,
-    pub node_ip: Ipv4Addr,
+    /// The node's underlay address (IPv6 on an IPv6-only node network).
+    pub node_ip: IpAddr,
     pub plan: PlanSource,
     pub cluster_cidrs: Vec<Ipv4Net>,
     pub pod_interfaces: Vec<String>,
@@ -231,8 +232,9 @@ pub struct Agent {
     /// Entries (source, destination) the datapath holds, as of the last apply.
     entries: usize,
     names: BTreeMap<u32, PolicyName>,
-    /// Mirrors of the tunnel peers and bridge ports maps.
+    /// Mirrors of the tunnel peers (both underlay families) and bridge ports maps.
     peers: BTreeMap<u32, u32>,
+    peers_v6: BTreeMap<maps::AddrV6, u32>,
     bridge_ports: BTreeMap<u32, u32>,
     /// Mirror of the decided pods map (the no-leak guard).
     decided: BTreeMap<u32, u32>,
@@ -317,6 +319,7 @@ impl Agent {
             names.insert(id, name);
         }
         let peers = read_hash(&dp.maps.peers, maps::TUNNEL_PEERS_V4)?;
+        let peers_v6 = read_hash(&dp.maps.peers_v6, maps::TUNNEL_PEERS_V6)?;
         let pinnable = read_hash(&dp.maps.pinnable, maps::PINNABLE_V4)?;
         let bridge_ports = read_hash(&dp.maps.bridge_ports, maps::BRIDGE_PORTS)?;
         let decided = read_hash(&dp.maps.decided_pods, maps::DECIDED_PODS_V4)?;
@@ -380,6 +383,7 @@ impl Agent {
             entries,
             names,
             peers,
+            peers_v6,
             bridge_ports,
             decided,
             entries_v6,
@@ -853,7 +857,7 @@ impl Agent {
             } else {
                 maps::CFG_NO_FLOW_PINNING
             },
-            tcp_mss_max: underlay_mtu.map_or(0, maps::tunnel_mss),
+            tcp_mss_max: underlay_mtu.map_or(0, |mtu| maps::tunnel_mss(mtu, self.opts.node_ip.is_ipv6())),
             mark_egress: self.opts.marks.egress,
             mark_egress_shift: self.opts.marks.shift(),
             mark_tunnel: self.opts.marks.tunnel,
@@ -1019,7 +1023,12 @@ impl Agent {
         .into_iter()
         .map(|ip| (maps::be(ip), 1))
         .collect();
-        let own_flows_pinned = pinnable.contains_key(&maps::be(self.opts.node_ip));
+        // Flows are pinned over IPv4 only: this node's own address is pinnable when it is IPv4.
+        let own = match self.opts.node_ip {
+            IpAddr::V4(v4) => Some(maps::be(v4)),
+            IpAddr::V6(_) => None,
+        };
+        let own_flows_pinned = own.is_some_and(|own| pinnable.contains_key(&own));
         self.ids.hold_egresses(own_flows_pinned);
         let mut want = desired::desired(entries.iter().copied(), &guarded, &host, &mut self.ids)?;
         if own_flows_pinned {
@@ -1030,7 +1039,7 @@ impl Agent {
             }
         }
         self.egress_kept = (want.snat.clone(), want.egress_routes.clone());
-        for ip in pinnable.keys().filter(|ip| **ip != maps::be(self.opts.node_ip)) {
+        for ip in pinnable.keys().filter(|ip| Some(**ip) != own) {
             *want.peers.entry(*ip).or_default() |= maps::PEER_GATEWAY;
         }
         for problem in &want.problems {
@@ -1123,13 +1132,7 @@ impl Agent {
         //    the plan itself says is in-cluster.
         let cluster_v4 = own_cluster_cidrs(&self.opts, &planned_cluster);
         sync_lpm(&mut self.dp.maps.cluster, maps::CLUSTER_V4, &cluster_v4, true)?;
-        let cluster_v6: Vec<ipnet::Ipv6Net> = planned_cluster
-            .iter()
-            .filter_map(|c| match c {
-                IpNet::V6(v6) => Some(*v6),
-                IpNet::V4(_) => None,
-            })
-            .collect();
+        let cluster_v6 = own_cluster_cidrs_v6(&self.opts, &planned_cluster);
         sync_lpm_v6(&mut self.dp.maps.cluster_v6, maps::CLUSTER_V6, &cluster_v6, true)?;
         // 1. SNAT rules, egress routing tables and rules for both the old and the new state, so
         //    no entry is ever ahead of its rules; 2. the maps, upserts first; 3. the rules as
@@ -1179,14 +1182,17 @@ impl Agent {
             &both_pinnable,
         )?;
         // Peers before the entries that need them, and pruned after the entries that did.
-        let mut peers = self.peers.clone();
-        for (ip, flags) in &want.peers {
-            *peers.entry(*ip).or_default() |= flags;
-        }
+        let peers = flags_of_both(&self.peers, &want.peers);
         sync::reconcile(
             &mut HashStore(&mut self.dp.maps.peers, maps::TUNNEL_PEERS_V4),
             &mut self.peers,
             &peers,
+        )?;
+        let peers_v6 = flags_of_both(&self.peers_v6, &want.peers_v6);
+        sync::reconcile(
+            &mut HashStore(&mut self.dp.maps.peers_v6, maps::TUNNEL_PEERS_V6),
+            &mut self.peers_v6,
+            &peers_v6,
         )?;
         // New groups' destinations before the sources that point to them, the groups no
         // source uses any more after (group ids never change meaning: see `layout`).
@@ -1238,6 +1244,11 @@ impl Agent {
             &mut HashStore(&mut self.dp.maps.peers, maps::TUNNEL_PEERS_V4),
             &mut self.peers,
             &want.peers,
+        )?;
+        sync::reconcile(
+            &mut HashStore(&mut self.dp.maps.peers_v6, maps::TUNNEL_PEERS_V6),
+            &mut self.peers_v6,
+            &want.peers_v6,
         )?;
         sync::reconcile(
             &mut HashStore(&mut self.dp.maps.pinnable, maps::PINNABLE_V4),
@@ -1480,18 +1491,42 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::rename(&tmp, path).map_err(|e| Error::io(format!("renaming to {}", path.display()), e))
 }
 
-/// What `sluice_cluster_v4` must hold: `--cluster-cidr`, the node IP, and the in-cluster set of
-/// the plan (IPv4 only: the datapath has no IPv6 cluster map yet).
+/// Every key of `held` and `want`, with the flags of both (tunnel peers while a plan is applied).
+fn flags_of_both<K: Ord + Copy>(held: &BTreeMap<K, u32>, want: &BTreeMap<K, u32>) -> BTreeMap<K, u32> {
+    let mut both = held.clone();
+    for (key, flags) in want {
+        *both.entry(*key).or_default() |= flags;
+    }
+    both
+}
+
+/// What `sluice_cluster_v4` must hold: `--cluster-cidr`, the node IP (when IPv4), and the IPv4
+/// part of the plan's in-cluster set.
 fn own_cluster_cidrs(opts: &Options, planned: &[ipnet::IpNet]) -> Vec<Ipv4Net> {
     let mut cidrs = opts.cluster_cidrs.clone();
-    cidrs.push(Ipv4Net::from(opts.node_ip));
-    for cidr in planned {
-        match cidr {
-            ipnet::IpNet::V4(v4) => cidrs.push(*v4),
-            ipnet::IpNet::V6(v6) => tracing::debug!(cidr = %v6, "IPv6 in-cluster CIDR ignored"),
-        }
+    if let IpAddr::V4(v4) = opts.node_ip {
+        cidrs.push(Ipv4Net::from(v4));
     }
+    cidrs.extend(planned.iter().filter_map(|c| match c {
+        ipnet::IpNet::V4(v4) => Some(*v4),
+        ipnet::IpNet::V6(_) => None,
+    }));
     cidrs
+}
+
+/// What `sluice_cluster_v6` must hold: the node IP (when IPv6) and the IPv6 part of the plan's
+/// in-cluster set.
+fn own_cluster_cidrs_v6(opts: &Options, planned: &[ipnet::IpNet]) -> Vec<ipnet::Ipv6Net> {
+    let own = match opts.node_ip {
+        IpAddr::V6(v6) => Some(ipnet::Ipv6Net::from(v6)),
+        IpAddr::V4(_) => None,
+    };
+    own.into_iter()
+        .chain(planned.iter().filter_map(|c| match c {
+            ipnet::IpNet::V6(v6) => Some(*v6),
+            ipnet::IpNet::V4(_) => None,
+        }))
+        .collect()
 }
 
 /// The in-cluster set of a plan document (the same in every node's section; this node's is

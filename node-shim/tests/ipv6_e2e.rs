@@ -264,3 +264,88 @@ fn ipv6_pods_with_the_underlays_mtu_are_clamped_and_learn_the_path_mtu_behind_th
         "the pod learned the path MTU: {route}"
     );
 }
+
+#[test]
+fn over_an_ipv6_underlay_ipv6_pods_are_steered_and_ipv4_pods_fail_closed() {
+    if !root("ipv6_underlay") {
+        return;
+    }
+    // Every shim's node IP is its IPv6 address: the tunnel runs over IPv6 (as on an IPv6-only
+    // node network), plans name gateways and source nodes by their IPv6 addresses.
+    let mut c = Cluster::start_over_ipv6_underlay(env!("CARGO_BIN_EXE_sluice-shim"), &[])
+        .expect("builds the cluster");
+    let rules = [
+        Rule {
+            policy: "v6",
+            source: "p2",
+            destination: EXT_PREFIX_V6,
+            gateway: Gw::Node("n1", EGRESS_N1_V6),
+        },
+        Rule {
+            policy: "v6",
+            source: "p1",
+            destination: EXT_PREFIX_V6,
+            gateway: Gw::Node("n1", EGRESS_N1_V6),
+        },
+        // An IPv4 pod over an IPv6 underlay is not steered: Drop drops it.
+        Rule {
+            policy: "v4",
+            source: "p2",
+            destination: "203.0.113.0/24",
+            gateway: Gw::Node("n1", EGRESS_N1),
+        },
+    ];
+    let mut plan = c.plan(&rules);
+    guard(
+        &c,
+        &mut plan,
+        &["203.0.113.0/24", EXT_PREFIX_V6],
+        &["p1", "p2", "p3"],
+    );
+    c.try_apply_plan(&serde_json::to_vec(&plan).unwrap(), Duration::from_secs(20))
+        .expect("the plan is applied");
+
+    let (steered, egressed) = (c.counter("n2", "steered"), c.counter("n1", "egressed"));
+    let mut conn = c.connect("p2", EXT_A_V6).expect("connects through the gateway");
+    assert_eq!(conn.greeting, EGRESS_N1_V6);
+    // Bulk both ways: segments clamped to what fits an IPv6 outer header.
+    assert_eq!(conn.exchange(2_000_000, 2_000_000).unwrap(), EGRESS_N1_V6);
+    assert!(c.counter("n2", "steered") > steered, "through the tunnel");
+    assert!(c.counter("n1", "egressed") > egressed, "taken by the gateway");
+    assert_eq!(
+        c.fetch("p1", EXT_A_V6).unwrap(),
+        EGRESS_N1_V6,
+        "a pod on its gateway node"
+    );
+    // The tunnel's outer packets are IPv6: n1 knows n2 as a peer by its IPv6 address.
+    let maps = sluice_shim::datapath::Maps::open_pinned(&c.bpffs().join("n1")).expect("pinned maps");
+    let peers: Vec<String> = maps
+        .peers_v6
+        .iter()
+        .map(|item| format!("{:?}", item.expect("a peer").0.to_underlay()))
+        .collect();
+    assert!(
+        peers.iter().any(|p| p.contains(&c.node_ip_v6("n2"))),
+        "n1's IPv6 peers: {peers:?}"
+    );
+    // IPv4 over an IPv6 underlay: not steered, dropped under Drop, never leaked.
+    let leaked = c.fetch("p2", EXT_A);
+    assert!(leaked.is_err(), "p2's IPv4 left as {leaked:?}");
+    // A forged IPv6 VXLAN packet from a node that is no peer is dropped before anything else.
+    let before = c.counter("n1", "dropped_foreign_tunnel");
+    let inner = craft::ipv6_udp(
+        c.pod_ip_v6("p2").parse().unwrap(),
+        EXT_A_V6.parse().unwrap(),
+        40001,
+        9999,
+        b"forged",
+    );
+    let forged = craft::vxlan(8473, &inner);
+    let gateway = SocketAddrV6::new(c.node_ip_v6("n1").parse().unwrap(), 8473, 0, 0);
+    craft::send_udp(&c.ns("n3"), gateway, &forged, 5).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while c.counter("n1", "dropped_foreign_tunnel") - before < 5 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(c.counter("n1", "dropped_foreign_tunnel") - before >= 5);
+}

@@ -69,7 +69,7 @@ fn tunnel() -> Tunnel {
         device: "sluice-vx0".into(),
         port: 8473,
         vni: 8473,
-        local: Some(LOCAL),
+        local: Some(LOCAL.into()),
     }
 }
 
@@ -323,7 +323,10 @@ fn a_scan_reads_links_addresses_bridges_counters_and_the_default_route() {
         let index = |name: &str| scan.ifindex(name).unwrap_or_else(|| panic!("{name}"));
         assert_eq!(scan.link(index("veth-a")).unwrap().master, Some(index("br0")));
         assert_eq!(scan.link(index("veth-b")).unwrap().master, None);
-        assert_eq!(scan.mtu_of_address(Ipv4Addr::new(192, 0, 2, 12)), Some(1400));
+        assert_eq!(
+            scan.mtu_of_address(Ipv4Addr::new(192, 0, 2, 12).into()),
+            Some(1400)
+        );
         let lo = scan.link(index("lo")).unwrap().rx_packets.unwrap();
         assert!((20..=lo_rx).contains(&lo), "lo received {lo}, ip says {lo_rx}");
         assert_eq!(

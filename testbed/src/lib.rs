@@ -410,8 +410,24 @@ impl Testbed {
     /// from (`--entries` or `--operator`) and anything else (`--metrics-addr 127.0.0.1:9473`
     /// serves metrics inside the node's namespace: "off" is only the environment's default).
     pub fn shim_command(&self, node: &str, shim: impl AsRef<OsStr>) -> Command {
-        let mut cmd = self.shim_command_without_cluster_cidrs(node, shim);
+        self.shim_command_with_node_ip(node, shim, node_ip(node))
+    }
+
+    /// [`Testbed::shim_command`] with `node_ip` as the node's underlay address (its IPv6 one:
+    /// the tunnel over the IPv6 underlay).
+    pub fn shim_command_with_node_ip(&self, node: &str, shim: impl AsRef<OsStr>, node_ip: &str) -> Command {
+        let mut cmd = self.shim_command_at(node, shim, node_ip);
         cmd.args(["--cluster-cidr", CLUSTER_CIDRS]);
+        cmd
+    }
+
+    fn shim_command_at(&self, node: &str, shim: impl AsRef<OsStr>, node_ip: &str) -> Command {
+        let mut cmd = self.command(node, shim);
+        cmd.arg("--bpffs-dir")
+            .arg(self.bpffs().join(node))
+            .args(["run", "--node", node, "--node-ip", node_ip])
+            .env("SLUICE_METRICS_ADDR", "off")
+            .env_remove("SLUICE_CLUSTER_CIDRS");
         cmd
     }
 
@@ -448,13 +464,7 @@ impl Testbed {
     /// [`Testbed::shim_command`] as a user who forgot `--cluster-cidr` runs it: the shim knows
     /// only its node IP, and what the operator finds in-cluster.
     pub fn shim_command_without_cluster_cidrs(&self, node: &str, shim: impl AsRef<OsStr>) -> Command {
-        let mut cmd = self.command(node, shim);
-        cmd.arg("--bpffs-dir")
-            .arg(self.bpffs().join(node))
-            .args(["run", "--node", node, "--node-ip", node_ip(node)])
-            .env("SLUICE_METRICS_ADDR", "off")
-            .env_remove("SLUICE_CLUSTER_CIDRS");
-        cmd
+        self.shim_command_at(node, shim, node_ip(node))
     }
 
     /// Starts `cmd` in the background under `name`, its stdout and stderr appended to

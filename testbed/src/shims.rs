@@ -43,6 +43,9 @@ pub struct FileCluster {
     shim: PathBuf,
     extra_args: Vec<OsString>,
     plan_hash: String,
+    /// The shims take the nodes' IPv6 addresses as their underlay addresses, and plans name
+    /// gateways and source nodes by them ([`FileCluster::start_over_ipv6_underlay`]).
+    underlay_v6: bool,
 }
 
 impl Deref for FileCluster {
@@ -67,11 +70,23 @@ impl FileCluster {
     /// Builds the testbed and starts the shim binary `shim` in every node with an empty plan,
     /// waiting until each applied it. `extra_args` go after `run` (e.g. `--policy-map-max N`).
     pub fn start(shim: impl Into<PathBuf>, extra_args: &[&str]) -> Result<FileCluster> {
+        Self::start_with(shim, extra_args, false)
+    }
+
+    /// [`FileCluster::start`] over the IPv6 underlay: every shim's `--node-ip` is its node's
+    /// IPv6 address (the tunnel's outer packets are IPv6), and [`FileCluster::plan`] names
+    /// gateways and source nodes by their IPv6 addresses.
+    pub fn start_over_ipv6_underlay(shim: impl Into<PathBuf>, extra_args: &[&str]) -> Result<FileCluster> {
+        Self::start_with(shim, extra_args, true)
+    }
+
+    fn start_with(shim: impl Into<PathBuf>, extra_args: &[&str], underlay_v6: bool) -> Result<FileCluster> {
         let mut c = FileCluster {
             testbed: Testbed::new()?,
             shim: shim.into(),
             extra_args: extra_args.iter().map(OsString::from).collect(),
             plan_hash: String::new(),
+            underlay_v6,
         };
         let empty = serde_json::to_vec_pretty(&c.plan(&[]))?;
         c.write_plan_bytes(&empty)?;
@@ -87,8 +102,18 @@ impl FileCluster {
         self.scratch().join("plan.json")
     }
 
+    /// The underlay address of `node` the shims and plans use.
+    pub fn underlay_ip(&self, node: &str) -> &'static str {
+        if self.underlay_v6 {
+            crate::node_ip_v6(node)
+        } else {
+            node_ip(node)
+        }
+    }
+
     /// The plan document (`plan --output json` format) made of `rules`.
     pub fn plan(&self, rules: &[Rule]) -> serde_json::Value {
+        let node_ip = |node: &str| self.underlay_ip(node);
         let mut per_node: BTreeMap<&str, Vec<serde_json::Value>> =
             NODES.iter().map(|(n, _)| (*n, vec![])).collect();
         for r in rules {
@@ -236,7 +261,9 @@ impl FileCluster {
     /// Starts `node`'s shim.
     pub fn try_start_shim(&mut self, node: &str) -> Result<()> {
         let _ = fs::remove_file(self.status_path(node));
-        let mut cmd = self.testbed.shim_command(node, &self.shim);
+        let mut cmd = self
+            .testbed
+            .shim_command_with_node_ip(node, &self.shim, self.underlay_ip(node));
         cmd.arg("--entries")
             .arg(self.plan_path())
             .arg("--status-file")
