@@ -945,6 +945,12 @@ static __always_inline int from_pod_v6(struct __sk_buff *skb)
 		count(SLUICE_CTR_DROP_POD_TO_TUNNEL, skb->len);
 		return TC_ACT_SHOT;
 	}
+	/*
+	 * Link-local and multicast destinations never leave the link: neighbour discovery, router
+	 * solicitations and MLD must reach the node even under a policy for ::/0.
+	 */
+	if (daddr.bytes[0] == 0xff || (daddr.bytes[0] == 0xfe && (daddr.bytes[1] & 0xc0) == 0x80))
+		return SLUICE_PASS;
 	struct sluice_cidr_key_v6 dst = { .prefixlen = 128 };
 
 	__builtin_memcpy(dst.addr, daddr.bytes, 16);

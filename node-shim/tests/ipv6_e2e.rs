@@ -349,3 +349,39 @@ fn over_an_ipv6_underlay_ipv6_pods_are_steered_and_ipv4_pods_fail_closed() {
     }
     assert!(c.counter("n1", "dropped_foreign_tunnel") - before >= 5);
 }
+
+#[test]
+fn a_policy_for_all_ipv6_destinations_leaves_neighbour_discovery_alone() {
+    if !root("all_destinations") {
+        return;
+    }
+    let mut c = Cluster::start(env!("CARGO_BIN_EXE_sluice-shim"), &[]).expect("builds the cluster");
+    // ::/0: every IPv6 destination of p2 and p3 (p3 left undecided, under the guard).
+    let mut plan = c.plan(&[Rule {
+        policy: "everything",
+        source: "p2",
+        destination: "::/0",
+        gateway: Gw::Node("n1", EGRESS_N1_V6),
+    }]);
+    guard(&c, &mut plan, &["::/0"], &["p1", "p2"]);
+    c.try_apply_plan(&serde_json::to_vec(&plan).unwrap(), Duration::from_secs(20))
+        .expect("the plan is applied");
+    // Forgotten neighbours: the pods must resolve their gateway (fe80::1) again, with
+    // neighbour solicitations to a multicast and then a link-local address.
+    for pod in ["p2", "p3"] {
+        c.ip(pod, &["-6", "neigh", "flush", "all"]).unwrap();
+    }
+    assert_eq!(c.fetch("p2", EXT_A_V6).unwrap(), EGRESS_N1_V6);
+    // The undecided pod is held back by the guard, but still resolves its neighbours: the
+    // in-cluster set lets it reach another pod.
+    let leaked = c.fetch("p3", EXT_A_V6);
+    assert!(
+        leaked.is_err(),
+        "an undecided pod reached a guarded destination as {leaked:?}"
+    );
+    let listener = craft::Listener::bind_v6(&c.ns("p1"), 9995).unwrap();
+    let to = SocketAddrV6::new(c.pod_ip_v6("p1").parse().unwrap(), 9995, 0, 0);
+    craft::send_udp(&c.ns("p3"), to, b"pod-to-pod", 2).unwrap();
+    let seen = listener.collect(Duration::from_secs(1));
+    assert!(!seen.is_empty(), "p3 -> p1 over IPv6 (in-cluster) arrives");
+}
