@@ -740,3 +740,79 @@ fn a_node_whose_maps_cannot_hold_the_new_plan_keeps_its_entries_and_the_status_n
     wait_seen_from(&tb, "p2", EXT_B, &tb.node_ip("n2"), limit, logs);
     assert_eq!(plans_refused(&tb, "n2"), refused, "{}", logs());
 }
+
+/// The demo cluster, dual-stack: every node and checkout-2 (p2) with its IPv6 address too, the
+/// nodes' IPv6 pod CIDRs.
+fn dual_stack_cluster() -> String {
+    let mut text = support::CLUSTER.to_owned();
+    for (node, ip) in NODES {
+        let n = &node[1..];
+        text = text
+            .replace(
+                &format!("podCIDRs: [10.244.{n}.0/24]"),
+                &format!("podCIDRs: [10.244.{n}.0/24, \"fd00:10:244:{n}::/64\"]"),
+            )
+            .replace(
+                &format!("addresses: [{{type: InternalIP, address: {ip}}}]"),
+                &format!(
+                    "addresses: [{{type: InternalIP, address: {ip}}}, {{type: InternalIP, address: \"{}\"}}]",
+                    sluice_testbed::node_ip_v6(node)
+                ),
+            );
+    }
+    let p2 = "podIPs: [{ip: 10.244.2.10}]";
+    assert!(text.contains(p2), "the demo cluster changed: {text}");
+    text.replace(p2, "podIPs: [{ip: 10.244.2.10}, {ip: \"fd00:10:244:2::10\"}]")
+}
+
+#[test]
+fn ipv6_traffic_follows_the_operators_choice_and_failover() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIP live_e2e: needs root (network namespaces, eBPF); CI runs it as root");
+        return;
+    }
+    let grace = Duration::from_secs(1);
+    let (mut tb, dir, tokens) = live_testbed();
+    write(&dir.join("cluster.yaml"), &dual_stack_cluster());
+    // One slot, two candidates (n1, n3), both families; no egress IP: p2 leaves with its
+    // gateway's first address of each family (for IPv6 the preferred one: the node's own, not
+    // the deprecated egress address beside it).
+    write(
+        &dir.join("policy.yaml"),
+        "apiVersion: sluice.dev/v1alpha1\nkind: EgressGatewayPolicy\nmetadata:\n  name: one-slot\n\
+         spec:\n  selectors:\n    - podSelector:\n        matchLabels: {app: checkout}\n  \
+         destinationCIDRs: [203.0.113.0/24, \"fd00:203:0:113::/64\"]\n  egressGateways:\n    - nodeSelector:\n        \
+         matchLabels: {sluice.dev/egress: \"true\"}\n  failurePolicy: Drop\n",
+    );
+    let _operator = Operator::start(tb.ns("ul"), options(&dir, &tokens, grace));
+    for (node, _) in NODES {
+        start_shim(&mut tb, node, &tokens);
+    }
+    let via_v6 = |tb: &Testbed| tb.fetch("p2", sluice_testbed::EXT_A_V6);
+    let gateways = ["n1", "n3"].map(|n| (n, tb.node_ip_v6(n)));
+    let mut first = None;
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            let seen = via_v6(&tb);
+            first = gateways
+                .iter()
+                .find(|(_, ip)| seen.as_ref().is_ok_and(|s| s == ip))
+                .map(|(n, _)| *n);
+            first.is_some()
+        }),
+        "p2's IPv6 never left through n1 or n3: {:?}",
+        via_v6(&tb)
+    );
+    let first = first.unwrap();
+    // IPv4 beside it, through the same gateway.
+    assert_eq!(tb.fetch("p2", EXT_A).unwrap(), tb.node_ip(first));
+    // The gateway fails: its IPv6 traffic moves with the slot.
+    let second = if first == "n1" { "n3" } else { "n1" };
+    tb.kill(&format!("shim-{first}"));
+    let moved = wait_for(Duration::from_secs(10), || {
+        via_v6(&tb).is_ok_and(|s| s == tb.node_ip_v6(second))
+    });
+    assert!(moved, "p2's IPv6 never moved to {second}: {:?}", via_v6(&tb));
+    println!("IPv6 via {first}, then {second}: {:?}", via_v6(&tb));
+    assert_eq!(tb.fetch("p2", EXT_A).unwrap(), tb.node_ip(second));
+}
