@@ -117,6 +117,20 @@ impl Live {
         if !up {
             bail!("the shims did not start:\n{}", tb.log("shim-n2"));
         }
+        // And every shim is the operator's: it applied a plan of it (empty, no policy yet). A
+        // policy that appeared before would find only some gateways, and its pods would stay
+        // where they were first placed (no planned change moves a pod off a gateway that serves).
+        let connected = sluice_testbed::wait_for(Duration::from_secs(20), || {
+            ["n1", "n2", "n3"]
+                .iter()
+                .all(|n| tb.log(&format!("shim-{n}")).contains("plan applied"))
+        });
+        if !connected {
+            bail!(
+                "the shims did not get a plan from the operator in 20 s\noperator log:\n{}",
+                tb.log("operator")
+            );
+        }
         Ok(Live { testbed: tb })
     }
 }

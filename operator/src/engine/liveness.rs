@@ -113,9 +113,17 @@ enum Pace {
     /// The fast one: a new session starts at the shim's own default, and has been told nothing
     /// slower since.
     Fast,
-    /// Perhaps the slow one: it was told so, and has not acknowledged the view of generation
-    /// `fast_from` that tells it the fast one (`None`: no such view yet).
-    Slow { fast_from: Option<u64> },
+    /// The slow one: it was told so (its node serves no policy as a gateway).
+    Slow,
+    /// Told the fast interval by the view of generation `from` (its node became a possible
+    /// gateway), not acknowledged yet. Ready all the same until `until`, one grace period after
+    /// that view went out: a live shim acknowledges within milliseconds, and the node must be a
+    /// candidate from the moment it can be one. Were it a candidate only once acknowledged, a new
+    /// policy's pods would all land on the first of its gateways to acknowledge and stay there
+    /// (a pod sticks to its gateway). Its silence is judged by the slow interval meanwhile.
+    Switching { from: u64, until: Instant },
+    /// Past `until` without that acknowledgement: not ready until it comes.
+    Overdue { from: u64 },
 }
 
 /// One node's shim, as its latest session has it.
@@ -136,7 +144,9 @@ pub(super) struct Shim {
 impl Shim {
     /// Whether its node may serve as a gateway, as far as the shim goes.
     fn gateway_ready(&self) -> bool {
-        self.alive && self.pace == Pace::Fast
+        // Told the slow interval, a node is ready too: it is told the fast one in the same
+        // flush that makes it a possible gateway (see `Pace::Switching`).
+        self.alive && !matches!(self.pace, Pace::Overdue { .. })
     }
 }
 
@@ -418,30 +428,31 @@ impl Liveness {
             pace: Pace::Fast,
         };
         if let Some((generation, interval)) = view {
-            shim.pace = self.pace_after(Pace::Fast, generation, interval);
+            shim.pace = self.pace_after(Pace::Fast, generation, interval, now);
         }
         let old = self.shims.insert(node.to_owned(), shim);
         let new = &self.shims[node];
         old.is_none_or(|o| o.gateway_ready() != new.gateway_ready() || o.interfaces != new.interfaces)
     }
 
-    fn pace_after(&self, pace: Pace, generation: u64, interval: Duration) -> Pace {
+    fn pace_after(&self, pace: Pace, generation: u64, interval: Duration, now: Instant) -> Pace {
         match pace {
-            _ if interval > self.fast => Pace::Slow { fast_from: None },
-            Pace::Slow { fast_from: None } => Pace::Slow {
-                fast_from: Some(generation),
+            _ if interval > self.fast => Pace::Slow,
+            Pace::Slow => Pace::Switching {
+                from: generation,
+                until: now + self.grace,
             },
             other => other,
         }
     }
 
-    /// `node`'s view of `generation`, telling heartbeats every `interval`, was published.
-    /// Whether the node's readiness as a gateway changed.
-    pub fn view_published(&mut self, node: &str, generation: u64, interval: Duration) -> bool {
+    /// `node`'s view of `generation`, telling heartbeats every `interval`, was published at
+    /// `now`. Whether the node's readiness as a gateway changed.
+    pub fn view_published(&mut self, node: &str, generation: u64, interval: Duration, now: Instant) -> bool {
         let Some(pace) = self.shims.get(node).map(|s| s.pace) else {
             return false;
         };
-        let pace = self.pace_after(pace, generation, interval);
+        let pace = self.pace_after(pace, generation, interval, now);
         let s = self.shims.get_mut(node).expect("looked up above");
         let before = s.gateway_ready();
         s.pace = pace;
@@ -483,9 +494,7 @@ impl Liveness {
             s.errors = errors.into_iter().collect();
         }
         let before = s.gateway_ready();
-        if let Pace::Slow {
-            fast_from: Some(from),
-        } = s.pace
+        if let Pace::Switching { from, .. } | Pace::Overdue { from } = s.pace
             && s.acked >= from
         {
             s.pace = Pace::Fast;
@@ -510,6 +519,15 @@ impl Liveness {
         let (grace, slow_grace) = (self.grace, self.slow_grace());
         let grace_of = |s: &Shim| if s.pace == Pace::Fast { grace } else { slow_grace };
         for (node, s) in &mut self.shims {
+            // Told the fast interval a grace period ago and still not acknowledged it: no
+            // longer presumed on its way to the fast interval.
+            if let Pace::Switching { from, until } = s.pace
+                && now > until
+            {
+                tracing::warn!(%node, "shim did not acknowledge the fast heartbeat interval in time");
+                s.pace = Pace::Overdue { from };
+                changed.push(node.clone());
+            }
             if let Some(&at) = heard.get(&s.session)
                 && at > s.last_seen
             {
@@ -542,6 +560,10 @@ impl Liveness {
             Settling::Done => None,
         };
         for s in self.shims.values() {
+            if let Pace::Switching { until, .. } = s.pace {
+                let at = until + Duration::from_millis(1);
+                due = Some(due.map_or(at, |d| d.min(at)));
+            }
             let at = if s.alive {
                 // `tick` finds a shim silent once strictly past its grace period.
                 let grace = if s.pace == Pace::Fast { grace } else { slow_grace };
@@ -689,8 +711,11 @@ mod tests {
         l.connected("w", 2, None, None, t0);
         l.settle(t0, true, &nodes);
         assert!(!l.settling());
-        assert!(!l.view_published("g", 1, FAST));
-        assert!(l.view_published("w", 2, SLOW));
+        assert!(!l.view_published("g", 1, FAST, t0));
+        assert!(
+            !l.view_published("w", 2, SLOW, t0),
+            "told the slow interval, still ready"
+        );
         (l, nodes)
     }
 
@@ -910,30 +935,59 @@ mod tests {
     }
 
     #[test]
-    fn a_node_that_becomes_capable_is_a_gateway_once_its_shim_is_on_the_fast_interval() {
+    fn a_node_that_becomes_capable_is_a_gateway_at_once_and_judged_fast_once_acknowledged() {
         let t0 = Instant::now();
         let (mut l, mut nodes) = settled(t0);
-        assert!(!eligible(&l, &nodes, "w"), "told the slow interval");
+        // Told the slow interval, it serves no policy; it would be a candidate the moment one
+        // selected it (told the fast interval in that same flush).
+        assert!(eligible(&l, &nodes, "w"));
         // Nor does a new session change that: it is sent the same view.
         assert!(!l.connected("w", 2, None, Some((2, SLOW)), t0));
-        assert!(!eligible(&l, &nodes, "w"));
+        assert!(eligible(&l, &nodes, "w"));
 
         nodes.get_mut("w").unwrap().labels = [("egress".to_owned(), "yes".to_owned())].into();
         l.relabeled("w");
         assert_eq!(l.refresh_capable(&nodes), ["w"]);
         assert_eq!(l.heartbeat_interval("w"), FAST);
         assert!(l.refresh_capable(&nodes).is_empty());
-        assert!(!l.view_published("w", 5, FAST));
-        assert!(!eligible(&l, &nodes, "w"), "it may still heartbeat slowly");
+        // Told the fast interval: still ready (a live shim acknowledges in milliseconds), so
+        // that a new policy's pods spread over every gateway from the start.
+        assert!(!l.view_published("w", 5, FAST, t0));
+        assert!(eligible(&l, &nodes, "w"), "on its way to the fast interval");
         // Neither a later view nor an older acknowledgement is the one telling it.
-        assert!(!l.view_published("w", 6, FAST));
+        assert!(!l.view_published("w", 6, FAST, t0 + ms(5)));
         assert_eq!(l.ack("w", 2, 1, vec![], 6, t0 + ms(10)), Some(false));
-        assert!(!eligible(&l, &nodes, "w"));
-        assert_eq!(l.ack("w", 2, 5, vec![], 6, t0 + ms(20)), Some(true));
+        assert!(eligible(&l, &nodes, "w"));
+        assert_eq!(l.ack("w", 2, 5, vec![], 6, t0 + ms(20)), Some(false));
         assert!(eligible(&l, &nodes, "w"));
         // Now judged by the grace period.
         assert_eq!(l.tick(HashMap::new(), t0 + ms(20) + GRACE), ["g"]);
         assert_eq!(l.tick(HashMap::new(), t0 + ms(20) + GRACE + ms(1)), ["w"]);
+    }
+
+    #[test]
+    fn a_shim_that_does_not_acknowledge_the_fast_interval_in_time_is_not_ready() {
+        let t0 = Instant::now();
+        let (mut l, mut nodes) = settled(t0);
+        nodes.get_mut("w").unwrap().labels = [("egress".to_owned(), "yes".to_owned())].into();
+        l.relabeled("w");
+        assert_eq!(l.refresh_capable(&nodes), ["w"]);
+        assert!(!l.view_published("w", 5, FAST, t0));
+        assert!(eligible(&l, &nodes, "w"));
+        // Due when the grace period after the view ends.
+        assert!(l.next_due(t0).is_some_and(|d| d <= t0 + GRACE + ms(1)));
+        // Heartbeats at the slow pace keep it alive, but not ready past the grace period.
+        let heard = |at| HashMap::from([(1u64, at), (2u64, at)]);
+        assert!(l.tick(heard(t0 + GRACE), t0 + GRACE).is_empty());
+        assert!(eligible(&l, &nodes, "w"));
+        assert_eq!(l.tick(heard(t0 + GRACE), t0 + GRACE + ms(1)), ["w"]);
+        assert!(
+            !eligible(&l, &nodes, "w"),
+            "no acknowledgement within the grace period"
+        );
+        // The acknowledgement, late, makes it ready.
+        assert_eq!(l.ack("w", 2, 5, vec![], 5, t0 + GRACE + ms(2)), Some(true));
+        assert!(eligible(&l, &nodes, "w"));
     }
 
     #[test]

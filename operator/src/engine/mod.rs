@@ -476,7 +476,7 @@ impl Engine {
             self.notices.touch_all(t.policies.keys());
         }
         if changed {
-            // On the fast interval now: it may serve as a gateway.
+            // On the fast interval now (an overdue shim): it may serve as a gateway again.
             self.refresh_node(node);
         }
     }
@@ -828,7 +828,7 @@ impl Engine {
         }
         if self
             .liveness
-            .view_published(node, view.generation, view.heartbeat_interval)
+            .view_published(node, view.generation, view.heartbeat_interval, now)
         {
             // Told the slow interval: it may no longer serve as a gateway.
             self.refresh_node(node);
@@ -1109,6 +1109,65 @@ mod tests {
     }
 
     #[test]
+    fn a_new_policys_pods_spread_over_all_its_gateways_from_the_start() {
+        let t0 = Instant::now();
+        let (hub, _events) = Hub::new(GRACE / 4);
+        let mut engine = Engine::new(
+            EngineConfig::with_grace(GRACE),
+            hub.clone(),
+            EngineMetrics::default(),
+        );
+        // The nodes and pods, no policy yet: every shim is told the slow interval.
+        for n in [node("w", 1, false), node("g1", 11, true), node("g2", 12, true)] {
+            engine.source(SourceEvent::Change(Box::new(Change::UpsertNode(n))));
+        }
+        for i in 0..20u8 {
+            let p = PodInfo {
+                uid: format!("uid-{i}"),
+                name: format!("p{i}"),
+                ips: vec![std::net::IpAddr::from([10, 1, 0, 10 + i])],
+                ..pod()
+            };
+            engine.source(SourceEvent::Change(Box::new(Change::UpsertPod(p))));
+        }
+        engine.source(SourceEvent::Synced);
+        engine.flush(t0);
+        for (session, node) in ["w", "g1", "g2"].into_iter().enumerate() {
+            connect(&mut engine, node, session as u64 + 1, vec![], t0);
+        }
+        engine.flush(t0);
+        for (session, node) in ["w", "g1", "g2"].into_iter().enumerate() {
+            ack(&mut engine, node, session as u64 + 1, t0);
+        }
+        engine.flush(t0);
+        let config = EngineConfig::with_grace(GRACE);
+        assert_eq!(
+            view(&hub, "g1").heartbeat_interval,
+            config.slow_heartbeat_interval
+        );
+
+        // The policy appears; its gateways acknowledge the fast interval one after the other,
+        // as they would in a race. Before that acknowledgement counted, every pod went to the
+        // first gateway to acknowledge, and stayed there.
+        engine.source(SourceEvent::Change(Box::new(Change::UpsertPolicy(policy(2)))));
+        engine.flush(t0 + ms(10));
+        assert_eq!(view(&hub, "g1").heartbeat_interval, config.heartbeat_interval);
+        ack(&mut engine, "g1", 2, t0 + ms(20));
+        engine.flush(t0 + ms(20));
+        ack(&mut engine, "g2", 3, t0 + ms(30));
+        engine.flush(t0 + ms(30));
+        let used: BTreeSet<String> = view(&hub, "w")
+            .entries
+            .values()
+            .filter_map(|e| match e.gateway {
+                crate::plan::GatewayTarget::Node(ip) => Some(ip.to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(used.len(), 2, "the pods use both gateways: {used:?}");
+    }
+
+    #[test]
     fn held_slots_the_policy_already_retains_do_not_re_apply_it() {
         let t0 = Instant::now();
         let (mut engine, _hub) = engine(2, t0);
@@ -1261,13 +1320,17 @@ mod tests {
             view(&hub, "g2").heartbeat_interval,
             config.slow_heartbeat_interval
         );
-        // w may serve once its shim heartbeats fast: once it has acknowledged that view.
-        let serving = |engine: &Engine| gateways(engine).into_iter().map(|g| g.node).collect::<Vec<_>>();
-        assert_eq!(serving(&engine), ["g1"]);
+        // w serves from that view on (a live shim acknowledges it within milliseconds; one that
+        // does not within the grace period stops being ready, see liveness), and after the
+        // acknowledgement.
+        let serving = |engine: &Engine| {
+            let mut nodes = gateways(engine).into_iter().map(|g| g.node).collect::<Vec<_>>();
+            nodes.sort();
+            nodes
+        };
+        assert_eq!(serving(&engine), ["g1", "w"]);
         ack(&mut engine, "w", 1, t0 + ms(20));
         engine.flush(t0 + ms(20));
-        let mut now = serving(&engine);
-        now.sort();
-        assert_eq!(now, ["g1", "w"]);
+        assert_eq!(serving(&engine), ["g1", "w"]);
     }
 }
