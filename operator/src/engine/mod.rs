@@ -1055,12 +1055,7 @@ mod tests {
     /// An engine at `t0` with `w` (not a gateway), `g1` and `g2`, the policy and the pod, synced
     /// and flushed (settling: nothing published).
     fn engine(slots: u32, t0: Instant) -> (Engine, Arc<Hub>) {
-        let (hub, _events) = Hub::new(GRACE / 4);
-        let mut engine = Engine::new(
-            EngineConfig::with_grace(GRACE),
-            hub.clone(),
-            EngineMetrics::default(),
-        );
+        let (mut engine, hub) = bare_engine();
         for n in [node("w", 1, false), node("g1", 11, true), node("g2", 12, true)] {
             engine.source(SourceEvent::Change(Box::new(Change::UpsertNode(n))));
         }
@@ -1068,6 +1063,17 @@ mod tests {
         engine.source(SourceEvent::Change(Box::new(Change::UpsertPod(pod()))));
         engine.source(SourceEvent::Synced);
         engine.flush(t0);
+        (engine, hub)
+    }
+
+    /// An engine with nothing in it yet.
+    fn bare_engine() -> (Engine, Arc<Hub>) {
+        let (hub, _events) = Hub::new(GRACE / 4);
+        let engine = Engine::new(
+            EngineConfig::with_grace(GRACE),
+            hub.clone(),
+            EngineMetrics::default(),
+        );
         (engine, hub)
     }
 
@@ -1111,12 +1117,7 @@ mod tests {
     #[test]
     fn a_new_policys_pods_spread_over_all_its_gateways_from_the_start() {
         let t0 = Instant::now();
-        let (hub, _events) = Hub::new(GRACE / 4);
-        let mut engine = Engine::new(
-            EngineConfig::with_grace(GRACE),
-            hub.clone(),
-            EngineMetrics::default(),
-        );
+        let (mut engine, hub) = bare_engine();
         // The nodes and pods, no policy yet: every shim is told the slow interval.
         for n in [node("w", 1, false), node("g1", 11, true), node("g2", 12, true)] {
             engine.source(SourceEvent::Change(Box::new(Change::UpsertNode(n))));
