@@ -265,13 +265,22 @@ fn test() -> Result<()> {
             "tests",
             "cargo",
             &["nextest", "run", "--workspace", "--locked", "--no-fail-fast"],
-        )
+        )?;
     } else {
         run_step(
             "tests",
             "cargo",
             &["test", "--workspace", "--locked", "--no-fail-fast"],
-        )
+        )?;
+    }
+    // The main job as the README shows it, operator and shims together: a change once broke it
+    // while every test passed.
+    if deps::is_root() {
+        eprintln!("==> demo");
+        demo(false)
+    } else {
+        eprintln!("note: not root: the demo is skipped (it builds network namespaces)");
+        Ok(())
     }
 }
 
