@@ -59,8 +59,8 @@ pub struct Desired {
     pub peers_v6: BTreeMap<maps::AddrV6, u32>,
     /// Entries that could not be honoured; they are programmed to drop (fail closed).
     pub problems: Vec<Error>,
-    /// Entries the datapath cannot steer as planned (a gateway over an IPv6 underlay).
-    pub skipped_ipv6: usize,
+    /// IPv4 entries the datapath cannot steer: their gateway has only an IPv6 underlay address.
+    pub over_ipv6_underlay: usize,
     /// The IPv6 entries.
     pub v6: BTreeMap<maps::EntryKeyV6, maps::EntryV6>,
     /// Every entry that is not programmed as planned, with why: reported to the operator.
@@ -84,9 +84,9 @@ pub struct EntryProblem {
     pub message: String,
 }
 
-/// Why entries whose gateway has only an IPv6 underlay address are not programmed.
-pub const IPV6_UNSUPPORTED: &str = "a gateway reached over an IPv6 underlay is not steered to yet: this \
-     entry's traffic is dropped under failurePolicy Drop, and takes the normal path under Fallback";
+/// Why IPv4 entries whose gateway has only an IPv6 underlay address are not programmed.
+pub const OVER_IPV6_UNDERLAY: &str = "IPv4 traffic is not steered to a gateway reached over an IPv6 underlay: \
+     this entry's traffic is dropped under failurePolicy Drop, and takes the normal path under Fallback";
 
 /// Stable numbering of policies (the id is in counters and policy names) and of the egresses,
 /// (address, interface) pairs, this node SNATs to (the egress id is in packet and conntrack
@@ -273,8 +273,8 @@ where
                 // A gateway reachable only over IPv6 (an IPv6 underlay, not steered yet): the
                 // same fail-closed rule as IPv6 entries, so a Drop policy's traffic never leaves
                 // with the node's address.
-                out.skipped_ipv6 += 1;
-                out.entry_errors.push(problem(IPV6_UNSUPPORTED.to_owned()));
+                out.over_ipv6_underlay += 1;
+                out.entry_errors.push(problem(OVER_IPV6_UNDERLAY.to_owned()));
                 if !guarded.contains(&entry.key.destination) {
                     continue;
                 }
@@ -564,7 +564,7 @@ mod tests {
         let mut ids = PolicyIds::default();
         let d = desired(&entries, &[], &host(), &mut ids).unwrap();
         assert!(d.problems.is_empty(), "{:?}", d.problems);
-        assert_eq!(d.skipped_ipv6, 0);
+        assert_eq!(d.over_ipv6_underlay, 0);
         assert_eq!(d.v6.len(), 1, "IPv6 in its own map");
         assert_eq!(d.policy.len(), 6);
         let local =

@@ -1045,9 +1045,9 @@ impl Agent {
         for problem in &want.problems {
             tracing::error!(error = %problem, "entry programmed to drop");
         }
-        if want.skipped_ipv6 > 0 {
+        if want.over_ipv6_underlay > 0 {
             tracing::warn!(
-                entries = want.skipped_ipv6,
+                entries = want.over_ipv6_underlay,
                 "entries whose gateway has only an IPv6 underlay address are not steered yet (fail closed)"
             );
         }

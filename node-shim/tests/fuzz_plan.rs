@@ -17,7 +17,7 @@ use prost::Message;
 use serde_json::{Value, json};
 use sluice_proto::{EgressEntry, GatewayTarget, client::NodeState, convert, v2};
 use sluice_shim::{
-    desired::{self, Host, IPV6_UNSUPPORTED, Interface, PolicyIds},
+    desired::{self, Host, Interface, OVER_IPV6_UNDERLAY, PolicyIds},
     layout::Layout,
     maps::{self, PolicyKeyV4},
     run::DisplayChain,
@@ -73,7 +73,7 @@ fn check_desired(entries: &[EgressEntry]) {
         .filter(|e| e.key.source.is_ipv4() && e.key.destination.addr().is_ipv4())
         .filter(|e| matches!(e.gateway, GatewayTarget::Node(IpAddr::V6(_))))
         .count();
-    assert_eq!(d.skipped_ipv6, over_v6);
+    assert_eq!(d.over_ipv6_underlay, over_v6);
     let keys: BTreeSet<PolicyKeyV4> = entries.iter().filter_map(v4).collect();
     assert_eq!(d.policy.keys().copied().collect::<BTreeSet<_>>(), keys);
     let keys_v6: BTreeSet<maps::EntryKeyV6> = entries.iter().filter_map(v6).collect();
@@ -119,7 +119,7 @@ fn check_desired(entries: &[EgressEntry]) {
         let same_key: Vec<&EgressEntry> = entries.iter().filter(|e| e.key == p.key).collect();
         assert!(!same_key.is_empty(), "an error about an entry of the plan");
         assert!(
-            p.message == IPV6_UNSUPPORTED
+            p.message == OVER_IPV6_UNDERLAY
                 || same_key
                     .iter()
                     .any(|e| p.message.contains(&format!("{:?}", e.policy))),
@@ -142,7 +142,7 @@ fn check_desired(entries: &[EgressEntry]) {
         let reported = d
             .entry_errors
             .iter()
-            .filter(|p| p.message != IPV6_UNSUPPORTED)
+            .filter(|p| p.message != OVER_IPV6_UNDERLAY)
             .count();
         assert_eq!(failed_local, reported);
     }
