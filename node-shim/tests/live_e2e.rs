@@ -549,7 +549,7 @@ impl StatusOperator {
                 let stop = async {
                     let _ = stopped.await;
                 };
-                let live = runner::run_live(&opts, None, verifier, metrics, channels, stop);
+                let live = runner::run_live(&opts, None, verifier, metrics, channels, || (), stop);
                 tokio::select! {
                     r = live => r.expect("operator runs"),
                     () = watching => {}

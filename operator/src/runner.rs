@@ -184,7 +184,6 @@ pub async fn run_until(
             };
             if let Some(lease) = &lease {
                 tracing::info!(path = %lease.path().display(), "leading: holding the lease file");
-                ready_tx.send_replace(true);
             }
             let (sources_tx, sources_rx) = mpsc::channel(1024);
             let (updates_tx, updates_rx) = mpsc::channel(256);
@@ -196,7 +195,12 @@ pub async fn run_until(
                 updates: updates_tx,
                 notices: notices_tx,
             };
-            let live = run_live(&opts, tls, verifier, engine_metrics, channels, stop);
+            // Ready once the node channel listens, not when the lock is taken: whoever trusts
+            // `/readyz` (a probe, a script, the handover test) connects right after it says 200.
+            let serving = || {
+                ready_tx.send_replace(true);
+            };
+            let live = run_live(&opts, tls, verifier, engine_metrics, channels, serving, stop);
             // `live` ends on a stop, with the node channel closed; the source only once the engine
             // has gone.
             let result = tokio::select! {
@@ -254,12 +258,9 @@ pub async fn run_until(
                 _ => None,
             };
             // With a leader endpoint the standby is as ready as the leader (the Service reaches
-            // only the leader anyway); without one, readiness is what steers the shims.
-            let ready = if endpoint.is_some() {
-                watch::channel(true).1
-            } else {
-                leading.clone()
-            };
+            // only the leader anyway); without one, readiness is what steers the shims, so it
+            // waits for the node channel to listen, and a lost lease ends the process.
+            let (ready_tx, ready) = watch::channel(endpoint.is_some());
             serve_metrics(&opts, registry, ready).await?;
             tracing::info!(%identity, "waiting for the lease");
             tokio::select! {
@@ -297,7 +298,10 @@ pub async fn run_until(
                     updates: updates_tx,
                     notices: notices_tx,
                 };
-                let live = run_live(&opts, tls, verifier, engine_metrics, channels, &mut stop);
+                let serving = || {
+                    ready_tx.send_replace(true);
+                };
+                let live = run_live(&opts, tls, verifier, engine_metrics, channels, serving, &mut stop);
                 let mut lost = leading.clone();
                 let lost = async move {
                     let _ = lost.wait_for(|l| !*l).await;
@@ -312,6 +316,9 @@ pub async fn run_until(
                 }
             };
             let result = leader.await;
+            if endpoint.is_none() {
+                ready_tx.send_replace(false);
+            }
             // Released whatever ended the leadership: a standby need not wait for it to expire.
             election.step_down().await;
             result
@@ -342,13 +349,16 @@ pub struct EngineChannels {
 }
 
 /// The engine and the node channel server, until the source goes away or `stop` resolves (then
-/// `Ok`, with the listener closed when this returns).
+/// `Ok`, with the listener closed when this returns). `serving` is called once the node channel
+/// listens.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_live(
     opts: &RunOptions,
     tls: Option<Tls>,
     verifier: Arc<dyn TokenVerifier>,
     metrics: EngineMetrics,
     channels: EngineChannels,
+    serving: impl FnOnce() + Send,
     stop: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let EngineChannels {
@@ -365,6 +375,7 @@ pub async fn run_live(
     let engine = Engine::new(config, hub.clone(), metrics);
     let listener = bind_when_free(opts.grpc_listen).await?;
     tracing::info!(addr = %opts.grpc_listen, tls = tls.is_some(), "serving the node channel");
+    serving();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let limits = opts.limits.server.clone();
     let server = tokio::spawn(async move {
