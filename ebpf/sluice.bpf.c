@@ -278,11 +278,20 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, __be32);
-	__type(value, struct sluice_managed_v4);
+	__type(value, struct sluice_managed);
 	__uint(max_entries, SLUICE_MANAGED_V4_MAX);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sluice_managed_v4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct sluice_addr_v6);
+	__type(value, struct sluice_managed);
+	__uint(max_entries, SLUICE_MANAGED_V6_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sluice_managed_v6 SEC(".maps");
 
 /*
  * Its own map rather than a field of sluice_config: renewing every heartbeat is then one 8-byte
@@ -1470,6 +1479,45 @@ struct sluice_arp_ipv4 {
 
 #define SLUICE_ARPHRD_ETHER 1
 
+#define SLUICE_ND_NEIGHBOR_ADVERT 136
+
+/*
+ * The fence past its deadline, for an IPv6 packet: a neighbour advertisement whose target is a
+ * managed address (Linux sends them from the target itself, but a node may answer from another
+ * of its addresses), else a packet whose source is one. Advertisements are read only directly
+ * after the IPv6 header, where neighbour discovery puts them (RFC 4861 messages carry no
+ * extension headers in practice); the source check catches the rest.
+ */
+static __always_inline int fence_v6(struct __sk_buff *skb)
+{
+	__u32 need = sizeof(struct ethhdr) + sizeof(struct ipv6hdr);
+	struct ethhdr *eth = readable(skb, need);
+
+	if (!eth || eth->h_proto != bpf_htons(ETH_P_IPV6))
+		return SLUICE_PASS;
+	struct ipv6hdr *ip6 = (void *)(eth + 1);
+	struct sluice_addr_v6 addr;
+
+	if (ip6->nexthdr == IPPROTO_ICMPV6) {
+		/* type, code, checksum, flags, then the target */
+		__u8 head[8 + sizeof(addr.bytes)];
+
+		if (bpf_skb_load_bytes(skb, need, head, sizeof(head)) == 0 &&
+		    head[0] == SLUICE_ND_NEIGHBOR_ADVERT) {
+			__builtin_memcpy(addr.bytes, head + 8, sizeof(addr.bytes));
+			if (bpf_map_lookup_elem(&sluice_managed_v6, &addr)) {
+				count(SLUICE_CTR_DROP_FENCED_ADVERTISEMENT, skb->len);
+				return TC_ACT_SHOT;
+			}
+		}
+	}
+	__builtin_memcpy(addr.bytes, &ip6->saddr, sizeof(addr.bytes));
+	if (!bpf_map_lookup_elem(&sluice_managed_v6, &addr))
+		return SLUICE_PASS;
+	count(SLUICE_CTR_DROP_FENCED_SOURCE, skb->len);
+	return TC_ACT_SHOT;
+}
+
 /*
  * The fence (TC egress on uplinks holding managed egress IPs). The shim attaches it to Ethernet
  * devices only, and frames are parsed as untagged Ethernet: a frame whose EtherType is not
@@ -1484,6 +1532,8 @@ int sluice_fence(struct __sk_buff *skb)
 
 	if (!deadline || !*deadline || bpf_ktime_get_ns() <= *deadline)
 		return SLUICE_PASS;
+	if (skb->protocol == bpf_htons(ETH_P_IPV6))
+		return fence_v6(skb);
 
 	__be32 source;
 	__u32 outcome;

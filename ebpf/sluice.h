@@ -90,7 +90,7 @@ enum sluice_counter_index {
 	SLUICE_CTR_DROP_UNSUPPORTED_FAMILY = 20,
 	/* Fence expired: an ARP packet whose sender IP is a managed address, dropped. */
 	SLUICE_CTR_DROP_FENCED_ARP = 21,
-	/* Fence expired: an IPv4 packet whose source is a managed address, dropped. */
+	/* Fence expired: an IPv4 or IPv6 packet whose source is a managed address, dropped. */
 	SLUICE_CTR_DROP_FENCED_SOURCE = 22,
 	/*
 	 * Source node: sent to the gateway its flow started on (pinned) rather than the one its
@@ -99,6 +99,8 @@ enum sluice_counter_index {
 	SLUICE_CTR_PINNED = 23,
 	/* Source node: a reply from the gateway its flow is pinned to, delivered to the pod. */
 	SLUICE_CTR_PINNED_REPLY_DELIVERED = 24,
+	/* Fence expired: a neighbour advertisement whose target is a managed address, dropped. */
+	SLUICE_CTR_DROP_FENCED_ADVERTISEMENT = 25,
 	SLUICE_CTR_MAX = 32,
 };
 
@@ -295,14 +297,20 @@ struct sluice_flow_v4 {
  * datapath fences it on its own: the shim renews a deadline (sluice_fence_deadline, u64 in
  * bpf_ktime_get_ns() time, i.e. CLOCK_MONOTONIC; 0 = never armed) on every heartbeat, and once
  * it has passed sluice_fence, on the uplink's egress, drops this node's ARP packets whose sender
- * IP is a managed address and its IPv4 packets whose source is one (sluice_managed_v4).
+ * IP is a managed address and its IPv4 packets whose source is one (sluice_managed_v4), and its
+ * neighbour advertisements whose target is a managed IPv6 address and its IPv6 packets whose
+ * source is one (sluice_managed_v6).
  */
 
-/* Capacity of sluice_managed_v4. */
+/* Capacity of sluice_managed_v4 and of sluice_managed_v6. */
 #define SLUICE_MANAGED_V4_MAX 1024
+#define SLUICE_MANAGED_V6_MAX 1024
 
-/* Value of sluice_managed_v4 (hash keyed by the managed address, network byte order). */
-struct sluice_managed_v4 {
+/*
+ * Value of sluice_managed_v4 (hash keyed by the managed address, network byte order) and of
+ * sluice_managed_v6 (keyed by struct sluice_addr_v6).
+ */
+struct sluice_managed {
 	__u32 ifindex; /* the interface the shim put the address on (the programs do not read it) */
 	__u32 _pad;
 };

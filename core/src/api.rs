@@ -179,10 +179,11 @@ pub struct EgressGateway {
     pub egress_ip: Option<String>,
 
     /// Addresses Sluice assigns to the gateway nodes and moves with them (instead of
-    /// `egressIP`): the node filling slot i holds `egressIPs[i]` on `interface` (else the
-    /// interface whose subnet contains it, else the default-route interface), announces it, and
-    /// gives it up when the slot moves. The outside world always sees these addresses.
-    /// `maxGatewayNodes` defaults to their count.
+    /// `egressIP`): the node filling slot i holds the i-th IPv4 and the i-th IPv6 address listed
+    /// (a dual-stack list has as many of both) on `interface` (else the interface whose subnet
+    /// contains them, else the default-route interface), announces them (ARP, IPv6 neighbour
+    /// advertisements), and gives them up when the slot moves. The outside world always sees
+    /// these addresses. `maxGatewayNodes` defaults to the number of slots.
     #[serde(rename = "egressIPs", default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(min = 1, max = 64))]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
@@ -190,8 +191,7 @@ pub struct EgressGateway {
         "type": "string",
         "maxLength": 45,
         "x-kubernetes-validations": [
-            {"rule": "isIP(self)", "message": "must be an IPv4 or IPv6 address"},
-            {"rule": "!isIP(self) || ip(self).family() == 4", "message": "managed egress addresses are IPv4 for now"}
+            {"rule": "isIP(self)", "message": "must be an IPv4 or IPv6 address"}
         ]
     }))]
     pub egress_ips: Vec<String>,

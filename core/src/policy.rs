@@ -30,8 +30,9 @@ pub enum EgressSource {
     Ip(IpAddr),
     /// The default-route interface.
     DefaultRoute,
-    /// Addresses Sluice assigns: slot i of the entry holds `ips[i]`, on `interface` if set,
-    /// else on the interface whose subnet contains it, else on the default-route interface.
+    /// Addresses Sluice assigns: slot i of the entry holds the i-th IPv4 and the i-th IPv6
+    /// address of `ips` (a dual-stack list has as many of both), on `interface` if set, else on
+    /// the interface whose subnet contains them, else on the default-route interface.
     Managed {
         ips: Vec<IpAddr>,
         interface: Option<String>,
@@ -39,24 +40,39 @@ pub enum EgressSource {
 }
 
 impl EgressSource {
-    /// The managed address of `slot`, if the entry's addresses are Sluice's.
-    pub fn managed_ip(&self, slot: usize) -> Option<IpAddr> {
+    /// The managed addresses of `slot`, IPv4 and IPv6 (none unless the entry's addresses are
+    /// Sluice's).
+    pub fn managed_ips(&self, slot: usize) -> (Option<IpAddr>, Option<IpAddr>) {
         match self {
-            EgressSource::Managed { ips, .. } => ips.get(slot).copied(),
-            _ => None,
+            EgressSource::Managed { ips, .. } => (
+                ips.iter().filter(|ip| ip.is_ipv4()).nth(slot).copied(),
+                ips.iter().filter(|ip| ip.is_ipv6()).nth(slot).copied(),
+            ),
+            _ => (None, None),
+        }
+    }
+
+    /// How many slots the managed addresses fill (0 unless they are Sluice's).
+    pub fn managed_slots(&self) -> usize {
+        match self {
+            EgressSource::Managed { ips, .. } => {
+                let v4 = ips.iter().filter(|ip| ip.is_ipv4()).count();
+                v4.max(ips.len() - v4)
+            }
+            _ => 0,
         }
     }
 }
 
 impl GatewayConfig {
-    /// The managed addresses the entry's slots hold (the first `maxGatewayNodes` of
-    /// `egressIPs`; none unless its addresses are Sluice's).
+    /// The managed addresses the entry's slots hold (those of its first `maxGatewayNodes`
+    /// slots; none unless its addresses are Sluice's).
     pub fn managed_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        let ips = match &self.egress {
-            EgressSource::Managed { ips, .. } => &ips[..(self.max_nodes as usize).min(ips.len())],
-            _ => &[][..],
-        };
-        ips.iter().copied()
+        let slots = (self.max_nodes as usize).min(self.egress.managed_slots());
+        (0..slots).flat_map(|slot| {
+            let (v4, v6) = self.egress.managed_ips(slot);
+            v4.into_iter().chain(v6)
+        })
     }
 }
 
@@ -315,7 +331,8 @@ fn max_gateway_nodes(field: &str, max_nodes: u32) -> Result<u32, PolicyError> {
     Ok(max_nodes)
 }
 
-/// An entry with `egressIPs`: one slot per address unless `maxGatewayNodes` says fewer.
+/// An entry with `egressIPs`: one slot per address (per pair of an IPv4 and an IPv6 address in a
+/// dual-stack list) unless `maxGatewayNodes` says fewer.
 fn parse_managed(
     field: &str,
     g: &EgressGateway,
@@ -342,27 +359,27 @@ fn parse_managed(
                 format!("{field}.egressIPs[{i}]: {ip} is listed twice"),
             ));
         }
-        // Refused rather than accepted and never claimed: the shims announce IPv4 addresses
-        // only (ARP); IPv6 needs neighbour advertisements and DAD (dual-stack datapath).
-        if ip.is_ipv6() {
-            return Err(PolicyError::new(
-                "UnsupportedEgressIP",
-                format!(
-                    "{field}.egressIPs[{i}]: {ip}: managed IPv6 egress addresses are not supported \
-                     yet; use egressIP with an address the gateway node already holds"
-                ),
-            ));
-        }
         ips.push(ip);
     }
-    let count = u32::try_from(ips.len()).unwrap_or(u32::MAX);
+    let v4 = ips.iter().filter(|ip| ip.is_ipv4()).count();
+    let v6 = ips.len() - v4;
+    if v4 > 0 && v6 > 0 && v4 != v6 {
+        return Err(PolicyError::new(
+            "UnpairedEgressIPs",
+            format!(
+                "{field}.egressIPs has {v4} IPv4 and {v6} IPv6 address(es): each gateway node holds \
+                 one of each family, so list as many of both, or addresses of one family only"
+            ),
+        ));
+    }
+    let count = u32::try_from(v4.max(v6)).unwrap_or(u32::MAX);
     let max_nodes = max_gateway_nodes(field, g.max_gateway_nodes.unwrap_or(count))?;
     if max_nodes > count {
         return Err(PolicyError::new(
             "TooFewEgressIPs",
             format!(
                 "{field}: maxGatewayNodes is {max_nodes} but egressIPs has {count} address(es): \
-                 each gateway node holds one of them"
+                 each gateway node holds one of them (one of each family)"
             ),
         ));
     }
@@ -454,17 +471,44 @@ mod tests {
             }
         );
         assert_eq!(c.gateways[0].max_nodes, 2);
-        assert_eq!(c.gateways[0].egress.managed_ip(1), Some(ips[1]));
-        assert_eq!(c.gateways[0].egress.managed_ip(2), None);
+        assert_eq!(c.gateways[0].egress.managed_ips(1), (Some(ips[1]), None));
+        assert_eq!(c.gateways[0].egress.managed_ips(2), (None, None));
         s.egress_gateway.as_mut().unwrap().max_gateway_nodes = Some(1);
         assert_eq!(parse(&s).unwrap().gateways[0].max_nodes, 1);
+        assert_eq!(
+            parse(&s).unwrap().gateways[0].managed_ips().collect::<Vec<_>>(),
+            ips[..1]
+        );
+    }
+
+    #[test]
+    fn a_dual_stack_list_pairs_the_families_slot_by_slot() {
+        let mut s = spec();
+        let text = ["2001:db8::150", "192.0.2.150", "192.0.2.151", "2001:db8::151"];
+        s.egress_gateway = Some(EgressGateway {
+            egress_ips: text.iter().map(|t| (*t).to_owned()).collect(),
+            ..Default::default()
+        });
+        let c = parse(&s).unwrap();
+        let ip = |t: &str| Some(t.parse::<IpAddr>().unwrap());
+        let g = &c.gateways[0];
+        assert_eq!(g.max_nodes, 2, "two slots of two addresses");
+        assert_eq!(g.egress.managed_ips(0), (ip("192.0.2.150"), ip("2001:db8::150")));
+        assert_eq!(g.egress.managed_ips(1), (ip("192.0.2.151"), ip("2001:db8::151")));
+        assert_eq!(g.managed_ips().count(), 4);
+
+        // IPv6 only works like IPv4 only.
+        s.egress_gateway.as_mut().unwrap().egress_ips = vec!["2001:db8::150".into()];
+        let c = parse(&s).unwrap();
+        assert_eq!(c.gateways[0].egress.managed_ips(0), (None, ip("2001:db8::150")));
+        assert_eq!(c.gateways[0].max_nodes, 1);
     }
 
     /// Configurations that cannot work are refused, each with its own reason and the field.
     #[test]
     fn gateway_configurations_that_cannot_work_are_refused() {
         type Edit = fn(&mut EgressGateway);
-        let cases: [(Edit, &str, &str); 7] = [
+        let cases: [(Edit, &str, &str); 8] = [
             (
                 |g| {
                     g.egress_ip = Some("192.0.2.1".into());
@@ -505,9 +549,17 @@ mod tests {
                 "egressIPs[0]: \"192.0.2.2/32\" is not an IP address",
             ),
             (
-                |g| g.egress_ips = vec!["192.0.2.2".into(), "2001:db8::2".into()],
-                "UnsupportedEgressIP",
-                "egressIPs[1]: 2001:db8::2: managed IPv6 egress addresses are not supported yet",
+                |g| g.egress_ips = vec!["192.0.2.2".into(), "2001:db8::2".into(), "192.0.2.3".into()],
+                "UnpairedEgressIPs",
+                "egressIPs has 2 IPv4 and 1 IPv6 address(es)",
+            ),
+            (
+                |g| {
+                    g.egress_ips = vec!["192.0.2.2".into(), "2001:db8::2".into()];
+                    g.max_gateway_nodes = Some(2);
+                },
+                "TooFewEgressIPs",
+                "maxGatewayNodes is 2 but egressIPs has 1 address(es)",
             ),
         ];
         for (edit, reason, text) in cases {

@@ -706,6 +706,54 @@ fn managed_addresses_follow_their_slot_and_stay_whole_when_a_node_fails() {
     assert_eq!(egress_of_each_pod(&planner), egress);
 }
 
+/// A dual-stack list: each slot holds one address of each family, and a pod's IPv4 and IPv6
+/// traffic leave through the same gateway with the two addresses of that gateway's slot.
+#[test]
+fn a_dual_stack_slot_holds_one_address_of_each_family_on_one_gateway() {
+    let ips = ["fd00::150", "192.0.2.150", "192.0.2.151", "fd00::151"];
+    let (nodes, mut policy, mut pods) = managed_cluster(2, &ips, 20);
+    policy.spec.destination_cidrs = vec!["0.0.0.0/0".into(), "::/0".into()];
+    for (i, pod) in pods.iter_mut().enumerate() {
+        pod.ips.push(format!("fd00:10::{i:x}").parse().unwrap());
+    }
+    let planner = Planner::from_snapshot([], nodes, [policy], pods.clone());
+    let ip = |t: &str| t.parse::<IpAddr>().unwrap();
+    let gateways = planner.policy_outcome("p").unwrap().gateways;
+    assert_eq!(gateways.len(), 2, "two slots: {gateways:?}");
+    let mut pairs = Vec::new();
+    for g in &gateways {
+        let duties = planner.gateway_duties(&g.node);
+        assert_eq!(duties.len(), 1);
+        let mut held = duties[0].egress_ips.clone();
+        held.sort();
+        pairs.push(held);
+        assert_eq!(
+            (g.egress_v4.is_some(), g.egress_v6.is_some()),
+            (true, true),
+            "{g:?}"
+        );
+    }
+    pairs.sort();
+    assert_eq!(
+        pairs,
+        [
+            [ip("192.0.2.150"), ip("fd00::150")],
+            [ip("192.0.2.151"), ip("fd00::151")]
+        ]
+    );
+    let egress = egress_of_each_pod(&planner);
+    for pod in &pods {
+        let (v4, v6) = (egress[&pod.ips[0]], egress[&pod.ips[1]]);
+        let slot = usize::from(v4 == ip("192.0.2.151"));
+        assert_eq!(
+            (v4, v6),
+            (ip(ips[1 + slot]), ip(["fd00::150", "fd00::151"][slot])),
+            "{}: one slot's two addresses",
+            pod.name
+        );
+    }
+}
+
 /// Where a managed address lives: the named interface, else the one on its subnet, else the
 /// default route's; a node without the named interface is no candidate.
 #[test]

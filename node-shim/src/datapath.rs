@@ -14,7 +14,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    net::Ipv4Addr,
+    net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -38,7 +38,7 @@ use crate::{
     error::{Error, Result, is_permission_error},
     layout::Layout,
     maps::{
-        self, Config, Counter, DestinationAddrsV4, DestinationKeyV4, DestinationV4, EntryValueV4, ManagedV4,
+        self, Config, Counter, DestinationAddrsV4, DestinationKeyV4, DestinationV4, EntryValueV4, Managed,
         PolicyName, ReplyV4, SlotKeyV4, SourceV4,
     },
 };
@@ -96,7 +96,8 @@ pub struct Maps {
     pub guarded_v6: LpmTrie<MapData, [u8; 16], u32>,
     pub decided_pods_v6: HashMap<MapData, maps::AddrV6, u32>,
     /// Managed egress IP (network byte order) -> the interface it was put on.
-    pub managed: HashMap<MapData, u32, ManagedV4>,
+    pub managed: HashMap<MapData, u32, Managed>,
+    pub managed_v6: HashMap<MapData, maps::AddrV6, Managed>,
     /// Index 0: the fence's deadline, ns of CLOCK_MONOTONIC; 0 = never armed.
     pub fence_deadline: Array<MapData, u64>,
     /// Pinned flows (written by the datapath; the shim only reads them).
@@ -177,6 +178,7 @@ impl Maps {
             guarded_v6: typed!(maps::GUARDED_V6),
             decided_pods_v6: typed!(maps::DECIDED_PODS_V6),
             managed: typed!(maps::MANAGED_V4),
+            managed_v6: typed!(maps::MANAGED_V6),
             fence_deadline: typed!(maps::FENCE_DEADLINE),
             flows: typed!(maps::FLOWS_V4),
             pinnable: typed!(maps::PINNABLE_V4),
@@ -184,25 +186,42 @@ impl Maps {
     }
 
     /// Registers `ip`, put on interface `ifindex`, as a managed egress IP: the fence drops what
-    /// this node sends from it once the deadline has passed.
-    pub fn set_managed(&mut self, ip: Ipv4Addr, ifindex: u32) -> Result<()> {
-        let value = ManagedV4 { ifindex, _pad: 0 };
-        self.managed
-            .insert(maps::be(ip), value, 0)
-            .map_err(map_err(maps::MANAGED_V4, "writing"))
+    /// this node sends from it (and, for IPv6, its advertisements of it) once the deadline has
+    /// passed.
+    pub fn set_managed(&mut self, ip: IpAddr, ifindex: u32) -> Result<()> {
+        let value = Managed { ifindex, _pad: 0 };
+        match ip {
+            IpAddr::V4(ip) => self
+                .managed
+                .insert(maps::be(ip), value, 0)
+                .map_err(map_err(maps::MANAGED_V4, "writing")),
+            IpAddr::V6(ip) => self
+                .managed_v6
+                .insert(maps::AddrV6::from(ip), value, 0)
+                .map_err(map_err(maps::MANAGED_V6, "writing")),
+        }
     }
 
     /// Forgets managed egress IP `ip` (one not registered is fine): the fence no longer touches it.
-    pub fn remove_managed(&mut self, ip: Ipv4Addr) -> Result<()> {
-        ignore_missing(self.managed.remove(&maps::be(ip)), maps::MANAGED_V4)
+    pub fn remove_managed(&mut self, ip: IpAddr) -> Result<()> {
+        match ip {
+            IpAddr::V4(ip) => ignore_missing(self.managed.remove(&maps::be(ip)), maps::MANAGED_V4),
+            IpAddr::V6(ip) => {
+                ignore_missing(self.managed_v6.remove(&maps::AddrV6::from(ip)), maps::MANAGED_V6)
+            }
+        }
     }
 
-    /// The managed egress IPs, each with the interface it was put on.
-    pub fn managed(&self) -> Result<BTreeMap<Ipv4Addr, u32>> {
+    /// The managed egress IPs of both families, each with the interface it was put on.
+    pub fn managed(&self) -> Result<BTreeMap<IpAddr, u32>> {
         let mut out = BTreeMap::new();
         for item in self.managed.iter() {
             let (ip, value) = item.map_err(map_err(maps::MANAGED_V4, "reading"))?;
-            out.insert(maps::from_be(ip), value.ifindex);
+            out.insert(IpAddr::V4(maps::from_be(ip)), value.ifindex);
+        }
+        for item in self.managed_v6.iter() {
+            let (ip, value) = item.map_err(map_err(maps::MANAGED_V6, "reading"))?;
+            out.insert(IpAddr::V6(ip.bytes.into()), value.ifindex);
         }
         Ok(out)
     }
@@ -493,7 +512,8 @@ impl Datapath {
                     std::io::ErrorKind::Unsupported,
                     format!(
                         "{ifname} (index {ifindex}) is not an Ethernet device ({link_type:?}): \
-                         managed egress IPs are announced with ARP, which needs Ethernet"
+                         managed egress IPs are announced with ARP and neighbour \
+                         advertisements, which need Ethernet"
                     ),
                 ),
             ));

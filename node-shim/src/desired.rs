@@ -38,7 +38,7 @@ pub struct Host {
     pub default_route_interface: Option<String>,
     /// Managed egress IPs of this node's duties that it does not hold (yet), with why: their
     /// entries drop, and say so.
-    pub managed_not_held: BTreeMap<Ipv4Addr, String>,
+    pub managed_not_held: BTreeMap<IpAddr, String>,
 }
 
 /// The desired contents of the maps and the SNAT rules.
@@ -424,10 +424,7 @@ fn egress_v6<'h>(entry: &EgressEntry, host: &'h Host) -> Result<(Ipv6Addr, &'h I
         host,
         wanted,
         |i| &i.ipv6,
-        |ip| Error::EgressIpNotLocal {
-            ip: IpAddr::V6(ip),
-            policy: policy(),
-        },
+        |ip| not_held(host, IpAddr::V6(ip), policy()),
         || Error::NoDefaultEgressIpV6 { policy: policy() },
     )
 }
@@ -437,7 +434,7 @@ fn egress<'h>(entry: &EgressEntry, host: &'h Host) -> Result<(Ipv4Addr, &'h Inte
     let policy = || entry.policy.to_string();
     let wanted = match entry.egress_ip {
         Some(IpAddr::V4(ip)) => Some(ip),
-        Some(ip @ IpAddr::V6(_)) => return Err(Error::EgressIpNotLocal { ip, policy: policy() }),
+        Some(ip @ IpAddr::V6(_)) => return Err(Error::EgressIpWrongFamily { ip, policy: policy() }),
         None => None,
     };
     egress_among(
@@ -445,19 +442,22 @@ fn egress<'h>(entry: &EgressEntry, host: &'h Host) -> Result<(Ipv4Addr, &'h Inte
         host,
         wanted,
         |i| &i.ipv4,
-        |ip| match host.managed_not_held.get(&ip) {
-            Some(why) => Error::ManagedEgressIpNotHeld {
-                ip,
-                policy: policy(),
-                why: why.clone(),
-            },
-            None => Error::EgressIpNotLocal {
-                ip: IpAddr::V4(ip),
-                policy: policy(),
-            },
-        },
+        |ip| not_held(host, IpAddr::V4(ip), policy()),
         || Error::NoDefaultEgressIp { policy: policy() },
     )
+}
+
+/// Why egress IP `ip`, which no interface holds, cannot be used: a managed one's reason, else
+/// that it is not local.
+fn not_held(host: &Host, ip: IpAddr, policy: String) -> Error {
+    match host.managed_not_held.get(&ip) {
+        Some(why) => Error::ManagedEgressIpNotHeld {
+            ip,
+            policy,
+            why: why.clone(),
+        },
+        None => Error::EgressIpNotLocal { ip, policy },
+    }
 }
 
 /// The egress of one family: `wanted` on the interface holding it (or the one the entry names),

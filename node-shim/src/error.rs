@@ -1,10 +1,6 @@
 //! The shim's errors: the ones users hit get a sentence saying what to do.
 
-use std::{
-    io,
-    net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
-};
+use std::{io, net::IpAddr, path::PathBuf};
 
 /// Everything that can go wrong in the shim.
 #[derive(Debug, thiserror::Error)]
@@ -48,11 +44,7 @@ pub enum Error {
     EgressIpNotLocal { ip: IpAddr, policy: String },
 
     #[error("managed egress IP {ip} of policy {policy:?} is not held by this node: {why}")]
-    ManagedEgressIpNotHeld {
-        ip: Ipv4Addr,
-        policy: String,
-        why: String,
-    },
+    ManagedEgressIpNotHeld { ip: IpAddr, policy: String, why: String },
 
     #[error(
         "policy {policy:?} names this node as gateway but no egress IP was given and no default-route interface with an IPv4 address was found"
@@ -67,7 +59,7 @@ pub enum Error {
 
     #[error(
         "egress IP {ip} of policy {policy:?} is of the other family than the traffic it is given for \
-         (an IPv6 pod's traffic leaves with an IPv6 address)"
+         (IPv4 traffic leaves with an IPv4 address, IPv6 traffic with an IPv6 one)"
     )]
     EgressIpWrongFamily { ip: IpAddr, policy: String },
 

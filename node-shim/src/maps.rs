@@ -73,9 +73,11 @@ pub const DECIDED_PODS_V6: &str = "sluice_decided_pods_v6";
 /// Per-CPU packets seen by `sluice_from_pod`, by pod interface ifindex modulo [`SEEN_SLOTS`].
 pub const SEEN: &str = "sluice_seen";
 
-/// Managed egress IP (network byte order) -> [`ManagedV4`]: what `sluice_fence` drops once the
+/// Managed egress IP (network byte order) -> [`Managed`]: what `sluice_fence` drops once the
 /// deadline has passed.
 pub const MANAGED_V4: &str = "sluice_managed_v4";
+/// [`MANAGED_V4`] for IPv6 ([`AddrV6`] -> [`Managed`]).
+pub const MANAGED_V6: &str = "sluice_managed_v6";
 /// The one-entry array holding the fence's deadline (ns of CLOCK_MONOTONIC; 0 = never armed).
 pub const FENCE_DEADLINE: &str = "sluice_fence_deadline";
 /// Pinned flows: [`FlowKeyV4`] -> [`FlowV4`] (LRU), written by the datapath.
@@ -89,7 +91,7 @@ pub const PINNABLE_V4: &str = "sluice_pinnable_v4";
 include!(concat!(env!("OUT_DIR"), "/sluice_h.rs"));
 
 /// Every map of the object, in the order `bpf` subcommands open them.
-pub const ALL_MAPS: [&str; 24] = [
+pub const ALL_MAPS: [&str; 25] = [
     SOURCES_V4,
     DESTINATIONS_V4,
     HELD_SLOTS_V4,
@@ -111,6 +113,7 @@ pub const ALL_MAPS: [&str; 24] = [
     REPLY_V6,
     TUNNEL_PEERS_V6,
     MANAGED_V4,
+    MANAGED_V6,
     FENCE_DEADLINE,
     FLOWS_V4,
     PINNABLE_V4,
@@ -538,10 +541,10 @@ pub struct ReplyV4 {
     pub _pad: u32,
 }
 
-/// Value of `sluice_managed_v4` (`struct sluice_managed_v4`).
+/// Value of `sluice_managed_v4` and `sluice_managed_v6` (`struct sluice_managed`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
-pub struct ManagedV4 {
+pub struct Managed {
     /// The interface the address was put on: what a restarted shim reads to find it again.
     pub ifindex: u32,
     pub _pad: u32,
@@ -602,7 +605,7 @@ unsafe impl aya::Pod for Config {}
 unsafe impl aya::Pod for Counter {}
 unsafe impl aya::Pod for ReplyV4 {}
 unsafe impl aya::Pod for PolicyName {}
-unsafe impl aya::Pod for ManagedV4 {}
+unsafe impl aya::Pod for Managed {}
 unsafe impl aya::Pod for FlowKeyV4 {}
 unsafe impl aya::Pod for FlowV4 {}
 
@@ -626,7 +629,7 @@ impl TypeLayout {
 
 /// Every map with its key and value types (`tests::layouts_match_the_object` checks them against
 /// the object, sizes and BTF types).
-const MAP_TYPES: [(&str, TypeLayout, TypeLayout); 24] = [
+const MAP_TYPES: [(&str, TypeLayout, TypeLayout); 25] = [
     (SOURCES_V4, TypeLayout::of::<u32>(), TypeLayout::of::<SourceV4>()),
     (
         DESTINATIONS_V4,
@@ -671,7 +674,12 @@ const MAP_TYPES: [(&str, TypeLayout, TypeLayout); 24] = [
         TypeLayout::of::<AddrV6>(),
         TypeLayout::of::<u32>(),
     ),
-    (MANAGED_V4, TypeLayout::of::<u32>(), TypeLayout::of::<ManagedV4>()),
+    (MANAGED_V4, TypeLayout::of::<u32>(), TypeLayout::of::<Managed>()),
+    (
+        MANAGED_V6,
+        TypeLayout::of::<AddrV6>(),
+        TypeLayout::of::<Managed>(),
+    ),
     (FENCE_DEADLINE, TypeLayout::of::<u32>(), TypeLayout::of::<u64>()),
     (
         FLOWS_V4,
@@ -683,7 +691,7 @@ const MAP_TYPES: [(&str, TypeLayout, TypeLayout); 24] = [
 
 /// Every map with the key and value sizes this build's types have: what a pinned map must match
 /// to be adopted.
-pub fn layouts() -> [(&'static str, usize, usize); 24] {
+pub fn layouts() -> [(&'static str, usize, usize); 25] {
     MAP_TYPES.map(|(name, key, value)| (name, key.size, value.size))
 }
 
@@ -1124,7 +1132,7 @@ mod tests {
             ("sluice_counter", rust_layout!(Counter { packets, bytes })),
             ("sluice_reply_v4", rust_layout!(ReplyV4 { node_ip, _pad })),
             ("sluice_policy_name", rust_layout!(PolicyName { name })),
-            ("sluice_managed_v4", rust_layout!(ManagedV4 { ifindex, _pad })),
+            ("sluice_managed", rust_layout!(Managed { ifindex, _pad })),
             (
                 "sluice_flow_key_v4",
                 rust_layout!(FlowKeyV4 {
@@ -1283,6 +1291,7 @@ mod tests {
     fn fence_maps_are_sized_by_the_header() {
         let object = object();
         assert_eq!(object.maps[MANAGED_V4].max_entries(), MANAGED_V4_MAX);
+        assert_eq!(object.maps[MANAGED_V6].max_entries(), MANAGED_V6_MAX);
         assert_eq!(object.maps[FENCE_DEADLINE].max_entries(), 1, "one deadline");
     }
 

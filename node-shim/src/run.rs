@@ -280,7 +280,7 @@ pub struct Agent {
     /// What kept managed egress IPs from being claimed at the last tick, each logged once.
     managed_problems: BTreeSet<String>,
     /// Managed egress IPs another host answers for (not claimed), with who answers.
-    address_conflicts: BTreeMap<Ipv4Addr, String>,
+    address_conflicts: BTreeMap<IpAddr, String>,
     /// What `sluice_pinnable_v4` holds: gateways flows may stay pinned to.
     pinnable: BTreeMap<u32, u32>,
     /// The SNAT rules and egress routes of the last plan applied, kept on into the next while
@@ -487,7 +487,7 @@ impl Agent {
         let Some(state) = &self.operator_state else {
             return false;
         };
-        let mut want: BTreeMap<Ipv4Addr, (String, u32)> = BTreeMap::new();
+        let mut want: BTreeMap<IpAddr, (String, u32)> = BTreeMap::new();
         let held_in = (state.session, state.generation);
         if let (Some(after), PlanSource::Operator(link)) = (self.opts.release_managed_after, &self.opts.plan)
             && self.released_in_silence.is_none()
@@ -531,8 +531,8 @@ impl Agent {
                 ));
                 continue;
             };
-            for ip in duty.egress_ips.iter().filter_map(|ip| netdev::v4(*ip)) {
-                want.insert(ip, (name.clone(), ifindex));
+            for ip in &duty.egress_ips {
+                want.insert(*ip, (name.clone(), ifindex));
             }
         }
         let registered = match self.dp.maps.managed() {
@@ -551,7 +551,7 @@ impl Agent {
             if want.get(ip).map(|w| w.1) == Some(*ifindex) && running(*ifindex) {
                 continue;
             }
-            match self.addresses.release(*ifindex, (*ip).into()) {
+            match self.addresses.release(*ifindex, *ip) {
                 Ok(released) => tracing::info!(%ip, ifindex, ?released, "managed egress IP released"),
                 Err(e) => tracing::error!(%ip, error = %e, "releasing a managed egress IP"),
             }
@@ -565,7 +565,7 @@ impl Agent {
             let present = scan
                 .interfaces
                 .iter()
-                .any(|i| i.index == *ifindex && i.ipv4.contains(ip));
+                .any(|i| i.index == *ifindex && holds(i, *ip));
             if (present && registered.get(ip) == Some(ifindex)) || !running(*ifindex) {
                 continue;
             }
@@ -598,7 +598,7 @@ impl Agent {
                 problems.insert(format!("{ip} not claimed: registering it: {}", DisplayChain(&e)));
                 continue;
             }
-            let claimed = self.addresses.claim(*ifindex, (*ip).into());
+            let claimed = self.addresses.claim(*ifindex, *ip);
             if !matches!(
                 claimed,
                 Ok(egress_ip::Claimed::Added | egress_ip::Claimed::AlreadyHeld)
@@ -644,11 +644,11 @@ impl Agent {
         &self,
         state: &NodeState,
         interfaces: &[desired::Interface],
-    ) -> BTreeMap<Ipv4Addr, String> {
+    ) -> BTreeMap<IpAddr, String> {
         let mut out = BTreeMap::new();
         for duty in state.serves.iter().filter(|d| d.managed) {
-            for ip in duty.egress_ips.iter().filter_map(|ip| netdev::v4(*ip)) {
-                if interfaces.iter().any(|i| i.ipv4.contains(&ip)) {
+            for ip in duty.egress_ips.iter().copied() {
+                if interfaces.iter().any(|i| holds(i, ip)) {
                     continue;
                 }
                 let why = if self.released_in_silence.is_some() {
@@ -1428,7 +1428,7 @@ impl Agent {
 fn applied(
     state: &NodeState,
     errors: &[desired::EntryProblem],
-    conflicts: &BTreeMap<Ipv4Addr, String>,
+    conflicts: &BTreeMap<IpAddr, String>,
     pinned: &PinnedReport,
 ) -> Applied {
     Applied {
@@ -1447,17 +1447,24 @@ fn applied(
     }
 }
 
-fn address_conflicts(conflicts: &BTreeMap<Ipv4Addr, String>) -> Vec<sluice_proto::v2::AddressConflict> {
+fn address_conflicts(conflicts: &BTreeMap<IpAddr, String>) -> Vec<sluice_proto::v2::AddressConflict> {
     conflicts
         .iter()
         .map(|(ip, detail)| sluice_proto::v2::AddressConflict {
-            ip: sluice_proto::convert::ip_to_wire((*ip).into()),
+            ip: sluice_proto::convert::ip_to_wire(*ip),
             detail: detail.clone(),
         })
         .collect()
 }
 
-/// Removes the status file, if there is one.
+/// Whether `interface` holds `ip`.
+fn holds(interface: &desired::Interface, ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(ip) => interface.ipv4.contains(&ip),
+        IpAddr::V6(ip) => interface.ipv6.contains(&ip),
+    }
+}
+
 /// Gives up every managed egress IP this node holds, and forgets them in the fence's map.
 fn release_all_managed(maps: &mut Maps) {
     match egress_ip::release_held() {
@@ -1475,6 +1482,7 @@ fn release_all_managed(maps: &mut Maps) {
     }
 }
 
+/// Removes the status file, if there is one.
 fn remove_status(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

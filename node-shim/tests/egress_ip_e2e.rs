@@ -7,7 +7,7 @@
 //! in the testbed's namespaces, which go with it, also when a test fails.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     sync::{Barrier, mpsc},
     time::{Duration, Instant},
 };
@@ -145,6 +145,7 @@ fn once(requests: bool, replies: bool) -> AddressManager {
             schedule: vec![Duration::ZERO],
             requests,
             replies,
+            advertisements: false,
         },
     )
 }
@@ -330,7 +331,12 @@ fn two_nodes_probing_at_once_do_not_both_go_ahead() {
     let Some(t) = testbed("two_nodes_probing_at_once") else {
         return;
     };
-    let ((n1, n1_mac), (n2, n2_mac)) = (uplink(&t, "n1"), uplink(&t, "n2"));
+    at_most_one_goes_ahead(&t, managed());
+}
+
+/// Probes for `ip` from n1 and n2 at once.
+fn at_most_one_goes_ahead(t: &Testbed, ip: IpAddr) {
+    let ((n1, n1_mac), (n2, n2_mac)) = (uplink(t, "n1"), uplink(t, "n2"));
     // Long enough that both windows overlap on a busy machine.
     let slow = ProbeTiming {
         probes: 5,
@@ -345,7 +351,7 @@ fn two_nodes_probing_at_once_do_not_both_go_ahead() {
             enter_netns(&ns);
             let m = AddressManager::new(slow, Announcement::none());
             start.wait();
-            m.probe(ifindex, managed()).expect("probes")
+            m.probe(ifindex, ip).expect("probes")
         }
     };
     let (from_n1, from_n2) = std::thread::scope(|s| {
@@ -355,7 +361,7 @@ fn two_nodes_probing_at_once_do_not_both_go_ahead() {
     });
     assert!(
         from_n1 != ProbeOutcome::Free || from_n2 != ProbeOutcome::Free,
-        "both went ahead: {from_n1:?} {from_n2:?}"
+        "both went ahead for {ip}: {from_n1:?} {from_n2:?}"
     );
     for (outcome, other) in [(from_n1, &n2_mac), (from_n2, &n1_mac)] {
         if let Some(mac) = conflict_mac(outcome) {
@@ -451,6 +457,7 @@ fn announcements_follow_their_schedule_and_stop_on_release() {
             schedule,
             requests: true,
             replies: false,
+            advertisements: false,
         },
     );
 
@@ -486,4 +493,244 @@ fn announcements_follow_their_schedule_and_stop_on_release() {
     assert!(!m.announcing(n1, managed()));
     let heard = listener.join().unwrap();
     assert_eq!(heard.len(), 1, "no round after the release: {heard:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// IPv6: duplicate address detection and unsolicited neighbour advertisements
+
+/// An IPv6 address nothing in the testbed uses, in the node subnet fd00:192:0:2::/64.
+const MANAGED_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x192, 0, 2, 0, 0, 0, 0x150);
+
+fn managed_v6() -> IpAddr {
+    IpAddr::V6(MANAGED_V6)
+}
+
+/// How `MANAGED_V6` sits on `node`'s uplink, as `ip -6` shows it (one JSON object per address).
+fn managed_v6_on(t: &Testbed, node: &str) -> Vec<serde_json::Value> {
+    let shown = ip_json(t, node, &["-6", "addr", "show", "dev", "eth0"]);
+    shown[0]["addr_info"]
+        .as_array()
+        .expect("addr_info")
+        .iter()
+        .filter(|a| a["local"] == MANAGED_V6.to_string())
+        .cloned()
+        .collect()
+}
+
+/// The MAC in the router's neighbour entry for `MANAGED_V6`, if it has one with an address.
+fn router_entry_v6(t: &Testbed) -> Option<String> {
+    let shown = ip_json(
+        t,
+        "ul",
+        &["-6", "neigh", "show", "to", &MANAGED_V6.to_string(), "dev", "br0"],
+    );
+    shown
+        .as_array()
+        .and_then(|entries| entries.first())
+        .and_then(|e| e["lladdr"].as_str())
+        .map(str::to_owned)
+}
+
+/// Whether a TCP connection from the router to `MANAGED_V6` is answered (refused: some holder's
+/// kernel answered).
+fn answers_from_router_v6(t: &Testbed) -> bool {
+    let to = SocketAddr::new(managed_v6(), 9);
+    let outcome = on(t, "ul", || {
+        TcpStream::connect_timeout(&to, Duration::from_secs(3))
+    });
+    matches!(outcome, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
+/// The source address `node` picks for its own packets to `to`.
+fn source_towards(t: &Testbed, node: &str, to: &str) -> String {
+    let route = ip_json(t, node, &["-6", "route", "get", to]);
+    route[0]["prefsrc"].as_str().expect("a source").to_owned()
+}
+
+#[test]
+fn an_ipv6_address_is_claimed_at_once_deprecated_and_answers_from_the_claiming_node() {
+    let Some(t) = testbed("an_ipv6_address_is_claimed_at_once") else {
+        return;
+    };
+    let (n1, n1_mac) = uplink(&t, "n1");
+    let neighbour = "fd00:192:0:2::151";
+    let own = sluice_testbed::node_ip_v6("n1");
+    assert_eq!(source_towards(&t, "n1", neighbour), own);
+    let mut m = AddressManager::default();
+    assert_eq!(
+        on(&t, "n1", || m.claim(n1, managed_v6())).expect("claims"),
+        Claimed::Added
+    );
+    let shown = managed_v6_on(&t, "n1");
+    assert_eq!(shown.len(), 1, "{shown:?}");
+    let a = &shown[0];
+    assert_eq!(
+        (a["prefixlen"].as_u64(), a["scope"].as_str()),
+        (Some(128), Some("global")),
+        "{a}"
+    );
+    // Longest match would pick it for a neighbour next to it (RFC 6724 rule 8); deprecated, it
+    // is never the node's own source (rule 3), so the node's connections do not move with it.
+    assert_eq!(
+        source_towards(&t, "n1", neighbour),
+        own,
+        "the node's own source stays"
+    );
+    assert_eq!(a["nodad"], true, "{a}");
+    assert_eq!(a["deprecated"], true, "{a}");
+    assert!(a.get("tentative").is_none(), "usable at once, not tentative: {a}");
+
+    assert!(answers_from_router_v6(&t), "the router reaches {MANAGED_V6}");
+    assert_eq!(router_entry_v6(&t).as_deref(), Some(n1_mac.as_str()), "at n1");
+    assert_eq!(
+        held_on(&t, "n1"),
+        vec![HeldAddress {
+            ifindex: n1,
+            ip: managed_v6()
+        }]
+    );
+    assert_eq!(
+        on(&t, "n1", || AddressManager::default().claim(n1, managed_v6())).unwrap(),
+        Claimed::AlreadyHeld,
+        "a restarted shim finds it its own"
+    );
+    assert_eq!(managed_v6_on(&t, "n1").len(), 1, "and adds nothing");
+
+    assert_eq!(
+        on(&t, "n1", || m.release(n1, managed_v6())).unwrap(),
+        Released::Removed
+    );
+    assert!(managed_v6_on(&t, "n1").is_empty());
+    assert!(!m.announcing(n1, managed_v6()));
+    assert_eq!(
+        on(&t, "n1", || m.release(n1, managed_v6())).unwrap(),
+        Released::NotHeld
+    );
+}
+
+#[test]
+fn a_moved_ipv6_address_takes_the_routers_entry_with_it_by_advertisement_only() {
+    let Some(t) = testbed("a_moved_ipv6_address") else {
+        return;
+    };
+    let ((n1, n1_mac), (n2, n2_mac)) = (uplink(&t, "n1"), uplink(&t, "n2"));
+    let mut m1 = AddressManager::default();
+    assert_eq!(
+        on(&t, "n1", || m1.claim(n1, managed_v6())).unwrap(),
+        Claimed::Added
+    );
+    assert!(answers_from_router_v6(&t));
+    assert_eq!(router_entry_v6(&t).as_deref(), Some(n1_mac.as_str()));
+
+    // Moved without a word: the router keeps its entry naming n1.
+    assert_eq!(
+        on(&t, "n1", || m1.release(n1, managed_v6())).unwrap(),
+        Released::Removed
+    );
+    let mut quiet = AddressManager::new(ProbeTiming::default(), Announcement::none());
+    assert_eq!(
+        on(&t, "n2", || quiet.claim(n2, managed_v6())).unwrap(),
+        Claimed::Added
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        router_entry_v6(&t).as_deref(),
+        Some(n1_mac.as_str()),
+        "without an advertisement the router's entry stays stale"
+    );
+
+    // One unsolicited advertisement (a restarted shim announcing what it holds): taken at once.
+    let once_v6 = || {
+        AddressManager::new(
+            ProbeTiming::default(),
+            Announcement {
+                schedule: vec![Duration::ZERO],
+                requests: false,
+                replies: false,
+                advertisements: true,
+            },
+        )
+    };
+    assert_eq!(
+        on(&t, "n2", || once_v6().claim(n2, managed_v6())).unwrap(),
+        Claimed::AlreadyHeld
+    );
+    assert!(
+        wait_for(Duration::from_secs(3), || router_entry_v6(&t).as_deref()
+            == Some(n2_mac.as_str())),
+        "an unsolicited advertisement with the override flag updates the router's entry: {:?}",
+        router_entry_v6(&t)
+    );
+    assert!(answers_from_router_v6(&t), "n2 answers for {MANAGED_V6}");
+    assert_eq!(held_on(&t, "n1"), Vec::<HeldAddress>::new());
+    assert_eq!(
+        on(&t, "n2", || quiet.release(n2, managed_v6())).unwrap(),
+        Released::Removed
+    );
+}
+
+#[test]
+fn an_ipv6_duplicate_is_found_by_the_probe_and_never_claimed() {
+    let Some(t) = testbed("an_ipv6_duplicate_is_found") else {
+        return;
+    };
+    let (n1, _) = uplink(&t, "n1");
+    let (_, router_mac) = link(&t, "ul", "br0");
+    let (_, n3_mac) = uplink(&t, "n3");
+    let mut m = AddressManager::default();
+    let host = format!("{MANAGED_V6}/128");
+
+    assert_eq!(
+        on(&t, "n1", || m.probe(n1, managed_v6())).unwrap(),
+        ProbeOutcome::Free
+    );
+    for (ns, device, mac) in [("ul", "br0", &router_mac), ("n3", "eth0", &n3_mac)] {
+        t.ip(ns, &["-6", "addr", "add", &host, "dev", device, "nodad"])
+            .unwrap();
+        let probed = on(&t, "n1", || m.probe(n1, managed_v6())).unwrap();
+        assert_eq!(
+            conflict_mac(probed).as_deref(),
+            Some(mac.as_str()),
+            "{ns} holds it: {probed:?}"
+        );
+        match on(&t, "n1", || m.claim(n1, managed_v6())) {
+            Err(AddressError::Conflict {
+                ip,
+                ifindex,
+                mac: found,
+            }) => {
+                assert_eq!((ip, ifindex, found.to_string()), (managed_v6(), n1, mac.clone()));
+            }
+            other => panic!("claimed a duplicate: {other:?}"),
+        }
+        assert!(managed_v6_on(&t, "n1").is_empty(), "not added");
+        assert!(!m.announcing(n1, managed_v6()));
+        t.ip(ns, &["-6", "addr", "del", &host, "dev", device]).unwrap();
+    }
+    assert_eq!(
+        on(&t, "n1", || m.probe(n1, managed_v6())).unwrap(),
+        ProbeOutcome::Free
+    );
+
+    // Added by hand on n1 itself: someone else's, left alone.
+    t.ip("n1", &["-6", "addr", "add", &host, "dev", "eth0", "nodad"])
+        .unwrap();
+    assert_eq!(
+        on(&t, "n1", || m.claim(n1, managed_v6())).unwrap(),
+        Claimed::HeldUnmarked
+    );
+    assert_eq!(
+        on(&t, "n1", || m.release(n1, managed_v6())).unwrap(),
+        Released::HeldUnmarked
+    );
+    assert_eq!(managed_v6_on(&t, "n1").len(), 1, "left alone");
+}
+
+/// As [`two_nodes_probing_at_once_do_not_both_go_ahead`], with duplicate address detection.
+#[test]
+fn two_nodes_probing_for_an_ipv6_address_at_once_do_not_both_go_ahead() {
+    let Some(t) = testbed("two_nodes_probing_for_an_ipv6_address_at_once") else {
+        return;
+    };
+    at_most_one_goes_ahead(&t, managed_v6());
 }

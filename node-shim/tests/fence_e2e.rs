@@ -1,8 +1,9 @@
 //! The fence of managed egress IPs with real packets in network namespaces (needs root): n1 holds
 //! a managed address on its uplink while a heartbeat renews the deadline; once the heartbeat
-//! stops (the shim "dies", the node lives on), n1 no longer answers ARP for it nor sends from it,
-//! without any help from userspace, while its other addresses work as before. Every "nothing
-//! answers" has a control that the same probe answered just before, from the same place.
+//! stops (the shim "dies", the node lives on), n1 no longer answers ARP (IPv6: neighbour
+//! solicitations) for it nor sends from it, without any help from userspace, while its other
+//! addresses work as before. Every "nothing answers" has a control that the same probe answered
+//! just before, from the same place. Both families.
 
 use std::{
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -17,12 +18,43 @@ use std::{
 };
 
 use sluice_shim::datapath::{Capacity, Datapath, Maps, PROG_FENCE};
-use sluice_testbed::{Testbed, UNDERLAY_IP, craft::Listener, in_netns, node_ip, wait_for};
+use sluice_testbed::{
+    Testbed, UNDERLAY_IP, UNDERLAY_IP_V6, craft::Listener, in_netns, node_ip, node_ip_v6, wait_for,
+};
 
-/// Registered as managed on n1.
-const MANAGED: &str = "192.0.2.150";
-/// Also on n1's uplink, never registered: the fence must leave it alone.
-const UNMANAGED: &str = "192.0.2.151";
+/// The addresses of one family.
+struct Family {
+    /// Registered as managed on n1.
+    managed: &'static str,
+    /// Also on n1's uplink, never registered: the fence must leave it alone.
+    unmanaged: &'static str,
+    /// `ip addr add` of a host address.
+    host_suffix: &'static str,
+    /// n1's own address.
+    node: &'static str,
+    /// The underlay router's.
+    router: &'static str,
+    /// The counter of fenced neighbour answers.
+    neighbour_counter: &'static str,
+}
+
+const IPV4: Family = Family {
+    managed: "192.0.2.150",
+    unmanaged: "192.0.2.151",
+    host_suffix: "/32",
+    node: "192.0.2.11",
+    router: UNDERLAY_IP,
+    neighbour_counter: "dropped_fenced_arp",
+};
+
+const IPV6: Family = Family {
+    managed: "fd00:192:0:2::150",
+    unmanaged: "fd00:192:0:2::151",
+    host_suffix: "/128",
+    node: "fd00:192:0:2::11",
+    router: UNDERLAY_IP_V6,
+    neighbour_counter: "dropped_fenced_advertisement",
+};
 /// The deadline each heartbeat sets, and the heartbeat's period (the shim's defaults).
 const GRACE: Duration = Duration::from_secs(1);
 const HEARTBEAT: Duration = Duration::from_millis(250);
@@ -88,15 +120,27 @@ impl Drop for Heartbeat {
 struct Probes {
     n1: TcpListener,
     ul: Listener,
+    router: &'static str,
 }
 
 impl Probes {
-    fn new(tb: &Testbed) -> Probes {
-        let n1 = in_netns(&tb.ns("n1"), || TcpListener::bind(("0.0.0.0", PORT))).expect("listens on n1");
+    fn new(tb: &Testbed, family: &Family) -> Probes {
+        let ipv6 = family.router.contains(':');
+        let any = if ipv6 { "::" } else { "0.0.0.0" };
+        let n1 = in_netns(&tb.ns("n1"), || TcpListener::bind((any, PORT))).expect("listens on n1");
         // Accepted only to keep the backlog empty: the handshake is the probe.
         n1.set_nonblocking(true).unwrap();
-        let ul = Listener::bind(&tb.ns("ul"), PORT).expect("listens on the underlay router");
-        Probes { n1, ul }
+        let ul = if ipv6 {
+            Listener::bind_v6(&tb.ns("ul"), PORT)
+        } else {
+            Listener::bind(&tb.ns("ul"), PORT)
+        }
+        .expect("listens on the underlay router");
+        Probes {
+            n1,
+            ul,
+            router: family.router,
+        }
     }
 
     /// Whether the underlay router's TCP connection to `ip` on n1 is answered (1 s at most): its
@@ -111,8 +155,8 @@ impl Probes {
         answered
     }
 
-    /// What the outside sees of `ip` on n1 once it asks afresh: ARP resolves it to n1's uplink
-    /// and a connection to it is answered.
+    /// What the outside sees of `ip` on n1 once it asks afresh: ARP (or a neighbour
+    /// solicitation) resolves it to n1's uplink and a connection to it is answered.
     fn answers(&self, tb: &Testbed, ip: &str) -> bool {
         tb.ip("ul", &["neigh", "flush", "to", ip])
             .expect("flushes the neighbour entry");
@@ -125,7 +169,7 @@ impl Probes {
         in_netns(&tb.ns("n1"), || {
             let socket = UdpSocket::bind((from, 0)).expect("binds to the address");
             // A fenced datagram may fail to send or vanish quietly: arrival is what counts.
-            let _ = socket.send_to(b"fence", (UNDERLAY_IP, PORT));
+            let _ = socket.send_to(b"fence", (self.router, PORT));
         });
         self.ul
             .collect(Duration::from_secs(1))
@@ -178,10 +222,36 @@ fn a_node_whose_shim_stops_renewing_lets_go_of_its_managed_addresses() {
     let Some(tb) = testbed("a_node_whose_shim_stops_renewing_lets_go_of_its_managed_addresses") else {
         return;
     };
-    for ip in [MANAGED, UNMANAGED] {
-        tb.ip_on("n1", &["addr", "add", &format!("{ip}/32"), "dev", UPLINK]);
+    assert_eq!(IPV4.node, node_ip("n1"));
+    lets_go(&tb, &IPV4);
+}
+
+#[test]
+fn a_node_whose_shim_stops_renewing_lets_go_of_its_managed_ipv6_addresses() {
+    let Some(tb) = testbed("a_node_whose_shim_stops_renewing_lets_go_of_its_managed_ipv6_addresses") else {
+        return;
+    };
+    assert_eq!(IPV6.node, node_ip_v6("n1"));
+    lets_go(&tb, &IPV6);
+}
+
+fn lets_go(tb: &Testbed, family: &Family) {
+    let Family {
+        managed,
+        unmanaged,
+        neighbour_counter,
+        ..
+    } = *family;
+    for ip in [managed, unmanaged] {
+        // nodad: usable at once, as Sluice adds IPv6 addresses (ignored for IPv4).
+        let host = format!("{ip}{}", family.host_suffix);
+        if family.host_suffix == "/128" {
+            tb.ip_on("n1", &["addr", "add", &host, "dev", UPLINK, "nodad"]);
+        } else {
+            tb.ip_on("n1", &["addr", "add", &host, "dev", UPLINK]);
+        }
     }
-    let probes = Probes::new(&tb);
+    let probes = Probes::new(tb, family);
     let bpffs: PathBuf = tb.bpffs().join("n1");
     let mut dp = Datapath::load(&bpffs, Capacity::default()).expect("loads the datapath");
     let ifindex = in_netns(&tb.ns("n1"), || {
@@ -193,30 +263,32 @@ fn a_node_whose_shim_stops_renewing_lets_go_of_its_managed_addresses() {
         dp.pinned_ifindexes(PROG_FENCE).contains(&ifindex),
         "the link is pinned"
     );
-    dp.maps.set_managed(MANAGED.parse().unwrap(), ifindex).unwrap();
+    dp.maps
+        .set_managed(managed.parse::<IpAddr>().unwrap(), ifindex)
+        .unwrap();
     assert_eq!(
         dp.maps.managed().unwrap().into_iter().collect::<Vec<_>>(),
-        [(MANAGED.parse().unwrap(), ifindex)]
+        [(managed.parse::<IpAddr>().unwrap(), ifindex)]
     );
 
     // Never armed (deadline 0): nothing is fenced, however long ago "0" was.
     assert!(!dp.maps.fence_expired().unwrap());
-    assert!(probes.answers(&tb, MANAGED), "an unarmed fence passes everything");
+    assert!(probes.answers(tb, managed), "an unarmed fence passes everything");
 
     // A live shim: the deadline keeps moving, for longer than one grace period.
     let heartbeat = Heartbeat::start(&bpffs);
     std::thread::sleep(GRACE * 2);
     assert!(!dp.maps.fence_expired().unwrap());
     assert!(
-        probes.answers(&tb, MANAGED),
+        probes.answers(tb, managed),
         "ARP for the managed address resolves to n1"
     );
     assert!(
-        probes.sends_from(&tb, MANAGED),
+        probes.sends_from(tb, managed),
         "n1 sends from the managed address"
     );
     let (arp_before, source_before) = (
-        counter(&bpffs, "dropped_fenced_arp"),
+        counter(&bpffs, neighbour_counter),
         counter(&bpffs, "dropped_fenced_source"),
     );
 
@@ -238,9 +310,9 @@ fn a_node_whose_shim_stops_renewing_lets_go_of_its_managed_addresses() {
     );
     // A client whose neighbour entry still names n1 reaches it, but n1 no longer answers from
     // the address.
-    assert_eq!(neighbour_mac(&tb, MANAGED), Some(uplink_mac(&tb)));
+    assert_eq!(neighbour_mac(tb, managed), Some(uplink_mac(tb)));
     assert!(
-        !probes.connects(&tb, MANAGED),
+        !probes.connects(tb, managed),
         "no answer from the managed address"
     );
     let source = counter(&bpffs, "dropped_fenced_source") - source_before;
@@ -250,28 +322,25 @@ fn a_node_whose_shim_stops_renewing_lets_go_of_its_managed_addresses() {
     );
     // Asking afresh: no ARP answer.
     assert!(
-        !probes.answers(&tb, MANAGED),
+        !probes.answers(tb, managed),
         "n1 no longer answers ARP for the managed address"
     );
-    assert_eq!(neighbour_mac(&tb, MANAGED), None, "the outside has no MAC for it");
-    let arp = counter(&bpffs, "dropped_fenced_arp") - arp_before;
+    assert_eq!(neighbour_mac(tb, managed), None, "the outside has no MAC for it");
+    let arp = counter(&bpffs, neighbour_counter) - arp_before;
     assert!(
         arp >= 1,
         "n1's ARP replies for the managed address are counted: {arp}"
     );
     assert!(
-        !probes.sends_from(&tb, MANAGED),
+        !probes.sends_from(tb, managed),
         "nothing n1 sends from the managed address arrives"
     );
 
     // Only managed addresses are fenced: n1's own and one nobody registered work both ways.
     let source = counter(&bpffs, "dropped_fenced_source");
-    for ip in [node_ip("n1"), UNMANAGED] {
-        assert!(probes.answers(&tb, ip), "{ip} still answers while fenced");
-        assert!(
-            probes.sends_from(&tb, ip),
-            "n1 still sends from {ip} while fenced"
-        );
+    for ip in [family.node, unmanaged] {
+        assert!(probes.answers(tb, ip), "{ip} still answers while fenced");
+        assert!(probes.sends_from(tb, ip), "n1 still sends from {ip} while fenced");
     }
     assert_eq!(
         counter(&bpffs, "dropped_fenced_source"),
@@ -282,8 +351,8 @@ fn a_node_whose_shim_stops_renewing_lets_go_of_its_managed_addresses() {
     // The shim comes back and renews first: the address works again.
     dp.maps.renew_fence(GRACE * 10).unwrap();
     assert!(!dp.maps.fence_expired().unwrap());
-    assert!(probes.answers(&tb, MANAGED), "renewed: ARP resolves to n1 again");
-    assert!(probes.sends_from(&tb, MANAGED), "renewed: n1 sends from it again");
+    assert!(probes.answers(tb, managed), "renewed: ARP resolves to n1 again");
+    assert!(probes.sends_from(tb, managed), "renewed: n1 sends from it again");
 
     // Past the deadline again, an address taken off the managed list is no longer fenced...
     dp.maps.renew_fence(Duration::ZERO).unwrap();
@@ -291,22 +360,28 @@ fn a_node_whose_shim_stops_renewing_lets_go_of_its_managed_addresses() {
         .maps
         .fence_expired()
         .unwrap()));
-    assert!(!probes.answers(&tb, MANAGED), "fenced again");
-    dp.maps.remove_managed(MANAGED.parse().unwrap()).unwrap();
-    dp.maps.remove_managed(MANAGED.parse().unwrap()).unwrap(); // already gone: fine
+    assert!(!probes.answers(tb, managed), "fenced again");
+    dp.maps
+        .remove_managed(managed.parse::<IpAddr>().unwrap())
+        .unwrap();
+    dp.maps
+        .remove_managed(managed.parse::<IpAddr>().unwrap())
+        .unwrap(); // already gone: fine
     assert!(dp.maps.managed().unwrap().is_empty());
     assert!(
-        probes.answers(&tb, MANAGED),
+        probes.answers(tb, managed),
         "unregistered: answered while the fence is expired"
     );
 
     // ...and with the fence detached nothing is, registered or not.
-    dp.maps.set_managed(MANAGED.parse().unwrap(), ifindex).unwrap();
-    assert!(!probes.answers(&tb, MANAGED), "registered again: fenced");
+    dp.maps
+        .set_managed(managed.parse::<IpAddr>().unwrap(), ifindex)
+        .unwrap();
+    assert!(!probes.answers(tb, managed), "registered again: fenced");
     dp.detach_fence(ifindex).unwrap();
     assert!(!dp.pinned_ifindexes(PROG_FENCE).contains(&ifindex));
-    assert!(probes.answers(&tb, MANAGED), "detached: no fence");
-    assert!(probes.sends_from(&tb, MANAGED), "detached: n1 sends from it");
+    assert!(probes.answers(tb, managed), "detached: no fence");
+    assert!(probes.sends_from(tb, managed), "detached: n1 sends from it");
 }
 
 #[test]

@@ -741,30 +741,6 @@ fn a_node_whose_maps_cannot_hold_the_new_plan_keeps_its_entries_and_the_status_n
     assert_eq!(plans_refused(&tb, "n2"), refused, "{}", logs());
 }
 
-/// The demo cluster, dual-stack: every node and checkout-2 (p2) with its IPv6 address too, the
-/// nodes' IPv6 pod CIDRs.
-fn dual_stack_cluster() -> String {
-    let mut text = support::CLUSTER.to_owned();
-    for (node, ip) in NODES {
-        let n = &node[1..];
-        text = text
-            .replace(
-                &format!("podCIDRs: [10.244.{n}.0/24]"),
-                &format!("podCIDRs: [10.244.{n}.0/24, \"fd00:10:244:{n}::/64\"]"),
-            )
-            .replace(
-                &format!("addresses: [{{type: InternalIP, address: {ip}}}]"),
-                &format!(
-                    "addresses: [{{type: InternalIP, address: {ip}}}, {{type: InternalIP, address: \"{}\"}}]",
-                    sluice_testbed::node_ip_v6(node)
-                ),
-            );
-    }
-    let p2 = "podIPs: [{ip: 10.244.2.10}]";
-    assert!(text.contains(p2), "the demo cluster changed: {text}");
-    text.replace(p2, "podIPs: [{ip: 10.244.2.10}, {ip: \"fd00:10:244:2::10\"}]")
-}
-
 #[test]
 fn ipv6_traffic_follows_the_operators_choice_and_failover() {
     if !nix::unistd::geteuid().is_root() {
@@ -773,7 +749,7 @@ fn ipv6_traffic_follows_the_operators_choice_and_failover() {
     }
     let grace = Duration::from_secs(1);
     let (mut tb, dir, tokens) = live_testbed();
-    write(&dir.join("cluster.yaml"), &dual_stack_cluster());
+    write(&dir.join("cluster.yaml"), &support::dual_stack_cluster());
     // One slot, two candidates (n1, n3), both families; no egress IP: p2 leaves with its
     // gateway's first address of each family (for IPv6 the preferred one: the node's own, not
     // the deprecated egress address beside it).

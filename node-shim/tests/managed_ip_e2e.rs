@@ -5,17 +5,18 @@
 //! other node claims and announces the address, the external host sees the same address again,
 //! the underlay router's neighbour entry for it now names the new node, and the dead shim's node
 //! stops answering for it by itself (the datapath fence). The killed shim comes back: it gives
-//! the address up, and at no time do two nodes answer for it.
+//! the address up, and at no time do two nodes answer for it. The same for a dual-stack slot
+//! (an IPv4 and an IPv6 address, moved together).
 
 use std::{
     fs,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     time::{Duration, Instant},
 };
 
-use sluice_shim::egress_ip::{ArpOperation, ArpPacket, ArpSocket};
-use sluice_testbed::{EXT_A, NODES, Testbed, in_netns, wait_for};
+use sluice_shim::egress_ip::{ArpOperation, ArpPacket, ArpSocket, NdpMessage, NdpPacket, NdpSocket};
+use sluice_testbed::{EXT_A, EXT_A_V6, NODES, Testbed, UNDERLAY_IP_V6, in_netns, wait_for};
 
 mod support;
 
@@ -506,4 +507,166 @@ fn a_holder_cut_off_from_the_operator_gives_its_address_up_when_told_to() {
         "the healed shim is not back with the operator\n{}",
         logs(&tb)
     );
+}
+
+/// The IPv6 twin of [`MANAGED`], in the node subnet fd00:192:0:2::/64.
+const MANAGED_V6: &str = "fd00:192:0:2::150";
+
+/// Whether `node`'s uplink holds the managed IPv6 address.
+fn holds_v6(tb: &Testbed, node: &str) -> bool {
+    tb.ip(node, &["-6", "-o", "addr", "show", "dev", "eth0"])
+        .is_ok_and(|out| out.contains(&format!("{MANAGED_V6}/128")))
+}
+
+/// The underlay router's neighbour entry for the managed IPv6 address (its MAC, if it has one).
+fn router_entry_v6(tb: &Testbed) -> Option<String> {
+    let out = tb.ip("ul", &["-6", "neigh", "show", MANAGED_V6]).ok()?;
+    let after = out.split("lladdr ").nth(1)?;
+    after.split_whitespace().next().map(str::to_owned)
+}
+
+/// Who answers a neighbour solicitation for the managed IPv6 address on the underlay, as the
+/// router sees it (every distinct MAC within 300 ms).
+fn answerers_v6(tb: &Testbed) -> Vec<String> {
+    let target: Ipv6Addr = MANAGED_V6.parse().unwrap();
+    let router: Ipv6Addr = UNDERLAY_IP_V6.parse().unwrap();
+    in_netns(&tb.ns("ul"), move || {
+        let ifindex = nix::net::if_::if_nametoindex("br0").expect("br0");
+        let socket = NdpSocket::open(ifindex, router).expect("a neighbour discovery socket on br0");
+        let solicitation = NdpPacket {
+            source_ip: router,
+            link_layer: Some(socket.mac()),
+            ..NdpPacket::probe(socket.mac(), target)
+        };
+        socket.send(&solicitation).expect("sending a solicitation");
+        let deadline = Instant::now() + Duration::from_millis(300);
+        let mut macs = Vec::new();
+        while let Ok(Some(p)) = socket.receive(deadline) {
+            let mac = p.source_mac.to_string();
+            // Answers to this solicitation only (solicited, to the router), not announcements.
+            let answer = matches!(p.message, NdpMessage::Advertisement { solicited: true, .. })
+                && p.target == target
+                && p.destination_ip == router;
+            if answer && !macs.contains(&mac) {
+                macs.push(mac);
+            }
+        }
+        macs
+    })
+}
+
+/// A dual-stack slot: `egressIPs` lists an IPv4 and an IPv6 address, one node holds both, and p2
+/// leaves with the address of each family. Its shim is killed: the other candidate claims both
+/// (duplicate address detection, unsolicited advertisements), the router's IPv6 entry follows,
+/// and the dead shim's node stops answering for either (the fence), also after it comes back.
+#[test]
+fn a_dual_stack_slot_moves_both_addresses_when_its_gateway_s_shim_is_killed() {
+    if skip_without_root() {
+        return;
+    }
+    let grace = Duration::from_secs(1);
+    let (mut tb, dir, tokens) = live_testbed();
+    fs::write(dir.join("cluster.yaml"), support::dual_stack_cluster()).unwrap();
+    let policy = managed_policy()
+        .replace(
+            "destinationCIDRs: [203.0.113.0/24]",
+            "destinationCIDRs: [203.0.113.0/24, \"fd00:203:0:113::/64\"]",
+        )
+        .replace(
+            &format!("egressIPs: [{MANAGED}]"),
+            &format!("egressIPs: [{MANAGED}, \"{MANAGED_V6}\"]"),
+        );
+    assert!(
+        policy.contains(MANAGED_V6) && policy.contains("fd00:203"),
+        "{policy}"
+    );
+    fs::write(dir.join("policy.yaml"), policy).unwrap();
+    let _operator = Operator::start(tb.ns("ul"), options(&dir, &tokens, grace));
+    for (node, _) in NODES {
+        start_shim(&mut tb, node, &tokens);
+    }
+
+    let both = |tb: &Testbed| {
+        tb.fetch("p2", EXT_A).is_ok_and(|seen| seen == MANAGED)
+            && tb.fetch("p2", EXT_A_V6).is_ok_and(|seen| seen == MANAGED_V6)
+    };
+    assert!(
+        wait_for(Duration::from_secs(30), || both(&tb)),
+        "p2 never left with {MANAGED} and {MANAGED_V6}: {:?} {:?}\n{}",
+        tb.fetch("p2", EXT_A),
+        tb.fetch("p2", EXT_A_V6),
+        logs(&tb)
+    );
+    let holders: Vec<&str> = ["n1", "n3"].into_iter().filter(|n| holds_v6(&tb, n)).collect();
+    assert_eq!(holders.len(), 1, "{holders:?} hold {MANAGED_V6}\n{}", logs(&tb));
+    let (dead, survivor) = if holders[0] == "n1" {
+        ("n1", "n3")
+    } else {
+        ("n3", "n1")
+    };
+    assert!(
+        holds(&tb, dead),
+        "one node holds the slot's two addresses\n{}",
+        logs(&tb)
+    );
+    let (dead_mac, survivor_mac) = (mac_of(&tb, dead), mac_of(&tb, survivor));
+    assert_eq!(router_entry_v6(&tb), Some(dead_mac.clone()));
+    assert_eq!(answerers_v6(&tb), std::slice::from_ref(&dead_mac));
+
+    let failed = Instant::now();
+    tb.kill(&format!("shim-{dead}"));
+    let moved = wait_for(Duration::from_secs(10), || {
+        holds(&tb, survivor) && holds_v6(&tb, survivor)
+    });
+    assert!(moved, "{survivor} never took both addresses\n{}", logs(&tb));
+    assert!(
+        wait_for(Duration::from_secs(10), || tb
+            .fetch("p2", EXT_A_V6)
+            .is_ok_and(|seen| seen == MANAGED_V6)),
+        "p2's IPv6 never left with {MANAGED_V6} again\n{}",
+        logs(&tb)
+    );
+    println!(
+        "MANAGED-IP DUAL-STACK FAILOVER took {:?} until p2 left with {MANAGED_V6} again",
+        failed.elapsed()
+    );
+    assert!(tb.fetch("p2", EXT_A).is_ok_and(|seen| seen == MANAGED));
+    // The router had an entry: the override advertisements moved it, without it asking.
+    assert_eq!(router_entry_v6(&tb), Some(survivor_mac.clone()));
+    assert!(
+        holds_v6(&tb, dead),
+        "the dead shim's node keeps the address, fenced"
+    );
+    for _ in 0..5 {
+        assert_eq!(
+            answerers_v6(&tb),
+            std::slice::from_ref(&survivor_mac),
+            "\n{}",
+            logs(&tb)
+        );
+    }
+
+    // The shim comes back: it gives both up, and only the survivor ever answers.
+    start_shim(&mut tb, dead, &tokens);
+    let back = Instant::now();
+    while back.elapsed() < Duration::from_secs(4) {
+        assert_eq!(
+            answerers_v6(&tb),
+            std::slice::from_ref(&survivor_mac),
+            "\n{}",
+            logs(&tb)
+        );
+        assert_eq!(
+            answerers(&tb),
+            std::slice::from_ref(&survivor_mac),
+            "\n{}",
+            logs(&tb)
+        );
+    }
+    assert!(
+        !holds_v6(&tb, dead) && !holds(&tb, dead),
+        "{dead} gave both up\n{}",
+        logs(&tb)
+    );
+    assert!(tb.fetch("p2", EXT_A_V6).is_ok_and(|seen| seen == MANAGED_V6));
 }

@@ -115,19 +115,27 @@ pub(super) fn resolve_egress(node: &NodeInfo, source: &EgressSource, slot: usize
             (None, Some(ip))
         }
     };
-    if let EgressSource::Managed { ips, interface } = source {
-        let ip = *ips.get(slot)?;
-        let (v4, v6) = by_family(ip);
+    if let EgressSource::Managed { interface, .. } = source {
+        let (v4, v6) = source.managed_ips(slot);
+        if v4.is_none() && v6.is_none() {
+            return None;
+        }
         let Some(interfaces) = &node.interfaces else {
             return Some((v4, v6, interface.as_deref().map(Into::into)));
         };
-        // Where the address can live: the named interface, else the one on its subnet (where
-        // the neighbours that must learn it are), else the default route's.
-        let iface = match interface {
-            Some(name) => interfaces.iter().find(|i| &i.name == name)?,
-            None => interfaces
+        // Where the addresses can live: the named interface, else the one on the subnet of
+        // either (where the neighbours that must learn them are; IPv4's first), else the
+        // default route's. A slot's two addresses live on one interface.
+        let on_subnet = |ip: IpAddr| {
+            interfaces
                 .iter()
                 .find(|i| i.networks.iter().any(|n| n.contains(&ip)))
+        };
+        let iface = match interface {
+            Some(name) => interfaces.iter().find(|i| &i.name == name)?,
+            None => v4
+                .and_then(on_subnet)
+                .or_else(|| v6.and_then(on_subnet))
                 .or_else(|| interfaces.iter().find(|i| i.default_route))?,
         };
         return Some((v4, v6, Some(iface.name.as_str().into())));
@@ -219,10 +227,10 @@ impl Planner {
             }
             // A managed address an older policy names is that policy's to hold.
             let ours = |slot: usize| {
-                gateway
-                    .egress
-                    .managed_ip(slot)
-                    .is_none_or(|ip| self.managed_owner(ip).is_none_or(|p| **p == *policy))
+                let (v4, v6) = gateway.egress.managed_ips(slot);
+                v4.into_iter()
+                    .chain(v6)
+                    .all(|ip| self.managed_owner(ip).is_none_or(|p| **p == *policy))
             };
             let offer = |(name, node, ip): &(&Arc<str>, &NodeInfo, IpAddr), slot: usize| {
                 if !ours(slot) {

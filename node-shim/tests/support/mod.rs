@@ -140,3 +140,27 @@ pub fn first_connection_via(ns: &str, egress: &str, since: Instant, timeout: Dur
     }
     None
 }
+
+/// The demo cluster, dual-stack: every node and checkout-2 (p2) with its IPv6 address too, the
+/// nodes' IPv6 pod CIDRs.
+pub fn dual_stack_cluster() -> String {
+    let mut text = CLUSTER.to_owned();
+    for (node, ip) in NODES {
+        let n = &node[1..];
+        text = text
+            .replace(
+                &format!("podCIDRs: [10.244.{n}.0/24]"),
+                &format!("podCIDRs: [10.244.{n}.0/24, \"fd00:10:244:{n}::/64\"]"),
+            )
+            .replace(
+                &format!("addresses: [{{type: InternalIP, address: {ip}}}]"),
+                &format!(
+                    "addresses: [{{type: InternalIP, address: {ip}}}, {{type: InternalIP, address: \"{}\"}}]",
+                    sluice_testbed::node_ip_v6(node)
+                ),
+            );
+    }
+    let p2 = "podIPs: [{ip: 10.244.2.10}]";
+    assert!(text.contains(p2), "the demo cluster changed: {text}");
+    text.replace(p2, "podIPs: [{ip: 10.244.2.10}, {ip: \"fd00:10:244:2::10\"}]")
+}
