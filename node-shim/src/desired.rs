@@ -856,9 +856,23 @@ mod tests {
                 Some("192.0.2.101"),
                 "drop",
             ),
+            entry(
+                "10.244.1.15",
+                "203.0.113.0/24",
+                "192.0.2.11",
+                Some("fd00:192:0:2::101"),
+                "drop",
+            ),
         ];
         let d = desired(&entries, &guarded, &host(), &mut PolicyIds::default()).unwrap();
-        assert_eq!(d.entry_errors.len(), 2, "{:?}", d.entry_errors);
+        assert_eq!(d.entry_errors.len(), 3, "{:?}", d.entry_errors);
+        assert!(
+            d.entry_errors
+                .iter()
+                .any(|e| e.message.contains("fd00:192:0:2::101") && e.message.contains("other family")),
+            "an IPv4 entry given an IPv6 egress IP says so: {:?}",
+            d.entry_errors
+        );
         assert!(
             d.entry_errors[0].message.contains("is not assigned"),
             "{:?}",
