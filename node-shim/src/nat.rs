@@ -503,6 +503,11 @@ pub fn ensure_reply_route(table: u32, tunnel_ifindex: u32, layout: &MarkLayout) 
             .map_err(|e| Error::io(format!("adding the reply route to table {table}"), e))?;
         repair.route = true;
     }
+    // A tunnel device with IPv6 off (the node's IPv6 is off) takes no IPv6 route, and carries no
+    // IPv6 replies either.
+    if !crate::netdev::ipv6_enabled(tunnel_ifindex) {
+        return Ok(repair);
+    }
     match netlink::routes_v6(&mut nl, table) {
         Ok(held) if held == [(0, Some(tunnel_ifindex))] => {}
         Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}

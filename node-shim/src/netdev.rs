@@ -532,6 +532,8 @@ pub fn ensure_tunnel(t: &Tunnel, rp_filter: &crate::rp_filter::Record) -> Result
     // router solicitations or multicast reports into the tunnel), no router advertisements.
     // A device that got a link-local address when it came up loses it with IPv6 off and on
     // again, once (a restarted shim finds the mode set and leaves the device alone).
+    // A node whose IPv6 is turned off (`all` or `default` disable_ipv6=1, as many clusters set
+    // it) has no IPv6 pods to carry: the device stays off too, as the node's settings made it.
     let key = |name: &str| format!("net/ipv6/conf/{device}/{name}");
     let mode = fs::read_to_string(proc_sys().join(key("addr_gen_mode"))).unwrap_or_default();
     if mode.trim() != "1" {
@@ -539,9 +541,24 @@ pub fn ensure_tunnel(t: &Tunnel, rp_filter: &crate::rp_filter::Record) -> Result
         sysctl(&key("disable_ipv6"), "1").ok();
     }
     sysctl(&key("accept_ra"), "0").ok();
-    sysctl(&key("disable_ipv6"), "0").ok();
+    let off = |conf: &str| {
+        fs::read_to_string(proc_sys().join(format!("net/ipv6/conf/{conf}/disable_ipv6")))
+            .is_ok_and(|v| v.trim() == "1")
+    };
+    let node_ipv6 = if off("all") || off("default") { "1" } else { "0" };
+    sysctl(&key("disable_ipv6"), node_ipv6).ok();
     crate::rp_filter::relax(device, rp_filter)?;
     Ok(held.index)
+}
+
+/// Whether interface `ifindex` has IPv6 on (false on a kernel without IPv6, or for a device
+/// that is gone).
+pub fn ipv6_enabled(ifindex: u32) -> bool {
+    let Ok(name) = nix::net::if_::if_indextoname(ifindex) else {
+        return false;
+    };
+    let key = format!("net/ipv6/conf/{}/disable_ipv6", name.to_string_lossy());
+    fs::read_to_string(proc_sys().join(key)).is_ok_and(|v| v.trim() == "0")
 }
 
 /// Where the network sysctls are read and written: `/proc/sys`, or `$SLUICE_PROC_SYS_DIR` when set.

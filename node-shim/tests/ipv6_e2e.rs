@@ -385,3 +385,51 @@ fn a_policy_for_all_ipv6_destinations_leaves_neighbour_discovery_alone() {
     let seen = listener.collect(Duration::from_secs(1));
     assert!(!seen.is_empty(), "p3 -> p1 over IPv6 (in-cluster) arrives");
 }
+
+/// Many clusters turn IPv6 off on their nodes (`net.ipv6.conf.all.disable_ipv6=1`). Sluice's
+/// IPv6 parts must then stay out of the way: IPv4 is steered as before, the shims report no
+/// error, and Sluice turns IPv6 back on nowhere, not even on its own tunnel device.
+#[test]
+fn nodes_with_ipv6_turned_off_steer_ipv4_as_before_and_keep_ipv6_off() {
+    if !root("nodes_with_ipv6_turned_off") {
+        return;
+    }
+    let off = |tb: &sluice_testbed::Testbed| {
+        for (node, _) in sluice_testbed::NODES {
+            sluice_testbed::in_netns(&tb.ns(node), || {
+                for conf in ["all", "default"] {
+                    std::fs::write(format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"), "1")
+                        .expect("turns IPv6 off");
+                }
+            });
+        }
+    };
+    let mut c =
+        Cluster::start_after(env!("CARGO_BIN_EXE_sluice-shim"), &[], off).expect("builds the cluster");
+    c.apply(&[Rule {
+        policy: "v4",
+        source: "p2",
+        destination: "203.0.113.0/24",
+        gateway: Gw::Node("n1", EGRESS_N1),
+    }]);
+    assert_eq!(c.fetch("p2", EXT_A).unwrap(), EGRESS_N1, "steered through n1");
+    assert!(c.counter("n1", "egressed") > 0);
+    for (node, _) in sluice_testbed::NODES {
+        let log = c.log(&sluice_testbed::shim_name(node));
+        let bad: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(" ERROR ") || l.contains(" WARN "))
+            .collect();
+        assert!(bad.is_empty(), "{node}: {bad:#?}");
+        let ipv6_on = c.ip(node, &["-6", "-o", "addr", "show"]).expect("ip -6 addr");
+        assert!(
+            ipv6_on.trim().is_empty(),
+            "{node} has IPv6 addresses again: {ipv6_on}"
+        );
+        let tunnel = sluice_testbed::in_netns(&c.ns(node), || {
+            std::fs::read_to_string("/proc/sys/net/ipv6/conf/sluice-vx0/disable_ipv6")
+        })
+        .expect("the tunnel device's setting");
+        assert_eq!(tunnel.trim(), "1", "{node}: Sluice turned IPv6 on for its tunnel");
+    }
+}

@@ -79,7 +79,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 pub use cni::{BRIDGED_PODS, CniStandIn, TcxVerdict, UNDERLAY_MTU};
-pub use shims::{FileCluster, Gw, Rule};
+pub use shims::{FileCluster, Gw, Rule, shim_name};
 
 /// Egress IP assigned to n1.
 pub const EGRESS_N1: &str = "192.0.2.101";

@@ -80,9 +80,30 @@ impl FileCluster {
         Self::start_with(shim, extra_args, true)
     }
 
+    /// [`FileCluster::start`], with `prepare` run on the testbed before any shim starts (a
+    /// node's settings as a cluster would have them before Sluice is installed).
+    pub fn start_after(
+        shim: impl Into<PathBuf>,
+        extra_args: &[&str],
+        prepare: impl FnOnce(&Testbed),
+    ) -> Result<FileCluster> {
+        let testbed = Testbed::new()?;
+        prepare(&testbed);
+        Self::start_on(testbed, shim, extra_args, false)
+    }
+
     fn start_with(shim: impl Into<PathBuf>, extra_args: &[&str], underlay_v6: bool) -> Result<FileCluster> {
+        Self::start_on(Testbed::new()?, shim, extra_args, underlay_v6)
+    }
+
+    fn start_on(
+        testbed: Testbed,
+        shim: impl Into<PathBuf>,
+        extra_args: &[&str],
+        underlay_v6: bool,
+    ) -> Result<FileCluster> {
         let mut c = FileCluster {
-            testbed: Testbed::new()?,
+            testbed,
             shim: shim.into(),
             extra_args: extra_args.iter().map(OsString::from).collect(),
             plan_hash: String::new(),
