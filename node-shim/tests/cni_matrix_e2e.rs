@@ -7,7 +7,10 @@
 //! - `egress-all`: the remote pod to `0.0.0.0/0` through n1 with `EGRESS_N1`, except
 //!   203.0.113.128/25;
 //! - `drop-b`: the remote pod to 198.51.100.0/24 with no gateway left (`failurePolicy: Drop`);
-//! - `egress-local`: the local pod to `0.0.0.0/0` through its own node.
+//! - `egress-local`: the local pod to `0.0.0.0/0` through its own node;
+//! - and for IPv6 (the testbed is dual-stack): the remote pod to `fd00:203:0:113::/64` through n1
+//!   with `EGRESS_N1_V6` except `EXT_EXCLUDED_V6`, to `fd00:198:51:100::/64` under `drop-b`, and the
+//!   local pod to `fd00:203:0:113::/64` through its own node.
 
 use std::{
     net::SocketAddrV4,
@@ -15,8 +18,8 @@ use std::{
 };
 
 use sluice_testbed::{
-    BRIDGED_PODS, CniStandIn, EGRESS_N1, EGRESS_N3, EXT_A, EXT_B, EXT_EXCLUDED, FileCluster as Cluster, Gw,
-    NODES, Rule, TcxVerdict,
+    BRIDGED_PODS, CniStandIn, EGRESS_N1, EGRESS_N1_V6, EGRESS_N3, EGRESS_N3_V6, EXT_A, EXT_A_V6, EXT_B,
+    EXT_B_V6, EXT_EXCLUDED, EXT_EXCLUDED_V6, FileCluster as Cluster, Gw, NODES, Rule, TcxVerdict,
     craft::{self, Listener},
 };
 
@@ -26,8 +29,10 @@ struct Layout {
     remote: &'static str,
     /// A pod whose gateway is its own node...
     local: &'static str,
-    /// ...that node and its egress IP.
+    /// ...that node and its egress IP...
     local_gateway: (&'static str, &'static str),
+    /// ...and its IPv6 egress IP.
+    local_egress_v6: &'static str,
 }
 
 impl Layout {
@@ -39,11 +44,13 @@ impl Layout {
                 remote: BRIDGED_PODS[0].0,
                 local: BRIDGED_PODS[1].0,
                 local_gateway: ("n3", EGRESS_N3),
+                local_egress_v6: EGRESS_N3_V6,
             },
             _ => Layout {
                 remote: "p2",
                 local: "p1",
                 local_gateway: ("n1", EGRESS_N1),
+                local_egress_v6: EGRESS_N1_V6,
             },
         }
     }
@@ -64,6 +71,15 @@ impl Layout {
                 source: self.local,
                 destination: "0.0.0.0/0",
                 gateway: Gw::Node(self.local_gateway.0, self.local_gateway.1),
+            },
+            remote("egress-all", "fd00:203:0:113::/64", Gw::Node("n1", EGRESS_N1_V6)),
+            remote("egress-all", "fd00:203:0:113::200/128", Gw::Excluded),
+            remote("drop-b", "fd00:198:51:100::/64", Gw::None),
+            Rule {
+                policy: "egress-local",
+                source: self.local,
+                destination: "fd00:203:0:113::/64",
+                gateway: Gw::Node(self.local_gateway.0, self.local_egress_v6),
             },
         ]
     }
@@ -222,6 +238,84 @@ fn local_egress(c: &Cluster, l: &Layout) {
     assert!(local > 0, "{}", all_counters(c));
 }
 
+/// IPv6 frames this namespace had to fragment (`Ip6FragCreates`).
+fn fragments_created_v6(c: &Cluster, ns: &str) -> u64 {
+    let snmp = sluice_testbed::in_netns(&c.ns(ns), || {
+        std::fs::read_to_string("/proc/thread-self/net/snmp6")
+    })
+    .expect("reading /proc/net/snmp6");
+    snmp.lines()
+        .find_map(|l| l.strip_prefix("Ip6FragCreates"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("Ip6FragCreates in /proc/net/snmp6")
+}
+
+/// [`steered_tcp_large_transfer_and_udp`] for IPv6 (NAT66 on the gateway), with datagrams that
+/// fit any pod's MTU.
+fn steered_ipv6(c: &Cluster, l: &Layout) {
+    let node = c.pod(l.remote).0;
+    let (steered, mut conn) = growth(c, node, "steered", || {
+        c.connect(l.remote, EXT_A_V6)
+            .unwrap_or_else(|e| panic!("connects through the gateway: {e}\n{}", all_counters(c)))
+    });
+    assert_eq!(conn.greeting, EGRESS_N1_V6, "{}", all_counters(c));
+    assert!(steered > 0, "the SYN was steered\n{}", all_counters(c));
+    let frags = (fragments_created_v6(c, node), fragments_created_v6(c, "n1"));
+    assert_eq!(
+        conn.exchange(4_000_000, 4_000_000).as_deref(),
+        Ok(EGRESS_N1_V6),
+        "{}",
+        all_counters(c)
+    );
+    assert_eq!(
+        (
+            fragments_created_v6(c, node) - frags.0,
+            fragments_created_v6(c, "n1") - frags.1
+        ),
+        (0, 0),
+        "IPv6 fragments made for TCP on (the pod's node, the gateway)\n{}",
+        all_counters(c)
+    );
+    let got = c.udp_through(l.remote, EXT_A_V6, 1200, 5, 9995);
+    assert_eq!(
+        got,
+        vec![(EGRESS_N1_V6.to_owned(), 1200); 5],
+        "every datagram arrives, with the IPv6 egress IP\n{}",
+        all_counters(c)
+    );
+}
+
+/// The excluded IPv6 destination takes the normal path (the node's IPv6 address); no gateway
+/// under Drop drops IPv6 too; the local pod leaves with its own node's IPv6 egress IP.
+fn ipv6_excluded_drop_and_local(c: &Cluster, l: &Layout) {
+    let node = c.pod(l.remote).0;
+    let (excluded, seen) = growth(c, node, "excluded", || c.fetch(l.remote, EXT_EXCLUDED_V6));
+    assert_eq!(seen, Ok(c.node_ip_v6(node)), "{}", all_counters(c));
+    assert!(excluded > 0, "{}", all_counters(c));
+
+    let (dropped, (tcp, udp)) = growth(c, node, "dropped_no_gateway", || {
+        (
+            c.fetch(l.remote, EXT_B_V6),
+            c.udp_through(l.remote, EXT_B_V6, 100, 3, 9994),
+        )
+    });
+    assert!(tcp.is_err(), "the IPv6 connection must fail, got {tcp:?}");
+    assert!(udp.is_empty(), "nothing arrives: {udp:?}");
+    assert!(dropped >= 4, "{dropped}\n{}", all_counters(c));
+
+    let (gateway, _) = l.local_gateway;
+    let (local, mut conn) = growth(c, gateway, "local_egress", || {
+        c.connect(l.local, EXT_A_V6)
+            .unwrap_or_else(|e| panic!("connects: {e}\n{}", all_counters(c)))
+    });
+    assert_eq!(conn.greeting, l.local_egress_v6, "{}", all_counters(c));
+    assert_eq!(
+        conn.exchange(100_000, 1_000_000).as_deref(),
+        Ok(l.local_egress_v6)
+    );
+    assert!(local > 0, "{}", all_counters(c));
+}
+
 /// Runs the core suite beside `stand_in` (a SKIP line when not root).
 fn suite(name: &str, stand_in: CniStandIn) {
     if !nix::unistd::geteuid().is_root() {
@@ -236,7 +330,7 @@ fn suite(name: &str, stand_in: CniStandIn) {
     c.apply(&layout.rules());
     eprintln!("{name}: stand-in and plan in {:?}", started.elapsed());
 
-    let scenarios: [(&str, Scenario); 5] = [
+    let scenarios: [(&str, Scenario); 7] = [
         (
             "steered TCP, large transfer, UDP",
             steered_tcp_large_transfer_and_udp,
@@ -248,6 +342,8 @@ fn suite(name: &str, stand_in: CniStandIn) {
             pod_to_pod_and_pod_to_node_not_steered,
         ),
         ("local egress", local_egress),
+        ("IPv6 steered TCP, large transfer, UDP", steered_ipv6),
+        ("IPv6 excluded, Drop, local egress", ipv6_excluded_drop_and_local),
     ];
     for (scenario, run) in scenarios {
         let t = Instant::now();
@@ -255,6 +351,13 @@ fn suite(name: &str, stand_in: CniStandIn) {
         eprintln!("{name}: {scenario}: ok in {:?}", t.elapsed());
     }
 
+    if stand_in == CniStandIn::CalicoLikeMarks {
+        let kept = c.calico_like_marks_kept_v6("n1").expect("reads the IPv6 counter");
+        assert!(
+            kept > 0,
+            "IPv6 packets left the gateway with the CNI's mark bits intact"
+        );
+    }
     if let Some(packets) = c
         .stand_in_packets(stand_in)
         .expect("reads the stand-in's evidence")

@@ -51,13 +51,15 @@ pub enum CniStandIn {
     CiliumLikeProgram(TcxVerdict),
 }
 
-/// What Calico's chains do with the mark, in nftables: set early, checked late (a counter of the
-/// packets to the external network whose bits are still there).
-const CALICO_LIKE_MARKS: &str = "table ip calico {\n chain raw {\n  \
+/// What Calico's chains do with the mark (iptables and ip6tables alike), in nftables: set early,
+/// checked late (a counter per family of the packets to the external network whose bits are
+/// still there).
+const CALICO_LIKE_MARKS: &str = "table inet calico {\n chain raw {\n  \
      type filter hook prerouting priority -300; policy accept;\n  \
      meta mark set meta mark | 0xabcd0000\n }\n chain kept {\n  \
      type filter hook postrouting priority 300; policy accept;\n  \
-     ip daddr 203.0.113.0/24 meta mark & 0xffff0000 == 0xabcd0000 counter\n }\n}\n";
+     ip daddr 203.0.113.0/24 meta mark & 0xffff0000 == 0xabcd0000 counter\n  \
+     ip6 daddr fd00:203:0:113::/64 meta mark & 0xffff0000 == 0xabcd0000 counter\n }\n}\n";
 
 /// The CNI's program: counts every packet in a map (pinned, shared by every node), then returns
 /// the verdict of the function attached.
@@ -134,12 +136,22 @@ impl Testbed {
     /// Packets that left `node` for the external network (203.0.113.0/24) with the bits
     /// [`CniStandIn::CalicoLikeMarks`] set still on them.
     pub fn calico_like_marks_kept(&self, node: &str) -> Result<u64> {
-        let out = self.run(node, "nft", &["list", "chain", "ip", "calico", "kept"])?;
+        self.calico_like_marks_counter(node, 1)
+    }
+
+    /// [`Testbed::calico_like_marks_kept`] for IPv6 (fd00:203:0:113::/64).
+    pub fn calico_like_marks_kept_v6(&self, node: &str) -> Result<u64> {
+        self.calico_like_marks_counter(node, 2)
+    }
+
+    /// The `nth` counter of the stand-in's `kept` chain.
+    fn calico_like_marks_counter(&self, node: &str, nth: usize) -> Result<u64> {
+        let out = self.run(node, "nft", &["list", "chain", "inet", "calico", "kept"])?;
         out.split("packets ")
-            .nth(1)
+            .nth(nth)
             .and_then(|rest| rest.split_whitespace().next())
             .and_then(|n| n.parse().ok())
-            .with_context(|| format!("no counter in {out}"))
+            .with_context(|| format!("no counter {nth} in {out}"))
     }
 
     /// Flannel's masquerade rules (its `FLANNEL-POSTRTG` chain, here in nftables) in place of the
