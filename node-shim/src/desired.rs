@@ -395,6 +395,8 @@ fn entry_v6(
                     value.egress_id = id;
                     out.snat.v6.entry(ip).or_default().insert(id);
                     out.egress_interfaces.insert(interface.name.clone());
+                    out.egress_routes
+                        .insert(id, (interface.name.clone(), interface.index));
                 }
                 // egress_ip stays zero: the datapath drops (counted), never leaks.
                 Err(e) => {

@@ -1,8 +1,9 @@
 //! Policy routing of a gateway's SNATed traffic out of its policy's egress interface.
 //!
 //! Per egress interface, a routing table (`reply table + 1 + ifindex`) holding a copy of the main
-//! table's IPv4 routes through that interface (kept in sync every tick), and per policy served
-//! here one rule `pref <reply table + 1> fwmark <magic | id>/<magic | reply | id> lookup <table>`.
+//! table's routes of both families through that interface (kept in sync every tick), and per
+//! egress here one rule of each family `pref <reply table + 1> fwmark <magic | id>/<magic | reply |
+//! id> lookup <table>` (egress ids are numbered across both families).
 //! The tunnel bit is outside the mask (tunnelled requests and the gateway's own pods both match);
 //! the reply bit is inside it with value 0 (replies never match), and the reply rule has the lower
 //! preference anyway. Never per pod.
@@ -13,8 +14,16 @@ use crate::{
     error::{Error, Result},
     maps::MarkLayout,
     netdev,
-    netlink::{self, FwmarkRule, MAIN_TABLE, Netlink, Route},
+    netlink::{self, Family, FwmarkRule, MAIN_TABLE, Netlink, Route},
 };
+
+/// The families whose routes and rules are kept: IPv6 only where the kernel has it.
+const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
+
+/// Whether `e` says the kernel has no such family (a kernel built without IPv6).
+fn unsupported(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EAFNOSUPPORT)
+}
 
 /// The routing table of the egress interface with index `ifindex`.
 pub fn table(reply_table: u32, ifindex: u32) -> u32 {
@@ -74,13 +83,21 @@ pub fn sync_tables(tables: &BTreeMap<u32, String>) -> Result<TablesSynced> {
         return Ok(out);
     }
     let mut nl = route_socket()?;
-    let main =
-        netlink::routes(&mut nl, MAIN_TABLE).map_err(|e| Error::io("listing the main routing table", e))?;
+    let mut main = Vec::new();
+    for family in FAMILIES {
+        match netlink::routes_of(&mut nl, MAIN_TABLE, family) {
+            Err(e) if family == Family::V6 && unsupported(&e) => {}
+            r => main.extend(r.map_err(|e| Error::io("listing the main routing table", e))?),
+        }
+    }
     for (table, dev) in tables {
-        let have: BTreeSet<Route> = netlink::routes(&mut nl, *table)
-            .map_err(|e| Error::io(format!("listing routing table {table}"), e))?
-            .into_iter()
-            .collect();
+        let mut have: BTreeSet<Route> = BTreeSet::new();
+        for family in FAMILIES {
+            match netlink::routes_of(&mut nl, *table, family) {
+                Err(e) if family == Family::V6 && unsupported(&e) => {}
+                r => have.extend(r.map_err(|e| Error::io(format!("listing routing table {table}"), e))?),
+            }
+        }
         let want = wanted(&main, netdev::ifindex(dev));
         for r in want.iter().filter(|r| !have.contains(*r)) {
             // One route the kernel refuses must not hold up the plan: the rest still steer.
@@ -111,32 +128,45 @@ pub fn sync_tables(tables: &BTreeMap<u32, String>) -> Result<TablesSynced> {
     Ok(out)
 }
 
-/// Empties table `table`.
+/// Empties table `table` (both families).
 pub fn flush_table(table: u32) {
     if let Err(e) = route_socket().and_then(|mut nl| {
-        netlink::flush_table(&mut nl, table)
-            .map_err(|e| Error::io(format!("emptying routing table {table}"), e))
+        let mut routes = netlink::routes(&mut nl, table)
+            .map_err(|e| Error::io(format!("listing routing table {table}"), e))?;
+        match netlink::routes_of(&mut nl, table, Family::V6) {
+            Err(e) if unsupported(&e) => {}
+            r => routes.extend(r.map_err(|e| Error::io(format!("listing routing table {table}"), e))?),
+        }
+        routes.iter().try_for_each(|r| {
+            netlink::delete_route(&mut nl, table, r)
+                .map_err(|e| Error::io(format!("emptying routing table {table}"), e))
+        })
     }) {
         tracing::warn!(table, error = %e, "emptying an egress table");
     }
 }
 
-/// The egress rules in place.
-fn current_rules(nl: &mut Netlink, reply_table: u32) -> Result<BTreeSet<FwmarkRule>> {
+/// The egress rules of `family` in place (none for a family the kernel lacks).
+fn current_rules(nl: &mut Netlink, reply_table: u32, family: Family) -> Result<BTreeSet<FwmarkRule>> {
     let pref = rule_pref(reply_table);
-    Ok(netlink::fwmark_rules(nl)
-        .map_err(|e| Error::io("listing ip rules", e))?
-        .into_iter()
-        .filter(|r| r.pref == pref)
-        .collect())
+    let rules = match netlink::fwmark_rules_of(nl, family) {
+        Err(e) if family == Family::V6 && unsupported(&e) => Vec::new(),
+        r => r.map_err(|e| Error::io("listing ip rules", e))?,
+    };
+    Ok(rules.into_iter().filter(|r| r.pref == pref).collect())
 }
 
 fn add_missing(nl: &mut Netlink, reply_table: u32, want: &BTreeSet<FwmarkRule>) -> Result<u64> {
-    let have = current_rules(nl, reply_table)?;
     let mut added = 0;
-    for rule in want.difference(&have) {
-        netlink::add_rule(nl, *rule).map_err(|e| Error::io(format!("adding the egress rule {rule:?}"), e))?;
-        added += 1;
+    for family in FAMILIES {
+        let have = current_rules(nl, reply_table, family)?;
+        for rule in want.difference(&have) {
+            match netlink::add_rule_of(nl, *rule, family) {
+                Err(e) if family == Family::V6 && unsupported(&e) => break,
+                r => r.map_err(|e| Error::io(format!("adding the egress rule {rule:?} ({family:?})"), e))?,
+            }
+            added += 1;
+        }
     }
     Ok(added)
 }
@@ -160,10 +190,12 @@ pub fn sync_rules(
     add_missing(&mut nl, reply_table, &want)?;
     let mut gone = BTreeSet::new();
     if prune {
-        for rule in current_rules(&mut nl, reply_table)?.difference(&want) {
-            netlink::delete_rule(&mut nl, *rule)
-                .map_err(|e| Error::io(format!("deleting the egress rule {rule:?}"), e))?;
-            gone.insert(rule.table);
+        for family in FAMILIES {
+            for rule in current_rules(&mut nl, reply_table, family)?.difference(&want) {
+                netlink::delete_rule_of(&mut nl, *rule, family)
+                    .map_err(|e| Error::io(format!("deleting the egress rule {rule:?} ({family:?})"), e))?;
+                gone.insert(rule.table);
+            }
         }
     }
     Ok(gone)
@@ -228,11 +260,13 @@ mod tests {
             route("0.0.0.0/0", Some("198.18.0.1"), 3, Some(100)),
             route("198.18.0.0/24", None, 3, None),
             route("10.0.0.0/8", None, 4, None),
+            route("::/0", Some("fe80::1"), 3, Some(1024)),
+            route("fe80::/64", None, 3, Some(256)),
         ];
         assert_eq!(
             wanted(&main, Some(3)),
-            vec![main[2].clone(), main[1].clone()],
-            "the routes through the interface, connected first"
+            vec![main[2].clone(), main[5].clone(), main[1].clone(), main[4].clone()],
+            "the routes of both families through the interface, connected first"
         );
         assert!(
             wanted(&main, None).is_empty(),

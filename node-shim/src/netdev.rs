@@ -295,8 +295,8 @@ const SETTLE: Duration = Duration::from_millis(10);
 const EVENT_BUFFER: usize = 8192;
 
 impl LinkEvents {
-    /// Subscribes to the link, IPv4 address, IPv4 route and IPv4 rule groups. Needs a Tokio
-    /// runtime.
+    /// Subscribes to the link group and the address, route and rule groups of both families.
+    /// Needs a Tokio runtime.
     pub fn open() -> Result<Self> {
         let subscribe = || -> io::Result<TokioSocket> {
             let mut socket = TokioSocket::new(protocols::NETLINK_ROUTE)?;
@@ -306,6 +306,9 @@ impl LinkEvents {
                 libc::RTNLGRP_IPV4_IFADDR,
                 libc::RTNLGRP_IPV4_ROUTE,
                 libc::RTNLGRP_IPV4_RULE,
+                libc::RTNLGRP_IPV6_IFADDR,
+                libc::RTNLGRP_IPV6_ROUTE,
+                libc::RTNLGRP_IPV6_RULE,
             ] {
                 socket.socket_mut().add_membership(group)?;
             }

@@ -6,9 +6,15 @@
 //! `ip` subprocess. Only the notifications that wake the loop ([`crate::netdev::LinkEvents`])
 //! are read asynchronously.
 
-use std::{fmt::Debug, io, net::Ipv4Addr, os::fd::AsFd, time::Duration};
+use std::{
+    fmt::Debug,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsFd,
+    time::Duration,
+};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
     NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable,
@@ -405,12 +411,12 @@ pub fn flush_table_v6(nl: &mut Netlink, table: u32) -> io::Result<()> {
 /// A plain IPv4 unicast route through one device, with what `ip route` shows of it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Route {
-    pub destination: Ipv4Net,
-    pub gateway: Option<Ipv4Addr>,
+    pub destination: IpNet,
+    pub gateway: Option<IpAddr>,
     pub oif: u32,
     pub protocol: u8,
     pub scope: u8,
-    pub prefsrc: Option<Ipv4Addr>,
+    pub prefsrc: Option<IpAddr>,
     pub metric: Option<u32>,
     pub onlink: bool,
 }
@@ -419,7 +425,7 @@ impl Route {
     /// `default dev <ifindex>`, as `ip route add default dev X` makes it.
     pub fn default_via_device(oif: u32) -> Self {
         Route {
-            destination: Ipv4Net::default(),
+            destination: IpNet::V4(Ipv4Net::default()),
             gateway: None,
             oif,
             protocol: RouteProtocol::Boot.into(),
@@ -430,27 +436,37 @@ impl Route {
         }
     }
 
-    /// The table and route of `message`, when it is a unicast IPv4 route through one device
-    /// (multipath and special routes are not Sluice's business).
+    /// The table and route of `message`, when it is a unicast route (either family) through
+    /// one device (multipath and special routes are not Sluice's business).
     fn from_message(message: &RouteMessage) -> Option<(u32, Self)> {
         let h = &message.header;
-        if h.address_family != AddressFamily::Inet || h.kind != RouteType::Unicast {
+        let unspecified = match h.address_family {
+            AddressFamily::Inet => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+            _ => return None,
+        };
+        if h.kind != RouteType::Unicast {
             return None;
         }
-        let v4 = |a: &RouteAddress| match a {
-            RouteAddress::Inet(ip) => Some(*ip),
-            _ => None,
+        // An address of the message's own family, or none.
+        let ip = |a: &RouteAddress| {
+            let ip = match a {
+                RouteAddress::Inet(ip) => IpAddr::V4(*ip),
+                RouteAddress::Inet6(ip) => IpAddr::V6(*ip),
+                _ => return None,
+            };
+            (ip.is_ipv4() == unspecified.is_ipv4()).then_some(ip)
         };
         let mut table = u32::from(h.table);
         let (mut destination, mut gateway, mut oif, mut prefsrc, mut metric) =
-            (Ipv4Addr::UNSPECIFIED, None, None, None, None);
+            (unspecified, None, None, None, None);
         for a in &message.attributes {
             match a {
                 RouteAttribute::Table(t) => table = *t,
-                RouteAttribute::Destination(d) => destination = v4(d)?,
-                RouteAttribute::Gateway(g) => gateway = Some(v4(g)?),
+                RouteAttribute::Destination(d) => destination = ip(d)?,
+                RouteAttribute::Gateway(g) => gateway = Some(ip(g)?),
                 RouteAttribute::Oif(i) => oif = Some(*i),
-                RouteAttribute::PrefSource(s) => prefsrc = Some(v4(s)?),
+                RouteAttribute::PrefSource(s) => prefsrc = Some(ip(s)?),
                 RouteAttribute::Priority(p) => metric = Some(*p),
                 RouteAttribute::MultiPath(_) => return None,
                 _ => {}
@@ -459,7 +475,7 @@ impl Route {
         Some((
             table,
             Route {
-                destination: Ipv4Net::new(destination, h.destination_prefix_length).ok()?,
+                destination: IpNet::new(destination, h.destination_prefix_length).ok()?,
                 gateway,
                 oif: oif?,
                 protocol: h.protocol.into(),
@@ -472,8 +488,15 @@ impl Route {
     }
 
     fn to_message(&self, table: u32) -> RouteMessage {
+        let address = |ip: IpAddr| match ip {
+            IpAddr::V4(ip) => RouteAddress::Inet(ip),
+            IpAddr::V6(ip) => RouteAddress::Inet6(ip),
+        };
         let mut m = RouteMessage::default();
         m.header = route_header(table);
+        if self.destination.addr().is_ipv6() {
+            m.header.address_family = AddressFamily::Inet6;
+        }
         m.header.destination_prefix_length = self.destination.prefix_len();
         m.header.protocol = RouteProtocol::from(self.protocol);
         m.header.scope = RouteScope::from(self.scope);
@@ -483,17 +506,15 @@ impl Route {
         }
         m.attributes.push(RouteAttribute::Table(table));
         if self.destination.prefix_len() > 0 {
-            m.attributes.push(RouteAttribute::Destination(RouteAddress::Inet(
-                self.destination.addr(),
-            )));
+            m.attributes
+                .push(RouteAttribute::Destination(address(self.destination.addr())));
         }
         if let Some(g) = self.gateway {
-            m.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(g)));
+            m.attributes.push(RouteAttribute::Gateway(address(g)));
         }
         m.attributes.push(RouteAttribute::Oif(self.oif));
         if let Some(s) = self.prefsrc {
-            m.attributes
-                .push(RouteAttribute::PrefSource(RouteAddress::Inet(s)));
+            m.attributes.push(RouteAttribute::PrefSource(address(s)));
         }
         if let Some(p) = self.metric {
             m.attributes.push(RouteAttribute::Priority(p));
@@ -528,14 +549,20 @@ pub const MAIN_TABLE: u32 = RouteHeader::RT_TABLE_MAIN as u32;
 
 /// The plain unicast IPv4 routes of `table` (none when the table does not exist).
 pub fn routes(nl: &mut Netlink, table: u32) -> io::Result<Vec<Route>> {
-    Ok(dump_table(nl, table, Family::V4)?
+    routes_of(nl, table, Family::V4)
+}
+
+/// The plain unicast routes of `family` in `table` (none when the table does not exist).
+pub fn routes_of(nl: &mut Netlink, table: u32, family: Family) -> io::Result<Vec<Route>> {
+    let v6 = family == Family::V6;
+    Ok(dump_table(nl, table, family)?
         .iter()
         .filter_map(|m| match m {
             RouteNetlinkMessage::NewRoute(r) => Route::from_message(r),
             _ => None,
         })
         // Strict checking filters by table, but a kernel without it sends every table.
-        .filter_map(|(t, r)| (t == table).then_some(r))
+        .filter_map(|(t, r)| (t == table && r.destination.addr().is_ipv6() == v6).then_some(r))
         .collect())
 }
 
@@ -621,11 +648,29 @@ mod tests {
             onlink: true,
         };
         let m = route.to_message(8481);
-        assert_eq!(Route::from_message(&m), Some((8481, route)));
+        assert_eq!(Route::from_message(&m), Some((8481, route.clone())));
         let default = Route::default_via_device(3);
         assert_eq!(
             Route::from_message(&default.to_message(8473)),
             Some((8473, default.clone()))
+        );
+
+        let v6 = Route {
+            destination: "::/0".parse().unwrap(),
+            gateway: Some("fe80::1".parse().unwrap()),
+            prefsrc: None,
+            onlink: false,
+            ..route.clone()
+        };
+        let m = v6.to_message(8481);
+        assert_eq!(m.header.address_family, AddressFamily::Inet6);
+        assert_eq!(Route::from_message(&m), Some((8481, v6)), "IPv6 too");
+        let mut mixed = route.to_message(8481);
+        mixed.header.address_family = AddressFamily::Inet6;
+        assert_eq!(
+            Route::from_message(&mixed),
+            None,
+            "IPv4 addresses in an IPv6 route"
         );
 
         let mut multipath = RouteMessage::default();

@@ -673,14 +673,7 @@ fn uninstall_restores_the_normal_path_and_removes_everything() {
 
 /// Packets of the named counter `name` of the external host's `ip probe` table.
 fn probe(c: &Cluster, name: &str) -> u64 {
-    let out = c
-        .run("ext", "nft", &["list", "counter", "ip", "probe", name])
-        .unwrap();
-    out.split_whitespace()
-        .skip_while(|w| *w != "packets")
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no packet count in {out}"))
+    c.nft_counter("ext", "ip probe", name)
 }
 
 #[test]

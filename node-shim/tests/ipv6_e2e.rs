@@ -9,7 +9,7 @@ use std::{net::SocketAddrV6, time::Duration};
 
 use sluice_testbed::{
     EGRESS_N1, EGRESS_N1_V6, EXT_A, EXT_A_V6, EXT_B_V6, EXT_EXCLUDED_V6, FileCluster as Cluster, Gw,
-    POD_CIDR_V6, Rule, craft,
+    POD_CIDR_V6, Rule, UPLINK2_DEVICE, UPLINK2_EXT_V6, UPLINK2_N1_V6, craft,
 };
 
 fn root(name: &str) -> bool {
@@ -432,4 +432,79 @@ fn nodes_with_ipv6_turned_off_steer_ipv4_as_before_and_keep_ipv6_off() {
         .expect("the tunnel device's setting");
         assert_eq!(tunnel.trim(), "1", "{node}: Sluice turned IPv6 on for its tunnel");
     }
+}
+
+/// Packets of the named counter `name` of the external host's `ip6 probe` table.
+fn probe_v6(c: &Cluster, name: &str) -> u64 {
+    c.nft_counter("ext", "ip6 probe", name)
+}
+
+/// A policy's `interface` holds for IPv6 too: SNATed IPv6 traffic leaves by that interface (the
+/// main table would send it by the first uplink, with the second one's address), by one rule
+/// per egress and a table copying the main table's IPv6 routes through the interface.
+#[test]
+fn ipv6_snated_traffic_leaves_by_the_policys_egress_interface() {
+    if !root("ipv6_egress_interface") {
+        return;
+    }
+    let mut c = Cluster::start(env!("CARGO_BIN_EXE_sluice-shim"), &[]).expect("builds the cluster");
+    c.add_second_uplink().expect("second uplink on n1");
+    c.nft(
+        "ext",
+        "table ip6 probe {\n counter uplink2 {}\n counter uplink1 {}\n chain input {\n  \
+         type filter hook input priority 0; policy accept;\n  \
+         tcp dport 8080 tcp flags syn iifname \"up-n1\" counter name uplink2\n  \
+         tcp dport 8080 tcp flags syn iifname \"eth0\" counter name uplink1\n }\n}\n",
+    )
+    .unwrap();
+    let via = |source| Rule {
+        policy: "egress-uplink2",
+        source,
+        destination: EXT_PREFIX_V6,
+        gateway: Gw::NodeVia("n1", UPLINK2_N1_V6, UPLINK2_DEVICE),
+    };
+    c.apply(&[via("p2"), via("p1")]);
+    let rules = c.ip("n1", &["-6", "rule", "show", "pref", "8474"]).unwrap();
+    assert_eq!(rules.lines().count(), 1, "one rule per egress: {rules}");
+    let table = rules.split_whitespace().last().unwrap().to_owned();
+    let routes = c.ip("n1", &["-6", "route", "show", "table", &table]).unwrap();
+    assert!(
+        routes.contains(&format!("default via {UPLINK2_EXT_V6} dev {UPLINK2_DEVICE}")),
+        "the main table's IPv6 routes through the interface: {routes}"
+    );
+
+    // From another node (tunnelled) and from the gateway node itself.
+    for pod in ["p2", "p1"] {
+        let (before2, before1) = (probe_v6(&c, "uplink2"), probe_v6(&c, "uplink1"));
+        let mut conn = c
+            .connect(pod, EXT_A_V6)
+            .expect("connects through the second uplink");
+        assert_eq!(conn.greeting, UPLINK2_N1_V6, "{pod}");
+        assert_eq!(conn.exchange(100_000, 300_000).unwrap(), UPLINK2_N1_V6, "{pod}");
+        assert_eq!(
+            probe_v6(&c, "uplink2"),
+            before2 + 1,
+            "{pod}: arrived on the second uplink"
+        );
+        assert_eq!(probe_v6(&c, "uplink1"), before1, "{pod}: nothing on the first");
+    }
+    // Other traffic keeps the main table's path.
+    let before1 = probe_v6(&c, "uplink1");
+    assert_eq!(c.fetch("p3", EXT_A_V6).unwrap(), c.node_ip_v6("n2"));
+    assert_eq!(probe_v6(&c, "uplink1"), before1 + 1);
+
+    // Removing the policy restores the normal path, and its rule and table go.
+    c.apply(&[]);
+    assert_eq!(c.fetch("p2", EXT_A_V6).unwrap(), c.node_ip_v6("n2"));
+    assert_eq!(c.ip("n1", &["-6", "rule", "show", "pref", "8474"]).unwrap(), "");
+    assert_eq!(c.ip("n1", &["-6", "route", "show", "table", &table]).unwrap(), "");
+
+    // Back again, then uninstalled: rule and table removed.
+    c.apply(&[via("p1")]);
+    assert_eq!(c.fetch("p1", EXT_A_V6).unwrap(), UPLINK2_N1_V6);
+    c.kill_shim("n1");
+    c.uninstall("n1");
+    assert_eq!(c.ip("n1", &["-6", "rule", "show", "pref", "8474"]).unwrap(), "");
+    assert_eq!(c.ip("n1", &["-6", "route", "show", "table", &table]).unwrap(), "");
+    assert_eq!(c.fetch("p1", EXT_A_V6).unwrap(), c.node_ip_v6("n1"));
 }

@@ -349,7 +349,7 @@ fn notifications_come_for_links_addresses_routes_and_rules() {
             .unwrap();
         runtime.block_on(async {
             let mut events = netdev::LinkEvents::open().expect("subscribes");
-            let changes: [&[&str]; 5] = [
+            let changes: [&[&str]; 8] = [
                 &[
                     "link",
                     "add",
@@ -364,6 +364,28 @@ fn notifications_come_for_links_addresses_routes_and_rules() {
                 &["addr", "add", "192.0.2.11/24", "dev", "under0"],
                 &["route", "add", "198.18.0.0/24", "dev", "under0", "table", "8480"],
                 &["rule", "add", "fwmark", "0x10", "lookup", "8480", "pref", "8474"],
+                &[
+                    "-6",
+                    "addr",
+                    "add",
+                    "fd00:192:0:2::11/64",
+                    "dev",
+                    "under0",
+                    "nodad",
+                ],
+                &[
+                    "-6",
+                    "route",
+                    "add",
+                    "fd00:198:18::/64",
+                    "dev",
+                    "under0",
+                    "table",
+                    "8480",
+                ],
+                &[
+                    "-6", "rule", "add", "fwmark", "0x10", "lookup", "8480", "pref", "8474",
+                ],
             ];
             for change in changes {
                 ip(change);

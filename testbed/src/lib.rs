@@ -378,6 +378,20 @@ impl Testbed {
         sh_stdin(&["ip", "netns", "exec", &self.ns(ns), "nft", "-f", "-"], script)
     }
 
+    /// The packets of the named nftables counter `name` of table `table` (`ip probe`, `ip6 probe`)
+    /// in `ns`. Panics when there is none (for tests).
+    pub fn nft_counter(&self, ns: &str, table: &str, name: &str) -> u64 {
+        let (family, table) = table.split_once(' ').expect("FAMILY TABLE");
+        let out = self
+            .run(ns, "nft", &["list", "counter", family, table, name])
+            .unwrap();
+        out.split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no packet count in {out}"))
+    }
+
     /// Runs `program ARGS` inside `ns` to completion; its stdout, or an error with its stderr.
     /// `shim --bpffs-dir <node's> ARGS` inside `node` (the shim CLI: `bpf list`, `bpf flows`…).
     pub fn shim_cli(&self, shim: impl AsRef<OsStr>, node: &str, args: &[&str]) -> Result<String> {
