@@ -264,6 +264,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } sluice_flows_v4 SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct sluice_flow_key_v6);
+	__type(value, struct sluice_flow_v4);
+	__uint(max_entries, 131072); /* overridden at load time (--flow-map-max) */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sluice_flows_v6 SEC(".maps");
+
 /* The gateways a flow may stay pinned to (underlay IP -> 1), written by the shim. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -546,23 +554,17 @@ static __always_inline struct sluice_way entry_way(const struct sluice_entry *v)
 }
 
 /*
- * The way a pod's packet goes: the one its flow is pinned to, while that gateway is pinnable
- * and the entry is the same policy's; else the entry's, which the flow is pinned to from now on
- * (see sluice.h).
+ * The way of the flow `key` in `flows` (sluice_flows_v4 or _v6), whose entry's way is `way`:
+ * the one it is pinned to, while that gateway is pinnable and the entry is the same policy's;
+ * else `way`, which the flow is pinned to from now on (see sluice.h).
  */
-static __always_inline struct sluice_way pinned_way(struct __sk_buff *skb, struct iphdr *ip,
-						    const struct sluice_entry *v,
-						    const struct sluice_config *cfg)
+static __always_inline struct sluice_way pin(struct __sk_buff *skb, void *flows, const void *key,
+					     __u8 protocol, __u8 tcp_flags, __u32 policy_id,
+					     struct sluice_way way)
 {
-	struct sluice_way way = entry_way(v);
-	struct sluice_flow_key_v4 key;
-	__u8 tcp_flags = 0;
-
-	if ((cfg->flags & SLUICE_CFG_NO_FLOW_PINNING) || !flow_key(skb, ip, &key, &tcp_flags))
-		return way;
 	__u64 now = bpf_ktime_get_ns();
-	struct sluice_flow_v4 *f = bpf_map_lookup_elem(&sluice_flows_v4, &key);
-	int live = f && f->policy_id == v->policy_id && !flow_expired(f, key.protocol, now);
+	struct sluice_flow_v4 *f = bpf_map_lookup_elem(flows, key);
+	int live = f && f->policy_id == policy_id && !flow_expired(f, protocol, now);
 
 	if (tcp_flags & SLUICE_TCP_RST) {
 		/* The last packet of the flow still goes where the flow went. */
@@ -571,7 +573,7 @@ static __always_inline struct sluice_way pinned_way(struct __sk_buff *skb, struc
 			way.egress_id = f->egress_id;
 		}
 		if (f)
-			bpf_map_delete_elem(&sluice_flows_v4, &key);
+			bpf_map_delete_elem(flows, key);
 		return way;
 	}
 	if (live) {
@@ -596,14 +598,32 @@ static __always_inline struct sluice_way pinned_way(struct __sk_buff *skb, struc
 	}
 	struct sluice_flow_v4 nf = {
 		.gateway_ip = way.gateway_ip,
-		.policy_id = v->policy_id,
+		.policy_id = policy_id,
 		.last_seen_ns = now,
 		.flags = (tcp_flags & SLUICE_TCP_FIN) ? SLUICE_FLOW_CLOSING : 0,
 		.egress_id = way.egress_id,
 	};
 
-	bpf_map_update_elem(&sluice_flows_v4, &key, &nf, BPF_ANY);
+	bpf_map_update_elem(flows, key, &nf, BPF_ANY);
 	return way;
+}
+
+/*
+ * The way a pod's packet goes: the one its flow is pinned to, while that gateway is pinnable
+ * and the entry is the same policy's; else the entry's, which the flow is pinned to from now on
+ * (see sluice.h).
+ */
+static __always_inline struct sluice_way pinned_way(struct __sk_buff *skb, struct iphdr *ip,
+						    const struct sluice_entry *v,
+						    const struct sluice_config *cfg)
+{
+	struct sluice_way way = entry_way(v);
+	struct sluice_flow_key_v4 key;
+	__u8 tcp_flags = 0;
+
+	if ((cfg->flags & SLUICE_CFG_NO_FLOW_PINNING) || !flow_key(skb, ip, &key, &tcp_flags))
+		return way;
+	return pin(skb, &sluice_flows_v4, &key, key.protocol, tcp_flags, v->policy_id, way);
 }
 
 /* Whether a reply (`ip`, from the tunnel) belongs to a flow the pod pinned to gateway `remote`. */
@@ -936,7 +956,80 @@ static __always_inline int to_tunnel_port_v6(struct __sk_buff *skb, __u8 first, 
 	return dport == bpf_htons((__u16)port);
 }
 
-/* A pod's IPv6 packet: as sluice_from_pod for IPv4, with sluice_entries_v6 (not pinned). */
+/*
+ * The flow key of an IPv6 TCP or UDP packet whose transport header follows the IPv6 header, and
+ * its TCP flags byte (0 for UDP). 0 for anything else (extension headers included).
+ */
+static __always_inline int flow_key_v6(struct __sk_buff *skb, const struct ipv6hdr *ip6,
+				       struct sluice_flow_key_v6 *key, __u8 *tcp_flags)
+{
+	if (ip6->nexthdr != IPPROTO_TCP && ip6->nexthdr != IPPROTO_UDP)
+		return 0;
+	struct {
+		__be16 sport;
+		__be16 dport;
+		__u8 rest[9];
+		__u8 flags; /* TCP: byte 13 of the header */
+	} l4;
+	__u32 len = ip6->nexthdr == IPPROTO_TCP ? sizeof(l4) : 4;
+
+	if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + sizeof(struct ipv6hdr), &l4, len) < 0)
+		return 0;
+	__builtin_memset(key, 0, sizeof(*key));
+	__builtin_memcpy(key->saddr, &ip6->saddr, 16);
+	__builtin_memcpy(key->daddr, &ip6->daddr, 16);
+	key->sport = l4.sport;
+	key->dport = l4.dport;
+	key->protocol = ip6->nexthdr;
+	*tcp_flags = ip6->nexthdr == IPPROTO_TCP ? l4.flags : 0;
+	return 1;
+}
+
+/*
+ * pinned_way for an IPv6 flow whose entry's gateway has an IPv4 underlay address (the way's
+ * gateway_ip); an IPv6 underlay's flows follow their entry.
+ */
+static __always_inline struct sluice_way pinned_way_v6(struct __sk_buff *skb, const struct ipv6hdr *ip6,
+						       const struct sluice_entry_v6 *e,
+						       const struct sluice_config *cfg)
+{
+	struct sluice_way way = {
+		.gateway_ip = underlay_v4(&e->gateway),
+		.egress_id = (e->flags & SLUICE_F_LOCAL_GATEWAY) ? e->egress_id : 0,
+	};
+	struct sluice_flow_key_v6 key;
+	__u8 tcp_flags = 0;
+
+	if (!way.gateway_ip || (cfg->flags & SLUICE_CFG_NO_FLOW_PINNING) ||
+	    !flow_key_v6(skb, ip6, &key, &tcp_flags))
+		return way;
+	return pin(skb, &sluice_flows_v6, &key, key.protocol, tcp_flags, e->policy_id, way);
+}
+
+/* Whether an IPv6 reply (from the tunnel) belongs to a flow the pod pinned to gateway `remote`. */
+static __always_inline int reply_of_pinned_flow_v6(struct __sk_buff *skb, const struct ipv6hdr *ip6,
+						   const struct sluice_addr_v6 *remote)
+{
+	__be32 gateway = underlay_v4(remote);
+	struct sluice_flow_key_v6 reply;
+	__u8 tcp_flags = 0;
+
+	if (!gateway || !flow_key_v6(skb, ip6, &reply, &tcp_flags))
+		return 0;
+	struct sluice_flow_key_v6 key = {
+		.sport = reply.dport,
+		.dport = reply.sport,
+		.protocol = reply.protocol,
+	};
+
+	__builtin_memcpy(key.saddr, reply.daddr, 16);
+	__builtin_memcpy(key.daddr, reply.saddr, 16);
+	struct sluice_flow_v4 *f = bpf_map_lookup_elem(&sluice_flows_v6, &key);
+
+	return f && f->gateway_ip == gateway && bpf_map_lookup_elem(&sluice_pinnable_v4, &gateway);
+}
+
+/* A pod's IPv6 packet: as sluice_from_pod for IPv4, with sluice_entries_v6. */
 static __always_inline int from_pod_v6(struct __sk_buff *skb)
 {
 	void *data = readable(skb, sizeof(struct ethhdr) + sizeof(struct ipv6hdr));
@@ -986,12 +1079,14 @@ static __always_inline int from_pod_v6(struct __sk_buff *skb)
 		count(SLUICE_CTR_ERROR, skb->len);
 		return TC_ACT_SHOT;
 	}
-	if (e->flags & SLUICE_F_LOCAL_GATEWAY) {
-		if (addr_is_zero(&e->egress_ip)) {
-			count(SLUICE_CTR_DROP_NO_EGRESS_IP, skb->len);
-			return TC_ACT_SHOT;
-		}
-		if (mark_for_egress(skb, cfg, e->egress_id, 0) < 0) {
+	if ((e->flags & SLUICE_F_LOCAL_GATEWAY) && addr_is_zero(&e->egress_ip)) {
+		count(SLUICE_CTR_DROP_NO_EGRESS_IP, skb->len);
+		return TC_ACT_SHOT;
+	}
+	struct sluice_way way = pinned_way_v6(skb, ip6, e, cfg);
+
+	if (way.egress_id) {
+		if (mark_for_egress(skb, cfg, way.egress_id, 0) < 0) {
 			count(SLUICE_CTR_ERROR, skb->len);
 			return TC_ACT_SHOT;
 		}
@@ -999,6 +1094,10 @@ static __always_inline int from_pod_v6(struct __sk_buff *skb)
 		return SLUICE_PASS;
 	}
 	struct sluice_addr_v6 gateway = e->gateway;
+
+	/* Pinned to another gateway than the entry's (over an IPv4 underlay). */
+	if (way.gateway_ip && way.gateway_ip != underlay_v4(&gateway))
+		underlay_of_v4(&gateway, way.gateway_ip);
 
 	/* Fail closed: a steered flow must never leave by the normal path. */
 	if (!cfg->tunnel_ifindex || addr_is_zero(&gateway)) {
@@ -1245,12 +1344,18 @@ static __always_inline int from_tunnel_v6(struct __sk_buff *skb, struct sluice_c
 		return egress_here(skb, cfg, e->egress_id, e->policy_id);
 	}
 	e = policy_lookup_v6(&daddr, &saddr);
-	if (e && e->kind == SLUICE_KIND_GATEWAY && (peer_flags & SLUICE_PEER_GATEWAY) &&
-	    !(e->flags & SLUICE_F_LOCAL_GATEWAY) && addr_eq(&e->gateway, remote)) {
-		count(SLUICE_CTR_REPLY_DELIVERED, skb->len);
+	if (e && e->kind == SLUICE_KIND_GATEWAY && (peer_flags & SLUICE_PEER_GATEWAY)) {
+		/* From the gateway its entry names, or its flow is pinned to (see sluice_from_tunnel). */
+		if (!(e->flags & SLUICE_F_LOCAL_GATEWAY) && addr_eq(&e->gateway, remote))
+			count(SLUICE_CTR_REPLY_DELIVERED, skb->len);
+		else if (reply_of_pinned_flow_v6(skb, ip6, remote))
+			count(SLUICE_CTR_PINNED_REPLY_DELIVERED, skb->len);
+		else
+			goto not_a_reply;
 		clamp_mss_v6(skb, cfg->tcp_mss_max);
 		return deliver_to_pod_v6(skb);
 	}
+not_a_reply:
 	/*
 	 * An ICMPv6 error about a steered flow ("packet too big" above all: IPv6 routers never
 	 * fragment), matched by the packet it quotes, which must be steered to the gateway it came

@@ -256,7 +256,9 @@ struct sluice_policy_name {
  * shim keeps meanwhile), and its replies from there are taken; new flows take the new gateway.
  * A flow whose gateway is no longer pinnable (failed, or its drain is over) follows its entry at
  * once. A pin ends with a TCP RST, a few seconds after a FIN, or idle for long (the timeouts
- * below).
+ * below). IPv6 flows are pinned the same way in sluice_flows_v6, whose values are those of
+ * sluice_flows_v4: flows are pinned over an IPv4 underlay only (the gateway an IPv4 address), and
+ * only TCP and UDP directly after the IPv6 header (no extension header).
  */
 #define SLUICE_FLOW_IDLE_TCP_S 3600
 #define SLUICE_FLOW_IDLE_CLOSING_S 10
@@ -281,7 +283,17 @@ struct sluice_flow_key_v4 {
 	__u8 _pad[3];
 };
 
-/* Value of sluice_flows_v4. */
+/* Key of sluice_flows_v6: the flow as the pod sends it. */
+struct sluice_flow_key_v6 {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+	__u8 protocol;
+	__u8 _pad[3];
+};
+
+/* Value of sluice_flows_v4 and sluice_flows_v6. */
 struct sluice_flow_v4 {
 	__be32 gateway_ip;    /* the gateway the flow started on (underlay IP) */
 	__u32 policy_id;      /* of the entry that steered it: another policy's entry unpins it */

@@ -1,6 +1,11 @@
 //! `sluice-shim bpf list`, `bpf counters` and `bpf flows`: the live maps, as tables.
 
-use std::{collections::BTreeMap, fmt::Write, net::IpAddr, path::Path};
+use std::{
+    collections::BTreeMap,
+    fmt::Write,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
 
 use ipnet::IpNet;
 
@@ -88,16 +93,27 @@ pub fn counters(dir: &Path) -> Result<String> {
 pub fn flows(dir: &Path) -> Result<String> {
     let maps = Maps::open_pinned(dir)?;
     let now = monotonic_ns();
-    let mut flows = Vec::new();
-    for item in maps.flows.iter() {
-        let (k, v) = item.map_err(|source| crate::error::Error::Map {
-            name: maps::FLOWS_V4,
+    let map_err = |name| {
+        move |source| crate::error::Error::Map {
+            name,
             action: "reading".into(),
             source,
-        })?;
-        flows.push((k, v));
+        }
+    };
+    let mut flows = Vec::new();
+    for item in maps.flows.iter() {
+        let (k, v) = item.map_err(map_err(maps::FLOWS_V4))?;
+        let at = |ip: u32, port: u16| SocketAddr::new(maps::from_be(ip).into(), u16::from_be(port));
+        flows.push((k.protocol, at(k.saddr, k.sport), at(k.daddr, k.dport), v));
     }
-    flows.sort_by_key(|(k, _)| *k);
+    for item in maps.flows_v6.iter() {
+        let (k, v) = item.map_err(map_err(maps::FLOWS_V6))?;
+        let at = |ip: [u8; 16], port: u16| {
+            SocketAddr::new(std::net::Ipv6Addr::from(ip).into(), u16::from_be(port))
+        };
+        flows.push((k.protocol, at(k.saddr, k.sport), at(k.daddr, k.dport), v));
+    }
+    flows.sort_by_key(|(protocol, source, destination, _)| (*source, *destination, *protocol));
     let pinnable: std::collections::BTreeSet<u32> = maps.pinnable.keys().filter_map(|k| k.ok()).collect();
     Ok(render_flows(&flows, &pinnable, &maps.policy_names()?, now))
 }
@@ -111,7 +127,7 @@ pub(crate) fn monotonic_ns() -> u64 {
 
 /// Renders pinned flows as a table (`now`: CLOCK_MONOTONIC ns, for the idle times).
 pub fn render_flows(
-    flows: &[(maps::FlowKeyV4, maps::FlowV4)],
+    flows: &[(u8, SocketAddr, SocketAddr, maps::FlowV4)],
     pinnable: &std::collections::BTreeSet<u32>,
     names: &BTreeMap<u32, String>,
     now: u64,
@@ -125,8 +141,8 @@ pub fn render_flows(
         "Idle".into(),
         "Policy".into(),
     ]];
-    for (k, v) in flows {
-        let protocol = match k.protocol {
+    for (protocol, source, destination, v) in flows {
+        let protocol = match protocol {
             6 => "tcp".to_owned(),
             17 => "udp".to_owned(),
             p => p.to_string(),
@@ -138,8 +154,8 @@ pub fn render_flows(
         };
         rows.push([
             protocol,
-            format!("{}:{}", maps::from_be(k.saddr), u16::from_be(k.sport)),
-            format!("{}:{}", maps::from_be(k.daddr), u16::from_be(k.dport)),
+            source.to_string(),
+            destination.to_string(),
             if v.egress_id != 0 {
                 format!("{} (this node)", maps::from_be(v.gateway_ip))
             } else {

@@ -9,6 +9,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -76,18 +77,18 @@ pub struct Held {
 }
 
 /// The open flows pinned to a gateway that is still pinnable, counted per (pod, policy id,
-/// gateway), all in network byte order. A closing flow (FIN seen) or one idle past the
-/// datapath's timeout at `now_ns` (CLOCK_MONOTONIC, the datapath's clock) is about to end or
-/// over, and is left out.
+/// gateway; the gateway in network byte order), of both families ([`crate::datapath::Maps::pins`]).
+/// A closing flow (FIN seen) or one idle past the datapath's timeout at `now_ns`
+/// (CLOCK_MONOTONIC, the datapath's clock) is about to end or over, and is left out.
 pub fn pinned_flows(
-    flows: impl IntoIterator<Item = (crate::maps::FlowKeyV4, crate::maps::FlowV4)>,
+    flows: impl IntoIterator<Item = crate::datapath::Pin>,
     pinnable: &BTreeSet<u32>,
     now_ns: u64,
-) -> BTreeMap<(u32, u32, u32), u32> {
+) -> BTreeMap<(IpAddr, u32, u32), u32> {
     use crate::maps::{FLOW_CLOSING, FLOW_IDLE_TCP_S, FLOW_IDLE_UDP_S};
     let mut out = BTreeMap::new();
-    for (k, v) in flows {
-        let idle_limit = if k.protocol == 6 {
+    for (pod, protocol, v) in flows {
+        let idle_limit = if protocol == 6 {
             FLOW_IDLE_TCP_S
         } else {
             FLOW_IDLE_UDP_S
@@ -96,7 +97,7 @@ pub fn pinned_flows(
         if !pinnable.contains(&v.gateway_ip) || v.flags & FLOW_CLOSING != 0 || idle >= u64::from(idle_limit) {
             continue;
         }
-        *out.entry((k.saddr, v.policy_id, v.gateway_ip)).or_insert(0) += 1;
+        *out.entry((pod, v.policy_id, v.gateway_ip)).or_insert(0) += 1;
     }
     out
 }
@@ -129,27 +130,31 @@ pub fn held(bpffs_dir: &Path) -> Held {
             })
             .collect();
         // (pod, policy id, gateway) as reported: the policy by name (ids are the node's own).
-        let named = |held: BTreeSet<(u32, u32, u32)>| -> Vec<v2::HeldPod> {
+        let named = |held: BTreeSet<(IpAddr, u32, u32)>| -> Vec<v2::HeldPod> {
             held.into_iter()
                 .filter_map(|(pod, policy, gateway)| {
                     Some(v2::HeldPod {
                         policy: names.get(&policy)?.clone(),
-                        pod: ip(pod),
+                        pod: convert::ip_to_wire(pod),
                         gateway: ip(gateway),
                     })
                 })
                 .collect()
         };
-        let pods = named(layout.assignments());
+        let pods = named(
+            layout
+                .assignments()
+                .into_iter()
+                .map(|(pod, policy, gateway)| (IpAddr::V4(crate::maps::from_be(pod)), policy, gateway))
+                .collect(),
+        );
         // A flow map that cannot be read costs only the flows' pins, not the rest of the report.
         let pinnable: BTreeSet<u32> = maps.pinnable.keys().filter_map(|k| k.ok()).collect();
         let pinned = if pinnable.is_empty() {
             BTreeSet::new()
         } else {
             let now = crate::bpf::monotonic_ns();
-            pinned_flows(maps.flows.iter().filter_map(|f| f.ok()), &pinnable, now)
-                .into_keys()
-                .collect()
+            pinned_flows(maps.pins(), &pinnable, now).into_keys().collect()
         };
         Ok(Held {
             slots,
@@ -186,18 +191,20 @@ pub fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::maps::{FLOW_CLOSING, FlowKeyV4, FlowV4};
+    use crate::maps::{FLOW_CLOSING, FlowV4};
 
-    fn flow(pod: u32, sport: u16, gateway: u32, policy: u32, flags: u32) -> (FlowKeyV4, FlowV4) {
+    fn pod(n: u8) -> IpAddr {
+        if n == 4 {
+            "fd00:10:244:2::10".parse().unwrap()
+        } else {
+            IpAddr::from([10, 244, 2, n])
+        }
+    }
+
+    fn flow(n: u8, gateway: u32, policy: u32, flags: u32) -> crate::datapath::Pin {
         (
-            FlowKeyV4 {
-                saddr: pod,
-                daddr: 99,
-                sport,
-                dport: 443,
-                protocol: 6,
-                _pad: [0; 3],
-            },
+            pod(n),
+            6,
             FlowV4 {
                 gateway_ip: gateway,
                 policy_id: policy,
@@ -212,30 +219,31 @@ mod tests {
 
     #[test]
     fn pinned_flows_are_the_open_ones_on_pinnable_gateways_counted() {
-        let mut idle_udp = flow(1, 1003, 10, 7, 0);
-        idle_udp.0.protocol = 17;
-        idle_udp.1.last_seen_ns = NOW - 121 * 1_000_000_000;
+        let mut idle_udp = flow(1, 10, 7, 0);
+        idle_udp.1 = 17;
+        idle_udp.2.last_seen_ns = NOW - 121 * 1_000_000_000;
         let mut live_udp = idle_udp;
-        live_udp.0.sport = 1004;
-        live_udp.1.last_seen_ns = NOW - 119 * 1_000_000_000;
+        live_udp.2.last_seen_ns = NOW - 119 * 1_000_000_000;
         let flows = [
             // Two flows of pod 1 on gateway 10 (pinnable), and a live UDP one: three.
-            flow(1, 1000, 10, 7, 0),
-            flow(1, 1001, 10, 7, 0),
+            flow(1, 10, 7, 0),
+            flow(1, 10, 7, 0),
             live_udp,
             // Idle past the UDP timeout: over.
             idle_udp,
             // Closing: about to end.
-            flow(2, 1000, 10, 7, FLOW_CLOSING),
+            flow(2, 10, 7, FLOW_CLOSING),
             // On a gateway no longer pinnable: the datapath lets it follow its entry.
-            flow(3, 1000, 20, 7, 0),
+            flow(3, 20, 7, 0),
             // Another policy, same pod and gateway.
-            flow(1, 1002, 10, 8, 0),
+            flow(1, 10, 8, 0),
+            // An IPv6 pod's flow, on the same gateway.
+            flow(4, 10, 7, 0),
         ];
         let pinnable = BTreeSet::from([10]);
         assert_eq!(
             pinned_flows(flows, &pinnable, NOW),
-            BTreeMap::from([((1, 7, 10), 3), ((1, 8, 10), 1)])
+            BTreeMap::from([((pod(1), 7, 10), 3), ((pod(1), 8, 10), 1), ((pod(4), 7, 10), 1)])
         );
         assert!(pinned_flows(flows, &BTreeSet::new(), NOW).is_empty());
     }

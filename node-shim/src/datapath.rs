@@ -102,9 +102,13 @@ pub struct Maps {
     pub fence_deadline: Array<MapData, u64>,
     /// Pinned flows (written by the datapath; the shim only reads them).
     pub flows: HashMap<MapData, maps::FlowKeyV4, maps::FlowV4>,
+    pub flows_v6: HashMap<MapData, maps::FlowKeyV6, maps::FlowV4>,
     /// The gateways a flow may stay pinned to (underlay IP, network byte order -> 1).
     pub pinnable: HashMap<MapData, u32, u32>,
 }
+
+/// A pinned flow as [`Maps::pins`] reads it: the pod's address, the protocol, the pin.
+pub type Pin = (IpAddr, u8, maps::FlowV4);
 
 fn map_err<'a>(name: &'static str, action: &'a str) -> impl FnOnce(aya::maps::MapError) -> Error + 'a {
     move |source| {
@@ -181,8 +185,24 @@ impl Maps {
             managed_v6: typed!(maps::MANAGED_V6),
             fence_deadline: typed!(maps::FENCE_DEADLINE),
             flows: typed!(maps::FLOWS_V4),
+            flows_v6: typed!(maps::FLOWS_V6),
             pinnable: typed!(maps::PINNABLE_V4),
         })
+    }
+
+    /// Every pinned flow of both families (an unreadable one skipped).
+    pub fn pins(&self) -> impl Iterator<Item = Pin> + '_ {
+        let v4 = self
+            .flows
+            .iter()
+            .filter_map(|f| f.ok())
+            .map(|(k, v)| (IpAddr::V4(maps::from_be(k.saddr)), k.protocol, v));
+        let v6 = self
+            .flows_v6
+            .iter()
+            .filter_map(|f| f.ok())
+            .map(|(k, v)| (IpAddr::V6(k.saddr.into()), k.protocol, v));
+        v4.chain(v6)
     }
 
     /// Registers `ip`, put on interface `ifindex`, as a managed egress IP: the fence drops what
@@ -374,6 +394,7 @@ impl Datapath {
             .map_max_entries(maps::DESTINATIONS_V4, capacity.destinations)
             .map_max_entries(maps::SOURCES_V4, capacity.sources)
             .map_max_entries(maps::FLOWS_V4, capacity.flows)
+            .map_max_entries(maps::FLOWS_V6, capacity.flows)
             .load(OBJECT)
             .map_err(|e| {
                 if is_permission_error(&e) {

@@ -82,6 +82,8 @@ pub const MANAGED_V6: &str = "sluice_managed_v6";
 pub const FENCE_DEADLINE: &str = "sluice_fence_deadline";
 /// Pinned flows: [`FlowKeyV4`] -> [`FlowV4`] (LRU), written by the datapath.
 pub const FLOWS_V4: &str = "sluice_flows_v4";
+/// Pinned IPv6 flows: [`FlowKeyV6`] -> [`FlowV4`] (LRU; pinned over an IPv4 underlay only).
+pub const FLOWS_V6: &str = "sluice_flows_v6";
 /// The gateways a flow may stay pinned to (underlay IP, network byte order -> 1).
 pub const PINNABLE_V4: &str = "sluice_pinnable_v4";
 
@@ -91,7 +93,7 @@ pub const PINNABLE_V4: &str = "sluice_pinnable_v4";
 include!(concat!(env!("OUT_DIR"), "/sluice_h.rs"));
 
 /// Every map of the object, in the order `bpf` subcommands open them.
-pub const ALL_MAPS: [&str; 25] = [
+pub const ALL_MAPS: [&str; 26] = [
     SOURCES_V4,
     DESTINATIONS_V4,
     HELD_SLOTS_V4,
@@ -116,6 +118,7 @@ pub const ALL_MAPS: [&str; 25] = [
     MANAGED_V6,
     FENCE_DEADLINE,
     FLOWS_V4,
+    FLOWS_V6,
     PINNABLE_V4,
 ];
 
@@ -566,7 +569,21 @@ pub struct FlowKeyV4 {
     pub _pad: [u8; 3],
 }
 
-/// Value of `sluice_flows_v4` (`struct sluice_flow_v4`).
+/// Key of `sluice_flows_v6` (`struct sluice_flow_key_v6`): an IPv6 flow as the pod sends it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(C)]
+pub struct FlowKeyV6 {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `sluice_flows_v4` and `sluice_flows_v6` (`struct sluice_flow_v4`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[repr(C)]
 pub struct FlowV4 {
@@ -607,6 +624,7 @@ unsafe impl aya::Pod for ReplyV4 {}
 unsafe impl aya::Pod for PolicyName {}
 unsafe impl aya::Pod for Managed {}
 unsafe impl aya::Pod for FlowKeyV4 {}
+unsafe impl aya::Pod for FlowKeyV6 {}
 unsafe impl aya::Pod for FlowV4 {}
 
 /// A map's key or value type as this build has it.
@@ -629,7 +647,7 @@ impl TypeLayout {
 
 /// Every map with its key and value types (`tests::layouts_match_the_object` checks them against
 /// the object, sizes and BTF types).
-const MAP_TYPES: [(&str, TypeLayout, TypeLayout); 25] = [
+const MAP_TYPES: [(&str, TypeLayout, TypeLayout); 26] = [
     (SOURCES_V4, TypeLayout::of::<u32>(), TypeLayout::of::<SourceV4>()),
     (
         DESTINATIONS_V4,
@@ -686,12 +704,17 @@ const MAP_TYPES: [(&str, TypeLayout, TypeLayout); 25] = [
         TypeLayout::of::<FlowKeyV4>(),
         TypeLayout::of::<FlowV4>(),
     ),
+    (
+        FLOWS_V6,
+        TypeLayout::of::<FlowKeyV6>(),
+        TypeLayout::of::<FlowV4>(),
+    ),
     (PINNABLE_V4, TypeLayout::of::<u32>(), TypeLayout::of::<u32>()),
 ];
 
 /// Every map with the key and value sizes this build's types have: what a pinned map must match
 /// to be adopted.
-pub fn layouts() -> [(&'static str, usize, usize); 25] {
+pub fn layouts() -> [(&'static str, usize, usize); 26] {
     MAP_TYPES.map(|(name, key, value)| (name, key.size, value.size))
 }
 
@@ -1145,6 +1168,17 @@ mod tests {
                 }),
             ),
             (
+                "sluice_flow_key_v6",
+                rust_layout!(FlowKeyV6 {
+                    saddr,
+                    daddr,
+                    sport,
+                    dport,
+                    protocol,
+                    _pad
+                }),
+            ),
+            (
                 "sluice_flow_v4",
                 rust_layout!(FlowV4 {
                     gateway_ip,
@@ -1284,6 +1318,7 @@ mod tests {
     fn flow_maps_are_sized_by_the_defaults_and_the_header() {
         let object = object();
         assert_eq!(object.maps[FLOWS_V4].max_entries(), DEFAULT_FLOW_MAP_MAX);
+        assert_eq!(object.maps[FLOWS_V6].max_entries(), DEFAULT_FLOW_MAP_MAX);
         assert_eq!(object.maps[PINNABLE_V4].max_entries(), PINNABLE_V4_MAX);
     }
 

@@ -717,11 +717,7 @@ impl Agent {
         let counts = if gateways.is_empty() {
             BTreeMap::new()
         } else {
-            crate::client::pinned_flows(
-                self.dp.maps.flows.iter().filter_map(|f| f.ok()),
-                &gateways,
-                crate::bpf::monotonic_ns(),
-            )
+            crate::client::pinned_flows(self.dp.maps.pins(), &gateways, crate::bpf::monotonic_ns())
         };
         let names = self.ids.names();
         let report = PinnedReport {
@@ -730,7 +726,7 @@ impl Agent {
                 .filter_map(|((pod, policy, gateway), flows)| {
                     Some(sluice_proto::v2::PinnedFlowCount {
                         policy: (*names.get(&policy)?).to_owned(),
-                        pod: sluice_proto::convert::ip_to_wire(maps::from_be(pod).into()),
+                        pod: sluice_proto::convert::ip_to_wire(pod),
                         gateway: sluice_proto::convert::ip_to_wire(maps::from_be(gateway).into()),
                         flows,
                     })

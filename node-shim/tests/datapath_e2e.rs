@@ -958,7 +958,7 @@ fn a_pod_that_floods_the_flow_map_loses_only_its_own_pins_and_nothing_leaks() {
         .expect("builds the cluster");
     let (before, via_n3) = p2_through_n1_then_n3(&mut c);
     let mut open = c.open_connections("p2", EXT_A, 3, EGRESS_N1).unwrap();
-    let moved = lingering(c.plan(std::slice::from_ref(&via_n3)), &before, "n2", "n1");
+    let moved = c.with_lingering(c.plan(std::slice::from_ref(&via_n3)), &before, "n2", "n1");
     c.try_apply_plan(&serde_json::to_vec(&moved).unwrap(), Duration::from_secs(20))
         .unwrap();
     assert_eq!(
@@ -1002,15 +1002,6 @@ fn a_pod_that_floods_the_flow_map_loses_only_its_own_pins_and_nothing_leaks() {
     assert_eq!(c.fetch("p2", EXT_A).unwrap(), EGRESS_N3, "new connections");
 }
 
-/// `plan` with node `node`'s section given `pinnableGateways` [`gateway`] only (a gateway that
-/// keeps nothing for it: the node itself, whose pods' flows left from there).
-fn pinnable_only(mut plan: serde_json::Value, node: &str, gateway: &str) -> serde_json::Value {
-    let nodes = plan["nodes"].as_array_mut().unwrap();
-    let section = nodes.iter_mut().find(|n| n["name"] == node).unwrap();
-    section["pinnableGateways"] = serde_json::json!([sluice_testbed::node_ip(gateway)]);
-    plan
-}
-
 /// A pod on its own gateway node (p1 on n1, leaving from n1): a planned change sends it through
 /// n3, while n1 stays pinnable for its own pods' flows. The connections open from n1 keep leaving
 /// from n1 with its egress IP (SNAT rules and egress kept although no entry uses them), new ones go
@@ -1030,7 +1021,7 @@ fn a_pod_on_its_own_gateway_node_keeps_its_open_flows_across_a_planned_change_bo
     c.try_apply_plan(&serde_json::to_vec(&local).unwrap(), Duration::from_secs(20))
         .unwrap();
     let mut open = c.open_connections("p1", EXT_A, 2, EGRESS_N1).unwrap();
-    let moved = pinnable_only(c.plan(std::slice::from_ref(&via_n3)), "n1", "n1");
+    let moved = c.with_pinnable(c.plan(std::slice::from_ref(&via_n3)), "n1", "n1");
     c.try_apply_plan(&serde_json::to_vec(&moved).unwrap(), Duration::from_secs(20))
         .unwrap();
     for conn in &mut open {
@@ -1055,7 +1046,7 @@ fn a_pod_on_its_own_gateway_node_keeps_its_open_flows_across_a_planned_change_bo
     c.try_apply_plan(&serde_json::to_vec(&remote).unwrap(), Duration::from_secs(20))
         .unwrap();
     let mut open = c.open_connections("p1", EXT_A, 2, EGRESS_N3).unwrap();
-    let back = lingering(c.plan(&[policy_a("p1")]), &remote, "n1", "n3");
+    let back = c.with_lingering(c.plan(&[policy_a("p1")]), &remote, "n1", "n3");
     c.try_apply_plan(&serde_json::to_vec(&back).unwrap(), Duration::from_secs(20))
         .unwrap();
     let delivered = c.counter("n1", "pinned_reply_delivered");
@@ -1102,7 +1093,7 @@ fn a_udp_flow_keeps_its_gateway_across_a_planned_change() {
     };
     assert_eq!(seen_from(FLOW_PORT), [EGRESS_N1]);
 
-    let moved = lingering(c.plan(std::slice::from_ref(&via_n3)), &before, "n2", "n1");
+    let moved = c.with_lingering(c.plan(std::slice::from_ref(&via_n3)), &before, "n2", "n1");
     c.try_apply_plan(&serde_json::to_vec(&moved).unwrap(), Duration::from_secs(20))
         .unwrap();
     let pinned_before = c.counter("n2", "pinned");
@@ -1130,37 +1121,6 @@ fn a_udp_flow_keeps_its_gateway_across_a_planned_change() {
     );
 }
 
-/// `plan` with node `node`'s section given `pinnableGateways` and, appended to node `gateway`'s
-/// entries, those `gateway` held in `before` (what the operator keeps on a gateway that pods
-/// moved away from by a planned change).
-fn lingering(
-    mut plan: serde_json::Value,
-    before: &serde_json::Value,
-    node: &str,
-    gateway: &str,
-) -> serde_json::Value {
-    let section = |p: &serde_json::Value, name: &str| {
-        p["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .position(|n| n["name"] == name)
-            .unwrap()
-    };
-    let (g_before, g_now, n_now) = (
-        section(before, gateway),
-        section(&plan, gateway),
-        section(&plan, node),
-    );
-    let kept = before["nodes"][g_before]["entries"].as_array().unwrap().clone();
-    plan["nodes"][g_now]["entries"]
-        .as_array_mut()
-        .unwrap()
-        .extend(kept);
-    plan["nodes"][n_now]["pinnableGateways"] = serde_json::json!([sluice_testbed::node_ip(gateway)]);
-    plan
-}
-
 /// Pinned flows: the pod's gateway changes from n1 to n3 by a planned change while n1 keeps the
 /// pod's entries and stays pinnable. The connections open through n1 keep going through it (same
 /// egress IP, every byte), new ones go through n3, and n1's replies are taken. Once n1 is no
@@ -1179,7 +1139,7 @@ fn open_flows_keep_their_gateway_across_a_planned_change_and_new_ones_take_the_n
     );
 
     // The planned change: p2's entry now names n3; n1 keeps p2's entries and is pinnable.
-    let moved = lingering(c.plan(std::slice::from_ref(&via_n3)), &before, "n2", "n1");
+    let moved = c.with_lingering(c.plan(std::slice::from_ref(&via_n3)), &before, "n2", "n1");
     c.try_apply_plan(&serde_json::to_vec(&moved).unwrap(), Duration::from_secs(20))
         .unwrap();
     let pinned_before = c.counter("n2", "pinned");

@@ -184,6 +184,46 @@ impl FileCluster {
         serde_json::json!({"nodes": nodes, "policies": []})
     }
 
+    /// `plan` with node `node`'s section given `pinnableGateways` [`gateway`] only (a gateway
+    /// that keeps nothing for it: the node itself, whose pods' flows left from there).
+    pub fn with_pinnable(&self, mut plan: serde_json::Value, node: &str, gateway: &str) -> serde_json::Value {
+        let nodes = plan["nodes"].as_array_mut().expect("nodes");
+        let section = nodes.iter_mut().find(|n| n["name"] == node).expect("the node");
+        section["pinnableGateways"] = serde_json::json!([self.underlay_ip(gateway)]);
+        plan
+    }
+
+    /// `plan` with node `node`'s section given `pinnableGateways` [`gateway`] and, appended to
+    /// node `gateway`'s entries, those `gateway` held in `before` (what the operator keeps on a
+    /// gateway that pods moved away from by a planned change).
+    pub fn with_lingering(
+        &self,
+        plan: serde_json::Value,
+        before: &serde_json::Value,
+        node: &str,
+        gateway: &str,
+    ) -> serde_json::Value {
+        let section = |p: &serde_json::Value, name: &str| {
+            p["nodes"]
+                .as_array()
+                .expect("nodes")
+                .iter()
+                .position(|n| n["name"] == name)
+                .expect("the node")
+        };
+        let mut plan = self.with_pinnable(plan, node, gateway);
+        let (g_before, g_now) = (section(before, gateway), section(&plan, gateway));
+        let kept = before["nodes"][g_before]["entries"]
+            .as_array()
+            .expect("entries")
+            .clone();
+        plan["nodes"][g_now]["entries"]
+            .as_array_mut()
+            .expect("entries")
+            .extend(kept);
+        plan
+    }
+
     /// Replaces the plan file atomically (the shims pick it up on their next tick).
     pub fn write_plan_bytes(&mut self, bytes: &[u8]) -> Result<()> {
         let path = self.plan_path();
