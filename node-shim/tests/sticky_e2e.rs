@@ -12,7 +12,7 @@
 
 use std::{fs, path::PathBuf, time::Duration};
 
-use sluice_testbed::{Conn, EGRESS_N1, EGRESS_N3, EXT_A, NODES, Stream, Testbed, wait_for};
+use sluice_testbed::{Conn, EGRESS_N1, EGRESS_N3, EXT_A, EXT_A_V6, NODES, Stream, Testbed, wait_for};
 
 mod support;
 
@@ -37,8 +37,20 @@ fn open_connections_stay_and_new_ones_move(
     old_ip: &str,
     new_ip: &str,
 ) {
+    open_connections_to_stay(tb, EXT_A, open, stream, old_ip, new_ip);
+}
+
+/// [`open_connections_stay_and_new_ones_move`] for connections to `dst`.
+fn open_connections_to_stay(
+    tb: &Testbed,
+    dst: &str,
+    open: &mut [Conn],
+    stream: Stream,
+    old_ip: &str,
+    new_ip: &str,
+) {
     let moved = wait_for(Duration::from_secs(15), || {
-        tb.fetch("p2", EXT_A).is_ok_and(|seen| seen == new_ip)
+        tb.fetch("p2", dst).is_ok_and(|seen| seen == new_ip)
     });
     assert!(moved, "p2's new connections never moved\n{}", logs(tb));
     std::thread::sleep(Duration::from_secs(2));
@@ -441,4 +453,93 @@ fn a_failed_gateway_ends_its_connections_and_new_ones_fail_over_in_time() {
         open.exchange(1000, 1000).is_err(),
         "a connection outlived its gateway's NAT state"
     );
+}
+
+/// The drain of the pod's gateway with IPv6 connections open (dual-stack cluster, IPv4
+/// underlay): new IPv6 connections take the other candidate, the open ones stay on the drained
+/// gateway byte for byte (pinned IPv6 flows over its lingering entries), also across an
+/// operator restart (the new one takes them from the flows p2's node reports), and once they
+/// are closed the drained gateway lets go of p2's IPv6 entries.
+#[test]
+fn open_ipv6_connections_survive_a_drain_and_an_operator_restart() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIP sticky_e2e: needs root (network namespaces, eBPF); CI runs it as root");
+        return;
+    }
+    let (mut tb, dir, tokens) = live_testbed();
+    fs::write(dir.join("cluster.yaml"), support::dual_stack_cluster()).unwrap();
+    let policy = "apiVersion: sluice.dev/v1alpha1\nkind: EgressGatewayPolicy\nmetadata:\n  name: checkout-to-psp\n\
+         spec:\n  selectors:\n    - podSelector:\n        matchLabels: {app: checkout}\n  \
+         destinationCIDRs: [203.0.113.0/24, \"fd00:203:0:113::/64\"]\n  egressGateway:\n    nodeSelector:\n      \
+         matchLabels: {sluice.dev/egress: \"true\"}\n  failurePolicy: Drop\n";
+    fs::write(dir.join("policy.yaml"), policy).unwrap();
+    let operator = Operator::start(tb.ns("ul"), options(&dir, &tokens, GRACE));
+    for (node, _) in NODES {
+        start_shim(&mut tb, node, &tokens);
+    }
+    let (n1, n3) = (tb.node_ip_v6("n1"), tb.node_ip_v6("n3"));
+    let mut first = String::new();
+    let steered = wait_for(Duration::from_secs(30), || {
+        tb.fetch("p2", EXT_A_V6).is_ok_and(|seen| {
+            first = seen;
+            first == n1 || first == n3
+        })
+    });
+    assert!(steered, "p2's IPv6 never left through a gateway\n{}", logs(&tb));
+    let (drained, drained_ip, other_ip) = if first == n1 {
+        ("n1", n1, n3)
+    } else {
+        ("n3", n3, n1)
+    };
+    let mut open = tb.open_connections("p2", EXT_A_V6, 3, &drained_ip).unwrap();
+    let stream = tb.stream("p2", EXT_A_V6);
+
+    let cluster = fs::read_to_string(dir.join("cluster.yaml")).unwrap();
+    let n = &drained[1..];
+    let spec = format!("spec:\n  podCIDRs: [10.244.{n}.0/24, \"fd00:10:244:{n}::/64\"]\n");
+    assert!(
+        cluster.contains(&spec),
+        "the dual-stack cluster changed: {cluster}"
+    );
+    fs::write(
+        dir.join("cluster.yaml"),
+        cluster.replace(&spec, &format!("{spec}  unschedulable: true\n")),
+    )
+    .unwrap();
+    open_connections_to_stay(&tb, EXT_A_V6, &mut open, stream, &drained_ip, &other_ip);
+
+    let stream = tb.stream("p2", EXT_A_V6);
+    let operator = restart(&tb, operator, &dir, &tokens);
+    for c in &mut open {
+        assert_eq!(
+            c.exchange(100_000, 100_000).as_deref(),
+            Ok(drained_ip.as_str()),
+            "an open IPv6 connection broke or moved across the operator restart\n{}",
+            logs(&tb)
+        );
+    }
+    let outcomes = stream.stop();
+    let failed: Vec<_> = outcomes
+        .iter()
+        .filter(|o| o.as_deref() != Ok(other_ip.as_str()))
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}\n{}", logs(&tb));
+
+    let holds_p2 = |tb: &Testbed| {
+        tb.shim_cli(env!("CARGO_BIN_EXE_sluice-shim"), drained, &["bpf", "list"])
+            .unwrap()
+            .contains("fd00:10:244:2::10")
+    };
+    assert!(
+        holds_p2(&tb),
+        "the drained gateway keeps p2's IPv6 entries while it has connections"
+    );
+    drop(open);
+    let released = wait_for(Duration::from_secs(30), || !holds_p2(&tb));
+    assert!(
+        released,
+        "the drain outlived its IPv6 connections by 30 s\n{}",
+        logs(&tb)
+    );
+    drop(operator);
 }
