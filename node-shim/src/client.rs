@@ -168,7 +168,8 @@ pub fn held(bpffs_dir: &Path) -> Held {
     })
 }
 
-/// Starts the session to the operator as a task of the current Tokio runtime.
+/// The session to the operator, started as a task of the current Tokio runtime by
+/// [`OperatorPlans::connect`].
 pub fn start(
     config: Config,
     node: String,
@@ -180,11 +181,15 @@ pub fn start(
     let (applied_tx, applied_rx) = watch::channel(Applied::default());
     let hello: HelloFn = Arc::new(move || hello(&node, &pod_interfaces, &tunnel_device, &bpffs_dir));
     let contact = config.contact.clone();
-    tokio::spawn(client::run(config, hello, updates_tx, applied_rx));
+    let runtime = tokio::runtime::Handle::current();
+    let connect = move || {
+        runtime.spawn(client::run(config, hello, updates_tx, applied_rx));
+    };
     OperatorPlans {
         updates: Some(updates),
         applied: Arc::new(applied_tx),
         contact,
+        connect: Some(crate::run::Connect(Box::new(connect))),
     }
 }
 

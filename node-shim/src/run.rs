@@ -113,6 +113,19 @@ pub struct OperatorPlans {
     pub applied: Arc<watch::Sender<Applied>>,
     /// When the operator was last heard from.
     pub contact: client::Contact,
+    /// Starts the session (once): [`run`] calls it when the datapath is loaded, so that the
+    /// first hello reports what the pinned maps hold, also right after an upgrade that added
+    /// maps (until the datapath is loaded, they are not pinned yet).
+    pub connect: Option<Connect>,
+}
+
+/// Starts a session (see [`OperatorPlans::connect`]).
+pub struct Connect(pub Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for Connect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Connect")
+    }
 }
 
 /// Runs until an unrecoverable error. Transient failures (a bad plan file, a missing egress IP)
@@ -128,12 +141,15 @@ pub async fn run(mut opts: Options) -> Result<()> {
     if let Some(path) = &opts.status_file {
         remove_status(path)?;
     }
-    let mut updates = match &mut opts.plan {
-        PlanSource::Operator(link) => link.updates.take(),
-        PlanSource::File(_) => None,
+    let (mut updates, connect) = match &mut opts.plan {
+        PlanSource::Operator(link) => (link.updates.take(), link.connect.take()),
+        PlanSource::File(_) => (None, None),
     };
     let interval = opts.interval;
     let mut agent = blocking(move || Agent::start(opts)).await?;
+    if let Some(Connect(connect)) = connect {
+        connect();
+    }
     let mut events = netdev::LinkEvents::open()?;
     let mut received = Vec::new();
     loop {
