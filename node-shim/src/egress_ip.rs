@@ -151,6 +151,12 @@ pub enum AddressError {
     )]
     NoEthernetInterface { ifindex: u32 },
 
+    #[error(
+        "IPv6 is turned off on interface {ifindex} (disable_ipv6), so {ip} cannot be put on it; \
+         turn IPv6 on there or give the policy IPv4 addresses"
+    )]
+    Ipv6Off { ip: Ipv6Addr, ifindex: u32 },
+
     #[error("{action}")]
     Io {
         action: String,
@@ -1240,6 +1246,11 @@ impl AddressManager {
         }
         if !held.is_empty() {
             return Ok(Claimed::HeldUnmarked);
+        }
+        if let IpAddr::V6(ip) = ip
+            && !crate::netdev::ipv6_enabled(ifindex)
+        {
+            return Err(AddressError::Ipv6Off { ip, ifindex });
         }
         let wire = Wire::open(ifindex, ip)?;
         match probe(&wire, &self.probing)

@@ -712,6 +712,16 @@ fn an_ipv6_duplicate_is_found_by_the_probe_and_never_claimed() {
         ProbeOutcome::Free
     );
 
+    // An interface with IPv6 turned off: refused, saying so, before anything goes out.
+    t.sysctl("n1", "net.ipv6.conf.eth0.disable_ipv6=1").unwrap();
+    match on(&t, "n1", || m.claim(n1, managed_v6())) {
+        Err(e @ AddressError::Ipv6Off { .. }) => {
+            assert!(e.to_string().contains("IPv6 is turned off"), "{e}");
+        }
+        other => panic!("claimed on an interface without IPv6: {other:?}"),
+    }
+    t.sysctl("n1", "net.ipv6.conf.eth0.disable_ipv6=0").unwrap();
+
     // Added by hand on n1 itself: someone else's, left alone.
     t.ip("n1", &["-6", "addr", "add", &host, "dev", "eth0", "nodad"])
         .unwrap();

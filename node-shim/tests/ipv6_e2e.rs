@@ -493,6 +493,16 @@ fn ipv6_snated_traffic_leaves_by_the_policys_egress_interface() {
     assert_eq!(c.fetch("p3", EXT_A_V6).unwrap(), c.node_ip_v6("n2"));
     assert_eq!(probe_v6(&c, "uplink1"), before1 + 1);
 
+    // The IPv6 rule deleted by hand comes back within a few ticks, as the IPv4 one does.
+    c.ip_on("n1", &["-6", "rule", "del", "pref", "8474"]);
+    assert!(
+        sluice_testbed::wait_for(Duration::from_secs(5), || {
+            c.ip("n1", &["-6", "rule", "show", "pref", "8474"]).unwrap() == rules
+        }),
+        "the IPv6 egress rule was not restored"
+    );
+    assert_eq!(c.fetch("p2", EXT_A_V6).unwrap(), UPLINK2_N1_V6);
+
     // Removing the policy restores the normal path, and its rule and table go.
     c.apply(&[]);
     assert_eq!(c.fetch("p2", EXT_A_V6).unwrap(), c.node_ip_v6("n2"));

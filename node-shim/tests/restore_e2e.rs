@@ -37,11 +37,13 @@ fn kernel_state(c: &Cluster, node: &str, egress_table: Option<&str>) -> String {
     let mut state = c
         .run(node, "nft", &["list", "table", "inet", "sluice"])
         .unwrap_or_default();
-    for pref in ["8473", "8474"] {
-        state += &c.ip(node, &["-4", "rule", "show", "pref", pref]).unwrap();
-    }
-    for table in ["8473"].into_iter().chain(egress_table) {
-        state += &c.ip(node, &["-4", "route", "show", "table", table]).unwrap();
+    for family in ["-4", "-6"] {
+        for pref in ["8473", "8474"] {
+            state += &c.ip(node, &[family, "rule", "show", "pref", pref]).unwrap();
+        }
+        for table in ["8473"].into_iter().chain(egress_table) {
+            state += &c.ip(node, &[family, "route", "show", "table", table]).unwrap();
+        }
     }
     state
 }
@@ -98,11 +100,15 @@ fn a_flushed_ruleset_and_deleted_rules_come_back_within_a_tick() {
     // pod's node.
     for node in ["n1", "n2"] {
         c.run(node, "nft", &["flush", "ruleset"]).unwrap();
-        c.ip_on(node, &["-4", "rule", "del", "pref", "8473"]);
-        c.ip_on(node, &["-4", "route", "flush", "table", "8473"]);
+        for family in ["-4", "-6"] {
+            c.ip_on(node, &[family, "rule", "del", "pref", "8473"]);
+            c.ip_on(node, &[family, "route", "flush", "table", "8473"]);
+        }
     }
-    c.ip_on("n1", &["-4", "rule", "del", "pref", "8474"]);
-    c.ip_on("n1", &["-4", "route", "flush", "table", &egress_table]);
+    for family in ["-4", "-6"] {
+        c.ip_on("n1", &[family, "rule", "del", "pref", "8474"]);
+        c.ip_on("n1", &[family, "route", "flush", "table", &egress_table]);
+    }
     let damaged = Instant::now();
     // One tick, plus a little for a loaded machine.
     let bound = TICK + Duration::from_millis(900);
