@@ -384,9 +384,10 @@ fn semantic_notes(spec: &EgressGatewayPolicySpec, notes: &mut Notes) {
         .chain(&spec.excluded_cidrs)
         .any(|c| c.contains(':'));
     if has_v6 {
-        notes.warn(
-            "IPv6 CIDRs are carried over, but Sluice's datapath is IPv4-only today: \
-             IPv6 entries are skipped with a warning",
+        notes.info(
+            "IPv6 destinations are steered too; their traffic leaves with an IPv6 address: the \
+             gateway's egressIP when it is IPv6, else the first IPv6 address of the gateway's \
+             interface (egressIP names one family; egressIPs can list both)",
         );
     }
     if !spec.egress_gateways.is_empty() {
@@ -556,7 +557,7 @@ spec:
         let m = messages(&c);
         for want in [
             "kept egressIP, dropped interface",
-            "IPv4-only",
+            "IPv6 destinations are steered too",
             "Sluice will not accept the converted policy (InvalidSelector)",
         ] {
             assert!(m.iter().any(|n| n.contains(want)), "{want} not in {m:#?}");

@@ -1242,7 +1242,7 @@ impl Agent {
             deleted: added.deleted + sources.deleted + pruned.deleted,
         };
         self.entries = want.policy.len();
-        // IPv6 is not steered yet: what each IPv6 entry does meanwhile (drop under Drop).
+        // IPv6: one (pod, prefix) trie whose values hold the whole target.
         let v6 = sync::reconcile(
             &mut EntryStoreV6(&mut self.dp.maps.entries_v6),
             &mut self.entries_v6,
@@ -1549,9 +1549,6 @@ fn own_cluster_cidrs_v6(opts: &Options, planned: &[ipnet::IpNet]) -> Vec<ipnet::
         .collect()
 }
 
-/// The in-cluster set of a plan document (the same in every node's section; this node's is
-/// read). The document was checked by [`desired::plan_entries`]: a document that does not parse
-/// never gets here.
 /// The no-leak guard of `node`'s section of a plan document (none when it has none).
 fn plan_file_guard(bytes: &[u8], node: &str) -> Option<sluice_proto::Guard> {
     serde_json::from_slice::<sluice_proto::PlanDocument>(bytes)
@@ -1609,6 +1606,9 @@ fn plan_file_pinnable(bytes: &[u8], node: &str) -> Vec<Ipv4Addr> {
         .collect()
 }
 
+/// The in-cluster set of a plan document (the same in every node's section; this node's is
+/// read). The document was checked by [`desired::plan_entries`]: a document that does not parse
+/// never gets here.
 fn plan_file_cluster_cidrs(bytes: &[u8], node: &str) -> Vec<ipnet::IpNet> {
     serde_json::from_slice::<sluice_proto::PlanDocument>(bytes)
         .ok()
