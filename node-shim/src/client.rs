@@ -55,6 +55,13 @@ fn hello(node: &str, pod_interfaces: &[String], tunnel_device: &str, bpffs_dir: 
         pods,
         pinned_flows,
     } = held(bpffs_dir);
+    // Once per connection: what a new leader learns from this node.
+    tracing::info!(
+        slots = slots.len(),
+        pods = pods.len(),
+        pinned_flows = pinned_flows.len(),
+        "hello: what this node's datapath holds"
+    );
     v2::Hello {
         node: node.to_owned(),
         version: env!("CARGO_PKG_VERSION").to_owned(),

@@ -792,3 +792,79 @@ fn ipv6_traffic_follows_the_operators_choice_and_failover() {
     println!("IPv6 via {first}, then {second}: {:?}", via_v6(&tb));
     assert_eq!(tb.fetch("p2", EXT_A).unwrap(), tb.node_ip(second));
 }
+
+/// The number after `field=` in the last line of `log` that contains `line` (ANSI colours
+/// stripped); `None` without such a line.
+fn last_logged(log: &str, line: &str, field: &str) -> Option<u64> {
+    let mut plain = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // An escape sequence: up to its final letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let last = plain.lines().rev().find(|l| l.contains(line))?;
+    let value = last.split(&format!("{field}=")).nth(1)?;
+    value.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// An upgrade from a shim whose datapath had fewer maps: the new shim finds the old pins without
+/// the newest maps (here `sluice_flows_v6` and `sluice_managed_v6` unpinned, as before they
+/// existed), and its hello to the operator still reports what the datapath holds (p2's gateway):
+/// the session starts only once the datapath is loaded and the missing maps are pinned.
+#[test]
+fn a_shim_upgraded_over_pins_without_the_newest_maps_reports_what_it_holds() {
+    if !nix::unistd::geteuid().is_root() {
+        println!("SKIP live_e2e: needs root (network namespaces, eBPF); CI runs it as root");
+        return;
+    }
+    let (mut tb, dir, tokens) = live_testbed();
+    write(&dir.join("policy.yaml"), support::POLICY);
+    let _operator = Operator::start(tb.ns("ul"), options(&dir, &tokens, Duration::from_secs(1)));
+    for (node, _) in NODES {
+        start_shim(&mut tb, node, &tokens);
+    }
+    let steered = wait_for(Duration::from_secs(30), || {
+        tb.fetch("p2", EXT_A)
+            .is_ok_and(|s| s == EGRESS_N1 || s == EGRESS_N3)
+    });
+    assert!(steered, "p2 never left through a gateway");
+    let log = |tb: &Testbed| tb.log("shim-n2");
+    assert_eq!(
+        last_logged(&log(&tb), "hello: what this node", "pods"),
+        Some(0),
+        "a first start holds nothing"
+    );
+
+    tb.kill("shim-n2");
+    for map in ["sluice_flows_v6", "sluice_managed_v6"] {
+        std::fs::remove_file(tb.bpffs().join("n2").join(map)).expect("unpins the map");
+    }
+    let hellos = log(&tb).matches("hello: what this node").count();
+    start_shim(&mut tb, "n2", &tokens);
+    assert!(
+        wait_for(Duration::from_secs(20), || log(&tb)
+            .matches("hello: what this node")
+            .count()
+            > hellos),
+        "no hello after the restart\n{}",
+        log(&tb)
+    );
+    assert_eq!(
+        last_logged(&log(&tb), "hello: what this node", "pods"),
+        Some(1),
+        "the restarted shim reports p2's gateway\n{}",
+        log(&tb)
+    );
+    assert!(
+        tb.bpffs().join("n2").join("sluice_flows_v6").exists(),
+        "pinned again"
+    );
+}

@@ -18,7 +18,7 @@ mod support;
 
 use support::{Operator, first_connection_via, live_testbed, options, start_shim};
 
-const POLICY: &str = include_str!("../../examples/demo/policy.yaml");
+use support::POLICY;
 const GRACE: Duration = Duration::from_secs(1);
 
 fn logs(tb: &Testbed) -> String {

@@ -14,6 +14,8 @@ use sluice_operator::runner::{RunOptions, Source};
 use sluice_testbed::{EXT_A, NODES, Testbed, enter_netns};
 
 pub const CLUSTER: &str = include_str!("../../../examples/demo/cluster.yaml");
+/// The demo's policy: the checkout pods through n1 or n3, each with its own egress IP.
+pub const POLICY: &str = include_str!("../../../examples/demo/policy.yaml");
 pub const GRPC: &str = "192.0.2.1:9443";
 
 /// The operator, running on its own thread inside the underlay namespace until dropped.
