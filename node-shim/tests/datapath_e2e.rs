@@ -19,8 +19,8 @@ use sluice_shim::{
     sync,
 };
 use sluice_testbed::{
-    CniStandIn, EGRESS_N1, EGRESS_N3, EXT_A, EXT_B, EXT_EXCLUDED, FileCluster as Cluster, Gw, Rule,
-    TcxVerdict, UPLINK2_DEVICE, UPLINK2_N1,
+    CniStandIn, EGRESS_N1, EGRESS_N1_V6, EGRESS_N3, EGRESS_N3_V6, EXT_A, EXT_A_V6, EXT_B, EXT_EXCLUDED,
+    FileCluster as Cluster, Gw, Rule, TcxVerdict, UPLINK2_DEVICE, UPLINK2_N1,
 };
 
 /// Returns the cluster, or `None` (after printing a SKIP line) when not root.
@@ -1002,7 +1002,49 @@ fn a_pod_that_floods_the_flow_map_loses_only_its_own_pins_and_nothing_leaks() {
     assert_eq!(c.fetch("p2", EXT_A).unwrap(), EGRESS_N3, "new connections");
 }
 
-/// A pod on its own gateway node (p1 on n1, leaving from n1): a planned change sends it through
+/// One family's part in the pinned-flow scenarios: the policy's destination prefix, the
+/// external address, and n1's and n3's egress IPs. Both over the testbed's IPv4 underlay (flows
+/// are pinned over an IPv4 underlay only).
+#[derive(Clone, Copy)]
+struct Family {
+    prefix: &'static str,
+    ext: &'static str,
+    egress_n1: &'static str,
+    egress_n3: &'static str,
+}
+
+const IPV4: Family = Family {
+    prefix: "203.0.113.0/24",
+    ext: EXT_A,
+    egress_n1: EGRESS_N1,
+    egress_n3: EGRESS_N3,
+};
+
+const IPV6: Family = Family {
+    prefix: "fd00:203:0:113::/64",
+    ext: EXT_A_V6,
+    egress_n1: EGRESS_N1_V6,
+    egress_n3: EGRESS_N3_V6,
+};
+
+impl Family {
+    /// `source`'s rule of policy `egress-a` through `gateway` (n1 or n3), with its egress IP.
+    fn via(&self, source: &'static str, gateway: &'static str) -> Rule {
+        let egress = if gateway == "n1" {
+            self.egress_n1
+        } else {
+            self.egress_n3
+        };
+        Rule {
+            policy: "egress-a",
+            source,
+            destination: self.prefix,
+            gateway: Gw::Node(gateway, egress),
+        }
+    }
+}
+
+/// Both families: a pod on its own gateway node (p1 on n1, leaving from n1): a planned change sends it through
 /// n3, while n1 stays pinnable for its own pods' flows. The connections open from n1 keep leaving
 /// from n1 with its egress IP (SNAT rules and egress kept although no entry uses them), new ones go
 /// through n3; once n1 is no longer pinnable, they follow the entry. And the other way round: p1
@@ -1013,25 +1055,34 @@ fn a_pod_on_its_own_gateway_node_keeps_its_open_flows_across_a_planned_change_bo
     let Some(mut c) = cluster("pinned_own") else {
         return;
     };
-    let via_n3 = Rule {
-        gateway: Gw::Node("n3", EGRESS_N3),
-        ..policy_a("p1")
+    own_node_flows_stay(&mut c, IPV4);
+}
+
+#[test]
+fn an_ipv6_pod_on_its_own_gateway_node_keeps_its_open_flows_across_a_planned_change_both_ways() {
+    let Some(mut c) = cluster("pinned_own_ipv6") else {
+        return;
     };
-    let local = c.plan(&[policy_a("p1")]);
+    own_node_flows_stay(&mut c, IPV6);
+}
+
+fn own_node_flows_stay(c: &mut Cluster, f: Family) {
+    let via_n3 = f.via("p1", "n3");
+    let local = c.plan(&[f.via("p1", "n1")]);
     c.try_apply_plan(&serde_json::to_vec(&local).unwrap(), Duration::from_secs(20))
         .unwrap();
-    let mut open = c.open_connections("p1", EXT_A, 2, EGRESS_N1).unwrap();
+    let mut open = c.open_connections("p1", f.ext, 2, f.egress_n1).unwrap();
     let moved = c.with_pinnable(c.plan(std::slice::from_ref(&via_n3)), "n1", "n1");
     c.try_apply_plan(&serde_json::to_vec(&moved).unwrap(), Duration::from_secs(20))
         .unwrap();
     for conn in &mut open {
         assert_eq!(
             conn.exchange(100_000, 100_000).unwrap(),
-            EGRESS_N1,
+            f.egress_n1,
             "an open flow of a pod on its own gateway node moved"
         );
     }
-    assert_eq!(c.fetch("p1", EXT_A).unwrap(), EGRESS_N3, "a new flow stayed");
+    assert_eq!(c.fetch("p1", f.ext).unwrap(), f.egress_n3, "a new flow stayed");
     let flows = c.shim_cli("n1", &["bpf", "flows"]).unwrap();
     assert!(flows.contains("(this node)"), "{flows}");
     // No longer pinnable: the flows follow their entry (n3's NAT does not know them: they end).
@@ -1039,28 +1090,28 @@ fn a_pod_on_its_own_gateway_node_keeps_its_open_flows_across_a_planned_change_bo
     for conn in &mut open {
         let _ = conn.exchange(1000, 1000);
     }
-    assert_eq!(c.fetch("p1", EXT_A).unwrap(), EGRESS_N3);
+    assert_eq!(c.fetch("p1", f.ext).unwrap(), f.egress_n3);
 
     // The other way round.
     let remote = c.plan(std::slice::from_ref(&via_n3));
     c.try_apply_plan(&serde_json::to_vec(&remote).unwrap(), Duration::from_secs(20))
         .unwrap();
-    let mut open = c.open_connections("p1", EXT_A, 2, EGRESS_N3).unwrap();
-    let back = c.with_lingering(c.plan(&[policy_a("p1")]), &remote, "n1", "n3");
+    let mut open = c.open_connections("p1", f.ext, 2, f.egress_n3).unwrap();
+    let back = c.with_lingering(c.plan(&[f.via("p1", "n1")]), &remote, "n1", "n3");
     c.try_apply_plan(&serde_json::to_vec(&back).unwrap(), Duration::from_secs(20))
         .unwrap();
     let delivered = c.counter("n1", "pinned_reply_delivered");
     for conn in &mut open {
         assert_eq!(
             conn.exchange(100_000, 100_000).unwrap(),
-            EGRESS_N3,
+            f.egress_n3,
             "an open flow moved off its remote gateway when the pod's own node took over"
         );
     }
     assert!(c.counter("n1", "pinned_reply_delivered") > delivered);
     assert_eq!(
-        c.fetch("p1", EXT_A).unwrap(),
-        EGRESS_N1,
+        c.fetch("p1", f.ext).unwrap(),
+        f.egress_n1,
         "a new flow stayed on n3"
     );
 }
@@ -1121,7 +1172,7 @@ fn a_udp_flow_keeps_its_gateway_across_a_planned_change() {
     );
 }
 
-/// Pinned flows: the pod's gateway changes from n1 to n3 by a planned change while n1 keeps the
+/// Both families: pinned flows: the pod's gateway changes from n1 to n3 by a planned change while n1 keeps the
 /// pod's entries and stays pinnable. The connections open through n1 keep going through it (same
 /// egress IP, every byte), new ones go through n3, and n1's replies are taken. Once n1 is no
 /// longer pinnable (failed, or drained), a flow pinned to it follows the entry at once.
@@ -1130,8 +1181,23 @@ fn open_flows_keep_their_gateway_across_a_planned_change_and_new_ones_take_the_n
     let Some(mut c) = cluster("pinned_flows") else {
         return;
     };
-    let (before, via_n3) = p2_through_n1_then_n3(&mut c);
-    let mut open = c.open_connections("p2", EXT_A, 3, EGRESS_N1).unwrap();
+    open_flows_stay(&mut c, IPV4);
+}
+
+#[test]
+fn open_ipv6_flows_keep_their_gateway_across_a_planned_change_and_new_ones_take_the_new_one() {
+    let Some(mut c) = cluster("pinned_flows_ipv6") else {
+        return;
+    };
+    open_flows_stay(&mut c, IPV6);
+}
+
+fn open_flows_stay(c: &mut Cluster, f: Family) {
+    let before = c.plan(&[f.via("p2", "n1")]);
+    c.try_apply_plan(&serde_json::to_vec(&before).unwrap(), Duration::from_secs(20))
+        .unwrap();
+    let via_n3 = f.via("p2", "n3");
+    let mut open = c.open_connections("p2", f.ext, 3, f.egress_n1).unwrap();
     let flows = c.shim_cli("n2", &["bpf", "flows"]).unwrap();
     assert!(
         flows.lines().filter(|l| l.contains("192.0.2.11")).count() >= 3,
@@ -1146,7 +1212,7 @@ fn open_flows_keep_their_gateway_across_a_planned_change_and_new_ones_take_the_n
     for conn in &mut open {
         assert_eq!(
             conn.exchange(100_000, 100_000).unwrap(),
-            EGRESS_N1,
+            f.egress_n1,
             "an open flow moved"
         );
     }
@@ -1154,14 +1220,14 @@ fn open_flows_keep_their_gateway_across_a_planned_change_and_new_ones_take_the_n
     assert!(c.counter("n2", "pinned_reply_delivered") > 0);
     for _ in 0..3 {
         assert_eq!(
-            c.fetch("p2", EXT_A).unwrap(),
-            EGRESS_N3,
+            c.fetch("p2", f.ext).unwrap(),
+            f.egress_n3,
             "a new flow took the old gateway"
         );
     }
     // A closed flow is unpinned soon (FIN: closing), an open one stays as it was.
     drop(open.pop());
-    assert_eq!(open[0].exchange(1000, 1000).unwrap(), EGRESS_N1);
+    assert_eq!(open[0].exchange(1000, 1000).unwrap(), f.egress_n1);
     let flows = c.shim_cli("n2", &["bpf", "flows"]).unwrap();
     assert!(flows.contains("(closing)"), "{flows}");
 
@@ -1177,7 +1243,7 @@ fn open_flows_keep_their_gateway_across_a_planned_change_and_new_ones_take_the_n
         pinned,
         "sent to a gateway no longer pinnable"
     );
-    assert_eq!(c.fetch("p2", EXT_A).unwrap(), EGRESS_N3);
+    assert_eq!(c.fetch("p2", f.ext).unwrap(), f.egress_n3);
     let flows = c.shim_cli("n2", &["bpf", "flows"]).unwrap();
     assert!(
         !flows

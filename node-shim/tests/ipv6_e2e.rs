@@ -8,8 +8,8 @@
 use std::{net::SocketAddrV6, time::Duration};
 
 use sluice_testbed::{
-    EGRESS_N1, EGRESS_N1_V6, EGRESS_N3_V6, EXT_A, EXT_A_V6, EXT_B_V6, EXT_EXCLUDED_V6,
-    FileCluster as Cluster, Gw, POD_CIDR_V6, Rule, UPLINK2_DEVICE, UPLINK2_EXT_V6, UPLINK2_N1_V6, craft,
+    EGRESS_N1, EGRESS_N1_V6, EXT_A, EXT_A_V6, EXT_B_V6, EXT_EXCLUDED_V6, FileCluster as Cluster, Gw,
+    POD_CIDR_V6, Rule, UPLINK2_DEVICE, UPLINK2_EXT_V6, UPLINK2_N1_V6, craft,
 };
 
 fn root(name: &str) -> bool {
@@ -517,111 +517,4 @@ fn ipv6_snated_traffic_leaves_by_the_policys_egress_interface() {
     assert_eq!(c.ip("n1", &["-6", "rule", "show", "pref", "8474"]).unwrap(), "");
     assert_eq!(c.ip("n1", &["-6", "route", "show", "table", &table]).unwrap(), "");
     assert_eq!(c.fetch("p1", EXT_A_V6).unwrap(), c.node_ip_v6("n1"));
-}
-
-/// As `datapath_e2e::open_flows_keep_their_gateway_across_a_planned_change_and_new_ones_take_the_new_one`,
-/// for IPv6 (over the IPv4 underlay): p2's IPv6 gateway changes from n1 to n3 by a planned change
-/// while n1 keeps p2's entries and stays pinnable. The open connections keep going through n1
-/// (every byte, n1's IPv6 egress IP), new ones through n3; once n1 is no longer pinnable, the
-/// flows follow the entry.
-#[test]
-fn open_ipv6_flows_keep_their_gateway_across_a_planned_change_and_new_ones_take_the_new_one() {
-    if !root("pinned_ipv6_flows") {
-        return;
-    }
-    let mut c = Cluster::start(env!("CARGO_BIN_EXE_sluice-shim"), &[]).expect("builds the cluster");
-    let via = |gateway| Rule {
-        policy: "a",
-        source: "p2",
-        destination: EXT_PREFIX_V6,
-        gateway,
-    };
-    let before = c.plan(&[via(Gw::Node("n1", EGRESS_N1_V6))]);
-    c.try_apply_plan(&serde_json::to_vec(&before).unwrap(), Duration::from_secs(20))
-        .unwrap();
-    let mut open = c.open_connections("p2", EXT_A_V6, 3, EGRESS_N1_V6).unwrap();
-    let flows = c.shim_cli("n2", &["bpf", "flows"]).unwrap();
-    assert!(
-        flows
-            .lines()
-            .filter(|l| l.contains("[fd00:10:244:2::10]"))
-            .count()
-            >= 3,
-        "{flows}"
-    );
-
-    let moved = c.with_lingering(c.plan(&[via(Gw::Node("n3", EGRESS_N3_V6))]), &before, "n2", "n1");
-    c.try_apply_plan(&serde_json::to_vec(&moved).unwrap(), Duration::from_secs(20))
-        .unwrap();
-    let pinned = c.counter("n2", "pinned");
-    for conn in &mut open {
-        assert_eq!(
-            conn.exchange(100_000, 100_000).unwrap(),
-            EGRESS_N1_V6,
-            "an open IPv6 flow moved"
-        );
-    }
-    assert!(c.counter("n2", "pinned") > pinned);
-    assert!(c.counter("n2", "pinned_reply_delivered") > 0);
-    for _ in 0..3 {
-        assert_eq!(
-            c.fetch("p2", EXT_A_V6).unwrap(),
-            EGRESS_N3_V6,
-            "a new flow took the old gateway"
-        );
-    }
-    drop(open.pop());
-    assert_eq!(open[0].exchange(1000, 1000).unwrap(), EGRESS_N1_V6);
-    let flows = c.shim_cli("n2", &["bpf", "flows"]).unwrap();
-    assert!(flows.contains("(closing)"), "{flows}");
-
-    // n1 is no longer pinnable: the flows follow the entry (and end there: n3's NAT does not
-    // know them).
-    c.apply(&[via(Gw::Node("n3", EGRESS_N3_V6))]);
-    let pinned = c.counter("n2", "pinned");
-    for conn in &mut open {
-        let _ = conn.exchange(1000, 1000);
-    }
-    assert_eq!(
-        c.counter("n2", "pinned"),
-        pinned,
-        "sent to a gateway no longer pinnable"
-    );
-    assert_eq!(c.fetch("p2", EXT_A_V6).unwrap(), EGRESS_N3_V6);
-}
-
-/// A pod on its own gateway node (p1 on n1): a planned change sends its IPv6 through n3 while n1
-/// stays pinnable for its own pods' flows; the open connections keep leaving from n1 with n1's
-/// IPv6 egress IP (its NAT66 rule kept although no entry uses it), new ones go through n3.
-#[test]
-fn an_ipv6_pod_on_its_own_gateway_node_keeps_its_open_flows_across_a_planned_change() {
-    if !root("pinned_ipv6_own") {
-        return;
-    }
-    let mut c = Cluster::start(env!("CARGO_BIN_EXE_sluice-shim"), &[]).expect("builds the cluster");
-    let via = |gateway| Rule {
-        policy: "a",
-        source: "p1",
-        destination: EXT_PREFIX_V6,
-        gateway,
-    };
-    c.apply(&[via(Gw::Node("n1", EGRESS_N1_V6))]);
-    let mut open = c.open_connections("p1", EXT_A_V6, 2, EGRESS_N1_V6).unwrap();
-    let moved = c.with_pinnable(c.plan(&[via(Gw::Node("n3", EGRESS_N3_V6))]), "n1", "n1");
-    c.try_apply_plan(&serde_json::to_vec(&moved).unwrap(), Duration::from_secs(20))
-        .unwrap();
-    for conn in &mut open {
-        assert_eq!(
-            conn.exchange(100_000, 100_000).unwrap(),
-            EGRESS_N1_V6,
-            "an open IPv6 flow of a pod on its own gateway node moved"
-        );
-    }
-    assert_eq!(
-        c.fetch("p1", EXT_A_V6).unwrap(),
-        EGRESS_N3_V6,
-        "a new flow stayed"
-    );
-    let flows = c.shim_cli("n1", &["bpf", "flows"]).unwrap();
-    assert!(flows.contains("(this node)"), "{flows}");
 }
