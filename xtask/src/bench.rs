@@ -283,10 +283,7 @@ fn measure_variant(v: Variant, shim: &Path, family: Family) -> Result<Measure> {
         }
         Variant::D => {
             let mut t = Testbed::new()?;
-            match family {
-                Family::V4 => iptables_way(&t)?,
-                Family::V6 => iptables_way_v6(&t)?,
-            }
+            iptables_way(&t, family)?;
             measure(&mut t, v, family)
         }
         Variant::B | Variant::N | Variant::P | Variant::F | Variant::C => {
@@ -545,98 +542,78 @@ fn plain_tunnel(t: &Testbed, family: Family) -> Result<()> {
     )
 }
 
-/// Variant d, the way iptables-based egress gateways do it.
-fn iptables_way(t: &Testbed) -> Result<()> {
+/// Variant d, the way iptables-based egress gateways do it; for IPv6 ip6tables, ipsets of family
+/// inet6 and IPv6 policy routing, the same way (the tunnel's outer packets stay IPv4, routed by
+/// the IPv4 rules, which match no IPv6 mark).
+fn iptables_way(t: &Testbed, family: Family) -> Result<()> {
     vxlan_pair(t)?;
     let run = |node: &str, program: &str, args: &str| -> Result<()> {
         let args: Vec<&str> = args.split_whitespace().collect();
         t.run(node, program, &args).map(drop)
     };
+    let (iptables, ip, ipset_family, pod, peer) = match family {
+        Family::V4 => ("iptables", "-4", "inet", t.pod("p2").1.to_owned(), "10.99.0."),
+        Family::V6 => ("ip6tables", "-6", "inet6", t.pod_ip_v6("p2"), "fd00:99::"),
+    };
     // The pod's node: match (source pod, destination) with ipsets, mark, route the mark into the
     // tunnel.
-    run("n2", "ipset", "create egw-src hash:ip")?;
-    run("n2", "ipset", "add egw-src 10.244.2.10")?;
-    run("n2", "ipset", "create egw-dst hash:net")?;
-    run("n2", "ipset", "add egw-dst 203.0.113.0/24")?;
     run(
         "n2",
-        "iptables",
+        "ipset",
+        &format!("create egw-src hash:ip family {ipset_family}"),
+    )?;
+    run("n2", "ipset", &format!("add egw-src {pod}"))?;
+    run(
+        "n2",
+        "ipset",
+        &format!("create egw-dst hash:net family {ipset_family}"),
+    )?;
+    run("n2", "ipset", &format!("add egw-dst {}", family.prefix()))?;
+    run(
+        "n2",
+        iptables,
         "-t mangle -A PREROUTING -m set --match-set egw-src src -m set --match-set egw-dst dst \
          -j MARK --set-mark 0x77",
     )?;
-    run("n2", "ip", "rule add fwmark 0x77 lookup 77 pref 100")?;
-    run("n2", "ip", "route add default via 10.99.0.11 dev vxb table 77")?;
-    // The VXLAN device routes the outer packet with the inner packet's mark: let the underlay
-    // fall through to the main table (without it, the tunnel would route into itself).
-    run("n2", "ip", "route add throw 192.0.2.0/24 table 77")?;
     // The gateway: remember tunnelled connections in the conntrack mark, SNAT them (inserted first
     // in POSTROUTING, as those gateways do), and send their replies back into the tunnel.
     run(
         "n1",
-        "iptables",
+        iptables,
         "-t mangle -A PREROUTING -i vxb -j CONNMARK --set-mark 0x77",
     )?;
     run(
         "n1",
-        "iptables",
+        iptables,
         "-t mangle -A PREROUTING -m conntrack --ctdir REPLY -m connmark --mark 0x77 -j MARK --set-mark 0x77",
     )?;
     run(
         "n1",
-        "iptables",
-        &format!("-t nat -I POSTROUTING -m connmark --mark 0x77 -j SNAT --to-source {EGRESS_N1}"),
+        iptables,
+        &format!(
+            "-t nat -I POSTROUTING -m connmark --mark 0x77 -j SNAT --to-source {}",
+            family.egress()
+        ),
     )?;
-    run("n1", "ip", "rule add fwmark 0x77 lookup 77 pref 100")?;
-    run("n1", "ip", "route add default via 10.99.0.12 dev vxb table 77")?;
-    run("n1", "ip", "route add throw 192.0.2.0/24 table 77")
-}
-
-/// Variant d over IPv6: ip6tables, ipsets of family inet6 and IPv6 policy routing, the same
-/// way (the tunnel's outer packets are IPv4, routed by the IPv4 rules, which match no mark).
-fn iptables_way_v6(t: &Testbed) -> Result<()> {
-    vxlan_pair(t)?;
-    let run = |node: &str, program: &str, args: &str| -> Result<()> {
-        let args: Vec<&str> = args.split_whitespace().collect();
-        t.run(node, program, &args).map(drop)
-    };
-    let pod = t.pod_ip_v6("p2");
-    run("n2", "ipset", "create egw-src6 hash:ip family inet6")?;
-    run("n2", "ipset", &format!("add egw-src6 {pod}"))?;
-    run("n2", "ipset", "create egw-dst6 hash:net family inet6")?;
-    run("n2", "ipset", &format!("add egw-dst6 {}", Family::V6.prefix()))?;
-    run(
-        "n2",
-        "ip6tables",
-        "-t mangle -A PREROUTING -m set --match-set egw-src6 src -m set --match-set egw-dst6 dst \
-         -j MARK --set-mark 0x77",
-    )?;
-    run("n2", "ip", "-6 rule add fwmark 0x77 lookup 77 pref 100")?;
-    run(
-        "n2",
-        "ip",
-        "-6 route add default via fd00:99::11 dev vxb table 77",
-    )?;
-    run(
-        "n1",
-        "ip6tables",
-        "-t mangle -A PREROUTING -i vxb -j CONNMARK --set-mark 0x77",
-    )?;
-    run(
-        "n1",
-        "ip6tables",
-        "-t mangle -A PREROUTING -m conntrack --ctdir REPLY -m connmark --mark 0x77 -j MARK --set-mark 0x77",
-    )?;
-    run(
-        "n1",
-        "ip6tables",
-        &format!("-t nat -I POSTROUTING -m connmark --mark 0x77 -j SNAT --to-source {EGRESS_N1_V6}"),
-    )?;
-    run("n1", "ip", "-6 rule add fwmark 0x77 lookup 77 pref 100")?;
-    run(
-        "n1",
-        "ip",
-        "-6 route add default via fd00:99::12 dev vxb table 77",
-    )
+    for (node, other) in [("n2", "11"), ("n1", "12")] {
+        run(
+            node,
+            "ip",
+            &format!("{ip} rule add fwmark 0x77 lookup 77 pref 100"),
+        )?;
+        run(
+            node,
+            "ip",
+            &format!("{ip} route add default via {peer}{other} dev vxb table 77"),
+        )?;
+        // The VXLAN device routes the outer (IPv4) packet with the inner packet's mark: let the
+        // underlay fall through to the main table (without it, the tunnel would route into
+        // itself).
+        if family == Family::V4 {
+            run(node, "ip", "route add throw 192.0.2.0/24 table 77")?;
+        }
+    }
+    Ok(())
 }
 
 fn measure(t: &mut Testbed, v: Variant, family: Family) -> Result<Measure> {
